@@ -1,0 +1,226 @@
+"""The decision core: who may call, who may approve, and request state transitions.
+
+Everything here is a pure function of its arguments: no clock, no store, no network.
+The rules are the DESIGN mode table:
+
+| mode                          | outright              | with approval                    | approver                       |
+|-------------------------------|-----------------------|----------------------------------|--------------------------------|
+| ENGINEERS_WITHOUT_APPROVAL    | any engineer          | -                                | -                              |
+| ENGINEERS_WITH_APPROVAL       | nobody                | any engineer                     | any other engineer             |
+| CONTRIBUTORS_WITHOUT_APPROVAL | service contributors  | -                                | -                              |
+| CONTRIBUTORS_WITH_APPROVAL    | nobody                | service contributors             | another contributor            |
+| BREAK_GLASS_ONLY              | nobody                | security on-call, with incident  | another security on-call       |
+
+Every caller must first be an engineer; nobody approves their own request.
+"""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from typing import Iterable
+
+from .errors import (AlreadyDecided, InvalidRequest, NotEligible, RequestClosed,
+                     RequestExpired, SelfApproval)
+from .grants import GrantSet
+from .model import ApprovalRequest, Approval, Decision, Outcome, RequestState, Target
+from .modes import Mode
+
+_ROLE_WORDS = {
+    Mode.ENGINEERS_WITH_APPROVAL: "an engineer",
+    Mode.CONTRIBUTORS_WITH_APPROVAL: "a contributor of the service",
+    Mode.BREAK_GLASS_ONLY: "security on-call",
+}
+
+
+def may_request(principal: str, service: str, mode: Mode, grants: GrantSet, now: datetime) -> bool:
+    """May ``principal`` call a method of ``service`` in ``mode`` once approved?"""
+    if not grants.is_engineer(principal, now):
+        return False
+    if mode is Mode.ENGINEERS_WITH_APPROVAL:
+        return True
+    if mode is Mode.CONTRIBUTORS_WITH_APPROVAL:
+        return grants.is_contributor(principal, service, now)
+    if mode is Mode.BREAK_GLASS_ONLY:
+        return grants.is_security_oncall(principal, now)
+    return False
+
+
+def may_approve(approver: str, request: ApprovalRequest, grants: GrantSet, now: datetime) -> bool:
+    """Is ``approver`` a suitable *other* person to approve ``request``?"""
+    if approver == request.requester:
+        return False
+    return may_request(approver, request.service, request.mode, grants, now)
+
+
+def decide(principal: str, target: Target, mode: Mode, grants: GrantSet,
+           requests: Iterable[ApprovalRequest], now: datetime,
+           body_sha256: str | None = None) -> Decision:
+    """Decide whether ``principal`` may call ``target`` whose resolved mode is ``mode``.
+
+    ``requests`` are the principal's approval requests for this target (extra ones are
+    ignored). Returns ALLOW, DENY or APPROVAL_REQUIRED with the rule that decided.
+    """
+    if mode is Mode.UNSPECIFIED or not isinstance(mode, Mode):
+        return Decision(Outcome.DENY, Mode.UNSPECIFIED, "mode.unspecified",
+                        f"no humans_who_can_rpc mode could be resolved for {target}")
+    if not grants.is_engineer(principal, now):
+        return Decision(Outcome.DENY, mode, "principal.not_engineer",
+                        f"{principal} holds no engineer grant, so may not call {target} by hand")
+
+    if mode is Mode.ENGINEERS_WITHOUT_APPROVAL:
+        return Decision(Outcome.ALLOW, mode, "engineers_without_approval.engineer",
+                        f"{target} is open to every engineer")
+    if mode is Mode.CONTRIBUTORS_WITHOUT_APPROVAL:
+        if grants.is_contributor(principal, target.service, now):
+            return Decision(Outcome.ALLOW, mode, "contributors_without_approval.contributor",
+                            f"{principal} contributes to {target.service}")
+        return Decision(Outcome.DENY, mode, "contributors_without_approval.not_contributor",
+                        f"{target} is CONTRIBUTORS_WITHOUT_APPROVAL and {principal} "
+                        f"is not a contributor of {target.service}")
+
+    # The three _WITH_APPROVAL modes.
+    if not may_request(principal, target.service, mode, grants, now):
+        rule = {Mode.CONTRIBUTORS_WITH_APPROVAL: "contributors_with_approval.not_contributor",
+                Mode.BREAK_GLASS_ONLY: "break_glass_only.not_security_oncall"}[mode]
+        return Decision(Outcome.DENY, mode, rule,
+                        f"{target} is {mode.name}: only {_ROLE_WORDS[mode]} may call it, "
+                        f"with another's approval, and {principal} is not")
+
+    mine = [r for r in requests if _same_scope(r, principal, target, mode, body_sha256)]
+    usable = sorted((r for r in mine if usable_approval(r, now)),
+                    key=lambda r: (r.body_sha256 is None, r.valid_until, r.id))
+    if usable:
+        r = usable[0]
+        return Decision(Outcome.ALLOW, mode, f"{mode.name.lower()}.approved",
+                        f"approved by {', '.join(r.approvers)} (request {r.id})", approval_id=r.id)
+
+    pending = sorted((r for r in mine if r.state is RequestState.PENDING and now < r.expires_at),
+                     key=lambda r: (r.created_at, r.id))
+    needs = {Mode.ENGINEERS_WITH_APPROVAL: "another engineer's approval",
+             Mode.CONTRIBUTORS_WITH_APPROVAL: "another contributor's approval",
+             Mode.BREAK_GLASS_ONLY: "an incident reference and another security on-call's approval"}[mode]
+    return Decision(Outcome.APPROVAL_REQUIRED, mode, f"{mode.name.lower()}.approval_required",
+                    f"{target} is {mode.name}: it needs {needs}",
+                    pending_request_id=pending[0].id if pending else None)
+
+
+def _same_scope(r: ApprovalRequest, principal: str, target: Target, mode: Mode,
+                body_sha256: str | None) -> bool:
+    return (r.requester == principal and r.service == target.service and r.method == target.method
+            and r.mode is mode and (r.body_sha256 is None or r.body_sha256 == body_sha256))
+
+
+def usable_approval(r: ApprovalRequest, now: datetime) -> bool:
+    """Approved, within its validity window, and with uses left."""
+    return (r.state is RequestState.APPROVED and r.valid_until is not None and now < r.valid_until
+            and (r.max_uses is None or r.uses < r.max_uses))
+
+
+# --- request lifecycle: each returns a new request or raises a PolicyError ---------------
+
+def open_request(*, request_id: str, requester: str, target: Target, mode: Mode,
+                 grants: GrantSet, now: datetime, pending_ttl: timedelta = timedelta(hours=1),
+                 approval_ttl: timedelta = timedelta(hours=1), reason: str = "",
+                 incident: str | None = None, body_sha256: str | None = None,
+                 required_approvals: int = 1, max_uses: int | None = None,
+                 origin: str = "user") -> ApprovalRequest:
+    """Create a pending request after checking the requester may ask for it."""
+    if not mode.needs_approval:
+        raise InvalidRequest(f"{target} is {mode.name}, which takes no approvals")
+    if not may_request(requester, target.service, mode, grants, now):
+        raise NotEligible(f"{requester} may not request {target}: under {mode.name} only "
+                          f"{_ROLE_WORDS[mode]} may, with another's approval")
+    incident = (incident or "").strip() or None
+    if mode is Mode.BREAK_GLASS_ONLY and incident is None and origin == "user":
+        raise InvalidRequest(f"{target} is BREAK_GLASS_ONLY: a request needs an incident reference")
+    try:
+        return ApprovalRequest(
+            id=request_id, requester=requester, service=target.service, method=target.method,
+            mode=mode, created_at=now, expires_at=now + pending_ttl, approval_ttl=approval_ttl,
+            reason=reason.strip(), incident=incident, body_sha256=body_sha256,
+            required_approvals=required_approvals, max_uses=max_uses, origin=origin)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
+def expire(r: ApprovalRequest, now: datetime) -> ApprovalRequest:
+    """Move a pending request past ``expires_at``, or an approval past ``valid_until``, to EXPIRED."""
+    if r.state is RequestState.PENDING and now >= r.expires_at:
+        return dataclasses.replace(r, state=RequestState.EXPIRED, closed_at=now,
+                                   close_reason="not approved in time")
+    if r.state is RequestState.APPROVED and r.valid_until is not None and now >= r.valid_until:
+        return dataclasses.replace(r, state=RequestState.EXPIRED, closed_at=now,
+                                   close_reason="approval expired")
+    return r
+
+
+def _require_pending(r: ApprovalRequest, now: datetime) -> None:
+    if r.state is RequestState.PENDING and now >= r.expires_at:
+        raise RequestExpired(f"request {r.id} expired at {r.expires_at.isoformat()} without approval")
+    if r.state is not RequestState.PENDING:
+        raise RequestClosed(f"request {r.id} is {r.state.value}, not pending")
+
+
+def approve(r: ApprovalRequest, approver: str, grants: GrantSet, now: datetime,
+            comment: str = "") -> ApprovalRequest:
+    """Record ``approver``'s approval; the request becomes APPROVED once it has enough."""
+    if approver == r.requester:
+        raise SelfApproval(f"{approver} cannot approve their own request {r.id}")
+    if approver in r.approvers:
+        raise AlreadyDecided(f"{approver} already approved request {r.id}")
+    _require_pending(r, now)
+    if r.mode is Mode.BREAK_GLASS_ONLY and not r.incident:
+        raise InvalidRequest(f"request {r.id} is break-glass and has no incident reference yet")
+    if not may_approve(approver, r, grants, now):
+        raise NotEligible(f"{approver} may not approve request {r.id}: under {r.mode.name} the "
+                          f"approver must be {_ROLE_WORDS[r.mode]} other than the requester")
+    approvals = r.approvals + (Approval(approver, now, comment.strip()),)
+    if len(approvals) < r.required_approvals:
+        return dataclasses.replace(r, approvals=approvals)
+    return dataclasses.replace(r, approvals=approvals, state=RequestState.APPROVED,
+                               valid_until=now + r.approval_ttl)
+
+
+def reject(r: ApprovalRequest, reviewer: str, grants: GrantSet, now: datetime,
+           reason: str = "") -> ApprovalRequest:
+    """An eligible reviewer refuses a pending request."""
+    if reviewer == r.requester:
+        raise SelfApproval(f"{reviewer} cannot review their own request {r.id}; cancel it instead")
+    _require_pending(r, now)
+    if not may_approve(reviewer, r, grants, now):
+        raise NotEligible(f"{reviewer} may not review request {r.id} under {r.mode.name}")
+    return dataclasses.replace(r, state=RequestState.REJECTED, closed_by=reviewer, closed_at=now,
+                               close_reason=reason.strip())
+
+
+def cancel(r: ApprovalRequest, actor: str, now: datetime, reason: str = "") -> ApprovalRequest:
+    """The requester withdraws a pending or approved request, or an approver revokes theirs."""
+    if actor != r.requester and actor not in r.approvers:
+        raise NotEligible(f"only the requester or an approver may cancel request {r.id}")
+    if r.state.closed:
+        raise RequestClosed(f"request {r.id} is already {r.state.value}")
+    return dataclasses.replace(r, state=RequestState.CANCELLED, closed_by=actor, closed_at=now,
+                               close_reason=reason.strip())
+
+
+def complete(r: ApprovalRequest, actor: str, now: datetime, *, reason: str,
+             incident: str | None = None) -> ApprovalRequest:
+    """The requester gives the reason (and incident) for a request the gateway opened."""
+    if actor != r.requester:
+        raise NotEligible(f"only {r.requester} can give the reason for request {r.id}")
+    _require_pending(r, now)
+    incident = (incident or r.incident or "").strip() or None
+    if r.mode is Mode.BREAK_GLASS_ONLY and incident is None:
+        raise InvalidRequest(f"request {r.id} is break-glass: give an incident reference")
+    return dataclasses.replace(r, reason=reason.strip(), incident=incident, origin="user")
+
+
+def use(r: ApprovalRequest, now: datetime) -> ApprovalRequest:
+    """Spend one use of an approved request; refuse if it is no longer usable."""
+    if r.state is not RequestState.APPROVED:
+        raise RequestClosed(f"request {r.id} is {r.state.value}, not approved")
+    if r.valid_until is None or now >= r.valid_until:
+        raise RequestExpired(f"approval {r.id} expired")
+    if r.max_uses is not None and r.uses >= r.max_uses:
+        raise RequestClosed(f"approval {r.id} has been used {r.uses} of {r.max_uses} times")
+    return dataclasses.replace(r, uses=r.uses + 1)

@@ -1,0 +1,88 @@
+"""The store interface every adapter (SQLite, PostgreSQL) implements.
+
+Adapters are synchronous and thread-safe; async callers use ``asyncio.to_thread``.
+Any failure to reach or read the store raises ``StoreError`` (never a default answer).
+"""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Callable, Iterable, Protocol, Sequence
+
+from .audit import AuditEvent
+from .model import ApprovalRequest, Grant, RequestState
+
+#: A pure transition from policy.decide (approve, reject, cancel, use, expire...).
+Transition = Callable[[ApprovalRequest], ApprovalRequest]
+
+
+@dataclasses.dataclass(frozen=True)
+class GrantDiff:
+    """What ``replace_grants`` changed."""
+
+    added: tuple[Grant, ...] = ()
+    removed: tuple[Grant, ...] = ()
+
+
+class Subscription(Protocol):
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """Grants, approval requests and audit events, durably."""
+
+    # --- grants ---------------------------------------------------------------------------
+    def list_grants(self) -> list[Grant]:
+        """Every grant, expired ones included (the GrantSet checks expiry at decision time)."""
+
+    def grants_revision(self) -> int:
+        """A number that increases whenever any grant changes."""
+
+    def put_grant(self, grant: Grant) -> None:
+        """Insert or replace the grant with the same (principal, role, service)."""
+
+    def delete_grant(self, principal: str, role: str, service: str | None = None) -> bool:
+        """Remove one grant; True if it existed."""
+
+    def replace_grants(self, source: str, grants: Iterable[Grant]) -> GrantDiff:
+        """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``."""
+
+    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
+        """Call ``on_change(revision)`` soon after any grant changes, from any process."""
+
+    # --- approval requests ----------------------------------------------------------------
+    def create_request(self, request: ApprovalRequest, *, actor: str) -> ApprovalRequest:
+        """Store a new request and its ``request.created`` audit event in one transaction."""
+
+    def get_or_create_pending(self, request: ApprovalRequest, *, actor: str) -> tuple[ApprovalRequest, bool]:
+        """Return the open pending request with the same requester and scope, or create ``request``.
+
+        Concurrent callers with the same scope end with one request. Returns (request, created).
+        """
+
+    def get_request(self, request_id: str) -> ApprovalRequest:
+        """Raises ``UnknownRequest`` if there is none."""
+
+    def find_requests(self, *, requester: str | None = None, service: str | None = None,
+                      method: str | None = None, states: Sequence[RequestState] | None = None,
+                      limit: int = 100) -> list[ApprovalRequest]:
+        """Requests matching every given filter, newest first."""
+
+    def update_request(self, request_id: str, change: Transition, *, actor: str,
+                       kind: str, reason: str = "") -> ApprovalRequest:
+        """Atomically read, apply ``change``, write, and append an audit event of ``kind``.
+
+        The row is locked for the duration, so two reviewers approving at once, or two
+        calls spending the last use, end in one consistent state. If ``change`` raises
+        (a ``PolicyError``), nothing is written and the error propagates.
+        """
+
+    # --- audit ----------------------------------------------------------------------------
+    def append_audit(self, event: AuditEvent) -> None:
+        """Write one audit event durably."""
+
+    def list_audit(self, *, since: datetime | None = None, kinds: Sequence[str] | None = None,
+                   service: str | None = None, limit: int = 1000) -> list[AuditEvent]:
+        """Audit events, oldest first."""
+
+    def close(self) -> None: ...
