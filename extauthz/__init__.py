@@ -1,0 +1,1 @@
+"""Envoy external-authorization server: CheckRequest in, allow / deny / approval required out."""

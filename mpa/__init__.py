@@ -1,0 +1,1 @@
+"""What engineers touch: the approvals API and page, the ``mpa`` CLI, audit and notifications."""

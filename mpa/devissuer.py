@@ -1,0 +1,115 @@
+"""A development JWT issuer: an ES256 key, tokens for any engineer, and its JWKS.
+
+For the demo and tests only. It stands where a real OIDC provider stands in production:
+Envoy's jwt_authn and the approvals API verify its tokens against its JWKS exactly as
+they would a real issuer's. Every token it mints carries ``"dev": true`` so logs show it.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import pathlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+DEV_ISSUER = "https://dev-issuer.rpcauthz.invalid"
+DEV_AUDIENCE = "rpcauthz"
+
+
+def _b64(n: int) -> str:
+    return base64.urlsafe_b64encode(n.to_bytes(32, "big")).rstrip(b"=").decode()
+
+
+class DevIssuer:
+    """Mints ES256 JWTs; keeps its private key in ``key_path`` (created 0600 if missing)."""
+
+    def __init__(self, key_path: pathlib.Path | None = None, issuer: str = DEV_ISSUER,
+                 audience: str = DEV_AUDIENCE) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        if key_path is not None and key_path.exists():
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{key_path} does not hold an EC private key")
+            self._key = key
+        else:
+            self._key = ec.generate_private_key(ec.SECP256R1())
+            if key_path is not None:
+                key_path.parent.mkdir(parents=True, exist_ok=True)
+                key_path.touch(mode=0o600)
+                key_path.write_bytes(self._key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption()))
+        numbers = self._key.public_key().public_numbers()
+        self._jwk = {"kty": "EC", "crv": "P-256", "x": _b64(numbers.x), "y": _b64(numbers.y),
+                     "use": "sig", "alg": "ES256"}
+        thumb = json.dumps({k: self._jwk[k] for k in ("crv", "kty", "x", "y")},
+                           separators=(",", ":"), sort_keys=True)
+        self.kid = base64.urlsafe_b64encode(hashlib.sha256(thumb.encode()).digest()).rstrip(b"=").decode()
+        self._jwk["kid"] = self.kid
+
+    def mint(self, subject: str, *, ttl_seconds: int = 3600, name: str | None = None,
+             now: float | None = None, **claims: object) -> str:
+        """A signed token for ``subject`` (the principal id, e.g. an email address)."""
+        iat = int(now if now is not None else time.time())
+        payload = {"iss": self.issuer, "aud": self.audience, "sub": subject, "email": subject,
+                   "iat": iat, "nbf": iat, "exp": iat + ttl_seconds, "dev": True}
+        if name:
+            payload["name"] = name
+        payload.update(claims)
+        return jwt.encode(payload, self._key, algorithm="ES256", headers={"kid": self.kid})
+
+    def jwks(self) -> dict:
+        """The public key set, as served at ``/.well-known/jwks.json``."""
+        return {"keys": [dict(self._jwk)]}
+
+    def jwks_json(self) -> str:
+        return json.dumps(self.jwks())
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> "JwksServer":
+        """Serve the JWKS and an OIDC discovery document over HTTP in a background thread."""
+        return JwksServer(self, host, port)
+
+
+class JwksServer:
+    """``/.well-known/jwks.json`` and ``/.well-known/openid-configuration`` on a local port."""
+
+    def __init__(self, issuer: DevIssuer, host: str, port: int) -> None:
+        jwks = issuer.jwks_json().encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/.well-known/jwks.json":
+                    body = jwks
+                elif self.path == "/.well-known/openid-configuration":
+                    base = f"http://{self.headers.get('Host', '')}"
+                    body = json.dumps({"issuer": issuer.issuer,
+                                       "jwks_uri": f"{base}/.well-known/jwks.json"}).encode()
+                else:
+                    self.send_error(404, "not found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self._server.server_address[1]
+        self.url = f"http://{host}:{self.port}/.well-known/jwks.json"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="dev-jwks")
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

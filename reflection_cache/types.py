@@ -1,0 +1,68 @@
+"""What the reflection cache hands to the ext_authz server: per-service option maps.
+
+Pinned for the other packages: ``ModeSource.get(service)`` returns ``ServiceModes`` or raises
+one of the errors below. None of them may ever be turned into an allow by a caller.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Protocol
+
+from policy import Mode, resolve_mode
+
+
+class ReflectionError(Exception):
+    """Base class: the mode of a method could not be learned. Callers fail closed."""
+
+    code = "reflection_error"
+
+
+class UnknownService(ReflectionError):
+    """The service's reflection endpoint does not know this service (or none is configured)."""
+
+    code = "unknown_service"
+
+
+class UnknownMethod(ReflectionError):
+    """The service exists but has no such method."""
+
+    code = "unknown_method"
+
+
+class ReflectionUnavailable(ReflectionError):
+    """Reflection could not be reached, timed out, or answered with an error."""
+
+    code = "reflection_unavailable"
+
+
+class MalformedDescriptors(ReflectionError):
+    """Reflection answered with descriptors that do not parse or do not link."""
+
+    code = "malformed_descriptors"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceModes:
+    """The humans_who_can_rpc options of one service, as declared (not yet defaulted).
+
+    ``methods`` maps each method name to its own option (None when unset);
+    ``service_default`` is the service-level option (None when unset).
+    """
+
+    service: str
+    methods: Mapping[str, Mode | None]
+    service_default: Mode | None = None
+
+    def mode_for(self, method: str, default: Mode) -> tuple[Mode, str]:
+        """The mode that applies to ``method`` and its source ("method", "service", "default")."""
+        if method not in self.methods:
+            raise UnknownMethod(f"{self.service} has no method {method!r}")
+        return resolve_mode(self.methods[method], self.service_default, default)
+
+
+class ModeSource(Protocol):
+    """Anything that can tell the options of a service: the reflection cache, or a test double."""
+
+    async def get(self, service: str) -> ServiceModes:
+        """Options of ``service``; raises a ``ReflectionError`` subclass when it cannot."""
+        ...

@@ -1,0 +1,66 @@
+"""Fixtures shared by every test folder: free ports and a throwaway PostgreSQL database."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+PG_ENV = "RPCAUTHZ_TEST_PG_DSN"
+DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def _pg_admin_dsn() -> str | None:
+    dsn = os.environ.get(PG_ENV)
+    if dsn:
+        return dsn
+    return DEFAULT_PG_DSN if os.environ.get("CI") == "true" else None
+
+
+@pytest.fixture(scope="session")
+def pg_server_dsn() -> str:
+    """DSN of the PostgreSQL server to test against (from $RPCAUTHZ_TEST_PG_DSN).
+
+    Where CI=true the tests must run: an unreachable server is a failure, not a skip.
+    """
+    import psycopg
+
+    dsn = _pg_admin_dsn()
+    if dsn is None:
+        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. {DEFAULT_PG_DSN})")
+    try:
+        psycopg.connect(dsn, connect_timeout=5).close()
+    except psycopg.OperationalError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and PostgreSQL at {dsn} is unreachable: {e}")
+        pytest.skip(f"PostgreSQL at {dsn} is unreachable: {e}")
+    return dsn
+
+
+@pytest.fixture
+def pg_dsn(pg_server_dsn: str):
+    """A fresh, empty database for one test, dropped afterwards."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"rpcauthz_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    params = conninfo_to_dict(pg_server_dsn)
+    params["dbname"] = name
+    yield make_conninfo(**params)
+    with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
