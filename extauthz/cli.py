@@ -12,6 +12,8 @@ import typer
 def register(app: typer.Typer) -> None:
     """Add ``serve`` and ``demo`` to ``mpactl``."""
     app.command("serve", help="Run the Envoy ext_authz gRPC server (Authorization + health + metrics).")(serve)
+    from .demo_cli import demo_app
+    app.add_typer(demo_app, name="demo")
 
 
 def serve(

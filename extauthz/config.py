@@ -82,6 +82,37 @@ class Approvals(_Section):
         return v.rstrip("/")
 
 
+class ReflectionEndpoints(_Section):
+    """Where each service's reflection service is reached (first match wins).
+
+    ``static`` maps a full service name or a package prefix to ``host:port``; ``template``
+    builds one from the name (placeholders such as ``{service}``, ``{name_lower}``; see
+    reflection_cache/endpoints.py); ``default`` is the fallback. With none, every service
+    is unknown (and so denied).
+    """
+
+    static: dict[str, str] = Field(default_factory=dict)
+    template: str | None = None
+    default: str | None = None
+
+
+class Reflection(_Section):
+    """The reflection cache (seconds)."""
+
+    endpoints: ReflectionEndpoints = ReflectionEndpoints()
+    #: Fresh for this long after a fetch.
+    ttl: float = Field(60.0, gt=0)
+    #: Then served stale (while one refresh runs) for this long.
+    stale_window: float = Field(120.0, ge=0)
+    #: "No such service" is remembered this long.
+    negative_ttl: float = Field(5.0, ge=0)
+    #: Other failures are remembered (and refreshes spaced) this long.
+    error_backoff: float = Field(1.0, ge=0)
+    max_entries: int = Field(10_000, ge=1)
+    #: Bound of one reflection fetch; keep it below decision_deadline_ms.
+    deadline: float = Field(0.5, gt=0)
+
+
 class Audit(_Section):
     """Decision audit events are queued and written in the background."""
 
@@ -108,8 +139,7 @@ class Settings(_Section):
     identity: Identity = Identity()
     approvals: Approvals = Approvals()
     audit: Audit = Audit()
-    #: Passed to the reflection cache (where to reach each service's reflection, TTLs, deadline).
-    reflection: dict[str, Any] = Field(default_factory=dict)
+    reflection: Reflection = Reflection()
     #: How often the in-memory grants are refreshed when the store cannot notify (SQLite).
     grants_poll_s: float = Field(2.0, gt=0)
 
@@ -126,6 +156,10 @@ class Settings(_Section):
     def _workers_need_port(self) -> "Settings":
         if self.workers > 1 and self.listen.port == 0:
             raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
+        if self.reflection.deadline * 1000 >= self.decision_deadline_ms:
+            raise ValueError(f"reflection.deadline ({self.reflection.deadline}s) must be below "
+                             f"decision_deadline_ms ({self.decision_deadline_ms} ms), so a slow "
+                             "service is reported as such")
         return self
 
 

@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,36 +41,45 @@ class Components:
     store: Any
     grants: Any
     modes: Any
-    close: Callable[[], None] = lambda: None
+    close: Callable[[], Awaitable[None]] | None = None
     stats: dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
 
 
-def open_components(settings: Settings) -> Components:
-    """The real store, in-memory grants and reflection cache for ``settings``."""
+async def open_components(settings: Settings) -> Components:
+    """The real store, in-memory grants and reflection cache for ``settings``.
+
+    Call it inside the event loop that will serve: the reflection cache owns grpc.aio channels.
+    """
     from policy.grant_cache import GrantCache
     from policy.stores import open_store
-    from reflection_cache import ReflectionCache
+    from reflection_cache import CacheSettings, EndpointResolver, ReflectionCache
 
-    store = open_store(settings.store_url)
+    r = settings.reflection
+    resolver = EndpointResolver.from_config(r.endpoints.model_dump(exclude_none=True))
+    cache_settings = CacheSettings(ttl=r.ttl, stale_window=r.stale_window, negative_ttl=r.negative_ttl,
+                                   error_backoff=r.error_backoff, max_entries=r.max_entries,
+                                   deadline=r.deadline)
+    store = await asyncio.to_thread(open_store, settings.store_url)
     try:
-        grants = GrantCache(store, poll_interval=settings.grants_poll_s)
-        grants.start()
-        modes = ReflectionCache.from_config(settings.reflection)
+        grants = GrantCache(store)
+        await asyncio.to_thread(grants.start)
     except Exception:
         store.close()
         raise
+    modes = ReflectionCache(resolver, cache_settings)
 
-    def close() -> None:
-        for thing in (modes, grants, store):
+    async def close() -> None:
+        try:
+            await modes.close()
+        except Exception:
+            log.exception("closing the reflection cache failed")
+        for thing in (grants, store):
             try:
-                thing.close()
+                await asyncio.to_thread(thing.close)
             except Exception:  # closing must go on
                 log.exception("closing %s failed", type(thing).__name__)
 
-    stats = {}
-    if callable(getattr(modes, "stats", None)):
-        stats["reflection_cache"] = modes.stats
-    return Components(store, grants, modes, close, stats)
+    return Components(store, grants, modes, close, {"reflection_cache": modes.stats})
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
@@ -96,7 +105,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
                     settings.identity.dev_principal_header)
     metrics = metrics or Metrics()
     owns_components = components is None
-    components = components or await asyncio.to_thread(open_components, settings)
+    components = components or await open_components(settings)
     for name, fn in components.stats.items():
         metrics.watch_stats(name, fn)
     metrics_server = None
@@ -145,8 +154,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
         await server.stop(settings.drain_grace_s)
         await audit.close()
         executor.shutdown(wait=False, cancel_futures=True)
-        if owns_components:
-            await asyncio.to_thread(components.close)
+        if owns_components and components.close is not None:
+            await components.close()
         if metrics_server is not None:
             metrics_server.shutdown()
         if install_signal_handlers:
