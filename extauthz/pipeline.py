@@ -159,6 +159,15 @@ class Authorizer:
             return dataclasses.replace(base, kind=Kind.ERROR, rule="store.unavailable",
                                        message=f"grants are not available: {e}",
                                        advice="retry shortly; the gateway's store needs attention")
+        if http.raw_body and http.size > len(http.raw_body):
+            # Envoy sent only the first max_request_bytes (it does so for a body that arrives
+            # at once, even with allow_partial_message: false). Never authorize on a prefix.
+            return self._deny(dataclasses.replace(
+                base, rule="request.body_too_large",
+                message=f"the request body is {http.size} bytes; the gateway inspects at most "
+                        f"{len(http.raw_body)}",
+                advice="send a smaller request, or ask the gateway operators to raise "
+                       "with_request_body.max_request_bytes"))
         digest = grpc_message_digest(http.raw_body) if http.raw_body else None
 
         # 3. authorization

@@ -327,3 +327,16 @@ def test_digest_needs_exactly_one_uncompressed_frame():
     assert grpc_message_digest(b"\x01" + frame(b"ab")[1:]) is None
     assert grpc_message_digest(frame(b"abc")[:-1]) is None
     assert grpc_message_digest(frame(b"")) == hashlib.sha256(b"").hexdigest()
+
+
+async def test_body_larger_than_what_envoy_sent_is_denied(h):
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.path, http.method = f"/{SVC}/Open", "POST"
+    http.raw_body = frame(b"x" * 100)[:50]
+    http.size = 105
+    payload = struct_pb2.Struct()
+    payload.update({"jwt_payload": {"sub": "alice"}})
+    req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(payload)
+    code, body = denied(await h.authorizer.check(req))
+    assert code == 403 and "request.body_too_large" in body and "105" in body
