@@ -88,7 +88,7 @@ class SqlStore(abc.ABC):
     def grants_revision(self) -> int:
         """A number that increases whenever any grant changes."""
         with self._tx(write=False) as cur:
-            return int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1").fetchone()[0])
+            return int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1").fetchone()["revision"])
 
     def put_grant(self, grant: Grant, *, actor: str = "system") -> None:
         """Insert or replace the grant with the same (principal, role, service)."""
@@ -169,7 +169,7 @@ class SqlStore(abc.ABC):
 
     def _bump_revision(self, cur: Any) -> None:
         rev = cur.execute("UPDATE grants_revision SET revision = revision + 1 WHERE id = 1 "
-                          "RETURNING revision").fetchone()[0]
+                          "RETURNING revision").fetchone()["revision"]
         self._grants_changed(cur, int(rev))
 
     # --- approval requests ----------------------------------------------------------------

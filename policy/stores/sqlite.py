@@ -209,8 +209,7 @@ class SQLiteStore(SqlStore):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     cur.execute(statement)
-            row = cur.execute("SELECT max(version) FROM schema_version").fetchone()
-            version = row[0]
+            version = cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
             if version is None:
                 cur.execute("INSERT INTO schema_version (version) VALUES (%(v)s)", {"v": SCHEMA_VERSION})
             elif version > SCHEMA_VERSION:
@@ -220,7 +219,7 @@ class SQLiteStore(SqlStore):
     def schema_version(self) -> int:
         """The schema version recorded in the database."""
         with self._tx(write=False) as cur:
-            return int(cur.execute("SELECT max(version) FROM schema_version").fetchone()[0])
+            return int(cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"])
 
     # --- dialect ---------------------------------------------------------------------------
     def _ts(self, dt: datetime) -> str:
