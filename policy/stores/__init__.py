@@ -6,7 +6,8 @@ Store URLs:
   ``/var/lib/rpcauthz/store.db`` (``sqlite:////abs/path`` works too);
 - ``sqlite:///:memory:`` - a private in-memory database, gone when the store closes;
 - ``postgresql://user:password@host:5432/dbname?sslmode=...`` (or ``postgres://``) - any
-  libpq connection URI.
+  libpq connection URI. A libpq key=value string (``host=db dbname=rpcauthz user=gw``) is
+  accepted as well, since that is what psycopg's ``make_conninfo`` produces.
 
 Options common to every URL are keyword arguments: ``poll_interval`` (SQLite: seconds
 between grant-revision polls, default 1), ``busy_timeout`` (SQLite), ``connect_timeout``
@@ -41,7 +42,7 @@ def open_store(url: str, **options: Any) -> Store:
     if scheme == "sqlite":
         from .sqlite import SQLiteStore
         return SQLiteStore(_sqlite_path(url), **_pick(options, "poll_interval", "busy_timeout"))
-    if scheme in ("postgresql", "postgres"):
+    if scheme in ("postgresql", "postgres") or _is_conninfo(url):
         from .postgres import PostgresStore
         return PostgresStore(url, **_pick(options, "poll_interval", "connect_timeout", "pool_size"))
     raise ValueError(f"unsupported store URL {redact_url(url)!r}: use sqlite:///ABSOLUTE/PATH.db, "
@@ -63,6 +64,15 @@ def _sqlite_path(url: str) -> str:
     return rest
 
 
+def _is_conninfo(text: str) -> bool:
+    """A libpq ``key=value ...`` string naming at least a database or host."""
+    import re
+    if "://" in text:
+        return False
+    keys = re.findall(r"(?:^|\s)(\w+)\s*=", text)
+    return bool(keys) and {"dbname", "host", "hostaddr", "service"} & set(keys) != set()
+
+
 def _pick(options: dict[str, Any], *allowed: str) -> dict[str, Any]:
     """Options meant for this adapter; ``None`` means "use the default"."""
     return {k: v for k, v in options.items() if k in allowed and v is not None}
@@ -71,4 +81,5 @@ def _pick(options: dict[str, Any], *allowed: str) -> dict[str, Any]:
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***``, for messages and logs."""
     import re
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    url = re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url)
