@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import cachetools
 
@@ -51,6 +51,22 @@ class CacheSettings:
     max_entries: int = 10_000
     #: Upper bound of one reflection fetch (all its questions together).
     deadline: float = 0.5
+
+    @classmethod
+    def from_mapping(cls, config: "Mapping[str, object]") -> "CacheSettings":
+        """From a config mapping (e.g. parsed YAML); unknown keys are refused by name."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise ValueError(f"reflection cache: unknown setting(s) {unknown}; expected {sorted(fields)}")
+        values = {}
+        for key, value in config.items():
+            kind = int if key == "max_entries" else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and not isinstance(value, int)):
+                raise ValueError(f"reflection cache setting {key} must be a number, got {value!r}")
+            values[key] = kind(value)
+        return cls(**values)
 
     def __post_init__(self) -> None:
         for name in ("ttl", "deadline"):
