@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from types import MappingProxyType
 from typing import Iterable
 
 import cachetools
@@ -49,6 +50,13 @@ DEFAULT_DEADLINE = 1.0
 DEFAULT_MAX_FILES = 64
 DEFAULT_MAX_DEPTH = 16
 DEFAULT_MAX_CHANNELS = 256
+#: Channel options: reflection answers can be large (a file and all its imports), and a
+#: reflection server that comes back after an outage should be dialled again soon.
+DEFAULT_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
 
 
 class ChannelPool:
@@ -59,7 +67,7 @@ class ChannelPool:
     """
 
     def __init__(self, max_channels: int = DEFAULT_MAX_CHANNELS,
-                 options: Iterable[tuple[str, object]] = ()) -> None:
+                 options: Iterable[tuple[str, object]] = DEFAULT_CHANNEL_OPTIONS) -> None:
         if max_channels < 1:
             raise ValueError("max_channels must be at least 1")
         self._options = list(options)
@@ -179,6 +187,9 @@ class ReflectionClient:
                 raise _Unimplemented() from None
             if e.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise ReflectionUnavailable(f"{where}: deadline exceeded ({protocol})") from None
+            if e.code() is grpc.StatusCode.UNAVAILABLE:
+                # Dial afresh next time rather than wait out the channel's reconnect backoff.
+                self.channels.discard(endpoint)
             raise ReflectionUnavailable(
                 f"{where}: reflection failed with {e.code().name}: {e.details()} ({protocol})") from None
         finally:
@@ -337,6 +348,7 @@ def read_modes(service: str, files: dict[str, descriptor_pb2.FileDescriptorProto
     service_reader = _option_reader(pool, SERVICE_OPTION, where)
     return ServiceModes(
         service=service,
-        methods={m.name: _read(method_reader, m.GetOptions()) for m in svc.methods},
+        # Read-only: one cached ServiceModes is shared by every request.
+        methods=MappingProxyType({m.name: _read(method_reader, m.GetOptions()) for m in svc.methods}),
         service_default=_read(service_reader, svc.GetOptions()),
     )

@@ -232,3 +232,20 @@ async def test_one_channel_per_endpoint_and_the_pool_is_bounded():
             await client.fetch(ORDERS, a.address)  # evicted channel: dialled again, still works
         finally:
             await client.close()
+
+
+async def test_recovers_as_soon_as_a_stopped_reflection_server_is_back(client, port):
+    files = orders_files()
+    with reflection_server(files, [ORDERS], port=port) as srv:
+        await client.fetch(ORDERS, srv.address)
+    with pytest.raises(ReflectionUnavailable, match="UNAVAILABLE"):
+        await client.fetch(ORDERS, f"127.0.0.1:{port}")
+    with reflection_server(files, [ORDERS], port=port) as again:
+        assert (await client.fetch(ORDERS, again.address)).service == ORDERS
+
+
+async def test_fetched_modes_are_read_only(client):
+    with reflection_server(orders_files(), [ORDERS]) as srv:
+        modes = await client.fetch(ORDERS, srv.address)
+    with pytest.raises(TypeError):
+        modes.methods["GetOrder"] = Mode.ENGINEERS_WITHOUT_APPROVAL  # type: ignore[index]
