@@ -56,6 +56,8 @@ DEFAULT_CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 5_000),
+    # Own subchannels, so a channel dialled afresh does not inherit a shared one's backoff.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 
