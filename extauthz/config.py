@@ -140,8 +140,12 @@ class Settings(_Section):
     approvals: Approvals = Approvals()
     audit: Audit = Audit()
     reflection: Reflection = Reflection()
-    #: How often the in-memory grants are refreshed when the store cannot notify (SQLite).
-    grants_poll_s: float = Field(2.0, gt=0)
+    #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
+    grants_poll_s: float = Field(1.0, gt=0)
+    #: Full reload of the in-memory grants, as a safety net for lost notifications.
+    grants_reload_s: float = Field(30.0, gt=0)
+    #: Past this age without a successful load, grants are unusable: every check is a 503.
+    grants_max_staleness_s: float = Field(120.0, gt=0)
 
     @field_validator("default_mode", mode="before")
     @classmethod
@@ -156,6 +160,8 @@ class Settings(_Section):
     def _workers_need_port(self) -> "Settings":
         if self.workers > 1 and self.listen.port == 0:
             raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
+        if self.grants_max_staleness_s <= self.grants_reload_s:
+            raise ValueError("grants_max_staleness_s must be longer than grants_reload_s")
         if self.reflection.deadline * 1000 >= self.decision_deadline_ms:
             raise ValueError(f"reflection.deadline ({self.reflection.deadline}s) must be below "
                              f"decision_deadline_ms ({self.decision_deadline_ms} ms), so a slow "

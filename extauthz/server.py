@@ -59,9 +59,10 @@ async def open_components(settings: Settings) -> Components:
     cache_settings = CacheSettings(ttl=r.ttl, stale_window=r.stale_window, negative_ttl=r.negative_ttl,
                                    error_backoff=r.error_backoff, max_entries=r.max_entries,
                                    deadline=r.deadline)
-    store = await asyncio.to_thread(open_store, settings.store_url)
+    store = await asyncio.to_thread(open_store, settings.store_url, poll_interval=settings.grants_poll_s)
     try:
-        grants = GrantCache(store)
+        grants = GrantCache(store, reload_interval=settings.grants_reload_s,
+                            max_staleness=settings.grants_max_staleness_s)
         await asyncio.to_thread(grants.start)
     except Exception:
         store.close()
@@ -79,7 +80,15 @@ async def open_components(settings: Settings) -> Components:
             except Exception:  # closing must go on
                 log.exception("closing %s failed", type(thing).__name__)
 
-    return Components(store, grants, modes, close, {"reflection_cache": modes.stats})
+    return Components(store, grants, modes, close,
+                      {"reflection_cache": modes.stats, "grant_cache": _grant_stats(grants)})
+
+
+def _grant_stats(grants) -> Callable[[], dict]:
+    def stats() -> dict:
+        age = grants.age()
+        return {"revision": grants.revision or 0, "age_seconds": age if age is not None else -1}
+    return stats
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -111,7 +112,11 @@ def test_break_glass_needs_incident_and_another_oncall(sqlite_gateway, store):
     approve(store, rid, ONCALL2)
     ok = sqlite_gateway.call(path, as_=ONCALL)
     assert ok.code is grpc.StatusCode.OK, ok.render()
-    assert any(e.request_id == rid for e in store.list_audit(kinds=["break_glass.used"]))
+    # Decision audit events are written in the background: give it a moment.
+    deadline = time.monotonic() + 10
+    while not any(e.request_id == rid for e in store.list_audit(kinds=["break_glass.used"])):
+        assert time.monotonic() < deadline, "break_glass.used was never audited"
+        time.sleep(0.1)
 
 
 def test_streaming_method_through_the_gateway(sqlite_gateway, store):
