@@ -174,23 +174,40 @@ async def serve(settings: Settings, *, components: Components | None = None,
 
 
 def _worker_main(settings_json: str, multiproc_dir: str | None) -> None:
-    if multiproc_dir:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
-    asyncio.run(serve(settings, serve_metrics=False))
+    try:
+        asyncio.run(serve(settings, serve_metrics=False))
+    except Exception as e:
+        print(f"error: worker {os.getpid()}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM; with ``workers > 1``, supervise that many worker processes."""
-    if settings.workers == 1:
+    """Serve until SIGTERM; with ``workers > 1``, supervise that many worker processes.
+
+    Returns the exit code; start-up failures (store unreachable, port taken, bad reflection
+    settings) are printed as one clear line and give 1.
+    """
+    from policy import StoreError
+
+    if settings.workers > 1:
+        return _supervise(settings)
+    try:
         asyncio.run(serve(settings))
-        return 0
-    return _supervise(settings)
+    except StoreError as e:
+        print(f"error: cannot open the store: {e}", file=sys.stderr, flush=True)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def _supervise(settings: Settings) -> int:
     multiproc_dir = tempfile.mkdtemp(prefix="rpcauthz-metrics-")
+    # Workers import prometheus_client before any code of ours runs: they must inherit this.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_worker_main, name=f"extauthz-worker-{i}",
                            args=(settings.model_dump_json(), multiproc_dir))
