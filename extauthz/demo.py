@@ -144,7 +144,11 @@ class Demo:
         for kind, what, command in examples(self.cmd, self.dir_opt):
             lines.append(f"  # [{kind}] {what}")
             lines.append(f"  {command}")
-        lines += ["", "Press Ctrl-C to stop (everything started here is stopped and removed).",
+        lines += ["",
+                  "Request links point at the approval page (mpa's API server, not started here);",
+                  "in this demo, approve with `demo approve` as shown above.",
+                  "Press Ctrl-C to stop everything started here"
+                  + (" and remove its files." if self._own_dir else "."),
                   "ready"]
         return "\n".join(lines)
 

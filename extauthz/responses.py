@@ -61,7 +61,7 @@ def caller_text(v: Verdict) -> str:
     parts = [f"rpcauthz: {head} for {who} calling {what} (rule {v.rule}"
              + (f", mode {v.mode_name}" if v.mode is not None else "") + f"): {v.message}."]
     if v.request_url:
-        parts.append(f"Approval request: {v.request_url}")
+        parts.append(f"Approval request: <{v.request_url}>.")
     if v.advice:
         parts.append(v.advice[0].upper() + v.advice[1:].rstrip(".") + ".")
     if v.dev:
