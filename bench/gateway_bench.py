@@ -59,7 +59,7 @@ def run_h2load(port: int, token: str, body: pathlib.Path, concurrency: int, dura
                warmup: float, workdir: pathlib.Path, name: str) -> Cell:
     log = workdir / f"h2load-{name}-{concurrency}.log"
     argv = ["h2load", "-c", str(concurrency), "-m", "1", "-t", "1",
-            "-D", str(duration), f"--warm-up-time={warmup}", "-d", str(body), "--log-file", str(log),
+            "-D", f"{int(duration * 1000)}ms", f"--warm-up-time={int(warmup * 1000)}ms", "-d", str(body), "--log-file", str(log),
             "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-H", f"authorization: Bearer {token}",
             f"http://127.0.0.1:{port}{PATH}"]

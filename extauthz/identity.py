@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from google.protobuf import json_format
-
 from envoy.service.auth.v3 import external_auth_pb2
 
 from .config import Identity as IdentityConfig
@@ -29,7 +27,8 @@ class Identity:
     principal: str
     #: "jwt" for a verified token, "dev-header" for dev mode.
     source: str
-    claims: dict
+    #: The verified token payload (a protobuf Struct), or None in dev mode.
+    claims: object
 
     @property
     def dev(self) -> bool:
@@ -41,21 +40,23 @@ def identify(req: external_auth_pb2.CheckRequest, cfg: IdentityConfig) -> Identi
     if cfg.dev_mode:
         headers = req.attributes.request.http.headers
         value = headers.get(cfg.dev_principal_header, "")
-        return Identity(_check_principal(value, f"header {cfg.dev_principal_header}"), "dev-header", {})
+        return Identity(_check_principal(value, f"header {cfg.dev_principal_header}"), "dev-header", None)
     ns = req.attributes.metadata_context.filter_metadata
     if cfg.metadata_namespace not in ns:
         raise IdentityError("no verified identity: the gateway's JWT filter passed no token payload "
                             "(send a valid bearer token in the authorization header)")
-    meta = json_format.MessageToDict(ns[cfg.metadata_namespace])
-    payload = meta.get(cfg.payload_key)
-    if not isinstance(payload, dict):
+    fields = ns[cfg.metadata_namespace].fields
+    payload = fields[cfg.payload_key] if cfg.payload_key in fields else None
+    if payload is None or payload.WhichOneof("kind") != "struct_value":
         raise IdentityError(f"no verified identity: metadata {cfg.metadata_namespace} has no "
                             f"{cfg.payload_key!r} token payload")
-    claim = payload.get(cfg.principal_claim)
-    if not isinstance(claim, str):
+    claims = payload.struct_value.fields
+    claim = claims[cfg.principal_claim] if cfg.principal_claim in claims else None
+    if claim is None or claim.WhichOneof("kind") != "string_value":
         raise IdentityError(f"the verified token has no string {cfg.principal_claim!r} claim "
                             "to identify the caller")
-    return Identity(_check_principal(claim, f"claim {cfg.principal_claim!r}"), "jwt", payload)
+    return Identity(_check_principal(claim.string_value, f"claim {cfg.principal_claim!r}"), "jwt",
+                    payload.struct_value)
 
 
 def _check_principal(value: str, where: str) -> str:

@@ -36,12 +36,18 @@ class Metrics:
         self.approvals_used = Counter("rpcauthz_approvals_used",
                                       "Approval uses spent by allowed calls.", ["mode"],
                                       registry=r)
+        self._children: dict[tuple[str, str, str], tuple] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")
 
     def record(self, v: Verdict, seconds: float) -> None:
-        self.decisions.labels(v.kind.value, v.mode_name, v.rule).inc()
-        self.latency.labels(v.kind.value).observe(seconds)
+        key = (v.kind.value, v.mode_name, v.rule)
+        children = self._children.get(key)
+        if children is None:  # label lookups are not free; the label sets are few
+            children = self._children[key] = (self.decisions.labels(*key),
+                                              self.latency.labels(v.kind.value))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch_stats(self, name: str, stats: Callable[[], dict[str, float]]) -> None:
         """Export a component's ``stats()`` numbers (cache sizes, hits) as gauges."""

@@ -14,7 +14,6 @@ goes wrong (a reflection or store error, the deadline, a bug) is a 503, never an
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -48,6 +47,24 @@ class GrantSource(Protocol):
     """Grants served from memory (``policy.grant_cache.GrantCache``)."""
 
     def current(self) -> GrantSet: ...
+
+
+class _Progress:
+    """What the steps have learned so far about one check (so even a timeout can say who
+    and what); ``verdict()`` turns it into the final, immutable ``Verdict``."""
+
+    __slots__ = ("decision_id", "dev", "principal", "target", "mode", "mode_source")
+
+    def __init__(self, decision_id: str, dev: bool) -> None:
+        self.decision_id, self.dev = decision_id, dev
+        self.principal: str | None = None
+        self.target: Target | None = None
+        self.mode: Mode | None = None
+        self.mode_source: str | None = None
+
+    def verdict(self, kind: Kind, rule: str, message: str, advice: str = "", **extra) -> Verdict:
+        return Verdict(kind, self.decision_id, rule, message, advice, self.principal, self.target,
+                       self.mode, self.mode_source, dev=self.dev, **extra)
 
 
 class _Failure(Exception):
@@ -88,22 +105,21 @@ class Authorizer:
         started = time.perf_counter()
         self.metrics.in_flight.inc()
         # What the steps learned so far, so a timeout can still say who and what.
-        progress = [Verdict(Kind.ERROR, decision_id, "", "", dev=self.settings.identity.dev_mode)]
+        p = _Progress(decision_id, self.settings.identity.dev_mode)
         try:
             try:
-                verdict = await asyncio.wait_for(self._decide(req, progress), self._deadline)
-            except asyncio.TimeoutError:
-                verdict = dataclasses.replace(
-                    progress[0], kind=Kind.ERROR, rule="deadline.exceeded",
-                    message=f"no decision within {self.settings.decision_deadline_ms} ms",
-                    advice="retry shortly; if it persists, tell the gateway operators")
+                async with asyncio.timeout(self._deadline):
+                    verdict = await self._decide(req, p)
+            except TimeoutError:
+                verdict = p.verdict(Kind.ERROR, "deadline.exceeded",
+                                    f"no decision within {self.settings.decision_deadline_ms} ms",
+                                    "retry shortly; if it persists, tell the gateway operators")
             except Exception:  # a bug must never become an allow
                 log.exception("decision %s failed unexpectedly", decision_id)
-                verdict = dataclasses.replace(
-                    progress[0], kind=Kind.ERROR, rule="internal.error",
-                    message="the authorization server failed while deciding",
-                    advice="retry; if it persists, tell the gateway operators "
-                           f"and quote decision {decision_id}")
+                verdict = p.verdict(Kind.ERROR, "internal.error",
+                                    "the authorization server failed while deciding",
+                                    "retry; if it persists, tell the gateway operators "
+                                    f"and quote decision {decision_id}")
             if verdict.kind is Kind.ERROR:
                 self._audit_error(verdict)
             self.metrics.record(verdict, time.perf_counter() - started)
@@ -115,79 +131,73 @@ class Authorizer:
 
     # --- the four steps ---------------------------------------------------------------------
 
-    async def _decide(self, req: external_auth_pb2.CheckRequest, progress: list[Verdict]) -> Verdict:
-        base = dataclasses.replace(progress[0], kind=Kind.DENY)
-
+    async def _decide(self, req: external_auth_pb2.CheckRequest, p: "_Progress") -> Verdict:
         # 1. identity
         try:
             who = identify(req, self.settings.identity)
         except IdentityError as e:
-            return self._deny(dataclasses.replace(base, rule="identity.unverified", message=str(e),
-                                                  advice="log in (mpa login) and send your token "
-                                                         "as 'authorization: Bearer ...'"))
-        base = progress[0] = dataclasses.replace(base, principal=who.principal)
+            return self._deny(p.verdict(Kind.DENY, "identity.unverified", str(e),
+                                        "log in (mpa login) and send your token "
+                                        "as 'authorization: Bearer ...'"))
+        p.principal = who.principal
 
         # 2. metadata: target, mode, grants
         http = req.attributes.request.http
         try:
             target = parse_path(http.path, self.settings.max_path_length)
         except BadPath as e:
-            return self._deny(dataclasses.replace(base, rule="target.bad_path", message=str(e),
-                                                  advice="call a gRPC method as /package.Service/Method"))
-        base = progress[0] = dataclasses.replace(base, target=target)
+            return self._deny(p.verdict(Kind.DENY, "target.bad_path", str(e),
+                                        "call a gRPC method as /package.Service/Method"))
+        p.target = target
         if http.method and http.method != "POST":
-            return self._deny(dataclasses.replace(
-                base, rule="target.not_grpc", message=f"HTTP method {http.method} is not a gRPC call",
-                advice="use a gRPC client (gRPC calls are HTTP/2 POST)"))
+            return self._deny(p.verdict(Kind.DENY, "target.not_grpc",
+                                        f"HTTP method {http.method} is not a gRPC call",
+                                        "use a gRPC client (gRPC calls are HTTP/2 POST)"))
         try:
             mode, source = await self._mode_of(target)
         except (UnknownService, UnknownMethod) as e:
             rule = "target.unknown_service" if isinstance(e, UnknownService) else "target.unknown_method"
-            return self._deny(dataclasses.replace(base, rule=rule, message=str(e),
-                                                  advice="check the service and method name"))
+            return self._deny(p.verdict(Kind.DENY, rule, str(e), "check the service and method name"))
         except ReflectionError as e:
             self.metrics.reflection_errors.labels(e.code).inc()
-            return dataclasses.replace(base, kind=Kind.ERROR, rule=f"reflection.{e.code}",
-                                       message=f"cannot learn the mode of {target}: {e}",
-                                       advice="retry shortly; if it persists, the service's "
-                                              "reflection endpoint needs attention")
-        base = progress[0] = dataclasses.replace(base, mode=mode, mode_source=source)
+            return p.verdict(Kind.ERROR, f"reflection.{e.code}", f"cannot learn the mode of {target}: {e}",
+                             "retry shortly; if it persists, the service's reflection endpoint "
+                             "needs attention")
+        p.mode, p.mode_source = mode, source
         try:
             grants = self.grants.current()
         except Exception as e:
             self.metrics.store_errors.labels("grants").inc()
-            return dataclasses.replace(base, kind=Kind.ERROR, rule="store.unavailable",
-                                       message=f"grants are not available: {e}",
-                                       advice="retry shortly; the gateway's store needs attention")
+            return p.verdict(Kind.ERROR, "store.unavailable", f"grants are not available: {e}",
+                             "retry shortly; the gateway's store needs attention")
         if http.raw_body and http.size > len(http.raw_body):
             # Envoy sent only the first max_request_bytes (it does so for a body that arrives
             # at once, even with allow_partial_message: false). Never authorize on a prefix.
-            return self._deny(dataclasses.replace(
-                base, rule="request.body_too_large",
-                message=f"the request body is {http.size} bytes; the gateway inspects at most "
-                        f"{len(http.raw_body)}",
-                advice="send a smaller request, or ask the gateway operators to raise "
-                       "with_request_body.max_request_bytes"))
+            return self._deny(p.verdict(
+                Kind.DENY, "request.body_too_large",
+                f"the request body is {http.size} bytes; the gateway inspects at most "
+                f"{len(http.raw_body)}",
+                "send a smaller request, or ask the gateway operators to raise "
+                "with_request_body.max_request_bytes"))
         digest = grpc_message_digest(http.raw_body) if http.raw_body else None
 
         # 3. authorization
         try:
-            return await self._authorize(base, who, target, mode, grants, digest)
+            return await self._authorize(p, who, target, mode, grants, digest)
         except _Failure as f:
-            return dataclasses.replace(base, kind=Kind.ERROR, rule=f.rule, message=str(f),
-                                       advice="retry shortly; the gateway's store needs attention")
+            return p.verdict(Kind.ERROR, f.rule, str(f), "retry shortly; the gateway's store needs attention")
 
     async def _mode_of(self, target: Target) -> tuple[Mode, str]:
         modes = await self.modes.get(target.service)
         return modes.mode_for(target.method, self.settings.default_mode)
 
-    async def _authorize(self, base: Verdict, who: Identity, target: Target, mode: Mode,
+    async def _authorize(self, p: "_Progress", who: Identity, target: Target, mode: Mode,
                          grants: GrantSet, digest: str | None) -> Verdict:
         now = self.clock()
         decision = policy.decide(who.principal, target, mode, grants, (), now, digest)
         if decision.outcome is not Outcome.APPROVAL_REQUIRED:
             # Without approval modes the caller's requests cannot change the answer: no I/O.
-            return self._finish(base, decision)
+            return self._finish(p, decision)
         for _attempt in range(3):
             requests = await self._io("find_requests", self.store.find_requests,
                                       requester=who.principal, service=target.service,
@@ -200,20 +210,20 @@ class Authorizer:
                         "update_request", self.store.update_request, decision.approval_id,
                         lambda r: policy.use(r, now), actor=who.principal,
                         kind="decision.allow_with_approval",
-                        reason=f"call {target} (decision {base.decision_id})")
+                        reason=f"call {target} (decision {p.decision_id})")
                 except PolicyError:
                     continue  # spent or expired meanwhile: look again
                 self.metrics.approvals_used.labels(mode.name).inc()
+                v = p.verdict(Kind.ALLOW, decision.rule, decision.message, approval_id=used.id)
                 if mode is Mode.BREAK_GLASS_ONLY:
-                    self.audit.submit(self._event("break_glass.used", base, decision, used.id))
-                return dataclasses.replace(base, kind=Kind.ALLOW, rule=decision.rule,
-                                           message=decision.message, approval_id=used.id)
+                    self.audit.submit(self._event("break_glass.used", v, decision, used.id))
+                return v
             if decision.outcome is Outcome.APPROVAL_REQUIRED:
-                return await self._approval_required(base, who, target, mode, grants, decision, digest)
-            return self._finish(base, decision)
+                return await self._approval_required(p, who, target, mode, grants, decision, digest)
+            return self._finish(p, decision)
         raise _Failure("store.contended", f"the approvals for {target} kept changing while deciding")
 
-    async def _approval_required(self, base: Verdict, who: Identity, target: Target, mode: Mode,
+    async def _approval_required(self, p: "_Progress", who: Identity, target: Target, mode: Mode,
                                  grants: GrantSet, decision: policy.Decision,
                                  digest: str | None) -> Verdict:
         request_id = decision.pending_request_id
@@ -226,7 +236,7 @@ class Authorizer:
                     approval_ttl=timedelta(seconds=cfg.approval_ttl_s), origin="gateway",
                     body_sha256=digest if cfg.bind_to_body else None)
             except PolicyError as e:  # decide() said they may ask; be safe anyway
-                return self._deny(dataclasses.replace(base, rule=decision.rule, message=str(e)))
+                return self._deny(p.verdict(Kind.DENY, decision.rule, str(e)))
             request, _created = await self._io("get_or_create_pending",
                                                self.store.get_or_create_pending, fresh,
                                                actor=who.principal)
@@ -235,25 +245,23 @@ class Authorizer:
         role = _ADVICE_ROLE[mode].format(service=target.service)
         advice = (f"Open the link, give your reason{' and incident reference' if mode is Mode.BREAK_GLASS_ONLY else ''}"
                   f", ask {role} to approve (mpa approve {request_id}), then repeat the call")
-        v = dataclasses.replace(base, kind=Kind.APPROVAL_REQUIRED, rule=decision.rule,
-                                message=decision.message, advice=advice, request_id=request_id,
-                                request_url=url)
+        v = p.verdict(Kind.APPROVAL_REQUIRED, decision.rule, decision.message, advice,
+                      request_id=request_id, request_url=url)
         self.audit.submit(self._event("decision.approval_required", v, decision, request_id))
         return v
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _finish(self, base: Verdict, decision: policy.Decision) -> Verdict:
+    def _finish(self, p: "_Progress", decision: policy.Decision) -> Verdict:
         if decision.outcome is Outcome.ALLOW:
-            v = dataclasses.replace(base, kind=Kind.ALLOW, rule=decision.rule, message=decision.message)
+            v = p.verdict(Kind.ALLOW, decision.rule, decision.message)
             if self.settings.audit.allows:
                 self.audit.submit(self._event("decision.allow", v, decision))
             return v
-        return self._deny(dataclasses.replace(base, rule=decision.rule, message=decision.message,
-                                              advice=_deny_advice(decision.rule, base)))
+        return self._deny(p.verdict(Kind.DENY, decision.rule, decision.message,
+                                    _deny_advice(decision.rule, p.target)))
 
     def _deny(self, v: Verdict) -> Verdict:
-        v = dataclasses.replace(v, kind=Kind.DENY)
         self.audit.submit(self._event("decision.deny", v))
         return v
 
@@ -289,8 +297,8 @@ class Authorizer:
             raise _Failure("store.unavailable", f"the approval store failed ({op}): {e}") from e
 
 
-def _deny_advice(rule: str, v: Verdict) -> str:
-    service = v.target.service if v.target else "the service"
+def _deny_advice(rule: str, target: Target | None) -> str:
+    service = target.service if target else "the service"
     if rule == "principal.not_engineer":
         return "only engineers may call RPCs by hand; ask for an engineer grant if you need one"
     if rule.endswith("not_contributor"):

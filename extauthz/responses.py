@@ -35,20 +35,19 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 def metadata(v: Verdict) -> struct_pb2.Struct:
     """The decision's fields for ``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:...)%``."""
     s = struct_pb2.Struct()
-    s.update({
-        "decision_id": v.decision_id,
-        "outcome": v.kind.value,
-        "mode": v.mode_name,
-        "rule": v.rule,
-        "principal": v.principal or "-",
-        "target": v.target.path if v.target else "-",
-    })
+    f = s.fields
+    f["decision_id"].string_value = v.decision_id
+    f["outcome"].string_value = v.kind.value
+    f["mode"].string_value = v.mode_name
+    f["rule"].string_value = v.rule
+    f["principal"].string_value = v.principal or "-"
+    f["target"].string_value = v.target.path if v.target else "-"
     if v.approval_id:
-        s["approval_id"] = v.approval_id
+        f["approval_id"].string_value = v.approval_id
     if v.request_id:
-        s["request_id"] = v.request_id
+        f["request_id"].string_value = v.request_id
     if v.dev:
-        s["dev"] = True
+        f["dev"].bool_value = True
     return s
 
 
