@@ -78,19 +78,28 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 def build(v: Verdict, request_headers: Iterable[str] = (),
           also_remove: Iterable[str] = ()) -> external_auth_pb2.CheckResponse:
     """The ``CheckResponse`` for ``v``. ``request_headers`` are the names the client sent."""
-    meta = metadata(v)
     if v.kind is Kind.ALLOW:
+        # Filled in place (add/extend) rather than built from nested messages: no copies.
+        resp = external_auth_pb2.CheckResponse()
+        resp.status.code = code_pb2.OK
+        ok = resp.ok_response
         set_headers = {PRINCIPAL_HEADER: v.principal or "", DECISION_HEADER: v.decision_id}
         if v.approval_id:
             set_headers[APPROVAL_HEADER] = v.approval_id
-        strip = sorted({h for h in request_headers if h.lower().startswith(HEADER_PREFIX)
-                        and h.lower() not in set_headers} | {h.lower() for h in also_remove})
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_header(k, val) for k, val in set_headers.items()],
-                headers_to_remove=strip),
-            dynamic_metadata=meta)
+        for key, value in set_headers.items():
+            opt = ok.headers.add()
+            opt.header.key, opt.header.value = key, value
+            opt.append_action = _OVERWRITE
+        strip = {h.lower() for h in also_remove}
+        for h in request_headers:
+            if h.startswith(HEADER_PREFIX) or h.lower().startswith(HEADER_PREFIX):
+                if h.lower() not in set_headers:
+                    strip.add(h.lower())
+        if strip:
+            ok.headers_to_remove.extend(sorted(strip))
+        resp.dynamic_metadata.CopyFrom(metadata(v))
+        return resp
+    meta = metadata(v)
     if v.kind is Kind.ERROR:
         grpc_code, http = code_pb2.UNAVAILABLE, http_status_pb2.ServiceUnavailable
     else:

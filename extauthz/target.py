@@ -7,6 +7,7 @@ Envoy and the upstream might read differently must never be authorised as someth
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from policy import Target
@@ -20,6 +21,7 @@ class BadPath(Exception):
     """``:path`` is not a gRPC method path. The message names what was wrong."""
 
 
+@functools.lru_cache(maxsize=8192)  # the same few paths repeat; failures are not cached
 def parse_path(path: str, max_length: int = 512) -> Target:
     """``Target`` for a path like ``/rpcauthz.demo.v1.Accounts/ReadAccount``, else ``BadPath``."""
     if not path:
