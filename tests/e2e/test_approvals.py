@@ -149,3 +149,21 @@ def test_payload_scoped_approval(sqlite_gateway, store):
                                data={"accountId": "A-7", "note": "refund"})
     assert same.code is grpc.StatusCode.OK, same.render()
     assert json.loads(same.replies[0]["message"])["metadata"]["x-rpcauthz-approval"] == r.id
+
+
+def test_last_use_is_spent_once_under_concurrency(sqlite_gateway, store):
+    """Eight simultaneous calls on a one-use approval: exactly one passes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grants = GrantSet(store.list_grants())
+    r = policy.open_request(request_id="once-" + now().strftime("%H%M%S%f"), requester=OTHER,
+                            target=Target(ACCOUNTS, "ReadAccount"), mode=Mode.ENGINEERS_WITH_APPROVAL,
+                            grants=grants, now=now(), reason="one look", max_uses=1)
+    store.create_request(policy.approve(r, ENGINEER, grants, now()), actor=OTHER)
+    tokens = [sqlite_gateway.token(OTHER) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda t: sqlite_gateway.call(f"/{ACCOUNTS}/ReadAccount", token=t), tokens))
+    codes = [x.code for x in results]
+    assert codes.count(grpc.StatusCode.OK) == 1, [x.render() for x in results]
+    assert codes.count(grpc.StatusCode.PERMISSION_DENIED) == 7, codes
+    assert store.get_request(r.id).uses == 1

@@ -42,3 +42,17 @@ def test_bad_config_names_the_key(tmp_path, text, env, needle):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_the_documented_example_config_loads(tmp_path):
+    """docs/extauthz.md's full example is a valid config (so the reference cannot rot)."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "extauthz.md").read_text()
+    section = doc.split("## Server configuration", 1)[1]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    s = load_settings(write(tmp_path, example), env={})
+    assert s.reflection.endpoints.template == "{name_lower}.svc.internal:50051"
+    assert s.approvals.base_url == "https://mpa.example.com"
+    assert s.default_mode is Mode.BREAK_GLASS_ONLY

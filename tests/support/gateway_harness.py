@@ -15,6 +15,7 @@ Usage (any test folder)::
         gw.envoy             # EnvoyProcess (.port, .admin_port, .stats(), .output())
         gw.upstreams         # {"accounts": DemoServer, "ledger": DemoServer}
         gw.access_log_lines()  # Envoy's JSON access log, parsed
+        gw.metrics_url         # the ext_authz server's /metrics
 
 Parameters: ``grants`` are written to the store before the server starts (so no wait for a
 refresh); ``extauthz`` holds extra server settings as dotted keys
@@ -172,6 +173,12 @@ class GatewayStack:
     def gateway(self) -> str:
         assert self.envoy is not None
         return f"127.0.0.1:{self.envoy.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The ext_authz server's Prometheus endpoint."""
+        assert self._extauthz_config is not None
+        return f"http://127.0.0.1:{self._extauthz_config['metrics']['port']}/metrics"
 
     def token(self, principal: str, **claims: Any) -> str:
         return self.issuer.mint(principal, **claims)
