@@ -122,7 +122,10 @@ class PostgresStore(SqlStore):
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, timeout=connect_timeout,
             kwargs={**self._conn_kwargs, "row_factory": dict_row},
-            check=ConnectionPool.check_connection, name="rpcauthz-store", open=True)
+            check=ConnectionPool.check_connection, name="rpcauthz-store", open=True,
+            # psycopg_pool backs off exponentially up to reconnect_timeout between attempts;
+            # keep that short so a replica serves again within seconds of PostgreSQL returning.
+            reconnect_timeout=10.0)
 
     def _error(self, e: BaseException) -> StoreError:
         return StoreError(f"{self.label}: {str(e).strip() or type(e).__name__}")
