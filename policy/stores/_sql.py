@@ -225,7 +225,7 @@ class SqlStore(abc.ABC):
                       method: str | None = None, states: Sequence[RequestState] | None = None,
                       limit: int = 100) -> list[ApprovalRequest]:
         """Requests matching every given filter, newest first."""
-        where, params = [], {"limit": int(limit)}
+        where, params = [], {"limit": _limit(limit)}
         for col, value in (("requester", requester), ("service", service), ("method", method)):
             if value is not None:
                 where.append(f"{col} = %({col})s")
@@ -300,7 +300,7 @@ class SqlStore(abc.ABC):
                    service: str | None = None, request_id: str | None = None,
                    limit: int = 1000) -> list[AuditEvent]:
         """Audit events matching every filter, oldest first (``since`` is inclusive)."""
-        where, params = [], {"limit": int(limit)}
+        where, params = [], {"limit": _limit(limit)}
         if since is not None:
             where.append("at >= %(since)s")
             params["since"] = self._ts(since)
@@ -362,6 +362,12 @@ def plan_replace(current: Iterable[Grant], source: str, grants: Iterable[Grant])
     removed = sorted((g for k, g in mine.items() if k not in desired), key=_grant_order)
     added = sorted((g for k, g in desired.items() if mine.get(k) != g), key=_grant_order)
     return GrantDiff(added=tuple(added), removed=tuple(removed))
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+    return limit
 
 
 def _grant_order(g: Grant) -> tuple[str, str, str]:

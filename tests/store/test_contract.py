@@ -155,6 +155,12 @@ def test_watch_grants_sees_changes_from_another_connection(backend):
         assert max(seen) == writer.grants_revision()
     finally:
         sub.close()
+    # a refused change writes nothing and announces nothing
+    changed.clear()
+    with pytest.raises(ValueError):
+        writer.replace_grants("sync:x", [Grant("x", Role.ENGINEER, source="sync:x"),
+                                         Grant("x", Role.ENGINEER, source="sync:y")])
+    assert not changed.wait(0.6)
     # a closed subscription reports nothing more
     count = len(seen)
     writer.put_grant(Grant("bob", Role.ENGINEER))
@@ -232,6 +238,11 @@ def test_find_requests_filters_newest_first(store):
     assert store.find_requests(states=[]) == []
     assert [r.id for r in store.find_requests(limit=2)] == [rs[4].id, rs[3].id]
     assert store.find_requests(requester="nobody") == []
+    assert store.find_requests(limit=0) == []
+    with pytest.raises(ValueError, match="limit"):
+        store.find_requests(limit=-1)
+    with pytest.raises(ValueError, match="limit"):
+        store.list_audit(limit="10")
 
 
 def test_full_lifecycle_approve_and_use(store):
