@@ -8,7 +8,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
 
 from policy import Grant, Role
 from policy.grant_cache import GrantCache

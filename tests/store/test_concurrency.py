@@ -9,14 +9,13 @@ import concurrent.futures
 import multiprocessing
 import threading
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
 
 from policy import (ApprovalRequest, Grant, PolicyError, RequestClosed, RequestState, Role,
                     approve, use)
-from tests.store.test_contract import GRANTS, NOW, new_request
+from tests.support.store_data import GRANTS, NOW, new_request
 
 RACERS = 6
 
