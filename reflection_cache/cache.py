@@ -127,6 +127,21 @@ class ReflectionCache:
         self._entries: cachetools.LRUCache = _Entries(maxsize=self.settings.max_entries)
         self._inflight: dict[str, asyncio.Task] = {}
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, object] | None) -> "ReflectionCache":
+        """From ``{"endpoints": {static, template, default}, "cache": {ttl, ...}}`` (both optional).
+
+        Unknown keys are refused by name, as are bad endpoints and settings.
+        """
+        config = config or {}
+        unknown = sorted(set(config) - {"endpoints", "cache"})
+        if unknown:
+            raise ValueError(f"reflection: unknown key(s) {unknown}; expected endpoints, cache")
+        endpoints, settings = config.get("endpoints") or {}, config.get("cache") or {}
+        if not isinstance(endpoints, Mapping) or not isinstance(settings, Mapping):
+            raise ValueError("reflection: endpoints and cache must be mappings")
+        return cls(EndpointResolver.from_config(endpoints), CacheSettings.from_mapping(settings))
+
     # -- ModeSource --------------------------------------------------------------------------
 
     async def get(self, service: str) -> ServiceModes:
