@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 
 import cachetools
 
-from reflection_cache.client import ReflectionClient
+from reflection_cache.client import ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionError, ReflectionUnavailable, ServiceModes, UnknownService
 
@@ -129,18 +129,28 @@ class ReflectionCache:
 
     @classmethod
     def from_config(cls, config: Mapping[str, object] | None) -> "ReflectionCache":
-        """From ``{"endpoints": {static, template, default}, "cache": {ttl, ...}}`` (both optional).
+        """From ``{"endpoints": {static, template, default}, "cache": {ttl, ...},
+        "tls": {ca_file, cert_file, key_file}}`` (all optional; no ``tls``: plaintext).
 
         Unknown keys are refused by name, as are bad endpoints and settings.
         """
         config = config or {}
-        unknown = sorted(set(config) - {"endpoints", "cache"})
+        unknown = sorted(set(config) - {"endpoints", "cache", "tls"})
         if unknown:
-            raise ValueError(f"reflection: unknown key(s) {unknown}; expected endpoints, cache")
+            raise ValueError(f"reflection: unknown key(s) {unknown}; expected endpoints, cache, tls")
         endpoints, settings = config.get("endpoints") or {}, config.get("cache") or {}
-        if not isinstance(endpoints, Mapping) or not isinstance(settings, Mapping):
-            raise ValueError("reflection: endpoints and cache must be mappings")
-        return cls(EndpointResolver.from_config(endpoints), CacheSettings.from_mapping(settings))
+        tls = config.get("tls")
+        if not all(isinstance(m, Mapping) for m in (endpoints, settings, tls or {})):
+            raise ValueError("reflection: endpoints, cache and tls must be mappings")
+        settings = CacheSettings.from_mapping(settings)
+        credentials = None
+        if tls is not None:
+            unknown = sorted(set(tls) - {"ca_file", "cert_file", "key_file"})
+            if unknown:
+                raise ValueError(f"reflection tls: unknown key(s) {unknown}; expected ca_file, cert_file, key_file")
+            credentials = tls_credentials(**tls)
+        client = ReflectionClient(deadline=settings.deadline, channels=ChannelPool(credentials=credentials))
+        return cls(EndpointResolver.from_config(endpoints), settings, client=client)
 
     # -- ModeSource --------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from policy import Mode
-from reflection_cache.client import ReflectionClient
+from reflection_cache.client import ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionError, ServiceModes
 
@@ -43,11 +43,16 @@ def reflect(
     default_mode: str = typer.Option("BREAK_GLASS_ONLY", help="Mode for methods with no option at all."),
     deadline: float = typer.Option(2.0, help="Seconds to wait for reflection."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    ca_file: Optional[str] = typer.Option(None, help="Dial with TLS, trusting this CA (PEM)."),
+    cert_file: Optional[str] = typer.Option(None, help="Client certificate for mutual TLS (PEM)."),
+    key_file: Optional[str] = typer.Option(None, help="Client key for mutual TLS (PEM)."),
 ) -> None:
     """Show each method's humans_who_can_rpc option as the gateway reads it through reflection."""
     try:
         default = Mode.parse(default_mode)
         resolver = EndpointResolver(template=template, default=endpoint)
+        tls = any((ca_file, cert_file, key_file))
+        credentials = tls_credentials(ca_file, cert_file, key_file) if tls else None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -56,7 +61,7 @@ def reflect(
         raise typer.Exit(2)
 
     async def fetch() -> tuple[str, ServiceModes, str]:
-        client = ReflectionClient(deadline=deadline)
+        client = ReflectionClient(deadline=deadline, channels=ChannelPool(credentials=credentials))
         try:
             where = resolver.resolve(service)
             modes = await client.fetch(service, where)
