@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 
 import cachetools
 
-from reflection_cache.client import ChannelPool, ReflectionClient, tls_credentials
+from reflection_cache.client import DEFAULT_DEADLINE, ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionError, ReflectionUnavailable, ServiceModes, UnknownService
 
@@ -50,7 +50,7 @@ class CacheSettings:
     #: Most services kept at once.
     max_entries: int = 10_000
     #: Upper bound of one reflection fetch (all its questions together).
-    deadline: float = 0.5
+    deadline: float = DEFAULT_DEADLINE
 
     @classmethod
     def from_mapping(cls, config: "Mapping[str, object]") -> "CacheSettings":

@@ -5,9 +5,9 @@ One fetch, for one service at one endpoint, within one deadline:
 1. ``file_containing_symbol(service)`` over ``grpc.reflection.v1`` (falling back to
    ``grpc.reflection.v1alpha`` when the endpoint answers UNIMPLEMENTED; which one works is
    remembered per endpoint);
-2. ``file_by_filename`` for every import not yet received (bounded in count and depth);
-   Each question is one short call on the reflection method, all sharing one deadline and
-   one channel per endpoint;
+2. ``file_by_filename`` for every import not yet received (bounded in count and depth).
+   Each question is one short call on the reflection method; all share one deadline and the
+   endpoint's channel;
 3. the files go into a private descriptor pool, the service is looked up there, and each
    method's option and the service's default are read by the extension's full name
    (``rpcauthz.v1.humans_who_can_rpc`` / ``rpcauthz.v1.default_humans_who_can_rpc``) as
@@ -47,7 +47,7 @@ _OPTION_TARGETS = {METHOD_OPTION: "google.protobuf.MethodOptions",
 #: Protocol versions, in the order they are tried.
 PROTOCOLS = {"v1": v1_pb2, "v1alpha": v1alpha_pb2}
 
-DEFAULT_DEADLINE = 1.0
+DEFAULT_DEADLINE = 0.5
 DEFAULT_MAX_FILES = 64
 DEFAULT_MAX_DEPTH = 16
 DEFAULT_MAX_CHANNELS = 256
