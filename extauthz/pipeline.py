@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import Executor
@@ -101,7 +102,7 @@ class Authorizer:
     # --- entry point ------------------------------------------------------------------------
 
     async def check(self, req: external_auth_pb2.CheckRequest) -> external_auth_pb2.CheckResponse:
-        decision_id = uuid.uuid4().hex
+        decision_id = os.urandom(16).hex()  # as unique as a uuid4, a few µs cheaper
         started = time.perf_counter()
         self.metrics.in_flight.inc()
         # What the steps learned so far, so a timeout can still say who and what.
