@@ -18,7 +18,6 @@ the ratios against the baseline and against the no-op floor measured in the same
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import pathlib
 import shutil
@@ -26,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

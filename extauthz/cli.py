@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import sys
 from typing import Optional
 
 import typer

@@ -73,6 +73,9 @@ class Approvals(_Section):
     approval_ttl_s: float = Field(3600, gt=0)
     #: Scope gateway-opened requests to the exact request body (its SHA-256).
     bind_to_body: bool = False
+    #: How many calls one approval of a gateway-opened request allows (null: any number
+    #: until approval_ttl_s runs out).
+    max_uses: int | None = Field(None, ge=1)
 
     @field_validator("base_url")
     @classmethod

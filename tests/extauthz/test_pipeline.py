@@ -1,13 +1,12 @@
 """The Check pipeline on CheckRequests built by hand: identity, target, mode, decision, response.
 
-These drive ``Authorizer.check`` directly with an in-memory store and a fixed mode map, so
-each refusal is pinned precisely; the same behaviour through real Envoy, real reflection
+These drive ``Authorizer.check`` directly with the real SQLite store (in memory) and a
+fixed mode map, so each refusal is pinned precisely; the same behaviour through real Envoy, real reflection
 and the real stores is in tests/e2e/.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 from datetime import datetime, timedelta, timezone
 
@@ -20,10 +19,11 @@ from extauthz.body import frame, grpc_message_digest
 from extauthz.config import load_settings
 from extauthz.metrics import Metrics
 from extauthz.pipeline import Authorizer
-from policy import Grant, GrantSet, Mode, RequestState, Role, Target
+from policy import Grant, GrantSet, Mode, Role, Target
 import policy
 from reflection_cache.types import MalformedDescriptors, ReflectionUnavailable, ServiceModes
-from tests.support.extauthz_doubles import FixedGrants, MemoryStore, StaticModes
+from policy.stores import open_store
+from tests.support.extauthz_doubles import DownStore, FixedGrants, StaticModes
 
 SVC = "rpcauthz.demo.v1.Accounts"
 MODES = {
@@ -44,7 +44,7 @@ GRANTS = GrantSet([
 class Harness:
     def __init__(self, **overrides) -> None:
         self.settings = load_settings(env={}, overrides={"store_url": "memory:", **overrides})
-        self.store = MemoryStore()
+        self.store = open_store("sqlite:///:memory:")
         self.modes = StaticModes({SVC: ServiceModes(SVC, MODES)})
         self.metrics = Metrics()
         self.audit = AuditWriter(self.store, self.metrics, 100)
@@ -74,6 +74,7 @@ async def h():
     h.audit.start()
     yield h
     await h.audit.close()
+    h.store.close()
 
 
 def meta(resp) -> dict:
@@ -210,7 +211,7 @@ async def test_slow_reflection_ends_as_our_503_before_the_deadline():
 
 
 async def test_store_down_is_503_for_approval_modes(h):
-    h.store.down = True
+    h.authorizer.store = DownStore()
     resp = await h.check(f"/{SVC}/Read")
     code, body = denied(resp)
     assert code == 503 and resp.status.code == 14 and "store.unavailable" in body
@@ -225,7 +226,8 @@ async def test_bug_is_503_never_allow(h):
     assert code == 503
 
 
-async def test_approval_required_then_approved_then_used_up(h):
+async def test_approval_required_then_approved_then_used_up():
+    h = Harness(**{"approvals.max_uses": 1})
     resp = await h.check(f"/{SVC}/Read")
     code, body = denied(resp)
     assert code == 403 and "approval required" in body
@@ -242,13 +244,14 @@ async def test_approval_required_then_approved_then_used_up(h):
     with pytest.raises(policy.SelfApproval):
         h.store.update_request(request_id, lambda r: policy.approve(r, "alice", GRANTS, now),
                                actor="alice", kind="request.approved")
-    h.store.update_request(request_id, lambda r: dataclasses.replace(
-        policy.approve(r, "bob", GRANTS, now), max_uses=1), actor="bob", kind="request.approved")
+    assert stored.max_uses == 1  # approvals.max_uses
+    h.store.update_request(request_id, lambda r: policy.approve(r, "bob", GRANTS, now),
+                           actor="bob", kind="request.approved")
     ok = await h.check(f"/{SVC}/Read")
     assert ok.status.code == 0
     assert headers(ok.ok_response.headers)["x-rpcauthz-approval"] == request_id
     assert h.store.get_request(request_id).uses == 1
-    kinds = [e.kind for e in h.store.audit if e.request_id == request_id]
+    kinds = [e.kind for e in h.store.list_audit() if e.request_id == request_id]
     assert "decision.allow_with_approval" in kinds
     # max_uses=1: the next call needs a new approval.
     code, body = denied(await h.check(f"/{SVC}/Read"))
@@ -279,7 +282,7 @@ async def test_break_glass_use_is_audited():
     resp = await h.check(f"/{SVC}/Erase", "sec1")
     assert resp.status.code == 0
     await h.audit.close()
-    kinds = [e.kind for e in h.store.audit]
+    kinds = [e.kind for e in h.store.list_audit()]
     assert "break_glass.used" in kinds and "decision.allow_with_approval" in kinds
 
 
@@ -301,9 +304,9 @@ async def test_audit_and_metrics_record_decisions(h):
     await h.check(f"/{SVC}/Open")
     await h.check(f"/{SVC}/Tune")
     await asyncio.sleep(0.1)
-    kinds = [e.kind for e in h.store.audit]
+    kinds = [e.kind for e in h.store.list_audit()]
     assert "decision.allow" in kinds and "decision.deny" in kinds
-    deny = next(e for e in h.store.audit if e.kind == "decision.deny")
+    deny = next(e for e in h.store.list_audit() if e.kind == "decision.deny")
     assert deny.actor == "alice" and deny.method == "Tune" and deny.detail["rule"]
     v = h.metrics.registry.get_sample_value(
         "rpcauthz_decisions_total", {"outcome": "deny", "mode": "CONTRIBUTORS_WITHOUT_APPROVAL",
@@ -312,10 +315,7 @@ async def test_audit_and_metrics_record_decisions(h):
 
 
 async def test_audit_failure_never_changes_the_decision(h):
-    class FailingAudit(MemoryStore):
-        def append_audit(self, event):
-            raise OSError("disk full")
-    h.audit._store = FailingAudit()
+    h.audit._store = DownStore()
     assert (await h.check(f"/{SVC}/Open")).status.code == 0
     await asyncio.sleep(0.1)
     assert h.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "write_failed"}) == 1

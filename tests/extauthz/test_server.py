@@ -21,7 +21,8 @@ from extauthz.processes import REPO_ROOT, ExtAuthzProcess, free_port, wait_servi
 from extauthz.server import AUTHZ_SERVICE, Components, serve
 from policy import Grant, GrantSet, Mode, Role
 from reflection_cache.types import ServiceModes
-from tests.support.extauthz_doubles import FixedGrants, MemoryStore, StaticModes
+from policy.stores import open_store
+from tests.support.extauthz_doubles import FixedGrants, StaticModes
 from tests.support.gateway_harness import ACCOUNTS, seed_grants
 
 PATH = f"/{ACCOUNTS}/ListAccounts"
@@ -43,7 +44,7 @@ async def test_drain_finishes_in_flight_checks_and_reports_not_serving():
                                                 "metrics.port": None, "drain_grace_s": 5})
     modes = StaticModes({ACCOUNTS: ServiceModes(ACCOUNTS, {"ListAccounts": Mode.ENGINEERS_WITHOUT_APPROVAL})})
     modes.delay = 0.6  # every check takes a while
-    comps = Components(MemoryStore(), FixedGrants(GrantSet([Grant("alice", Role.ENGINEER)])), modes)
+    comps = Components(open_store("sqlite:///:memory:"), FixedGrants(GrantSet([Grant("alice", Role.ENGINEER)])), modes)
     stop = asyncio.Event()
     server = asyncio.create_task(serve(settings, components=comps, stop=stop, install_signal_handlers=False))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:

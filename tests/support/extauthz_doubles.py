@@ -1,82 +1,24 @@
-"""Small in-memory stand-ins for the ext_authz server's unit tests.
+"""Small stand-ins for the ext_authz server's unit tests (the store itself is the real one).
 
-``MemoryStore`` keeps the Store protocol's semantics that the pipeline relies on
-(atomic update_request with its audit event, get_or_create_pending reuse) with a lock;
-``StaticModes`` is a ModeSource from a fixed map, with switches to make it fail or stall.
-The end-to-end tests use the real stores and real reflection instead.
+``StaticModes`` is a ModeSource from a fixed map, with switches to make it fail or stall;
+``FixedGrants`` serves a fixed GrantSet; ``DownStore`` is a store that cannot be reached.
+The end-to-end tests use real reflection, real grant caches and real stores instead.
 """
 from __future__ import annotations
 
 import asyncio
-import threading
-from datetime import datetime, timezone
 
-from policy import ApprovalRequest, GrantSet, RequestState, StoreError, UnknownRequest
-from policy.audit import AuditEvent
+from policy import GrantSet, StoreError
 from reflection_cache.types import ReflectionError, ServiceModes, UnknownService
 
 
-class MemoryStore:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[str, ApprovalRequest] = {}
-        self.audit: list[AuditEvent] = []
-        self.down = False
+class DownStore:
+    """A store that is unreachable: every call raises ``StoreError``."""
 
-    def _up(self) -> None:
-        if self.down:
-            raise StoreError("store is down (test switch)")
-
-    def get_request(self, request_id: str) -> ApprovalRequest:
-        self._up()
-        try:
-            return self.requests[request_id]
-        except KeyError:
-            raise UnknownRequest(request_id) from None
-
-    def find_requests(self, *, requester=None, service=None, method=None, states=None, limit=100):
-        self._up()
-        out = [r for r in self.requests.values()
-               if (requester is None or r.requester == requester)
-               and (service is None or r.service == service)
-               and (method is None or r.method == method)
-               and (states is None or r.state in states)]
-        return sorted(out, key=lambda r: r.created_at, reverse=True)[:limit]
-
-    def create_request(self, request, *, actor):
-        self._up()
-        with self._lock:
-            self.requests[request.id] = request
-            self.audit.append(AuditEvent("request.created", actor, _now(), request_id=request.id))
-        return request
-
-    def get_or_create_pending(self, request, *, actor):
-        self._up()
-        with self._lock:
-            for r in self.requests.values():
-                if (r.state is RequestState.PENDING and r.requester == request.requester
-                        and r.service == request.service and r.method == request.method
-                        and r.body_sha256 == request.body_sha256):
-                    return r, False
-            self.requests[request.id] = request
-            self.audit.append(AuditEvent("request.created", actor, _now(), request_id=request.id))
-            return request, True
-
-    def update_request(self, request_id, change, *, actor, kind, reason=""):
-        self._up()
-        with self._lock:
-            new = change(self.requests[request_id])
-            self.requests[request_id] = new
-            self.audit.append(AuditEvent(kind, actor, _now(), request_id=request_id, reason=reason))
-            return new
-
-    def append_audit(self, event: AuditEvent) -> None:
-        self._up()
-        with self._lock:
-            self.audit.append(event)
-
-    def close(self) -> None:
-        pass
+    def __getattr__(self, name: str):
+        def unreachable(*args, **kwargs):
+            raise StoreError(f"store is down ({name}: connection refused)")
+        return unreachable
 
 
 class FixedGrants:
@@ -107,6 +49,3 @@ class StaticModes:
         except KeyError:
             raise UnknownService(f"no reflection knows {service}") from None
 
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
