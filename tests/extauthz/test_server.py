@@ -177,3 +177,21 @@ def test_bad_config_file_names_the_key(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", "serve", "-c", str(p)],
                        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert r.returncode == 2 and "identity.principal_clam: unknown key" in r.stderr
+
+
+def test_dev_mode_warns_at_start_and_marks_decisions(tmp_path, demo_upstream):
+    cfg = _config(tmp_path, demo_upstream, identity={"dev_mode": True})
+    proc = ExtAuthzProcess(cfg, tmp_path).wait_ready()
+    try:
+        assert "DEV MODE" in proc.output() and "Never run this in production" in proc.output()
+        req = external_auth_pb2.CheckRequest()
+        req.attributes.request.http.path = PATH
+        req.attributes.request.http.method = "POST"
+        req.attributes.request.http.headers["x-dev-principal"] = "alice"
+        with grpc.insecure_channel(f"127.0.0.1:{proc.port}") as ch:
+            resp = external_auth_pb2_grpc.AuthorizationStub(ch).Check(req, timeout=5)
+        assert resp.status.code == 0
+        assert resp.dynamic_metadata.fields["dev"].bool_value is True
+        assert "x-dev-principal" in resp.ok_response.headers_to_remove
+    finally:
+        proc.stop()
