@@ -62,7 +62,10 @@ def extauthz_config(*, port: int, store_url: str, reflection_static: Mapping[str
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "drain_grace_s": 2,
         "grants_poll_s": 0.2,
-        "reflection": {"endpoints": {"static": dict(reflection_static)}},
+        # Roomier than production's 0.5 s / 800 ms / 1 s, so a loaded CI machine does not
+        # turn a cold reflection fetch into a 503; tests of the deadlines set their own.
+        "decision_deadline_ms": 3000,
+        "reflection": {"endpoints": {"static": dict(reflection_static)}, "deadline": 2.0},
     }
     for dotted, value in (extra or {}).items():
         node = cfg
@@ -86,6 +89,9 @@ class GatewayStack:
         self.extauthz_extra = dict(extauthz or {})
         self.reflection_extra = dict(reflection_static or {})
         self.with_extauthz = with_extauthz
+        deadline_ms = self.extauthz_extra.get("decision_deadline_ms", 3000)
+        #: Envoy's ext_authz timeout: above the server's decision deadline, as in production.
+        self.envoy_ext_authz_timeout_s = deadline_ms / 1000 + 1
         self.issuer = DevIssuer()
         self.jwks = None
         self.upstreams: dict[str, Any] = {}
@@ -119,7 +125,8 @@ class GatewayStack:
                                  extauthz_port=extauthz_port, jwks_port=self.jwks.port,
                                  upstreams={"demo_accounts": self.upstreams["accounts"].port,
                                             "demo_ledger": self.upstreams["ledger"].port},
-                                 access_log=self.access_log)
+                                 access_log=self.access_log,
+                                 ext_authz_timeout_s=self.envoy_ext_authz_timeout_s)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()
             if self.with_extauthz:
                 self._wait_cluster_healthy("ext_authz")
