@@ -138,6 +138,10 @@ class Settings(_Section):
     decision_deadline_ms: int = Field(800, ge=10, le=60000)
     #: On SIGTERM: stop accepting, report NOT_SERVING, finish in-flight checks within this.
     drain_grace_s: float = Field(10, ge=0)
+    #: On SIGTERM, keep serving this long after turning NOT_SERVING before refusing new
+    #: checks. With several servers behind one Envoy cluster, set it above Envoy's
+    #: health-check interval x unhealthy_threshold (10 s in gateway.yaml).
+    drain_notice_s: float = Field(0, ge=0)
     max_path_length: int = Field(512, ge=8, le=8192)
     identity: Identity = Identity()
     approvals: Approvals = Approvals()

@@ -160,6 +160,10 @@ async def serve(settings: Settings, *, components: Components | None = None,
         log.info("extauthz draining: NOT_SERVING, finishing checks in flight (grace %.1fs)",
                  settings.drain_grace_s)
         await health_servicer.enter_graceful_shutdown()
+        if settings.drain_notice_s:
+            # Keep answering while Envoy's health checks notice NOT_SERVING and move traffic
+            # to the other servers of the cluster; only then refuse new checks.
+            await asyncio.sleep(settings.drain_notice_s)
         await server.stop(settings.drain_grace_s)
         await audit.close()
         executor.shutdown(wait=False, cancel_futures=True)

@@ -41,7 +41,8 @@ def check_request(path: str = PATH, principal: str = "alice") -> external_auth_p
 async def test_drain_finishes_in_flight_checks_and_reports_not_serving():
     port = free_port()
     settings = load_settings(env={}, overrides={"store_url": "memory:", "listen.port": port,
-                                                "metrics.port": None, "drain_grace_s": 5})
+                                                "metrics.port": None, "drain_grace_s": 5,
+                                                "drain_notice_s": 0.5})
     modes = StaticModes({ACCOUNTS: ServiceModes(ACCOUNTS, {"ListAccounts": Mode.ENGINEERS_WITHOUT_APPROVAL})})
     modes.delay = 0.6  # every check takes a while
     comps = Components(open_store("sqlite:///:memory:"), FixedGrants(GrantSet([Grant("alice", Role.ENGINEER)])), modes)
@@ -64,6 +65,10 @@ async def test_drain_finishes_in_flight_checks_and_reports_not_serving():
         stop.set()
         # Health watchers hear NOT_SERVING as the drain starts...
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # ...checks still get answers during the notice period...
+        modes.delay = 0
+        during = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(), timeout=5)
+        assert during.status.code == 0
         # ...and the check already running still gets its real answer.
         resp = await in_flight
         assert resp.status.code == 0 and resp.ok_response.headers
