@@ -5,8 +5,8 @@ connection to the target and copies bytes both ways:
 
 * half-close: EOF from one side is passed on as a write-EOF (``shutdown(SHUT_WR)``) to the other,
   whose direction keeps flowing until it ends too;
-* backpressure: each direction reads at most ``buffer_size`` bytes and waits for the write to
-  drain before reading again, so memory per connection is bounded;
+* backpressure: when one side's write buffer passes ``buffer_size`` bytes, reading from the other
+  side pauses until it drains, so memory per connection is bounded;
 * limits: at most ``max_connections`` at once; extras wait up to ``queue_timeout`` seconds for a
   slot (0 = refuse at once) and are closed if none frees up;
 * timeouts: ``connect_timeout`` for reaching the target, ``idle_timeout`` with no bytes either way;
@@ -26,7 +26,7 @@ import signal
 import socket
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .addresses import Address, TcpAddress, UnixAddress, VsockAddress, parse_address, vsock_socket
 
@@ -73,16 +73,94 @@ class ForwarderStats:
     bytes_to_client: int = 0
 
 
-@dataclass(eq=False)
-class _Connection:
-    client_writer: asyncio.StreamWriter
-    target_writer: asyncio.StreamWriter | None = None
-    last_activity: float = field(default_factory=time.monotonic)
+class _Side(asyncio.Protocol):
+    """One socket of a forwarded pair. Bytes it receives are written to its peer's transport.
+
+    Backpressure is the transports' own flow control: when this side's write buffer passes the
+    high-water mark, asyncio calls :meth:`pause_writing` and we stop reading from the peer.
+    """
+
+    def __init__(self, link: "_Link", counter: str) -> None:
+        self.link = link
+        self.counter = counter  # the stats field for bytes this side receives
+        self.transport: asyncio.Transport | None = None
+        self.peer: "_Side | None" = None
+        self.got_eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.link.buffer_size)
+        if self is self.link.client:
+            self.link.on_client_made()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.transport.is_closing():
+            return
+        self.link.last_activity = time.monotonic()
+        stats = self.link.stats
+        setattr(stats, self.counter, getattr(stats, self.counter) + len(data))
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.got_eof = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()  # pass the half-close on; the other direction keeps flowing
+        self.link.check_finished()
+        return True  # keep our own sending half open
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.link.side_lost(self, exc)
+
+
+class _Link:
+    """A client connection and its target connection, and how the pair ends."""
+
+    def __init__(self, forwarder: "Forwarder", on_client_made) -> None:
+        self.on_client_made = on_client_made
+        self.buffer_size = forwarder.config.buffer_size
+        self.stats = forwarder.stats
+        self.client = _Side(self, "bytes_to_target")
+        self.target = _Side(self, "bytes_to_client")
+        self.client.peer, self.target.peer = self.target, self.client
+        self.last_activity = time.monotonic()
+        self.finished = asyncio.get_running_loop().create_future()
+        self.failed = False
+
+    def check_finished(self) -> None:
+        """Both directions ended cleanly: close both (buffered bytes are flushed first)."""
+        if self.client.got_eof and self.target.got_eof:
+            for side in (self.client, self.target):
+                if side.transport is not None:
+                    side.transport.close()
+
+    def side_lost(self, side: _Side, exc: Exception | None) -> None:
+        other = self.target if side is self.client else self.client
+        if exc is not None or not (side.got_eof and other.got_eof):
+            self.failed = self.failed or exc is not None
+            if other.transport is not None and not other.lost:
+                other.transport.abort()  # one side is gone: reset the other rather than leave it half-dead
+        if self.client.lost and (self.target.lost or self.target.transport is None):
+            if not self.finished.done():
+                self.finished.set_result(None)
 
     def abort(self) -> None:
-        for writer in (self.client_writer, self.target_writer):
-            if writer is not None:
-                writer.transport.abort()
+        for side in (self.client, self.target):
+            if side.transport is not None and not side.lost:
+                side.transport.abort()
 
 
 class Forwarder:
@@ -95,7 +173,7 @@ class Forwarder:
         self._slots = asyncio.Semaphore(config.max_connections)
         self._waiting = 0
         self._tasks: set[asyncio.Task] = set()
-        self._connections: set[_Connection] = set()
+        self._links: set[_Link] = set()
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -103,16 +181,15 @@ class Forwarder:
 
     async def start(self) -> None:
         """Bind and start accepting. Raises OSError if the address cannot be bound."""
-        listen, limit = self.config.listen, self.config.buffer_size
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
         if isinstance(listen, TcpAddress):
-            self._server = await asyncio.start_server(self._accept, listen.host, listen.port, limit=limit,
-                                                      reuse_address=True)
+            self._server = await loop.create_server(self._new_client, listen.host, listen.port, reuse_address=True)
         elif isinstance(listen, UnixAddress):
             _remove_stale_unix_socket(listen.path)
-            self._server = await asyncio.start_unix_server(self._accept, listen.path, limit=limit)
+            self._server = await loop.create_unix_server(self._new_client, listen.path)
         else:
-            self._server = await asyncio.start_server(self._accept, sock=vsock_socket(listen, "listen"),
-                                                      limit=limit)
+            self._server = await loop.create_server(self._new_client, sock=vsock_socket(listen, "listen"))
         log.info("forwarding %s -> %s", self.bound_address, self.config.target)
 
     @property
@@ -142,12 +219,12 @@ class Forwarder:
         if pending:
             log.info("shutting down: %d connection(s) in flight, grace %.1fs", len(pending), grace)
             _, still_running = await asyncio.wait(pending, timeout=grace)
-            for conn in list(self._connections):
-                conn.abort()
+            for link in list(self._links):
+                link.abort()
+            if still_running:
+                _, still_running = await asyncio.wait(still_running, timeout=5)
             for task in still_running:
                 task.cancel()
-            if still_running:
-                await asyncio.wait(still_running, timeout=5)
         self._closed.set()
         log.info("stopped: %s", self.stats)
 
@@ -160,23 +237,55 @@ class Forwarder:
 
     # -- one connection ---------------------------------------------------------------------
 
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _new_client(self) -> _Side:
+        link = _Link(self, on_client_made=lambda: self._client_made(link))
+        return link.client
+
+    def _client_made(self, link: _Link) -> None:
+        assert link.client.transport is not None
+        link.client.transport.pause_reading()  # nothing is read until the target is connected
+        task = asyncio.get_running_loop().create_task(self._serve(link))
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, link: _Link) -> None:
+        client = link.client.transport
+        assert client is not None
+        if self._closing or not await self._take_slot():
+            self.stats.refused += 1
+            log.warning("refused a connection from %s: %d connections already open",
+                        _peer(client), self.config.max_connections)
+            client.abort()
+            return
+        self._links.add(link)
+        self.stats.accepted += 1
+        self.stats.active += 1
+        watchdog: asyncio.Task | None = None
         try:
-            if self._closing or not await self._take_slot():
-                self.stats.refused += 1
-                log.warning("refused a connection from %s: %d connections already open",
-                            _peer(client_writer), self.config.max_connections)
-                client_writer.transport.abort()
+            if link.client.lost:
                 return
             try:
-                await self._forward(client_reader, client_writer)
-            finally:
-                self._slots.release()
+                await asyncio.wait_for(connect_protocol(self.config.target, lambda: link.target),
+                                       self.config.connect_timeout)
+            except (OSError, asyncio.TimeoutError) as e:
+                self.stats.connect_failures += 1
+                log.warning("cannot reach %s for %s: %s", self.config.target, _peer(client), e or "timed out")
+                link.abort()
+                return
+            if link.client.lost:  # the client went away while we connected
+                link.abort()
+            else:
+                client.resume_reading()
+            if self.config.idle_timeout is not None:
+                watchdog = asyncio.create_task(self._idle_watchdog(link))
+            await link.finished
         finally:
-            self._tasks.discard(task)
+            if watchdog is not None:
+                watchdog.cancel()
+            self._links.discard(link)
+            self._slots.release()
+            self.stats.active -= 1
+            self.stats.completed += 1
 
     async def _take_slot(self) -> bool:
         if not self._slots.locked():
@@ -193,82 +302,34 @@ class Forwarder:
         finally:
             self._waiting -= 1
 
-    async def _forward(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        self.stats.accepted += 1
-        self.stats.active += 1
-        conn = _Connection(client_writer)
-        self._connections.add(conn)
-        watchdog: asyncio.Task | None = None
-        try:
-            try:
-                target_reader, target_writer = await asyncio.wait_for(
-                    open_stream(self.config.target, self.config.buffer_size), self.config.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as e:
-                self.stats.connect_failures += 1
-                log.warning("cannot reach %s for %s: %s", self.config.target, _peer(client_writer),
-                            e or "timed out")
-                client_writer.transport.abort()
-                return
-            conn.target_writer = target_writer
-            for writer in (client_writer, target_writer):
-                writer.transport.set_write_buffer_limits(high=self.config.buffer_size)
-            if self.config.idle_timeout is not None:
-                watchdog = asyncio.create_task(self._idle_watchdog(conn))
-            pipes = {
-                asyncio.create_task(self._pipe(client_reader, target_writer, conn, "bytes_to_target")),
-                asyncio.create_task(self._pipe(target_reader, client_writer, conn, "bytes_to_client")),
-            }
-            try:
-                done, _ = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
-                failed = any(not t.cancelled() and t.exception() is not None for t in done)
-                if failed:
-                    conn.abort()  # one side failed: reset both rather than leave a half-dead pair
-                    await asyncio.wait(pipes)
-            finally:
-                for task in pipes:
-                    if task.done() and not task.cancelled():
-                        task.exception()  # retrieved: a reset peer is logged below, not as a stray task error
-                    else:
-                        task.cancel()
-            if not failed:
-                for writer in (client_writer, target_writer):
-                    writer.close()
-                for writer in (client_writer, target_writer):
-                    with contextlib.suppress(OSError, asyncio.TimeoutError):
-                        await asyncio.wait_for(writer.wait_closed(), 5)
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            self._connections.discard(conn)
-            self.stats.active -= 1
-            self.stats.completed += 1
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Connection,
-                    counter: str) -> None:
-        size = self.config.buffer_size
-        while True:
-            data = await reader.read(size)
-            if not data:
-                break
-            conn.last_activity = time.monotonic()
-            writer.write(data)
-            setattr(self.stats, counter, getattr(self.stats, counter) + len(data))
-            await writer.drain()
-            conn.last_activity = time.monotonic()
-        if writer.can_write_eof() and not writer.transport.is_closing():
-            writer.write_eof()
-
-    async def _idle_watchdog(self, conn: _Connection) -> None:
+    async def _idle_watchdog(self, link: _Link) -> None:
         timeout = self.config.idle_timeout
         assert timeout is not None
         while True:
-            remaining = conn.last_activity + timeout - time.monotonic()
+            remaining = link.last_activity + timeout - time.monotonic()
             if remaining <= 0:
                 self.stats.idle_closed += 1
-                log.info("closing %s: idle for %.0fs", _peer(conn.client_writer), timeout)
-                conn.abort()
+                log.info("closing %s: idle for %.0fs", _peer(link.client.transport), timeout)
+                link.abort()
                 return
             await asyncio.sleep(remaining)
+
+
+async def connect_protocol(address: Address, factory) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """Connect ``factory()``'s protocol to ``address`` (tcp, unix or vsock)."""
+    loop = asyncio.get_running_loop()
+    if isinstance(address, TcpAddress):
+        return await loop.create_connection(factory, address.host, address.port)
+    if isinstance(address, UnixAddress):
+        return await loop.create_unix_connection(factory, address.path)
+    assert isinstance(address, VsockAddress)
+    sock = vsock_socket(address, "connect")
+    try:
+        await loop.sock_connect(sock, (address.cid, address.port))
+    except BaseException:
+        sock.close()
+        raise
+    return await loop.create_connection(factory, sock=sock)
 
 
 async def open_stream(address: Address, limit: int = 64 * 1024) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -306,8 +367,8 @@ def _remove_stale_unix_socket(path: str) -> None:
     raise OSError(f"{path}: another process is already listening there")
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+def _peer(transport: asyncio.BaseTransport | asyncio.StreamWriter | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
     return str(peer) if peer else "a unix peer"
 
 

@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
