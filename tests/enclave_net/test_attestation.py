@@ -310,3 +310,28 @@ def test_every_refusal_is_an_attestation_error_with_its_own_code():
     classes = [c for c in vars(att).values() if isinstance(c, type) and issubclass(c, att.AttestationError)]
     codes = [c.code for c in classes]
     assert len(classes) >= 18 and len(set(codes)) == len(codes)
+
+
+def test_openssl_accepts_the_simulator_chain_independently(nsm, tmp_path):
+    """The simulated PKI is sound X.509 by another implementation's rules, not only ours."""
+    import subprocess
+    payload = cbor2.loads(cose.decode_sign1(nsm.attest()).payload)
+    pem = lambda der: x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)  # noqa: E731
+    (tmp_path / "root.pem").write_bytes(pem(payload["cabundle"][0]))
+    (tmp_path / "chain.pem").write_bytes(b"".join(pem(c) for c in payload["cabundle"][1:]))
+    (tmp_path / "leaf.pem").write_bytes(pem(payload["certificate"]))
+    def openssl_verify(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["openssl", "verify", *flags, "-CAfile", str(tmp_path / "root.pem"),
+                               "-untrusted", str(tmp_path / "chain.pem"), str(tmp_path / "leaf.pem")],
+                              capture_output=True, text=True, timeout=60)
+
+    done = openssl_verify()
+    assert done.returncode == 0 and ": OK" in done.stdout, done.stdout + done.stderr
+    strict = openssl_verify("-x509_strict")  # like the real Nitro leaf, ours lacks an AKI
+    assert strict.returncode != 0 and "Missing Authority Key Identifier" in strict.stdout + strict.stderr
+    other = SimulatedNsm()
+    (tmp_path / "other-root.pem").write_bytes(other.root_certificate.public_bytes(serialization.Encoding.PEM))
+    refused = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "other-root.pem"),
+                              "-untrusted", str(tmp_path / "chain.pem"), str(tmp_path / "leaf.pem")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0

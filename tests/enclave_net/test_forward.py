@@ -120,7 +120,8 @@ async def test_large_random_data_arrives_byte_exact_both_ways(tmp_path, chain):
     assert forwarders[-1].stats.bytes_to_target == len(up) and forwarders[-1].stats.bytes_to_client == len(down)
 
 
-async def test_client_eof_reaches_the_target_and_the_reply_still_flows():
+@pytest.mark.parametrize("target_kind", ["tcp", "unix"])
+async def test_client_eof_reaches_the_target_and_the_reply_still_flows(tmp_path, target_kind):
     async def handler(reader, writer):
         request = await read_all(reader)  # returns only once the client's EOF came through
         for part in (b"reply to ", request, b" after your EOF"):
@@ -130,7 +131,7 @@ async def test_client_eof_reaches_the_target_and_the_reply_still_flows():
         return request
 
     peer = Peer(handler)
-    target = await peer.start_tcp()
+    target = await (peer.start_tcp() if target_kind == "tcp" else peer.start_unix(tmp_path / "t.sock"))
     async with running(Forwarder(ForwarderConfig(TcpAddress("127.0.0.1", 0), target))) as (fwd,):
         reader, writer = await open_stream(fwd.bound_address)
         writer.write(b"question")
@@ -142,7 +143,8 @@ async def test_client_eof_reaches_the_target_and_the_reply_still_flows():
     assert reply == b"reply to question after your EOF"
 
 
-async def test_target_eof_reaches_the_client_and_the_client_can_still_send():
+@pytest.mark.parametrize("listen_kind", ["tcp", "unix"])
+async def test_target_eof_reaches_the_client_and_the_client_can_still_send(tmp_path, listen_kind):
     async def handler(reader, writer):
         writer.write(b"banner")
         writer.write_eof()  # the target is done talking but keeps listening
@@ -150,7 +152,8 @@ async def test_target_eof_reaches_the_client_and_the_client_can_still_send():
 
     peer = Peer(handler)
     target = await peer.start_tcp()
-    async with running(Forwarder(ForwarderConfig(TcpAddress("127.0.0.1", 0), target))) as (fwd,):
+    listen = TcpAddress("127.0.0.1", 0) if listen_kind == "tcp" else UnixAddress(str(tmp_path / "in.sock"))
+    async with running(Forwarder(ForwarderConfig(listen, target))) as (fwd,):
         reader, writer = await open_stream(fwd.bound_address)
         assert await asyncio.wait_for(read_all(reader), 10) == b"banner"  # EOF arrived
         for _ in range(3):
@@ -449,3 +452,19 @@ def test_cli_forwards_and_drains_in_flight_connections_on_sigterm():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+async def test_listens_on_a_real_vsock_socket():
+    """Listening (bind + accept loop) on AF_VSOCK works here even though connecting does not."""
+    import errno
+    config = ForwarderConfig(VsockAddress(0xFFFFFFFF, 48000 + os.getpid() % 1000), TcpAddress("127.0.0.1", 1))
+    fwd = Forwarder(config)
+    try:
+        await fwd.start()
+    except OSError as e:
+        if e.errno in (errno.EAFNOSUPPORT, errno.ENODEV):
+            pytest.skip(f"this kernel has no vsock transport: {e}")
+        raise
+    assert fwd._server is not None and fwd._server.sockets[0].family == socket.AF_VSOCK
+    assert str(fwd.bound_address) == f"vsock://any:{config.listen.port}"
+    await fwd.shutdown(grace=0)
