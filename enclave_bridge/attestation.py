@@ -28,6 +28,7 @@ from collections.abc import Mapping as _AnyMap
 from typing import Callable, Mapping, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedAlgorithmError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
@@ -237,7 +238,7 @@ def parse_payload(payload: bytes) -> dict:
 def _load_der(what: str, der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:
         raise MalformedDocument(f"{what} is not a DER X.509 certificate: {e}") from e
 
 
@@ -291,7 +292,10 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
     leaf = _load_der("certificate", doc["certificate"])
     bundle = [_load_der(f"cabundle[{i}]", der) for i, der in enumerate(doc["cabundle"])]
 
-    leaf_key = leaf.public_key()
+    try:
+        leaf_key = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithmError) as e:
+        raise MalformedDocument(f"document certificate carries an unusable public key: {e}") from e
     if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(leaf_key.curve, ec.SECP384R1):
         raise InvalidSignature("document certificate key is not P-384, so it cannot carry an ES384 signature")
     if not cose.verify_es384(message, leaf_key):
