@@ -138,7 +138,6 @@ class _Link:
         self.client.peer, self.target.peer = self.target, self.client
         self.last_activity = time.monotonic()
         self.finished = asyncio.get_running_loop().create_future()
-        self.failed = False
 
     def check_finished(self) -> None:
         """Both directions ended cleanly: close both (buffered bytes are flushed first)."""
@@ -150,7 +149,9 @@ class _Link:
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         other = self.target if side is self.client else self.client
         if exc is not None or not (side.got_eof and other.got_eof):
-            self.failed = self.failed or exc is not None
+            if exc is not None:
+                log.debug("%s side of %s ended with %r", "client" if side is self.client else "target",
+                          _peer(self.client.transport), exc)
             if other.transport is not None and not other.lost:
                 other.transport.abort()  # one side is gone: reset the other rather than leave it half-dead
         if self.client.lost and (self.target.lost or self.target.transport is None):
@@ -251,10 +252,13 @@ class Forwarder:
     async def _serve(self, link: _Link) -> None:
         client = link.client.transport
         assert client is not None
-        if self._closing or not await self._take_slot():
+        got_slot = not self._closing and await self._take_slot()
+        if not got_slot or self._closing:
+            if got_slot:
+                self._slots.release()
             self.stats.refused += 1
-            log.warning("refused a connection from %s: %d connections already open",
-                        _peer(client), self.config.max_connections)
+            reason = "shutting down" if self._closing else f"{self.config.max_connections} connections already open"
+            log.warning("refused a connection from %s: %s", _peer(client), reason)
             client.abort()
             return
         self._links.add(link)
