@@ -253,11 +253,11 @@ async def test_queued_connections_give_up_after_the_queue_timeout():
 async def test_idle_connections_are_closed_and_busy_ones_are_not():
     peer = Peer(echo_handler())
     target = await peer.start_tcp()
-    config = ForwarderConfig(TcpAddress("127.0.0.1", 0), target, idle_timeout=0.5)
+    config = ForwarderConfig(TcpAddress("127.0.0.1", 0), target, idle_timeout=1.0)
     async with running(Forwarder(config)) as (fwd,):
         idle_reader, idle_writer = await open_stream(fwd.bound_address)
         busy = await open_stream(fwd.bound_address)
-        for i in range(12):  # ~1.2 s of traffic, each gap well under the idle timeout
+        for i in range(25):  # ~2.5 s of traffic, each gap well under the idle timeout
             assert await echo_once(*busy, b"%d" % i) == b"%d" % i
             await asyncio.sleep(0.1)
         assert await is_refused(idle_reader)
