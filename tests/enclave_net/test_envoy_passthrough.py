@@ -59,14 +59,18 @@ def stack(tmp_path_factory):
     kms_cert, kms_key, _ = self_signed(KMS, tmp)
     ports = dict(admin=free_port(), passthrough=free_port(), parent_forwarder=free_port(), egress=free_port())
     vsock_stand_in = tmp / "vsock-8443.sock"
+    egress_vsock_stand_in = tmp / "vsock-10443.sock"
+    enclave_egress_port = free_port()
     with TlsEchoServer("broker", broker_cert, broker_key) as broker, \
             TlsEchoServer("kms", kms_cert, kms_key) as kms_stub:
         config = render_config(tmp / "envoy.yaml", egress_targets={"egress_aws_kms": kms_stub.port}, **ports)
         with forwarder(f"unix://{vsock_stand_in}", f"tcp://127.0.0.1:{broker.port}"), \
                 forwarder(f"tcp://127.0.0.1:{ports['parent_forwarder']}", f"unix://{vsock_stand_in}"), \
+                forwarder(f"unix://{egress_vsock_stand_in}", f"tcp://127.0.0.1:{ports['egress']}"), \
+                forwarder(f"tcp://127.0.0.1:{enclave_egress_port}", f"unix://{egress_vsock_stand_in}"), \
                 Envoy(config, ports["admin"], tmp / "envoy.log") as envoy:
             yield dict(envoy=envoy, broker=broker, kms=kms_stub, broker_cert=broker_cert, broker_der=broker_der,
-                       kms_cert=kms_cert, **ports)
+                       kms_cert=kms_cert, enclave_egress=enclave_egress_port, **ports)
 
 
 def test_pinned_client_completes_tls_with_the_broker_through_envoy_and_forwarders(stack):
@@ -123,6 +127,15 @@ def test_egress_passes_allowed_sni_through_and_refuses_others(stack):
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         tls_exchange(stack["egress"], "attacker.example.com", context, b"exfiltrate")
     assert stack["kms"].accepted == before
+
+
+def test_enclave_egress_reaches_kms_through_both_forwarders_and_envoy(stack):
+    """The broker's outbound path: enclave forwarder -> (vsock) -> parent forwarder -> Envoy egress -> KMS."""
+    context = pinned_client_context(stack["kms_cert"])
+    reply, _ = tls_exchange(stack["enclave_egress"], KMS, context, b"Decrypt via the enclave path")
+    assert reply == b"kms:Decrypt via the enclave path\n"
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        tls_exchange(stack["enclave_egress"], "exfil.example.com", ssl._create_unverified_context(), b"x")
 
 
 def test_envoy_stats_show_passthrough_without_tls_termination(stack):
