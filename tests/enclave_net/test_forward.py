@@ -457,14 +457,20 @@ def test_cli_forwards_and_drains_in_flight_connections_on_sigterm():
 async def test_listens_on_a_real_vsock_socket():
     """Listening (bind + accept loop) on AF_VSOCK works here even though connecting does not."""
     import errno
-    config = ForwarderConfig(VsockAddress(0xFFFFFFFF, 48000 + os.getpid() % 1000), TcpAddress("127.0.0.1", 1))
-    fwd = Forwarder(config)
-    try:
-        await fwd.start()
-    except OSError as e:
-        if e.errno in (errno.EAFNOSUPPORT, errno.ENODEV):
-            pytest.skip(f"this kernel has no vsock transport: {e}")
-        raise
+    for attempt in range(20):
+        config = ForwarderConfig(VsockAddress(0xFFFFFFFF, 48000 + (os.getpid() + attempt * 37) % 10000),
+                                 TcpAddress("127.0.0.1", 1))
+        fwd = Forwarder(config)
+        try:
+            await fwd.start()
+            break
+        except OSError as e:
+            if e.errno in (errno.EAFNOSUPPORT, errno.ENODEV):
+                pytest.skip(f"this kernel has no vsock transport: {e}")
+            if e.errno != errno.EADDRINUSE:
+                raise
+    else:
+        pytest.fail("no free vsock port found")
     assert fwd._server is not None and fwd._server.sockets[0].family == socket.AF_VSOCK
     assert str(fwd.bound_address) == f"vsock://any:{config.listen.port}"
     await fwd.shutdown(grace=0)
