@@ -21,7 +21,7 @@ def forward(
     queue_timeout: float = typer.Option(0.0, min=0, help="Seconds an extra connection waits for a free slot (0: refuse at once)."),
     connect_timeout: float = typer.Option(5.0, min=0.001, help="Seconds to reach the target before giving up on a connection."),
     idle_timeout: float = typer.Option(300.0, min=0, help="Close a connection after this many seconds with no bytes either way (0: never)."),
-    shutdown_grace: float = typer.Option(10.0, min=0, help="On SIGTERM, seconds in-flight connections get to finish."),
+    shutdown_grace: float = typer.Option(10.0, min=0, help="On SIGTERM, seconds in-flight connections get to finish (a second SIGTERM cuts them at once)."),
     buffer_size: int = typer.Option(65536, min=1024, max=16 * 1024 * 1024, help="Bytes buffered per direction per connection."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:

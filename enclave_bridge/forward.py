@@ -229,6 +229,16 @@ class Forwarder:
         self._closed.set()
         log.info("stopped: %s", self.stats)
 
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`shutdown` has begun."""
+        return self._closing
+
+    def abort_all(self) -> None:
+        """Reset every forwarded connection now (shutdown without waiting for the grace)."""
+        for link in list(self._links):
+            link.abort()
+
     async def __aenter__(self) -> "Forwarder":
         await self.start()
         return self
@@ -377,13 +387,22 @@ def _peer(transport: asyncio.BaseTransport | asyncio.StreamWriter | None) -> str
 
 
 async def run(config: ForwarderConfig, *, ready=None) -> ForwarderStats:
-    """Run one forwarder until SIGTERM or SIGINT, then shut down gracefully. ``ready(forwarder)`` is
-    called once it listens."""
+    """Run one forwarder until SIGTERM or SIGINT, then shut down gracefully; a second signal cuts
+    in-flight connections at once. ``ready(forwarder)`` is called once it listens."""
     forwarder = Forwarder(config)
     await forwarder.start()
     loop = asyncio.get_running_loop()
+    pending: list[asyncio.Future] = []
+
+    def on_signal() -> None:
+        if forwarder.closing:
+            log.warning("second signal: closing %d connection(s) now", len(forwarder._links))
+            forwarder.abort_all()
+        else:
+            pending.append(asyncio.ensure_future(forwarder.shutdown()))
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(forwarder.shutdown()))
+        loop.add_signal_handler(signum, on_signal)
     if ready is not None:
         ready(forwarder)
     await forwarder.serve_until_closed()

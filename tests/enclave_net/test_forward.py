@@ -474,3 +474,35 @@ async def test_listens_on_a_real_vsock_socket():
     assert fwd._server is not None and fwd._server.sockets[0].family == socket.AF_VSOCK
     assert str(fwd.bound_address) == f"vsock://any:{config.listen.port}"
     await fwd.shutdown(grace=0)
+
+
+def test_cli_second_sigterm_cuts_in_flight_connections_at_once():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        proc = subprocess.Popen(
+            forward_cmd("--listen", "tcp://127.0.0.1:0", "--to", f"tcp://127.0.0.1:{server.getsockname()[1]}",
+                        "--shutdown-grace", "600"),
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            port = int(proc.stdout.readline().split()[1].rsplit(":", 1)[1])
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            upstream, _ = server.accept()
+            client.sendall(b"x")
+            assert upstream.recv(1) == b"x"
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert proc.poll() is None  # waiting for the in-flight connection
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            client.settimeout(10)
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            client.close()
+            upstream.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
