@@ -61,8 +61,15 @@ def _address(option: str, url: str, role):
 
 
 def register(app: typer.Typer) -> None:
-    """Add the enclave bridge's commands to ``mpactl``."""
+    """Add the enclave bridge's commands to ``mpactl``: ``forward`` here, ``broker`` from broker_cli."""
     app.command("forward")(forward)
+    try:
+        from . import broker_cli
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.broker_cli":
+            raise
+    else:
+        broker_cli.register(app)
 
 
 def _standalone() -> typer.Typer:
