@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 
@@ -64,9 +65,9 @@ def register(app: typer.Typer) -> None:
     """Add the enclave bridge's commands to ``mpactl``: ``forward`` here, ``broker`` from broker_cli."""
     app.command("forward")(forward)
     try:
-        from . import broker_cli
+        broker_cli = importlib.import_module("enclave_bridge.broker_cli")
     except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.broker_cli":
+        if e.name != "enclave_bridge.broker_cli":
             raise
     else:
         broker_cli.register(app)
