@@ -1,11 +1,13 @@
 """Forwarder throughput and added latency, against socat on the same path, measured in one run.
 
-    python bench/forwarder_bench.py [--megabytes 256] [--round-trips 2000] [--repeat 3]
+    python bench/forwarder_bench.py [--megabytes 256] [--round-trips 2000] [--repeat 3] [--two-hop]
 
 Three paths to the same target server on 127.0.0.1:
   direct     client -> target
   socat      client -> socat TCP-LISTEN -> target           (the baseline)
   forwarder  client -> mpactl forward tcp:// -> target      (ours, the CLI as deployed)
+With --two-hop, socat and the forwarder each run as two processes joined by a unix socket
+(tcp -> unix -> tcp), the shape of the parent/enclave pair with unix standing in for vsock.
 Throughput: one connection uploads N MiB; the target counts them and answers after EOF.
 Latency: 64-byte ping-pongs over one connection; "added" is the path's RTT minus the direct RTT.
 Prints a table whose last column is forwarder / socat (throughput: higher is better; added latency:
@@ -21,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,20 +61,30 @@ def serve_target(port: int) -> None:
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+def wait_listening(where: int | str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait until something accepts on TCP port ``where`` (int) or unix socket path ``where`` (str)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
         with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            if isinstance(where, int):
+                socket.create_connection(("127.0.0.1", where), timeout=1).close()
+            else:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(where)
             return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+    raise RuntimeError(f"nothing listening on {where} after {timeout}s")
+
+
+def forwarder_args(listen: str, to: str) -> list[str]:
+    return [sys.executable, "-m", "enclave_bridge.cli", "forward", "--listen", listen, "--to", to,
+            "--log-level", "warning"]
 
 
 @contextlib.contextmanager
-def process(args: list[str], port: int):
+def process(args: list[str], port: int | str):
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, proc)
@@ -137,17 +150,27 @@ def run(args) -> dict[str, dict[str, float]]:
     paths = (("direct", target), ("socat", via_socat), ("forwarder", via_forwarder))
     tput: dict[str, list[float]] = {name: [] for name, _ in paths}
     rtts: dict[str, list[list[float]]] = {name: [] for name, _ in paths}
-    with process([sys.executable, __file__, "--serve-target", str(target)], target):
-        with process(["socat", f"TCP-LISTEN:{via_socat},bind=127.0.0.1,reuseaddr,fork",
-                      f"TCP:127.0.0.1:{target},nodelay"], via_socat), \
-                process([sys.executable, "-m", "enclave_bridge.cli", "forward",
-                         "--listen", f"tcp://127.0.0.1:{via_forwarder}", "--to", f"tcp://127.0.0.1:{target}",
-                         "--log-level", "warning"], via_forwarder):
-            # Paths take turns in every round so machine noise hits all of them alike.
-            for _ in range(args.repeat):
-                for name, port in paths:
-                    tput[name].append(throughput(port, args.megabytes))
-                    rtts[name].append(round_trips(port, args.round_trips))
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="fwdbench-"))
+        stack.enter_context(process([sys.executable, __file__, "--serve-target", str(target)], target))
+        socat_listen = f"TCP-LISTEN:{via_socat},bind=127.0.0.1,reuseaddr,fork"
+        if args.two_hop:
+            socat_sock, fwd_sock = os.path.join(scratch, "socat.sock"), os.path.join(scratch, "fwd.sock")
+            stack.enter_context(process(["socat", f"UNIX-LISTEN:{socat_sock},fork",
+                                         f"TCP:127.0.0.1:{target},nodelay"], socat_sock))
+            stack.enter_context(process(["socat", socat_listen, f"UNIX-CONNECT:{socat_sock}"], via_socat))
+            stack.enter_context(process(forwarder_args(f"unix://{fwd_sock}", f"tcp://127.0.0.1:{target}"), fwd_sock))
+            stack.enter_context(process(forwarder_args(f"tcp://127.0.0.1:{via_forwarder}", f"unix://{fwd_sock}"),
+                                        via_forwarder))
+        else:
+            stack.enter_context(process(["socat", socat_listen, f"TCP:127.0.0.1:{target},nodelay"], via_socat))
+            stack.enter_context(process(forwarder_args(f"tcp://127.0.0.1:{via_forwarder}",
+                                                       f"tcp://127.0.0.1:{target}"), via_forwarder))
+        # Paths take turns in every round so machine noise hits all of them alike.
+        for _ in range(args.repeat):
+            for name, port in paths:
+                tput[name].append(throughput(port, args.megabytes))
+                rtts[name].append(round_trips(port, args.round_trips))
     return {
         name: {
             "throughput": max(tput[name]),
@@ -186,13 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--megabytes", type=int, default=256, help="MiB uploaded per throughput run")
     parser.add_argument("--round-trips", type=int, default=2000, help="ping-pongs per latency run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per path (best throughput, median latency)")
+    parser.add_argument("--two-hop", action="store_true", help="tcp -> unix -> tcp through two processes each")
     parser.add_argument("--serve-target", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_target:
         serve_target(args.serve_target)
         return
     results = run(args)
-    print(f"forwarder bench: {args.megabytes} MiB upload, {args.round_trips} x 64-byte round trips, "
+    path = "tcp -> unix -> tcp (two processes each)" if args.two_hop else "tcp -> tcp"
+    print(f"forwarder bench, {path}: {args.megabytes} MiB upload, {args.round_trips} x 64-byte round trips, "
           f"best/median of {args.repeat}; same machine, same run")
     print(table(results))
 

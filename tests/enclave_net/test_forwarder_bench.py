@@ -5,12 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).parents[2]
 
 
-def test_bench_prints_ratios_against_socat():
+@pytest.mark.parametrize("hops", [[], ["--two-hop"]])
+def test_bench_prints_ratios_against_socat(hops):
     done = subprocess.run(
-        [sys.executable, "bench/forwarder_bench.py", "--megabytes", "4", "--round-trips", "30", "--repeat", "1"],
+        [sys.executable, "bench/forwarder_bench.py", "--megabytes", "4", "--round-trips", "30", "--repeat", "1", *hops],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
