@@ -18,8 +18,8 @@ _CA_USAGE = x509.KeyUsage(
     digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
     key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
 )
-_LEAF_USAGE = x509.KeyUsage(
-    digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+_LEAF_USAGE = x509.KeyUsage(  # as on the NSM's leaf: digitalSignature + nonRepudiation
+    digital_signature=True, content_commitment=True, key_encipherment=False, data_encipherment=False,
     key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
 )
 
@@ -51,10 +51,13 @@ class Issued:
 
 @dataclass
 class SimulatedCA:
-    """Root -> ``intermediates`` CAs; :meth:`issue_leaf` makes the document-signing certificate."""
+    """Root -> ``intermediates`` CAs; :meth:`issue_leaf` makes the document-signing certificate.
+
+    Three intermediates by default, like AWS's regional, zonal and instance CAs (path lengths 2, 1, 0).
+    """
 
     name: str = "simulated.nitro-enclaves"
-    intermediates: int = 1
+    intermediates: int = 3
     now: dt.datetime = field(default_factory=_utcnow)
     root: Issued = field(init=False)
     chain: list[Issued] = field(init=False)
