@@ -174,13 +174,14 @@ class SimulatedNsm:
 
     ``pcrs`` maps index -> 48-byte value (indices not given are zero, as on a real enclave);
     ``clock`` stamps documents (and dates the signing certificate); ``leaf_lifetime`` is how long the
-    signing certificate is valid (the real NSM's is a few hours).
+    signing certificate is valid (the real NSM's is a few hours); ``tagged`` wraps documents in
+    CBOR tag 18 (the real NSM sends them untagged; verifiers must accept both).
     """
 
     def __init__(self, *, module_id: str = "i-0123456789abcdef0-enc0123456789abcdef",
                  pcrs: Mapping[int, bytes] | None = None, ca: SimulatedCA | None = None,
                  clock: Callable[[], dt.datetime] = _utcnow,
-                 leaf_lifetime: dt.timedelta = dt.timedelta(hours=3), tagged: bool = True) -> None:
+                 leaf_lifetime: dt.timedelta = dt.timedelta(hours=3), tagged: bool = False) -> None:
         self.module_id = module_id
         self.pcrs = default_simulated_pcrs() if pcrs is None else self._full_pcrs(pcrs)
         self.clock = clock

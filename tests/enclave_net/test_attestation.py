@@ -27,6 +27,12 @@ def expect(nsm: SimulatedNsm, **kwargs) -> Expectations:
     return Expectations(root=nsm.root_certificate, **kwargs)
 
 
+def sign1_items(document: bytes) -> list:
+    """The four COSE_Sign1 items of a document, tagged or not."""
+    item = cbor2.loads(document)
+    return list(item.value if isinstance(item, cbor2.CBORTag) else item)
+
+
 def spki(key) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -112,7 +118,7 @@ def test_production_expectations_refuse_simulated_documents(nsm):
 # -- refusals -----------------------------------------------------------------------------------
 
 def test_refuses_a_flipped_signature_bit(nsm):
-    message = cbor2.loads(nsm.attest()).value
+    message = sign1_items(nsm.attest())
     signature = bytearray(message[3])
     signature[10] ^= 1
     forged = cbor2.dumps(cbor2.CBORTag(18, [message[0], message[1], message[2], bytes(signature)]))
@@ -121,7 +127,7 @@ def test_refuses_a_flipped_signature_bit(nsm):
 
 
 def test_refuses_an_altered_payload_under_the_original_signature(nsm):
-    genuine = cbor2.loads(nsm.attest()).value
+    genuine = sign1_items(nsm.attest())
     payload = cbor2.loads(genuine[2])
     payload["pcrs"][0] = hashlib.sha384(b"attacker image").digest()
     forged = cbor2.dumps(cbor2.CBORTag(18, [genuine[0], genuine[1], cbor2.dumps(payload), genuine[3]]))
@@ -205,8 +211,8 @@ MALFORMED = {
     "truncated": lambda nsm: nsm.attest()[:-10],
     "trailing bytes": lambda nsm: nsm.attest() + b"\x00",
     "empty": lambda nsm: b"",
-    "wrong tag": lambda nsm: cbor2.dumps(cbor2.CBORTag(98, cbor2.loads(nsm.attest()).value)),
-    "three items": lambda nsm: cbor2.dumps(list(cbor2.loads(nsm.attest()).value)[:3]),
+    "wrong tag": lambda nsm: cbor2.dumps(cbor2.CBORTag(98, sign1_items(nsm.attest()))),
+    "three items": lambda nsm: cbor2.dumps(list(sign1_items(nsm.attest()))[:3]),
     "a map": lambda nsm: cbor2.dumps({"payload": b"x"}),
     "payload not a map": lambda nsm: cose.sign_es384(cbor2.dumps([1, 2]), ec.generate_private_key(ec.SECP384R1())),
     "missing cabundle": lambda nsm: nsm.attest_with(cabundle=REMOVE),
@@ -228,7 +234,7 @@ def test_refuses_malformed_documents(nsm, case):
 
 
 def test_refuses_a_non_es384_algorithm(nsm):
-    genuine = cbor2.loads(nsm.attest()).value
+    genuine = sign1_items(nsm.attest())
     es256 = cbor2.dumps({1: -7})
     with pytest.raises(att.UnsupportedAlgorithm):
         verify(cbor2.dumps([es256, {}, genuine[2], genuine[3]]), expect(nsm))
