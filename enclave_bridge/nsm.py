@@ -5,8 +5,8 @@ attestation document, so code written against :class:`NsmDevice` runs unchanged 
 :class:`SimulatedNsm`.
 
 The device protocol (as the ``nsm`` Linux driver implements it): open ``/dev/nsm`` and issue
-``ioctl(fd, _IOWR(0x0A, 0, 32), struct nsm_message)`` where ``nsm_message`` is two ``struct iovec``
-``{request, response}``. The request is a CBOR map such as
+``ioctl(fd, NSM_IOCTL_RAW = _IOWR(0x0A, 0, 32), struct nsm_raw)`` where ``nsm_raw`` is two
+``{__u64 addr; __u64 len}`` iovecs ``{request, response}``. The request is a CBOR map such as
 ``{"Attestation": {"user_data": b|null, "nonce": b|null, "public_key": b|null}}``; the driver writes
 the CBOR response into the response buffer and rewrites the response iovec's length to what it wrote.
 The response is ``{"Attestation": {"document": b}}`` or ``{"Error": "<ErrorCode>"}``.
@@ -34,7 +34,9 @@ def _iowr(ioc_type: int, nr: int, size: int) -> int:
     return ((_IOC_READ | _IOC_WRITE) << 30) | (size << 16) | (ioc_type << 8) | nr
 
 
-NSM_MESSAGE_FORMAT = "@PNPN"  # struct nsm_message { struct iovec request; struct iovec response; }
+# <linux/nsm.h>: struct nsm_raw { struct nsm_iovec request, response; }, nsm_iovec = { __u64 addr; __u64 len; }
+# (the earlier out-of-tree driver used struct iovec, the same layout on 64-bit).
+NSM_MESSAGE_FORMAT = "=QQQQ"
 NSM_MESSAGE_SIZE = struct.calcsize(NSM_MESSAGE_FORMAT)
 NSM_IOCTL_MAGIC = 0x0A
 NSM_IOCTL_REQUEST = _iowr(NSM_IOCTL_MAGIC, 0, NSM_MESSAGE_SIZE)
@@ -103,7 +105,7 @@ def decode_attestation_response(response: bytes) -> bytes:
 
 
 def pack_nsm_message(request_addr: int, request_len: int, response_addr: int, response_len: int) -> bytearray:
-    """``struct nsm_message`` as the ioctl expects it, in native layout (32 bytes on 64-bit Linux)."""
+    """``struct nsm_raw`` as the ioctl expects it: four native-endian 64-bit words, 32 bytes."""
     return bytearray(struct.pack(NSM_MESSAGE_FORMAT, request_addr, request_len, response_addr, response_len))
 
 

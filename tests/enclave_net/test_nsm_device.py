@@ -19,7 +19,7 @@ from enclave_bridge.nsm import NsmDevice, NsmError, SimulatedNsm
 
 
 def test_ioctl_number_and_message_layout_match_the_driver():
-    # _IOWR(0x0A, 0, sizeof(struct nsm_message)) with two 16-byte iovecs on 64-bit Linux
+    # NSM_IOCTL_RAW = _IOWR(0x0A, 0, sizeof(struct nsm_raw)): two {__u64 addr; __u64 len} iovecs
     assert nsm_mod.NSM_MESSAGE_SIZE == 32
     assert nsm_mod.NSM_IOCTL_REQUEST == 0xC0200A00
     packed = nsm_mod.pack_nsm_message(0x1111, 22, 0x2222, 0x3000)
@@ -50,14 +50,14 @@ class FakeDriver:
 
     def __call__(self, fd, request, arg, mutate):
         assert isinstance(arg, bytearray) and mutate is True
-        req_addr, req_len, resp_addr, resp_len = struct.unpack("@PNPN", arg)
+        req_addr, req_len, resp_addr, resp_len = struct.unpack("=QQQQ", arg)
         raw_request = ctypes.string_at(req_addr, req_len)
         self.calls.append({"ioctl": request, "request": cbor2.loads(raw_request), "request_len": req_len,
                            "response_capacity": resp_len})
         response = self.respond(cbor2.loads(raw_request))
         assert len(response) <= resp_len
         ctypes.memmove(resp_addr, response, len(response))
-        arg[:] = struct.pack("@PNPN", req_addr, req_len, resp_addr, len(response))
+        arg[:] = struct.pack("=QQQQ", req_addr, req_len, resp_addr, len(response))
         return 0
 
 
@@ -107,8 +107,8 @@ def test_unexpected_response_shape_is_refused(device_path):
 
 def test_driver_reporting_more_than_the_buffer_is_refused(device_path):
     def lying_driver(fd, request, arg, mutate):
-        a, n, b, _ = struct.unpack("@PNPN", arg)
-        arg[:] = struct.pack("@PNPN", a, n, b, nsm_mod.NSM_RESPONSE_MAX_SIZE + 1)
+        a, n, b, _ = struct.unpack("=QQQQ", arg)
+        arg[:] = struct.pack("=QQQQ", a, n, b, nsm_mod.NSM_RESPONSE_MAX_SIZE + 1)
 
     with pytest.raises(NsmError, match="more than"):
         NsmDevice(device_path, ioctl=lying_driver).attest()
