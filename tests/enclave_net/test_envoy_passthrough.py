@@ -36,7 +36,7 @@ def test_shipped_config_passes_envoy_validate():
 
 @contextlib.contextmanager
 def forwarder(listen: str, to: str):
-    proc = subprocess.Popen([sys.executable, "-m", "enclave_bridge.cli", "forward", "--listen", listen, "--to", to,
+    proc = subprocess.Popen([sys.executable, "-m", "rpcauthz.mpactl", "forward", "--listen", listen, "--to", to,
                              "--shutdown-grace", "1"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

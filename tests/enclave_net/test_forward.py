@@ -383,7 +383,7 @@ def test_config_refuses_nonsense_limits():
 # -- the command line ---------------------------------------------------------------------------
 
 def forward_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "enclave_bridge.cli", "forward", *args]
+    return [sys.executable, "-m", "rpcauthz.mpactl", "forward", *args]
 
 
 def test_mpactl_registers_the_forward_command():
