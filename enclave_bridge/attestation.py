@@ -302,6 +302,8 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
         raise InvalidSignature("COSE_Sign1 signature does not verify with the document's certificate")
 
     now = expectations.clock()
+    if now.tzinfo is None:  # a naive clock is taken as UTC, as cryptography does
+        now = now.replace(tzinfo=dt.timezone.utc)
     _verify_chain(leaf, bundle, expectations.root, now)  # type: ignore[arg-type]
 
     pcrs: dict[int, bytes] = doc["pcrs"]

@@ -86,3 +86,8 @@ def test_real_document_is_stale_after_the_freshness_window():
     late = Expectations.aws(pcrs={0: PCR0}, clock=lambda: ISSUED + dt.timedelta(minutes=10))
     with pytest.raises(att.StaleDocument):
         verify(DOCUMENT, late)
+
+
+def test_a_naive_utc_clock_is_read_as_utc():
+    naive = (ISSUED + dt.timedelta(seconds=5)).replace(tzinfo=None)
+    assert verify(DOCUMENT, Expectations.aws(pcrs={0: PCR0}, clock=lambda: naive)).pcrs[0] == PCR0
