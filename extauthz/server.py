@@ -117,13 +117,6 @@ async def serve(settings: Settings, *, components: Components | None = None,
     components = components or await open_components(settings)
     for name, fn in components.stats.items():
         metrics.watch_stats(name, fn)
-    metrics_server = None
-    if serve_metrics and settings.metrics.port is not None:
-        from prometheus_client import start_http_server
-        metrics_server, _thread = start_http_server(settings.metrics.port, settings.metrics.host,
-                                                    registry=metrics.registry)
-        print(f"extauthz: metrics on http://{settings.metrics.host}:{metrics_server.server_port}/metrics",
-              flush=True)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="extauthz-store")
     audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor)
     audit.start()
@@ -141,6 +134,17 @@ async def serve(settings: Settings, *, components: Components | None = None,
         port = server.add_insecure_port(f"{settings.listen.host}:{settings.listen.port}")
     except RuntimeError as e:
         raise OSError(f"cannot listen on {settings.listen.host}:{settings.listen.port}: {e}") from None
+    metrics_server = None
+    if serve_metrics and settings.metrics.port is not None:
+        from prometheus_client import start_http_server
+        try:
+            metrics_server, _thread = start_http_server(settings.metrics.port, settings.metrics.host,
+                                                        registry=metrics.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: "
+                          f"{e.strerror}") from None
+        print(f"extauthz: metrics on http://{settings.metrics.host}:{metrics_server.server_port}/metrics",
+              flush=True)
     await server.start()
     for name in ("", AUTHZ_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

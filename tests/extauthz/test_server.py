@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -26,6 +27,8 @@ from tests.support.extauthz_doubles import FixedGrants, StaticModes
 from tests.support.gateway_harness import ACCOUNTS, seed_grants
 
 PATH = f"/{ACCOUNTS}/ListAccounts"
+#: Subprocess environment with /metrics off, so the default metrics port is never contended.
+NO_METRICS = {**os.environ, "RPCAUTHZ_METRICS__PORT": "null"}
 
 
 def check_request(path: str = PATH, principal: str = "alice") -> external_auth_pb2.CheckRequest:
@@ -151,7 +154,6 @@ def test_workers_share_the_port(tmp_path, demo_upstream):
         assert proc.proc.wait(30) == 0, proc.output()
         for pid in pids:
             with pytest.raises(ProcessLookupError):
-                import os
                 os.kill(int(pid), 0)
     finally:
         proc.stop()
@@ -164,7 +166,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         port = s.getsockname()[1]
         r = subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", "serve", "--store",
                             f"sqlite:///{tmp_path / 's.db'}", "--port", str(port)],
-                           capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+                           capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=NO_METRICS)
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
 
@@ -172,7 +174,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 def test_unreachable_store_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", "serve", "--port", "0", "--store",
                         f"postgresql://postgres@127.0.0.1:{free_port()}/x?connect_timeout=2"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+                       capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=NO_METRICS)
     assert r.returncode == 1 and "cannot open the store" in r.stderr, r.stderr
 
 
