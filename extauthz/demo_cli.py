@@ -24,7 +24,12 @@ def demo(ctx: typer.Context,
     if ctx.invoked_subcommand is not None:
         return
     from .demo import run
-    raise typer.Exit(run(dir, port))
+    try:
+        code = run(dir, port)
+    except (OSError, RuntimeError, TimeoutError) as e:  # a part did not start: say which
+        typer.echo(f"error: the demo could not start: {e}", err=True)
+        raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @demo_app.command("call")

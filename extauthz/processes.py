@@ -21,7 +21,15 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-GATEWAY_YAML = REPO_ROOT / "envoy" / "gateway.yaml"
+
+
+def _gateway_yaml() -> pathlib.Path:
+    """envoy/gateway.yaml of this checkout, or the file named by $RPCAUTHZ_GATEWAY_YAML."""
+    override = os.environ.get("RPCAUTHZ_GATEWAY_YAML")
+    return pathlib.Path(override) if override else REPO_ROOT / "envoy" / "gateway.yaml"
+
+
+GATEWAY_YAML = _gateway_yaml()
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 
 
@@ -52,7 +60,11 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | No
     ``extauthz_port=None`` drops the ext_authz filter (the benchmark's baseline).
     ``access_log`` sends the access log to that file instead of stdout.
     """
-    cfg = copy.deepcopy(yaml.safe_load(template.read_text()))
+    try:
+        cfg = copy.deepcopy(yaml.safe_load(template.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no gateway config at {template}: run from a source checkout, or "
+                                "point RPCAUTHZ_GATEWAY_YAML at envoy/gateway.yaml") from None
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = listen_port
