@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per cell")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
+    ap.add_argument("--audit-allows", action="store_true",
+                    help="write an audit event for every allow too (audit.allows; off by default here)")
     args = ap.parse_args(argv)
     if shutil.which("h2load") is None:
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = ExtAuthzProcess({
             "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
-            "audit": {"allows": False},
+            "audit": {"allows": args.audit_allows},
             "reflection": {"endpoints": {"static": {ACCOUNTS: upstream.address}}},
         }, workdir, env={"PYTHONWARNINGS": "ignore"})
         things.append(ours)

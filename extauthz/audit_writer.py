@@ -1,7 +1,8 @@
 """Decision audit events, written to the store in the background.
 
 Writing never blocks or changes a decision: ``submit`` only enqueues; a full queue or a
-failing store drops the event and counts it in ``rpcauthz_audit_dropped``. (An allow that
+failing store drops the event and counts it in ``rpcauthz_audit_dropped``. Events queued
+while a write is under way are written together in one transaction (``append_audits``). (An allow that
 spends an approval is different: its use and its audit event are one store transaction,
 done in the decision path by ``Store.update_request``.)
 """
@@ -16,6 +17,9 @@ from policy.audit import AuditEvent
 from .metrics import Metrics
 
 log = logging.getLogger("extauthz.audit")
+
+#: Most events written in one store transaction.
+MAX_BATCH = 500
 
 
 class AuditWriter:
@@ -39,15 +43,25 @@ class AuditWriter:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            event = await self._queue.get()
+            batch = [await self._queue.get()]
+            # Everything queued meanwhile goes in one transaction when the store can batch.
+            batch_write = getattr(self._store, "append_audits", None)
+            if batch_write is not None:
+                while len(batch) < MAX_BATCH and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
             try:
-                await loop.run_in_executor(self._executor, self._store.append_audit, event)
+                if batch_write is not None:
+                    await loop.run_in_executor(self._executor, batch_write, batch)
+                else:
+                    await loop.run_in_executor(self._executor, self._store.append_audit, batch[0])
             except Exception as e:
-                self._metrics.audit_dropped.labels("write_failed").inc()
+                self._metrics.audit_dropped.labels("write_failed").inc(len(batch))
                 self._metrics.store_errors.labels("append_audit").inc()
-                log.error("audit write failed for %s %s: %s", event.kind, event.id, e)
+                log.error("audit write failed for %d event(s), first %s %s: %s", len(batch),
+                          batch[0].kind, batch[0].id, e)
             finally:
-                self._queue.task_done()
+                for _ in batch:
+                    self._queue.task_done()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout`` seconds), then stop."""

@@ -340,3 +340,17 @@ async def test_body_larger_than_what_envoy_sent_is_denied(h):
     req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(payload)
     code, body = denied(await h.authorizer.check(req))
     assert code == 403 and "request.body_too_large" in body and "105" in body
+
+
+async def test_audit_events_queued_together_are_written_in_one_batch(h):
+    calls = []
+    real = h.store.append_audits
+
+    def spy(events):
+        calls.append(len(events))
+        real(events)
+    h.store.append_audits = spy
+    await asyncio.gather(*(h.check(f"/{SVC}/Open") for _ in range(50)))
+    await asyncio.sleep(0.2)
+    assert sum(calls) == 50 and len(calls) < 50
+    assert len([e for e in h.store.list_audit() if e.kind == "decision.allow"]) == 50
