@@ -148,8 +148,22 @@ class AttestedDocument:
     public_key: bytes | None
 
 
-#: Verifies a document's signature and chain and returns its contents; raises on a forgery.
-DocumentVerifier = Callable[[bytes], AttestedDocument]
+#: ``verify(document, pcrs)``: check the document's signature and chain (and that it shows these
+#: PCRs) and return its contents; raise on a forgery or mismatch.
+DocumentVerifier = Callable[[bytes, Mapping[int, bytes]], AttestedDocument]
+
+
+def attestation_verifier(root: Any, *, replay_cache: Any = None) -> DocumentVerifier:
+    """A :data:`DocumentVerifier` over :func:`enclave_bridge.attestation.verify` pinned to ``root``
+    (the AWS Nitro root in production, the simulator's root in the demo)."""
+    from . import attestation
+
+    def verify(document: bytes, pcrs: Mapping[int, bytes]) -> AttestedDocument:
+        att = attestation.verify(document, attestation.Expectations(
+            root=root, pcrs=dict(pcrs), replay_cache=replay_cache))
+        return AttestedDocument(pcrs=dict(att.pcrs), public_key=att.public_key)
+
+    return verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +225,11 @@ class KeyPolicy:
         if not conditions:
             raise ValueError("the key policy has no kms:RecipientAttestation conditions on kms:Decrypt")
         return cls(conditions)
+
+    def pcrs(self) -> dict[int, bytes]:
+        """The pinned PCRs by index (ImageSha384 is PCR0)."""
+        return {0 if name == IMAGE_SHA384 else int(name[len(PCR_PREFIX):]): bytes.fromhex(value)
+                for name, value in self.conditions.items()}
 
     def check(self, doc: AttestedDocument) -> None:
         """Raise :class:`KmsAccessDenied` unless every condition matches the document."""
@@ -287,14 +306,16 @@ class LocalKms:
                               encryption_context: Mapping[str, str] | None = None) -> bytes:
         if not attestation_document:
             raise KmsMissingRecipient("a recipient attestation document is required")
+        _, plaintext, policy = self._open(ciphertext_blob, key_id, encryption_context)
+        if not policy.conditions:
+            raise KmsAccessDenied("this key's policy pins no PCRs, so it releases nothing to an enclave")
         try:
-            doc = self._verify(attestation_document)
+            doc = self._verify(attestation_document, policy.pcrs())
         except Exception as e:  # any verifier refusal is an access denial, never a pass
-            raise KmsAccessDenied(f"attestation document refused: {e}") from None
+            raise KmsAccessDenied(f"attestation document refused: {type(e).__name__}: {e}") from None
         if not doc.public_key:
             raise KmsMissingRecipient("attestation document carries no public key to encrypt to")
-        _, plaintext, policy = self._open(ciphertext_blob, key_id, encryption_context)
-        policy.check(doc)
+        policy.check(doc)  # the verifier checked the PCRs too; this is the key policy's own word
         return cms.encrypt_for_recipient(plaintext, doc.public_key)
 
     def decrypt(self, ciphertext_blob: bytes, *, key_id: str | None = None,
