@@ -147,3 +147,34 @@ def test_ledger_changes_trusted_measurement_only_on_agreement(tmp_path):
     ledger.report(q.id, approver="sue@example.com", sha384_hex=H1, approvers=SEC, now=NOW)
     assert m.MeasurementLedger(tmp_path / "trust.json").trusted()["sha384"] == H1  # unchanged
     assert ledger.get(q.id).state is m.ProposalState.DISPUTED
+
+
+def mpactl(*args: str, cwd: Path) -> "subprocess.CompletedProcess[str]":
+    import sys
+    return subprocess.run([sys.executable, "-m", "enclave_bridge.broker_cli", "broker", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_cli_measure_and_two_person_trust_change(repo, tmp_path):
+    import json
+    first = json.loads(mpactl("measure", "--repo", str(repo), "--json", cwd=tmp_path).stdout)
+    second = json.loads(mpactl("measure", "--repo", str(repo), "--json", cwd=tmp_path).stdout)
+    assert first == second
+    ledger = str(tmp_path / "trust.json")
+    approvers = "sam@example.com,sue@example.com"
+    r = mpactl("trust", "propose", "--repo", str(repo), "--commit", "HEAD", "--reason", "release",
+               "--as", "dev@example.com", "--ledger", ledger, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    pid = r.stdout.split()[0]
+    r = mpactl("trust", "report", pid, "--as", "sam@example.com", "--approvers", approvers, "--repo", str(repo),
+               "--ledger", ledger, cwd=tmp_path)
+    assert r.returncode == 0 and "open (1/2" in r.stdout, r.stderr
+    assert "no trusted measurement" in mpactl("trust", "show", "--ledger", ledger, cwd=tmp_path).stdout
+    r = mpactl("trust", "report", pid, "--as", "sam@example.com", "--approvers", approvers, "--repo", str(repo),
+               "--ledger", ledger, cwd=tmp_path)
+    assert r.returncode == 1 and "already reported" in r.stderr
+    r = mpactl("trust", "report", pid, "--as", "sue@example.com", "--approvers", approvers, "--repo", str(repo),
+               "--ledger", ledger, cwd=tmp_path)
+    assert r.returncode == 0 and "accepted" in r.stdout, r.stderr
+    trusted = json.loads(mpactl("trust", "show", "--ledger", ledger, cwd=tmp_path).stdout)
+    assert trusted["sha384"] == first["sha384"] and trusted["commit"] == first["commit"]
