@@ -11,7 +11,8 @@ The bundle holds:
 
 * ``state_key``: the 32-byte key that seals the broker's state on the host (:mod:`.sealed`);
 * ``kubernetes_signing_key``: the RSA private key (PEM) that signs Kubernetes OIDC tokens;
-* ``aws``: optional long-lived credentials the broker uses to call STS AssumeRole.
+* ``aws``: optional long-lived credentials the broker uses to call STS AssumeRole;
+* ``slack_webhook_url``: optional Slack incoming webhook for credential notifications.
 """
 from __future__ import annotations
 
@@ -41,17 +42,19 @@ class SeedBundle:
     state_key: bytes
     kubernetes_signing_key: bytes  # PEM, PKCS#8
     aws: Mapping[str, str] | None = None
+    slack_webhook_url: str | None = None
 
     def __repr__(self) -> str:  # never print secrets
-        return f"SeedBundle(state_key=<32 bytes>, kubernetes_signing_key=<PEM>, aws={'<set>' if self.aws else None})"
+        return (f"SeedBundle(state_key=<32 bytes>, kubernetes_signing_key=<PEM>, "
+                f"aws={'<set>' if self.aws else None}, slack={'<set>' if self.slack_webhook_url else None})")
 
     @classmethod
-    def generate(cls, aws: Mapping[str, str] | None = None) -> "SeedBundle":
+    def generate(cls, aws: Mapping[str, str] | None = None, slack_webhook_url: str | None = None) -> "SeedBundle":
         """Fresh seeds (an operator runs this once, on a trusted machine or in the enclave)."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        return cls(os.urandom(32), pem, dict(aws) if aws else None)
+        return cls(os.urandom(32), pem, dict(aws) if aws else None, slack_webhook_url)
 
     def signing_key(self) -> rsa.RSAPrivateKey:
         key = serialization.load_pem_private_key(self.kubernetes_signing_key, None)
@@ -62,14 +65,15 @@ class SeedBundle:
     def to_json(self) -> bytes:
         return json.dumps({"state_key": base64.b64encode(self.state_key).decode(),
                            "kubernetes_signing_key": self.kubernetes_signing_key.decode(),
-                           "aws": dict(self.aws) if self.aws else None}).encode()
+                           "aws": dict(self.aws) if self.aws else None,
+                           "slack_webhook_url": self.slack_webhook_url}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "SeedBundle":
         try:
             body = json.loads(data)
             bundle = cls(base64.b64decode(body["state_key"]), body["kubernetes_signing_key"].encode(),
-                         body.get("aws"))
+                         body.get("aws"), body.get("slack_webhook_url"))
         except (ValueError, KeyError, TypeError) as e:
             raise SeedError(f"seed bundle content is malformed: {e}") from None
         if len(bundle.state_key) != 32:
