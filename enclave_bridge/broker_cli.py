@@ -103,6 +103,122 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps(t, indent=1) if t else "no trusted measurement yet")
 
 
+    @broker.command("serve")
+    def serve(config: Path = typer.Option(..., "--config", help="broker YAML config"),
+              state: Path = typer.Option(..., "--state", help="sealed state file on the host (SQLite)"),
+              audit_log: Path = typer.Option(..., "--audit-log", help="JSON-lines audit log on the host"),
+              listen: str = typer.Option("127.0.0.1:8443", "--listen", help="host:port for the TLS gRPC API"),
+              oidc_listen: str = typer.Option("", "--oidc-listen",
+                                              help="host:port to serve the Kubernetes issuer's discovery + JWKS"),
+              cert_out: Path = typer.Option(Path("broker.pem"), "--cert-out",
+                                            help="where to write the broker's certificate (clients pin it)"),
+              seeds: Optional[Path] = typer.Option(None, "--seeds", help="sealed seed bundle (production)"),
+              kms_region: str = typer.Option("eu-west-2", "--kms-region"),
+              kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint",
+                                                         help="KMS endpoint URL (through the egress proxy)"),
+              nsm_device: str = typer.Option("/dev/nsm", "--nsm", help="the Nitro Security Module device"),
+              simulate: Optional[Path] = typer.Option(
+                  None, "--simulate", help="DEMO ONLY: simulated NSM and a local KMS kept in this folder"),
+              ledger: Optional[Path] = typer.Option(None, "--ledger",
+                                                    help="with --simulate: pin the ledger's trusted measurement"),
+              repo: Path = typer.Option(Path("."), "--repo", help="with --simulate: what the enclave 'runs'")) -> None:
+        """Run the broker: open seeds through KMS with an attestation document, then serve.
+
+        In an enclave: --seeds FILE (and the real /dev/nsm and KMS). Locally: --simulate DIR, which
+        measures --repo's HEAD as the simulated image (PCR0) and makes a local KMS whose key
+        policy pins the --ledger's trusted measurement (or, without a ledger, this build).
+        """
+        import logging
+        import signal
+        import threading
+
+        import boto3
+
+        from .broker.config import BrokerConfig, ConfigError
+        from .broker.notify import JsonlAuditLog, SlackNotifier
+        from .broker.server import start_broker
+        from .kms import Boto3KmsClient, KmsError
+        from .seeds import SeedError, open_bundle
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            cfg = BrokerConfig.from_file(config)
+        except ConfigError as e:
+            _fail(str(e))
+        try:
+            if simulate is not None:
+                bundle = _simulated_seeds(simulate, repo, ledger)
+            else:
+                if seeds is None:
+                    _fail("--seeds is required (or --simulate DIR for a local demo)")
+                from .nsm import NsmDevice
+                kms = Boto3KmsClient(boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint))
+                bundle = open_bundle(seeds.read_bytes(), kms, NsmDevice(nsm_device))
+        except (SeedError, KmsError, OSError, measure_mod.BuildError) as e:
+            _fail(f"seed secrets were not released, refusing to start: {e}")
+        sts_kwargs = {}
+        if bundle.aws:
+            sts_kwargs = {"aws_access_key_id": bundle.aws.get("access_key_id"),
+                          "aws_secret_access_key": bundle.aws.get("secret_access_key")}
+        sts = boto3.client("sts", region_name=cfg.aws_region, endpoint_url=cfg.sts_endpoint_url, **sts_kwargs) \
+            if cfg.roles else None
+        host, _, port = listen.rpartition(":")
+        oidc = None
+        if oidc_listen:
+            oh, _, op = oidc_listen.rpartition(":")
+            oidc = (oh, int(op))
+        notifiers = [SlackNotifier(bundle.slack_webhook_url)] if bundle.slack_webhook_url else []
+        runtime = start_broker(cfg, bundle, state_path=state, audit=[JsonlAuditLog(audit_log)], sts_client=sts,
+                               notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out)
+        typer.echo(f"broker listening on {host}:{runtime.port} as {cfg.server_name}; certificate "
+                   f"{runtime.tls.fingerprint} written to {cert_out}", err=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        stop.wait()
+        runtime.close()
+
+
+def _simulated_seeds(folder: Path, repo: Path, ledger: Optional[Path]):
+    """DEMO ONLY: what the enclave, NSM and KMS do, in one process, persisted in ``folder``.
+
+    The simulated image measurement is the SHA-384 of this checkout's broker artifact; the local
+    KMS key policy pins the trusted measurement from the ledger. Run code that two approvers did
+    not agree on and KMS refuses, exactly as it would in production.
+    """
+    from .kms import KeyPolicy, LocalKms, attestation_verifier
+    from .nsm import SimulatedNsm, default_simulated_pcrs
+    from .seeds import SeedBundle, open_bundle, seal_bundle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    running = measure_mod.measure(repo, "HEAD")
+    pcrs = default_simulated_pcrs()
+    pcrs[0] = bytes.fromhex(running.sha384)
+    nsm = SimulatedNsm(pcrs=pcrs)
+    kms = LocalKms(attestation_verifier(nsm.root_certificate))
+    keys_file, seeds_file = folder / "local-kms.json", folder / "seeds.json"
+    if ledger is not None:
+        trusted = measure_mod.MeasurementLedger(ledger).trusted()
+        if not trusted:
+            raise measure_mod.BuildError(f"the ledger {ledger} has no trusted measurement yet")
+        pinned = bytes.fromhex(trusted["sha384"])
+    else:
+        pinned = pcrs[0]
+    policy = KeyPolicy.for_pcrs({0: pinned})
+    if keys_file.exists():
+        kms.import_keys(json.loads(keys_file.read_text()))
+        key_id = next(iter(json.loads(keys_file.read_text())))
+        kms.put_key_policy(key_id, policy)
+    else:
+        key_id = kms.create_key(policy, key_id="local-broker-seeds")
+    if not seeds_file.exists():
+        seeds_file.write_bytes(seal_bundle(SeedBundle.generate(), key_id,
+                                           lambda pt, ctx: kms.encrypt(key_id, pt, ctx)))
+    keys_file.write_text(json.dumps(kms.export_keys()))
+    keys_file.chmod(0o600)
+    return open_bundle(seeds_file.read_bytes(), kms, nsm)
+
+
 def main() -> None:
     app = typer.Typer(name="mpactl", no_args_is_help=True, add_completion=False)
     register(app)

@@ -263,6 +263,17 @@ class LocalKms:
         self._keys[key_id] = (AESGCM.generate_key(bit_length=256), policy)
         return key_id
 
+    def export_keys(self) -> dict[str, Any]:
+        """Key material and policies as JSON-ready data (the demo persists its stand-in KMS)."""
+        return {kid: {"material": material.hex(), "conditions": dict(policy.conditions),
+                      "require_recipient": policy.require_recipient}
+                for kid, (material, policy) in self._keys.items()}
+
+    def import_keys(self, data: Mapping[str, Any]) -> None:
+        for kid, entry in data.items():
+            self._keys[kid] = (bytes.fromhex(entry["material"]),
+                               KeyPolicy(entry["conditions"], entry.get("require_recipient", True)))
+
     def put_key_policy(self, key_id: str, policy: KeyPolicy) -> None:
         material, _ = self._key(key_id)
         self._keys[key_id] = (material, policy)
