@@ -2,7 +2,7 @@
 
 **Build.** The broker artifact is an uncompressed ustar archive of the files the broker runs
 (:data:`ARTIFACT_PATHS` at a git commit), with every source of nondeterminism pinned: entries
-sorted by path, mtime fixed to the commit's timestamp, owner 0/0 with empty names, mode 0644
+sorted by path, mtime fixed to :data:`FIXED_MTIME` (so a docs-only commit keeps the hash), owner 0/0 with empty names, mode 0644
 (0755 for files git records as executable), no directories, no PAX headers. Its SHA-384 is the
 *measurement*. :func:`measure` builds it twice from the same commit by independent routes (from
 git objects, and from a fresh clone checked out under another umask with scrambled mtimes) and
@@ -40,6 +40,8 @@ from policy import AlreadyDecided, InvalidRequest, NotEligible, RequestClosed
 
 #: What goes into the broker artifact: the enclave-side code, what it imports, and the dependency pins.
 ARTIFACT_PATHS = ("enclave_bridge", "policy", "mpa/v1", "pyproject.toml", "requirements.lock")
+#: Every entry's mtime: 1980-01-01T00:00:00Z, as wheels and zip-based reproducible builds use.
+FIXED_MTIME = 315532800
 _SHA384 = re.compile(r"^[0-9a-f]{96}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -67,13 +69,13 @@ def _included(path: str) -> bool:
     return any(path == p or path.startswith(p + "/") for p in ARTIFACT_PATHS)
 
 
-def _tar(entries: Iterable[tuple[str, bytes, bool]], mtime: int) -> bytes:
+def _tar(entries: Iterable[tuple[str, bytes, bool]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for path, data, executable in sorted(entries, key=lambda e: e[0].encode()):
             info = tarfile.TarInfo(path)
             info.size = len(data)
-            info.mtime = mtime
+            info.mtime = FIXED_MTIME
             info.mode = 0o755 if executable else 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
@@ -84,7 +86,6 @@ def _tar(entries: Iterable[tuple[str, bytes, bool]], mtime: int) -> bytes:
 
 def build_from_git(repo: Path, commit: str) -> bytes:
     """The artifact built straight from git objects at ``commit``."""
-    mtime = int(_git(repo, "show", "-s", "--format=%ct", commit).decode().strip())
     listing = _git(repo, "ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0")
     entries = []
     for line in filter(None, listing):
@@ -98,10 +99,10 @@ def build_from_git(repo: Path, commit: str) -> bytes:
         entries.append((name, _git(repo, "cat-file", "blob", obj.decode()), mode == b"100755"))
     if not entries:
         raise BuildError(f"commit {commit} has none of {', '.join(ARTIFACT_PATHS)}")
-    return _tar(entries, mtime)
+    return _tar(entries)
 
 
-def build_from_checkout(checkout: Path, mtime: int) -> bytes:
+def build_from_checkout(checkout: Path) -> bytes:
     """The artifact built from a checked-out tree (only files git tracks, so stray files don't count)."""
     tracked = _git(checkout, "ls-files", "-z").split(b"\0")
     entries = []
@@ -113,7 +114,7 @@ def build_from_checkout(checkout: Path, mtime: int) -> bytes:
         if p.is_symlink():
             raise BuildError(f"{name} is a symlink; the artifact holds regular files only")
         entries.append((name, p.read_bytes(), bool(p.stat().st_mode & 0o100)))
-    return _tar(entries, mtime)
+    return _tar(entries)
 
 
 def sha384(data: bytes) -> str:
@@ -135,7 +136,6 @@ def measure(repo: Path, rev: str = "HEAD", *, out: Path | None = None) -> Measur
     repo = Path(repo)
     commit = resolve_commit(repo, rev)
     first = build_from_git(repo, commit)
-    mtime = int(_git(repo, "show", "-s", "--format=%ct", commit).decode().strip())
     with tempfile.TemporaryDirectory(prefix="mpa-measure-") as tmp:
         checkout = Path(tmp) / "src"
         old_umask = os.umask(0o027)  # a different umask than the usual 022
@@ -149,7 +149,7 @@ def measure(repo: Path, rev: str = "HEAD", *, out: Path | None = None) -> Measur
             if p.is_file() and ".git" not in p.parts:
                 t = rng.randint(0, 2**31 - 1)
                 os.utime(p, (t, t))
-        second = build_from_checkout(checkout, mtime)
+        second = build_from_checkout(checkout)
     h1, h2 = sha384(first), sha384(second)
     if h1 != h2:
         raise BuildError(f"builds of {commit} differ: {h1} vs {h2}; the build is not reproducible")
