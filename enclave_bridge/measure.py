@@ -39,7 +39,7 @@ from typing import Callable, Iterable
 from policy import AlreadyDecided, InvalidRequest, NotEligible, RequestClosed
 
 #: What goes into the broker artifact: the enclave-side code, what it imports, and the dependency pins.
-ARTIFACT_PATHS = ("enclave_bridge", "policy", "mpa/v1", "pyproject.toml", "requirements.lock")
+ARTIFACT_PATHS = ("enclave_bridge", "policy", "mpa/__init__.py", "mpa/v1", "pyproject.toml", "requirements.lock")
 #: Every entry's mtime: 1980-01-01T00:00:00Z, as wheels and zip-based reproducible builds use.
 FIXED_MTIME = 315532800
 _SHA384 = re.compile(r"^[0-9a-f]{96}$")
