@@ -243,3 +243,26 @@ def test_state_on_host_is_sealed(env):
                                       if env["state"].with_name("state.db-wal").exists() else b"")
     assert b"very secret reason" not in raw and ALICE.encode() not in raw
     assert os.path.getsize(env["state"]) > 0
+
+
+def test_concurrent_reviews_and_fetches_end_consistent(env):
+    import threading
+    b = env["broker"]
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
+    results: list[str] = []
+
+    def review(who: str) -> None:
+        try:
+            b.review(who, cr.id, approve_it=(who == BOB))
+            results.append(f"{who}:ok")
+        except Exception as e:  # one of the two must lose
+            results.append(f"{who}:{type(e).__name__}")
+
+    threads = [threading.Thread(target=review, args=(w,)) for w in (BOB, CAROL)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.split(":")[1] for r in results) == ["RequestClosed", "ok"]
+    final = env["make"]().get(BOB, cr.id).request
+    assert final.state.value in ("approved", "rejected") and final.closed_by in (None, CAROL)
