@@ -147,13 +147,14 @@ def register(app: typer.Typer) -> None:
             _fail(str(e))
         try:
             if simulate is not None:
-                bundle = _simulated_seeds(simulate, repo, ledger)
+                bundle, attester = _simulated_seeds(simulate, repo, ledger)
             else:
                 if seeds is None:
                     _fail("--seeds is required (or --simulate DIR for a local demo)")
                 from .nsm import NsmDevice
+                attester = NsmDevice(nsm_device)
                 kms = Boto3KmsClient(boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint))
-                bundle = open_bundle(seeds.read_bytes(), kms, NsmDevice(nsm_device))
+                bundle = open_bundle(seeds.read_bytes(), kms, attester)
         except (SeedError, KmsError, OSError, measure_mod.BuildError) as e:
             _fail(f"seed secrets were not released, refusing to start: {e}")
         sts_kwargs = {}
@@ -169,7 +170,8 @@ def register(app: typer.Typer) -> None:
             oidc = (oh, int(op))
         notifiers = [SlackNotifier(bundle.slack_webhook_url)] if bundle.slack_webhook_url else []
         runtime = start_broker(cfg, bundle, state_path=state, audit=[JsonlAuditLog(audit_log)], sts_client=sts,
-                               notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out)
+                               notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,
+                               attester=attester)
         typer.echo(f"broker listening on {host}:{runtime.port} as {cfg.server_name}; certificate "
                    f"{runtime.tls.fingerprint} written to {cert_out}", err=True)
         stop = threading.Event()
@@ -186,6 +188,8 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Optional[Path]):
     KMS key policy pins the trusted measurement from the ledger. Run code that two approvers did
     not agree on and KMS refuses, exactly as it would in production.
     """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     from .kms import KeyPolicy, LocalKms, attestation_verifier
     from .nsm import SimulatedNsm, default_simulated_pcrs
     from .seeds import SeedBundle, open_bundle, seal_bundle
@@ -216,7 +220,9 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Optional[Path]):
                                            lambda pt, ctx: kms.encrypt(key_id, pt, ctx)))
     keys_file.write_text(json.dumps(kms.export_keys()))
     keys_file.chmod(0o600)
-    return open_bundle(seeds_file.read_bytes(), kms, nsm)
+    # The simulated NSM's root, for clients that check the broker certificate's attestation.
+    (folder / "simulated-root.pem").write_bytes(nsm.root_certificate.public_bytes(Encoding.PEM))
+    return open_bundle(seeds_file.read_bytes(), kms, nsm), nsm
 
 
 def main() -> None:

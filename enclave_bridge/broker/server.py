@@ -35,7 +35,7 @@ from .config import BrokerConfig, Identity
 from .notify import AuditSink
 from .records import CredentialRequest
 from .service import BrokerService, KubernetesToken
-from .tls import TlsIdentity, make_tls_identity
+from .tls import TlsIdentity, attest_certificate, make_tls_identity
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +234,12 @@ def start_broker(config: BrokerConfig, seeds: SeedBundle, *, state_path: str | P
                  audit: Sequence[AuditSink], sts_client: Any | None = None,
                  notifiers: Sequence[Callable] = (), host: str = "127.0.0.1", port: int = 0,
                  oidc_listen: tuple[str, int] | None = None, cert_out: str | Path | None = None,
-                 clock: Callable[[], datetime] | None = None) -> BrokerRuntime:
+                 clock: Callable[[], datetime] | None = None, attester: Any | None = None) -> BrokerRuntime:
     """Wire and start the broker from already-opened seeds (see :func:`enclave_bridge.seeds.open_bundle`).
 
     ``sts_client`` is a boto3 STS client (made from the seeds' AWS credentials by the caller);
-    ``cert_out`` receives the certificate PEM so operators can distribute it for pinning.
+    ``cert_out`` receives the certificate PEM so operators can distribute it for pinning; with an
+    ``attester`` (the NSM), ``<cert_out>.att`` receives an attestation document binding it.
     """
     records = SealedRecords(SqliteHostStorage(state_path), seeds.state_key)
     oidc = OidcIssuer(config.oidc_issuer, seeds.signing_key()) if config.clusters else None
@@ -251,5 +252,7 @@ def start_broker(config: BrokerConfig, seeds: SeedBundle, *, state_path: str | P
     oidc_server = oidc.serve(*oidc_listen) if (oidc and oidc_listen) else None
     if cert_out:
         Path(cert_out).write_bytes(tls.cert_pem)
+        if attester is not None:
+            Path(f"{cert_out}.att").write_bytes(attest_certificate(attester, tls))
     log.info("broker listening on %s:%d, certificate %s", host, bound, tls.fingerprint)
     return BrokerRuntime(server, oidc_server, tls, bound)

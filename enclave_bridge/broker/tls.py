@@ -45,3 +45,28 @@ def make_tls_identity(server_name: str, *, days: int = 30) -> TlsIdentity:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                           serialization.NoEncryption()),
         cert.public_bytes(serialization.Encoding.PEM), cert.public_bytes(serialization.Encoding.DER))
+
+
+def certificate_binding(cert_der: bytes) -> bytes:
+    """The ``user_data`` that binds a TLS certificate into an attestation document."""
+    return b"mpa-broker-tls-cert-sha256:" + hashlib.sha256(cert_der).digest()
+
+
+def attest_certificate(attester, tls: TlsIdentity, nonce: bytes | None = None) -> bytes:
+    """An attestation document whose ``user_data`` names this certificate (see :func:`verify_certificate`)."""
+    return attester.attest(certificate_binding(tls.cert_der), nonce, None)
+
+
+def verify_certificate(cert_pem: bytes, document: bytes, expectations) -> None:
+    """Check that ``cert_pem`` is the certificate a measured broker made, before pinning it.
+
+    ``expectations`` is an :class:`enclave_bridge.attestation.Expectations` (root and PCRs to
+    trust); its ``user_data`` is replaced by this certificate's binding. Raises the verifier's
+    ``AttestationError`` subclass on any mismatch.
+    """
+    import dataclasses as _dc
+
+    from .. import attestation
+
+    cert_der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+    attestation.verify(document, _dc.replace(expectations, user_data=certificate_binding(cert_der)))
