@@ -14,7 +14,11 @@ to fetch, which is how the AWS CLI and kubectl expect a plugin to fail.
 Connection (flags or environment): ``--broker``/``MPA_BROKER`` (host:port of the gateway's broker
 listener), ``--broker-cert``/``MPA_BROKER_CERT`` (the broker's certificate, pinned),
 ``--broker-name``/``MPA_BROKER_NAME`` (its TLS name), and the engineer's token from
-``MPA_TOKEN`` or the file ``--token-file``/``MPA_TOKEN_FILE``.
+``MPA_TOKEN``, the file ``--token-file``/``MPA_TOKEN_FILE``, or the session ``mpa login`` saved
+(``$MPA_CONFIG_DIR/session.json``, default ``~/.config/mpa``).
+
+Exit codes follow ``mpa``'s: 0 done; 1 refused; 2 bad usage; 3 not signed in or token refused;
+4 broker unreachable or unavailable.
 """
 from __future__ import annotations
 
@@ -31,7 +35,11 @@ import typer
 from mpa.v1 import broker_pb2
 
 STATE_NAMES = {v: k.removeprefix("REQUEST_STATE_").lower() for k, v in broker_pb2.RequestState.items()}
-DEFAULT_TOKEN_FILE = Path.home() / ".config" / "mpa" / "token"
+EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE = 1, 2, 3, 4
+
+
+def _session_file() -> Path:
+    return Path(os.environ.get("MPA_CONFIG_DIR") or Path.home() / ".config" / "mpa") / "session.json"
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -47,24 +55,31 @@ class _Conn:
         self.cert = cert
         self.name = name or os.environ.get("MPA_BROKER_NAME") or "broker.mpa.internal"
         self.token_file = token_file or (Path(os.environ["MPA_TOKEN_FILE"]) if os.environ.get("MPA_TOKEN_FILE")
-                                         else DEFAULT_TOKEN_FILE)
+                                         else None)
 
     def client(self):
         from .broker.client import BrokerClient
         if not self.broker:
-            _fail("no broker address: pass --broker HOST:PORT or set MPA_BROKER")
+            _fail("no broker address: pass --broker HOST:PORT or set MPA_BROKER", EXIT_USAGE)
         if not self.cert:
-            _fail("no broker certificate to pin: pass --broker-cert FILE or set MPA_BROKER_CERT")
+            _fail("no broker certificate to pin: pass --broker-cert FILE or set MPA_BROKER_CERT", EXIT_USAGE)
         try:
             cert_pem = self.cert.read_bytes()
         except OSError as e:
             _fail(f"cannot read the broker certificate {self.cert}: {e}")
         token = os.environ.get("MPA_TOKEN", "").strip()
-        if not token:
+        if not token and self.token_file is not None:
             try:
                 token = self.token_file.read_text().strip()
-            except OSError:
-                _fail(f"not logged in: set MPA_TOKEN or put your token in {self.token_file} (mpa login)")
+            except OSError as e:
+                _fail(f"cannot read the token file {self.token_file}: {e}", EXIT_AUTH)
+        if not token:
+            try:
+                token = str(json.loads(_session_file().read_text()).get("token") or "").strip()
+            except (OSError, ValueError):
+                token = ""
+        if not token:
+            _fail("not signed in: run `mpa login`, or set MPA_TOKEN / --token-file", EXIT_AUTH)
         try:
             return BrokerClient(self.broker, cert_pem, token, server_name=self.name)
         except ValueError as e:
@@ -80,12 +95,16 @@ def _conn_options():
     )
 
 
+_EXIT_FOR = {grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH, grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+             grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE}
+
+
 def _rpc(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except grpc.RpcError as e:
-        code = e.code().name if e.code() else "ERROR"
-        _fail(f"{code.lower().replace('_', ' ')}: {e.details()}")
+        code = e.code() or grpc.StatusCode.UNKNOWN
+        _fail(f"{code.name.lower().replace('_', ' ')}: {e.details()}", _EXIT_FOR.get(code, EXIT_REFUSED))
 
 
 def _target(r) -> str:

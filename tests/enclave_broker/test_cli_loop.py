@@ -170,8 +170,18 @@ def test_cli_errors_name_what_is_missing(broker, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPA_")}
     r = subprocess.run([sys.executable, "-m", "enclave_bridge.mpa_commands", "fetch", "cr-x"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "MPA_BROKER" in r.stderr
+    assert r.returncode == 2 and "MPA_BROKER" in r.stderr
     r = mpa(broker, ALICE, "fetch", "cr-x", "--aws", "platform-admin")
     assert r.returncode == 2 and "exactly one" in r.stderr
     r = mpa(broker, ALICE, "fetch", "cr-doesnotexist")
     assert r.returncode == 1 and "not found" in r.stderr
+    r = mpa(broker, ALICE, "broker", "list", env_extra={"MPA_TOKEN": DevIssuer().mint(ALICE)})
+    assert r.returncode == 3 and "unauthenticated" in r.stderr
+
+
+def test_cli_reads_the_session_mpa_login_saved(broker, tmp_path):
+    (tmp_path / "session.json").write_text(json.dumps({"server": "http://x", "token": broker["dev"].mint(BOB)}))
+    r = mpa(broker, ALICE, "broker", "list", env_extra={"MPA_TOKEN": "", "MPA_CONFIG_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    r = mpa(broker, ALICE, "broker", "list", env_extra={"MPA_TOKEN": "", "MPA_CONFIG_DIR": str(tmp_path / "none")})
+    assert r.returncode == 3 and "mpa login" in r.stderr
