@@ -133,6 +133,9 @@ def register(app: typer.Typer) -> None:
         import threading
 
         import boto3
+        from botocore.config import Config
+
+        aws_config = Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 3, "mode": "standard"})
 
         from .broker.config import BrokerConfig, ConfigError
         from .broker.notify import JsonlAuditLog, SlackNotifier
@@ -153,7 +156,8 @@ def register(app: typer.Typer) -> None:
                     _fail("--seeds is required (or --simulate DIR for a local demo)")
                 from .nsm import NsmDevice
                 attester = NsmDevice(nsm_device)
-                kms = Boto3KmsClient(boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint))
+                kms = Boto3KmsClient(boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint,
+                                                  config=aws_config))
                 bundle = open_bundle(seeds.read_bytes(), kms, attester)
         except (SeedError, KmsError, OSError, measure_mod.BuildError) as e:
             _fail(f"seed secrets were not released, refusing to start: {e}")
@@ -161,7 +165,8 @@ def register(app: typer.Typer) -> None:
         if bundle.aws:
             sts_kwargs = {"aws_access_key_id": bundle.aws.get("access_key_id"),
                           "aws_secret_access_key": bundle.aws.get("secret_access_key")}
-        sts = boto3.client("sts", region_name=cfg.aws_region, endpoint_url=cfg.sts_endpoint_url, **sts_kwargs) \
+        sts = boto3.client("sts", region_name=cfg.aws_region, endpoint_url=cfg.sts_endpoint_url,
+                           config=aws_config, **sts_kwargs) \
             if cfg.roles else None
         host, _, port = listen.rpartition(":")
         oidc = None

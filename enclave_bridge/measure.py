@@ -140,7 +140,7 @@ def measure(repo: Path, rev: str = "HEAD", *, out: Path | None = None) -> Measur
         checkout = Path(tmp) / "src"
         old_umask = os.umask(0o027)  # a different umask than the usual 022
         try:
-            _git(repo, "clone", "--quiet", "--no-checkout", "--no-hardlinks", str(repo.resolve()), str(checkout))
+            _git(repo, "clone", "--quiet", "--no-checkout", "--shared", str(repo.resolve()), str(checkout))
             _git(checkout, "checkout", "--quiet", commit)
         finally:
             os.umask(old_umask)
