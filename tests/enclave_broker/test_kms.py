@@ -9,10 +9,10 @@ import pytest
 from botocore.stub import Stubber
 
 from enclave_bridge import cms
-from enclave_bridge.kms import (Boto3KmsClient, KeyPolicy, KmsAccessDenied, KmsError,
+from enclave_bridge.kms import (AttestedDocument, Boto3KmsClient, KeyPolicy, KmsAccessDenied, KmsError,
                                 KmsInvalidCiphertext, KmsMissingRecipient, LocalKms,
                                 decrypt_with_attestation)
-from tests.support.enclave_broker_attest import GOOD_PCRS, FakeNsm, verifier_for
+from tests.support.enclave_broker_attest import GOOD_PCRS, make_nsm, verifier_for
 
 
 def kms_client():
@@ -71,7 +71,7 @@ def test_boto3_adapter_refuses_a_plaintext_answer():
 
 @pytest.fixture
 def enclave():
-    nsm = FakeNsm()
+    nsm = make_nsm()
     kms = LocalKms(verifier_for(nsm))
     key_id = kms.create_key(KeyPolicy.for_pcrs({0: GOOD_PCRS[0], 2: GOOD_PCRS[2]}))
     return nsm, kms, key_id
@@ -100,21 +100,43 @@ def test_answer_is_cms_only_the_documents_key_opens(enclave):
 def test_refuses_an_enclave_with_other_pcrs(enclave):
     nsm, kms, key_id = enclave
     blob = kms.encrypt(key_id, b"secret")
-    evil = FakeNsm(pcrs={**GOOD_PCRS, 0: hashlib.sha384(b"malicious image").digest()}, signer=nsm.signer)
-    with pytest.raises(KmsAccessDenied, match="ImageSha384 does not match"):
+    evil = make_nsm({**GOOD_PCRS, 0: hashlib.sha384(b"malicious image").digest()}, like=nsm)
+    with pytest.raises(KmsAccessDenied, match="PcrMismatch: PCR0"):
         decrypt_with_attestation(kms, evil, blob)
-    missing = FakeNsm(pcrs={0: GOOD_PCRS[0]}, signer=nsm.signer)
-    with pytest.raises(KmsAccessDenied, match="no PCR2"):
+    missing = make_nsm({0: GOOD_PCRS[0]}, like=nsm)  # PCR2 not measured (zero)
+    with pytest.raises(KmsAccessDenied, match="PCR2"):
         decrypt_with_attestation(kms, missing, blob)
+
+
+def test_key_policy_check_on_its_own():
+    """The key policy re-checks what the verifier returned (defence in depth), with its own words."""
+    policy = KeyPolicy.for_pcrs({0: GOOD_PCRS[0], 2: GOOD_PCRS[2]})
+    policy.check(AttestedDocument(pcrs=dict(GOOD_PCRS), public_key=b"k"))
+    with pytest.raises(KmsAccessDenied, match="ImageSha384 does not match"):
+        policy.check(AttestedDocument(pcrs={**GOOD_PCRS, 0: b"\x02" * 48}, public_key=b"k"))
+    with pytest.raises(KmsAccessDenied, match="no PCR2, required by kms:RecipientAttestation:PCR2"):
+        policy.check(AttestedDocument(pcrs={0: GOOD_PCRS[0]}, public_key=b"k"))
 
 
 def test_refuses_a_forged_document(enclave):
     nsm, kms, key_id = enclave
-    forger = FakeNsm()  # same PCRs, but not signed by the trusted NSM
-    with pytest.raises(KmsAccessDenied, match="attestation document refused"):
+    forger = make_nsm()  # same PCRs, but not signed by the trusted NSM
+    with pytest.raises(KmsAccessDenied, match="UntrustedChain"):
         decrypt_with_attestation(kms, forger, kms.encrypt(key_id, b"secret"))
-    with pytest.raises(KmsAccessDenied):
+    with pytest.raises(KmsAccessDenied, match="MalformedDocument"):
         kms.decrypt_for_recipient(kms.encrypt(key_id, b"secret"), b"\xa0garbage")
+    from cryptography.hazmat.primitives.asymmetric import ec
+    spki = make_spki()
+    resigned = nsm.attest_with(public_key=spki, signing_key=ec.generate_private_key(ec.SECP384R1()))
+    with pytest.raises(KmsAccessDenied, match="InvalidSignature"):
+        kms.decrypt_for_recipient(kms.encrypt(key_id, b"secret"), resigned)
+
+
+def make_spki() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def test_refuses_without_a_recipient(enclave):

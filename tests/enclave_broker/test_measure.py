@@ -150,7 +150,7 @@ def test_ledger_changes_trusted_measurement_only_on_agreement(tmp_path):
 
 def mpactl(*args: str, cwd: Path) -> "subprocess.CompletedProcess[str]":
     import sys
-    return subprocess.run([sys.executable, "-m", "enclave_bridge.broker_cli", "broker", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", "broker", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 

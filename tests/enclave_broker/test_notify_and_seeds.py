@@ -16,7 +16,7 @@ from enclave_bridge.kms import KeyPolicy, KmsAccessDenied, LocalKms
 from enclave_bridge.sealed import SealedRecords, SqliteHostStorage
 from enclave_bridge.seeds import SeedBundle, SeedError, open_bundle, seal_bundle
 from mpa.devissuer import DevIssuer
-from tests.support.enclave_broker_attest import GOOD_PCRS, FakeNsm, verifier_for
+from tests.support.enclave_broker_attest import GOOD_PCRS, make_nsm, verifier_for
 from tests.support.enclave_broker_env import StubSts, broker_config
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
@@ -102,7 +102,7 @@ def test_slack_outage_does_not_block_but_audit_failure_does(parts):
 
 
 def test_seed_bundle_opens_only_in_a_measured_enclave():
-    nsm = FakeNsm()
+    nsm = make_nsm()
     kms = LocalKms(verifier_for(nsm))
     key_id = kms.create_key(KeyPolicy.for_pcrs({0: GOOD_PCRS[0]}))
     seeds = SeedBundle.generate(slack_webhook_url="https://hooks.slack.com/services/x")
@@ -111,7 +111,7 @@ def test_seed_bundle_opens_only_in_a_measured_enclave():
     opened = open_bundle(sealed, kms, nsm)
     assert opened == seeds and "slack=<set>" in repr(opened) and "PRIVATE" not in repr(opened)
 
-    other = FakeNsm(pcrs={0: b"\x01" * 48}, signer=nsm.signer)
+    other = make_nsm({0: b"\x01" * 48}, like=nsm)
     with pytest.raises(KmsAccessDenied):
         open_bundle(sealed, kms, other)
 

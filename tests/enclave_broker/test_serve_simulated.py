@@ -22,7 +22,6 @@ from mpa.devissuer import DevIssuer
 from tests.conftest import free_port
 from tests.support.enclave_broker_env import ROLE_ARN, StubSts
 
-pytest.importorskip("enclave_bridge.nsm")  # TEMPORARY until enclave-net's simulator is merged
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE, BOB = "alice@example.com", "bob@example.com"
@@ -42,7 +41,7 @@ def serve(tmp: Path, config: Path, ledger: Path, port: int):
     cert = tmp / "broker.pem"
     cert.unlink(missing_ok=True)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIDBROKER", "AWS_SECRET_ACCESS_KEY": "x"}
-    proc = subprocess.Popen([sys.executable, "-m", "enclave_bridge.broker_cli", "broker", "serve",
+    proc = subprocess.Popen([sys.executable, "-m", "rpcauthz.mpactl", "broker", "serve",
                              "--simulate", str(tmp / "sim"), "--ledger", str(ledger), "--repo", str(ROOT),
                              "--config", str(config), "--state", str(tmp / "state.db"),
                              "--audit-log", str(tmp / "audit.jsonl"), "--listen", f"127.0.0.1:{port}",

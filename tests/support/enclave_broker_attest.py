@@ -1,45 +1,19 @@
-"""Attestation for the broker's tests.
-
-PROVISIONAL until enclave-net's simulator and verifier land on main: a tiny signed document
-that carries PCRs and the enclave public key, which is all KMS needs from a document.
-"""
+"""Attestation for the broker's tests: enclave-net's simulated NSM (documents of the real format
+from its own CA chain) and the real verifier pinned to that simulator's root."""
 from __future__ import annotations
 
-import hashlib
+from enclave_bridge.kms import DocumentVerifier, attestation_verifier
+from enclave_bridge.nsm import SimulatedNsm, default_simulated_pcrs
 
-import cbor2
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from enclave_bridge.kms import AttestedDocument
-
-GOOD_PCRS = {0: hashlib.sha384(b"broker image").digest(), 1: hashlib.sha384(b"kernel").digest(),
-             2: hashlib.sha384(b"application").digest()}
+#: The image PCRs of the simulated "good" broker.
+GOOD_PCRS = {i: v for i, v in default_simulated_pcrs().items() if i in (0, 1, 2)}
 
 
-class FakeNsm:
-    """Issues documents signed by its own key; ``pcrs`` are what this 'enclave' measures."""
-
-    def __init__(self, pcrs=None, signer: Ed25519PrivateKey | None = None) -> None:
-        self.pcrs = dict(GOOD_PCRS if pcrs is None else pcrs)
-        self.signer = signer or Ed25519PrivateKey.generate()
-
-    def attest(self, user_data, nonce, public_key) -> bytes:
-        payload = cbor2.dumps({"pcrs": self.pcrs, "public_key": public_key, "nonce": nonce,
-                               "user_data": user_data})
-        return cbor2.dumps([payload, self.signer.sign(payload)])
+def make_nsm(pcrs=None, *, like: SimulatedNsm | None = None) -> SimulatedNsm:
+    """An NSM measuring ``pcrs``; ``like`` shares another NSM's CA (a genuine device, other image)."""
+    return SimulatedNsm(pcrs=dict(GOOD_PCRS if pcrs is None else pcrs), ca=like.ca if like else None)
 
 
-def verifier_for(nsm: FakeNsm):
-    public = nsm.signer.public_key()
-
-    def verify(document: bytes, pcrs) -> AttestedDocument:
-        payload, signature = cbor2.loads(document)
-        try:
-            public.verify(signature, payload)
-        except InvalidSignature:
-            raise ValueError("attestation signature does not verify") from None
-        body = cbor2.loads(payload)
-        return AttestedDocument(pcrs=body["pcrs"], public_key=body["public_key"])
-
-    return verify
+def verifier_for(nsm: SimulatedNsm) -> DocumentVerifier:
+    """The production verifier, pinned to this simulator's root instead of the AWS Nitro root."""
+    return attestation_verifier(nsm.root_certificate)
