@@ -103,6 +103,50 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps(t, indent=1) if t else "no trusted measurement yet")
 
 
+    @broker.command("seal-seeds")
+    def seal_seeds(key_id: str = typer.Option(..., "--kms-key-id", help="KMS key (id, ARN or alias) whose "
+                                              "policy pins the broker's measurement"),
+                   out: Path = typer.Option(..., "--out", help="where to write the sealed seed bundle"),
+                   kms_region: str = typer.Option("eu-west-2", "--kms-region"),
+                   kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint"),
+                   slack_webhook_url: Optional[str] = typer.Option(
+                       None, "--slack-webhook-url", envvar="MPA_BROKER_SLACK_WEBHOOK",
+                       help="Slack incoming webhook for notifications (env MPA_BROKER_SLACK_WEBHOOK)"),
+                   with_aws_keys: bool = typer.Option(
+                       False, "--with-aws-keys", help="include AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from the "
+                       "environment as the broker's STS credentials")) -> None:
+        """Make fresh seed secrets and seal them under a KMS key (run once, on a trusted machine).
+
+        Prints the Kubernetes issuer's public JWKS; the private key exists only inside the bundle.
+        """
+        import os
+
+        import boto3
+
+        from .credentials.k8s import OidcIssuer
+        from .kms import KmsError, boto3_encrypter
+        from .seeds import SeedBundle, seal_bundle
+
+        if out.exists():
+            _fail(f"{out} exists; refusing to overwrite seed secrets (move it away first)")
+        aws = None
+        if with_aws_keys:
+            kid, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+            if not kid or not secret:
+                _fail("--with-aws-keys needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+            aws = {"access_key_id": kid, "secret_access_key": secret}
+        bundle = SeedBundle.generate(aws=aws, slack_webhook_url=slack_webhook_url)
+        client = boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint)
+        try:
+            sealed = seal_bundle(bundle, key_id, boto3_encrypter(client, key_id))
+        except KmsError as e:
+            _fail(str(e))
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(sealed)
+        jwks = OidcIssuer("https://unused.invalid", bundle.signing_key()).jwks()
+        typer.echo(json.dumps({"sealed": str(out), "kubernetes_jwks": jwks}, indent=1))
+
     @broker.command("serve")
     def serve(config: Path = typer.Option(..., "--config", help="broker YAML config"),
               state: Path = typer.Option(..., "--state", help="sealed state file on the host (SQLite)"),

@@ -105,6 +105,24 @@ class Boto3KmsClient:
         return blob
 
 
+def boto3_encrypter(client: Any, key_id: str) -> Callable[[bytes, Mapping[str, str]], bytes]:
+    """``encrypt(plaintext, context)`` over boto3 ``kms.encrypt`` under ``key_id`` (operators seal
+    seed bundles with it; Encrypt needs no attestation, only the key policy's Encrypt grant)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    def encrypt(plaintext: bytes, context: Mapping[str, str]) -> bytes:
+        try:
+            return client.encrypt(KeyId=key_id, Plaintext=plaintext,
+                                  EncryptionContext=dict(context))["CiphertextBlob"]
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            raise _ERRORS.get(err.get("Code", ""), KmsError)(
+                f"KMS Encrypt failed ({err.get('Code')}): {err.get('Message')}") from None
+        except BotoCoreError as e:
+            raise KmsError(f"KMS Encrypt could not be called: {e}") from None
+    return encrypt
+
+
 _ERRORS: dict[str, type[KmsError]] = {
     "AccessDeniedException": KmsAccessDenied,
     "NotFoundException": KmsNotFound,

@@ -180,3 +180,17 @@ def test_key_policy_from_aws_json_and_its_refusals():
         KeyPolicy({"kms:RecipientAttestation:PCR1": "abcd"})
     with pytest.raises(ValueError, match="unsupported"):
         KeyPolicy({"kms:RecipientAttestation:Other": pcr0})
+
+
+def test_boto3_encrypter_request_shape_and_a_sealed_bundle_round_trip():
+    from enclave_bridge.kms import boto3_encrypter
+    client = kms_client()
+    with Stubber(client) as stub:
+        stub.add_response("encrypt", {"CiphertextBlob": b"wrapped", "KeyId": "k"},
+                          expected_params={"KeyId": "alias/broker-seeds", "Plaintext": b"data-key",
+                                           "EncryptionContext": {"purpose": "mpa-broker-seeds"}})
+        assert boto3_encrypter(client, "alias/broker-seeds")(b"data-key", {"purpose": "mpa-broker-seeds"}) == b"wrapped"
+        stub.add_client_error("encrypt", service_error_code="NotFoundException", service_message="no key")
+        from enclave_bridge.kms import KmsNotFound
+        with pytest.raises(KmsNotFound, match="no key"):
+            boto3_encrypter(client, "alias/none")(b"x", {})
