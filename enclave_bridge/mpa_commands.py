@@ -22,15 +22,19 @@ Exit codes follow ``mpa``'s: 0 done; 1 refused; 2 bad usage; 3 not signed in or 
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import sys
+import time
 from datetime import timezone
 from pathlib import Path
 from typing import List, Optional
 
 import grpc
 import typer
+from google.protobuf.message import DecodeError
 
 from mpa.v1 import broker_pb2
 
@@ -57,16 +61,8 @@ class _Conn:
         self.token_file = token_file or (Path(os.environ["MPA_TOKEN_FILE"]) if os.environ.get("MPA_TOKEN_FILE")
                                          else None)
 
-    def client(self):
-        from .broker.client import BrokerClient
-        if not self.broker:
-            _fail("no broker address: pass --broker HOST:PORT or set MPA_BROKER", EXIT_USAGE)
-        if not self.cert:
-            _fail("no broker certificate to pin: pass --broker-cert FILE or set MPA_BROKER_CERT", EXIT_USAGE)
-        try:
-            cert_pem = self.cert.read_bytes()
-        except OSError as e:
-            _fail(f"cannot read the broker certificate {self.cert}: {e}")
+    def token(self) -> str:
+        """The engineer's token: MPA_TOKEN, --token-file, or the session `mpa login` saved."""
         token = os.environ.get("MPA_TOKEN", "").strip()
         if not token and self.token_file is not None:
             try:
@@ -80,6 +76,19 @@ class _Conn:
                 token = ""
         if not token:
             _fail("not signed in: run `mpa login`, or set MPA_TOKEN / --token-file", EXIT_AUTH)
+        return token
+
+    def client(self):
+        from .broker.client import BrokerClient
+        if not self.broker:
+            _fail("no broker address: pass --broker HOST:PORT or set MPA_BROKER", EXIT_USAGE)
+        if not self.cert:
+            _fail("no broker certificate to pin: pass --broker-cert FILE or set MPA_BROKER_CERT", EXIT_USAGE)
+        try:
+            cert_pem = self.cert.read_bytes()
+        except OSError as e:
+            _fail(f"cannot read the broker certificate {self.cert}: {e}")
+        token = self.token()
         try:
             return BrokerClient(self.broker, cert_pem, token, server_name=self.name)
         except ValueError as e:
@@ -205,6 +214,10 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
               k8s: Optional[str] = typer.Option(None, "--k8s", help="your newest approved request for this cluster"),
               fmt: str = typer.Option("json", "--format", "-o",
                                       help="json | env | credential-process (AWS CLI) | exec-credential (kubectl)"),
+              cache: bool = typer.Option(True, "--cache/--no-cache",
+                                         help="for credential-process/exec-credential: reuse unexpired "
+                                              "credentials from $MPA_CONFIG_DIR/cache (0600) instead of "
+                                              "minting new ones on every aws/kubectl call"),
               broker: Optional[str] = o["broker"], cert: Optional[Path] = o["cert"],
               name: Optional[str] = o["name"], token_file: Optional[Path] = o["token_file"]) -> None:
         """Fetch credentials for your approved request.
@@ -217,7 +230,14 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
             _fail(f"unknown --format {fmt!r}; use json, env, credential-process or exec-credential", 2)
         if sum(x is not None for x in (request_id, aws, k8s)) != 1:
             _fail("name exactly one of: a request id, --aws ROLE, --k8s CLUSTER", 2)
-        c = _Conn(broker, cert, name, token_file).client()
+        conn = _Conn(broker, cert, name, token_file)
+        use_cache = cache and fmt in ("credential-process", "exec-credential")
+        cache_key = f"{conn.broker}|{_who(conn.token()) if use_cache else ''}|{request_id or ''}|{aws or ''}|{k8s or ''}"
+        got = _cache_get(cache_key) if use_cache else None
+        if got is not None:
+            _print_credentials(got, request_id or "(cached)", fmt)
+            return
+        c = conn.client()
         if request_id is None:
             approved = _rpc(c.list, mine=True, states=[broker_pb2.REQUEST_STATE_APPROVED])
             match = [r for r in approved
@@ -228,45 +248,93 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
                       "run `mpa request` and ask a colleague to approve it")
             request_id = match[0].id
         got = _rpc(c.fetch, request_id)
-        kind = got.WhichOneof("credentials")
-        if kind == "aws":
-            a = got.aws
-            expiration = a.expiration.ToDatetime(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            if fmt == "exec-credential":
-                _fail(f"{request_id} holds AWS credentials; exec-credential is for Kubernetes", 2)
-            if fmt == "env":
-                typer.echo(f"export AWS_ACCESS_KEY_ID={a.access_key_id}\nexport AWS_SECRET_ACCESS_KEY={a.secret_access_key}\n"
-                           f"export AWS_SESSION_TOKEN={a.session_token}\nexport AWS_REGION={a.region}")
-            else:
-                out = {"Version": 1, "AccessKeyId": a.access_key_id, "SecretAccessKey": a.secret_access_key,
-                       "SessionToken": a.session_token, "Expiration": expiration}
-                if fmt == "json":
-                    out = {**out, "RoleArn": a.role_arn, "Region": a.region, "RequestId": request_id}
-                sys.stdout.write(json.dumps(out) + "\n")
-        elif kind == "kubernetes":
-            k = got.kubernetes
-            expiration = k.expiration.ToDatetime(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            if fmt == "credential-process":
-                _fail(f"{request_id} holds a Kubernetes token; credential-process is for AWS", 2)
-            if fmt == "exec-credential":
-                api_version = "client.authentication.k8s.io/v1"
-                info = os.environ.get("KUBERNETES_EXEC_INFO")
-                if info:
-                    try:
-                        api_version = json.loads(info).get("apiVersion") or api_version
-                    except ValueError:
-                        pass
-                out = {"apiVersion": api_version, "kind": "ExecCredential",
-                       "status": {"token": k.token, "expirationTimestamp": expiration}}
-            elif fmt == "env":
-                typer.echo(f"export KUBE_TOKEN={k.token}")
-                return
-            else:
-                out = {"token": k.token, "expiration": expiration, "cluster": k.cluster, "server": k.server,
-                       "request_id": request_id}
-            sys.stdout.write(json.dumps(out) + "\n")
+        if use_cache:
+            _cache_put(cache_key, got)
+        _print_credentials(got, request_id, fmt)
+
+
+def _who(token: str) -> str:
+    """Whose credentials a cache entry holds: the token's subject (read unverified; only a cache key)."""
+    try:
+        payload = token.split(".")[1]
+        return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _expiry(got: broker_pb2.FetchResponse) -> float:
+    kind = got.WhichOneof("credentials")
+    return getattr(got, kind).expiration.ToDatetime(timezone.utc).timestamp() if kind else 0.0
+
+
+def _cache_file(key: str) -> Path:
+    return _session_file().parent / "cache" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+
+def _cache_get(key: str) -> Optional[broker_pb2.FetchResponse]:
+    """Cached credentials with more than a minute left, else None (a bad cache file is ignored)."""
+    try:
+        entry = json.loads(_cache_file(key).read_text())
+        got = broker_pb2.FetchResponse.FromString(base64.b64decode(entry["response"]))
+    except (OSError, ValueError, KeyError, DecodeError):
+        return None
+    return got if _expiry(got) - time.time() > 60 else None
+
+
+def _cache_put(key: str, got: broker_pb2.FetchResponse) -> None:
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"response": base64.b64encode(got.SerializeToString()).decode()}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache we cannot write only costs a fresh fetch next time
+
+
+def _print_credentials(got: broker_pb2.FetchResponse, request_id: str, fmt: str) -> None:
+    """Write credentials in the requested format (exits non-zero if the kind does not fit)."""
+    kind = got.WhichOneof("credentials")
+    if kind == "aws":
+        a = got.aws
+        expiration = a.expiration.ToDatetime(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if fmt == "exec-credential":
+            _fail(f"{request_id} holds AWS credentials; exec-credential is for Kubernetes", 2)
+        if fmt == "env":
+            typer.echo(f"export AWS_ACCESS_KEY_ID={a.access_key_id}\nexport AWS_SECRET_ACCESS_KEY={a.secret_access_key}\n"
+                       f"export AWS_SESSION_TOKEN={a.session_token}\nexport AWS_REGION={a.region}")
         else:
-            _fail("the broker returned no credentials")
+            out = {"Version": 1, "AccessKeyId": a.access_key_id, "SecretAccessKey": a.secret_access_key,
+                   "SessionToken": a.session_token, "Expiration": expiration}
+            if fmt == "json":
+                out = {**out, "RoleArn": a.role_arn, "Region": a.region, "RequestId": request_id}
+            sys.stdout.write(json.dumps(out) + "\n")
+    elif kind == "kubernetes":
+        k = got.kubernetes
+        expiration = k.expiration.ToDatetime(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if fmt == "credential-process":
+            _fail(f"{request_id} holds a Kubernetes token; credential-process is for AWS", 2)
+        if fmt == "exec-credential":
+            api_version = "client.authentication.k8s.io/v1"
+            info = os.environ.get("KUBERNETES_EXEC_INFO")
+            if info:
+                try:
+                    api_version = json.loads(info).get("apiVersion") or api_version
+                except ValueError:
+                    pass
+            out = {"apiVersion": api_version, "kind": "ExecCredential",
+                   "status": {"token": k.token, "expirationTimestamp": expiration}}
+        elif fmt == "env":
+            typer.echo(f"export KUBE_TOKEN={k.token}")
+            return
+        else:
+            out = {"token": k.token, "expiration": expiration, "cluster": k.cluster, "server": k.server,
+                   "request_id": request_id}
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        _fail("the broker returned no credentials")
 
 
 def main() -> None:

@@ -47,7 +47,8 @@ def broker(tmp_path_factory):
 
 def mpa(broker, who: str, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPA_BROKER": f"127.0.0.1:{broker['runtime'].port}", "MPA_BROKER_CERT": str(broker["cert"]),
-           "MPA_TOKEN": broker["dev"].mint(who), **(env_extra or {})}
+           "MPA_TOKEN": broker["dev"].mint(who), "MPA_CONFIG_DIR": str(broker["tmp"] / "mpa-config"),
+           **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "enclave_bridge.mpa_commands", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -104,6 +105,7 @@ def test_aws_cli_runs_mpa_fetch_as_credential_process(broker, tmp_path, monkeypa
     config.write_text(f"[profile admin]\ncredential_process = {cmd}\n")
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("MPA_CONFIG_DIR", str(tmp_path / "mpa-config"))
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     session = botocore.session.Session(profile="admin")
@@ -185,3 +187,25 @@ def test_cli_reads_the_session_mpa_login_saved(broker, tmp_path):
     assert r.returncode == 0, r.stderr
     r = mpa(broker, ALICE, "broker", "list", env_extra={"MPA_TOKEN": "", "MPA_CONFIG_DIR": str(tmp_path / "none")})
     assert r.returncode == 3 and "mpa login" in r.stderr
+
+
+def test_plugin_formats_reuse_unexpired_credentials_per_engineer(broker, tmp_path):
+    cfg = {"MPA_CONFIG_DIR": str(tmp_path / "shared-config")}
+    for who in (ALICE, BOB):
+        r = mpa(broker, who, "request", "aws", "platform-admin", "--reason", "cache test")
+        rid = request_id_from(r.stdout)
+        other = BOB if who == ALICE else ALICE
+        assert mpa(broker, other, "broker", "review", rid, "--approve").returncode == 0
+    sts = broker["sts"].requests
+    n = len(sts)
+    first = mpa(broker, ALICE, "fetch", "--aws", "platform-admin", "--format", "credential-process", env_extra=cfg)
+    second = mpa(broker, ALICE, "fetch", "--aws", "platform-admin", "--format", "credential-process", env_extra=cfg)
+    assert first.returncode == second.returncode == 0 and first.stdout == second.stdout
+    assert len(sts) == n + 1  # the AWS CLI calling again did not mint again
+    cache_files = list((tmp_path / "shared-config" / "cache").iterdir())
+    assert len(cache_files) == 1 and oct(cache_files[0].stat().st_mode & 0o777) == "0o600"
+    bob = mpa(broker, BOB, "fetch", "--aws", "platform-admin", "--format", "credential-process", env_extra=cfg)
+    assert bob.returncode == 0 and bob.stdout != first.stdout and sts[-1]["SourceIdentity"] == BOB
+    fresh = mpa(broker, ALICE, "fetch", "--aws", "platform-admin", "--format", "credential-process", "--no-cache",
+                env_extra=cfg)
+    assert fresh.returncode == 0 and fresh.stdout != first.stdout and len(sts) == n + 3

@@ -60,7 +60,7 @@ def stack(tmp_path_factory):
         with forwarder(f"unix://{vsock_stand_in}", f"tcp://127.0.0.1:{runtime.port}"), \
                 forwarder(f"tcp://127.0.0.1:{ports['parent_forwarder']}", f"unix://{vsock_stand_in}"), \
                 Envoy(envoy_config, ports["admin"], tmp / "envoy.log") as envoy:
-            yield {"envoy": envoy, "sts": sts, "dev": dev, "cert": tmp / "broker.pem", **ports}
+            yield {"envoy": envoy, "sts": sts, "dev": dev, "cert": tmp / "broker.pem", "tmp": tmp, **ports}
     finally:
         runtime.close()
         sts.close()
@@ -68,7 +68,7 @@ def stack(tmp_path_factory):
 
 def mpa(stack, who: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MPA_BROKER": f"127.0.0.1:{stack['passthrough']}", "MPA_BROKER_CERT": str(stack["cert"]),
-           "MPA_TOKEN": stack["dev"].mint(who)}
+           "MPA_TOKEN": stack["dev"].mint(who), "MPA_CONFIG_DIR": str(stack["tmp"] / "mpa-config")}
     return subprocess.run([sys.executable, "-m", "enclave_bridge.mpa_commands", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
