@@ -1,10 +1,12 @@
 """Decision audit events, written to the store in the background.
 
 Writing never blocks or changes a decision: ``submit`` only enqueues; a full queue or a
-failing store drops the event and counts it in ``rpcauthz_audit_dropped``. Events queued
-while a write is under way are written together in one transaction (``append_audits``). (An allow that
-spends an approval is different: its use and its audit event are one store transaction,
-done in the decision path by ``Store.update_request``.)
+failing store drops the event and counts it in ``rpcauthz_audit_dropped``. The writer
+waits ``batch_window`` seconds after the first event of a batch and then writes everything
+queued (up to ``MAX_BATCH``) in one transaction (``append_audits``), so a busy gateway pays
+one commit per window instead of one per decision. (An allow that spends an approval is
+different: its use and its audit event are one store transaction, done in the decision
+path by ``Store.update_request``.)
 """
 from __future__ import annotations
 
@@ -23,17 +25,25 @@ MAX_BATCH = 500
 
 
 class AuditWriter:
-    def __init__(self, store, metrics: Metrics, queue_size: int, executor: Executor | None = None) -> None:
+    """Queue of audit events and the task that writes them in batches."""
+
+    def __init__(self, store, metrics: Metrics, queue_size: int, executor: Executor | None = None,
+                 batch_window: float = 0.0) -> None:
+        if batch_window < 0:
+            raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window}")
         self._store = store
         self._metrics = metrics
         self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(maxsize=queue_size)
         self._executor = executor
+        self._window = batch_window
         self._task: asyncio.Task | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     def submit(self, event: AuditEvent) -> None:
+        """Queue ``event`` for writing; never blocks, never raises for a full queue."""
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -47,6 +57,8 @@ class AuditWriter:
             # Everything queued meanwhile goes in one transaction when the store can batch.
             batch_write = getattr(self._store, "append_audits", None)
             if batch_write is not None:
+                if self._window and not self._closing and self._queue.qsize() < MAX_BATCH - 1:
+                    await asyncio.sleep(self._window)
                 while len(batch) < MAX_BATCH and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
             try:
@@ -67,6 +79,7 @@ class AuditWriter:
         """Write what is queued (up to ``timeout`` seconds), then stop."""
         if self._task is None:
             return
+        self._closing = True  # no more waiting for company: flush now
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except asyncio.TimeoutError:

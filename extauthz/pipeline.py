@@ -283,7 +283,8 @@ class Authorizer:
                           request_id=request_id or v.request_id or v.approval_id,
                           service=v.target.service if v.target else None,
                           method=v.target.method if v.target else None,
-                          outcome=v.kind.value, reason=v.message[:500], detail=detail)
+                          outcome=v.kind.value, reason=v.message[:500], detail=detail,
+                          id=os.urandom(16).hex())  # as unique as the uuid4 default, cheaper
 
     async def _io(self, op: str, fn, *args, **kwargs):
         """Run a blocking store call off the event loop; any failure is a ``_Failure``."""

@@ -75,29 +75,80 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
                                       append_action=_OVERWRITE)
 
 
+#: Allow responses without the decision id, by what they depend on (``_allow_template``).
+_ALLOW_TEMPLATES: dict[tuple, external_auth_pb2.CheckResponse] = {}
+_MAX_TEMPLATES = 4096
+#: Where the decision id goes in a template's ``ok_response.headers``.
+_DECISION_HEADER_INDEX = 1
+
+
+def _allow_template(v: Verdict) -> external_auth_pb2.CheckResponse:
+    """The allow response for ``v`` with an empty decision id. Everything else in it is a
+    function of ``v``'s principal, target, mode, rule and dev flag (``metadata`` and the
+    headers), so it is built once per such combination and copied: a copy is ~4x cheaper
+    than building the headers and the metadata Struct again."""
+    key = (v.principal, v.target, v.mode, v.rule, v.dev)
+    resp = _ALLOW_TEMPLATES.get(key)
+    if resp is None:
+        if len(_ALLOW_TEMPLATES) >= _MAX_TEMPLATES:
+            _ALLOW_TEMPLATES.clear()  # bounded; the few hot combinations come back at once
+        resp = _ALLOW_TEMPLATES[key] = _build_allow(v, decision_id="")
+    return resp
+
+
+def _build_allow(v: Verdict, decision_id: str) -> external_auth_pb2.CheckResponse:
+    # Filled in place (add/extend) rather than built from nested messages: no copies.
+    resp = external_auth_pb2.CheckResponse()
+    resp.status.code = code_pb2.OK
+    ok = resp.ok_response
+    set_headers = {PRINCIPAL_HEADER: v.principal or "", DECISION_HEADER: decision_id}
+    if v.approval_id:
+        set_headers[APPROVAL_HEADER] = v.approval_id
+    for key, value in set_headers.items():
+        opt = ok.headers.add()
+        opt.header.key, opt.header.value = key, value
+        opt.append_action = _OVERWRITE
+    meta = metadata(v)
+    meta.fields["decision_id"].string_value = decision_id
+    resp.dynamic_metadata.CopyFrom(meta)
+    return resp
+
+
+def _headers_to_remove(request_headers: Iterable[str], also_remove: Iterable[str],
+                       keep: tuple[str, ...]) -> list[str]:
+    """Client headers that only we may set (``x-rpcauthz-*``, any case), except those the
+    response sets itself (``keep``; Envoy overwrites them), plus ``also_remove``."""
+    strip = {h.lower() for h in also_remove}
+    n = len(HEADER_PREFIX)
+    for h in request_headers:
+        if h[:n].lower() == HEADER_PREFIX:
+            low = h.lower()
+            if low not in keep:
+                strip.add(low)
+    return sorted(strip)
+
+
+_SET_ON_ALLOW = (PRINCIPAL_HEADER, DECISION_HEADER)
+_SET_ON_APPROVED_ALLOW = (PRINCIPAL_HEADER, DECISION_HEADER, APPROVAL_HEADER)
+
+
 def build(v: Verdict, request_headers: Iterable[str] = (),
           also_remove: Iterable[str] = ()) -> external_auth_pb2.CheckResponse:
     """The ``CheckResponse`` for ``v``. ``request_headers`` are the names the client sent."""
     if v.kind is Kind.ALLOW:
-        # Filled in place (add/extend) rather than built from nested messages: no copies.
-        resp = external_auth_pb2.CheckResponse()
-        resp.status.code = code_pb2.OK
-        ok = resp.ok_response
-        set_headers = {PRINCIPAL_HEADER: v.principal or "", DECISION_HEADER: v.decision_id}
-        if v.approval_id:
-            set_headers[APPROVAL_HEADER] = v.approval_id
-        for key, value in set_headers.items():
-            opt = ok.headers.add()
-            opt.header.key, opt.header.value = key, value
-            opt.append_action = _OVERWRITE
-        strip = {h.lower() for h in also_remove}
-        for h in request_headers:
-            if h.startswith(HEADER_PREFIX) or h.lower().startswith(HEADER_PREFIX):
-                if h.lower() not in set_headers:
-                    strip.add(h.lower())
+        if v.approval_id or v.request_id:
+            # Allows through an approval are rare and did store I/O anyway: build afresh.
+            resp = _build_allow(v, v.decision_id)
+            keep = _SET_ON_APPROVED_ALLOW
+        else:
+            resp = external_auth_pb2.CheckResponse()
+            resp.CopyFrom(_allow_template(v))
+            resp.ok_response.headers[_DECISION_HEADER_INDEX].header.value = v.decision_id
+            resp.dynamic_metadata.fields["decision_id"].string_value = v.decision_id
+            keep = _SET_ON_ALLOW
+        strip = _headers_to_remove(request_headers, also_remove, keep)
         if strip:
-            ok.headers_to_remove.extend(sorted(strip))
-        resp.dynamic_metadata.CopyFrom(metadata(v))
+            resp.ok_response.headers_to_remove.extend(strip)
         return resp
     meta = metadata(v)
     if v.kind is Kind.ERROR:

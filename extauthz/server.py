@@ -91,6 +91,15 @@ def _grant_stats(grants) -> Callable[[], dict]:
     return stats
 
 
+def grpc_server_options(workers: int = 1) -> list[tuple[str, int]]:
+    """The grpc.aio server options (the benchmark's no-op server uses the same)."""
+    return [
+        # One worker: refuse a port someone else holds. Several: share it on purpose.
+        ("grpc.so_reuseport", 1 if workers > 1 else 0),
+        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ]
+
+
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     """``envoy.service.auth.v3.Authorization/Check`` backed by an ``Authorizer``."""
 
@@ -118,15 +127,12 @@ async def serve(settings: Settings, *, components: Components | None = None,
     for name, fn in components.stats.items():
         metrics.watch_stats(name, fn)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="extauthz-store")
-    audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor)
+    audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor,
+                        batch_window=settings.audit.batch_window_ms / 1000.0)
     audit.start()
     authorizer = Authorizer(settings, store=components.store, grants=components.grants,
                             modes=components.modes, audit=audit, metrics=metrics, executor=executor)
-    server = grpc.aio.server(options=[
-        # One worker: refuse a port someone else holds. Several: share it on purpose.
-        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-    ])
+    server = grpc.aio.server(options=grpc_server_options(settings.workers))
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,6 +9,7 @@ Grant changes are noticed by polling the grants revision (``poll_interval`` seco
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -90,6 +91,13 @@ CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 _NAMED = re.compile(r"%\((\w+)\)s")
 
 
+@functools.lru_cache(maxsize=512)
+def _sqlite_sql(sql: str) -> str:
+    """The shared ``%(name)s`` SQL in sqlite3's ``:name`` style (the same few statements
+    repeat; converting each time cost more than the insert on the audit hot path)."""
+    return _NAMED.sub(r":\1", sql)
+
+
 class _Cursor:
     """Runs the shared ``%(name)s`` SQL on a sqlite3 connection."""
 
@@ -99,7 +107,7 @@ class _Cursor:
         self._conn = conn
 
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
-        return self._conn.execute(_NAMED.sub(r":\1", sql), params)
+        return self._conn.execute(_sqlite_sql(sql), params)
 
 
 class SQLiteStore(SqlStore):
