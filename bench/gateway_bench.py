@@ -9,16 +9,23 @@ Runs, in one go and on the same machine, three real Envoys with the same gateway
   rpcauthz   Envoy + our server (SQLite store, reflection cache, grants in memory), warm
 
 and drives each with h2load (gRPC over h2c, a prebuilt request body) at concurrency 1
-and 16, for a fixed time after a warm-up. Prints p50/p99 latency and throughput, and
-the ratios against the baseline and against the no-op floor measured in the same run.
+and 16, for a fixed time after a warm-up. The three scenarios run interleaved, ``--repeat``
+rounds in alternating order (A B C, C B A, ...), so drifting load from other work on the
+machine hits them alike; each cell reports the median over the rounds. Prints p50/p99
+latency and throughput, the ratios against the baseline and against the no-op floor
+measured in the same run, and the spread of the per-round rpcauthz/no-op ratios.
 
-    python bench/gateway_bench.py                  # 10 s per cell
-    python bench/gateway_bench.py --duration 3 --concurrency 1 16
+Our server runs with its defaults (every allow audited, in batches); ``--no-audit-allows``
+turns that off. Both ext_authz servers use the same grpc.aio options and event loop.
+
+    python bench/gateway_bench.py                  # 3 rounds of 10 s per cell
+    python bench/gateway_bench.py --duration 3 --repeat 5 --concurrency 1 16
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import shutil
 import statistics
@@ -47,15 +54,22 @@ class Cell:
     seconds: float
     p50_ms: float
     p99_ms: float
+    #: Set on a cell that summarises rounds (the median of theirs); else ok / seconds.
+    throughput: float | None = None
+    #: CPU time the scenario's ext_authz server process used per answered request (µs).
+    server_cpu_us: float | None = None
 
     @property
     def rps(self) -> float:
+        if self.throughput is not None:
+            return self.throughput
         return self.ok / self.seconds if self.seconds else 0.0
 
 
 def run_h2load(port: int, token: str, body: pathlib.Path, concurrency: int, duration: float,
                warmup: float, workdir: pathlib.Path, name: str) -> Cell:
     log = workdir / f"h2load-{name}-{concurrency}.log"
+    log.unlink(missing_ok=True)  # h2load appends: keep every round's requests apart
     argv = ["h2load", "-c", str(concurrency), "-m", "1", "-t", "1",
             "-D", f"{int(duration * 1000)}ms", f"--warm-up-time={int(warmup * 1000)}ms", "-d", str(body), "--log-file", str(log),
             "-H", "content-type: application/grpc", "-H", "te: trailers",
@@ -80,6 +94,26 @@ def run_h2load(port: int, token: str, body: pathlib.Path, concurrency: int, dura
     return Cell(name, concurrency, total, ok, duration, q[49], q[98])
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of ``pid`` (key: "name/tid"), for ``--thread-cpu``."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            text = pathlib.Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[f"{name}/{tid}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def _noop_server(port: int, workdir: pathlib.Path) -> ManagedProcess:
     proc = ManagedProcess("noop-extauthz", [sys.executable, str(ROOT / "bench" / "noop_extauthz.py"),
                                             "--port", str(port)], workdir / "noop.log")
@@ -101,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per cell")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--thread-cpu", action="store_true",
+                    help="also print each ext_authz server thread's CPU time per cell")
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
-    ap.add_argument("--audit-allows", action="store_true",
-                    help="write an audit event for every allow too (audit.allows; off by default here)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds of every cell, interleaved; cells report the median")
+    ap.add_argument("--audit-allows", action=argparse.BooleanOptionalAction, default=True,
+                    help="audit every allow (audit.allows, the server's default: on)")
     args = ap.parse_args(argv)
     if shutil.which("h2load") is None:
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
@@ -140,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         }, workdir, env={"PYTHONWARNINGS": "ignore"})
         things.append(ours)
         ours.wait_ready()
-        things.append(_noop_server(noop_port, workdir))
+        noop = _noop_server(noop_port, workdir)
+        things.append(noop)
+        server_pid = {"noop": noop.pid, "rpcauthz": ours.pid}
 
         envoys = {}
         for name, ext_port in (("baseline", None), ("noop", noop_port), ("rpcauthz", ours_port)):
@@ -157,11 +197,31 @@ def main(argv: list[str] | None = None) -> int:
         for name, e in envoys.items():
             check_call(e.port, token)  # also warms reflection and connections
 
-        cells: list[Cell] = []
-        for c in args.concurrency:
-            for name, e in envoys.items():
-                cells.append(run_h2load(e.port, token, body, c, args.duration, args.warmup, workdir, name))
-        print(render(cells))
+        rounds: list[list[Cell]] = []
+        names = list(envoys)
+        for i in range(max(1, args.repeat)):
+            order = names if i % 2 == 0 else names[::-1]
+            cells: list[Cell] = []
+            for c in args.concurrency:
+                for name in order:
+                    pid = server_pid.get(name)
+                    cpu = process_cpu_seconds(pid) if pid else 0.0
+                    threads = thread_cpu_seconds(pid) if pid and args.thread_cpu else {}
+                    cell = run_h2load(envoys[name].port, token, body, c, args.duration,
+                                      args.warmup, workdir, name)
+                    if pid:  # the CPU covers the warm-up too: count its requests at the same rate
+                        served = cell.requests * (args.duration + args.warmup) / args.duration
+                        cell.server_cpu_us = (process_cpu_seconds(pid) - cpu) * 1e6 / max(served, 1)
+                    if threads:
+                        after = thread_cpu_seconds(pid)
+                        used = sorted(((after[k] - threads.get(k, 0.0), k) for k in after), reverse=True)
+                        print(f"{name} c={c}: " + ", ".join(f"{k} {v:.2f}s" for v, k in used if v > 0),
+                              flush=True)
+                    cells.append(cell)
+            rounds.append(cells)
+        print(f"{len(rounds)} round(s) of {args.duration:g} s per cell, audit.allows "
+              f"{'on' if args.audit_allows else 'off'}, Envoy --concurrency {args.envoy_concurrency}")
+        print(render(median_cells(rounds), rounds))
         return 0
     finally:
         for t in reversed(things):
@@ -177,28 +237,70 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def render(cells: list[Cell]) -> str:
+def median_cells(rounds: list[list[Cell]]) -> list[Cell]:
+    """One cell per (scenario, concurrency): medians of p50, p99 and throughput over rounds."""
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for cells in rounds:
+        for c in cells:
+            groups.setdefault((c.scenario, c.concurrency), []).append(c)
+    out = []
+    for (scenario, conc), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], _ORDER.index(kv[0][0]))):
+        seconds = statistics.median(c.seconds for c in cs)
+        out.append(Cell(scenario, conc, sum(c.requests for c in cs), sum(c.ok for c in cs),
+                        seconds, statistics.median(c.p50_ms for c in cs),
+                        statistics.median(c.p99_ms for c in cs),
+                        throughput=statistics.median(c.rps for c in cs),
+                        server_cpu_us=statistics.median(c.server_cpu_us for c in cs)
+                        if all(c.server_cpu_us is not None for c in cs) else None))
+    return out
+
+
+_ORDER = ["baseline", "noop", "rpcauthz"]
+
+
+def render(cells: list[Cell], rounds: list[list[Cell]] | None = None) -> str:
     by = {(c.scenario, c.concurrency): c for c in cells}
     out = ["| scenario | concurrency | requests ok | throughput (req/s) | p50 (ms) | p99 (ms) "
            "| throughput vs baseline | p50 vs baseline | p99 vs baseline | throughput vs noop | p50 vs noop | p99 vs noop |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
     for c in cells:
         base = by.get(("baseline", c.concurrency))
         noop = by.get(("noop", c.concurrency))
-
-        def ratio(a: float, b: float) -> str:
-            return f"{a / b:.2f}x" if b else "-"
         out.append(f"| {c.scenario} | {c.concurrency} | {c.ok} | {c.rps:.0f} | {c.p50_ms:.2f} | {c.p99_ms:.2f} "
                    f"| {ratio(c.rps, base.rps)} | {ratio(c.p50_ms, base.p50_ms)} | {ratio(c.p99_ms, base.p99_ms)} "
                    f"| {ratio(c.rps, noop.rps)} | {ratio(c.p50_ms, noop.p50_ms)} | {ratio(c.p99_ms, noop.p99_ms)} |")
     summary = []
     for conc in sorted({c.concurrency for c in cells}):
         ours, noop = by.get(("rpcauthz", conc)), by.get(("noop", conc))
-        if ours and noop:
-            summary.append(f"concurrency {conc}: rpcauthz costs {100 * (ours.p50_ms / noop.p50_ms - 1):+.0f}% p50, "
-                           f"{100 * (ours.p99_ms / noop.p99_ms - 1):+.0f}% p99 and "
-                           f"{100 * (ours.rps / noop.rps - 1):+.0f}% throughput against the no-op floor")
+        if not (ours and noop):
+            continue
+        line = (f"concurrency {conc}: rpcauthz costs {100 * (ours.p50_ms / noop.p50_ms - 1):+.0f}% p50, "
+                f"{100 * (ours.p99_ms / noop.p99_ms - 1):+.0f}% p99 and "
+                f"{100 * (ours.rps / noop.rps - 1):+.0f}% throughput against the no-op floor")
+        paired = _paired_ratios(rounds or [], conc)
+        if len(paired) > 1:
+            p50s, rpss = [p for p, _ in paired], [r for _, r in paired]
+            line += (f" (per-round ratios over {len(paired)} rounds: p50 {min(p50s):.2f}-{max(p50s):.2f}x, "
+                     f"throughput {min(rpss):.2f}-{max(rpss):.2f}x)")
+        if ours.server_cpu_us and noop.server_cpu_us:
+            line += (f"; ext_authz server CPU per request {noop.server_cpu_us:.0f} µs (no-op) vs "
+                     f"{ours.server_cpu_us:.0f} µs (rpcauthz), {ours.server_cpu_us / noop.server_cpu_us:.2f}x")
+        met = ours.p50_ms <= 1.15 * noop.p50_ms and ours.rps >= noop.rps / 1.15
+        summary.append(line + f"; within 15% of the floor (p50 and throughput): {'yes' if met else 'NO'}")
     return "\n".join(out + [""] + summary)
+
+
+def _paired_ratios(rounds: list[list[Cell]], conc: int) -> list[tuple[float, float]]:
+    """(p50, throughput) of rpcauthz over the no-op, per round (the two ran back to back)."""
+    pairs = []
+    for cells in rounds:
+        by = {c.scenario: c for c in cells if c.concurrency == conc}
+        if "rpcauthz" in by and "noop" in by and by["noop"].p50_ms and by["noop"].rps:
+            pairs.append((by["rpcauthz"].p50_ms / by["noop"].p50_ms, by["rpcauthz"].rps / by["noop"].rps))
+    return pairs
 
 
 if __name__ == "__main__":

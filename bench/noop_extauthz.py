@@ -1,19 +1,27 @@
 """A no-op Envoy ext_authz server: answers every Check with OK at once (the benchmark floor).
 
-Same stack as the real server (grpc.aio, one process, health service), no decision work.
+Same stack as the real server (grpc.aio with the same server options, the default asyncio
+event loop, one process, health service), no decision work.
     python bench/noop_extauthz.py --port 9101
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import pathlib
 import signal
+import sys
 
-import grpc
-from google.rpc import code_pb2, status_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+import grpc  # noqa: E402
+from google.rpc import code_pb2, status_pb2  # noqa: E402
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
+
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: E402
+from extauthz.server import grpc_server_options  # noqa: E402
 
 _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
                                       ok_response=external_auth_pb2.OkHttpResponse())
@@ -25,7 +33,7 @@ class NoopAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
 
 
 async def serve(port: int) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=grpc_server_options())
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoopAuthorization(), server)
     h = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(h, server)
