@@ -40,7 +40,7 @@ def identify(req: external_auth_pb2.CheckRequest, cfg: IdentityConfig) -> Identi
     if cfg.dev_mode:
         headers = req.attributes.request.http.headers
         value = headers.get(cfg.dev_principal_header, "")
-        return Identity(_check_principal(value, f"header {cfg.dev_principal_header}"), "dev-header", None)
+        return Identity(_check_principal(value, "header", cfg.dev_principal_header), "dev-header", None)
     ns = req.attributes.metadata_context.filter_metadata
     if cfg.metadata_namespace not in ns:
         raise IdentityError("no verified identity: the gateway's JWT filter passed no token payload "
@@ -50,16 +50,20 @@ def identify(req: external_auth_pb2.CheckRequest, cfg: IdentityConfig) -> Identi
     if payload is None or payload.WhichOneof("kind") != "struct_value":
         raise IdentityError(f"no verified identity: metadata {cfg.metadata_namespace} has no "
                             f"{cfg.payload_key!r} token payload")
-    claims = payload.struct_value.fields
+    token = payload.struct_value
+    claims = token.fields
     claim = claims[cfg.principal_claim] if cfg.principal_claim in claims else None
     if claim is None or claim.WhichOneof("kind") != "string_value":
         raise IdentityError(f"the verified token has no string {cfg.principal_claim!r} claim "
                             "to identify the caller")
-    return Identity(_check_principal(claim.string_value, f"claim {cfg.principal_claim!r}"), "jwt",
-                    payload.struct_value)
+    return Identity(_check_principal(claim.string_value, "claim", repr(cfg.principal_claim)), "jwt", token)
 
 
-def _check_principal(value: str, where: str) -> str:
+def _check_principal(value: str, what: str, name: str) -> str:
+    """``value`` if it is a usable principal; else ``IdentityError`` naming ``what name``."""
+    if value and len(value) <= MAX_PRINCIPAL_LENGTH and _PRINCIPAL.match(value):
+        return value  # the usual case: no message to build
+    where = f"{what} {name}"
     if not value:
         raise IdentityError(f"no identity: {where} is empty or absent")
     if len(value) > MAX_PRINCIPAL_LENGTH:

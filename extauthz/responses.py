@@ -119,8 +119,11 @@ def _headers_to_remove(request_headers: Iterable[str], also_remove: Iterable[str
     """Client headers that only we may set (``x-rpcauthz-*``, any case), except those the
     response sets itself (``keep``; Envoy overwrites them), plus ``also_remove``."""
     strip = {h.lower() for h in also_remove}
+    names = list(request_headers)
+    if HEADER_PREFIX not in "\n".join(names).lower():  # the usual case, in one pass
+        return sorted(strip)
     n = len(HEADER_PREFIX)
-    for h in request_headers:
+    for h in names:
         if h[:n].lower() == HEADER_PREFIX:
             low = h.lower()
             if low not in keep:

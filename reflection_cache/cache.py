@@ -178,6 +178,19 @@ class ReflectionCache:
         # shield: one caller giving up must not cancel the fetch the others wait for.
         return await asyncio.shield(task)
 
+    def get_fresh(self, service: str) -> ServiceModes | None:
+        """The options of ``service`` if a fresh entry is cached, else None; never waits.
+
+        For a caller's fast path (the ext_authz server decides warm checks without
+        awaiting anything): None means "call ``get``", which handles stale entries,
+        remembered errors and misses as usual.
+        """
+        entry = self._entries.get(service)
+        if entry is not None and entry.error is None and self.clock() < entry.fresh_until:
+            self._stats.hits += 1
+            return entry.modes
+        return None
+
     # -- operations --------------------------------------------------------------------------
 
     def invalidate(self, service: str) -> bool:
