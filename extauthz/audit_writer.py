@@ -13,12 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
+from typing import Callable
 
 from policy.audit import AuditEvent
 
 from .metrics import Metrics
 
 log = logging.getLogger("extauthz.audit")
+
+
+def _describe(item) -> str:
+    if isinstance(item, AuditEvent):
+        return f"{item.kind} {item.id} for {item.actor}"
+    return "a deferred event"
 
 #: Most events written in one store transaction.
 MAX_BATCH = 500
@@ -42,13 +49,17 @@ class AuditWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
-    def submit(self, event: AuditEvent) -> None:
-        """Queue ``event`` for writing; never blocks, never raises for a full queue."""
+    def submit(self, event: AuditEvent | Callable[[], AuditEvent]) -> None:
+        """Queue ``event`` for writing; never blocks, never raises for a full queue.
+
+        ``event`` may also be a function that builds it: it is called in the writer's
+        thread just before the write, which keeps building it off the decision's path.
+        """
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self._metrics.audit_dropped.labels("queue_full").inc()
-            log.error("audit queue full: dropped %s for %s", event.kind, event.actor)
+            log.error("audit queue full: dropped %s", _describe(event))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -63,17 +74,33 @@ class AuditWriter:
                     batch.append(self._queue.get_nowait())
             try:
                 if batch_write is not None:
-                    await loop.run_in_executor(self._executor, batch_write, batch)
+                    await loop.run_in_executor(self._executor, self._write, batch_write, batch)
                 else:
-                    await loop.run_in_executor(self._executor, self._store.append_audit, batch[0])
+                    await loop.run_in_executor(self._executor, self._write,
+                                               lambda events: self._store.append_audit(events[0]), batch)
             except Exception as e:
                 self._metrics.audit_dropped.labels("write_failed").inc(len(batch))
                 self._metrics.store_errors.labels("append_audit").inc()
-                log.error("audit write failed for %d event(s), first %s %s: %s", len(batch),
-                          batch[0].kind, batch[0].id, e)
+                log.error("audit write failed for %d event(s), first %s: %s", len(batch),
+                          _describe(batch[0]), e)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    def _write(self, write: Callable[[list[AuditEvent]], None], batch: list) -> None:
+        """In the executor: build the deferred events, then write the batch."""
+        events = []
+        for item in batch:
+            if isinstance(item, AuditEvent):
+                events.append(item)
+                continue
+            try:
+                events.append(item())
+            except Exception:  # a bug building one event must not lose the others
+                self._metrics.audit_dropped.labels("build_failed").inc()
+                log.exception("could not build an audit event")
+        if events:
+            write(events)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout`` seconds), then stop."""

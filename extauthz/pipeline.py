@@ -14,6 +14,7 @@ goes wrong (a reflection or store error, the deadline, a bug) is a 503, never an
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -310,7 +311,9 @@ class Authorizer:
         if decision.outcome is Outcome.ALLOW:
             v = p.verdict(Kind.ALLOW, decision.rule, decision.message)
             if self.settings.audit.allows:
-                self.audit.submit(self._event("decision.allow", v, decision))
+                # The event is built by the writer, off the hot path, with the decision's time.
+                self.audit.submit(functools.partial(self._event, "decision.allow", v, decision,
+                                                    at=self.clock()))
             return v
         return self._deny(p.verdict(Kind.DENY, decision.rule, decision.message,
                                     _deny_advice(decision.rule, p.target)))
@@ -326,13 +329,13 @@ class Authorizer:
             log.exception("could not queue the audit event of decision %s", v.decision_id)
 
     def _event(self, kind: str, v: Verdict, decision: policy.Decision | None = None,
-               request_id: str | None = None) -> AuditEvent:
+               request_id: str | None = None, *, at: datetime | None = None) -> AuditEvent:
         detail = {"decision_id": v.decision_id, "rule": v.rule, "mode": v.mode_name}
         if v.mode_source:
             detail["mode_source"] = v.mode_source
         if v.dev:
             detail["dev"] = True
-        return AuditEvent(kind=kind, actor=v.principal or "-", at=self.clock(),
+        return AuditEvent(kind=kind, actor=v.principal or "-", at=at or self.clock(),
                           request_id=request_id or v.request_id or v.approval_id,
                           service=v.target.service if v.target else None,
                           method=v.target.method if v.target else None,
