@@ -22,6 +22,11 @@ from .metrics import Metrics
 log = logging.getLogger("extauthz.audit")
 
 
+def _finish(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _describe(item) -> str:
     if isinstance(item, AuditEvent):
         return f"{item.kind} {item.id} for {item.actor}"
@@ -45,6 +50,7 @@ class AuditWriter:
         self._window = batch_window
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._window_over: asyncio.Future | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -69,7 +75,7 @@ class AuditWriter:
             batch_write = getattr(self._store, "append_audits", None)
             if batch_write is not None:
                 if self._window and not self._closing and self._queue.qsize() < MAX_BATCH - 1:
-                    await asyncio.sleep(self._window)
+                    await self._wait_window(loop)
                 while len(batch) < MAX_BATCH and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
             try:
@@ -86,6 +92,16 @@ class AuditWriter:
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _wait_window(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sleep for the batch window; ``close`` ends the wait early."""
+        self._window_over = loop.create_future()
+        timer = loop.call_later(self._window, _finish, self._window_over)
+        try:
+            await self._window_over
+        finally:
+            timer.cancel()
+            self._window_over = None
 
     def _write(self, write: Callable[[list[AuditEvent]], None], batch: list) -> None:
         """In the executor: build the deferred events, then write the batch."""
@@ -107,6 +123,8 @@ class AuditWriter:
         if self._task is None:
             return
         self._closing = True  # no more waiting for company: flush now
+        if self._window_over is not None:
+            _finish(self._window_over)
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except asyncio.TimeoutError:

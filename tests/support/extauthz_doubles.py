@@ -49,3 +49,19 @@ class StaticModes:
         except KeyError:
             raise UnknownService(f"no reflection knows {service}") from None
 
+
+
+class FreshModes(StaticModes):
+    """``StaticModes`` that also answers ``get_fresh`` (like a warm ``ReflectionCache``), so
+    the pipeline takes its from-memory path; ``stale = True`` makes every entry not fresh."""
+
+    def __init__(self, services: dict[str, ServiceModes]) -> None:
+        super().__init__(services)
+        self.stale = False
+        self.fresh_calls = 0
+
+    def get_fresh(self, service: str) -> ServiceModes | None:
+        self.fresh_calls += 1
+        if self.stale or self.delay or self.fail is not None:
+            return None
+        return self.services.get(service)
