@@ -30,7 +30,7 @@ from policy.stores import open_store
 from reflection_cache.cache import CacheSettings, ReflectionCache
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionUnavailable, ServiceModes
-from tests.support.extauthz_doubles import DownStore, FixedGrants, FreshModes, StaticModes
+from tests.support.extauthz_doubles import FixedGrants, FreshModes, StaticModes
 
 SVC = "rpcauthz.demo.v1.Accounts"
 MODES = {
