@@ -1,0 +1,239 @@
+"""Operator commands for service owners: ``mpactl lint``, ``migrate``, ``usage``, ``envoy``.
+
+``register(app)`` is called by ``rpcauthz.mpactl``; each command's help text is written for
+someone who has never seen this project.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from policy import DEFAULT_MODE, Mode
+
+
+def _mode_option(value: str) -> Mode:
+    try:
+        return Mode.parse(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def lint_command(
+    paths: List[Path] = typer.Argument(None, help=".proto files or directories (searched recursively)."),
+    include: List[Path] = typer.Option([], "--include", "-I",
+                                       help="Extra import root, like protoc -I (repeatable)."),
+    fmt: str = typer.Option("text", "--format", help="text (file:line:col: message) or json."),
+    reflect: Optional[str] = typer.Option(None, "--reflect", metavar="HOST:PORT",
+                                          help="Ask a live service through gRPC reflection instead."),
+    service: List[str] = typer.Option([], "--service",
+                                      help="With --reflect: only this service (repeatable; default all)."),
+    default: str = typer.Option(DEFAULT_MODE.name, "--default",
+                                help="The gateway's default mode, named in messages."),
+) -> None:
+    """Report every RPC without a humans_who_can_rpc option (method or service default).
+
+    Exit status: 0 all declared, 1 findings, 2 a file did not parse or bad usage.
+    """
+    from . import lint
+
+    if fmt not in ("text", "json"):
+        typer.echo(f"error: --format must be text or json, not {fmt!r}", err=True)
+        raise typer.Exit(lint.EXIT_ERROR)
+    default_mode = _mode_option(default)
+    if reflect:
+        report = lint.lint_reflection(reflect, service, default_mode)
+    else:
+        if not paths:
+            typer.echo("error: give .proto files or directories to lint, or --reflect HOST:PORT", err=True)
+            raise typer.Exit(lint.EXIT_ERROR)
+        report = lint.lint_paths(paths, include, default_mode)
+    out = report.render(fmt)
+    if report.error and fmt == "text":
+        typer.echo(out, err=True)
+    else:
+        typer.echo(out)
+    raise typer.Exit(report.exit_code)
+
+
+STORE_HELP = ("Store holding the audit events, e.g. sqlite:///var/lib/rpcauthz/store.db or "
+              "postgresql://user@host/db (env RPCAUTHZ_STORE_URL). Without it no usage is shown.")
+
+
+def _load_usage(store_url: str | None, service: str, days: float):
+    """(usage by method, grants) from the store, or ({}, None) without a store."""
+    if not store_url:
+        return {}, None
+    from policy import GrantSet, StoreError
+    from policy.stores import open_store
+
+    from .usage import load_usage
+    try:
+        store = open_store(store_url)
+    except (ValueError, StoreError) as e:
+        typer.echo(f"error: cannot open store: {e}", err=True)
+        raise typer.Exit(2)
+    try:
+        return load_usage(store, service, days=days), GrantSet(store.list_grants())
+    except StoreError as e:
+        typer.echo(f"error: cannot read audit events from the store: {e}", err=True)
+        raise typer.Exit(2)
+    finally:
+        store.close()
+
+
+_CHOICES = [m for m in Mode if m is not Mode.UNSPECIFIED]
+
+
+def _ask(step, index: int, total: int) -> Mode | None:
+    """Prompt for one RPC; returns the chosen mode or None to keep it as it is."""
+    from .migrate import describe_current
+
+    r = step.rpc
+    typer.echo("")
+    typer.echo(f"[{index}/{total}] rpc {r.method}   ({r.path}:{r.line})")
+    typer.echo(f"  current:   {describe_current(step)}")
+    typer.echo(f"  usage:     {step.usage.line()}")
+    typer.echo(f"  suggested: {step.suggestion.name} ({step.reason})")
+    for i, m in enumerate(_CHOICES, 1):
+        typer.echo(f"    {i}) {m.name}")
+    typer.echo("    k) keep as it is")
+    default = step.default_choice
+    default_key = "k" if default is None else str(_CHOICES.index(default) + 1)
+    while True:
+        try:
+            answer = input(f"  mode for {r.method} [1-5, k, q to quit] (default {default_key}): ")
+        except EOFError:
+            typer.echo("\nno answer (end of input): nothing written", err=True)
+            raise typer.Exit(1)
+        answer = answer.strip()
+        if not answer:
+            answer = default_key
+        if answer.lower() == "q":
+            typer.echo("quit: nothing written")
+            raise typer.Exit(1)
+        if answer.lower() == "k":
+            return None
+        if answer.isdigit() and 1 <= int(answer) <= len(_CHOICES):
+            return _CHOICES[int(answer) - 1]
+        try:
+            mode = Mode.parse(answer)
+            if mode is not Mode.UNSPECIFIED:
+                return mode
+        except ValueError:
+            pass
+        typer.echo(f"  {answer!r} is not a choice: type 1-5, a mode name, k or q")
+
+
+def migrate_command(
+    service: str = typer.Argument(..., help="Service name: full (google.longrunning.Operations) or bare (Operations)."),
+    root: Path = typer.Option(Path("."), "--root", help="Directory searched for the service's .proto (recursively); also an import root."),
+    include: List[Path] = typer.Option([], "--include", "-I", help="Extra import root, like protoc -I (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", metavar="METHOD=MODE", help="Choose a mode without asking (repeatable)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask: RPCs not named by --set take the default answer (suggestion, or keep an existing option); write without confirming."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the diff, write nothing."),
+    store: Optional[str] = typer.Option(None, "--store", envvar="RPCAUTHZ_STORE_URL", help=STORE_HELP),
+    days: float = typer.Option(30, "--days", help="Usage window in days."),
+    default: str = typer.Option(DEFAULT_MODE.name, "--default", help="The gateway's default mode, shown for RPCs with no option."),
+) -> None:
+    """Walk through a service's RPCs, choose who may call each by hand, and write the options.
+
+    For each RPC it shows the current mode, recent usage from the audit events, and a
+    suggested mode; then it edits the .proto in place (keeping formatting and comments),
+    checks the result still compiles, and shows the diff. Nothing is written on any error.
+    """
+    from . import migrate as mig
+
+    default_mode = _mode_option(default)
+    try:
+        found = mig.find_service(service, root, include)
+        preset = mig.parse_set(set_, found)
+    except mig.MigrateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    usage, _ = _load_usage(store, found.service, days)
+    steps = mig.plan(found, usage, default_mode)
+    typer.echo(f"{found.service} in {found.file.path}: {len(steps)} RPCs")
+    choices: dict = {}
+    for i, step in enumerate(steps, 1):
+        name = step.rpc.method
+        if name in preset:
+            choice = preset[name]
+            typer.echo(f"[{i}/{len(steps)}] rpc {name}: {describe(step)} -> {choice.name} (--set)")
+        elif yes:
+            choice = step.default_choice
+            typer.echo(f"[{i}/{len(steps)}] rpc {name}: {describe(step)} -> "
+                       f"{choice.name if choice else 'keep'} (default)")
+        else:
+            choice = _ask(step, i, len(steps))
+        if choice is not None:
+            choices[name] = choice
+    try:
+        old, new = mig.finish(found, choices, write=False)
+    except mig.MigrateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if old == new:
+        typer.echo("no changes: every RPC already has the chosen mode")
+        raise typer.Exit(0)
+    diff = mig.unified_diff(found.file.path, old, new, root)
+    if dry_run:
+        typer.echo(diff, nl=False)
+        typer.echo("dry run: nothing written")
+        raise typer.Exit(0)
+    if not yes and not _confirm(f"write {len(choices)} change(s) to {found.file.path}?"):
+        typer.echo("nothing written")
+        raise typer.Exit(1)
+    if found.file.path.read_text(encoding="utf-8") != old:
+        typer.echo(f"error: {found.file.path} changed while we were asking; nothing written, run again",
+                   err=True)
+        raise typer.Exit(2)
+    mig.write_atomically(found.file.path, new)
+    typer.echo(diff, nl=False)
+    typer.echo(f"wrote {found.file.path}; review the diff and open a pull request")
+
+
+def describe(step) -> str:
+    from .migrate import describe_current
+    return describe_current(step)
+
+
+def _confirm(question: str) -> bool:
+    try:
+        answer = input(f"{question} [Y/n] ").strip().lower()
+    except EOFError:
+        return False
+    return answer in ("", "y", "yes")
+
+
+def usage_command(
+    service: str = typer.Argument(..., help="Full service name, e.g. rpcauthz.demo.v1.Accounts."),
+    store: Optional[str] = typer.Option(None, "--store", envvar="RPCAUTHZ_STORE_URL", help=STORE_HELP),
+    days: float = typer.Option(30, "--days", help="Window in days."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Also list RPCs of the service found under this directory, even if uncalled."),
+) -> None:
+    """Summarise recent calls to a service's RPCs by hand, per RPC and engineer, from the audit
+    events, and what each mode would have done to those calls with today's grants."""
+    from .usage import render_usage
+
+    if not store:
+        typer.echo("error: give --store URL (or set RPCAUTHZ_STORE_URL)", err=True)
+        raise typer.Exit(2)
+    methods: list[str] = []
+    if root is not None:
+        from . import migrate as mig
+        try:
+            methods = [r.method for r in mig.find_service(service, root).rpcs]
+        except mig.MigrateError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    usage, grants = _load_usage(store, service, days)
+    typer.echo(render_usage(service, usage, methods, grants, days=days))
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's operator commands to ``mpactl``."""
+    app.command("lint")(lint_command)
+    app.command("migrate")(migrate_command)
+    app.command("usage")(usage_command)
