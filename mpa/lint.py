@@ -65,9 +65,10 @@ class LintReport:
         if self.error:
             return self.error
         lines = [str(f) for f in self.findings]
-        lines.append(f"{len(self.findings)} of {self.rpcs} RPCs in {self.files} files "
+        where = f" in {self.files} files" if self.files else ""
+        lines.append(f"{len(self.findings)} of {self.rpcs} RPCs{where} "
                      "have no humans_who_can_rpc option" if self.findings
-                     else f"ok: all {self.rpcs} RPCs in {self.files} files declare humans_who_can_rpc")
+                     else f"ok: all {self.rpcs} RPCs{where} declare humans_who_can_rpc")
         return "\n".join(lines)
 
 
@@ -117,3 +118,59 @@ def lint_service_modes(modes, where: str, default: Mode = DEFAULT_MODE) -> LintR
                 _, msg = _missing_message(modes.service, method, None, default)
                 findings.append(Finding(where, 0, 0, modes.service, method, msg))
     return LintReport(findings, files=0, rpcs=len(modes.methods))
+
+
+def list_services(target: str, timeout: float = 5.0) -> list[str]:
+    """Service names a live server lists through reflection (v1alpha ListServices).
+
+    Reflection's own services and the health service are left out: they are infrastructure.
+    """
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        for response in stub.ServerReflectionInfo(iter([request]), timeout=timeout):
+            if response.HasField("error_response"):
+                raise RuntimeError(response.error_response.error_message)
+            names = [s.name for s in response.list_services_response.service]
+            return [n for n in names if not n.startswith(("grpc.reflection.", "grpc.health."))]
+    return []
+
+
+def lint_reflection(target: str, services: Sequence[str] = (), default: Mode = DEFAULT_MODE,
+                    deadline: float = 5.0) -> LintReport:
+    """Lint what a live service declares, asked through reflection like the gateway asks."""
+    import asyncio
+
+    import grpc
+
+    from reflection_cache.client import ReflectionClient
+    from reflection_cache.types import ReflectionError
+
+    try:
+        names = list(services) or list_services(target, deadline)
+    except (grpc.RpcError, RuntimeError) as e:
+        detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+        return LintReport([], error=f"{target}: cannot list services through reflection: {detail}")
+    if not names:
+        return LintReport([], error=f"{target}: reflection lists no services")
+
+    async def fetch_all():
+        client = ReflectionClient(deadline=deadline)
+        try:
+            return [await client.fetch(n, target) for n in names]
+        finally:
+            await client.close()
+
+    try:
+        all_modes = asyncio.run(fetch_all())
+    except ReflectionError as e:
+        return LintReport([], error=f"{target}: {e}")
+    report = LintReport([], files=0)
+    for modes in all_modes:
+        part = lint_service_modes(modes, target, default)
+        report.findings += part.findings
+        report.rpcs += part.rpcs
+    return report

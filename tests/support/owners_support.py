@@ -54,3 +54,56 @@ def run_mpactl(*args: str, cwd: Path = REPO, input: str | None = None,
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` with its bytes, to prove nothing changed."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def descriptor_set_with_system_protoc(root: Path, names: list[str], out: Path):
+    """Compile ``names`` under ``root`` with /usr/bin/protoc (not the tool's own protoc)."""
+    import grpc_tools
+    from google.protobuf import descriptor_pb2
+    subprocess.run(["protoc", f"-I{root}", f"-I{REPO / 'proto'}",
+                    f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
+                    "--include_imports", f"--descriptor_set_out={out}", *names],
+                   check=True, capture_output=True, text=True)
+    return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
+
+
+class DescriptorServer:
+    """A real gRPC server for services known only from a FileDescriptorSet, with reflection.
+
+    Every method answers with an empty response message; reflection (grpcio-reflection's own
+    servicer, v1alpha) serves the descriptors exactly as compiled.
+    """
+
+    def __init__(self, fds, services: list[str]) -> None:
+        import grpc
+        from concurrent import futures
+        from google.protobuf import descriptor_pool, message_factory
+        from grpc_reflection.v1alpha import reflection
+
+        self.pool = descriptor_pool.DescriptorPool()
+        for fd in fds.file:
+            self.pool.Add(fd)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        for name in services:
+            svc = self.pool.FindServiceByName(name)
+            handlers = {}
+            for m in svc.methods:
+                req = message_factory.GetMessageClass(m.input_type)
+                resp = message_factory.GetMessageClass(m.output_type)
+                handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                    lambda request, context, resp=resp: resp(),
+                    request_deserializer=req.FromString, response_serializer=resp.SerializeToString)
+            self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], self.server, pool=self.pool)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def __enter__(self) -> "DescriptorServer":
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.stop(grace=None).wait(5)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
