@@ -87,7 +87,7 @@ def decide(principal: str, target: Target, mode: Mode, grants: GrantSet,
                         f"with another's approval, and {principal} is not")
 
     mine = [r for r in requests if _same_scope(r, principal, target, mode, body_sha256)]
-    usable = sorted((r for r in mine if usable_approval(r, now)),
+    usable = sorted((r for r in mine if usable_approval(r, now) and _approvers_hold(r, grants, now)),
                     key=lambda r: (r.body_sha256 is None, r.valid_until, r.id))
     if usable:
         r = usable[0]
@@ -108,6 +108,14 @@ def _same_scope(r: ApprovalRequest, principal: str, target: Target, mode: Mode,
                 body_sha256: str | None) -> bool:
     return (r.requester == principal and r.service == target.service and r.method == target.method
             and r.mode is mode and (r.body_sha256 is None or r.body_sha256 == body_sha256))
+
+
+def _approvers_hold(r: ApprovalRequest, grants: GrantSet, now: datetime) -> bool:
+    """Re-check the approvals themselves, so a bad record in a store can never grant access:
+    enough distinct approvers, none of them the requester, each still eligible now."""
+    approvers = set(r.approvers)
+    return (len(approvers) == len(r.approvers) and len(approvers) >= r.required_approvals
+            and all(may_approve(a, r, grants, now) for a in approvers))
 
 
 def usable_approval(r: ApprovalRequest, now: datetime) -> bool:
