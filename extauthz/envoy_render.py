@@ -29,6 +29,8 @@ import yaml
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
 JWT_PAYLOAD_KEY = "jwt_payload"
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+#: Route metadata namespace (access log: %METADATA(ROUTE:rpcauthz:dry_run)%).
+ROUTE_METADATA = "rpcauthz"
 #: context_extensions keys the ext_authz server reads.
 CTX_SERVICE, CTX_DRY_RUN = "service", "dry_run"
 
@@ -480,6 +482,10 @@ def _route(match: dict, entry: ServiceEntry, timeout: float | None, ext_authz: b
     return {
         "match": {**match, "grpc": {}},
         "route": {"cluster": _cluster_name(entry), "timeout": _dur(t)},
+        # Route metadata shows in the access log and in the admin config_dump (where
+        # context_extensions are redacted), so a dry-run route is visible everywhere.
+        "metadata": {"filter_metadata": {ROUTE_METADATA: {
+            "service": entry.match, "dry_run": entry.dry_run, "ext_authz": ext_authz}}},
         "typed_per_filter_config": _per_route(entry, ext_authz, jwt, buffer_body),
     }
 
@@ -572,7 +578,8 @@ ACCESS_LOG_FIELDS = {
     "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "decision": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE})%",
     "mpa_request_url": "%RESP(X-MPA-REQUEST-URL)%",
-    "dry_run": "%RESP(X-RPCAUTHZ-DRY-RUN)%",
+    "dry_run": f"%METADATA(ROUTE:{ROUTE_METADATA}:dry_run)%",
+    "route_service": f"%METADATA(ROUTE:{ROUTE_METADATA}:service)%",
 }
 
 
@@ -647,9 +654,10 @@ def dry_run_from_config_dump(dump: dict) -> list[str]:
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            ctx = node.get("context_extensions")
-            if isinstance(ctx, dict) and ctx.get(CTX_DRY_RUN) == "true":
-                name = ctx.get(CTX_SERVICE, "?")
+            meta = node.get("filter_metadata", {}).get(ROUTE_METADATA) if isinstance(
+                node.get("filter_metadata"), dict) else None
+            if isinstance(meta, dict) and meta.get("dry_run") is True:
+                name = str(meta.get("service", "?"))
                 if name not in found:
                     found.append(name)
             for v in node.values():
