@@ -92,6 +92,10 @@ def load_usage(store, service: str, *, days: float = 30, now: datetime | None = 
     now = now or datetime.now(timezone.utc)
     events = store.list_audit(since=now - timedelta(days=days), kinds=list(DECISION_KINDS),
                               service=service, limit=limit)
+    if len(events) >= limit:
+        import warnings
+        warnings.warn(f"usage of {service}: read only the first {limit} events of the window; "
+                      "use a shorter --days for exact numbers", stacklevel=2)
     return summarize(events, service)
 
 

@@ -14,7 +14,8 @@ OPS = "google/longrunning/operations_proto.proto"
 
 def spawn(*args: str, env: dict | None = None) -> pexpect.spawn:
     e = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
-    e.pop("RPCAUTHZ_STORE_URL", None) if "RPCAUTHZ_STORE_URL" not in (env or {}) else None
+    if "RPCAUTHZ_STORE_URL" not in (env or {}):
+        e.pop("RPCAUTHZ_STORE_URL", None)
     return pexpect.spawn(sys.executable, ["-m", "rpcauthz.mpactl", *args], cwd=str(REPO),
                          env=e, encoding="utf-8", timeout=60, dimensions=(50, 200))
 
@@ -91,3 +92,35 @@ def test_quit_and_declined_confirmation_write_nothing(gtree: Path):
         child.close(force=True)
     assert child.exitstatus == 1
     assert snapshot(gtree) == before
+
+
+def test_interactive_shows_usage_from_the_store(gtree: Path, tmp_path: Path):
+    from policy.stores import open_store
+    from tests.support.owners_support import seed_usage
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = open_store(url)
+    try:
+        seed_usage(store)
+    finally:
+        store.close()
+    child = spawn("migrate", "Operations", "--root", str(gtree), env={"RPCAUTHZ_STORE_URL": url})
+    try:
+        child.expect(r"\[1/5\] rpc ListOperations")
+        child.expect(r"usage:\s+no calls by hand in the window")
+        child.expect(r"\(default 3\): ")
+        child.sendline("")
+        child.expect(r"\[2/5\] rpc GetOperation")
+        child.expect(r"usage:\s+6 calls by 3 engineers, last \d{4}-\d\d-\d\d \d\d:\d\d UTC")
+        child.expect(r"suggested: ENGINEERS_WITHOUT_APPROVAL \('get' reads, and 3 engineers used it\)")
+        child.expect(r"\(default 1\): ")
+        child.sendline("")
+        child.expect(r"\[3/5\] rpc DeleteOperation")
+        child.expect(r"usage:\s+2 calls by 2 engineers")
+        child.expect(r": $")
+        child.sendline("q")
+        child.expect("quit: nothing written")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 1

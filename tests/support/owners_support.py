@@ -107,3 +107,30 @@ class DescriptorServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+def seed_usage(store, service: str = "google.longrunning.Operations") -> None:
+    """Grants and decision audit events for ``service``: GetOperation used by 3 engineers."""
+    from datetime import datetime, timedelta, timezone
+
+    from policy import Grant, Role
+    from policy.audit import AuditEvent
+
+    now = datetime.now(timezone.utc)
+    for who in ("alice", "bob", "carol"):
+        store.put_grant(Grant(who, Role.ENGINEER))
+    store.put_grant(Grant("alice", Role.CONTRIBUTOR, service))
+    calls = [("alice", "GetOperation", "decision.allow", 3), ("bob", "GetOperation", "decision.allow", 2),
+             ("carol", "GetOperation", "decision.allow", 1), ("alice", "DeleteOperation", "decision.approval_required", 1),
+             ("bob", "DeleteOperation", "decision.deny", 1)]
+    for who, method, kind, n in calls:
+        for i in range(n):
+            store.append_audit(AuditEvent(kind=kind, actor=who, at=now - timedelta(hours=i + 1),
+                                          service=service, method=method, outcome=kind.split(".")[1]))
+    # Old and unrelated events must not count.
+    store.append_audit(AuditEvent(kind="decision.allow", actor="dave", at=now - timedelta(days=90),
+                                  service=service, method="GetOperation"))
+    store.append_audit(AuditEvent(kind="decision.allow", actor="erin", at=now, service="other.v1.S",
+                                  method="GetOperation"))
+
+
