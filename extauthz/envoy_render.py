@@ -512,6 +512,7 @@ def _jwt_filter(jwt: Jwt) -> tuple[dict, list[dict]]:
         "issuer": jwt.issuer,
         "forward": False,
         "payload_in_metadata": JWT_PAYLOAD_KEY,
+        "clock_skew_seconds": 30,
     }
     if jwt.audiences:
         provider["audiences"] = list(jwt.audiences)
@@ -559,27 +560,35 @@ def _ext_authz_filter(g: Gateway) -> dict:
             "metadata_context_namespaces": [JWT_NAMESPACE],
             "include_peer_certificate": True,
             "clear_route_cache": False,
-            "stat_prefix": "rpcauthz",
         },
     }
 
 
 ACCESS_LOG_FIELDS = {
-    "start_time": "%START_TIME%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "principal": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:{JWT_PAYLOAD_KEY}:sub)%",
+    "time": "%START_TIME%",
     "path": "%REQ(:PATH)%",
-    "response_code": "%RESPONSE_CODE%",
-    "grpc_status": "%GRPC_STATUS_NUMBER%",
-    "response_flags": "%RESPONSE_FLAGS%",
-    "response_code_details": "%RESPONSE_CODE_DETAILS%",
+    "http_status": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS(NUMBER)%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
     "duration_ms": "%DURATION%",
+    "upstream": "%UPSTREAM_CLUSTER%",
     "upstream_host": "%UPSTREAM_HOST%",
-    "upstream_cluster": "%UPSTREAM_CLUSTER%",
-    "decision": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE})%",
-    "mpa_request_url": "%RESP(X-MPA-REQUEST-URL)%",
-    "dry_run": f"%METADATA(ROUTE:{ROUTE_METADATA}:dry_run)%",
+    # The decision, as the ext_authz server reported it in dynamic metadata.
+    "decision_id": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:decision_id)%",
+    "outcome": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:outcome)%",
+    "mode": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:mode)%",
+    "rule": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:rule)%",
+    "principal": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:principal)%",
+    "approval_id": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:approval_id)%",
+    "request_id": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:request_id)%",
+    "shadow": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:shadow)%",
+    # From the route (the catalog), so present even when ext_authz could not answer.
     "route_service": f"%METADATA(ROUTE:{ROUTE_METADATA}:service)%",
+    "dry_run": f"%METADATA(ROUTE:{ROUTE_METADATA}:dry_run)%",
+    "jwt_sub": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:{JWT_PAYLOAD_KEY}:sub)%",
+    "mpa_request_url": "%RESP(X-MPA-REQUEST-URL)%",
+    "x_request_id": "%REQ(X-REQUEST-ID)%",
 }
 
 
@@ -589,8 +598,13 @@ def render(catalog: Catalog) -> dict:
     jwt_filter, jwt_clusters = _jwt_filter(g.jwt)
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "gateway",
+        "stat_prefix": "engineers_grpc",
         "codec_type": "AUTO",
+        # Keep the path exactly as sent: ext_authz authorizes the literal /pkg.Service/Method,
+        # so no rewriting may change what it authorized.
+        "normalize_path": False,
+        "merge_slashes": False,
+        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "stream_idle_timeout": "300s",
         "request_headers_timeout": "10s",
@@ -606,7 +620,13 @@ def render(catalog: Catalog) -> dict:
         }],
         "route_config": {
             "name": "grpc_services",
-            "virtual_hosts": [{"name": "grpc", "domains": ["*"], "routes": _routes_for(catalog)}],
+            "virtual_hosts": [{"name": "grpc", "domains": ["*"], "routes": [
+                *_routes_for(catalog),
+                # Last: Envoy skips ext_authz for a request that matches no route, so every
+                # other path goes to a cluster without endpoints, after ext_authz checked
+                # (and explained) it.
+                {"match": {"prefix": "/"}, "route": {"cluster": "unrouted"}},
+            ]}],
         },
         "http_filters": [
             jwt_filter,
@@ -615,12 +635,16 @@ def render(catalog: Catalog) -> dict:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
     }
-    ext_cluster = _cluster("ext_authz", g.ext_authz, g.connect_timeout, g.ext_authz_max_requests)
+    ext_cluster = _cluster("ext_authz", g.ext_authz, min(g.connect_timeout, 0.25),
+                           g.ext_authz_max_requests)
     ext_cluster["circuit_breakers"]["thresholds"][0]["max_retries"] = 0
     if g.ext_authz_health_check:
+        # The server reports NOT_SERVING while it drains; Envoy then stops sending it checks.
         ext_cluster["health_checks"] = [{
             "timeout": "1s", "interval": "5s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "grpc_health_check": {}}]
+            "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"}}]
+    unrouted = {"name": "unrouted", "type": "STATIC", "connect_timeout": "0.250s",
+                "load_assignment": {"cluster_name": "unrouted", "endpoints": []}}
     upstreams: dict[str, dict] = {}
     for s in catalog.services:
         upstreams[_cluster_name(s)] = _cluster(_cluster_name(s), s.upstream, g.connect_timeout,
@@ -634,7 +658,7 @@ def render(catalog: Catalog) -> dict:
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
             }],
-            "clusters": [ext_cluster, *jwt_clusters, *upstreams.values()],
+            "clusters": [ext_cluster, unrouted, *jwt_clusters, *upstreams.values()],
         },
     }
 

@@ -213,8 +213,11 @@ def usage_command(
     days: float = typer.Option(30, "--days", help="Window in days."),
     root: Optional[Path] = typer.Option(None, "--root", help="Also list RPCs of the service found under this directory, even if uncalled."),
 ) -> None:
-    """Summarise recent calls to a service's RPCs by hand, per RPC and engineer, from the audit
-    events, and what each mode would have done to those calls with today's grants."""
+    """Summarise recent calls by hand to a service's RPCs, per RPC and engineer.
+
+    Read from the gateway's decision audit events; also shows what each of the five modes
+    would have done to those calls with today's grants.
+    """
     from .usage import render_usage
 
     if not store:

@@ -83,6 +83,11 @@ def test_exempt_routes_pass_authorized_routes_fail_closed(gateway):
     with pytest.raises(grpc.RpcError) as e:                    # token, ext_authz down: 503
         _call(target, "ListAccounts", issuer.mint("alice@example.com"))
     assert e.value.code() is grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(target) as ch:                  # not in the catalog: still checked
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/other.v1.Unknown/Do")(b"", timeout=10,
+                                                   metadata=[("authorization", f"Bearer {issuer.mint('alice@example.com')}")])
+    assert e.value.code() is grpc.StatusCode.UNAVAILABLE
     bad = DevIssuer().mint("mallory@example.com")               # signed by another key
     with pytest.raises(grpc.RpcError) as e:
         _call(target, "ListAccounts", bad)
@@ -91,12 +96,12 @@ def test_exempt_routes_pass_authorized_routes_fail_closed(gateway):
     import json
     lines = [json.loads(ln) for ln in (tmp / "access.log").read_text().splitlines()]
     failed = [ln for ln in lines if ln["path"] == "/rpcauthz.demo.v1.Accounts/ListAccounts"
-              and ln["response_code_details"] == "ext_authz_error"]
+              and ln["details"] == "ext_authz_error"]
     assert len(failed) == 1 and failed[0]["grpc_status"] == 14  # UNAVAILABLE, from status_on_error 503
-    assert failed[0]["principal"] == "alice@example.com" and failed[0]["upstream_host"] is None
+    assert failed[0]["jwt_sub"] == "alice@example.com" and failed[0]["upstream_host"] is None
     assert failed[0]["route_service"] == "rpcauthz.demo.v1.Accounts" and failed[0]["dry_run"] is False
     ping = [ln for ln in lines if ln["path"] == "/rpcauthz.demo.v1.Accounts/Ping"]
-    assert ping and ping[0]["response_code"] == 200 and ping[0]["grpc_status"] == 0
+    assert ping and ping[0]["http_status"] == 200 and ping[0]["grpc_status"] == 0
 
 
 def test_running_gateway_reports_dry_run_services(gateway):

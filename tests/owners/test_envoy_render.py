@@ -81,8 +81,9 @@ def test_rendered_shape_fails_closed_and_routes_most_specific_first():
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     order = [r["match"].get("path") or r["match"]["prefix"] for r in routes]
     assert order == ["/rpcauthz.demo.v1.Accounts/Ping", "/rpcauthz.demo.v1.Accounts/CloseAccount",
-                     "/rpcauthz.demo.v1.Accounts/", "/grpc.health.v1.Health/", "/rpcauthz.demo."]
-    ping, close, accounts, health, demo = routes
+                     "/rpcauthz.demo.v1.Accounts/", "/grpc.health.v1.Health/", "/rpcauthz.demo.", "/"]
+    ping, close, accounts, health, demo, rest = routes
+    assert rest["route"]["cluster"] == "unrouted" and "typed_per_filter_config" not in rest
     assert ping["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
     assert ping["typed_per_filter_config"]["envoy.filters.http.jwt_authn"]["disabled"] is True
     body = close["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]["with_request_body"]
