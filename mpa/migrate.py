@@ -249,8 +249,9 @@ def apply_modes(text: str, file: SourceFile, choices: Mapping[str, Mode],
             edits.append(_edit_rpc(text, offs, r, choices[r.method]))
     if edits and not file.options_imported:
         edits.append(_import_edit(text, offs, file, file.options_file or OPTIONS_IMPORT))
+    newline = "\r\n" if "\r\n" in text else "\n"  # keep the file's line endings
     for start, end, new in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
-        text = text[:start] + new + text[end:]
+        text = text[:start] + new.replace("\n", newline) + text[end:]
     return text
 
 
@@ -285,6 +286,12 @@ def check_edit(found: Found, new_text: str, choices: Mapping[str, Mode]) -> None
     for method, r in got.items():
         if method not in choices and r.method_mode is not before.get(method):
             raise MigrateError(f"{found.file.path}: the edit changed {method} too; nothing written")
+
+
+def read_source(path: Path) -> str:
+    """The file's text exactly, line endings included."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -338,7 +345,7 @@ def parse_set(values: Sequence[str], found: Found) -> dict[str, Mode]:
 def finish(found: Found, choices: Mapping[str, Mode], *, write: bool = True) -> tuple[str, str]:
     """Edit, check and (if ``write``) save the service's file; returns (old_text, new_text)."""
     path = found.file.path
-    old = path.read_text(encoding="utf-8")
+    old = read_source(path)
     changed = {m: mode for m, mode in choices.items()
                if next(r for r in found.rpcs if r.method == m).method_mode is not mode}
     if not changed:

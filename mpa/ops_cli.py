@@ -185,7 +185,7 @@ def migrate_command(
     if not yes and not _confirm(f"write {len(choices)} change(s) to {found.file.path}?"):
         typer.echo("nothing written")
         raise typer.Exit(1)
-    if found.file.path.read_text(encoding="utf-8") != old:
+    if mig.read_source(found.file.path) != old:
         typer.echo(f"error: {found.file.path} changed while we were asking; nothing written, run again",
                    err=True)
         raise typer.Exit(2)

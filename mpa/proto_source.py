@@ -143,6 +143,29 @@ def collect_proto_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return list(seen.values())
 
 
+_PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)\s*;", re.MULTILINE)
+
+
+def guess_root(path: Path) -> Path:
+    """The import root of a file given on its own: where its package's folders begin.
+
+    ``.../src/google/longrunning/operations.proto`` with ``package google.longrunning;``
+    gives ``.../src`` (so its imports of ``google/api/...`` resolve); a file whose folders
+    do not follow its package gives its own folder.
+    """
+    parent = path.resolve().parent
+    try:
+        m = _PACKAGE.search(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        m = None
+    if m:
+        parts = m.group(1).split(".")
+        for n in range(len(parts), 0, -1):
+            if list(parent.parts[-n:]) == parts[:n]:
+                return parent.parents[n - 1]
+    return parent
+
+
 def _proto_name(path: Path, includes: Sequence[Path]) -> tuple[str, Path] | None:
     real = path.resolve()
     for inc in includes:
@@ -170,7 +193,7 @@ def compile_protos(files: Sequence[Path], includes: Sequence[Path] = (),
     for f in files:
         found = _proto_name(f, roots)
         if found is None:
-            roots.append(f.parent)
+            roots.append(guess_root(f))
             found = _proto_name(f, roots)
         assert found is not None
         names.append((f, found[0]))

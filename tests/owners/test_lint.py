@@ -140,3 +140,10 @@ def test_vendored_copy_recognised_by_full_name(tmp_path: Path):
     data = json.loads(res.stdout)
     assert res.returncode == 1, res.stdout
     assert [(f["method"], f["code"]) for f in data["findings"]] == [("Newer", "bad-value")]
+
+
+def test_single_file_finds_its_import_root_from_its_package(gtree: Path):
+    """Given one googleapis file and no -I, its imports (google/api/...) still resolve."""
+    res = run_mpactl("lint", str(gtree / "google/longrunning/operations_proto.proto"))
+    assert res.returncode == 1, res.stderr
+    assert res.stdout.count(": error: ") == 5

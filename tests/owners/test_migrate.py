@@ -226,3 +226,20 @@ def test_suggestion_heuristic():
     assert suggest("EraseCustomerData", wide)[0] is Mode.BREAK_GLASS_ONLY
     assert suggest("HardPurge")[0] is Mode.BREAK_GLASS_ONLY
     assert suggest("Frobnicate")[0] is Mode.CONTRIBUTORS_WITH_APPROVAL
+
+
+def test_crlf_line_endings_are_kept(tmp_path: Path):
+    root = tmp_path / "repo"
+    f = root / "acme/v1/crlf.proto"
+    f.parent.mkdir(parents=True)
+    src = ('syntax = "proto3";\r\npackage acme.v1;\r\nimport "google/protobuf/empty.proto";\r\n'
+           "service Crlf {\r\n  // keep me\r\n  rpc GetIt(google.protobuf.Empty) returns (google.protobuf.Empty);\r\n}\r\n")
+    f.write_bytes(src.encode())
+    res = run_mpactl("migrate", "acme.v1.Crlf", "--root", str(root), "--set", "GetIt=ENGINEERS_WITH_APPROVAL", "--yes")
+    assert res.returncode == 0, res.stderr
+    data = f.read_bytes().decode()
+    assert data.count("\r\n") == data.count("\n")  # no bare LF introduced
+    assert data == ('syntax = "proto3";\r\npackage acme.v1;\r\nimport "google/protobuf/empty.proto";\r\n'
+                    'import "rpcauthz/v1/options.proto";\r\n'
+                    "service Crlf {\r\n  // keep me\r\n  rpc GetIt(google.protobuf.Empty) returns (google.protobuf.Empty) {\r\n"
+                    "    option (rpcauthz.v1.humans_who_can_rpc) = ENGINEERS_WITH_APPROVAL;\r\n  }\r\n}\r\n")
