@@ -15,8 +15,9 @@ deny / approval     false        as decided                      -
 =================== ============ =============================== ========================
 
 Failures to decide (reflection or store unreachable) are *not* decisions and are not
-relaxed by dry-run: they stay errors (503 -> gRPC UNAVAILABLE). Dry-run relaxes policy,
-never availability of the checks.
+relaxed by dry-run: they stay errors (503 -> gRPC UNAVAILABLE). Nor is a caller whose
+identity could not be established (rules ``identity.*``): dry-run relaxes policy, never
+who is calling or whether the checks can run.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ CONTEXT_KEY = "dry_run"
 #: Header added to a dry-run call's response so the caller sees it was not enforced.
 RESPONSE_HEADER = "x-rpcauthz-dry-run"
 
-_SHADOW = {Outcome.DENY: "would_deny", Outcome.APPROVAL_REQUIRED: "would_need_approval"}
+_SHADOW = {Outcome.DENY.value: "would_deny", Outcome.APPROVAL_REQUIRED.value: "would_need_approval"}
+#: Rules that stay enforced in dry-run.
+ENFORCED_RULE_PREFIXES = ("identity.",)
 
 
 def dry_run_requested(context_extensions: Mapping[str, str] | None) -> bool:
@@ -60,8 +63,18 @@ class Effective:
                 "enforced": self.outcome.value, "shadow": self.shadow}
 
 
+def shadow_label(outcome: str, dry_run: bool, rule: str = "") -> str | None:
+    """``would_deny`` / ``would_need_approval`` when dry-run lets this outcome through, else None.
+
+    ``outcome`` is an outcome's value (``deny``, ``approval_required``, ``allow``, ``error``).
+    """
+    if not dry_run or rule.startswith(ENFORCED_RULE_PREFIXES):
+        return None
+    return _SHADOW.get(outcome)
+
+
 def apply_dry_run(decision: Decision, dry_run: bool) -> Effective:
     """Map a policy decision to the gateway's answer (see the module's table)."""
-    shadow = _SHADOW.get(decision.outcome) if dry_run else None
+    shadow = shadow_label(decision.outcome.value, dry_run, decision.rule)
     outcome = Outcome.ALLOW if shadow else decision.outcome
     return Effective(outcome=outcome, decided=decision.outcome, dry_run=dry_run, shadow=shadow)

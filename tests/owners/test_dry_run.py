@@ -36,6 +36,18 @@ def test_only_exact_true_turns_enforcement_off():
         assert not dry_run_requested(ctx)
 
 
+def test_errors_and_identity_failures_stay_enforced():
+    from extauthz.dry_run import shadow_label
+    assert shadow_label("error", True) is None
+    assert shadow_label("allow", True) is None
+    assert shadow_label("deny", True, "identity.unverified") is None
+    assert shadow_label("deny", True, "target.unknown_service") == "would_deny"
+    assert shadow_label("approval_required", True) == "would_need_approval"
+    assert shadow_label("deny", False) is None
+    d = Decision(Outcome.DENY, Mode.ENGINEERS_WITH_APPROVAL, "identity.unverified", "no token")
+    assert apply_dry_run(d, True).outcome is Outcome.DENY
+
+
 def test_unresolvable_mode_still_labelled():
     d = Decision(Outcome.DENY, Mode.UNSPECIFIED, "mode.unspecified", "x")
     assert apply_dry_run(d, False).outcome is Outcome.DENY
