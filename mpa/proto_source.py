@@ -212,11 +212,14 @@ def compile_protos(files: Sequence[Path], includes: Sequence[Path] = (),
                 target.write_text(text, encoding="utf-8")
             search.insert(0, over)
         out = Path(tmp) / "set.pb"
-        argv = [sys.executable, "-m", "grpc_tools.protoc",
-                *(f"-I{p}" for p in search + [t for t in tail if t not in search]),
+        args = [*(f"-I{p}" for p in search + [t for t in tail if t not in search]),
                 "--include_imports", "--include_source_info", f"--descriptor_set_out={out}",
                 *(name for _, name in names)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        # protoc reads arguments from @FILE, one a line: no command-line limit on big trees.
+        argfile = Path(tmp) / "args.txt"
+        argfile.write_text("\n".join(args) + "\n", encoding="utf-8")
+        argv = [sys.executable, "-m", "grpc_tools.protoc", f"@{argfile}"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0 or not out.exists():
             raise _protoc_error(proc.stderr or proc.stdout, roots, names)
         fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())

@@ -147,3 +147,12 @@ def test_single_file_finds_its_import_root_from_its_package(gtree: Path):
     res = run_mpactl("lint", str(gtree / "google/longrunning/operations_proto.proto"))
     assert res.returncode == 1, res.stderr
     assert res.stdout.count(": error: ") == 5
+
+
+def test_paths_with_spaces(tmp_path: Path):
+    d = tmp_path / "my protos" / "a b"
+    d.mkdir(parents=True)
+    (d / "s.proto").write_text('syntax = "proto3";\npackage s;\nmessage M {}\nservice S { rpc A(M) returns (M); }\n')
+    res = run_mpactl("lint", str(tmp_path / "my protos"))
+    assert res.returncode == 1, res.stderr
+    assert f"{d / 's.proto'}:4:13: error: rpc s.S.A" in res.stdout
