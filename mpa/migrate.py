@@ -26,8 +26,7 @@ from typing import Mapping, Sequence
 
 from policy import DEFAULT_MODE, Mode
 
-from .proto_source import (FILE_DEPENDENCY, FILE_PACKAGE, FILE_SYNTAX, METHOD_OPTION,
-                           OPTIONS_IMPORT, CompiledTree, ProtoError, RpcInfo, SourceFile,
+from .proto_source import (FILE_DEPENDENCY, FILE_PACKAGE, FILE_SYNTAX, OPTIONS_IMPORT, CompiledTree, ProtoError, RpcInfo, SourceFile,
                            compile_protos, file_spans, offset_of)
 from .usage import MethodUsage
 
@@ -359,4 +358,4 @@ def finish(found: Found, choices: Mapping[str, Mode], *, write: bool = True) -> 
 
 __all__ = ["Found", "MigrateError", "Step", "apply_modes", "check_edit", "describe_current",
            "find_service", "finish", "parse_set", "plan", "suggest", "unified_diff",
-           "write_atomically", "METHOD_OPTION"]
+           "read_source", "write_atomically"]

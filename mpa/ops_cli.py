@@ -152,6 +152,7 @@ def migrate_command(
     except mig.MigrateError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    describe = mig.describe_current
     usage, _ = _load_usage(store, found.service, days)
     steps = mig.plan(found, usage, default_mode)
     typer.echo(f"{found.service} in {found.file.path}: {len(steps)} RPCs")
@@ -182,7 +183,9 @@ def migrate_command(
         typer.echo(diff, nl=False)
         typer.echo("dry run: nothing written")
         raise typer.Exit(0)
-    if not yes and not _confirm(f"write {len(choices)} change(s) to {found.file.path}?"):
+    changed = sum(1 for s in steps if s.rpc.method in choices
+                  and s.rpc.method_mode is not choices[s.rpc.method])
+    if not yes and not _confirm(f"write {changed} change(s) to {found.file.path}?"):
         typer.echo("nothing written")
         raise typer.Exit(1)
     if mig.read_source(found.file.path) != old:
@@ -192,11 +195,6 @@ def migrate_command(
     mig.write_atomically(found.file.path, new)
     typer.echo(diff, nl=False)
     typer.echo(f"wrote {found.file.path}; review the diff and open a pull request")
-
-
-def describe(step) -> str:
-    from .migrate import describe_current
-    return describe_current(step)
 
 
 def _confirm(question: str) -> bool:
