@@ -11,6 +11,7 @@ import typer
 
 COMMAND_MODULES = (
     "extauthz.cli",         # serve, demo
+    "reflection_cache.cli", # reflect
     "policy.cli",           # sync, grants, db
     "mpa.ops_cli",          # lint, migrate, usage, envoy render/validate
     "enclave_bridge.cli",   # forward, broker
