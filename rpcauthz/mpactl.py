@@ -26,6 +26,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Keeps mpactl a command group even when only one package registers commands."""
+
+
 def _register_all() -> None:
     for name in COMMAND_MODULES:
         try:
