@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from extauthz import democlient
-from extauthz.envoy_render import parse_catalog, render
 from extauthz.processes import EnvoyProcess, ExtAuthzProcess, free_port
 from mpa.devissuer import DevIssuer
 from policy import Grant, Role
