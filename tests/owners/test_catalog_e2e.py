@@ -128,6 +128,10 @@ def test_routes_and_authorizes_as_the_catalog_says(stack):
                                                  ("rule", "dry_run.would_deny")))] == 1
     assert "dry-run: would_deny bob" in st["ext"].output()
 
+    stats = st["envoy"].stats("http.engineers_grpc.ext_authz.")
+    assert int(stats["http.engineers_grpc.ext_authz.denied"]) >= 2
+    assert int(stats["http.engineers_grpc.ext_authz.ok"]) >= 4
+    assert int(stats.get("http.engineers_grpc.ext_authz.failure_mode_allowed", 0)) == 0
     st["envoy"].stop()  # flush the access log
     lines = [json.loads(x) for x in (st["tmp"] / "access.log").read_text().splitlines()]
     post = [x for x in lines if x["path"] == f"/{LEDGER}/PostEntry"]
