@@ -247,6 +247,14 @@ def _load_catalog(catalog: Path):
 
 
 def _warn_dry_run(cat) -> None:
+    from extauthz.config import Settings
+
+    deadline_ms = Settings.model_fields["decision_deadline_ms"].default
+    if cat.gateway.ext_authz_timeout * 1000 <= deadline_ms:
+        typer.echo(f"warning: ext_authz.timeout {cat.gateway.ext_authz_timeout:g}s is not above the "
+                   f"server's decision deadline ({deadline_ms} ms by default): slow "
+                   "decisions will end as Envoy's anonymous timeout instead of the server's 503 "
+                   "with a reason", err=True)
     if cat.dry_run_services:
         typer.echo("warning: DRY RUN (decisions logged and counted, calls allowed) for: "
                    + ", ".join(cat.dry_run_services), err=True)

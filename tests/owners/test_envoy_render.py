@@ -16,7 +16,7 @@ gateway:
   admin: 127.0.0.1:9901
   ext_authz:
     address: 127.0.0.1:9001
-    timeout: 500ms
+    timeout: 1200ms
   jwt:
     issuer: https://issuer.dev.local
     audiences: [rpcauthz]
@@ -76,7 +76,7 @@ def test_rendered_shape_fails_closed_and_routes_most_specific_first():
     ext = hcm["http_filters"][1]["typed_config"]
     assert ext["failure_mode_allow"] is False
     assert ext["status_on_error"] == {"code": "ServiceUnavailable"}
-    assert ext["grpc_service"]["timeout"] == "0.500s"
+    assert ext["grpc_service"]["timeout"] == "1.200s"
     assert ext["metadata_context_namespaces"] == ["envoy.filters.http.jwt_authn"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     order = [r["match"].get("path") or r["match"]["prefix"] for r in routes]
@@ -169,3 +169,38 @@ def test_dry_run_report(tmp_path: Path):
     assert res.returncode == 0 and "no service in dry-run" in res.stdout
     rendered = yaml.safe_load(run_mpactl("envoy", "render", "-c", str(cat)).stdout)
     assert rendered["static_resources"]["listeners"][0]["name"] == "gateway"
+
+
+def test_rendered_config_keeps_the_invariants_of_envoy_gateway_yaml():
+    """The same fail-closed invariants tests/extauthz checks on the hand-written gateway.yaml,
+    and agreement with the ext_authz server's defaults (payload key, deadlines)."""
+    from extauthz.config import Settings
+
+    defaults = Settings(store_url="sqlite:///x.db")
+    cfg = render(parse_catalog(CATALOG, "services.yaml"))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+    ext = filters["envoy.filters.http.ext_authz"]
+    assert ext["transport_api_version"] == "V3"
+    timeout = float(ext["grpc_service"]["timeout"].rstrip("s"))
+    assert timeout * 1000 > defaults.decision_deadline_ms > defaults.reflection.deadline * 1000
+    providers = filters["envoy.filters.http.jwt_authn"]["providers"]
+    assert {p["payload_in_metadata"] for p in providers.values()} == {defaults.identity.payload_key}
+    assert all(p["forward"] is False for p in providers.values())
+    rules = filters["envoy.filters.http.jwt_authn"]["rules"]
+    assert rules[0]["match"] == {"prefix": "/"} and "provider_name" in rules[0]["requires"]
+    assert hcm["normalize_path"] is False and hcm["merge_slashes"] is False
+    fmt = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    for key in ("decision_id", "outcome", "mode", "rule", "principal"):
+        assert fmt[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
+    ext_cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_authz")
+    assert ext_cluster["health_checks"][0]["grpc_health_check"]["service_name"] == \
+        "envoy.service.auth.v3.Authorization"
+
+
+def test_short_ext_authz_timeout_is_warned_about(tmp_path: Path):
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG.replace("timeout: 1200ms", "timeout: 500ms"))
+    res = run_mpactl("envoy", "render", "-c", str(cat))
+    assert res.returncode == 0
+    assert "ext_authz.timeout 0.5s is not above the server's decision deadline" in res.stderr
