@@ -201,6 +201,7 @@ def compile_protos(files: Sequence[Path], includes: Sequence[Path] = (),
     opt = options_include()
     if opt is not None:
         tail.append(opt)
+    extra_args: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="mpactl-protoc-") as tmp:
         search = list(roots)
@@ -211,8 +212,12 @@ def compile_protos(files: Sequence[Path], includes: Sequence[Path] = (),
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text, encoding="utf-8")
             search.insert(0, over)
+        if opt is None:
+            # Installed without the repository's proto/ folder: hand protoc our options file
+            # as a compiled descriptor; source files found on the include path still win.
+            extra_args.append(f"--descriptor_set_in={_write_options_descriptor(Path(tmp))}")
         out = Path(tmp) / "set.pb"
-        args = [*(f"-I{p}" for p in search + [t for t in tail if t not in search]),
+        args = [*(f"-I{p}" for p in search + [t for t in tail if t not in search]), *extra_args,
                 "--include_imports", "--include_source_info", f"--descriptor_set_out={out}",
                 *(name for _, name in names)]
         # protoc reads arguments from @FILE, one a line: no command-line limit on big trees.
@@ -237,6 +242,20 @@ def compile_protos(files: Sequence[Path], includes: Sequence[Path] = (),
                                       options_file in fd.dependency),
                                   options_file=options_file))
     return CompiledTree(files=sources, descriptor_set=fds, includes=roots, _pool=pool)
+
+
+def _write_options_descriptor(directory: Path) -> Path:
+    """rpcauthz/v1/options.proto (and descriptor.proto) as a FileDescriptorSet file."""
+    from google.protobuf import descriptor_pb2 as dpb
+
+    from rpcauthz.v1 import options_pb2
+
+    fds = dpb.FileDescriptorSet()
+    dpb.DESCRIPTOR.CopyToProto(fds.file.add())
+    options_pb2.DESCRIPTOR.CopyToProto(fds.file.add())
+    path = directory / "rpcauthz-options.pb"
+    path.write_bytes(fds.SerializeToString())
+    return path
 
 
 def _extension_file(pool: descriptor_pool.DescriptorPool, full_name: str) -> str | None:

@@ -156,3 +156,17 @@ def test_paths_with_spaces(tmp_path: Path):
     res = run_mpactl("lint", str(tmp_path / "my protos"))
     assert res.returncode == 1, res.stderr
     assert f"{d / 's.proto'}:4:13: error: rpc s.S.A" in res.stdout
+
+
+def test_options_file_found_without_the_repository_proto_folder(tmp_path: Path, monkeypatch):
+    """Installed from a wheel there is no proto/ folder: the compiled-in descriptor is used."""
+    from mpa import proto_source
+    monkeypatch.setattr(proto_source, "options_include", lambda: None)
+    f = tmp_path / "svc.proto"
+    f.write_text('syntax = "proto3";\npackage w.v1;\nimport "rpcauthz/v1/options.proto";\nmessage M {}\n'
+                 "service S {\n  rpc A(M) returns (M) { option (rpcauthz.v1.humans_who_can_rpc) = BREAK_GLASS_ONLY; }\n"
+                 "  rpc B(M) returns (M);\n}\n")
+    tree = proto_source.compile_protos([f])
+    modes = {r.method: r.method_mode for r in tree.rpcs()}
+    from policy import Mode
+    assert modes == {"A": Mode.BREAK_GLASS_ONLY, "B": None}
