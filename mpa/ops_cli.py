@@ -86,7 +86,21 @@ def _load_usage(store_url: str | None, service: str, days: float):
 _CHOICES = [m for m in Mode if m is not Mode.UNSPECIFIED]
 
 
-def _ask(step, index: int, total: int) -> Mode | None:
+def _impact(step, service: str, grants) -> dict:
+    """{mode: "6 allowed, 2 need approval"} for the RPC's recent calls, with today's grants."""
+    if grants is None or not step.usage.calls:
+        return {}
+    from datetime import datetime, timezone
+
+    from .usage import would_have
+    words = {"allow": "allowed", "approval_required": "need approval", "deny": "denied"}
+    out = {}
+    for mode, counts in would_have(step.usage, service, grants, datetime.now(timezone.utc)).items():
+        out[mode] = ", ".join(f"{counts[k]} {w}" for k, w in words.items() if counts[k])
+    return out
+
+
+def _ask(step, index: int, total: int, service: str = "", grants=None) -> Mode | None:
     """Prompt for one RPC; returns the chosen mode or None to keep it as it is."""
     from .migrate import describe_current
 
@@ -96,8 +110,11 @@ def _ask(step, index: int, total: int) -> Mode | None:
     typer.echo(f"  current:   {describe_current(step)}")
     typer.echo(f"  usage:     {step.usage.line()}")
     typer.echo(f"  suggested: {step.suggestion.name} ({step.reason})")
+    impact = _impact(step, service, grants)
+    if impact:
+        typer.echo("  recent calls under each mode (today's grants, no approvals yet):")
     for i, m in enumerate(_CHOICES, 1):
-        typer.echo(f"    {i}) {m.name}")
+        typer.echo(f"    {i}) {m.name:<30} {impact.get(m, '')}".rstrip())
     typer.echo("    k) keep as it is")
     default = step.default_choice
     default_key = "k" if default is None else str(_CHOICES.index(default) + 1)
@@ -153,7 +170,7 @@ def migrate_command(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     describe = mig.describe_current
-    usage, _ = _load_usage(store, found.service, days)
+    usage, grants = _load_usage(store, found.service, days)
     steps = mig.plan(found, usage, default_mode)
     typer.echo(f"{found.service} in {found.file.path}: {len(steps)} RPCs")
     choices: dict = {}
@@ -167,7 +184,7 @@ def migrate_command(
             typer.echo(f"[{i}/{len(steps)}] rpc {name}: {describe(step)} -> "
                        f"{choice.name if choice else 'keep'} (default)")
         else:
-            choice = _ask(step, i, len(steps))
+            choice = _ask(step, i, len(steps), found.service, grants)
         if choice is not None:
             choices[name] = choice
     try:

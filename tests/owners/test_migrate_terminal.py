@@ -113,6 +113,12 @@ def test_interactive_shows_usage_from_the_store(gtree: Path, tmp_path: Path):
         child.expect(r"\[2/5\] rpc GetOperation")
         child.expect(r"usage:\s+6 calls by 3 engineers, last \d{4}-\d\d-\d\d \d\d:\d\d UTC")
         child.expect(r"suggested: ENGINEERS_WITHOUT_APPROVAL \('get' reads, and 3 engineers used it\)")
+        # The impact of each choice on those 6 calls (only alice, 3 calls, contributes).
+        child.expect(r"1\) ENGINEERS_WITHOUT_APPROVAL +6 allowed\r?\n")
+        child.expect(r"2\) ENGINEERS_WITH_APPROVAL +6 need approval\r?\n")
+        child.expect(r"3\) CONTRIBUTORS_WITHOUT_APPROVAL +3 allowed, 3 denied\r?\n")
+        child.expect(r"4\) CONTRIBUTORS_WITH_APPROVAL +3 need approval, 3 denied\r?\n")
+        child.expect(r"5\) BREAK_GLASS_ONLY +6 denied\r?\n")
         child.expect(r"\(default 1\): ")
         child.sendline("")
         child.expect(r"\[3/5\] rpc DeleteOperation")
