@@ -43,8 +43,9 @@ def stack(tmp_path: Path):
         cfg = extauthz_config(port=ext_port, store_url=store_url,
                               reflection_static={ACCOUNTS: accounts.address, LEDGER: ledger.address},
                               extra={"metrics.port": metrics_port})
-        ext = ExtAuthzProcess(cfg, tmp_path).wait_ready()
-        started.append(ext)
+        ext = ExtAuthzProcess(cfg, tmp_path)
+        started.append(ext)  # stopped in finally even if it never becomes ready
+        ext.wait_ready()
         listen, admin = free_port(), free_port()
         catalog = tmp_path / "services.yaml"
         catalog.write_text(f"""\
@@ -71,8 +72,9 @@ services:
         out = tmp_path / "gateway.yaml"
         res = run_mpactl("envoy", "render", "-c", str(catalog), "-o", str(out), "--validate")
         assert res.returncode == 0, res.stderr
-        envoy = EnvoyProcess(yaml.safe_load(out.read_text()), tmp_path).wait_ready()
+        envoy = EnvoyProcess(yaml.safe_load(out.read_text()), tmp_path)
         started.append(envoy)
+        envoy.wait_ready()
         deadline = time.monotonic() + 20
         while not envoy.cluster_healthy("ext_authz"):
             assert time.monotonic() < deadline, "envoy never saw ext_authz healthy"
@@ -81,8 +83,11 @@ services:
                "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "tmp": tmp_path,
                "admin": f"http://127.0.0.1:{admin}"}
     finally:
-        for s in reversed(started):
-            s.stop(**({"grace": 0} if hasattr(s, "address") else {}))
+        for proc in reversed(started):
+            if isinstance(proc, (EnvoyProcess, ExtAuthzProcess)):
+                proc.stop()
+            else:
+                proc.stop(grace=0)  # a demo gRPC server
         jwks.close()
 
 

@@ -32,6 +32,7 @@ class EnvoyProcess:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
                 with urllib.request.urlopen(self.admin + "/ready", timeout=1) as r:
