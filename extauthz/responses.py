@@ -48,6 +48,9 @@ def metadata(v: Verdict) -> struct_pb2.Struct:
         f["request_id"].string_value = v.request_id
     if v.dev:
         f["dev"].bool_value = True
+    if v.dry_run:  # dry-run rollout (extauthz/dry_run.py)
+        f["dry_run"].bool_value = True
+        f["shadow"].string_value = v.shadow or "none"
     return s
 
 
@@ -84,10 +87,10 @@ _DECISION_HEADER_INDEX = 1
 
 def _allow_template(v: Verdict) -> external_auth_pb2.CheckResponse:
     """The allow response for ``v`` with an empty decision id. Everything else in it is a
-    function of ``v``'s principal, target, mode, rule and dev flag (``metadata`` and the
-    headers), so it is built once per such combination and copied: a copy is ~4x cheaper
-    than building the headers and the metadata Struct again."""
-    key = (v.principal, v.target, v.mode, v.rule, v.dev)
+    function of ``v``'s principal, target, mode, rule, dev and dry-run fields (``metadata``
+    and the headers), so it is built once per such combination and copied: a copy is ~4x
+    cheaper than building the headers and the metadata Struct again."""
+    key = (v.principal, v.target, v.mode, v.rule, v.dev, v.dry_run, v.shadow)
     resp = _ALLOW_TEMPLATES.get(key)
     if resp is None:
         if len(_ALLOW_TEMPLATES) >= _MAX_TEMPLATES:

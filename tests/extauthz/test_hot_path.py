@@ -349,3 +349,21 @@ async def test_reflection_cache_get_fresh_only_answers_fresh_hits():
     finally:
         await cache.close()
         server.stop(grace=0)
+
+
+def test_allow_template_key_covers_every_field_a_response_shows():
+    import dataclasses
+
+    base = _allow()
+    variants = {"principal": "bob", "target": Target(SVC, "Tune"),
+                "mode": Mode.CONTRIBUTORS_WITHOUT_APPROVAL, "mode_source": "service",
+                "rule": "dry_run.would_deny", "message": "other", "advice": "ask", "dev": True,
+                "dry_run": True, "shadow": "would_deny", "request_url": "https://mpa/requests/1"}
+    # A field added to Verdict must be added here (and to the template key if shown).
+    fresh_path = {"kind", "decision_id", "approval_id", "request_id"}
+    assert set(variants) | fresh_path == {f.name for f in dataclasses.fields(Verdict)}
+    for field, value in variants.items():
+        v = dataclasses.replace(base, **{field: value})
+        responses.build(base)  # the template for ``base`` is cached
+        assert responses.build(v) == responses._build_allow(v, v.decision_id), field
+        assert responses.build(base) == responses._build_allow(base, base.decision_id), field
