@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per cell")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--audit-batch-window-ms", type=int, default=None,
+                    help="audit.batch_window_ms for our server (default: the server's default)")
     ap.add_argument("--thread-cpu", action="store_true",
                     help="also print each ext_authz server thread's CPU time per cell")
     ap.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
@@ -173,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         ours = ExtAuthzProcess({
             "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
-            "audit": {"allows": args.audit_allows},
+            "audit": {"allows": args.audit_allows,
+                      **({} if args.audit_batch_window_ms is None
+                         else {"batch_window_ms": args.audit_batch_window_ms})},
             "reflection": {"endpoints": {"static": {ACCOUNTS: upstream.address}}},
         }, workdir, env={"PYTHONWARNINGS": "ignore"})
         things.append(ours)
