@@ -25,8 +25,8 @@ from policy.store import Store
 
 from .auth import AuthError, Principal, TokenVerifier
 from .config import ApprovalsConfig
-from .schemas import (CommentIn, CompleteIn, CreateRequestIn, ErrorOut, RequestListOut,
-                      RequestOut, WhoAmIOut)
+from .schemas import (CommentIn, CompleteIn, CreateRequestIn, DevTokenIn, DevTokenOut, ErrorOut,
+                      RequestListOut, RequestOut, WhoAmIOut)
 from .service import ApprovalService, AwaitingReason, ModeLookup, ModeUnavailable, utcnow
 
 log = logging.getLogger("mpa.api")
@@ -204,6 +204,15 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     def complete(request_id: RequestId, body: CompleteIn, me: Me) -> RequestOut:
         return out(service.complete(request_id, me.id, reason=body.reason,
                                     incident=body.incident), me.id)
+
+    if app.state.dev_issuer is not None:
+        log.warning("DEV LOGIN IS ON: anyone can sign in as anyone (dev issuer); never in production")
+
+        @app.post("/api/dev/token", response_model=DevTokenOut, operation_id="devToken",
+                  summary="DEV ONLY: mint a dev-issuer token for an engineer (mpa login --as)",
+                  responses={k: _ERRORS[k] for k in (400, 422)})
+        def dev_token(body: DevTokenIn) -> DevTokenOut:
+            return DevTokenOut(token=app.state.dev_issuer.mint(body.subject, ttl_seconds=8 * 3600))
 
     from .page import add_page_routes
     add_page_routes(app)

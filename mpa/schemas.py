@@ -127,3 +127,14 @@ class ErrorBody(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+class DevTokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str = Field(min_length=1, max_length=200, pattern=r"^\S+$",
+                         description="the engineer to sign in as (dev issuer only)")
+
+
+class DevTokenOut(BaseModel):
+    token: str
