@@ -117,9 +117,21 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
         return error_response(422, "invalid_body", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error_response(e.status_code, code, str(e.detail), getattr(e, "headers", None))
+        headers = dict(getattr(e, "headers", None) or {})
+        if e.status_code == 405:
+            # Starlette names only the first matching route's methods; name them all.
+            allowed = set()
+            for route in app.router.routes:
+                match, _ = route.matches({**request.scope, "method": "GET"})
+                methods = getattr(route, "methods", None)
+                if match.name != "NONE" and methods:
+                    allowed |= methods - {"HEAD"}
+            headers["Allow"] = ", ".join(sorted(allowed))
+            return error_response(405, code, f"{request.method} is not allowed here; use "
+                                              f"{headers['Allow']}", headers)
+        return error_response(e.status_code, code, str(e.detail), headers or None)
 
     # --- auth ---------------------------------------------------------------------------------
     def principal(request: Request) -> Principal:

@@ -16,9 +16,13 @@ class CreateRequestIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     service: str = Field(description="fully-qualified gRPC service, e.g. pkg.v1.Ledger",
-                         min_length=1, max_length=255)
-    method: str = Field(description="method name, e.g. AdjustBalance", min_length=1, max_length=255)
-    reason: str = Field(description="why you need this call (reviewers read it)", max_length=2000)
+                         max_length=255,
+                         pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+    method: str = Field(description="method name, e.g. AdjustBalance", max_length=255,
+                        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    reason: str = Field(description="why you need this call (reviewers read it); the server's "
+                                    "configured minimum length applies", min_length=1,
+                        max_length=2000)
     incident: str | None = Field(default=None, max_length=200,
                                  description="incident reference (required for BREAK_GLASS_ONLY)")
     body_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
@@ -33,7 +37,7 @@ class CompleteIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(max_length=2000)
+    reason: str = Field(min_length=1, max_length=2000)
     incident: str | None = Field(default=None, max_length=200)
 
 
