@@ -24,6 +24,7 @@ from typing import Any, Optional
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE = 1, 2, 3, 4
@@ -73,7 +74,7 @@ def load_session() -> dict[str, Any]:
 
 
 def fail(code: int, message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -153,7 +154,7 @@ def print_request(r: dict[str, Any]) -> None:
         rows.append(("you", r["you"]["why_not"]))
     for k, v in rows:
         t.add_row(k, str(v))
-    out.print(t, highlight=False)
+    out.print(t, highlight=False, markup=False)
 
 
 def print_list(reqs: list[dict[str, Any]]) -> None:
@@ -167,7 +168,7 @@ def print_list(reqs: list[dict[str, Any]]) -> None:
         t.add_row(r["id"], r["state"], r["requester"], r["path"], r["reason"] or "(awaiting reason)",
                   ", ".join(a["approver"] for a in r["approvals"]) or "-",
                   _short(r["expires_at"]) if r["state"] == "pending" else _short(r["valid_until"]))
-    out.print(t, highlight=False)
+    out.print(t, highlight=False, markup=False)
 
 
 def emit(data: Any, as_json: bool, printer) -> None:
@@ -196,7 +197,7 @@ def login(server: str = typer.Option(None, "--server", help="approvals server UR
         from .oidc import DeviceFlowError, device_flow_login
         try:
             token = device_flow_login(issuer, client_id, scope,
-                                      show=lambda m: err.print(m, highlight=False))
+                                      show=lambda m: err.print(m, highlight=False, soft_wrap=True))
         except DeviceFlowError as e:
             fail(EXIT_AUTH, str(e))
     elif as_user:
