@@ -15,8 +15,10 @@ def test_generated_code_is_up_to_date(tmp_path):
                    check=True)
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert fresh, "generate.py produced nothing"
+    # generate.py only makes sure packages exist; a package's own __init__.py may have content.
     stale = [str(p) for p in fresh
-             if not (ROOT / p).exists() or not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]
+             if not (ROOT / p).exists()
+             or (p.name != "__init__.py" and not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False))]
     assert not stale, f"regenerate with `python proto/generate.py`; out of date: {stale}"
 
 

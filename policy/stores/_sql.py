@@ -1,0 +1,351 @@
+"""The Store operations written once in SQL, for the SQLite and PostgreSQL adapters.
+
+An adapter supplies transactions (``_tx``) and the few dialect differences: how
+timestamps and JSON travel, how a request row is locked, how concurrent
+``get_or_create_pending`` callers are serialised, and what happens after a grant
+change (PostgreSQL NOTIFYs). SQL here uses ``%(name)s`` placeholders; the SQLite
+adapter rewrites them to ``:name``.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+from ..audit import KINDS, AuditEvent
+from ..errors import UnknownRequest
+from ..model import ApprovalRequest, Grant, RequestState, Role
+from ..store import GrantDiff, Subscription, Transition
+from . import _codec as codec
+
+_REQ_COLS = ", ".join(codec.REQUEST_COLUMNS)
+_REQ_VALUES = ", ".join(f"%({c})s" for c in codec.REQUEST_COLUMNS)
+#: What a transition may change; identity and scope are fixed at creation.
+_MUTABLE = ("reason", "incident", "uses", "state", "approvals", "valid_until", "closed_by",
+            "closed_at", "close_reason", "origin", "expires_at")
+_IMMUTABLE = ("id", "requester", "service", "method", "mode", "created_at", "body_sha256",
+              "required_approvals", "max_uses", "approval_ttl")
+_AUDIT_COLS = ", ".join(codec.AUDIT_COLUMNS)
+_AUDIT_VALUES = ", ".join(f"%({c})s" for c in codec.AUDIT_COLUMNS)
+_GRANT_COLS = ", ".join(codec.GRANT_COLUMNS)
+
+
+class SqlStore(abc.ABC):
+    """Shared implementation of :class:`policy.store.Store` over a DB-API-ish cursor."""
+
+    #: Appended to the SELECT that reads a request inside ``update_request``.
+    _FOR_UPDATE = ""
+
+    def __init__(self, label: str) -> None:
+        #: Names the store in every error message, e.g. "sqlite store /var/lib/x.db".
+        self.label = label
+
+    # --- adapter hooks --------------------------------------------------------------------
+    @abc.abstractmethod
+    def _tx(self, *, write: bool) -> contextlib.AbstractContextManager[Any]:
+        """A transaction yielding a cursor; commits on success, rolls back on any error.
+
+        Driver errors become ``StoreError`` naming ``self.label``; every other exception
+        (a ``PolicyError`` from a transition, ``UnknownRequest``) propagates unchanged.
+        For ``write=True`` the transaction must hold the write lock from its start
+        (SQLite ``BEGIN IMMEDIATE``) or lock rows it reads (PostgreSQL ``FOR UPDATE``).
+        """
+
+    @abc.abstractmethod
+    def _ts(self, dt: datetime) -> Any: ...
+
+    @abc.abstractmethod
+    def _dt(self, value: Any) -> datetime: ...
+
+    @abc.abstractmethod
+    def _json_in(self, obj: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def _json_out(self, value: Any) -> Any: ...
+
+    def _lock_scope(self, cur: Any, key: str) -> None:
+        """Serialise ``get_or_create_pending`` callers with the same scope (no-op if the
+        write transaction already excludes every other writer)."""
+
+    def _grants_changed(self, cur: Any, revision: int) -> None:
+        """Called inside the transaction that bumped the grants revision."""
+
+    @abc.abstractmethod
+    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # --- grants ---------------------------------------------------------------------------
+    def list_grants(self) -> list[Grant]:
+        """Every grant, expired ones included."""
+        with self._tx(write=False) as cur:
+            rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants "
+                               "ORDER BY principal, role, service").fetchall()
+        return [codec.grant_from_row(r, self._dt) for r in rows]
+
+    def grants_revision(self) -> int:
+        """A number that increases whenever any grant changes."""
+        with self._tx(write=False) as cur:
+            return int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1").fetchone()["revision"])
+
+    def put_grant(self, grant: Grant, *, actor: str = "system") -> None:
+        """Insert or replace the grant with the same (principal, role, service)."""
+        with self._tx(write=True) as cur:
+            row = cur.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE principal = %(principal)s "
+                              "AND role = %(role)s AND service = %(service)s",
+                              codec.grant_params(grant, self._ts)).fetchone()
+            if row is not None and codec.grant_from_row(row, self._dt) == grant:
+                return
+            self._upsert_grant(cur, grant)
+            self._audit_grant(cur, "grant.added", grant, actor)
+            self._bump_revision(cur)
+
+    def delete_grant(self, principal: str, role: str | Role, service: str | None = None, *,
+                     actor: str = "system") -> bool:
+        """Remove one grant; True if it existed."""
+        role_value = Role(role).value
+        with self._tx(write=True) as cur:
+            row = cur.execute(f"DELETE FROM grants WHERE principal = %(p)s AND role = %(r)s "
+                              f"AND service = %(s)s RETURNING {_GRANT_COLS}",
+                              {"p": principal, "r": role_value, "s": service or ""}).fetchone()
+            if row is None:
+                return False
+            self._audit_grant(cur, "grant.removed", codec.grant_from_row(row, self._dt), actor)
+            self._bump_revision(cur)
+            return True
+
+    def replace_grants(self, source: str, grants: Iterable[Grant], *,
+                       actor: str = "system") -> GrantDiff:
+        """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``.
+
+        Grants held under another source (for example "manual") are never touched: a
+        grant in ``grants`` whose (principal, role, service) is already held under
+        another source is left to that holder and not reported as added.
+        """
+        desired: dict[tuple[str, str, str], Grant] = {}
+        for g in grants:
+            if g.source != source:
+                raise ValueError(f"replace_grants({source!r}) was given a grant from source "
+                                 f"{g.source!r}: {g.principal} {g.role.value} {g.service or ''}")
+            held = desired.get(g.key)
+            if held is not None and held != g:
+                raise ValueError(f"replace_grants({source!r}) was given two different grants "
+                                 f"for {g.principal} {g.role.value} {g.service or ''}")
+            desired[g.key] = g
+        with self._tx(write=True) as cur:
+            rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants").fetchall()
+            current = [codec.grant_from_row(r, self._dt) for r in rows]
+            mine = {g.key: g for g in current if g.source == source}
+            others = {g.key for g in current if g.source != source}
+            for key in others:
+                desired.pop(key, None)
+            removed = [g for k, g in mine.items() if k not in desired]
+            added = [g for k, g in desired.items() if mine.get(k) != g]
+            for g in removed:
+                cur.execute("DELETE FROM grants WHERE principal = %(principal)s "
+                            "AND role = %(role)s AND service = %(service)s",
+                            codec.grant_params(g, self._ts))
+                self._audit_grant(cur, "grant.removed", g, actor)
+            for g in added:
+                self._upsert_grant(cur, g)
+                self._audit_grant(cur, "grant.added", g, actor)
+            if added or removed:
+                self._bump_revision(cur)
+        key = lambda g: g.key  # noqa: E731
+        return GrantDiff(added=tuple(sorted(added, key=key)), removed=tuple(sorted(removed, key=key)))
+
+    def _upsert_grant(self, cur: Any, grant: Grant) -> None:
+        cur.execute(f"INSERT INTO grants ({_GRANT_COLS}) VALUES (%(principal)s, %(role)s, "
+                    "%(service)s, %(expires_at)s, %(source)s) "
+                    "ON CONFLICT (principal, role, service) DO UPDATE SET "
+                    "expires_at = excluded.expires_at, source = excluded.source",
+                    codec.grant_params(grant, self._ts))
+
+    def _audit_grant(self, cur: Any, kind: str, grant: Grant, actor: str) -> None:
+        self._insert_audit(cur, AuditEvent(kind=kind, actor=actor, at=_now(), service=grant.service,
+                                           detail=codec.grant_detail(grant)))
+
+    def _bump_revision(self, cur: Any) -> None:
+        rev = cur.execute("UPDATE grants_revision SET revision = revision + 1 WHERE id = 1 "
+                          "RETURNING revision").fetchone()["revision"]
+        self._grants_changed(cur, int(rev))
+
+    # --- approval requests ----------------------------------------------------------------
+    def create_request(self, request: ApprovalRequest, *, actor: str) -> ApprovalRequest:
+        """Store a new request and its ``request.created`` audit event in one transaction."""
+        with self._tx(write=True) as cur:
+            self._insert_request(cur, request, actor)
+        return request
+
+    def get_or_create_pending(self, request: ApprovalRequest, *,
+                              actor: str) -> tuple[ApprovalRequest, bool]:
+        """Return the open pending request with the same requester and scope, or create it.
+
+        Scope is requester + service + method + mode + body_sha256; "open" means PENDING
+        and not past ``expires_at`` at ``request.created_at``. Concurrent callers with the
+        same scope end with one request.
+        """
+        scope = (request.requester, request.service, request.method, int(request.mode),
+                 request.body_sha256 or "")
+        params = {"requester": request.requester, "service": request.service,
+                  "method": request.method, "mode": int(request.mode),
+                  "body": request.body_sha256, "now": self._ts(request.created_at),
+                  "pending": RequestState.PENDING.value}
+        body_clause = "body_sha256 IS NULL" if request.body_sha256 is None else "body_sha256 = %(body)s"
+        with self._tx(write=True) as cur:
+            self._lock_scope(cur, "\x1f".join(map(str, scope)))
+            row = cur.execute(
+                f"SELECT {_REQ_COLS} FROM requests WHERE requester = %(requester)s "
+                "AND service = %(service)s AND method = %(method)s AND mode = %(mode)s "
+                f"AND {body_clause} AND state = %(pending)s AND expires_at > %(now)s "
+                "ORDER BY created_at, seq LIMIT 1", params).fetchone()
+            if row is not None:
+                return self._request(row), False
+            self._insert_request(cur, request, actor)
+            return request, True
+
+    def _insert_request(self, cur: Any, request: ApprovalRequest, actor: str) -> None:
+        if cur.execute("SELECT 1 FROM requests WHERE id = %(id)s", {"id": request.id}).fetchone():
+            raise ValueError(f"an approval request with id {request.id!r} already exists")
+        cur.execute(f"INSERT INTO requests ({_REQ_COLS}) VALUES ({_REQ_VALUES})",
+                    codec.request_params(request, self._ts, self._json_in))
+        self._insert_audit(cur, AuditEvent(
+            kind="request.created", actor=actor, at=request.created_at, request_id=request.id,
+            service=request.service, method=request.method, outcome=request.state.value,
+            reason=request.reason,
+            detail={"mode": request.mode.name, "requester": request.requester,
+                    "origin": request.origin, "incident": request.incident,
+                    "body_bound": request.body_sha256 is not None,
+                    "required_approvals": request.required_approvals,
+                    "max_uses": request.max_uses}))
+
+    def get_request(self, request_id: str) -> ApprovalRequest:
+        """The request with this id; raises ``UnknownRequest`` if there is none."""
+        with self._tx(write=False) as cur:
+            row = cur.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = %(id)s",
+                              {"id": request_id}).fetchone()
+        if row is None:
+            raise UnknownRequest(f"no approval request has id {request_id!r}")
+        return self._request(row)
+
+    def find_requests(self, *, requester: str | None = None, service: str | None = None,
+                      method: str | None = None, states: Sequence[RequestState] | None = None,
+                      limit: int = 100) -> list[ApprovalRequest]:
+        """Requests matching every given filter, newest first."""
+        where, params = [], {"limit": int(limit)}
+        for col, value in (("requester", requester), ("service", service), ("method", method)):
+            if value is not None:
+                where.append(f"{col} = %({col})s")
+                params[col] = value
+        if states is not None:
+            if not states:
+                return []
+            names = []
+            for i, s in enumerate(states):
+                params[f"s{i}"] = RequestState(s).value
+                names.append(f"%(s{i})s")
+            where.append(f"state IN ({', '.join(names)})")
+        sql = f"SELECT {_REQ_COLS} FROM requests"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, seq DESC LIMIT %(limit)s"
+        with self._tx(write=False) as cur:
+            rows = cur.execute(sql, params).fetchall()
+        return [self._request(r) for r in rows]
+
+    def update_request(self, request_id: str, change: Transition, *, actor: str,
+                       kind: str, reason: str = "") -> ApprovalRequest:
+        """Atomically read, apply ``change``, write, and append an audit event of ``kind``.
+
+        If ``change`` raises, nothing is written and the error propagates. If it returns
+        the request unchanged (``expire`` on a live request), nothing is written and no
+        audit event is recorded. A transition may not change the request's identity or
+        scope (id, requester, service, method, mode, body digest, limits).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown audit event kind {kind!r}")
+        with self._tx(write=True) as cur:
+            row = cur.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = %(id)s{self._FOR_UPDATE}",
+                              {"id": request_id}).fetchone()
+            if row is None:
+                raise UnknownRequest(f"no approval request has id {request_id!r}")
+            old = self._request(row)
+            new = change(old)
+            if not isinstance(new, ApprovalRequest):
+                raise TypeError(f"transition returned {type(new).__name__}, not an ApprovalRequest")
+            changed = [f for f in _IMMUTABLE if getattr(new, f) != getattr(old, f)]
+            if changed:
+                raise ValueError(f"a transition may not change {', '.join(changed)} of request {request_id}")
+            if new == old:
+                return old
+            params = codec.request_params(new, self._ts, self._json_in)
+            sets = ", ".join(f"{c} = %({c})s" for c in _MUTABLE)
+            cur.execute(f"UPDATE requests SET {sets} WHERE id = %(id)s", params)
+            self._insert_audit(cur, AuditEvent(
+                kind=kind, actor=actor, at=_now(), request_id=new.id, service=new.service,
+                method=new.method, outcome=new.state.value, reason=reason,
+                detail={"from_state": old.state.value, "to_state": new.state.value,
+                        "approvals": list(new.approvers), "uses": new.uses,
+                        "required_approvals": new.required_approvals,
+                        "max_uses": new.max_uses}))
+        return new
+
+    def _request(self, row: Any) -> ApprovalRequest:
+        return codec.request_from_row(row, self._dt, self._json_out)
+
+    # --- audit ----------------------------------------------------------------------------
+    def append_audit(self, event: AuditEvent) -> None:
+        """Write one audit event durably."""
+        with self._tx(write=True) as cur:
+            self._insert_audit(cur, event)
+
+    def _insert_audit(self, cur: Any, event: AuditEvent) -> None:
+        cur.execute(f"INSERT INTO audit ({_AUDIT_COLS}) VALUES ({_AUDIT_VALUES})",
+                    codec.audit_params(event, self._ts, self._json_in))
+
+    def list_audit(self, *, since: datetime | None = None, kinds: Sequence[str] | None = None,
+                   service: str | None = None, request_id: str | None = None,
+                   limit: int = 1000) -> list[AuditEvent]:
+        """Audit events matching every filter, oldest first (``since`` is inclusive)."""
+        where, params = [], {"limit": int(limit)}
+        if since is not None:
+            where.append("at >= %(since)s")
+            params["since"] = self._ts(since)
+        if service is not None:
+            where.append("service = %(service)s")
+            params["service"] = service
+        if request_id is not None:
+            where.append("request_id = %(request_id)s")
+            params["request_id"] = request_id
+        if kinds is not None:
+            if not kinds:
+                return []
+            names = []
+            for i, k in enumerate(kinds):
+                params[f"k{i}"] = k
+                names.append(f"%(k{i})s")
+            where.append(f"kind IN ({', '.join(names)})")
+        sql = f"SELECT {_AUDIT_COLS} FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY at, seq LIMIT %(limit)s"
+        with self._tx(write=False) as cur:
+            rows = cur.execute(sql, params).fetchall()
+        return [codec.audit_from_row(r, self._dt, self._json_out) for r in rows]
+
+    # --- context manager sugar ------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label}>"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+

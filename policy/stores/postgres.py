@@ -1,0 +1,273 @@
+"""The shared store for several gateway replicas: PostgreSQL through psycopg 3.
+
+Read-modify-writes lock the request row (``SELECT ... FOR UPDATE``) for the length of
+the transaction; concurrent ``get_or_create_pending`` callers with one scope are
+serialised by a transaction-scoped advisory lock. Every grant change bumps
+``grants_revision`` and sends ``NOTIFY rpcauthz_grants, '<revision>'`` in the same
+transaction, so listeners hear about it only once it is committed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from datetime import datetime
+from typing import Any, Callable, Iterator
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from ..errors import StoreError
+from ..store import Subscription
+from . import _codec as codec
+from . import redact_url
+from ._sql import SqlStore
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+#: The NOTIFY channel grant changes are announced on; the payload is the new revision.
+CHANNEL = "rpcauthz_grants"
+#: Advisory lock key that serialises schema creation by replicas starting together.
+_SCHEMA_LOCK = 0x7270_6361_7574_687A & 0x7FFF_FFFF_FFFF_FFFF
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
+CREATE TABLE IF NOT EXISTS grants (
+    principal  text NOT NULL,
+    role       text NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall')),
+    service    text NOT NULL DEFAULT '',
+    expires_at timestamptz,
+    source     text NOT NULL DEFAULT 'manual',
+    PRIMARY KEY (principal, role, service)
+);
+CREATE TABLE IF NOT EXISTS grants_revision (
+    id       integer PRIMARY KEY CHECK (id = 1),
+    revision bigint NOT NULL
+);
+INSERT INTO grants_revision (id, revision) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS requests (
+    seq                bigserial PRIMARY KEY,
+    id                 text NOT NULL UNIQUE,
+    requester          text NOT NULL,
+    service            text NOT NULL,
+    method             text NOT NULL,
+    mode               integer NOT NULL,
+    created_at         timestamptz NOT NULL,
+    expires_at         timestamptz NOT NULL,
+    approval_ttl_us    bigint NOT NULL,
+    reason             text NOT NULL,
+    incident           text,
+    body_sha256        text,
+    required_approvals integer NOT NULL,
+    max_uses           integer,
+    uses               integer NOT NULL,
+    state              text NOT NULL
+                       CHECK (state IN ('pending', 'approved', 'rejected', 'cancelled', 'expired')),
+    approvals          jsonb NOT NULL,
+    valid_until        timestamptz,
+    closed_by          text,
+    closed_at          timestamptz,
+    close_reason       text NOT NULL,
+    origin             text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_scope ON requests (requester, service, method, state);
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at);
+CREATE TABLE IF NOT EXISTS audit (
+    seq        bigserial PRIMARY KEY,
+    id         text NOT NULL UNIQUE,
+    kind       text NOT NULL,
+    actor      text NOT NULL,
+    at         timestamptz NOT NULL,
+    request_id text,
+    service    text,
+    method     text,
+    outcome    text,
+    reason     text NOT NULL,
+    detail     jsonb NOT NULL,
+    trace_id   text
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+"""
+
+
+class PostgresStore(SqlStore):
+    """:class:`policy.store.Store` on PostgreSQL, with a connection pool.
+
+    ``connect_timeout`` bounds both opening a connection and waiting for a free one
+    from the pool; past it a call fails with ``StoreError``. ``poll_interval`` is how
+    often the LISTEN connection checks that it is still alive.
+    """
+
+    _FOR_UPDATE = " FOR UPDATE"
+
+    def __init__(self, dsn: str, *, connect_timeout: float = 5.0, pool_size: int = 10,
+                 poll_interval: float = 1.0) -> None:
+        super().__init__(f"postgresql store {redact_url(dsn)}")
+        if connect_timeout <= 0 or poll_interval <= 0 or pool_size < 1:
+            raise ValueError("connect_timeout and poll_interval must be positive, pool_size >= 1")
+        self.dsn = dsn
+        self.connect_timeout = connect_timeout
+        self.poll_interval = poll_interval
+        self._conn_kwargs: dict[str, Any] = {
+            "connect_timeout": max(1, round(connect_timeout)),
+            "application_name": "rpcauthz",
+        }
+        self._subscriptions: list[_Listener] = []
+        self._closed = False
+        self._init_schema()
+        self._pool = ConnectionPool(
+            dsn, min_size=1, max_size=pool_size, timeout=connect_timeout,
+            kwargs={**self._conn_kwargs, "row_factory": dict_row},
+            check=ConnectionPool.check_connection, name="rpcauthz-store", open=True)
+
+    def _error(self, e: BaseException) -> StoreError:
+        return StoreError(f"{self.label}: {str(e).strip() or type(e).__name__}")
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A new, unpooled connection (for LISTEN); raises ``StoreError`` if unreachable."""
+        try:
+            return psycopg.connect(self.dsn, **{**self._conn_kwargs, **kwargs})
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    def _init_schema(self) -> None:
+        with self.connect(row_factory=dict_row) as conn:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    conn.execute(_SCHEMA)
+                    row = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()
+                    if row["v"] is None:
+                        conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
+                                     (SCHEMA_VERSION,))
+                    elif row["v"] > SCHEMA_VERSION:
+                        raise StoreError(f"{self.label}: schema version {row['v']} is newer than "
+                                         f"this program understands ({SCHEMA_VERSION}); upgrade rpcauthz")
+            except psycopg.Error as e:
+                raise self._error(e) from e
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        with self._tx(write=False) as cur:
+            return int(cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"])
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[psycopg.Cursor[Any]]:
+        if self._closed:
+            raise StoreError(f"{self.label}: the store is closed")
+        try:
+            # The pool commits when the block ends and rolls back if it raises.
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield cur
+        except psycopg.Error as e:
+            raise self._error(e) from e
+
+    # --- dialect ---------------------------------------------------------------------------
+    def _ts(self, dt: datetime) -> datetime:
+        return codec.utc(dt)
+
+    def _dt(self, value: Any) -> datetime:
+        return value.astimezone(codec.UTC)
+
+    def _json_in(self, obj: Any) -> Jsonb:
+        return Jsonb(obj)
+
+    def _json_out(self, value: Any) -> Any:
+        return value
+
+    def _lock_scope(self, cur: Any, key: str) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%(k)s, 0))", {"k": key})
+
+    def _grants_changed(self, cur: Any, revision: int) -> None:
+        cur.execute("SELECT pg_notify(%(ch)s, %(rev)s)", {"ch": CHANNEL, "rev": str(revision)})
+
+    # --- change notification ---------------------------------------------------------------
+    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
+        """LISTEN for grant changes on a dedicated connection; call ``on_change(revision)``.
+
+        The listener reconnects with backoff when the connection drops, and after every
+        reconnect reports the current revision so the caller reloads whatever it missed.
+        """
+        listener = _Listener(self, on_change)
+        self._subscriptions.append(listener)
+        listener.start()
+        return listener
+
+    def close(self) -> None:
+        """Stop listeners and close the pool; later calls raise ``StoreError``."""
+        self._closed = True
+        for sub in self._subscriptions:
+            sub.close()
+        self._pool.close()
+
+
+class _Listener:
+    """A thread holding one autocommit connection that LISTENs on :data:`CHANNEL`."""
+
+    def __init__(self, store: PostgresStore, on_change: Callable[[int], None]) -> None:
+        self._store = store
+        self._on_change = on_change
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-grants-listener", daemon=True)
+        self._known: int | None = None
+
+    def start(self) -> None:
+        try:
+            self._known = self._store.grants_revision()
+        except StoreError as e:
+            log.warning("grant listener: %s (will retry)", e)
+        self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until the LISTEN is in place (tests use this to avoid a race)."""
+        return self._connected.wait(timeout)
+
+    def _report(self, revision: int) -> None:
+        self._known = revision
+        try:
+            self._on_change(revision)
+        except Exception:  # the callback's failure must not stop the listener
+            log.exception("grant listener callback failed")
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                conn = self._store.connect(autocommit=True)
+            except StoreError as e:
+                log.warning("grant listener: %s (retrying in %.1fs)", e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            try:
+                with conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    revision = conn.execute(
+                        "SELECT revision FROM grants_revision WHERE id = 1").fetchone()[0]
+                    self._connected.set()
+                    backoff = 0.2
+                    if revision != self._known:  # missed changes while (re)connecting
+                        self._report(int(revision))
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=self._store.poll_interval):
+                            self._report(int(note.payload))
+                        conn.execute("SELECT 1")  # notice a dead server even when idle
+            except psycopg.Error as e:
+                if self._stop.is_set():
+                    return
+                log.warning("grant listener lost its connection: %s (reconnecting)", e)
+                self._known = None  # force a refresh once reconnected
+            finally:
+                self._connected.clear()
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._store.poll_interval + 5)

@@ -1,0 +1,306 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+Several processes may open the same file (each ``mpactl serve`` worker, ``mpactl sync``):
+every write transaction starts with ``BEGIN IMMEDIATE``, so a read-modify-write such as
+two reviewers approving at once is serialised by SQLite's write lock, and waiting
+writers retry for ``busy_timeout`` seconds before the call fails with ``StoreError``.
+Grant changes are noticed by polling the grants revision (``poll_interval`` seconds).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sqlite3
+import threading
+from datetime import datetime
+from typing import Any, Callable, Iterator
+
+from ..errors import StoreError
+from ..store import Subscription
+from . import _codec as codec
+from ._sql import SqlStore
+
+log = logging.getLogger(__name__)
+
+#: Bump when the schema changes, and teach ``_migrate`` the step.
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS grants (
+    principal  TEXT NOT NULL,
+    role       TEXT NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall')),
+    service    TEXT NOT NULL DEFAULT '',
+    expires_at TEXT,
+    source     TEXT NOT NULL DEFAULT 'manual',
+    PRIMARY KEY (principal, role, service)
+);
+CREATE TABLE IF NOT EXISTS grants_revision (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    revision INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO grants_revision (id, revision) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS requests (
+    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                 TEXT NOT NULL UNIQUE,
+    requester          TEXT NOT NULL,
+    service            TEXT NOT NULL,
+    method             TEXT NOT NULL,
+    mode               INTEGER NOT NULL,
+    created_at         TEXT NOT NULL,
+    expires_at         TEXT NOT NULL,
+    approval_ttl_us    INTEGER NOT NULL,
+    reason             TEXT NOT NULL,
+    incident           TEXT,
+    body_sha256        TEXT,
+    required_approvals INTEGER NOT NULL,
+    max_uses           INTEGER,
+    uses               INTEGER NOT NULL,
+    state              TEXT NOT NULL
+                       CHECK (state IN ('pending', 'approved', 'rejected', 'cancelled', 'expired')),
+    approvals          TEXT NOT NULL,
+    valid_until        TEXT,
+    closed_by          TEXT,
+    closed_at          TEXT,
+    close_reason       TEXT NOT NULL,
+    origin             TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_scope ON requests (requester, service, method, state);
+CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at);
+CREATE TABLE IF NOT EXISTS audit (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    kind       TEXT NOT NULL,
+    actor      TEXT NOT NULL,
+    at         TEXT NOT NULL,
+    request_id TEXT,
+    service    TEXT,
+    method     TEXT,
+    outcome    TEXT,
+    reason     TEXT NOT NULL,
+    detail     TEXT NOT NULL,
+    trace_id   TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+"""
+
+_NAMED = re.compile(r"%\((\w+)\)s")
+
+
+class _Cursor:
+    """Runs the shared ``%(name)s`` SQL on a sqlite3 connection."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        return self._conn.execute(_NAMED.sub(r":\1", sql), params)
+
+
+class SQLiteStore(SqlStore):
+    """:class:`policy.store.Store` on a SQLite file (or ``":memory:"`` for throwaway use).
+
+    Thread-safe: each transaction borrows a connection from a small pool, so threads read
+    concurrently (WAL) and writers queue on SQLite's lock. An in-memory store has a
+    single connection and serialises every call.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0,
+                 poll_interval: float = 1.0) -> None:
+        self.path = os.fspath(path)
+        super().__init__(f"sqlite store {self.path}")
+        if busy_timeout <= 0 or poll_interval <= 0:
+            raise ValueError("busy_timeout and poll_interval must be positive")
+        self.busy_timeout = busy_timeout
+        self.poll_interval = poll_interval
+        self._memory = self.path == ":memory:"
+        self._idle: list[sqlite3.Connection] = []
+        self._all: set[sqlite3.Connection] = set()
+        self._pool_lock = threading.Lock()
+        self._memory_lock = threading.RLock()
+        self._closed = False
+        self._subscriptions: list[_Poller] = []
+        self._init_schema()
+
+    # --- connections and transactions -------------------------------------------------------
+    def _error(self, e: BaseException) -> StoreError:
+        return StoreError(f"{self.label}: {e}")
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if not self._memory:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise sqlite3.OperationalError(f"could not switch to WAL mode (got {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as e:
+            conn.close()
+            raise self._error(e) from e
+        return conn
+
+    def _acquire(self) -> sqlite3.Connection:
+        with self._pool_lock:
+            if self._closed:
+                raise StoreError(f"{self.label}: the store is closed")
+            if self._idle:
+                return self._idle.pop()
+            if self._memory and self._all:
+                # one shared connection, guarded by _memory_lock in _tx
+                return next(iter(self._all))
+        conn = self._connect()
+        with self._pool_lock:
+            self._all.add(conn)
+        return conn
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        with self._pool_lock:
+            if self._closed:
+                self._all.discard(conn)
+                conn.close()
+            elif not self._memory:
+                self._idle.append(conn)
+
+    @contextlib.contextmanager
+    def _tx(self, *, write: bool) -> Iterator[_Cursor]:
+        lock = self._memory_lock if self._memory else contextlib.nullcontext()
+        with lock:
+            conn = self._acquire()
+            try:
+                try:
+                    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                except sqlite3.Error as e:
+                    raise self._error(e) from e
+                try:
+                    yield _Cursor(conn)
+                except sqlite3.Error as e:
+                    self._rollback(conn)
+                    raise self._error(e) from e
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    self._rollback(conn)
+                    raise self._error(e) from e
+            finally:
+                self._release(conn)
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def _init_schema(self) -> None:
+        with self._tx(write=True) as cur:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    cur.execute(statement)
+            version = cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
+            if version is None:
+                cur.execute("INSERT INTO schema_version (version) VALUES (%(v)s)", {"v": SCHEMA_VERSION})
+            elif version > SCHEMA_VERSION:
+                raise StoreError(f"{self.label}: schema version {version} is newer than this "
+                                 f"program understands ({SCHEMA_VERSION}); upgrade rpcauthz")
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        with self._tx(write=False) as cur:
+            return int(cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"])
+
+    # --- dialect ---------------------------------------------------------------------------
+    def _ts(self, dt: datetime) -> str:
+        # Fixed width, UTC: text order is time order, so indexes and ORDER BY work.
+        return codec.utc(dt).isoformat(timespec="microseconds")
+
+    def _dt(self, value: Any) -> datetime:
+        return datetime.fromisoformat(value)
+
+    def _json_in(self, obj: Any) -> str:
+        import json
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+    def _json_out(self, value: Any) -> Any:
+        import json
+        return json.loads(value)
+
+    # --- change notification ---------------------------------------------------------------
+    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
+        """Poll the grants revision every ``poll_interval`` s; call ``on_change`` when it moves.
+
+        A poll that fails is logged and retried; the first successful poll after a failure
+        reports the revision even if it did not move, so the caller refreshes.
+        """
+        poller = _Poller(self, on_change, self.poll_interval)
+        self._subscriptions.append(poller)
+        poller.start()
+        return poller
+
+    def close(self) -> None:
+        """Stop watchers and close every idle connection; later calls raise ``StoreError``."""
+        for sub in self._subscriptions:
+            sub.close()
+        with self._pool_lock:
+            self._closed = True
+            for conn in self._idle:
+                self._all.discard(conn)
+                conn.close()
+            self._idle.clear()
+            if self._memory:
+                for conn in self._all:
+                    conn.close()
+                self._all.clear()
+
+
+class _Poller:
+    """A thread that polls ``grants_revision`` and reports changes."""
+
+    def __init__(self, store: SQLiteStore, on_change: Callable[[int], None], interval: float) -> None:
+        self._store = store
+        self._on_change = on_change
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-grants-poller", daemon=True)
+        self._last: int | None = None
+
+    def start(self) -> None:
+        try:
+            self._last = self._store.grants_revision()
+        except StoreError as e:
+            log.warning("grant watcher: %s (will retry)", e)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                revision = self._store.grants_revision()
+            except StoreError as e:
+                if self._stop.is_set():
+                    return
+                log.warning("grant watcher: %s (will retry)", e)
+                self._last = None
+                continue
+            if revision != self._last:
+                self._last = revision
+                try:
+                    self._on_change(revision)
+                except Exception:  # the callback's failure must not stop the watcher
+                    log.exception("grant watcher callback failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)

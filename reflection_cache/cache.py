@@ -1,0 +1,222 @@
+"""The reflection cache: a :class:`~reflection_cache.types.ModeSource` for the ext_authz server.
+
+    cache = ReflectionCache(EndpointResolver(template="{name_lower}.internal:50051"))
+    modes = await cache.get("rpcauthz.demo.v1.Ledger")      # ServiceModes, or a ReflectionError
+
+Behaviour (settings in :class:`CacheSettings`):
+
+* fresh for ``ttl`` seconds after a successful fetch;
+* then, for ``stale_window`` more seconds, the old answer is served at once while exactly one
+  background refresh runs (a failed refresh is retried no sooner than ``error_backoff`` later);
+* past that window callers wait for a fetch, and if it fails they get its error: a mode is
+  never invented;
+* single-flight: concurrent misses for one service share one reflection call;
+* :class:`UnknownService` is remembered for ``negative_ttl``; other errors for only
+  ``error_backoff`` (so an outage is not hammered, and recovery is seen quickly);
+* at most ``max_entries`` services are kept (least recently used go first);
+* every fetch is bounded by ``deadline`` seconds.
+
+Use one cache per event loop (it owns ``grpc.aio`` channels).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Callable, Mapping
+
+import cachetools
+
+from reflection_cache.client import ReflectionClient
+from reflection_cache.endpoints import EndpointResolver
+from reflection_cache.types import ReflectionError, ReflectionUnavailable, ServiceModes, UnknownService
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+    """Tuning of :class:`ReflectionCache`; all durations in seconds."""
+
+    #: How long a fetched answer is fresh.
+    ttl: float = 60.0
+    #: How long after ``ttl`` a stale answer may still be served while a refresh runs.
+    stale_window: float = 120.0
+    #: How long "this service does not exist" is remembered.
+    negative_ttl: float = 5.0
+    #: How long any other failure is remembered (and the minimum gap between failed refreshes).
+    error_backoff: float = 1.0
+    #: Most services kept at once.
+    max_entries: int = 10_000
+    #: Upper bound of one reflection fetch (all its questions together).
+    deadline: float = 0.5
+
+    @classmethod
+    def from_mapping(cls, config: "Mapping[str, object]") -> "CacheSettings":
+        """From a config mapping (e.g. parsed YAML); unknown keys are refused by name."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise ValueError(f"reflection cache: unknown setting(s) {unknown}; expected {sorted(fields)}")
+        values = {}
+        for key, value in config.items():
+            kind = int if key == "max_entries" else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    kind is int and not isinstance(value, int)):
+                raise ValueError(f"reflection cache setting {key} must be a number, got {value!r}")
+            values[key] = kind(value)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name in ("ttl", "deadline"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"reflection cache setting {name} must be > 0, got {getattr(self, name)}")
+        for name in ("stale_window", "negative_ttl", "error_backoff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"reflection cache setting {name} must be >= 0, got {getattr(self, name)}")
+        if self.max_entries < 1:
+            raise ValueError(f"reflection cache setting max_entries must be >= 1, got {self.max_entries}")
+
+
+@dataclasses.dataclass
+class CacheStats:
+    """Counters for metrics. ``misses`` counts callers that had to wait for a fetch."""
+
+    hits: int = 0
+    stale_serves: int = 0
+    misses: int = 0
+    negative_hits: int = 0
+    fetches: int = 0
+    background_refreshes: int = 0
+    errors: int = 0
+    evictions: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Entry:
+    modes: ServiceModes | None  # None for a remembered error
+    error: ReflectionError | None
+    fresh_until: float
+    stale_until: float
+    retry_after: float = 0.0  # no background refresh before this (after a failed one)
+
+
+class ReflectionCache:
+    """Implements ``ModeSource.get(service) -> ServiceModes`` over reflection, cached."""
+
+    def __init__(self, resolver: EndpointResolver, settings: CacheSettings | None = None, *,
+                 client: ReflectionClient | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.resolver = resolver
+        self.settings = settings or CacheSettings()
+        self.client = client or ReflectionClient(deadline=self.settings.deadline)
+        self.clock = clock
+        self._stats = CacheStats()
+        stats = self._stats
+
+        class _Entries(cachetools.LRUCache):
+            def popitem(self):
+                item = super().popitem()
+                stats.evictions += 1
+                return item
+
+        self._entries: cachetools.LRUCache = _Entries(maxsize=self.settings.max_entries)
+        self._inflight: dict[str, asyncio.Task] = {}
+
+    # -- ModeSource --------------------------------------------------------------------------
+
+    async def get(self, service: str) -> ServiceModes:
+        """The options of ``service``; raises a ``ReflectionError`` subclass when unknown."""
+        now = self.clock()
+        entry = self._entries.get(service)
+        if entry is not None:
+            if entry.error is not None:
+                if now < entry.fresh_until:
+                    self._stats.negative_hits += 1
+                    raise type(entry.error)(str(entry.error))
+            elif now < entry.fresh_until:
+                self._stats.hits += 1
+                return entry.modes  # type: ignore[return-value]
+            elif now < entry.stale_until:
+                self._stats.stale_serves += 1
+                if service not in self._inflight and now >= entry.retry_after:
+                    self._stats.background_refreshes += 1
+                    task = self._start_fetch(service)
+                    task.add_done_callback(_consume)
+                return entry.modes  # type: ignore[return-value]
+        self._stats.misses += 1
+        task = self._inflight.get(service) or self._start_fetch(service)
+        # shield: one caller giving up must not cancel the fetch the others wait for.
+        return await asyncio.shield(task)
+
+    # -- operations --------------------------------------------------------------------------
+
+    def invalidate(self, service: str) -> bool:
+        """Forget ``service`` (the next call fetches afresh). True if something was cached."""
+        return self._entries.pop(service, None) is not None
+
+    def invalidate_all(self) -> None:
+        """Forget every service."""
+        self._entries.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Counters plus the current number of ``entries`` and fetches ``inflight``."""
+        return {**self._stats.as_dict(), "entries": len(self._entries), "inflight": len(self._inflight)}
+
+    def __contains__(self, service: str) -> bool:
+        return service in self._entries
+
+    async def close(self) -> None:
+        """Cancel fetches in flight and close the reflection channels."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        await self.client.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _start_fetch(self, service: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._fetch(service), name=f"reflect {service}")
+        self._inflight[service] = task
+        return task
+
+    async def _fetch(self, service: str) -> ServiceModes:
+        s = self.settings
+        self._stats.fetches += 1
+        try:
+            endpoint = self.resolver.resolve(service)
+            modes = await self.client.fetch(service, endpoint, deadline=s.deadline)
+        except UnknownService as e:
+            self._stats.errors += 1
+            now = self.clock()
+            self._entries[service] = _Entry(None, e, now + s.negative_ttl, now + s.negative_ttl)
+            raise
+        except Exception as e:
+            self._stats.errors += 1
+            if not isinstance(e, ReflectionError):
+                log.exception("reflection fetch for %s failed unexpectedly", service)
+                e = ReflectionUnavailable(f"service {service}: reflection fetch failed: {e!r}")
+            now = self.clock()
+            old = self._entries.get(service)
+            if old is not None and old.modes is not None and now < old.stale_until:
+                old.retry_after = now + s.error_backoff  # keep serving stale; retry later
+            else:
+                self._entries[service] = _Entry(None, e, now + s.error_backoff, now + s.error_backoff)
+            log.warning("reflection for %s failed: %s", service, e)
+            raise e
+        else:
+            now = self.clock()
+            self._entries[service] = _Entry(modes, None, now + s.ttl, now + s.ttl + s.stale_window)
+            return modes
+        finally:
+            self._inflight.pop(service, None)
+
+
+def _consume(task: asyncio.Task) -> None:
+    """Retrieve a background refresh's outcome (its failure is already counted and logged)."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,356 @@
+"""Ask a service, through gRPC server reflection, which ``humans_who_can_rpc`` options it declares.
+
+One fetch, for one service at one endpoint, within one deadline:
+
+1. ``file_containing_symbol(service)`` over ``grpc.reflection.v1`` (falling back to
+   ``grpc.reflection.v1alpha`` when the endpoint answers UNIMPLEMENTED; which one works is
+   remembered per endpoint);
+2. ``file_by_filename`` for every import not yet received (bounded in count and depth);
+   Each question is one short call on the reflection method, all sharing one deadline and
+   one channel per endpoint;
+3. the files go into a private descriptor pool, the service is looked up there, and each
+   method's option and the service's default are read by the extension's full name
+   (``rpcauthz.v1.humans_who_can_rpc`` / ``rpcauthz.v1.default_humans_who_can_rpc``) as
+   declared in the returned files. A service that vendors its own copy of options.proto (same
+   full names, any file path) works; a service whose files do not declare the extension has no
+   options, so every method falls to the configured default.
+
+Errors (all :class:`~reflection_cache.types.ReflectionError`, each naming service and endpoint):
+:class:`UnknownService`, :class:`ReflectionUnavailable`, :class:`MalformedDescriptors`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from types import MappingProxyType
+from typing import Iterable
+
+import cachetools
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
+from google.protobuf.descriptor import FieldDescriptor
+from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
+
+from policy import Mode
+from reflection_cache.types import MalformedDescriptors, ReflectionUnavailable, ServiceModes, UnknownService
+from reflection_cache.v1 import reflection_pb2 as v1_pb2
+
+log = logging.getLogger(__name__)
+
+METHOD_OPTION = "rpcauthz.v1.humans_who_can_rpc"
+SERVICE_OPTION = "rpcauthz.v1.default_humans_who_can_rpc"
+_OPTION_TARGETS = {METHOD_OPTION: "google.protobuf.MethodOptions",
+                   SERVICE_OPTION: "google.protobuf.ServiceOptions"}
+
+#: Protocol versions, in the order they are tried.
+PROTOCOLS = {"v1": v1_pb2, "v1alpha": v1alpha_pb2}
+
+DEFAULT_DEADLINE = 1.0
+DEFAULT_MAX_FILES = 64
+DEFAULT_MAX_DEPTH = 16
+DEFAULT_MAX_CHANNELS = 256
+#: Channel options: reflection answers can be large (a file and all its imports), and a
+#: reflection server that comes back after an outage should be dialled again soon.
+DEFAULT_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+    # Own subchannels, so a channel dialled afresh does not inherit a shared one's backoff.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+
+class ChannelPool:
+    """Insecure ``grpc.aio`` channels, one per endpoint, at most ``max_channels`` (LRU).
+
+    A channel pushed out of the pool is closed in the background. Create and use the pool
+    inside one event loop.
+    """
+
+    def __init__(self, max_channels: int = DEFAULT_MAX_CHANNELS,
+                 options: Iterable[tuple[str, object]] = DEFAULT_CHANNEL_OPTIONS) -> None:
+        if max_channels < 1:
+            raise ValueError("max_channels must be at least 1")
+        self._options = list(options)
+        self._closing: set[asyncio.Task] = set()
+        pool = self
+
+        class _Channels(cachetools.LRUCache):
+            def popitem(self):
+                endpoint, channel = super().popitem()
+                pool._close_later(channel)
+                return endpoint, channel
+
+        self._channels: cachetools.LRUCache = _Channels(maxsize=max_channels)
+
+    def get(self, endpoint: str) -> grpc.aio.Channel:
+        """The channel to ``endpoint`` (``host:port``), created on first use."""
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+            self._channels[endpoint] = channel
+        return channel
+
+    def discard(self, endpoint: str) -> None:
+        """Close and forget the channel to ``endpoint`` (the next ``get`` dials afresh)."""
+        channel = self._channels.pop(endpoint, None)
+        if channel is not None:
+            self._close_later(channel)
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close(grace=None))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """Close every channel."""
+        channels = list(self._channels.values())
+        self._channels.clear()
+        await asyncio.gather(*(c.close(grace=None) for c in channels), *self._closing,
+                             return_exceptions=True)
+
+
+class _Unimplemented(Exception):
+    """The endpoint does not serve this reflection protocol version."""
+
+
+class ReflectionClient:
+    """Fetches the options of services through reflection (see the module docstring).
+
+    ``deadline`` bounds one whole fetch (all questions, both protocol versions), in seconds.
+    ``max_files`` and ``max_depth`` bound how many files and how deep an import chain are
+    followed before the answer is refused as malformed.
+    """
+
+    def __init__(self, *, deadline: float = DEFAULT_DEADLINE, max_files: int = DEFAULT_MAX_FILES,
+                 max_depth: int = DEFAULT_MAX_DEPTH, channels: ChannelPool | None = None) -> None:
+        if deadline <= 0:
+            raise ValueError("deadline must be positive")
+        self.deadline = deadline
+        self.max_files = max_files
+        self.max_depth = max_depth
+        self.channels = channels if channels is not None else ChannelPool()
+        #: endpoint -> protocol version that answered last time.
+        self.protocol_of: cachetools.LRUCache = cachetools.LRUCache(maxsize=4096)
+
+    async def close(self) -> None:
+        await self.channels.close()
+
+    async def fetch(self, service: str, endpoint: str, *, deadline: float | None = None) -> ServiceModes:
+        """The options ``service`` declares, asked of the reflection service at ``endpoint``."""
+        budget = self.deadline if deadline is None else deadline
+        where = f"service {service} at reflection endpoint {endpoint}"
+        try:
+            async with asyncio.timeout(budget):
+                files = await self._files_by_protocol(service, endpoint, budget, where)
+        except TimeoutError:
+            raise ReflectionUnavailable(f"{where}: no answer within the {budget:g}s deadline") from None
+        return read_modes(service, files, where)
+
+    async def _files_by_protocol(self, service: str, endpoint: str, budget: float,
+                                 where: str) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+        known = self.protocol_of.get(endpoint)
+        order = [known] + [p for p in PROTOCOLS if p != known] if known else list(PROTOCOLS)
+        end = asyncio.get_running_loop().time() + budget
+        for protocol in order:
+            try:
+                files = await self._files(protocol, service, endpoint, end, where)
+            except _Unimplemented:
+                continue
+            self.protocol_of[endpoint] = protocol
+            return files
+        self.protocol_of.pop(endpoint, None)
+        raise ReflectionUnavailable(
+            f"{where}: the endpoint serves neither grpc.reflection.v1 nor v1alpha (UNIMPLEMENTED)")
+
+    async def _ask(self, protocol: str, endpoint: str, end: float, where: str, **question):
+        """One question, one answer: the files (list of bytes) or the ErrorResponse.
+
+        Each question is its own call carrying exactly one request (a unary-request call on
+        the streaming method: the same bytes on the wire). Writing into an open bidi stream
+        races a server's immediate UNIMPLEMENTED, which grpc.aio then reports as INTERNAL;
+        sending request and half-close together does not.
+        """
+        pb2 = PROTOCOLS[protocol]
+        method = self.channels.get(endpoint).unary_stream(
+            f"/grpc.reflection.{protocol}.ServerReflection/ServerReflectionInfo",
+            request_serializer=pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=pb2.ServerReflectionResponse.FromString)
+        timeout = max(end - asyncio.get_running_loop().time(), 0.001)
+        call = method(pb2.ServerReflectionRequest(**question), timeout=timeout)
+        try:
+            answers = [a async for a in call]
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                raise _Unimplemented() from None
+            if e.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ReflectionUnavailable(f"{where}: deadline exceeded ({protocol})") from None
+            if e.code() is grpc.StatusCode.UNAVAILABLE:
+                # Dial afresh next time rather than wait out the channel's reconnect backoff.
+                self.channels.discard(endpoint)
+            raise ReflectionUnavailable(
+                f"{where}: reflection failed with {e.code().name}: {e.details()} ({protocol})") from None
+        finally:
+            call.cancel()
+        if len(answers) != 1:
+            raise MalformedDescriptors(f"{where}: one question got {len(answers)} answers ({protocol})")
+        answer = answers[0]
+        kind = answer.WhichOneof("message_response")
+        if kind == "error_response":
+            return answer.error_response
+        if kind != "file_descriptor_response":
+            raise MalformedDescriptors(f"{where}: asked for files, got {kind or 'an empty answer'}")
+        return list(answer.file_descriptor_response.file_descriptor_proto)
+
+    async def _files(self, protocol: str, service: str, endpoint: str, end: float,
+                     where: str) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+        files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+        depth: dict[str, int] = {}
+
+        def take(blobs: list[bytes], level: int) -> list[str]:
+            names = []
+            for blob in blobs:
+                try:
+                    fdp = descriptor_pb2.FileDescriptorProto.FromString(blob)
+                except message.DecodeError as e:
+                    raise MalformedDescriptors(f"{where}: a file descriptor does not parse: {e}") from None
+                if not fdp.name:
+                    raise MalformedDescriptors(f"{where}: a file descriptor has no file name")
+                if fdp.name not in files:
+                    files[fdp.name] = fdp
+                    depth[fdp.name] = level
+                    names.append(fdp.name)
+            if len(files) > self.max_files:
+                raise MalformedDescriptors(f"{where}: more than {self.max_files} files in the import graph")
+            return names
+
+        first = await self._ask(protocol, endpoint, end, where, file_containing_symbol=service)
+        if not isinstance(first, list):
+            if first.error_code == grpc.StatusCode.NOT_FOUND.value[0]:
+                raise UnknownService(f"{where}: reflection does not know {service} (NOT_FOUND)")
+            raise ReflectionUnavailable(
+                f"{where}: reflection answered error {first.error_code}: {first.error_message}")
+        if not take(first, 0):
+            raise MalformedDescriptors(f"{where}: reflection answered with no files")
+
+        # Breadth-first over imports the server did not send along.
+        pending = deque(files)
+        while pending:
+            name = pending.popleft()
+            for dep in files[name].dependency:
+                if dep in files:
+                    continue
+                level = depth[name] + 1
+                if level > self.max_depth:
+                    raise MalformedDescriptors(
+                        f"{where}: import chain deeper than {self.max_depth} files at {dep}")
+                answer = await self._ask(protocol, endpoint, end, where, file_by_filename=dep)
+                if not isinstance(answer, list):
+                    if answer.error_code != grpc.StatusCode.NOT_FOUND.value[0]:
+                        raise ReflectionUnavailable(
+                            f"{where}: reflection answered error {answer.error_code} for {dep}: "
+                            f"{answer.error_message}")
+                    answer = _well_known(dep)
+                    if answer is None:
+                        raise MalformedDescriptors(
+                            f"{where}: {name} imports {dep}, which reflection does not have")
+                pending.extend(take(answer, level))
+                if dep not in files:
+                    raise MalformedDescriptors(f"{where}: asked for {dep}, got other files")
+        return files
+
+
+def _well_known(name: str) -> list[bytes] | None:
+    """Our own copy of a google/protobuf/*.proto file, for servers that do not serve them."""
+    if not name.startswith("google/protobuf/"):
+        return None
+    try:
+        file = descriptor_pool.Default().FindFileByName(name)
+    except KeyError:
+        return None
+    fdp = descriptor_pb2.FileDescriptorProto()
+    file.CopyToProto(fdp)
+    return [fdp.SerializeToString()]
+
+
+def build_pool(files: dict[str, descriptor_pb2.FileDescriptorProto], where: str) -> descriptor_pool.DescriptorPool:
+    """A private pool holding ``files``, added imports first; refuses gaps, cycles, conflicts."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+    visiting: set[str] = set()
+
+    def add(name: str, importer: str | None) -> None:
+        if name in added:
+            return
+        if name in visiting:
+            raise MalformedDescriptors(f"{where}: import cycle through {name}")
+        if name not in files:
+            raise MalformedDescriptors(f"{where}: {importer} imports {name}, which reflection did not return")
+        visiting.add(name)
+        for dep in files[name].dependency:
+            add(dep, name)
+        visiting.discard(name)
+        try:
+            pool.Add(files[name])
+        except Exception as e:  # upb raises TypeError/ValueError; pure python others
+            raise MalformedDescriptors(f"{where}: {name} does not link: {e}") from None
+        added.add(name)
+
+    for name in files:
+        add(name, None)
+    return pool
+
+
+def _option_reader(pool: descriptor_pool.DescriptorPool, full_name: str, where: str):
+    """(extension, options message class) for ``full_name``, or None when no file declares it."""
+    try:
+        extension = pool.FindExtensionByName(full_name)
+    except KeyError:
+        return None
+    target = _OPTION_TARGETS[full_name]
+    if extension.containing_type.full_name != target or extension.type not in (
+            FieldDescriptor.TYPE_ENUM, FieldDescriptor.TYPE_INT32):
+        raise MalformedDescriptors(
+            f"{where}: {full_name} is declared on {extension.containing_type.full_name} with field "
+            f"type {extension.type}; expected an enum extension of {target}")
+    return extension, message_factory.GetMessageClass(pool.FindMessageTypeByName(target))
+
+
+def _read(reader, options: message.Message) -> Mode | None:
+    """The option's value in ``options`` (parsed afresh against the private pool), or None."""
+    if reader is None:
+        return None
+    extension, options_class = reader
+    parsed = options_class.FromString(options.SerializeToString())
+    if not parsed.HasExtension(extension):
+        return None
+    value = int(parsed.Extensions[extension])
+    try:
+        return Mode(value)
+    except ValueError:
+        # A number from a newer options.proto than ours: never let it widen access.
+        log.warning("unknown humans_who_can_rpc value %d; treating it as BREAK_GLASS_ONLY", value)
+        return Mode.BREAK_GLASS_ONLY
+
+
+def read_modes(service: str, files: dict[str, descriptor_pb2.FileDescriptorProto],
+               where: str = "") -> ServiceModes:
+    """The ``ServiceModes`` of ``service`` as declared in ``files`` (reflection's answer)."""
+    where = where or f"service {service}"
+    pool = build_pool(files, where)
+    try:
+        svc = pool.FindServiceByName(service)
+    except KeyError:
+        raise UnknownService(f"{where}: {service} is not a service in the files reflection returned") from None
+    method_reader = _option_reader(pool, METHOD_OPTION, where)
+    service_reader = _option_reader(pool, SERVICE_OPTION, where)
+    return ServiceModes(
+        service=service,
+        # Read-only: one cached ServiceModes is shared by every request.
+        methods=MappingProxyType({m.name: _read(method_reader, m.GetOptions()) for m in svc.methods}),
+        service_default=_read(service_reader, svc.GetOptions()),
+    )
