@@ -28,12 +28,8 @@ ONCALL = ("dave@example.com", "erin@example.com")
 
 
 def open_test_store(tmp_path: pathlib.Path):
-    """A real SQLite store in ``tmp_path`` (falls back to the in-memory one before it lands)."""
-    try:
-        from policy.stores import open_store
-    except ImportError:
-        from tests.support.approvals_memstore import MemStore
-        return MemStore()
+    """A real SQLite store file in ``tmp_path``."""
+    from policy.stores import open_store
     return open_store(f"sqlite:///{tmp_path / 'rpcauthz.db'}")
 
 
