@@ -78,6 +78,14 @@ class SlackSpool:
             self._db.execute("UPDATE slack_outbox SET attempts = attempts + 1, last_error = ?, "
                              "next_attempt_at = ? WHERE key = ?", (error, retry_at, key))
 
+    def keys(self, delivered: bool | None = None) -> list[str]:
+        """Message keys in the spool (all, or only delivered / undelivered ones), oldest first."""
+        where = "" if delivered is None else (
+            " WHERE delivered_at IS NOT NULL" if delivered else " WHERE delivered_at IS NULL")
+        with self._lock:
+            return [k for (k,) in self._db.execute(
+                f"SELECT key FROM slack_outbox{where} ORDER BY created_at")]
+
     def counts(self) -> dict[str, int]:
         """{"pending": n, "delivered": n} for health checks and tests."""
         with self._lock:
