@@ -68,7 +68,7 @@ class ApprovalsConfig:
     public_url: str = "http://127.0.0.1:8081"
     policy: RequestPolicy = dataclasses.field(default_factory=RequestPolicy)
     dev_login: bool = False
-    csrf_secret: bytes | None = None
+    csrf_secret: bytes | None = dataclasses.field(default=None, repr=False)
     secure_cookies: bool = False
     slack_webhook_url: str | None = dataclasses.field(default=None, repr=False)
     slack_spool_path: str | None = None

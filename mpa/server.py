@@ -138,26 +138,50 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                            spool, server, thread, stop, sweeper, owns)
 
 
+def start_demo_approvals(store_url: str, issuer: Any, jwks_url: str, *, port: int = 0,
+                         host: str = "127.0.0.1", mode_lookup: ModeLookup | None = None,
+                         **kw: Any) -> ApprovalsServer:
+    """The approvals server as ``mpactl demo`` runs it: the dev issuer, dev sign-in on.
+
+    ``issuer`` is the demo's ``mpa.devissuer.DevIssuer`` (the same one whose tokens Envoy
+    accepts), ``jwks_url`` where its JWKS is served. Request links are
+    ``http://{host}:{port}/requests/{id}``: give the same base URL to the ext_authz server
+    (``approvals.base_url``), so pick ``port`` first (e.g. with a free-port helper).
+    """
+    if port == 0:
+        import socket
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    config = ApprovalsConfig(store_url=store_url, issuer=issuer.issuer, jwks_url=jwks_url,
+                             audiences=(issuer.audience,), public_url=f"http://{host}:{port}",
+                             dev_login=True, **kw.pop("config", {}))
+    return start_approvals_server(config, host=host, port=port, mode_lookup=mode_lookup,
+                                  dev_issuer=issuer, **kw)
+
+
 def main() -> None:
-    """``python -m mpa.server``: serve from MPA_* environment variables until interrupted."""
+    """``python -m mpa.server``: serve from MPA_* environment variables until interrupted.
+
+    With ``MPA_DEV_ISSUER_KEY=/path/key.pem`` (and no ``MPA_ISSUER``) it runs the dev issuer
+    itself (JWKS on a local port, dev sign-in on): for demos only.
+    """
     import os
+    import pathlib
     import signal
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    dev_issuer = None
-    overrides: dict[str, Any] = {}
-    if os.environ.get("MPA_DEV_ISSUER_KEY"):
-        import pathlib
-        from .devissuer import DevIssuer
-        dev_issuer = DevIssuer(pathlib.Path(os.environ["MPA_DEV_ISSUER_KEY"]))
-        if not os.environ.get("MPA_ISSUER"):
-            overrides["issuer"] = dev_issuer.issuer
-    config = ApprovalsConfig.from_env(**overrides) if overrides.get("issuer") is None else None
-    if config is None:
-        jwks = dev_issuer.serve()  # type: ignore[union-attr]
-        config = ApprovalsConfig.from_env(jwks_url=jwks.url, **overrides)
     host = os.environ.get("MPA_LISTEN_HOST", "127.0.0.1")
     port = int(os.environ.get("MPA_LISTEN_PORT", "8081"))
+    dev_issuer = jwks = None
+    if os.environ.get("MPA_DEV_ISSUER_KEY") and not os.environ.get("MPA_ISSUER"):
+        from .devissuer import DevIssuer
+        dev_issuer = DevIssuer(pathlib.Path(os.environ["MPA_DEV_ISSUER_KEY"]))
+        jwks = dev_issuer.serve(host)
+        config = ApprovalsConfig.from_env(issuer=dev_issuer.issuer, jwks_url=jwks.url,
+                                          audiences=(dev_issuer.audience,), dev_login=True)
+    else:
+        config = ApprovalsConfig.from_env()
     handle = start_approvals_server(config, host=host, port=port, dev_issuer=dev_issuer)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -165,6 +189,8 @@ def main() -> None:
     print(f"approvals server listening on {handle.url}", flush=True)
     done.wait()
     handle.close()
+    if jwks is not None:
+        jwks.close()
 
 
 if __name__ == "__main__":
