@@ -166,6 +166,12 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
             target = Target(body.service, body.method)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
+        waiting = await asyncio.to_thread(service.open_gateway_request, me.id, target,
+                                          body.body_sha256)
+        if waiting is not None:  # give the gateway-opened request its reason; no mode lookup
+            done = await asyncio.to_thread(service.complete, waiting.id, me.id,
+                                           reason=body.reason, incident=body.incident)
+            return JSONResponse(out(done, me.id).model_dump(mode="json"), status_code=200)
         mode = await _resolve_mode(service, body.service, body.method)
         duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
         r, created = await asyncio.to_thread(

@@ -204,6 +204,16 @@ class ApprovalService:
             r = self.complete(r.id, requester, reason=reason, incident=incident)
         return r, created
 
+    def open_gateway_request(self, requester: str, target: Target,
+                             body_sha256: str | None) -> ApprovalRequest | None:
+        """The requester's pending gateway-opened request for exactly this scope, if any."""
+        now = self.clock()
+        for r in self.store.find_requests(requester=requester, service=target.service,
+                                          method=target.method, states=[RequestState.PENDING]):
+            if awaiting_reason(r) and r.body_sha256 == body_sha256 and now < r.expires_at:
+                return r
+        return None
+
     def complete(self, request_id: str, actor: str, *, reason: str,
                  incident: str | None = None) -> ApprovalRequest:
         """The requester gives the reason for a request the gateway opened."""

@@ -279,3 +279,27 @@ def test_token_refusals(env, tmp_path):
 def test_whoami(env):
     me = env.call("GET", "/api/v1/me", A).json()
     assert me["principal"] == A and me["roles"] == ["contributor:demo.v1.Ledger", "engineer"]
+
+
+def test_approval_expires_after_its_duration(env):
+    r = create(env, duration_seconds=1)
+    approved = env.call("POST", f"/api/v1/requests/{r['id']}/approve", B).json()
+    assert approved["state"] == "approved"
+    time.sleep(1.2)
+    assert env.server.sweep_now() == 1
+    after = env.store.get_request(r["id"])
+    assert after.state.value == "expired" and after.close_reason == "approval expired"
+    assert after.approvers == (B,)  # who approved, and when, stays on record
+    shown = env.call("GET", f"/api/v1/requests/{r['id']}", A).json()
+    assert shown["state"] == "expired" and shown["approvals"][0]["approver"] == B
+
+
+def test_gateway_request_completes_without_a_mode_lookup(tmp_path):
+    with approvals_env(tmp_path, mode_lookup=None) as env:
+        gw = env.gateway_request(A)
+        ok = env.call("POST", "/api/v1/requests", A, json={
+            "service": LEDGER, "method": "Adjust", "reason": "refund for ticket 4411"})
+        assert ok.status_code == 200 and ok.json()["id"] == gw.id
+        other = env.call("POST", "/api/v1/requests", A, json={
+            "service": LEDGER, "method": "Close", "reason": "refund for ticket 4411"})
+        refused(env, other, 422, "invalid_request", "no way to look up method modes")

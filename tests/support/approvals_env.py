@@ -81,8 +81,8 @@ def approvals_env(tmp_path: pathlib.Path, *, rules: RequestPolicy | None = None,
                              audiences=(issuer.audience,), public_url="auto",
                              policy=rules or RequestPolicy(), dev_login=True,
                              **server_kw.pop("config", {}))
-    server = start_approvals_server(config, store=store, mode_lookup=static_modes(MODES),
-                                    dev_issuer=issuer, **server_kw)
+    server_kw.setdefault("mode_lookup", static_modes(MODES))
+    server = start_approvals_server(config, store=store, dev_issuer=issuer, **server_kw)
     try:
         yield Env(issuer, server, store, tmp_path)
     finally:
