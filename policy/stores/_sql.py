@@ -93,6 +93,7 @@ class SqlStore(abc.ABC):
     def put_grant(self, grant: Grant, *, actor: str = "system") -> None:
         """Insert or replace the grant with the same (principal, role, service)."""
         with self._tx(write=True) as cur:
+            self._lock_grants(cur)
             row = cur.execute(f"SELECT {_GRANT_COLS} FROM grants WHERE principal = %(principal)s "
                               "AND role = %(role)s AND service = %(service)s",
                               codec.grant_params(grant, self._ts)).fetchone()
@@ -124,37 +125,27 @@ class SqlStore(abc.ABC):
         grant in ``grants`` whose (principal, role, service) is already held under
         another source is left to that holder and not reported as added.
         """
-        desired: dict[tuple[str, str, str], Grant] = {}
-        for g in grants:
-            if g.source != source:
-                raise ValueError(f"replace_grants({source!r}) was given a grant from source "
-                                 f"{g.source!r}: {g.principal} {g.role.value} {g.service or ''}")
-            held = desired.get(g.key)
-            if held is not None and held != g:
-                raise ValueError(f"replace_grants({source!r}) was given two different grants "
-                                 f"for {g.principal} {g.role.value} {g.service or ''}")
-            desired[g.key] = g
+        grants = list(grants)
         with self._tx(write=True) as cur:
+            self._lock_grants(cur)
             rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants").fetchall()
             current = [codec.grant_from_row(r, self._dt) for r in rows]
-            mine = {g.key: g for g in current if g.source == source}
-            others = {g.key for g in current if g.source != source}
-            for key in others:
-                desired.pop(key, None)
-            removed = [g for k, g in mine.items() if k not in desired]
-            added = [g for k, g in desired.items() if mine.get(k) != g]
-            for g in removed:
+            diff = plan_replace(current, source, grants)
+            for g in diff.removed:
                 cur.execute("DELETE FROM grants WHERE principal = %(principal)s "
                             "AND role = %(role)s AND service = %(service)s",
                             codec.grant_params(g, self._ts))
                 self._audit_grant(cur, "grant.removed", g, actor)
-            for g in added:
+            for g in diff.added:
                 self._upsert_grant(cur, g)
                 self._audit_grant(cur, "grant.added", g, actor)
-            if added or removed:
+            if diff.added or diff.removed:
                 self._bump_revision(cur)
-        key = lambda g: g.key  # noqa: E731
-        return GrantDiff(added=tuple(sorted(added, key=key)), removed=tuple(sorted(removed, key=key)))
+        return diff
+
+    def _lock_grants(self, cur: Any) -> None:
+        """Serialise grant writers (a second sync waits for the first to commit)."""
+        cur.execute(f"SELECT revision FROM grants_revision WHERE id = 1{self._FOR_UPDATE}")
 
     def _upsert_grant(self, cur: Any, grant: Grant) -> None:
         cur.execute(f"INSERT INTO grants ({_GRANT_COLS}) VALUES (%(principal)s, %(role)s, "
@@ -234,7 +225,7 @@ class SqlStore(abc.ABC):
                       method: str | None = None, states: Sequence[RequestState] | None = None,
                       limit: int = 100) -> list[ApprovalRequest]:
         """Requests matching every given filter, newest first."""
-        where, params = [], {"limit": int(limit)}
+        where, params = [], {"limit": _limit(limit)}
         for col, value in (("requester", requester), ("service", service), ("method", method)):
             if value is not None:
                 where.append(f"{col} = %({col})s")
@@ -309,7 +300,7 @@ class SqlStore(abc.ABC):
                    service: str | None = None, request_id: str | None = None,
                    limit: int = 1000) -> list[AuditEvent]:
         """Audit events matching every filter, oldest first (``since`` is inclusive)."""
-        where, params = [], {"limit": int(limit)}
+        where, params = [], {"limit": _limit(limit)}
         if since is not None:
             where.append("at >= %(since)s")
             params["since"] = self._ts(since)
@@ -344,6 +335,43 @@ class SqlStore(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.label}>"
+
+
+def plan_replace(current: Iterable[Grant], source: str, grants: Iterable[Grant]) -> GrantDiff:
+    """What ``replace_grants(source, grants)`` would change, given the ``current`` grants.
+
+    Pure; the stores call it inside their write transaction, and ``mpactl sync --dry-run``
+    calls it on a snapshot. Raises ``ValueError`` for a grant from another source or two
+    different grants for one (principal, role, service).
+    """
+    desired: dict[tuple[str, str, str], Grant] = {}
+    for g in grants:
+        if g.source != source:
+            raise ValueError(f"replace_grants({source!r}) was given a grant from source "
+                             f"{g.source!r}: {g.principal} {g.role.value} {g.service or ''}")
+        held = desired.get(g.key)
+        if held is not None and held != g:
+            raise ValueError(f"replace_grants({source!r}) was given two different grants "
+                             f"for {g.principal} {g.role.value} {g.service or ''}")
+        desired[g.key] = g
+    current = list(current)
+    mine = {g.key: g for g in current if g.source == source}
+    for g in current:
+        if g.source != source:  # held by someone else (e.g. "manual"): leave it alone
+            desired.pop(g.key, None)
+    removed = sorted((g for k, g in mine.items() if k not in desired), key=_grant_order)
+    added = sorted((g for k, g in desired.items() if mine.get(k) != g), key=_grant_order)
+    return GrantDiff(added=tuple(added), removed=tuple(removed))
+
+
+def _limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+    return limit
+
+
+def _grant_order(g: Grant) -> tuple[str, str, str]:
+    return g.key
 
 
 def _now() -> datetime:

@@ -121,8 +121,13 @@ class PostgresStore(SqlStore):
         self._init_schema()
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, timeout=connect_timeout,
-            kwargs={**self._conn_kwargs, "row_factory": dict_row},
-            check=ConnectionPool.check_connection, name="rpcauthz-store", open=True)
+            # autocommit: a read is one statement and one round trip; writes open an
+            # explicit transaction in _tx.
+            kwargs={**self._conn_kwargs, "row_factory": dict_row, "autocommit": True},
+            check=ConnectionPool.check_connection, name="rpcauthz-store", open=True,
+            # psycopg_pool backs off exponentially up to reconnect_timeout between attempts;
+            # keep that short so a replica serves again within seconds of PostgreSQL returning.
+            reconnect_timeout=10.0)
 
     def _error(self, e: BaseException) -> StoreError:
         return StoreError(f"{self.label}: {str(e).strip() or type(e).__name__}")
@@ -160,9 +165,14 @@ class PostgresStore(SqlStore):
         if self._closed:
             raise StoreError(f"{self.label}: the store is closed")
         try:
-            # The pool commits when the block ends and rolls back if it raises.
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                yield cur
+            with self._pool.connection() as conn:
+                if write:
+                    # Commits when the block ends, rolls back if it raises.
+                    with conn.transaction(), conn.cursor() as cur:
+                        yield cur
+                else:
+                    with conn.cursor() as cur:
+                        yield cur
         except psycopg.Error as e:
             raise self._error(e) from e
 

@@ -31,7 +31,7 @@ class Backend:
                 pass
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "sqlite":
         b = Backend("sqlite", f"sqlite://{tmp_path}/store.db")

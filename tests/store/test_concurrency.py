@@ -9,13 +9,13 @@ import concurrent.futures
 import multiprocessing
 import threading
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
 
-from policy import (ApprovalRequest, PolicyError, RequestClosed, RequestState, approve, use)
-from tests.store.test_contract import GRANTS, NOW, new_request
+from policy import (ApprovalRequest, Grant, PolicyError, RequestClosed, RequestState, Role,
+                    approve, use)
+from tests.support.store_data import GRANTS, NOW, new_request
 
 RACERS = 6
 
@@ -117,3 +117,26 @@ def test_processes_spend_the_last_use(backend):
         results = sorted(f.result(timeout=60) for f in futures)
     assert results == ["RequestClosed", "RequestClosed", "ok", "ok"]
     assert store.get_request(r.id).uses == 2
+
+
+def test_one_store_shared_by_many_threads(backend):
+    """A single store object is safe to share: the ext_authz server calls it from a thread pool."""
+    store = backend.open()
+    r = store.create_request(new_request(max_uses=1000), actor="alice")
+    store.update_request(r.id, lambda x: approve(x, "bob", GRANTS, NOW), actor="bob",
+                         kind="request.approved")
+    per_thread = 15
+
+    def work(i: int) -> int:
+        for _ in range(per_thread):
+            store.update_request(r.id, lambda x: use(x, NOW), actor="alice", kind="request.used")
+            assert store.get_request(r.id).state is RequestState.APPROVED
+            store.find_requests(requester="alice")
+            store.put_grant(Grant(f"user{i}", Role.ENGINEER))
+        return i
+
+    with concurrent.futures.ThreadPoolExecutor(RACERS) as pool:
+        assert sorted(pool.map(work, range(RACERS))) == list(range(RACERS))
+    assert store.get_request(r.id).uses == RACERS * per_thread
+    assert len(store.list_audit(request_id=r.id, kinds=["request.used"], limit=10_000)) == RACERS * per_thread
+    assert len(store.list_grants()) == RACERS

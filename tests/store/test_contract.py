@@ -8,34 +8,17 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import pytest
 
-from policy import (AlreadyDecided, ApprovalRequest, Grant, GrantSet, Mode, NotEligible,
+from policy import (AlreadyDecided, ApprovalRequest, Grant, Mode, NotEligible,
                     PolicyError, RequestClosed, RequestExpired, RequestState, Role, SelfApproval,
                     StoreError, Target, UnknownRequest, approve, cancel, complete, expire,
                     open_request, reject, use)
 from policy.audit import AuditEvent
 from policy.store import GrantDiff
-
-NOW = datetime.now(timezone.utc).replace(microsecond=123456)
-SVC = "pay.v1.Payments"
-TARGET = Target(SVC, "Refund")
-
-GRANTS = GrantSet([
-    *(Grant(p, Role.ENGINEER) for p in ("alice", "bob", "carol", "dave", "erin")),
-    Grant("alice", Role.CONTRIBUTOR, SVC), Grant("bob", Role.CONTRIBUTOR, SVC),
-    Grant("carol", Role.CONTRIBUTOR, SVC),
-    Grant("dave", Role.SECURITY_ONCALL), Grant("erin", Role.SECURITY_ONCALL),
-])
-
-
-def new_request(requester: str = "alice", *, mode: Mode = Mode.CONTRIBUTORS_WITH_APPROVAL,
-                target: Target = TARGET, now: datetime = NOW, **kw) -> ApprovalRequest:
-    return open_request(request_id=uuid.uuid4().hex, requester=requester, target=target,
-                        mode=mode, grants=GRANTS, now=now, reason="fix stuck refund", **kw)
-
+from tests.support.store_data import GRANTS, NOW, SVC, TARGET, new_request
 
 def kinds_for(store, request_id: str) -> list[str]:
     return [e.kind for e in store.list_audit(request_id=request_id)]
@@ -155,6 +138,12 @@ def test_watch_grants_sees_changes_from_another_connection(backend):
         assert max(seen) == writer.grants_revision()
     finally:
         sub.close()
+    # a refused change writes nothing and announces nothing
+    changed.clear()
+    with pytest.raises(ValueError):
+        writer.replace_grants("sync:x", [Grant("x", Role.ENGINEER, source="sync:x"),
+                                         Grant("x", Role.ENGINEER, source="sync:y")])
+    assert not changed.wait(0.6)
     # a closed subscription reports nothing more
     count = len(seen)
     writer.put_grant(Grant("bob", Role.ENGINEER))
@@ -232,6 +221,11 @@ def test_find_requests_filters_newest_first(store):
     assert store.find_requests(states=[]) == []
     assert [r.id for r in store.find_requests(limit=2)] == [rs[4].id, rs[3].id]
     assert store.find_requests(requester="nobody") == []
+    assert store.find_requests(limit=0) == []
+    with pytest.raises(ValueError, match="limit"):
+        store.find_requests(limit=-1)
+    with pytest.raises(ValueError, match="limit"):
+        store.list_audit(limit="10")
 
 
 def test_full_lifecycle_approve_and_use(store):

@@ -4,8 +4,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -180,3 +178,9 @@ def test_postgres_server_gone_then_back(pg_dsn):
         s.close()
         direct.close()
         proxy.stop()
+
+
+def test_sqlite_unwritable_location():
+    # /proc accepts no new files, even for root
+    with pytest.raises(StoreError, match="sqlite store /proc/rpcauthz-store.db.*unable to open"):
+        open_store("sqlite:///proc/rpcauthz-store.db")

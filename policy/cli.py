@@ -1,0 +1,189 @@
+"""Operator commands for grants and the store: ``mpactl sync``, ``mpactl grants``, ``mpactl db``.
+
+Every command takes ``--store URL`` (or ``$RPCAUTHZ_STORE``): ``sqlite:///ABS/PATH.db`` or
+``postgresql://user@host:port/db``.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .errors import StoreError
+from .model import Grant, Role
+
+STORE_ENV = "RPCAUTHZ_STORE"
+
+_STORE_HELP = ("Store URL: sqlite:///ABSOLUTE/PATH.db or postgresql://user@host:port/dbname "
+               f"(default: ${STORE_ENV}).")
+
+
+def _store_option() -> Any:
+    return typer.Option(..., "--store", envvar=STORE_ENV, help=_STORE_HELP, show_default=False)
+
+
+def _actor() -> str:
+    try:
+        return f"mpactl:{getpass.getuser()}"
+    except Exception:
+        return "mpactl"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _with_store(url: str, body: Callable[[Any], None]) -> None:
+    """Open the store, run ``body``, close it; bad URLs and store errors exit 1 with a message."""
+    from .stores import open_store
+    try:
+        store = open_store(url)
+    except (ValueError, StoreError) as e:
+        _fail(str(e))
+    try:
+        body(store)
+    except StoreError as e:
+        _fail(str(e))
+    finally:
+        store.close()
+
+
+def _describe(g: Grant) -> str:
+    parts = [g.role.value, g.principal]
+    if g.service:
+        parts.append(g.service)
+    if g.expires_at:
+        parts.append(f"until {g.expires_at.isoformat()}")
+    return " ".join(parts) + f"  ({g.source})"
+
+
+def _parse_time(text: Optional[str], what: str) -> Optional[datetime]:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{what} {text!r} is not an ISO 8601 time like "
+                                 "2026-12-01T09:00:00Z") from None
+    if value.tzinfo is None:
+        raise typer.BadParameter(f"{what} {text!r} needs a timezone, e.g. {text}Z")
+    return value
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``sync``, ``grants`` and ``db`` to ``mpactl``."""
+
+    @app.command("sync")
+    def sync_cmd(
+        store: str = _store_option(),
+        catalog: list[Path] = typer.Option(
+            [], "--catalog", help="Backstage catalog YAML file or directory (repeatable). "
+            "Component spec.owner -> Group spec.members become contributor grants for the "
+            "services in the rpcauthz.io/grpc-services annotation; every group member is an engineer."),
+        oncall: Optional[Path] = typer.Option(
+            None, "--oncall", help="YAML file with a security_oncall list of principals "
+            "(optionally {principal, until}). Omit to leave on-call grants as they are."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change; write nothing."),
+    ) -> None:
+        """Make contributor, engineer and security on-call grants match the catalog and on-call file.
+
+        Adds and removes exactly the grants these sources manage (sync:catalog, sync:oncall); grants added by hand are never touched. Nothing is written if any input is malformed.
+        """
+        from .sync import SyncError, sync
+
+        def run(s: Any) -> None:
+            try:
+                diffs = sync(s, catalog=catalog, oncall=oncall, dry_run=dry_run, actor=_actor())
+            except SyncError as e:
+                _fail(str(e))
+            verb_add, verb_remove = ("would add", "would remove") if dry_run else ("added", "removed")
+            for source, diff in diffs.items():
+                for g in diff.added:
+                    typer.echo(f"+ {_describe(g)}")
+                for g in diff.removed:
+                    typer.echo(f"- {_describe(g)}")
+                typer.echo(f"{source}: {verb_add} {len(diff.added)}, {verb_remove} {len(diff.removed)}")
+
+        _with_store(store, run)
+
+    grants = typer.Typer(help="List, add and remove role grants by hand (source 'manual').",
+                         no_args_is_help=True)
+    app.add_typer(grants, name="grants")
+
+    @grants.command("list")
+    def grants_list(
+        store: str = _store_option(),
+        principal: Optional[str] = typer.Option(None, help="Only this principal's grants."),
+        as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    ) -> None:
+        """Print every grant (expired ones are marked)."""
+        def run(s: Any) -> None:
+            now = datetime.now(timezone.utc)
+            for g in s.list_grants():
+                if principal and g.principal != principal:
+                    continue
+                if as_json:
+                    typer.echo(json.dumps({
+                        "principal": g.principal, "role": g.role.value, "service": g.service,
+                        "expires_at": g.expires_at.isoformat() if g.expires_at else None,
+                        "source": g.source, "active": g.active(now)}))
+                else:
+                    typer.echo(_describe(g) + ("" if g.active(now) else "  [expired]"))
+        _with_store(store, run)
+
+    @grants.command("add")
+    def grants_add(
+        principal: str = typer.Argument(..., help="Who, as the gateway sees them (e.g. an email)."),
+        role: Role = typer.Argument(..., help="engineer, contributor or security_oncall."),
+        service: Optional[str] = typer.Option(None, help="For contributor: the gRPC service, e.g. pay.v1.Payments."),
+        expires: Optional[str] = typer.Option(None, help="Expiry, ISO 8601 with timezone."),
+        store: str = _store_option(),
+    ) -> None:
+        """Add (or replace) a manual grant."""
+        try:
+            grant = Grant(principal, role, service=service,
+                          expires_at=_parse_time(expires, "--expires"))
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        _with_store(store, lambda s: (s.put_grant(grant, actor=_actor()),
+                                      typer.echo(f"+ {_describe(grant)}")))
+
+    @grants.command("remove")
+    def grants_remove(
+        principal: str = typer.Argument(...),
+        role: Role = typer.Argument(...),
+        service: Optional[str] = typer.Option(None, help="For contributor: the gRPC service."),
+        store: str = _store_option(),
+    ) -> None:
+        """Remove a grant (whatever its source; a sync may add a synced one back)."""
+        def run(s: Any) -> None:
+            if not s.delete_grant(principal, role, service, actor=_actor()):
+                _fail(f"no {role.value} grant for {principal}" + (f" on {service}" if service else ""))
+            typer.echo(f"- {role.value} {principal}" + (f" {service}" if service else ""))
+        _with_store(store, run)
+
+    db = typer.Typer(help="Create and inspect the store's schema.", no_args_is_help=True)
+    app.add_typer(db, name="db")
+
+    @db.command("init")
+    def db_init(store: str = _store_option()) -> None:
+        """Create the tables if they do not exist (safe to run again) and print the schema version."""
+        from .stores import redact_url
+        _with_store(store, lambda s: typer.echo(
+            f"{redact_url(store)}: schema version {s.schema_version()}"))
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m policy.cli`
+    app = typer.Typer(no_args_is_help=True)
+    register(app)
+    app(prog_name="mpactl")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
