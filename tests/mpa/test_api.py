@@ -303,3 +303,17 @@ def test_gateway_request_completes_without_a_mode_lookup(tmp_path):
         other = env.call("POST", "/api/v1/requests", A, json={
             "service": LEDGER, "method": "Close", "reason": "refund for ticket 4411"})
         refused(env, other, 422, "invalid_request", "no way to look up method modes")
+
+
+@pytest.mark.postgres
+def test_loop_and_refusals_on_postgresql(tmp_path, pg_dsn):
+    with approvals_env(tmp_path, store_url=pg_dsn) as env:
+        r = create(env)
+        before = env.store.get_request(r["id"])
+        refused(env, env.call("POST", f"/api/v1/requests/{r['id']}/approve", A), 403,
+                "self_approval", "own request", r["id"], before)
+        assert env.call("POST", f"/api/v1/requests/{r['id']}/approve", B).json()["state"] == "approved"
+        refused(env, env.call("POST", f"/api/v1/requests/{r['id']}/approve", B), 409,
+                "already_decided", "already approved")
+        listed = env.call("GET", "/api/v1/requests?state=approved", A).json()["requests"]
+        assert [x["id"] for x in listed] == [r["id"]]

@@ -27,10 +27,10 @@ CONTRIBUTORS = ("alice@example.com", "carol@example.com")
 ONCALL = ("dave@example.com", "erin@example.com")
 
 
-def open_test_store(tmp_path: pathlib.Path):
-    """A real SQLite store file in ``tmp_path``."""
+def open_test_store(tmp_path: pathlib.Path, url: str | None = None):
+    """A real store: ``url`` (e.g. a PostgreSQL DSN), or a SQLite file in ``tmp_path``."""
     from policy.stores import open_store
-    return open_store(f"sqlite:///{tmp_path / 'rpcauthz.db'}")
+    return open_store(url or f"sqlite:///{tmp_path / 'rpcauthz.db'}")
 
 
 def seed_grants(store) -> None:
@@ -72,10 +72,10 @@ class Env:
 
 @contextlib.contextmanager
 def approvals_env(tmp_path: pathlib.Path, *, rules: RequestPolicy | None = None,
-                  **server_kw) -> Iterator[Env]:
+                  store_url: str | None = None, **server_kw) -> Iterator[Env]:
     issuer = DevIssuer(tmp_path / "dev-issuer.pem")
     jwks = issuer.serve()
-    store = open_test_store(tmp_path)
+    store = open_test_store(tmp_path, store_url)
     seed_grants(store)
     config = ApprovalsConfig(store_url="(given)", issuer=issuer.issuer, jwks_url=jwks.url,
                              audiences=(issuer.audience,), public_url="auto",
