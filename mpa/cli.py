@@ -31,7 +31,12 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE = 1, 2, 3, 4
 
 app = typer.Typer(name="mpa", no_args_is_help=True, add_completion=False,
                   help="Ask for, review and approve multi-party approvals for RPCs that need "
-                       "another engineer's approval. Start with: mpa login")
+                       "another engineer's approval. Start with: mpa login",
+                  epilog="Typical use: [bold]mpa login --server URL --issuer SSO_URL[/], then "
+                         "[bold]mpa request rpc /pkg.Svc/Method -r 'why'[/] (or open the link the "
+                         "gateway printed); a reviewer runs [bold]mpa review[/]. Exit codes: 0 done, "
+                         "1 refused, 2 bad usage, 3 not signed in, 4 server unavailable.",
+                  rich_markup_mode="rich")
 request_app = typer.Typer(no_args_is_help=True,
                           help="Ask for approval (rpc now; other kinds of access may be added).")
 app.add_typer(request_app, name="request")

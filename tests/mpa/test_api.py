@@ -9,6 +9,7 @@ import pytest
 
 from mpa.config import RequestPolicy
 from mpa.devissuer import DevIssuer
+from policy import Mode
 from tests.support.approvals_env import LEDGER, approvals_env
 
 A, B, C, D, E = ("alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com",
@@ -317,3 +318,27 @@ def test_loop_and_refusals_on_postgresql(tmp_path, pg_dsn):
                 "already_decided", "already approved")
         listed = env.call("GET", "/api/v1/requests?state=approved", A).json()["requests"]
         assert [x["id"] for x in listed] == [r["id"]]
+
+
+def test_concurrent_approvals_end_consistent(tmp_path):
+    """Three reviewers approve a 2-of-M request at once: two count, one is told it is closed,
+    and exactly one request.approved event exists."""
+    import concurrent.futures
+
+    rules = RequestPolicy(required_approvals_by_mode={Mode.ENGINEERS_WITH_APPROVAL: 2})
+    with approvals_env(tmp_path, rules=rules) as env:
+        r = create(env)
+        heads = {who: env.headers(who) for who in (B, C, D)}
+        barrier = __import__("threading").Barrier(3)
+
+        def go(who):
+            barrier.wait()
+            return env.call("POST", f"/api/v1/requests/{r['id']}/approve", headers=heads[who])
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(go, (B, C, D)))
+        codes = sorted(x.status_code for x in results)
+        assert codes == [200, 200, 409], [x.text for x in results]
+        final = env.store.get_request(r["id"])
+        assert final.state.value == "approved" and len(final.approvals) == 2
+        kinds = [e.kind for e in env.store.list_audit() if e.request_id == r["id"]]
+        assert kinds.count("request.approved") == 1 and kinds.count("request.approval_recorded") == 1
