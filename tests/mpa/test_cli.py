@@ -8,7 +8,6 @@ import re
 import stat
 import subprocess
 import sys
-import threading
 from datetime import datetime, timezone
 
 import httpx

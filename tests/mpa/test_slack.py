@@ -8,7 +8,6 @@ import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 
 from mpa.config import RequestPolicy
 from tests.conftest import free_port

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Iterator
 
 import httpx
