@@ -80,6 +80,21 @@ def modes_from_source(source: object, default: Mode = policy.DEFAULT_MODE) -> Mo
     return lookup
 
 
+def lazy_modes(factory: Callable[[], object], default: Mode = policy.DEFAULT_MODE) -> ModeLookup:
+    """Like ``modes_from_source``, but builds the source on first use, inside the server's
+    event loop (gRPC aio channels, as the reflection cache uses, belong to one loop)::
+
+        lazy_modes(lambda: ReflectionCache(EndpointResolver(static={...})), Mode.BREAK_GLASS_ONLY)
+    """
+    holder: list[ModeLookup] = []
+
+    async def lookup(service: str, method: str) -> Mode:
+        if not holder:
+            holder.append(modes_from_source(factory(), default))
+        return await holder[0](service, method)
+    return lookup
+
+
 def awaiting_reason(r: ApprovalRequest) -> bool:
     """True for a gateway-opened request whose requester has not said why yet."""
     return r.origin == "gateway" and r.state is RequestState.PENDING
@@ -321,5 +336,5 @@ def new_request_id() -> str:
 
 
 __all__ = ["ApprovalService", "AwaitingReason", "ModeLookup", "Permissions", "MODE_EXPLANATIONS",
-           "awaiting_reason", "modes_from_source", "static_modes", "approver_words",
+           "awaiting_reason", "lazy_modes", "modes_from_source", "static_modes", "approver_words",
            "RequestExpired"]
