@@ -128,6 +128,8 @@ class SlackNotifier:
             if awaiting_reason(r) or not r.reason:
                 return None  # gateway-opened: reviewers hear of it once the requester says why
             return f"new:{r.id}", self._new_request(r, rpc, link)
+        if not r.reason:
+            return None  # never announced (the requester never said why): nothing to follow up
         who = _esc(e.actor)
         requester = _esc(r.requester)
         if e.kind == "request.approval_recorded":

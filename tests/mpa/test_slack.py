@@ -5,13 +5,15 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+import policy
 from mpa.config import RequestPolicy
+from mpa.slack import SlackNotifier, SlackSpool
 from tests.conftest import free_port
-from tests.support.approvals_env import LEDGER, approvals_env
+from tests.support.approvals_env import LEDGER, approvals_env, open_test_store, seed_grants
 
 A, B, C = "alice@example.com", "bob@example.com", "carol@example.com"
 SECRET = "T0000/B0000/XXXXsecretXXXXwebhookXXXX"
@@ -136,3 +138,26 @@ def test_slack_down_then_slow_then_back_loses_nothing(tmp_path, caplog):
 def test_user_text_cannot_ping_the_channel(tmp_path):
     from mpa.slack import _esc
     assert _esc("<!channel> & <https://evil|click>") == "&lt;!channel&gt; &amp; &lt;https://evil|click&gt;"
+
+
+def test_unannounced_gateway_request_expiring_sends_nothing(tmp_path):
+    """A gateway-opened request whose requester never gave a reason was never announced, so its
+    expiry is not announced either."""
+    store = open_test_store(tmp_path)
+    spool = SlackSpool(str(tmp_path / "spool.db"))
+    try:
+        seed_grants(store)
+        now = datetime.now(timezone.utc)
+        r = policy.open_request(request_id="gw1", requester=A, target=policy.Target(LEDGER, "Adjust"),
+                                mode=policy.Mode.ENGINEERS_WITH_APPROVAL,
+                                grants=policy.GrantSet(store.list_grants()), now=now,
+                                pending_ttl=timedelta(seconds=1), origin="gateway")
+        store.create_request(r, actor=A)
+        store.update_request("gw1", lambda x: policy.expire(x, now + timedelta(seconds=2)),
+                             actor="system", kind="request.expired")
+        notifier = SlackNotifier(store, spool, lambda i: f"http://approvals/requests/{i}")
+        notifier.export(store.list_audit())
+        assert spool.keys() == []
+    finally:
+        spool.close()
+        store.close()
