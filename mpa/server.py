@@ -160,6 +160,30 @@ def start_demo_approvals(store_url: str, issuer: Any, jwks_url: str, *, port: in
                                   dev_issuer=issuer, **kw)
 
 
+def demo_steps(approvals_url: str, *, requester: str, approver: str, rpc: str,
+               call_cmd: str, config_root: str = "/tmp/mpa-demo") -> list[tuple[str, str]]:
+    """(what it shows, command) lines for the approval loop, for ``mpactl demo`` to print.
+
+    ``call_cmd`` calls ``rpc`` through the gateway as the requester (e.g.
+    ``mpactl demo call --as erin /rpcauthz.demo.v1.Accounts/ReadAccount``). Each person gets
+    their own ``MPA_CONFIG_DIR`` so two engineers can share one shell.
+    """
+    who_r = f"MPA_CONFIG_DIR={config_root}/{requester}"
+    who_a = f"MPA_CONFIG_DIR={config_root}/{approver}"
+    return [
+        (f"{requester}'s call needs approval: refused with a link", call_cmd),
+        (f"{requester} signs in to the approvals server (dev issuer)",
+         f"{who_r} mpa login --server {approvals_url} --as {requester}"),
+        (f"{requester} says why (this completes the request the gateway opened)",
+         f"{who_r} mpa request rpc {rpc} --reason 'customer ticket 4411: check the balance'"),
+        (f"{approver} signs in, or opens the link in a browser and signs in there",
+         f"{who_a} mpa login --server {approvals_url} --as {approver}"),
+        (f"{approver} reviews what waits for them (a to approve)", f"{who_a} mpa review"),
+        (f"{requester} sees who approved it and when", f"{who_r} mpa list --state approved"),
+        (f"{requester}'s same call now passes", call_cmd),
+    ]
+
+
 def main() -> None:
     """``python -m mpa.server``: serve from MPA_* environment variables until interrupted.
 
