@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 
 import cachetools
 
-from reflection_cache.client import ReflectionClient
+from reflection_cache.client import DEFAULT_DEADLINE, ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionError, ReflectionUnavailable, ServiceModes, UnknownService
 
@@ -50,7 +50,7 @@ class CacheSettings:
     #: Most services kept at once.
     max_entries: int = 10_000
     #: Upper bound of one reflection fetch (all its questions together).
-    deadline: float = 0.5
+    deadline: float = DEFAULT_DEADLINE
 
     @classmethod
     def from_mapping(cls, config: "Mapping[str, object]") -> "CacheSettings":
@@ -126,6 +126,31 @@ class ReflectionCache:
 
         self._entries: cachetools.LRUCache = _Entries(maxsize=self.settings.max_entries)
         self._inflight: dict[str, asyncio.Task] = {}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object] | None) -> "ReflectionCache":
+        """From ``{"endpoints": {static, template, default}, "cache": {ttl, ...},
+        "tls": {ca_file, cert_file, key_file}}`` (all optional; no ``tls``: plaintext).
+
+        Unknown keys are refused by name, as are bad endpoints and settings.
+        """
+        config = config or {}
+        unknown = sorted(set(config) - {"endpoints", "cache", "tls"})
+        if unknown:
+            raise ValueError(f"reflection: unknown key(s) {unknown}; expected endpoints, cache, tls")
+        endpoints, settings = config.get("endpoints") or {}, config.get("cache") or {}
+        tls = config.get("tls")
+        if not all(isinstance(m, Mapping) for m in (endpoints, settings, tls or {})):
+            raise ValueError("reflection: endpoints, cache and tls must be mappings")
+        settings = CacheSettings.from_mapping(settings)
+        credentials = None
+        if tls is not None:
+            unknown = sorted(set(tls) - {"ca_file", "cert_file", "key_file"})
+            if unknown:
+                raise ValueError(f"reflection tls: unknown key(s) {unknown}; expected ca_file, cert_file, key_file")
+            credentials = tls_credentials(**tls)
+        client = ReflectionClient(deadline=settings.deadline, channels=ChannelPool(credentials=credentials))
+        return cls(EndpointResolver.from_config(endpoints), settings, client=client)
 
     # -- ModeSource --------------------------------------------------------------------------
 

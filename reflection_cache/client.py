@@ -5,9 +5,9 @@ One fetch, for one service at one endpoint, within one deadline:
 1. ``file_containing_symbol(service)`` over ``grpc.reflection.v1`` (falling back to
    ``grpc.reflection.v1alpha`` when the endpoint answers UNIMPLEMENTED; which one works is
    remembered per endpoint);
-2. ``file_by_filename`` for every import not yet received (bounded in count and depth);
-   Each question is one short call on the reflection method, all sharing one deadline and
-   one channel per endpoint;
+2. ``file_by_filename`` for every import not yet received (bounded in count and depth).
+   Each question is one short call on the reflection method; all share one deadline and the
+   endpoint's channel;
 3. the files go into a private descriptor pool, the service is looked up there, and each
    method's option and the service's default are read by the extension's full name
    (``rpcauthz.v1.humans_who_can_rpc`` / ``rpcauthz.v1.default_humans_who_can_rpc``) as
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 from collections import deque
 from types import MappingProxyType
 from typing import Iterable
@@ -46,7 +47,7 @@ _OPTION_TARGETS = {METHOD_OPTION: "google.protobuf.MethodOptions",
 #: Protocol versions, in the order they are tried.
 PROTOCOLS = {"v1": v1_pb2, "v1alpha": v1alpha_pb2}
 
-DEFAULT_DEADLINE = 1.0
+DEFAULT_DEADLINE = 0.5
 DEFAULT_MAX_FILES = 64
 DEFAULT_MAX_DEPTH = 16
 DEFAULT_MAX_CHANNELS = 256
@@ -61,18 +62,42 @@ DEFAULT_CHANNEL_OPTIONS = (
 )
 
 
-class ChannelPool:
-    """Insecure ``grpc.aio`` channels, one per endpoint, at most ``max_channels`` (LRU).
+def tls_credentials(ca_file: str | None = None, cert_file: str | None = None,
+                    key_file: str | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials for reflection channels: trust ``ca_file`` (PEM; the system roots when
+    None) and, for mutual TLS, present ``cert_file``/``key_file`` (PEM, both or neither).
+    Files that cannot be read are refused by name (``ValueError``)."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("reflection TLS: cert_file and key_file go together (mutual TLS)")
 
-    A channel pushed out of the pool is closed in the background. Create and use the pool
-    inside one event loop.
+    def read(path: str | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return pathlib.Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"reflection TLS: cannot read {what} {path}: {e.strerror}") from None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca_file, "ca_file"),
+                                        private_key=read(key_file, "key_file"),
+                                        certificate_chain=read(cert_file, "cert_file"))
+
+
+class ChannelPool:
+    """``grpc.aio`` channels, one per endpoint, at most ``max_channels`` (LRU).
+
+    Plaintext unless ``credentials`` (see :func:`tls_credentials`) are given, in which case
+    every endpoint is dialled with TLS. A channel pushed out of the pool is closed in the
+    background. Create and use the pool inside one event loop.
     """
 
     def __init__(self, max_channels: int = DEFAULT_MAX_CHANNELS,
-                 options: Iterable[tuple[str, object]] = DEFAULT_CHANNEL_OPTIONS) -> None:
+                 options: Iterable[tuple[str, object]] = DEFAULT_CHANNEL_OPTIONS,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         if max_channels < 1:
             raise ValueError("max_channels must be at least 1")
         self._options = list(options)
+        self._credentials = credentials
         self._closing: set[asyncio.Task] = set()
         pool = self
 
@@ -88,7 +113,10 @@ class ChannelPool:
         """The channel to ``endpoint`` (``host:port``), created on first use."""
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
             self._channels[endpoint] = channel
         return channel
 

@@ -11,6 +11,7 @@ import typer
 
 COMMAND_MODULES = (
     "extauthz.cli",         # serve, demo
+    "reflection_cache.cli", # reflect
     "policy.cli",           # sync, grants, db
     "mpa.ops_cli",          # lint, migrate, usage, envoy render/validate
     "enclave_bridge.cli",   # forward, broker
@@ -23,6 +24,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root() -> None:
+    """Keeps mpactl a command group even when only one package registers commands."""
 
 
 def _register_all() -> None:

@@ -202,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reflection", action="store_true", help="serve no reflection at all")
     args = parser.parse_args(argv)
     reflection = () if args.no_reflection else (args.reflection or ("v1", "v1alpha"))
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the "listening" line a launcher waits for
+        signal.signal(sig, lambda *_: done.set())
     handle = start_demo_server(args.port, args.service or tuple(SERVICES), reflection, host=args.host)
     # One line on stdout that a launcher can parse to learn the port.
     print(f"listening {handle.address} services={','.join(handle.services)}", flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     done.wait()
     handle.stop(grace=2)
     return 0

@@ -263,3 +263,17 @@ def test_settings_from_a_config_mapping():
         CacheSettings.from_mapping({"ttl": "30s"})
     with pytest.raises(ValueError, match="max_entries must be a number"):
         CacheSettings.from_mapping({"max_entries": 1.5})
+
+
+async def test_cache_from_a_config_mapping(server):
+    cache = ReflectionCache.from_config({"endpoints": {"static": {"shop": server.address}},
+                                         "cache": {"ttl": 5, "deadline": 1}})
+    try:
+        assert cache.settings == CacheSettings(ttl=5, deadline=1)
+        assert (await cache.get(ORDERS)).service == ORDERS
+    finally:
+        await cache.close()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['endpoint'\]"):
+        ReflectionCache.from_config({"endpoint": {}})
+    with pytest.raises(ValueError, match="unknown setting"):
+        ReflectionCache.from_config({"cache": {"ttl_seconds": 1}})

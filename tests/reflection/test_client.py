@@ -249,3 +249,23 @@ async def test_fetched_modes_are_read_only(client):
         modes = await client.fetch(ORDERS, srv.address)
     with pytest.raises(TypeError):
         modes.methods["GetOrder"] = Mode.ENGINEERS_WITHOUT_APPROVAL  # type: ignore[index]
+
+
+@pytest.mark.parametrize("value,expect", [(9, E.BREAK_GLASS_ONLY), (0, None)], ids=["newer-enum", "unspecified"])
+async def test_unknown_option_value_never_widens_access(client, value, expect):
+    from rpcauthz.v1 import options_pb2
+
+    def rewrite(blob: bytes) -> bytes:
+        fdp = descriptor_pb2.FileDescriptorProto.FromString(blob)
+        for svc in fdp.service:
+            for m in svc.method:
+                if m.name == "GetOrder":
+                    m.options.Extensions[options_pb2.humans_who_can_rpc] = value
+        return fdp.SerializeToString()
+
+    with reflection_server(orders_files(), [ORDERS], rewrite=rewrite) as srv:
+        modes = await client.fetch(ORDERS, srv.address)
+    if expect is None:  # explicitly UNSPECIFIED: the service default applies
+        assert modes.mode_for("GetOrder", E.BREAK_GLASS_ONLY) == (E.CONTRIBUTORS_WITHOUT_APPROVAL, "service")
+    else:
+        assert modes.methods["GetOrder"] is expect

@@ -124,3 +124,4 @@ def test_cli_runs_one_service_as_a_process(port):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()

@@ -127,8 +127,10 @@ class ReflectionServer:
 
 def start_reflection_server(files: Iterable[descriptor_pb2.FileDescriptorProto], services: Iterable[str],
                             versions: Iterable[str] = ("v1",), port: int = 0,
+                            server_credentials: grpc.ServerCredentials | None = None,
                             **servicer_kwargs) -> ReflectionServer:
-    """Serve reflection (our servicer) for ``services`` over ``files`` on 127.0.0.1."""
+    """Serve reflection (our servicer) for ``services`` over ``files`` on 127.0.0.1
+    (with TLS when ``server_credentials`` are given)."""
     pool = pool_of(files)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     servicers = []
@@ -136,7 +138,10 @@ def start_reflection_server(files: Iterable[descriptor_pb2.FileDescriptorProto],
         servicer = ScriptedServicer(services, version=version, pool=pool, **servicer_kwargs)
         add_servicer(server, servicer)
         servicers.append(servicer)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    if server_credentials is None:
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    else:
+        bound = server.add_secure_port(f"127.0.0.1:{port}", server_credentials)
     assert bound, f"could not listen on 127.0.0.1:{port}"
     server.start()
     return ReflectionServer(server, bound, servicers)
