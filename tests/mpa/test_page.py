@@ -171,3 +171,15 @@ def test_no_tokens_or_reasons_in_logs(env, caplog):
     assert token and token not in server_log  # ...without the session token,
     assert csrf(page) not in server_log  # the CSRF token,
     assert "refund for ticket" not in server_log  # or the request's words
+
+
+def test_body_scoped_request_shows_the_digest(env):
+    import hashlib
+    digest = hashlib.sha256(b"\x08\x01\x12\x03A-1").hexdigest()
+    resp = env.call("POST", "/api/v1/requests", A, json={
+        "service": LEDGER, "method": "Adjust", "reason": "refund for ticket 4411",
+        "body_sha256": digest, "max_uses": 1})
+    assert resp.status_code == 201 and resp.json()["body_sha256"] == digest
+    page = browser(env, B).get(f"/requests/{resp.json()['id']}").text
+    assert f"only the exact request body with SHA-256 <code>{digest}</code>" in page
+    assert "at most 1 call (0 used)" in page
