@@ -160,3 +160,15 @@ def test_login_with_oidc_device_flow(env, tmp_path):
         assert json.loads(mpa(home, "whoami", "--json").stdout)["principal"] == C
     finally:
         jwks.close()
+
+
+def test_request_bound_to_a_body_file(env, tmp_path):
+    import hashlib
+    alice = login(env, tmp_path, A)
+    body = tmp_path / "req.bin"
+    body.write_bytes(b"\x08\x01\x12\x03A-1")
+    res = mpa(alice, "request", "rpc", f"/{LEDGER}/Adjust", "-r", "refund for ticket 4411",
+              "--body-file", str(body), "--max-uses", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["body_sha256"] == hashlib.sha256(body.read_bytes()).hexdigest() and r["max_uses"] == 1
