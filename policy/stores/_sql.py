@@ -292,6 +292,12 @@ class SqlStore(abc.ABC):
         with self._tx(write=True) as cur:
             self._insert_audit(cur, event)
 
+    def append_audits(self, events: Sequence[AuditEvent]) -> None:
+        """Write several audit events durably in one transaction (one commit for a batch)."""
+        with self._tx(write=True) as cur:
+            for event in events:
+                self._insert_audit(cur, event)
+
     def _insert_audit(self, cur: Any, event: AuditEvent) -> None:
         cur.execute(f"INSERT INTO audit ({_AUDIT_COLS}) VALUES ({_AUDIT_VALUES})",
                     codec.audit_params(event, self._ts, self._json_in))

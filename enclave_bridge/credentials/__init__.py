@@ -1,0 +1,1 @@
+"""Short-lived credentials the broker mints: AWS STS sessions and Kubernetes OIDC tokens."""

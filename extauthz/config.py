@@ -1,0 +1,246 @@
+"""Configuration of the ext_authz server: a YAML file, then environment overrides.
+
+Every key is optional except ``store_url``; unknown keys are errors, so a typo never
+silently falls back to a default. Environment variables override the file:
+``RPCAUTHZ_<SECTION>__<KEY>`` (double underscore between levels, case-insensitive), e.g.
+``RPCAUTHZ_LISTEN__PORT=9001`` or ``RPCAUTHZ_STORE_URL=postgresql://...``.
+A bad value raises ``ConfigError`` whose message names the key (or the variable).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from policy import Mode
+
+ENV_PREFIX = "RPCAUTHZ_"
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Section):
+    """Where the gRPC Authorization (and health) service listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9001, ge=0, le=65535)
+
+
+class Metrics(_Section):
+    """Prometheus ``/metrics`` over plain HTTP. ``port: null`` turns it off."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(9464, ge=0, le=65535)
+
+
+class Identity(_Section):
+    """How the caller is identified.
+
+    Production: from the JWT payload that Envoy's jwt_authn filter verified and put in
+    the request's metadata (``payload_in_metadata: <payload_key>``). Dev mode takes the
+    principal from a plain header instead: anyone can claim anyone, so it is off by
+    default, logs a warning at start, and every decision it makes is marked ``dev``.
+    """
+
+    metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    payload_key: str = "jwt_payload"
+    principal_claim: str = "sub"
+    dev_mode: bool = False
+    dev_principal_header: str = "x-dev-principal"
+
+    @field_validator("dev_principal_header")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        if not v or v.startswith(":"):
+            raise ValueError("must be an ordinary header name")
+        return v.lower()
+
+
+class Approvals(_Section):
+    """Requests the gateway opens when a call needs approval."""
+
+    base_url: str = "http://127.0.0.1:8080"
+    pending_ttl_s: float = Field(3600, gt=0)
+    approval_ttl_s: float = Field(3600, gt=0)
+    #: Scope gateway-opened requests to the exact request body (its SHA-256).
+    bind_to_body: bool = False
+    #: How many calls one approval of a gateway-opened request allows (null: any number
+    #: until approval_ttl_s runs out).
+    max_uses: int | None = Field(None, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class ReflectionEndpoints(_Section):
+    """Where each service's reflection service is reached (first match wins).
+
+    ``static`` maps a full service name or a package prefix to ``host:port``; ``template``
+    builds one from the name (placeholders such as ``{service}``, ``{name_lower}``; see
+    reflection_cache/endpoints.py); ``default`` is the fallback. With none, every service
+    is unknown (and so denied).
+    """
+
+    static: dict[str, str] = Field(default_factory=dict)
+    template: str | None = None
+    default: str | None = None
+
+
+class Reflection(_Section):
+    """The reflection cache (seconds)."""
+
+    endpoints: ReflectionEndpoints = ReflectionEndpoints()
+    #: Fresh for this long after a fetch.
+    ttl: float = Field(60.0, gt=0)
+    #: Then served stale (while one refresh runs) for this long.
+    stale_window: float = Field(120.0, ge=0)
+    #: "No such service" is remembered this long.
+    negative_ttl: float = Field(5.0, ge=0)
+    #: Other failures are remembered (and refreshes spaced) this long.
+    error_backoff: float = Field(1.0, ge=0)
+    max_entries: int = Field(10_000, ge=1)
+    #: Bound of one reflection fetch; keep it below decision_deadline_ms.
+    deadline: float = Field(0.5, gt=0)
+
+
+class Audit(_Section):
+    """Decision audit events are queued and written in the background."""
+
+    queue_size: int = Field(10000, ge=1)
+    #: Also audit plain allows (decision.allow). Denials and approvals are always audited.
+    allows: bool = True
+
+
+class Settings(_Section):
+    """The whole server configuration."""
+
+    store_url: str
+    listen: Listen = Listen()
+    metrics: Metrics = Metrics()
+    workers: int = Field(1, ge=1, le=64)
+    #: Mode of a method with neither a method option nor a service default.
+    default_mode: Mode = Mode.BREAK_GLASS_ONLY
+    #: Our own deadline for one decision. Keep it below Envoy's ext_authz timeout, so a slow
+    #: dependency ends as our 503 rather than Envoy's timeout, and above the reflection deadline.
+    decision_deadline_ms: int = Field(800, ge=10, le=60000)
+    #: On SIGTERM: stop accepting, report NOT_SERVING, finish in-flight checks within this.
+    drain_grace_s: float = Field(10, ge=0)
+    #: On SIGTERM, keep serving this long after turning NOT_SERVING before refusing new
+    #: checks. With several servers behind one Envoy cluster, set it above Envoy's
+    #: health-check interval x unhealthy_threshold (10 s in gateway.yaml).
+    drain_notice_s: float = Field(0, ge=0)
+    max_path_length: int = Field(512, ge=8, le=8192)
+    identity: Identity = Identity()
+    approvals: Approvals = Approvals()
+    audit: Audit = Audit()
+    reflection: Reflection = Reflection()
+    #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
+    grants_poll_s: float = Field(1.0, gt=0)
+    #: Full reload of the in-memory grants, as a safety net for lost notifications.
+    grants_reload_s: float = Field(30.0, gt=0)
+    #: Past this age without a successful load, grants are unusable: every check is a 503.
+    grants_max_staleness_s: float = Field(120.0, gt=0)
+
+    @field_validator("default_mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = Mode.parse(v)
+        if v == Mode.UNSPECIFIED:
+            raise ValueError("the default mode cannot be UNSPECIFIED")
+        return v
+
+    @model_validator(mode="after")
+    def _workers_need_port(self) -> "Settings":
+        if self.workers > 1 and self.listen.port == 0:
+            raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
+        if self.grants_max_staleness_s <= self.grants_reload_s:
+            raise ValueError("grants_max_staleness_s must be longer than grants_reload_s")
+        if self.reflection.deadline * 1000 >= self.decision_deadline_ms:
+            raise ValueError(f"reflection.deadline ({self.reflection.deadline}s) must be below "
+                             f"decision_deadline_ms ({self.decision_deadline_ms} ms), so a slow "
+                             "service is reported as such")
+        return self
+
+
+def load_settings(path: str | os.PathLike | None = None, *,
+                  env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read ``path`` (YAML), apply ``RPCAUTHZ_*`` environment overrides, then ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = pathlib.Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+    sources: dict[tuple[str, ...], str] = {}
+    for name, value in (os.environ if env is None else env).items():
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == "RPCAUTHZ_TEST_PG_DSN":
+            continue
+        keys = tuple(k.lower() for k in name[len(ENV_PREFIX):].split("__"))
+        if not _known_key(keys):
+            continue  # other components' variables share the prefix
+        _set(data, keys, yaml.safe_load(value) if value.strip() else value)
+        sources[keys] = name
+    for dotted, value in (overrides or {}).items():
+        _set(data, tuple(dotted.split(".")), value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, sources)) from None
+
+
+def _known_key(keys: tuple[str, ...]) -> bool:
+    model: type[BaseModel] | None = Settings
+    for k in keys:
+        if model is None or k not in model.model_fields:
+            return False
+        ann = model.model_fields[k].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return True
+
+
+def _set(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = node[k] = {}
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _describe(e: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
+    lines = []
+    for err in e.errors():
+        loc = tuple(str(x) for x in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        where = f" (from ${sources[loc]})" if loc in sources else ""
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{key}{where}: {msg}")
+    return "invalid ext_authz configuration: " + "; ".join(lines)

@@ -1,0 +1,69 @@
+"""Step 1 of 4, identity: who is calling.
+
+The principal comes from the JWT payload that Envoy's jwt_authn filter has already
+verified (signature, issuer, audience, expiry) and placed in the request's metadata
+under ``payload_in_metadata``. We never parse a token ourselves: if the metadata is not
+there, jwt_authn did not verify one, and the call is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from .config import Identity as IdentityConfig
+
+MAX_PRINCIPAL_LENGTH = 256
+_PRINCIPAL = re.compile(r"^[^\x00-\x20\x7f]+$")
+
+
+class IdentityError(Exception):
+    """The caller could not be identified. The message says why."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Identity:
+    principal: str
+    #: "jwt" for a verified token, "dev-header" for dev mode.
+    source: str
+    #: The verified token payload (a protobuf Struct), or None in dev mode.
+    claims: object
+
+    @property
+    def dev(self) -> bool:
+        return self.source == "dev-header"
+
+
+def identify(req: external_auth_pb2.CheckRequest, cfg: IdentityConfig) -> Identity:
+    """The verified principal of ``req``, or ``IdentityError``."""
+    if cfg.dev_mode:
+        headers = req.attributes.request.http.headers
+        value = headers.get(cfg.dev_principal_header, "")
+        return Identity(_check_principal(value, f"header {cfg.dev_principal_header}"), "dev-header", None)
+    ns = req.attributes.metadata_context.filter_metadata
+    if cfg.metadata_namespace not in ns:
+        raise IdentityError("no verified identity: the gateway's JWT filter passed no token payload "
+                            "(send a valid bearer token in the authorization header)")
+    fields = ns[cfg.metadata_namespace].fields
+    payload = fields[cfg.payload_key] if cfg.payload_key in fields else None
+    if payload is None or payload.WhichOneof("kind") != "struct_value":
+        raise IdentityError(f"no verified identity: metadata {cfg.metadata_namespace} has no "
+                            f"{cfg.payload_key!r} token payload")
+    claims = payload.struct_value.fields
+    claim = claims[cfg.principal_claim] if cfg.principal_claim in claims else None
+    if claim is None or claim.WhichOneof("kind") != "string_value":
+        raise IdentityError(f"the verified token has no string {cfg.principal_claim!r} claim "
+                            "to identify the caller")
+    return Identity(_check_principal(claim.string_value, f"claim {cfg.principal_claim!r}"), "jwt",
+                    payload.struct_value)
+
+
+def _check_principal(value: str, where: str) -> str:
+    if not value:
+        raise IdentityError(f"no identity: {where} is empty or absent")
+    if len(value) > MAX_PRINCIPAL_LENGTH:
+        raise IdentityError(f"{where} is longer than {MAX_PRINCIPAL_LENGTH} characters")
+    if not _PRINCIPAL.match(value):
+        raise IdentityError(f"{where} contains whitespace or control characters")
+    return value

@@ -1,0 +1,71 @@
+"""Prometheus metrics of the ext_authz server.
+
+One registry per server. With ``--workers N`` every worker writes to a shared
+``PROMETHEUS_MULTIPROC_DIR`` and the supervising process serves the merged view.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from .verdict import Verdict
+
+_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5)
+
+
+class Metrics:
+    """The server's counters and histograms, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter("rpcauthz_decisions", "Decisions by outcome, mode and rule.",
+                                 ["outcome", "mode", "rule"], registry=r)
+        self.latency = Histogram("rpcauthz_decision_seconds", "Time to answer one Check.",
+                                 ["outcome"], buckets=_BUCKETS, registry=r)
+        self.reflection_errors = Counter("rpcauthz_reflection_errors",
+                                         "Mode lookups that failed, by error code.", ["code"],
+                                         registry=r)
+        self.store_errors = Counter("rpcauthz_store_errors", "Store operations that failed.",
+                                    ["op"], registry=r)
+        self.audit_dropped = Counter("rpcauthz_audit_dropped",
+                                     "Audit events dropped (queue full or write failed).",
+                                     ["why"], registry=r)
+        self.approvals_used = Counter("rpcauthz_approvals_used",
+                                      "Approval uses spent by allowed calls.", ["mode"],
+                                      registry=r)
+        self._children: dict[tuple[str, str, str], tuple] = {}
+        self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
+                               registry=r, multiprocess_mode="livesum")
+
+    def record(self, v: Verdict, seconds: float) -> None:
+        key = (v.kind.value, v.mode_name, v.rule)
+        children = self._children.get(key)
+        if children is None:  # label lookups are not free; the label sets are few
+            children = self._children[key] = (self.decisions.labels(*key),
+                                              self.latency.labels(v.kind.value))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def watch_stats(self, name: str, stats: Callable[[], dict[str, float]]) -> None:
+        """Export a component's ``stats()`` numbers (cache sizes, hits) as gauges."""
+        self.registry.register(_StatsCollector(name, stats))
+
+
+class _StatsCollector:
+    def __init__(self, name: str, stats: Callable[[], dict[str, float]]) -> None:
+        self._name, self._stats = name, stats
+
+    def collect(self):
+        try:
+            values = self._stats() or {}
+        except Exception:  # a broken stats() must not break /metrics
+            values = {}
+        fam = GaugeMetricFamily(f"rpcauthz_{self._name}_stat",
+                                f"Numbers reported by the {self._name}.", labels=["stat"])
+        for k, val in sorted(values.items()):
+            if isinstance(val, (int, float)) and not isinstance(val, bool):
+                fam.add_metric([str(k)], float(val))
+        yield fam

@@ -1,0 +1,116 @@
+"""Step 4 of 4, the response: a ``Verdict`` as Envoy's ``CheckResponse``.
+
+* allow: OK with headers for the upstream (who, which approval, which decision); any
+  ``x-rpcauthz-*`` header the client sent is removed first, so nobody can forge them.
+* deny / approval required: HTTP 403 with a plain-text body (Envoy turns it into
+  grpc-status 7 with the body as grpc-message) and, when approval can unlock the call,
+  the request link in ``x-mpa-request-url``.
+* error: HTTP 503 (grpc-status 14 for gRPC callers). Never an allow.
+
+Every response carries dynamic metadata for Envoy's access log.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.type.v3 import http_status_pb2
+
+from .verdict import Kind, Verdict
+
+HEADER_PREFIX = "x-rpcauthz-"
+PRINCIPAL_HEADER = "x-rpcauthz-principal"
+APPROVAL_HEADER = "x-rpcauthz-approval"
+DECISION_HEADER = "x-rpcauthz-decision-id"
+REQUEST_URL_HEADER = "x-mpa-request-url"
+MAX_BODY = 2048
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def metadata(v: Verdict) -> struct_pb2.Struct:
+    """The decision's fields for ``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:...)%``."""
+    s = struct_pb2.Struct()
+    f = s.fields
+    f["decision_id"].string_value = v.decision_id
+    f["outcome"].string_value = v.kind.value
+    f["mode"].string_value = v.mode_name
+    f["rule"].string_value = v.rule
+    f["principal"].string_value = v.principal or "-"
+    f["target"].string_value = v.target.path if v.target else "-"
+    if v.approval_id:
+        f["approval_id"].string_value = v.approval_id
+    if v.request_id:
+        f["request_id"].string_value = v.request_id
+    if v.dev:
+        f["dev"].bool_value = True
+    return s
+
+
+def caller_text(v: Verdict) -> str:
+    """The one-paragraph explanation a denied caller reads (it becomes the grpc-message)."""
+    who = v.principal or "an unidentified caller"
+    what = v.target.path if v.target else "this request"
+    head = {Kind.DENY: "denied", Kind.APPROVAL_REQUIRED: "approval required",
+            Kind.ERROR: "authorization unavailable", Kind.ALLOW: "allowed"}[v.kind]
+    parts = [f"rpcauthz: {head} for {who} calling {what} (rule {v.rule}"
+             + (f", mode {v.mode_name}" if v.mode is not None else "") + f"): {v.message}."]
+    if v.request_url:
+        parts.append(f"Approval request: <{v.request_url}>.")
+    if v.advice:
+        parts.append(v.advice[0].upper() + v.advice[1:].rstrip(".") + ".")
+    if v.dev:
+        parts.append("[dev mode: identity taken from a header, not a verified token]")
+    parts.append(f"(decision {v.decision_id})")
+    text = " ".join(parts)
+    return text if len(text) <= MAX_BODY else text[:MAX_BODY - 3] + "..."
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value),
+                                      append_action=_OVERWRITE)
+
+
+def build(v: Verdict, request_headers: Iterable[str] = (),
+          also_remove: Iterable[str] = ()) -> external_auth_pb2.CheckResponse:
+    """The ``CheckResponse`` for ``v``. ``request_headers`` are the names the client sent."""
+    if v.kind is Kind.ALLOW:
+        # Filled in place (add/extend) rather than built from nested messages: no copies.
+        resp = external_auth_pb2.CheckResponse()
+        resp.status.code = code_pb2.OK
+        ok = resp.ok_response
+        set_headers = {PRINCIPAL_HEADER: v.principal or "", DECISION_HEADER: v.decision_id}
+        if v.approval_id:
+            set_headers[APPROVAL_HEADER] = v.approval_id
+        for key, value in set_headers.items():
+            opt = ok.headers.add()
+            opt.header.key, opt.header.value = key, value
+            opt.append_action = _OVERWRITE
+        strip = {h.lower() for h in also_remove}
+        for h in request_headers:
+            if h.startswith(HEADER_PREFIX) or h.lower().startswith(HEADER_PREFIX):
+                if h.lower() not in set_headers:
+                    strip.add(h.lower())
+        if strip:
+            ok.headers_to_remove.extend(sorted(strip))
+        resp.dynamic_metadata.CopyFrom(metadata(v))
+        return resp
+    meta = metadata(v)
+    if v.kind is Kind.ERROR:
+        grpc_code, http = code_pb2.UNAVAILABLE, http_status_pb2.ServiceUnavailable
+    else:
+        grpc_code, http = code_pb2.PERMISSION_DENIED, http_status_pb2.Forbidden
+    headers = [_header("content-type", "text/plain; charset=utf-8"),
+               _header(DECISION_HEADER, v.decision_id)]
+    if v.request_url:
+        headers.append(_header(REQUEST_URL_HEADER, v.request_url))
+    text = caller_text(v)
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=text),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http), headers=headers, body=text),
+        dynamic_metadata=meta)

@@ -1,0 +1,295 @@
+"""The ext_authz server process: gRPC Authorization + health, metrics, drain, workers.
+
+``serve(settings)`` runs one server in the current event loop until ``stop`` is set (or
+SIGTERM/SIGINT arrives): health turns NOT_SERVING, new connections are refused, and checks
+in flight finish within ``drain_grace_s``. ``run(settings)`` is the process entry point;
+with ``workers > 1`` it starts that many worker processes that share the port through
+SO_REUSEPORT, and serves their merged metrics itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from .audit_writer import AuditWriter
+from .config import Settings
+from .metrics import Metrics
+from .pipeline import Authorizer
+
+log = logging.getLogger("extauthz")
+
+AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+@dataclasses.dataclass
+class Components:
+    """What the pipeline needs from the outside world, and how to let go of it."""
+
+    store: Any
+    grants: Any
+    modes: Any
+    close: Callable[[], Awaitable[None]] | None = None
+    stats: dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
+
+
+async def open_components(settings: Settings) -> Components:
+    """The real store, in-memory grants and reflection cache for ``settings``.
+
+    Call it inside the event loop that will serve: the reflection cache owns grpc.aio channels.
+    """
+    from policy.grant_cache import GrantCache
+    from policy.stores import open_store
+    from reflection_cache import CacheSettings, EndpointResolver, ReflectionCache
+
+    r = settings.reflection
+    resolver = EndpointResolver.from_config(r.endpoints.model_dump(exclude_none=True))
+    cache_settings = CacheSettings(ttl=r.ttl, stale_window=r.stale_window, negative_ttl=r.negative_ttl,
+                                   error_backoff=r.error_backoff, max_entries=r.max_entries,
+                                   deadline=r.deadline)
+    store = await asyncio.to_thread(open_store, settings.store_url, poll_interval=settings.grants_poll_s)
+    try:
+        grants = GrantCache(store, reload_interval=settings.grants_reload_s,
+                            max_staleness=settings.grants_max_staleness_s)
+        await asyncio.to_thread(grants.start)
+    except Exception:
+        store.close()
+        raise
+    modes = ReflectionCache(resolver, cache_settings)
+
+    async def close() -> None:
+        try:
+            await modes.close()
+        except Exception:
+            log.exception("closing the reflection cache failed")
+        for thing in (grants, store):
+            try:
+                await asyncio.to_thread(thing.close)
+            except Exception:  # closing must go on
+                log.exception("closing %s failed", type(thing).__name__)
+
+    return Components(store, grants, modes, close,
+                      {"reflection_cache": modes.stats, "grant_cache": _grant_stats(grants)})
+
+
+def _grant_stats(grants) -> Callable[[], dict]:
+    def stats() -> dict:
+        age = grants.age()
+        return {"revision": grants.revision or 0, "age_seconds": age if age is not None else -1}
+    return stats
+
+
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+    """``envoy.service.auth.v3.Authorization/Check`` backed by an ``Authorizer``."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authorizer = authorizer
+
+    async def Check(self, request: external_auth_pb2.CheckRequest,  # noqa: N802 (gRPC name)
+                    context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
+        return await self._authorizer.check(request)
+
+
+async def serve(settings: Settings, *, components: Components | None = None,
+                stop: asyncio.Event | None = None, on_ready: Callable[[int], None] | None = None,
+                metrics: Metrics | None = None, serve_metrics: bool = True,
+                install_signal_handlers: bool = True) -> None:
+    """Run one server until ``stop`` is set or SIGTERM/SIGINT arrives, then drain."""
+    stop = stop or asyncio.Event()
+    if settings.identity.dev_mode:
+        log.warning("DEV MODE: the caller's identity is taken from the %r header, NOT from a "
+                    "verified token. Anyone can claim to be anyone. Never run this in production.",
+                    settings.identity.dev_principal_header)
+    metrics = metrics or Metrics()
+    owns_components = components is None
+    components = components or await open_components(settings)
+    for name, fn in components.stats.items():
+        metrics.watch_stats(name, fn)
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="extauthz-store")
+    audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor)
+    audit.start()
+    authorizer = Authorizer(settings, store=components.store, grants=components.grants,
+                            modes=components.modes, audit=audit, metrics=metrics, executor=executor)
+    server = grpc.aio.server(options=[
+        # One worker: refuse a port someone else holds. Several: share it on purpose.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(f"{settings.listen.host}:{settings.listen.port}")
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {settings.listen.host}:{settings.listen.port}: {e}") from None
+    metrics_server = None
+    if serve_metrics and settings.metrics.port is not None:
+        from prometheus_client import start_http_server
+        try:
+            metrics_server, _thread = start_http_server(settings.metrics.port, settings.metrics.host,
+                                                        registry=metrics.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {settings.metrics.host}:{settings.metrics.port}: "
+                          f"{e.strerror}") from None
+        print(f"extauthz: metrics on http://{settings.metrics.host}:{metrics_server.server_port}/metrics",
+              flush=True)
+    await server.start()
+    for name in ("", AUTHZ_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    loop = asyncio.get_running_loop()
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("extauthz serving on %s:%d (pid %d, default mode %s, deadline %d ms)",
+             settings.listen.host, port, os.getpid(), settings.default_mode.name,
+             settings.decision_deadline_ms)
+    print(f"extauthz: serving on {settings.listen.host}:{port}", flush=True)
+    if on_ready is not None:
+        on_ready(port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("extauthz draining: NOT_SERVING, finishing checks in flight (grace %.1fs)",
+                 settings.drain_grace_s)
+        await health_servicer.enter_graceful_shutdown()
+        if settings.drain_notice_s:
+            # Keep answering while Envoy's health checks notice NOT_SERVING and move traffic
+            # to the other servers of the cluster; only then refuse new checks.
+            await asyncio.sleep(settings.drain_notice_s)
+        await server.stop(settings.drain_grace_s)
+        await audit.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+        if owns_components and components.close is not None:
+            await components.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        print("extauthz: stopped", flush=True)
+
+
+def _worker_main(settings_json: str, multiproc_dir: str | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    settings = Settings.model_validate_json(settings_json)
+    try:
+        asyncio.run(serve(settings, serve_metrics=False))
+    except Exception as e:
+        print(f"error: worker {os.getpid()}: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def run(settings: Settings) -> int:
+    """Serve until SIGTERM; with ``workers > 1``, supervise that many worker processes.
+
+    Returns the exit code; start-up failures (store unreachable, port taken, bad reflection
+    settings) are printed as one clear line and give 1.
+    """
+    from policy import StoreError
+
+    if settings.workers > 1:
+        return _supervise(settings)
+    try:
+        asyncio.run(serve(settings))
+    except StoreError as e:
+        print(f"error: cannot open the store: {e}", file=sys.stderr, flush=True)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _supervise(settings: Settings) -> int:
+    multiproc_dir = tempfile.mkdtemp(prefix="rpcauthz-metrics-")
+    # Workers import prometheus_client before any code of ours runs: they must inherit this.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker_main, name=f"extauthz-worker-{i}",
+                           args=(settings.model_dump_json(), multiproc_dir))
+               for i in range(settings.workers)]
+    for w in workers:
+        w.start()
+    metrics_server = None
+    if settings.metrics.port is not None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import multiprocess
+        registry = CollectorRegistry()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+        metrics_server, _t = start_http_server(settings.metrics.port, settings.metrics.host,
+                                               registry=registry)
+    stopping = False
+
+    def _stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.is_alive() and w.pid:
+                os.kill(w.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    code = 0
+    try:
+        while any(w.is_alive() for w in workers):
+            for w in workers:
+                w.join(timeout=0.2)
+                if not w.is_alive() and not stopping and w.exitcode not in (0, None):
+                    log.error("worker %s exited with %s; stopping the others", w.name, w.exitcode)
+                    code = 1
+                    _stop(signal.SIGTERM, None)
+        if stopping:
+            for w in workers:
+                w.join(timeout=settings.drain_grace_s + 5)
+                if w.is_alive():
+                    w.kill()
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        import shutil
+        shutil.rmtree(multiproc_dir, ignore_errors=True)
+    if any(w.exitcode not in (0, -signal.SIGTERM) for w in workers):
+        code = code or 1
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m extauthz.server --config FILE`` (``mpactl serve`` is the same)."""
+    import argparse
+
+    from .config import ConfigError, load_settings
+
+    p = argparse.ArgumentParser(description="rpcauthz ext_authz server")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--port", type=int)
+    args = p.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+    if args.port is not None:
+        overrides["listen.port"] = args.port
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

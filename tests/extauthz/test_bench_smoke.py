@@ -1,0 +1,28 @@
+"""The gateway benchmark still runs end to end (a second per cell), so it cannot rot."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from extauthz.processes import REPO_ROOT
+
+pytestmark = [pytest.mark.envoy, pytest.mark.slow]
+
+
+def test_gateway_bench_prints_ratios_against_same_run_baselines():
+    assert shutil.which("h2load"), "h2load (nghttp2-client) must be installed"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gateway_bench.py"),
+                        "--duration", "1", "--warmup", "0.2", "--concurrency", "1", "4"],
+                       capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if re.match(r"\| (baseline|noop|rpcauthz) \| \d+ \|", ln)]
+    assert len(rows) == 6, r.stdout
+    for ln in rows:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert int(cells[2]) > 0  # requests answered OK through the gateway
+        assert all(re.fullmatch(r"\d+\.\d\dx", c) for c in cells[6:]), ln
+    assert re.search(r"concurrency 4: rpcauthz costs [+-]\d+% p50", r.stdout)

@@ -1,0 +1,91 @@
+"""Helpers for the broker's tests: a stand-in STS endpoint over real HTTP, and a broker config."""
+from __future__ import annotations
+
+import threading
+import urllib.parse
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+
+from enclave_bridge.broker.config import BrokerConfig
+
+ROLE_ARN = "arn:aws:iam::123456789012:role/platform-admin"
+
+
+class StubSts:
+    """A local HTTP endpoint that answers STS AssumeRole the way AWS does (Query API, XML), and
+    records every request it received (the form fields boto3 sent)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                stub.requests.append(form)
+                if form.get("Action") != "AssumeRole":
+                    self.send_error(400, "unsupported")
+                    return
+                exp = datetime.now(timezone.utc) + timedelta(seconds=int(form["DurationSeconds"]))
+                n = len(stub.requests)
+                body = f"""<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <AssumeRoleResult>
+    <SourceIdentity>{form.get('SourceIdentity', '')}</SourceIdentity>
+    <AssumedRoleUser>
+      <Arn>arn:aws:sts::123456789012:assumed-role/platform-admin/{form['RoleSessionName']}</Arn>
+      <AssumedRoleId>AROA3XFRBF535PLBIFPI4:{form['RoleSessionName']}</AssumedRoleId>
+    </AssumedRoleUser>
+    <Credentials>
+      <AccessKeyId>ASIAEXAMPLE{n:05d}</AccessKeyId>
+      <SecretAccessKey>secret{n}</SecretAccessKey>
+      <SessionToken>token{n}</SessionToken>
+      <Expiration>{exp.strftime('%Y-%m-%dT%H:%M:%SZ')}</Expiration>
+    </Credentials>
+    <PackedPolicySize>6</PackedPolicySize>
+  </AssumeRoleResult>
+  <ResponseMetadata><RequestId>c6104cbe-af31-11e0-8154-cbc7ccf896c7</RequestId></ResponseMetadata>
+</AssumeRoleResponse>""".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def client(self):
+        return boto3.client("sts", region_name="eu-west-2", endpoint_url=self.url,
+                            aws_access_key_id="AKIDBROKER", aws_secret_access_key="broker-secret")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def broker_config(jwks: dict, *, issuer: str, audience: str, oidc_issuer: str,
+                  engineers=("alice@example.com", "bob@example.com", "carol@example.com"),
+                  oncall=(), extra: dict | None = None) -> BrokerConfig:
+    data = {
+        "server_name": "broker.mpa.internal",
+        "identity": {"issuer": issuer, "audience": audience, "jwks": jwks},
+        "grants": [{"principal": e, "role": "engineer"} for e in engineers]
+                  + [{"principal": e, "role": "security_oncall"} for e in oncall],
+        "aws": {"region": "eu-west-2", "roles": [
+            {"name": "platform-admin", "arn": ROLE_ARN},
+            {"name": "break-glass", "arn": "arn:aws:iam::123456789012:role/break-glass",
+             "mode": "BREAK_GLASS_ONLY", "max_duration": 1800}]},
+        "kubernetes": {"issuer": oidc_issuer, "clusters": [
+            {"name": "prod", "server": "https://prod.k8s.example", "audience": "prod-apiserver",
+             "groups": ["platform-admin", "viewer"], "max_duration": 900}]},
+    }
+    data.update(extra or {})
+    return BrokerConfig.from_dict(data)

@@ -1,0 +1,211 @@
+"""The whole gateway on 127.0.0.1 for end-to-end tests: real Envoy, the ext_authz server as a
+subprocess, the demo gRPC services with reflection, and the dev JWT issuer's JWKS.
+
+Usage (any test folder)::
+
+    from tests.support.gateway_harness import GatewayStack, seed_grants
+
+    with GatewayStack(tmp_path, store_url=f"sqlite:///{tmp_path}/s.db",
+                      grants=[Grant("alice", Role.ENGINEER)]) as gw:
+        result = gw.call("/rpcauthz.demo.v1.Accounts/ListAccounts", as_="alice")
+        assert result.code is grpc.StatusCode.OK
+        gw.gateway           # "127.0.0.1:PORT" of Envoy's engineers' listener
+        gw.issuer.mint(sub)  # a dev token Envoy accepts
+        gw.extauthz          # ExtAuthzProcess (.port, .stop(), .output()); gw.restart_extauthz()
+        gw.envoy             # EnvoyProcess (.port, .admin_port, .stats(), .output())
+        gw.upstreams         # {"accounts": DemoServer, "ledger": DemoServer}
+        gw.access_log_lines()  # Envoy's JSON access log, parsed
+        gw.metrics_url         # the ext_authz server's /metrics
+
+Parameters: ``grants`` are written to the store before the server starts (so no wait for a
+refresh); ``extauthz`` holds extra server settings as dotted keys
+(``{"default_mode": "ENGINEERS_WITH_APPROVAL", "approvals.base_url": "http://..."}``);
+``reflection_static`` adds services to the reflection endpoint map (e.g. a misbehaving
+server for a made-up service). ``stop()`` (or leaving the ``with``) stops everything,
+always. Building blocks (``EnvoyProcess``, ``ExtAuthzProcess``, ``render_gateway``) live in
+``extauthz/processes.py`` and are shared with ``mpactl demo`` and the benchmark.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Iterable, Mapping
+
+from extauthz import democlient
+from extauthz.processes import (EnvoyProcess, ExtAuthzProcess, free_port, render_gateway)
+from mpa.devissuer import DevIssuer
+from policy import Grant
+
+ACCOUNTS = "rpcauthz.demo.v1.Accounts"
+LEDGER = "rpcauthz.demo.v1.Ledger"
+
+
+def seed_grants(store_url: str, grants: Iterable[Grant]) -> None:
+    """Write ``grants`` through the real store."""
+    from policy.stores import open_store
+
+    store = open_store(store_url)
+    try:
+        for g in grants:
+            store.put_grant(g)
+    finally:
+        store.close()
+
+
+def extauthz_config(*, port: int, store_url: str, reflection_static: Mapping[str, str],
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A server config dict (what ``mpactl serve --config`` reads)."""
+    cfg: dict[str, Any] = {
+        "store_url": store_url,
+        "listen": {"host": "127.0.0.1", "port": port},
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "drain_grace_s": 2,
+        "grants_poll_s": 0.2,
+        # Roomier than production's 0.5 s / 800 ms / 1 s, so a loaded CI machine does not
+        # turn a cold reflection fetch into a 503; tests of the deadlines set their own.
+        "decision_deadline_ms": 3000,
+        "reflection": {"endpoints": {"static": dict(reflection_static)}, "deadline": 2.0},
+    }
+    for dotted, value in (extra or {}).items():
+        node = cfg
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return cfg
+
+
+class GatewayStack:
+    """Issuer + demo upstreams + ext_authz server + Envoy, started in that order."""
+
+    def __init__(self, workdir: pathlib.Path, *, store_url: str, grants: Iterable[Grant] = (),
+                 extauthz: Mapping[str, Any] | None = None,
+                 reflection_static: Mapping[str, str] | None = None,
+                 with_extauthz: bool = True) -> None:
+        self.workdir = pathlib.Path(workdir)
+        self.store_url = store_url
+        self.grants = list(grants)
+        self.extauthz_extra = dict(extauthz or {})
+        self.reflection_extra = dict(reflection_static or {})
+        self.with_extauthz = with_extauthz
+        deadline_ms = self.extauthz_extra.get("decision_deadline_ms", 3000)
+        #: Envoy's ext_authz timeout: above the server's decision deadline, as in production.
+        self.envoy_ext_authz_timeout_s = deadline_ms / 1000 + 1
+        self.issuer = DevIssuer()
+        self.jwks = None
+        self.upstreams: dict[str, Any] = {}
+        self.extauthz: ExtAuthzProcess | None = None
+        self.envoy: EnvoyProcess | None = None
+        self.access_log = self.workdir / "access.log"
+        self._extauthz_config: dict[str, Any] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> "GatewayStack":
+        from rpcauthz.demo.servers import start_demo_server
+
+        try:
+            self.jwks = self.issuer.serve()
+            self.upstreams["accounts"] = start_demo_server(services=("accounts",))
+            self.upstreams["ledger"] = start_demo_server(services=("ledger",))
+            extauthz_port = None
+            if self.with_extauthz:
+                if self.grants:
+                    seed_grants(self.store_url, self.grants)
+                extauthz_port = free_port()
+                self._extauthz_config = extauthz_config(
+                    port=extauthz_port, store_url=self.store_url,
+                    reflection_static={ACCOUNTS: self.upstreams["accounts"].address,
+                                       LEDGER: self.upstreams["ledger"].address,
+                                       **self.reflection_extra},
+                    extra=self.extauthz_extra)
+                self.start_extauthz()
+            cfg = render_gateway(listen_port=free_port(), admin_port=free_port(),
+                                 extauthz_port=extauthz_port, jwks_port=self.jwks.port,
+                                 upstreams={"demo_accounts": self.upstreams["accounts"].port,
+                                            "demo_ledger": self.upstreams["ledger"].port},
+                                 access_log=self.access_log,
+                                 ext_authz_timeout_s=self.envoy_ext_authz_timeout_s)
+            self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()
+            if self.with_extauthz:
+                self._wait_cluster_healthy("ext_authz")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_extauthz(self) -> ExtAuthzProcess:
+        assert self._extauthz_config is not None
+        self.extauthz = ExtAuthzProcess(self._extauthz_config, self.workdir).wait_ready()
+        return self.extauthz
+
+    def restart_extauthz(self) -> ExtAuthzProcess:
+        """SIGTERM the server (it drains), start it again on the same port and store."""
+        assert self.extauthz is not None
+        code = self.extauthz.stop()
+        assert code == 0, f"ext_authz did not exit cleanly ({code}):\n{self.extauthz.output()[-3000:]}"
+        self.start_extauthz()
+        self._wait_cluster_healthy("ext_authz")
+        return self.extauthz
+
+    def _wait_cluster_healthy(self, cluster: str, timeout: float = 20.0) -> None:
+        assert self.envoy is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.envoy.cluster_healthy(cluster):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"envoy never saw cluster {cluster} healthy")
+
+    def stop(self) -> None:
+        for proc in (self.envoy, self.extauthz):
+            if proc is not None:
+                proc.stop()
+        for server in self.upstreams.values():
+            server.stop(grace=0)
+        if self.jwks is not None:
+            self.jwks.close()
+            self.jwks = None
+
+    def __enter__(self) -> "GatewayStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- calling through the gateway -------------------------------------------------------------
+
+    @property
+    def gateway(self) -> str:
+        assert self.envoy is not None
+        return f"127.0.0.1:{self.envoy.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The ext_authz server's Prometheus endpoint."""
+        assert self._extauthz_config is not None
+        return f"http://127.0.0.1:{self._extauthz_config['metrics']['port']}/metrics"
+
+    def token(self, principal: str, **claims: Any) -> str:
+        return self.issuer.mint(principal, **claims)
+
+    def call(self, path: str, as_: str | None = None, *, token: str | None = None,
+             data: dict | None = None, timeout: float = 10.0,
+             metadata: list[tuple[str, str]] | None = None) -> democlient.CallResult:
+        """Call ``path`` through Envoy as ``as_`` (a fresh dev token) or with ``token``."""
+        if token is None and as_ is not None:
+            token = self.token(as_)
+        return democlient.call(self.gateway, path, token=token, data=data, timeout=timeout,
+                               extra_metadata=metadata)
+
+    def access_log_lines(self, wait_for: int = 1, timeout: float = 10.0) -> list[dict]:
+        """Envoy's access log entries (it flushes about once a second)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = []
+            if self.access_log.exists():
+                lines = [json.loads(ln) for ln in self.access_log.read_text().splitlines() if ln.strip()]
+            if len(lines) >= wait_for or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.2)
