@@ -10,9 +10,6 @@ ARTIFACTS = pathlib.Path(__file__).resolve().parents[2] / "artifacts"
 
 pytestmark = [pytest.mark.browser, pytest.mark.envoy]
 
-# TEMPORARY: the gateway harness arrives on main with the extauthz branch; drop this guard then.
-pytest.importorskip("tests.support.gateway_harness")
-
 
 def test_denied_call_link_approved_in_browser_then_retry_passes(tmp_path, chromium):
     """A's call through real Envoy is refused with a link; A gives the reason on the page; B opens

@@ -12,9 +12,6 @@ import pytest
 
 pytestmark = [pytest.mark.envoy]
 
-# TEMPORARY: the gateway harness arrives on main with the extauthz branch; drop this guard then.
-pytest.importorskip("tests.support.gateway_harness")
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
