@@ -38,7 +38,7 @@ app = typer.Typer(name="mpa", no_args_is_help=True, add_completion=False,
                          "1 refused, 2 bad usage, 3 not signed in, 4 server unavailable.",
                   rich_markup_mode="rich")
 request_app = typer.Typer(no_args_is_help=True,
-                          help="Ask for approval (rpc now; other kinds of access may be added).")
+                          help="Ask for approval: to call an RPC (rpc), or for credentials from the broker (aws, k8s).")
 app.add_typer(request_app, name="request")
 
 out = Console()
@@ -355,6 +355,27 @@ def review(server: Optional[str] = ServerOpt) -> None:
             out.print(f"rejected: {done['id']}")
         else:
             out.print("skipped")
+
+
+#: Packages that add engineer commands, each with ``register(app, request_app)`` (the way
+#: ``mpactl`` takes operator commands): the broker adds ``request aws``/``request k8s``,
+#: ``broker`` and ``fetch``.
+COMMAND_MODULES = ("enclave_bridge.mpa_commands",)
+
+
+def _register_all() -> None:
+    import importlib
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that package offers no commands in this install
+                continue
+            raise
+        module.register(app, request_app)
+
+
+_register_all()
 
 
 def main() -> None:

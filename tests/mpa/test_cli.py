@@ -172,3 +172,14 @@ def test_request_bound_to_a_body_file(env, tmp_path):
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["body_sha256"] == hashlib.sha256(body.read_bytes()).hexdigest() and r["max_uses"] == 1
+
+
+def test_help_lists_every_command_including_the_brokers(tmp_path):
+    top = mpa(tmp_path, "--help", env_extra={"COLUMNS": "120"})
+    assert top.returncode == 0
+    for command in ("login", "request", "list", "review", "approve", "reject", "show", "cancel",
+                    "fetch", "broker"):
+        assert f" {command} " in top.stdout, command
+    sub = mpa(tmp_path, "request", "--help", env_extra={"COLUMNS": "120"})
+    for kind in ("rpc", "aws", "k8s"):
+        assert f" {kind} " in sub.stdout, kind
