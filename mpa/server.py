@@ -205,7 +205,10 @@ def main() -> None:
         config = ApprovalsConfig.from_env(issuer=dev_issuer.issuer, jwks_url=jwks.url,
                                           audiences=(dev_issuer.audience,), dev_login=True)
     else:
-        config = ApprovalsConfig.from_env()
+        try:
+            config = ApprovalsConfig.from_env()
+        except ValueError as e:
+            raise SystemExit(f"mpa.server: {e} (see docs/approvals.md)") from None
     handle = start_approvals_server(config, host=host, port=port, dev_issuer=dev_issuer)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

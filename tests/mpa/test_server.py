@@ -82,3 +82,11 @@ def test_bad_config_is_refused_with_the_key_named(env, words):
 def test_request_policy_defaults():
     p = RequestPolicy()
     assert p.pending_ttl == timedelta(hours=1) and p.min_reason_length == 10
+
+
+def test_server_without_an_issuer_refuses_to_start():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPA_")}
+    res = subprocess.run([sys.executable, "-m", "mpa.server"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert "MPA_ISSUER and MPA_JWKS_URL must be set" in res.stderr
