@@ -89,13 +89,21 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     without it only gateway-opened requests can be completed. ``dev_issuer`` (a
     ``mpa.devissuer.DevIssuer``) enables the dev-only sign-in when ``config.dev_login``.
     """
+    import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"the approvals server did not start on {host}:{port}: {e.strerror}") from None
+    port = sock.getsockname()[1]
     owns = store is None
-    store = store or open_store(config.store_url)
-    if port == 0:
-        import socket
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
+    try:
+        store = store or open_store(config.store_url)
+    except BaseException:
+        sock.close()
+        raise
     if config.public_url in ("", "auto"):
         config = dataclasses.replace(config, public_url=f"http://{host}:{port}")
     app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer)
@@ -114,12 +122,20 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, name="approvals-http", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="approvals-http",
+                              daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
             shipper.close()
+            if delivery:
+                delivery.close()
+            if spool:
+                spool.close()
+            if owns:
+                store.close()
             raise RuntimeError(f"the approvals server did not start on {host}:{port}")
         time.sleep(0.02)
 

@@ -90,3 +90,19 @@ def test_server_without_an_issuer_refuses_to_start():
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
     assert "MPA_ISSUER and MPA_JWKS_URL must be set" in res.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    from mpa.devissuer import DevIssuer
+    from mpa.server import start_demo_approvals
+
+    issuer = DevIssuer()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"did not start on 127.0.0.1:{busy}"):
+            start_demo_approvals(f"sqlite:///{tmp_path / 's.db'}", issuer,
+                                 "http://127.0.0.1:9/jwks.json", port=busy)
