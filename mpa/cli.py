@@ -210,9 +210,15 @@ def login(server: str = typer.Option(None, "--server", help="approvals server UR
             resp = httpx.post(f"{server}/api/dev/token", json={"subject": as_user}, timeout=15)
         except httpx.HTTPError as e:
             fail(EXIT_UNAVAILABLE, f"cannot reach the approvals server at {server}: {e}")
+        if resp.status_code == 404:
+            fail(EXIT_AUTH, f"{server} does not offer dev sign-in (it trusts a real issuer): "
+                            "use mpa login --issuer URL")
         if resp.status_code != 200:
-            fail(EXIT_AUTH, f"dev sign-in refused by {server}: "
-                            f"{resp.json().get('error', {}).get('message', resp.status_code) if resp.headers.get('content-type', '').startswith('application/json') else resp.status_code}")
+            try:
+                why = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                why = f"HTTP {resp.status_code}"
+            fail(EXIT_AUTH, f"dev sign-in refused by {server}: {why}")
         token = resp.json()["token"]
     else:
         fail(EXIT_USAGE, "say how to sign in: --as USER (dev issuer) or --issuer URL (OIDC device flow)")

@@ -183,3 +183,12 @@ def test_help_lists_every_command_including_the_brokers(tmp_path):
     sub = mpa(tmp_path, "request", "--help", env_extra={"COLUMNS": "120"})
     for kind in ("rpc", "aws", "k8s"):
         assert f" {kind} " in sub.stdout, kind
+
+
+def test_dev_login_refused_where_the_server_trusts_a_real_issuer(tmp_path):
+    with approvals_env(tmp_path, config={"dev_login": False}) as env:
+        res = mpa(tmp_path / "x", "login", "--server", env.url, "--as", A)
+        assert res.returncode == 3 and "does not offer dev sign-in" in res.stderr
+        assert not (tmp_path / "x" / "session.json").exists()
+        page = httpx.get(f"{env.url}/login")
+        assert "DEVELOPMENT ONLY" not in page.text and "SSO proxy" in page.text

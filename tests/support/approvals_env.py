@@ -77,10 +77,11 @@ def approvals_env(tmp_path: pathlib.Path, *, rules: RequestPolicy | None = None,
     jwks = issuer.serve()
     store = open_test_store(tmp_path, store_url)
     seed_grants(store)
-    config = ApprovalsConfig(store_url="(given)", issuer=issuer.issuer, jwks_url=jwks.url,
-                             audiences=(issuer.audience,), public_url="auto",
-                             policy=rules or RequestPolicy(), dev_login=True,
-                             **server_kw.pop("config", {}))
+    settings = dict(store_url="(given)", issuer=issuer.issuer, jwks_url=jwks.url,
+                    audiences=(issuer.audience,), public_url="auto",
+                    policy=rules or RequestPolicy(), dev_login=True)
+    settings.update(server_kw.pop("config", {}))
+    config = ApprovalsConfig(**settings)
     server_kw.setdefault("mode_lookup", static_modes(MODES))
     server = start_approvals_server(config, store=store, dev_issuer=issuer, **server_kw)
     try:
