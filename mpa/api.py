@@ -171,13 +171,14 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
         if waiting is not None:  # give the gateway-opened request its reason; no mode lookup
             done = await asyncio.to_thread(service.complete, waiting.id, me.id,
                                            reason=body.reason, incident=body.incident)
-            return JSONResponse(out(done, me.id).model_dump(mode="json"), status_code=200)
+            result = await asyncio.to_thread(out, done, me.id)
+            return JSONResponse(result.model_dump(mode="json"), status_code=200)
         mode = await _resolve_mode(service, body.service, body.method)
         duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
         r, created = await asyncio.to_thread(
             service.create, me.id, target, mode, reason=body.reason, incident=body.incident,
             body_sha256=body.body_sha256, duration=duration, max_uses=body.max_uses)
-        result = out(r, me.id)
+        result = await asyncio.to_thread(out, r, me.id)
         return JSONResponse(result.model_dump(mode="json"), status_code=201 if created else 200)
 
     @app.get("/api/v1/requests", response_model=RequestListOut, operation_id="listRequests",

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 import policy
 from policy import (AlreadyDecided, ApprovalRequest, GrantSet, InvalidRequest, Mode,
-                    PolicyError, RequestClosed, RequestExpired, RequestState, Target)
+                    PolicyError, RequestClosed, RequestState, Target)
 from policy.store import Store
 
 from .config import RequestPolicy
@@ -335,6 +335,6 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-__all__ = ["ApprovalService", "AwaitingReason", "ModeLookup", "Permissions", "MODE_EXPLANATIONS",
-           "awaiting_reason", "lazy_modes", "modes_from_source", "static_modes", "approver_words",
-           "RequestExpired"]
+__all__ = ["ApprovalService", "AwaitingReason", "MODE_EXPLANATIONS", "ModeLookup", "ModeUnavailable",
+           "Permissions", "approver_words", "awaiting_reason", "lazy_modes", "modes_from_source",
+           "static_modes"]
