@@ -72,6 +72,7 @@ class ApprovalsConfig:
     secure_cookies: bool = False
     slack_webhook_url: str | None = dataclasses.field(default=None, repr=False)
     slack_spool_path: str | None = None
+    slack_user_ids: Mapping[str, str] = dataclasses.field(default_factory=dict)
     audit_jsonl_path: str | None = None
     expiry_sweep_seconds: float = 30.0
 
@@ -113,6 +114,8 @@ class ApprovalsConfig:
             "secure_cookies": env.get("MPA_SECURE_COOKIES", "") in ("1", "true", "yes"),
             "slack_webhook_url": env.get(SLACK_WEBHOOK_ENV) or None,
             "slack_spool_path": env.get("MPA_SLACK_SPOOL") or None,
+            "slack_user_ids": dict(_pair(item, "MPA_SLACK_USER_IDS")
+                                   for item in _split(env.get("MPA_SLACK_USER_IDS", ""))),
             "audit_jsonl_path": env.get("MPA_AUDIT_JSONL") or None,
         }
         values.update(overrides)
@@ -120,6 +123,13 @@ class ApprovalsConfig:
         if not cfg.issuer or not cfg.jwks_url:
             raise ValueError("MPA_ISSUER and MPA_JWKS_URL must be set: tokens cannot be checked without them")
         return cfg
+
+
+def _pair(item: str, name: str) -> tuple[str, str]:
+    key, _, value = item.partition("=")
+    if not key.strip() or not value.strip():
+        raise ValueError(f"{name} entry {item!r} is not KEY=VALUE")
+    return key.strip(), value.strip()
 
 
 def _split(text: str) -> list[str]:

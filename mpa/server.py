@@ -114,7 +114,7 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     spool = delivery = None
     if config.slack_webhook_url:
         spool = SlackSpool(config.slack_spool_path or "mpa-slack-spool.db")
-        all_exporters.append(SlackNotifier(store, spool, app.state.link))
+        all_exporters.append(SlackNotifier(store, spool, app.state.link, config.slack_user_ids))
         delivery = SlackDelivery(spool, config.slack_webhook_url, timeout=slack_timeout,
                                  base_backoff=slack_backoff[0], max_backoff=slack_backoff[1]).start()
     cursor = audit_cursor_path or (config.audit_jsonl_path + ".cursor" if config.audit_jsonl_path else None)

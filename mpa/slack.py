@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from policy import ApprovalRequest, UnknownRequest
 from policy.audit import AuditEvent
@@ -102,10 +103,21 @@ class SlackSpool:
 class SlackNotifier:
     """Audit exporter: request events become spooled Block Kit messages."""
 
-    def __init__(self, store: Store, spool: SlackSpool, link: Callable[[str], str]) -> None:
+    def __init__(self, store: Store, spool: SlackSpool, link: Callable[[str], str],
+                 user_ids: Mapping[str, str] | None = None) -> None:
+        """``user_ids`` maps principals to Slack member ids, so the requester is notified by
+        an @-mention (``<@U123>``); unmapped people are named in plain text."""
         self.store = store
         self.spool = spool
         self.link = link
+        self.user_ids = dict(user_ids or {})
+        for principal, member in self.user_ids.items():
+            if not re.fullmatch(r"[UW][A-Z0-9]{2,20}", member):
+                raise ValueError(f"Slack member id for {principal} must look like U0123ABCD, not {member!r}")
+
+    def _who(self, principal: str) -> str:
+        member = self.user_ids.get(principal)
+        return f"<@{member}>" if member else _esc(principal)
 
     def export(self, events: Sequence[AuditEvent]) -> None:
         for e in events:
@@ -130,14 +142,14 @@ class SlackNotifier:
             return f"new:{r.id}", self._new_request(r, rpc, link)
         if not r.reason:
             return None  # never announced (the requester never said why): nothing to follow up
-        who = _esc(e.actor)
-        requester = _esc(r.requester)
+        who = self._who(e.actor)
+        requester = self._who(r.requester)
         if e.kind == "request.approval_recorded":
             text = (f"{who} approved {requester}'s request for `{rpc}` "
                     f"({len(r.approvals)} of {r.required_approvals} approvals)")
             key = f"approval:{r.id}:{e.actor}"
         elif e.kind == "request.approved":
-            names = ", ".join(_esc(a.approver) for a in r.approvals)
+            names = ", ".join(self._who(a.approver) for a in r.approvals)
             until = r.valid_until.strftime("%Y-%m-%d %H:%M UTC") if r.valid_until else "?"
             text = (f":white_check_mark: Approved by {names}: {requester}, your call to `{rpc}` "
                     f"is allowed until {until}.")

@@ -8,6 +8,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 
 import policy
 from mpa.config import RequestPolicy
@@ -158,6 +160,32 @@ def test_unannounced_gateway_request_expiring_sends_nothing(tmp_path):
         notifier = SlackNotifier(store, spool, lambda i: f"http://approvals/requests/{i}")
         notifier.export(store.list_audit())
         assert spool.keys() == []
+    finally:
+        spool.close()
+        store.close()
+
+
+def test_requester_is_mentioned_when_their_slack_id_is_known(tmp_path):
+    store = open_test_store(tmp_path)
+    spool = SlackSpool(str(tmp_path / "spool.db"))
+    try:
+        seed_grants(store)
+        now = datetime.now(timezone.utc)
+        grants = policy.GrantSet(store.list_grants())
+        r = policy.open_request(request_id="r1", requester=A, target=policy.Target(LEDGER, "Adjust"),
+                                mode=policy.Mode.ENGINEERS_WITH_APPROVAL, grants=grants, now=now,
+                                reason="refund for ticket 4411")
+        store.create_request(r, actor=A)
+        store.update_request("r1", lambda x: policy.approve(x, B, grants, now), actor=B,
+                             kind="request.approved")
+        notifier = SlackNotifier(store, spool, lambda i: f"http://approvals/requests/{i}",
+                                 {A: "U0ALICE1"})
+        events = store.list_audit()
+        key, payload = notifier.message_for(events[-1], store.get_request("r1"))
+        assert key == "approved:r1"
+        assert "<@U0ALICE1>, your call" in payload["text"] and f"Approved by {B}" in payload["text"]
+        with pytest.raises(ValueError, match="must look like"):
+            SlackNotifier(store, spool, str, {A: "<!channel>"})
     finally:
         spool.close()
         store.close()
