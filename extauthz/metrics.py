@@ -36,6 +36,10 @@ class Metrics:
         self.approvals_used = Counter("rpcauthz_approvals_used",
                                       "Approval uses spent by allowed calls.", ["mode"],
                                       registry=r)
+        # Dry-run rollout (extauthz/dry_run.py): refusals let through, by what would have happened.
+        self.dry_run = Counter("rpcauthz_dry_run_decisions",
+                               "Calls allowed only because their service is in dry-run.",
+                               ["shadow", "mode"], registry=r)
         self._children: dict[tuple[str, str, str], tuple] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")

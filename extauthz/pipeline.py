@@ -14,6 +14,7 @@ goes wrong (a reflection or store error, the deadline, a bug) is a 503, never an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ from .audit_writer import AuditWriter
 from .body import grpc_message_digest
 from .config import Settings
 from .identity import Identity, IdentityError, identify
+from .dry_run import dry_run_requested, shadow_label
 from .metrics import Metrics
 from .target import BadPath, parse_path
 from .verdict import Kind, Verdict
@@ -54,10 +56,10 @@ class _Progress:
     """What the steps have learned so far about one check (so even a timeout can say who
     and what); ``verdict()`` turns it into the final, immutable ``Verdict``."""
 
-    __slots__ = ("decision_id", "dev", "principal", "target", "mode", "mode_source")
+    __slots__ = ("decision_id", "dev", "dry_run", "principal", "target", "mode", "mode_source")
 
-    def __init__(self, decision_id: str, dev: bool) -> None:
-        self.decision_id, self.dev = decision_id, dev
+    def __init__(self, decision_id: str, dev: bool, dry_run: bool = False) -> None:
+        self.decision_id, self.dev, self.dry_run = decision_id, dev, dry_run
         self.principal: str | None = None
         self.target: Target | None = None
         self.mode: Mode | None = None
@@ -65,7 +67,7 @@ class _Progress:
 
     def verdict(self, kind: Kind, rule: str, message: str, advice: str = "", **extra) -> Verdict:
         return Verdict(kind, self.decision_id, rule, message, advice, self.principal, self.target,
-                       self.mode, self.mode_source, dev=self.dev, **extra)
+                       self.mode, self.mode_source, dev=self.dev, dry_run=self.dry_run, **extra)
 
 
 class _Failure(Exception):
@@ -106,7 +108,8 @@ class Authorizer:
         started = time.perf_counter()
         self.metrics.in_flight.inc()
         # What the steps learned so far, so a timeout can still say who and what.
-        p = _Progress(decision_id, self.settings.identity.dev_mode)
+        p = _Progress(decision_id, self.settings.identity.dev_mode,
+                      dry_run_requested(req.attributes.context_extensions))
         try:
             try:
                 async with asyncio.timeout(self._deadline):
@@ -123,6 +126,8 @@ class Authorizer:
                                     f"and quote decision {decision_id}")
             if verdict.kind is Kind.ERROR:
                 self._audit_error(verdict)
+            if verdict.dry_run:
+                verdict = self._dry_run(verdict)
             self.metrics.record(verdict, time.perf_counter() - started)
             headers = req.attributes.request.http.headers
             also = [self.settings.identity.dev_principal_header] if self.settings.identity.dev_mode else []
@@ -262,6 +267,18 @@ class Authorizer:
         return self._deny(p.verdict(Kind.DENY, decision.rule, decision.message,
                                     _deny_advice(decision.rule, p.target)))
 
+    def _dry_run(self, v: Verdict) -> Verdict:
+        """Dry-run rollout (extauthz/dry_run.py): a refusal on a dry-run route is audited as
+        decided, then logged, counted and answered as an allow. Errors stay errors."""
+        shadow = shadow_label(v.kind.value, v.dry_run, v.rule)
+        if shadow is None:
+            return v
+        self.metrics.dry_run.labels(shadow, v.mode_name).inc()
+        log.warning("dry-run: %s %s on %s (mode %s, rule %s) allowed, not enforced; decision %s",
+                    shadow, v.principal, v.target, v.mode_name, v.rule, v.decision_id)
+        return dataclasses.replace(v, kind=Kind.ALLOW, shadow=shadow, rule=f"dry_run.{shadow}",
+                                   message=f"dry-run, not enforced ({v.rule}): {v.message}")
+
     def _deny(self, v: Verdict) -> Verdict:
         self.audit.submit(self._event("decision.deny", v))
         return v
@@ -279,6 +296,8 @@ class Authorizer:
             detail["mode_source"] = v.mode_source
         if v.dev:
             detail["dev"] = True
+        if v.dry_run:
+            detail["dry_run"] = True
         return AuditEvent(kind=kind, actor=v.principal or "-", at=self.clock(),
                           request_id=request_id or v.request_id or v.approval_id,
                           service=v.target.service if v.target else None,

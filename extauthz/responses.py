@@ -48,6 +48,9 @@ def metadata(v: Verdict) -> struct_pb2.Struct:
         f["request_id"].string_value = v.request_id
     if v.dev:
         f["dev"].bool_value = True
+    if v.dry_run:  # dry-run rollout (extauthz/dry_run.py)
+        f["dry_run"].bool_value = True
+        f["shadow"].string_value = v.shadow or "none"
     return s
 
 

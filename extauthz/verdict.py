@@ -35,6 +35,10 @@ class Verdict:
     request_id: str | None = None
     request_url: str | None = None
     dev: bool = False
+    #: Dry-run rollout (extauthz/dry_run.py): the route asked for it, and the label
+    #: (would_deny / would_need_approval) when it let a refused call through.
+    dry_run: bool = False
+    shadow: str | None = None
 
     @property
     def allowed(self) -> bool:

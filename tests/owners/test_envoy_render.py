@@ -1,0 +1,206 @@
+"""``mpactl envoy render / validate / dry-run``: catalog checks and the real envoy validator."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extauthz.envoy_render import CatalogError, parse_catalog, render
+from tests.support.owners_support import run_mpactl
+
+CATALOG = """\
+gateway:
+  listen: 127.0.0.1:10000
+  admin: 127.0.0.1:9901
+  ext_authz:
+    address: 127.0.0.1:9001
+    timeout: 1200ms
+  jwt:
+    issuer: https://issuer.dev.local
+    audiences: [rpcauthz]
+    jwks_uri: http://127.0.0.1:8081/.well-known/jwks.json
+services:
+  - name: rpcauthz.demo.v1.Accounts
+    upstream: 127.0.0.1:50051
+    timeout: 5s
+    routes:
+      - method: Ping
+        ext_authz: false
+        jwt: false
+      - method: CloseAccount
+        buffer_body: 65536
+  - prefix: rpcauthz.demo.
+    upstream: ledger.internal:50052
+    dry_run: true
+  - name: grpc.health.v1.Health
+    upstream: 127.0.0.1:50051
+    ext_authz: false
+    jwt: false
+"""
+
+
+@pytest.mark.envoy
+def test_rendered_config_passes_envoy_validate(tmp_path: Path):
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG)
+    out = tmp_path / "gateway.yaml"
+    res = run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out), "--validate")
+    assert res.returncode == 0, res.stderr
+    assert "DRY RUN" in res.stderr and "rpcauthz.demo." in res.stderr
+    assert "no ext_authz on: /grpc.health.v1.Health/, /rpcauthz.demo.v1.Accounts/Ping" in res.stderr
+    res = run_mpactl("envoy", "validate", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK" in res.stdout
+
+
+@pytest.mark.envoy
+def test_validate_rejects_a_broken_config(tmp_path: Path):
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG)
+    text = run_mpactl("envoy", "render", "--catalog", str(cat)).stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(text.replace("cluster: svc_rpcauthz_demo_v1_Accounts", "cluster: no_such_cluster", 1))
+    res = run_mpactl("envoy", "validate", str(broken))
+    assert res.returncode == 1
+    assert "no_such_cluster" in res.stderr
+
+
+def test_rendered_shape_fails_closed_and_routes_most_specific_first():
+    cfg = render(parse_catalog(CATALOG, "services.yaml"))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names == ["envoy.filters.http.jwt_authn", "envoy.filters.http.ext_authz",
+                     "envoy.filters.http.router"]
+    ext = hcm["http_filters"][1]["typed_config"]
+    assert ext["failure_mode_allow"] is False
+    assert ext["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert ext["grpc_service"]["timeout"] == "1.200s"
+    assert ext["metadata_context_namespaces"] == ["envoy.filters.http.jwt_authn"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    order = [r["match"].get("path") or r["match"]["prefix"] for r in routes]
+    assert order == ["/rpcauthz.demo.v1.Accounts/Ping", "/rpcauthz.demo.v1.Accounts/CloseAccount",
+                     "/rpcauthz.demo.v1.Accounts/", "/grpc.health.v1.Health/", "/rpcauthz.demo.", "/"]
+    ping, close, accounts, health, demo, rest = routes
+    assert rest["route"]["cluster"] == "unrouted" and "typed_per_filter_config" not in rest
+    assert ping["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    assert ping["typed_per_filter_config"]["envoy.filters.http.jwt_authn"]["disabled"] is True
+    body = close["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]["with_request_body"]
+    assert body["max_request_bytes"] == 65536 and body["allow_partial_message"] is False
+    assert accounts["route"]["timeout"] == "5.000s"
+    ctx = demo["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]["context_extensions"]
+    assert ctx == {"service": "rpcauthz.demo.", "dry_run": "true"}
+    assert "dry_run" not in accounts["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]["context_extensions"]
+    clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
+    assert clusters["svc_rpcauthz_demo"]["type"] == "STRICT_DNS"
+    assert clusters["ext_authz"]["circuit_breakers"]["thresholds"][0]["max_retries"] == 0
+
+
+def _bad(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    cat = tmp_path / "services.yaml"
+    cat.write_text(textwrap.dedent(text))
+    return cat, tmp_path / "out.yaml"
+
+
+HEAD = """\
+gateway:
+  listen: 127.0.0.1:10000
+  ext_authz: {address: 127.0.0.1:9001}
+  jwt: {issuer: https://i, jwks_file: /tmp/jwks.json}
+services:
+"""
+
+
+@pytest.mark.parametrize("services, line, message", [
+    ("  - name: a.v1.A\n    upstream: 127.0.0.1:1\n  - name: a.v1.A\n    upstream: 127.0.0.1:2\n",
+     8, "duplicate service 'a.v1.A' (first on line 6)"),
+    ("  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    timeuot: 5s\n", 8, "unknown key 'timeuot'"),
+    ("  - name: a.v1.A\n    upstream: 127.0.0.1:99999\n", 7, "is not a HOST:PORT address"),
+    ("  - name: a.v1.A\n    upstream: not_a host:80\n", 7, "is not a HOST:PORT address"),
+    ("  - name: a.v1.A\n", 6, "missing required key 'upstream'"),
+    ("  - just-a-string\n", 6, "must be a mapping"),
+    ("  - name: Accounts\n    upstream: 127.0.0.1:1\n", 6, "a full service name"),
+    ("  - prefix: acme\n    upstream: 127.0.0.1:1\n", 6, "a package prefix ends with a dot"),
+    ("  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    timeout: soon\n", 8, "must be a duration"),
+    ("  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    dry_run: maybe\n", 8, "must be true or false"),
+    ("  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    upstream: 127.0.0.1:2\n", 8, "duplicate key 'upstream'"),
+    ("  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    routes:\n      - method: X\n      - method: X\n",
+     10, "duplicate route for method 'X'"),
+    ("  - name: a.v1.A\n    upstream: [127.0.0.1:1\n", 8, "not valid YAML"),
+])
+def test_catalog_errors_name_file_and_line_and_write_nothing(tmp_path: Path, services, line, message):
+    cat, out = _bad(tmp_path, HEAD + services)
+    res = run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out))
+    assert res.returncode == 2
+    assert f"{cat}:{line}: " in res.stderr, res.stderr
+    assert message in res.stderr
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["services.yaml"]
+
+
+def test_failed_render_leaves_previous_output_alone(tmp_path: Path):
+    cat, out = _bad(tmp_path, HEAD + "  - name: a.v1.A\n    upstream: 127.0.0.1:1\n")
+    assert run_mpactl("envoy", "render", "-c", str(cat), "-o", str(out)).returncode == 0
+    good = out.read_bytes()
+    cat.write_text(HEAD + "  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    routes: nope\n")
+    res = run_mpactl("envoy", "render", "-c", str(cat), "-o", str(out))
+    assert res.returncode == 2 and f"{cat}:8:" in res.stderr
+    assert out.read_bytes() == good
+
+
+def test_gateway_errors():
+    with pytest.raises(CatalogError, match=r"^c.yaml:1: catalog: missing required key 'services'"):
+        parse_catalog("gateway: {}\n", "c.yaml")
+    with pytest.raises(CatalogError, match=r"^c.yaml:4: gateway.jwt: give exactly one of jwks_uri or jwks_file"):
+        parse_catalog("gateway:\n  listen: 127.0.0.1:1\n  ext_authz: {address: 127.0.0.1:2}\n  jwt: {issuer: x}\nservices: []\n", "c.yaml")
+    with pytest.raises(CatalogError, match=r"^c.yaml:1: the catalog is empty"):
+        parse_catalog("", "c.yaml")
+
+
+def test_dry_run_report(tmp_path: Path):
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG)
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat))
+    assert res.returncode == 3
+    assert "DRY RUN (not enforced) for 1 service(s):" in res.stdout and "rpcauthz.demo." in res.stdout
+    cat.write_text(CATALOG.replace("dry_run: true", "dry_run: false"))
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat))
+    assert res.returncode == 0 and "no service in dry-run" in res.stdout
+    rendered = yaml.safe_load(run_mpactl("envoy", "render", "-c", str(cat)).stdout)
+    assert rendered["static_resources"]["listeners"][0]["name"] == "gateway"
+
+
+def test_rendered_config_keeps_the_invariants_of_envoy_gateway_yaml():
+    """The same fail-closed invariants tests/extauthz checks on the hand-written gateway.yaml,
+    and agreement with the ext_authz server's defaults (payload key, deadlines)."""
+    from extauthz.config import Settings
+
+    defaults = Settings(store_url="sqlite:///x.db")
+    cfg = render(parse_catalog(CATALOG, "services.yaml"))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
+    ext = filters["envoy.filters.http.ext_authz"]
+    assert ext["transport_api_version"] == "V3"
+    timeout = float(ext["grpc_service"]["timeout"].rstrip("s"))
+    assert timeout * 1000 > defaults.decision_deadline_ms > defaults.reflection.deadline * 1000
+    providers = filters["envoy.filters.http.jwt_authn"]["providers"]
+    assert {p["payload_in_metadata"] for p in providers.values()} == {defaults.identity.payload_key}
+    assert all(p["forward"] is False for p in providers.values())
+    rules = filters["envoy.filters.http.jwt_authn"]["rules"]
+    assert rules[0]["match"] == {"prefix": "/"} and "provider_name" in rules[0]["requires"]
+    assert hcm["normalize_path"] is False and hcm["merge_slashes"] is False
+    fmt = hcm["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    for key in ("decision_id", "outcome", "mode", "rule", "principal"):
+        assert fmt[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
+    ext_cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_authz")
+    assert ext_cluster["health_checks"][0]["grpc_health_check"]["service_name"] == \
+        "envoy.service.auth.v3.Authorization"
+
+
+def test_short_ext_authz_timeout_is_warned_about(tmp_path: Path):
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG.replace("timeout: 1200ms", "timeout: 500ms"))
+    res = run_mpactl("envoy", "render", "-c", str(cat))
+    assert res.returncode == 0
+    assert "ext_authz.timeout 0.5s is not above the server's decision deadline" in res.stderr
