@@ -4,6 +4,8 @@
 
 * ``mpa request aws ROLE --reason ...`` / ``mpa request k8s CLUSTER --group G --reason ...``
 * ``mpa broker review ID --approve|--reject``, ``mpa broker list``, ``mpa broker show ID``
+* ``mpa review`` (in ``mpa.cli``) also walks the broker requests you can review, through
+  :func:`pending_reviews`, whenever a broker is configured (``MPA_BROKER``)
 * ``mpa fetch [ID | --aws ROLE | --k8s CLUSTER] --format json|env|credential-process|exec-credential``
 
 ``mpa fetch --format credential-process`` prints the AWS CLI's ``credential_process`` JSON
@@ -137,6 +139,44 @@ def _show(r) -> str:
     return "\n".join(lines)
 
 
+class BrokerReview:
+    """One broker credential request waiting for the caller's review (used by ``mpa review``)."""
+
+    def __init__(self, client, request) -> None:
+        self._client = client
+        self.request = request
+        self.id: str = request.id
+
+    def describe(self) -> str:
+        """The request as ``mpa broker show`` prints it."""
+        return "credential request (enclave broker)\n" + _show(self.request)
+
+    def approve(self, comment: str) -> str:
+        r = _rpc(self._client.review, self.id, approve=True, comment=comment)
+        return f"approved: {r.id} is now {STATE_NAMES.get(r.state, '?')}"
+
+    def reject(self, comment: str) -> str:
+        r = _rpc(self._client.review, self.id, approve=False, comment=comment)
+        return f"rejected: {r.id} is now {STATE_NAMES.get(r.state, '?')}"
+
+
+def broker_configured() -> bool:
+    """True when a broker address is known (``MPA_BROKER``), so ``mpa review`` should ask it."""
+    return bool(os.environ.get("MPA_BROKER", "").strip())
+
+
+def pending_reviews() -> List[BrokerReview]:
+    """Pending broker requests the caller may approve, oldest first.
+
+    Connects as the broker commands do (``MPA_BROKER``, ``MPA_BROKER_CERT``, ``MPA_BROKER_NAME``,
+    and the token from ``MPA_TOKEN`` / ``MPA_TOKEN_FILE`` / the ``mpa login`` session); exits with
+    the broker commands' codes when the broker cannot be reached or refuses the token.
+    """
+    c = _Conn(None, None, None, None).client()
+    pending = _rpc(c.list, reviewable=True)
+    return [BrokerReview(c, r) for r in reversed(list(pending))]
+
+
 def register(app: typer.Typer, request_app: typer.Typer) -> None:
     """Add the broker commands to ``mpa`` (``request_app`` is its ``request`` group)."""
     o = _conn_options()
@@ -152,7 +192,7 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
         c = _Conn(broker, cert, name, token_file).client()
         r = _rpc(c.request_aws, role, reason=reason, incident=incident, duration_seconds=duration)
         typer.echo(_show(r))
-        typer.echo(f"\nAsk another engineer to run: mpa broker review {r.id} --approve\n"
+        typer.echo(f"\nAsk another engineer to run: mpa review (or mpa broker review {r.id} --approve)\n"
                    f"Then: mpa fetch {r.id}")
 
     @request_app.command("k8s")
@@ -168,7 +208,7 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
         r = _rpc(c.request_kubernetes, cluster, list(group), reason=reason, incident=incident,
                  duration_seconds=duration)
         typer.echo(_show(r))
-        typer.echo(f"\nAsk another engineer to run: mpa broker review {r.id} --approve\n"
+        typer.echo(f"\nAsk another engineer to run: mpa review (or mpa broker review {r.id} --approve)\n"
                    f"Then: mpa fetch {r.id} --format exec-credential")
 
     broker_app = typer.Typer(help="Review and list credential requests held by the enclave broker.",

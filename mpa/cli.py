@@ -336,29 +336,81 @@ def cancel(request: str = typer.Argument(..., help="request id or link"),
     _act("cancel", request, reason, server, as_json)
 
 
+class _RpcReview:
+    """One approval request of the approvals service, as ``mpa review`` walks it."""
+
+    def __init__(self, client: Client, r: dict[str, Any]) -> None:
+        self.client, self.r, self.id = client, r, r["id"]
+
+    def show(self) -> None:
+        print_request(self.r)
+
+    def approve(self, comment: str) -> str:
+        _, done = self.client.call("POST", f"/api/v1/requests/{self.id}/approve", {"comment": comment})
+        return f"approved: {done['id']} is now {done['state']}"
+
+    def reject(self, comment: str) -> str:
+        _, done = self.client.call("POST", f"/api/v1/requests/{self.id}/reject", {"comment": comment})
+        return f"rejected: {done['id']}"
+
+
+def _server_known(server: str | None) -> bool:
+    return bool(server or os.environ.get("MPA_SERVER") or load_session().get("server"))
+
+
+def _broker_reviews(required: bool) -> list[Any] | None:
+    """Pending broker credential requests (None when no command module offers a configured broker)."""
+    import importlib
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(module, "pending_reviews") and module.broker_configured():
+            return module.pending_reviews()
+    if required:
+        fail(EXIT_USAGE, "--broker-only: no credential broker configured (set MPA_BROKER and MPA_BROKER_CERT)")
+    return None
+
+
 @app.command()
-def review(server: Optional[str] = ServerOpt) -> None:
-    """Walk the pending requests you can review, one at a time: approve, reject or skip."""
-    client = Client(server)
-    _, data = client.call("GET", "/api/v1/requests", params={"scope": "reviewable"})
-    pending = data["requests"]
-    if not pending:
+def review(server: Optional[str] = ServerOpt,
+           broker_only: bool = typer.Option(False, "--broker-only",
+                                            help="only credential requests held by the enclave broker"),
+           rpc_only: bool = typer.Option(False, "--rpc-only", help="only RPC approval requests")) -> None:
+    """Walk the pending requests you can review, one at a time: approve, reject or skip.
+
+    Walks RPC approval requests and, when a credential broker is configured (MPA_BROKER), the
+    broker's credential requests (aws/k8s) too.
+    """
+    if broker_only and rpc_only:
+        fail(EXIT_USAGE, "choose at most one of --broker-only and --rpc-only")
+    items: list[Any] = []
+    broker_items = None if rpc_only else _broker_reviews(required=broker_only)
+    # Without a broker the approvals server is required (as before); with one it is optional.
+    if not broker_only and (broker_items is None or _server_known(server)):
+        client = Client(server)
+        _, data = client.call("GET", "/api/v1/requests", params={"scope": "reviewable"})
+        items += [_RpcReview(client, r) for r in data["requests"]]
+    items += broker_items or []
+    if not items:
         out.print("nothing waits for your review")
         return
-    for i, r in enumerate(pending, 1):
-        out.rule(f"{i} of {len(pending)}")
-        print_request(r)
+    for i, item in enumerate(items, 1):
+        out.rule(f"{i} of {len(items)}")
+        if isinstance(item, _RpcReview):
+            item.show()
+        else:
+            out.print(item.describe(), highlight=False, markup=False)
         choice = typer.prompt("[a]pprove, [r]eject, [s]kip, [q]uit", default="s").strip().lower()
         if choice.startswith("q"):
             break
         if choice.startswith("a"):
             comment = typer.prompt("comment (optional)", default="", show_default=False)
-            _, done = client.call("POST", f"/api/v1/requests/{r['id']}/approve", {"comment": comment})
-            out.print(f"approved: {done['id']} is now {done['state']}")
+            out.print(item.approve(comment), highlight=False, markup=False)
         elif choice.startswith("r"):
             why = typer.prompt("why not", default="", show_default=False)
-            _, done = client.call("POST", f"/api/v1/requests/{r['id']}/reject", {"comment": why})
-            out.print(f"rejected: {done['id']}")
+            out.print(item.reject(why), highlight=False, markup=False)
         else:
             out.print("skipped")
 

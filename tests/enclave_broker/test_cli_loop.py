@@ -209,3 +209,78 @@ def test_plugin_formats_reuse_unexpired_credentials_per_engineer(broker, tmp_pat
     fresh = mpa(broker, ALICE, "fetch", "--aws", "platform-admin", "--format", "credential-process", "--no-cache",
                 env_extra=cfg)
     assert fresh.returncode == 0 and fresh.stdout != first.stdout and len(sts) == n + 3
+
+
+def mpa_cli(broker, who: str, *args: str, stdin: str = "", env_extra: dict | None = None):
+    """The real `mpa` entry point (mpa.cli), which the broker commands plug into."""
+    env = {**os.environ, "MPA_BROKER": f"127.0.0.1:{broker['runtime'].port}", "MPA_BROKER_CERT": str(broker["cert"]),
+           "MPA_TOKEN": broker["dev"].mint(who), "MPA_CONFIG_DIR": str(broker["tmp"] / f"cfg-{who}"),
+           "COLUMNS": "200", **(env_extra or {})}
+    env.pop("MPA_SERVER", None)
+    return subprocess.run([sys.executable, "-m", "mpa.cli", *args], cwd=ROOT, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_mpa_review_walks_broker_requests_then_fetch_works(broker):
+    r = mpa_cli(broker, ALICE, "request", "aws", "platform-admin", "--reason", "review walk")
+    assert r.returncode == 0, r.stderr
+    rid = request_id_from(r.stdout)
+    assert "mpa review" in r.stdout
+    r2 = mpa_cli(broker, ALICE, "request", "aws", "platform-admin", "--reason", "to be rejected")
+    rid2 = request_id_from(r2.stdout)
+
+    # Alice cannot review her own requests: `mpa review` offers her neither.
+    mine = mpa_cli(broker, ALICE, "review", "--broker-only")
+    assert mine.returncode == 0, mine.stderr
+    assert rid not in mine.stdout and rid2 not in mine.stdout
+
+    # Bob walks every pending request he may review, oldest first; approve ours, reject the second,
+    # skip anything else earlier tests left pending.
+    pending = [x.id for x in BrokerClient(f"127.0.0.1:{broker['runtime'].port}", broker["cert"].read_bytes(),
+                                          broker["dev"].mint(BOB)).list(reviewable=True)][::-1]
+    answers = []
+    for pid in pending:
+        answers += ["a", "ok by bob"] if pid == rid else ["r", "not today"] if pid == rid2 else ["s"]
+    r = mpa_cli(broker, BOB, "review", stdin="\n".join(answers) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert f"approved: {rid} is now approved" in r.stdout
+    assert f"rejected: {rid2} is now rejected" in r.stdout
+    assert "review walk" in r.stdout and "credential request (enclave broker)" in r.stdout
+    assert f"1 of {len(pending)}" in r.stdout
+
+    r = mpa_cli(broker, ALICE, "fetch", rid, "--format", "credential-process")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["AccessKeyId"].startswith("ASIA")
+    r = mpa_cli(broker, ALICE, "fetch", rid2)
+    assert r.returncode == 1 and r.stdout == ""
+    kinds = [(e.kind, e.actor) for e in broker["audit"] if e.request_id == rid]
+    assert kinds == [("credential.requested", ALICE), ("credential.approved", BOB), ("credential.fetched", ALICE)]
+    approved = [e for e in broker["audit"] if e.request_id == rid and e.kind == "credential.approved"][0]
+    assert approved.detail["comment"] == "ok by bob"
+
+    # Nothing left for Bob; `mpa broker review` still works alongside.
+    again = mpa_cli(broker, BOB, "review")
+    assert again.returncode == 0 and "nothing waits for your review" in again.stdout
+
+
+def test_mpa_review_flags_and_refusals(broker):
+    r = mpa_cli(broker, BOB, "review", "--broker-only", "--rpc-only")
+    assert r.returncode == 2 and "at most one" in r.stderr
+    r = mpa_cli(broker, BOB, "review", "--broker-only", env_extra={"MPA_BROKER": ""})
+    assert r.returncode == 2 and "MPA_BROKER" in r.stderr
+    # --rpc-only ignores the broker and, with no approvals server known, says so.
+    r = mpa_cli(broker, BOB, "review", "--rpc-only")
+    assert r.returncode == 2 and "no approvals server known" in r.stderr
+    # A configured broker that is down fails closed with the "unavailable" exit code.
+    r = mpa_cli(broker, BOB, "review", env_extra={"MPA_BROKER": f"127.0.0.1:{free_port()}"})
+    assert r.returncode == 4 and "unavailable" in r.stderr
+    # A forged token is refused by the broker.
+    r = mpa_cli(broker, BOB, "review", env_extra={"MPA_TOKEN": DevIssuer().mint(BOB)})
+    assert r.returncode == 3
+
+
+def test_broker_review_subcommand_still_works(broker):
+    r = mpa_cli(broker, ALICE, "request", "aws", "platform-admin", "--reason", "old style")
+    rid = request_id_from(r.stdout)
+    r = mpa_cli(broker, BOB, "broker", "review", rid, "--approve")
+    assert r.returncode == 0 and "approved by bob@example.com" in r.stdout
