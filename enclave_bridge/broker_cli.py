@@ -151,6 +151,9 @@ def register(app: typer.Typer) -> None:
     def serve(config: Path = typer.Option(..., "--config", help="broker YAML config"),
               state: Path = typer.Option(..., "--state", help="sealed state file on the host (SQLite)"),
               audit_log: Path = typer.Option(..., "--audit-log", help="JSON-lines audit log on the host"),
+              slack_spool: Optional[Path] = typer.Option(
+                  None, "--slack-spool", help="SQLite spool for Slack messages waiting to be delivered "
+                  "(default: next to --state, as STATE.slack.db); used when the seeds hold a webhook"),
               listen: str = typer.Option("127.0.0.1:8443", "--listen", help="host:port for the TLS gRPC API"),
               oidc_listen: str = typer.Option("", "--oidc-listen",
                                               help="host:port to serve the Kubernetes issuer's discovery + JWKS"),
@@ -182,7 +185,7 @@ def register(app: typer.Typer) -> None:
         aws_config = Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 3, "mode": "standard"})
 
         from .broker.config import BrokerConfig, ConfigError
-        from .broker.notify import JsonlAuditLog, SlackNotifier
+        from .broker.notify import BrokerSlack, JsonlAuditLog
         from .broker.server import start_broker
         from .kms import Boto3KmsClient, KmsError
         from .seeds import SeedError, open_bundle
@@ -217,7 +220,14 @@ def register(app: typer.Typer) -> None:
         if oidc_listen:
             oh, _, op = oidc_listen.rpartition(":")
             oidc = (oh, int(op))
-        notifiers = [SlackNotifier(bundle.slack_webhook_url)] if bundle.slack_webhook_url else []
+        slack = None
+        if bundle.slack_webhook_url:
+            try:
+                slack = BrokerSlack(bundle.slack_webhook_url,
+                                    slack_spool or state.with_name(state.name + ".slack.db")).start()
+            except ValueError as e:
+                _fail(f"the sealed seeds' Slack webhook is unusable: {e}")
+        notifiers = [slack.notifier] if slack else []
         runtime = start_broker(cfg, bundle, state_path=state, audit=[JsonlAuditLog(audit_log)], sts_client=sts,
                                notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,
                                attester=attester)
@@ -228,6 +238,8 @@ def register(app: typer.Typer) -> None:
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         stop.wait()
         runtime.close()
+        if slack:
+            slack.close()
 
 
 def _simulated_seeds(folder: Path, repo: Path, ledger: Optional[Path]):

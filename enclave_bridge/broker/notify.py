@@ -1,20 +1,25 @@
-"""Where credential events go: the audit log (must succeed) and Slack (best effort).
+"""Where credential events go: the audit log (must succeed) and Slack (durable, never blocking).
 
 Every credential request, review and fetch produces a :class:`policy.audit.AuditEvent`
 (``credential.requested``, ``credential.approved``, ``request.rejected``, ``credential.fetched``).
 Audit sinks are part of the operation: if the audit record cannot be written the broker
-refuses the operation (no unaudited credentials). Notifiers (Slack) run after and their
-failure is logged, not fatal: a Slack outage must not block incident response.
+refuses the operation (no unaudited credentials). Notifiers run after; their failure is logged,
+not fatal: a Slack outage must not block incident response.
+
+Slack goes through the approvals service's durable spool (:mod:`mpa.slack`): the
+:class:`SpooledSlackNotifier` inserts each message into a SQLite :class:`mpa.slack.SlackSpool`
+and a :class:`mpa.slack.SlackDelivery` thread posts it, retrying with backoff until Slack
+accepts it, across Slack outages and broker restarts. The webhook URL is never logged or spooled.
 """
 from __future__ import annotations
 
 import json
 import logging
 import threading
-import urllib.request
 from pathlib import Path
 from typing import Callable, Protocol
 
+from mpa.slack import SlackDelivery, SlackSpool, _esc
 from policy.audit import AuditEvent
 
 log = logging.getLogger(__name__)
@@ -47,11 +52,11 @@ class MemoryAuditLog(list):
 
 def slack_text(event: AuditEvent) -> str:
     """The one-line Slack message for a credential event."""
-    what = event.detail.get("target", "credentials")
+    what = _esc(str(event.detail.get("target", "credentials")))
     rid = event.request_id or "?"
     if event.kind == "credential.requested":
-        reason = f": {event.reason}" if event.reason else ""
-        incident = f" (incident {event.detail['incident']})" if event.detail.get("incident") else ""
+        reason = f": {_esc(event.reason)}" if event.reason else ""
+        incident = f" (incident {_esc(str(event.detail['incident']))})" if event.detail.get("incident") else ""
         return f":key: {event.actor} requested {what}{incident}{reason} [request {rid}]"
     if event.kind == "credential.approved":
         return f":white_check_mark: {event.actor} approved {event.detail.get('requester', '?')}'s request for {what} [request {rid}]"
@@ -63,23 +68,48 @@ def slack_text(event: AuditEvent) -> str:
     return f"{event.kind} by {event.actor} [request {rid}]"
 
 
-class SlackNotifier:
-    """Posts :func:`slack_text` to a Slack incoming webhook (through the enclave's egress proxy)."""
+class SpooledSlackNotifier:
+    """Notifier that spools :func:`slack_text` for each event in an :class:`mpa.slack.SlackSpool`.
 
-    def __init__(self, webhook_url: str, *, timeout: float = 5.0,
-                 opener: Callable[..., object] | None = None) -> None:
-        if not webhook_url.startswith(("https://", "http://")):
-            raise ValueError(f"Slack webhook must be an http(s) URL, got {webhook_url!r}")
-        self._url = webhook_url
-        self._timeout = timeout
-        self._open = opener or urllib.request.urlopen
+    One local SQLite insert per event (keyed, so a repeated event adds nothing); ``delivery``, if
+    given, is woken to post it at once. Nothing here talks to Slack or blocks on it.
+    """
+
+    def __init__(self, spool: SlackSpool, delivery: SlackDelivery | None = None) -> None:
+        self.spool = spool
+        self.delivery = delivery
 
     def __call__(self, event: AuditEvent) -> None:
-        body = json.dumps({"text": slack_text(event)}).encode()
-        req = urllib.request.Request(self._url, data=body, headers={"Content-Type": "application/json"})
-        with self._open(req, timeout=self._timeout) as resp:  # type: ignore[attr-defined]
-            if resp.status >= 300:
-                raise OSError(f"Slack answered HTTP {resp.status}")
+        key = (f"broker:{event.kind}:{event.request_id}:{event.actor}:"
+               f"{event.detail.get('state_counter', '')}:{event.at.isoformat()}")
+        self.spool.enqueue(key, {"text": slack_text(event)})
+        if self.delivery is not None:
+            self.delivery.wake()
+
+
+class BrokerSlack:
+    """The broker's Slack wiring: a spool file, its delivery thread and the notifier feeding it."""
+
+    def __init__(self, webhook_url: str, spool_path: str | Path, **delivery_options: float) -> None:
+        """``delivery_options`` are :class:`mpa.slack.SlackDelivery`'s (timeout, base_backoff, ...)."""
+        self.spool = SlackSpool(str(spool_path))
+        try:
+            self.delivery = SlackDelivery(self.spool, webhook_url, **delivery_options)
+        except ValueError:
+            self.spool.close()
+            raise
+        self.notifier = SpooledSlackNotifier(self.spool, self.delivery)
+
+    def __repr__(self) -> str:  # never show the webhook
+        return f"BrokerSlack(spool={self.spool.path!r}, webhook=<redacted>)"
+
+    def start(self) -> "BrokerSlack":
+        self.delivery.start()
+        return self
+
+    def close(self) -> None:
+        self.delivery.close()
+        self.spool.close()
 
 
 def notify_all(notifiers: list[Callable[[AuditEvent], None]], event: AuditEvent) -> None:

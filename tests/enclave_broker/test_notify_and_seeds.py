@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from enclave_bridge.broker.notify import JsonlAuditLog, SlackNotifier
+from enclave_bridge.broker.notify import BrokerSlack, JsonlAuditLog
 from enclave_bridge.broker.service import BrokerService
 from enclave_bridge.credentials.k8s import OidcIssuer
 from enclave_bridge.credentials.sts import StsMinter
@@ -18,34 +16,9 @@ from enclave_bridge.seeds import SeedBundle, SeedError, open_bundle, seal_bundle
 from mpa.devissuer import DevIssuer
 from tests.support.enclave_broker_attest import GOOD_PCRS, make_nsm, verifier_for
 from tests.support.enclave_broker_env import StubSts, broker_config
+from tests.support.enclave_broker_slack import SlackStub, wait_for
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
-
-
-class SlackStub:
-    def __init__(self, status: int = 200) -> None:
-        self.posts: list[dict] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                stub.posts.append({"path": self.path, "type": self.headers["Content-Type"], "json": json.loads(body)})
-                self.send_response(status)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/services/T0/B0/xyz"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @pytest.fixture
@@ -69,10 +42,15 @@ def make(parts, audit, notifiers=()):
 
 def test_every_credential_event_is_audited_and_posted_to_slack(parts):
     log = JsonlAuditLog(parts["tmp"] / "audit.jsonl")
-    b = make(parts, [log], [SlackNotifier(parts["slack"].url)])
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="rotate keys")
-    b.review(BOB, cr.id, approve_it=True)
-    b.fetch(ALICE, cr.id)
+    slack = BrokerSlack(parts["slack"].url, parts["tmp"] / "slack.db", poll=0.05).start()
+    try:
+        b = make(parts, [log], [slack.notifier])
+        cr = b.request(ALICE, kind="aws", name="platform-admin", reason="rotate keys <!channel>")
+        b.review(BOB, cr.id, approve_it=True)
+        b.fetch(ALICE, cr.id)
+        assert wait_for(lambda: len(parts["slack"].posts) >= 3)
+    finally:
+        slack.close()
     lines = [json.loads(x) for x in (parts["tmp"] / "audit.jsonl").read_text().splitlines()]
     assert [(e["kind"], e["actor"], e["request_id"]) for e in lines] == [
         ("credential.requested", ALICE, cr.id), ("credential.approved", BOB, cr.id),
@@ -81,16 +59,21 @@ def test_every_credential_event_is_audited_and_posted_to_slack(parts):
     posts = parts["slack"].posts
     assert len(posts) == 3 and all(p["type"] == "application/json" and p["path"] == "/services/T0/B0/xyz" for p in posts)
     assert "requested AWS role platform-admin" in posts[0]["json"]["text"]
+    assert "&lt;!channel&gt;" in posts[0]["json"]["text"]  # requester text cannot ping the channel
     assert "approved" in posts[1]["json"]["text"] and "fetched" in posts[2]["json"]["text"]
 
 
 def test_slack_outage_does_not_block_but_audit_failure_does(parts):
     parts["slack"].close()
-    broken_slack = SlackNotifier(parts["slack"].url, timeout=1)
+    broken_slack = BrokerSlack(parts["slack"].url, parts["tmp"] / "slack.db", timeout=1, poll=0.05).start()
     audit = []
-    b = make(parts, [audit.append], [broken_slack])
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")  # Slack down: still works
-    b.review(BOB, cr.id, approve_it=True)
+    b = make(parts, [audit.append], [broken_slack.notifier])
+    try:
+        cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")  # Slack down: still works
+        b.review(BOB, cr.id, approve_it=True)
+        assert broken_slack.spool.counts() == {"pending": 2, "delivered": 0}  # kept for retry
+    finally:
+        broken_slack.close()
 
     def failing(event):
         raise OSError("audit disk full")
