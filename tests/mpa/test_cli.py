@@ -192,3 +192,47 @@ def test_dev_login_refused_where_the_server_trusts_a_real_issuer(tmp_path):
         assert not (tmp_path / "x" / "session.json").exists()
         page = httpx.get(f"{env.url}/login")
         assert "DEVELOPMENT ONLY" not in page.text and "SSO proxy" in page.text
+
+
+def test_review_walks_rpc_and_broker_credential_requests_together(env, tmp_path):
+    """One `mpa review` session (after `mpa login`) covers RPC approvals and enclave broker requests."""
+    from enclave_bridge.broker.notify import MemoryAuditLog
+    from enclave_bridge.broker.server import start_broker
+    from enclave_bridge.seeds import SeedBundle
+    from tests.support.enclave_broker_env import StubSts, broker_config
+
+    sts = StubSts()
+    config = broker_config(env.issuer.jwks(), issuer=env.issuer.issuer, audience=env.issuer.audience,
+                           oidc_issuer="http://127.0.0.1:1")
+    audit = MemoryAuditLog()
+    runtime = start_broker(config, SeedBundle.generate(), state_path=tmp_path / "broker.db", audit=[audit],
+                           sts_client=sts.client(), cert_out=tmp_path / "broker.pem")
+    try:
+        alice, bob = (login(env, tmp_path, w) for w in (A, B))
+        broker_env = {"MPA_BROKER": f"127.0.0.1:{runtime.port}", "MPA_BROKER_CERT": str(tmp_path / "broker.pem")}
+        rpc_id = json.loads(mpa(alice, "request", "rpc", f"/{LEDGER}/Adjust", "-r", "refund 4411",
+                                "--json").stdout)["id"]
+        res = mpa(alice, "request", "aws", "platform-admin", "-r", "rotate keys", env_extra=broker_env)
+        assert res.returncode == 0, res.stderr
+        cred_id = res.stdout.split()[0]
+
+        only_rpc = mpa(bob, "review", "--rpc-only", input="s\n", env_extra=broker_env)
+        assert "1 of 1" in only_rpc.stdout and cred_id not in only_rpc.stdout
+        only_broker = mpa(bob, "review", "--broker-only", input="s\n", env_extra=broker_env)
+        assert "1 of 1" in only_broker.stdout and cred_id in only_broker.stdout and rpc_id not in only_broker.stdout
+
+        res = mpa(bob, "review", input="a\nfine\na\nrotation ok\n", env_extra=broker_env)
+        assert res.returncode == 0, res.stderr
+        assert "1 of 2" in res.stdout and "2 of 2" in res.stdout
+        assert env.store.get_request(rpc_id).state.value == "approved"
+        assert f"approved: {cred_id} is now approved" in res.stdout
+        fetched = mpa(alice, "fetch", cred_id, "--format", "credential-process", env_extra=broker_env)
+        assert fetched.returncode == 0, fetched.stderr
+        assert json.loads(fetched.stdout)["AccessKeyId"].startswith("ASIA")
+        assert [e.kind for e in audit if e.request_id == cred_id] == [
+            "credential.requested", "credential.approved", "credential.fetched"]
+        # Without a broker configured, `mpa review` is the RPC walk it always was.
+        assert "nothing waits for your review" in mpa(bob, "review").stdout
+    finally:
+        runtime.close()
+        sts.close()
