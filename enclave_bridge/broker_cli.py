@@ -249,6 +249,8 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Optional[Path]):
     KMS key policy pins the trusted measurement from the ledger. Run code that two approvers did
     not agree on and KMS refuses, exactly as it would in production.
     """
+    import os
+
     from cryptography.hazmat.primitives.serialization import Encoding
 
     from .kms import KeyPolicy, LocalKms, attestation_verifier
@@ -277,7 +279,9 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Optional[Path]):
     else:
         key_id = kms.create_key(policy, key_id="local-broker-seeds")
     if not seeds_file.exists():
-        seeds_file.write_bytes(seal_bundle(SeedBundle.generate(), key_id,
+        # As `seal-seeds --slack-webhook-url` would: the demo's seeds carry MPA_BROKER_SLACK_WEBHOOK.
+        webhook = os.environ.get("MPA_BROKER_SLACK_WEBHOOK") or None
+        seeds_file.write_bytes(seal_bundle(SeedBundle.generate(slack_webhook_url=webhook), key_id,
                                            lambda pt, ctx: kms.encrypt(key_id, pt, ctx)))
     keys_file.write_text(json.dumps(kms.export_keys()))
     keys_file.chmod(0o600)

@@ -21,6 +21,7 @@ from enclave_bridge.broker.client import BrokerClient
 from mpa.devissuer import DevIssuer
 from tests.conftest import free_port
 from tests.support.enclave_broker_env import ROLE_ARN, StubSts
+from tests.support.enclave_broker_slack import SlackStub, wait_for
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,10 +38,10 @@ def trust(ledger: Path, sha384: str, commit: str) -> None:
 
 
 @contextlib.contextmanager
-def serve(tmp: Path, config: Path, ledger: Path, port: int):
+def serve(tmp: Path, config: Path, ledger: Path, port: int, env_extra: dict | None = None):
     cert = tmp / "broker.pem"
     cert.unlink(missing_ok=True)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIDBROKER", "AWS_SECRET_ACCESS_KEY": "x"}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIDBROKER", "AWS_SECRET_ACCESS_KEY": "x", **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "rpcauthz.mpactl", "broker", "serve",
                              "--simulate", str(tmp / "sim"), "--ledger", str(ledger), "--repo", str(ROOT),
                              "--config", str(config), "--state", str(tmp / "state.db"),
@@ -94,7 +95,9 @@ def test_trusted_build_gets_its_seeds_keeps_state_and_attests_its_certificate(se
     ledger = tmp / "trust.json"
     trust(ledger, running.sha384, running.commit)
     port = free_port()
-    with serve(tmp, setup["config"], ledger, port) as proc:
+    slack_port = free_port()  # Slack is down (nothing listens) during the first run
+    slack_env = {"MPA_BROKER_SLACK_WEBHOOK": f"http://127.0.0.1:{slack_port}{SlackStub.PATH}"}
+    with serve(tmp, setup["config"], ledger, port, slack_env) as proc:
         assert proc.poll() is None, proc.stderr.read()
         cert_pem = first_cert = (tmp / "broker.pem").read_bytes()
         root = x509.load_pem_x509_certificate((tmp / "sim" / "simulated-root.pem").read_bytes())
@@ -105,12 +108,27 @@ def test_trusted_build_gets_its_seeds_keeps_state_and_attests_its_certificate(se
         rid = alice.request_aws("platform-admin", reason="restart test").id
         bob.review(rid, approve=True)
         alice.close(), bob.close()
-    with serve(tmp, setup["config"], ledger, port) as proc:  # a restart: seeds again through KMS, state kept
-        assert proc.poll() is None, proc.stderr.read()
-        cert_pem = (tmp / "broker.pem").read_bytes()
-        alice = BrokerClient(f"127.0.0.1:{port}", cert_pem, dev.mint(ALICE))
-        got = alice.fetch(rid)
-        alice.close()
+    first_log = proc.stderr.read()
+    assert "Slack delivery of broker:credential" in first_log  # Slack was down: retried, and said so
+    assert SlackStub.PATH not in first_log and slack_env["MPA_BROKER_SLACK_WEBHOOK"] not in first_log
+    assert (tmp / "state.db.slack.db").exists()  # the undelivered messages, on the host
+    slack = SlackStub(port=slack_port)  # Slack is back for the second run
+    try:
+        with serve(tmp, setup["config"], ledger, port) as proc:  # a restart: seeds again through KMS, state kept
+            assert proc.poll() is None, proc.stderr.read()
+            cert_pem = (tmp / "broker.pem").read_bytes()
+            alice = BrokerClient(f"127.0.0.1:{port}", cert_pem, dev.mint(ALICE))
+            got = alice.fetch(rid)
+            alice.close()
+            # The webhook came from the sealed seeds; messages spooled while Slack was down arrive now.
+            assert wait_for(lambda: len(slack.posts) >= 3, timeout=30)
+            time.sleep(0.3)
+    finally:
+        slack.close()
+    texts = [p["json"]["text"] for p in slack.posts]
+    assert len(texts) == 3 and all(f"[request {rid}]" in t for t in texts)
+    assert "requested" in texts[0] and "approved" in texts[1] and "fetched" in texts[2]
+    assert SlackStub.PATH not in proc.stderr.read()  # the webhook URL is never logged
     assert got.aws.access_key_id.startswith("ASIA")
     assert setup["sts"].requests[-1]["SourceIdentity"] == ALICE
     assert cert_pem != first_cert  # a fresh TLS key per start, made inside the enclave
