@@ -109,6 +109,9 @@ class _Cursor:
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         return self._conn.execute(_sqlite_sql(sql), params)
 
+    def executemany(self, sql: str, seq_of_params: Any) -> sqlite3.Cursor:
+        return self._conn.executemany(_sqlite_sql(sql), seq_of_params)
+
 
 class SQLiteStore(SqlStore):
     """:class:`policy.store.Store` on a SQLite file (or ``":memory:"`` for throwaway use).
