@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -87,6 +88,9 @@ CREATE TABLE IF NOT EXISTS audit (
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 """
+
+#: One encoder for every JSON column (``json.dumps`` with options builds a new one per call).
+_JSON_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 _NAMED = re.compile(r"%\((\w+)\)s")
 
@@ -241,8 +245,7 @@ class SQLiteStore(SqlStore):
         return datetime.fromisoformat(value)
 
     def _json_in(self, obj: Any) -> str:
-        import json
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        return _JSON_ENCODE(obj)
 
     def _json_out(self, value: Any) -> Any:
         import json
