@@ -84,6 +84,8 @@ class Demo:
         self._things: list[Any] = []
         self.envoy: EnvoyProcess | None = None
         self.extauthz: ExtAuthzProcess | None = None
+        self.approvals_port = free_port()
+        self.approvals_url = f"http://127.0.0.1:{self.approvals_port}"
 
     def start(self) -> None:
         from mpa.devissuer import DevIssuer
@@ -109,11 +111,14 @@ class Demo:
             "listen": {"host": "127.0.0.1", "port": extauthz_port},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
             "drain_grace_s": 2,
+            "approvals": {"base_url": self.approvals_url},
             "reflection": {"endpoints": {"static": {ACCOUNTS: accounts.address,
                                                     LEDGER: ledger.address}}},
         }, self.workdir)
         self._things.append(self.extauthz)
         self.extauthz.wait_ready()
+        self._things.append(_start_approvals(self.store_url, issuer, jwks.url, self.approvals_port,
+                                             {ACCOUNTS: accounts.address, LEDGER: ledger.address}))
         cfg = render_gateway(listen_port=self.gateway_port, admin_port=free_port(),
                              extauthz_port=extauthz_port, jwks_port=jwks.port,
                              upstreams={"demo_accounts": accounts.port, "demo_ledger": ledger.port},
@@ -125,6 +130,7 @@ class Demo:
             "gateway": f"127.0.0.1:{self.gateway_port}",
             "issuer_key": str(self.key_path),
             "store_url": self.store_url,
+            "approvals": self.approvals_url,
         }, indent=2))
         _remember(self.workdir)
 
@@ -133,6 +139,7 @@ class Demo:
             "rpcauthz demo is running.",
             f"  gateway (Envoy):   127.0.0.1:{self.gateway_port}   (admin 127.0.0.1:{self.envoy.admin_port})",
             f"  ext_authz server:  127.0.0.1:{self.extauthz.port}   store {self.store_url}",
+            f"  approvals (page, API for `mpa`): {self.approvals_url}",
             f"  access log:        {self.workdir / 'access.log'}",
             f"  working directory: {self.workdir}",
             "",
@@ -144,9 +151,18 @@ class Demo:
         for kind, what, command in examples(self.cmd, self.dir_opt):
             lines.append(f"  # [{kind}] {what}")
             lines.append(f"  {command}")
+        lines += ["", "The approval loop as engineers live it: the link opens the approval page, where",
+                  "the requester says why and another engineer signs in (dev sign-in) and approves;",
+                  "or, with the `mpa` CLI only (each person keeps a session in MPA_CONFIG_DIR):"]
+        from mpa.server import demo_steps
+
+        rpc = f"/{ACCOUNTS}/ReadAccount"
+        call = f"{self.cmd} demo call{self.dir_opt} --as bob {rpc}"
+        for what, command in demo_steps(self.approvals_url, requester="bob", approver="alice",
+                                        rpc=rpc, call_cmd=call):
+            lines.append(f"  # [loop] {what}")
+            lines.append(f"  {command}")
         lines += ["",
-                  "Request links point at the approval page (mpa's API server, not started here);",
-                  "in this demo, approve with `demo approve` as shown above.",
                   "Press Ctrl-C to stop everything started here"
                   + (" and remove its files." if self._own_dir else "."),
                   "ready"]
@@ -187,6 +203,20 @@ def run(workdir: pathlib.Path | None, port: int | None, cmd: str = "mpactl") -> 
         return 0
     finally:
         demo.stop()
+
+
+def _start_approvals(store_url: str, issuer: Any, jwks_url: str, port: int,
+                     reflection: dict[str, str]) -> Any:
+    """The approvals service (page + API) the request links point at, with dev sign-in."""
+    from mpa.server import start_demo_approvals
+    from mpa.service import lazy_modes
+    from policy import Mode
+    from reflection_cache.cache import ReflectionCache
+    from reflection_cache.endpoints import EndpointResolver
+
+    modes = lazy_modes(lambda: ReflectionCache(EndpointResolver(static=reflection)),
+                       Mode.BREAK_GLASS_ONLY)
+    return start_demo_approvals(store_url, issuer, jwks_url, port=port, mode_lookup=modes)
 
 
 # --- where `mpactl demo call` finds the running demo ---------------------------------------------

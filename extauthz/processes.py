@@ -24,9 +24,14 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _gateway_yaml() -> pathlib.Path:
-    """envoy/gateway.yaml of this checkout, or the file named by $RPCAUTHZ_GATEWAY_YAML."""
+    """The file named by $RPCAUTHZ_GATEWAY_YAML, else envoy/gateway.yaml of this checkout,
+    else the copy a non-editable install put in ``{sys.prefix}/share/rpcauthz/envoy/``."""
     override = os.environ.get("RPCAUTHZ_GATEWAY_YAML")
-    return pathlib.Path(override) if override else REPO_ROOT / "envoy" / "gateway.yaml"
+    if override:
+        return pathlib.Path(override)
+    checkout = REPO_ROOT / "envoy" / "gateway.yaml"
+    installed = pathlib.Path(sys.prefix) / "share" / "rpcauthz" / "envoy" / "gateway.yaml"
+    return checkout if checkout.is_file() or not installed.is_file() else installed
 
 
 GATEWAY_YAML = _gateway_yaml()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import shlex
 import signal
@@ -21,6 +22,26 @@ def run_printed(command: str, request_id: str | None = None) -> subprocess.Compl
     argv = shlex.split(command.replace("REQUEST_ID", request_id or "REQUEST_ID"))
     assert argv[0] == "mpactl"
     return subprocess.run(MPACTL + argv[1:], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+
+
+def run_loop_step(command: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run one printed loop line: `mpactl ...`, or `MPA_CONFIG_DIR=... mpa ...` (sessions kept
+    under tmp_path instead of the printed /tmp folder)."""
+    words = shlex.split(command)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPA_")}
+    while "=" in words[0]:
+        key, _, value = words.pop(0).partition("=")
+        env[key] = str(tmp_path / "people" / pathlib.Path(value).name) if key == "MPA_CONFIG_DIR" else value
+    if words[0] == "mpactl":
+        argv = MPACTL + words[1:]
+    else:
+        assert words[0] == "mpa", command
+        argv = [sys.executable, "-m", "mpa.cli", *words[1:]]
+    res = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+                         input="a\n\n" if words[1:2] == ["review"] else None)
+    if words[0] == "mpa":
+        assert res.returncode == 0, (command, res.stdout, res.stderr)
+    return res
 
 
 def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
@@ -64,6 +85,16 @@ def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
         assert approved.returncode == 0 and "approved" in approved.stdout, approved.stdout + approved.stderr
         again = run_printed(approval_cmd)
         assert again.returncode == 0 and "status: OK" in again.stdout, again.stdout
+
+        # The printed approval loop with the `mpa` CLI against the demo's approvals service.
+        loop = [ln.strip() for i, ln in enumerate(lines) if i and "# [loop]" in lines[i - 1]]
+        assert loop, "the demo prints the mpa approval loop"
+        outputs = [run_loop_step(command, tmp_path) for command in loop]
+        first_call, last_call = outputs[0], outputs[-1]
+        assert first_call.returncode == 1 and "approval required" in first_call.stdout
+        approvals_url = re.search(r"approvals \(page, API for `mpa`\): (\S+)", "\n".join(lines)).group(1)
+        assert f"x-mpa-request-url: {approvals_url}/requests/" in first_call.stdout
+        assert last_call.returncode == 0 and "status: OK" in last_call.stdout, last_call.stdout
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         try:

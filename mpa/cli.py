@@ -1,0 +1,392 @@
+"""``mpa``: the engineers' command line for approval requests.
+
+    mpa login --server http://approvals:8081 --as alice@example.com   # dev issuer
+    mpa login --server ... --issuer https://sso.example.com --client-id mpa   # OIDC device flow
+    mpa request rpc /pkg.v1.Ledger/AdjustBalance --reason "refund for ticket 4411"
+    mpa list --scope reviewable
+    mpa review                      # walk pending requests you can review
+    mpa show ID | approve ID | reject ID | cancel ID
+
+Exit codes: 0 done; 1 refused (the message says why; nothing changed); 2 bad usage;
+3 not signed in or token refused; 4 server unreachable or unavailable.
+The token is kept 0600 in ``$MPA_CONFIG_DIR`` (default ``~/.config/mpa``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import sys
+from typing import Any, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE = 1, 2, 3, 4
+
+app = typer.Typer(name="mpa", no_args_is_help=True, add_completion=False,
+                  help="Ask for, review and approve multi-party approvals for RPCs that need "
+                       "another engineer's approval. Start with: mpa login",
+                  epilog="Typical use: [bold]mpa login --server URL --issuer SSO_URL[/], then "
+                         "[bold]mpa request rpc /pkg.Svc/Method -r 'why'[/] (or open the link the "
+                         "gateway printed); a reviewer runs [bold]mpa review[/]. Exit codes: 0 done, "
+                         "1 refused, 2 bad usage, 3 not signed in, 4 server unavailable.",
+                  rich_markup_mode="rich")
+request_app = typer.Typer(no_args_is_help=True,
+                          help="Ask for approval: to call an RPC (rpc), or for credentials from the broker (aws, k8s).")
+app.add_typer(request_app, name="request")
+
+out = Console()
+err = Console(stderr=True)
+
+
+# --- local state --------------------------------------------------------------------------
+def config_dir() -> pathlib.Path:
+    """Where the token lives: ``$MPA_CONFIG_DIR`` or ``~/.config/mpa``."""
+    return pathlib.Path(os.environ.get("MPA_CONFIG_DIR") or pathlib.Path.home() / ".config" / "mpa")
+
+
+def _session_path() -> pathlib.Path:
+    return config_dir() / "session.json"
+
+
+def save_session(data: dict[str, Any]) -> pathlib.Path:
+    """Write the session (server URL and token) readable by the owner only."""
+    path = _session_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def load_session() -> dict[str, Any]:
+    path = _session_path()
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        fail(EXIT_AUTH, f"cannot read {path}: {e}; run: mpa login")
+
+
+def fail(code: int, message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+# --- talking to the server ----------------------------------------------------------------
+class Client:
+    def __init__(self, server: str | None = None) -> None:
+        session = load_session()
+        self.server = (server or os.environ.get("MPA_SERVER") or session.get("server") or "").rstrip("/")
+        if not self.server:
+            fail(EXIT_USAGE, "no approvals server known: run mpa login --server URL (or set MPA_SERVER)")
+        self.token = os.environ.get("MPA_TOKEN") or session.get("token")
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             params: dict[str, Any] | None = None) -> tuple[int, Any]:
+        if not self.token:
+            fail(EXIT_AUTH, "not signed in: run mpa login")
+        try:
+            resp = httpx.request(method, self.server + path, json=body, params=params, timeout=15,
+                                 headers={"Authorization": f"Bearer {self.token}"})
+        except httpx.HTTPError as e:
+            fail(EXIT_UNAVAILABLE, f"cannot reach the approvals server at {self.server}: {e}")
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"error": {"code": "bad_response", "message": resp.text[:200]}}
+        if resp.status_code >= 400:
+            e = data.get("error", {}) if isinstance(data, dict) else {}
+            message = e.get("message") or f"HTTP {resp.status_code}"
+            code = (EXIT_AUTH if resp.status_code == 401 else
+                    EXIT_UNAVAILABLE if resp.status_code >= 500 else EXIT_REFUSED)
+            fail(code, f"{message} [{e.get('code', resp.status_code)}]")
+        return resp.status_code, data
+
+
+def _request_id(ref: str) -> str:
+    """Accept an id or the request's link."""
+    m = re.search(r"/requests/([A-Za-z0-9_-]+)/?$", ref.strip())
+    rid = m.group(1) if m else ref.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", rid):
+        fail(EXIT_USAGE, f"{ref!r} is not a request id or link")
+    return rid
+
+
+# --- printing -----------------------------------------------------------------------------
+def _short(ts: str | None) -> str:
+    return "" if not ts else ts.replace("T", " ")[:19] + " UTC"
+
+
+def _approvals_words(r: dict[str, Any]) -> str:
+    if not r["approvals"]:
+        return f"none yet (0 of {r['required_approvals']})"
+    got = ", ".join(f"{a['approver']} at {_short(a['at'])}" for a in r["approvals"])
+    return f"{got} ({len(r['approvals'])} of {r['required_approvals']})"
+
+
+def print_request(r: dict[str, Any]) -> None:
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [("id", r["id"]), ("link", r["url"]), ("state", r["state"] + (
+                " (waiting for the requester's reason)" if r["awaiting_reason"] else "")),
+            ("requester", r["requester"]), ("rpc", r["path"]), ("mode", r["mode"]),
+            ("why approval", r["why_approval"]), ("who may approve", r["approver_rule"]),
+            ("reason", r["reason"] or "(not given yet)")]
+    if r.get("incident"):
+        rows.append(("incident", r["incident"]))
+    rows.append(("scope", f"exact body sha256 {r['body_sha256']}" if r["body_sha256"] else "any call to this method"))
+    rows.append(("created", _short(r["created_at"])))
+    if r["state"] == "pending":
+        rows.append(("expires", _short(r["expires_at"])))
+    if r["valid_until"]:
+        rows.append(("valid until", _short(r["valid_until"])))
+    rows.append(("approved by", _approvals_words(r)))
+    if r["closed_by"] or r["close_reason"]:
+        rows.append(("closed", f"{r['closed_by'] or ''} {_short(r['closed_at'])} {r['close_reason']}".strip()))
+    if r["you"]["why_not"]:
+        rows.append(("you", r["you"]["why_not"]))
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t, highlight=False, markup=False)
+
+
+def print_list(reqs: list[dict[str, Any]]) -> None:
+    if not reqs:
+        out.print("no requests")
+        return
+    t = Table()
+    for col in ("id", "state", "requester", "rpc", "reason", "approved by", "expires"):
+        t.add_column(col, overflow="fold")
+    for r in reqs:
+        t.add_row(r["id"], r["state"], r["requester"], r["path"], r["reason"] or "(awaiting reason)",
+                  ", ".join(a["approver"] for a in r["approvals"]) or "-",
+                  _short(r["expires_at"]) if r["state"] == "pending" else _short(r["valid_until"]))
+    out.print(t, highlight=False, markup=False)
+
+
+def emit(data: Any, as_json: bool, printer) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        printer(data)
+
+
+JsonOpt = typer.Option(False, "--json", help="print JSON for scripts")
+ServerOpt = typer.Option(None, "--server", help="approvals server URL (default: from mpa login)")
+
+
+# --- commands -----------------------------------------------------------------------------
+@app.command()
+def login(server: str = typer.Option(None, "--server", help="approvals server URL, e.g. http://127.0.0.1:8081"),
+          as_user: Optional[str] = typer.Option(None, "--as", help="DEV ISSUER ONLY: sign in as this engineer"),
+          issuer: Optional[str] = typer.Option(None, "--issuer", help="OIDC issuer URL: sign in with the device flow"),
+          client_id: str = typer.Option("mpa", "--client-id", help="OIDC client id for the device flow"),
+          scope: str = typer.Option("openid email profile", "--scope", help="OIDC scopes")) -> None:
+    """Sign in and remember the token (0600, in $MPA_CONFIG_DIR or ~/.config/mpa)."""
+    server = (server or os.environ.get("MPA_SERVER") or load_session().get("server") or "").rstrip("/")
+    if not server:
+        fail(EXIT_USAGE, "say which approvals server: mpa login --server URL")
+    if issuer:
+        from .oidc import DeviceFlowError, device_flow_login
+        try:
+            token = device_flow_login(issuer, client_id, scope,
+                                      show=lambda m: err.print(m, highlight=False, soft_wrap=True))
+        except DeviceFlowError as e:
+            fail(EXIT_AUTH, str(e))
+    elif as_user:
+        try:
+            resp = httpx.post(f"{server}/api/dev/token", json={"subject": as_user}, timeout=15)
+        except httpx.HTTPError as e:
+            fail(EXIT_UNAVAILABLE, f"cannot reach the approvals server at {server}: {e}")
+        if resp.status_code == 404:
+            fail(EXIT_AUTH, f"{server} does not offer dev sign-in (it trusts a real issuer): "
+                            "use mpa login --issuer URL")
+        if resp.status_code != 200:
+            try:
+                why = resp.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                why = f"HTTP {resp.status_code}"
+            fail(EXIT_AUTH, f"dev sign-in refused by {server}: {why}")
+        token = resp.json()["token"]
+    else:
+        fail(EXIT_USAGE, "say how to sign in: --as USER (dev issuer) or --issuer URL (OIDC device flow)")
+    save_session({"server": server, "token": token})
+    client = Client(server)
+    client.token = token
+    _, me = client.call("GET", "/api/v1/me")
+    out.print(f"signed in to {server} as {me['principal']} (roles: {', '.join(me['roles']) or 'none'})",
+              highlight=False)
+
+
+@app.command()
+def whoami(server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """Show who the stored token says you are, and your roles."""
+    _, me = Client(server).call("GET", "/api/v1/me")
+    emit(me, as_json, lambda m: out.print(f"{m['principal']} (roles: {', '.join(m['roles']) or 'none'})",
+                                          highlight=False))
+
+
+_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+
+
+def _seconds(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        fail(EXIT_USAGE, f"--duration {text!r}: use a positive number with s, m, h or d (e.g. 30m)")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@request_app.command("rpc")
+def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
+                reason: str = typer.Option(..., "--reason", "-r", help="why you need this call"),
+                incident: Optional[str] = typer.Option(None, "--incident", help="incident reference (break-glass)"),
+                body_file: Optional[pathlib.Path] = typer.Option(None, "--body-file",
+                    help="bind the approval to this exact serialized request body"),
+                body_sha256: Optional[str] = typer.Option(None, "--body-sha256", help="...or to this body digest"),
+                duration: Optional[str] = typer.Option(None, "--duration", help="how long the approval lasts, e.g. 30m"),
+                max_uses: Optional[int] = typer.Option(None, "--max-uses", min=1, help="how many calls it allows"),
+                server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """Ask for approval to call one RPC (or give the reason for the request the gateway opened)."""
+    m = re.fullmatch(r"/?([A-Za-z_][\w.]*)/(\w+)", rpc.strip())
+    if not m:
+        fail(EXIT_USAGE, f"{rpc!r} is not /pkg.Service/Method")
+    if body_file and body_sha256:
+        fail(EXIT_USAGE, "give --body-file or --body-sha256, not both")
+    if body_file:
+        body_sha256 = hashlib.sha256(body_file.read_bytes()).hexdigest()
+    body: dict[str, Any] = {"service": m.group(1), "method": m.group(2), "reason": reason}
+    if incident:
+        body["incident"] = incident
+    if body_sha256:
+        body["body_sha256"] = body_sha256
+    if duration:
+        body["duration_seconds"] = _seconds(duration)
+    if max_uses:
+        body["max_uses"] = max_uses
+    status, r = Client(server).call("POST", "/api/v1/requests", body)
+
+    def show(r: dict[str, Any]) -> None:
+        verb = "created" if status == 201 else "updated"
+        out.print(f"request {verb}: {r['url']}", highlight=False)
+        print_request(r)
+    emit(r, as_json, show)
+
+
+@app.command("list")
+def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, reviewable or all"),
+                  state: Optional[str] = typer.Option(None, "--state",
+                      help="pending, approved, rejected, cancelled or expired"),
+                  server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """List your requests (or --scope reviewable: those waiting for you)."""
+    if scope not in ("mine", "reviewable", "all"):
+        fail(EXIT_USAGE, f"--scope {scope!r}: use mine, reviewable or all")
+    params = {"scope": scope, **({"state": state} if state else {})}
+    _, data = Client(server).call("GET", "/api/v1/requests", params=params)
+    emit(data["requests"], as_json, print_list)
+
+
+@app.command()
+def show(request: str = typer.Argument(..., help="request id or link"),
+         server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """Show one request: who asks, what, why, and who approved it when."""
+    _, r = Client(server).call("GET", f"/api/v1/requests/{_request_id(request)}")
+    emit(r, as_json, print_request)
+
+
+def _act(action: str, request: str, comment: str, server: str | None, as_json: bool) -> None:
+    _, r = Client(server).call("POST", f"/api/v1/requests/{_request_id(request)}/{action}",
+                               {"comment": comment})
+    emit(r, as_json, lambda r: (out.print(f"{action}: request {r['id']} is now {r['state']}",
+                                          highlight=False), print_request(r)))
+
+
+@app.command()
+def approve(request: str = typer.Argument(..., help="request id or link"),
+            comment: str = typer.Option("", "--comment", "-m", help="optional words for the record"),
+            server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """Approve another engineer's request."""
+    _act("approve", request, comment, server, as_json)
+
+
+@app.command()
+def reject(request: str = typer.Argument(..., help="request id or link"),
+           reason: str = typer.Option("", "--reason", "-m", help="why not"),
+           server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """Reject another engineer's request."""
+    _act("reject", request, reason, server, as_json)
+
+
+@app.command()
+def cancel(request: str = typer.Argument(..., help="request id or link"),
+           reason: str = typer.Option("", "--reason", "-m", help="why"),
+           server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """Withdraw your request, or revoke an approval you gave."""
+    _act("cancel", request, reason, server, as_json)
+
+
+@app.command()
+def review(server: Optional[str] = ServerOpt) -> None:
+    """Walk the pending requests you can review, one at a time: approve, reject or skip."""
+    client = Client(server)
+    _, data = client.call("GET", "/api/v1/requests", params={"scope": "reviewable"})
+    pending = data["requests"]
+    if not pending:
+        out.print("nothing waits for your review")
+        return
+    for i, r in enumerate(pending, 1):
+        out.rule(f"{i} of {len(pending)}")
+        print_request(r)
+        choice = typer.prompt("[a]pprove, [r]eject, [s]kip, [q]uit", default="s").strip().lower()
+        if choice.startswith("q"):
+            break
+        if choice.startswith("a"):
+            comment = typer.prompt("comment (optional)", default="", show_default=False)
+            _, done = client.call("POST", f"/api/v1/requests/{r['id']}/approve", {"comment": comment})
+            out.print(f"approved: {done['id']} is now {done['state']}")
+        elif choice.startswith("r"):
+            why = typer.prompt("why not", default="", show_default=False)
+            _, done = client.call("POST", f"/api/v1/requests/{r['id']}/reject", {"comment": why})
+            out.print(f"rejected: {done['id']}")
+        else:
+            out.print("skipped")
+
+
+#: Packages that add engineer commands, each with ``register(app, request_app)`` (the way
+#: ``mpactl`` takes operator commands): the broker adds ``request aws``/``request k8s``,
+#: ``broker`` and ``fetch``.
+COMMAND_MODULES = ("enclave_bridge.mpa_commands",)
+
+
+def _register_all() -> None:
+    import importlib
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that package offers no commands in this install
+                continue
+            raise
+        module.register(app, request_app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

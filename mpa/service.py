@@ -1,0 +1,340 @@
+"""The approvals use cases, shared by the HTTP API and the web page.
+
+``ApprovalService`` turns "alice approves request r1" into one atomic store update built from
+policy's pure lifecycle functions; the store writes the audit event in the same transaction.
+Nothing here talks HTTP; errors are policy's (``PolicyError`` subclasses, ``UnknownRequest``,
+``StoreError``) so each front end maps them to its own words and status codes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Awaitable, Callable, Mapping, Sequence
+
+import policy
+from policy import (AlreadyDecided, ApprovalRequest, GrantSet, InvalidRequest, Mode,
+                    PolicyError, RequestClosed, RequestState, Target)
+from policy.store import Store
+
+from .config import RequestPolicy
+
+#: Resolves the mode of ``service``/``method`` (reflection in production). Raises on failure.
+ModeLookup = Callable[[str, str], Awaitable[Mode]]
+
+#: Why each mode needs approval, in words for the page and CLI.
+MODE_EXPLANATIONS = {
+    Mode.ENGINEERS_WITH_APPROVAL:
+        "ENGINEERS_WITH_APPROVAL: any engineer may call it once another engineer approves.",
+    Mode.CONTRIBUTORS_WITH_APPROVAL:
+        "CONTRIBUTORS_WITH_APPROVAL: contributors of the service may call it once another "
+        "contributor of the service approves.",
+    Mode.BREAK_GLASS_ONLY:
+        "BREAK_GLASS_ONLY: only security on-call may call it, with an incident reference, once "
+        "another security on-call engineer approves.",
+}
+
+APPROVER_WORDS = {
+    Mode.ENGINEERS_WITH_APPROVAL: "an engineer other than the requester",
+    Mode.CONTRIBUTORS_WITH_APPROVAL: "a contributor of {service} other than the requester",
+    Mode.BREAK_GLASS_ONLY: "a security on-call engineer other than the requester",
+}
+
+
+class AwaitingReason(PolicyError):
+    """The gateway opened this request; its requester has not given the reason yet."""
+
+    code = "awaiting_reason"
+
+
+class ModeUnavailable(policy.StoreError):
+    """The method's mode could not be learned right now (reflection down). Never a guess."""
+
+    code = "mode_unavailable"
+
+
+class _KindChanged(PolicyError):
+    """Internal: another approval landed between our read and our write; retry."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def static_modes(modes: Mapping[str, Mode]) -> ModeLookup:
+    """A lookup from a fixed ``{"/pkg.Service/Method": Mode}`` map (tests, small demos)."""
+    async def lookup(service: str, method: str) -> Mode:
+        path = f"/{service}/{method}"
+        if path not in modes:
+            raise InvalidRequest(f"no mode is known for {path}")
+        return modes[path]
+    return lookup
+
+
+def modes_from_source(source: object, default: Mode = policy.DEFAULT_MODE) -> ModeLookup:
+    """Adapt a ``reflection_cache.types.ModeSource`` (the reflection cache) to a lookup."""
+    async def lookup(service: str, method: str) -> Mode:
+        modes = await source.get(service)  # type: ignore[attr-defined]
+        return modes.mode_for(method, default)[0]
+    return lookup
+
+
+def lazy_modes(factory: Callable[[], object], default: Mode = policy.DEFAULT_MODE) -> ModeLookup:
+    """Like ``modes_from_source``, but builds the source on first use, inside the server's
+    event loop (gRPC aio channels, as the reflection cache uses, belong to one loop)::
+
+        lazy_modes(lambda: ReflectionCache(EndpointResolver(static={...})), Mode.BREAK_GLASS_ONLY)
+    """
+    holder: list[ModeLookup] = []
+
+    async def lookup(service: str, method: str) -> Mode:
+        if not holder:
+            holder.append(modes_from_source(factory(), default))
+        return await holder[0](service, method)
+    return lookup
+
+
+def awaiting_reason(r: ApprovalRequest) -> bool:
+    """True for a gateway-opened request whose requester has not said why yet."""
+    return r.origin == "gateway" and r.state is RequestState.PENDING
+
+
+def approver_words(r: ApprovalRequest) -> str:
+    return APPROVER_WORDS[r.mode].format(service=r.service)
+
+
+@dataclasses.dataclass(frozen=True)
+class Permissions:
+    """What the viewer may do with a request, and if not, why not (for page and API)."""
+
+    can_approve: bool
+    can_reject: bool
+    can_cancel: bool
+    can_complete: bool
+    why_not: str
+
+
+class ApprovalService:
+    """Create, read and move approval requests for authenticated principals."""
+
+    def __init__(self, store: Store, rules: RequestPolicy, mode_lookup: ModeLookup | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.rules = rules
+        self.mode_lookup = mode_lookup
+        self.clock = clock
+        self._grants_lock = threading.Lock()
+        self._grants: GrantSet | None = None
+
+    # --- grants ---------------------------------------------------------------------------
+    def grants(self) -> GrantSet:
+        """The current grants, reloaded only when the store's revision moved."""
+        revision = self.store.grants_revision()
+        with self._grants_lock:
+            if self._grants is None or self._grants.revision != revision:
+                self._grants = GrantSet(self.store.list_grants(), revision)
+            return self._grants
+
+    # --- reading --------------------------------------------------------------------------
+    def get(self, request_id: str) -> ApprovalRequest:
+        """The request; a pending one past its expiry is expired (and audited) first."""
+        r = self.store.get_request(request_id)
+        return self._expire_if_due(r)
+
+    def list(self, viewer: str, *, scope: str = "mine", states: Sequence[RequestState] | None = None,
+             limit: int = 100) -> list[ApprovalRequest]:
+        """``mine``: viewer's requests; ``reviewable``: pending ones the viewer may approve now;
+        ``all``: everything visible (newest first)."""
+        if scope == "mine":
+            found = self.store.find_requests(requester=viewer, states=states, limit=limit)
+        elif scope == "reviewable":
+            wanted = states or [RequestState.PENDING]
+            if any(s is not RequestState.PENDING for s in wanted):
+                return []
+            now, grants = self.clock(), self.grants()
+            found = [r for r in self.store.find_requests(states=[RequestState.PENDING], limit=1000)
+                     if now < r.expires_at and not awaiting_reason(r)
+                     and viewer not in r.approvers and policy.may_approve(viewer, r, grants, now)]
+            found = found[:limit]
+        elif scope == "all":
+            found = self.store.find_requests(states=states, limit=limit)
+        else:
+            raise InvalidRequest(f"unknown list scope {scope!r}; use mine, reviewable or all")
+        return [self._expire_if_due(r) for r in found]
+
+    def permissions(self, r: ApprovalRequest, viewer: str) -> Permissions:
+        """What ``viewer`` may do with ``r`` right now, with the reason when not."""
+        now, grants = self.clock(), self.grants()
+        is_requester = viewer == r.requester
+        pending = r.state is RequestState.PENDING and now < r.expires_at
+        eligible = policy.may_approve(viewer, r, grants, now)
+        can_cancel = (is_requester or viewer in r.approvers) and not r.state.closed
+        can_complete = is_requester and pending and awaiting_reason(r)
+        if not pending:
+            why = (f"This request is {r.state.value}; it can no longer be approved or rejected."
+                   if r.state is not RequestState.PENDING else
+                   "This request expired before it was approved.")
+        elif is_requester:
+            why = ("You asked for this; nobody approves their own request. It needs "
+                   f"{approver_words(r)}.")
+        elif awaiting_reason(r):
+            why = f"Waiting for {r.requester} to give a reason before anyone can review it."
+        elif viewer in r.approvers:
+            why = "You already approved this request."
+        elif not eligible:
+            why = (f"You may not review this request: under {r.mode.name} the approver must be "
+                   f"{approver_words(r)}.")
+        else:
+            why = ""
+        can_review = pending and not why
+        return Permissions(can_review, can_review, can_cancel, can_complete, why)
+
+    # --- changing -------------------------------------------------------------------------
+    async def resolve_mode(self, service: str, method: str) -> Mode:
+        if self.mode_lookup is None:
+            raise InvalidRequest("this approvals server has no way to look up method modes")
+        return await self.mode_lookup(service, method)
+
+    def create(self, requester: str, target: Target, mode: Mode, *, reason: str,
+               incident: str | None = None, body_sha256: str | None = None,
+               duration: timedelta | None = None, max_uses: int | None = None
+               ) -> tuple[ApprovalRequest, bool]:
+        """Open a request with a reason, or give the reason for the same-scope pending one.
+
+        Returns (request, created). An existing pending request for the same scope is reused,
+        and if the gateway opened it, this completes it with the reason.
+        """
+        self._check_reason(reason)
+        approval_ttl = self._approval_ttl(duration)
+        now = self.clock()
+        fresh = policy.open_request(
+            request_id=new_request_id(), requester=requester, target=target, mode=mode,
+            grants=self.grants(), now=now, pending_ttl=self.rules.pending_ttl,
+            approval_ttl=approval_ttl, reason=reason, incident=incident, body_sha256=body_sha256,
+            required_approvals=self.rules.required_approvals(target.service, mode),
+            max_uses=max_uses, origin="user")
+        r, created = self.store.get_or_create_pending(fresh, actor=requester)
+        if not created and awaiting_reason(r):
+            r = self.complete(r.id, requester, reason=reason, incident=incident)
+        return r, created
+
+    def open_gateway_request(self, requester: str, target: Target,
+                             body_sha256: str | None) -> ApprovalRequest | None:
+        """The requester's pending gateway-opened request for exactly this scope, if any."""
+        now = self.clock()
+        for r in self.store.find_requests(requester=requester, service=target.service,
+                                          method=target.method, states=[RequestState.PENDING]):
+            if awaiting_reason(r) and r.body_sha256 == body_sha256 and now < r.expires_at:
+                return r
+        return None
+
+    def complete(self, request_id: str, actor: str, *, reason: str,
+                 incident: str | None = None) -> ApprovalRequest:
+        """The requester gives the reason for a request the gateway opened."""
+        self._check_reason(reason)
+        r = self.get(request_id)
+        if not awaiting_reason(r) and r.state is RequestState.PENDING and actor == r.requester:
+            raise AlreadyDecided(f"request {r.id} already has its reason")
+        now = self.clock()
+        return self.store.update_request(
+            request_id, lambda cur: policy.complete(cur, actor, now, reason=reason, incident=incident),
+            actor=actor, kind="request.completed", reason=reason.strip())
+
+    def approve(self, request_id: str, approver: str, comment: str = "") -> ApprovalRequest:
+        """Record an approval; the request is APPROVED once it has enough distinct approvers."""
+        for _ in range(5):
+            r = self.get(request_id)
+            if awaiting_reason(r) and approver != r.requester and approver not in r.approvers:
+                raise AwaitingReason(f"request {r.id} is waiting for {r.requester} to give a "
+                                     "reason; it cannot be reviewed yet")
+            final = len(r.approvals) + 1 >= r.required_approvals
+            kind = "request.approved" if final else "request.approval_recorded"
+            now, grants = self.clock(), self.grants()
+
+            def change(cur: ApprovalRequest) -> ApprovalRequest:
+                if (len(cur.approvals) + 1 >= cur.required_approvals) != final:
+                    raise _KindChanged("approvals changed meanwhile")
+                return policy.approve(cur, approver, grants, now, comment)
+            try:
+                return self.store.update_request(request_id, change, actor=approver, kind=kind,
+                                                 reason=comment.strip())
+            except _KindChanged:
+                continue
+        raise policy.StoreError(f"request {request_id} kept changing; try again")
+
+    def reject(self, request_id: str, reviewer: str, reason: str = "") -> ApprovalRequest:
+        r = self.get(request_id)
+        if awaiting_reason(r) and reviewer != r.requester:
+            raise AwaitingReason(f"request {r.id} is waiting for {r.requester} to give a reason; "
+                                 "it cannot be reviewed yet")
+        now, grants = self.clock(), self.grants()
+        return self.store.update_request(
+            request_id, lambda cur: policy.reject(cur, reviewer, grants, now, reason),
+            actor=reviewer, kind="request.rejected", reason=reason.strip())
+
+    def cancel(self, request_id: str, actor: str, reason: str = "") -> ApprovalRequest:
+        """Withdraw (requester) or revoke (an approver) a pending or approved request."""
+        self.get(request_id)
+        now = self.clock()
+        return self.store.update_request(
+            request_id, lambda cur: policy.cancel(cur, actor, now, reason),
+            actor=actor, kind="request.cancelled", reason=reason.strip())
+
+    def sweep_expired(self) -> list[ApprovalRequest]:
+        """Expire every pending request past ``expires_at`` and approval past ``valid_until``.
+
+        Each expiry is one atomic update with a ``request.expired`` audit event. Returns the
+        requests this call expired.
+        """
+        expired = []
+        for r in self.store.find_requests(states=[RequestState.PENDING, RequestState.APPROVED],
+                                          limit=10_000):
+            done = self._expire_if_due(r)
+            if done is not r and done.state is RequestState.EXPIRED:
+                expired.append(done)
+        return expired
+
+    # --- helpers --------------------------------------------------------------------------
+    def _expire_if_due(self, r: ApprovalRequest) -> ApprovalRequest:
+        now = self.clock()
+        if policy.expire(r, now) is r:
+            return r
+
+        def change(cur: ApprovalRequest) -> ApprovalRequest:
+            after = policy.expire(cur, now)
+            if after is cur:
+                raise RequestClosed("nothing to expire")  # someone else moved it; write nothing
+            return after
+        try:
+            return self.store.update_request(r.id, change, actor="system", kind="request.expired",
+                                             reason="expired")
+        except RequestClosed:
+            return self.store.get_request(r.id)
+
+    def _check_reason(self, reason: str) -> None:
+        n = self.rules.min_reason_length
+        if len((reason or "").strip()) < n:
+            raise InvalidRequest(f"a reason of at least {n} characters is required: say why you "
+                                 "need this call")
+
+    def _approval_ttl(self, duration: timedelta | None) -> timedelta:
+        if duration is None:
+            return self.rules.default_approval_ttl
+        if duration <= timedelta(0):
+            raise InvalidRequest("the approval duration must be positive")
+        if duration > self.rules.max_approval_ttl:
+            raise InvalidRequest(f"an approval can last at most "
+                                 f"{int(self.rules.max_approval_ttl.total_seconds())} seconds; "
+                                 f"{int(duration.total_seconds())} were asked for")
+        return duration
+
+
+def new_request_id() -> str:
+    """An unguessable request id (it appears in links)."""
+    return uuid.uuid4().hex
+
+
+__all__ = ["ApprovalService", "AwaitingReason", "MODE_EXPLANATIONS", "ModeLookup", "ModeUnavailable",
+           "Permissions", "approver_words", "awaiting_reason", "lazy_modes", "modes_from_source",
+           "static_modes"]
