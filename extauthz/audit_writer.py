@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import Executor
 from typing import Callable
 
@@ -34,6 +35,11 @@ def _describe(item) -> str:
 
 #: Most events written in one store transaction.
 MAX_BATCH = 500
+
+#: Deferred events the writer's thread builds between two GIL hand-backs. Building is pure
+#: Python and holds the GIL; a check that arrives meanwhile would otherwise wait up to the
+#: interpreter's switch interval (5 ms) for it, which showed up as the c=1 p99.
+BUILD_CHUNK = 16
 
 
 class AuditWriter:
@@ -106,10 +112,14 @@ class AuditWriter:
     def _write(self, write: Callable[[list[AuditEvent]], None], batch: list) -> None:
         """In the executor: build the deferred events, then write the batch."""
         events = []
+        built = 0
         for item in batch:
             if isinstance(item, AuditEvent):
                 events.append(item)
                 continue
+            built += 1
+            if built % BUILD_CHUNK == 0:
+                time.sleep(0)  # releases the GIL: a waiting check runs now, not in 5 ms
             try:
                 events.append(item())
             except Exception:  # a bug building one event must not lose the others

@@ -101,6 +101,10 @@ class Authorizer:
         self.executor = executor
         self.clock = clock
         self._deadline = settings.decision_deadline_ms / 1000.0
+        # Headers every response removes besides forged x-rpcauthz-* ones (dev mode's header).
+        self._also_remove: tuple[str, ...] = (
+            (settings.identity.dev_principal_header,) if settings.identity.dev_mode else ())
+        self._get_fresh = getattr(modes, "get_fresh", None)
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -135,9 +139,7 @@ class Authorizer:
             if verdict.dry_run:
                 verdict = self._dry_run(verdict)
             self.metrics.record(verdict, time.perf_counter() - started)
-            headers = req.attributes.request.http.headers
-            also = [self.settings.identity.dev_principal_header] if self.settings.identity.dev_mode else []
-            return responses.build(verdict, headers, also)
+            return responses.build(verdict, req.attributes.request.http.headers, self._also_remove)
         finally:
             self.metrics.in_flight.dec()
 
@@ -147,7 +149,7 @@ class Authorizer:
         """The verdict when everything it needs is in memory (the mode source has a fresh
         entry, and no approval request must be read); None, with nothing done that counts
         (no audit, no metrics), when ``_decide`` must run instead."""
-        get_fresh = getattr(self.modes, "get_fresh", None)
+        get_fresh = self._get_fresh
         if get_fresh is None:
             return None
         step = self._identify_and_target(req, p)

@@ -121,7 +121,7 @@ def _headers_to_remove(request_headers: Iterable[str], also_remove: Iterable[str
                        keep: tuple[str, ...]) -> list[str]:
     """Client headers that only we may set (``x-rpcauthz-*``, any case), except those the
     response sets itself (``keep``; Envoy overwrites them), plus ``also_remove``."""
-    strip = {h.lower() for h in also_remove}
+    strip = {h.lower() for h in also_remove} if also_remove else set()
     names = list(request_headers)
     if HEADER_PREFIX not in "\n".join(names).lower():  # the usual case, in one pass
         return sorted(strip)

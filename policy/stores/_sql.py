@@ -28,6 +28,7 @@ _IMMUTABLE = ("id", "requester", "service", "method", "mode", "created_at", "bod
               "required_approvals", "max_uses", "approval_ttl")
 _AUDIT_COLS = ", ".join(codec.AUDIT_COLUMNS)
 _AUDIT_VALUES = ", ".join(f"%({c})s" for c in codec.AUDIT_COLUMNS)
+_INSERT_AUDIT = f"INSERT INTO audit ({_AUDIT_COLS}) VALUES ({_AUDIT_VALUES})"
 _GRANT_COLS = ", ".join(codec.GRANT_COLUMNS)
 
 
@@ -293,14 +294,21 @@ class SqlStore(abc.ABC):
             self._insert_audit(cur, event)
 
     def append_audits(self, events: Sequence[AuditEvent]) -> None:
-        """Write several audit events durably in one transaction (one commit for a batch)."""
+        """Write several audit events durably in one transaction (one commit for a batch).
+
+        One ``executemany`` of the same INSERT: the statement is prepared once and the
+        rows are bound in the driver (sqlite3's C loop; psycopg pipelines them), instead of
+        a Python-level ``execute`` per event.
+        """
+        if not events:
+            return
+        ts, json_in = self._ts, self._json_in
+        rows = [codec.audit_params(e, ts, json_in) for e in events]
         with self._tx(write=True) as cur:
-            for event in events:
-                self._insert_audit(cur, event)
+            cur.executemany(_INSERT_AUDIT, rows)
 
     def _insert_audit(self, cur: Any, event: AuditEvent) -> None:
-        cur.execute(f"INSERT INTO audit ({_AUDIT_COLS}) VALUES ({_AUDIT_VALUES})",
-                    codec.audit_params(event, self._ts, self._json_in))
+        cur.execute(_INSERT_AUDIT, codec.audit_params(event, self._ts, self._json_in))
 
     def list_audit(self, *, since: datetime | None = None, kinds: Sequence[str] | None = None,
                    service: str | None = None, request_id: str | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -88,6 +89,9 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 """
 
+#: One encoder for every JSON column (``json.dumps`` with options builds a new one per call).
+_JSON_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
 _NAMED = re.compile(r"%\((\w+)\)s")
 
 
@@ -108,6 +112,9 @@ class _Cursor:
 
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         return self._conn.execute(_sqlite_sql(sql), params)
+
+    def executemany(self, sql: str, seq_of_params: Any) -> sqlite3.Cursor:
+        return self._conn.executemany(_sqlite_sql(sql), seq_of_params)
 
 
 class SQLiteStore(SqlStore):
@@ -238,8 +245,7 @@ class SQLiteStore(SqlStore):
         return datetime.fromisoformat(value)
 
     def _json_in(self, obj: Any) -> str:
-        import json
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        return _JSON_ENCODE(obj)
 
     def _json_out(self, value: Any) -> Any:
         import json
