@@ -6,8 +6,6 @@ they would a real issuer's. Every token it mints carries ``"dev": true`` so logs
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import pathlib
 import secrets
@@ -20,12 +18,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from policy.jwk import b64url_uint, thumbprint
+
 DEV_ISSUER = "https://dev-issuer.rpcauthz.invalid"
 DEV_AUDIENCE = "rpcauthz"
-
-
-def _b64(n: int) -> str:
-    return base64.urlsafe_b64encode(n.to_bytes(32, "big")).rstrip(b"=").decode()
 
 
 class DevIssuer:
@@ -49,11 +45,9 @@ class DevIssuer:
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                     serialization.NoEncryption()))
         numbers = self._key.public_key().public_numbers()
-        self._jwk = {"kty": "EC", "crv": "P-256", "x": _b64(numbers.x), "y": _b64(numbers.y),
+        self._jwk = {"kty": "EC", "crv": "P-256", "x": b64url_uint(numbers.x, 32), "y": b64url_uint(numbers.y, 32),
                      "use": "sig", "alg": "ES256"}
-        thumb = json.dumps({k: self._jwk[k] for k in ("crv", "kty", "x", "y")},
-                           separators=(",", ":"), sort_keys=True)
-        self.kid = base64.urlsafe_b64encode(hashlib.sha256(thumb.encode()).digest()).rstrip(b"=").decode()
+        self.kid = thumbprint({k: self._jwk[k] for k in ("crv", "kty", "x", "y")})
         self._jwk["kid"] = self.kid
 
     def mint(self, subject: str, *, ttl_seconds: int = 3600, name: str | None = None,

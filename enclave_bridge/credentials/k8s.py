@@ -7,8 +7,6 @@ which :class:`OidcServer` serves. Tokens are RS256, short-lived, and carry the e
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import threading
 import uuid
@@ -19,17 +17,11 @@ from typing import Sequence
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from policy.jwk import b64url_uint, thumbprint
+
 MAX_TOKEN_SECONDS = 3600
 JWKS_PATH = "/openid/v1/jwks"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
-
-
-def _b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _int_b64u(n: int) -> str:
-    return _b64u(n.to_bytes((n.bit_length() + 7) // 8, "big"))
 
 
 class OidcIssuer:
@@ -43,9 +35,9 @@ class OidcIssuer:
         self.issuer = issuer
         self._key = signing_key
         numbers = signing_key.public_key().public_numbers()
-        jwk = {"e": _int_b64u(numbers.e), "kty": "RSA", "n": _int_b64u(numbers.n)}
+        jwk = {"e": b64url_uint(numbers.e), "kty": "RSA", "n": b64url_uint(numbers.n)}
         # RFC 7638 thumbprint as kid, so a rotated key gets a new kid.
-        self.kid = _b64u(hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode()).digest())
+        self.kid = thumbprint(jwk)
         self._jwk = {**jwk, "kid": self.kid, "use": "sig", "alg": "RS256"}
 
     def mint(self, *, subject: str, audience: str, groups: Sequence[str], ttl_seconds: int,

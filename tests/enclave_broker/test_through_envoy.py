@@ -2,10 +2,8 @@
 -> parent forwarder -> (unix socket standing in for vsock) -> enclave forwarder -> the broker's TLS."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,30 +17,12 @@ from enclave_bridge.broker.server import start_broker
 from enclave_bridge.seeds import SeedBundle
 from mpa.devissuer import DevIssuer
 from tests.support.enclave_broker_env import StubSts, broker_config
-from tests.support.enclave_net_envoy import Envoy, free_port, render_config
+from tests.support.enclave_net_envoy import Envoy, forwarder, free_port, render_config
 
 pytestmark = pytest.mark.envoy
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE, BOB = "alice@example.com", "bob@example.com"
-
-
-@contextlib.contextmanager
-def forwarder(listen: str, to: str):
-    proc = subprocess.Popen([sys.executable, "-m", "rpcauthz.mpactl", "forward", "--listen", listen, "--to", to,
-                             "--shutdown-grace", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        banner = proc.stdout.readline()
-        assert banner.startswith("forwarding"), banner + proc.stderr.read()
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,15 @@ Path under test (vsock replaced by a unix socket, which is the same forwarder co
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 
 import pytest
 
 from tests.support.enclave_net_envoy import (
-    CONFIG, REPO, Envoy, TlsEchoServer, free_port, pinned_client_context, render_config, self_signed,
+    CONFIG, Envoy, TlsEchoServer, forwarder, free_port, pinned_client_context, render_config, self_signed,
     tls_exchange,
 )
 
@@ -32,24 +29,6 @@ def test_shipped_config_passes_envoy_validate():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "OK" in done.stdout + done.stderr
-
-
-@contextlib.contextmanager
-def forwarder(listen: str, to: str):
-    proc = subprocess.Popen([sys.executable, "-m", "rpcauthz.mpactl", "forward", "--listen", listen, "--to", to,
-                             "--shutdown-grace", "1"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        banner = proc.stdout.readline()
-        assert banner.startswith("forwarding"), banner + proc.stderr.read()
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,19 @@
 """Helpers for the enclave-net Envoy tests: render envoy/broker-passthrough.yaml onto free ports,
-run the real Envoy binary, run a pinned TLS echo server, read Envoy's stats."""
+run the real Envoy binary and `mpactl forward`, run a pinned TLS echo server, read Envoy's stats."""
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import signal
 import socket
 import socketserver
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -52,6 +55,25 @@ def render_config(out: Path, *, admin: int, passthrough: int, parent_forwarder: 
             sock.update(address="127.0.0.1", port_value=1)
     out.write_text(yaml.safe_dump(config))
     return out
+
+
+@contextlib.contextmanager
+def forwarder(listen: str, to: str) -> Iterator[subprocess.Popen]:
+    """Run `mpactl forward --listen LISTEN --to TO` until the block ends (SIGTERM, then kill)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rpcauthz.mpactl", "forward", "--listen", listen, "--to", to,
+                             "--shutdown-grace", "1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stdout.readline()
+        assert banner.startswith("forwarding"), banner + proc.stderr.read()
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Envoy:
