@@ -1,8 +1,10 @@
 """``mpactl migrate`` driven through a real terminal (pexpect spawns it on a pty)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -20,9 +22,19 @@ def spawn(*args: str, env: dict | None = None) -> pexpect.spawn:
                          env=e, encoding="utf-8", timeout=60, dimensions=(50, 200))
 
 
-def test_interactive_walk_choices_default_retry_and_confirm(gtree: Path):
-    child = spawn("migrate", "Operations", "--root", str(gtree))
+@contextlib.contextmanager
+def session(*args: str, env: dict | None = None) -> Iterator[pexpect.spawn]:
+    """``spawn`` for the length of a with-block; the child is always closed (its exit status is
+    then in ``child.exitstatus``)."""
+    child = spawn(*args, env=env)
     try:
+        yield child
+    finally:
+        child.close(force=True)
+
+
+def test_interactive_walk_choices_default_retry_and_confirm(gtree: Path):
+    with session("migrate", "Operations", "--root", str(gtree)) as child:
         child.expect(r"\[1/5\] rpc ListOperations")
         child.expect(r"current:\s+BREAK_GLASS_ONLY \(none set: gateway default\)")
         child.expect(r"suggested: CONTRIBUTORS_WITHOUT_APPROVAL")
@@ -48,8 +60,6 @@ def test_interactive_walk_choices_default_retry_and_confirm(gtree: Path):
         child.expect(r"\+    option \(rpcauthz.v1.humans_who_can_rpc\) = ENGINEERS_WITH_APPROVAL;")
         child.expect(r"wrote .*operations_proto\.proto")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
     assert child.exitstatus == 0
     text = (gtree / OPS).read_text()
     from mpa.proto_source import compile_protos
@@ -65,8 +75,7 @@ def test_interactive_walk_choices_default_retry_and_confirm(gtree: Path):
 
 def test_quit_and_declined_confirmation_write_nothing(gtree: Path):
     before = snapshot(gtree)
-    child = spawn("migrate", "Operations", "--root", str(gtree))
-    try:
+    with session("migrate", "Operations", "--root", str(gtree)) as child:
         child.expect(r"\(default 3\): ")
         child.sendline("1")
         child.expect(r"\[2/5\]")
@@ -74,13 +83,10 @@ def test_quit_and_declined_confirmation_write_nothing(gtree: Path):
         child.sendline("q")
         child.expect("quit: nothing written")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
     assert child.exitstatus == 1
     assert snapshot(gtree) == before
 
-    child = spawn("migrate", "Operations", "--root", str(gtree), "--set", "GetOperation=BREAK_GLASS_ONLY")
-    try:
+    with session("migrate", "Operations", "--root", str(gtree), "--set", "GetOperation=BREAK_GLASS_ONLY") as child:
         for _ in range(4):  # the four RPCs not preset
             child.expect(r"\[1-5, k, q to quit\] \(default \w\): ")
             child.sendline("k")
@@ -88,8 +94,6 @@ def test_quit_and_declined_confirmation_write_nothing(gtree: Path):
         child.sendline("n")
         child.expect("nothing written")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
     assert child.exitstatus == 1
     assert snapshot(gtree) == before
 
@@ -104,8 +108,7 @@ def test_interactive_shows_usage_from_the_store(gtree: Path, tmp_path: Path):
         seed_usage(store)
     finally:
         store.close()
-    child = spawn("migrate", "Operations", "--root", str(gtree), env={"RPCAUTHZ_STORE_URL": url})
-    try:
+    with session("migrate", "Operations", "--root", str(gtree), env={"RPCAUTHZ_STORE_URL": url}) as child:
         child.expect(r"\[1/5\] rpc ListOperations")
         child.expect(r"usage:\s+no calls by hand in the window")
         child.expect(r"\(default 3\): ")
@@ -127,6 +130,4 @@ def test_interactive_shows_usage_from_the_store(gtree: Path, tmp_path: Path):
         child.sendline("q")
         child.expect("quit: nothing written")
         child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
     assert child.exitstatus == 1
