@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
 
+from extauthz.processes import free_port  # one free-port helper; tests import it from here
+
+__all__ = ["free_port"]
+
 PG_ENV = "RPCAUTHZ_TEST_PG_DSN"
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -22,14 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from extauthz.processes import free_port
+
 REPO = Path(__file__).parents[2]
 CONFIG = REPO / "envoy" / "broker-passthrough.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render_config(out: Path, *, admin: int, passthrough: int, parent_forwarder: int, egress: int,
