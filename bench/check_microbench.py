@@ -30,10 +30,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 from google.rpc import code_pb2, status_pb2  # noqa: E402
 
-from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from extauthz.body import frame  # noqa: E402
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
@@ -97,6 +97,7 @@ async def time_handler(handler, raw: bytes, n: int, concurrency: int,
 
 
 async def run(args) -> int:
+    from devstack.demo_services import start_demo_server
     from extauthz.audit_writer import AuditWriter
     from extauthz.config import load_settings
     from extauthz.metrics import Metrics
@@ -104,7 +105,6 @@ async def run(args) -> int:
     from extauthz.server import open_components
     from policy import Grant, Role
     from policy.stores import open_store
-    from rpcauthz.demo.servers import start_demo_server
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rpcauthz-microbench-"))
     upstream = start_demo_server(services=("accounts",))

@@ -79,7 +79,7 @@ def wait_listening(where: int | str, proc: subprocess.Popen, timeout: float = 30
 
 
 def forwarder_args(listen: str, to: str) -> list[str]:
-    return [sys.executable, "-m", "rpcauthz.mpactl", "forward", "--listen", listen, "--to", to,
+    return [sys.executable, "-m", "mpactl.app", "forward", "--listen", listen, "--to", to,
             "--log-level", "warning"]
 
 

@@ -37,9 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from devstack.processes import EnvoyProcess, ExtAuthzProcess, ManagedProcess, free_port, render_gateway, wait_serving  # noqa: E402
 from extauthz.body import frame  # noqa: E402
-from extauthz.processes import (EnvoyProcess, ExtAuthzProcess, ManagedProcess, free_port,  # noqa: E402
-                                render_gateway, wait_serving)
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
 PATH = f"/{ACCOUNTS}/ListAccounts"  # ENGINEERS_WITHOUT_APPROVAL: an allow from memory
@@ -123,7 +122,7 @@ def _noop_server(port: int, workdir: pathlib.Path) -> ManagedProcess:
 
 def check_call(port: int, token: str) -> None:
     """One real gRPC call through the gateway must succeed before we time anything."""
-    from extauthz.democlient import call
+    from devstack.democlient import call
 
     result = call(f"127.0.0.1:{port}", PATH, token=token)
     if result.code.name != "OK":
@@ -149,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
 
-    from mpa.devissuer import DevIssuer
+    from devstack.demo_services import start_demo_server
+    from devstack.devissuer import DevIssuer
     from policy import Grant, Role
     from policy.stores import open_store
-    from rpcauthz.demo.servers import start_demo_server
     from rpcauthz.demo.v1 import accounts_pb2
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rpcauthz-bench-"))
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             envoys[name] = e
         for e in envoys.values():
             e.wait_ready()
-        for name, e in envoys.items():
+        for e in envoys.values():
             check_call(e.port, token)  # also warms reflection and connections
 
         rounds: list[list[Cell]] = []

@@ -17,10 +17,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: E402
 from google.rpc import code_pb2, status_pb2  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
 
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc  # noqa: E402
 from extauthz.server import grpc_server_options  # noqa: E402
 
 _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),

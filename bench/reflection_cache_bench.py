@@ -22,9 +22,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from devstack.demo_services import LEDGER, start_demo_server  # noqa: E402
 from reflection_cache.cache import CacheSettings, ReflectionCache  # noqa: E402
 from reflection_cache.endpoints import EndpointResolver  # noqa: E402
-from rpcauthz.demo.servers import LEDGER, start_demo_server  # noqa: E402
 
 
 async def timed(fn, n: int) -> list[float]:

@@ -17,14 +17,13 @@ import statistics
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policy import (Grant, GrantSet, Mode, RequestState, Role, Target,  # noqa: E402
-                    approve, open_request, use)
+from policy import Grant, GrantSet, Mode, RequestState, Role, Target, approve, open_request, use  # noqa: E402
 from policy.grant_cache import GrantCache  # noqa: E402
 from policy.stores import open_store, redact_url  # noqa: E402
 
@@ -49,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
 
     store = open_store(args.store)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     grants = [Grant(f"user{i}@example.com", Role.ENGINEER) for i in range(2000)]
     grants += [Grant(f"user{i}@example.com", Role.CONTRIBUTOR, f"svc{i % 500}.v1.Svc")
                for i in range(2000)]

@@ -9,7 +9,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 from urllib.parse import urlsplit
 
 VMADDR_CID_ANY = 0xFFFFFFFF
@@ -55,7 +55,7 @@ class VsockAddress:
         return f"vsock://{cid}:{self.port}"
 
 
-Address = Union[TcpAddress, UnixAddress, VsockAddress]
+Address = TcpAddress | UnixAddress | VsockAddress
 
 _VSOCK_CID_NAMES = {"any": VMADDR_CID_ANY, "parent": NITRO_PARENT_CID, "host": VMADDR_CID_HOST}
 

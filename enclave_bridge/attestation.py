@@ -22,10 +22,10 @@ import datetime as dt
 import hashlib
 import hmac
 import threading
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping as _AnyMap
 from dataclasses import dataclass, field
 from importlib import resources
-from collections.abc import Mapping as _AnyMap
-from typing import Callable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm as UnsupportedAlgorithmError
@@ -35,10 +35,24 @@ from cryptography.x509 import verification
 
 from . import cose
 from .attestation_errors import (
-    AttestationError, CertificateExpired, DebugModeEnclave, FutureDocument, InvalidSignature,
-    MalformedDocument, NonceMismatch, NonceMissing, PcrMismatch, PcrMissing, PublicKeyMismatch,
-    PublicKeyMissing, ReplayCacheFull, ReplayedNonce, StaleDocument, UnsupportedAlgorithm,
-    UntrustedChain, UserDataMismatch,
+    AttestationError,
+    CertificateExpired,
+    DebugModeEnclave,
+    FutureDocument,
+    InvalidSignature,
+    MalformedDocument,
+    NonceMismatch,
+    NonceMissing,
+    PcrMismatch,
+    PcrMissing,
+    PublicKeyMismatch,
+    PublicKeyMissing,
+    ReplayCacheFull,
+    ReplayedNonce,
+    StaleDocument,
+    UnsupportedAlgorithm,
+    UntrustedChain,
+    UserDataMismatch,
 )
 
 __all__ = [
@@ -59,7 +73,7 @@ _MAX_CERT_BYTES = 1024
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def aws_nitro_root() -> x509.Certificate:
@@ -183,7 +197,7 @@ class Expectations:
             raise ValueError("Expectations.max_age must be positive")
 
     @classmethod
-    def aws(cls, pcrs: Mapping[int, bytes | str], **kwargs) -> "Expectations":
+    def aws(cls, pcrs: Mapping[int, bytes | str], **kwargs) -> Expectations:
         """Production expectations: documents must chain to the AWS Nitro Enclaves Root G1."""
         return cls(root=aws_nitro_root(), pcrs=pcrs, **kwargs)
 
@@ -303,7 +317,7 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
 
     now = expectations.clock()
     if now.tzinfo is None:  # a naive clock is taken as UTC, as cryptography does
-        now = now.replace(tzinfo=dt.timezone.utc)
+        now = now.replace(tzinfo=dt.UTC)
     _verify_chain(leaf, bundle, expectations.root, now)  # type: ignore[arg-type]
 
     pcrs: dict[int, bytes] = doc["pcrs"]
@@ -317,7 +331,7 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
         if not hmac.compare_digest(pcrs[index], expected):
             raise PcrMismatch(f"PCR{index} is {pcrs[index].hex()}, expected {expected.hex()}")
 
-    timestamp = dt.datetime.fromtimestamp(doc["timestamp"] / 1000, dt.timezone.utc)
+    timestamp = dt.datetime.fromtimestamp(doc["timestamp"] / 1000, dt.UTC)
     if timestamp > now + expectations.max_clock_skew:
         raise FutureDocument(f"document timestamp {timestamp.isoformat()} is ahead of now ({now.isoformat()})")
     if now - timestamp > expectations.max_age:

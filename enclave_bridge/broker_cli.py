@@ -9,9 +9,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -45,7 +44,7 @@ def register(app: typer.Typer) -> None:
     @broker.command("measure")
     def measure(repo: Path = typer.Option(Path("."), "--repo", help="the git repository to build from"),
                 rev: str = typer.Option("HEAD", "--rev", help="commit, tag or branch to build"),
-                out: Optional[Path] = typer.Option(None, "--out", help="also write the artifact here"),
+                out: Path | None = typer.Option(None, "--out", help="also write the artifact here"),
                 as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
         """Build the broker artifact twice from REV and print its SHA-384 (fails if the builds differ)."""
         try:
@@ -67,7 +66,7 @@ def register(app: typer.Typer) -> None:
         try:
             full = measure_mod.resolve_commit(repo, commit)
             p = measure_mod.MeasurementLedger(ledger).propose(commit=full, proposer=who, reason=reason,
-                                                              now=datetime.now(timezone.utc))
+                                                              now=datetime.now(UTC))
         except (measure_mod.BuildError, ValueError) as e:
             _fail(str(e))
         typer.echo(f"{p.id}  proposes commit {p.commit}\n"
@@ -86,7 +85,7 @@ def register(app: typer.Typer) -> None:
             p = led.get(proposal_id)
             m = measure_mod.measure(repo, p.commit)
             p = led.report(proposal_id, approver=who, sha384_hex=m.sha384, approvers=allowed,
-                           now=datetime.now(timezone.utc))
+                           now=datetime.now(UTC))
         except KeyError as e:
             _fail(str(e.args[0]))
         except (measure_mod.BuildError, PolicyError) as e:
@@ -108,8 +107,8 @@ def register(app: typer.Typer) -> None:
                                               "policy pins the broker's measurement"),
                    out: Path = typer.Option(..., "--out", help="where to write the sealed seed bundle"),
                    kms_region: str = typer.Option("eu-west-2", "--kms-region"),
-                   kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint"),
-                   slack_webhook_url: Optional[str] = typer.Option(
+                   kms_endpoint: str | None = typer.Option(None, "--kms-endpoint"),
+                   slack_webhook_url: str | None = typer.Option(
                        None, "--slack-webhook-url", envvar="MPA_BROKER_SLACK_WEBHOOK",
                        help="Slack incoming webhook for notifications (env MPA_BROKER_SLACK_WEBHOOK)"),
                    with_aws_keys: bool = typer.Option(
@@ -151,7 +150,7 @@ def register(app: typer.Typer) -> None:
     def serve(config: Path = typer.Option(..., "--config", help="broker YAML config"),
               state: Path = typer.Option(..., "--state", help="sealed state file on the host (SQLite)"),
               audit_log: Path = typer.Option(..., "--audit-log", help="JSON-lines audit log on the host"),
-              slack_spool: Optional[Path] = typer.Option(
+              slack_spool: Path | None = typer.Option(
                   None, "--slack-spool", help="SQLite spool for Slack messages waiting to be delivered "
                   "(default: next to --state, as STATE.slack.db); used when the seeds hold a webhook"),
               listen: str = typer.Option("127.0.0.1:8443", "--listen", help="host:port for the TLS gRPC API"),
@@ -159,14 +158,14 @@ def register(app: typer.Typer) -> None:
                                               help="host:port to serve the Kubernetes issuer's discovery + JWKS"),
               cert_out: Path = typer.Option(Path("broker.pem"), "--cert-out",
                                             help="where to write the broker's certificate (clients pin it)"),
-              seeds: Optional[Path] = typer.Option(None, "--seeds", help="sealed seed bundle (production)"),
+              seeds: Path | None = typer.Option(None, "--seeds", help="sealed seed bundle (production)"),
               kms_region: str = typer.Option("eu-west-2", "--kms-region"),
-              kms_endpoint: Optional[str] = typer.Option(None, "--kms-endpoint",
+              kms_endpoint: str | None = typer.Option(None, "--kms-endpoint",
                                                          help="KMS endpoint URL (through the egress proxy)"),
               nsm_device: str = typer.Option("/dev/nsm", "--nsm", help="the Nitro Security Module device"),
-              simulate: Optional[Path] = typer.Option(
+              simulate: Path | None = typer.Option(
                   None, "--simulate", help="DEMO ONLY: simulated NSM and a local KMS kept in this folder"),
-              ledger: Optional[Path] = typer.Option(None, "--ledger",
+              ledger: Path | None = typer.Option(None, "--ledger",
                                                     help="with --simulate: pin the ledger's trusted measurement"),
               repo: Path = typer.Option(Path("."), "--repo", help="with --simulate: what the enclave 'runs'")) -> None:
         """Run the broker: open seeds through KMS with an attestation document, then serve.
@@ -242,7 +241,7 @@ def register(app: typer.Typer) -> None:
             slack.close()
 
 
-def _simulated_seeds(folder: Path, repo: Path, ledger: Optional[Path]):
+def _simulated_seeds(folder: Path, repo: Path, ledger: Path | None):
     """DEMO ONLY: what the enclave, NSM and KMS do, in one process, persisted in ``folder``.
 
     The simulated image measurement is the SHA-384 of this checkout's broker artifact; the local

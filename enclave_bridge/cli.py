@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import sys
 
@@ -64,13 +63,9 @@ def _address(option: str, url: str, role):
 def register(app: typer.Typer) -> None:
     """Add the enclave bridge's commands to ``mpactl``: ``forward`` here, ``broker`` from broker_cli."""
     app.command("forward")(forward)
-    try:
-        broker_cli = importlib.import_module("enclave_bridge.broker_cli")
-    except ModuleNotFoundError as e:
-        if e.name != "enclave_bridge.broker_cli":
-            raise
-    else:
-        broker_cli.register(app)
+    from . import broker_cli
+
+    broker_cli.register(app)
 
 
 def _standalone() -> typer.Typer:

@@ -8,8 +8,8 @@ bare or under CBOR tag 18. The signature is over the ``Sig_structure``
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import cbor2

@@ -57,7 +57,7 @@ class ForwarderConfig:
             raise ValueError("buffer_size must be between 1 KiB and 16 MiB")
 
     @classmethod
-    def from_urls(cls, listen: str, to: str, **options) -> "ForwarderConfig":
+    def from_urls(cls, listen: str, to: str, **options) -> ForwarderConfig:
         return cls(listen=parse_address(listen, "listen"), target=parse_address(to, "connect"), **options)
 
 
@@ -80,11 +80,11 @@ class _Side(asyncio.Protocol):
     high-water mark, asyncio calls :meth:`pause_writing` and we stop reading from the peer.
     """
 
-    def __init__(self, link: "_Link", counter: str) -> None:
+    def __init__(self, link: _Link, counter: str) -> None:
         self.link = link
         self.counter = counter  # the stats field for bytes this side receives
         self.transport: asyncio.Transport | None = None
-        self.peer: "_Side | None" = None
+        self.peer: _Side | None = None
         self.got_eof = False
         self.lost = False
 
@@ -129,7 +129,7 @@ class _Side(asyncio.Protocol):
 class _Link:
     """A client connection and its target connection, and how the pair ends."""
 
-    def __init__(self, forwarder: "Forwarder", on_client_made) -> None:
+    def __init__(self, forwarder: Forwarder, on_client_made) -> None:
         self.on_client_made = on_client_made
         self.buffer_size = forwarder.config.buffer_size
         self.stats = forwarder.stats
@@ -239,7 +239,7 @@ class Forwarder:
         for link in list(self._links):
             link.abort()
 
-    async def __aenter__(self) -> "Forwarder":
+    async def __aenter__(self) -> Forwarder:
         await self.start()
         return self
 
@@ -281,7 +281,7 @@ class Forwarder:
             try:
                 await asyncio.wait_for(connect_protocol(self.config.target, lambda: link.target),
                                        self.config.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 self.stats.connect_failures += 1
                 log.warning("cannot reach %s for %s: %s", self.config.target, _peer(client), e or "timed out")
                 link.abort()
@@ -311,7 +311,7 @@ class Forwarder:
         try:
             await asyncio.wait_for(self._slots.acquire(), self.config.queue_timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self._waiting -= 1

@@ -22,7 +22,8 @@ import json
 import os
 import secrets
 import struct
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -212,7 +213,7 @@ class KeyPolicy:
             raise ValueError("a key that requires an attested recipient needs at least one PCR condition")
 
     @classmethod
-    def for_pcrs(cls, pcrs: Mapping[int, bytes]) -> "KeyPolicy":
+    def for_pcrs(cls, pcrs: Mapping[int, bytes]) -> KeyPolicy:
         """Conditions pinning ``pcrs`` (PCR0 as ImageSha384, the rest by number)."""
         conditions = {}
         for index, value in sorted(pcrs.items()):
@@ -221,7 +222,7 @@ class KeyPolicy:
         return cls(conditions)
 
     @classmethod
-    def from_aws_json(cls, policy: str | Mapping[str, Any]) -> "KeyPolicy":
+    def from_aws_json(cls, policy: str | Mapping[str, Any]) -> KeyPolicy:
         """Read the attestation conditions from an AWS key policy document.
 
         Takes the ``StringEqualsIgnoreCase`` conditions on ``kms:RecipientAttestation:*`` of

@@ -32,9 +32,9 @@ import secrets
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable
 
 from policy import AlreadyDecided, InvalidRequest, NotEligible, RequestClosed
 

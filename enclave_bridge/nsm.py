@@ -19,7 +19,8 @@ import fcntl
 import hashlib
 import os
 import struct
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import cbor2
 
@@ -165,7 +166,7 @@ def default_simulated_pcrs(image: bytes = b"rpcauthz simulated enclave image") -
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class SimulatedNsm:

@@ -20,7 +20,7 @@ import base64
 import dataclasses
 import json
 import os
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -49,7 +49,7 @@ class SeedBundle:
                 f"aws={'<set>' if self.aws else None}, slack={'<set>' if self.slack_webhook_url else None})")
 
     @classmethod
-    def generate(cls, aws: Mapping[str, str] | None = None, slack_webhook_url: str | None = None) -> "SeedBundle":
+    def generate(cls, aws: Mapping[str, str] | None = None, slack_webhook_url: str | None = None) -> SeedBundle:
         """Fresh seeds (an operator runs this once, on a trusted machine or in the enclave)."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -69,7 +69,7 @@ class SeedBundle:
                            "slack_webhook_url": self.slack_webhook_url}).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "SeedBundle":
+    def from_json(cls, data: bytes) -> SeedBundle:
         try:
             body = json.loads(data)
             bundle = cls(base64.b64decode(body["state_key"]), body["kubernetes_signing_key"].encode(),

@@ -34,7 +34,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @dataclass

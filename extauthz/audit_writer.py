@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Callable
 
 from policy.audit import AuditEvent
 
@@ -137,7 +137,7 @@ class AuditWriter:
             _finish(self._window_over)
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("audit writer stopped with %d events unwritten", self._queue.qsize())
         self._task.cancel()
         try:

@@ -1,28 +1,25 @@
-"""``mpactl serve`` (the ext_authz server) and ``mpactl demo`` (everything on one machine)."""
+"""``mpactl serve``: the ext_authz server."""
 from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve`` and ``demo`` to ``mpactl``."""
+    """Add ``serve`` to ``mpactl``."""
     app.command("serve", help="Run the Envoy ext_authz gRPC server (Authorization + health + metrics).")(serve)
-    from .demo_cli import demo_app
-    app.add_typer(demo_app, name="demo")
 
 
 def serve(
-    config: Optional[pathlib.Path] = typer.Option(
+    config: pathlib.Path | None = typer.Option(
         None, "--config", "-c", help="YAML config file (see docs/extauthz.md); RPCAUTHZ_* "
                                      "environment variables override it."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1,
+    workers: int | None = typer.Option(None, "--workers", "-w", min=1,
                                           help="Worker processes sharing the port (SO_REUSEPORT)."),
-    port: Optional[int] = typer.Option(None, "--port", help="Override listen.port."),
-    store_url: Optional[str] = typer.Option(None, "--store", help="Override store_url "
+    port: int | None = typer.Option(None, "--port", help="Override listen.port."),
+    store_url: str | None = typer.Option(None, "--store", help="Override store_url "
                                             "(sqlite:///path.db or postgresql://...)."),
     dev_mode: bool = typer.Option(False, "--dev-mode", help="DEV ONLY: take the caller from a "
                                   "header instead of a verified token."),
@@ -44,11 +41,11 @@ def serve(
         settings = load_settings(config, overrides=overrides)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code = run(settings)
     except OSError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     raise typer.Exit(code)

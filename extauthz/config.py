@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -168,7 +169,7 @@ class Settings(_Section):
         return v
 
     @model_validator(mode="after")
-    def _workers_need_port(self) -> "Settings":
+    def _workers_need_port(self) -> Settings:
         if self.workers > 1 and self.listen.port == 0:
             raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
         if self.grants_max_staleness_s <= self.grants_reload_s:

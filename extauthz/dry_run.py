@@ -22,11 +22,11 @@ who is calling or whether the checks can run.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from policy import Decision, Outcome
 
-#: The context_extensions key Envoy sends (see extauthz/envoy_render.py).
+#: The context_extensions key Envoy sends (see owners/envoy_render.py).
 CONTEXT_KEY = "dry_run"
 #: Header added to a dry-run call's response so the caller sees it was not enforced.
 RESPONSE_HEADER = "x-rpcauthz-dry-run"

@@ -5,7 +5,7 @@ One registry per server. With ``--workers N`` every worker writes to a shared
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily

@@ -20,9 +20,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from envoy.service.auth.v3 import external_auth_pb2
 
@@ -36,8 +37,8 @@ from . import responses
 from .audit_writer import AuditWriter
 from .body import grpc_message_digest
 from .config import Settings
-from .identity import Identity, IdentityError, identify
 from .dry_run import dry_run_requested, shadow_label
+from .identity import Identity, IdentityError, identify
 from .metrics import Metrics
 from .target import BadPath, parse_path
 from .verdict import Kind, Verdict
@@ -91,7 +92,7 @@ class Authorizer:
 
     def __init__(self, settings: Settings, *, store, grants: GrantSource, modes: ModeSource,
                  audit: AuditWriter, metrics: Metrics, executor: Executor | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.settings = settings
         self.store = store
         self.grants = grants
@@ -145,7 +146,7 @@ class Authorizer:
 
     # --- the four steps ---------------------------------------------------------------------
 
-    def _decide_from_memory(self, req: external_auth_pb2.CheckRequest, p: "_Progress") -> Verdict | None:
+    def _decide_from_memory(self, req: external_auth_pb2.CheckRequest, p: _Progress) -> Verdict | None:
         """The verdict when everything it needs is in memory (the mode source has a fresh
         entry, and no approval request must be read); None, with nothing done that counts
         (no audit, no metrics), when ``_decide`` must run instead."""
@@ -172,7 +173,7 @@ class Authorizer:
             return None  # the caller's approval requests are in the store
         return self._finish(p, decision)
 
-    async def _decide(self, req: external_auth_pb2.CheckRequest, p: "_Progress") -> Verdict:
+    async def _decide(self, req: external_auth_pb2.CheckRequest, p: _Progress) -> Verdict:
         # 1. identity (and the target)
         step = self._identify_and_target(req, p)
         if isinstance(step, Verdict):
@@ -200,7 +201,7 @@ class Authorizer:
         except _Failure as f:
             return p.verdict(Kind.ERROR, f.rule, str(f), "retry shortly; the gateway's store needs attention")
 
-    def _identify_and_target(self, req: external_auth_pb2.CheckRequest, p: "_Progress"
+    def _identify_and_target(self, req: external_auth_pb2.CheckRequest, p: _Progress
                              ) -> Verdict | tuple[Identity, Target, external_auth_pb2.AttributeContext.HttpRequest]:
         """Steps 1 and 2a: who calls which method, or the denial that says why not."""
         try:
@@ -223,11 +224,11 @@ class Authorizer:
                                         "use a gRPC client (gRPC calls are HTTP/2 POST)"))
         return who, target, http
 
-    def _unknown_target(self, p: "_Progress", e: ReflectionError) -> Verdict:
+    def _unknown_target(self, p: _Progress, e: ReflectionError) -> Verdict:
         rule = "target.unknown_service" if isinstance(e, UnknownService) else "target.unknown_method"
         return self._deny(p.verdict(Kind.DENY, rule, str(e), "check the service and method name"))
 
-    def _grants_and_body(self, p: "_Progress", http, mode: Mode, source: str
+    def _grants_and_body(self, p: _Progress, http, mode: Mode, source: str
                          ) -> Verdict | tuple[GrantSet, str | None]:
         """Step 2b: the caller's grants (memory) and the body's digest, or why not."""
         p.mode, p.mode_source = mode, source
@@ -253,7 +254,7 @@ class Authorizer:
         modes = await self.modes.get(target.service)
         return modes.mode_for(target.method, self.settings.default_mode)
 
-    async def _authorize(self, p: "_Progress", who: Identity, target: Target, mode: Mode,
+    async def _authorize(self, p: _Progress, who: Identity, target: Target, mode: Mode,
                          grants: GrantSet, digest: str | None) -> Verdict:
         now = self.clock()
         decision = policy.decide(who.principal, target, mode, grants, (), now, digest)
@@ -270,7 +271,7 @@ class Authorizer:
                 try:
                     used = await self._io(
                         "update_request", self.store.update_request, decision.approval_id,
-                        lambda r: policy.use(r, now), actor=who.principal,
+                        lambda r, now=now: policy.use(r, now), actor=who.principal,
                         kind="decision.allow_with_approval",
                         reason=f"call {target} (decision {p.decision_id})")
                 except PolicyError:
@@ -285,7 +286,7 @@ class Authorizer:
             return self._finish(p, decision)
         raise _Failure("store.contended", f"the approvals for {target} kept changing while deciding")
 
-    async def _approval_required(self, p: "_Progress", who: Identity, target: Target, mode: Mode,
+    async def _approval_required(self, p: _Progress, who: Identity, target: Target, mode: Mode,
                                  grants: GrantSet, decision: policy.Decision,
                                  digest: str | None) -> Verdict:
         request_id = decision.pending_request_id
@@ -314,7 +315,7 @@ class Authorizer:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _finish(self, p: "_Progress", decision: policy.Decision) -> Verdict:
+    def _finish(self, p: _Progress, decision: policy.Decision) -> Verdict:
         if decision.outcome is Outcome.ALLOW:
             v = p.verdict(Kind.ALLOW, decision.rule, decision.message)
             if self.settings.audit.allows:

@@ -11,14 +11,13 @@ Every response carries dynamic metadata for Envoy's access log.
 """
 from __future__ import annotations
 
-from typing import Iterable
-
-from google.protobuf import struct_pb2
-from google.rpc import code_pb2, status_pb2
+from collections.abc import Iterable
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
 
 from .verdict import Kind, Verdict
 

@@ -16,13 +16,13 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .audit_writer import AuditWriter
 from .config import Settings
@@ -230,8 +230,7 @@ def _supervise(settings: Settings) -> int:
         w.start()
     metrics_server = None
     if settings.metrics.port is not None:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client import multiprocess
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
         registry = CollectorRegistry()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
         multiprocess.MultiProcessCollector(registry, path=multiproc_dir)

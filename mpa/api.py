@@ -10,8 +10,9 @@ never changes state. The OpenAPI spec is at ``/openapi.json``.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,14 +20,34 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import policy
-from policy import (AlreadyDecided, InvalidRequest, NotEligible, PolicyError, RequestClosed,
-                    RequestExpired, RequestState, SelfApproval, StoreError, Target, UnknownRequest)
+from policy import (
+    AlreadyDecided,
+    InvalidRequest,
+    NotEligible,
+    PolicyError,
+    RequestClosed,
+    RequestExpired,
+    RequestState,
+    SelfApproval,
+    StoreError,
+    Target,
+    UnknownRequest,
+)
 from policy.store import Store
 
 from .auth import AuthError, Principal, TokenVerifier
 from .config import ApprovalsConfig
-from .schemas import (CommentIn, CompleteIn, CreateRequestIn, DevTokenIn, DevTokenOut, ErrorOut,
-                      RequestListOut, RequestOut, WhoAmIOut)
+from .schemas import (
+    CommentIn,
+    CompleteIn,
+    CreateRequestIn,
+    DevTokenIn,
+    DevTokenOut,
+    ErrorOut,
+    RequestListOut,
+    RequestOut,
+    WhoAmIOut,
+)
 from .service import ApprovalService, AwaitingReason, ModeLookup, ModeUnavailable, utcnow
 
 log = logging.getLogger("mpa.api")

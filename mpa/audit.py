@@ -15,8 +15,9 @@ import os
 import pathlib
 import random
 import threading
-from datetime import datetime, timedelta, timezone
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry._logs import SeverityNumber
@@ -125,7 +126,7 @@ class AuditShipper:
         self.cursor_path = pathlib.Path(cursor_path) if cursor_path else None
         self.batch = batch
         self._shipped: dict[str, datetime] = {}
-        self._cursor = start or datetime.now(timezone.utc) - LOOKBACK
+        self._cursor = start or datetime.now(UTC) - LOOKBACK
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -171,7 +172,7 @@ class AuditShipper:
             self._save()
             return len(new)
 
-    def start(self, interval: float = 1.0) -> "AuditShipper":
+    def start(self, interval: float = 1.0) -> AuditShipper:
         def run() -> None:
             while not self._stop.is_set():
                 try:

@@ -8,7 +8,7 @@ key from the JWKS (fetched with PyJWT's ``PyJWKClient``, cached). The principal 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jwt
 

@@ -19,7 +19,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import typer
@@ -190,8 +190,8 @@ ServerOpt = typer.Option(None, "--server", help="approvals server URL (default: 
 # --- commands -----------------------------------------------------------------------------
 @app.command()
 def login(server: str = typer.Option(None, "--server", help="approvals server URL, e.g. http://127.0.0.1:8081"),
-          as_user: Optional[str] = typer.Option(None, "--as", help="DEV ISSUER ONLY: sign in as this engineer"),
-          issuer: Optional[str] = typer.Option(None, "--issuer", help="OIDC issuer URL: sign in with the device flow"),
+          as_user: str | None = typer.Option(None, "--as", help="DEV ISSUER ONLY: sign in as this engineer"),
+          issuer: str | None = typer.Option(None, "--issuer", help="OIDC issuer URL: sign in with the device flow"),
           client_id: str = typer.Option("mpa", "--client-id", help="OIDC client id for the device flow"),
           scope: str = typer.Option("openid email profile", "--scope", help="OIDC scopes")) -> None:
     """Sign in and remember the token (0600, in $MPA_CONFIG_DIR or ~/.config/mpa)."""
@@ -231,7 +231,7 @@ def login(server: str = typer.Option(None, "--server", help="approvals server UR
 
 
 @app.command()
-def whoami(server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+def whoami(server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """Show who the stored token says you are, and your roles."""
     _, me = Client(server).call("GET", "/api/v1/me")
     emit(me, as_json, lambda m: out.print(f"{m['principal']} (roles: {', '.join(m['roles']) or 'none'})",
@@ -251,13 +251,13 @@ def _seconds(text: str) -> int:
 @request_app.command("rpc")
 def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
                 reason: str = typer.Option(..., "--reason", "-r", help="why you need this call"),
-                incident: Optional[str] = typer.Option(None, "--incident", help="incident reference (break-glass)"),
-                body_file: Optional[pathlib.Path] = typer.Option(None, "--body-file",
+                incident: str | None = typer.Option(None, "--incident", help="incident reference (break-glass)"),
+                body_file: pathlib.Path | None = typer.Option(None, "--body-file",
                     help="bind the approval to this exact serialized request body"),
-                body_sha256: Optional[str] = typer.Option(None, "--body-sha256", help="...or to this body digest"),
-                duration: Optional[str] = typer.Option(None, "--duration", help="how long the approval lasts, e.g. 30m"),
-                max_uses: Optional[int] = typer.Option(None, "--max-uses", min=1, help="how many calls it allows"),
-                server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+                body_sha256: str | None = typer.Option(None, "--body-sha256", help="...or to this body digest"),
+                duration: str | None = typer.Option(None, "--duration", help="how long the approval lasts, e.g. 30m"),
+                max_uses: int | None = typer.Option(None, "--max-uses", min=1, help="how many calls it allows"),
+                server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """Ask for approval to call one RPC (or give the reason for the request the gateway opened)."""
     m = re.fullmatch(r"/?([A-Za-z_][\w.]*)/(\w+)", rpc.strip())
     if not m:
@@ -286,9 +286,9 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
 
 @app.command("list")
 def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, reviewable or all"),
-                  state: Optional[str] = typer.Option(None, "--state",
+                  state: str | None = typer.Option(None, "--state",
                       help="pending, approved, rejected, cancelled or expired"),
-                  server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+                  server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """List your requests (or --scope reviewable: those waiting for you)."""
     if scope not in ("mine", "reviewable", "all"):
         fail(EXIT_USAGE, f"--scope {scope!r}: use mine, reviewable or all")
@@ -299,7 +299,7 @@ def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, revie
 
 @app.command()
 def show(request: str = typer.Argument(..., help="request id or link"),
-         server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+         server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """Show one request: who asks, what, why, and who approved it when."""
     _, r = Client(server).call("GET", f"/api/v1/requests/{_request_id(request)}")
     emit(r, as_json, print_request)
@@ -315,7 +315,7 @@ def _act(action: str, request: str, comment: str, server: str | None, as_json: b
 @app.command()
 def approve(request: str = typer.Argument(..., help="request id or link"),
             comment: str = typer.Option("", "--comment", "-m", help="optional words for the record"),
-            server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+            server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """Approve another engineer's request."""
     _act("approve", request, comment, server, as_json)
 
@@ -323,7 +323,7 @@ def approve(request: str = typer.Argument(..., help="request id or link"),
 @app.command()
 def reject(request: str = typer.Argument(..., help="request id or link"),
            reason: str = typer.Option("", "--reason", "-m", help="why not"),
-           server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+           server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """Reject another engineer's request."""
     _act("reject", request, reason, server, as_json)
 
@@ -331,7 +331,7 @@ def reject(request: str = typer.Argument(..., help="request id or link"),
 @app.command()
 def cancel(request: str = typer.Argument(..., help="request id or link"),
            reason: str = typer.Option("", "--reason", "-m", help="why"),
-           server: Optional[str] = ServerOpt, as_json: bool = JsonOpt) -> None:
+           server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """Withdraw your request, or revoke an approval you gave."""
     _act("cancel", request, reason, server, as_json)
 
@@ -359,22 +359,16 @@ def _server_known(server: str | None) -> bool:
 
 
 def _broker_reviews(required: bool) -> list[Any] | None:
-    """Pending broker credential requests (None when no command module offers a configured broker)."""
-    import importlib
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(module, "pending_reviews") and module.broker_configured():
-            return module.pending_reviews()
+    """Pending broker credential requests (None when no credential broker is configured)."""
+    if broker_commands.broker_configured():
+        return broker_commands.pending_reviews()
     if required:
         fail(EXIT_USAGE, "--broker-only: no credential broker configured (set MPA_BROKER and MPA_BROKER_CERT)")
     return None
 
 
 @app.command()
-def review(server: Optional[str] = ServerOpt,
+def review(server: str | None = ServerOpt,
            broker_only: bool = typer.Option(False, "--broker-only",
                                             help="only credential requests held by the enclave broker"),
            rpc_only: bool = typer.Option(False, "--rpc-only", help="only RPC approval requests")) -> None:
@@ -415,25 +409,10 @@ def review(server: Optional[str] = ServerOpt,
             out.print("skipped")
 
 
-#: Packages that add engineer commands, each with ``register(app, request_app)`` (the way
-#: ``mpactl`` takes operator commands): the broker adds ``request aws``/``request k8s``,
-#: ``broker`` and ``fetch``.
-COMMAND_MODULES = ("enclave_bridge.mpa_commands",)
+# The credential broker's engineer commands: ``request aws``/``request k8s``, ``broker``, ``fetch``.
+from . import broker_commands  # noqa: E402  (registers onto the apps defined above)
 
-
-def _register_all() -> None:
-    import importlib
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that package offers no commands in this install
-                continue
-            raise
-        module.register(app, request_app)
-
-
-_register_all()
+broker_commands.register(app, request_app)
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Mapping
 
 from policy import Mode
 
@@ -77,7 +77,7 @@ class ApprovalsConfig:
     expiry_sweep_seconds: float = 30.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "ApprovalsConfig":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ApprovalsConfig:
         """Read ``MPA_*`` variables (see docs/approvals.md); ``overrides`` win."""
         env = os.environ if env is None else env
 

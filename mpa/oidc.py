@@ -9,7 +9,7 @@ verify, so that is what we keep (the access token if the issuer sends no ID toke
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 

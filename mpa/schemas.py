@@ -95,7 +95,7 @@ class RequestOut(BaseModel):
     you: PermissionsOut
 
     @classmethod
-    def build(cls, r: ApprovalRequest, url: str, perms: Permissions) -> "RequestOut":
+    def build(cls, r: ApprovalRequest, url: str, perms: Permissions) -> RequestOut:
         return cls(
             id=r.id, url=url, requester=r.requester, service=r.service, method=r.method,
             path=f"/{r.service}/{r.method}", mode=r.mode.name,

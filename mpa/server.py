@@ -10,17 +10,19 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 
 from policy.store import Store
+from rpcauthz.slack_outbox import SlackDelivery, SlackSpool
 
 from .api import create_app
 from .audit import AuditExporter, AuditShipper, JsonLinesExporter
 from .config import ApprovalsConfig
 from .service import ModeLookup
-from .slack import SlackDelivery, SlackNotifier, SlackSpool
+from .slack import SlackNotifier
 
 log = logging.getLogger("mpa.server")
 
@@ -69,7 +71,7 @@ class ApprovalsServer:
         if self._owns_store:
             self.store.close()
 
-    def __enter__(self) -> "ApprovalsServer":
+    def __enter__(self) -> ApprovalsServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -87,7 +89,7 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     ``store`` defaults to ``open_store(config.store_url)``. ``mode_lookup`` tells the mode of
     a method for user-made requests (e.g. ``mpa.service.modes_from_source(reflection_cache)``);
     without it only gateway-opened requests can be completed. ``dev_issuer`` (a
-    ``mpa.devissuer.DevIssuer``) enables the dev-only sign-in when ``config.dev_login``.
+    ``devstack.devissuer.DevIssuer``) enables the dev-only sign-in when ``config.dev_login``.
     """
     import socket
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -154,52 +156,6 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                            spool, server, thread, stop, sweeper, owns)
 
 
-def start_demo_approvals(store_url: str, issuer: Any, jwks_url: str, *, port: int = 0,
-                         host: str = "127.0.0.1", mode_lookup: ModeLookup | None = None,
-                         **kw: Any) -> ApprovalsServer:
-    """The approvals server as ``mpactl demo`` runs it: the dev issuer, dev sign-in on.
-
-    ``issuer`` is the demo's ``mpa.devissuer.DevIssuer`` (the same one whose tokens Envoy
-    accepts), ``jwks_url`` where its JWKS is served. Request links are
-    ``http://{host}:{port}/requests/{id}``: give the same base URL to the ext_authz server
-    (``approvals.base_url``), so pick ``port`` first (e.g. with a free-port helper).
-    """
-    if port == 0:
-        import socket
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-    config = ApprovalsConfig(store_url=store_url, issuer=issuer.issuer, jwks_url=jwks_url,
-                             audiences=(issuer.audience,), public_url=f"http://{host}:{port}",
-                             dev_login=True, **kw.pop("config", {}))
-    return start_approvals_server(config, host=host, port=port, mode_lookup=mode_lookup,
-                                  dev_issuer=issuer, **kw)
-
-
-def demo_steps(approvals_url: str, *, requester: str, approver: str, rpc: str,
-               call_cmd: str, config_root: str = "/tmp/mpa-demo") -> list[tuple[str, str]]:
-    """(what it shows, command) lines for the approval loop, for ``mpactl demo`` to print.
-
-    ``call_cmd`` calls ``rpc`` through the gateway as the requester (e.g.
-    ``mpactl demo call --as erin /rpcauthz.demo.v1.Accounts/ReadAccount``). Each person gets
-    their own ``MPA_CONFIG_DIR`` so two engineers can share one shell.
-    """
-    who_r = f"MPA_CONFIG_DIR={config_root}/{requester}"
-    who_a = f"MPA_CONFIG_DIR={config_root}/{approver}"
-    return [
-        (f"{requester}'s call needs approval: refused with a link", call_cmd),
-        (f"{requester} signs in to the approvals server (dev issuer)",
-         f"{who_r} mpa login --server {approvals_url} --as {requester}"),
-        (f"{requester} says why (this completes the request the gateway opened)",
-         f"{who_r} mpa request rpc {rpc} --reason 'customer ticket 4411: check the balance'"),
-        (f"{approver} signs in, or opens the link in a browser and signs in there",
-         f"{who_a} mpa login --server {approvals_url} --as {approver}"),
-        (f"{approver} reviews what waits for them (a to approve)", f"{who_a} mpa review"),
-        (f"{requester} sees who approved it and when", f"{who_r} mpa list --state approved"),
-        (f"{requester}'s same call now passes", call_cmd),
-    ]
-
-
 def main() -> None:
     """``python -m mpa.server``: serve from MPA_* environment variables until interrupted.
 
@@ -215,7 +171,7 @@ def main() -> None:
     port = int(os.environ.get("MPA_LISTEN_PORT", "8081"))
     dev_issuer = jwks = None
     if os.environ.get("MPA_DEV_ISSUER_KEY") and not os.environ.get("MPA_ISSUER"):
-        from .devissuer import DevIssuer
+        from devstack.devissuer import DevIssuer  # TODO(layout): dev sign-in without devstack
         dev_issuer = DevIssuer(pathlib.Path(os.environ["MPA_DEV_ISSUER_KEY"]))
         jwks = dev_issuer.serve(host)
         config = ApprovalsConfig.from_env(issuer=dev_issuer.issuer, jwks_url=jwks.url,

@@ -10,12 +10,21 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
-from typing import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
 import policy
-from policy import (AlreadyDecided, ApprovalRequest, GrantSet, InvalidRequest, Mode,
-                    PolicyError, RequestClosed, RequestState, Target)
+from policy import (
+    AlreadyDecided,
+    ApprovalRequest,
+    GrantSet,
+    InvalidRequest,
+    Mode,
+    PolicyError,
+    RequestClosed,
+    RequestState,
+    Target,
+)
 from policy.store import Store
 
 from .config import RequestPolicy
@@ -59,7 +68,7 @@ class _KindChanged(PolicyError):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def static_modes(modes: Mapping[str, Mode]) -> ModeLookup:
@@ -252,7 +261,8 @@ class ApprovalService:
             kind = "request.approved" if final else "request.approval_recorded"
             now, grants = self.clock(), self.grants()
 
-            def change(cur: ApprovalRequest) -> ApprovalRequest:
+            def change(cur: ApprovalRequest, final: bool = final, grants: GrantSet = grants,
+                       now: datetime = now) -> ApprovalRequest:
                 if (len(cur.approvals) + 1 >= cur.required_approvals) != final:
                     raise _KindChanged("approvals changed meanwhile")
                 return policy.approve(cur, approver, grants, now, comment)

@@ -2,13 +2,32 @@
 
 Nothing in this package's core does I/O; stores live in ``policy.stores``.
 """
-from .decide import (approve, cancel, complete, decide, expire, may_approve, may_request,
-                     open_request, reject, usable_approval, use)
-from .errors import (AlreadyDecided, InvalidRequest, NotEligible, PolicyError, RequestClosed,
-                     RequestExpired, SelfApproval, StoreError, UnknownRequest)
+from .decide import (
+                     approve,
+                     cancel,
+                     complete,
+                     decide,
+                     expire,
+                     may_approve,
+                     may_request,
+                     open_request,
+                     reject,
+                     usable_approval,
+                     use,
+)
+from .errors import (
+                     AlreadyDecided,
+                     InvalidRequest,
+                     NotEligible,
+                     PolicyError,
+                     RequestClosed,
+                     RequestExpired,
+                     SelfApproval,
+                     StoreError,
+                     UnknownRequest,
+)
 from .grants import GrantSet
-from .model import (Approval, ApprovalRequest, Decision, Grant, Outcome, RequestState, Role,
-                    Target)
+from .model import Approval, ApprovalRequest, Decision, Grant, Outcome, RequestState, Role, Target
 from .modes import DEFAULT_MODE, Mode, resolve_mode
 
 __all__ = [

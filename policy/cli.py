@@ -8,9 +8,10 @@ from __future__ import annotations
 import getpass
 import json
 import sys
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 
@@ -63,7 +64,7 @@ def _describe(g: Grant) -> str:
     return " ".join(parts) + f"  ({g.source})"
 
 
-def _parse_time(text: Optional[str], what: str) -> Optional[datetime]:
+def _parse_time(text: str | None, what: str) -> datetime | None:
     if text is None:
         return None
     try:
@@ -86,14 +87,15 @@ def register(app: typer.Typer) -> None:
             [], "--catalog", help="Backstage catalog YAML file or directory (repeatable). "
             "Component spec.owner -> Group spec.members become contributor grants for the "
             "services in the rpcauthz.io/grpc-services annotation; every group member is an engineer."),
-        oncall: Optional[Path] = typer.Option(
+        oncall: Path | None = typer.Option(
             None, "--oncall", help="YAML file with a security_oncall list of principals "
             "(optionally {principal, until}). Omit to leave on-call grants as they are."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change; write nothing."),
     ) -> None:
         """Make contributor, engineer and security on-call grants match the catalog and on-call file.
 
-        Adds and removes exactly the grants these sources manage (sync:catalog, sync:oncall); grants added by hand are never touched. Nothing is written if any input is malformed.
+        Adds and removes exactly the grants these sources manage (sync:catalog, sync:oncall);
+        grants added by hand are never touched. Nothing is written if any input is malformed.
         """
         from .sync import SyncError, sync
 
@@ -119,12 +121,12 @@ def register(app: typer.Typer) -> None:
     @grants.command("list")
     def grants_list(
         store: str = _store_option(),
-        principal: Optional[str] = typer.Option(None, help="Only this principal's grants."),
+        principal: str | None = typer.Option(None, help="Only this principal's grants."),
         as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     ) -> None:
         """Print every grant (expired ones are marked)."""
         def run(s: Any) -> None:
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             for g in s.list_grants():
                 if principal and g.principal != principal:
                     continue
@@ -141,8 +143,8 @@ def register(app: typer.Typer) -> None:
     def grants_add(
         principal: str = typer.Argument(..., help="Who, as the gateway sees them (e.g. an email)."),
         role: Role = typer.Argument(..., help="engineer, contributor or security_oncall."),
-        service: Optional[str] = typer.Option(None, help="For contributor: the gRPC service, e.g. pay.v1.Payments."),
-        expires: Optional[str] = typer.Option(None, help="Expiry, ISO 8601 with timezone."),
+        service: str | None = typer.Option(None, help="For contributor: the gRPC service, e.g. pay.v1.Payments."),
+        expires: str | None = typer.Option(None, help="Expiry, ISO 8601 with timezone."),
         store: str = _store_option(),
     ) -> None:
         """Add (or replace) a manual grant."""
@@ -158,7 +160,7 @@ def register(app: typer.Typer) -> None:
     def grants_remove(
         principal: str = typer.Argument(...),
         role: Role = typer.Argument(...),
-        service: Optional[str] = typer.Option(None, help="For contributor: the gRPC service."),
+        service: str | None = typer.Option(None, help="For contributor: the gRPC service."),
         store: str = _store_option(),
     ) -> None:
         """Remove a grant (whatever its source; a sync may add a synced one back)."""

@@ -16,13 +16,12 @@ Every caller must first be an engineer; nobody approves their own request.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Iterable
 
-from .errors import (AlreadyDecided, InvalidRequest, NotEligible, RequestClosed,
-                     RequestExpired, SelfApproval)
+from .errors import AlreadyDecided, InvalidRequest, NotEligible, RequestClosed, RequestExpired, SelfApproval
 from .grants import GrantSet
-from .model import ApprovalRequest, Approval, Decision, Outcome, RequestState, Target
+from .model import Approval, ApprovalRequest, Decision, Outcome, RequestState, Target
 from .modes import Mode
 
 _ROLE_WORDS = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import StoreError
 from .grants import GrantSet
@@ -56,7 +56,7 @@ class GrantCache:
         self._subscription: Subscription | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
-    def start(self) -> "GrantCache":
+    def start(self) -> GrantCache:
         """Load the grants (raising ``StoreError`` if the store cannot be read) and begin
         following changes. Returns ``self``."""
         if self._thread is not None:
@@ -76,7 +76,7 @@ class GrantCache:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> "GrantCache":
+    def __enter__(self) -> GrantCache:
         return self.start() if self._thread is None else self
 
     def __exit__(self, *exc: object) -> None:

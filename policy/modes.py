@@ -20,7 +20,7 @@ class Mode(enum.IntEnum):
         return self in _WITH_APPROVAL
 
     @classmethod
-    def parse(cls, text: str) -> "Mode":
+    def parse(cls, text: str) -> Mode:
         """Parse a mode name as written in a .proto or a config file.
 
         Accepts the bare name (``BREAK_GLASS_ONLY``), any case, and the proto's

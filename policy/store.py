@@ -6,8 +6,9 @@ Any failure to reach or read the store raises ``StoreError`` (never a default an
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
 
 from .audit import AuditEvent
 from .model import ApprovalRequest, Grant, RequestState

@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
 from .model import Grant, Role, Target
 from .store import GrantDiff, Store
-from .stores._sql import plan_replace
+from .stores import plan_replace
 
 CATALOG_SOURCE = "sync:catalog"
 ONCALL_SOURCE = "sync:oncall"

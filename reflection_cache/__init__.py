@@ -4,8 +4,15 @@
 ``ReflectionClient`` (client.py) does one fetch; ``EndpointResolver`` (endpoints.py) says
 where each service's reflection lives; ``server.py`` serves reflection v1 and v1alpha.
 """
-from .types import (MalformedDescriptors, ModeSource, ReflectionError, ReflectionUnavailable,
-                    ServiceModes, UnknownMethod, UnknownService)
+from .types import (
+    MalformedDescriptors,
+    ModeSource,
+    ReflectionError,
+    ReflectionUnavailable,
+    ServiceModes,
+    UnknownMethod,
+    UnknownService,
+)
 
 __all__ = ["CacheSettings", "EndpointResolver", "MalformedDescriptors", "ModeSource",
            "ReflectionCache", "ReflectionClient", "ReflectionError", "ReflectionUnavailable",

@@ -24,7 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import cachetools
 
@@ -53,7 +53,7 @@ class CacheSettings:
     deadline: float = DEFAULT_DEADLINE
 
     @classmethod
-    def from_mapping(cls, config: "Mapping[str, object]") -> "CacheSettings":
+    def from_mapping(cls, config: Mapping[str, object]) -> CacheSettings:
         """From a config mapping (e.g. parsed YAML); unknown keys are refused by name."""
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - set(fields))
@@ -128,7 +128,7 @@ class ReflectionCache:
         self._inflight: dict[str, asyncio.Task] = {}
 
     @classmethod
-    def from_config(cls, config: Mapping[str, object] | None) -> "ReflectionCache":
+    def from_config(cls, config: Mapping[str, object] | None) -> ReflectionCache:
         """From ``{"endpoints": {static, template, default}, "cache": {ttl, ...},
         "tls": {ca_file, cert_file, key_file}}`` (all optional; no ``tls``: plaintext).
 

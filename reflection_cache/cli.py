@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Optional
 
 import typer
 
@@ -37,15 +36,15 @@ def describe(modes: ServiceModes, default: Mode) -> list[dict[str, str]]:
 
 def reflect(
     service: str = typer.Argument(..., help="Full gRPC service name, e.g. rpcauthz.demo.v1.Ledger."),
-    endpoint: Optional[str] = typer.Option(None, help="host:port of the service's reflection."),
-    template: Optional[str] = typer.Option(
+    endpoint: str | None = typer.Option(None, help="host:port of the service's reflection."),
+    template: str | None = typer.Option(
         None, help="Endpoint template instead of --endpoint, e.g. '{name_lower}.internal:50051'."),
     default_mode: str = typer.Option("BREAK_GLASS_ONLY", help="Mode for methods with no option at all."),
     deadline: float = typer.Option(2.0, help="Seconds to wait for reflection."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    ca_file: Optional[str] = typer.Option(None, help="Dial with TLS, trusting this CA (PEM)."),
-    cert_file: Optional[str] = typer.Option(None, help="Client certificate for mutual TLS (PEM)."),
-    key_file: Optional[str] = typer.Option(None, help="Client key for mutual TLS (PEM)."),
+    ca_file: str | None = typer.Option(None, help="Dial with TLS, trusting this CA (PEM)."),
+    cert_file: str | None = typer.Option(None, help="Client certificate for mutual TLS (PEM)."),
+    key_file: str | None = typer.Option(None, help="Client key for mutual TLS (PEM)."),
 ) -> None:
     """Show each method's humans_who_can_rpc option as the gateway reads it through reflection."""
     try:
@@ -55,7 +54,7 @@ def reflect(
         credentials = tls_credentials(ca_file, cert_file, key_file) if tls else None
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if default is Mode.UNSPECIFIED:
         typer.echo("error: --default-mode cannot be UNSPECIFIED", err=True)
         raise typer.Exit(2)
@@ -73,7 +72,7 @@ def reflect(
         where, modes, protocol = asyncio.run(fetch())
     except ReflectionError as e:
         typer.echo(f"error: {e.code}: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     rows = describe(modes, default)
     if as_json:
         typer.echo(json.dumps({"service": service, "endpoint": where, "reflection": protocol,

@@ -24,8 +24,8 @@ import asyncio
 import logging
 import pathlib
 from collections import deque
+from collections.abc import Iterable
 from types import MappingProxyType
-from typing import Iterable
 
 import cachetools
 import grpc

@@ -23,7 +23,7 @@ Template placeholders, shown for the service ``rpcauthz.demo.v1.Ledger``:
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from reflection_cache.types import UnknownService
 
@@ -77,7 +77,7 @@ class EndpointResolver:
         self.default = check_endpoint(default, "default reflection endpoint") if default else None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, object]) -> "EndpointResolver":
+    def from_config(cls, config: Mapping[str, object]) -> EndpointResolver:
         """From a mapping with optional keys ``static`` (a mapping), ``template``, ``default``."""
         unknown = set(config) - {"static", "template", "default"}
         if unknown:

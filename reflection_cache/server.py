@@ -12,8 +12,8 @@ parameterised by the version's generated modules. Works with the synchronous
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from types import ModuleType
-from typing import Iterable, Iterator
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool

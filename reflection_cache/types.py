@@ -6,7 +6,8 @@ one of the errors below. None of them may ever be turned into an allow by a call
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 from policy import Mode, resolve_mode
 

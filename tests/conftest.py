@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from extauthz.processes import free_port  # one free-port helper; tests import it from here
+from devstack.processes import free_port  # one free-port helper; tests import it from here
 
 __all__ = ["free_port"]
 

@@ -21,7 +21,7 @@ def test_wheel_ships_envoy_configs_protos_and_console_scripts(tmp_path):
     assert shipped | {"share/rpcauthz/proto/rpcauthz/v1/options.proto"} <= data
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    assert "mpa = mpa.cli:main" in entry_points and "mpactl = rpcauthz.mpactl:main" in entry_points
+    assert "mpa = mpa.cli:main" in entry_points and "mpactl = mpactl.app:main" in entry_points
     for pkg in ("policy", "reflection_cache", "extauthz", "mpa", "enclave_bridge", "rpcauthz"):
         assert f"{pkg}/__init__.py" in names
     assert "mpa/templates/" in "".join(names), "the approval page's templates are package data"

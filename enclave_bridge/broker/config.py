@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -68,7 +69,7 @@ class BrokerConfig:
         return GrantSet(self.grants)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "BrokerConfig":
+    def from_file(cls, path: str | Path) -> BrokerConfig:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as e:
@@ -76,7 +77,7 @@ class BrokerConfig:
         return cls.from_dict(data or {}, base=Path(path).parent)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base: Path | None = None) -> "BrokerConfig":
+    def from_dict(cls, data: Mapping[str, Any], base: Path | None = None) -> BrokerConfig:
         def need(mapping: Mapping[str, Any], key: str, where: str) -> Any:
             if key not in mapping or mapping[key] in (None, ""):
                 raise ConfigError(f"{where}.{key} is required")

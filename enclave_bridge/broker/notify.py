@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
-from mpa.slack import SlackDelivery, SlackSpool, _esc
 from policy.audit import AuditEvent
+from rpcauthz.slack_outbox import SlackDelivery, SlackSpool, escape_mrkdwn
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,11 @@ class MemoryAuditLog(list):
 
 def slack_text(event: AuditEvent) -> str:
     """The one-line Slack message for a credential event."""
-    what = _esc(str(event.detail.get("target", "credentials")))
+    what = escape_mrkdwn(str(event.detail.get("target", "credentials")))
     rid = event.request_id or "?"
     if event.kind == "credential.requested":
-        reason = f": {_esc(event.reason)}" if event.reason else ""
-        incident = f" (incident {_esc(str(event.detail['incident']))})" if event.detail.get("incident") else ""
+        reason = f": {escape_mrkdwn(event.reason)}" if event.reason else ""
+        incident = f" (incident {escape_mrkdwn(str(event.detail['incident']))})" if event.detail.get("incident") else ""
         return f":key: {event.actor} requested {what}{incident}{reason} [request {rid}]"
     if event.kind == "credential.approved":
         return f":white_check_mark: {event.actor} approved {event.detail.get('requester', '?')}'s request for {what} [request {rid}]"
@@ -103,7 +104,7 @@ class BrokerSlack:
     def __repr__(self) -> str:  # never show the webhook
         return f"BrokerSlack(spool={self.spool.path!r}, webhook=<redacted>)"
 
-    def start(self) -> "BrokerSlack":
+    def start(self) -> BrokerSlack:
         self.delivery.start()
         return self
 

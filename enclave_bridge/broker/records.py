@@ -76,7 +76,7 @@ class CredentialRequest:
         return json.dumps(body, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "CredentialRequest":
+    def from_json(cls, data: bytes) -> CredentialRequest:
         body = json.loads(data)
         t = body["target"]
         target = CredentialTarget(t["kind"], t["name"], tuple(t["groups"]), t["duration_seconds"])

@@ -14,18 +14,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import jwt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from mpa.v1 import broker_pb2, broker_pb2_grpc
-from policy import (AlreadyDecided, InvalidRequest, NotEligible, PolicyError, RequestClosed,
-                    RequestExpired, RequestState, SelfApproval, UnknownRequest)
+from policy import (
+    AlreadyDecided,
+    InvalidRequest,
+    NotEligible,
+    PolicyError,
+    RequestClosed,
+    RequestExpired,
+    RequestState,
+    SelfApproval,
+    UnknownRequest,
+)
 
 from ..credentials.k8s import OidcIssuer, OidcServer
 from ..credentials.sts import AwsSession, StsError, StsMinter

@@ -11,11 +11,22 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 
-from policy import (InvalidRequest, NotEligible, RequestState, Target, UnknownRequest, approve,
-                    expire, may_approve, open_request, reject, use)
+from policy import (
+    InvalidRequest,
+    NotEligible,
+    RequestState,
+    Target,
+    UnknownRequest,
+    approve,
+    expire,
+    may_approve,
+    open_request,
+    reject,
+    use,
+)
 from policy.audit import AuditEvent
 
 from ..credentials.k8s import OidcIssuer, token_ttl
@@ -37,7 +48,7 @@ class KubernetesToken:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class BrokerService:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Sequence
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -49,7 +49,7 @@ class OidcIssuer:
         claims = {"iss": self.issuer, "aud": audience, "sub": subject, "groups": list(groups),
                   "iat": iat, "nbf": iat, "exp": exp, "jti": uuid.uuid4().hex, "mpa_request": request_id}
         token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
-        return token, datetime.fromtimestamp(exp, timezone.utc)
+        return token, datetime.fromtimestamp(exp, UTC)
 
     def jwks(self) -> dict:
         return {"keys": [dict(self._jwk)]}
@@ -65,7 +65,7 @@ class OidcIssuer:
             "claims_supported": ["sub", "groups", "iss", "aud", "exp", "iat"],
         }
 
-    def serve(self, host: str, port: int) -> "OidcServer":
+    def serve(self, host: str, port: int) -> OidcServer:
         return OidcServer(self, host, port)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 MIN_DURATION = 900    # STS refuses shorter sessions
 MAX_DURATION = 3600   # role chaining caps sessions at one hour; we never ask for more

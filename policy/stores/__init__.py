@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..store import Store
+from ._sql import plan_replace
 
-__all__ = ["open_store", "redact_url"]
+__all__ = ["open_store", "plan_replace", "redact_url"]
 
 _OPTIONS = frozenset({"poll_interval", "busy_timeout", "connect_timeout", "pool_size"})
 

@@ -5,14 +5,15 @@ timestamptz and jsonb); they pass those conversions in as ``ts``/``json`` callab
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from ..audit import AuditEvent
 from ..model import Approval, ApprovalRequest, Grant, RequestState, Role
 from ..modes import Mode
 
-UTC = timezone.utc
+UTC = UTC
 
 #: Request columns in table order (``seq`` is assigned by the database).
 REQUEST_COLUMNS = (

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from ..audit import KINDS, AuditEvent
 from ..errors import UnknownRequest
@@ -65,11 +66,11 @@ class SqlStore(abc.ABC):
     @abc.abstractmethod
     def _json_out(self, value: Any) -> Any: ...
 
-    def _lock_scope(self, cur: Any, key: str) -> None:
+    def _lock_scope(self, cur: Any, key: str) -> None:  # noqa: B027 (a hook; no-op by default)
         """Serialise ``get_or_create_pending`` callers with the same scope (no-op if the
         write transaction already excludes every other writer)."""
 
-    def _grants_changed(self, cur: Any, revision: int) -> None:
+    def _grants_changed(self, cur: Any, revision: int) -> None:  # noqa: B027 (a hook)
         """Called inside the transaction that bumped the grants revision."""
 
     @abc.abstractmethod
@@ -389,5 +390,5 @@ def _grant_order(g: Grant) -> tuple[str, str, str]:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 

@@ -16,8 +16,9 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..errors import StoreError
 from ..store import Subscription

@@ -5,10 +5,10 @@ import time
 
 import grpc
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import struct_pb2
 
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from mpa.devissuer import DevIssuer
+from devstack.devissuer import DevIssuer
 from tests.e2e.conftest import DOWN, ENGINEER, MALFORMED, SLOW
 from tests.support.gateway_harness import ACCOUNTS
 

@@ -10,7 +10,7 @@ import json
 import grpc
 import pytest
 
-from tests.e2e.conftest import (CONFIGURED_DEFAULT, CONTRIB, ENGINEER, NONENG, ONCALL, OTHER)
+from tests.e2e.conftest import CONFIGURED_DEFAULT, CONTRIB, ENGINEER, NONENG, ONCALL, OTHER
 from tests.support.gateway_harness import ACCOUNTS, LEDGER
 
 pytestmark = [pytest.mark.envoy]
@@ -39,7 +39,7 @@ def classify(result) -> str:
     return DENY
 
 
-CASES = [(m, mode, who, want) for m, (mode, wants) in TABLE.items() for who, want in zip(CALLERS, wants)]
+CASES = [(m, mode, who, want) for m, (mode, wants) in TABLE.items() for who, want in zip(CALLERS, wants, strict=True)]
 
 
 @pytest.mark.parametrize("method,mode,who,want", CASES,

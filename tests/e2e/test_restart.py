@@ -6,7 +6,7 @@ started again on the same store.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import grpc
 import pytest
@@ -37,7 +37,7 @@ def _survives_restart(workdir, store_url: str) -> None:
         store = open_store(store_url)
         try:
             grants = GrantSet(store.list_grants())
-            store.update_request(rid, lambda r: policy.approve(r, CONTRIB, grants, datetime.now(timezone.utc)),
+            store.update_request(rid, lambda r: policy.approve(r, CONTRIB, grants, datetime.now(UTC)),
                                  actor=CONTRIB, kind="request.approved")
             gw.restart_extauthz()
             ok = gw.call(READ, as_=ENGINEER)

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from extauthz.processes import free_port
+from devstack.processes import free_port
 from tests.e2e.conftest import CONTRIB, ENGINEER, cast_grants
 from tests.support.gateway_harness import ACCOUNTS, GatewayStack, seed_grants
 from tests.support.store_tcp_proxy import TcpProxy

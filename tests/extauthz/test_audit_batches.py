@@ -2,7 +2,7 @@
 PostgreSQL, and the writer building many deferred events in GIL-friendly chunks."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -14,7 +14,7 @@ from policy import StoreError
 from policy.audit import AuditEvent
 from policy.stores import open_store
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 
 
 def _event(n: int, **kw) -> AuditEvent:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from extauthz.processes import REPO_ROOT
+from devstack.processes import REPO_ROOT
 
 pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import yaml
 
+from devstack.processes import GATEWAY_YAML
 from extauthz.config import Settings
-from extauthz.processes import GATEWAY_YAML
 
 CFG = yaml.safe_load(GATEWAY_YAML.read_text())
 HCM = CFG["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]

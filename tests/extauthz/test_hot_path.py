@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format, struct_pb2
 
 import policy
-from envoy.service.auth.v3 import external_auth_pb2
 from extauthz import responses
 from extauthz.audit_writer import AuditWriter
 from extauthz.body import frame
@@ -46,7 +46,7 @@ GRANTS = GrantSet([
     Grant("carol", Role.CONTRIBUTOR, SVC), Grant("sec", Role.ENGINEER),
     Grant("sec", Role.SECURITY_ONCALL),
 ])
-FIXED_NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+FIXED_NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
 class Harness:
@@ -158,7 +158,7 @@ async def test_approval_modes_still_read_and_open_requests_in_the_store():
         request_id = url.rsplit("/", 1)[1]
         again = await h.check(f"/{SVC}/Read", "alice")  # reuses the pending request
         assert request_id in again.denied_response.body
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         h.store.update_request(request_id, lambda r: policy.approve(r, "bob", GRANTS, now), actor="bob",
                                kind="request.approval_recorded")
         ok = await h.check(f"/{SVC}/Read", "alice")
@@ -263,7 +263,7 @@ def test_batch_window_is_validated():
 
 
 def _event(n: int) -> AuditEvent:
-    return AuditEvent(kind="decision.allow", actor=f"user{n}", at=datetime.now(timezone.utc),
+    return AuditEvent(kind="decision.allow", actor=f"user{n}", at=datetime.now(UTC),
                       outcome="allow", detail={"decision_id": str(n)}, id=audit_event_id())
 
 
@@ -330,7 +330,7 @@ async def test_deferred_allow_events_keep_the_decision_time_and_id():
 
 
 async def test_reflection_cache_get_fresh_only_answers_fresh_hits():
-    from rpcauthz.demo.servers import start_demo_server
+    from devstack.demo_services import start_demo_server
 
     now = [1000.0]
     server = start_demo_server(services=("accounts",))

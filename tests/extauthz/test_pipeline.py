@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format, struct_pb2
 
-from envoy.service.auth.v3 import external_auth_pb2
+import policy
 from extauthz.audit_writer import AuditWriter
 from extauthz.body import frame, grpc_message_digest
 from extauthz.config import load_settings
 from extauthz.metrics import Metrics
 from extauthz.pipeline import Authorizer
 from policy import Grant, GrantSet, Mode, Role, Target
-import policy
-from reflection_cache.types import MalformedDescriptors, ReflectionUnavailable, ServiceModes
 from policy.stores import open_store
+from reflection_cache.types import MalformedDescriptors, ReflectionUnavailable, ServiceModes
 from tests.support.extauthz_doubles import DownStore, FixedGrants, StaticModes
 
 SVC = "rpcauthz.demo.v1.Accounts"
@@ -240,7 +240,7 @@ async def test_approval_required_then_approved_then_used_up():
     assert headers(again.denied_response.headers)["x-mpa-request-url"] == link
     stored = h.store.get_request(request_id)
     assert stored.origin == "gateway" and stored.requester == "alice"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with pytest.raises(policy.SelfApproval):
         h.store.update_request(request_id, lambda r: policy.approve(r, "alice", GRANTS, now),
                                actor="alice", kind="request.approved")
@@ -259,7 +259,7 @@ async def test_approval_required_then_approved_then_used_up():
 
 
 async def test_expired_approval_is_refused(h):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     r = policy.open_request(request_id="r1", requester="alice", target=Target(SVC, "Read"),
                             mode=Mode.ENGINEERS_WITH_APPROVAL, grants=GRANTS,
                             now=now - timedelta(hours=3), approval_ttl=timedelta(minutes=5),
@@ -275,7 +275,7 @@ async def test_break_glass_use_is_audited():
     grants = GrantSet(list(GRANTS) + [Grant("sec1", Role.ENGINEER), Grant("sec1", Role.SECURITY_ONCALL),
                                       Grant("sec2", Role.ENGINEER), Grant("sec2", Role.SECURITY_ONCALL)])
     h.authorizer.grants = FixedGrants(grants)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     r = policy.open_request(request_id="bg1", requester="sec1", target=Target(SVC, "Erase"),
                             mode=Mode.BREAK_GLASS_ONLY, grants=grants, now=now, incident="INC-1")
     h.store.create_request(policy.approve(r, "sec2", grants, now), actor="sec1")
@@ -290,7 +290,7 @@ async def test_payload_scoped_approval_matches_only_that_body(h):
     body_ok = b"\x0a\x02a1"
     digest = hashlib.sha256(body_ok).hexdigest()
     assert grpc_message_digest(frame(body_ok)) == digest
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     r = policy.open_request(request_id="p1", requester="alice", target=Target(SVC, "Read"),
                             mode=Mode.ENGINEERS_WITH_APPROVAL, grants=GRANTS, now=now,
                             body_sha256=digest)

@@ -13,16 +13,16 @@ import urllib.request
 
 import grpc
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from devstack.processes import REPO_ROOT, ExtAuthzProcess, free_port, wait_serving
 from extauthz.config import load_settings
-from extauthz.processes import REPO_ROOT, ExtAuthzProcess, free_port, wait_serving
 from extauthz.server import AUTHZ_SERVICE, Components, serve
 from policy import Grant, GrantSet, Mode, Role
-from reflection_cache.types import ServiceModes
 from policy.stores import open_store
+from reflection_cache.types import ServiceModes
 from tests.support.extauthz_doubles import FixedGrants, StaticModes
 from tests.support.gateway_harness import ACCOUNTS, seed_grants
 
@@ -85,7 +85,7 @@ async def test_drain_finishes_in_flight_checks_and_reports_not_serving():
 
 @pytest.fixture
 def demo_upstream():
-    from rpcauthz.demo.servers import start_demo_server
+    from devstack.demo_services import start_demo_server
     s = start_demo_server(services=("accounts",))
     yield s
     s.stop(grace=0)
@@ -164,7 +164,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", "serve", "--store",
+        r = subprocess.run([sys.executable, "-m", "mpactl.app", "serve", "--store",
                             f"sqlite:///{tmp_path / 's.db'}", "--port", str(port)],
                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=NO_METRICS)
     assert r.returncode == 1
@@ -172,7 +172,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 
 
 def test_unreachable_store_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", "serve", "--port", "0", "--store",
+    r = subprocess.run([sys.executable, "-m", "mpactl.app", "serve", "--port", "0", "--store",
                         f"postgresql://postgres@127.0.0.1:{free_port()}/x?connect_timeout=2"],
                        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=NO_METRICS)
     assert r.returncode == 1 and "cannot open the store" in r.stderr, r.stderr
@@ -181,7 +181,7 @@ def test_unreachable_store_is_a_clear_error(tmp_path):
 def test_bad_config_file_names_the_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("store_url: sqlite:///x.db\nidentity: {principal_clam: email}\n")
-    r = subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", "serve", "-c", str(p)],
+    r = subprocess.run([sys.executable, "-m", "mpactl.app", "serve", "-c", str(p)],
                        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert r.returncode == 2 and "identity.principal_clam: unknown key" in r.stderr
 

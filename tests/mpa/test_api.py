@@ -7,8 +7,8 @@ from datetime import timedelta
 import jwt
 import pytest
 
+from devstack.devissuer import DevIssuer
 from mpa.config import RequestPolicy
-from mpa.devissuer import DevIssuer
 from policy import Mode
 from tests.support.approvals_env import LEDGER, approvals_env
 
@@ -64,7 +64,8 @@ def test_create_then_approve_by_another_engineer(env):
 def test_list_mine_reviewable_and_state_filter(env):
     mine = create(env, A)
     other = create(env, C, method="Close")  # contributors only: bob may not review it
-    ids = lambda resp: [x["id"] for x in resp.json()["requests"]]
+    def ids(resp):
+        return [x["id"] for x in resp.json()["requests"]]
     assert ids(env.call("GET", "/api/v1/requests", A)) == [mine["id"]]
     assert set(ids(env.call("GET", "/api/v1/requests?scope=reviewable", B))) == {mine["id"]}
     assert set(ids(env.call("GET", "/api/v1/requests?scope=reviewable", A))) == {other["id"]}

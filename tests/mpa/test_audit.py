@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from opentelemetry.sdk._logs import LoggerProvider
@@ -55,7 +55,7 @@ def test_every_state_change_and_decision_is_shipped_with_trace_context(tmp_path,
         expiring = env.call("POST", "/api/v1/requests", B, json=body).json()["id"]
         time.sleep(1.1)
         env.server.sweep_now()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         # what the gateway writes when the approved call passes, and a break-glass use
         env.store.append_audit(AuditEvent(
             kind="decision.allow_with_approval", actor=A, at=now, request_id=approved,
@@ -107,14 +107,14 @@ class Flaky:
 
 def _event(i: int) -> AuditEvent:
     return AuditEvent(kind="decision.deny", actor=f"user{i}@example.com",
-                      at=datetime.now(timezone.utc), service=LEDGER, method="Adjust", outcome="deny")
+                      at=datetime.now(UTC), service=LEDGER, method="Adjust", outcome="deny")
 
 
 def test_exporter_outage_and_restart_lose_nothing_and_repeat_nothing(tmp_path):
     store = open_test_store(tmp_path)
     try:
         cursor = tmp_path / "audit.cursor"
-        start = datetime.now(timezone.utc) - timedelta(seconds=1)
+        start = datetime.now(UTC) - timedelta(seconds=1)
         flaky = Flaky(fail=2)
         shipper = AuditShipper(store, [flaky], cursor_path=cursor, start=start)
         for i in range(3):

@@ -2,9 +2,9 @@
 page by another engineer, the retry passes."""
 from __future__ import annotations
 
-import pytest
-
 import pathlib
+
+import pytest
 
 ARTIFACTS = pathlib.Path(__file__).resolve().parents[2] / "artifacts"
 
@@ -16,8 +16,8 @@ def test_denied_call_link_approved_in_browser_then_retry_passes(tmp_path, chromi
     the same link, signs in and approves; A's retry through Envoy passes."""
     import grpc
 
+    from devstack.demo_approvals import start_demo_approvals
     from policy import Grant, Role
-    from mpa.server import start_demo_approvals
     from tests.conftest import free_port
     from tests.support.gateway_harness import ACCOUNTS, GatewayStack
 

@@ -8,7 +8,7 @@ import re
 import stat
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -78,7 +78,7 @@ def test_request_review_approve_loop_with_the_cli_only(env, tmp_path):
     assert data["state"] == "approved" and data["approvals"][0]["approver"] == B
 
     # The retry passes: the gateway's decision over what the store now holds allows alice.
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     grants = policy.GrantSet(env.store.list_grants())
     decision = policy.decide(A, Target(LEDGER, "Adjust"), Mode.ENGINEERS_WITH_APPROVAL, grants,
                              env.store.find_requests(requester=A), now)
@@ -119,7 +119,7 @@ def test_cli_refusals_have_clear_messages_and_exit_codes(env, tmp_path):
     res = mpa(alice, "list", "--scope", "everything")
     assert res.returncode == 2
     # a token that expired or was forged: exit 3, says so
-    expired = env.issuer.mint(A, now=datetime.now(timezone.utc).timestamp() - 7200, ttl_seconds=60)
+    expired = env.issuer.mint(A, now=datetime.now(UTC).timestamp() - 7200, ttl_seconds=60)
     res = mpa(alice, "list", env_extra={"MPA_TOKEN": expired})
     assert res.returncode == 3 and "expired" in res.stderr
     # server down: exit 4

@@ -1,5 +1,5 @@
 """The approval loop through real Envoy with the ``mpa`` CLI only, following the very commands
-``mpa.server.demo_steps`` prints for ``mpactl demo``."""
+``devstack.demo_approvals.demo_steps`` prints for ``mpactl demo``."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_demo_steps_run_the_loop_through_envoy(tmp_path):
     import grpc
 
-    from mpa.server import demo_steps, start_demo_approvals
+    from devstack.demo_approvals import demo_steps, start_demo_approvals
     from policy import Grant, Role
     from tests.conftest import free_port
     from tests.support.gateway_harness import ACCOUNTS, GatewayStack

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
+from devstack.demo_services import start_demo_server
 from mpa.service import lazy_modes
 from policy import Mode
 from reflection_cache.cache import ReflectionCache
 from reflection_cache.endpoints import EndpointResolver
-from rpcauthz.demo.servers import start_demo_server
 from tests.conftest import free_port
 from tests.support.approvals_env import approvals_env
 

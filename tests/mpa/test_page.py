@@ -141,7 +141,7 @@ def test_expired_session_and_forged_cookie_ask_to_sign_in_again(env, tmp_path):
     c.cookies.set("mpa_session", env.issuer.mint(B, now=time.time() - 7200, ttl_seconds=60))
     resp = c.get(f"/requests/{rid}")
     assert resp.status_code == 401 and "expired" in resp.text and "/login?next=" in resp.text
-    from mpa.devissuer import DevIssuer
+    from devstack.devissuer import DevIssuer
     c.cookies.set("mpa_session", DevIssuer(tmp_path / "forger.pem").mint(B))
     assert c.get(f"/requests/{rid}").status_code == 401
 

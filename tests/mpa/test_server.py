@@ -95,8 +95,8 @@ def test_server_without_an_issuer_refuses_to_start():
 def test_port_in_use_is_a_clear_error(tmp_path):
     import socket
 
-    from mpa.devissuer import DevIssuer
-    from mpa.server import start_demo_approvals
+    from devstack.demo_approvals import start_demo_approvals
+    from devstack.devissuer import DevIssuer
 
     issuer = DevIssuer()
     with socket.socket() as taken:

@@ -5,15 +5,15 @@ import json
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-
 import policy
 from mpa.config import RequestPolicy
-from mpa.slack import SlackNotifier, SlackSpool
+from mpa.slack import SlackNotifier
+from rpcauthz.slack_outbox import SlackSpool
 from tests.conftest import free_port
 from tests.support.approvals_env import LEDGER, approvals_env, open_test_store, seed_grants
 
@@ -138,7 +138,7 @@ def test_slack_down_then_slow_then_back_loses_nothing(tmp_path, caplog):
 
 
 def test_user_text_cannot_ping_the_channel(tmp_path):
-    from mpa.slack import _esc
+    from rpcauthz.slack_outbox import escape_mrkdwn as _esc
     assert _esc("<!channel> & <https://evil|click>") == "&lt;!channel&gt; &amp; &lt;https://evil|click&gt;"
 
 
@@ -149,7 +149,7 @@ def test_unannounced_gateway_request_expiring_sends_nothing(tmp_path):
     spool = SlackSpool(str(tmp_path / "spool.db"))
     try:
         seed_grants(store)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         r = policy.open_request(request_id="gw1", requester=A, target=policy.Target(LEDGER, "Adjust"),
                                 mode=policy.Mode.ENGINEERS_WITH_APPROVAL,
                                 grants=policy.GrantSet(store.list_grants()), now=now,
@@ -170,7 +170,7 @@ def test_requester_is_mentioned_when_their_slack_id_is_known(tmp_path):
     spool = SlackSpool(str(tmp_path / "spool.db"))
     try:
         seed_grants(store)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         grants = policy.GrantSet(store.list_grants())
         r = policy.open_request(request_id="r1", requester=A, target=policy.Target(LEDGER, "Adjust"),
                                 mode=policy.Mode.ENGINEERS_WITH_APPROVAL, grants=grants, now=now,

@@ -13,9 +13,9 @@ import grpc
 import pytest
 import yaml
 
-from extauthz import democlient
-from extauthz.processes import EnvoyProcess, ExtAuthzProcess, free_port
-from mpa.devissuer import DevIssuer
+from devstack import democlient
+from devstack.devissuer import DevIssuer
+from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port
 from policy import Grant, Role
 from tests.support.gateway_harness import ACCOUNTS, LEDGER, extauthz_config, seed_grants
 from tests.support.owners_support import run_mpactl
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 
 @pytest.fixture
 def stack(tmp_path: Path):
-    from rpcauthz.demo.servers import start_demo_server
+    from devstack.demo_services import start_demo_server
 
     store_url = f"sqlite:///{tmp_path / 'store.db'}"
     seed_grants(store_url, [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER),

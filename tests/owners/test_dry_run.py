@@ -1,14 +1,14 @@
 """The dry-run mapping: decisions are kept and labelled, only the enforcement changes."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from extauthz.dry_run import apply_dry_run, dry_run_requested
 from policy import Decision, Grant, GrantSet, Mode, Outcome, Role, Target, decide
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 GRANTS = GrantSet([Grant("alice", Role.ENGINEER)])
 T = Target("acme.v1.Billing", "Refund")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mpa.devissuer import DevIssuer
+from devstack.devissuer import DevIssuer
 from tests.conftest import free_port
 from tests.support.owners_envoy import AccountsUpstream, EnvoyProcess
 from tests.support.owners_support import run_mpactl

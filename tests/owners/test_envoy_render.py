@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extauthz.envoy_render import CatalogError, parse_catalog, render
+from owners.envoy_render import CatalogError, parse_catalog, render
 from tests.support.owners_support import run_mpactl
 
 CATALOG = """\

@@ -160,7 +160,7 @@ def test_paths_with_spaces(tmp_path: Path):
 
 def test_options_file_found_without_the_repository_proto_folder(tmp_path: Path, monkeypatch):
     """Installed from a wheel there is no proto/ folder: the compiled-in descriptor is used."""
-    from mpa import proto_source
+    from owners import proto_source
     monkeypatch.setattr(proto_source, "options_include", lambda: None)
     f = tmp_path / "svc.proto"
     f.write_text('syntax = "proto3";\npackage w.v1;\nimport "rpcauthz/v1/options.proto";\nmessage M {}\n'

@@ -201,7 +201,7 @@ def test_ambiguous_bare_name(gtree: Path):
 
 
 def test_failed_rename_leaves_the_original_and_no_temp_file(tmp_path: Path, monkeypatch):
-    from mpa import migrate
+    from owners import migrate
     f = tmp_path / "x.proto"
     f.write_text("original\n")
 
@@ -215,8 +215,8 @@ def test_failed_rename_leaves_the_original_and_no_temp_file(tmp_path: Path, monk
 
 
 def test_suggestion_heuristic():
-    from mpa.migrate import suggest
-    from mpa.usage import MethodUsage
+    from owners.migrate import suggest
+    from owners.usage import MethodUsage
     wide = MethodUsage("GetThing", calls=9)
     wide.by_engineer.update({"a": 3, "b": 3, "c": 3})
     assert suggest("GetThing", wide)[0] is Mode.ENGINEERS_WITHOUT_APPROVAL

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpa import migrate
+from owners import migrate
 from policy import Mode
 
 MODES = [m for m in Mode if m is not Mode.UNSPECIFIED]

@@ -18,7 +18,7 @@ def spawn(*args: str, env: dict | None = None) -> pexpect.spawn:
     e = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
     if "RPCAUTHZ_STORE_URL" not in (env or {}):
         e.pop("RPCAUTHZ_STORE_URL", None)
-    return pexpect.spawn(sys.executable, ["-m", "rpcauthz.mpactl", *args], cwd=str(REPO),
+    return pexpect.spawn(sys.executable, ["-m", "mpactl.app", *args], cwd=str(REPO),
                          env=e, encoding="utf-8", timeout=60, dimensions=(50, 200))
 
 
@@ -62,7 +62,7 @@ def test_interactive_walk_choices_default_retry_and_confirm(gtree: Path):
         child.expect(pexpect.EOF)
     assert child.exitstatus == 0
     text = (gtree / OPS).read_text()
-    from mpa.proto_source import compile_protos
+    from owners.proto_source import compile_protos
     modes = {r.method: r.method_mode and r.method_mode.name
              for r in compile_protos([gtree / OPS], [gtree]).rpcs()}
     assert modes == {"ListOperations": "ENGINEERS_WITHOUT_APPROVAL",

@@ -1,13 +1,13 @@
 """Usage summaries from decision audit events, and what each mode would have done."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from mpa.usage import render_usage, summarize, would_have
+from owners.usage import render_usage, summarize, would_have
 from policy import Grant, GrantSet, Mode, Role
 from policy.audit import AuditEvent
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 SVC = "rpcauthz.demo.v1.Accounts"
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from policy.stores import open_store
-from tests.support.owners_support import run_mpactl, seed_usage as seed
+from tests.support.owners_support import run_mpactl
+from tests.support.owners_support import seed_usage as seed
 
 SVC = "google.longrunning.Operations"
 

@@ -2,15 +2,28 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import policy
-from policy import (AlreadyDecided, GrantSet, Grant, InvalidRequest, Mode, NotEligible, Outcome,
-                    RequestClosed, RequestExpired, RequestState, Role, SelfApproval, Target)
+from policy import (
+    AlreadyDecided,
+    Grant,
+    GrantSet,
+    InvalidRequest,
+    Mode,
+    NotEligible,
+    Outcome,
+    RequestClosed,
+    RequestExpired,
+    RequestState,
+    Role,
+    SelfApproval,
+    Target,
+)
 
-NOW = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 SVC = "bank.accounts.v1.Accounts"
 T = Target(SVC, "CloseAccount")
 

@@ -2,18 +2,18 @@
 (or an approval path) that the DESIGN mode table does not grant."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import policy
-from policy import (ApprovalRequest, Approval, Grant, GrantSet, Mode, Outcome, PolicyError,
-                    RequestState, Role, Target)
+from policy import Approval, ApprovalRequest, Grant, GrantSet, Mode, Outcome, PolicyError, RequestState, Role, Target
 
 PEOPLE = ["ann", "bob", "cat", "dan", "eli"]
 SERVICES = ["pkg.v1.Alpha", "pkg.v1.Beta"]
 METHODS = ["Get", "Put"]
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 times = st.integers(min_value=-7200, max_value=7200).map(lambda s: T0 + timedelta(seconds=s))
 maybe_times = st.none() | times
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
-from datetime import datetime, timezone
-from typing import Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import httpx
 
+import policy
+from devstack.devissuer import DevIssuer
 from mpa.config import ApprovalsConfig, RequestPolicy
-from mpa.devissuer import DevIssuer
 from mpa.server import ApprovalsServer, start_approvals_server
 from mpa.service import static_modes
 from policy import Grant, Mode, Role, Target
-import policy
 
 LEDGER = "demo.v1.Ledger"
 MODES = {
@@ -62,7 +62,7 @@ class Env:
 
     def gateway_request(self, requester: str, method: str = "Adjust") -> policy.ApprovalRequest:
         """Open a request the way the gateway does (no reason yet)."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         grants = policy.GrantSet(self.store.list_grants())
         r = policy.open_request(request_id=f"gw{now.timestamp():.0f}{method}", requester=requester,
                                 target=Target(LEDGER, method), mode=MODES[f"/{LEDGER}/{method}"],

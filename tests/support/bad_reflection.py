@@ -13,7 +13,7 @@ from concurrent import futures
 import grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from extauthz.processes import free_port
+from devstack.processes import free_port
 
 _METHODS = ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")

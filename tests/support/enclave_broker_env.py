@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import urllib.parse
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
@@ -29,7 +29,7 @@ class StubSts:
                 if form.get("Action") != "AssumeRole":
                     self.send_error(400, "unsupported")
                     return
-                exp = datetime.now(timezone.utc) + timedelta(seconds=int(form["DurationSeconds"]))
+                exp = datetime.now(UTC) + timedelta(seconds=int(form["DurationSeconds"]))
                 n = len(stub.requests)
                 body = f"""<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
   <AssumeRoleResult>

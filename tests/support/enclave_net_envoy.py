@@ -22,8 +22,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from extauthz.processes import free_port
-
 REPO = Path(__file__).parents[2]
 CONFIG = REPO / "envoy" / "broker-passthrough.yaml"
 
@@ -34,7 +32,7 @@ def render_config(out: Path, *, admin: int, passthrough: int, parent_forwarder: 
     at local stubs (cluster name -> port) instead of the real AWS/Slack hosts."""
     config = yaml.safe_load(CONFIG.read_text())
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=admin)
-    listeners = {l["name"]: l for l in config["static_resources"]["listeners"]}
+    listeners = {lst["name"]: lst for lst in config["static_resources"]["listeners"]}
     listeners["broker_passthrough"]["address"]["socket_address"].update(address="127.0.0.1", port_value=passthrough)
     listeners["enclave_egress"]["address"]["socket_address"].update(address="127.0.0.1", port_value=egress)
     for cluster in config["static_resources"]["clusters"]:
@@ -56,7 +54,7 @@ def render_config(out: Path, *, admin: int, passthrough: int, parent_forwarder: 
 @contextlib.contextmanager
 def forwarder(listen: str, to: str) -> Iterator[subprocess.Popen]:
     """Run `mpactl forward --listen LISTEN --to TO` until the block ends (SIGTERM, then kill)."""
-    proc = subprocess.Popen([sys.executable, "-m", "rpcauthz.mpactl", "forward", "--listen", listen, "--to", to,
+    proc = subprocess.Popen([sys.executable, "-m", "mpactl.app", "forward", "--listen", listen, "--to", to,
                              "--shutdown-grace", "1"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -79,7 +77,7 @@ class Envoy:
         self.config, self.admin_port, self.log = config, admin_port, log
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Envoy":
+    def __enter__(self) -> Envoy:
         self._log_file = open(self.log, "wb")
         self.proc = subprocess.Popen(
             ["envoy", "-c", str(self.config), "--disable-hot-restart", "--concurrency", "1",
@@ -121,7 +119,7 @@ def self_signed(common_name: str, directory: Path) -> tuple[Path, Path, bytes]:
     """A self-signed P-256 certificate for ``common_name``: (cert.pem, key.pem, cert DER)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -175,7 +173,7 @@ class TlsEchoServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "TlsEchoServer":
+    def __enter__(self) -> TlsEchoServer:
         self.thread.start()
         return self
 

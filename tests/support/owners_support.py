@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def run_mpactl(*args: str, cwd: Path = REPO, input: str | None = None,
     if "RPCAUTHZ_STORE_URL" not in (env or {}):
         full_env.pop("RPCAUTHZ_STORE_URL", None)
     full_env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", "rpcauthz.mpactl", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "mpactl.app", *args], cwd=cwd,
                           capture_output=True, text=True, input=input, timeout=timeout,
                           env=full_env)
 
@@ -75,8 +76,9 @@ class DescriptorServer:
     """
 
     def __init__(self, fds, services: list[str]) -> None:
-        import grpc
         from concurrent import futures
+
+        import grpc
         from google.protobuf import descriptor_pool, message_factory
         from grpc_reflection.v1alpha import reflection
 
@@ -97,7 +99,7 @@ class DescriptorServer:
         reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], self.server, pool=self.pool)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
-    def __enter__(self) -> "DescriptorServer":
+    def __enter__(self) -> DescriptorServer:
         self.server.start()
         return self
 
@@ -111,12 +113,12 @@ class DescriptorServer:
 
 def seed_usage(store, service: str = "google.longrunning.Operations") -> None:
     """Grants and decision audit events for ``service``: GetOperation used by 3 engineers."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from policy import Grant, Role
     from policy.audit import AuditEvent
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for who in ("alice", "bob", "carol"):
         store.put_grant(Grant(who, Role.ENGINEER))
     store.put_grant(Grant("alice", Role.CONTRIBUTOR, service))

@@ -1,6 +1,6 @@
 """Real gRPC reflection servers for the reflection tests, with knobs to misbehave.
 
-Test protos live in tests/reflection/protos and are compiled with protoc (grpcio-tools) into
+Test protos live in tests/reflection_cache/protos and are compiled with protoc (grpcio-tools) into
 FileDescriptorProtos; each server gets a private descriptor pool holding exactly one scenario's
 files, so a vendored copy of options.proto and the real one never meet.
 """
@@ -12,8 +12,8 @@ import functools
 import pathlib
 import tempfile
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
-from typing import Callable, Iterable, Iterator
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -21,12 +21,12 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from reflection_cache.server import ReflectionServicer, add_servicer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TEST_PROTOS = ROOT / "tests" / "reflection" / "protos"
+TEST_PROTOS = ROOT / "tests" / "reflection_cache" / "protos"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compile_proto(path: str) -> tuple[descriptor_pb2.FileDescriptorProto, ...]:
-    """``path`` (below tests/reflection/protos, or proto/) and its imports, imports first."""
+    """``path`` (below tests/reflection_cache/protos, or proto/) and its imports, imports first."""
     import grpc_tools
     from grpc_tools import protoc
 

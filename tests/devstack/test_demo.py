@@ -1,0 +1,111 @@
+"""`mpactl demo` on this machine: start it, run the commands it prints, stop it."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from devstack.processes import REPO_ROOT
+
+pytestmark = [pytest.mark.envoy]
+MPACTL = [sys.executable, "-m", "mpactl.app"]
+
+
+def run_printed(command: str, request_id: str | None = None) -> subprocess.CompletedProcess:
+    argv = shlex.split(command.replace("REQUEST_ID", request_id or "REQUEST_ID"))
+    assert argv[0] == "mpactl"
+    return subprocess.run(MPACTL + argv[1:], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+
+
+def run_loop_step(command: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run one printed loop line: `mpactl ...`, or `MPA_CONFIG_DIR=... mpa ...` (sessions kept
+    under tmp_path instead of the printed /tmp folder)."""
+    words = shlex.split(command)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPA_")}
+    while "=" in words[0]:
+        key, _, value = words.pop(0).partition("=")
+        env[key] = str(tmp_path / "people" / pathlib.Path(value).name) if key == "MPA_CONFIG_DIR" else value
+    if words[0] == "mpactl":
+        argv = MPACTL + words[1:]
+    else:
+        assert words[0] == "mpa", command
+        argv = [sys.executable, "-m", "mpa.cli", *words[1:]]
+    res = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60,
+                         input="a\n\n" if words[1:2] == ["review"] else None)
+    if words[0] == "mpa":
+        assert res.returncode == 0, (command, res.stdout, res.stderr)
+    return res
+
+
+def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
+    demo = subprocess.Popen(MPACTL + ["demo", "--dir", str(tmp_path / "demo")], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = demo.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            if line.strip() == "ready":
+                break
+        assert lines and lines[-1] == "ready", "\n".join(lines)
+        commands: dict[str, list[str]] = {}
+        kind = None
+        for ln in lines:
+            m = re.match(r"\s+# \[(\w+)\]", ln)
+            if m:
+                kind = m.group(1)
+            elif ln.strip().startswith("mpactl ") and kind:
+                commands.setdefault(kind, []).append(ln.strip())
+
+        allow = run_printed(commands["allow"][0])
+        assert allow.returncode == 0 and "status: OK" in allow.stdout, allow.stdout + allow.stderr
+
+        deny = run_printed(commands["deny"][0])
+        assert deny.returncode == 1 and "PERMISSION_DENIED" in deny.stdout
+        assert "not a contributor" in deny.stdout and "x-mpa-request-url" not in deny.stdout
+
+        approval_cmd = commands["approval"][0]
+        needs = run_printed(approval_cmd)
+        assert needs.returncode == 1 and "approval required" in needs.stdout
+        url = re.search(r"^x-mpa-request-url: (\S+)$", needs.stdout, re.M).group(1)
+        request_id = url.rsplit("/", 1)[1]
+
+        approved = run_printed(commands["approve"][0], request_id)
+        assert approved.returncode == 0 and "approved" in approved.stdout, approved.stdout + approved.stderr
+        again = run_printed(approval_cmd)
+        assert again.returncode == 0 and "status: OK" in again.stdout, again.stdout
+
+        # The printed approval loop with the `mpa` CLI against the demo's approvals service.
+        loop = [ln.strip() for i, ln in enumerate(lines) if i and "# [loop]" in lines[i - 1]]
+        assert loop, "the demo prints the mpa approval loop"
+        outputs = [run_loop_step(command, tmp_path) for command in loop]
+        first_call, last_call = outputs[0], outputs[-1]
+        assert first_call.returncode == 1 and "approval required" in first_call.stdout
+        approvals_url = re.search(r"approvals \(page, API for `mpa`\): (\S+)", "\n".join(lines)).group(1)
+        assert f"x-mpa-request-url: {approvals_url}/requests/" in first_call.stdout
+        assert last_call.returncode == 0 and "status: OK" in last_call.stdout, last_call.stdout
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        try:
+            out, _ = demo.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            raise
+    assert demo.returncode == 0, out
+    assert "stopping" in out
+    # Everything it started is gone: nothing answers on the gateway port any more.
+    port = int(re.search(r"gateway \(Envoy\):\s+127\.0\.0\.1:(\d+)", "\n".join(lines)).group(1))
+    import socket
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -1,0 +1,160 @@
+"""GrantCache: grants from memory, refreshed by the store's change feed, failing closed."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from policy import Grant, Role, StoreError
+from policy.grant_cache import GrantCache
+from policy.stores import open_store
+from tests.conftest import free_port
+from tests.support.store_tcp_proxy import TcpProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime.now(UTC)
+
+
+def eventually(check, timeout: float = 10.0, interval: float = 0.05) -> float:
+    """Wait until ``check()`` is true; return how long it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not true within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def in_other_process(url: str, code: str) -> None:
+    script = "from policy import Grant, Role\nfrom policy.stores import open_store\n" \
+             f"s = open_store({url!r})\n" + textwrap.dedent(code) + "\ns.close()\n"
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
+
+
+def test_change_in_another_process_reaches_a_running_cache(backend):
+    store = backend.open(poll_interval=0.2)
+    store.put_grant(Grant("alice", Role.ENGINEER))
+    # reload_interval is long: only the change feed can explain a quick update
+    with GrantCache(store, reload_interval=60, max_staleness=120) as cache:
+        assert cache.current().is_engineer("alice", NOW)
+        assert not cache.current().is_engineer("zed", NOW)
+
+        in_other_process(backend.url, 's.put_grant(Grant("zed", Role.ENGINEER))')
+        took = eventually(lambda: cache.current().is_engineer("zed", NOW))
+        assert took < 5
+
+        in_other_process(backend.url, 's.delete_grant("alice", "engineer")')
+        took = eventually(lambda: not cache.current().is_engineer("alice", NOW))
+        assert took < 5
+        assert cache.revision == store.grants_revision()
+
+
+def _sneak_in_grant(backend, principal: str) -> None:
+    """Insert a grant without bumping the revision, as if a notification were lost."""
+    sql = ("INSERT INTO grants (principal, role, service, expires_at, source) "
+           f"VALUES ('{principal}', 'engineer', '', NULL, 'manual')")
+    if backend.name == "sqlite":
+        with sqlite3.connect(backend.url[len("sqlite://"):]) as conn:
+            conn.execute(sql)
+    else:
+        with psycopg.connect(backend.url) as conn:
+            conn.execute(sql)
+
+
+def test_periodic_reload_catches_what_notifications_missed(backend):
+    store = backend.open(poll_interval=0.2)
+    with GrantCache(store, reload_interval=0.5, max_staleness=30) as cache:
+        _sneak_in_grant(backend, "quiet")
+        eventually(lambda: cache.current().is_engineer("quiet", NOW), timeout=10)
+
+
+def test_current_is_served_from_memory():
+    clock = [1000.0]
+    store = open_store("sqlite:///:memory:")
+    store.put_grant(Grant("alice", Role.ENGINEER))
+    cache = GrantCache(store, reload_interval=10, max_staleness=60, clock=lambda: clock[0]).start()
+    cache.close()
+    store.close()  # every further store call would raise StoreError
+    assert cache.current().is_engineer("alice", NOW)
+    clock[0] += 59
+    assert cache.current().is_engineer("alice", NOW)
+    clock[0] += 2
+    with pytest.raises(StoreError, match="61s old, past the 60s max staleness"):
+        cache.current()
+
+
+def test_start_fails_when_the_store_cannot_be_read():
+    store = open_store("sqlite:///:memory:")
+    store.close()
+    cache = GrantCache(store, reload_interval=1, max_staleness=5)
+    with pytest.raises(StoreError, match="closed"):
+        cache.start()
+    with pytest.raises(StoreError, match="not been loaded"):
+        cache.current()
+
+
+def test_bad_settings_are_refused():
+    store = open_store("sqlite:///:memory:")
+    with pytest.raises(ValueError, match="max_staleness"):
+        GrantCache(store, reload_interval=30, max_staleness=30)
+    with pytest.raises(ValueError, match="positive"):
+        GrantCache(store, reload_interval=0, max_staleness=30)
+    store.close()
+
+
+def test_sqlite_unreadable_past_max_staleness_fails_closed(tmp_path):
+    path = tmp_path / "store.db"
+    store = open_store(f"sqlite://{path}", poll_interval=0.2)
+    store.put_grant(Grant("alice", Role.ENGINEER))
+    store.close()
+    good = path.read_bytes()
+    store = open_store(f"sqlite://{path}", poll_interval=0.2)
+    with GrantCache(store, reload_interval=0.3, max_staleness=1.5, retry_interval=0.2) as cache:
+        assert cache.current().is_engineer("alice", NOW)
+        path.write_bytes(b"\0garbage" * 4096)
+        eventually(lambda: _raises_store_error(cache.current), timeout=15)
+        with pytest.raises(StoreError, match="max staleness.*sqlite store"):
+            cache.current()
+        path.write_bytes(good)
+        eventually(lambda: not _raises_store_error(cache.current), timeout=15)
+        assert cache.current().is_engineer("alice", NOW)
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgres_gone_past_max_staleness_fails_closed(pg_dsn):
+    params = conninfo_to_dict(pg_dsn)
+    proxy = TcpProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432), free_port())
+    proxy.start()
+    store = open_store(make_conninfo(pg_dsn, host="127.0.0.1", port=str(proxy.port)),
+                       connect_timeout=1, poll_interval=0.2)
+    try:
+        store.put_grant(Grant("alice", Role.ENGINEER))
+        with GrantCache(store, reload_interval=0.3, max_staleness=2, retry_interval=0.2) as cache:
+            assert cache.current().is_engineer("alice", NOW)
+            proxy.stop()
+            eventually(lambda: _raises_store_error(cache.current), timeout=15)
+            with pytest.raises(StoreError, match="max staleness.*postgresql store"):
+                cache.current()
+            proxy.start()
+            eventually(lambda: not _raises_store_error(cache.current), timeout=20)
+            assert cache.current().is_engineer("alice", NOW)
+    finally:
+        store.close()
+        proxy.stop()
+
+
+def _raises_store_error(call) -> bool:
+    try:
+        call()
+    except StoreError:
+        return True
+    return False

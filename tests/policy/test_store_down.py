@@ -1,0 +1,185 @@
+"""A store that cannot be reached or read fails loudly with StoreError, never a default."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from policy import Grant, Role, StoreError
+from policy.stores import open_store
+from tests.conftest import free_port
+from tests.support.store_tcp_proxy import TcpProxy
+
+# --- open_store refusals ------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, message", [
+    ("", "store URL is required"),
+    ("mysql://u@h/db", "unsupported store URL"),
+    ("redis://h:6379", "unsupported store URL"),
+    ("/var/lib/store.db", "unsupported store URL"),
+    ("sqlite:relative.db", "malformed SQLite store URL"),
+    ("sqlite://relative.db", "absolute path"),
+    ("sqlite:///", "absolute path"),
+    ("sqlite:///tmp/x.db?mode=ro", "no query string"),
+])
+def test_open_store_refuses_urls_it_does_not_understand(url, message):
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+def test_open_store_never_echoes_a_password():
+    with pytest.raises(ValueError) as e:
+        open_store("mysql://app:hunter2@db/x")
+    assert "hunter2" not in str(e.value) and "***" in str(e.value)
+
+
+def test_open_store_refuses_unknown_options(tmp_path):
+    with pytest.raises(TypeError, match="poll_intervall"):
+        open_store(f"sqlite://{tmp_path}/s.db", poll_intervall=1)
+
+
+def test_sqlite_url_forms(tmp_path):
+    for url in (f"sqlite://{tmp_path}/a.db", f"sqlite:///{tmp_path}/a.db"):
+        with open_store(url) as s:
+            s.put_grant(Grant("alice", Role.ENGINEER))
+    assert (tmp_path / "a.db").exists()
+    with open_store(f"sqlite://{tmp_path}/a.db") as s:
+        assert s.list_grants() == [Grant("alice", Role.ENGINEER)]
+    with open_store("sqlite:///:memory:") as m:
+        m.put_grant(Grant("bob", Role.ENGINEER))
+        assert m.list_grants() == [Grant("bob", Role.ENGINEER)]
+
+
+# --- SQLite -------------------------------------------------------------------------------
+
+def test_sqlite_missing_directory(tmp_path):
+    path = tmp_path / "no" / "such" / "dir" / "store.db"
+    with pytest.raises(StoreError, match=f"sqlite store {path}.*unable to open"):
+        open_store(f"sqlite://{path}")
+
+
+def test_sqlite_path_is_a_directory(tmp_path):
+    with pytest.raises(StoreError, match=f"sqlite store {tmp_path}"):
+        open_store(f"sqlite://{tmp_path}")
+
+
+def test_sqlite_corrupt_file(tmp_path):
+    path = tmp_path / "store.db"
+    path.write_bytes(b"this is not a database\n" * 500)
+    with pytest.raises(StoreError, match="not a database"):
+        open_store(f"sqlite://{path}")
+
+
+def test_sqlite_file_corrupted_under_a_running_store(tmp_path):
+    path = tmp_path / "store.db"
+    s = open_store(f"sqlite://{path}")
+    s.put_grant(Grant("alice", Role.ENGINEER))
+    s.close()
+    s = open_store(f"sqlite://{path}")
+    for name in ("store.db-wal", "store.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    path.write_bytes(b"\0garbage" * 4096)
+    with pytest.raises(StoreError, match=f"sqlite store {path}"):
+        s.list_grants()
+    s.close()
+
+
+def test_sqlite_locked_past_busy_timeout_is_an_error(tmp_path):
+    path = tmp_path / "store.db"
+    s = open_store(f"sqlite://{path}", busy_timeout=0.3)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            s.put_grant(Grant("alice", Role.ENGINEER))
+        assert time.monotonic() - started < 10
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    s.put_grant(Grant("alice", Role.ENGINEER))  # and it recovers once the lock is gone
+    assert s.list_grants() == [Grant("alice", Role.ENGINEER)]
+    s.close()
+
+
+def test_sqlite_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "store.db"
+    open_store(f"sqlite://{path}").close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
+        open_store(f"sqlite://{path}")
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+@pytest.mark.postgres
+def test_postgres_closed_port(pg_server_dsn):
+    port = free_port()
+    url = f"postgresql://app:s3cret@127.0.0.1:{port}/rpcauthz"
+    started = time.monotonic()
+    with pytest.raises(StoreError) as e:
+        open_store(url, connect_timeout=2)
+    message = str(e.value)
+    assert f"postgresql store postgresql://app:***@127.0.0.1:{port}/rpcauthz" in message
+    assert "refused" in message.lower()
+    assert "s3cret" not in message
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.postgres
+def test_postgres_server_gone_then_back(pg_dsn):
+    params = conninfo_to_dict(pg_dsn)
+    proxy = TcpProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432), free_port())
+    proxy.start()
+    via_proxy = make_conninfo(pg_dsn, host="127.0.0.1", port=str(proxy.port))
+    s = open_store(via_proxy, connect_timeout=1, poll_interval=0.2)
+    direct = open_store(pg_dsn)
+    seen: list[int] = []
+    got = threading.Event()
+    sub = s.watch_grants(lambda rev: (seen.append(rev), got.set()))
+    try:
+        assert sub.wait_connected(10)
+        s.put_grant(Grant("alice", Role.ENGINEER))
+        assert s.list_grants() == [Grant("alice", Role.ENGINEER)]
+        assert got.wait(10)
+
+        proxy.stop()
+        for call in (s.list_grants, lambda: s.get_request("x"),
+                     lambda: s.put_grant(Grant("bob", Role.ENGINEER))):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="postgresql store"):
+                call()
+            assert time.monotonic() - started < 15
+
+        # a change made elsewhere while the listener is cut off ...
+        got.clear()
+        direct.put_grant(Grant("carol", Role.ENGINEER))
+        time.sleep(0.5)
+        proxy.start()
+        # ... is reported once the listener reconnects, and the pool serves again
+        assert got.wait(20), "listener did not report after reconnecting"
+        assert seen[-1] == direct.grants_revision()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert {g.principal for g in s.list_grants()} == {"alice", "carol"}
+                break
+            except StoreError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        sub.close()
+        s.close()
+        direct.close()
+        proxy.stop()
+
+
+def test_sqlite_unwritable_location():
+    # /proc accepts no new files, even for root
+    with pytest.raises(StoreError, match="sqlite store /proc/rpcauthz-store.db.*unable to open"):
+        open_store("sqlite:///proc/rpcauthz-store.db")
