@@ -5,6 +5,9 @@
 * ``mpactl broker measure``  build the broker artifact twice from a commit; print its SHA-384
 * ``mpactl broker trust propose|report|show``  the two-approver rule for the trusted measurement
 * ``mpactl broker serve``  run the broker (inside the enclave, or simulated locally)
+
+Exit codes are README.md's table ("Exit codes"); ``trust report`` exits 6 (conflict) when two
+approvers built different hashes.
 """
 from __future__ import annotations
 
@@ -14,14 +17,11 @@ from pathlib import Path
 
 import typer
 
+from rpcauthz.console import ExitCode, JsonOption, fail, print_json
+
 from . import measure as measure_mod
 
 DEFAULT_LEDGER = Path("measurements.json")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"mpactl broker: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _approvers(value: str) -> frozenset[str]:
@@ -29,7 +29,7 @@ def _approvers(value: str) -> frozenset[str]:
     names = path.read_text().split() if path.exists() else value.split(",")
     found = frozenset(n.strip() for n in names if n.strip())
     if len(found) < 2:
-        _fail("--approvers must name at least two measurement approvers (comma list or a file)")
+        fail("--approvers must name at least two measurement approvers (comma list or a file)", ExitCode.USAGE)
     return found
 
 
@@ -45,14 +45,14 @@ def register(app: typer.Typer) -> None:
     def measure(repo: Path = typer.Option(Path("."), "--repo", help="the git repository to build from"),
                 rev: str = typer.Option("HEAD", "--rev", help="commit, tag or branch to build"),
                 out: Path | None = typer.Option(None, "--out", help="also write the artifact here"),
-                as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+                as_json: bool = JsonOption("print JSON: {commit, sha384, size}")) -> None:
         """Build the broker artifact twice from REV and print its SHA-384 (fails if the builds differ)."""
         try:
             m = measure_mod.measure(repo, rev, out=out)
         except measure_mod.BuildError as e:
-            _fail(str(e))
+            fail(str(e))
         if as_json:
-            typer.echo(json.dumps({"commit": m.commit, "sha384": m.sha384, "size": m.size}))
+            print_json({"commit": m.commit, "sha384": m.sha384, "size": m.size})
         else:
             typer.echo(f"commit  {m.commit}\nsha384  {m.sha384}\nsize    {m.size} bytes (built twice, identical)")
 
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
     def propose(commit: str = typer.Option(..., "--commit", help="commit to trust (resolved in --repo)"),
                 reason: str = typer.Option(..., "--reason", help="why this version"),
                 who: str = typer.Option(..., "--as", help="your engineer id"),
-                repo: Path = typer.Option(Path("."), "--repo"),
+                repo: Path = typer.Option(Path("."), "--repo", help="the git repository the commit is in"),
                 ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger", help="the measurement ledger file")) -> None:
         """Propose trusting the build of a commit; two approvers must then report matching hashes."""
         try:
@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
             p = measure_mod.MeasurementLedger(ledger).propose(commit=full, proposer=who, reason=reason,
                                                               now=datetime.now(UTC))
         except (measure_mod.BuildError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(f"{p.id}  proposes commit {p.commit}\n"
                    f"Two approvers each run: mpactl broker trust report {p.id} --as THEM --approvers ...")
 
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
     def report(proposal_id: str, who: str = typer.Option(..., "--as", help="your engineer id"),
                approvers: str = typer.Option(..., "--approvers", help="measurement approvers: comma list or file"),
                repo: Path = typer.Option(Path("."), "--repo", help="your own clone to build from"),
-               ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger")) -> None:
+               ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger", help="the measurement ledger file")) -> None:
         """Build the proposal's commit yourself and report the hash you got."""
         from policy import PolicyError
         allowed = _approvers(approvers)
@@ -87,27 +87,32 @@ def register(app: typer.Typer) -> None:
             p = led.report(proposal_id, approver=who, sha384_hex=m.sha384, approvers=allowed,
                            now=datetime.now(UTC))
         except KeyError as e:
-            _fail(str(e.args[0]))
+            fail(str(e.args[0]))
         except (measure_mod.BuildError, PolicyError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(f"you built {m.sha384}\nproposal {p.id} is {p.state.value} "
                    f"({len(p.reports)}/{p.required} reports)")
         if p.state is measure_mod.ProposalState.DISPUTED:
-            _fail("hashes differ between approvers: the proposal can never be accepted; find out why", 3)
+            fail("hashes differ between approvers: the proposal can never be accepted; find out why", ExitCode.CONFLICT)
 
     @trust.command("show")
-    def show(ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger")) -> None:
-        """Print the trusted measurement in force."""
+    def show(ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger", help="the measurement ledger file"),
+             as_json: bool = JsonOption("print the trusted measurement as JSON (null when there is none)")) -> None:
+        """Print the trusted measurement in force (as JSON; "no trusted measurement yet" without one)."""
         t = measure_mod.MeasurementLedger(ledger).trusted()
-        typer.echo(json.dumps(t, indent=1) if t else "no trusted measurement yet")
+        if as_json:
+            print_json(t or None)
+        else:
+            typer.echo(json.dumps(t, indent=1) if t else "no trusted measurement yet")
 
 
     @broker.command("seal-seeds")
     def seal_seeds(key_id: str = typer.Option(..., "--kms-key-id", help="KMS key (id, ARN or alias) whose "
                                               "policy pins the broker's measurement"),
                    out: Path = typer.Option(..., "--out", help="where to write the sealed seed bundle"),
-                   kms_region: str = typer.Option("eu-west-2", "--kms-region"),
-                   kms_endpoint: str | None = typer.Option(None, "--kms-endpoint"),
+                   kms_region: str = typer.Option("eu-west-2", "--kms-region", help="AWS region of the KMS key"),
+                   kms_endpoint: str | None = typer.Option(None, "--kms-endpoint",
+                                                           help="KMS endpoint URL (default: AWS's for the region)"),
                    slack_webhook_url: str | None = typer.Option(
                        None, "--slack-webhook-url", envvar="MPA_BROKER_SLACK_WEBHOOK",
                        help="Slack incoming webhook for notifications (env MPA_BROKER_SLACK_WEBHOOK)"),
@@ -127,19 +132,19 @@ def register(app: typer.Typer) -> None:
         from .seeds import SeedBundle, seal_bundle
 
         if out.exists():
-            _fail(f"{out} exists; refusing to overwrite seed secrets (move it away first)")
+            fail(f"{out} exists; refusing to overwrite seed secrets (move it away first)")
         aws = None
         if with_aws_keys:
             kid, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
             if not kid or not secret:
-                _fail("--with-aws-keys needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+                fail("--with-aws-keys needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment", ExitCode.USAGE)
             aws = {"access_key_id": kid, "secret_access_key": secret}
         bundle = SeedBundle.generate(aws=aws, slack_webhook_url=slack_webhook_url)
         client = boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint)
         try:
             sealed = seal_bundle(bundle, key_id, boto3_encrypter(client, key_id))
         except KmsError as e:
-            _fail(str(e))
+            fail(str(e))
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(sealed)
@@ -159,7 +164,7 @@ def register(app: typer.Typer) -> None:
               cert_out: Path = typer.Option(Path("broker.pem"), "--cert-out",
                                             help="where to write the broker's certificate (clients pin it)"),
               seeds: Path | None = typer.Option(None, "--seeds", help="sealed seed bundle (production)"),
-              kms_region: str = typer.Option("eu-west-2", "--kms-region"),
+              kms_region: str = typer.Option("eu-west-2", "--kms-region", help="AWS region of the KMS key"),
               kms_endpoint: str | None = typer.Option(None, "--kms-endpoint",
                                                          help="KMS endpoint URL (through the egress proxy)"),
               nsm_device: str = typer.Option("/dev/nsm", "--nsm", help="the Nitro Security Module device"),
@@ -193,20 +198,20 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = BrokerConfig.from_file(config)
         except ConfigError as e:
-            _fail(str(e))
+            fail(str(e))
         try:
             if simulate is not None:
                 bundle, attester = _simulated_seeds(simulate, repo, ledger)
             else:
                 if seeds is None:
-                    _fail("--seeds is required (or --simulate DIR for a local demo)")
+                    fail("--seeds is required (or --simulate DIR for a local demo)", ExitCode.USAGE)
                 from .nsm import NsmDevice
                 attester = NsmDevice(nsm_device)
                 kms = Boto3KmsClient(boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint,
                                                   config=aws_config))
                 bundle = open_bundle(seeds.read_bytes(), kms, attester)
         except (SeedError, KmsError, OSError, measure_mod.BuildError) as e:
-            _fail(f"seed secrets were not released, refusing to start: {e}")
+            fail(f"seed secrets were not released, refusing to start: {e}")
         sts_kwargs = {}
         if bundle.aws:
             sts_kwargs = {"aws_access_key_id": bundle.aws.get("access_key_id"),
@@ -225,7 +230,7 @@ def register(app: typer.Typer) -> None:
                 slack = BrokerSlack(bundle.slack_webhook_url,
                                     slack_spool or state.with_name(state.name + ".slack.db")).start()
             except ValueError as e:
-                _fail(f"the sealed seeds' Slack webhook is unusable: {e}")
+                fail(f"the sealed seeds' Slack webhook is unusable: {e}")
         notifiers = [slack.notifier] if slack else []
         runtime = start_broker(cfg, bundle, state_path=state, audit=[JsonlAuditLog(audit_log)], sts_client=sts,
                                notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,

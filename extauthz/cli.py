@@ -6,6 +6,8 @@ import pathlib
 
 import typer
 
+from rpcauthz.console import ExitCode, fail
+
 
 def register(app: typer.Typer) -> None:
     """Add ``serve`` to ``mpactl``."""
@@ -40,12 +42,10 @@ def serve(
     try:
         settings = load_settings(config, overrides=overrides)
     except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(e), ExitCode.USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code = run(settings)
     except OSError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(e), ExitCode.FAILURE)
     raise typer.Exit(code)

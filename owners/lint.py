@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from policy import DEFAULT_MODE, Mode
+from rpcauthz.console import ExitCode
 
 from .proto_source import ProtoError, collect_proto_files, compile_protos
 
-#: Exit codes: CI keys on them.
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+#: Exit codes: CI keys on them (README.md's table: ok, failure = findings, usage = cannot parse).
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE
 
 
 @dataclasses.dataclass(frozen=True)

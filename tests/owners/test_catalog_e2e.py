@@ -70,7 +70,7 @@ services:
     dry_run: true
 """)
         out = tmp_path / "gateway.yaml"
-        res = run_mpactl("envoy", "render", "-c", str(catalog), "-o", str(out), "--validate")
+        res = run_mpactl("envoy", "render", "--catalog", str(catalog), "-o", str(out), "--validate")
         assert res.returncode == 0, res.stderr
         envoy = EnvoyProcess(yaml.safe_load(out.read_text()), tmp_path)
         started.append(envoy)
@@ -154,7 +154,7 @@ def test_dry_run_visible_from_the_running_gateway_and_in_audit(stack):
     st = stack
     assert call(st, f"/{LEDGER}/PostEntry", "bob").code is grpc.StatusCode.OK
     res = run_mpactl("envoy", "dry-run", "--admin", st["admin"])
-    assert res.returncode == 3 and LEDGER in res.stdout and ACCOUNTS not in res.stdout
+    assert res.returncode == 5 and LEDGER in res.stdout and ACCOUNTS not in res.stdout
     # The audit trail keeps what the policy decided, marked dry-run; usage reports it.
     deadline = time.monotonic() + 15
     while True:

@@ -1,6 +1,7 @@
 """``mpactl envoy render / validate / dry-run``: catalog checks and the real envoy validator."""
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -141,10 +142,10 @@ def test_catalog_errors_name_file_and_line_and_write_nothing(tmp_path: Path, ser
 
 def test_failed_render_leaves_previous_output_alone(tmp_path: Path):
     cat, out = _bad(tmp_path, HEAD + "  - name: a.v1.A\n    upstream: 127.0.0.1:1\n")
-    assert run_mpactl("envoy", "render", "-c", str(cat), "-o", str(out)).returncode == 0
+    assert run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out)).returncode == 0
     good = out.read_bytes()
     cat.write_text(HEAD + "  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    routes: nope\n")
-    res = run_mpactl("envoy", "render", "-c", str(cat), "-o", str(out))
+    res = run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out))
     assert res.returncode == 2 and f"{cat}:8:" in res.stderr
     assert out.read_bytes() == good
 
@@ -162,12 +163,19 @@ def test_dry_run_report(tmp_path: Path):
     cat = tmp_path / "services.yaml"
     cat.write_text(CATALOG)
     res = run_mpactl("envoy", "dry-run", "--catalog", str(cat))
-    assert res.returncode == 3
+    assert res.returncode == 5  # ExitCode.DRY_RUN
     assert "DRY RUN (not enforced) for 1 service(s):" in res.stdout and "rpcauthz.demo." in res.stdout
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--json")
+    assert res.returncode == 5, res.stderr
+    data = json.loads(res.stdout)
+    assert data["source"] == str(cat) and len(data["dry_run_services"]) == 1
+    assert data["dry_run_services"][0].startswith("rpcauthz.demo.")
     cat.write_text(CATALOG.replace("dry_run: true", "dry_run: false"))
     res = run_mpactl("envoy", "dry-run", "--catalog", str(cat))
     assert res.returncode == 0 and "no service in dry-run" in res.stdout
-    rendered = yaml.safe_load(run_mpactl("envoy", "render", "-c", str(cat)).stdout)
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == {"source": str(cat), "dry_run_services": []}
+    rendered = yaml.safe_load(run_mpactl("envoy", "render", "--catalog", str(cat)).stdout)
     assert rendered["static_resources"]["listeners"][0]["name"] == "gateway"
 
 
@@ -201,6 +209,6 @@ def test_rendered_config_keeps_the_invariants_of_envoy_gateway_yaml():
 def test_short_ext_authz_timeout_is_warned_about(tmp_path: Path):
     cat = tmp_path / "services.yaml"
     cat.write_text(CATALOG.replace("timeout: 1200ms", "timeout: 500ms"))
-    res = run_mpactl("envoy", "render", "-c", str(cat))
+    res = run_mpactl("envoy", "render", "--catalog", str(cat))
     assert res.returncode == 0
     assert "ext_authz.timeout 0.5s is not above the server's decision deadline" in res.stderr
