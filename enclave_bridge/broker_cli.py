@@ -270,7 +270,9 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Path | None):
         pinned = bytes.fromhex(trusted["sha384"])
     else:
         pinned = pcrs[0]
-    policy = KeyPolicy.for_pcrs({0: pinned})
+    # As the runbook's key policy: the whole image (PCR0 the trusted build, PCR1/PCR2 the simulated
+    # kernel and application) is pinned.
+    policy = KeyPolicy.for_pcrs({0: pinned, 1: pcrs[1], 2: pcrs[2]})
     if keys_file.exists():
         kms.import_keys(json.loads(keys_file.read_text()))
         key_id = next(iter(json.loads(keys_file.read_text())))

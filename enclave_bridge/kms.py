@@ -184,8 +184,10 @@ def attestation_verifier(root: Any, *, replay_cache: Any = None) -> DocumentVeri
     from . import attestation
 
     def verify(document: bytes, pcrs: Mapping[int, bytes]) -> AttestedDocument:
+        # KMS checks exactly the key policy's conditions (which may name any PCRs), so this is the
+        # one verifier that does not demand the whole image be pinned.
         att = attestation.verify(document, attestation.Expectations(
-            root=root, pcrs=dict(pcrs), replay_cache=replay_cache))
+            root=root, pcrs=dict(pcrs), replay_cache=replay_cache, require_image_pcrs=False))
         return AttestedDocument(pcrs=dict(att.pcrs), public_key=att.public_key)
 
     return verify
