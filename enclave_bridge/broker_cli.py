@@ -282,7 +282,11 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Path | None):
     if not seeds_file.exists():
         # As `seal-seeds --slack-webhook-url` would: the demo's seeds carry MPA_BROKER_SLACK_WEBHOOK.
         webhook = os.environ.get("MPA_BROKER_SLACK_WEBHOOK") or None
-        seeds_file.write_bytes(seal_bundle(SeedBundle.generate(slack_webhook_url=webhook), key_id,
+        # As `seal-seeds --with-aws-keys` would: the broker's own STS key (e.g. the local AWS
+        # stand-in's mpa-broker user) from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when both are set.
+        kid, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        aws = {"access_key_id": kid, "secret_access_key": secret} if kid and secret else None
+        seeds_file.write_bytes(seal_bundle(SeedBundle.generate(aws=aws, slack_webhook_url=webhook), key_id,
                                            lambda pt, ctx: kms.encrypt(key_id, pt, ctx)))
     keys_file.write_text(json.dumps(kms.export_keys()))
     keys_file.chmod(0o600)
