@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import getpass
 import json
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -20,6 +19,9 @@ from rpcauthz.console import ExitCode, JsonOption, fail, print_json
 
 from .errors import StoreError
 from .model import Grant, Role
+
+if TYPE_CHECKING:
+    from .store import Store
 
 STORE_ENV = "RPCAUTHZ_STORE"
 
@@ -38,7 +40,7 @@ def _actor() -> str:
         return "mpactl"
 
 
-def _with_store(url: str, body: Callable[[Any], None]) -> None:
+def _with_store(url: str, body: Callable[[Store], object]) -> None:
     """Open the store, run ``body``, close it; a bad URL exits 2, a store error 4, with a message."""
     from .stores import open_store
     try:
@@ -108,7 +110,7 @@ def register(app: typer.Typer) -> None:
         """
         from .sync import SyncError, sync
 
-        def run(s: Any) -> None:
+        def run(s: Store) -> None:
             try:
                 diffs = sync(s, catalog=catalog, oncall=oncall, dry_run=dry_run, actor=_actor())
             except SyncError as e:
@@ -142,7 +144,7 @@ def register(app: typer.Typer) -> None:
                                    "source, active."),
     ) -> None:
         """Print every grant (expired ones are marked)."""
-        def run(s: Any) -> None:
+        def run(s: Store) -> None:
             now = datetime.now(UTC)
             for g in s.list_grants():
                 if principal and g.principal != principal:
@@ -167,8 +169,11 @@ def register(app: typer.Typer) -> None:
                           expires_at=_parse_time(expires, "--expires"))
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        _with_store(store, lambda s: (s.put_grant(grant, actor=_actor()),
-                                      typer.echo(f"+ {_describe(grant)}")))
+
+        def run(s: Store) -> None:
+            s.put_grant(grant, actor=_actor())
+            typer.echo(f"+ {_describe(grant)}")
+        _with_store(store, run)
 
     @grants.command("remove")
     def grants_remove(
@@ -178,7 +183,7 @@ def register(app: typer.Typer) -> None:
         store: str = _store_option(),
     ) -> None:
         """Remove a grant (whatever its source; a sync may add a synced one back)."""
-        def run(s: Any) -> None:
+        def run(s: Store) -> None:
             if not s.delete_grant(principal, role, service, actor=_actor()):
                 fail(f"no {role.value} grant for {principal}" + (f" on {service}" if service else ""))
             typer.echo(f"- {role.value} {principal}" + (f" {service}" if service else ""))
@@ -208,4 +213,4 @@ def main() -> None:  # pragma: no cover - convenience for `python -m policy.cli`
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
