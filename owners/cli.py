@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from policy import DEFAULT_MODE, Mode
-from rpcauthz.console import ExitCode, JsonOption, fail, print_json
+from rpcauthz.console import ExitCode, JsonOption, fail, print_json, warn
 
 
 def _mode_option(value: str) -> Mode:
@@ -269,13 +269,12 @@ def _warn_dry_run(cat) -> None:
 
     deadline_ms = Settings.model_fields["decision_deadline_ms"].default
     if cat.gateway.ext_authz_timeout * 1000 <= deadline_ms:
-        typer.echo(f"warning: ext_authz.timeout {cat.gateway.ext_authz_timeout:g}s is not above the "
-                   f"server's decision deadline ({deadline_ms} ms by default): slow "
-                   "decisions will end as Envoy's anonymous timeout instead of the server's 503 "
-                   "with a reason", err=True)
+        warn(f"ext_authz.timeout {cat.gateway.ext_authz_timeout:g}s is not above the "
+             f"server's decision deadline ({deadline_ms} ms by default): slow "
+             "decisions will end as Envoy's anonymous timeout instead of the server's 503 "
+             "with a reason")
     if cat.dry_run_services:
-        typer.echo("warning: DRY RUN (decisions logged and counted, calls allowed) for: "
-                   + ", ".join(cat.dry_run_services), err=True)
+        warn("DRY RUN (decisions logged and counted, calls allowed) for: " + ", ".join(cat.dry_run_services))
     if cat.unauthorized_routes:
         typer.echo("note: no ext_authz on: " + ", ".join(cat.unauthorized_routes), err=True)
 

@@ -118,7 +118,7 @@ def emit(data: Any, as_json: bool, printer: Callable[[Any], None]) -> None:
         printer(data)
 
 
-def JsonOption(help: str = "Print JSON for scripts instead of text.") -> Any:  # noqa: N802 - reads like typer.Option
+def JsonOption(help: str = "Print JSON for scripts instead of text.") -> Any:
     """The ``--json`` flag, the same on every command that lists or shows something."""
     return typer.Option(False, "--json", help=help)
 

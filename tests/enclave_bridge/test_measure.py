@@ -169,6 +169,11 @@ def test_cli_measure_and_two_person_trust_change(repo, tmp_path):
                "--ledger", ledger, cwd=tmp_path)
     assert r.returncode == 0 and "open (1/2" in r.stdout, r.stderr
     assert "no trusted measurement" in mpactl("trust", "show", "--ledger", ledger, cwd=tmp_path).stdout
+    r = mpactl("trust", "show", "--ledger", ledger, "--json", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout) is None, r.stderr
+    r = mpactl("trust", "report", pid, "--as", "sue@example.com", "--approvers", "sue@example.com",
+               "--repo", str(repo), "--ledger", ledger, cwd=tmp_path)
+    assert r.returncode == 2 and "error: --approvers must name at least two" in r.stderr
     r = mpactl("trust", "report", pid, "--as", "sam@example.com", "--approvers", approvers, "--repo", str(repo),
                "--ledger", ledger, cwd=tmp_path)
     assert r.returncode == 1 and "already reported" in r.stderr
@@ -177,3 +182,19 @@ def test_cli_measure_and_two_person_trust_change(repo, tmp_path):
     assert r.returncode == 0 and "accepted" in r.stdout, r.stderr
     trusted = json.loads(mpactl("trust", "show", "--ledger", ledger, cwd=tmp_path).stdout)
     assert trusted["sha384"] == first["sha384"] and trusted["commit"] == first["commit"]
+    assert json.loads(mpactl("trust", "show", "--ledger", ledger, "--json", cwd=tmp_path).stdout) == trusted
+    assert set(first) == {"commit", "sha384", "size"}
+
+
+def test_cli_report_of_a_different_hash_exits_with_conflict(repo, tmp_path):
+    """Two approvers' builds disagree: `trust report` says so and exits 6 (ExitCode.CONFLICT)."""
+    ledger = tmp_path / "trust.json"
+    led = m.MeasurementLedger(ledger)
+    p = led.propose(commit=m.resolve_commit(repo, "HEAD"), proposer="dev@example.com", reason="release",
+                    now=datetime.now(UTC))
+    led.report(p.id, approver="sam@example.com", sha384_hex="a" * 96, approvers=SEC, now=datetime.now(UTC))
+    r = mpactl("trust", "report", p.id, "--as", "sue@example.com", "--approvers", ",".join(sorted(SEC)),
+               "--repo", str(repo), "--ledger", str(ledger), cwd=tmp_path)
+    assert r.returncode == 6, r.stdout + r.stderr
+    assert "disputed" in r.stdout and "error: hashes differ between approvers" in r.stderr
+    assert led.get(p.id).state is m.ProposalState.DISPUTED and led.trusted() is None
