@@ -24,7 +24,8 @@ def serve(
                                      "environment variables override it."),
     port: int | None = typer.Option(None, "--port", help="Override listen.port."),
     store_url: str | None = typer.Option(None, "--store", help="Override store_url "
-                                            "(sqlite:///path.db or postgresql://...)."),
+                                            "(sqlite:///path.db or postgresql://...; "
+                                            "env RPCAUTHZ_STORE_URL)."),
 ) -> None:
     """Run the approvals server until SIGTERM or Ctrl-C."""
     from .config import ConfigError, load_approvals_config
