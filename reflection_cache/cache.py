@@ -78,14 +78,14 @@ class ReflectionCache:
         self._stats = CacheStats()
         stats = self._stats
 
-        class _Entries(cachetools.LRUCache):
-            def popitem(self):
+        class _Entries(cachetools.LRUCache[str, _Entry]):
+            def popitem(self) -> tuple[str, _Entry]:
                 item = super().popitem()
                 stats.evictions += 1
                 return item
 
-        self._entries: cachetools.LRUCache = _Entries(maxsize=self.settings.max_entries)
-        self._inflight: dict[str, asyncio.Task] = {}
+        self._entries: cachetools.LRUCache[str, _Entry] = _Entries(maxsize=self.settings.max_entries)
+        self._inflight: dict[str, asyncio.Task[ServiceModes]] = {}
 
     @classmethod
     def from_config(cls, config: Mapping[str, object] | None) -> ReflectionCache:
@@ -129,16 +129,16 @@ class ReflectionCache:
                 if now < entry.fresh_until:
                     self._stats.negative_hits += 1
                     raise type(entry.error)(str(entry.error))
-            elif now < entry.fresh_until:
+            elif entry.modes is not None and now < entry.fresh_until:
                 self._stats.hits += 1
-                return entry.modes  # type: ignore[return-value]
-            elif now < entry.stale_until:
+                return entry.modes
+            elif entry.modes is not None and now < entry.stale_until:
                 self._stats.stale_serves += 1
                 if service not in self._inflight and now >= entry.retry_after:
                     self._stats.background_refreshes += 1
                     task = self._start_fetch(service)
                     task.add_done_callback(_consume)
-                return entry.modes  # type: ignore[return-value]
+                return entry.modes
         self._stats.misses += 1
         task = self._inflight.get(service) or self._start_fetch(service)
         # shield: one caller giving up must not cancel the fetch the others wait for.
@@ -183,7 +183,7 @@ class ReflectionCache:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _start_fetch(self, service: str) -> asyncio.Task:
+    def _start_fetch(self, service: str) -> asyncio.Task[ServiceModes]:
         task = asyncio.get_running_loop().create_task(self._fetch(service), name=f"reflect {service}")
         self._inflight[service] = task
         return task
@@ -220,7 +220,7 @@ class ReflectionCache:
             self._inflight.pop(service, None)
 
 
-def _consume(task: asyncio.Task) -> None:
+def _consume(task: asyncio.Task[ServiceModes]) -> None:
     """Retrieve a background refresh's outcome (its failure is already counted and logged)."""
     if not task.cancelled():
         task.exception()
