@@ -85,3 +85,17 @@ def test_a_jwks_without_keys_or_an_unreadable_jwks_file_is_refused(tmp_path):
                                env={})
     with pytest.raises(ConfigError, match="identity.jwks_file: cannot read"):
         BrokerConfig.from_file(write(tmp_path, edit(lambda d: d["identity"].update(jwks_file="nope.json"))), env={})
+
+
+def test_broker_serve_refuses_a_bad_config_by_key_before_anything_else(tmp_path):
+    import os
+    import subprocess
+    import sys
+    p = write(tmp_path, documented_example().replace("server_name:", "server_nmae:"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RPCAUTHZ_") or k == "RPCAUTHZ_TEST_PG_DSN"}
+    res = subprocess.run([sys.executable, "-m", "mpactl.app", "broker", "serve", "--config", str(p),
+                          "--state", str(tmp_path / "state.db"), "--audit-log", str(tmp_path / "audit.jsonl")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert f"server_nmae: unknown key (at {p} line" in res.stderr
+    assert not (tmp_path / "state.db").exists()
