@@ -59,12 +59,13 @@ def caller_text(v: Verdict) -> str:
     what = v.target.path if v.target else "this request"
     head = {Kind.DENY: "denied", Kind.APPROVAL_REQUIRED: "approval required",
             Kind.ERROR: "authorization unavailable", Kind.ALLOW: "allowed"}[v.kind]
+    message, advice = v.explained()
     parts = [f"rpcauthz: {head} for {who} calling {what} (rule {v.rule}"
-             + (f", mode {v.mode_name}" if v.mode is not None else "") + f"): {v.message}."]
+             + (f", mode {v.mode_name}" if v.mode is not None else "") + f"): {message}."]
     if v.request_url:
         parts.append(f"Approval request: <{v.request_url}>.")
-    if v.advice:
-        parts.append(v.advice[0].upper() + v.advice[1:].rstrip(".") + ".")
+    if advice:
+        parts.append(advice[0].upper() + advice[1:].rstrip(".") + ".")
     if v.dev:
         parts.append("[dev mode: identity taken from a header, not a verified token]")
     parts.append(f"(decision {v.decision_id})")
