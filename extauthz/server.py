@@ -187,7 +187,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
         print("extauthz: stopped", flush=True)
 
 
-def _worker_main(settings_json: str, multiproc_dir: str | None) -> None:
+def _worker_main(settings_json: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
     try:
@@ -224,7 +224,7 @@ def _supervise(settings: Settings) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_worker_main, name=f"extauthz-worker-{i}",
-                           args=(settings.model_dump_json(), multiproc_dir))
+                           args=(settings.model_dump_json(),))
                for i in range(settings.workers)]
     for w in workers:
         w.start()

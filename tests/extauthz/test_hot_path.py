@@ -19,7 +19,6 @@ from google.protobuf import json_format, struct_pb2
 import policy
 from extauthz import responses
 from extauthz.audit_writer import AuditWriter
-from extauthz.body import frame
 from extauthz.config import ConfigError, load_settings
 from extauthz.metrics import Metrics
 from extauthz.pipeline import Authorizer, audit_event_id
@@ -32,6 +31,7 @@ from reflection_cache.cache import CacheSettings, ReflectionCache
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionUnavailable, ServiceModes
 from tests.support.extauthz_doubles import FixedGrants, FreshModes, StaticModes
+from tests.support.grpc_frames import frame
 
 SVC = "rpcauthz.demo.v1.Accounts"
 MODES = {
