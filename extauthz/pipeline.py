@@ -59,7 +59,6 @@ log = logging.getLogger("extauthz")
 
 _OPEN_STATES = (RequestState.PENDING, RequestState.APPROVED)
 _T = TypeVar("_T")
-_HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
 
 
 class GrantSource(Protocol):
@@ -188,7 +187,7 @@ class Authorizer:
             return p.verdict(Kind.ERROR, f.rule, f.facts)
 
     def _identify_and_target(self, req: external_auth_pb2.CheckRequest, p: _Progress
-                             ) -> Verdict | tuple[Identity, Target, _HttpRequest]:
+                             ) -> Verdict | tuple[Identity, Target, attribute_context_pb2.AttributeContext.HttpRequest]:
         """Steps 1 and 2a: who calls which method, or the denial that says why not."""
         try:
             who = identify(req, self.settings.identity)
@@ -205,7 +204,7 @@ class Authorizer:
             return p.verdict(Kind.DENY, Rule.TARGET_NOT_GRPC, {"http_method": http.method})
         return who, target, http
 
-    def _grants_and_body(self, p: _Progress, http: _HttpRequest
+    def _grants_and_body(self, p: _Progress, http: attribute_context_pb2.AttributeContext.HttpRequest
                          ) -> Verdict | tuple[GrantSet, str | None]:
         """Step 2b: the caller's grants (memory) and the body's digest, or why not."""
         try:

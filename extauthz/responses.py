@@ -19,6 +19,8 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from policy import Mode, Target
+
 from .verdict import Kind, Verdict
 
 HEADER_PREFIX = "x-rpcauthz-"
@@ -79,7 +81,8 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 #: Allow responses without the decision id, by what they depend on (``_allow_template``).
-_ALLOW_TEMPLATES: dict[tuple, external_auth_pb2.CheckResponse] = {}
+_TemplateKey = tuple[str | None, Target | None, Mode | None, str, bool, bool, str | None]
+_ALLOW_TEMPLATES: dict[_TemplateKey, external_auth_pb2.CheckResponse] = {}
 _MAX_TEMPLATES = 4096
 #: Where the decision id goes in a template's ``ok_response.headers``.
 _DECISION_HEADER_INDEX = 1
@@ -90,7 +93,7 @@ def _allow_template(v: Verdict) -> external_auth_pb2.CheckResponse:
     function of ``v``'s principal, target, mode, rule, dev and dry-run fields (``metadata``
     and the headers), so it is built once per such combination and copied: a copy is ~4x
     cheaper than building the headers and the metadata Struct again."""
-    key = (v.principal, v.target, v.mode, v.rule, v.dev, v.dry_run, v.shadow)
+    key: _TemplateKey = (v.principal, v.target, v.mode, v.rule, v.dev, v.dry_run, v.shadow)
     resp = _ALLOW_TEMPLATES.get(key)
     if resp is None:
         if len(_ALLOW_TEMPLATES) >= _MAX_TEMPLATES:
@@ -134,8 +137,8 @@ def _headers_to_remove(request_headers: Iterable[str], also_remove: Iterable[str
     return sorted(strip)
 
 
-_SET_ON_ALLOW = (PRINCIPAL_HEADER, DECISION_HEADER)
-_SET_ON_APPROVED_ALLOW = (PRINCIPAL_HEADER, DECISION_HEADER, APPROVAL_HEADER)
+_SET_ON_ALLOW: tuple[str, ...] = (PRINCIPAL_HEADER, DECISION_HEADER)
+_SET_ON_APPROVED_ALLOW: tuple[str, ...] = (PRINCIPAL_HEADER, DECISION_HEADER, APPROVAL_HEADER)
 
 
 def build(v: Verdict, request_headers: Iterable[str] = (),
