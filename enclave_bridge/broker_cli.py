@@ -198,7 +198,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = BrokerConfig.from_file(config)
         except ConfigError as e:
-            fail(str(e))
+            fail(str(e), ExitCode.USAGE)  # a bad config is a usage error, as for the other servers
         try:
             if simulate is not None:
                 bundle, attester = _simulated_seeds(simulate, repo, ledger)

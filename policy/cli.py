@@ -1,8 +1,9 @@
 """Operator commands for grants and the store: ``mpactl sync``, ``mpactl grants``, ``mpactl db``.
 
-Every command takes ``--store URL`` (or ``$RPCAUTHZ_STORE``): ``sqlite:///ABS/PATH.db`` or
-``postgresql://user@host:port/db``. Exit codes (README.md, "Exit codes"): 1 a refusal (malformed
-catalog, nothing to sync, no such grant), 2 a bad store URL, 4 the store cannot be reached.
+Every command takes ``--store URL`` (or ``$RPCAUTHZ_STORE_URL``, the one store variable of every
+command and server): ``sqlite:///ABS/PATH.db`` or ``postgresql://user@host:port/db``. Exit codes
+(README.md, "Exit codes"): 1 a refusal (malformed catalog, nothing to sync, no such grant), 2 a bad
+store URL, 4 the store cannot be reached.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .model import Grant, Role
 if TYPE_CHECKING:
     from .store import Store
 
-STORE_ENV = "RPCAUTHZ_STORE"
+STORE_ENV = "RPCAUTHZ_STORE_URL"
 
 _STORE_HELP = ("Store URL: sqlite:///ABSOLUTE/PATH.db or postgresql://user@host:port/dbname "
                f"(default: ${STORE_ENV}).")
