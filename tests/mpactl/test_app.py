@@ -106,3 +106,20 @@ def test_short_flags_have_one_meaning(tool):
 def test_unknown_command_is_a_usage_error():
     out = run("mpactl", "frobnicate")
     assert out.returncode == 2 and "frobnicate" in out.stderr
+
+
+#: Every command that lists or shows something (README.md, "Command lines").
+LISTS_OR_SHOWS = {
+    "mpa": [("whoami",), ("list",), ("show",), ("approve",), ("reject",), ("cancel",), ("request", "rpc"),
+            ("request", "aws"), ("request", "k8s"), ("broker", "list"), ("broker", "show"), ("broker", "review")],
+    "mpactl": [("grants", "list"), ("db", "init"), ("sync",), ("reflect",), ("lint",), ("usage",),
+               ("envoy", "dry-run"), ("demo", "call"), ("broker", "measure"), ("broker", "trust", "show")],
+}
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_every_command_that_lists_or_shows_takes_json(tool):
+    commands = dict(_commands(typer.main.get_command(mpactl.app.app if tool == "mpactl" else mpa.cli.app)))
+    without = [" ".join(path) for path in LISTS_OR_SHOWS[tool]
+               if "--json" not in {o for p in _options(commands[path]) for o in p.opts}]
+    assert without == []
