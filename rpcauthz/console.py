@@ -85,13 +85,15 @@ def stderr_console() -> Console:
 
 
 def fail(message: str, code: ExitCode | int = ExitCode.FAILURE) -> NoReturn:
-    """Print ``error: MESSAGE`` on stderr and exit with ``code`` (an :class:`ExitCode`).
+    """Print ``error: MESSAGE`` on stderr and exit the process with ``code`` (an :class:`ExitCode`).
 
     The message is printed as it is (no markup or emoji codes are interpreted, nothing is
     wrapped when stderr is not a terminal).
     """
     stderr_console().print(Text.assemble(("error:", "bold red"), " ", message))
-    raise typer.Exit(int(code))
+    # SystemExit rather than typer.Exit: it ends the process with ``code`` inside a command
+    # and outside one alike (click lets it through; Typer's CliRunner records its code).
+    raise SystemExit(int(code))
 
 
 def warn(message: str) -> None:

@@ -77,3 +77,10 @@ def test_piped_output_never_wraps_ids_or_links():
     assert ("https://approvals.example.com/requests/" + "b" * 150) in row[0]
     assert ("link: https://x.example.com/" + "c" * 200 + "\n") in out.stdout
     assert "\x1b[" not in out.stdout  # no colour codes in a pipe
+
+
+def test_fail_outside_a_command_ends_the_process_with_the_code():
+    out = subprocess.run([sys.executable, "-c", "from rpcauthz.console import ExitCode, fail\n"
+                          "fail('store gone', ExitCode.UNREACHABLE)"], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (4, "", "error: store gone\n")
