@@ -75,6 +75,7 @@ class ApprovalsConfig:
     slack_user_ids: Mapping[str, str] = dataclasses.field(default_factory=dict)
     audit_jsonl_path: str | None = None
     expiry_sweep_seconds: float = 30.0
+    receipt_key_path: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ApprovalsConfig:
@@ -117,6 +118,7 @@ class ApprovalsConfig:
             "slack_user_ids": dict(_pair(item, "MPA_SLACK_USER_IDS")
                                    for item in _split(env.get("MPA_SLACK_USER_IDS", ""))),
             "audit_jsonl_path": env.get("MPA_AUDIT_JSONL") or None,
+            "receipt_key_path": env.get("MPA_RECEIPT_KEY_FILE") or None,
         }
         values.update(overrides)
         cfg = cls(**values)  # type: ignore[arg-type]
