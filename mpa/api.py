@@ -219,20 +219,8 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     def get_request(request_id: RequestId, me: Me) -> RequestOut:
         return out(service.get(request_id), me.id)
 
-    receipt_key = load_receipt_key(config.receipt_key_path) if config.receipt_key_path else None
-
-    @app.get("/api/v1/requests/{request_id}/receipt", response_model=ReceiptOut, operation_id="getReceipt",
-             summary="A signed receipt for an approved request (for parties that do not share the store)",
-             responses={k: _ERRORS[k] for k in (401, 404, 409, 422, 503)})
-    def receipt(request_id: RequestId, me: Me) -> Any:
-        if receipt_key is None:
-            return error_response(503, "no_receipt_key", "this approvals server signs no receipts "
-                                  "(MPA_RECEIPT_KEY_FILE is not set)")
-        try:
-            signed = sign_receipt(service.get(request_id), receipt_key)
-        except ReceiptUnavailable as e:
-            return error_response(409, "not_approved", str(e))
-        return ReceiptOut(receipt=signed, public_key=public_pem(receipt_key))
+    if config.receipt_key_path:  # the route exists only where receipts are signed
+        _add_receipt_route(app, service, load_receipt_key(config.receipt_key_path), Me)
 
     @app.post("/api/v1/requests/{request_id}/approve", response_model=RequestOut,
               operation_id="approveRequest", summary="Approve a request you may review",
@@ -273,6 +261,20 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     from .page import add_page_routes
     add_page_routes(app)
     return app
+
+
+def _add_receipt_route(app: FastAPI, service: ApprovalService, key: Any, Me: Any) -> None:  # noqa: N803
+    """``GET /api/v1/requests/{id}/receipt``: the signed receipt of an approved request (mpa.receipts)."""
+
+    @app.get("/api/v1/requests/{request_id}/receipt", response_model=ReceiptOut, operation_id="getReceipt",
+             summary="A signed receipt for an approved request (for parties that do not share the store)",
+             responses={k: _ERRORS[k] for k in (401, 404, 409, 422, 503)})
+    def receipt(request_id: RequestId, me: Me) -> Any:
+        try:
+            signed = sign_receipt(service.get(request_id), key)
+        except ReceiptUnavailable as e:
+            return error_response(409, "not_approved", str(e))
+        return ReceiptOut(receipt=signed, public_key=public_pem(key))
 
 
 async def _resolve_mode(service: ApprovalService, svc: str, method: str) -> policy.Mode:
