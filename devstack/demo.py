@@ -86,6 +86,7 @@ class Demo:
         self.extauthz: ExtAuthzProcess | None = None
         self.approvals_port = free_port()
         self.approvals_url = f"http://127.0.0.1:{self.approvals_port}"
+        self.jwks_url = ""  # the dev token issuer's, once started
         self.broker: Any = None
 
     def start(self) -> None:
@@ -96,6 +97,7 @@ class Demo:
         issuer = DevIssuer(self.key_path)
         jwks = issuer.serve()
         self._things.append(jwks)
+        self.jwks_url = jwks.url
         accounts = start_demo_server(services=("accounts",))
         self._things.append(accounts)
         ledger = start_demo_server(services=("ledger",))
@@ -147,6 +149,7 @@ class Demo:
             f"  gateway (Envoy):   127.0.0.1:{self.gateway_port}   (admin 127.0.0.1:{self.envoy.admin_port})",
             f"  ext_authz server:  127.0.0.1:{self.extauthz.port}   store {self.store_url}",
             f"  approvals (page, API for `mpa`): {self.approvals_url}",
+            f"  dev token issuer:  JWKS at {self.jwks_url}   (issuer key {self.key_path})",
             f"  access log:        {self.workdir / 'access.log'}",
             f"  working directory: {self.workdir}",
             "",

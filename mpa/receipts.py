@@ -1,6 +1,6 @@
 """Approval receipts: the approvals service's signed statement that a request was approved.
 
-A receipt is a JWT signed with the service's Ed25519 receipt key (``MPA_RECEIPT_KEY_FILE``,
+A receipt is a JWT signed with the service's Ed25519 receipt key (config ``receipt_key_path``,
 PEM PKCS#8). A party that does not share the store (the enclave broker accepting a change of
 its trusted measurement, see :mod:`enclave_bridge.trust`) pins the public half and checks the
 receipt itself. Claims: ``typ`` (``mpa-approval-receipt``), ``jti`` (request id), ``service``,
@@ -36,9 +36,9 @@ def load_receipt_key(path: str | Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), None)
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"MPA_RECEIPT_KEY_FILE {path}: not a readable PEM private key: {e}") from None
+        raise ValueError(f"receipt_key_path {path}: not a readable PEM private key: {e}") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"MPA_RECEIPT_KEY_FILE {path}: the receipt key must be Ed25519")
+        raise ValueError(f"receipt_key_path {path}: the receipt key must be Ed25519")
     return key
 
 
