@@ -6,6 +6,7 @@
 * ``mpactl broker trust propose|accept|show``  two-person changes of the trusted measurement,
   approved in the approvals service and verified from its signed receipt
 * ``mpactl broker serve``  run the broker (inside the enclave, or simulated locally)
+* ``mpactl broker audit verify|export``  check the chained, signed audit log; export it to the store
 """
 from __future__ import annotations
 
@@ -155,6 +156,58 @@ def register(app: typer.Typer) -> None:
             return
         typer.echo(json.dumps({k: v for k, v in t.items() if k != "receipt"}, indent=1))
 
+    audit = typer.Typer(help="The broker's chained, signed audit log: verify it, export it to the store.",
+                        no_args_is_help=True)
+    broker.add_typer(audit, name="audit")
+
+    @audit.command("verify")
+    def audit_verify(audit_log: Path = typer.Option(..., "--audit-log", help="the broker's JSON-lines audit log"),
+                     public_key: Path | None = typer.Option(None, "--public-key",
+                                                            help="the broker audit key (default: AUDIT_LOG.pub; "
+                                                            "pin a copy kept off the host)"),
+                     store: str | None = typer.Option(None, "--store", help="store URL whose exported audit is "
+                                                      "the witness for truncation and rollback")) -> None:
+        """Check every record's signature and chain; with --store, that nothing exported is missing or rewritten."""
+        from .broker.audit_chain import AuditChainError, load_public_key, store_witness, verify_file
+        witness = None
+        try:
+            key = load_public_key((public_key or audit_log.with_name(audit_log.name + ".pub")).read_bytes())
+            if store:
+                from policy.stores import open_store
+                st = open_store(store)
+                try:
+                    witness = store_witness(st)
+                finally:
+                    st.close()
+            head = verify_file(audit_log, key, witness=witness)
+        except AuditChainError as e:
+            _fail(f"{type(e).__name__}: {e}", 3)
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+        typer.echo(f"ok: {head.seq} records, head {head.hash}"
+                   + (f"; store witness seq {witness.seq} matches" if witness else ""))
+
+    @audit.command("export")
+    def audit_export(audit_log: Path = typer.Option(..., "--audit-log"),
+                     public_key: Path | None = typer.Option(None, "--public-key"),
+                     store: str = typer.Option(..., "--store", help="store URL (the approvals/gateway store)")) -> None:
+        """Verify the log against the store's witness, then append the records the store's audit lacks."""
+        from policy.stores import open_store
+
+        from .broker.audit_chain import AuditChainError, export_to_store, load_public_key
+        try:
+            key = load_public_key((public_key or audit_log.with_name(audit_log.name + ".pub")).read_bytes())
+            st = open_store(store)
+            try:
+                head, n = export_to_store(audit_log, key, st)
+            finally:
+                st.close()
+        except AuditChainError as e:
+            _fail(f"{type(e).__name__}: {e}", 3)
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+        typer.echo(f"exported {n} records; head seq {head.seq}")
+
     @broker.command("seal-seeds")
     def seal_seeds(key_id: str = typer.Option(..., "--kms-key-id", help="KMS key (id, ARN or alias) whose "
                                               "policy pins the broker's measurement"),
@@ -240,7 +293,7 @@ def register(app: typer.Typer) -> None:
         aws_config = Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 3, "mode": "standard"})
 
         from .broker.config import BrokerConfig, ConfigError
-        from .broker.notify import BrokerSlack, JsonlAuditLog
+        from .broker.notify import BrokerSlack
         from .broker.server import start_broker
         from .kms import Boto3KmsClient, KmsError
         from .seeds import SeedError, open_bundle
@@ -288,9 +341,18 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 _fail(f"the sealed seeds' Slack webhook is unusable: {e}")
         notifiers = [slack.notifier] if slack else []
-        runtime = start_broker(cfg, bundle, state_path=state, audit=[JsonlAuditLog(audit_log)], sts_client=sts,
-                               notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,
-                               attester=attester)
+        from .broker.audit_chain import AuditChainError, ChainedAuditLog, audit_key
+        try:
+            chained = ChainedAuditLog(audit_log, audit_key(bundle.state_key))
+        except AuditChainError as e:
+            _fail(f"the audit log {audit_log} does not verify, refusing to start: {type(e).__name__}: {e}")
+        try:
+            runtime = start_broker(cfg, bundle, state_path=state, audit=[chained], sts_client=sts,
+                                   notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,
+                                   attester=attester)
+        except AuditChainError as e:
+            _fail(f"the audit log {audit_log} is behind the broker's sealed head, refusing to start: "
+                  f"{type(e).__name__}: {e}")
         typer.echo(f"broker listening on {host}:{runtime.port} as {cfg.server_name}; certificate "
                    f"{runtime.tls.fingerprint} written to {cert_out}", err=True)
         stop = threading.Event()
