@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+from typing import Any
 
 import typer
 
@@ -29,7 +30,7 @@ def serve(
     from .config import ConfigError, load_settings
     from .server import run
 
-    overrides: dict = {}
+    overrides: dict[str, Any] = {}
     if workers is not None:
         overrides["workers"] = workers
     if port is not None:

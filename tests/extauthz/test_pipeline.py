@@ -16,7 +16,7 @@ from google.protobuf import json_format, struct_pb2
 
 import policy
 from extauthz.audit_writer import AuditWriter
-from extauthz.body import frame, grpc_message_digest
+from extauthz.body import grpc_message_digest
 from extauthz.config import load_settings
 from extauthz.metrics import Metrics
 from extauthz.pipeline import Authorizer
@@ -24,6 +24,7 @@ from policy import Grant, GrantSet, Mode, Role, Target
 from policy.stores import open_store
 from reflection_cache.types import MalformedDescriptors, ReflectionUnavailable, ServiceModes
 from tests.support.extauthz_doubles import DownStore, FixedGrants, StaticModes
+from tests.support.grpc_frames import frame
 
 SVC = "rpcauthz.demo.v1.Accounts"
 MODES = {
