@@ -21,7 +21,8 @@ def serve(
                                           help="Worker processes sharing the port (SO_REUSEPORT)."),
     port: int | None = typer.Option(None, "--port", help="Override listen.port."),
     store_url: str | None = typer.Option(None, "--store", help="Override store_url "
-                                            "(sqlite:///path.db or postgresql://...)."),
+                                            "(sqlite:///path.db or postgresql://...; "
+                                            "env RPCAUTHZ_STORE_URL)."),
     dev_mode: bool = typer.Option(False, "--dev-mode", help="DEV ONLY: take the caller from a "
                                   "header instead of a verified token."),
 ) -> None:

@@ -56,13 +56,7 @@ async def open_components(settings: Settings) -> Components:
     """
     from policy.grant_cache import GrantCache
     from policy.stores import open_store
-    from reflection_cache import CacheSettings, EndpointResolver, ReflectionCache
-
-    r = settings.reflection
-    resolver = EndpointResolver.from_config(r.endpoints.model_dump(exclude_none=True))
-    cache_settings = CacheSettings(ttl=r.ttl, stale_window=r.stale_window, negative_ttl=r.negative_ttl,
-                                   error_backoff=r.error_backoff, max_entries=r.max_entries,
-                                   deadline=r.deadline)
+    from reflection_cache import ReflectionCache
     store = await asyncio.to_thread(open_store, settings.store_url, poll_interval=settings.grants_poll_s)
     try:
         grants = GrantCache(store, reload_interval=settings.grants_reload_s,
@@ -71,7 +65,7 @@ async def open_components(settings: Settings) -> Components:
     except Exception:
         store.close()
         raise
-    modes = ReflectionCache(resolver, cache_settings)
+    modes = ReflectionCache.from_settings(settings.reflection)
 
     async def close() -> None:
         try:

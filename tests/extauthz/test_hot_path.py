@@ -173,7 +173,7 @@ async def test_approval_modes_still_read_and_open_requests_in_the_store():
 
 async def test_not_fresh_falls_back_to_the_full_path_and_its_deadline():
     modes = FreshModes({SVC: ServiceModes(SVC, MODES)})
-    h = Harness(modes, **{"decision_deadline_ms": 100, "reflection.deadline": 0.05})
+    h = Harness(modes, **{"decision_deadline_ms": 100, "reflection.cache.deadline": 0.05})
     h.audit.start()
     try:
         modes.stale = True

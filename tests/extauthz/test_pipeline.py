@@ -201,7 +201,7 @@ async def test_reflection_failure_is_503(h, error, rule):
 
 
 async def test_slow_reflection_ends_as_our_503_before_the_deadline():
-    h = Harness(decision_deadline_ms=200, **{"reflection.deadline": 0.1})
+    h = Harness(decision_deadline_ms=200, **{"reflection.cache.deadline": 0.1})
     h.modes.delay = 5
     loop = asyncio.get_running_loop()
     t0 = loop.time()
