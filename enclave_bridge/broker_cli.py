@@ -260,6 +260,8 @@ def register(app: typer.Typer) -> None:
                   None, "--slack-spool", help="SQLite spool for Slack messages waiting to be delivered "
                   "(default: next to --state, as STATE.slack.db); used when the seeds hold a webhook"),
               listen: str = typer.Option("127.0.0.1:8443", "--listen", help="host:port for the TLS gRPC API"),
+              listen_port: int | None = typer.Option(None, "--port", min=0, max=65535,
+                                                     help="Override the port of --listen (as for the other servers)."),
               oidc_listen: str = typer.Option("", "--oidc-listen",
                                               help="host:port to serve the Kubernetes issuer's discovery + JWKS"),
               cert_out: Path = typer.Option(Path("broker.pem"), "--cert-out",
@@ -329,6 +331,8 @@ def register(app: typer.Typer) -> None:
                            config=aws_config, **sts_kwargs) \
             if cfg.roles else None
         host, _, port = listen.rpartition(":")
+        if listen_port is not None:
+            port = str(listen_port)
         oidc = None
         if oidc_listen:
             oh, _, op = oidc_listen.rpartition(":")

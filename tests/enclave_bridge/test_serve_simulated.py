@@ -60,7 +60,7 @@ def serve(tmp: Path, config: Path, ledger: Path, port: int, env_extra: dict | No
                              "--simulate", str(tmp / "sim"), "--ledger", str(ledger), "--repo", str(ROOT),
                              "--approvals-key", str(ledger.parent / "receipt-key.pem"),
                              "--config", str(config), "--state", str(tmp / "state.db"),
-                             "--audit-log", str(tmp / "audit.jsonl"), "--listen", f"127.0.0.1:{port}",
+                             "--audit-log", str(tmp / "audit.jsonl"), "--port", str(port),
                              "--cert-out", str(cert)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
