@@ -148,6 +148,9 @@ class ApprovalsConfig(Section):
     slack_user_ids: dict[str, str] = Field(default_factory=dict)
     audit_jsonl_path: str | None = None
     expiry_sweep_seconds: float = Field(30.0, gt=0)
+    #: Ed25519 private key (PEM PKCS#8) signing approval receipts (mpa.receipts); the enclave
+    #: broker pins its public half. Unset: no receipt route.
+    receipt_key_path: str | None = None
     #: Where the modes of methods are read for requests engineers make themselves (the same
     #: section as the gateway's, reflection_cache/settings.py). Unset: only requests the
     #: gateway opened can be completed.

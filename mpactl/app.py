@@ -22,7 +22,7 @@ app = typer.Typer(
          "render Envoy config, run the credential broker. New here? Try: mpactl demo",
     epilog="Every command: mpactl COMMAND --help. Commands that list or show something take --json. "
            "Exit codes: 0 done, 1 refused or failed, 2 bad usage or input, 3 not signed in, "
-           "4 unreachable, 5 services in dry-run, 6 conflict (README.md, \"Exit codes\"). "
+           "4 unreachable, 5 services in dry-run, 6 not verified (README.md, \"Exit codes\"). "
            "Shell completion: mpactl --install-completion.",
     no_args_is_help=True,
     add_completion=True,

@@ -35,7 +35,7 @@ class ExitCode(IntEnum):
     NOT_SIGNED_IN = 3
     UNREACHABLE = 4
     DRY_RUN = 5
-    CONFLICT = 6
+    NOT_VERIFIED = 6
 
     @property
     def meaning(self) -> str:
@@ -50,7 +50,8 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.NOT_SIGNED_IN: "not signed in: no token, or the token was refused (expired, forged)",
     ExitCode.UNREACHABLE: "a server, the broker, the store or a reflection endpoint cannot be reached or is unavailable",
     ExitCode.DRY_RUN: "`mpactl envoy dry-run`: some services are still in dry-run",
-    ExitCode.CONFLICT: "the inputs disagree: measurement approvers built different hashes (`mpactl broker trust report`)",
+    ExitCode.NOT_VERIFIED: "a build, a signed receipt or the audit chain does not verify: do not trust it "
+                           "(`mpactl broker trust check`, `trust accept`, `audit verify`, `audit export`)",
 }
 
 
