@@ -160,12 +160,6 @@ def measure(repo: Path, rev: str = "HEAD", *, out: Path | None = None) -> Measur
 
 # --- the two-person rule for the trusted measurement ------------------------------------------
 
-class MeasurementMismatch(NotEligible):
-    """An approver reported a hash that differs from the one already reported."""
-
-    code = "measurement_mismatch"
-
-
 class ProposalState(str, enum.Enum):
     OPEN = "open"
     ACCEPTED = "accepted"
