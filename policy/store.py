@@ -70,6 +70,9 @@ class Store(Protocol):
                       limit: int = 100) -> list[ApprovalRequest]:
         """Requests matching every given filter, newest first."""
 
+    def due_requests(self, now: datetime, *, limit: int = 1000) -> list[ApprovalRequest]:
+        """Pending requests past ``expires_at`` and approved ones past ``valid_until`` (indexed)."""
+
     def update_request(self, request_id: str, change: Transition, *, actor: str,
                        kind: str, reason: str = "") -> ApprovalRequest:
         """Atomically read, apply ``change``, write, and append an audit event of ``kind``.

@@ -249,6 +249,24 @@ class SqlStore(abc.ABC):
             rows = cur.execute(sql, params).fetchall()
         return [self._request(r) for r in rows]
 
+    def due_requests(self, now: datetime, *, limit: int = 1000) -> list[ApprovalRequest]:
+        """Requests the expiry sweep must close at ``now``: pending ones past ``expires_at``
+        and approved ones past ``valid_until``, oldest deadline first, at most ``limit`` of each.
+
+        Both halves read a partial index holding only open rows, so the cost follows the
+        number of due requests, not the size of the table. The state literals are in the
+        SQL on purpose: SQLite uses a partial index only when the query names its condition.
+        """
+        params = {"now": self._ts(now), "limit": _limit(limit)}
+        with self._tx(write=False) as cur:
+            pending = cur.execute(
+                f"SELECT {_REQ_COLS} FROM requests WHERE state = 'pending' "
+                "AND expires_at <= %(now)s ORDER BY expires_at LIMIT %(limit)s", params).fetchall()
+            approved = cur.execute(
+                f"SELECT {_REQ_COLS} FROM requests WHERE state = 'approved' "
+                "AND valid_until <= %(now)s ORDER BY valid_until LIMIT %(limit)s", params).fetchall()
+        return [self._request(r) for r in (*pending, *approved)]
+
     def update_request(self, request_id: str, change: Transition, *, actor: str,
                        kind: str, reason: str = "") -> ApprovalRequest:
         """Atomically read, apply ``change``, write, and append an audit event of ``kind``.
