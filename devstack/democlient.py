@@ -78,8 +78,10 @@ def call(gateway: str, path: str, *, token: str | None, data: dict[str, Any] | N
             return CallResult(grpc.StatusCode.OK, "", None, [json_format.MessageToDict(reply)])
         except grpc.RpcError as e:
             md: dict[str, str | bytes] = {}
-            if isinstance(e, grpc.Call):  # what a call raises is also the call
-                failed: grpc.Call = e
+            # What a call raises is also the call; grpc's stubs declare the two incompatible,
+            # so the check goes through `object` to stay type-checked.
+            failed: object = e
+            if isinstance(failed, grpc.Call):
                 md = dict(failed.trailing_metadata() or ()) | dict(failed.initial_metadata() or ())
             url = md.get("x-mpa-request-url")
             return CallResult(e.code(), e.details() or "", url if isinstance(url, str) else None, replies)
