@@ -104,11 +104,11 @@ class Client:
         except ValueError:
             data = {"error": {"code": "bad_response", "message": resp.text[:200]}}
         if resp.status_code >= 400:
-            e = data.get("error", {}) if isinstance(data, dict) else {}
-            message = e.get("message") or f"HTTP {resp.status_code}"
+            error = data.get("error", {}) if isinstance(data, dict) else {}
+            message = error.get("message") or f"HTTP {resp.status_code}"
             code = (ExitCode.NOT_SIGNED_IN if resp.status_code == 401 else
                     ExitCode.UNREACHABLE if resp.status_code >= 500 else ExitCode.FAILURE)
-            fail(f"{message} [{e.get('code', resp.status_code)}]", code)
+            fail(f"{message} [{error.get('code', resp.status_code)}]", code)
         return resp.status_code, data
 
 
@@ -299,8 +299,11 @@ def show(request: str = typer.Argument(..., help="request id or link"),
 def _act(action: str, request: str, comment: str, server: str | None, as_json: bool) -> None:
     _, r = Client(server).call("POST", f"/api/v1/requests/{_request_id(request)}/{action}",
                                {"comment": comment})
-    emit(r, as_json, lambda r: (out.print(f"{action}: request {r['id']} is now {r['state']}",
-                                          highlight=False), print_request(r)))
+
+    def printer(r: dict[str, Any]) -> None:
+        out.print(f"{action}: request {r['id']} is now {r['state']}", highlight=False)
+        print_request(r)
+    emit(r, as_json, printer)
 
 
 @app.command()
