@@ -8,6 +8,7 @@ A bad value raises ``ConfigError`` whose message names the key (or the variable)
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import pathlib
 from collections.abc import Mapping
@@ -29,11 +30,68 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ListenTls(_Section):
+    """mTLS on the TCP listener: the server's certificate, and who may connect (Envoy).
+
+    Clients must present a certificate signed by ``client_ca`` (the TLS handshake fails
+    otherwise), and a Check is answered only when that certificate names one of
+    ``client_names`` (a DNS subject alternative name or the common name). ``mpactl dev-certs``
+    makes a dev CA and matching files.
+    """
+
+    cert: str
+    key: str
+    client_ca: str
+    client_names: list[str] = Field(min_length=1)
+
+    @field_validator("client_names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if any(not n.strip() for n in v):
+            raise ValueError("names must not be empty")
+        return v
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) is reachable only from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 class Listen(_Section):
-    """Where the gRPC Authorization (and health) service listens."""
+    """Where the gRPC Authorization (and health) service listens.
+
+    Whoever can send a Check can claim any identity (the JWT payload is metadata Envoy fills
+    in), so the listener must be reachable by Envoy alone: mTLS (``tls``), a unix socket
+    (``unix_socket``, file mode 0660) for a sidecar, or plain TCP on a loopback address. A
+    non-loopback address without TLS is refused unless ``allow_plaintext`` says otherwise,
+    and then it is logged loudly at every start.
+    """
 
     host: str = "127.0.0.1"
-    port: int = Field(9001, ge=0, le=65535)
+    #: ``null``: no TCP listener (``unix_socket`` only).
+    port: int | None = Field(9001, ge=0, le=65535)
+    tls: ListenTls | None = None
+    #: Also (or only, with ``port: null``) serve on this unix socket path.
+    unix_socket: str | None = None
+    #: Explicit opt-out: serve plaintext on a non-loopback address. Anyone who reaches the
+    #: port can then forge identities. Never in production.
+    allow_plaintext: bool = False
+
+    @model_validator(mode="after")
+    def _trusted(self) -> Listen:
+        if self.port is None and self.unix_socket is None:
+            raise ValueError("give listen.port, listen.unix_socket, or both")
+        if self.port is not None and self.tls is None and not is_loopback(self.host) and not self.allow_plaintext:
+            raise ValueError(f"listen.host {self.host!r} is not a loopback address and listen.tls is not set: "
+                             "anyone who reaches the port could send Checks with forged identities. "
+                             "Configure listen.tls (mTLS, see `mpactl dev-certs`), listen on 127.0.0.1 or a "
+                             "unix socket, or set listen.allow_plaintext: true (never in production)")
+        return self
 
 
 class Metrics(_Section):
@@ -170,8 +228,10 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _workers_need_port(self) -> Settings:
-        if self.workers > 1 and self.listen.port == 0:
+        if self.workers > 1 and not self.listen.port:
             raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
+        if self.workers > 1 and self.listen.unix_socket:
+            raise ValueError("workers > 1 cannot share listen.unix_socket: run one worker per socket")
         if self.grants_max_staleness_s <= self.grants_reload_s:
             raise ValueError("grants_max_staleness_s must be longer than grants_reload_s")
         if self.reflection.deadline * 1000 >= self.decision_deadline_ms:

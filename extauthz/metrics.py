@@ -40,6 +40,9 @@ class Metrics:
         self.dry_run = Counter("rpcauthz_dry_run_decisions",
                                "Calls allowed only because their service is in dry-run.",
                                ["shadow", "mode"], registry=r)
+        self.refused_peers = Counter("rpcauthz_refused_peers",
+                                     "Checks refused because the peer is not an authenticated Envoy.",
+                                     registry=r)
         self._children: dict[tuple[str, str, str], tuple] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .audit_writer import AuditWriter
 from .config import Settings
+from .listeners import PeerCheck, add_listeners
 from .metrics import Metrics
 from .pipeline import Authorizer
 
@@ -103,11 +104,23 @@ def grpc_server_options(workers: int = 1) -> list[tuple[str, int]]:
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
     """``envoy.service.auth.v3.Authorization/Check`` backed by an ``Authorizer``."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, peers: PeerCheck | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._authorizer = authorizer
+        self._peers = peers
+        self._metrics = metrics
 
     async def Check(self, request: external_auth_pb2.CheckRequest,  # noqa: N802 (gRPC name)
                     context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
+        if self._peers is not None:
+            why = self._peers.refusal(context)
+            if why is not None:
+                # Nothing of the request is read, decided, spent or audited as anyone.
+                log.warning("refused a Check: %s", why)
+                if self._metrics is not None:
+                    self._metrics.refused_peers.inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"ext_authz answers Checks only from an authenticated Envoy: {why}")
         return await self._authorizer.check(request)
 
 
@@ -133,13 +146,12 @@ async def serve(settings: Settings, *, components: Components | None = None,
     authorizer = Authorizer(settings, store=components.store, grants=components.grants,
                             modes=components.modes, audit=audit, metrics=metrics, executor=executor)
     server = grpc.aio.server(options=grpc_server_options(settings.workers))
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationService(authorizer, PeerCheck(settings.listen), metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        port = server.add_insecure_port(f"{settings.listen.host}:{settings.listen.port}")
-    except RuntimeError as e:
-        raise OSError(f"cannot listen on {settings.listen.host}:{settings.listen.port}: {e}") from None
+    served = add_listeners(server, settings.listen)
+    port = int(served[0].rsplit(":", 1)[1]) if settings.listen.port is not None else 0
     metrics_server = None
     if serve_metrics and settings.metrics.port is not None:
         from prometheus_client import start_http_server
@@ -158,10 +170,10 @@ async def serve(settings: Settings, *, components: Components | None = None,
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    log.info("extauthz serving on %s:%d (pid %d, default mode %s, deadline %d ms)",
-             settings.listen.host, port, os.getpid(), settings.default_mode.name,
+    log.info("extauthz serving on %s (pid %d, default mode %s, deadline %d ms)",
+             " and ".join(served), os.getpid(), settings.default_mode.name,
              settings.decision_deadline_ms)
-    print(f"extauthz: serving on {settings.listen.host}:{port}", flush=True)
+    print(f"extauthz: serving on {' and '.join(served)}", flush=True)
     if on_ready is not None:
         on_ready(port)
     try:

@@ -11,7 +11,8 @@ Usage (any test folder)::
         assert result.code is grpc.StatusCode.OK
         gw.gateway           # "127.0.0.1:PORT" of Envoy's engineers' listener
         gw.issuer.mint(sub)  # a dev token Envoy accepts
-        gw.extauthz          # ExtAuthzProcess (.port, .stop(), .output()); gw.restart_extauthz()
+        gw.extauthz          # ExtAuthzProcess (.port, .channel(), .stop(), .output()); gw.restart_extauthz()
+        gw.tls_certs         # the dev CA and certificates of the Envoy<->ext_authz mTLS link
         gw.envoy             # EnvoyProcess (.port, .admin_port, .stats(), .output())
         gw.upstreams         # {"accounts": DemoServer, "ledger": DemoServer}
         gw.access_log_lines()  # Envoy's JSON access log, parsed
@@ -36,6 +37,7 @@ from typing import Any
 from devstack import democlient
 from devstack.devissuer import DevIssuer
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway
+from extauthz.dev_certs import make_dev_certs
 from policy import Grant
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
@@ -83,13 +85,15 @@ class GatewayStack:
     def __init__(self, workdir: pathlib.Path, *, store_url: str, grants: Iterable[Grant] = (),
                  extauthz: Mapping[str, Any] | None = None,
                  reflection_static: Mapping[str, str] | None = None,
-                 with_extauthz: bool = True) -> None:
+                 with_extauthz: bool = True, tls: bool = True) -> None:
         self.workdir = pathlib.Path(workdir)
         self.store_url = store_url
         self.grants = list(grants)
         self.extauthz_extra = dict(extauthz or {})
         self.reflection_extra = dict(reflection_static or {})
         self.with_extauthz = with_extauthz
+        #: Envoy and the server talk mTLS (as envoy/gateway.yaml ships) with dev certificates.
+        self.tls_certs = make_dev_certs(self.workdir / "tls") if tls and with_extauthz else None
         deadline_ms = self.extauthz_extra.get("decision_deadline_ms", 3000)
         #: Envoy's ext_authz timeout: above the server's decision deadline, as in production.
         self.envoy_ext_authz_timeout_s = deadline_ms / 1000 + 1
@@ -121,13 +125,16 @@ class GatewayStack:
                                        LEDGER: self.upstreams["ledger"].address,
                                        **self.reflection_extra},
                     extra=self.extauthz_extra)
+                if self.tls_certs is not None:
+                    self._extauthz_config["listen"]["tls"] = self.tls_certs.server_settings()
                 self.start_extauthz()
             cfg = render_gateway(listen_port=free_port(), admin_port=free_port(),
                                  extauthz_port=extauthz_port, jwks_port=self.jwks.port,
                                  upstreams={"demo_accounts": self.upstreams["accounts"].port,
                                             "demo_ledger": self.upstreams["ledger"].port},
                                  access_log=self.access_log,
-                                 ext_authz_timeout_s=self.envoy_ext_authz_timeout_s)
+                                 ext_authz_timeout_s=self.envoy_ext_authz_timeout_s,
+                                 tls_dir=self.tls_certs.directory if self.tls_certs is not None else None)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()
             if self.with_extauthz:
                 self._wait_cluster_healthy("ext_authz")
@@ -138,7 +145,8 @@ class GatewayStack:
 
     def start_extauthz(self) -> ExtAuthzProcess:
         assert self._extauthz_config is not None
-        self.extauthz = ExtAuthzProcess(self._extauthz_config, self.workdir).wait_ready()
+        self.extauthz = ExtAuthzProcess(self._extauthz_config, self.workdir,
+                                        client_tls=self.tls_certs).wait_ready()
         return self.extauthz
 
     def restart_extauthz(self) -> ExtAuthzProcess:
