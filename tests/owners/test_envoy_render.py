@@ -204,3 +204,40 @@ def test_short_ext_authz_timeout_is_warned_about(tmp_path: Path):
     res = run_mpactl("envoy", "render", "-c", str(cat))
     assert res.returncode == 0
     assert "ext_authz.timeout 0.5s is not above the server's decision deadline" in res.stderr
+
+
+# --- the mTLS link to ext_authz -----------------------------------------------------------------
+
+def _ext_cluster(catalog_text: str) -> dict:
+    rendered = render(parse_catalog(catalog_text, "c.yaml"))
+    (cluster,) = [c for c in rendered["static_resources"]["clusters"] if c["name"] == "ext_authz"]
+    return cluster
+
+
+def _catalog(ext_authz: str) -> str:
+    return ("gateway:\n  listen: 127.0.0.1:1\n" + ext_authz +
+            "  jwt: {issuer: x, jwks_file: /tmp/j.json}\nservices:\n  - name: a.v1.A\n    upstream: 127.0.0.1:2\n")
+
+
+def test_ext_authz_tls_is_on_for_a_remote_server_and_files_are_configurable():
+    tls = _ext_cluster(_catalog("  ext_authz: {address: extauthz.internal:9001}\n"))["transport_socket"]["typed_config"]
+    ctx = tls["common_tls_context"]
+    assert ctx["tls_certificates"][0]["certificate_chain"]["filename"] == "/etc/rpcauthz/tls/envoy.crt"
+    assert ctx["validation_context"]["trusted_ca"]["filename"] == "/etc/rpcauthz/tls/ca.crt"
+    assert ctx["alpn_protocols"] == ["h2"] and tls["sni"] == "ext-authz.rpcauthz.internal"
+    custom = _ext_cluster(_catalog(
+        "  ext_authz:\n    address: 10.0.0.5:9001\n"
+        "    tls: {ca: /pki/ca.pem, cert: /pki/e.pem, key: /pki/e.key, server_name: authz.corp}\n"))
+    ctx = custom["transport_socket"]["typed_config"]["common_tls_context"]
+    assert ctx["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {"exact": "authz.corp"}
+    assert ctx["tls_certificates"][0]["private_key"]["filename"] == "/pki/e.key"
+    # Loopback: plaintext unless asked; `tls: true` turns the default files on.
+    assert "transport_socket" not in _ext_cluster(_catalog("  ext_authz: {address: 127.0.0.1:9001}\n"))
+    assert "transport_socket" in _ext_cluster(_catalog("  ext_authz: {address: 127.0.0.1:9001, tls: true}\n"))
+
+
+def test_plaintext_to_a_remote_ext_authz_is_refused():
+    with pytest.raises(CatalogError, match=r"^c.yaml:3: gateway.ext_authz.tls: false is allowed only for a loopback"):
+        parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: false}\n"), "c.yaml")
+    with pytest.raises(CatalogError, match=r"gateway.ext_authz.tls: unknown key 'cafile'"):
+        parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: {cafile: x}}\n"), "c.yaml")
