@@ -228,7 +228,7 @@ class EnvoyProcess(ManagedProcess):
 
 
 class ExtAuthzProcess(ManagedProcess):
-    """``python -m extauthz.server --config FILE`` as a child process.
+    """``mpactl serve --config FILE`` (as ``python -m mpactl.app``) as a child process.
 
     With ``listen.tls`` in ``config``, ``client_tls`` (an ``extauthz.dev_certs.DevCerts``)
     gives the client certificate this process's own health polls and ``channel()`` use:
@@ -245,7 +245,8 @@ class ExtAuthzProcess(ManagedProcess):
         if self.tls and client_tls is None:
             raise ValueError("listen.tls is set: pass client_tls (the client certificate to reach the server)")
         self.client_tls = client_tls
-        super().__init__(name, [sys.executable, "-m", "extauthz.server", "--config", str(self.config_path)],
+        super().__init__(name, [sys.executable, "-m", "mpactl.app", "serve", "--config",
+                                str(self.config_path)],
                          workdir / f"{name}.log", env=env)
 
     def credentials(self) -> Any:

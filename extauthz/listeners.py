@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+from typing import Any
 
 import grpc
 
@@ -94,7 +95,7 @@ class PeerCheck:
     def __init__(self, listen: Listen) -> None:
         self._names = frozenset(listen.tls.client_names) if listen.tls is not None else None
 
-    def refusal(self, context: grpc.aio.ServicerContext) -> str | None:
+    def refusal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         """``None`` when the peer is trusted, else why not (for the caller and the log)."""
         peer = context.peer() or ""
         if peer.startswith("unix:"):
