@@ -178,6 +178,22 @@ class Audit(Section):
     batch_window_ms: int = Field(50, ge=0, le=5000)
 
 
+class Health(Section):
+    """When the gRPC health service says NOT_SERVING (see extauthz/readiness.py).
+
+    Besides a drain: while the grants in memory are past ``grants_max_staleness_s``, or the
+    store has failed every probe for ``store_lost_after_s``.
+    """
+
+    #: How often the grants and the store are checked.
+    interval_s: float = Field(1.0, gt=0, le=60)
+    #: A store probe (one cheap query) slower than this counts as a failure.
+    store_timeout_s: float = Field(2.0, gt=0, le=60)
+    #: The store must fail this long before this replica reports NOT_SERVING, so one slow
+    #: query does not take every replica out at once.
+    store_lost_after_s: float = Field(5.0, ge=0, le=3600)
+
+
 class Settings(Section):
     """The whole server configuration."""
 
@@ -200,6 +216,7 @@ class Settings(Section):
     identity: Identity = Identity()
     approvals: Approvals = Approvals()
     audit: Audit = Audit()
+    health: Health = Health()
     reflection: Reflection = Reflection()
     #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
     grants_poll_s: float = Field(1.0, gt=0)

@@ -29,6 +29,7 @@ from .config import Settings
 from .listeners import PeerCheck, add_listeners
 from .metrics import Metrics
 from .pipeline import Authorizer
+from .readiness import Readiness
 
 log = logging.getLogger("extauthz")
 
@@ -164,8 +165,22 @@ async def serve(settings: Settings, *, components: Components | None = None,
         print(f"extauthz: metrics on http://{settings.metrics.host}:{metrics_server.server_port}/metrics",
               flush=True)
     await server.start()
-    for name in ("", AUTHZ_SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def publish(serving: bool, reason: str) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", AUTHZ_SERVICE):
+            await health_servicer.set(name, status)
+        metrics.serving.set(1 if serving else 0)
+
+    # The store opened and the grants loaded: this replica can decide. From now on the
+    # readiness monitor says when it cannot (grants stale, store lost).
+    await publish(True, "started")
+    h = settings.health
+    readiness = Readiness(store=components.store, grants=components.grants, executor=executor,
+                          publish=publish, interval_s=h.interval_s, store_timeout_s=h.store_timeout_s,
+                          store_lost_after_s=h.store_lost_after_s)
+    readiness.serving = True
+    readiness.start()
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -181,6 +196,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
     finally:
         log.info("extauthz draining: NOT_SERVING, finishing checks in flight (grace %.1fs)",
                  settings.drain_grace_s)
+        await readiness.stop()  # it must not turn a draining server SERVING again
+        metrics.serving.set(0)
         await health_servicer.enter_graceful_shutdown()
         if settings.drain_notice_s:
             # Keep answering while Envoy's health checks notice NOT_SERVING and move traffic
