@@ -117,6 +117,7 @@ class Demo:
             "listen": {"host": "127.0.0.1", "port": extauthz_port, "tls": tls.server_settings()},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
             "drain_grace_s": 2,
+            "drain_notice_s": 0,  # a lone server: nobody to move Checks to
             "approvals": {"base_url": self.approvals_url},
             "reflection": {"endpoints": {"static": {ACCOUNTS: accounts.address,
                                                     LEDGER: ledger.address}}},

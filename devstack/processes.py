@@ -55,7 +55,7 @@ def envoy_binary() -> str:
 
 # --- config rendering --------------------------------------------------------------------------
 
-def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | None,
+def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Sequence[int] | None,
                    jwks_port: int, upstreams: Mapping[str, int],
                    access_log: str | os.PathLike | None = None,
                    ext_authz_timeout_s: float | None = None,
@@ -64,7 +64,8 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | No
     """``envoy/gateway.yaml`` with its ports replaced; returns the config as a dict.
 
     ``upstreams`` maps cluster names (``demo_accounts``, ``demo_ledger``) to ports.
-    ``extauthz_port=None`` drops the ext_authz filter (the benchmark's baseline).
+    ``extauthz_port=None`` drops the ext_authz filter (the benchmark's baseline); a list of
+    ports makes one ext_authz endpoint (replica) per port.
     ``access_log`` sends the access log to that file instead of stdout.
     ``tls_dir`` holds ``mpactl dev-certs`` files for the mTLS link to ext_authz (the
     template's ``/etc/rpcauthz/tls/`` paths point there); ``None`` drops the transport
@@ -99,9 +100,17 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | No
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": str(access_log), "log_format": fmt}
     ports = {"jwks": jwks_port, **dict(upstreams)}
-    if extauthz_port is not None:
-        ports["ext_authz"] = extauthz_port
+    replica_ports: list[int] = []
+    if isinstance(extauthz_port, int):
+        replica_ports = [extauthz_port]
+    elif extauthz_port is not None:
+        replica_ports = list(extauthz_port)
     clusters = cfg["static_resources"]["clusters"]
+    for c in clusters:
+        if c["name"] == "ext_authz" and replica_ports:
+            lb = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+                _endpoint_on(lb[0], port) for port in replica_ports]
     for c in clusters:
         if c["name"] in ports:
             ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
@@ -119,6 +128,12 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | No
     if missing:
         raise ValueError(f"gateway.yaml has no cluster named {sorted(missing)}")
     return cfg
+
+
+def _endpoint_on(template: dict[str, Any], port: int) -> dict[str, Any]:
+    ep = copy.deepcopy(template)
+    ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+    return ep
 
 
 #: Where envoy/gateway.yaml expects the mTLS files of its ext_authz cluster.

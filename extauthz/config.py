@@ -209,9 +209,11 @@ class Settings(Section):
     #: On SIGTERM: stop accepting, report NOT_SERVING, finish in-flight checks within this.
     drain_grace_s: float = Field(10, ge=0)
     #: On SIGTERM, keep serving this long after turning NOT_SERVING before refusing new
-    #: checks. With several servers behind one Envoy cluster, set it above Envoy's
-    #: health-check interval x unhealthy_threshold (10 s in gateway.yaml).
-    drain_notice_s: float = Field(0, ge=0)
+    #: checks, so every Envoy's health checks see it first and move Checks to the other
+    #: replicas (a rolling restart then costs no call). Keep it above Envoy's health-check
+    #: interval x unhealthy_threshold plus jitter (about 2.2 s in gateway.yaml). A lone
+    #: server gains nothing from it: 0 there.
+    drain_notice_s: float = Field(5, ge=0)
     max_path_length: int = Field(512, ge=8, le=8192)
     identity: Identity = Identity()
     approvals: Approvals = Approvals()

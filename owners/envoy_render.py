@@ -605,13 +605,44 @@ def _ext_authz_transport_socket(tls: ExtAuthzTls) -> dict:
     }}
 
 
+#: Failover: a Check that never reached a server (refused connection or stream, a server that
+#: stopped taking RPCs) goes to another replica. Not on resets: a Check cut mid-way may have
+#: spent an approval use, and a second try would spend another.
+EXT_AUTHZ_RETRY_POLICY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream,unavailable",
+    "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.05s"},
+    "retry_host_predicate": [{
+        "name": "envoy.retry_host_predicates.previous_hosts",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 3,
+}
+
+#: A dead or NOT_SERVING replica leaves rotation after 2 failed checks 1 s apart. The
+#: no-traffic interval is pinned: Envoy's default (60 s) kept a dead replica healthy for a minute.
+EXT_AUTHZ_HEALTH_CHECK: dict[str, Any] = {
+    "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_interval": "1s",
+    "interval_jitter": "0.1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+    "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"},
+}
+
+#: Between health checks, 3 Checks in a row that could not reach a replica eject it for 5 s;
+#: never more than half the replicas (README: the panic threshold).
+EXT_AUTHZ_OUTLIER_DETECTION: dict[str, Any] = {
+    "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 3,
+    "enforcing_consecutive_local_origin_failure": 100, "consecutive_5xx": 5, "interval": "1s",
+    "base_ejection_time": "5s", "max_ejection_percent": 50,
+}
+
+
 def _ext_authz_filter(g: Gateway) -> dict:
     return {
         "name": EXT_AUTHZ_NAMESPACE,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             "transport_api_version": "V3",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_authz"}, "timeout": _dur(g.ext_authz_timeout)},
+            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_authz", "retry_policy": dict(EXT_AUTHZ_RETRY_POLICY)},
+                             "timeout": _dur(g.ext_authz_timeout)},
             # Fail closed: an unreachable or slow ext_authz is an error, never an allow, and
             # the error is 503 (gRPC UNAVAILABLE), not 403, so outages do not look like denials.
             "failure_mode_allow": False,
@@ -696,14 +727,14 @@ def render(catalog: Catalog) -> dict:
     }
     ext_cluster = _cluster("ext_authz", g.ext_authz, min(g.connect_timeout, 0.25),
                            g.ext_authz_max_requests)
-    ext_cluster["circuit_breakers"]["thresholds"][0]["max_retries"] = 0
+    # Retries happen only while a replica fails; bound them so they cannot double the load.
+    ext_cluster["circuit_breakers"]["thresholds"][0]["max_retries"] = max(3, g.ext_authz_max_requests // 16)
     if g.ext_authz_tls is not None:
         ext_cluster["transport_socket"] = _ext_authz_transport_socket(g.ext_authz_tls)
     if g.ext_authz_health_check:
         # The server reports NOT_SERVING while it drains; Envoy then stops sending it checks.
-        ext_cluster["health_checks"] = [{
-            "timeout": "1s", "interval": "5s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"}}]
+        ext_cluster["health_checks"] = [dict(EXT_AUTHZ_HEALTH_CHECK)]
+        ext_cluster["outlier_detection"] = dict(EXT_AUTHZ_OUTLIER_DETECTION)
     unrouted = {"name": "unrouted", "type": "STATIC", "connect_timeout": "0.250s",
                 "load_assignment": {"cluster_name": "unrouted", "endpoints": []}}
     upstreams: dict[str, dict] = {}

@@ -71,7 +71,7 @@ async def _wait_for(stub, want: int, within: float) -> float:
 async def _serving(store, grants, **overrides):
     port, metrics_port = free_port(), free_port()
     settings = load_settings(env={}, overrides={"store_url": "memory:", "listen.port": port,
-                                                "metrics.port": metrics_port, "drain_grace_s": 1,
+                                                "metrics.port": metrics_port, "drain_grace_s": 1, "drain_notice_s": 0,
                                                 "health.interval_s": 0.1, "health.store_timeout_s": 0.3,
                                                 "health.store_lost_after_s": 1.0, **overrides})
     modes = StaticModes({ACCOUNTS: ServiceModes(ACCOUNTS, {"ListAccounts": Mode.ENGINEERS_WITHOUT_APPROVAL})})

@@ -69,7 +69,7 @@ async def _check(channel: grpc.aio.Channel, principal: str = "alice"):
 async def test_mtls_listener_answers_envoy_and_refuses_everyone_else(certs, caplog):
     c, other = certs
     port = free_port()
-    settings = load_settings(env={}, overrides={"store_url": "memory:", "listen.port": port, "metrics.port": None,
+    settings = load_settings(env={}, overrides={"store_url": "memory:", "drain_notice_s": 0, "listen.port": port, "metrics.port": None,
                                                 "listen.tls": c.server_settings()})
     target = f"127.0.0.1:{port}"
     async with running(settings) as store:
@@ -111,7 +111,7 @@ async def test_mtls_listener_answers_envoy_and_refuses_everyone_else(certs, capl
 
 async def test_unix_socket_listener_is_group_only_and_answers(tmp_path):
     sock = tmp_path / "extauthz.sock"
-    settings = load_settings(env={}, overrides={"store_url": "memory:", "listen.port": None, "metrics.port": None,
+    settings = load_settings(env={}, overrides={"store_url": "memory:", "drain_notice_s": 0, "listen.port": None, "metrics.port": None,
                                                 "listen.unix_socket": str(sock)})
     async with running(settings):
         mode = stat.S_IMODE(os.stat(sock).st_mode)
@@ -131,7 +131,7 @@ def test_plaintext_on_a_reachable_address_needs_the_explicit_opt_out(host):
 
 async def test_plaintext_opt_out_is_logged_loudly(caplog):
     port = free_port()
-    settings = load_settings(env={}, overrides={"store_url": "memory:", "listen.host": "0.0.0.0", "listen.port": port,
+    settings = load_settings(env={}, overrides={"store_url": "memory:", "drain_notice_s": 0, "listen.host": "0.0.0.0", "listen.port": port,
                                                 "metrics.port": None, "listen.allow_plaintext": True})
     caplog.set_level(logging.INFO, logger="extauthz")
     async with running(settings):
@@ -151,7 +151,7 @@ def test_tls_settings_are_checked(certs):
 
 async def test_unreadable_certificate_is_a_clear_start_error(certs, tmp_path):
     c, _ = certs
-    settings = load_settings(env={}, overrides={"store_url": "memory:", "listen.port": free_port(), "metrics.port": None,
+    settings = load_settings(env={}, overrides={"store_url": "memory:", "drain_notice_s": 0, "listen.port": free_port(), "metrics.port": None,
                                                 "listen.tls": {**c.server_settings(), "key": str(tmp_path / "nope.key")}})
     with pytest.raises(OSError, match=r"listen.tls.key .*nope.key"):
         async with running(settings):

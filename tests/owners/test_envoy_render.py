@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from owners.envoy_render import CatalogError, parse_catalog, render
+from owners.envoy_render import (
+    EXT_AUTHZ_HEALTH_CHECK,
+    EXT_AUTHZ_OUTLIER_DETECTION,
+    EXT_AUTHZ_RETRY_POLICY,
+    CatalogError,
+    parse_catalog,
+    render,
+)
 from tests.support.owners_support import run_mpactl
 
 CATALOG = """\
@@ -94,7 +101,8 @@ def test_rendered_shape_fails_closed_and_routes_most_specific_first():
     assert "dry_run" not in accounts["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]["context_extensions"]
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
     assert clusters["svc_rpcauthz_demo"]["type"] == "STRICT_DNS"
-    assert clusters["ext_authz"]["circuit_breakers"]["thresholds"][0]["max_retries"] == 0
+    # Retries only to fail over (bounded); see test_failover_settings_match_gateway_yaml.
+    assert 0 < clusters["ext_authz"]["circuit_breakers"]["thresholds"][0]["max_retries"] < 1024
 
 
 def _bad(tmp_path: Path, text: str) -> tuple[Path, Path]:
@@ -241,3 +249,18 @@ def test_plaintext_to_a_remote_ext_authz_is_refused():
         parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: false}\n"), "c.yaml")
     with pytest.raises(CatalogError, match=r"gateway.ext_authz.tls: unknown key 'cafile'"):
         parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: {cafile: x}}\n"), "c.yaml")
+
+
+def test_failover_settings_match_gateway_yaml():
+    """The renderer and the hand-written envoy/gateway.yaml fail over the same way."""
+    gw = yaml.safe_load((Path(__file__).resolve().parents[2] / "envoy" / "gateway.yaml").read_text())
+    (cluster,) = [c for c in gw["static_resources"]["clusters"] if c["name"] == "ext_authz"]
+    hcm = gw["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    rendered = _ext_cluster(_catalog("  ext_authz: {address: 127.0.0.1:9001}\n"))
+    assert cluster["health_checks"] == rendered["health_checks"] == [EXT_AUTHZ_HEALTH_CHECK]
+    assert cluster["outlier_detection"] == rendered["outlier_detection"] == EXT_AUTHZ_OUTLIER_DETECTION
+    assert ext["typed_config"]["grpc_service"]["envoy_grpc"]["retry_policy"] == EXT_AUTHZ_RETRY_POLICY
+    hc = EXT_AUTHZ_HEALTH_CHECK
+    assert hc["no_traffic_interval"] == hc["interval"] == "1s", "a dead replica must leave within seconds"
+    assert "reset" not in EXT_AUTHZ_RETRY_POLICY["retry_on"], "a reset Check may have spent an approval use"
