@@ -146,6 +146,9 @@ class ApprovalsConfig(Section):
     slack_spool_path: str | None = None
     slack_user_ids: dict[str, str] = Field(default_factory=dict)
     audit_jsonl_path: str | None = None
+    #: Principals who may read every request (``GET /api/v1/requests?scope=all``, any request
+    #: page). Everyone else sees only requests they made, approved or may approve.
+    auditors: tuple[str, ...] = ()
     expiry_sweep_seconds: float = Field(30.0, gt=0)
 
     @field_validator("dev_login", mode="before")
@@ -155,6 +158,13 @@ class ApprovalsConfig(Section):
             return {}
         if v is False:
             return None
+        return v
+
+    @field_validator("auditors", mode="before")
+    @classmethod
+    def _auditor_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(a.strip() for a in v.split(",") if a.strip())
         return v
 
     @field_validator("audiences", mode="before")

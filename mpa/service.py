@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import policy
@@ -55,6 +55,12 @@ class AwaitingReason(PolicyError):
     """The gateway opened this request; its requester has not given the reason yet."""
 
     code = "awaiting_reason"
+
+
+class NotVisible(PolicyError):
+    """The viewer may not see this request, or every request (read scopes)."""
+
+    code = "not_visible"
 
 
 class ModeUnavailable(policy.StoreError):
@@ -128,8 +134,10 @@ class ApprovalService:
     """Create, read and move approval requests for authenticated principals."""
 
     def __init__(self, store: Store, rules: RequestPolicy, mode_lookup: ModeLookup | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, auditors: Iterable[str] = ()) -> None:
         self.store = store
+        #: Principals who may read every request (``auditors`` in the approvals config).
+        self.auditors = frozenset(auditors)
         self.rules = rules
         self.mode_lookup = mode_lookup
         self.clock = clock
@@ -151,6 +159,20 @@ class ApprovalService:
         r = self.store.get_request(request_id)
         return self._expire_if_due(r)
 
+    def may_view(self, r: ApprovalRequest, viewer: str) -> bool:
+        """Read scope: the requester, whoever approved it or may approve it, and auditors."""
+        if viewer == r.requester or viewer in r.approvers or viewer in self.auditors:
+            return True
+        return policy.may_approve(viewer, r, self.grants(), self.clock())
+
+    def view(self, request_id: str, viewer: str) -> ApprovalRequest:
+        """``get``, for ``viewer``; ``NotVisible`` unless ``may_view``."""
+        r = self.get(request_id)
+        if not self.may_view(r, viewer):
+            raise NotVisible(f"{viewer} may not see request {request_id}: a request is visible to its "
+                             f"requester, to those who may approve it ({approver_words(r)}) and to auditors")
+        return r
+
     def list(self, viewer: str, *, scope: str = "mine", states: Sequence[RequestState] | None = None,
              limit: int = 100) -> list[ApprovalRequest]:
         """``mine``: viewer's requests; ``reviewable``: pending ones the viewer may approve now;
@@ -167,6 +189,10 @@ class ApprovalService:
                      and viewer not in r.approvers and policy.may_approve(viewer, r, grants, now)]
             found = found[:limit]
         elif scope == "all":
+            if viewer not in self.auditors:
+                raise NotVisible(f"scope=all lists every request with its reasons and incidents and is "
+                                 f"for auditors only ({viewer} is not one: see `auditors` in the approvals "
+                                 "config); use scope=mine or scope=reviewable")
             found = self.store.find_requests(states=states, limit=limit)
         else:
             raise InvalidRequest(f"unknown list scope {scope!r}; use mine, reviewable or all")

@@ -79,9 +79,12 @@ def test_requester_and_ineligible_see_why_not_and_no_buttons(env):
     own = browser(env, A).get(f"/requests/{rid}").text
     assert "nobody approves their own request" in own and 'id="approve"' not in own
     assert 'id="cancel"' in own  # the requester may withdraw
-    bob = browser(env, B).get(f"/requests/{rid}").text
-    assert "You may not review this request" in bob and "a contributor of demo.v1.Ledger" in bob
-    assert 'id="approve"' not in bob and 'id="reject"' not in bob
+    # Bob may not approve it, so he may not read it either (read scopes): 403, in words.
+    resp = browser(env, B).get(f"/requests/{rid}")
+    assert resp.status_code == 403
+    bob = resp.text
+    assert "may not see request" in bob and "a contributor of demo.v1.Ledger" in bob
+    assert "refund for ticket" not in bob and 'id="approve"' not in bob and 'id="reject"' not in bob
 
 
 def test_missing_or_wrong_csrf_token_is_refused_and_changes_nothing(env):
