@@ -165,6 +165,8 @@ async def test_dev_mode_reads_header_and_marks_decision():
     ("/rpcauthz..Accounts/Open", "no valid service"),
     (f"/{SVC}/Op-en", "no valid method"),
     (f"/{SVC}/Open ", "no valid method"),
+    (f"/{SVC}/Open\n", "no valid method"),        # "$" in a regex would let this through
+    (f"/{SVC}\n/Open", "no valid service"),
     ("/" + "a" * 600 + "/Open", "over the limit of 512"),
 ])
 async def test_bad_paths_are_refused_with_reason(h, path, why):
