@@ -189,3 +189,33 @@ def test_requester_is_mentioned_when_their_slack_id_is_known(tmp_path):
     finally:
         spool.close()
         store.close()
+
+
+def test_top_level_text_is_escaped_like_the_blocks(tmp_path):
+    """Slack reads the top-level ``text`` as mrkdwn too (notifications, clients without blocks):
+    a reason or a rejection comment must not ping @channel or forge a link there."""
+    store = open_test_store(tmp_path)
+    spool = SlackSpool(str(tmp_path / "spool.db"))
+    evil = "<!channel> refund <https://evil.example|here> & more"
+    try:
+        seed_grants(store)
+        now = datetime.now(UTC)
+        grants = policy.GrantSet(store.list_grants())
+        r = policy.open_request(request_id="r1", requester=A, target=policy.Target(LEDGER, "Adjust"),
+                                mode=policy.Mode.ENGINEERS_WITH_APPROVAL, grants=grants, now=now, reason=evil)
+        store.create_request(r, actor=A)
+        store.update_request("r1", lambda x: policy.reject(x, B, grants, now, reason="<!here> no"), actor=B,
+                             kind="request.rejected")
+        notifier = SlackNotifier(store, spool, lambda i: f"http://approvals/requests/{i}")
+        payloads = [notifier.message_for(e, store.get_request("r1")) for e in store.list_audit()
+                    if e.request_id == "r1"]
+        payloads = [p for _, p in filter(None, payloads)]
+        assert len(payloads) == 2  # created, rejected
+        for payload in payloads:
+            everything = json.dumps(payload)
+            assert "<!channel>" not in everything and "<!here>" not in everything
+            assert "<https://evil" not in everything
+        assert "&lt;!channel&gt; refund" in payloads[0]["text"] and "&lt;!here&gt; no" in payloads[1]["text"]
+    finally:
+        spool.close()
+        store.close()
