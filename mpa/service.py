@@ -57,6 +57,19 @@ class AwaitingReason(PolicyError):
     code = "awaiting_reason"
 
 
+#: The longest comment (approve, reject, cancel) and reason, whatever the entry point: the API's
+#: schema, the page's form and the CLI all end here.
+MAX_COMMENT = 2000
+MAX_REASON = 2000
+MAX_INCIDENT = 200
+
+
+def check_length(what: str, text: str | None, limit: int) -> None:
+    """``InvalidRequest`` naming ``what`` when ``text`` is longer than ``limit`` characters."""
+    if text is not None and len(text) > limit:
+        raise InvalidRequest(f"the {what} is {len(text)} characters long; the limit is {limit}")
+
+
 class NotVisible(PolicyError):
     """The viewer may not see this request, or every request (read scopes)."""
 
@@ -268,6 +281,7 @@ class ApprovalService:
                  incident: str | None = None) -> ApprovalRequest:
         """The requester gives the reason for a request the gateway opened."""
         self._check_reason(reason)
+        check_length("incident", incident, MAX_INCIDENT)
         r = self.get(request_id)
         if not awaiting_reason(r) and r.state is RequestState.PENDING and actor == r.requester:
             raise AlreadyDecided(f"request {r.id} already has its reason")
@@ -278,6 +292,7 @@ class ApprovalService:
 
     def approve(self, request_id: str, approver: str, comment: str = "") -> ApprovalRequest:
         """Record an approval; the request is APPROVED once it has enough distinct approvers."""
+        check_length("comment", comment, MAX_COMMENT)
         for _ in range(5):
             r = self.get(request_id)
             if awaiting_reason(r) and approver != r.requester and approver not in r.approvers:
@@ -300,6 +315,7 @@ class ApprovalService:
         raise policy.StoreError(f"request {request_id} kept changing; try again")
 
     def reject(self, request_id: str, reviewer: str, reason: str = "") -> ApprovalRequest:
+        check_length("comment", reason, MAX_COMMENT)
         r = self.get(request_id)
         if awaiting_reason(r) and reviewer != r.requester:
             raise AwaitingReason(f"request {r.id} is waiting for {r.requester} to give a reason; "
@@ -311,6 +327,7 @@ class ApprovalService:
 
     def cancel(self, request_id: str, actor: str, reason: str = "") -> ApprovalRequest:
         """Withdraw (requester) or revoke (an approver) a pending or approved request."""
+        check_length("comment", reason, MAX_COMMENT)
         self.get(request_id)
         now = self.clock()
         return self.store.update_request(
@@ -348,6 +365,7 @@ class ApprovalService:
             return self.store.get_request(r.id)
 
     def _check_reason(self, reason: str) -> None:
+        check_length("reason", reason, MAX_REASON)
         n = self.rules.min_reason_length
         if len((reason or "").strip()) < n:
             raise InvalidRequest(f"a reason of at least {n} characters is required: say why you "

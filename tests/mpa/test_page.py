@@ -186,3 +186,22 @@ def test_body_scoped_request_shows_the_digest(env):
     page = browser(env, B).get(f"/requests/{resp.json()['id']}").text
     assert f"only the exact request body with SHA-256 <code>{digest}</code>" in page
     assert "at most 1 call (0 used)" in page
+
+
+def test_page_comment_is_capped_like_the_api(env):
+    """The form once stored a 900,000-character comment; the API caps at 2,000. Both refuse now."""
+    rid = new_request(env)
+    bob = browser(env, B)
+    page = bob.get(f"/requests/{rid}").text
+    assert 'maxlength="2000"' in page
+    before = env.store.get_request(rid)
+    resp = bob.post(f"/requests/{rid}/approve", data={"csrf_token": csrf(page), "comment": "x" * 900_000})
+    assert resp.status_code == 422, resp.text[:500]
+    assert "the comment is 900000 characters long; the limit is 2000" in resp.text
+    assert env.store.get_request(rid) == before
+    resp = bob.post(f"/requests/{rid}/reject", data={"csrf_token": csrf(page), "comment": "y" * 2001})
+    assert resp.status_code == 422 and "the limit is 2000" in resp.text
+    assert env.store.get_request(rid) == before
+    resp = bob.post(f"/requests/{rid}/approve", data={"csrf_token": csrf(page), "comment": "z" * 2000})
+    assert resp.status_code == 303
+    assert env.store.get_request(rid).approvals[0].comment == "z" * 2000
