@@ -185,7 +185,7 @@ def add_page_routes(app: FastAPI) -> None:
         resp = render("login.html", 200, dev_login=True, viewer=None, login_csrf=nonce,
                       next=_safe_next(next))
         resp.set_cookie(LOGIN_CSRF_COOKIE, nonce, httponly=True, samesite="strict",
-                        secure=config.secure_cookies, path="/login", max_age=600)
+                        secure=config.cookies_secure(), path="/login", max_age=600)
         return resp
 
     @app.post("/login", include_in_schema=False)
@@ -209,7 +209,7 @@ def add_page_routes(app: FastAPI) -> None:
         log.info("dev login for %s (dev issuer; not for production)", username)
         resp = RedirectResponse(next_path, status_code=303)
         resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax",
-                        secure=config.secure_cookies, path="/", max_age=DEV_SESSION_SECONDS)
+                        secure=config.cookies_secure(), path="/", max_age=DEV_SESSION_SECONDS)
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         return resp
 

@@ -205,3 +205,24 @@ def test_page_comment_is_capped_like_the_api(env):
     resp = bob.post(f"/requests/{rid}/approve", data={"csrf_token": csrf(page), "comment": "z" * 2000})
     assert resp.status_code == 303
     assert env.store.get_request(rid).approvals[0].comment == "z" * 2000
+
+
+@pytest.mark.parametrize("config, secure", [
+    ({"public_url": "https://mpa.example.com"}, True),
+    ({"public_url": "http://mpa.internal:8080"}, True),     # plaintext off the box: still Secure
+    ({"public_url": "auto"}, False),                         # a dev box on 127.0.0.1
+    ({"public_url": "https://mpa.example.com", "secure_cookies": False}, False),
+])
+def test_session_cookie_is_secure_by_default(tmp_path, config, secure):
+    with approvals_env(tmp_path, config=config) as e:
+        # The test talks plain http, where a client keeps Secure cookies to itself: carry the
+        # login nonce by hand, as a browser on the HTTPS public URL would.
+        form = httpx.get(f"{e.url}/login", params={"next": "/"}, timeout=20)
+        nonce = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+        cookies = form.headers.get_list("set-cookie")
+        assert cookies and all(("; secure" in h.lower()) is secure for h in cookies), cookies
+        resp = httpx.post(f"{e.url}/login", data={"csrf_token": nonce, "username": A, "next": "/"},
+                          headers={"Cookie": cookies[0].split(";")[0]}, timeout=20)
+        assert resp.status_code == 303, resp.text
+        session = [h for h in resp.headers.get_list("set-cookie") if h.startswith("mpa_session=")]
+        assert session and all(("; secure" in h.lower()) is secure for h in session), session
