@@ -5,7 +5,7 @@ One registry per server. With ``--workers N`` every worker writes to a shared
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -46,7 +46,7 @@ class Metrics:
         self.serving = Gauge("rpcauthz_serving",
                              "1 while gRPC health says SERVING (this replica can decide), else 0.",
                              registry=r, multiprocess_mode="livemin")
-        self._children: dict[tuple[str, str, str], tuple] = {}
+        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")
 
@@ -68,7 +68,7 @@ class _StatsCollector:
     def __init__(self, name: str, stats: Callable[[], dict[str, float]]) -> None:
         self._name, self._stats = name, stats
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             values = self._stats() or {}
         except Exception:  # a broken stats() must not break /metrics
