@@ -146,6 +146,13 @@ class Audit(Section):
     #: gateway writes one store transaction (one fsync) per window rather than per event.
     #: 0 writes at once. Events wait in memory either way; a drain flushes them.
     batch_window_ms: int = Field(50, ge=0, le=5000)
+    #: A local SQLite file for events the store refused (away, too slow): fsync'd, replayed
+    #: once the store answers, exactly once. null: such events are dropped (and counted).
+    spool_path: str | None = None
+    #: The spool's bound; past it events are dropped (rpcauthz_audit_dropped_total{why="spool_full"}).
+    spool_max_events: int = Field(1_000_000, ge=1)
+    #: How often the spool is replayed while it holds events.
+    replay_interval_s: float = Field(1.0, gt=0, le=60)
 
 
 class Health(Section):

@@ -25,6 +25,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .audit_spool import AuditSpool
 from .audit_writer import AuditWriter
 from .config import Settings
 from .listeners import PeerCheck, add_listeners
@@ -141,8 +142,13 @@ async def serve(settings: Settings, *, components: Components | None = None,
     for name, fn in components.stats.items():
         metrics.watch_stats(name, fn)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="extauthz-store")
+    spool = None
+    if settings.audit.spool_path is not None:
+        spool = AuditSpool(settings.audit.spool_path, settings.audit.spool_max_events)
+        metrics.watch_stats("audit_spool", spool.stats)
     audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor,
-                        batch_window=settings.audit.batch_window_ms / 1000.0)
+                        batch_window=settings.audit.batch_window_ms / 1000.0, spool=spool,
+                        replay_interval=settings.audit.replay_interval_s)
     audit.start()
     authorizer = Authorizer(settings, store=components.store, grants=components.grants,
                             modes=components.modes, audit=audit, metrics=metrics, executor=executor)
@@ -205,6 +211,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
             await asyncio.sleep(settings.drain_notice_s)
         await server.stop(settings.drain_grace_s)
         await audit.close()
+        if spool is not None:
+            spool.close()
         executor.shutdown(wait=False, cancel_futures=True)
         if owns_components and components.close is not None:
             await components.close()
