@@ -3,7 +3,7 @@
 ``register(app)`` adds a ``broker`` command group:
 
 * ``mpactl broker measure``  build the broker artifact twice from a commit; print its SHA-384
-* ``mpactl broker trust propose|accept|show``  two-person changes of the trusted measurement,
+* ``mpactl broker trust propose|check|accept|show``  two-person changes of the trusted measurement,
   approved in the approvals service and verified from its signed receipt
 * ``mpactl broker serve``  run the broker (inside the enclave, or simulated locally)
 * ``mpactl broker audit verify|export``  check the chained, signed audit log; export it to the store
@@ -109,10 +109,31 @@ def register(app: typer.Typer) -> None:
         r = _approvals_call("POST", f"{url}/api/v1/requests", token, json=body)
         typer.echo(f"{r['id']}  proposes trusting commit {m.commit}\n        sha384 {m.sha384}\n"
                    f"        {r.get('link', '')}\n"
-                   f"Another security on-call engineer builds it (mpactl broker measure --rev {m.commit}),\n"
-                   f"compares the hash and approves: mpa approve {r['id']}\n"
+                   f"Another security on-call engineer builds and checks it, then approves:\n"
+                   f"  mpactl broker trust check {r['id']} --commit {m.commit} && mpa approve {r['id']}\n"
                    f"Then: mpactl broker trust accept {r['id']} --commit {m.commit} --config BROKER_YAML "
                    "--approvals-key RECEIPT_PUBLIC_KEY")
+
+    @trust.command("check")
+    def check(request_id: str = typer.Argument(..., help="the trust request you are asked to approve"),
+              commit: str = typer.Option(..., "--commit", help="the commit the request names"),
+              repo: Path = typer.Option(Path("."), "--repo", help="your own clone to build from"),
+              server: str | None = typer.Option(None, "--server", help="approvals server URL")) -> None:
+        """Before approving: build COMMIT yourself and check the request is bound to exactly that build."""
+        from .trust import TRUST_METHOD, TRUST_SERVICE, change_digest
+        try:
+            m = measure_mod.measure(repo, measure_mod.resolve_commit(repo, commit))
+        except measure_mod.BuildError as e:
+            _fail(str(e))
+        url, token = _approvals_session(server)
+        r = _approvals_call("GET", f"{url}/api/v1/requests/{request_id}", token)
+        if (r.get("service"), r.get("method")) != (TRUST_SERVICE, TRUST_METHOD):
+            _fail(f"{request_id} is not a trust change (/{r.get('service')}/{r.get('method')})", 3)
+        if r.get("body_sha256") != change_digest(m.commit, m.sha384):
+            _fail(f"MISMATCH: your build of {m.commit} is sha384 {m.sha384}, and {request_id} is not bound "
+                  "to it: do not approve; find out why", 3)
+        typer.echo(f"ok: {request_id} is bound to your build of {m.commit} (sha384 {m.sha384}); "
+                   f"approve with: mpa approve {request_id}")
 
     @trust.command("accept")
     def accept(request_id: str = typer.Argument(..., help="the approved trust request"),

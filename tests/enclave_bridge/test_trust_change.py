@@ -14,7 +14,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.enclave_bridge.test_measure import repo  # noqa: F401  (fixture: a small artifact repo)
+from tests.enclave_bridge.test_measure import git, repo  # noqa: F401  (fixture: a small artifact repo)
 from tests.support.approvals_env import ONCALL, approvals_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +77,14 @@ def test_one_person_cannot_change_the_trusted_measurement_two_can(env, repo):  #
     assert env.call("POST", f"/api/v1/requests/{rid}/approve", ENGINEER).status_code == 403
     assert not ledger.exists()
 
+    # The approver builds it themselves: the request is bound to that build, not to another commit.
+    r = mpactl(env, APPROVER, "check", rid, "--commit", "HEAD", "--repo", str(repo))
+    assert r.returncode == 0 and f"ok: {rid} is bound to your build" in r.stdout, r.stderr
+    (repo / "policy" / "rules.py").write_text("RULES = 2\n")
+    git(repo, "commit", "-qam", "another build")
+    r = mpactl(env, APPROVER, "check", rid, "--commit", "HEAD", "--repo", str(repo))
+    assert r.returncode == 3 and "MISMATCH" in r.stderr
+    git(repo, "reset", "-q", "--hard", "HEAD~1")
     assert env.call("POST", f"/api/v1/requests/{rid}/approve", APPROVER, json={"comment": "built it: same"}
                     ).status_code == 200
     # A broker whose own grants do not make the approver on-call refuses the same receipt.
