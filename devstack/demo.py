@@ -118,6 +118,8 @@ class Demo:
             "metrics": {"host": "127.0.0.1", "port": free_port()},
             "drain_grace_s": 2,
             "drain_notice_s": 0,  # a lone server: nobody to move Checks to
+            # Decision events the store cannot take wait here and are replayed, not dropped.
+            "audit": {"spool_path": str(self.workdir / "audit-spool.db")},
             "approvals": {"base_url": self.approvals_url},
             "reflection": {"endpoints": {"static": {ACCOUNTS: accounts.address,
                                                     LEDGER: ledger.address}}},
