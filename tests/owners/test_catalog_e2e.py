@@ -16,6 +16,7 @@ import yaml
 from devstack import democlient
 from devstack.devissuer import DevIssuer
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port
+from extauthz.dev_certs import make_dev_certs
 from policy import Grant, Role
 from tests.support.gateway_harness import ACCOUNTS, LEDGER, extauthz_config, seed_grants
 from tests.support.owners_support import run_mpactl
@@ -43,7 +44,10 @@ def stack(tmp_path: Path):
         cfg = extauthz_config(port=ext_port, store_url=store_url,
                               reflection_static={ACCOUNTS: accounts.address, LEDGER: ledger.address},
                               extra={"metrics.port": metrics_port})
-        ext = ExtAuthzProcess(cfg, tmp_path)
+        # The rendered gateway talks mTLS to the server (the catalog's tls section).
+        certs = make_dev_certs(tmp_path / "tls")
+        cfg["listen"]["tls"] = certs.server_settings()
+        ext = ExtAuthzProcess(cfg, tmp_path, client_tls=certs)
         started.append(ext)  # stopped in finally even if it never becomes ready
         ext.wait_ready()
         listen, admin = free_port(), free_port()
@@ -52,7 +56,10 @@ def stack(tmp_path: Path):
 gateway:
   listen: 127.0.0.1:{listen}
   admin: 127.0.0.1:{admin}
-  ext_authz: {{address: 127.0.0.1:{ext_port}, timeout: 1s}}
+  ext_authz:
+    address: 127.0.0.1:{ext_port}
+    timeout: 1s
+    tls: {{ca: {certs.ca}, cert: {certs.client_cert}, key: {certs.client_key}}}
   jwt:
     issuer: {issuer.issuer}
     audiences: [{issuer.audience}]
