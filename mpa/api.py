@@ -187,15 +187,18 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
             target = Target(body.service, body.method)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
+        duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
         waiting = await asyncio.to_thread(service.open_gateway_request, me.id, target,
                                           body.body_sha256)
-        if waiting is not None:  # give the gateway-opened request its reason; no mode lookup
-            done = await asyncio.to_thread(service.complete, waiting.id, me.id,
-                                           reason=body.reason, incident=body.incident)
+        if waiting is not None:
+            # Give the gateway-opened request its reason and the requester's limits (narrowing
+            # only); its mode is known, so no lookup.
+            done = await asyncio.to_thread(
+                service.complete, waiting.id, me.id, reason=body.reason, incident=body.incident,
+                approval_ttl=duration, max_uses=body.max_uses, body_sha256=body.body_sha256)
             result = await asyncio.to_thread(out, done, me.id)
             return JSONResponse(result.model_dump(mode="json"), status_code=200)
         mode = await _resolve_mode(service, body.service, body.method)
-        duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
         r, created = await asyncio.to_thread(
             service.create, me.id, target, mode, reason=body.reason, incident=body.incident,
             body_sha256=body.body_sha256, duration=duration, max_uses=body.max_uses)

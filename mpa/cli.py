@@ -147,6 +147,7 @@ def print_request(r: dict[str, Any]) -> None:
     if r.get("incident"):
         rows.append(("incident", r["incident"]))
     rows.append(("scope", f"exact body sha256 {r['body_sha256']}" if r["body_sha256"] else "any call to this method"))
+    rows.append(("limits", limits_words(r)))
     rows.append(("created", _short(r["created_at"])))
     if r["state"] == "pending":
         rows.append(("expires", _short(r["expires_at"])))
@@ -160,6 +161,26 @@ def print_request(r: dict[str, Any]) -> None:
     for k, v in rows:
         t.add_row(k, str(v))
     out.print(t, highlight=False, markup=False)
+
+
+def duration_words(seconds: int) -> str:
+    """3600 -> '1h', 90 -> '1m30s'."""
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts) or "0s"
+
+
+def limits_words(r: dict[str, Any]) -> str:
+    """How long the approval lasts and how many calls it allows, as the approver agrees to it."""
+    words = f"approval lasts {duration_words(r['approval_ttl_seconds'])}"
+    if r["max_uses"]:
+        words += f"; at most {r['max_uses']} call{'s' if r['max_uses'] != 1 else ''} ({r['uses']} used)"
+    else:
+        words += "; any number of calls"
+    return words
 
 
 def print_list(reqs: list[dict[str, Any]]) -> None:
@@ -280,6 +301,14 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
     def show(r: dict[str, Any]) -> None:
         verb = "created" if status == 201 else "updated"
         out.print(f"request {verb}: {r['url']}", highlight=False)
+        kept = []
+        if duration and r["approval_ttl_seconds"] < body["duration_seconds"]:
+            kept.append(f"approval lasts {duration_words(r['approval_ttl_seconds'])}")
+        if max_uses and r["max_uses"] and r["max_uses"] < max_uses:
+            kept.append(f"at most {r['max_uses']} calls")
+        if kept:
+            out.print(f"note: the open request's tighter limits stay ({', '.join(kept)}); "
+                      "limits only ever narrow", highlight=False)
         print_request(r)
     emit(r, as_json, show)
 

@@ -10,6 +10,8 @@ from .decide import (
                      expire,
                      may_approve,
                      may_request,
+                     narrow,
+                     narrowest_uses,
                      open_request,
                      reject,
                      usable_approval,
@@ -35,6 +37,6 @@ __all__ = [
     "GrantSet", "InvalidRequest", "Mode", "NotEligible", "Outcome", "PolicyError",
     "RequestClosed", "RequestExpired", "RequestState", "Role", "SelfApproval", "StoreError",
     "Target", "UnknownRequest", "approve", "cancel", "complete", "decide", "expire",
-    "may_approve", "may_request", "open_request", "reject", "resolve_mode", "usable_approval",
+    "may_approve", "may_request", "narrow", "narrowest_uses", "open_request", "reject", "resolve_mode", "usable_approval",
     "use",
 ]
