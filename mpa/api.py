@@ -36,6 +36,7 @@ from policy import (
 from policy.store import Store
 
 from .auth import AuthError, Principal, TokenVerifier
+from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .schemas import (
     CommentIn,
@@ -85,8 +86,11 @@ def status_of(e: Exception) -> int:
 
 def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup | None = None,
                verifier: TokenVerifier | None = None, dev_issuer: Any = None,
-               clock: Callable = utcnow) -> FastAPI:
-    """The approvals app: JSON API, approval page, dev login (when enabled)."""
+               clock: Callable = utcnow, broker: BrokerLink | None = None) -> FastAPI:
+    """The approvals app: JSON API, approval page and inbox, dev login (when enabled).
+
+    With ``broker``, the inbox also lists credential (broker) requests and serves their pages.
+    """
     app = FastAPI(
         title="rpcauthz approvals", version="1.0.0",
         description="Multi-party approval requests for RPCs that need another engineer's "
@@ -97,6 +101,7 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     app.state.config = config
     app.state.verifier = verifier or TokenVerifier(config.issuer, config.jwks_url, config.audiences)
     app.state.dev_issuer = dev_issuer if config.dev_login else None
+    app.state.broker = broker
 
     def link(request_id: str) -> str:
         return f"{config.public_url.rstrip('/')}/requests/{request_id}"

@@ -167,6 +167,10 @@ def add_page_routes(app: FastAPI) -> None:
                 "complete": "completed"}[action]
         return RedirectResponse(f"/requests/{request_id}?done={done}", status_code=303)
 
+    from .inbox import add_inbox_routes
+    add_inbox_routes(app, render=render, who=who, login_needed=login_needed, csrf_for=csrf_for,
+                     broker=getattr(app.state, "broker", None))
+
     for _action in ("approve", "reject", "cancel", "complete"):
         async def handler(request: Request, request_id: str, _a: str = _action) -> Response:
             return await act(request, request_id, _a)

@@ -20,6 +20,7 @@ from rpcauthz.slack_outbox import SlackDelivery, SlackSpool
 
 from .api import create_app
 from .audit import AuditExporter, AuditShipper, JsonLinesExporter
+from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .service import ModeLookup
 from .slack import SlackNotifier
@@ -83,13 +84,15 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                            dev_issuer: Any = None, exporters: Sequence[AuditExporter] = (),
                            slack_backoff: tuple[float, float] = (1.0, 300.0),
                            slack_timeout: float = 5.0, audit_interval: float = 1.0,
-                           audit_cursor_path: str | None = None) -> ApprovalsServer:
+                           audit_cursor_path: str | None = None,
+                           broker: BrokerLink | None = None) -> ApprovalsServer:
     """Start the approvals server in this process and return once it accepts connections.
 
     ``store`` defaults to ``open_store(config.store_url)``. ``mode_lookup`` tells the mode of
     a method for user-made requests (e.g. ``mpa.service.modes_from_source(reflection_cache)``);
     without it only gateway-opened requests can be completed. ``dev_issuer`` (a
     ``devstack.devissuer.DevIssuer``) enables the dev-only sign-in when ``config.dev_login``.
+    ``broker`` (a ``mpa.broker_link.BrokerLink``) puts credential requests in the web inbox.
     """
     import socket
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -108,7 +111,7 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
         raise
     if config.public_url in ("", "auto"):
         config = dataclasses.replace(config, public_url=f"http://{host}:{port}")
-    app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer)
+    app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer, broker=broker)
 
     all_exporters: list[AuditExporter] = list(exporters)
     if config.audit_jsonl_path:
@@ -181,7 +184,18 @@ def main() -> None:
             config = ApprovalsConfig.from_env()
         except ValueError as e:
             raise SystemExit(f"mpa.server: {e} (see docs/approvals.md)") from None
-    handle = start_approvals_server(config, host=host, port=port, dev_issuer=dev_issuer)
+    broker = None
+    if os.environ.get("MPA_BROKER"):
+        if not os.environ.get("MPA_BROKER_CERT"):
+            raise SystemExit("mpa.server: MPA_BROKER is set but MPA_BROKER_CERT (the broker's "
+                             "certificate, pinned) is not")
+        try:
+            broker = BrokerLink.from_files(os.environ["MPA_BROKER"], os.environ["MPA_BROKER_CERT"],
+                                           os.environ.get("MPA_BROKER_NAME") or "broker.mpa.internal")
+        except ValueError as e:
+            raise SystemExit(f"mpa.server: {e}") from None
+    handle = start_approvals_server(config, host=host, port=port, dev_issuer=dev_issuer,
+                                    broker=broker)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
