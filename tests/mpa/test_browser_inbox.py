@@ -52,8 +52,11 @@ def test_inbox_to_request_to_approve_for_rpc_and_credential(tmp_path, chromium, 
     with approvals_env(tmp_path, broker=link) as env:
         rpc = env.call("POST", "/api/v1/requests", A, json={
             "service": LEDGER, "method": "Adjust", "reason": "refund for ticket 4411"}).json()
-        cred = link._call(issuer.mint(A), "request_aws", "platform-admin",
-                          reason="rotate the NAT keys", duration_seconds=900)
+        from enclave_bridge.broker.client import BrokerClient
+        client = BrokerClient(link.target, link.cert_pem, issuer.mint(A))
+        cred = client.request_aws("platform-admin", reason="rotate the NAT keys",
+                                  duration_seconds=900)
+        client.close()
         page = chromium.new_page()
         try:
             # Signing in from a request link returns to that link.
