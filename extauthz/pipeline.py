@@ -308,6 +308,11 @@ class Authorizer:
         role = _ADVICE_ROLE[mode].format(service=target.service)
         advice = (f"Open the link, give your reason{' and incident reference' if mode is Mode.BREAK_GLASS_ONLY else ''}"
                   f", ask {role} to approve (mpa approve {request_id}), then repeat the call")
+        if not policy.approvers_for(who.principal, target.service, mode, grants, self.clock()):
+            # Say so now rather than let the requester wait for a reviewer who cannot exist.
+            advice = (f"nobody can approve this request now: no {role.removeprefix('another ')} "
+                      "other than you holds that role; ask an operator to grant it (mpactl grants "
+                      "add, or the service's owners in the catalog), then open the link")
         v = p.verdict(Kind.APPROVAL_REQUIRED, decision.rule, decision.message, advice,
                       request_id=request_id, request_url=url)
         self.audit.submit(self._event("decision.approval_required", v, decision, request_id))

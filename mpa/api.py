@@ -108,7 +108,7 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     app.state.link = link
 
     def out(r: policy.ApprovalRequest, viewer: str) -> RequestOut:
-        return RequestOut.build(r, link(r.id), service.permissions(r, viewer))
+        return RequestOut.build(r, link(r.id), service.permissions(r, viewer), service.eligible(r))
 
     # --- errors -------------------------------------------------------------------------------
     @app.exception_handler(AuthError)

@@ -143,6 +143,8 @@ def print_request(r: dict[str, Any]) -> None:
                 " (waiting for the requester's reason)" if r["awaiting_reason"] else "")),
             ("requester", r["requester"]), ("rpc", r["path"]), ("mode", r["mode"]),
             ("why approval", r["why_approval"]), ("who may approve", r["approver_rule"]),
+            *([("can approve now", ", ".join(r.get("eligible_approvers") or []) or "nobody")]
+              if r["state"] == "pending" else []),
             ("reason", r["reason"] or "(not given yet)")]
     if r.get("incident"):
         rows.append(("incident", r["incident"]))
@@ -158,6 +160,8 @@ def print_request(r: dict[str, Any]) -> None:
         rows.append(("closed", f"{r['closed_by'] or ''} {_short(r['closed_at'])} {r['close_reason']}".strip()))
     if r["you"]["why_not"]:
         rows.append(("you", r["you"]["why_not"]))
+    if r.get("routing_note"):
+        rows.append(("WARNING", r["routing_note"]))
     for k, v in rows:
         t.add_row(k, str(v))
     out.print(t, highlight=False, markup=False)

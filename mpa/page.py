@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from policy import PolicyError, StoreError, UnknownRequest
 
 from .auth import AuthError, Principal
-from .service import MODE_EXPLANATIONS, approver_words, awaiting_reason
+from .service import MODE_EXPLANATIONS, approver_words, awaiting_reason, routing_note
 
 log = logging.getLogger("mpa.page")
 
@@ -120,7 +120,9 @@ def add_page_routes(app: FastAPI) -> None:
             return render("message.html", 503, heading="Unavailable", viewer=viewer,
                           csrf_token=csrf_for(token),
                           message="The approvals store is unavailable right now; try again.")
+        eligible = await asyncio.to_thread(service.eligible, r)
         return render("request.html", status, r=r, perms=perms, viewer=viewer,
+                      eligible=eligible, routing_note=routing_note(r, eligible),
                       csrf_token=csrf_for(token), error=error, done=done,
                       path=f"/{r.service}/{r.method}", why_approval=MODE_EXPLANATIONS[r.mode],
                       approver_rule=approver_words(r), awaiting=awaiting_reason(r),

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from policy import ApprovalRequest
 
-from .service import MODE_EXPLANATIONS, Permissions, approver_words, awaiting_reason
+from .service import MODE_EXPLANATIONS, Permissions, approver_words, awaiting_reason, routing_note
 
 
 class CreateRequestIn(BaseModel):
@@ -75,6 +75,10 @@ class RequestOut(BaseModel):
     mode: str
     why_approval: str
     approver_rule: str
+    eligible_approvers: list[str] = Field(description="who may approve it now, from the grants "
+                                                      "(the requester and past approvers excluded)")
+    routing_note: str = Field(description="non-empty when too few people can approve it: what "
+                                          "the requester should do")
     state: str
     awaiting_reason: bool
     origin: str
@@ -95,11 +99,13 @@ class RequestOut(BaseModel):
     you: PermissionsOut
 
     @classmethod
-    def build(cls, r: ApprovalRequest, url: str, perms: Permissions) -> RequestOut:
+    def build(cls, r: ApprovalRequest, url: str, perms: Permissions,
+              eligible: tuple[str, ...] = ()) -> RequestOut:
         return cls(
             id=r.id, url=url, requester=r.requester, service=r.service, method=r.method,
             path=f"/{r.service}/{r.method}", mode=r.mode.name,
             why_approval=MODE_EXPLANATIONS[r.mode], approver_rule=approver_words(r),
+            eligible_approvers=list(eligible), routing_note=routing_note(r, eligible),
             state=r.state.value, awaiting_reason=awaiting_reason(r), origin=r.origin,
             reason=r.reason, incident=r.incident, body_sha256=r.body_sha256,
             created_at=r.created_at, expires_at=r.expires_at,

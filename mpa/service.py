@@ -113,6 +113,22 @@ def approver_words(r: ApprovalRequest) -> str:
     return APPROVER_WORDS[r.mode].format(service=r.service)
 
 
+def routing_note(r: ApprovalRequest, eligible: Sequence[str]) -> str:
+    """What the requester must hear when too few people can approve ``r`` (else "")."""
+    if r.state is not RequestState.PENDING:
+        return ""
+    missing = r.required_approvals - len(r.approvals)
+    if len(eligible) >= missing:
+        return ""
+    if not eligible:
+        who = f"Nobody can approve this request now: it needs {approver_words(r)}, and nobody else holds that role."
+    else:
+        who = (f"Only {len(eligible)} people can approve this request now "
+               f"({', '.join(eligible)}) and it needs {missing} more approvals.")
+    return (who + " Ask an operator to grant the role (mpactl grants add, or the service's "
+                  "owners in the catalog), or withdraw the request.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Permissions:
     """What the viewer may do with a request, and if not, why not (for page and API)."""
@@ -144,6 +160,10 @@ class ApprovalService:
             if self._grants is None or self._grants.revision != revision:
                 self._grants = GrantSet(self.store.list_grants(), revision)
             return self._grants
+
+    def eligible(self, r: ApprovalRequest) -> tuple[str, ...]:
+        """Who may still approve ``r`` now, from the current grants."""
+        return policy.eligible_approvers(r, self.grants(), self.clock())
 
     # --- reading --------------------------------------------------------------------------
     def get(self, request_id: str) -> ApprovalRequest:
@@ -396,5 +416,5 @@ def new_request_id() -> str:
 
 
 __all__ = ["ApprovalService", "AwaitingReason", "MODE_EXPLANATIONS", "ModeLookup", "ModeUnavailable",
-           "Permissions", "approver_words", "awaiting_reason", "lazy_modes", "limits_words",
+           "Permissions", "approver_words", "awaiting_reason", "routing_note", "lazy_modes", "limits_words",
            "modes_from_source", "narrower_than", "static_modes"]

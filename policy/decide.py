@@ -51,6 +51,23 @@ def may_approve(approver: str, request: ApprovalRequest, grants: GrantSet, now: 
     return may_request(approver, request.service, request.mode, grants, now)
 
 
+def approvers_for(requester: str, service: str, mode: Mode, grants: GrantSet,
+                  now: datetime) -> tuple[str, ...]:
+    """Everyone who could approve ``requester``'s request for ``service`` in ``mode`` now, from
+    the grants (sorted). Empty means nobody can: the requester should hear so at once."""
+    if not mode.needs_approval:
+        return ()
+    people = sorted({g.principal for g in grants})
+    return tuple(p for p in people
+                 if p != requester and may_request(p, service, mode, grants, now))
+
+
+def eligible_approvers(r: ApprovalRequest, grants: GrantSet, now: datetime) -> tuple[str, ...]:
+    """Who may still approve ``r`` now: eligible, not the requester, not already approved."""
+    return tuple(p for p in approvers_for(r.requester, r.service, r.mode, grants, now)
+                 if p not in r.approvers)
+
+
 def decide(principal: str, target: Target, mode: Mode, grants: GrantSet,
            requests: Iterable[ApprovalRequest], now: datetime,
            body_sha256: str | None = None) -> Decision:
