@@ -352,8 +352,7 @@ class ApprovalService:
         requests this call expired.
         """
         expired = []
-        for r in self.store.find_requests(states=[RequestState.PENDING, RequestState.APPROVED],
-                                          limit=10_000):
+        for r in self.store.due_requests(self.clock(), limit=10_000):
             done = self._expire_if_due(r)
             if done is not r and done.state is RequestState.EXPIRED:
                 expired.append(done)

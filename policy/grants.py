@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 from .model import Grant, Role
@@ -25,7 +25,7 @@ class GrantSet:
         self._by_principal = dict(index)
         self.revision = revision
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Grant]:
         return iter(self._grants)
 
     def __len__(self) -> int:

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Protocol
 
 from .audit import AuditEvent
-from .model import ApprovalRequest, Grant, RequestState
+from .model import ApprovalRequest, Grant, RequestState, Role
 
 #: A pure transition from policy.decide (approve, reject, cancel, use, expire...).
 Transition = Callable[[ApprovalRequest], ApprovalRequest]
@@ -39,13 +39,14 @@ class Store(Protocol):
     def grants_revision(self) -> int:
         """A number that increases whenever any grant changes."""
 
-    def put_grant(self, grant: Grant) -> None:
+    def put_grant(self, grant: Grant, *, actor: str = "system") -> None:
         """Insert or replace the grant with the same (principal, role, service)."""
 
-    def delete_grant(self, principal: str, role: str, service: str | None = None) -> bool:
+    def delete_grant(self, principal: str, role: str | Role, service: str | None = None, *,
+                     actor: str = "system") -> bool:
         """Remove one grant; True if it existed."""
 
-    def replace_grants(self, source: str, grants: Iterable[Grant]) -> GrantDiff:
+    def replace_grants(self, source: str, grants: Iterable[Grant], *, actor: str = "system") -> GrantDiff:
         """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``."""
 
     def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
@@ -69,6 +70,9 @@ class Store(Protocol):
                       limit: int = 100) -> list[ApprovalRequest]:
         """Requests matching every given filter, newest first."""
 
+    def due_requests(self, now: datetime, *, limit: int = 1000) -> list[ApprovalRequest]:
+        """Pending requests past ``expires_at`` and approved ones past ``valid_until`` (indexed)."""
+
     def update_request(self, request_id: str, change: Transition, *, actor: str,
                        kind: str, reason: str = "") -> ApprovalRequest:
         """Atomically read, apply ``change``, write, and append an audit event of ``kind``.
@@ -82,8 +86,16 @@ class Store(Protocol):
     def append_audit(self, event: AuditEvent) -> None:
         """Write one audit event durably."""
 
+    def append_audits(self, events: Sequence[AuditEvent]) -> None:
+        """Write several audit events durably, in one transaction."""
+
     def list_audit(self, *, since: datetime | None = None, kinds: Sequence[str] | None = None,
-                   service: str | None = None, limit: int = 1000) -> list[AuditEvent]:
+                   service: str | None = None, request_id: str | None = None,
+                   limit: int = 1000) -> list[AuditEvent]:
         """Audit events, oldest first."""
+
+    # --- schema ---------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
 
     def close(self) -> None: ...

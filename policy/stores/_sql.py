@@ -12,7 +12,7 @@ import abc
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from ..audit import KINDS, AuditEvent
 from ..errors import UnknownRequest
@@ -247,7 +247,8 @@ class SqlStore(abc.ABC):
                       method: str | None = None, states: Sequence[RequestState] | None = None,
                       limit: int = 100) -> list[ApprovalRequest]:
         """Requests matching every given filter, newest first."""
-        where, params = [], {"limit": _limit(limit)}
+        where: list[str] = []
+        params: dict[str, object] = {"limit": _limit(limit)}
         for col, value in (("requester", requester), ("service", service), ("method", method)):
             if value is not None:
                 where.append(f"{col} = %({col})s")
@@ -267,6 +268,24 @@ class SqlStore(abc.ABC):
         with self._tx(write=False) as cur:
             rows = cur.execute(sql, params).fetchall()
         return [self._request(r) for r in rows]
+
+    def due_requests(self, now: datetime, *, limit: int = 1000) -> list[ApprovalRequest]:
+        """Requests the expiry sweep must close at ``now``: pending ones past ``expires_at``
+        and approved ones past ``valid_until``, oldest deadline first, at most ``limit`` of each.
+
+        Both halves read a partial index holding only open rows, so the cost follows the
+        number of due requests, not the size of the table. The state literals are in the
+        SQL on purpose: SQLite uses a partial index only when the query names its condition.
+        """
+        params = {"now": self._ts(now), "limit": _limit(limit)}
+        with self._tx(write=False) as cur:
+            pending = cur.execute(
+                f"SELECT {_REQ_COLS} FROM requests WHERE state = 'pending' "
+                "AND expires_at <= %(now)s ORDER BY expires_at LIMIT %(limit)s", params).fetchall()
+            approved = cur.execute(
+                f"SELECT {_REQ_COLS} FROM requests WHERE state = 'approved' "
+                "AND valid_until <= %(now)s ORDER BY valid_until LIMIT %(limit)s", params).fetchall()
+        return [self._request(r) for r in (*pending, *approved)]
 
     def update_request(self, request_id: str, change: Transition, *, actor: str,
                        kind: str, reason: str = "") -> ApprovalRequest:
@@ -337,7 +356,8 @@ class SqlStore(abc.ABC):
                    service: str | None = None, request_id: str | None = None,
                    limit: int = 1000) -> list[AuditEvent]:
         """Audit events matching every filter, oldest first (``since`` is inclusive)."""
-        where, params = [], {"limit": _limit(limit)}
+        where: list[str] = []
+        params: dict[str, object] = {"limit": _limit(limit)}
         if since is not None:
             where.append("at >= %(since)s")
             params["since"] = self._ts(since)
@@ -364,7 +384,7 @@ class SqlStore(abc.ABC):
         return [codec.audit_from_row(r, self._dt, self._json_out) for r in rows]
 
     # --- context manager sugar ------------------------------------------------------------
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

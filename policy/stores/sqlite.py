@@ -71,7 +71,16 @@ CREATE TABLE IF NOT EXISTS requests (
     origin             TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_scope ON requests (requester, service, method, state);
-CREATE INDEX IF NOT EXISTS requests_created ON requests (created_at);
+-- Every query the gateway and the approvals server run on a timer or per page view has
+-- an index (tests/policy/test_query_plans.py fails on a full scan of requests):
+-- "all"/state lists newest first, "my requests", and the expiry sweep (partial indexes:
+-- only the few open rows are in them).
+DROP INDEX IF EXISTS requests_created;
+CREATE INDEX IF NOT EXISTS requests_created_seq ON requests (created_at, seq);
+CREATE INDEX IF NOT EXISTS requests_state_created ON requests (state, created_at, seq);
+CREATE INDEX IF NOT EXISTS requests_requester_created ON requests (requester, created_at, seq);
+CREATE INDEX IF NOT EXISTS requests_pending_expiry ON requests (expires_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WHERE state = 'approved';
 CREATE TABLE IF NOT EXISTS audit (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     id         TEXT NOT NULL UNIQUE,
