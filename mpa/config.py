@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from policy import Mode
 from rpcauthz.settings import ConfigError, Section, env_name, load
 
-__all__ = ["ApprovalsConfig", "ConfigError", "DevLogin", "Listen", "RequestPolicy",
+__all__ = ["ApprovalsConfig", "BrokerLinkSettings", "ConfigError", "OnCallEscalationSettings", "DevLogin", "Listen", "RequestPolicy",
            "RETIRED_VARIABLES", "load_approvals_config"]
 
 #: The approvals server's former environment variables and the key that replaces each.
@@ -122,6 +122,38 @@ class DevLogin(Section):
     issuer_key: pathlib.Path | None = None
 
 
+class BrokerLinkSettings(Section):
+    """The credential broker whose requests the web inbox lists (off when unset).
+
+    The server calls it with each signed-in engineer's own token, over TLS pinned to
+    ``certificate`` (the broker's PEM certificate), at ``address`` (``host:port``, usually the
+    gateway's broker passthrough listener).
+    """
+
+    address: str
+    certificate: pathlib.Path
+    server_name: str = "broker.mpa.internal"
+
+
+class OnCallEscalationSettings(Section):
+    """Page security on-call for break-glass requests (PagerDuty Events API v2; off when unset).
+
+    ``routing_key`` is the integration key (a secret: prefer
+    ``RPCAUTHZ_ONCALL_ESCALATION__ROUTING_KEY``); ``url`` is the Events v2 endpoint.
+    """
+
+    routing_key: str = Field(repr=False, min_length=1)
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+    spool_path: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
 class ApprovalsConfig(Section):
     """Everything the approvals server needs.
 
@@ -147,6 +179,8 @@ class ApprovalsConfig(Section):
     slack_user_ids: dict[str, str] = Field(default_factory=dict)
     audit_jsonl_path: str | None = None
     expiry_sweep_seconds: float = Field(30.0, gt=0)
+    broker: BrokerLinkSettings | None = None
+    oncall_escalation: OnCallEscalationSettings | None = None
 
     @field_validator("dev_login", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from .auth import TokenVerifier
 from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .dev_tokens import JWKS_PATH, DevTokens
+from .escalation import OnCallEscalation, with_routing_key
 from .service import ModeLookup
 from .slack import SlackNotifier
 
@@ -56,6 +57,8 @@ class ApprovalsServer:
     _owns_store: bool
     #: Where the server's own dev tokens' key set is served (``dev_login.issuer_key``), else None.
     dev_jwks_url: str | None = None
+    #: Further things to close last (the on-call escalation outbox).
+    closers: list[Any] = dataclasses.field(default_factory=list)
 
     def link(self, request_id: str) -> str:
         return self.app.state.link(request_id)
@@ -74,6 +77,8 @@ class ApprovalsServer:
             self.slack.close()
         if self.spool:
             self.spool.close()
+        for thing in self.closers:
+            thing.close()
         if self._owns_store:
             self.store.close()
 
@@ -132,6 +137,15 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                                            "audiences": (dev_issuer.audience,)})
         verifier = TokenVerifier(config.issuer, config.jwks_url, config.audiences,
                                  jwks=dev_issuer.jwks())
+    if broker is None and config.broker is not None:
+        try:
+            broker = BrokerLink.from_files(config.broker.address, config.broker.certificate,
+                                           config.broker.server_name)
+        except ValueError as e:
+            sock.close()
+            if owns:
+                store.close()
+            raise ValueError(f"broker.certificate: {e}") from None
     app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer,
                      verifier=verifier, broker=broker)
 
@@ -144,6 +158,14 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
         all_exporters.append(SlackNotifier(store, spool, app.state.link, config.slack_user_ids))
         delivery = SlackDelivery(spool, config.slack_webhook_url, timeout=slack_timeout,
                                  base_backoff=slack_backoff[0], max_backoff=slack_backoff[1]).start()
+    closers: list[Any] = []
+    if config.oncall_escalation is not None:
+        esc = config.oncall_escalation
+        esc_spool = SlackSpool(esc.spool_path or "mpa-oncall-spool.db")
+        all_exporters.append(OnCallEscalation(store, esc_spool, app.state.link))
+        closers += [SlackDelivery(esc_spool, esc.url, timeout=slack_timeout,
+                                  base_backoff=slack_backoff[0], max_backoff=slack_backoff[1],
+                                  prepare=with_routing_key(esc.routing_key)).start(), esc_spool]
     cursor = audit_cursor_path or (config.audit_jsonl_path + ".cursor" if config.audit_jsonl_path else None)
     shipper = AuditShipper(store, all_exporters, cursor_path=cursor).start(audit_interval)
 
@@ -161,6 +183,8 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                 delivery.close()
             if spool:
                 spool.close()
+            for thing in closers:
+                thing.close()
             if owns:
                 store.close()
             raise RuntimeError(f"the approvals server did not start on {host}:{port}")
@@ -178,4 +202,4 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     sweeper.start()
     log.info("approvals server on http://%s:%d", host, port)
     return ApprovalsServer(f"http://{host}:{port}", port, config, store, app, shipper, delivery,
-                           spool, server, thread, stop, sweeper, owns, dev_jwks_url)
+                           spool, server, thread, stop, sweeper, owns, dev_jwks_url, closers)

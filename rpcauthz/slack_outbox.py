@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("rpcauthz.slack_outbox")
@@ -98,7 +99,10 @@ class SlackDelivery:
     """Posts spooled messages to the webhook in a background thread, with backoff."""
 
     def __init__(self, spool: SlackSpool, webhook_url: str, *, timeout: float = 5.0,
-                 base_backoff: float = 1.0, max_backoff: float = 300.0, poll: float = 0.5) -> None:
+                 base_backoff: float = 1.0, max_backoff: float = 300.0, poll: float = 0.5,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        """``prepare`` adds what must not be spooled (e.g. a routing key) just before posting;
+        any JSON webhook that answers 2xx works (Slack, PagerDuty Events v2)."""
         if not webhook_url.startswith(("https://", "http://")):
             raise ValueError("the Slack webhook URL must be an http(s) URL")
         self.spool = spool
@@ -107,6 +111,7 @@ class SlackDelivery:
         self.base_backoff = base_backoff
         self.max_backoff = max_backoff
         self.poll = poll
+        self._prepare = prepare
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,6 +142,8 @@ class SlackDelivery:
         return sent
 
     def _post(self, payload: dict[str, Any]) -> tuple[bool, str, float | None]:
+        if self._prepare is not None:
+            payload = self._prepare(payload)
         req = urllib.request.Request(self._url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         try:
