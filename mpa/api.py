@@ -38,6 +38,7 @@ from policy.store import Store
 from .auth import AuthError, Principal, TokenVerifier
 from .broker_link import BrokerLink
 from .config import ApprovalsConfig
+from .metrics import ApprovalsMetrics
 from .schemas import (
     CommentIn,
     CompleteIn,
@@ -102,6 +103,8 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     app.state.verifier = verifier or TokenVerifier(config.issuer, config.jwks_url, config.audiences)
     app.state.dev_issuer = dev_issuer if config.dev_login is not None else None
     app.state.broker = broker
+    app.state.metrics = ApprovalsMetrics(store)
+    app.state.metrics.install(app)
 
     def link(request_id: str) -> str:
         return f"{config.public_url.rstrip('/')}/requests/{request_id}"

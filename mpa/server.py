@@ -149,7 +149,7 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer,
                      verifier=verifier, broker=broker)
 
-    all_exporters: list[AuditExporter] = list(exporters)
+    all_exporters: list[AuditExporter] = [*exporters, app.state.metrics]
     if config.audit_jsonl_path:
         all_exporters.append(JsonLinesExporter(config.audit_jsonl_path))
     spool = delivery = None
