@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from policy import Mode
 from rpcauthz.settings import ConfigError, Section, env_name, load
 
-__all__ = ["ApprovalsConfig", "BrokerLinkSettings", "ConfigError", "OnCallEscalationSettings", "DevLogin", "Listen", "RequestPolicy",
+__all__ = ["ApprovalsConfig", "BrokerLinkSettings", "ConfigError", "OnCallEscalationSettings", "OtelSettings", "DevLogin", "Listen", "RequestPolicy",
            "RETIRED_VARIABLES", "load_approvals_config"]
 
 #: The approvals server's former environment variables and the key that replaces each.
@@ -154,6 +154,29 @@ class OnCallEscalationSettings(Section):
         return v
 
 
+class OtelSettings(Section):
+    """Ship the audit log as OpenTelemetry logs and spans over OTLP/gRPC (off when unset).
+
+    ``endpoint`` is the collector's OTLP gRPC address (``http://collector:4317``); ``insecure``
+    sends without TLS (only to a collector on the same host or network segment); ``headers``
+    are sent with every export (e.g. an API key: prefer ``RPCAUTHZ_OTEL__HEADERS``).
+    """
+
+    endpoint: str
+    insecure: bool = False
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    service_name: str = "rpcauthz-approvals"
+    timeout_seconds: float = Field(10.0, gt=0)
+    batch_delay_ms: int = Field(1000, ge=1)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (e.g. http://collector:4317)")
+        return v
+
+
 class ApprovalsConfig(Section):
     """Everything the approvals server needs.
 
@@ -181,6 +204,7 @@ class ApprovalsConfig(Section):
     expiry_sweep_seconds: float = Field(30.0, gt=0)
     broker: BrokerLinkSettings | None = None
     oncall_escalation: OnCallEscalationSettings | None = None
+    otel: OtelSettings | None = None
 
     @field_validator("dev_login", mode="before")
     @classmethod

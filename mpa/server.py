@@ -159,6 +159,11 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
         delivery = SlackDelivery(spool, config.slack_webhook_url, timeout=slack_timeout,
                                  base_backoff=slack_backoff[0], max_backoff=slack_backoff[1]).start()
     closers: list[Any] = []
+    if config.otel is not None:
+        from .otel_export import start_otlp_audit_export
+        otlp = start_otlp_audit_export(config.otel)
+        all_exporters.append(otlp)
+        closers.append(otlp)
     if config.oncall_escalation is not None:
         esc = config.oncall_escalation
         esc_spool = SlackSpool(esc.spool_path or "mpa-oncall-spool.db")
