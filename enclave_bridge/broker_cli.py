@@ -193,7 +193,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = BrokerConfig.from_file(config)
         except ConfigError as e:
-            _fail(str(e))
+            _fail(str(e), 2)  # a bad config is a usage error, as for the other servers
         try:
             if simulate is not None:
                 bundle, attester = _simulated_seeds(simulate, repo, ledger)

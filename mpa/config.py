@@ -20,10 +20,12 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
+from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ConfigError, Section, env_name, load
 
-__all__ = ["ApprovalsConfig", "BrokerLinkSettings", "ConfigError", "OnCallEscalationSettings", "OtelSettings", "DevLogin", "Listen", "RequestPolicy",
-           "RETIRED_VARIABLES", "load_approvals_config"]
+__all__ = ["ApprovalsConfig", "BrokerLinkSettings", "ConfigError", "DevLogin", "Listen",
+           "OnCallEscalationSettings", "OtelSettings", "RequestPolicy", "RETIRED_VARIABLES",
+           "load_approvals_config"]
 
 #: The approvals server's former environment variables and the key that replaces each.
 RETIRED_VARIABLES: dict[str, str] = {
@@ -205,6 +207,21 @@ class ApprovalsConfig(Section):
     broker: BrokerLinkSettings | None = None
     oncall_escalation: OnCallEscalationSettings | None = None
     otel: OtelSettings | None = None
+    #: Where the modes of methods are read for requests engineers make themselves (the same
+    #: section as the gateway's, reflection_cache/settings.py). Unset: only requests the
+    #: gateway opened can be completed.
+    reflection: ReflectionSettings | None = None
+    #: Mode of a method with neither a method option nor a service default (as the gateway's).
+    default_mode: Mode = Mode.BREAK_GLASS_ONLY
+
+    @field_validator("default_mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = Mode.parse(v)
+        if v == Mode.UNSPECIFIED:
+            raise ValueError("the default mode cannot be UNSPECIFIED")
+        return v
 
     @field_validator("dev_login", mode="before")
     @classmethod

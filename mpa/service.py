@@ -25,6 +25,7 @@ from policy import (
     RequestState,
     Target,
 )
+from policy.mode_facts import MODE_FACTS
 from policy.store import Store
 
 from .config import RequestPolicy
@@ -32,23 +33,11 @@ from .config import RequestPolicy
 #: Resolves the mode of ``service``/``method`` (reflection in production). Raises on failure.
 ModeLookup = Callable[[str, str], Awaitable[Mode]]
 
-#: Why each mode needs approval, in words for the page and CLI.
-MODE_EXPLANATIONS = {
-    Mode.ENGINEERS_WITH_APPROVAL:
-        "ENGINEERS_WITH_APPROVAL: any engineer may call it once another engineer approves.",
-    Mode.CONTRIBUTORS_WITH_APPROVAL:
-        "CONTRIBUTORS_WITH_APPROVAL: contributors of the service may call it once another "
-        "contributor of the service approves.",
-    Mode.BREAK_GLASS_ONLY:
-        "BREAK_GLASS_ONLY: only security on-call may call it, with an incident reference, once "
-        "another security on-call engineer approves.",
-}
+#: Why each mode needs approval, in words for the page and CLI (policy's mode table).
+MODE_EXPLANATIONS = {m: f.explanation for m, f in MODE_FACTS.items() if f.needs_approval}
 
-APPROVER_WORDS = {
-    Mode.ENGINEERS_WITH_APPROVAL: "an engineer other than the requester",
-    Mode.CONTRIBUTORS_WITH_APPROVAL: "a contributor of {service} other than the requester",
-    Mode.BREAK_GLASS_ONLY: "a security on-call engineer other than the requester",
-}
+#: Who may approve under each mode (may name ``{service}``), from policy's mode table.
+APPROVER_WORDS = {m: f.approver_rule for m, f in MODE_FACTS.items() if f.needs_approval}
 
 
 class AwaitingReason(PolicyError):
