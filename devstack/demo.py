@@ -234,6 +234,7 @@ def _start_approvals(store_url: str, issuer: Any, jwks_url: str, port: int,
                      reflection: dict[str, str]) -> Any:
     """The approvals service (page + API) the request links point at, with dev sign-in."""
     from devstack.demo_approvals import start_demo_approvals
+    from mpa.body_types import reflected_bodies
     from mpa.service import lazy_modes
     from policy import Mode
     from reflection_cache.cache import ReflectionCache
@@ -241,7 +242,9 @@ def _start_approvals(store_url: str, issuer: Any, jwks_url: str, port: int,
 
     modes = lazy_modes(lambda: ReflectionCache(EndpointResolver(static=reflection)),
                        Mode.BREAK_GLASS_ONLY)
-    return start_demo_approvals(store_url, issuer, jwks_url, port=port, mode_lookup=modes)
+    bodies = reflected_bodies(lambda: ReflectionCache(EndpointResolver(static=reflection)))
+    return start_demo_approvals(store_url, issuer, jwks_url, port=port, mode_lookup=modes,
+                                body_encoder=bodies)
 
 
 # --- where `mpactl demo call` finds the running demo ---------------------------------------------

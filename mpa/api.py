@@ -36,6 +36,7 @@ from policy import (
 from policy.store import Store
 
 from .auth import AuthError, Principal, TokenVerifier
+from .body_types import BodyEncoder, body_digest
 from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .metrics import ApprovalsMetrics
@@ -87,10 +88,12 @@ def status_of(e: Exception) -> int:
 
 def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup | None = None,
                verifier: TokenVerifier | None = None, dev_issuer: Any = None,
-               clock: Callable = utcnow, broker: BrokerLink | None = None) -> FastAPI:
+               clock: Callable = utcnow, broker: BrokerLink | None = None,
+               body_encoder: BodyEncoder | None = None) -> FastAPI:
     """The approvals app: JSON API, approval page and inbox, dev login (when enabled).
 
     With ``broker``, the inbox also lists credential (broker) requests and serves their pages.
+    With ``body_encoder`` (reflection), ``createRequest`` takes ``body_json``.
     """
     app = FastAPI(
         title="rpcauthz approvals", version="1.0.0",
@@ -196,6 +199,11 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
+        if body.body_json is not None:
+            if body.body_sha256 is not None:
+                raise InvalidRequest("give body_json or body_sha256, not both")
+            msg = await _encode_body(body_encoder, body.service, body.method, body.body_json)
+            body = body.model_copy(update={"body_sha256": body_digest(msg), "body_json": None})
         waiting = await asyncio.to_thread(service.open_gateway_request, me.id, target,
                                           body.body_sha256)
         if waiting is not None:
@@ -273,6 +281,25 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     from .page import add_page_routes
     add_page_routes(app)
     return app
+
+
+async def _encode_body(encoder: BodyEncoder | None, svc: str, method: str,
+                       body: dict[str, Any]) -> Any:
+    """The request message for ``body`` via reflection; failures never bind a guess."""
+    if encoder is None:
+        raise InvalidRequest("this approvals server cannot read request bodies: it has no "
+                             "reflection configuration; give body_sha256 instead")
+    try:
+        return await encoder(svc, method, body)
+    except (PolicyError, StoreError):
+        raise
+    except Exception as e:
+        code = getattr(e, "code", "")
+        if code in ("unknown_service", "unknown_method"):
+            raise InvalidRequest(f"/{svc}/{method}: {e}") from None
+        log.warning("body type lookup for /%s/%s failed: %s", svc, method, e)
+        raise ModeUnavailable(f"could not learn the input type of /{svc}/{method} from the "
+                              "service (reflection unavailable); try again") from None
 
 
 async def _resolve_mode(service: ApprovalService, svc: str, method: str) -> policy.Mode:

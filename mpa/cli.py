@@ -280,6 +280,8 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
                 body_file: pathlib.Path | None = typer.Option(None, "--body-file",
                     help="bind the approval to this exact serialized request body"),
                 body_sha256: str | None = typer.Option(None, "--body-sha256", help="...or to this body digest"),
+                body_json: str | None = typer.Option(None, "--body",
+                    help="...or to this request message, as JSON (the server encodes it with the method's input type)"),
                 duration: str | None = typer.Option(None, "--duration", help="how long the approval lasts, e.g. 30m"),
                 max_uses: int | None = typer.Option(None, "--max-uses", min=1, help="how many calls it allows"),
                 server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
@@ -287,8 +289,16 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
     m = re.fullmatch(r"/?([A-Za-z_][\w.]*)/(\w+)", rpc.strip())
     if not m:
         fail(EXIT_USAGE, f"{rpc!r} is not /pkg.Service/Method")
-    if body_file and body_sha256:
-        fail(EXIT_USAGE, "give --body-file or --body-sha256, not both")
+    if sum(x is not None for x in (body_file, body_sha256, body_json)) > 1:
+        fail(EXIT_USAGE, "give one of --body, --body-file or --body-sha256")
+    parsed_body: Any = None
+    if body_json is not None:
+        try:
+            parsed_body = json.loads(body_json)
+        except ValueError as e:
+            fail(EXIT_USAGE, f"--body is not JSON: {e}")
+        if not isinstance(parsed_body, dict):
+            fail(EXIT_USAGE, "--body must be a JSON object (the request message's fields)")
     if body_file:
         body_sha256 = hashlib.sha256(body_file.read_bytes()).hexdigest()
     body: dict[str, Any] = {"service": m.group(1), "method": m.group(2), "reason": reason}
@@ -296,6 +306,8 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
         body["incident"] = incident
     if body_sha256:
         body["body_sha256"] = body_sha256
+    if parsed_body is not None:
+        body["body_json"] = parsed_body
     if duration:
         body["duration_seconds"] = _seconds(duration)
     if max_uses:

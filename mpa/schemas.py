@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +28,10 @@ class CreateRequestIn(BaseModel):
                                  description="incident reference (required for BREAK_GLASS_ONLY)")
     body_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                     description="bind the approval to this exact request body")
+    body_json: dict[str, Any] | None = Field(
+        default=None, description="bind the approval to this exact request message, given as "
+                                  "JSON (proto3 JSON mapping); the server encodes it with the "
+                                  "method's input type from reflection (not with body_sha256)")
     duration_seconds: int | None = Field(default=None, ge=1,
                                          description="how long the approval lasts once granted")
     max_uses: int | None = Field(default=None, ge=1, description="how many calls it allows")

@@ -22,6 +22,7 @@ from rpcauthz.slack_outbox import SlackDelivery, SlackSpool
 from .api import create_app
 from .audit import AuditExporter, AuditShipper, JsonLinesExporter
 from .auth import TokenVerifier
+from .body_types import BodyEncoder
 from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .dev_tokens import JWKS_PATH, DevTokens
@@ -95,7 +96,8 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                            slack_backoff: tuple[float, float] = (1.0, 300.0),
                            slack_timeout: float = 5.0, audit_interval: float = 1.0,
                            audit_cursor_path: str | None = None,
-                           broker: BrokerLink | None = None) -> ApprovalsServer:
+                           broker: BrokerLink | None = None,
+                           body_encoder: BodyEncoder | None = None) -> ApprovalsServer:
     """Start the approvals server in this process and return once it accepts connections.
 
     ``store`` defaults to ``open_store(config.store_url)``. ``mode_lookup`` tells the mode of
@@ -147,7 +149,7 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                 store.close()
             raise ValueError(f"broker.certificate: {e}") from None
     app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer,
-                     verifier=verifier, broker=broker)
+                     verifier=verifier, broker=broker, body_encoder=body_encoder)
 
     all_exporters: list[AuditExporter] = [*exporters, app.state.metrics]
     if config.audit_jsonl_path:
