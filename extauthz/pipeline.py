@@ -263,7 +263,7 @@ class Authorizer:
                     request_id=uuid.uuid4().hex, requester=who.principal, target=target, mode=mode,
                     grants=grants, now=self.clock(), pending_ttl=timedelta(seconds=cfg.pending_ttl_s),
                     approval_ttl=timedelta(seconds=cfg.approval_ttl_s), origin="gateway",
-                    body_sha256=digest if cfg.bind_to_body else None, max_uses=cfg.max_uses)
+                    body_sha256=digest if cfg.binds_body(mode) else None, max_uses=cfg.max_uses)
             except PolicyError as e:  # decide() said they may ask; be safe anyway
                 return p.verdict(Kind.DENY, Rule.APPROVAL_CANNOT_OPEN, {"detail": str(e)})
             request, _created = await self._io("get_or_create_pending",
