@@ -36,7 +36,7 @@ from policy import (
 from policy.store import Store
 
 from .auth import AuthError, Principal, TokenVerifier
-from .body_types import BodyEncoder, body_digest
+from .body_types import BodyEncoder, body_digest, body_view
 from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .metrics import ApprovalsMetrics
@@ -114,7 +114,9 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     app.state.link = link
 
     def out(r: policy.ApprovalRequest, viewer: str) -> RequestOut:
-        return RequestOut.build(r, link(r.id), service.permissions(r, viewer), service.eligible(r))
+        view = store.get_body_view(r.id) if r.body_sha256 else None
+        return RequestOut.build(r, link(r.id), service.permissions(r, viewer), service.eligible(r),
+                                view)
 
     # --- errors -------------------------------------------------------------------------------
     @app.exception_handler(AuthError)
@@ -199,10 +201,12 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
+        view = None
         if body.body_json is not None:
             if body.body_sha256 is not None:
                 raise InvalidRequest("give body_json or body_sha256, not both")
             msg = await _encode_body(body_encoder, body.service, body.method, body.body_json)
+            view = body_view(msg)
             body = body.model_copy(update={"body_sha256": body_digest(msg), "body_json": None})
         waiting = await asyncio.to_thread(service.open_gateway_request, me.id, target,
                                           body.body_sha256)
@@ -212,12 +216,16 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
             done = await asyncio.to_thread(
                 service.complete, waiting.id, me.id, reason=body.reason, incident=body.incident,
                 approval_ttl=duration, max_uses=body.max_uses, body_sha256=body.body_sha256)
+            if view is not None and done.body_sha256 == body.body_sha256:
+                await asyncio.to_thread(store.put_body_view, done.id, view)
             result = await asyncio.to_thread(out, done, me.id)
             return JSONResponse(result.model_dump(mode="json"), status_code=200)
         mode = await _resolve_mode(service, body.service, body.method)
         r, created = await asyncio.to_thread(
             service.create, me.id, target, mode, reason=body.reason, incident=body.incident,
             body_sha256=body.body_sha256, duration=duration, max_uses=body.max_uses)
+        if view is not None and r.body_sha256 == body.body_sha256:
+            await asyncio.to_thread(store.put_body_view, r.id, view)
         result = await asyncio.to_thread(out, r, me.id)
         return JSONResponse(result.model_dump(mode="json"), status_code=201 if created else 200)
 

@@ -149,6 +149,8 @@ def print_request(r: dict[str, Any]) -> None:
     if r.get("incident"):
         rows.append(("incident", r["incident"]))
     rows.append(("scope", f"exact body sha256 {r['body_sha256']}" if r["body_sha256"] else "any call to this method"))
+    if r.get("body_view"):
+        rows.append(("the call", r["body_view"]))
     rows.append(("limits", limits_words(r)))
     rows.append(("created", _short(r["created_at"])))
     if r["state"] == "pending":

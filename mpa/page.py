@@ -121,8 +121,9 @@ def add_page_routes(app: FastAPI) -> None:
                           csrf_token=csrf_for(token),
                           message="The approvals store is unavailable right now; try again.")
         eligible = await asyncio.to_thread(service.eligible, r)
+        view = await asyncio.to_thread(service.store.get_body_view, r.id) if r.body_sha256 else None
         return render("request.html", status, r=r, perms=perms, viewer=viewer,
-                      eligible=eligible, routing_note=routing_note(r, eligible),
+                      eligible=eligible, routing_note=routing_note(r, eligible), body_view=view,
                       csrf_token=csrf_for(token), error=error, done=done,
                       path=f"/{r.service}/{r.method}", why_approval=MODE_EXPLANATIONS[r.mode],
                       approver_rule=approver_words(r), awaiting=awaiting_reason(r),

@@ -90,6 +90,9 @@ class RequestOut(BaseModel):
     reason: str
     incident: str | None
     body_sha256: str | None
+    body_view: str | None = Field(description="the bound call's message type and body as JSON, "
+                                               "fields marked debug_redact masked, size-capped "
+                                               "(null when unbound or not known)")
     created_at: datetime
     expires_at: datetime
     approval_ttl_seconds: int
@@ -105,14 +108,14 @@ class RequestOut(BaseModel):
 
     @classmethod
     def build(cls, r: ApprovalRequest, url: str, perms: Permissions,
-              eligible: tuple[str, ...] = ()) -> RequestOut:
+              eligible: tuple[str, ...] = (), body_view: str | None = None) -> RequestOut:
         return cls(
             id=r.id, url=url, requester=r.requester, service=r.service, method=r.method,
             path=f"/{r.service}/{r.method}", mode=r.mode.name,
             why_approval=MODE_EXPLANATIONS[r.mode], approver_rule=approver_words(r),
             eligible_approvers=list(eligible), routing_note=routing_note(r, eligible),
             state=r.state.value, awaiting_reason=awaiting_reason(r), origin=r.origin,
-            reason=r.reason, incident=r.incident, body_sha256=r.body_sha256,
+            reason=r.reason, incident=r.incident, body_sha256=r.body_sha256, body_view=body_view,
             created_at=r.created_at, expires_at=r.expires_at,
             approval_ttl_seconds=int(r.approval_ttl.total_seconds()), valid_until=r.valid_until,
             required_approvals=r.required_approvals,

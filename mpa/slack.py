@@ -114,6 +114,7 @@ class SlackNotifier:
             fields.append({"type": "mrkdwn", "text": f"*Incident*\n{escape_mrkdwn(r.incident)}"})
         if r.body_sha256:
             fields.append({"type": "mrkdwn", "text": f"*Scope*\nbody sha256 `{r.body_sha256[:16]}…`"})
+        view = self.store.get_body_view(r.id) if r.body_sha256 else None
         eligible = eligible_approvers(r, GrantSet(self.store.list_grants()), utcnow())
         if eligible:
             names = ", ".join(self._who(p) for p in eligible[:MAX_MENTIONS])
@@ -135,6 +136,8 @@ class SlackNotifier:
                 {"type": "section", "fields": fields},
                 {"type": "section", "text": {"type": "mrkdwn", "text": f"*Reason*\n>{escape_mrkdwn(r.reason)}"}},
                 *([{"type": "section", "text": {"type": "mrkdwn", "text": reviewers}}] if reviewers else []),
+                *([{"type": "section", "text": {"type": "mrkdwn", "text":
+                    f"*The call*\n```{escape_mrkdwn(view[:2500])}```"}}] if view else []),
                 {"type": "actions", "elements": [{
                     "type": "button", "style": "primary", "url": link, "action_id": "open_request",
                     "text": {"type": "plain_text", "text": "Review request"}}]},

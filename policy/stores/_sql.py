@@ -234,6 +234,21 @@ class SqlStore(abc.ABC):
                     "required_approvals": request.required_approvals,
                     "max_uses": request.max_uses}))
 
+    def put_body_view(self, request_id: str, view: str) -> None:
+        """Keep the approver's view of a body-bound request's call (first one wins)."""
+        with self._tx(write=True) as cur:
+            if cur.execute("SELECT 1 FROM request_bodies WHERE request_id = %(id)s",
+                           {"id": request_id}).fetchone() is None:
+                cur.execute("INSERT INTO request_bodies (request_id, view) VALUES (%(id)s, %(v)s)",
+                            {"id": request_id, "v": view})
+
+    def get_body_view(self, request_id: str) -> str | None:
+        """The view ``put_body_view`` kept, or None."""
+        with self._tx(write=False) as cur:
+            row = cur.execute("SELECT view FROM request_bodies WHERE request_id = %(id)s",
+                              {"id": request_id}).fetchone()
+        return None if row is None else str(row["view"])
+
     def get_request(self, request_id: str) -> ApprovalRequest:
         """The request with this id; raises ``UnknownRequest`` if there is none."""
         with self._tx(write=False) as cur:
