@@ -6,7 +6,7 @@ import enum
 from collections.abc import Mapping
 
 from policy import Mode, Target
-from policy.rules import Rule, explain
+from policy.rules import Rule, explain, message
 
 
 class Kind(str, enum.Enum):
@@ -51,8 +51,8 @@ class Verdict:
     def mode_name(self) -> str:
         return self.mode.name if self.mode is not None else "-"
 
-    def explained(self) -> tuple[str, str]:
-        """``(message, advice)`` for this verdict."""
+    def facts_for_words(self) -> dict[str, object]:
+        """The verdict's own fields that wording may name, then its ``facts``."""
         facts: dict[str, object] = {"decision_id": self.decision_id}
         if self.principal is not None:
             facts["principal"] = self.principal
@@ -63,12 +63,18 @@ class Verdict:
         if self.request_id is not None:
             facts["request_id"] = self.request_id
         facts.update(self.facts)
-        return explain(self.rule, facts)
+        return facts
+
+    def explained(self) -> tuple[str, str]:
+        """``(message, advice)`` for this verdict."""
+        return explain(self.rule, self.facts_for_words())
 
     @property
     def message(self) -> str:
-        return self.explained()[0]
+        """What happened (for the caller and the audit event's reason)."""
+        return message(self.rule, self.facts_for_words())
 
     @property
     def advice(self) -> str:
+        """What the caller can do about it ("" when nothing)."""
         return self.explained()[1]

@@ -40,6 +40,7 @@ from .body_types import BodyEncoder, body_digest, body_view
 from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .metrics import ApprovalsMetrics
+from .receipts import ReceiptOut, ReceiptUnavailable, load_receipt_key, public_pem, sign_receipt
 from .schemas import (
     CommentIn,
     CompleteIn,
@@ -245,6 +246,9 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     def get_request(request_id: RequestId, me: Me) -> RequestOut:
         return out(service.get(request_id), me.id)
 
+    if config.receipt_key_path:  # the route exists only where receipts are signed
+        _add_receipt_route(app, service, load_receipt_key(config.receipt_key_path), Me)
+
     @app.post("/api/v1/requests/{request_id}/approve", response_model=RequestOut,
               operation_id="approveRequest", summary="Approve a request you may review",
               responses={k: _ERRORS[k] for k in (400, 401, 403, 404, 409, 422, 503)})
@@ -308,6 +312,20 @@ async def _encode_body(encoder: BodyEncoder | None, svc: str, method: str,
         log.warning("body type lookup for /%s/%s failed: %s", svc, method, e)
         raise ModeUnavailable(f"could not learn the input type of /{svc}/{method} from the "
                               "service (reflection unavailable); try again") from None
+
+
+def _add_receipt_route(app: FastAPI, service: ApprovalService, key: Any, Me: Any) -> None:  # noqa: N803
+    """``GET /api/v1/requests/{id}/receipt``: the signed receipt of an approved request (mpa.receipts)."""
+
+    @app.get("/api/v1/requests/{request_id}/receipt", response_model=ReceiptOut, operation_id="getReceipt",
+             summary="A signed receipt for an approved request (for parties that do not share the store)",
+             responses={k: _ERRORS[k] for k in (401, 404, 409, 422, 503)})
+    def receipt(request_id: RequestId, me: Me) -> Any:
+        try:
+            signed = sign_receipt(service.get(request_id), key)
+        except ReceiptUnavailable as e:
+            return error_response(409, "not_approved", str(e))
+        return ReceiptOut(receipt=signed, public_key=public_pem(key))
 
 
 async def _resolve_mode(service: ApprovalService, svc: str, method: str) -> policy.Mode:

@@ -207,6 +207,9 @@ class ApprovalsConfig(Section):
     broker: BrokerLinkSettings | None = None
     oncall_escalation: OnCallEscalationSettings | None = None
     otel: OtelSettings | None = None
+    #: Ed25519 private key (PEM PKCS#8) signing approval receipts (mpa.receipts); the enclave
+    #: broker pins its public half. Unset: no receipt route.
+    receipt_key_path: str | None = None
     #: Where the modes of methods are read for requests engineers make themselves (the same
     #: section as the gateway's, reflection_cache/settings.py). Unset: only requests the
     #: gateway opened can be completed.

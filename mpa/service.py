@@ -210,6 +210,9 @@ class ApprovalService:
 
     # --- changing -------------------------------------------------------------------------
     async def resolve_mode(self, service: str, method: str) -> Mode:
+        from enclave_bridge.trust import TRUST_METHOD, TRUST_MODE, TRUST_SERVICE
+        if (service, method) == (TRUST_SERVICE, TRUST_METHOD):
+            return TRUST_MODE  # a change of the broker's trusted measurement: fixed, not reflected
         if self.mode_lookup is None:
             raise InvalidRequest("this approvals server has no way to look up method modes")
         return await self.mode_lookup(service, method)

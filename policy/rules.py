@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .modes import Mode
 
 if TYPE_CHECKING:
-    from .model import Target
+    from .mode_facts import ModeFacts
 
 
 class Rule(enum.StrEnum):
@@ -170,26 +170,55 @@ def reflection_rule(code: str) -> Rule:
     return REFLECTION_RULES.get(code, Rule.REFLECTION_ERROR)
 
 
-def words(facts: Facts) -> dict[str, object]:
-    """The facts plus what templates derive from them: ``service`` from ``target``, the mode's
-    name, and the mode's words from ``policy.mode_facts``."""
-    from .mode_facts import MODE_FACTS
+class _Words(dict[str, object]):
+    """The facts as templates see them: ``mode`` as its name, and what templates derive from
+    the facts (``service`` from ``target``; the mode's words from ``policy.mode_facts``)
+    computed only when a template asks for it."""
 
-    out = dict(facts)
-    target: Target | None = facts.get("target")  # type: ignore[assignment]
-    if target is not None and "service" not in out:
-        out["service"] = target.service
-    mode = facts.get("mode")
+    def __missing__(self, key: str) -> object:
+        if key == "service":
+            target = self.get("target")
+            if target is None:
+                raise KeyError(key)
+            return target.service  # type: ignore[attr-defined]
+        mode = self.get("_mode")
+        if not isinstance(mode, Mode):
+            raise KeyError(key)
+        facts = _mode_facts().get(mode)
+        if facts is None:
+            raise KeyError(key)
+        if key == "role_words":
+            return facts.role_words
+        if key == "needs":
+            return facts.needs
+        if key == "incident_words":
+            return " and incident reference" if facts.incident_required else ""
+        if key == "approver_advice":
+            service = self["service"] if "target" in self or "service" in self else "the service"
+            return facts.approver_advice.format(service=service)
+        raise KeyError(key)
+
+
+def words(facts: Facts) -> dict[str, object]:
+    """The facts plus what templates derive from them (see ``_Words``)."""
+    out = _Words(facts)
+    mode = out.get("mode")
     if isinstance(mode, Mode):
+        out["_mode"] = mode
         out["mode"] = mode.name
-        mf = MODE_FACTS.get(mode)
-        if mf is not None:
-            service = out.get("service", "the service")
-            out["role_words"] = mf.role_words
-            out["needs"] = mf.needs
-            out["approver_advice"] = mf.approver_advice.format(service=service)
-            out["incident_words"] = " and incident reference" if mf.incident_required else ""
     return out
+
+
+_MODE_FACTS: Mapping[Mode, ModeFacts] | None = None
+
+
+def _mode_facts() -> Mapping[Mode, ModeFacts]:
+    """``policy.mode_facts.MODE_FACTS`` (imported on first use: that module imports this one)."""
+    global _MODE_FACTS
+    if _MODE_FACTS is None:
+        from .mode_facts import MODE_FACTS
+        _MODE_FACTS = MODE_FACTS
+    return _MODE_FACTS
 
 
 def _fill(text: _Text, w: Mapping[str, object]) -> str:

@@ -94,3 +94,20 @@ def test_yaml_example_loads_against_its_schema(tmp_path, where, first, text):
     loader = next((f for mark, f in LOADERS.items() if first.startswith(mark)), None)
     assert loader is not None, f"{where}: start the block with one of {sorted(LOADERS)}"
     assert loader(tmp_path, text) is not None
+
+
+@pytest.mark.parametrize("mark, model", [
+    ("# rpcauthz: extauthz", "extauthz.config:Settings"),
+    ("# rpcauthz: approvals", "mpa.config:ApprovalsConfig"),
+    ("# rpcauthz: broker", "enclave_bridge.broker.config:BrokerFile"),
+])
+def test_every_top_level_key_is_documented(mark, model):
+    """The docs' examples of a server together show each of its top-level keys."""
+    import importlib
+    module, _, name = model.partition(":")
+    fields = set(getattr(importlib.import_module(module), name).model_fields)
+    shown: set[str] = set()
+    for _, first, text in blocks():
+        if first.startswith(mark):
+            shown |= set(yaml.safe_load(text))
+    assert sorted(fields - shown) == []

@@ -252,6 +252,10 @@ def start_broker(config: BrokerConfig, seeds: SeedBundle, *, state_path: str | P
     ``attester`` (the NSM), ``<cert_out>.att`` receives an attestation document binding it.
     """
     records = SealedRecords(SqliteHostStorage(state_path), seeds.state_key)
+    for sink in audit:  # a chained audit log keeps its head in the sealed state (see audit_chain)
+        bind = getattr(sink, "bind_sealed_head", None)
+        if bind is not None:
+            bind(records)
     oidc = OidcIssuer(config.oidc_issuer, seeds.signing_key()) if config.clusters else None
     kwargs = {"clock": clock} if clock else {}
     service = BrokerService(config, records, audit=audit, sts=StsMinter(sts_client) if sts_client else None,
