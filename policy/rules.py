@@ -99,7 +99,10 @@ _NOBODY = ("Nobody can approve this request now: no {approver_role} other than y
 def _open_the_link(f: Mapping[str, object]) -> str:
     """What to do next; when nobody could approve (fact ``nobody_can_approve``), say so now."""
     if f.get("nobody_can_approve"):
-        role = str(f.get("approver_advice", "approver")).removeprefix("another ")
+        try:  # derived lazily by words(): index, do not .get()
+            role = str(f["approver_advice"]).removeprefix("another ")
+        except KeyError:
+            role = "approver"
         return _NOBODY.format_map({**f, "approver_role": role})
     return _OPEN_THE_LINK.format_map(f)
 
