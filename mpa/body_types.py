@@ -46,7 +46,7 @@ def _redact(msg: Message, data: Any) -> Any:
         if field.GetOptions().debug_redact:
             data[key] = REDACTED
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            if field.label == field.LABEL_REPEATED:
+            if field.is_repeated:
                 data[key] = [_redact(m, d) for m, d in zip(value, data[key], strict=False)]
             else:
                 data[key] = _redact(value, data[key])

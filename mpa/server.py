@@ -170,9 +170,10 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
         esc = config.oncall_escalation
         esc_spool = SlackSpool(esc.spool_path or "mpa-oncall-spool.db")
         all_exporters.append(OnCallEscalation(store, esc_spool, app.state.link))
-        closers += [SlackDelivery(esc_spool, esc.url, timeout=slack_timeout,
-                                  base_backoff=slack_backoff[0], max_backoff=slack_backoff[1],
-                                  prepare=with_routing_key(esc.routing_key)).start(), esc_spool]
+        paging = SlackDelivery(esc_spool, esc.url, timeout=slack_timeout,
+                               base_backoff=slack_backoff[0], max_backoff=slack_backoff[1])
+        paging.prepare = with_routing_key(esc.routing_key)  # never spooled
+        closers += [paging.start(), esc_spool]
     cursor = audit_cursor_path or (config.audit_jsonl_path + ".cursor" if config.audit_jsonl_path else None)
     shipper = AuditShipper(store, all_exporters, cursor_path=cursor).start(audit_interval)
 

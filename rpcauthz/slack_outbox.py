@@ -99,10 +99,9 @@ class SlackDelivery:
     """Posts spooled messages to the webhook in a background thread, with backoff."""
 
     def __init__(self, spool: SlackSpool, webhook_url: str, *, timeout: float = 5.0,
-                 base_backoff: float = 1.0, max_backoff: float = 300.0, poll: float = 0.5,
-                 prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
-        """``prepare`` adds what must not be spooled (e.g. a routing key) just before posting;
-        any JSON webhook that answers 2xx works (Slack, PagerDuty Events v2)."""
+                 base_backoff: float = 1.0, max_backoff: float = 300.0, poll: float = 0.5) -> None:
+        """Any JSON webhook that answers 2xx works (Slack, PagerDuty Events v2); set
+        ``prepare`` to add what must not be spooled (e.g. a routing key) just before posting."""
         if not webhook_url.startswith(("https://", "http://")):
             raise ValueError("the Slack webhook URL must be an http(s) URL")
         self.spool = spool
@@ -111,7 +110,7 @@ class SlackDelivery:
         self.base_backoff = base_backoff
         self.max_backoff = max_backoff
         self.poll = poll
-        self._prepare = prepare
+        self.prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -142,8 +141,8 @@ class SlackDelivery:
         return sent
 
     def _post(self, payload: dict[str, Any]) -> tuple[bool, str, float | None]:
-        if self._prepare is not None:
-            payload = self._prepare(payload)
+        if self.prepare is not None:
+            payload = self.prepare(payload)
         req = urllib.request.Request(self._url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         try:

@@ -93,3 +93,4 @@ def test_escalation_config_requires_a_routing_key(tmp_path):
     with pytest.raises(Exception, match="routing_key"):
         ApprovalsConfig(store_url="sqlite:///x.db", issuer="i", jwks_url="http://j",
                         oncall_escalation={"url": "https://events.pagerduty.com/v2/enqueue"})
+
