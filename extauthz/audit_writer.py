@@ -95,6 +95,9 @@ class AuditWriter:
             self._metrics.audit_dropped.labels("queue_full").inc()
             log.error("audit queue full: dropped %s", _describe(event))
 
+    async def acknowledged(self) -> None:
+        """Nothing to wait for: without a spool first, events wait in memory (see SpooledAuditWriter)."""
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:

@@ -159,13 +159,34 @@ class Audit(Section):
     #: gateway writes one store transaction (one fsync) per window rather than per event.
     #: 0 writes at once. Events wait in memory either way; a drain flushes them.
     batch_window_ms: int = Field(50, ge=0, le=5000)
-    #: A local SQLite file for events the store refused (away, too slow): fsync'd, replayed
-    #: once the store answers, exactly once. null: such events are dropped (and counted).
-    spool_path: str | None = None
+    #: The local SQLite spool every decision event goes through (fsync'd before the check
+    #: is answered, then shipped to the store exactly once): survives kill -9 and store
+    #: outages. A relative path is taken in the state directory (``state_dir()``). null
+    #: turns it off (loudly logged): events then wait in memory and are lost with the process
+    #: or dropped when the store is away.
+    spool_path: str | None = "audit-spool.db"
     #: The spool's bound; past it events are dropped (rpcauthz_audit_dropped_total{why="spool_full"}).
     spool_max_events: int = Field(1_000_000, ge=1)
     #: How often the spool is replayed while it holds events.
     replay_interval_s: float = Field(1.0, gt=0, le=60)
+
+
+STATE_DIR_ENV = "RPCAUTHZ_STATE_DIR"
+
+
+def state_dir() -> str:
+    """Where relative state files (the audit spool) live: ``$RPCAUTHZ_STATE_DIR``, else
+    systemd's ``$STATE_DIRECTORY`` (its first entry; set by ``StateDirectory=``), else the
+    working directory."""
+    chosen = os.environ.get(STATE_DIR_ENV) or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return chosen or os.getcwd()
+
+
+def spool_file(audit: Audit) -> str | None:
+    """The audit spool's file for ``audit`` (None: turned off)."""
+    if audit.spool_path is None:
+        return None
+    return os.path.join(state_dir(), os.path.expanduser(audit.spool_path))
 
 
 class Health(Section):

@@ -52,6 +52,7 @@ from .config import Settings
 from .dry_run import SHADOW_RULES, dry_run_requested, shadow_label
 from .identity import Identity, IdentityError, identify
 from .metrics import Metrics
+from .spooled_audit import SpooledAuditWriter
 from .target import BadPath, parse_path
 from .verdict import Kind, Verdict
 
@@ -106,7 +107,7 @@ class Authorizer:
     """Turns a ``CheckRequest`` into a ``CheckResponse``; shared by every connection."""
 
     def __init__(self, settings: Settings, *, store: Store, grants: GrantSource, modes: ModeSource,
-                 audit: AuditWriter, metrics: Metrics, executor: Executor | None = None,
+                 audit: AuditWriter | SpooledAuditWriter, metrics: Metrics, executor: Executor | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.settings = settings
         self.store = store
@@ -141,7 +142,11 @@ class Authorizer:
             except Exception:  # a bug must never become an allow
                 log.exception("decision %s failed unexpectedly", decision_id)
                 verdict = p.verdict(Kind.ERROR, Rule.INTERNAL_ERROR)
-            return self._conclude(verdict, req, started)
+            response = self._conclude(verdict, req, started)
+            # With the spool (on by default) the answer waits until this check's audit is
+            # on local disk (group commit): a kill -9 after the answer loses nothing.
+            await self.audit.acknowledged()
+            return response
         finally:
             self.metrics.in_flight.dec()
 

@@ -27,11 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .audit_spool import AuditSpool
 from .audit_writer import AuditWriter
-from .config import Settings
+from .config import Settings, spool_file
 from .listeners import PeerCheck, add_listeners
 from .metrics import Metrics
 from .pipeline import Authorizer
 from .readiness import Readiness
+from .spooled_audit import SpooledAuditWriter
 
 if TYPE_CHECKING:
     from policy.grant_cache import GrantCache
@@ -143,12 +144,22 @@ async def serve(settings: Settings, *, components: Components | None = None,
         metrics.watch_stats(name, fn)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="extauthz-store")
     spool = None
-    if settings.audit.spool_path is not None:
-        spool = AuditSpool(settings.audit.spool_path, settings.audit.spool_max_events)
+    spool_at = spool_file(settings.audit)
+    audit: AuditWriter | SpooledAuditWriter
+    if spool_at is not None:
+        spool = AuditSpool(spool_at, settings.audit.spool_max_events)
         metrics.watch_stats("audit_spool", spool.stats)
-    audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor,
-                        batch_window=settings.audit.batch_window_ms / 1000.0, spool=spool,
-                        replay_interval=settings.audit.replay_interval_s)
+        log.info("audit spool: %s (events are on disk before their check is answered)", spool_at)
+        audit = SpooledAuditWriter(components.store, metrics, spool, settings.audit.queue_size, executor,
+                                   batch_window=settings.audit.batch_window_ms / 1000.0,
+                                   replay_interval=settings.audit.replay_interval_s,
+                                   ack_timeout=settings.decision_deadline_ms / 1000.0)
+    else:
+        log.warning("AUDIT SPOOL OFF (audit.spool_path: null): decision events wait in memory; a kill -9 "
+                    "loses the last batch window and a store outage drops events. Never run this in production.")
+        audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor,
+                            batch_window=settings.audit.batch_window_ms / 1000.0,
+                            replay_interval=settings.audit.replay_interval_s)
     audit.start()
     authorizer = Authorizer(settings, store=components.store, grants=components.grants,
                             modes=components.modes, audit=audit, metrics=metrics, executor=executor)

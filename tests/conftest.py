@@ -14,6 +14,13 @@ PG_ENV = "RPCAUTHZ_TEST_PG_DSN"
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path_factory, monkeypatch) -> None:
+    """Each test's servers keep their state (the audit spool, on by default) in a directory
+    of their own, never in the checkout shared with other tests."""
+    monkeypatch.setenv("RPCAUTHZ_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def port() -> int:
     return free_port()

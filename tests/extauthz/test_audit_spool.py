@@ -122,3 +122,91 @@ def test_store_ignores_an_audit_event_it_already_holds(backend, tmp_path, reques
         assert len(ids) == 4 and len(set(ids)) == 4
     finally:
         store.close()
+
+
+def test_the_spool_is_on_by_default_in_the_state_directory(tmp_path, monkeypatch):
+    from extauthz.config import load_settings, spool_file
+
+    monkeypatch.setenv("RPCAUTHZ_STATE_DIR", str(tmp_path))
+    settings = load_settings(env={}, overrides={"store_url": "memory:"})
+    assert spool_file(settings.audit) == str(tmp_path / "audit-spool.db")
+    monkeypatch.delenv("RPCAUTHZ_STATE_DIR")
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path / 'sd'}:/elsewhere")  # systemd's StateDirectory=
+    assert spool_file(settings.audit) == str(tmp_path / "sd" / "audit-spool.db")
+    assert spool_file(settings.audit.model_copy(update={"spool_path": "/abs/s.db"})) == "/abs/s.db"
+    off = load_settings(env={}, overrides={"store_url": "memory:", "audit.spool_path": None})
+    assert spool_file(off.audit) is None
+
+
+async def test_server_without_spool_config_spools_before_answering_and_warns_when_off(tmp_path, monkeypatch,
+                                                                                     caplog):
+    """A server started with no audit options keeps its events in the state directory's spool."""
+    import sqlite3
+
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2_grpc
+
+    from devstack.processes import free_port
+    from extauthz.config import load_settings
+    from extauthz.server import Components, serve
+    from policy import Grant, GrantSet, Mode, Role
+    from reflection_cache.types import ServiceModes
+    from tests.extauthz.test_server import ACCOUNTS, check_request
+    from tests.support.extauthz_doubles import FixedGrants, StaticModes
+
+    monkeypatch.setenv("RPCAUTHZ_STATE_DIR", str(tmp_path))
+    for overrides in ({}, {"audit.spool_path": None}):
+        port = free_port()
+        settings = load_settings(env={}, overrides={"store_url": "memory:", "listen.port": port,
+                                                    "metrics.port": None, "drain_notice_s": 0,
+                                                    "audit.batch_window_ms": 5000, **overrides})
+        modes = StaticModes({ACCOUNTS: ServiceModes(ACCOUNTS, {"ListAccounts": Mode.ENGINEERS_WITHOUT_APPROVAL})})
+        comps = Components(open_store("sqlite:///:memory:"), FixedGrants(GrantSet([Grant("alice", Role.ENGINEER)])),
+                           modes)
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        server = asyncio.create_task(serve(settings, components=comps, stop=stop, install_signal_handlers=False,
+                                           on_ready=lambda _p, r=ready: r.set()))
+        await asyncio.wait_for(ready.wait(), 20)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            resp = await external_auth_pb2_grpc.AuthorizationStub(ch).Check(check_request(), timeout=5)
+        assert resp.status.code == 0
+        spool = tmp_path / "audit-spool.db"
+        if not overrides:
+            # Answered, and (5 s window: not yet shipped) already on disk in the default spool.
+            with sqlite3.connect(spool) as db:
+                assert db.execute("SELECT COUNT(*) FROM audit_spool").fetchone()[0] == 1
+        else:
+            assert "AUDIT SPOOL OFF" in caplog.text
+        stop.set()
+        await server
+    # Both events reached the store at the drains; the spool is empty again.
+    with sqlite3.connect(tmp_path / "audit-spool.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM audit_spool").fetchone()[0] == 0
+
+
+async def test_spool_first_writer_keeps_events_through_an_outage_and_ships_each_once(tmp_path):
+    from extauthz.spooled_audit import SpooledAuditWriter
+
+    store = FlakyStore(open_store(f"sqlite:///{tmp_path / 'store.db'}"))
+    spool = AuditSpool(str(tmp_path / "spool.db"), max_events=1000)
+    writer = SpooledAuditWriter(store, Metrics(), spool, 1000, batch_window=0.01, replay_interval=0.1)
+    writer.start()
+    try:
+        store.down = True
+        sent = _events(60)
+        for e in sent:
+            writer.submit(e)
+        await writer.acknowledged()
+        assert spool.stats()["depth"] == 60  # durable before acknowledged returns
+        await asyncio.sleep(0.3)
+        assert store.list_audit() == [] and spool.stats()["depth"] == 60
+        store.down = False
+        for _ in range(100):
+            if spool.stats()["depth"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(e.id for e in store.list_audit()) == sorted(e.id for e in sent)
+    finally:
+        await writer.close()
+        spool.close()

@@ -1,0 +1,188 @@
+"""Decision audit events made durable before the check is answered (issue 9, finding 4).
+
+With a spool (``audit.spool_path``, on by default) the writer works spool first:
+
+1. ``submit`` puts the event in a small in-memory group; ``acknowledged`` (awaited by the
+   check before it answers) resolves once that group is in the local SQLite spool, one
+   fsync'd transaction for every event that arrived meanwhile (group commit: under load one
+   fsync serves many checks, alone it costs one fsync).
+2. A shipper writes the oldest spooled events to the store in batches (after
+   ``batch_window`` for company) and only then removes them from the spool. The store
+   ignores an event id it already holds, so a crash between its commit and the removal
+   writes nothing twice; events spooled before a kill -9 are shipped by the next start.
+
+So a kill -9 loses no event whose check was answered, and a store outage only makes the
+spool deeper (``rpcauthz_audit_spool_stat``). Writing still never changes a decision: a
+full group (``queue_size``) or a full spool drops and counts the event
+(``rpcauthz_audit_dropped_total``), and a spool slower than ``ack_timeout`` lets the check
+answer anyway (logged).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from policy.audit import AuditEvent
+from policy.store import Store
+
+from .audit_spool import AuditSpool
+from .metrics import Metrics
+
+log = logging.getLogger("extauthz.audit")
+
+#: Most events written to the store in one transaction.
+MAX_BATCH = 500
+
+#: Deferred events built between two GIL hand-backs (see audit_writer.BUILD_CHUNK).
+BUILD_CHUNK = 16
+
+_Queued = AuditEvent | Callable[[], AuditEvent]
+
+
+class SpooledAuditWriter:
+    """Spool first (fsync'd, group commit), then ship from the spool to the store."""
+
+    def __init__(self, store: Store, metrics: Metrics, spool: AuditSpool, queue_size: int,
+                 executor: Executor | None = None, batch_window: float = 0.0,
+                 replay_interval: float = 1.0, ack_timeout: float = 1.0) -> None:
+        if batch_window < 0:
+            raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window}")
+        self._store, self._metrics, self.spool = store, metrics, spool
+        self._queue_size = queue_size
+        self._executor = executor
+        self._window, self._replay_interval, self._ack_timeout = batch_window, replay_interval, ack_timeout
+        self._group: list[_Queued] = []
+        self._group_done: asyncio.Future[None] | None = None
+        self._wake_spooler = asyncio.Event()
+        self._wake_shipper = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._spooler(), name="audit-spooler"),
+                       asyncio.create_task(self._shipper(), name="audit-shipper")]
+
+    def submit(self, event: _Queued) -> None:
+        """Add ``event`` to the group being spooled; never blocks, never raises for a full group.
+
+        ``event`` may be a function that builds it (called in the spooler's thread)."""
+        if len(self._group) >= self._queue_size:
+            self._metrics.audit_dropped.labels("queue_full").inc()
+            log.error("audit queue full: dropped an event")
+            return
+        self._group.append(event)
+        if self._group_done is None:
+            self._group_done = asyncio.get_running_loop().create_future()
+        self._wake_spooler.set()
+
+    async def acknowledged(self) -> None:
+        """Wait (at most ``ack_timeout``) until every event submitted so far is in the spool."""
+        done = self._group_done
+        if done is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self._ack_timeout)
+        except TimeoutError:
+            log.error("audit spool slower than %.1fs: answering before the event is durable", self._ack_timeout)
+
+    async def _spooler(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake_spooler.wait()
+            self._wake_spooler.clear()
+            group, done = self._group, self._group_done
+            self._group, self._group_done = [], None
+            if not group:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self._put, group)
+            except Exception as e:
+                self._metrics.audit_dropped.labels("spool_failed").inc(len(group))
+                log.error("audit spool write failed: dropped %d event(s): %s", len(group), e)
+            finally:
+                if done is not None and not done.done():
+                    done.set_result(None)
+            self._wake_shipper.set()
+
+    def _put(self, group: list[_Queued]) -> None:
+        """In the executor: build the deferred events, then spool them in one transaction."""
+        events: list[AuditEvent] = []
+        for n, item in enumerate(group):
+            if isinstance(item, AuditEvent):
+                events.append(item)
+                continue
+            if n % BUILD_CHUNK == 0:
+                time.sleep(0)  # hand the GIL to a waiting check
+            try:
+                events.append(item())
+            except Exception:  # a bug building one event must not lose the others
+                self._metrics.audit_dropped.labels("build_failed").inc()
+                log.exception("could not build an audit event")
+        if events:
+            kept = self.spool.put(events)
+            if kept < len(events):
+                self._metrics.audit_dropped.labels("spool_full").inc(len(events) - kept)
+                log.error("audit spool full (%d events): dropped %d event(s)", self.spool.max_events,
+                          len(events) - kept)
+
+    async def _shipper(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake_shipper.wait(), self._replay_interval)
+                if self._window and not self._closing:
+                    await asyncio.sleep(self._window)  # let more events join this batch
+            except TimeoutError:
+                pass
+            self._wake_shipper.clear()
+            try:
+                await loop.run_in_executor(self._executor, self.replay_once)
+            except Exception as e:  # the store is away: the events wait in the spool
+                self._metrics.store_errors.labels("append_audit").inc()
+                log.warning("audit events wait in the local spool for the store: %s", e)
+
+    def replay_once(self) -> int:
+        """Ship everything spooled (blocking); returns how many events reached the store."""
+        done = 0
+        while True:
+            events = self.spool.oldest(MAX_BATCH)
+            if not events:
+                return done
+            write = getattr(self._store, "append_audits", None)
+            if write is not None:
+                write(events)  # the store ignores ids it already holds: shipping is idempotent
+            else:
+                for e in events:
+                    self._store.append_audit(e)
+            self.spool.remove([e.id for e in events])
+            done += len(events)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Spool what is pending, ship what the store takes within ``timeout``, then stop.
+
+        What the store does not take stays in the spool for the next start."""
+        if not self._tasks:
+            return
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        self._wake_spooler.set()
+        await self.acknowledged()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._executor, self.replay_once), timeout)
+        except Exception as e:
+            log.warning("audit writer stopped with %d event(s) in the spool (shipped at the next start): %s",
+                        int(self.spool.stats()["depth"]), e or type(e).__name__)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+
+
+__all__ = ["SpooledAuditWriter"]
