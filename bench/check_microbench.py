@@ -15,6 +15,7 @@ the median of the rounds is reported, so noise from other work on the machine hi
     python bench/check_microbench.py                       # 7 rounds of 3000 checks
     python bench/check_microbench.py --profile             # plus a cProfile of our path
     python bench/check_microbench.py --no-audit-allows     # audit.allows: false
+    python bench/check_microbench.py --audit-spool         # the server's default: spool first
 """
 from __future__ import annotations
 
@@ -98,11 +99,13 @@ async def time_handler(handler, raw: bytes, n: int, concurrency: int,
 
 async def run(args) -> int:
     from devstack.demo_services import start_demo_server
+    from extauthz.audit_spool import AuditSpool
     from extauthz.audit_writer import AuditWriter
     from extauthz.config import load_settings
     from extauthz.metrics import Metrics
     from extauthz.pipeline import Authorizer
     from extauthz.server import open_components
+    from extauthz.spooled_audit import SpooledAuditWriter
     from policy import Grant, Role
     from policy.stores import open_store
 
@@ -117,8 +120,22 @@ async def run(args) -> int:
         "reflection": {"endpoints": {"static": {ACCOUNTS: upstream.address}}}})
     components = await open_components(settings)
     metrics = Metrics()
-    audit = AuditWriter(components.store, metrics, settings.audit.queue_size,
-                        batch_window=settings.audit.batch_window_ms / 1000.0)
+    audit: AuditWriter | SpooledAuditWriter
+    if args.audit_spool:  # as the server runs by default: each check waits for its fsync'd group
+        spool = AuditSpool(str(workdir / "audit-spool.db"), settings.audit.spool_max_events)
+        audit = SpooledAuditWriter(components.store, metrics, spool, settings.audit.queue_size,
+                                   batch_window=settings.audit.batch_window_ms / 1000.0)
+
+        async def settle_audit() -> None:
+            await audit.acknowledged()
+            while spool.stats()["depth"]:
+                await asyncio.sleep(0.01)
+    else:
+        audit = AuditWriter(components.store, metrics, settings.audit.queue_size,
+                            batch_window=settings.audit.batch_window_ms / 1000.0)
+
+        async def settle_audit() -> None:
+            await audit._queue.join()
     audit.start()
     authorizer = Authorizer(settings, store=components.store, grants=components.grants,
                             modes=components.modes, audit=audit, metrics=metrics)
@@ -137,7 +154,7 @@ async def run(args) -> int:
             cpus: dict[str, list[float]] = {"noop": [], "rpcauthz": []}
             for _ in range(args.rounds):  # ABAB: noise hits both alike
                 for name, handler, settle in (("noop", noop, None),
-                                              ("rpcauthz", authorizer.check, audit._queue.join)):
+                                              ("rpcauthz", authorizer.check, settle_audit)):
                     wall, cpu = await time_handler(handler, raw, args.checks, c, settle)
                     walls[name].append(wall)
                     cpus[name].append(cpu)
@@ -156,7 +173,7 @@ async def run(args) -> int:
             import pstats
             prof = cProfile.Profile()
             prof.enable()
-            await time_handler(authorizer.check, raw, args.checks, 1, audit._queue.join)
+            await time_handler(authorizer.check, raw, args.checks, 1, settle_audit)
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return 0
@@ -173,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--no-audit-allows", action="store_true")
+    ap.add_argument("--audit-spool", action="store_true",
+                    help="spool first (the server's default): each check waits for its fsync'd group")
     ap.add_argument("--profile", action="store_true")
     return asyncio.run(run(ap.parse_args(argv)))
 

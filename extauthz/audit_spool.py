@@ -72,8 +72,15 @@ class AuditSpool:
         return [_from_json(r[0]) for r in rows]
 
     def remove(self, ids: Sequence[str]) -> None:
+        """Forget ``ids`` (written to the store): one transaction, one fsync."""
         with self._lock:
-            self._db.executemany("DELETE FROM audit_spool WHERE id = ?", [(i,) for i in ids])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM audit_spool WHERE id = ?", [(i,) for i in ids])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def _depth(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM audit_spool").fetchone()[0])
