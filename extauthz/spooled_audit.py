@@ -84,7 +84,8 @@ class SpooledAuditWriter:
         if done is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(done), self._ack_timeout)
+            async with asyncio.timeout(self._ack_timeout):
+                await asyncio.shield(done)
         except TimeoutError:
             log.error("audit spool slower than %.1fs: answering before the event is durable", self._ack_timeout)
 
@@ -132,7 +133,10 @@ class SpooledAuditWriter:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await asyncio.wait_for(self._wake_shipper.wait(), self._replay_interval)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                # that races with its timeout, and close() would then wait for ever.
+                async with asyncio.timeout(self._replay_interval):
+                    await self._wake_shipper.wait()
                 if self._window and not self._closing:
                     await asyncio.sleep(self._window)  # let more events join this batch
             except TimeoutError:
@@ -177,11 +181,9 @@ class SpooledAuditWriter:
                         int(self.spool.stats()["depth"]), e or type(e).__name__)
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+        _done, stuck = await asyncio.wait(self._tasks, timeout=2.0)
+        if stuck:
+            log.error("audit writer: %d task(s) did not stop; the spool keeps their events", len(stuck))
         self._tasks = []
 
 
