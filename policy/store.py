@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Protocol
 
 from .audit import AuditEvent
+from .grant_delta import GrantDelta
 from .model import ApprovalRequest, Grant, RequestState
 
 #: A pure transition from policy.decide (approve, reject, cancel, use, expire...).
@@ -48,8 +49,19 @@ class Store(Protocol):
     def replace_grants(self, source: str, grants: Iterable[Grant]) -> GrantDiff:
         """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``."""
 
+    def load_grants(self, pause: Callable[[], None] | None = None) -> tuple[int, list[Grant]]:
+        """(revision, every grant) from one consistent snapshot; ``pause`` runs between batches."""
+
+    def grant_changes_since(self, revision: int) -> GrantDelta | None:
+        """The changes from ``revision`` to now from the change log; ``None`` if the log no
+        longer reaches back to ``revision`` (reload everything then)."""
+
     def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
         """Call ``on_change(revision)`` soon after any grant changes, from any process."""
+
+    def watch_grant_deltas(self, on_delta: Callable[[GrantDelta], None]) -> Subscription:
+        """Call ``on_delta`` soon after any grant change, from any process, with the change
+        (or, when not carried, just the new revision: read ``grant_changes_since`` then)."""
 
     # --- approval requests ----------------------------------------------------------------
     def create_request(self, request: ApprovalRequest, *, actor: str) -> ApprovalRequest:

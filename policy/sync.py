@@ -43,6 +43,9 @@ CATALOG_SOURCE = "sync:catalog"
 ONCALL_SOURCE = "sync:oncall"
 SERVICES_ANNOTATION = "rpcauthz.io/grpc-services"
 _USED_KINDS = {"component", "group", "user"}
+#: libyaml's loader when PyYAML was built with it (about 10x faster on a large catalog),
+#: else the pure-Python one; both give the same documents, marks and errors.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _REF = re.compile(r"^(?:(?P<kind>[A-Za-z]+):)?(?:(?P<ns>[^:/\s]+)/)?(?P<name>[^:/\s]+)$")
 
 
@@ -96,7 +99,7 @@ def _documents(path: Path) -> list[tuple[Any, int]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SyncError(f"{path}: cannot read: {e}") from None
-    loader = yaml.SafeLoader(text)
+    loader = _LOADER(text)
     docs = []
     try:
         while loader.check_node():

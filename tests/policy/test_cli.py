@@ -91,7 +91,7 @@ def test_unreachable_store_exits_1():
 def test_grants_add_list_remove_and_db_init(tmp_path):
     url = f"sqlite://{tmp_path}/store.db"
     out = mpactl("db", "init", "--store", url)
-    assert out.returncode == 0 and "schema version 1" in out.stdout, out.stderr
+    assert out.returncode == 0 and "schema version 2" in out.stdout, out.stderr
     assert mpactl("db", "init", "--store", url).returncode == 0  # again: harmless
 
     out = mpactl("grants", "add", "alice@example.com", "contributor", "--service", "pay.v1.Payments",
