@@ -106,7 +106,9 @@ CREATE INDEX IF NOT EXISTS requests_scope ON requests (requester, service, metho
 DROP INDEX IF EXISTS requests_created;
 CREATE INDEX IF NOT EXISTS requests_created_seq ON requests (created_at, seq);
 CREATE INDEX IF NOT EXISTS requests_state_created ON requests (state, created_at, seq);
-CREATE INDEX IF NOT EXISTS requests_requester_created ON requests (requester, created_at, seq);
+-- "my requests" uses requests_scope's requester prefix: an index led by requester and
+-- created_at would tempt the planner away from requests_scope on the gateway's lookup.
+DROP INDEX IF EXISTS requests_requester_created;
 CREATE INDEX IF NOT EXISTS requests_pending_expiry ON requests (expires_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WHERE state = 'approved';
 CREATE TABLE IF NOT EXISTS audit (
