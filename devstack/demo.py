@@ -86,6 +86,8 @@ class Demo:
         self.extauthz: ExtAuthzProcess | None = None
         self.approvals_port = free_port()
         self.approvals_url = f"http://127.0.0.1:{self.approvals_port}"
+        self.jwks_url = ""  # the dev token issuer's, once started
+        self.broker: Any = None
 
     def start(self) -> None:
         from devstack.demo_services import start_demo_server
@@ -95,6 +97,7 @@ class Demo:
         issuer = DevIssuer(self.key_path)
         jwks = issuer.serve()
         self._things.append(jwks)
+        self.jwks_url = jwks.url
         accounts = start_demo_server(services=("accounts",))
         self._things.append(accounts)
         ledger = start_demo_server(services=("ledger",))
@@ -126,6 +129,12 @@ class Demo:
         self.envoy = EnvoyProcess(cfg, self.workdir)
         self._things.append(self.envoy)
         self.envoy.wait_ready()
+        from devstack import demo_broker
+        if demo_broker.available():  # the credential broker on a local AWS (the aws-demo extra)
+            engineers = [g.principal for g in demo_grants() if g.role is Role.ENGINEER]
+            oncall = [g.principal for g in demo_grants() if g.role is Role.SECURITY_ONCALL]
+            self.broker = demo_broker.DemoBroker(self.workdir, issuer, engineers, oncall)
+            self._things.append(self.broker)
         (self.workdir / STATE_FILE).write_text(json.dumps({
             "gateway": f"127.0.0.1:{self.gateway_port}",
             "issuer_key": str(self.key_path),
@@ -140,6 +149,7 @@ class Demo:
             f"  gateway (Envoy):   127.0.0.1:{self.gateway_port}   (admin 127.0.0.1:{self.envoy.admin_port})",
             f"  ext_authz server:  127.0.0.1:{self.extauthz.port}   store {self.store_url}",
             f"  approvals (page, API for `mpa`): {self.approvals_url}",
+            f"  dev token issuer:  JWKS at {self.jwks_url}   (issuer key {self.key_path})",
             f"  access log:        {self.workdir / 'access.log'}",
             f"  working directory: {self.workdir}",
             "",
@@ -162,6 +172,14 @@ class Demo:
                                         rpc=rpc, call_cmd=call):
             lines.append(f"  # [loop] {what}")
             lines.append(f"  {command}")
+        if self.broker is not None:
+            lines += ["", f"Credential broker (AWS STS on a local AWS stand-in, {self.broker.aws.url}):",
+                      f"  broker {self.broker.broker_address}, certificate {self.broker.cert}"]
+            for what, command in self.broker.steps(requester="bob", approver="alice"):
+                lines.append(f"  # [aws] {what}")
+                lines.append(f"  {command}")
+        else:
+            lines += ["", "Credential broker with a local AWS: pip install '.[aws-demo]' and restart the demo."]
         lines += ["",
                   "Press Ctrl-C to stop everything started here"
                   + (" and remove its files." if self._own_dir else "."),

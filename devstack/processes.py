@@ -203,7 +203,7 @@ class EnvoyProcess(ManagedProcess):
 
 
 class ExtAuthzProcess(ManagedProcess):
-    """``python -m extauthz.server --config FILE`` as a child process."""
+    """``mpactl serve --config FILE`` (as ``python -m mpactl.app``) as a child process."""
 
     def __init__(self, config: Mapping[str, Any], workdir: pathlib.Path, name: str = "extauthz",
                  env: Mapping[str, str] | None = None) -> None:
@@ -211,7 +211,8 @@ class ExtAuthzProcess(ManagedProcess):
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(json.loads(json.dumps(dict(config))), sort_keys=False))
         self.port = int(config["listen"]["port"])
-        super().__init__(name, [sys.executable, "-m", "extauthz.server", "--config", str(self.config_path)],
+        super().__init__(name, [sys.executable, "-m", "mpactl.app", "serve", "--config",
+                                str(self.config_path)],
                          workdir / f"{name}.log", env=env)
 
     def wait_ready(self, timeout: float = 30.0, service: str = "envoy.service.auth.v3.Authorization"

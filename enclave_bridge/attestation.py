@@ -1,16 +1,22 @@
 """Verify a Nitro attestation document against what you expect of the enclave.
 
     from enclave_bridge.attestation import Expectations, verify
-    expected = Expectations.aws(pcrs={0: pcr0_hex}, nonce=my_nonce)
+    expected = Expectations.aws(pcrs={0: pcr0_hex, 1: pcr1_hex, 2: pcr2_hex}, nonce=my_nonce)
     att = verify(document_bytes, expected)      # raises an AttestationError subclass on refusal
     att.public_key, att.user_data, att.pcrs      # only trustworthy after verify() returned
+
+Expectations must pin the image: PCR0 (the enclave image file), PCR1 (kernel and bootstrap) and
+PCR2 (the application), the three values ``nitro-cli build-enclave`` prints; otherwise they refuse
+to be built (:class:`ImageNotPinned`). Only the KMS stand-in, which checks a key policy's own
+conditions afterwards, opts out with ``require_image_pcrs=False``.
 
 Checks, in order (the first failure raises; each has its own exception class):
 COSE_Sign1 structure and ES384 (:class:`MalformedDocument`, :class:`UnsupportedAlgorithm`),
 the payload's fields (:class:`MalformedDocument`), the signature by the document's certificate
 (:class:`InvalidSignature`), that certificate's chain to a pinned root at the verifier's clock
 (:class:`UntrustedChain`, :class:`CertificateExpired`), debug-mode all-zero image PCRs
-(:class:`DebugModeEnclave`), expected PCRs (:class:`PcrMissing`, :class:`PcrMismatch`), the
+(:class:`DebugModeEnclave`), expected PCRs (:class:`PcrMissing`, :class:`PcrMismatch`; a single
+zero PCR outside debug mode is a mismatch), the
 timestamp's freshness (:class:`StaleDocument`, :class:`FutureDocument`), nonce
 (:class:`NonceMissing`, :class:`NonceMismatch`), public key (:class:`PublicKeyMissing`,
 :class:`PublicKeyMismatch`), user data (:class:`UserDataMismatch`), and last the replay cache
@@ -39,6 +45,7 @@ from .attestation_errors import (
     CertificateExpired,
     DebugModeEnclave,
     FutureDocument,
+    ImageNotPinned,
     InvalidSignature,
     MalformedDocument,
     NonceMismatch,
@@ -57,7 +64,7 @@ from .attestation_errors import (
 
 __all__ = [
     "AWS_NITRO_ROOT_G1_SHA256", "AttestationError", "CertificateExpired", "DebugModeEnclave",
-    "Expectations", "FutureDocument", "InvalidSignature", "MalformedDocument", "NonceCache",
+    "Expectations", "FutureDocument", "IMAGE_PCRS", "ImageNotPinned", "InvalidSignature", "MalformedDocument", "NonceCache",
     "NonceMismatch", "NonceMissing", "PcrMismatch", "PcrMissing", "PublicKeyMismatch",
     "PublicKeyMissing", "ReplayCacheFull", "ReplayedNonce", "StaleDocument", "UnsupportedAlgorithm",
     "UntrustedChain", "UserDataMismatch", "VerifiedAttestation", "aws_nitro_root", "parse_payload",
@@ -67,6 +74,8 @@ __all__ = [
 #: DER SHA-256 fingerprint of the AWS Nitro Enclaves Root G1 (AWS documentation, "Verify the root").
 AWS_NITRO_ROOT_G1_SHA256 = bytes.fromhex(
     "641A0321A3E244EFE456463195D606317ED7CDCC3C1756E09893F3C68F79BB5B")
+#: The PCRs that measure the image (AWS: PCR0 enclave image file, PCR1 Linux kernel and bootstrap,
+#: PCR2 application); all three must be pinned, and all three zero means debug mode.
 IMAGE_PCRS = (0, 1, 2)
 _MAX_BINDING_BYTES = 1024
 _MAX_CERT_BYTES = 1024
@@ -152,7 +161,11 @@ class Expectations:
     """What a document must show to be accepted.
 
     root:        pinned trust anchor(s): :func:`aws_nitro_root` in production, the simulator's in tests.
-    pcrs:        index -> expected value (bytes or hex); at least one. Zero values are refused.
+    pcrs:        index -> expected value (bytes or hex); must include PCR0, PCR1 and PCR2 (the
+                 image as ``nitro-cli build-enclave`` prints it) unless ``require_image_pcrs`` is
+                 False. Zero values are refused.
+    require_image_pcrs: False only for a KMS key policy's own subset of conditions (the stand-in
+                 KMS); every verifier that decides whether to trust an enclave keeps it True.
     nonce:       the nonce this verifier issued, or None when not bound to one.
     public_key:  the expected enclave public key (DER SubjectPublicKeyInfo bytes or a key object);
                  ``require_public_key`` only demands that one is present.
@@ -172,6 +185,7 @@ class Expectations:
     max_clock_skew: dt.timedelta = dt.timedelta(seconds=30)
     replay_cache: NonceCache | None = None
     clock: Callable[[], dt.datetime] = field(default=_utcnow)
+    require_image_pcrs: bool = True
 
     def __post_init__(self) -> None:
         roots = (self.root,) if isinstance(self.root, x509.Certificate) else tuple(self.root)
@@ -179,7 +193,13 @@ class Expectations:
             raise ValueError("Expectations.root: pin at least one x509.Certificate")
         object.__setattr__(self, "root", roots)
         if not self.pcrs:
-            raise ValueError("Expectations.pcrs: expect at least one PCR (PCR0 is the image measurement)")
+            raise ImageNotPinned("Expectations.pcrs: the image is not pinned: expect PCR0, PCR1 and PCR2 "
+                                 "(the values nitro-cli build-enclave prints)")
+        if self.require_image_pcrs:
+            unpinned = [f"PCR{i}" for i in IMAGE_PCRS if i not in self.pcrs]
+            if unpinned:
+                raise ImageNotPinned(f"Expectations.pcrs: the image is not pinned: {', '.join(unpinned)} "
+                                     "missing (pin PCR0, PCR1 and PCR2 as nitro-cli build-enclave prints them)")
         pcrs: dict[int, bytes] = {}
         for index, value in self.pcrs.items():
             raw = _as_bytes(f"PCR{index}", value)
@@ -326,8 +346,8 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
     for index, expected in expectations.pcrs.items():  # type: ignore[union-attr]
         if index not in pcrs:
             raise PcrMissing(f"document has no PCR{index}")
-        if not any(pcrs[index]):
-            raise DebugModeEnclave(f"PCR{index} is all zero (debug mode or unmeasured)")
+        if not any(pcrs[index]):  # not debug mode (checked above): an unmeasured register
+            raise PcrMismatch(f"PCR{index} is all zero (unmeasured), expected {expected.hex()}")
         if not hmac.compare_digest(pcrs[index], expected):
             raise PcrMismatch(f"PCR{index} is {pcrs[index].hex()}, expected {expected.hex()}")
 

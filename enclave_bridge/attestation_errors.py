@@ -49,6 +49,16 @@ class DebugModeEnclave(AttestationError):
     code = "debug_mode"
 
 
+class ImageNotPinned(AttestationError, ValueError):
+    """The expectations do not pin the enclave image (PCR0, PCR1 and PCR2), so any image would pass.
+
+    Raised when :class:`~enclave_bridge.attestation.Expectations` are built, before any document
+    is looked at: a verifier that would accept any image on a trusted parent refuses to start.
+    """
+
+    code = "image_not_pinned"
+
+
 class PcrMissing(AttestationError):
     """An expected PCR index is absent from the document."""
 
@@ -56,7 +66,7 @@ class PcrMissing(AttestationError):
 
 
 class PcrMismatch(AttestationError):
-    """A PCR differs from the expected measurement."""
+    """A PCR differs from the expected measurement (an all-zero PCR outside debug mode included)."""
 
     code = "pcr_mismatch"
 

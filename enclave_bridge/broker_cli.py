@@ -270,7 +270,9 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Path | None):
         pinned = bytes.fromhex(trusted["sha384"])
     else:
         pinned = pcrs[0]
-    policy = KeyPolicy.for_pcrs({0: pinned})
+    # As the runbook's key policy: the whole image (PCR0 the trusted build, PCR1/PCR2 the simulated
+    # kernel and application) is pinned.
+    policy = KeyPolicy.for_pcrs({0: pinned, 1: pcrs[1], 2: pcrs[2]})
     if keys_file.exists():
         kms.import_keys(json.loads(keys_file.read_text()))
         key_id = next(iter(json.loads(keys_file.read_text())))
@@ -280,7 +282,11 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Path | None):
     if not seeds_file.exists():
         # As `seal-seeds --slack-webhook-url` would: the demo's seeds carry MPA_BROKER_SLACK_WEBHOOK.
         webhook = os.environ.get("MPA_BROKER_SLACK_WEBHOOK") or None
-        seeds_file.write_bytes(seal_bundle(SeedBundle.generate(slack_webhook_url=webhook), key_id,
+        # As `seal-seeds --with-aws-keys` would: the broker's own STS key (e.g. the local AWS
+        # stand-in's mpa-broker user) from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY when both are set.
+        kid, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        aws = {"access_key_id": kid, "secret_access_key": secret} if kid and secret else None
+        seeds_file.write_bytes(seal_bundle(SeedBundle.generate(aws=aws, slack_webhook_url=webhook), key_id,
                                            lambda pt, ctx: kms.encrypt(key_id, pt, ctx)))
     keys_file.write_text(json.dumps(kms.export_keys()))
     keys_file.chmod(0o600)

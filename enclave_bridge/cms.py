@@ -4,9 +4,16 @@ When an enclave calls KMS Decrypt with ``Recipient={"AttestationDocument": ...}`
 return the plaintext; it returns a BER-encoded CMS ``EnvelopedData`` (RFC 5652) addressed to the
 RSA public key carried in the attestation document:
 
-* exactly one ``KeyTransRecipientInfo``, identified by ``subjectKeyIdentifier``;
+* exactly one ``KeyTransRecipientInfo``, identified by ``subjectKeyIdentifier`` = the SHA-256 of
+  the recipient key's DER SubjectPublicKeyInfo (32 bytes; checked against a genuine KMS response);
 * key transport RSAES-OAEP with SHA-256 and MGF1-SHA-256 (RFC 4055);
 * content encrypted with AES-256-CBC.
+
+The decryptor also accepts the two other ways a sender may name an RSA recipient: the SHA-1
+key identifier ``openssl cms -keyid`` writes (RFC 5280 4.2.1.2 method 1), and issuerAndSerialNumber
+(which names a certificate the enclave's ephemeral key does not have, so it cannot be compared:
+the OAEP decryption of the content key is then what decides). Any other identifier is refused
+as :class:`WrongRecipient` naming the identifier KMS would have written for our key.
 
 ``cryptography``'s PKCS#7 helpers cannot read this (no OAEP, no SKI recipients), so the structure
 is parsed with ``asn1crypto`` and the primitives come from ``cryptography``. Anything that is not
@@ -33,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 __all__ = [
     "CmsError", "MalformedCms", "UnsupportedCms", "WrongRecipient", "DecryptionFailed",
-    "decrypt_enveloped", "encrypt_for_recipient", "subject_key_identifier",
+    "decrypt_enveloped", "encrypt_for_recipient", "openssl_key_identifier", "subject_key_identifier",
 ]
 
 
@@ -57,21 +64,38 @@ class DecryptionFailed(CmsError):
     """The encrypted key or the content did not decrypt (wrong key or tampered bytes)."""
 
 
-def subject_key_identifier(public_key: rsa.RSAPublicKey | bytes) -> bytes:
-    """RFC 5280 section 4.2.1.2 method (1): SHA-1 of the subjectPublicKey BIT STRING contents.
+def _spki_der(public_key: rsa.RSAPublicKey | bytes) -> bytes:
+    if isinstance(public_key, bytes):
+        return public_key
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    ``public_key`` is a key object or its DER SubjectPublicKeyInfo. This is what
-    ``openssl`` puts in a certificate's SKI by default and what identifies the recipient.
-    """
-    if not isinstance(public_key, bytes):
-        public_key = public_key.public_bytes(serialization.Encoding.DER,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+def _load_spki(der: bytes) -> keys.PublicKeyInfo:
     try:
-        spki = keys.PublicKeyInfo.load(public_key)
-        bits = spki["public_key"].contents[1:]  # drop the unused-bits octet
+        spki = keys.PublicKeyInfo.load(der, strict=True)
+        spki["public_key"].contents  # noqa: B018 - forces the parse
     except Exception as e:  # asn1crypto raises several types for bad input
         raise MalformedCms(f"recipient public key is not DER SubjectPublicKeyInfo: {e}") from None
-    return hashlib.sha1(bits).digest()
+    return spki
+
+
+def subject_key_identifier(public_key: rsa.RSAPublicKey | bytes) -> bytes:
+    """The recipient identifier AWS KMS writes: SHA-256 of the DER SubjectPublicKeyInfo (32 bytes).
+
+    ``public_key`` is a key object or its DER SubjectPublicKeyInfo (as an attestation document's
+    ``public_key`` carries it). This is the key id the enclave expects in ``CiphertextForRecipient``.
+    """
+    der = _spki_der(public_key)
+    _load_spki(der)
+    return hashlib.sha256(der).digest()
+
+
+def openssl_key_identifier(public_key: rsa.RSAPublicKey | bytes) -> bytes:
+    """RFC 5280 section 4.2.1.2 method (1): SHA-1 of the subjectPublicKey BIT STRING contents
+    (20 bytes), what ``openssl cms -keyid`` writes from a certificate's default SKI."""
+    spki = _load_spki(_spki_der(public_key))
+    return hashlib.sha1(spki["public_key"].contents[1:]).digest()  # drop the unused-bits octet
 
 
 def _oaep_is_sha256(params: algos.RSAESOAEPParams) -> bool:
@@ -125,11 +149,17 @@ def decrypt_enveloped(data: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
         encrypted_key = ktri["encrypted_key"].native
     except Exception as e:
         raise MalformedCms(f"malformed KeyTransRecipientInfo: {e}") from None
-    if rid.name != "subject_key_identifier":
+    public_key = private_key.public_key()
+    if rid.name == "subject_key_identifier":
+        theirs = rid.chosen.native
+        ours = subject_key_identifier(public_key)
+        if theirs not in (ours, openssl_key_identifier(public_key)):
+            raise WrongRecipient(f"message is for key id {theirs.hex()}, ours is {ours.hex()} "
+                                 "(SHA-256 of our SubjectPublicKeyInfo, as KMS writes it)")
+    elif rid.name != "issuer_and_serial_number":
         raise UnsupportedCms(f"recipient identified by {rid.name}, expected subjectKeyIdentifier")
-    ours = subject_key_identifier(private_key.public_key())
-    if rid.chosen.native != ours:
-        raise WrongRecipient(f"message is for key id {rid.chosen.native.hex()}, ours is {ours.hex()}")
+    # issuerAndSerialNumber names a certificate our ephemeral key has none of: nothing to compare,
+    # so the OAEP decryption below decides (a message for another key fails there).
     if kea_name != "rsaes_oaep":
         raise UnsupportedCms(f"key transport is {kea_name}, expected rsaes_oaep")
     try:

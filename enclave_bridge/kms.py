@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import struct
@@ -35,6 +36,8 @@ from . import cms
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 IMAGE_SHA384 = "kms:RecipientAttestation:ImageSha384"
 PCR_PREFIX = "kms:RecipientAttestation:PCR"
+
+log = logging.getLogger(__name__)
 
 
 class KmsError(Exception):
@@ -151,6 +154,9 @@ def decrypt_with_attestation(kms: KmsClient, attester: Attester, ciphertext_blob
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     spki = key.public_key().public_bytes(serialization.Encoding.DER,
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    # The key id KMS will write into the answer's RecipientInfo (SHA-256 of the SPKI), logged so
+    # an operator can match a CiphertextForRecipient to the enclave call it answers.
+    log.info("KMS Decrypt for recipient key id %s", cms.subject_key_identifier(spki).hex())
     document = attester.attest(None, secrets.token_bytes(32), spki)
     envelope = kms.decrypt_for_recipient(ciphertext_blob, document, key_id=key_id,
                                          encryption_context=encryption_context)
@@ -178,8 +184,10 @@ def attestation_verifier(root: Any, *, replay_cache: Any = None) -> DocumentVeri
     from . import attestation
 
     def verify(document: bytes, pcrs: Mapping[int, bytes]) -> AttestedDocument:
+        # KMS checks exactly the key policy's conditions (which may name any PCRs), so this is the
+        # one verifier that does not demand the whole image be pinned.
         att = attestation.verify(document, attestation.Expectations(
-            root=root, pcrs=dict(pcrs), replay_cache=replay_cache))
+            root=root, pcrs=dict(pcrs), replay_cache=replay_cache, require_image_pcrs=False))
         return AttestedDocument(pcrs=dict(att.pcrs), public_key=att.public_key)
 
     return verify

@@ -1,49 +1,40 @@
-"""Configuration of the ext_authz server: a YAML file, then environment overrides.
+"""Configuration of the ext_authz server, on the shared model of :mod:`rpcauthz.settings`.
 
 Every key is optional except ``store_url``; unknown keys are errors, so a typo never
-silently falls back to a default. Environment variables override the file:
-``RPCAUTHZ_<SECTION>__<KEY>`` (double underscore between levels, case-insensitive), e.g.
-``RPCAUTHZ_LISTEN__PORT=9001`` or ``RPCAUTHZ_STORE_URL=postgresql://...``.
-A bad value raises ``ConfigError`` whose message names the key (or the variable).
+silently falls back to a default. A YAML file (``mpactl serve --config``), then environment
+overrides ``RPCAUTHZ_<SECTION>__<KEY>`` (double underscore between levels, case-insensitive),
+e.g. ``RPCAUTHZ_LISTEN__PORT=9001`` or ``RPCAUTHZ_STORE_URL=postgresql://...``, then flags.
+A bad value raises ``ConfigError`` whose message names the key (and the variable or line).
 """
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
+from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, load
 
-ENV_PREFIX = "RPCAUTHZ_"
-
-
-class ConfigError(ValueError):
-    """The configuration is unusable; the message names the offending key."""
+__all__ = ["ENV_PREFIX", "ConfigError", "Settings", "load_settings"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Listen(_Section):
+class Listen(Section):
     """Where the gRPC Authorization (and health) service listens."""
 
     host: str = "127.0.0.1"
     port: int = Field(9001, ge=0, le=65535)
 
 
-class Metrics(_Section):
+class Metrics(Section):
     """Prometheus ``/metrics`` over plain HTTP. ``port: null`` turns it off."""
 
     host: str = "127.0.0.1"
     port: int | None = Field(9464, ge=0, le=65535)
 
 
-class Identity(_Section):
+class Identity(Section):
     """How the caller is identified.
 
     Production: from the JWT payload that Envoy's jwt_authn filter verified and put in
@@ -66,7 +57,7 @@ class Identity(_Section):
         return v.lower()
 
 
-class Approvals(_Section):
+class Approvals(Section):
     """Requests the gateway opens when a call needs approval."""
 
     base_url: str = "http://127.0.0.1:8080"
@@ -86,7 +77,7 @@ class Approvals(_Section):
         return v.rstrip("/")
 
 
-class ReflectionEndpoints(_Section):
+class ReflectionEndpoints(Section):
     """Where each service's reflection service is reached (first match wins).
 
     ``static`` maps a full service name or a package prefix to ``host:port``; ``template``
@@ -100,7 +91,7 @@ class ReflectionEndpoints(_Section):
     default: str | None = None
 
 
-class Reflection(_Section):
+class Reflection(Section):
     """The reflection cache (seconds)."""
 
     endpoints: ReflectionEndpoints = ReflectionEndpoints()
@@ -117,7 +108,7 @@ class Reflection(_Section):
     deadline: float = Field(0.5, gt=0)
 
 
-class Audit(_Section):
+class Audit(Section):
     """Decision audit events are queued and written in the background."""
 
     queue_size: int = Field(10000, ge=1)
@@ -129,7 +120,7 @@ class Audit(_Section):
     batch_window_ms: int = Field(50, ge=0, le=5000)
 
 
-class Settings(_Section):
+class Settings(Section):
     """The whole server configuration."""
 
     store_url: str
@@ -181,71 +172,9 @@ class Settings(_Section):
         return self
 
 
-def load_settings(path: str | os.PathLike | None = None, *,
+def load_settings(path: str | os.PathLike[str] | None = None, *,
                   env: Mapping[str, str] | None = None,
                   overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Read ``path`` (YAML), apply ``RPCAUTHZ_*`` environment overrides, then ``overrides``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = pathlib.Path(path)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = loaded
-    sources: dict[tuple[str, ...], str] = {}
-    for name, value in (os.environ if env is None else env).items():
-        if not name.upper().startswith(ENV_PREFIX) or name.upper() == "RPCAUTHZ_TEST_PG_DSN":
-            continue
-        keys = tuple(k.lower() for k in name[len(ENV_PREFIX):].split("__"))
-        if not _known_key(keys):
-            continue  # other components' variables share the prefix
-        _set(data, keys, yaml.safe_load(value) if value.strip() else value)
-        sources[keys] = name
-    for dotted, value in (overrides or {}).items():
-        _set(data, tuple(dotted.split(".")), value)
-    try:
-        return Settings.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_describe(e, sources)) from None
-
-
-def _known_key(keys: tuple[str, ...]) -> bool:
-    model: type[BaseModel] | None = Settings
-    for k in keys:
-        if model is None or k not in model.model_fields:
-            return False
-        ann = model.model_fields[k].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return True
-
-
-def _set(data: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
-    node = data
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if not isinstance(nxt, dict):
-            nxt = node[k] = {}
-        node = nxt
-    node[keys[-1]] = value
-
-
-def _describe(e: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
-    lines = []
-    for err in e.errors():
-        loc = tuple(str(x) for x in err["loc"])
-        key = ".".join(loc) or "(top level)"
-        where = f" (from ${sources[loc]})" if loc in sources else ""
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"{key}{where}: {msg}")
-    return "invalid ext_authz configuration: " + "; ".join(lines)
+    """Read ``path`` (YAML), apply ``RPCAUTHZ_*`` environment overrides, then ``overrides``
+    (dotted keys, from ``mpactl serve`` flags); see :func:`rpcauthz.settings.load`."""
+    return load(Settings, path, component="ext_authz", env=env, overrides=overrides)

@@ -269,32 +269,3 @@ def _supervise(settings: Settings) -> int:
     if any(w.exitcode not in (0, -signal.SIGTERM) for w in workers):
         code = code or 1
     return code
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m extauthz.server --config FILE`` (``mpactl serve`` is the same)."""
-    import argparse
-
-    from .config import ConfigError, load_settings
-
-    p = argparse.ArgumentParser(description="rpcauthz ext_authz server")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--port", type=int)
-    args = p.parse_args(argv)
-    overrides: dict[str, Any] = {}
-    if args.workers is not None:
-        overrides["workers"] = args.workers
-    if args.port is not None:
-        overrides["listen.port"] = args.port
-    try:
-        settings = load_settings(args.config, overrides=overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run(settings)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -96,7 +96,7 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     app.state.service = service
     app.state.config = config
     app.state.verifier = verifier or TokenVerifier(config.issuer, config.jwks_url, config.audiences)
-    app.state.dev_issuer = dev_issuer if config.dev_login else None
+    app.state.dev_issuer = dev_issuer if config.dev_login is not None else None
 
     def link(request_id: str) -> str:
         return f"{config.public_url.rstrip('/')}/requests/{request_id}"
@@ -253,6 +253,11 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
                   responses={k: _ERRORS[k] for k in (400, 422)})
         def dev_token(body: DevTokenIn) -> DevTokenOut:
             return DevTokenOut(token=app.state.dev_issuer.mint(body.subject, ttl_seconds=8 * 3600))
+
+        @app.get("/.well-known/jwks.json", include_in_schema=False)
+        def dev_jwks() -> dict[str, Any]:
+            """DEV ONLY: the dev tokens' public keys, for Envoy's jwt_authn."""
+            return dict(app.state.dev_issuer.jwks())
 
     from .page import add_page_routes
     add_page_routes(app)

@@ -8,7 +8,8 @@ key from the JWKS (fetched with PyJWT's ``PyJWKClient``, cached). The principal 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jwt
 
@@ -39,14 +40,19 @@ class TokenVerifier:
     """Verifies tokens from one issuer. Thread-safe; keys are cached by ``PyJWKClient``."""
 
     def __init__(self, issuer: str, jwks_url: str, audiences: Sequence[str],
-                 leeway_seconds: int = 30, principal_claim: str = "sub") -> None:
-        if not issuer or not jwks_url or not audiences:
+                 leeway_seconds: int = 30, principal_claim: str = "sub",
+                 jwks: Mapping[str, Any] | None = None) -> None:
+        """``jwks`` (a key set in hand, e.g. the server's own dev tokens') replaces fetching
+        ``jwks_url``."""
+        if not issuer or not (jwks_url or jwks) or not audiences:
             raise ValueError("a token verifier needs an issuer, a JWKS URL and an audience")
         self.issuer = issuer
         self.audiences = list(audiences)
         self.leeway = leeway_seconds
         self.principal_claim = principal_claim
-        self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5)
+        self._jwks: jwt.PyJWKClient | _KeysInHand = (
+            _KeysInHand(jwks) if jwks is not None
+            else jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5))
 
     def verify(self, token: str) -> Principal:
         """The principal the token names; raises ``AuthError`` with a clear reason."""
@@ -78,3 +84,17 @@ class TokenVerifier:
             raise AuthError(f"the token names no principal (no {self.principal_claim} claim)")
         name = claims.get("name") if isinstance(claims.get("name"), str) else None
         return Principal(principal, name, bool(claims.get("dev")))
+
+
+class _KeysInHand:
+    """The part of ``PyJWKClient`` the verifier uses, over a key set it already holds."""
+
+    def __init__(self, jwks: Mapping[str, Any]) -> None:
+        self._keys = jwt.PyJWKSet.from_dict(dict(jwks))
+
+    def get_signing_key_from_jwt(self, token: str) -> jwt.PyJWK:
+        kid = jwt.get_unverified_header(token).get("kid")
+        for key in self._keys.keys:
+            if key.key_id == kid:
+                return key
+        raise jwt.PyJWKClientError(f"no key with kid {kid!r}")

@@ -1,49 +1,100 @@
-"""Configuration of the approvals server: issuer, request policy, links, Slack.
+"""Configuration of the approvals server, on the shared model of :mod:`rpcauthz.settings`.
 
-Everything has a safe default except what must come from the operator (the store URL and,
-outside the demo, the issuer). ``ApprovalsConfig.from_env()`` reads ``MPA_*`` variables;
-docs/approvals.md lists them.
+A YAML file (``mpactl approvals serve --config FILE``), then ``RPCAUTHZ_<SECTION>__<KEY>``
+environment overrides (e.g. ``RPCAUTHZ_STORE_URL``, ``RPCAUTHZ_POLICY__MIN_REASON_LENGTH``,
+``RPCAUTHZ_SLACK_WEBHOOK_URL``), then flags. Everything has a safe default except what must come
+from the operator: the store URL and the token issuer (``issuer`` + ``jwks_url``, or, for
+demos only, ``dev_login.issuer_key``). docs/approvals.md lists every key.
+
+The server's former ``MPA_*`` variables are no longer read; :func:`load_approvals_config`
+refuses to start while one is set and names its replacement.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
+import pathlib
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
+from rpcauthz.settings import ConfigError, Section, env_name, load
 
-#: Environment variable holding the Slack incoming-webhook URL (a secret: never logged).
-SLACK_WEBHOOK_ENV = "MPA_SLACK_WEBHOOK_URL"
+__all__ = ["ApprovalsConfig", "ConfigError", "DevLogin", "Listen", "RequestPolicy",
+           "RETIRED_VARIABLES", "load_approvals_config"]
+
+#: The approvals server's former environment variables and the key that replaces each.
+RETIRED_VARIABLES: dict[str, str] = {
+    "MPA_STORE_URL": "store_url",
+    "MPA_ISSUER": "issuer",
+    "MPA_JWKS_URL": "jwks_url",
+    "MPA_AUDIENCES": "audiences",
+    "MPA_PUBLIC_URL": "public_url",
+    "MPA_LISTEN_HOST": "listen.host",
+    "MPA_LISTEN_PORT": "listen.port",
+    "MPA_MIN_REASON_LENGTH": "policy.min_reason_length",
+    "MPA_PENDING_TTL_SECONDS": "policy.pending_ttl",
+    "MPA_APPROVAL_TTL_SECONDS": "policy.default_approval_ttl",
+    "MPA_MAX_APPROVAL_TTL_SECONDS": "policy.max_approval_ttl",
+    "MPA_REQUIRED_APPROVALS": "policy.required_approvals_by_mode / _by_service",
+    "MPA_SLACK_WEBHOOK_URL": "slack_webhook_url",
+    "MPA_SLACK_SPOOL": "slack_spool_path",
+    "MPA_SLACK_USER_IDS": "slack_user_ids",
+    "MPA_AUDIT_JSONL": "audit_jsonl_path",
+    "MPA_CSRF_SECRET": "csrf_secret",
+    "MPA_SECURE_COOKIES": "secure_cookies",
+    "MPA_DEV_LOGIN": "dev_login",
+    "MPA_DEV_ISSUER_KEY": "dev_login.issuer_key",
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestPolicy:
+class RequestPolicy(Section):
     """The rules every approval request follows, beyond the mode table.
 
-    ``required_approvals_by_service`` wins over ``required_approvals_by_mode``; with neither,
-    one approval is enough. ``max_approval_ttl`` caps what a requester may ask for.
+    Durations are seconds in YAML and variables. ``required_approvals_by_service`` wins over
+    ``required_approvals_by_mode``; with neither, one approval is enough. ``max_approval_ttl``
+    caps what a requester may ask for.
     """
 
     min_reason_length: int = 10
     pending_ttl: timedelta = timedelta(hours=1)
     default_approval_ttl: timedelta = timedelta(hours=1)
     max_approval_ttl: timedelta = timedelta(hours=8)
-    required_approvals_by_mode: Mapping[Mode, int] = dataclasses.field(default_factory=dict)
-    required_approvals_by_service: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    required_approvals_by_mode: dict[Mode, int] = Field(default_factory=dict)
+    required_approvals_by_service: dict[str, int] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.min_reason_length < 1:
-            raise ValueError("min_reason_length must be at least 1: a reason is required")
-        for name in ("pending_ttl", "default_approval_ttl", "max_approval_ttl"):
-            if getattr(self, name) <= timedelta(0):
-                raise ValueError(f"{name} must be positive")
+    @field_validator("min_reason_length")
+    @classmethod
+    def _reason(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1: a reason is required")
+        return v
+
+    @field_validator("pending_ttl", "default_approval_ttl", "max_approval_ttl")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("must be positive")
+        return v
+
+    @field_validator("required_approvals_by_mode", mode="before")
+    @classmethod
+    def _mode_names(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {Mode.parse(k) if isinstance(k, str) else k: n for k, n in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RequestPolicy:
         if self.default_approval_ttl > self.max_approval_ttl:
-            raise ValueError("default_approval_ttl cannot exceed max_approval_ttl")
+            raise ValueError("policy.default_approval_ttl cannot exceed policy.max_approval_ttl")
         for key, n in {**{m.name: n for m, n in self.required_approvals_by_mode.items()},
                        **self.required_approvals_by_service}.items():
             if n < 1:
                 raise ValueError(f"required approvals for {key} must be at least 1, not {n}")
+        return self
 
     def required_approvals(self, service: str, mode: Mode) -> int:
         """How many distinct approvers a request for ``service`` in ``mode`` needs."""
@@ -52,95 +103,105 @@ class RequestPolicy:
         return self.required_approvals_by_mode.get(mode, 1)
 
 
-@dataclasses.dataclass(frozen=True)
-class ApprovalsConfig:
+class Listen(Section):
+    """Where the approvals server listens (HTTP)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8081, ge=0, le=65535)
+
+
+class DevLogin(Section):
+    """DEV ONLY: the sign-in form and ``/api/dev/token`` let anyone sign in as anyone.
+
+    With ``issuer_key`` (a PEM file, created if missing) the server mints the dev tokens itself
+    and serves their JWKS at ``<public_url>/.well-known/jwks.json`` (it prints that URL; give it
+    to Envoy's jwt_authn); ``issuer`` and ``jwks_url`` must then be unset. Without it, the
+    program embedding the server passes its dev issuer in (``mpactl demo``, tests).
+    """
+
+    issuer_key: pathlib.Path | None = None
+
+
+class ApprovalsConfig(Section):
     """Everything the approvals server needs.
 
     ``jwks_url`` is where signing keys come from; ``issuer`` and ``audiences`` are checked on
-    every token. ``public_url`` is the externally visible base URL used in request links.
-    ``dev_login`` enables the dev-only browser login form (needs ``dev_issuer_key``).
+    every token. ``public_url`` is the externally visible base URL used in request links
+    (``auto``: ``http://<listen.host>:<port>``).
     """
 
     store_url: str
-    issuer: str
-    jwks_url: str
+    listen: Listen = Listen()
+    issuer: str = ""
+    jwks_url: str = ""
     audiences: tuple[str, ...] = ("rpcauthz",)
-    public_url: str = "http://127.0.0.1:8081"
-    policy: RequestPolicy = dataclasses.field(default_factory=RequestPolicy)
-    dev_login: bool = False
-    csrf_secret: bytes | None = dataclasses.field(default=None, repr=False)
+    public_url: str = "auto"
+    policy: RequestPolicy = RequestPolicy()
+    dev_login: DevLogin | None = None
+    #: Key of the CSRF tokens; random per process when unset. Set it (the same on every
+    #: replica) when running more than one.
+    csrf_secret: bytes | None = Field(None, repr=False)
     secure_cookies: bool = False
-    slack_webhook_url: str | None = dataclasses.field(default=None, repr=False)
+    slack_webhook_url: str | None = Field(None, repr=False)
     slack_spool_path: str | None = None
-    slack_user_ids: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    slack_user_ids: dict[str, str] = Field(default_factory=dict)
     audit_jsonl_path: str | None = None
-    expiry_sweep_seconds: float = 30.0
+    expiry_sweep_seconds: float = Field(30.0, gt=0)
 
+    @field_validator("dev_login", mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> ApprovalsConfig:
-        """Read ``MPA_*`` variables (see docs/approvals.md); ``overrides`` win."""
-        env = os.environ if env is None else env
+    def _dev_login_flag(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        return v
 
-        def hours(name: str, default: timedelta) -> timedelta:
-            v = env.get(name)
-            return default if v is None else timedelta(seconds=_number(name, v))
+    @field_validator("audiences", mode="before")
+    @classmethod
+    def _audience_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(a.strip() for a in v.split(",") if a.strip())
+        return v
 
-        by_mode: dict[Mode, int] = {}
-        by_service: dict[str, int] = {}
-        for item in _split(env.get("MPA_REQUIRED_APPROVALS", "")):
-            key, _, n = item.partition("=")
-            if not n:
-                raise ValueError(f"MPA_REQUIRED_APPROVALS entry {item!r} is not KEY=N")
-            count = int(_number("MPA_REQUIRED_APPROVALS", n))
-            try:
-                by_mode[Mode.parse(key)] = count
-            except ValueError:
-                by_service[key.strip()] = count
-        policy = RequestPolicy(
-            min_reason_length=int(_number("MPA_MIN_REASON_LENGTH", env.get("MPA_MIN_REASON_LENGTH", "10"))),
-            pending_ttl=hours("MPA_PENDING_TTL_SECONDS", timedelta(hours=1)),
-            default_approval_ttl=hours("MPA_APPROVAL_TTL_SECONDS", timedelta(hours=1)),
-            max_approval_ttl=hours("MPA_MAX_APPROVAL_TTL_SECONDS", timedelta(hours=8)),
-            required_approvals_by_mode=by_mode, required_approvals_by_service=by_service)
-        values: dict[str, object] = {
-            "store_url": env.get("MPA_STORE_URL", "sqlite:///rpcauthz.db"),
-            "issuer": env.get("MPA_ISSUER", ""),
-            "jwks_url": env.get("MPA_JWKS_URL", ""),
-            "audiences": tuple(_split(env.get("MPA_AUDIENCES", "rpcauthz"))),
-            "public_url": env.get("MPA_PUBLIC_URL", "http://127.0.0.1:8081"),
-            "policy": policy,
-            "dev_login": env.get("MPA_DEV_LOGIN", "") in ("1", "true", "yes"),
-            "csrf_secret": env["MPA_CSRF_SECRET"].encode() if env.get("MPA_CSRF_SECRET") else None,
-            "secure_cookies": env.get("MPA_SECURE_COOKIES", "") in ("1", "true", "yes"),
-            "slack_webhook_url": env.get(SLACK_WEBHOOK_ENV) or None,
-            "slack_spool_path": env.get("MPA_SLACK_SPOOL") or None,
-            "slack_user_ids": dict(_pair(item, "MPA_SLACK_USER_IDS")
-                                   for item in _split(env.get("MPA_SLACK_USER_IDS", ""))),
-            "audit_jsonl_path": env.get("MPA_AUDIT_JSONL") or None,
-        }
-        values.update(overrides)
-        cfg = cls(**values)  # type: ignore[arg-type]
-        if not cfg.issuer or not cfg.jwks_url:
-            raise ValueError("MPA_ISSUER and MPA_JWKS_URL must be set: tokens cannot be checked without them")
-        return cfg
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v not in ("", "auto") and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (or be auto)")
+        return v
+
+    @field_validator("slack_webhook_url")
+    @classmethod
+    def _no_empty_webhook(cls, v: str | None) -> str | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _one_issuer(self) -> ApprovalsConfig:
+        if not self.audiences:
+            raise ValueError("audiences: at least one audience is required")
+        own_dev_issuer = self.dev_login is not None and self.dev_login.issuer_key is not None
+        if own_dev_issuer and (self.issuer or self.jwks_url):
+            raise ValueError("dev_login.issuer_key runs a dev issuer that signs every token, "
+                             "which contradicts issuer/jwks_url: set one or the other")
+        if not own_dev_issuer and not (self.issuer and self.jwks_url):
+            raise ValueError("issuer and jwks_url are required: tokens cannot be checked "
+                             "without them (for a demo: dev_login.issuer_key instead)")
+        return self
 
 
-def _pair(item: str, name: str) -> tuple[str, str]:
-    key, _, value = item.partition("=")
-    if not key.strip() or not value.strip():
-        raise ValueError(f"{name} entry {item!r} is not KEY=VALUE")
-    return key.strip(), value.strip()
+def load_approvals_config(path: str | os.PathLike[str] | None = None, *,
+                          env: Mapping[str, str] | None = None,
+                          overrides: Mapping[str, Any] | None = None) -> ApprovalsConfig:
+    """Read ``path`` (YAML), apply ``RPCAUTHZ_*`` variables, then ``overrides`` (dotted keys).
 
-
-def _split(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def _number(name: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, not {text!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} cannot be negative")
-    return value
+    Raises ``ConfigError`` naming the key; also while a retired ``MPA_*`` server variable is
+    set, naming what replaces it (a variable the server ignored would be a silent surprise).
+    """
+    env = os.environ if env is None else env
+    retired = [f"{name} is no longer read: set {key} in the config file or "
+               f"{env_name(*key.split(' ')[0].split('.'))}"
+               for name, key in RETIRED_VARIABLES.items() if name in env]
+    if retired:
+        raise ConfigError("invalid approvals configuration: " + "; ".join(retired))
+    return load(ApprovalsConfig, path, component="approvals", env=env, overrides=overrides)

@@ -1,13 +1,14 @@
 """Run the approvals server: the API and page, the expiry sweeper, audit shipping, Slack.
 
 ``start_approvals_server(...)`` starts everything in background threads of this process and
-returns a handle to stop it (for ``mpactl demo`` and tests). ``python -m mpa.server`` runs it
-in the foreground from ``MPA_*`` environment variables (docs/approvals.md).
+returns a handle to stop it (for ``mpactl demo``, tests and ``mpactl approvals serve``, which
+runs it in the foreground from a YAML file: mpa/serve_cli.py, docs/approvals.md).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import threading
 import time
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ from rpcauthz.slack_outbox import SlackDelivery, SlackSpool
 
 from .api import create_app
 from .audit import AuditExporter, AuditShipper, JsonLinesExporter
+from .auth import TokenVerifier
 from .config import ApprovalsConfig
+from .dev_tokens import JWKS_PATH, DevTokens
 from .service import ModeLookup
 from .slack import SlackNotifier
 
@@ -50,6 +53,8 @@ class ApprovalsServer:
     _sweeper_stop: threading.Event
     _sweeper: threading.Thread
     _owns_store: bool
+    #: Where the server's own dev tokens' key set is served (``dev_login.issuer_key``), else None.
+    dev_jwks_url: str | None = None
 
     def link(self, request_id: str) -> str:
         return self.app.state.link(request_id)
@@ -88,8 +93,11 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
 
     ``store`` defaults to ``open_store(config.store_url)``. ``mode_lookup`` tells the mode of
     a method for user-made requests (e.g. ``mpa.service.modes_from_source(reflection_cache)``);
-    without it only gateway-opened requests can be completed. ``dev_issuer`` (a
-    ``devstack.devissuer.DevIssuer``) enables the dev-only sign-in when ``config.dev_login``.
+    without it only gateway-opened requests can be completed. ``dev_issuer`` (anything with
+    ``mint``, e.g. ``devstack.devissuer.DevIssuer``) enables the dev-only sign-in when
+    ``config.dev_login`` is set; with ``config.dev_login.issuer_key`` the server mints dev
+    tokens itself and serves their JWKS at ``dev_jwks_url``. Dev login on without either is an
+    error, never a silently missing sign-in.
     """
     import socket
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -107,8 +115,22 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
         sock.close()
         raise
     if config.public_url in ("", "auto"):
-        config = dataclasses.replace(config, public_url=f"http://{host}:{port}")
-    app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer)
+        config = config.model_copy(update={"public_url": f"http://{host}:{port}"})
+    verifier = dev_jwks_url = None
+    if config.dev_login is not None and dev_issuer is None:
+        if config.dev_login.issuer_key is None:
+            sock.close()
+            if owns:
+                store.close()
+            raise ValueError("dev_login is on but no dev issuer was given: set dev_login.issuer_key")
+        dev_issuer = DevTokens(pathlib.Path(config.dev_login.issuer_key))
+        dev_jwks_url = config.public_url.rstrip("/") + JWKS_PATH
+        config = config.model_copy(update={"issuer": dev_issuer.issuer, "jwks_url": dev_jwks_url,
+                                           "audiences": (dev_issuer.audience,)})
+        verifier = TokenVerifier(config.issuer, config.jwks_url, config.audiences,
+                                 jwks=dev_issuer.jwks())
+    app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer,
+                     verifier=verifier)
 
     all_exporters: list[AuditExporter] = list(exporters)
     if config.audit_jsonl_path:
@@ -153,44 +175,4 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     sweeper.start()
     log.info("approvals server on http://%s:%d", host, port)
     return ApprovalsServer(f"http://{host}:{port}", port, config, store, app, shipper, delivery,
-                           spool, server, thread, stop, sweeper, owns)
-
-
-def main() -> None:
-    """``python -m mpa.server``: serve from MPA_* environment variables until interrupted.
-
-    With ``MPA_DEV_ISSUER_KEY=/path/key.pem`` (and no ``MPA_ISSUER``) it runs the dev issuer
-    itself (JWKS on a local port, dev sign-in on): for demos only.
-    """
-    import os
-    import pathlib
-    import signal
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    host = os.environ.get("MPA_LISTEN_HOST", "127.0.0.1")
-    port = int(os.environ.get("MPA_LISTEN_PORT", "8081"))
-    dev_issuer = jwks = None
-    if os.environ.get("MPA_DEV_ISSUER_KEY") and not os.environ.get("MPA_ISSUER"):
-        from devstack.devissuer import DevIssuer  # TODO(layout): dev sign-in without devstack
-        dev_issuer = DevIssuer(pathlib.Path(os.environ["MPA_DEV_ISSUER_KEY"]))
-        jwks = dev_issuer.serve(host)
-        config = ApprovalsConfig.from_env(issuer=dev_issuer.issuer, jwks_url=jwks.url,
-                                          audiences=(dev_issuer.audience,), dev_login=True)
-    else:
-        try:
-            config = ApprovalsConfig.from_env()
-        except ValueError as e:
-            raise SystemExit(f"mpa.server: {e} (see docs/approvals.md)") from None
-    handle = start_approvals_server(config, host=host, port=port, dev_issuer=dev_issuer)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    print(f"approvals server listening on {handle.url}", flush=True)
-    done.wait()
-    handle.close()
-    if jwks is not None:
-        jwks.close()
-
-
-if __name__ == "__main__":
-    main()
+                           spool, server, thread, stop, sweeper, owns, dev_jwks_url)

@@ -10,6 +10,7 @@ import typer
 from devstack import cli as devstack_cli
 from enclave_bridge import cli as enclave_bridge_cli
 from extauthz import cli as extauthz_cli
+from mpa import serve_cli as mpa_serve_cli
 from owners import cli as owners_cli
 from policy import cli as policy_cli
 from reflection_cache import cli as reflection_cache_cli
@@ -29,6 +30,7 @@ def _root() -> None:
 
 
 extauthz_cli.register(app)          # serve
+mpa_serve_cli.register(app)         # approvals serve
 devstack_cli.register(app)          # demo
 reflection_cache_cli.register(app)  # reflect
 policy_cli.register(app)            # sync, grants, db

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import getpass
 import json
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
 from .errors import StoreError
 from .model import Grant, Role
+
+if TYPE_CHECKING:
+    from .store import Store
 
 STORE_ENV = "RPCAUTHZ_STORE"
 
@@ -35,12 +37,12 @@ def _actor() -> str:
         return "mpactl"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
 
 
-def _with_store(url: str, body: Callable[[Any], None]) -> None:
+def _with_store(url: str, body: Callable[[Store], object]) -> None:
     """Open the store, run ``body``, close it; bad URLs and store errors exit 1 with a message."""
     from .stores import open_store
     try:
@@ -99,7 +101,7 @@ def register(app: typer.Typer) -> None:
         """
         from .sync import SyncError, sync
 
-        def run(s: Any) -> None:
+        def run(s: Store) -> None:
             try:
                 diffs = sync(s, catalog=catalog, oncall=oncall, dry_run=dry_run, actor=_actor())
             except SyncError as e:
@@ -125,7 +127,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
     ) -> None:
         """Print every grant (expired ones are marked)."""
-        def run(s: Any) -> None:
+        def run(s: Store) -> None:
             now = datetime.now(UTC)
             for g in s.list_grants():
                 if principal and g.principal != principal:
@@ -153,8 +155,11 @@ def register(app: typer.Typer) -> None:
                           expires_at=_parse_time(expires, "--expires"))
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-        _with_store(store, lambda s: (s.put_grant(grant, actor=_actor()),
-                                      typer.echo(f"+ {_describe(grant)}")))
+
+        def run(s: Store) -> None:
+            s.put_grant(grant, actor=_actor())
+            typer.echo(f"+ {_describe(grant)}")
+        _with_store(store, run)
 
     @grants.command("remove")
     def grants_remove(
@@ -164,7 +169,7 @@ def register(app: typer.Typer) -> None:
         store: str = _store_option(),
     ) -> None:
         """Remove a grant (whatever its source; a sync may add a synced one back)."""
-        def run(s: Any) -> None:
+        def run(s: Store) -> None:
             if not s.delete_grant(principal, role, service, actor=_actor()):
                 _fail(f"no {role.value} grant for {principal}" + (f" on {service}" if service else ""))
             typer.echo(f"- {role.value} {principal}" + (f" {service}" if service else ""))
@@ -188,4 +193,4 @@ def main() -> None:  # pragma: no cover - convenience for `python -m policy.cli`
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from .audit import AuditEvent
 from .grant_delta import GrantDelta
-from .model import ApprovalRequest, Grant, RequestState
+from .model import ApprovalRequest, Grant, RequestState, Role
 
 #: A pure transition from policy.decide (approve, reject, cancel, use, expire...).
 Transition = Callable[[ApprovalRequest], ApprovalRequest]
@@ -40,13 +40,14 @@ class Store(Protocol):
     def grants_revision(self) -> int:
         """A number that increases whenever any grant changes."""
 
-    def put_grant(self, grant: Grant) -> None:
+    def put_grant(self, grant: Grant, *, actor: str = "system") -> None:
         """Insert or replace the grant with the same (principal, role, service)."""
 
-    def delete_grant(self, principal: str, role: str, service: str | None = None) -> bool:
+    def delete_grant(self, principal: str, role: str | Role, service: str | None = None, *,
+                     actor: str = "system") -> bool:
         """Remove one grant; True if it existed."""
 
-    def replace_grants(self, source: str, grants: Iterable[Grant]) -> GrantDiff:
+    def replace_grants(self, source: str, grants: Iterable[Grant], *, actor: str = "system") -> GrantDiff:
         """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``."""
 
     def load_grants(self, pause: Callable[[], None] | None = None) -> tuple[int, list[Grant]]:
@@ -97,8 +98,16 @@ class Store(Protocol):
     def append_audit(self, event: AuditEvent) -> None:
         """Write one audit event durably."""
 
+    def append_audits(self, events: Sequence[AuditEvent]) -> None:
+        """Write several audit events durably, in one transaction."""
+
     def list_audit(self, *, since: datetime | None = None, kinds: Sequence[str] | None = None,
-                   service: str | None = None, limit: int = 1000) -> list[AuditEvent]:
+                   service: str | None = None, request_id: str | None = None,
+                   limit: int = 1000) -> list[AuditEvent]:
         """Audit events, oldest first."""
+
+    # --- schema ---------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
 
     def close(self) -> None: ...

@@ -104,6 +104,8 @@ def _documents(path: Path) -> list[tuple[Any, int]]:
     try:
         while loader.check_node():
             node = loader.get_node()
+            if node is None:  # check_node() said there is one
+                break
             docs.append((loader.construct_document(node), node.start_mark.line + 1))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -324,5 +326,5 @@ def sync(store: Store, *, catalog: Sequence[str | Path] = (), oncall: str | Path
     if dry_run:
         current = store.list_grants()
         return {src: plan_replace(current, src, grants) for src, grants in wanted.items()}
-    return {src: store.replace_grants(src, grants, actor=actor)  # type: ignore[call-arg]
+    return {src: store.replace_grants(src, grants, actor=actor)
             for src, grants in wanted.items()}

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import cachetools
 
@@ -59,7 +60,7 @@ class CacheSettings:
         unknown = sorted(set(config) - set(fields))
         if unknown:
             raise ValueError(f"reflection cache: unknown setting(s) {unknown}; expected {sorted(fields)}")
-        values = {}
+        values: dict[str, Any] = {}  # each checked against its field's kind below
         for key, value in config.items():
             kind = int if key == "max_entries" else float
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (
@@ -118,14 +119,14 @@ class ReflectionCache:
         self._stats = CacheStats()
         stats = self._stats
 
-        class _Entries(cachetools.LRUCache):
-            def popitem(self):
+        class _Entries(cachetools.LRUCache[str, _Entry]):
+            def popitem(self) -> tuple[str, _Entry]:
                 item = super().popitem()
                 stats.evictions += 1
                 return item
 
-        self._entries: cachetools.LRUCache = _Entries(maxsize=self.settings.max_entries)
-        self._inflight: dict[str, asyncio.Task] = {}
+        self._entries: cachetools.LRUCache[str, _Entry] = _Entries(maxsize=self.settings.max_entries)
+        self._inflight: dict[str, asyncio.Task[ServiceModes]] = {}
 
     @classmethod
     def from_config(cls, config: Mapping[str, object] | None) -> ReflectionCache:
@@ -138,11 +139,12 @@ class ReflectionCache:
         unknown = sorted(set(config) - {"endpoints", "cache", "tls"})
         if unknown:
             raise ValueError(f"reflection: unknown key(s) {unknown}; expected endpoints, cache, tls")
-        endpoints, settings = config.get("endpoints") or {}, config.get("cache") or {}
+        endpoints, cache = config.get("endpoints") or {}, config.get("cache") or {}
         tls = config.get("tls")
-        if not all(isinstance(m, Mapping) for m in (endpoints, settings, tls or {})):
+        if not isinstance(endpoints, Mapping) or not isinstance(cache, Mapping) or not (
+                tls is None or isinstance(tls, Mapping)):
             raise ValueError("reflection: endpoints, cache and tls must be mappings")
-        settings = CacheSettings.from_mapping(settings)
+        settings = CacheSettings.from_mapping(cache)
         credentials = None
         if tls is not None:
             unknown = sorted(set(tls) - {"ca_file", "cert_file", "key_file"})
@@ -163,16 +165,16 @@ class ReflectionCache:
                 if now < entry.fresh_until:
                     self._stats.negative_hits += 1
                     raise type(entry.error)(str(entry.error))
-            elif now < entry.fresh_until:
+            elif entry.modes is not None and now < entry.fresh_until:
                 self._stats.hits += 1
-                return entry.modes  # type: ignore[return-value]
-            elif now < entry.stale_until:
+                return entry.modes
+            elif entry.modes is not None and now < entry.stale_until:
                 self._stats.stale_serves += 1
                 if service not in self._inflight and now >= entry.retry_after:
                     self._stats.background_refreshes += 1
                     task = self._start_fetch(service)
                     task.add_done_callback(_consume)
-                return entry.modes  # type: ignore[return-value]
+                return entry.modes
         self._stats.misses += 1
         task = self._inflight.get(service) or self._start_fetch(service)
         # shield: one caller giving up must not cancel the fetch the others wait for.
@@ -217,7 +219,7 @@ class ReflectionCache:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _start_fetch(self, service: str) -> asyncio.Task:
+    def _start_fetch(self, service: str) -> asyncio.Task[ServiceModes]:
         task = asyncio.get_running_loop().create_task(self._fetch(service), name=f"reflect {service}")
         self._inflight[service] = task
         return task
@@ -254,7 +256,7 @@ class ReflectionCache:
             self._inflight.pop(service, None)
 
 
-def _consume(task: asyncio.Task) -> None:
+def _consume(task: asyncio.Task[ServiceModes]) -> None:
     """Retrieve a background refresh's outcome (its failure is already counted and logged)."""
     if not task.cancelled():
         task.exception()

@@ -343,10 +343,10 @@ def _option_reader(pool: descriptor_pool.DescriptorPool, full_name: str, where: 
     except KeyError:
         return None
     target = _OPTION_TARGETS[full_name]
-    if extension.containing_type.full_name != target or extension.type not in (
-            FieldDescriptor.TYPE_ENUM, FieldDescriptor.TYPE_INT32):
+    extended = extension.containing_type.full_name if extension.containing_type is not None else "nothing"
+    if extended != target or extension.type not in (FieldDescriptor.TYPE_ENUM, FieldDescriptor.TYPE_INT32):
         raise MalformedDescriptors(
-            f"{where}: {full_name} is declared on {extension.containing_type.full_name} with field "
+            f"{where}: {full_name} is declared on {extended} with field "
             f"type {extension.type}; expected an enum extension of {target}")
     return extension, message_factory.GetMessageClass(pool.FindMessageTypeByName(target))
 

@@ -73,7 +73,8 @@ class ReflectionServicer:
                 ask = request.file_containing_extension
                 message = self.pool.FindMessageTypeByName(ask.containing_type)
                 extension = self.pool.FindExtensionByNumber(message, ask.extension_number)
-                return self._files(request, extension.file)
+                # FieldDescriptor.file exists at run time; types-protobuf does not declare it.
+                return self._files(request, extension.file)  # type: ignore[attr-defined]
             if kind == "all_extension_numbers_of_type":
                 message = self.pool.FindMessageTypeByName(request.all_extension_numbers_of_type)
                 numbers = sorted(e.number for e in self.pool.FindAllExtensions(message))

@@ -84,7 +84,7 @@ def _violations(root: pathlib.Path = ROOT) -> list[str]:
 
 
 #: Arrows being removed; each entry names the change that removes it. Keep this empty.
-PENDING: set[str] = {"mpa -> devstack (devstack.devissuer)"}  # mpa.server's dev sign-in (config helper)
+PENDING: set[str] = set()
 
 
 def test_imports_follow_the_arrows_readme_draws() -> None:

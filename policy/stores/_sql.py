@@ -12,7 +12,7 @@ import abc
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from ..audit import KINDS, AuditEvent
 from ..errors import UnknownRequest
@@ -298,7 +298,8 @@ class SqlStore(abc.ABC):
                       method: str | None = None, states: Sequence[RequestState] | None = None,
                       limit: int = 100) -> list[ApprovalRequest]:
         """Requests matching every given filter, newest first."""
-        where, params = [], {"limit": _limit(limit)}
+        where: list[str] = []
+        params: dict[str, object] = {"limit": _limit(limit)}
         for col, value in (("requester", requester), ("service", service), ("method", method)):
             if value is not None:
                 where.append(f"{col} = %({col})s")
@@ -404,7 +405,8 @@ class SqlStore(abc.ABC):
                    service: str | None = None, request_id: str | None = None,
                    limit: int = 1000) -> list[AuditEvent]:
         """Audit events matching every filter, oldest first (``since`` is inclusive)."""
-        where, params = [], {"limit": _limit(limit)}
+        where: list[str] = []
+        params: dict[str, object] = {"limit": _limit(limit)}
         if since is not None:
             where.append("at >= %(since)s")
             params["since"] = self._ts(since)
@@ -431,7 +433,7 @@ class SqlStore(abc.ABC):
         return [codec.audit_from_row(r, self._dt, self._json_out) for r in rows]
 
     # --- context manager sugar ------------------------------------------------------------
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

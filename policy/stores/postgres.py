@@ -12,8 +12,8 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -38,6 +38,15 @@ CHANNEL = "rpcauthz_grants"
 MAX_PAYLOAD = 7900
 #: Advisory lock key that serialises schema creation by replicas starting together.
 _SCHEMA_LOCK = 0x7270_6361_7574_687A & 0x7FFF_FFFF_FFFF_FFFF
+
+_Row = TypeVar("_Row")
+
+
+def _one(row: _Row | None, query: str) -> _Row:
+    """The row of a query that always returns one (an aggregate, the singleton revision row)."""
+    if row is None:
+        raise StoreError(f"PostgreSQL returned no row for {query!r}")
+    return row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
@@ -181,7 +190,8 @@ class PostgresStore(SqlStore):
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                     conn.execute(_SCHEMA)
-                    row = conn.execute("SELECT max(version) AS v FROM schema_version").fetchone()
+                    query = "SELECT max(version) AS v FROM schema_version"
+                    row = _one(conn.execute(query).fetchone(), query)
                     if row["v"] is None or row["v"] < SCHEMA_VERSION:
                         # 1 -> 2 added the grant change log and indexes, created above.
                         conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
@@ -195,7 +205,8 @@ class PostgresStore(SqlStore):
     def schema_version(self) -> int:
         """The schema version recorded in the database."""
         with self._tx(write=False) as cur:
-            return int(cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"])
+            query = "SELECT max(version) AS v FROM schema_version"
+            return int(_one(cur.execute(query).fetchone(), query)["v"])
 
     @contextlib.contextmanager
     def _tx(self, *, write: bool) -> Iterator[psycopg.Cursor[Any]]:
@@ -217,8 +228,8 @@ class PostgresStore(SqlStore):
     def _ts(self, dt: datetime) -> datetime:
         return codec.utc(dt)
 
-    def _dt(self, value: Any) -> datetime:
-        return value.astimezone(codec.UTC)
+    def _dt(self, value: datetime) -> datetime:
+        return value.astimezone(UTC)
 
     def _json_in(self, obj: Any) -> Jsonb:
         return Jsonb(obj)
@@ -318,8 +329,8 @@ class _Listener:
             try:
                 with conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    revision = conn.execute(
-                        "SELECT revision FROM grants_revision WHERE id = 1").fetchone()[0]
+                    query = "SELECT revision FROM grants_revision WHERE id = 1"
+                    revision = _one(conn.execute(query).fetchone(), query)[0]
                     self._connected.set()
                     backoff = 0.2
                     if revision != self._known:  # missed changes while (re)connecting

@@ -44,6 +44,19 @@ def run_loop_step(command: str, tmp_path) -> subprocess.CompletedProcess:
     return res
 
 
+def run_aws_step(command: str, tmp_path, request_id: str = "") -> subprocess.CompletedProcess:
+    """Run one printed broker line: `VAR=... mpa ...` or `VAR=... python -c ...`."""
+    words = shlex.split(command.replace("REQUEST_ID", request_id or "REQUEST_ID"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPA_", "AWS_"))}
+    while "=" in words[0]:
+        key, _, value = words.pop(0).partition("=")
+        env[key] = str(tmp_path / "people" / pathlib.Path(value).name) if key == "MPA_CONFIG_DIR" else value
+    argv = [sys.executable, "-m", "mpa.cli", *words[1:]] if words[0] == "mpa" else words
+    res = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, (command, res.stdout, res.stderr)
+    return res
+
+
 def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
     demo = subprocess.Popen(MPACTL + ["demo", "--dir", str(tmp_path / "demo")], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -95,6 +108,18 @@ def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
         approvals_url = re.search(r"approvals \(page, API for `mpa`\): (\S+)", "\n".join(lines)).group(1)
         assert f"x-mpa-request-url: {approvals_url}/requests/" in first_call.stdout
         assert last_call.returncode == 0 and "status: OK" in last_call.stdout, last_call.stdout
+
+        # The credential broker on the local AWS: request, approval, then real SDK calls.
+        aws_steps = [ln.strip() for i, ln in enumerate(lines) if i and "# [aws]" in lines[i - 1]]
+        assert len(aws_steps) == 4, "\n".join(lines)
+        requested = run_aws_step(aws_steps[0], tmp_path)
+        request_id = requested.stdout.split()[0]
+        assert request_id.startswith("cr-")
+        run_aws_step(aws_steps[1], tmp_path, request_id)
+        sdk = run_aws_step(aws_steps[2], tmp_path)
+        assert ":assumed-role/platform-admin/" in sdk.stdout and "nat-gateway.log" in sdk.stdout
+        trail = pathlib.Path(shlex.split(aws_steps[3])[1]).read_text()
+        assert '"source_identity": "bob"' in trail and '"mpa:approver": "alice"' in trail
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         try:

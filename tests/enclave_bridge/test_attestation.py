@@ -22,6 +22,11 @@ def nsm() -> SimulatedNsm:
     return SimulatedNsm()
 
 
+def att_image(nsm: SimulatedNsm) -> dict[int, bytes]:
+    """The simulated image's PCR0, PCR1 and PCR2 (what nitro-cli build-enclave prints)."""
+    return {i: nsm.pcrs[i] for i in (0, 1, 2)}
+
+
 def expect(nsm: SimulatedNsm, **kwargs) -> Expectations:
     kwargs.setdefault("pcrs", {0: nsm.pcrs[0], 1: nsm.pcrs[1], 2: nsm.pcrs[2]})
     return Expectations(root=nsm.root_certificate, **kwargs)
@@ -112,7 +117,7 @@ def test_bundled_aws_root_is_the_pinned_nitro_root_g1():
 
 def test_production_expectations_refuse_simulated_documents(nsm):
     with pytest.raises(att.UntrustedChain):
-        verify(nsm.attest(), Expectations.aws(pcrs={0: nsm.pcrs[0]}))
+        verify(nsm.attest(), Expectations.aws(pcrs={i: nsm.pcrs[i] for i in (0, 1, 2)}))
 
 
 # -- refusals -----------------------------------------------------------------------------------
@@ -132,7 +137,7 @@ def test_refuses_an_altered_payload_under_the_original_signature(nsm):
     payload["pcrs"][0] = hashlib.sha384(b"attacker image").digest()
     forged = cbor2.dumps(cbor2.CBORTag(18, [genuine[0], genuine[1], cbor2.dumps(payload), genuine[3]]))
     with pytest.raises(att.InvalidSignature):
-        verify(forged, expect(nsm, pcrs={0: payload["pcrs"][0]}))
+        verify(forged, expect(nsm, pcrs={**att_image(nsm), 0: payload["pcrs"][0]}))
 
 
 def test_refuses_a_document_signed_by_another_key_than_its_certificate(nsm):
@@ -174,36 +179,65 @@ def test_refuses_a_certificate_not_yet_valid():
 
 def test_refuses_a_wrong_pcr(nsm):
     with pytest.raises(att.PcrMismatch, match="PCR1"):
-        verify(nsm.attest(), expect(nsm, pcrs={0: nsm.pcrs[0], 1: hashlib.sha384(b"other").digest()}))
+        verify(nsm.attest(), expect(nsm, pcrs={**att_image(nsm), 1: hashlib.sha384(b"other").digest()}))
 
 
 def test_refuses_a_missing_pcr(nsm):
     pcrs = {i: v for i, v in nsm.pcrs.items() if i != 8}
     with pytest.raises(att.PcrMissing, match="PCR8"):
-        verify(nsm.attest_with(pcrs=pcrs), expect(nsm, pcrs={0: nsm.pcrs[0], 8: b"\x01" * 48}))
+        verify(nsm.attest_with(pcrs=pcrs), expect(nsm, pcrs={**att_image(nsm), 8: b"\x01" * 48}))
 
 
 def test_refuses_all_zero_pcrs_debug_mode():
     debug = SimulatedNsm(pcrs={})  # every PCR zero, as a debug-mode enclave reports
     assert not any(any(v) for v in debug.pcrs.values())
     with pytest.raises(att.DebugModeEnclave):
-        verify(debug.attest(), expect(debug, pcrs={0: default_simulated_pcrs()[0]}))
+        verify(debug.attest(), expect(debug, pcrs={i: default_simulated_pcrs()[i] for i in (0, 1, 2)}))
 
 
-def test_refuses_a_zero_pcr_that_the_expectations_name(nsm):
+def test_a_zero_pcr_that_the_expectations_name_is_a_mismatch_not_debug_mode(nsm):
     zeroed = dict(nsm.pcrs)
     zeroed[4] = bytes(48)
-    with pytest.raises(att.DebugModeEnclave, match="PCR4"):
-        verify(nsm.attest_with(pcrs=zeroed), expect(nsm, pcrs={0: nsm.pcrs[0], 4: b"\x02" * 48}))
+    with pytest.raises(att.PcrMismatch, match="PCR4 is all zero") as refused:
+        verify(nsm.attest_with(pcrs=zeroed), expect(nsm, pcrs={**att_image(nsm), 4: b"\x02" * 48}))
+    assert not isinstance(refused.value, att.DebugModeEnclave)
+
+
+def test_pinning_pcr3_when_the_document_has_it_zero_is_a_mismatch(nsm):
+    zeroed = {**nsm.pcrs, 3: bytes(48)}  # no IAM role measured for this parent
+    with pytest.raises(att.PcrMismatch, match="PCR3 is all zero") as refused:
+        verify(nsm.attest_with(pcrs=zeroed), expect(nsm, pcrs={**att_image(nsm), 3: b"\x03" * 48}))
+    assert not isinstance(refused.value, att.DebugModeEnclave)
+
+
+def test_a_zero_image_pcr_alone_is_a_mismatch_not_debug_mode(nsm):
+    zeroed = dict(nsm.pcrs)
+    zeroed[2] = bytes(48)
+    with pytest.raises(att.PcrMismatch, match="PCR2 is all zero"):
+        verify(nsm.attest_with(pcrs=zeroed), expect(nsm))
 
 
 def test_expectations_never_accept_zero_or_no_pcrs(nsm):
     with pytest.raises(ValueError, match="debug-mode"):
-        Expectations(root=nsm.root_certificate, pcrs={0: bytes(48)})
-    with pytest.raises(ValueError, match="at least one PCR"):
+        Expectations(root=nsm.root_certificate, pcrs={**att_image(nsm), 0: bytes(48)})
+    with pytest.raises(att.ImageNotPinned, match="not pinned"):
         Expectations(root=nsm.root_certificate, pcrs={})
     with pytest.raises(ValueError, match="not hex"):
-        Expectations(root=nsm.root_certificate, pcrs={0: "zz"})
+        Expectations(root=nsm.root_certificate, pcrs={**att_image(nsm), 0: "zz"})
+
+
+@pytest.mark.parametrize("pinned", [(0,), (4,), (1, 2), (0, 1), (0, 2, 4)])
+def test_expectations_refuse_to_start_unless_pcr0_pcr1_pcr2_are_pinned(nsm, pinned):
+    with pytest.raises(att.ImageNotPinned, match="the image is not pinned") as refused:
+        Expectations(root=nsm.root_certificate, pcrs={i: nsm.pcrs[i] for i in pinned})
+    missing = [f"PCR{i}" for i in (0, 1, 2) if i not in pinned]
+    assert ", ".join(missing) in str(refused.value)
+    assert refused.value.code == "image_not_pinned"
+
+
+def test_only_an_explicit_key_policy_subset_may_pin_less(nsm):
+    subset = Expectations(root=nsm.root_certificate, pcrs={0: nsm.pcrs[0]}, require_image_pcrs=False)
+    assert verify(nsm.attest(), subset).pcrs[0] == nsm.pcrs[0]
 
 
 MALFORMED = {

@@ -24,15 +24,17 @@ DOCUMENT = base64.b64decode((Path(__file__).parent / "data" / "aws_nitro_attesta
 PAYLOAD = cbor2.loads(cose.decode_sign1(DOCUMENT).payload)
 ISSUED = dt.datetime.fromtimestamp(PAYLOAD["timestamp"] / 1000, dt.UTC)
 PCR0 = bytes.fromhex("c8275c3e3cd96b3cb256ae55ef8ce52b2dac4601bbd7698efbb76717b4a77c9473d9fc6b2ea93d7d4cff0fb800e675bf")
+#: The image as nitro-cli build-enclave would print it: PCR0, PCR1, PCR2.
+IMAGE = {0: PCR0, 1: PAYLOAD["pcrs"][1], 2: PAYLOAD["pcrs"][2]}
 
 
 def at_issue_time(**kwargs) -> Expectations:
-    kwargs.setdefault("pcrs", {0: PCR0})
+    kwargs.setdefault("pcrs", IMAGE)
     return Expectations.aws(clock=lambda: ISSUED + dt.timedelta(seconds=5), **kwargs)
 
 
 def test_real_document_verifies_against_the_pinned_aws_root():
-    result = verify(DOCUMENT, at_issue_time(pcrs={0: PCR0, 1: PAYLOAD["pcrs"][1], 2: PAYLOAD["pcrs"][2]}))
+    result = verify(DOCUMENT, at_issue_time())
     assert result.module_id == "i-059e862454f4a8d8f-enc0190a2f1964172e6"
     assert result.timestamp == ISSUED and ISSUED.date() == dt.date(2024, 7, 16)
     assert result.pcrs[0] == PCR0 and len(result.pcrs) == 16
@@ -61,18 +63,18 @@ def test_the_real_leaf_needs_the_relaxed_end_entity_policy():
 
 def test_real_document_is_refused_today_as_expired():
     with pytest.raises(att.CertificateExpired):
-        verify(DOCUMENT, Expectations.aws(pcrs={0: PCR0}, max_age=dt.timedelta(days=36500)))
+        verify(DOCUMENT, Expectations.aws(pcrs=IMAGE, max_age=dt.timedelta(days=36500)))
 
 
 def test_real_document_is_refused_against_another_root():
     with pytest.raises(att.UntrustedChain):
-        verify(DOCUMENT, Expectations(root=SimulatedNsm().root_certificate, pcrs={0: PCR0},
+        verify(DOCUMENT, Expectations(root=SimulatedNsm().root_certificate, pcrs=IMAGE,
                                       clock=lambda: ISSUED + dt.timedelta(seconds=5)))
 
 
 def test_real_document_with_another_image_measurement_is_refused():
     with pytest.raises(att.PcrMismatch):
-        verify(DOCUMENT, at_issue_time(pcrs={0: b"\x11" * 48}))
+        verify(DOCUMENT, at_issue_time(pcrs={**IMAGE, 0: b"\x11" * 48}))
 
 
 def test_real_document_tampered_is_refused():
@@ -83,11 +85,32 @@ def test_real_document_tampered_is_refused():
 
 
 def test_real_document_is_stale_after_the_freshness_window():
-    late = Expectations.aws(pcrs={0: PCR0}, clock=lambda: ISSUED + dt.timedelta(minutes=10))
+    late = Expectations.aws(pcrs=IMAGE, clock=lambda: ISSUED + dt.timedelta(minutes=10))
     with pytest.raises(att.StaleDocument):
         verify(DOCUMENT, late)
 
 
 def test_a_naive_utc_clock_is_read_as_utc():
     naive = (ISSUED + dt.timedelta(seconds=5)).replace(tzinfo=None)
-    assert verify(DOCUMENT, Expectations.aws(pcrs={0: PCR0}, clock=lambda: naive)).pcrs[0] == PCR0
+    assert verify(DOCUMENT, Expectations.aws(pcrs=IMAGE, clock=lambda: naive)).pcrs[0] == PCR0
+
+
+def test_pinning_only_the_parent_instance_is_refused_before_any_document_is_read():
+    # Issue 11: PCR4 (the parent instance) alone accepted this genuine document, so any image on
+    # that instance would have passed. Expectations without the image now refuse to be built.
+    with pytest.raises(att.ImageNotPinned, match="PCR0, PCR1, PCR2 missing"):
+        at_issue_time(pcrs={4: PAYLOAD["pcrs"][4]})
+    with pytest.raises(att.ImageNotPinned, match="PCR2 missing"):
+        at_issue_time(pcrs={0: PCR0, 1: PAYLOAD["pcrs"][1]})
+
+
+def test_pinning_a_pcr_the_genuine_document_leaves_zero_is_a_mismatch_not_debug_mode():
+    assert not any(PAYLOAD["pcrs"][8]) and any(PCR0)  # PCR8 (signing certificate): an unsigned image
+    with pytest.raises(att.PcrMismatch, match="PCR8 is all zero") as refused:
+        verify(DOCUMENT, at_issue_time(pcrs={**IMAGE, 8: b"\x08" * 48}))
+    assert not isinstance(refused.value, att.DebugModeEnclave)
+
+
+def test_the_genuine_document_with_the_whole_image_and_parent_pinned_verifies():
+    pinned = {**IMAGE, 4: PAYLOAD["pcrs"][4]}
+    assert verify(DOCUMENT, at_issue_time(pcrs=pinned)).pcrs[4] == PAYLOAD["pcrs"][4]

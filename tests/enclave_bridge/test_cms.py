@@ -51,8 +51,10 @@ def test_openssl_decrypts_what_we_encrypt(recipient):
     d, key = recipient
     blob = encrypt_for_recipient(b"seed secret \x00\x01", key.public_key())
     (d / "ours.der").write_bytes(blob)
+    # No -recip: our key id is KMS's SHA-256 form, not the certificate's SHA-1 SKI, so openssl
+    # tries the recipient with the key (as for a genuine KMS answer).
     out = subprocess.run(["openssl", "cms", "-decrypt", "-binary", "-inform", "DER", "-in", str(d / "ours.der"),
-                          "-inkey", str(d / "k.pem"), "-recip", str(d / "c.pem")],
+                          "-inkey", str(d / "k.pem")],
                          check=True, capture_output=True).stdout
     assert out == b"seed secret \x00\x01"
     assert decrypt_enveloped(blob, key) == b"seed secret \x00\x01"
@@ -86,11 +88,16 @@ def test_refuses_another_content_cipher(recipient):
         decrypt_enveloped(openssl_encrypt(d, b"x", flags), key)
 
 
-def test_refuses_issuer_and_serial_recipient(recipient):
+def test_accepts_issuer_and_serial_recipient_and_the_key_decides(recipient):
     d, key = recipient
     flags = [f for f in KMS_PROFILE if f != "-keyid"]
-    with pytest.raises(UnsupportedCms, match="subjectKeyIdentifier"):
-        decrypt_enveloped(openssl_encrypt(d, b"x", flags), key)
+    blob = openssl_encrypt(d, b"by certificate", flags)
+    assert cms.ContentInfo.load(blob)["content"]["recipient_infos"][0].chosen["rid"].name == \
+        "issuer_and_serial_number"
+    assert decrypt_enveloped(blob, key) == b"by certificate"
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(DecryptionFailed, match="does not decrypt with our private key"):
+        decrypt_enveloped(blob, other)
 
 
 def _modify(blob: bytes, change) -> bytes:

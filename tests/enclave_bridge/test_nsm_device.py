@@ -83,7 +83,7 @@ def test_device_client_round_trip_through_the_driver_interface(device_path):
     assert call["ioctl"] == 0xC0200A00
     assert call["request"] == {"Attestation": {"user_data": None, "nonce": b"N" * 32, "public_key": b"K" * 64}}
     assert call["response_capacity"] == nsm_mod.NSM_RESPONSE_MAX_SIZE
-    result = verify(document, Expectations(root=simulator.root_certificate, pcrs={0: simulator.pcrs[0]},
+    result = verify(document, Expectations(root=simulator.root_certificate, pcrs={i: simulator.pcrs[i] for i in (0, 1, 2)},
                                            nonce=b"N" * 32))
     assert result.public_key == b"K" * 64
 

@@ -88,6 +88,9 @@ def setup(tmp_path):
 def test_trusted_build_gets_its_seeds_keeps_state_and_attests_its_certificate(setup):
     from enclave_bridge.attestation import Expectations
     from enclave_bridge.broker.tls import verify_certificate
+    from enclave_bridge.nsm import default_simulated_pcrs
+
+    image_pcrs = {i: default_simulated_pcrs()[i] for i in (0, 1, 2)}  # PCR1/PCR2: the simulated kernel, app
 
     tmp, dev = setup["tmp"], setup["dev"]
     running = m.measure(ROOT, "HEAD")
@@ -101,7 +104,7 @@ def test_trusted_build_gets_its_seeds_keeps_state_and_attests_its_certificate(se
         cert_pem = first_cert = (tmp / "broker.pem").read_bytes()
         root = x509.load_pem_x509_certificate((tmp / "sim" / "simulated-root.pem").read_bytes())
         verify_certificate(cert_pem, Path(f"{tmp}/broker.pem.att").read_bytes(),
-                           Expectations(root=root, pcrs={0: bytes.fromhex(running.sha384)}))
+                           Expectations(root=root, pcrs={**image_pcrs, 0: bytes.fromhex(running.sha384)}))
         alice = BrokerClient(f"127.0.0.1:{port}", cert_pem, dev.mint(ALICE))
         bob = BrokerClient(f"127.0.0.1:{port}", cert_pem, dev.mint(BOB))
         rid = alice.request_aws("platform-admin", reason="restart test").id

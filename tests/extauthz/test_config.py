@@ -27,7 +27,7 @@ def test_file_then_env_overrides(tmp_path):
     ("listen: {port: 1}\n", {}, "store_url: required key is missing"),
     ("store_url: x\ndefault_mode: SOMETIMES\n", {}, "default_mode"),
     ("store_url: x\ndefault_mode: HUMANS_WHO_CAN_RPC_UNSPECIFIED\n", {}, "cannot be UNSPECIFIED"),
-    ("store_url: x\n", {"RPCAUTHZ_LISTEN__PORT": "seventy"}, "listen.port (from $RPCAUTHZ_LISTEN__PORT)"),
+    ("store_url: x\n", {"RPCAUTHZ_LISTEN__PORT": "seventy"}, "(from $RPCAUTHZ_LISTEN__PORT)"),
     ("store_url: x\nworkers: 4\nlisten: {port: 0}\n", {}, "SO_REUSEPORT"),
     ("store_url: x\napprovals: {base_url: ftp://x}\n", {}, "approvals.base_url"),
     ("- a list\n", {}, "mapping"),
@@ -37,6 +37,15 @@ def test_bad_config_names_the_key(tmp_path, text, env, needle):
     with pytest.raises(ConfigError) as e:
         load_settings(write(tmp_path, text), env=env)
     assert needle in str(e.value)
+
+
+def test_errors_name_the_file_line_and_the_flag(tmp_path):
+    p = write(tmp_path, "store_url: x\n\nlisten:\n  host: 0.0.0.0\n  prot: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(p, env={})
+    assert f"listen.prot: unknown key (at {p} line 5)" in str(e.value)
+    with pytest.raises(ConfigError, match=r"workers: .* \(from command line\)"):
+        load_settings(write(tmp_path, "store_url: x\n"), env={}, overrides={"workers": 0})
 
 
 def test_missing_file_is_a_clear_error(tmp_path):

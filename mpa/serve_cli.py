@@ -1,0 +1,57 @@
+"""``mpactl approvals serve``: the approvals server in the foreground, from a YAML file."""
+from __future__ import annotations
+
+import logging
+import pathlib
+import signal
+import threading
+from typing import Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``approvals serve`` to ``mpactl``."""
+    group = typer.Typer(help="The approvals service (API, approval page, Slack, audit export).",
+                        no_args_is_help=True)
+    group.command("serve", help="Run the approvals server until SIGTERM.")(serve)
+    app.add_typer(group, name="approvals")
+
+
+def serve(
+    config: pathlib.Path | None = typer.Option(
+        None, "--config", "-c", help="YAML config file (see docs/approvals.md); RPCAUTHZ_* "
+                                     "environment variables override it."),
+    port: int | None = typer.Option(None, "--port", help="Override listen.port."),
+    store_url: str | None = typer.Option(None, "--store", help="Override store_url "
+                                            "(sqlite:///path.db or postgresql://...)."),
+) -> None:
+    """Run the approvals server until SIGTERM or Ctrl-C."""
+    from .config import ConfigError, load_approvals_config
+    from .server import start_approvals_server
+
+    overrides: dict[str, Any] = {}
+    if port is not None:
+        overrides["listen.port"] = port
+    if store_url is not None:
+        overrides["store_url"] = store_url
+    try:
+        settings = load_approvals_config(config, overrides=overrides)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        handle = start_approvals_server(settings, host=settings.listen.host,
+                                        port=settings.listen.port)
+    except (OSError, RuntimeError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    if handle.dev_jwks_url:
+        typer.echo(f"DEV issuer {handle.config.issuer}: JWKS at {handle.dev_jwks_url}")
+    typer.echo(f"approvals server listening on {handle.url}")
+    done.wait()
+    handle.close()
