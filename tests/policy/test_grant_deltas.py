@@ -158,3 +158,43 @@ def test_notify_payload_limit_is_respected(pg_dsn):
         store.close()
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM grant_changes").fetchone()[0] == 100
+
+
+_CATALOG = """\
+kind: Group
+metadata: {name: pay}
+spec: {members: [ann]}
+---
+kind: User
+metadata: {name: ann}
+spec: {profile: {email: ann@example.com}}
+---
+kind: Component
+metadata: {name: payments, annotations: {rpcauthz.io/grpc-services: pay.v1.Pay}}
+spec: {owner: pay}
+"""
+
+
+def test_unchanged_catalog_is_not_parsed_again(store, tmp_path, monkeypatch):
+    from policy import sync as sync_module
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(_CATALOG)
+    diffs = sync_module.sync(store, catalog=[cat])
+    assert len(diffs["sync:catalog"].added) == 2
+    rev, audits = store.grants_revision(), _audit_count(store)
+    real = sync_module.catalog_grants
+    calls = []
+    monkeypatch.setattr(sync_module, "catalog_grants", lambda paths: calls.append(paths) or real(paths))
+
+    assert sync_module.sync(store, catalog=[cat])["sync:catalog"] == sync_module.GrantDiff()
+    assert calls == [] and (store.grants_revision(), _audit_count(store)) == (rev, audits)
+
+    store.put_grant(Grant("hand", Role.ENGINEER))  # someone changed grants: parse again
+    sync_module.sync(store, catalog=[cat])
+    assert len(calls) == 1
+    sync_module.sync(store, catalog=[cat])
+    assert len(calls) == 1  # and recorded again at the new revision
+
+    cat.write_text(_CATALOG.replace("members: [ann]", "members: []"))  # the file changed
+    diffs = sync_module.sync(store, catalog=[cat])
+    assert len(calls) == 2 and len(diffs["sync:catalog"].removed) == 2
