@@ -34,7 +34,7 @@ from envoy.service.auth.v3 import external_auth_pb2  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 from google.rpc import code_pb2, status_pb2  # noqa: E402
 
-from extauthz.body import frame  # noqa: E402
+from tests.support.grpc_frames import frame  # noqa: E402
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
 PATH = f"/{ACCOUNTS}/ListAccounts"

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, ManagedProcess, free_port, render_gateway, wait_serving  # noqa: E402
-from extauthz.body import frame  # noqa: E402
+from tests.support.grpc_frames import frame  # noqa: E402
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
 PATH = f"/{ACCOUNTS}/ListAccounts"  # ENGINEERS_WITHOUT_APPROVAL: an allow from memory

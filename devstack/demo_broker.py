@@ -29,8 +29,8 @@ class DemoBroker:
         import boto3
 
         from devstack.aws_standin import REGION, LocalAws
+        from enclave_bridge.broker.audit_chain import ChainedAuditLog, audit_key
         from enclave_bridge.broker.config import BrokerConfig
-        from enclave_bridge.broker.notify import JsonlAuditLog
         from enclave_bridge.broker.server import start_broker
         from enclave_bridge.seeds import SeedBundle
 
@@ -53,9 +53,10 @@ class DemoBroker:
                                aws_access_key_id=key["access_key_id"],
                                aws_secret_access_key=key["secret_access_key"])
             self.cert = workdir / "broker.pem"
-            self.runtime = start_broker(config, SeedBundle.generate(aws=key), state_path=workdir / "broker-state.db",
-                                        audit=[JsonlAuditLog(workdir / "broker-audit.jsonl")], sts_client=sts,
-                                        cert_out=self.cert)
+            seeds = SeedBundle.generate(aws=key)
+            audit = ChainedAuditLog(workdir / "broker-audit.jsonl", audit_key(seeds.state_key))
+            self.runtime = start_broker(config, seeds, state_path=workdir / "broker-state.db", audit=[audit],
+                                        sts_client=sts, cert_out=self.cert)
         except BaseException:
             self.aws.stop()
             raise

@@ -3,14 +3,17 @@
 ``register(app)`` adds a ``broker`` command group:
 
 * ``mpactl broker measure``  build the broker artifact twice from a commit; print its SHA-384
-* ``mpactl broker trust propose|report|show``  the two-approver rule for the trusted measurement
+* ``mpactl broker trust propose|check|accept|show``  two-person changes of the trusted measurement,
+  approved in the approvals service and verified from its signed receipt
 * ``mpactl broker serve``  run the broker (inside the enclave, or simulated locally)
+* ``mpactl broker audit verify|export``  check the chained, signed audit log; export it to the store
 """
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -19,25 +22,51 @@ from . import measure as measure_mod
 DEFAULT_LEDGER = Path("measurements.json")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"mpactl broker: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _approvers(value: str) -> frozenset[str]:
-    path = Path(value)
-    names = path.read_text().split() if path.exists() else value.split(",")
-    found = frozenset(n.strip() for n in names if n.strip())
-    if len(found) < 2:
-        _fail("--approvers must name at least two measurement approvers (comma list or a file)")
-    return found
+def _approvals_session(server: str | None) -> tuple[str, str]:
+    """The approvals server URL and the signed-in engineer's token (MPA_TOKEN or `mpa login`'s session)."""
+    import os
+    session: dict = {}
+    path = Path(os.environ.get("MPA_CONFIG_DIR") or Path.home() / ".config" / "mpa") / "session.json"
+    try:
+        session = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    url = (server or os.environ.get("MPA_SERVER") or session.get("server") or "").rstrip("/")
+    token = (os.environ.get("MPA_TOKEN") or session.get("token") or "").strip()
+    if not url:
+        _fail("no approvals server known: pass --server URL, set MPA_SERVER or run `mpa login`", 2)
+    if not token:
+        _fail("not signed in: run `mpa login` (or set MPA_TOKEN)", 3)
+    return url, token
+
+
+def _approvals_call(method: str, url: str, token: str, **kwargs) -> dict:
+    import httpx
+    try:
+        resp = httpx.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=15, **kwargs)
+    except httpx.HTTPError as e:
+        _fail(f"cannot reach the approvals server: {e}", 4)
+    try:
+        data = resp.json()
+    except ValueError:
+        data = {}
+    if resp.status_code >= 400:
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        _fail(f"approvals server refused ({resp.status_code} {err.get('code', '')}): "
+              f"{err.get('message', resp.text[:200])}", 3 if resp.status_code == 401 else 1)
+    return data
 
 
 def register(app: typer.Typer) -> None:
     broker = typer.Typer(help="Run the enclave credential broker and manage its trusted measurement.",
                          no_args_is_help=True)
     app.add_typer(broker, name="broker")
-    trust = typer.Typer(help="Change the trusted measurement: two approvers must build the same hash.",
+    trust = typer.Typer(help="Change the trusted measurement: an MPA request another security on-call approves.",
                         no_args_is_help=True)
     broker.add_typer(trust, name="trust")
 
@@ -59,48 +88,147 @@ def register(app: typer.Typer) -> None:
     @trust.command("propose")
     def propose(commit: str = typer.Option(..., "--commit", help="commit to trust (resolved in --repo)"),
                 reason: str = typer.Option(..., "--reason", help="why this version"),
-                who: str = typer.Option(..., "--as", help="your engineer id"),
-                repo: Path = typer.Option(Path("."), "--repo"),
-                ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger", help="the measurement ledger file")) -> None:
-        """Propose trusting the build of a commit; two approvers must then report matching hashes."""
+                incident: str = typer.Option(..., "--incident", help="change ticket or incident reference"),
+                repo: Path = typer.Option(Path("."), "--repo", help="the git repository to build from"),
+                server: str | None = typer.Option(None, "--server", help="approvals server URL "
+                                                  "(default: MPA_SERVER or the `mpa login` session)")) -> None:
+        """Build COMMIT and ask the approvals service to trust its measurement (you: security on-call).
+
+        You sign in as for any approval (`mpa login`); another security on-call engineer approves
+        with `mpa approve` or the page, after building the commit themselves (`mpactl broker measure`).
+        """
+        from .trust import TRUST_METHOD, TRUST_SERVICE, change_digest
         try:
             full = measure_mod.resolve_commit(repo, commit)
-            p = measure_mod.MeasurementLedger(ledger).propose(commit=full, proposer=who, reason=reason,
-                                                              now=datetime.now(UTC))
-        except (measure_mod.BuildError, ValueError) as e:
+            m = measure_mod.measure(repo, full)
+        except measure_mod.BuildError as e:
             _fail(str(e))
-        typer.echo(f"{p.id}  proposes commit {p.commit}\n"
-                   f"Two approvers each run: mpactl broker trust report {p.id} --as THEM --approvers ...")
+        url, token = _approvals_session(server)
+        body = {"service": TRUST_SERVICE, "method": TRUST_METHOD, "incident": incident,
+                "reason": f"{reason} (trust broker build of commit {m.commit}, sha384 {m.sha384})",
+                "body_sha256": change_digest(m.commit, m.sha384)}
+        r = _approvals_call("POST", f"{url}/api/v1/requests", token, json=body)
+        typer.echo(f"{r['id']}  proposes trusting commit {m.commit}\n        sha384 {m.sha384}\n"
+                   f"        {r.get('link', '')}\n"
+                   f"Another security on-call engineer builds and checks it, then approves:\n"
+                   f"  mpactl broker trust check {r['id']} --commit {m.commit} && mpa approve {r['id']}\n"
+                   f"Then: mpactl broker trust accept {r['id']} --commit {m.commit} --config BROKER_YAML "
+                   "--approvals-key RECEIPT_PUBLIC_KEY")
 
-    @trust.command("report")
-    def report(proposal_id: str, who: str = typer.Option(..., "--as", help="your engineer id"),
-               approvers: str = typer.Option(..., "--approvers", help="measurement approvers: comma list or file"),
-               repo: Path = typer.Option(Path("."), "--repo", help="your own clone to build from"),
-               ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger")) -> None:
-        """Build the proposal's commit yourself and report the hash you got."""
-        from policy import PolicyError
-        allowed = _approvers(approvers)
-        led = measure_mod.MeasurementLedger(ledger)
+    @trust.command("check")
+    def check(request_id: str = typer.Argument(..., help="the trust request you are asked to approve"),
+              commit: str = typer.Option(..., "--commit", help="the commit the request names"),
+              repo: Path = typer.Option(Path("."), "--repo", help="your own clone to build from"),
+              server: str | None = typer.Option(None, "--server", help="approvals server URL")) -> None:
+        """Before approving: build COMMIT yourself and check the request is bound to exactly that build."""
+        from .trust import TRUST_METHOD, TRUST_SERVICE, change_digest
         try:
-            p = led.get(proposal_id)
-            m = measure_mod.measure(repo, p.commit)
-            p = led.report(proposal_id, approver=who, sha384_hex=m.sha384, approvers=allowed,
-                           now=datetime.now(UTC))
-        except KeyError as e:
-            _fail(str(e.args[0]))
-        except (measure_mod.BuildError, PolicyError) as e:
+            m = measure_mod.measure(repo, measure_mod.resolve_commit(repo, commit))
+        except measure_mod.BuildError as e:
             _fail(str(e))
-        typer.echo(f"you built {m.sha384}\nproposal {p.id} is {p.state.value} "
-                   f"({len(p.reports)}/{p.required} reports)")
-        if p.state is measure_mod.ProposalState.DISPUTED:
-            _fail("hashes differ between approvers: the proposal can never be accepted; find out why", 3)
+        url, token = _approvals_session(server)
+        r = _approvals_call("GET", f"{url}/api/v1/requests/{request_id}", token)
+        if (r.get("service"), r.get("method")) != (TRUST_SERVICE, TRUST_METHOD):
+            _fail(f"{request_id} is not a trust change (/{r.get('service')}/{r.get('method')})", 3)
+        if r.get("body_sha256") != change_digest(m.commit, m.sha384):
+            _fail(f"MISMATCH: your build of {m.commit} is sha384 {m.sha384}, and {request_id} is not bound "
+                  "to it: do not approve; find out why", 3)
+        typer.echo(f"ok: {request_id} is bound to your build of {m.commit} (sha384 {m.sha384}); "
+                   f"approve with: mpa approve {request_id}")
+
+    @trust.command("accept")
+    def accept(request_id: str = typer.Argument(..., help="the approved trust request"),
+               commit: str = typer.Option(..., "--commit", help="the commit the request is for"),
+               config: Path = typer.Option(..., "--config", help="the broker YAML (its grants decide who is on-call)"),
+               approvals_key: Path = typer.Option(..., "--approvals-key",
+                                                  help="the approvals service's receipt public key (PEM), pinned"),
+               repo: Path = typer.Option(Path("."), "--repo", help="your own clone to build from"),
+               ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger", help="the trust ledger file"),
+               server: str | None = typer.Option(None, "--server", help="approvals server URL")) -> None:
+        """Fetch the approval's signed receipt, verify it as the broker will, and make it the trusted build."""
+        from .broker.config import BrokerConfig, ConfigError
+        from .trust import TrustChangeRefused, load_public_key, verify_trust_receipt
+        try:
+            cfg = BrokerConfig.from_file(config)
+            key = load_public_key(approvals_key.read_bytes())
+            full = measure_mod.resolve_commit(repo, commit)
+            m = measure_mod.measure(repo, full)
+        except (ConfigError, ValueError, OSError, measure_mod.BuildError) as e:
+            _fail(str(e))
+        url, token = _approvals_session(server)
+        got = _approvals_call("GET", f"{url}/api/v1/requests/{request_id}/receipt", token)
+        try:
+            ok = verify_trust_receipt(got["receipt"], public_key=key, grants=cfg.grant_set(), commit=m.commit,
+                                      sha384=m.sha384, now=datetime.now(UTC))
+        except TrustChangeRefused as e:
+            _fail(f"refused: {e}", 3)
+        measure_mod.TrustLedger(ledger).accept({
+            "commit": m.commit, "sha384": m.sha384, "request_id": ok.request_id, "receipt": got["receipt"],
+            "requester": ok.requester, "approvers": list(ok.approvers),
+            "approved_at": ok.approved_at.isoformat(), "accepted_at": datetime.now(UTC).isoformat()})
+        typer.echo(f"trusted: sha384 {m.sha384} (commit {m.commit}), proposed by {ok.requester}, "
+                   f"approved by {', '.join(ok.approvers)} ({ok.request_id})")
 
     @trust.command("show")
     def show(ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger")) -> None:
         """Print the trusted measurement in force."""
-        t = measure_mod.MeasurementLedger(ledger).trusted()
-        typer.echo(json.dumps(t, indent=1) if t else "no trusted measurement yet")
+        t = measure_mod.TrustLedger(ledger).trusted()
+        if not t:
+            typer.echo("no trusted measurement yet")
+            return
+        typer.echo(json.dumps({k: v for k, v in t.items() if k != "receipt"}, indent=1))
 
+    audit = typer.Typer(help="The broker's chained, signed audit log: verify it, export it to the store.",
+                        no_args_is_help=True)
+    broker.add_typer(audit, name="audit")
+
+    @audit.command("verify")
+    def audit_verify(audit_log: Path = typer.Option(..., "--audit-log", help="the broker's JSON-lines audit log"),
+                     public_key: Path | None = typer.Option(None, "--public-key",
+                                                            help="the broker audit key (default: AUDIT_LOG.pub; "
+                                                            "pin a copy kept off the host)"),
+                     store: str | None = typer.Option(None, "--store", help="store URL whose exported audit is "
+                                                      "the witness for truncation and rollback")) -> None:
+        """Check every record's signature and chain; with --store, that nothing exported is missing or rewritten."""
+        from .broker.audit_chain import AuditChainError, load_public_key, store_witness, verify_file
+        witness = None
+        try:
+            key = load_public_key((public_key or audit_log.with_name(audit_log.name + ".pub")).read_bytes())
+            if store:
+                from policy.stores import open_store
+                st = open_store(store)
+                try:
+                    witness = store_witness(st)
+                finally:
+                    st.close()
+            head = verify_file(audit_log, key, witness=witness)
+        except AuditChainError as e:
+            _fail(f"{type(e).__name__}: {e}", 3)
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+        typer.echo(f"ok: {head.seq} records, head {head.hash}"
+                   + (f"; store witness seq {witness.seq} matches" if witness else ""))
+
+    @audit.command("export")
+    def audit_export(audit_log: Path = typer.Option(..., "--audit-log"),
+                     public_key: Path | None = typer.Option(None, "--public-key"),
+                     store: str = typer.Option(..., "--store", help="store URL (the approvals/gateway store)")) -> None:
+        """Verify the log against the store's witness, then append the records the store's audit lacks."""
+        from policy.stores import open_store
+
+        from .broker.audit_chain import AuditChainError, export_to_store, load_public_key
+        try:
+            key = load_public_key((public_key or audit_log.with_name(audit_log.name + ".pub")).read_bytes())
+            st = open_store(store)
+            try:
+                head, n = export_to_store(audit_log, key, st)
+            finally:
+                st.close()
+        except AuditChainError as e:
+            _fail(f"{type(e).__name__}: {e}", 3)
+        except (OSError, ValueError) as e:
+            _fail(str(e))
+        typer.echo(f"exported {n} records; head seq {head.seq}")
 
     @broker.command("seal-seeds")
     def seal_seeds(key_id: str = typer.Option(..., "--kms-key-id", help="KMS key (id, ARN or alias) whose "
@@ -154,6 +282,8 @@ def register(app: typer.Typer) -> None:
                   None, "--slack-spool", help="SQLite spool for Slack messages waiting to be delivered "
                   "(default: next to --state, as STATE.slack.db); used when the seeds hold a webhook"),
               listen: str = typer.Option("127.0.0.1:8443", "--listen", help="host:port for the TLS gRPC API"),
+              listen_port: int | None = typer.Option(None, "--port", min=0, max=65535,
+                                                     help="Override the port of --listen (as for the other servers)."),
               oidc_listen: str = typer.Option("", "--oidc-listen",
                                               help="host:port to serve the Kubernetes issuer's discovery + JWKS"),
               cert_out: Path = typer.Option(Path("broker.pem"), "--cert-out",
@@ -167,6 +297,9 @@ def register(app: typer.Typer) -> None:
                   None, "--simulate", help="DEMO ONLY: simulated NSM and a local KMS kept in this folder"),
               ledger: Path | None = typer.Option(None, "--ledger",
                                                     help="with --simulate: pin the ledger's trusted measurement"),
+              approvals_key: Path | None = typer.Option(
+                  None, "--approvals-key", help="with --ledger: the approvals service's receipt public key "
+                  "(PEM); the ledger's change is re-verified with it and this config's grants"),
               repo: Path = typer.Option(Path("."), "--repo", help="with --simulate: what the enclave 'runs'")) -> None:
         """Run the broker: open seeds through KMS with an attestation document, then serve.
 
@@ -184,7 +317,7 @@ def register(app: typer.Typer) -> None:
         aws_config = Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 3, "mode": "standard"})
 
         from .broker.config import BrokerConfig, ConfigError
-        from .broker.notify import BrokerSlack, JsonlAuditLog
+        from .broker.notify import BrokerSlack
         from .broker.server import start_broker
         from .kms import Boto3KmsClient, KmsError
         from .seeds import SeedError, open_bundle
@@ -193,10 +326,15 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = BrokerConfig.from_file(config)
         except ConfigError as e:
-            _fail(str(e))
+            _fail(str(e), 2)  # a bad config is a usage error, as for the other servers
         try:
             if simulate is not None:
-                bundle, attester = _simulated_seeds(simulate, repo, ledger)
+                verified = None
+                if ledger is not None:
+                    if approvals_key is None:
+                        _fail("--ledger needs --approvals-key: the broker verifies the trust change itself")
+                    verified = _verified_trusted(ledger, approvals_key, cfg)
+                bundle, attester = _simulated_seeds(simulate, repo, verified)
             else:
                 if seeds is None:
                     _fail("--seeds is required (or --simulate DIR for a local demo)")
@@ -215,6 +353,8 @@ def register(app: typer.Typer) -> None:
                            config=aws_config, **sts_kwargs) \
             if cfg.roles else None
         host, _, port = listen.rpartition(":")
+        if listen_port is not None:
+            port = str(listen_port)
         oidc = None
         if oidc_listen:
             oh, _, op = oidc_listen.rpartition(":")
@@ -227,9 +367,18 @@ def register(app: typer.Typer) -> None:
             except ValueError as e:
                 _fail(f"the sealed seeds' Slack webhook is unusable: {e}")
         notifiers = [slack.notifier] if slack else []
-        runtime = start_broker(cfg, bundle, state_path=state, audit=[JsonlAuditLog(audit_log)], sts_client=sts,
-                               notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,
-                               attester=attester)
+        from .broker.audit_chain import AuditChainError, ChainedAuditLog, audit_key
+        try:
+            chained = ChainedAuditLog(audit_log, audit_key(bundle.state_key))
+        except AuditChainError as e:
+            _fail(f"the audit log {audit_log} does not verify, refusing to start: {type(e).__name__}: {e}")
+        try:
+            runtime = start_broker(cfg, bundle, state_path=state, audit=[chained], sts_client=sts,
+                                   notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,
+                                   attester=attester)
+        except AuditChainError as e:
+            _fail(f"the audit log {audit_log} is behind the broker's sealed head, refusing to start: "
+                  f"{type(e).__name__}: {e}")
         typer.echo(f"broker listening on {host}:{runtime.port} as {cfg.server_name}; certificate "
                    f"{runtime.tls.fingerprint} written to {cert_out}", err=True)
         stop = threading.Event()
@@ -241,11 +390,27 @@ def register(app: typer.Typer) -> None:
             slack.close()
 
 
-def _simulated_seeds(folder: Path, repo: Path, ledger: Path | None):
+def _verified_trusted(ledger: Path, approvals_key: Path, cfg) -> str:
+    """The ledger's trusted SHA-384, only if its receipt verifies (pinned key, this config's grants)."""
+    from .trust import TrustChangeRefused, load_public_key, verify_trust_receipt
+    trusted = measure_mod.TrustLedger(ledger).trusted()
+    if not trusted:
+        raise measure_mod.BuildError(f"the ledger {ledger} has no trusted measurement yet")
+    try:
+        key = load_public_key(approvals_key.read_bytes())
+        verify_trust_receipt(str(trusted.get("receipt", "")), public_key=key, grants=cfg.grant_set(),
+                             commit=str(trusted.get("commit", "")), sha384=str(trusted.get("sha384", "")))
+    except (TrustChangeRefused, ValueError) as e:
+        raise measure_mod.BuildError(f"the ledger's trusted measurement is not a verified two-person "
+                                     f"change: {e}") from None
+    return str(trusted["sha384"])
+
+
+def _simulated_seeds(folder: Path, repo: Path, trusted_sha384: str | None):
     """DEMO ONLY: what the enclave, NSM and KMS do, in one process, persisted in ``folder``.
 
     The simulated image measurement is the SHA-384 of this checkout's broker artifact; the local
-    KMS key policy pins the trusted measurement from the ledger. Run code that two approvers did
+    KMS key policy pins the verified trusted measurement from the ledger. Run code that two people did
     not agree on and KMS refuses, exactly as it would in production.
     """
     import os
@@ -263,11 +428,8 @@ def _simulated_seeds(folder: Path, repo: Path, ledger: Path | None):
     nsm = SimulatedNsm(pcrs=pcrs)
     kms = LocalKms(attestation_verifier(nsm.root_certificate))
     keys_file, seeds_file = folder / "local-kms.json", folder / "seeds.json"
-    if ledger is not None:
-        trusted = measure_mod.MeasurementLedger(ledger).trusted()
-        if not trusted:
-            raise measure_mod.BuildError(f"the ledger {ledger} has no trusted measurement yet")
-        pinned = bytes.fromhex(trusted["sha384"])
+    if trusted_sha384 is not None:
+        pinned = bytes.fromhex(trusted_sha384)
     else:
         pinned = pcrs[0]
     # As the runbook's key policy: the whole image (PCR0 the trusted build, PCR1/PCR2 the simulated

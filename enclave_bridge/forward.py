@@ -28,7 +28,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from .addresses import Address, TcpAddress, UnixAddress, VsockAddress, parse_address, vsock_socket
+from .addresses import Address, TcpAddress, UnixAddress, VsockAddress, vsock_socket
 
 log = logging.getLogger("enclave_bridge.forward")
 
@@ -55,10 +55,6 @@ class ForwarderConfig:
             raise ValueError("idle_timeout must be positive, or None for no idle limit")
         if not 1024 <= self.buffer_size <= 16 * 1024 * 1024:
             raise ValueError("buffer_size must be between 1 KiB and 16 MiB")
-
-    @classmethod
-    def from_urls(cls, listen: str, to: str, **options) -> ForwarderConfig:
-        return cls(listen=parse_address(listen, "listen"), target=parse_address(to, "connect"), **options)
 
 
 @dataclass
@@ -170,7 +166,7 @@ class Forwarder:
     def __init__(self, config: ForwarderConfig) -> None:
         self.config = config
         self.stats = ForwarderStats()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._slots = asyncio.Semaphore(config.max_connections)
         self._waiting = 0
         self._tasks: set[asyncio.Task] = set()
@@ -249,7 +245,7 @@ class Forwarder:
     # -- one connection ---------------------------------------------------------------------
 
     def _new_client(self) -> _Side:
-        link = _Link(self, on_client_made=lambda: self._client_made(link))
+        link: _Link = _Link(self, on_client_made=lambda: self._client_made(link))
         return link.client
 
     def _client_made(self, link: _Link) -> None:

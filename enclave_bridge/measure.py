@@ -11,16 +11,13 @@ refuses unless both hashes agree.
 In production the enclave image file (EIF) that ``nitro-cli build-enclave`` makes from a pinned
 base image plus this artifact gives PCR0; this module covers the part this repository controls.
 
-**Trust.** Changing the trusted measurement (what KMS key policies pin) is a proposal that two
-distinct approvers each confirm by reporting the hash *they* built from the commit. The pure
-functions :func:`propose` and :func:`report` hold the rules; :class:`MeasurementLedger` stores
-proposals in a JSON file with atomic replace. A report whose hash differs from the first one
-marks the proposal DISPUTED: it can never be accepted (someone built something else; look why).
+**Trust.** Changing the trusted measurement (what KMS key policies pin) is a two-person MPA
+request in the approvals service (see :mod:`enclave_bridge.trust`); :class:`TrustLedger` keeps
+the accepted change with the approvals service's signed receipt, which the broker re-verifies.
 """
 from __future__ import annotations
 
 import dataclasses
-import enum
 import fcntl
 import hashlib
 import io
@@ -32,11 +29,8 @@ import secrets
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections.abc import Iterable
 from pathlib import Path
-
-from policy import AlreadyDecided, InvalidRequest, NotEligible, RequestClosed
 
 #: What goes into the broker artifact: the enclave-side code, what it imports, and the dependency pins.
 ARTIFACT_PATHS = ("enclave_bridge", "policy", "mpa/__init__.py", "mpa/v1", "pyproject.toml", "requirements.lock")
@@ -158,146 +152,51 @@ def measure(repo: Path, rev: str = "HEAD", *, out: Path | None = None) -> Measur
     return Measurement(commit, h1, len(first))
 
 
-# --- the two-person rule for the trusted measurement ------------------------------------------
+# --- the trusted measurement in force ---------------------------------------------------------
 
-class MeasurementMismatch(NotEligible):
-    """An approver reported a hash that differs from the one already reported."""
+class TrustLedger:
+    """The trusted measurement and its history, in a JSON file replaced atomically.
 
-    code = "measurement_mismatch"
-
-
-class ProposalState(str, enum.Enum):
-    OPEN = "open"
-    ACCEPTED = "accepted"
-    DISPUTED = "disputed"
-
-
-@dataclasses.dataclass(frozen=True)
-class Report:
-    approver: str
-    sha384: str
-    at: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Proposal:
-    id: str
-    commit: str
-    proposer: str
-    created_at: str
-    reason: str
-    required: int = 2
-    reports: tuple[Report, ...] = ()
-    state: ProposalState = ProposalState.OPEN
-
-    @property
-    def measurement(self) -> str | None:
-        """The agreed SHA-384, once accepted."""
-        return self.reports[0].sha384 if self.state is ProposalState.ACCEPTED else None
-
-
-def propose(*, proposal_id: str, commit: str, proposer: str, reason: str, now: datetime,
-            required: int = 2) -> Proposal:
-    """Open a proposal to trust the build of ``commit``. Nothing is trusted until reports agree."""
-    if not _COMMIT.match(commit):
-        raise InvalidRequest(f"commit must be a full 40-hex git commit id, got {commit!r}")
-    if required < 2:
-        raise InvalidRequest("changing the trusted measurement needs at least two approvers")
-    if not reason.strip():
-        raise InvalidRequest("give a reason for the change")
-    return Proposal(proposal_id, commit, proposer, now.isoformat(), reason.strip(), required)
-
-
-def report(p: Proposal, *, approver: str, sha384_hex: str, approvers: frozenset[str], now: datetime) -> Proposal:
-    """Record that ``approver`` built ``p.commit`` and got ``sha384_hex``.
-
-    Refuses non-approvers, a second report by the same person, malformed hashes and closed
-    proposals. A hash that differs from an earlier report disputes the proposal for good.
+    Entries are written only by ``mpactl broker trust accept`` after
+    :func:`enclave_bridge.trust.verify_trust_receipt` accepted the approvals service's receipt;
+    each keeps that receipt, so the broker re-verifies the change it runs under itself and a
+    hand-edited ledger gains nothing.
     """
-    if p.state is not ProposalState.OPEN:
-        raise RequestClosed(f"proposal {p.id} is {p.state.value}")
-    if approver not in approvers:
-        raise NotEligible(f"{approver} is not a measurement approver")
-    if any(r.approver == approver for r in p.reports):
-        raise AlreadyDecided(f"{approver} already reported a hash for proposal {p.id}; "
-                             "a second approver must build it independently")
-    h = sha384_hex.strip().lower()
-    if not _SHA384.match(h):
-        raise InvalidRequest("the reported hash must be a SHA-384 in hex (96 characters)")
-    reports = p.reports + (Report(approver, h, now.isoformat()),)
-    if p.reports and h != p.reports[0].sha384:
-        return dataclasses.replace(p, reports=reports, state=ProposalState.DISPUTED)
-    state = ProposalState.ACCEPTED if len(reports) >= p.required else ProposalState.OPEN
-    return dataclasses.replace(p, reports=reports, state=state)
-
-
-def _to_json(p: Proposal) -> dict:
-    d = dataclasses.asdict(p)
-    d["state"] = p.state.value
-    return d
-
-
-def _from_json(d: dict) -> Proposal:
-    return Proposal(d["id"], d["commit"], d["proposer"], d["created_at"], d["reason"], d["required"],
-                    tuple(Report(**r) for r in d["reports"]), ProposalState(d["state"]))
-
-
-class MeasurementLedger:
-    """Proposals and the current trusted measurement in one JSON file (locked, atomically replaced)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def _read(self) -> dict:
-        if not self.path.exists():
-            return {"trusted": None, "history": [], "proposals": {}}
         try:
-            return json.loads(self.path.read_text())
-        except ValueError as e:
-            raise BuildError(f"measurement ledger {self.path} is not valid JSON: {e}") from None
-
-    def _update(self, change: Callable[[dict], object]) -> object:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            data = self._read()
-            result = change(data)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
-            return result
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"trusted": None, "history": []}
+        except (OSError, ValueError) as e:
+            raise BuildError(f"the trust ledger {self.path} is unreadable: {e}") from None
+        if not isinstance(data, dict) or "history" not in data:
+            raise BuildError(f"the trust ledger {self.path} is not a ledger (no history)")
+        return data
 
     def trusted(self) -> dict | None:
-        """``{"sha384", "commit", "proposal"}`` of the measurement in force, or None."""
-        return self._read()["trusted"]
+        """The entry in force: commit, sha384, request_id, receipt, requester, approvers, accepted_at."""
+        return self._read().get("trusted")
 
-    def get(self, proposal_id: str) -> Proposal:
-        d = self._read()["proposals"].get(proposal_id)
-        if d is None:
-            raise KeyError(f"no measurement proposal {proposal_id!r}")
-        return _from_json(d)
+    def history(self) -> list[dict]:
+        return list(self._read()["history"])
 
-    def propose(self, *, commit: str, proposer: str, reason: str, now: datetime) -> Proposal:
-        p = propose(proposal_id=f"mp-{secrets.token_hex(4)}", commit=commit, proposer=proposer,
-                    reason=reason, now=now)
-
-        def change(data: dict) -> Proposal:
-            data["proposals"][p.id] = _to_json(p)
-            return p
-        return self._update(change)  # type: ignore[return-value]
-
-    def report(self, proposal_id: str, *, approver: str, sha384_hex: str, approvers: frozenset[str],
-               now: datetime) -> Proposal:
-        def change(data: dict) -> Proposal:
-            d = data["proposals"].get(proposal_id)
-            if d is None:
-                raise KeyError(f"no measurement proposal {proposal_id!r}")
-            p = report(_from_json(d), approver=approver, sha384_hex=sha384_hex, approvers=approvers, now=now)
-            data["proposals"][proposal_id] = _to_json(p)
-            if p.state is ProposalState.ACCEPTED:
-                if data["trusted"]:
-                    data["history"].append(data["trusted"])
-                data["trusted"] = {"sha384": p.measurement, "commit": p.commit, "proposal": p.id,
-                                   "approvers": [r.approver for r in p.reports]}
-            return p
-        return self._update(change)  # type: ignore[return-value]
+    def accept(self, entry: dict) -> None:
+        """Make ``entry`` the trusted measurement (the caller verified its receipt)."""
+        missing = [k for k in ("commit", "sha384", "request_id", "receipt") if not entry.get(k)]
+        if missing:
+            raise ValueError(f"a trust ledger entry needs {', '.join(missing)}")
+        if not _SHA384.match(entry["sha384"]) or not _COMMIT.match(entry["commit"]):
+            raise ValueError("a trust ledger entry needs a 40-hex commit and a 96-hex sha384")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            data["trusted"] = dict(entry)
+            data["history"].append(dict(entry))
+            tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)

@@ -17,18 +17,22 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from policy.audit import AuditEvent
+from policy.store import Store
 
 from .metrics import Metrics
 
 log = logging.getLogger("extauthz.audit")
 
+#: What the queue holds: an event, or a function that builds it in the writer's thread.
+_Queued = AuditEvent | Callable[[], AuditEvent]
 
-def _finish(future: asyncio.Future) -> None:
+
+def _finish(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
 
-def _describe(item) -> str:
+def _describe(item: AuditEvent | Callable[[], AuditEvent]) -> str:
     if isinstance(item, AuditEvent):
         return f"{item.kind} {item.id} for {item.actor}"
     return "a deferred event"
@@ -45,18 +49,18 @@ BUILD_CHUNK = 16
 class AuditWriter:
     """Queue of audit events and the task that writes them in batches."""
 
-    def __init__(self, store, metrics: Metrics, queue_size: int, executor: Executor | None = None,
+    def __init__(self, store: Store, metrics: Metrics, queue_size: int, executor: Executor | None = None,
                  batch_window: float = 0.0) -> None:
         if batch_window < 0:
             raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window}")
         self._store = store
         self._metrics = metrics
-        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(maxsize=queue_size)
         self._executor = executor
         self._window = batch_window
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._window_over: asyncio.Future | None = None
+        self._window_over: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -109,7 +113,7 @@ class AuditWriter:
             timer.cancel()
             self._window_over = None
 
-    def _write(self, write: Callable[[list[AuditEvent]], None], batch: list) -> None:
+    def _write(self, write: Callable[[list[AuditEvent]], None], batch: list[_Queued]) -> None:
         """In the executor: build the deferred events, then write the batch."""
         events = []
         built = 0

@@ -23,7 +23,3 @@ def grpc_message_digest(raw_body: bytes) -> str | None:
         return None
     return hashlib.sha256(raw_body[5:]).hexdigest()
 
-
-def frame(message: bytes) -> bytes:
-    """One uncompressed gRPC frame holding ``message`` (what a client puts on the wire)."""
-    return struct.pack(">BI", 0, len(message)) + message

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+from typing import Any
 
 import typer
 
@@ -20,7 +21,8 @@ def serve(
                                           help="Worker processes sharing the port (SO_REUSEPORT)."),
     port: int | None = typer.Option(None, "--port", help="Override listen.port."),
     store_url: str | None = typer.Option(None, "--store", help="Override store_url "
-                                            "(sqlite:///path.db or postgresql://...)."),
+                                            "(sqlite:///path.db or postgresql://...; "
+                                            "env RPCAUTHZ_STORE_URL)."),
     dev_mode: bool = typer.Option(False, "--dev-mode", help="DEV ONLY: take the caller from a "
                                   "header instead of a verified token."),
 ) -> None:
@@ -28,7 +30,7 @@ def serve(
     from .config import ConfigError, load_settings
     from .server import run
 
-    overrides: dict = {}
+    overrides: dict[str, Any] = {}
     if workers is not None:
         overrides["workers"] = workers
     if port is not None:

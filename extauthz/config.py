@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
+from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, load
 
 __all__ = ["ENV_PREFIX", "ConfigError", "Settings", "load_settings"]
@@ -77,37 +78,6 @@ class Approvals(Section):
         return v.rstrip("/")
 
 
-class ReflectionEndpoints(Section):
-    """Where each service's reflection service is reached (first match wins).
-
-    ``static`` maps a full service name or a package prefix to ``host:port``; ``template``
-    builds one from the name (placeholders such as ``{service}``, ``{name_lower}``; see
-    reflection_cache/endpoints.py); ``default`` is the fallback. With none, every service
-    is unknown (and so denied).
-    """
-
-    static: dict[str, str] = Field(default_factory=dict)
-    template: str | None = None
-    default: str | None = None
-
-
-class Reflection(Section):
-    """The reflection cache (seconds)."""
-
-    endpoints: ReflectionEndpoints = ReflectionEndpoints()
-    #: Fresh for this long after a fetch.
-    ttl: float = Field(60.0, gt=0)
-    #: Then served stale (while one refresh runs) for this long.
-    stale_window: float = Field(120.0, ge=0)
-    #: "No such service" is remembered this long.
-    negative_ttl: float = Field(5.0, ge=0)
-    #: Other failures are remembered (and refreshes spaced) this long.
-    error_backoff: float = Field(1.0, ge=0)
-    max_entries: int = Field(10_000, ge=1)
-    #: Bound of one reflection fetch; keep it below decision_deadline_ms.
-    deadline: float = Field(0.5, gt=0)
-
-
 class Audit(Section):
     """Decision audit events are queued and written in the background."""
 
@@ -142,7 +112,8 @@ class Settings(Section):
     identity: Identity = Identity()
     approvals: Approvals = Approvals()
     audit: Audit = Audit()
-    reflection: Reflection = Reflection()
+    #: Endpoints, cache and TLS: reflection_cache/settings.py (shared with the approvals server).
+    reflection: ReflectionSettings = ReflectionSettings()
     #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
     grants_poll_s: float = Field(1.0, gt=0)
     #: Full reload of the in-memory grants, as a safety net for lost notifications.
@@ -165,8 +136,8 @@ class Settings(Section):
             raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
         if self.grants_max_staleness_s <= self.grants_reload_s:
             raise ValueError("grants_max_staleness_s must be longer than grants_reload_s")
-        if self.reflection.deadline * 1000 >= self.decision_deadline_ms:
-            raise ValueError(f"reflection.deadline ({self.reflection.deadline}s) must be below "
+        if self.reflection.cache.deadline * 1000 >= self.decision_deadline_ms:
+            raise ValueError(f"reflection.cache.deadline ({self.reflection.cache.deadline}s) must be below "
                              f"decision_deadline_ms ({self.decision_deadline_ms} ms), so a slow "
                              "service is reported as such")
         return self

@@ -5,7 +5,7 @@ One registry per server. With ``--workers N`` every worker writes to a shared
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -40,7 +40,7 @@ class Metrics:
         self.dry_run = Counter("rpcauthz_dry_run_decisions",
                                "Calls allowed only because their service is in dry-run.",
                                ["shadow", "mode"], registry=r)
-        self._children: dict[tuple[str, str, str], tuple] = {}
+        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")
 
@@ -62,7 +62,7 @@ class _StatsCollector:
     def __init__(self, name: str, stats: Callable[[], dict[str, float]]) -> None:
         self._name, self._stats = name, stats
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             values = self._stats() or {}
         except Exception:  # a broken stats() must not break /metrics

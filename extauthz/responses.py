@@ -20,6 +20,8 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from policy import Mode, Target
+
 from .verdict import Kind, Verdict
 
 HEADER_PREFIX = "x-rpcauthz-"
@@ -60,12 +62,13 @@ def caller_text(v: Verdict) -> str:
     what = v.target.path if v.target else "this request"
     head = {Kind.DENY: "denied", Kind.APPROVAL_REQUIRED: "approval required",
             Kind.ERROR: "authorization unavailable", Kind.ALLOW: "allowed"}[v.kind]
+    message, advice = v.explained()
     parts = [f"rpcauthz: {head} for {who} calling {what} (rule {v.rule}"
-             + (f", mode {v.mode_name}" if v.mode is not None else "") + f"): {v.message}."]
+             + (f", mode {v.mode_name}" if v.mode is not None else "") + f"): {message}."]
     if v.request_url:
         parts.append(f"Approval request: <{v.request_url}>.")
-    if v.advice:
-        parts.append(v.advice[0].upper() + v.advice[1:].rstrip(".") + ".")
+    if advice:
+        parts.append(advice[0].upper() + advice[1:].rstrip(".") + ".")
     if v.dev:
         parts.append("[dev mode: identity taken from a header, not a verified token]")
     parts.append(f"(decision {v.decision_id})")
@@ -79,7 +82,8 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 #: Allow responses without the decision id, by what they depend on (``_allow_template``).
-_ALLOW_TEMPLATES: dict[tuple, external_auth_pb2.CheckResponse] = {}
+_TemplateKey = tuple[str | None, Target | None, Mode | None, str, bool, bool, str | None]
+_ALLOW_TEMPLATES: dict[_TemplateKey, external_auth_pb2.CheckResponse] = {}
 #: One template per (principal, RPC, ...) in use, about 3 KB each: 8,192 is ~25 MB and holds
 #: the combinations a 10,000-engineer organisation calls at once. When full, the oldest
 #: quarter is dropped (insertion order), so the hot ones stay; it never empties at once.
@@ -93,7 +97,7 @@ def _allow_template(v: Verdict) -> external_auth_pb2.CheckResponse:
     function of ``v``'s principal, target, mode, rule, dev and dry-run fields (``metadata``
     and the headers), so it is built once per such combination and copied: a copy is ~4x
     cheaper than building the headers and the metadata Struct again."""
-    key = (v.principal, v.target, v.mode, v.rule, v.dev, v.dry_run, v.shadow)
+    key: _TemplateKey = (v.principal, v.target, v.mode, v.rule, v.dev, v.dry_run, v.shadow)
     resp = _ALLOW_TEMPLATES.get(key)
     if resp is None:
         if len(_ALLOW_TEMPLATES) >= _MAX_TEMPLATES:
@@ -138,8 +142,8 @@ def _headers_to_remove(request_headers: Iterable[str], also_remove: Iterable[str
     return sorted(strip)
 
 
-_SET_ON_ALLOW = (PRINCIPAL_HEADER, DECISION_HEADER)
-_SET_ON_APPROVED_ALLOW = (PRINCIPAL_HEADER, DECISION_HEADER, APPROVAL_HEADER)
+_SET_ON_ALLOW: tuple[str, ...] = (PRINCIPAL_HEADER, DECISION_HEADER)
+_SET_ON_APPROVED_ALLOW: tuple[str, ...] = (PRINCIPAL_HEADER, DECISION_HEADER, APPROVAL_HEADER)
 
 
 def build(v: Verdict, request_headers: Iterable[str] = (),

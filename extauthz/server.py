@@ -18,7 +18,8 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -28,6 +29,9 @@ from .audit_writer import AuditWriter
 from .config import Settings
 from .metrics import Metrics
 from .pipeline import Authorizer
+
+if TYPE_CHECKING:
+    from policy.grant_cache import GrantCache
 
 log = logging.getLogger("extauthz")
 
@@ -42,7 +46,7 @@ class Components:
     grants: Any
     modes: Any
     close: Callable[[], Awaitable[None]] | None = None
-    stats: dict[str, Callable[[], dict]] = dataclasses.field(default_factory=dict)
+    stats: dict[str, Callable[[], dict[str, float]]] = dataclasses.field(default_factory=dict)
 
 
 async def open_components(settings: Settings) -> Components:
@@ -52,13 +56,7 @@ async def open_components(settings: Settings) -> Components:
     """
     from policy.grant_cache import GrantCache
     from policy.stores import open_store
-    from reflection_cache import CacheSettings, EndpointResolver, ReflectionCache
-
-    r = settings.reflection
-    resolver = EndpointResolver.from_config(r.endpoints.model_dump(exclude_none=True))
-    cache_settings = CacheSettings(ttl=r.ttl, stale_window=r.stale_window, negative_ttl=r.negative_ttl,
-                                   error_backoff=r.error_backoff, max_entries=r.max_entries,
-                                   deadline=r.deadline)
+    from reflection_cache import ReflectionCache
     store = await asyncio.to_thread(open_store, settings.store_url, poll_interval=settings.grants_poll_s)
     try:
         grants = GrantCache(store, reload_interval=settings.grants_reload_s,
@@ -67,7 +65,7 @@ async def open_components(settings: Settings) -> Components:
     except Exception:
         store.close()
         raise
-    modes = ReflectionCache(resolver, cache_settings)
+    modes = ReflectionCache.from_settings(settings.reflection)
 
     async def close() -> None:
         try:
@@ -84,8 +82,8 @@ async def open_components(settings: Settings) -> Components:
                       {"reflection_cache": modes.stats, "grant_cache": _grant_stats(grants)})
 
 
-def _grant_stats(grants) -> Callable[[], dict]:
-    def stats() -> dict:
+def _grant_stats(grants: GrantCache) -> Callable[[], dict[str, float]]:
+    def stats() -> dict[str, float]:
         age = grants.age()
         return {"revision": grants.revision or 0, "age_seconds": age if age is not None else -1}
     return stats
@@ -100,14 +98,16 @@ def grpc_server_options(workers: int = 1) -> list[tuple[str, int]]:
     ]
 
 
-class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
+class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]  # envoy ships no stubs
     """``envoy.service.auth.v3.Authorization/Check`` backed by an ``Authorizer``."""
 
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
 
     async def Check(self, request: external_auth_pb2.CheckRequest,  # noqa: N802 (gRPC name)
-                    context: grpc.aio.ServicerContext) -> external_auth_pb2.CheckResponse:
+                    context: grpc.aio.ServicerContext[external_auth_pb2.CheckRequest,
+                                                      external_auth_pb2.CheckResponse],
+                    ) -> external_auth_pb2.CheckResponse:
         return await self._authorizer.check(request)
 
 
@@ -187,7 +187,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
         print("extauthz: stopped", flush=True)
 
 
-def _worker_main(settings_json: str, multiproc_dir: str | None) -> None:
+def _worker_main(settings_json: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
     try:
@@ -224,7 +224,7 @@ def _supervise(settings: Settings) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     ctx = multiprocessing.get_context("spawn")
     workers = [ctx.Process(target=_worker_main, name=f"extauthz-worker-{i}",
-                           args=(settings.model_dump_json(), multiproc_dir))
+                           args=(settings.model_dump_json(),))
                for i in range(settings.workers)]
     for w in workers:
         w.start()
@@ -233,12 +233,12 @@ def _supervise(settings: Settings) -> int:
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
         registry = CollectorRegistry()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
         metrics_server, _t = start_http_server(settings.metrics.port, settings.metrics.host,
                                                registry=registry)
     stopping = False
 
-    def _stop(signum, _frame) -> None:
+    def _stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
         for w in workers:

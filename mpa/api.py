@@ -37,6 +37,7 @@ from policy.store import Store
 
 from .auth import AuthError, Principal, TokenVerifier
 from .config import ApprovalsConfig
+from .receipts import ReceiptOut, ReceiptUnavailable, load_receipt_key, public_pem, sign_receipt
 from .schemas import (
     CommentIn,
     CompleteIn,
@@ -218,6 +219,9 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     def get_request(request_id: RequestId, me: Me) -> RequestOut:
         return out(service.get(request_id), me.id)
 
+    if config.receipt_key_path:  # the route exists only where receipts are signed
+        _add_receipt_route(app, service, load_receipt_key(config.receipt_key_path), Me)
+
     @app.post("/api/v1/requests/{request_id}/approve", response_model=RequestOut,
               operation_id="approveRequest", summary="Approve a request you may review",
               responses={k: _ERRORS[k] for k in (400, 401, 403, 404, 409, 422, 503)})
@@ -262,6 +266,20 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     from .page import add_page_routes
     add_page_routes(app)
     return app
+
+
+def _add_receipt_route(app: FastAPI, service: ApprovalService, key: Any, Me: Any) -> None:  # noqa: N803
+    """``GET /api/v1/requests/{id}/receipt``: the signed receipt of an approved request (mpa.receipts)."""
+
+    @app.get("/api/v1/requests/{request_id}/receipt", response_model=ReceiptOut, operation_id="getReceipt",
+             summary="A signed receipt for an approved request (for parties that do not share the store)",
+             responses={k: _ERRORS[k] for k in (401, 404, 409, 422, 503)})
+    def receipt(request_id: RequestId, me: Me) -> Any:
+        try:
+            signed = sign_receipt(service.get(request_id), key)
+        except ReceiptUnavailable as e:
+            return error_response(409, "not_approved", str(e))
+        return ReceiptOut(receipt=signed, public_key=public_pem(key))
 
 
 async def _resolve_mode(service: ApprovalService, svc: str, method: str) -> policy.Mode:

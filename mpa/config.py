@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
+from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ConfigError, Section, env_name, load
 
 __all__ = ["ApprovalsConfig", "ConfigError", "DevLogin", "Listen", "RequestPolicy",
@@ -147,6 +148,24 @@ class ApprovalsConfig(Section):
     slack_user_ids: dict[str, str] = Field(default_factory=dict)
     audit_jsonl_path: str | None = None
     expiry_sweep_seconds: float = Field(30.0, gt=0)
+    #: Ed25519 private key (PEM PKCS#8) signing approval receipts (mpa.receipts); the enclave
+    #: broker pins its public half. Unset: no receipt route.
+    receipt_key_path: str | None = None
+    #: Where the modes of methods are read for requests engineers make themselves (the same
+    #: section as the gateway's, reflection_cache/settings.py). Unset: only requests the
+    #: gateway opened can be completed.
+    reflection: ReflectionSettings | None = None
+    #: Mode of a method with neither a method option nor a service default (as the gateway's).
+    default_mode: Mode = Mode.BREAK_GLASS_ONLY
+
+    @field_validator("default_mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = Mode.parse(v)
+        if v == Mode.UNSPECIFIED:
+            raise ValueError("the default mode cannot be UNSPECIFIED")
+        return v
 
     @field_validator("dev_login", mode="before")
     @classmethod

@@ -24,7 +24,8 @@ def serve(
                                      "environment variables override it."),
     port: int | None = typer.Option(None, "--port", help="Override listen.port."),
     store_url: str | None = typer.Option(None, "--store", help="Override store_url "
-                                            "(sqlite:///path.db or postgresql://...)."),
+                                            "(sqlite:///path.db or postgresql://...; "
+                                            "env RPCAUTHZ_STORE_URL)."),
 ) -> None:
     """Run the approvals server until SIGTERM or Ctrl-C."""
     from .config import ConfigError, load_approvals_config
@@ -41,9 +42,17 @@ def serve(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    mode_lookup = None
+    if settings.reflection is not None:
+        from reflection_cache.cache import ReflectionCache
+
+        from .service import lazy_modes
+        reflection = settings.reflection
+        mode_lookup = lazy_modes(lambda: ReflectionCache.from_settings(reflection),
+                                 settings.default_mode)
     try:
         handle = start_approvals_server(settings, host=settings.listen.host,
-                                        port=settings.listen.port)
+                                        port=settings.listen.port, mode_lookup=mode_lookup)
     except (OSError, RuntimeError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -7,6 +7,7 @@ Nothing here talks HTTP; errors are policy's (``PolicyError`` subclasses, ``Unkn
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import threading
 import uuid
@@ -26,6 +27,7 @@ from policy import (
     Target,
 )
 from policy.grant_cache import catch_up
+from policy.mode_facts import MODE_FACTS
 from policy.store import Store
 
 from .config import RequestPolicy
@@ -33,23 +35,11 @@ from .config import RequestPolicy
 #: Resolves the mode of ``service``/``method`` (reflection in production). Raises on failure.
 ModeLookup = Callable[[str, str], Awaitable[Mode]]
 
-#: Why each mode needs approval, in words for the page and CLI.
-MODE_EXPLANATIONS = {
-    Mode.ENGINEERS_WITH_APPROVAL:
-        "ENGINEERS_WITH_APPROVAL: any engineer may call it once another engineer approves.",
-    Mode.CONTRIBUTORS_WITH_APPROVAL:
-        "CONTRIBUTORS_WITH_APPROVAL: contributors of the service may call it once another "
-        "contributor of the service approves.",
-    Mode.BREAK_GLASS_ONLY:
-        "BREAK_GLASS_ONLY: only security on-call may call it, with an incident reference, once "
-        "another security on-call engineer approves.",
-}
+#: Why each mode needs approval, in words for the page and CLI (policy's mode table).
+MODE_EXPLANATIONS = {m: f.explanation for m, f in MODE_FACTS.items() if f.needs_approval}
 
-APPROVER_WORDS = {
-    Mode.ENGINEERS_WITH_APPROVAL: "an engineer other than the requester",
-    Mode.CONTRIBUTORS_WITH_APPROVAL: "a contributor of {service} other than the requester",
-    Mode.BREAK_GLASS_ONLY: "a security on-call engineer other than the requester",
-}
+#: Who may approve under each mode (may name ``{service}``), from policy's mode table.
+APPROVER_WORDS = {m: f.approver_rule for m, f in MODE_FACTS.items() if f.needs_approval}
 
 
 class AwaitingReason(PolicyError):
@@ -203,6 +193,9 @@ class ApprovalService:
 
     # --- changing -------------------------------------------------------------------------
     async def resolve_mode(self, service: str, method: str) -> Mode:
+        from enclave_bridge.trust import TRUST_METHOD, TRUST_MODE, TRUST_SERVICE
+        if (service, method) == (TRUST_SERVICE, TRUST_METHOD):
+            return TRUST_MODE  # a change of the broker's trusted measurement: fixed, not reflected
         if self.mode_lookup is None:
             raise InvalidRequest("this approvals server has no way to look up method modes")
         return await self.mode_lookup(service, method)
@@ -293,13 +286,13 @@ class ApprovalService:
             request_id, lambda cur: policy.cancel(cur, actor, now, reason),
             actor=actor, kind="request.cancelled", reason=reason.strip())
 
-    def sweep_expired(self) -> list[ApprovalRequest]:
+    def sweep_expired(self) -> builtins.list[ApprovalRequest]:  # `list` here is the method above
         """Expire every pending request past ``expires_at`` and approval past ``valid_until``.
 
         Each expiry is one atomic update with a ``request.expired`` audit event. Returns the
         requests this call expired.
         """
-        expired = []
+        expired: builtins.list[ApprovalRequest] = []
         for r in self.store.due_requests(self.clock(), limit=10_000):
             done = self._expire_if_due(r)
             if done is not r and done.state is RequestState.EXPIRED:

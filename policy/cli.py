@@ -1,7 +1,7 @@
 """Operator commands for grants and the store: ``mpactl sync``, ``mpactl grants``, ``mpactl db``.
 
-Every command takes ``--store URL`` (or ``$RPCAUTHZ_STORE``): ``sqlite:///ABS/PATH.db`` or
-``postgresql://user@host:port/db``.
+Every command takes ``--store URL`` (or ``$RPCAUTHZ_STORE_URL``, the one store variable of every
+command and server): ``sqlite:///ABS/PATH.db`` or ``postgresql://user@host:port/db``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .model import Grant, Role
 if TYPE_CHECKING:
     from .store import Store
 
-STORE_ENV = "RPCAUTHZ_STORE"
+STORE_ENV = "RPCAUTHZ_STORE_URL"
 
 _STORE_HELP = ("Store URL: sqlite:///ABSOLUTE/PATH.db or postgresql://user@host:port/dbname "
                f"(default: ${STORE_ENV}).")

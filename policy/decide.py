@@ -1,7 +1,7 @@
 """The decision core: who may call, who may approve, and request state transitions.
 
 Everything here is a pure function of its arguments: no clock, no store, no network.
-The rules are the DESIGN mode table:
+The rules are the DESIGN mode table (as data: ``policy.mode_facts.MODE_FACTS``):
 
 | mode                          | outright              | with approval                    | approver                       |
 |-------------------------------|-----------------------|----------------------------------|--------------------------------|
@@ -21,27 +21,30 @@ from datetime import datetime, timedelta
 
 from .errors import AlreadyDecided, InvalidRequest, NotEligible, RequestClosed, RequestExpired, SelfApproval
 from .grants import GrantSet
-from .model import Approval, ApprovalRequest, Decision, Outcome, RequestState, Target
+from .mode_facts import MODE_FACTS
+from .model import Approval, ApprovalRequest, Decision, Outcome, RequestState, Role, Target
 from .modes import Mode
+from .rules import Rule
 
-_ROLE_WORDS = {
-    Mode.ENGINEERS_WITH_APPROVAL: "an engineer",
-    Mode.CONTRIBUTORS_WITH_APPROVAL: "a contributor of the service",
-    Mode.BREAK_GLASS_ONLY: "security on-call",
-}
+
+def _holds(grants: GrantSet, principal: str, role: Role, service: str, now: datetime) -> bool:
+    """Does ``principal`` hold ``role`` (for contributors: of ``service``) now?"""
+    return grants.has(principal, role, now, service if role is Role.CONTRIBUTOR else None)
+
+
+def _registered(rule: Rule | None) -> Rule:
+    """A rule from the mode table that must exist for the branch ``decide()`` is in."""
+    if rule is None:
+        raise AssertionError("policy.mode_facts lacks a rule decide() needs")
+    return rule
 
 
 def may_request(principal: str, service: str, mode: Mode, grants: GrantSet, now: datetime) -> bool:
     """May ``principal`` call a method of ``service`` in ``mode`` once approved?"""
-    if not grants.is_engineer(principal, now):
+    facts = MODE_FACTS.get(mode)
+    if facts is None or facts.requesters is None or not grants.is_engineer(principal, now):
         return False
-    if mode is Mode.ENGINEERS_WITH_APPROVAL:
-        return True
-    if mode is Mode.CONTRIBUTORS_WITH_APPROVAL:
-        return grants.is_contributor(principal, service, now)
-    if mode is Mode.BREAK_GLASS_ONLY:
-        return grants.is_security_oncall(principal, now)
-    return False
+    return _holds(grants, principal, facts.requesters, service, now)
 
 
 def may_approve(approver: str, request: ApprovalRequest, grants: GrantSet, now: datetime) -> bool:
@@ -57,50 +60,38 @@ def decide(principal: str, target: Target, mode: Mode, grants: GrantSet,
     """Decide whether ``principal`` may call ``target`` whose resolved mode is ``mode``.
 
     ``requests`` are the principal's approval requests for this target (extra ones are
-    ignored). Returns ALLOW, DENY or APPROVAL_REQUIRED with the rule that decided.
+    ignored). Returns ALLOW, DENY or APPROVAL_REQUIRED with the rule that decided and the
+    facts it was decided on (the wording is ``policy.rules``'s).
     """
-    if mode is Mode.UNSPECIFIED or not isinstance(mode, Mode):
-        return Decision(Outcome.DENY, Mode.UNSPECIFIED, "mode.unspecified",
-                        f"no humans_who_can_rpc mode could be resolved for {target}")
+    facts = MODE_FACTS.get(mode) if isinstance(mode, Mode) else None
+    if facts is None:
+        return Decision(Outcome.DENY, Mode.UNSPECIFIED, Rule.MODE_UNSPECIFIED, {"target": target})
+    said = {"principal": principal, "target": target, "mode": mode}
     if not grants.is_engineer(principal, now):
-        return Decision(Outcome.DENY, mode, "principal.not_engineer",
-                        f"{principal} holds no engineer grant, so may not call {target} by hand")
+        return Decision(Outcome.DENY, mode, Rule.PRINCIPAL_NOT_ENGINEER, said)
 
-    if mode is Mode.ENGINEERS_WITHOUT_APPROVAL:
-        return Decision(Outcome.ALLOW, mode, "engineers_without_approval.engineer",
-                        f"{target} is open to every engineer")
-    if mode is Mode.CONTRIBUTORS_WITHOUT_APPROVAL:
-        if grants.is_contributor(principal, target.service, now):
-            return Decision(Outcome.ALLOW, mode, "contributors_without_approval.contributor",
-                            f"{principal} contributes to {target.service}")
-        return Decision(Outcome.DENY, mode, "contributors_without_approval.not_contributor",
-                        f"{target} is CONTRIBUTORS_WITHOUT_APPROVAL and {principal} "
-                        f"is not a contributor of {target.service}")
+    if facts.callers is not None:  # the modes without approval
+        if facts.callers is Role.ENGINEER or _holds(grants, principal, facts.callers, target.service, now):
+            return Decision(Outcome.ALLOW, mode, _registered(facts.allow_rule), said)
+        return Decision(Outcome.DENY, mode, _registered(facts.not_eligible_rule), said)
 
-    # The three _WITH_APPROVAL modes.
+    # The modes with approval.
     if not may_request(principal, target.service, mode, grants, now):
-        rule = {Mode.CONTRIBUTORS_WITH_APPROVAL: "contributors_with_approval.not_contributor",
-                Mode.BREAK_GLASS_ONLY: "break_glass_only.not_security_oncall"}[mode]
-        return Decision(Outcome.DENY, mode, rule,
-                        f"{target} is {mode.name}: only {_ROLE_WORDS[mode]} may call it, "
-                        f"with another's approval, and {principal} is not")
+        return Decision(Outcome.DENY, mode, _registered(facts.not_eligible_rule), said)
 
     mine = [r for r in requests if _same_scope(r, principal, target, mode, body_sha256)]
     usable = sorted((r for r in mine if usable_approval(r, now) and _approvers_hold(r, grants, now)),
                     key=lambda r: (r.body_sha256 is None, r.valid_until, r.id))
     if usable:
         r = usable[0]
-        return Decision(Outcome.ALLOW, mode, f"{mode.name.lower()}.approved",
-                        f"approved by {', '.join(r.approvers)} (request {r.id})", approval_id=r.id)
+        return Decision(Outcome.ALLOW, mode, _registered(facts.approved_rule),
+                        {**said, "approvers": ", ".join(r.approvers), "request_id": r.id},
+                        approval_id=r.id)
 
     pending = sorted((r for r in mine if r.state is RequestState.PENDING and now < r.expires_at),
                      key=lambda r: (r.created_at, r.id))
-    needs = {Mode.ENGINEERS_WITH_APPROVAL: "another engineer's approval",
-             Mode.CONTRIBUTORS_WITH_APPROVAL: "another contributor's approval",
-             Mode.BREAK_GLASS_ONLY: "an incident reference and another security on-call's approval"}[mode]
-    return Decision(Outcome.APPROVAL_REQUIRED, mode, f"{mode.name.lower()}.approval_required",
-                    f"{target} is {mode.name}: it needs {needs}",
-                    pending_request_id=pending[0].id if pending else None)
+    return Decision(Outcome.APPROVAL_REQUIRED, mode, _registered(facts.approval_required_rule),
+                    said, pending_request_id=pending[0].id if pending else None)
 
 
 def _same_scope(r: ApprovalRequest, principal: str, target: Target, mode: Mode,
@@ -136,9 +127,9 @@ def open_request(*, request_id: str, requester: str, target: Target, mode: Mode,
         raise InvalidRequest(f"{target} is {mode.name}, which takes no approvals")
     if not may_request(requester, target.service, mode, grants, now):
         raise NotEligible(f"{requester} may not request {target}: under {mode.name} only "
-                          f"{_ROLE_WORDS[mode]} may, with another's approval")
+                          f"{MODE_FACTS[mode].role_words} may, with another's approval")
     incident = (incident or "").strip() or None
-    if mode is Mode.BREAK_GLASS_ONLY and incident is None and origin == "user":
+    if MODE_FACTS[mode].incident_required and incident is None and origin == "user":
         raise InvalidRequest(f"{target} is BREAK_GLASS_ONLY: a request needs an incident reference")
     try:
         return ApprovalRequest(
@@ -176,11 +167,11 @@ def approve(r: ApprovalRequest, approver: str, grants: GrantSet, now: datetime,
     if approver in r.approvers:
         raise AlreadyDecided(f"{approver} already approved request {r.id}")
     _require_pending(r, now)
-    if r.mode is Mode.BREAK_GLASS_ONLY and not r.incident:
+    if MODE_FACTS[r.mode].incident_required and not r.incident:
         raise InvalidRequest(f"request {r.id} is break-glass and has no incident reference yet")
     if not may_approve(approver, r, grants, now):
         raise NotEligible(f"{approver} may not approve request {r.id}: under {r.mode.name} the "
-                          f"approver must be {_ROLE_WORDS[r.mode]} other than the requester")
+                          f"approver must be {MODE_FACTS[r.mode].role_words} other than the requester")
     approvals = r.approvals + (Approval(approver, now, comment.strip()),)
     if len(approvals) < r.required_approvals:
         return dataclasses.replace(r, approvals=approvals)
@@ -217,7 +208,7 @@ def complete(r: ApprovalRequest, actor: str, now: datetime, *, reason: str,
         raise NotEligible(f"only {r.requester} can give the reason for request {r.id}")
     _require_pending(r, now)
     incident = (incident or r.incident or "").strip() or None
-    if r.mode is Mode.BREAK_GLASS_ONLY and incident is None:
+    if MODE_FACTS[r.mode].incident_required and incident is None:
         raise InvalidRequest(f"request {r.id} is break-glass: give an incident reference")
     return dataclasses.replace(r, reason=reason.strip(), incident=incident, origin="user")
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from .modes import Mode
+from .rules import Rule, message
 
 _SERVICE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -161,17 +163,24 @@ class Outcome(str, enum.Enum):
 class Decision:
     """What ``decide()`` concluded and why.
 
-    ``rule`` is a stable dotted id for logs and metrics; ``message`` is the sentence a
-    caller reads. For an allow through an approval, ``approval_id`` names it; for
-    APPROVAL_REQUIRED, ``pending_request_id`` names an open request to reuse (if any).
+    ``rule`` is a registered id (``policy.rules.Rule``) for logs and metrics; ``facts``
+    are what it was decided on (principal, target, mode, ...), from which ``message``, the
+    sentence a caller reads, is worded (``policy.rules``). For an allow through an approval,
+    ``approval_id`` names it; for APPROVAL_REQUIRED, ``pending_request_id`` names an open
+    request to reuse (if any).
     """
 
     outcome: Outcome
     mode: Mode
-    rule: str
-    message: str
+    rule: Rule
+    facts: Mapping[str, object] = dataclasses.field(default_factory=dict)
     approval_id: str | None = None
     pending_request_id: str | None = None
+
+    @property
+    def message(self) -> str:
+        """What was decided and why, in words (built on demand: allows rarely need it)."""
+        return message(self.rule, self.facts)
 
     @property
     def allowed(self) -> bool:

@@ -17,7 +17,10 @@ class Mode(enum.IntEnum):
     @property
     def needs_approval(self) -> bool:
         """True for the modes where the caller needs another person's approval."""
-        return self in _WITH_APPROVAL
+        from .mode_facts import MODE_FACTS  # the mode table imports this module
+
+        facts = MODE_FACTS.get(self)
+        return facts is not None and facts.needs_approval
 
     @classmethod
     def parse(cls, text: str) -> Mode:
@@ -36,10 +39,6 @@ class Mode(enum.IntEnum):
             choices = ", ".join(m.name for m in cls if m is not cls.UNSPECIFIED)
             raise ValueError(f"unknown humans_who_can_rpc mode {text!r}; expected one of {choices}") from None
 
-
-_WITH_APPROVAL = frozenset(
-    {Mode.ENGINEERS_WITH_APPROVAL, Mode.CONTRIBUTORS_WITH_APPROVAL, Mode.BREAK_GLASS_ONLY}
-)
 
 #: What applies when neither the method nor its service says anything.
 DEFAULT_MODE = Mode.BREAK_GLASS_ONLY

@@ -25,59 +25,18 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import cachetools
+import grpc
+from pydantic import ValidationError
 
-from reflection_cache.client import DEFAULT_DEADLINE, ChannelPool, ReflectionClient, tls_credentials
+from reflection_cache.client import ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
+from reflection_cache.settings import CacheSettings, ReflectionSettings, Tls
 from reflection_cache.types import ReflectionError, ReflectionUnavailable, ServiceModes, UnknownService
+from rpcauthz.settings import describe
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheSettings:
-    """Tuning of :class:`ReflectionCache`; all durations in seconds."""
-
-    #: How long a fetched answer is fresh.
-    ttl: float = 60.0
-    #: How long after ``ttl`` a stale answer may still be served while a refresh runs.
-    stale_window: float = 120.0
-    #: How long "this service does not exist" is remembered.
-    negative_ttl: float = 5.0
-    #: How long any other failure is remembered (and the minimum gap between failed refreshes).
-    error_backoff: float = 1.0
-    #: Most services kept at once.
-    max_entries: int = 10_000
-    #: Upper bound of one reflection fetch (all its questions together).
-    deadline: float = DEFAULT_DEADLINE
-
-    @classmethod
-    def from_mapping(cls, config: Mapping[str, object]) -> CacheSettings:
-        """From a config mapping (e.g. parsed YAML); unknown keys are refused by name."""
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - set(fields))
-        if unknown:
-            raise ValueError(f"reflection cache: unknown setting(s) {unknown}; expected {sorted(fields)}")
-        values: dict[str, Any] = {}  # each checked against its field's kind below
-        for key, value in config.items():
-            kind = int if key == "max_entries" else float
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    kind is int and not isinstance(value, int)):
-                raise ValueError(f"reflection cache setting {key} must be a number, got {value!r}")
-            values[key] = kind(value)
-        return cls(**values)
-
-    def __post_init__(self) -> None:
-        for name in ("ttl", "deadline"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"reflection cache setting {name} must be > 0, got {getattr(self, name)}")
-        for name in ("stale_window", "negative_ttl", "error_backoff"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"reflection cache setting {name} must be >= 0, got {getattr(self, name)}")
-        if self.max_entries < 1:
-            raise ValueError(f"reflection cache setting max_entries must be >= 1, got {self.max_entries}")
 
 
 @dataclasses.dataclass
@@ -130,29 +89,34 @@ class ReflectionCache:
 
     @classmethod
     def from_config(cls, config: Mapping[str, object] | None) -> ReflectionCache:
-        """From ``{"endpoints": {static, template, default}, "cache": {ttl, ...},
-        "tls": {ca_file, cert_file, key_file}}`` (all optional; no ``tls``: plaintext).
+        """From a ``reflection:`` mapping (parsed YAML; see reflection_cache/settings.py):
+        ``{"endpoints": {...}, "cache": {...}, "tls": {...}, "tls_by_endpoint": {...}}``.
 
-        Unknown keys are refused by name, as are bad endpoints and settings.
+        Unknown keys, bad endpoints and settings raise ``ValueError`` naming the key.
         """
-        config = config or {}
-        unknown = sorted(set(config) - {"endpoints", "cache", "tls"})
-        if unknown:
-            raise ValueError(f"reflection: unknown key(s) {unknown}; expected endpoints, cache, tls")
-        endpoints, cache = config.get("endpoints") or {}, config.get("cache") or {}
-        tls = config.get("tls")
-        if not isinstance(endpoints, Mapping) or not isinstance(cache, Mapping) or not (
-                tls is None or isinstance(tls, Mapping)):
-            raise ValueError("reflection: endpoints, cache and tls must be mappings")
-        settings = CacheSettings.from_mapping(cache)
-        credentials = None
-        if tls is not None:
-            unknown = sorted(set(tls) - {"ca_file", "cert_file", "key_file"})
-            if unknown:
-                raise ValueError(f"reflection tls: unknown key(s) {unknown}; expected ca_file, cert_file, key_file")
-            credentials = tls_credentials(**tls)
-        client = ReflectionClient(deadline=settings.deadline, channels=ChannelPool(credentials=credentials))
-        return cls(EndpointResolver.from_config(endpoints), settings, client=client)
+        try:
+            settings = ReflectionSettings.model_validate(dict(config or {}))
+        except ValidationError as e:
+            raise ValueError(describe(e, component="reflection")) from None
+        return cls.from_settings(settings)
+
+    @classmethod
+    def from_settings(cls, settings: ReflectionSettings) -> ReflectionCache:
+        """The cache ``settings`` describe, dialling each endpoint as its TLS settings say."""
+        def credentials(tls: Tls | None) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, object], ...]]:
+            if tls is None:
+                return None, ()
+            creds = tls_credentials(*(str(p) if p else None
+                                      for p in (tls.ca_file, tls.cert_file, tls.key_file)))
+            return creds, ((("grpc.ssl_target_name_override", tls.server_name),)
+                           if tls.server_name else ())
+
+        default = credentials(settings.tls_for(None))
+        per_endpoint = {endpoint: credentials(settings.tls_for(endpoint))
+                        for endpoint in settings.tls_by_endpoint}
+        pool = ChannelPool(credentials=default[0], extra_options=default[1], per_endpoint=per_endpoint)
+        client = ReflectionClient(deadline=settings.cache.deadline, channels=pool)
+        return cls(settings.endpoints.resolver(), settings.cache, client=client)
 
     # -- ModeSource --------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import pathlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 import cachetools
@@ -96,11 +96,20 @@ class ChannelPool:
 
     def __init__(self, max_channels: int = DEFAULT_MAX_CHANNELS,
                  options: Iterable[tuple[str, object]] = DEFAULT_CHANNEL_OPTIONS,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 extra_options: Iterable[tuple[str, object]] = (),
+                 per_endpoint: Mapping[str, tuple[grpc.ChannelCredentials | None,
+                                                  Iterable[tuple[str, object]]]] | None = None
+                 ) -> None:
+        """``credentials`` and ``extra_options`` (e.g. a TLS server name override) apply to
+        every endpoint except those in ``per_endpoint`` (``host:port`` -> (credentials or
+        None for plaintext, extra options))."""
         if max_channels < 1:
             raise ValueError("max_channels must be at least 1")
         self._options = list(options)
         self._credentials = credentials
+        self._extra = list(extra_options)
+        self._per_endpoint = {k: (c, list(o)) for k, (c, o) in (per_endpoint or {}).items()}
         self._closing: set[asyncio.Task] = set()
         pool = self
 
@@ -116,10 +125,12 @@ class ChannelPool:
         """The channel to ``endpoint`` (``host:port``), created on first use."""
         channel = self._channels.get(endpoint)
         if channel is None:
-            if self._credentials is None:
-                channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+            credentials, extra = self._per_endpoint.get(endpoint, (self._credentials, self._extra))
+            options = self._options + extra
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(endpoint, options=options)
             else:
-                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
+                channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
             self._channels[endpoint] = channel
         return channel
 

@@ -1,5 +1,9 @@
 """Broker configuration: the roles and clusters it brokers, the engineers, and caller identity.
 
+``broker.yaml`` is read on the shared configuration model (:mod:`rpcauthz.settings`: pydantic,
+unknown keys refused, ``RPCAUTHZ_<SECTION>__<KEY>`` overrides, errors naming the key and line)
+by :class:`BrokerFile`, and turned into the runtime :class:`BrokerConfig`.
+
 The configuration is part of what the enclave image measures in production, so changing who
 may obtain which credentials goes through the same two-person measurement process as code.
 """
@@ -10,18 +14,20 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from policy import Grant, GrantSet, Mode, Role
+from rpcauthz.settings import ConfigError as SettingsError
+from rpcauthz.settings import Section, describe, load
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 
 
 class ConfigError(ValueError):
-    """The broker configuration is invalid; the message names the field."""
+    """The broker configuration is invalid; the message names the field (and its file line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,81 +75,145 @@ class BrokerConfig:
         return GrantSet(self.grants)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> BrokerConfig:
+    def from_file(cls, path: str | Path, *, env: Mapping[str, str] | None = None) -> BrokerConfig:
+        """Read the YAML file at ``path``, then ``RPCAUTHZ_*`` environment overrides (the one
+        naming rule of :mod:`rpcauthz.settings`, e.g. ``RPCAUTHZ_AWS__REGION``); ``jwks_file``
+        is relative to the file's folder."""
         try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"cannot read broker config {path}: {e}") from None
-        return cls.from_dict(data or {}, base=Path(path).parent)
+            model = load(BrokerFile, path, component="broker", env=env)
+        except SettingsError as e:
+            raise ConfigError(str(e)) from None
+        return model.to_config(base=Path(path).parent)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Path | None = None) -> BrokerConfig:
-        def need(mapping: Mapping[str, Any], key: str, where: str) -> Any:
-            if key not in mapping or mapping[key] in (None, ""):
-                raise ConfigError(f"{where}.{key} is required")
-            return mapping[key]
+        """From a mapping shaped like the YAML file (``jwks_file`` relative to ``base``)."""
+        try:
+            model = BrokerFile.model_validate(dict(data))
+        except ValidationError as e:
+            raise ConfigError(describe(e, component="broker")) from None
+        return model.to_config(base=base)
 
-        ident = need(data, "identity", "config")
-        jwks = ident.get("jwks")
-        if jwks is None and ident.get("jwks_file"):
-            p = Path(ident["jwks_file"])
-            jwks = json.loads(((base / p) if base and not p.is_absolute() else p).read_text())
-        if not jwks or not jwks.get("keys"):
+
+# -- the file's schema (pydantic, on rpcauthz.settings) ----------------------------------------
+
+def _mode(value: Any) -> Mode:
+    mode = Mode.parse(value) if isinstance(value, str) else Mode(value)
+    if not mode.needs_approval:
+        raise ValueError(f"{mode.name}: brokered credentials always need approval")
+    return mode
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} must be lowercase letters, digits and dashes")
+    return value
+
+
+Required = Annotated[str, Field(min_length=1)]
+Duration = Annotated[int, Field(ge=60, le=3600)]
+
+
+class IdentityFile(Section):
+    issuer: Required
+    audience: Required
+    jwks: dict[str, Any] | None = None
+    jwks_file: Path | None = None
+    principal_claim: str = "sub"
+
+
+class GrantFile(Section):
+    principal: Required
+    role: Role = Role.ENGINEER
+    service: str | None = None
+
+    @model_validator(mode="after")
+    def _valid_grant(self) -> GrantFile:
+        self.grant()  # e.g. a contributor grant needs its service
+        return self
+
+    def grant(self) -> Grant:
+        return Grant(principal=self.principal, role=self.role, service=self.service)
+
+
+class RoleFile(Section):
+    name: Required
+    arn: Required
+    mode: Mode = Mode.ENGINEERS_WITH_APPROVAL
+    max_duration: Duration = 3600
+
+    _check_name = field_validator("name")(_name)
+    _check_mode = field_validator("mode", mode="before")(_mode)
+
+    @field_validator("arn")
+    @classmethod
+    def _arn(cls, v: str) -> str:
+        if not _ROLE_ARN.match(v):
+            raise ValueError(f"{v!r} is not an IAM role ARN")
+        return v
+
+
+class ClusterFile(Section):
+    name: Required
+    server: str = ""
+    audience: str | None = None
+    groups: list[str]
+    mode: Mode = Mode.ENGINEERS_WITH_APPROVAL
+    max_duration: Duration = 3600
+
+    _check_name = field_validator("name")(_name)
+    _check_mode = field_validator("mode", mode="before")(_mode)
+
+
+class AwsFile(Section):
+    region: str = "eu-west-2"
+    sts_endpoint_url: str | None = None
+    roles: list[RoleFile] = Field(default_factory=list)
+
+
+class KubernetesFile(Section):
+    issuer: str = ""
+    clusters: list[ClusterFile] = Field(default_factory=list)
+
+
+class BrokerFile(Section):
+    """``broker.yaml`` (docs/enclave-broker.md)."""
+
+    identity: IdentityFile
+    grants: list[GrantFile] = Field(default_factory=list)
+    aws: AwsFile = AwsFile()
+    kubernetes: KubernetesFile = KubernetesFile()
+    server_name: str = "broker.mpa.internal"
+    pending_ttl_seconds: int = 3600
+    approval_ttl_seconds: int = 3600
+
+    @model_validator(mode="after")
+    def _offers_something(self) -> BrokerFile:
+        if not self.aws.roles and not self.kubernetes.clusters:
+            raise ValueError("the broker offers nothing: configure aws.roles or kubernetes.clusters")
+        if self.kubernetes.clusters and not self.kubernetes.issuer:
+            raise ValueError("kubernetes.issuer is required when clusters are configured")
+        return self
+
+    def to_config(self, base: Path | None = None) -> BrokerConfig:
+        """The broker's runtime configuration (reads ``identity.jwks_file``)."""
+        ident = self.identity
+        jwks = ident.jwks
+        if jwks is None and ident.jwks_file is not None:
+            p = ident.jwks_file
+            p = (base / p) if base and not p.is_absolute() else p
+            try:
+                jwks = json.loads(p.read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"identity.jwks_file: cannot read {p}: {e}") from None
+        if not isinstance(jwks, Mapping) or not jwks.get("keys"):
             raise ConfigError("identity.jwks (or identity.jwks_file) must hold at least one key")
-        identity = Identity(need(ident, "issuer", "identity"), need(ident, "audience", "identity"), jwks,
-                            ident.get("principal_claim", "sub"))
-
-        grants = []
-        for i, g in enumerate(data.get("grants", [])):
-            try:
-                grants.append(Grant(principal=need(g, "principal", f"grants[{i}]"), role=Role(g.get("role", "engineer")),
-                                    service=g.get("service")))
-            except ValueError as e:
-                raise ConfigError(f"grants[{i}]: {e}") from None
-
-        def mode_of(entry: Mapping[str, Any], where: str) -> Mode:
-            try:
-                mode = Mode.parse(entry.get("mode", "ENGINEERS_WITH_APPROVAL"))
-            except ValueError as e:
-                raise ConfigError(f"{where}.mode: {e}") from None
-            if not mode.needs_approval:
-                raise ConfigError(f"{where}.mode is {mode.name}: brokered credentials always need approval")
-            return mode
-
-        def duration(entry: Mapping[str, Any], where: str) -> int:
-            value = int(entry.get("max_duration", 3600))
-            if not 60 <= value <= 3600:
-                raise ConfigError(f"{where}.max_duration must be 60..3600 seconds, got {value}")
-            return value
-
-        roles = {}
-        for i, r in enumerate(data.get("aws", {}).get("roles", [])):
-            where = f"aws.roles[{i}]"
-            name, arn = need(r, "name", where), need(r, "arn", where)
-            if not _NAME.match(name):
-                raise ConfigError(f"{where}.name {name!r} must be lowercase letters, digits and dashes")
-            if not _ROLE_ARN.match(arn):
-                raise ConfigError(f"{where}.arn {arn!r} is not an IAM role ARN")
-            roles[name] = AwsRole(name, arn, mode_of(r, where), duration(r, where))
-
-        clusters = {}
-        k8s = data.get("kubernetes", {}) or {}
-        for i, c in enumerate(k8s.get("clusters", [])):
-            where = f"kubernetes.clusters[{i}]"
-            name = need(c, "name", where)
-            if not _NAME.match(name):
-                raise ConfigError(f"{where}.name {name!r} must be lowercase letters, digits and dashes")
-            groups = tuple(need(c, "groups", where))
-            clusters[name] = Cluster(name, c.get("server", ""), c.get("audience", name), groups,
-                                     mode_of(c, where), duration(c, where))
-        if not roles and not clusters:
-            raise ConfigError("the broker offers nothing: configure aws.roles or kubernetes.clusters")
-        oidc_issuer = k8s.get("issuer", "")
-        if clusters and not oidc_issuer:
-            raise ConfigError("kubernetes.issuer is required when clusters are configured")
-        aws = data.get("aws", {}) or {}
-        return cls(identity=identity, grants=tuple(grants), roles=roles, clusters=clusters,
-                   oidc_issuer=oidc_issuer, server_name=data.get("server_name", "broker.mpa.internal"),
-                   aws_region=aws.get("region", "eu-west-2"), sts_endpoint_url=aws.get("sts_endpoint_url"),
-                   pending_ttl_seconds=int(data.get("pending_ttl_seconds", 3600)),
-                   approval_ttl_seconds=int(data.get("approval_ttl_seconds", 3600)))
+        return BrokerConfig(
+            identity=Identity(ident.issuer, ident.audience, jwks, ident.principal_claim),
+            grants=tuple(g.grant() for g in self.grants),
+            roles={r.name: AwsRole(r.name, r.arn, r.mode, r.max_duration) for r in self.aws.roles},
+            clusters={c.name: Cluster(c.name, c.server, c.audience or c.name, tuple(c.groups), c.mode,
+                                      c.max_duration) for c in self.kubernetes.clusters},
+            oidc_issuer=self.kubernetes.issuer, server_name=self.server_name,
+            aws_region=self.aws.region, sts_endpoint_url=self.aws.sts_endpoint_url,
+            pending_ttl_seconds=self.pending_ttl_seconds, approval_ttl_seconds=self.approval_ttl_seconds)

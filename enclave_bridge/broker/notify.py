@@ -69,8 +69,36 @@ def slack_text(event: AuditEvent) -> str:
     return f"{event.kind} by {event.actor} [request {rid}]"
 
 
+_HEADERS = {"credential.requested": "Credentials requested", "credential.approved": "Credentials approved",
+            "request.rejected": "Credential request rejected", "credential.fetched": "Credentials fetched",
+            "request.approval_recorded": "Approval recorded"}
+
+
+def slack_payload(event: AuditEvent) -> dict[str, object]:
+    """The webhook payload for a credential event: Block Kit like the approvals service's
+    (:mod:`mpa.slack`), with :func:`slack_text` (escaped) as the notification fallback."""
+    text = slack_text(event)
+    rid = escape_mrkdwn(event.request_id or "?")
+    fields = [{"type": "mrkdwn", "text": f"*Requester*\n{escape_mrkdwn(str(event.detail.get('requester', '?')))}"},
+              {"type": "mrkdwn", "text": f"*Credentials*\n{escape_mrkdwn(str(event.detail.get('target', '?')))}"}]
+    if event.detail.get("incident"):
+        fields.append({"type": "mrkdwn", "text": f"*Incident*\n{escape_mrkdwn(str(event.detail['incident']))}"})
+    if event.kind == "credential.fetched" and event.detail.get("expires_at"):
+        fields.append({"type": "mrkdwn", "text": f"*Valid until*\n{escape_mrkdwn(str(event.detail['expires_at']))}"})
+    blocks: list[dict[str, object]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": _HEADERS.get(event.kind, event.kind)}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+        {"type": "section", "fields": fields},
+    ]
+    if event.kind == "credential.requested" and event.reason:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Reason*\n>{escape_mrkdwn(event.reason)}"}})
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"Broker request {rid}: "
+                                                    f"`mpa broker review {rid}`"}]})
+    return {"text": text, "blocks": blocks}
+
+
 class SpooledSlackNotifier:
-    """Notifier that spools :func:`slack_text` for each event in an :class:`mpa.slack.SlackSpool`.
+    """Notifier that spools :func:`slack_payload` for each event in an :class:`mpa.slack.SlackSpool`.
 
     One local SQLite insert per event (keyed, so a repeated event adds nothing); ``delivery``, if
     given, is woken to post it at once. Nothing here talks to Slack or blocks on it.
@@ -83,7 +111,7 @@ class SpooledSlackNotifier:
     def __call__(self, event: AuditEvent) -> None:
         key = (f"broker:{event.kind}:{event.request_id}:{event.actor}:"
                f"{event.detail.get('state_counter', '')}:{event.at.isoformat()}")
-        self.spool.enqueue(key, {"text": slack_text(event)})
+        self.spool.enqueue(key, slack_payload(event))
         if self.delivery is not None:
             self.delivery.wake()
 

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.envoy]
 
 def test_expiring_reflection_under_concurrency(tmp_path):
     with GatewayStack(tmp_path, store_url=f"sqlite:///{tmp_path / 's.db'}", grants=cast_grants(),
-                      extauthz={"reflection.ttl": 0.05, "reflection.stale_window": 10,
+                      extauthz={"reflection.cache.ttl": 0.05, "reflection.cache.stale_window": 10,
                                 "audit.allows": False}) as gw:
         calls = [(f"/{ACCOUNTS}/ListAccounts", ENGINEER, grpc.StatusCode.OK),
                  (f"/{LEDGER}/GetBalance", ENGINEER, grpc.StatusCode.OK),

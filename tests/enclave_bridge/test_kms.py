@@ -202,3 +202,16 @@ def test_boto3_encrypter_request_shape_and_a_sealed_bundle_round_trip():
         from enclave_bridge.kms import KmsNotFound
         with pytest.raises(KmsNotFound, match="no key"):
             boto3_encrypter(client, "alias/none")(b"x", {})
+
+
+def test_the_runbooks_key_policy_pins_the_whole_image():
+    """docs/enclave-broker.md's seed-key policy, read the way the local KMS reads key policies."""
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "enclave-broker.md").read_text()
+    block = re.search(r"`seed-key-policy.json`.*?```json\n(.*?)```", doc, re.S).group(1)
+    image = {0: GOOD_PCRS[0].hex(), 1: GOOD_PCRS[1].hex(), 2: GOOD_PCRS[2].hex()}
+    for index, value in image.items():
+        block = block.replace(f"<PCR{index}>", value)
+    policy = KeyPolicy.from_aws_json(block)
+    assert policy.pcrs() == {i: bytes.fromhex(v) for i, v in image.items()}

@@ -61,6 +61,15 @@ def test_every_credential_event_is_audited_and_posted_to_slack(parts):
     assert "requested AWS role platform-admin" in posts[0]["json"]["text"]
     assert "&lt;!channel&gt;" in posts[0]["json"]["text"]  # requester text cannot ping the channel
     assert "approved" in posts[1]["json"]["text"] and "fetched" in posts[2]["json"]["text"]
+    # Block Kit like the approvals service's: a header, the event, fields, the reason, the request.
+    blocks = posts[0]["json"]["blocks"]
+    assert [b["type"] for b in blocks] == ["header", "section", "section", "section", "context"]
+    assert blocks[0]["text"] == {"type": "plain_text", "text": "Credentials requested"}
+    assert {"type": "mrkdwn", "text": f"*Requester*\n{ALICE}"} in blocks[2]["fields"]
+    assert blocks[3]["text"]["text"] == "*Reason*\n>rotate keys &lt;!channel&gt;"
+    assert cr.id in blocks[4]["elements"][0]["text"]
+    assert posts[2]["json"]["blocks"][0]["text"]["text"] == "Credentials fetched"
+    assert any("Valid until" in f["text"] for f in posts[2]["json"]["blocks"][2]["fields"])
 
 
 def test_slack_outage_does_not_block_but_audit_failure_does(parts):

@@ -1,8 +1,10 @@
-"""`mpactl broker serve --simulate`: seeds released by the local KMS only to the measurement two
-approvers agreed on, state kept across a restart, the TLS certificate bound by attestation."""
+"""`mpactl broker serve --simulate`: seeds released by the local KMS only to the measurement whose
+two-person change the broker verified itself, state kept across a restart, the TLS certificate
+bound by attestation."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import signal
@@ -15,10 +17,14 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devstack.devissuer import DevIssuer
 from enclave_bridge import measure as m
 from enclave_bridge.broker.client import BrokerClient
+from enclave_bridge.trust import TRUST_METHOD, TRUST_MODE, TRUST_SERVICE, change_digest
+from mpa.receipts import public_pem, sign_receipt
+from policy import Approval, Grant, GrantSet, Role, Target, approve, open_request
 from tests.conftest import free_port
 from tests.support.enclave_broker_env import ROLE_ARN, StubSts
 from tests.support.enclave_broker_slack import SlackStub, wait_for
@@ -26,14 +32,23 @@ from tests.support.enclave_broker_slack import SlackStub, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 ALICE, BOB = "alice@example.com", "bob@example.com"
 NOW = datetime.now(UTC)
-SEC = frozenset({"sam@example.com", "sue@example.com"})
+DEV, SAM = "dev@example.com", "sam@example.com"
+RECEIPT_KEY = Ed25519PrivateKey.generate()
 
 
-def trust(ledger: Path, sha384: str, commit: str) -> None:
-    led = m.MeasurementLedger(ledger)
-    p = led.propose(commit=commit, proposer="dev@example.com", reason="test", now=NOW)
-    for who in sorted(SEC):
-        led.report(p.id, approver=who, sha384_hex=sha384, approvers=SEC, now=NOW)
+def trust(ledger: Path, sha384: str, commit: str, *, approver: str = SAM) -> None:
+    """A ledger entry as `mpactl broker trust accept` writes it: the approvals service's receipt
+    for DEV's trust request approved by ``approver`` (the proposer themself when forged)."""
+    grants = GrantSet([Grant(p, Role.ENGINEER) for p in (DEV, SAM)] + [Grant(p, Role.SECURITY_ONCALL) for p in (DEV, SAM)])
+    r = open_request(request_id="trust-1", requester=DEV, target=Target(TRUST_SERVICE, TRUST_METHOD),
+                     mode=TRUST_MODE, grants=grants, now=NOW, reason="test", incident="CHG-1",
+                     body_sha256=change_digest(commit, sha384))
+    r = approve(r, SAM, grants, NOW)
+    if approver != SAM:
+        r = dataclasses.replace(r, approvals=(Approval(approver, NOW, ""),))
+    (ledger.parent / "receipt-key.pem").write_text(public_pem(RECEIPT_KEY))
+    m.TrustLedger(ledger).accept({"commit": commit, "sha384": sha384, "request_id": r.id,
+                                  "receipt": sign_receipt(r, RECEIPT_KEY)})
 
 
 @contextlib.contextmanager
@@ -43,8 +58,9 @@ def serve(tmp: Path, config: Path, ledger: Path, port: int, env_extra: dict | No
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIDBROKER", "AWS_SECRET_ACCESS_KEY": "x", **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "mpactl.app", "broker", "serve",
                              "--simulate", str(tmp / "sim"), "--ledger", str(ledger), "--repo", str(ROOT),
+                             "--approvals-key", str(ledger.parent / "receipt-key.pem"),
                              "--config", str(config), "--state", str(tmp / "state.db"),
-                             "--audit-log", str(tmp / "audit.jsonl"), "--listen", f"127.0.0.1:{port}",
+                             "--audit-log", str(tmp / "audit.jsonl"), "--port", str(port),
                              "--cert-out", str(cert)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -75,7 +91,9 @@ def setup(tmp_path):
     config = tmp_path / "broker.yaml"
     config.write_text(yaml.safe_dump({
         "identity": {"issuer": dev.issuer, "audience": dev.audience, "jwks": dev.jwks()},
-        "grants": [{"principal": ALICE, "role": "engineer"}, {"principal": BOB, "role": "engineer"}],
+        "grants": [{"principal": ALICE, "role": "engineer"}, {"principal": BOB, "role": "engineer"},
+                   {"principal": DEV, "role": "engineer"}, {"principal": SAM, "role": "engineer"},
+                   {"principal": DEV, "role": "security_oncall"}, {"principal": SAM, "role": "security_oncall"}],
         "aws": {"region": "eu-west-2", "sts_endpoint_url": sts.url,
                 "roles": [{"name": "platform-admin", "arn": ROLE_ARN}]},
     }))
@@ -147,3 +165,15 @@ def test_a_build_nobody_approved_gets_no_seeds(setup):
         err = proc.stderr.read()
     assert proc.returncode == 1
     assert "seed secrets were not released" in err and ("ImageSha384" in err or "PCR0" in err), err
+
+
+def test_a_trust_change_only_the_proposer_approved_gets_no_seeds(setup):
+    tmp = setup["tmp"]
+    running = m.measure(ROOT, "HEAD")
+    ledger = tmp / "trust.json"
+    trust(ledger, running.sha384, running.commit, approver=DEV)  # the right build, one person
+    with serve(tmp, setup["config"], ledger, free_port()) as proc:
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+    assert proc.returncode == 1
+    assert "not a verified two-person change" in err and "one person cannot change" in err, err

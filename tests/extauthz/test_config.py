@@ -30,6 +30,10 @@ def test_file_then_env_overrides(tmp_path):
     ("store_url: x\n", {"RPCAUTHZ_LISTEN__PORT": "seventy"}, "(from $RPCAUTHZ_LISTEN__PORT)"),
     ("store_url: x\nworkers: 4\nlisten: {port: 0}\n", {}, "SO_REUSEPORT"),
     ("store_url: x\napprovals: {base_url: ftp://x}\n", {}, "approvals.base_url"),
+    ("store_url: x\nreflection: {ttl: 5}\n", {}, "reflection.ttl is now reflection.cache.ttl"),
+    ("store_url: x\nreflection: {endpoints: {default: 'orders.internal:50051'}}\n", {},
+     "orders.internal:50051 is not on this machine: configure reflection.tls"),
+    ("store_url: x\nreflection: {tls: {plaintext: true, ca_file: /ca.pem}}\n", {}, "plaintext: true cannot go with"),
     ("- a list\n", {}, "mapping"),
     ("store_url: [unclosed\n", {}, "not valid YAML"),
 ])

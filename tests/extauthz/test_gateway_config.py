@@ -36,7 +36,7 @@ def test_ext_authz_fails_closed_and_visibly():
 
 def test_timeouts_are_layered():
     envoy_timeout = _seconds(EXT["grpc_service"]["timeout"])
-    assert envoy_timeout * 1000 > DEFAULTS.decision_deadline_ms > DEFAULTS.reflection.deadline * 1000
+    assert envoy_timeout * 1000 > DEFAULTS.decision_deadline_ms > DEFAULTS.reflection.cache.deadline * 1000
 
 
 def test_identity_reaches_the_server():

@@ -19,18 +19,19 @@ from google.protobuf import json_format, struct_pb2
 import policy
 from extauthz import responses
 from extauthz.audit_writer import AuditWriter
-from extauthz.body import frame
 from extauthz.config import ConfigError, load_settings
 from extauthz.metrics import Metrics
 from extauthz.pipeline import Authorizer, audit_event_id
 from extauthz.verdict import Kind, Verdict
 from policy import Grant, GrantSet, Mode, Role, StoreError, Target
 from policy.audit import AuditEvent
+from policy.rules import Rule
 from policy.stores import open_store
 from reflection_cache.cache import CacheSettings, ReflectionCache
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionUnavailable, ServiceModes
 from tests.support.extauthz_doubles import FixedGrants, FreshModes, StaticModes
+from tests.support.grpc_frames import frame
 
 SVC = "rpcauthz.demo.v1.Accounts"
 MODES = {
@@ -172,7 +173,7 @@ async def test_approval_modes_still_read_and_open_requests_in_the_store():
 
 async def test_not_fresh_falls_back_to_the_full_path_and_its_deadline():
     modes = FreshModes({SVC: ServiceModes(SVC, MODES)})
-    h = Harness(modes, **{"decision_deadline_ms": 100, "reflection.deadline": 0.05})
+    h = Harness(modes, **{"decision_deadline_ms": 100, "reflection.cache.deadline": 0.05})
     h.audit.start()
     try:
         modes.stale = True
@@ -215,7 +216,7 @@ async def test_failures_on_the_from_memory_path_are_503_never_allow():
 
 
 def _allow(principal="alice", method="Open", decision_id="a" * 32, dev=False, approval_id=None):
-    return Verdict(Kind.ALLOW, decision_id, "engineers_without_approval.engineer", "open",
+    return Verdict(Kind.ALLOW, decision_id, Rule.ENGINEERS_WITHOUT_APPROVAL_ENGINEER,
                    principal=principal, target=Target(SVC, method), mode=Mode.ENGINEERS_WITHOUT_APPROVAL,
                    mode_source="method", dev=dev, approval_id=approval_id)
 
@@ -357,7 +358,7 @@ def test_allow_template_key_covers_every_field_a_response_shows():
     base = _allow()
     variants = {"principal": "bob", "target": Target(SVC, "Tune"),
                 "mode": Mode.CONTRIBUTORS_WITHOUT_APPROVAL, "mode_source": "service",
-                "rule": "dry_run.would_deny", "message": "other", "advice": "ask", "dev": True,
+                "rule": Rule.DRY_RUN_WOULD_DENY, "facts": {"decided_rule": "x"}, "dev": True,
                 "dry_run": True, "shadow": "would_deny", "request_url": "https://mpa/requests/1"}
     # A field added to Verdict must be added here (and to the template key if shown).
     fresh_path = {"kind", "decision_id", "approval_id", "request_id"}

@@ -16,7 +16,7 @@ from google.protobuf import json_format, struct_pb2
 
 import policy
 from extauthz.audit_writer import AuditWriter
-from extauthz.body import frame, grpc_message_digest
+from extauthz.body import grpc_message_digest
 from extauthz.config import load_settings
 from extauthz.metrics import Metrics
 from extauthz.pipeline import Authorizer
@@ -24,6 +24,7 @@ from policy import Grant, GrantSet, Mode, Role, Target
 from policy.stores import open_store
 from reflection_cache.types import MalformedDescriptors, ReflectionUnavailable, ServiceModes
 from tests.support.extauthz_doubles import DownStore, FixedGrants, StaticModes
+from tests.support.grpc_frames import frame
 
 SVC = "rpcauthz.demo.v1.Accounts"
 MODES = {
@@ -200,7 +201,7 @@ async def test_reflection_failure_is_503(h, error, rule):
 
 
 async def test_slow_reflection_ends_as_our_503_before_the_deadline():
-    h = Harness(decision_deadline_ms=200, **{"reflection.deadline": 0.1})
+    h = Harness(decision_deadline_ms=200, **{"reflection.cache.deadline": 0.1})
     h.modes.delay = 5
     loop = asyncio.get_running_loop()
     t0 = loop.time()

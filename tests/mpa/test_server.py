@@ -108,6 +108,19 @@ def test_bad_config_is_refused_with_the_key_named(tmp_path, data, env, words):
         load_approvals_config(write(tmp_path, {"store_url": "sqlite:///a.db", **data}), env=env)
 
 
+def test_reflection_section_is_the_gateways(tmp_path):
+    cfg = load_approvals_config(write(tmp_path, {
+        "store_url": "sqlite:///a.db", **ISSUER, "default_mode": "engineers_with_approval",
+        "reflection": {"endpoints": {"default": "orders.internal:50051"},
+                       "tls": {"ca_file": "/etc/ca.pem", "server_name": "orders"}}}), env={})
+    assert cfg.default_mode is Mode.ENGINEERS_WITH_APPROVAL
+    assert cfg.reflection.tls_for("orders.internal:50051").server_name == "orders"
+    with pytest.raises(ConfigError, match="reflection: .*orders.internal:50051 is not on this machine"):
+        load_approvals_config(write(tmp_path, {"store_url": "x", **ISSUER,
+                                               "reflection": {"endpoints": {"default": "orders.internal:50051"}}}),
+                              env={})
+
+
 def test_request_policy_defaults():
     p = RequestPolicy()
     assert p.pending_ttl == timedelta(hours=1) and p.min_reason_length == 10

@@ -5,29 +5,28 @@ from datetime import UTC, datetime
 
 import pytest
 
-from extauthz.dry_run import apply_dry_run, dry_run_requested
-from policy import Decision, Grant, GrantSet, Mode, Outcome, Role, Target, decide
+from extauthz.dry_run import SHADOW_RULES, dry_run_requested, shadow_label
+from policy import Grant, GrantSet, Mode, Outcome, Role, Target, decide
+from policy.rules import Rule
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 GRANTS = GrantSet([Grant("alice", Role.ENGINEER)])
 T = Target("acme.v1.Billing", "Refund")
 
 
-@pytest.mark.parametrize("mode, decided, dry, enforced, shadow", [
-    (Mode.ENGINEERS_WITHOUT_APPROVAL, Outcome.ALLOW, True, Outcome.ALLOW, None),
-    (Mode.ENGINEERS_WITH_APPROVAL, Outcome.APPROVAL_REQUIRED, True, Outcome.ALLOW, "would_need_approval"),
-    (Mode.CONTRIBUTORS_WITHOUT_APPROVAL, Outcome.DENY, True, Outcome.ALLOW, "would_deny"),
-    (Mode.ENGINEERS_WITH_APPROVAL, Outcome.APPROVAL_REQUIRED, False, Outcome.APPROVAL_REQUIRED, None),
-    (Mode.CONTRIBUTORS_WITHOUT_APPROVAL, Outcome.DENY, False, Outcome.DENY, None),
+@pytest.mark.parametrize("mode, decided, dry, shadow", [
+    (Mode.ENGINEERS_WITHOUT_APPROVAL, Outcome.ALLOW, True, None),
+    (Mode.ENGINEERS_WITH_APPROVAL, Outcome.APPROVAL_REQUIRED, True, "would_need_approval"),
+    (Mode.CONTRIBUTORS_WITHOUT_APPROVAL, Outcome.DENY, True, "would_deny"),
+    (Mode.ENGINEERS_WITH_APPROVAL, Outcome.APPROVAL_REQUIRED, False, None),
+    (Mode.CONTRIBUTORS_WITHOUT_APPROVAL, Outcome.DENY, False, None),
 ])
-def test_real_decisions_mapped(mode, decided, dry, enforced, shadow):
+def test_real_decisions_mapped(mode, decided, dry, shadow):
     d = decide("alice", T, mode, GRANTS, (), NOW)
     assert d.outcome is decided
-    eff = apply_dry_run(d, dry)
-    assert (eff.outcome, eff.decided, eff.shadow, eff.dry_run) == (enforced, decided, shadow, dry)
-    assert eff.labels == {"outcome": enforced.value, "decided": decided.value,
-                          "dry_run": "true" if dry else "false", "shadow": shadow or "none"}
-    assert eff.log_fields["decided"] == decided.value and eff.log_fields["dry_run"] is dry
+    assert shadow_label(d.outcome.value, dry, d.rule) == shadow
+    if shadow:
+        assert SHADOW_RULES[shadow].value == f"dry_run.{shadow}"
 
 
 def test_only_exact_true_turns_enforcement_off():
@@ -37,17 +36,17 @@ def test_only_exact_true_turns_enforcement_off():
 
 
 def test_errors_and_identity_failures_stay_enforced():
-    from extauthz.dry_run import shadow_label
     assert shadow_label("error", True) is None
     assert shadow_label("allow", True) is None
+    assert shadow_label("deny", True, Rule.IDENTITY_UNVERIFIED) is None
     assert shadow_label("deny", True, "identity.unverified") is None
-    assert shadow_label("deny", True, "target.unknown_service") == "would_deny"
+    assert shadow_label("deny", True, Rule.TARGET_UNKNOWN_SERVICE) == "would_deny"
     assert shadow_label("approval_required", True) == "would_need_approval"
     assert shadow_label("deny", False) is None
-    d = Decision(Outcome.DENY, Mode.ENGINEERS_WITH_APPROVAL, "identity.unverified", "no token")
-    assert apply_dry_run(d, True).outcome is Outcome.DENY
 
 
 def test_unresolvable_mode_still_labelled():
-    d = Decision(Outcome.DENY, Mode.UNSPECIFIED, "mode.unspecified", "x")
-    assert apply_dry_run(d, False).outcome is Outcome.DENY
+    d = decide("alice", T, Mode.UNSPECIFIED, GRANTS, (), NOW)
+    assert d.rule is Rule.MODE_UNSPECIFIED
+    assert shadow_label(d.outcome.value, False, d.rule) is None
+    assert shadow_label(d.outcome.value, True, d.rule) == "would_deny"

@@ -183,7 +183,7 @@ def test_rendered_config_keeps_the_invariants_of_envoy_gateway_yaml():
     ext = filters["envoy.filters.http.ext_authz"]
     assert ext["transport_api_version"] == "V3"
     timeout = float(ext["grpc_service"]["timeout"].rstrip("s"))
-    assert timeout * 1000 > defaults.decision_deadline_ms > defaults.reflection.deadline * 1000
+    assert timeout * 1000 > defaults.decision_deadline_ms > defaults.reflection.cache.deadline * 1000
     providers = filters["envoy.filters.http.jwt_authn"]["providers"]
     assert {p["payload_in_metadata"] for p in providers.values()} == {defaults.identity.payload_key}
     assert all(p["forward"] is False for p in providers.values())

@@ -20,9 +20,9 @@ CATALOG = Path(__file__).parent / "catalog"
 def mpactl(*args: str, env_store: str | None = None) -> subprocess.CompletedProcess[str]:
     import os
     env = dict(os.environ)
-    env.pop("RPCAUTHZ_STORE", None)
+    env.pop("RPCAUTHZ_STORE_URL", None)
     if env_store:
-        env["RPCAUTHZ_STORE"] = env_store
+        env["RPCAUTHZ_STORE_URL"] = env_store
     return subprocess.run([sys.executable, "-m", "mpactl.app", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -30,7 +30,7 @@ def mpactl(*args: str, env_store: str | None = None) -> subprocess.CompletedProc
 def test_help_names_the_commands():
     out = mpactl("sync", "--help")
     assert out.returncode == 0, out.stderr
-    for word in ("--store", "--catalog", "--oncall", "--dry-run", "RPCAUTHZ_STORE"):
+    for word in ("--store", "--catalog", "--oncall", "--dry-run", "RPCAUTHZ_STORE_URL"):
         assert word in out.stdout
     out = mpactl("grants", "--help")
     assert out.returncode == 0 and all(w in out.stdout for w in ("list", "add", "remove"))

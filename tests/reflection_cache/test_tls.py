@@ -57,8 +57,18 @@ def test_bad_tls_configuration_is_refused_by_name(pki, tmp_path):
         tls_credentials(ca_file=str(pki.ca), cert_file=str(pki.client_cert))
     with pytest.raises(ValueError, match=f"cannot read ca_file {tmp_path}/missing.pem"):
         tls_credentials(ca_file=str(tmp_path / "missing.pem"))
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ca'\]"):
+    with pytest.raises(ValueError, match="tls.ca: unknown key"):
         ReflectionCache.from_config({"tls": {"ca": "x"}})
+    with pytest.raises(ValueError, match=f"cannot read ca_file {tmp_path}/missing.pem"):
+        ReflectionCache.from_config({"tls": {"ca_file": str(tmp_path / "missing.pem")}})
+    with pytest.raises(ValueError, match="cert_file and key_file go together"):
+        ReflectionCache.from_config({"tls": {"cert_file": str(pki.client_cert)}})
+    with pytest.raises(ValueError, match="plaintext: true cannot go with ca_file"):
+        ReflectionCache.from_config({"tls": {"plaintext": True, "ca_file": str(pki.ca)}})
+    with pytest.raises(ValueError, match="shop.internal:50051 is not on this machine: configure reflection.tls"):
+        ReflectionCache.from_config({"endpoints": {"default": "shop.internal:50051"}})
+    ReflectionCache.from_config({"endpoints": {"default": "shop.internal:50051"},
+                                 "tls": {"plaintext": True}})
 
 
 def test_reflect_command_over_mutual_tls(pki, mtls_server):
@@ -71,3 +81,15 @@ def test_reflect_command_over_mutual_tls(pki, mtls_server):
         cwd=pathlib.Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "GetOrder" in out.stdout and "ENGINEERS_WITHOUT_APPROVAL" in out.stdout
+
+
+async def test_tls_for_one_endpoint_with_a_server_name_override(pki, mtls_server):
+    """Per-endpoint TLS beside plaintext elsewhere; the certificate is checked against
+    ``server_name``, not the address dialled."""
+    tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+    modes = await fetch({"endpoints": {"default": mtls_server.address},
+                         "tls_by_endpoint": {mtls_server.address: {**tls, "server_name": "localhost"}}})
+    assert modes.service == ORDERS
+    with pytest.raises(ReflectionUnavailable, match=mtls_server.address):
+        await fetch({"endpoints": {"default": mtls_server.address}, "cache": {"deadline": 2},
+                     "tls_by_endpoint": {mtls_server.address: {**tls, "server_name": "orders.example"}}})

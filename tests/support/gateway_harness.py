@@ -66,7 +66,7 @@ def extauthz_config(*, port: int, store_url: str, reflection_static: Mapping[str
         # Roomier than production's 0.5 s / 800 ms / 1 s, so a loaded CI machine does not
         # turn a cold reflection fetch into a 503; tests of the deadlines set their own.
         "decision_deadline_ms": 3000,
-        "reflection": {"endpoints": {"static": dict(reflection_static)}, "deadline": 2.0},
+        "reflection": {"endpoints": {"static": dict(reflection_static)}, "cache": {"deadline": 2.0}},
     }
     for dotted, value in (extra or {}).items():
         node = cfg
