@@ -4,11 +4,12 @@ from __future__ import annotations
 from extauthz import responses
 from extauthz.verdict import Kind, Verdict
 from policy import Mode, Target
+from policy.rules import Rule
 
 
 def _allow(principal: str) -> Verdict:
-    return Verdict(kind=Kind.ALLOW, decision_id=f"d-{principal}", rule="allow.engineer",
-                   message="ok", principal=principal, target=Target("pay.v1.Pay", "Get"),
+    return Verdict(Kind.ALLOW, f"d-{principal}", Rule.ENGINEERS_WITHOUT_APPROVAL_ENGINEER,
+                   principal=principal, target=Target("pay.v1.Pay", "Get"),
                    mode=Mode.ENGINEERS_WITHOUT_APPROVAL)
 
 
