@@ -345,7 +345,7 @@ async def _decision_figures(org: Org, url: str, store, port: int) -> dict[str, f
         fig["warm check p50 during full reconcile (us)"] = 1e6 * p50(during)
 
         # one grant change at a time, seen by two replicas (own store connections each)
-        replicas = [GrantCache(open_store(url, poll_interval=0.1), reload_interval=30,
+        replicas = [GrantCache(open_store(url), reload_interval=30,  # default poll / NOTIFY
                                max_staleness=120).start() for _ in range(2)]
         await asyncio.sleep(0.5)
         seen, during = [], []

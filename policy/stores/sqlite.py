@@ -164,7 +164,7 @@ class SQLiteStore(SqlStore):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0,
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 0.25) -> None:
         self.path = os.fspath(path)
         super().__init__(f"sqlite store {self.path}")
         if busy_timeout <= 0 or poll_interval <= 0:
