@@ -6,11 +6,31 @@ import pathlib
 from typing import Any
 
 import typer
+import yaml
+
+from rpcauthz.console import ExitCode, fail
 
 
 def register(app: typer.Typer) -> None:
     """Add ``serve`` to ``mpactl``."""
     app.command("serve", help="Run the Envoy ext_authz gRPC server (Authorization + health + metrics).")(serve)
+    app.command("dev-certs", help="Write a dev CA and the Envoy<->ext_authz mTLS certificates (not for production).")(dev_certs)
+
+
+def dev_certs(
+    out: pathlib.Path = typer.Option(..., "--out", "-o", help="Directory for ca.crt, extauthz.crt/.key, envoy.crt/.key."),
+    days: int = typer.Option(30, "--days", min=1, help="Validity of the CA and certificates."),
+    server_name: list[str] = typer.Option([], "--server-name", help="Extra DNS name for the server certificate (repeatable)."),
+) -> None:
+    """Make a dev CA, a server certificate for ``mpactl serve`` and Envoy's client certificate."""
+    from .dev_certs import make_dev_certs
+
+    certs = make_dev_certs(out, days=days, extra_server_names=tuple(server_name))
+    typer.echo(f"wrote {certs.ca}, {certs.server_cert}, {certs.client_cert} (and keys, mode 0600)")
+    typer.echo("server config (mpactl serve --config):")
+    typer.echo(yaml.safe_dump({"listen": {"tls": certs.server_settings()}}, sort_keys=False).rstrip())
+    typer.echo(f"Envoy's ext_authz cluster transport_socket: trusted_ca {certs.ca}, "
+               f"certificate_chain {certs.client_cert}, private_key {certs.client_key}")
 
 
 def serve(
@@ -42,12 +62,10 @@ def serve(
     try:
         settings = load_settings(config, overrides=overrides)
     except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(e), ExitCode.USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         code = run(settings)
     except OSError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(e), ExitCode.FAILURE)
     raise typer.Exit(code)

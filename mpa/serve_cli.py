@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from rpcauthz.console import ExitCode, fail
+
 
 def register(app: typer.Typer) -> None:
     """Add ``approvals serve`` to ``mpactl``."""
@@ -39,8 +41,7 @@ def serve(
     try:
         settings = load_approvals_config(config, overrides=overrides)
     except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(e), ExitCode.USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     mode_lookup = None
     if settings.reflection is not None:
@@ -54,8 +55,7 @@ def serve(
         handle = start_approvals_server(settings, host=settings.listen.host,
                                         port=settings.listen.port, mode_lookup=mode_lookup)
     except (OSError, RuntimeError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(e), ExitCode.FAILURE)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
