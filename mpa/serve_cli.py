@@ -43,17 +43,20 @@ def serve(
     except ConfigError as e:
         fail(str(e), ExitCode.USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    mode_lookup = None
+    mode_lookup = body_encoder = None
     if settings.reflection is not None:
         from reflection_cache.cache import ReflectionCache
 
+        from .body_types import reflected_bodies
         from .service import lazy_modes
         reflection = settings.reflection
         mode_lookup = lazy_modes(lambda: ReflectionCache.from_settings(reflection),
                                  settings.default_mode)
+        body_encoder = reflected_bodies(lambda: ReflectionCache.from_settings(reflection))
     try:
         handle = start_approvals_server(settings, host=settings.listen.host,
-                                        port=settings.listen.port, mode_lookup=mode_lookup)
+                                        port=settings.listen.port, mode_lookup=mode_lookup,
+                                        body_encoder=body_encoder)
     except (OSError, RuntimeError, ValueError) as e:
         fail(str(e), ExitCode.FAILURE)
     done = threading.Event()
