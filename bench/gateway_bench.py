@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = ExtAuthzProcess({
             "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port}, "drain_notice_s": 0,
             "metrics": {"host": "127.0.0.1", "port": free_port()},
-            "audit": {"allows": args.audit_allows,
+            "audit": {"allows": args.audit_allows, "spool_path": str(workdir / "audit-spool.db"),
                       **({} if args.audit_batch_window_ms is None
                          else {"batch_window_ms": args.audit_batch_window_ms})},
             "reflection": {"endpoints": {"static": {ACCOUNTS: upstream.address}}},
