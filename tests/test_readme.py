@@ -1,0 +1,152 @@
+"""README.md stays true: its commands exist with the flags it shows, its links resolve, its
+Layout table names the folders there are.
+
+Commands are run in-process with ``--help`` (Typer's test runner), so a renamed command or a
+dropped flag fails here rather than in a newcomer's terminal.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def section(title: str) -> str:
+    """The text of README's ``## title`` section."""
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.S | re.M)
+    assert m, f"README has no '## {title}' section"
+    return m.group(1)
+
+
+def expand(words: list[str]) -> list[list[str]]:
+    """``grants list|add|remove`` -> three commands (alternatives in any word)."""
+    out: list[list[str]] = [[]]
+    for w in words:
+        out = [prefix + [alt] for prefix in out for alt in w.split("|")]
+    return out
+
+
+def command_words(span: str) -> tuple[list[str], list[str]]:
+    """The subcommand words and the ``--flags`` of one code span such as
+    ``mpactl sync --store URL --catalog DIR [--oncall FILE]``."""
+    tokens = span.replace("\\|", "|").split()
+    words: list[str] = []
+    for t in tokens[1:]:
+        if t.startswith(("-", "[", "(")) or not re.fullmatch(r"[a-z][a-z0-9|-]*", t):
+            break
+        words.append(t)
+    flags = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", span)
+    return words, flags
+
+
+def mpactl_commands() -> list[tuple[list[str], list[str]]]:
+    """Every command README's mpactl table and Configuration reference name, with its flags."""
+    text = section("Command lines").split("`mpa` (engineers")[0]
+    out = []
+    for row in re.findall(r"^\| (.*?) \| .*\|$", text, re.M):
+        for span in re.findall(r"`([^`]+)`", row):
+            span = span if span.startswith("mpactl ") else f"mpactl {span}"
+            words, flags = command_words(span)
+            out += [(cmd, flags) for cmd in expand(words)]
+    config = section("Configuration reference")
+    for line in re.findall(r"^mpactl .*$", config.split("```")[1], re.M):
+        words, flags = command_words(line.split("#")[0])
+        out.append((words, flags))
+    for span in re.findall(r"`(mpactl [^`]+)`", README):  # commands named in the prose too
+        words, flags = command_words(span)
+        out += [(cmd, flags) for cmd in expand(words)]
+    unique: dict[str, tuple[list[str], list[str]]] = {}
+    for cmd, flags in out:
+        unique.setdefault(" ".join(cmd) + " " + " ".join(flags), (cmd, flags))
+    return list(unique.values())
+
+
+def mpa_commands() -> list[list[str]]:
+    """Every command of README's ``mpa`` paragraph (``request rpc|aws|k8s`` -> three)."""
+    para = section("Command lines").split("`mpa` (engineers", 1)[1].split("\n\n")[0]
+    out = []
+    for span in re.findall(r"`([^`]+)`", para):
+        words = [w for w in span.split() if w != "..."]
+        if words and not span.startswith(("mpa ", "MPA_")) and re.fullmatch(r"[a-z][a-z0-9|-]*", words[0]):
+            out += expand(words)
+    return out
+
+
+def help_text(app, argv: list[str]) -> str:
+    res = CliRunner().invoke(app, [*argv, "--help"], env={"COLUMNS": "240", "NO_COLOR": "1"})
+    assert res.exit_code == 0, f"{argv} --help exited {res.exit_code}: {res.output}"
+    return res.output
+
+
+MPACTL = mpactl_commands()
+
+
+def test_the_tables_name_commands():
+    named = {" ".join(cmd) for cmd, _ in MPACTL}
+    assert {"serve", "approvals serve", "demo call", "grants add", "broker serve"} <= named, named
+    assert {"login", "request aws", "fetch", "broker"} <= {" ".join(c) for c in mpa_commands()}
+
+
+@pytest.mark.parametrize("cmd,flags", MPACTL, ids=[" ".join(c) for c, _ in MPACTL])
+def test_mpactl_command_exists_with_its_flags(cmd, flags):
+    from mpactl.app import app
+    out = help_text(app, cmd)
+    missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", out)]
+    assert not missing, f"mpactl {' '.join(cmd)} has no {missing}:\n{out}"
+
+
+@pytest.mark.parametrize("cmd", mpa_commands(), ids=" ".join)
+def test_mpa_command_exists(cmd):
+    from mpa.cli import app
+    help_text(app, cmd)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip()).lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(doc: pathlib.Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.S | re.M)
+    seen: dict[str, int] = {}
+    out = set()
+    for h in re.findall(r"^#{1,6} (.+)$", text, re.M):
+        s = slug(h)
+        n = seen.get(s, 0)
+        seen[s] = n + 1
+        out.add(s if n == 0 else f"{s}-{n}")
+    return out
+
+
+def test_links_to_files_and_anchors_resolve():
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{doc.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_layout_table_names_every_top_level_folder():
+    table = section("Layout")
+    named = set()
+    for cell in re.findall(r"^\| (.*?) \|", table, re.M):
+        named |= {w.rstrip("/") for w in re.findall(r"`([\w.-]+/)`", cell)}
+    folders = {p.name for p in ROOT.iterdir()
+               if p.is_dir() and not p.name.startswith((".", "_")) and not p.name.endswith(".egg-info")
+               and p.name not in {"build", "dist"}}
+    assert named == folders, f"only in README: {named - folders}; only on disk: {folders - named}"
