@@ -1,16 +1,12 @@
 """The ext_authz server dials reflection endpoints with the TLS its configuration gives."""
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from extauthz.config import load_settings
 from extauthz.server import open_components
 from reflection_cache import ReflectionUnavailable
-from tests.support.reflection_servers import compile_proto, reflection_server
-from tests.support.reflection_tls import make_pki
-
-ORDERS = "shop.orders.v1.Orders"
+from tests.support.reflection_tls import ORDERS, make_pki, mtls_orders_server
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +16,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture
 def mtls_server(pki):
-    creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
-                                        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
-    with reflection_server(compile_proto("shop/orders/v1/orders.proto"), [ORDERS],
-                           server_credentials=creds) as srv:
+    with mtls_orders_server(pki) as srv:
         yield srv
 
 

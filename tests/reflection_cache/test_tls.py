@@ -1,16 +1,12 @@
 """Reflection over TLS and mutual TLS, against a real TLS gRPC server."""
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from reflection_cache import ReflectionUnavailable
 from reflection_cache.cache import ReflectionCache
 from reflection_cache.client import tls_credentials
-from tests.support.reflection_servers import compile_proto, reflection_server
-from tests.support.reflection_tls import make_pki
-
-ORDERS = "shop.orders.v1.Orders"
+from tests.support.reflection_tls import ORDERS, make_pki, mtls_orders_server
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +16,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture
 def mtls_server(pki):
-    creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
-                                        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
-    with reflection_server(compile_proto("shop/orders/v1/orders.proto"), [ORDERS],
-                           server_credentials=creds) as srv:
+    with mtls_orders_server(pki) as srv:
         yield srv
 
 
