@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from policy import Mode
+from policy import Mode, parse_default_mode
 from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, load
 
@@ -98,7 +98,7 @@ class Settings(Section):
     metrics: Metrics = Metrics()
     workers: int = Field(1, ge=1, le=64)
     #: Mode of a method with neither a method option nor a service default.
-    default_mode: Mode = Mode.BREAK_GLASS_ONLY
+    default_mode: Annotated[Mode, BeforeValidator(parse_default_mode)] = Mode.BREAK_GLASS_ONLY
     #: Our own deadline for one decision. Keep it below Envoy's ext_authz timeout, so a slow
     #: dependency ends as our 503 rather than Envoy's timeout, and above the reflection deadline.
     decision_deadline_ms: int = Field(800, ge=10, le=60000)
@@ -120,15 +120,6 @@ class Settings(Section):
     grants_reload_s: float = Field(30.0, gt=0)
     #: Past this age without a successful load, grants are unusable: every check is a 503.
     grants_max_staleness_s: float = Field(120.0, gt=0)
-
-    @field_validator("default_mode", mode="before")
-    @classmethod
-    def _mode(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = Mode.parse(v)
-        if v == Mode.UNSPECIFIED:
-            raise ValueError("the default mode cannot be UNSPECIFIED")
-        return v
 
     @model_validator(mode="after")
     def _workers_need_port(self) -> Settings:

@@ -15,11 +15,11 @@ import os
 import pathlib
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from policy import Mode
+from policy import Mode, parse_default_mode
 from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ConfigError, Section, env_name, load
 
@@ -156,16 +156,7 @@ class ApprovalsConfig(Section):
     #: gateway opened can be completed.
     reflection: ReflectionSettings | None = None
     #: Mode of a method with neither a method option nor a service default (as the gateway's).
-    default_mode: Mode = Mode.BREAK_GLASS_ONLY
-
-    @field_validator("default_mode", mode="before")
-    @classmethod
-    def _mode(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = Mode.parse(v)
-        if v == Mode.UNSPECIFIED:
-            raise ValueError("the default mode cannot be UNSPECIFIED")
-        return v
+    default_mode: Annotated[Mode, BeforeValidator(parse_default_mode)] = Mode.BREAK_GLASS_ONLY
 
     @field_validator("dev_login", mode="before")
     @classmethod
