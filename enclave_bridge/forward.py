@@ -28,7 +28,7 @@ import stat
 import time
 from dataclasses import dataclass
 
-from .addresses import Address, TcpAddress, UnixAddress, VsockAddress, parse_address, vsock_socket
+from .addresses import Address, TcpAddress, UnixAddress, VsockAddress, vsock_socket
 
 log = logging.getLogger("enclave_bridge.forward")
 
@@ -55,10 +55,6 @@ class ForwarderConfig:
             raise ValueError("idle_timeout must be positive, or None for no idle limit")
         if not 1024 <= self.buffer_size <= 16 * 1024 * 1024:
             raise ValueError("buffer_size must be between 1 KiB and 16 MiB")
-
-    @classmethod
-    def from_urls(cls, listen: str, to: str, **options) -> ForwarderConfig:
-        return cls(listen=parse_address(listen, "listen"), target=parse_address(to, "connect"), **options)
 
 
 @dataclass
