@@ -200,7 +200,9 @@ class LocalAws:
                secret_access_key: str = "local-admin-secret", session_token: str | None = None) -> Any:
         """A boto3 client for ``service`` against this stand-in (the admin's key by default)."""
         import boto3
-        return boto3.client(service, region_name=REGION, endpoint_url=self.url, aws_access_key_id=access_key_id,
+        # types-boto3 types only literal service names; boto3 takes any service name.
+        return boto3.client(service, region_name=REGION, endpoint_url=self.url,  # type: ignore[call-overload]
+                            aws_access_key_id=access_key_id,
                             aws_secret_access_key=secret_access_key, aws_session_token=session_token)
 
     def create_user(self, name: str) -> dict[str, str]:

@@ -144,6 +144,8 @@ class Demo:
         _remember(self.workdir)
 
     def banner(self) -> str:
+        if self.envoy is None or self.extauthz is None:
+            raise RuntimeError("the demo is not started")
         lines = [
             "rpcauthz demo is running.",
             f"  gateway (Envoy):   127.0.0.1:{self.gateway_port}   (admin 127.0.0.1:{self.envoy.admin_port})",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpa.config import ApprovalsConfig
+from mpa.config import ApprovalsConfig, DevLogin
 from mpa.server import ApprovalsServer, start_approvals_server
 from mpa.service import ModeLookup
 
@@ -25,7 +25,7 @@ def start_demo_approvals(store_url: str, issuer: Any, jwks_url: str, *, port: in
             port = s.getsockname()[1]
     config = ApprovalsConfig(store_url=store_url, issuer=issuer.issuer, jwks_url=jwks_url,
                              audiences=(issuer.audience,), public_url=f"http://{host}:{port}",
-                             dev_login=True, **kw.pop("config", {}))
+                             dev_login=DevLogin(), **kw.pop("config", {}))
     return start_approvals_server(config, host=host, port=port, mode_lookup=mode_lookup,
                                   dev_issuer=issuer, **kw)
 

@@ -70,12 +70,18 @@ def call(gateway: str, path: str, *, token: str | None, data: dict[str, Any] | N
         replies: list[dict[str, Any]] = []
         try:
             if method.server_streaming:
-                stream = channel.unary_stream(path, **kwargs)(request, timeout=timeout, metadata=metadata)
+                stream = channel.unary_stream(path, **kwargs)(request, timeout=timeout, metadata=tuple(metadata))
                 for reply in stream:
                     replies.append(json_format.MessageToDict(reply))
                 return CallResult(grpc.StatusCode.OK, "", None, replies)
-            reply = channel.unary_unary(path, **kwargs)(request, timeout=timeout, metadata=metadata)
+            reply = channel.unary_unary(path, **kwargs)(request, timeout=timeout, metadata=tuple(metadata))
             return CallResult(grpc.StatusCode.OK, "", None, [json_format.MessageToDict(reply)])
         except grpc.RpcError as e:
-            md = dict(e.trailing_metadata() or ()) | dict(e.initial_metadata() or ())
-            return CallResult(e.code(), e.details() or "", md.get("x-mpa-request-url"), replies)
+            md: dict[str, str | bytes] = {}
+            # What a call raises is also the call; grpc's stubs declare the two incompatible,
+            # so the check goes through `object` to stay type-checked.
+            failed: object = e
+            if isinstance(failed, grpc.Call):
+                md = dict(failed.trailing_metadata() or ()) | dict(failed.initial_metadata() or ())
+            url = md.get("x-mpa-request-url")
+            return CallResult(e.code(), e.details() or "", url if isinstance(url, str) else None, replies)

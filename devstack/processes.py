@@ -235,7 +235,8 @@ def wait_serving(target: str, timeout: float = 30.0, service: str = "", check=No
             if check is not None:
                 check()
             try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                # types-grpcio-health-checking declares no methods on HealthStub.
+                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)  # type: ignore[attr-defined]
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError as e:

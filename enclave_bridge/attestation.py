@@ -141,7 +141,7 @@ class NonceCache:
             self._seen[nonce] = forget_after
 
 
-def _as_bytes(name: str, value: bytes | str) -> bytes:
+def _as_bytes(name: str, value: bytes | bytearray | str) -> bytes:
     if isinstance(value, str):
         try:
             return bytes.fromhex(value)
@@ -215,6 +215,11 @@ class Expectations:
             object.__setattr__(self, "public_key", _spki_der(self.public_key))
         if self.max_age <= dt.timedelta(0):
             raise ValueError("Expectations.max_age must be positive")
+
+    @property
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        """The pinned trust anchor(s), as a tuple."""
+        return (self.root,) if isinstance(self.root, x509.Certificate) else tuple(self.root)
 
     @classmethod
     def aws(cls, pcrs: Mapping[int, bytes | str], **kwargs) -> Expectations:
@@ -338,12 +343,13 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
     now = expectations.clock()
     if now.tzinfo is None:  # a naive clock is taken as UTC, as cryptography does
         now = now.replace(tzinfo=dt.UTC)
-    _verify_chain(leaf, bundle, expectations.root, now)  # type: ignore[arg-type]
+    _verify_chain(leaf, bundle, expectations.roots, now)
 
     pcrs: dict[int, bytes] = doc["pcrs"]
     if all(index in pcrs and not any(pcrs[index]) for index in IMAGE_PCRS):
         raise DebugModeEnclave("PCR0, PCR1 and PCR2 are all zero: the enclave runs in debug mode")
-    for index, expected in expectations.pcrs.items():  # type: ignore[union-attr]
+    for index, value in expectations.pcrs.items():
+        expected = _as_bytes(f"PCR{index}", value)  # already bytes since __post_init__
         if index not in pcrs:
             raise PcrMissing(f"document has no PCR{index}")
         if not any(pcrs[index]):  # not debug mode (checked above): an unmeasured register
@@ -357,18 +363,19 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
     if now - timestamp > expectations.max_age:
         raise StaleDocument(f"document from {timestamp.isoformat()} is older than {expectations.max_age}")
 
-    nonce = doc.get("nonce")
+    nonce: bytes | None = doc.get("nonce")
     if expectations.nonce is not None or expectations.replay_cache is not None:
         if nonce is None:
             raise NonceMissing("document carries no nonce but one is required")
-    if expectations.nonce is not None and not hmac.compare_digest(nonce, expectations.nonce):
+    if expectations.nonce is not None and (nonce is None or not hmac.compare_digest(nonce, expectations.nonce)):
         raise NonceMismatch("document nonce differs from the one issued")
 
-    public_key = doc.get("public_key")
+    public_key: bytes | None = doc.get("public_key")
     if expectations.public_key is not None or expectations.require_public_key:
         if public_key is None:
             raise PublicKeyMissing("document binds no public key but one is required")
-    if expectations.public_key is not None and not hmac.compare_digest(public_key, expectations.public_key):  # type: ignore[arg-type]
+    if expectations.public_key is not None and (
+            public_key is None or not hmac.compare_digest(public_key, _spki_der(expectations.public_key))):
         raise PublicKeyMismatch("document binds a different public key than expected")
 
     user_data = doc.get("user_data")
@@ -376,7 +383,7 @@ def verify(document: bytes, expectations: Expectations) -> VerifiedAttestation:
             user_data is None or not hmac.compare_digest(user_data, expectations.user_data)):
         raise UserDataMismatch("document user_data differs from the expected value")
 
-    if expectations.replay_cache is not None:
+    if expectations.replay_cache is not None and nonce is not None:  # None was refused above
         expectations.replay_cache.add(nonce, now=now,
                                       forget_after=timestamp + expectations.max_age + expectations.max_clock_skew)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -21,7 +22,7 @@ from . import measure as measure_mod
 DEFAULT_LEDGER = Path("measurements.json")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"mpactl broker: {message}", err=True)
     raise typer.Exit(code)
 

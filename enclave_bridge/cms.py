@@ -199,9 +199,12 @@ def encrypt_for_recipient(plaintext: bytes, recipient_public_key: rsa.RSAPublicK
     """
     if isinstance(recipient_public_key, bytes):
         try:
-            recipient_public_key = serialization.load_der_public_key(recipient_public_key)
+            loaded = serialization.load_der_public_key(recipient_public_key)
         except ValueError as e:
             raise MalformedCms(f"recipient public key is not DER SubjectPublicKeyInfo: {e}") from None
+        if not isinstance(loaded, rsa.RSAPublicKey):
+            raise UnsupportedCms("the recipient key must be RSA")
+        recipient_public_key = loaded
     if not isinstance(recipient_public_key, rsa.RSAPublicKey):
         raise UnsupportedCms("the recipient key must be RSA")
     cek = os.urandom(32)

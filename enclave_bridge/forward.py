@@ -166,7 +166,7 @@ class Forwarder:
     def __init__(self, config: ForwarderConfig) -> None:
         self.config = config
         self.stats = ForwarderStats()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._slots = asyncio.Semaphore(config.max_connections)
         self._waiting = 0
         self._tasks: set[asyncio.Task] = set()
@@ -245,7 +245,7 @@ class Forwarder:
     # -- one connection ---------------------------------------------------------------------
 
     def _new_client(self) -> _Side:
-        link = _Link(self, on_client_made=lambda: self._client_made(link))
+        link: _Link = _Link(self, on_client_made=lambda: self._client_made(link))
         return link.client
 
     def _client_made(self, link: _Link) -> None:

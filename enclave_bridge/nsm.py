@@ -110,7 +110,7 @@ def pack_nsm_message(request_addr: int, request_len: int, response_addr: int, re
     return bytearray(struct.pack(NSM_MESSAGE_FORMAT, request_addr, request_len, response_addr, response_len))
 
 
-def unpack_nsm_message(message: bytes) -> tuple[int, int, int, int]:
+def unpack_nsm_message(message: bytes | bytearray) -> tuple[int, int, int, int]:
     return struct.unpack(NSM_MESSAGE_FORMAT, bytes(message))
 
 

@@ -32,6 +32,7 @@ import sys
 import time
 from datetime import UTC
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import typer
@@ -47,7 +48,7 @@ def _session_file() -> Path:
     return Path(os.environ.get("MPA_CONFIG_DIR") or Path.home() / ".config" / "mpa") / "session.json"
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"mpa: {message}", err=True)
     raise typer.Exit(code)
 

@@ -19,7 +19,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import typer
@@ -78,7 +78,7 @@ def load_session() -> dict[str, Any]:
         fail(EXIT_AUTH, f"cannot read {path}: {e}; run: mpa login")
 
 
-def fail(code: int, message: str) -> None:
+def fail(code: int, message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
@@ -106,11 +106,11 @@ class Client:
         except ValueError:
             data = {"error": {"code": "bad_response", "message": resp.text[:200]}}
         if resp.status_code >= 400:
-            e = data.get("error", {}) if isinstance(data, dict) else {}
-            message = e.get("message") or f"HTTP {resp.status_code}"
+            error = data.get("error", {}) if isinstance(data, dict) else {}
+            message = error.get("message") or f"HTTP {resp.status_code}"
             code = (EXIT_AUTH if resp.status_code == 401 else
                     EXIT_UNAVAILABLE if resp.status_code >= 500 else EXIT_REFUSED)
-            fail(code, f"{message} [{e.get('code', resp.status_code)}]")
+            fail(code, f"{message} [{error.get('code', resp.status_code)}]")
         return resp.status_code, data
 
 
@@ -308,8 +308,11 @@ def show(request: str = typer.Argument(..., help="request id or link"),
 def _act(action: str, request: str, comment: str, server: str | None, as_json: bool) -> None:
     _, r = Client(server).call("POST", f"/api/v1/requests/{_request_id(request)}/{action}",
                                {"comment": comment})
-    emit(r, as_json, lambda r: (out.print(f"{action}: request {r['id']} is now {r['state']}",
-                                          highlight=False), print_request(r)))
+
+    def printer(r: dict[str, Any]) -> None:
+        out.print(f"{action}: request {r['id']} is now {r['state']}", highlight=False)
+        print_request(r)
+    emit(r, as_json, printer)
 
 
 @app.command()

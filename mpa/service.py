@@ -7,6 +7,7 @@ Nothing here talks HTTP; errors are policy's (``PolicyError`` subclasses, ``Unkn
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import threading
 import uuid
@@ -283,13 +284,13 @@ class ApprovalService:
             request_id, lambda cur: policy.cancel(cur, actor, now, reason),
             actor=actor, kind="request.cancelled", reason=reason.strip())
 
-    def sweep_expired(self) -> list[ApprovalRequest]:
+    def sweep_expired(self) -> builtins.list[ApprovalRequest]:  # `list` here is the method above
         """Expire every pending request past ``expires_at`` and approval past ``valid_until``.
 
         Each expiry is one atomic update with a ``request.expired`` audit event. Returns the
         requests this call expired.
         """
-        expired = []
+        expired: builtins.list[ApprovalRequest] = []
         for r in self.store.due_requests(self.clock(), limit=10_000):
             done = self._expire_if_due(r)
             if done is not r and done.state is RequestState.EXPIRED:

@@ -177,6 +177,7 @@ def migrate_command(
     choices: dict = {}
     for i, step in enumerate(steps, 1):
         name = step.rpc.method
+        choice: Mode | None
         if name in preset:
             choice = preset[name]
             typer.echo(f"[{i}/{len(steps)}] rpc {name}: {describe(step)} -> {choice.name} (--set)")
@@ -362,6 +363,7 @@ def envoy_dry_run_command(
     else:
         import json
         import urllib.request
+        assert admin is not None  # exactly one of the two, checked above
         url = admin.rstrip("/") + "/config_dump?resource=dynamic_route_configs"
         try:
             with urllib.request.urlopen(admin.rstrip("/") + "/config_dump", timeout=10) as resp:

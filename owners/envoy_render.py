@@ -396,7 +396,8 @@ def _services(r: _Reader, node: yaml.Node, gateway: Gateway) -> list[ServiceEntr
 def _routes(r: _Reader, node: yaml.Node, service: str, gateway: Gateway) -> list[RouteOverride]:
     if not isinstance(node, yaml.SequenceNode):
         raise r.fail(node, f"{service}: routes must be a list of entries (- method: Name ...)")
-    out, seen = [], {}
+    out: list[RouteOverride] = []
+    seen: dict[str, int] = {}
     for item in node.value:
         m = r.mapping(item, f"{service}: route", _ROUTE_KEYS)
         if "method" not in m:
@@ -493,7 +494,9 @@ def _route(match: dict, entry: ServiceEntry, timeout: float | None, ext_authz: b
 def _routes_for(catalog: Catalog) -> list[dict]:
     """Most specific first: exact methods, then services, then longer package prefixes."""
     g = catalog.gateway
-    exact, services, prefixes = [], [], []
+    exact: list[dict[str, Any]] = []
+    services: list[tuple[int, dict[str, Any]]] = []
+    prefixes: list[tuple[int, dict[str, Any]]] = []
     for s in catalog.services:
         for ro in s.routes:
             exact.append(_route(

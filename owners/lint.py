@@ -131,7 +131,8 @@ def list_services(target: str, timeout: float = 5.0) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
-        for response in stub.ServerReflectionInfo(iter([request]), timeout=timeout):
+        # types-grpcio-reflection types this attribute as binascii.Incomplete (an exception class).
+        for response in stub.ServerReflectionInfo(iter([request]), timeout=timeout):  # type: ignore[operator]
             if response.HasField("error_response"):
                 raise RuntimeError(response.error_response.error_message)
             names = [s.name for s in response.list_services_response.service]

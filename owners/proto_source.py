@@ -260,7 +260,8 @@ def _write_options_descriptor(directory: Path) -> Path:
 
 def _extension_file(pool: descriptor_pool.DescriptorPool, full_name: str) -> str | None:
     try:
-        return pool.FindExtensionByName(full_name).file.name
+        # FieldDescriptor.file exists at run time; types-protobuf does not declare it.
+        return pool.FindExtensionByName(full_name).file.name  # type: ignore[attr-defined]
     except KeyError:
         return None
 
@@ -331,9 +332,11 @@ def _read_option(pool: descriptor_pool.DescriptorPool, options_msg, options_type
         return None, None
     cls = message_factory.GetMessageClass(pool.FindMessageTypeByName(options_type))
     opts = cls.FromString(options_msg.SerializeToString())
-    if not opts.HasExtension(ext):
+    # types-protobuf accepts only generated extension handles; a FieldDescriptor found in a
+    # pool is one at run time.
+    if not opts.HasExtension(ext):  # type: ignore[arg-type]
         return None, None
-    number = opts.Extensions[ext]
+    number: int = opts.Extensions[ext]  # type: ignore[index]
     value = ext.enum_type.values_by_number.get(number) if ext.enum_type else None
     raw = value.name if value is not None else str(number)
     try:

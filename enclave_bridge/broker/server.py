@@ -70,9 +70,9 @@ class Authenticator:
         self._identity = identity
         self._keys = {k.key_id: k for k in jwt.PyJWKSet.from_dict(dict(identity.jwks)).keys}
 
-    def principal(self, metadata: Sequence[tuple[str, str]]) -> str:
+    def principal(self, metadata: Sequence[tuple[str, str | bytes]]) -> str:
         header = next((v for k, v in metadata if k == "authorization"), None)
-        if not header or not header.lower().startswith("bearer "):
+        if not isinstance(header, str) or not header.lower().startswith("bearer "):
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata; run `mpa login`")
         token = header[7:].strip()
         try:
@@ -108,7 +108,7 @@ def to_proto(cr: CredentialRequest) -> broker_pb2.CredentialRequest:
         approvals=[broker_pb2.Approval(approver=a.approver, at=_ts(a.at), comment=a.comment) for a in r.approvals],
         created_at=_ts(r.created_at), expires_at=_ts(r.expires_at))
     if r.valid_until:
-        msg.valid_until.CopyFrom(_ts(r.valid_until))
+        msg.valid_until.FromDatetime(r.valid_until)
     if cr.target.kind == "aws":
         msg.aws.role = cr.target.name
     else:
