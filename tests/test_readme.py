@@ -150,3 +150,29 @@ def test_layout_table_names_every_top_level_folder():
                if p.is_dir() and not p.name.startswith((".", "_")) and not p.name.endswith(".egg-info")
                and p.name not in {"build", "dist"}}
     assert named == folders, f"only in README: {named - folders}; only on disk: {folders - named}"
+
+
+def config_bullet(title: str) -> str:
+    """The Configuration reference's bullet that starts with ``- **title**``."""
+    m = re.search(rf"^- \*\*{re.escape(title)}\*\*(.*?)(?=^- |^\n|\Z)", section("Configuration reference"),
+                  re.S | re.M)
+    assert m, f"README's Configuration reference has no '{title}' bullet"
+    return m.group(1)
+
+
+def schemas():
+    from enclave_bridge.broker.config import BrokerFile
+    from extauthz.config import Settings
+    from mpa.config import ApprovalsConfig
+    from reflection_cache.settings import ReflectionSettings
+    return [("ext_authz server", Settings), ("Approvals server", ApprovalsConfig), ("Broker", BrokerFile),
+            ("Reflection", ReflectionSettings)]
+
+
+@pytest.mark.parametrize("title", ["ext_authz server", "Approvals server", "Broker", "Reflection"])
+def test_configuration_reference_names_every_top_level_key(title):
+    model = dict(schemas())[title]
+    named = set(re.findall(r"`([\w*]+)", config_bullet(title)))
+    missing = [key for key in model.model_fields
+               if key not in named and not any(n.endswith("*") and key.startswith(n[:-1]) for n in named)]
+    assert not missing, f"README's '{title}' bullet does not name {missing}"
