@@ -176,3 +176,12 @@ def test_configuration_reference_names_every_top_level_key(title):
     missing = [key for key in model.model_fields
                if key not in named and not any(n.endswith("*") and key.startswith(n[:-1]) for n in named)]
     assert not missing, f"README's '{title}' bullet does not name {missing}"
+
+
+def test_files_named_in_the_docs_exist():
+    """A path in backticks (`tests/x.py`, `envoy/gateway.yaml`, an import path under proto/) exists."""
+    folders = "|".join(sorted(p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    path = re.compile(rf"`((?:{folders})/[\w./-]+\.(?:py|md|yaml|proto|pem))`")
+    missing = [f"{doc.relative_to(ROOT)}: {p}" for doc in DOCS for p in path.findall(doc.read_text())
+               if not (ROOT / p).exists() and not (ROOT / "proto" / p).exists()]  # proto imports
+    assert not missing, "\n".join(missing)
