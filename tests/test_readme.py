@@ -78,6 +78,26 @@ def mpa_commands() -> list[list[str]]:
     return out
 
 
+def doc_commands() -> list[tuple[str, list[str], list[str]]]:
+    """Every ``mpa ...``/``mpactl ...`` command README.md and docs/*.md show, in backticks or
+    as a line of a shell block, as (tool, subcommand words, flags)."""
+    out: dict[str, tuple[str, list[str], list[str]]] = {}
+    for doc in DOCS:
+        text = doc.read_text()
+        spans = re.findall(r"`((?:mpa|mpactl) [^`\n]+)`", text)
+        for block in re.findall(r"^```(?:sh|bash|console|shell)?\n(.*?)^```", text, re.S | re.M):
+            for line in block.splitlines():
+                line = re.sub(r"^(\$ )?([A-Z_]+=\S+ )*", "", line.strip())
+                if re.match(r"(mpa|mpactl) ", line):
+                    spans.append(line.split(" #")[0])
+        for span in spans:
+            words, flags = command_words(span)
+            for cmd in expand(words):
+                tool = span.split()[0]
+                out.setdefault(" ".join([tool, *cmd, *flags]), (tool, cmd, flags))
+    return list(out.values())
+
+
 def help_text(app, argv: list[str]) -> str:
     res = CliRunner().invoke(app, [*argv, "--help"], env={"COLUMNS": "240", "NO_COLOR": "1"})
     assert res.exit_code == 0, f"{argv} --help exited {res.exit_code}: {res.output}"
@@ -105,6 +125,18 @@ def test_mpactl_command_exists_with_its_flags(cmd, flags):
 def test_mpa_command_exists(cmd):
     from mpa.cli import app
     help_text(app, cmd)
+
+
+DOC_COMMANDS = doc_commands()
+
+
+@pytest.mark.parametrize("tool,cmd,flags", DOC_COMMANDS, ids=[" ".join([t, *c, *f]) for t, c, f in DOC_COMMANDS])
+def test_commands_shown_in_the_docs_exist_with_their_flags(tool, cmd, flags):
+    from mpa.cli import app as mpa_app
+    from mpactl.app import app as mpactl_app
+    out = help_text(mpactl_app if tool == "mpactl" else mpa_app, cmd)
+    missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", out)]
+    assert not missing, f"{tool} {' '.join(cmd)} has no {missing}:\n{out}"
 
 
 def slug(heading: str) -> str:
