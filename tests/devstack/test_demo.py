@@ -72,38 +72,32 @@ def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
             if line.strip() == "ready":
                 break
         assert lines and lines[-1] == "ready", "\n".join(lines)
-        printed: list[tuple[str, str]] = []  # (kind, command), in the order the banner shows them
+        commands: dict[str, list[str]] = {}
         kind = None
         for ln in lines:
             m = re.match(r"\s+# \[(\w+)\]", ln)
             if m:
                 kind = m.group(1)
-            elif ln.strip().startswith("mpactl ") and kind in {"allow", "deny", "approval", "approve"}:
-                printed.append((kind, ln.strip()))
-        kinds = [k for k, _ in printed]
-        assert kinds.count("allow") >= 2 and kinds.count("deny") >= 2 and kinds.count("approval") >= 2, printed
+            elif ln.strip().startswith("mpactl ") and kind:
+                commands.setdefault(kind, []).append(ln.strip())
 
-        # Every printed command, in order, does what its banner line says.
-        request_id = None
-        denials: list[str] = []
-        for kind, command in printed:
-            res = run_printed(command, request_id)
-            out = res.stdout + res.stderr
-            if kind == "allow":
-                assert res.returncode == 0 and "status: OK" in res.stdout, (command, out)
-            elif kind == "deny":
-                assert res.returncode == 1 and "PERMISSION_DENIED" in res.stdout, (command, out)
-                assert "rpcauthz: denied" in res.stdout and "x-mpa-request-url" not in res.stdout, (command, out)
-                denials.append(res.stdout)
-            elif kind == "approval":
-                assert res.returncode == 1 and "approval required" in res.stdout, (command, out)
-                url = re.search(r"^x-mpa-request-url: (\S+)$", res.stdout, re.M)
-                assert url, (command, out)
-                request_id = url.group(1).rsplit("/", 1)[1]
-            else:
-                assert request_id, "an [approve] line comes after an [approval] line"
-                assert res.returncode == 0 and "approved" in res.stdout, (command, out)
-        assert "not a contributor" in denials[0] and "holds no engineer grant" in denials[1], denials
+        allow = run_printed(commands["allow"][0])
+        assert allow.returncode == 0 and "status: OK" in allow.stdout, allow.stdout + allow.stderr
+
+        deny = run_printed(commands["deny"][0])
+        assert deny.returncode == 1 and "PERMISSION_DENIED" in deny.stdout
+        assert "not a contributor" in deny.stdout and "x-mpa-request-url" not in deny.stdout
+
+        approval_cmd = commands["approval"][0]
+        needs = run_printed(approval_cmd)
+        assert needs.returncode == 1 and "approval required" in needs.stdout
+        url = re.search(r"^x-mpa-request-url: (\S+)$", needs.stdout, re.M).group(1)
+        request_id = url.rsplit("/", 1)[1]
+
+        approved = run_printed(commands["approve"][0], request_id)
+        assert approved.returncode == 0 and "approved" in approved.stdout, approved.stdout + approved.stderr
+        again = run_printed(approval_cmd)
+        assert again.returncode == 0 and "status: OK" in again.stdout, again.stdout
 
         # The printed approval loop with the `mpa` CLI against the demo's approvals service.
         loop = [ln.strip() for i, ln in enumerate(lines) if i and "# [loop]" in lines[i - 1]]
