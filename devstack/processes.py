@@ -112,19 +112,6 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | No
 
 # --- processes ---------------------------------------------------------------------------------
 
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
-    """Stop ``proc`` if it still runs: SIGTERM (so it can drain), wait up to ``timeout``
-    seconds, then SIGKILL. Returns its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
-
-
 class ManagedProcess:
     """A child process with its output in a log file; ``stop()`` is SIGTERM then SIGKILL."""
 
@@ -250,3 +237,16 @@ def wait_serving(target: str, timeout: float = 30.0, service: str = "", check=No
                 last = e
             time.sleep(0.1)
     raise TimeoutError(f"{target} not SERVING after {timeout}s ({last})")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
+    """Stop ``proc`` if it still runs: SIGTERM (so it can drain), wait up to ``timeout``
+    seconds, then SIGKILL. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode

@@ -19,7 +19,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from policy import Mode, parse_default_mode
+from policy import Mode
+from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ConfigError, Section, env_name, load
 

@@ -28,13 +28,13 @@ from .errors import (
 )
 from .grants import GrantSet
 from .model import Approval, ApprovalRequest, Decision, Grant, Outcome, RequestState, Role, Target
-from .modes import DEFAULT_MODE, Mode, parse_default_mode, resolve_mode
+from .modes import DEFAULT_MODE, Mode, resolve_mode
 
 __all__ = [
     "Approval", "ApprovalRequest", "AlreadyDecided", "DEFAULT_MODE", "Decision", "Grant",
     "GrantSet", "InvalidRequest", "Mode", "NotEligible", "Outcome", "PolicyError",
     "RequestClosed", "RequestExpired", "RequestState", "Role", "SelfApproval", "StoreError",
     "Target", "UnknownRequest", "approve", "cancel", "complete", "decide", "expire",
-    "may_approve", "may_request", "open_request", "parse_default_mode", "reject", "resolve_mode",
-    "usable_approval", "use",
+    "may_approve", "may_request", "open_request", "reject", "resolve_mode", "usable_approval",
+    "use",
 ]
