@@ -85,9 +85,13 @@ def doc_commands() -> list[tuple[str, list[str], list[str]]]:
     for doc in DOCS:
         text = doc.read_text()
         spans = re.findall(r"`((?:mpa|mpactl) [^`\n]+)`", text)
-        for block in re.findall(r"^```(?:sh|bash|console|shell)?\n(.*?)^```", text, re.S | re.M):
-            for line in block.splitlines():
-                line = re.sub(r"^(\$ )?([A-Z_]+=\S+ )*", "", line.strip())
+        fence: str | None = None  # the language of the fenced block we are in, if any
+        for raw in text.splitlines():
+            if raw.startswith("```"):
+                fence = None if fence is not None else raw[3:].strip()
+                continue
+            if fence in ("", "sh", "bash", "console", "shell"):
+                line = re.sub(r"^(\$ )?([A-Z_]+=\S+ )*", "", raw.strip())
                 if re.match(r"(mpa|mpactl) ", line):
                     spans.append(line.split(" #")[0])
         for span in spans:
