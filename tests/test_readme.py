@@ -50,8 +50,15 @@ def mpactl_commands() -> list[tuple[list[str], list[str]]]:
     text = section("Command lines").split("`mpa` (engineers")[0]
     out = []
     for row in re.findall(r"^\| (.*?) \| .*\|$", text, re.M):
-        for span in re.findall(r"`([^`]+)`", row):
-            span = span if span.startswith("mpactl ") else f"mpactl {span}"
+        spans = re.findall(r"`([^`]+)`", row)
+        group = spans[0].split()[1] if spans and spans[0].startswith("mpactl ") else None
+        for span in spans:
+            # `mpactl demo` (`demo call`, `demo approve`): a short span names a subcommand of the
+            # row's first command; other short spans are notes, not commands.
+            if not span.startswith("mpactl "):
+                if span.split()[0] != group:
+                    continue
+                span = f"mpactl {span}"
             words, flags = command_words(span)
             out += [(cmd, flags) for cmd in expand(words)]
     config = section("Configuration reference")
