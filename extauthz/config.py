@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
 from policy.modes import parse_default_mode
@@ -99,7 +99,8 @@ class Settings(Section):
     metrics: Metrics = Metrics()
     workers: int = Field(1, ge=1, le=64)
     #: Mode of a method with neither a method option nor a service default.
-    default_mode: Annotated[Mode, BeforeValidator(parse_default_mode)] = Mode.BREAK_GLASS_ONLY
+    default_mode: Mode = Mode.BREAK_GLASS_ONLY
+    _default_mode = field_validator("default_mode", mode="before")(parse_default_mode)
     #: Our own deadline for one decision. Keep it below Envoy's ext_authz timeout, so a slow
     #: dependency ends as our 503 rather than Envoy's timeout, and above the reflection deadline.
     decision_deadline_ms: int = Field(800, ge=10, le=60000)

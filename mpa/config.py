@@ -15,9 +15,9 @@ import os
 import pathlib
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
 from policy.modes import parse_default_mode
@@ -157,7 +157,8 @@ class ApprovalsConfig(Section):
     #: gateway opened can be completed.
     reflection: ReflectionSettings | None = None
     #: Mode of a method with neither a method option nor a service default (as the gateway's).
-    default_mode: Annotated[Mode, BeforeValidator(parse_default_mode)] = Mode.BREAK_GLASS_ONLY
+    default_mode: Mode = Mode.BREAK_GLASS_ONLY
+    _default_mode = field_validator("default_mode", mode="before")(parse_default_mode)
 
     @field_validator("dev_login", mode="before")
     @classmethod
