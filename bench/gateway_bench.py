@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
         ours_port, noop_port = free_port(), free_port()
         ours = ExtAuthzProcess({
-            "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port},
+            "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port}, "drain_notice_s": 0,
             "metrics": {"host": "127.0.0.1", "port": free_port()},
             "audit": {"allows": args.audit_allows,
                       **({} if args.audit_batch_window_ms is None

@@ -6,6 +6,8 @@ import pathlib
 
 import typer
 
+from rpcauthz.console import ExitCode, JsonOption, fail, print_json
+
 demo_app = typer.Typer(
     help="Run the whole gateway on this machine (Envoy, ext_authz on SQLite, two demo services, "
          "a dev token issuer) and try calls as different people.",
@@ -26,8 +28,7 @@ def demo(ctx: typer.Context,
     try:
         code = run(dir, port)
     except (OSError, RuntimeError, TimeoutError) as e:  # a part did not start: say which
-        typer.echo(f"error: the demo could not start: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(f"the demo could not start: {e}", ExitCode.FAILURE)
     raise typer.Exit(code)
 
 
@@ -35,8 +36,12 @@ def demo(ctx: typer.Context,
 def call(path: str = typer.Argument(..., help="The method, e.g. /rpcauthz.demo.v1.Accounts/ListAccounts"),
          as_: str = typer.Option(..., "--as", help="Who calls (a demo person, e.g. alice)."),
          data: str = typer.Option("{}", "--data", help="The request message as JSON."),
-         dir: pathlib.Path | None = typer.Option(None, "--dir", help=DIR_HELP)) -> None:
-    """Call a method through the demo gateway with a fresh dev token; print status and message."""
+         dir: pathlib.Path | None = typer.Option(None, "--dir", help=DIR_HELP),
+         as_json: bool = JsonOption("Print JSON: {status, code, message, request_url, replies}.")) -> None:
+    """Call a method through the demo gateway with a fresh dev token; print status and message.
+
+    Exit status 0 when the call succeeded, 1 when the gateway or the service refused it.
+    """
     from devstack.devissuer import DevIssuer
 
     from .demo import load_state
@@ -50,10 +55,12 @@ def call(path: str = typer.Argument(..., help="The method, e.g. /rpcauthz.demo.v
         token = DevIssuer(pathlib.Path(state["issuer_key"])).mint(as_)
         result = do_call(state["gateway"], path, token=token, data=fields)
     except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(result.render())
-    raise typer.Exit(0 if result.code.name == "OK" else 1)
+        fail(str(e), ExitCode.USAGE)
+    if as_json:
+        print_json(result.to_json())
+    else:
+        typer.echo(result.render())
+    raise typer.Exit(ExitCode.OK if result.code.name == "OK" else ExitCode.FAILURE)
 
 
 @demo_app.command("approve")
@@ -71,8 +78,7 @@ def approve(request_id: str = typer.Argument(..., help="The request id (the end 
         state = load_state(dir)
         typer.echo(approve_request(state["store_url"], request_id, as_, reason=reason, incident=incident))
     except Exception as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(e), ExitCode.FAILURE)
 
 
 def register(app: typer.Typer) -> None:

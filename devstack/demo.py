@@ -92,6 +92,7 @@ class Demo:
     def start(self) -> None:
         from devstack.demo_services import start_demo_server
         from devstack.devissuer import DevIssuer
+        from extauthz.dev_certs import make_dev_certs
         from policy.stores import open_store
 
         issuer = DevIssuer(self.key_path)
@@ -109,15 +110,20 @@ class Demo:
         finally:
             store.close()
         extauthz_port = free_port()
+        # Envoy and the server talk mTLS, as envoy/gateway.yaml ships, with fresh dev certificates.
+        tls = make_dev_certs(self.workdir / "tls")
         self.extauthz = ExtAuthzProcess({
             "store_url": self.store_url,
-            "listen": {"host": "127.0.0.1", "port": extauthz_port},
+            "listen": {"host": "127.0.0.1", "port": extauthz_port, "tls": tls.server_settings()},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
             "drain_grace_s": 2,
+            "drain_notice_s": 0,  # a lone server: nobody to move Checks to
+            # Decision events the store cannot take wait here and are replayed, not dropped.
+            "audit": {"spool_path": str(self.workdir / "audit-spool.db")},
             "approvals": {"base_url": self.approvals_url},
             "reflection": {"endpoints": {"static": {ACCOUNTS: accounts.address,
                                                     LEDGER: ledger.address}}},
-        }, self.workdir)
+        }, self.workdir, client_tls=tls)
         self._things.append(self.extauthz)
         self.extauthz.wait_ready()
         self._things.append(_start_approvals(self.store_url, issuer, jwks.url, self.approvals_port,
@@ -125,7 +131,7 @@ class Demo:
         cfg = render_gateway(listen_port=self.gateway_port, admin_port=free_port(),
                              extauthz_port=extauthz_port, jwks_port=jwks.port,
                              upstreams={"demo_accounts": accounts.port, "demo_ledger": ledger.port},
-                             access_log=self.workdir / "access.log")
+                             access_log=self.workdir / "access.log", tls_dir=tls.directory)
         self.envoy = EnvoyProcess(cfg, self.workdir)
         self._things.append(self.envoy)
         self.envoy.wait_ready()

@@ -7,15 +7,17 @@ token, and reports the gRPC status, message and the ``x-mpa-request-url`` header
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
 
+# Importing the generated modules registers their services in the default descriptor pool.
+from rpcauthz.demo.v1 import accounts_pb2, ledger_pb2
+
 #: Generated modules whose services the client can call.
-KNOWN_MODULES = ("rpcauthz.demo.v1.accounts_pb2", "rpcauthz.demo.v1.ledger_pb2")
+KNOWN_MODULES = (accounts_pb2.__name__, ledger_pb2.__name__)
 
 
 @dataclasses.dataclass
@@ -35,10 +37,13 @@ class CallResult:
             lines.append(f"reply: {json.dumps(r, sort_keys=True)}")
         return "\n".join(lines)
 
+    def to_json(self) -> dict[str, Any]:
+        """The result as ``mpactl demo call --json`` prints it."""
+        return {"status": self.code.name, "code": self.code.value[0], "message": self.message,
+                "request_url": self.request_url, "replies": self.replies}
+
 
 def _method(path: str):
-    for name in KNOWN_MODULES:
-        importlib.import_module(name)
     parts = path.strip("/").split("/")
     if len(parts) != 2:
         raise ValueError(f"{path!r} is not /package.Service/Method")

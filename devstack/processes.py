@@ -55,16 +55,21 @@ def envoy_binary() -> str:
 
 # --- config rendering --------------------------------------------------------------------------
 
-def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | None,
+def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Sequence[int] | None,
                    jwks_port: int, upstreams: Mapping[str, int],
                    access_log: str | os.PathLike | None = None,
                    ext_authz_timeout_s: float | None = None,
+                   tls_dir: str | os.PathLike | None = None,
                    template: pathlib.Path = GATEWAY_YAML) -> dict[str, Any]:
     """``envoy/gateway.yaml`` with its ports replaced; returns the config as a dict.
 
     ``upstreams`` maps cluster names (``demo_accounts``, ``demo_ledger``) to ports.
-    ``extauthz_port=None`` drops the ext_authz filter (the benchmark's baseline).
+    ``extauthz_port=None`` drops the ext_authz filter (the benchmark's baseline); a list of
+    ports makes one ext_authz endpoint (replica) per port.
     ``access_log`` sends the access log to that file instead of stdout.
+    ``tls_dir`` holds ``mpactl dev-certs`` files for the mTLS link to ext_authz (the
+    template's ``/etc/rpcauthz/tls/`` paths point there); ``None`` drops the transport
+    socket, for a plaintext ext_authz server on loopback.
     """
     try:
         cfg = copy.deepcopy(yaml.safe_load(template.read_text()))
@@ -95,19 +100,54 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | No
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": str(access_log), "log_format": fmt}
     ports = {"jwks": jwks_port, **dict(upstreams)}
-    if extauthz_port is not None:
-        ports["ext_authz"] = extauthz_port
+    replica_ports: list[int] = []
+    if isinstance(extauthz_port, int):
+        replica_ports = [extauthz_port]
+    elif extauthz_port is not None:
+        replica_ports = list(extauthz_port)
     clusters = cfg["static_resources"]["clusters"]
+    for c in clusters:
+        if c["name"] == "ext_authz" and replica_ports:
+            lb = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+                _endpoint_on(lb[0], port) for port in replica_ports]
     for c in clusters:
         if c["name"] in ports:
             ep = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
             ep["address"]["socket_address"]["port_value"] = ports[c["name"]]
+    for c in clusters:
+        if c["name"] == "ext_authz" and "transport_socket" in c:
+            if tls_dir is None:
+                del c["transport_socket"]
+            else:
+                c["transport_socket"] = _moved_files(c["transport_socket"], TEMPLATE_TLS_DIR,
+                                                     f"{pathlib.Path(tls_dir).resolve()}/")
     if extauthz_port is None:
         cfg["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "ext_authz"]
     missing = set(upstreams) - {c["name"] for c in clusters}
     if missing:
         raise ValueError(f"gateway.yaml has no cluster named {sorted(missing)}")
     return cfg
+
+
+def _endpoint_on(template: dict[str, Any], port: int) -> dict[str, Any]:
+    ep = copy.deepcopy(template)
+    ep["endpoint"]["address"]["socket_address"]["port_value"] = port
+    return ep
+
+
+#: Where envoy/gateway.yaml expects the mTLS files of its ext_authz cluster.
+TEMPLATE_TLS_DIR = "/etc/rpcauthz/tls/"
+
+
+def _moved_files(node: Any, old: str, new: str) -> Any:
+    """``node`` with every ``filename`` under ``old`` moved under ``new``."""
+    if isinstance(node, dict):
+        return {k: (new + v[len(old):] if k == "filename" and isinstance(v, str) and v.startswith(old)
+                    else _moved_files(v, old, new)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_moved_files(v, old, new) for v in node]
+    return node
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -197,33 +237,62 @@ class EnvoyProcess(ManagedProcess):
 
 
 class ExtAuthzProcess(ManagedProcess):
-    """``mpactl serve --config FILE`` (as ``python -m mpactl.app``) as a child process."""
+    """``mpactl serve --config FILE`` (as ``python -m mpactl.app``) as a child process.
+
+    With ``listen.tls`` in ``config``, ``client_tls`` (an ``extauthz.dev_certs.DevCerts``)
+    gives the client certificate this process's own health polls and ``channel()`` use:
+    Envoy's.
+    """
 
     def __init__(self, config: Mapping[str, Any], workdir: pathlib.Path, name: str = "extauthz",
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, client_tls: Any = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(json.loads(json.dumps(dict(config))), sort_keys=False))
         self.port = int(config["listen"]["port"])
+        self.tls = bool(config["listen"].get("tls"))
+        if self.tls and client_tls is None:
+            raise ValueError("listen.tls is set: pass client_tls (the client certificate to reach the server)")
+        self.client_tls = client_tls
         super().__init__(name, [sys.executable, "-m", "mpactl.app", "serve", "--config",
                                 str(self.config_path)],
                          workdir / f"{name}.log", env=env)
 
+    def credentials(self) -> Any:
+        """gRPC channel credentials that reach this server as Envoy does (``None``: plaintext)."""
+        if not self.tls:
+            return None
+        import grpc
+
+        c = self.client_tls
+        return grpc.ssl_channel_credentials(c.ca.read_bytes(), c.client_key.read_bytes(), c.client_cert.read_bytes())
+
+    def channel(self) -> Any:
+        """A blocking gRPC channel to the server (with Envoy's certificate under TLS)."""
+        import grpc
+
+        creds = self.credentials()
+        target = f"127.0.0.1:{self.port}"
+        return grpc.insecure_channel(target) if creds is None else grpc.secure_channel(target, creds)
+
     def wait_ready(self, timeout: float = 30.0, service: str = "envoy.service.auth.v3.Authorization"
                    ) -> ExtAuthzProcess:
         """Wait until the gRPC health service reports SERVING."""
-        wait_serving(f"127.0.0.1:{self.port}", timeout, service, check=self.check_alive)
+        wait_serving(f"127.0.0.1:{self.port}", timeout, service, check=self.check_alive,
+                     credentials=self.credentials())
         return self
 
 
-def wait_serving(target: str, timeout: float = 30.0, service: str = "", check=None) -> None:
+def wait_serving(target: str, timeout: float = 30.0, service: str = "", check=None,
+                 credentials: Any = None) -> None:
     """Poll ``grpc.health.v1`` at ``target`` until ``service`` is SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    with grpc.insecure_channel(target) as ch:
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if check is not None:

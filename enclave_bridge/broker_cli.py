@@ -7,24 +7,24 @@
   approved in the approvals service and verified from its signed receipt
 * ``mpactl broker serve``  run the broker (inside the enclave, or simulated locally)
 * ``mpactl broker audit verify|export``  check the chained, signed audit log; export it to the store
+
+Exit codes are README.md's table ("Exit codes"): ``trust check``/``trust accept`` and ``audit
+verify``/``audit export`` exit 6 (not verified) when a build, a receipt or the audit chain does not
+verify.
 """
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
 
 import typer
+
+from rpcauthz.console import ExitCode, JsonOption, fail, print_json
 
 from . import measure as measure_mod
 
 DEFAULT_LEDGER = Path("measurements.json")
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"mpactl broker: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _approvals_session(server: str | None) -> tuple[str, str]:
@@ -39,9 +39,9 @@ def _approvals_session(server: str | None) -> tuple[str, str]:
     url = (server or os.environ.get("MPA_SERVER") or session.get("server") or "").rstrip("/")
     token = (os.environ.get("MPA_TOKEN") or session.get("token") or "").strip()
     if not url:
-        _fail("no approvals server known: pass --server URL, set MPA_SERVER or run `mpa login`", 2)
+        fail("no approvals server known: pass --server URL, set MPA_SERVER or run `mpa login`", ExitCode.USAGE)
     if not token:
-        _fail("not signed in: run `mpa login` (or set MPA_TOKEN)", 3)
+        fail("not signed in: run `mpa login` (or set MPA_TOKEN)", ExitCode.NOT_SIGNED_IN)
     return url, token
 
 
@@ -50,15 +50,17 @@ def _approvals_call(method: str, url: str, token: str, **kwargs) -> dict:
     try:
         resp = httpx.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=15, **kwargs)
     except httpx.HTTPError as e:
-        _fail(f"cannot reach the approvals server: {e}", 4)
+        fail(f"cannot reach the approvals server: {e}", ExitCode.UNREACHABLE)
     try:
         data = resp.json()
     except ValueError:
         data = {}
     if resp.status_code >= 400:
         err = data.get("error", {}) if isinstance(data, dict) else {}
-        _fail(f"approvals server refused ({resp.status_code} {err.get('code', '')}): "
-              f"{err.get('message', resp.text[:200])}", 3 if resp.status_code == 401 else 1)
+        fail(f"approvals server refused ({resp.status_code} {err.get('code', '')}): "
+             f"{err.get('message', resp.text[:200])}",
+             ExitCode.NOT_SIGNED_IN if resp.status_code == 401 else
+             ExitCode.UNREACHABLE if resp.status_code >= 500 else ExitCode.FAILURE)
     return data
 
 
@@ -74,14 +76,14 @@ def register(app: typer.Typer) -> None:
     def measure(repo: Path = typer.Option(Path("."), "--repo", help="the git repository to build from"),
                 rev: str = typer.Option("HEAD", "--rev", help="commit, tag or branch to build"),
                 out: Path | None = typer.Option(None, "--out", help="also write the artifact here"),
-                as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+                as_json: bool = JsonOption("print JSON: {commit, sha384, size}")) -> None:
         """Build the broker artifact twice from REV and print its SHA-384 (fails if the builds differ)."""
         try:
             m = measure_mod.measure(repo, rev, out=out)
         except measure_mod.BuildError as e:
-            _fail(str(e))
+            fail(str(e))
         if as_json:
-            typer.echo(json.dumps({"commit": m.commit, "sha384": m.sha384, "size": m.size}))
+            print_json({"commit": m.commit, "sha384": m.sha384, "size": m.size})
         else:
             typer.echo(f"commit  {m.commit}\nsha384  {m.sha384}\nsize    {m.size} bytes (built twice, identical)")
 
@@ -102,7 +104,7 @@ def register(app: typer.Typer) -> None:
             full = measure_mod.resolve_commit(repo, commit)
             m = measure_mod.measure(repo, full)
         except measure_mod.BuildError as e:
-            _fail(str(e))
+            fail(str(e))
         url, token = _approvals_session(server)
         body = {"service": TRUST_SERVICE, "method": TRUST_METHOD, "incident": incident,
                 "reason": f"{reason} (trust broker build of commit {m.commit}, sha384 {m.sha384})",
@@ -125,14 +127,14 @@ def register(app: typer.Typer) -> None:
         try:
             m = measure_mod.measure(repo, measure_mod.resolve_commit(repo, commit))
         except measure_mod.BuildError as e:
-            _fail(str(e))
+            fail(str(e))
         url, token = _approvals_session(server)
         r = _approvals_call("GET", f"{url}/api/v1/requests/{request_id}", token)
         if (r.get("service"), r.get("method")) != (TRUST_SERVICE, TRUST_METHOD):
-            _fail(f"{request_id} is not a trust change (/{r.get('service')}/{r.get('method')})", 3)
+            fail(f"{request_id} is not a trust change (/{r.get('service')}/{r.get('method')})", ExitCode.USAGE)
         if r.get("body_sha256") != change_digest(m.commit, m.sha384):
-            _fail(f"MISMATCH: your build of {m.commit} is sha384 {m.sha384}, and {request_id} is not bound "
-                  "to it: do not approve; find out why", 3)
+            fail(f"MISMATCH: your build of {m.commit} is sha384 {m.sha384}, and {request_id} is not bound "
+                 "to it: do not approve; find out why", ExitCode.NOT_VERIFIED)
         typer.echo(f"ok: {request_id} is bound to your build of {m.commit} (sha384 {m.sha384}); "
                    f"approve with: mpa approve {request_id}")
 
@@ -154,14 +156,14 @@ def register(app: typer.Typer) -> None:
             full = measure_mod.resolve_commit(repo, commit)
             m = measure_mod.measure(repo, full)
         except (ConfigError, ValueError, OSError, measure_mod.BuildError) as e:
-            _fail(str(e))
+            fail(str(e))
         url, token = _approvals_session(server)
         got = _approvals_call("GET", f"{url}/api/v1/requests/{request_id}/receipt", token)
         try:
             ok = verify_trust_receipt(got["receipt"], public_key=key, grants=cfg.grant_set(), commit=m.commit,
                                       sha384=m.sha384, now=datetime.now(UTC))
         except TrustChangeRefused as e:
-            _fail(f"refused: {e}", 3)
+            fail(f"refused: {e}", ExitCode.NOT_VERIFIED)
         measure_mod.TrustLedger(ledger).accept({
             "commit": m.commit, "sha384": m.sha384, "request_id": ok.request_id, "receipt": got["receipt"],
             "requester": ok.requester, "approvers": list(ok.approvers),
@@ -170,13 +172,17 @@ def register(app: typer.Typer) -> None:
                    f"approved by {', '.join(ok.approvers)} ({ok.request_id})")
 
     @trust.command("show")
-    def show(ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger")) -> None:
-        """Print the trusted measurement in force."""
+    def show(ledger: Path = typer.Option(DEFAULT_LEDGER, "--ledger", help="the trust ledger file"),
+             as_json: bool = JsonOption("print the trusted measurement as JSON (null when there is none)")) -> None:
+        """Print the trusted measurement in force (as JSON; "no trusted measurement yet" without one)."""
         t = measure_mod.TrustLedger(ledger).trusted()
-        if not t:
+        shown = {k: v for k, v in t.items() if k != "receipt"} if t else None
+        if as_json:
+            print_json(shown)
+        elif shown is None:
             typer.echo("no trusted measurement yet")
-            return
-        typer.echo(json.dumps({k: v for k, v in t.items() if k != "receipt"}, indent=1))
+        else:
+            typer.echo(json.dumps(shown, indent=1))
 
     audit = typer.Typer(help="The broker's chained, signed audit log: verify it, export it to the store.",
                         no_args_is_help=True)
@@ -203,15 +209,16 @@ def register(app: typer.Typer) -> None:
                     st.close()
             head = verify_file(audit_log, key, witness=witness)
         except AuditChainError as e:
-            _fail(f"{type(e).__name__}: {e}", 3)
+            fail(f"{type(e).__name__}: {e}", ExitCode.NOT_VERIFIED)
         except (OSError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(f"ok: {head.seq} records, head {head.hash}"
                    + (f"; store witness seq {witness.seq} matches" if witness else ""))
 
     @audit.command("export")
-    def audit_export(audit_log: Path = typer.Option(..., "--audit-log"),
-                     public_key: Path | None = typer.Option(None, "--public-key"),
+    def audit_export(audit_log: Path = typer.Option(..., "--audit-log", help="the broker's JSON-lines audit log"),
+                     public_key: Path | None = typer.Option(None, "--public-key",
+                                                            help="the broker audit key (default: AUDIT_LOG.pub)"),
                      store: str = typer.Option(..., "--store", help="store URL (the approvals/gateway store)")) -> None:
         """Verify the log against the store's witness, then append the records the store's audit lacks."""
         from policy.stores import open_store
@@ -225,17 +232,18 @@ def register(app: typer.Typer) -> None:
             finally:
                 st.close()
         except AuditChainError as e:
-            _fail(f"{type(e).__name__}: {e}", 3)
+            fail(f"{type(e).__name__}: {e}", ExitCode.NOT_VERIFIED)
         except (OSError, ValueError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(f"exported {n} records; head seq {head.seq}")
 
     @broker.command("seal-seeds")
     def seal_seeds(key_id: str = typer.Option(..., "--kms-key-id", help="KMS key (id, ARN or alias) whose "
                                               "policy pins the broker's measurement"),
                    out: Path = typer.Option(..., "--out", help="where to write the sealed seed bundle"),
-                   kms_region: str = typer.Option("eu-west-2", "--kms-region"),
-                   kms_endpoint: str | None = typer.Option(None, "--kms-endpoint"),
+                   kms_region: str = typer.Option("eu-west-2", "--kms-region", help="AWS region of the KMS key"),
+                   kms_endpoint: str | None = typer.Option(None, "--kms-endpoint",
+                                                           help="KMS endpoint URL (default: AWS's for the region)"),
                    slack_webhook_url: str | None = typer.Option(
                        None, "--slack-webhook-url", envvar="MPA_BROKER_SLACK_WEBHOOK",
                        help="Slack incoming webhook for notifications (env MPA_BROKER_SLACK_WEBHOOK)"),
@@ -255,19 +263,20 @@ def register(app: typer.Typer) -> None:
         from .seeds import SeedBundle, seal_bundle
 
         if out.exists():
-            _fail(f"{out} exists; refusing to overwrite seed secrets (move it away first)")
+            fail(f"{out} exists; refusing to overwrite seed secrets (move it away first)")
         aws = None
         if with_aws_keys:
             kid, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
             if not kid or not secret:
-                _fail("--with-aws-keys needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+                fail("--with-aws-keys needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment",
+                     ExitCode.USAGE)
             aws = {"access_key_id": kid, "secret_access_key": secret}
         bundle = SeedBundle.generate(aws=aws, slack_webhook_url=slack_webhook_url)
         client = boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint)
         try:
             sealed = seal_bundle(bundle, key_id, boto3_encrypter(client, key_id))
         except KmsError as e:
-            _fail(str(e))
+            fail(str(e))
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(sealed)
@@ -289,7 +298,7 @@ def register(app: typer.Typer) -> None:
               cert_out: Path = typer.Option(Path("broker.pem"), "--cert-out",
                                             help="where to write the broker's certificate (clients pin it)"),
               seeds: Path | None = typer.Option(None, "--seeds", help="sealed seed bundle (production)"),
-              kms_region: str = typer.Option("eu-west-2", "--kms-region"),
+              kms_region: str = typer.Option("eu-west-2", "--kms-region", help="AWS region of the KMS key"),
               kms_endpoint: str | None = typer.Option(None, "--kms-endpoint",
                                                          help="KMS endpoint URL (through the egress proxy)"),
               nsm_device: str = typer.Option("/dev/nsm", "--nsm", help="the Nitro Security Module device"),
@@ -326,25 +335,26 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = BrokerConfig.from_file(config)
         except ConfigError as e:
-            _fail(str(e), 2)  # a bad config is a usage error, as for the other servers
+            fail(str(e), ExitCode.USAGE)  # a bad config is a usage error, as for the other servers
         try:
             if simulate is not None:
                 verified = None
                 if ledger is not None:
                     if approvals_key is None:
-                        _fail("--ledger needs --approvals-key: the broker verifies the trust change itself")
+                        fail("--ledger needs --approvals-key: the broker verifies the trust change itself",
+                             ExitCode.USAGE)
                     verified = _verified_trusted(ledger, approvals_key, cfg)
                 bundle, attester = _simulated_seeds(simulate, repo, verified)
             else:
                 if seeds is None:
-                    _fail("--seeds is required (or --simulate DIR for a local demo)")
+                    fail("--seeds is required (or --simulate DIR for a local demo)", ExitCode.USAGE)
                 from .nsm import NsmDevice
                 attester = NsmDevice(nsm_device)
                 kms = Boto3KmsClient(boto3.client("kms", region_name=kms_region, endpoint_url=kms_endpoint,
                                                   config=aws_config))
                 bundle = open_bundle(seeds.read_bytes(), kms, attester)
         except (SeedError, KmsError, OSError, measure_mod.BuildError) as e:
-            _fail(f"seed secrets were not released, refusing to start: {e}")
+            fail(f"seed secrets were not released, refusing to start: {e}")
         sts_kwargs = {}
         if bundle.aws:
             sts_kwargs = {"aws_access_key_id": bundle.aws.get("access_key_id"),
@@ -365,19 +375,19 @@ def register(app: typer.Typer) -> None:
                 slack = BrokerSlack(bundle.slack_webhook_url,
                                     slack_spool or state.with_name(state.name + ".slack.db")).start()
             except ValueError as e:
-                _fail(f"the sealed seeds' Slack webhook is unusable: {e}")
+                fail(f"the sealed seeds' Slack webhook is unusable: {e}")
         notifiers = [slack.notifier] if slack else []
         from .broker.audit_chain import AuditChainError, ChainedAuditLog, audit_key
         try:
             chained = ChainedAuditLog(audit_log, audit_key(bundle.state_key))
         except AuditChainError as e:
-            _fail(f"the audit log {audit_log} does not verify, refusing to start: {type(e).__name__}: {e}")
+            fail(f"the audit log {audit_log} does not verify, refusing to start: {type(e).__name__}: {e}")
         try:
             runtime = start_broker(cfg, bundle, state_path=state, audit=[chained], sts_client=sts,
                                    notifiers=notifiers, host=host, port=int(port), oidc_listen=oidc, cert_out=cert_out,
                                    attester=attester)
         except AuditChainError as e:
-            _fail(f"the audit log {audit_log} is behind the broker's sealed head, refusing to start: "
+            fail(f"the audit log {audit_log} is behind the broker's sealed head, refusing to start: "
                   f"{type(e).__name__}: {e}")
         typer.echo(f"broker listening on {host}:{runtime.port} as {cfg.server_name}; certificate "
                    f"{runtime.tls.fingerprint} written to {cert_out}", err=True)

@@ -7,6 +7,8 @@ import sys
 
 import typer
 
+from rpcauthz.console import ExitCode, fail
+
 from .addresses import AddressError, parse_address
 
 
@@ -48,8 +50,7 @@ def forward(
     try:
         stats = asyncio.run(run(config, ready=ready))
     except OSError as e:
-        typer.echo(f"error: cannot listen on {listen}: {e}", err=True)
-        raise typer.Exit(1) from e
+        fail(f"cannot listen on {listen}: {e}", ExitCode.FAILURE)
     print(f"stopped: {stats}", flush=True)
 
 

@@ -1,7 +1,9 @@
 """Decision audit events, written to the store in the background.
 
-Writing never blocks or changes a decision: ``submit`` only enqueues; a full queue or a
-failing store drops the event and counts it in ``rpcauthz_audit_dropped``. The writer
+Writing never blocks or changes a decision: ``submit`` only enqueues; a full queue drops the
+event and counts it in ``rpcauthz_audit_dropped``. A batch the store refuses goes to the local
+``AuditSpool`` (``audit.spool_path``) and is replayed once the store answers, exactly once
+(the store ignores event ids it holds); without a spool it is dropped and counted. The writer
 waits ``batch_window`` seconds after the first event of a batch and then writes everything
 queued (up to ``MAX_BATCH``) in one transaction (``append_audits``), so a busy gateway pays
 one commit per window instead of one per decision. (An allow that spends an approval is
@@ -19,6 +21,7 @@ from concurrent.futures import Executor
 from policy.audit import AuditEvent
 from policy.store import Store
 
+from .audit_spool import AuditSpool
 from .metrics import Metrics
 
 log = logging.getLogger("extauthz.audit")
@@ -37,6 +40,14 @@ def _describe(item: AuditEvent | Callable[[], AuditEvent]) -> str:
         return f"{item.kind} {item.id} for {item.actor}"
     return "a deferred event"
 
+class _WriteFailed(Exception):
+    """The store refused a batch; ``events`` are the built events to keep."""
+
+    def __init__(self, events: list[AuditEvent], cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.events, self.cause = events, cause
+
+
 #: Most events written in one store transaction.
 MAX_BATCH = 500
 
@@ -50,7 +61,8 @@ class AuditWriter:
     """Queue of audit events and the task that writes them in batches."""
 
     def __init__(self, store: Store, metrics: Metrics, queue_size: int, executor: Executor | None = None,
-                 batch_window: float = 0.0) -> None:
+                 batch_window: float = 0.0, spool: AuditSpool | None = None,
+                 replay_interval: float = 1.0) -> None:
         if batch_window < 0:
             raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window}")
         self._store = store
@@ -61,9 +73,15 @@ class AuditWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._window_over: asyncio.Future[None] | None = None
+        #: Where events go when the store cannot take them (None: they are dropped).
+        self.spool = spool
+        self._replay_interval = replay_interval
+        self._replay_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
+        if self.spool is not None:
+            self._replay_task = asyncio.create_task(self._replay(), name="audit-replay")
 
     def submit(self, event: AuditEvent | Callable[[], AuditEvent]) -> None:
         """Queue ``event`` for writing; never blocks, never raises for a full queue.
@@ -94,6 +112,9 @@ class AuditWriter:
                 else:
                     await loop.run_in_executor(self._executor, self._write,
                                                lambda events: self._store.append_audit(events[0]), batch)
+            except _WriteFailed as failed:
+                self._metrics.store_errors.labels("append_audit").inc()
+                await self._keep(loop, failed.events, failed.cause)
             except Exception as e:
                 self._metrics.audit_dropped.labels("write_failed").inc(len(batch))
                 self._metrics.store_errors.labels("append_audit").inc()
@@ -130,7 +151,55 @@ class AuditWriter:
                 self._metrics.audit_dropped.labels("build_failed").inc()
                 log.exception("could not build an audit event")
         if events:
-            write(events)
+            try:
+                write(events)
+            except Exception as e:
+                raise _WriteFailed(events, e) from e
+
+    async def _keep(self, loop: asyncio.AbstractEventLoop, events: list[AuditEvent], cause: Exception) -> None:
+        """The store refused ``events``: spool them (durably), or drop and count them."""
+        kept = 0
+        if self.spool is not None:
+            try:
+                kept = await loop.run_in_executor(self._executor, self.spool.put, events)
+            except Exception as e:
+                log.error("audit spool write failed: %s", e)
+        if kept < len(events):
+            self._metrics.audit_dropped.labels("spool_full" if self.spool is not None else "write_failed").inc(
+                len(events) - kept)
+            log.error("audit write failed (%s): dropped %d event(s), first %s", cause, len(events) - kept,
+                      _describe(events[kept]))
+        if kept:
+            log.warning("audit write failed (%s): %d event(s) kept in the local spool for replay", cause, kept)
+
+    async def _replay(self) -> None:
+        """Write spooled events back to the store, oldest first, once it answers again."""
+        assert self.spool is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._replay_interval)
+            try:
+                await loop.run_in_executor(self._executor, self.replay_once)
+            except Exception as e:  # the store is still away: try again later
+                log.debug("audit replay waits for the store: %s", e)
+
+    def replay_once(self) -> int:
+        """One replay round (blocking): returns how many spooled events reached the store."""
+        assert self.spool is not None
+        done = 0
+        while True:
+            events = self.spool.oldest(MAX_BATCH)
+            if not events:
+                return done
+            write = getattr(self._store, "append_audits", None)
+            if write is not None:
+                write(events)  # the store ignores ids it already holds: replays are idempotent
+            else:
+                for e in events:
+                    self._store.append_audit(e)
+            self.spool.remove([e.id for e in events])
+            done += len(events)
+            log.info("audit replay: %d spooled event(s) written to the store", len(events))
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout`` seconds), then stop."""
@@ -149,3 +218,10 @@ class AuditWriter:
         except asyncio.CancelledError:
             pass
         self._task = None
+        if self._replay_task is not None:
+            self._replay_task.cancel()
+            try:
+                await self._replay_task
+            except asyncio.CancelledError:
+                pass
+            self._replay_task = None

@@ -8,6 +8,7 @@ A bad value raises ``ConfigError`` whose message names the key (and the variable
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,14 +20,71 @@ from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, load
 
-__all__ = ["ENV_PREFIX", "ConfigError", "Settings", "load_settings"]
+__all__ = ["ENV_PREFIX", "ConfigError", "Listen", "ListenTls", "Settings", "is_loopback", "load_settings"]
+
+
+class ListenTls(Section):
+    """mTLS on the TCP listener: the server's certificate, and who may connect (Envoy).
+
+    Clients must present a certificate signed by ``client_ca`` (the TLS handshake fails
+    otherwise), and a Check is answered only when that certificate names one of
+    ``client_names`` (a DNS subject alternative name or the common name). ``mpactl dev-certs``
+    makes a dev CA and matching files.
+    """
+
+    cert: str
+    key: str
+    client_ca: str
+    client_names: list[str] = Field(min_length=1)
+
+    @field_validator("client_names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        if any(not n.strip() for n in v):
+            raise ValueError("names must not be empty")
+        return v
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) is reachable only from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 class Listen(Section):
-    """Where the gRPC Authorization (and health) service listens."""
+    """Where the gRPC Authorization (and health) service listens.
+
+    Whoever can send a Check can claim any identity (the JWT payload is metadata Envoy fills
+    in), so the listener must be reachable by Envoy alone: mTLS (``tls``), a unix socket
+    (``unix_socket``, file mode 0660) for a sidecar, or plain TCP on a loopback address. A
+    non-loopback address without TLS is refused unless ``allow_plaintext`` says otherwise,
+    and then it is logged loudly at every start.
+    """
 
     host: str = "127.0.0.1"
-    port: int = Field(9001, ge=0, le=65535)
+    #: ``null``: no TCP listener (``unix_socket`` only).
+    port: int | None = Field(9001, ge=0, le=65535)
+    tls: ListenTls | None = None
+    #: Also (or only, with ``port: null``) serve on this unix socket path.
+    unix_socket: str | None = None
+    #: Explicit opt-out: serve plaintext on a non-loopback address. Anyone who reaches the
+    #: port can then forge identities. Never in production.
+    allow_plaintext: bool = False
+
+    @model_validator(mode="after")
+    def _trusted(self) -> Listen:
+        if self.port is None and self.unix_socket is None:
+            raise ValueError("give listen.port, listen.unix_socket, or both")
+        if self.port is not None and self.tls is None and not is_loopback(self.host) and not self.allow_plaintext:
+            raise ValueError(f"listen.host {self.host!r} is not a loopback address and listen.tls is not set: "
+                             "anyone who reaches the port could send Checks with forged identities. "
+                             "Configure listen.tls (mTLS, see `mpactl dev-certs`), listen on 127.0.0.1 or a "
+                             "unix socket, or set listen.allow_plaintext: true (never in production)")
+        return self
 
 
 class Metrics(Section):
@@ -89,6 +147,29 @@ class Audit(Section):
     #: gateway writes one store transaction (one fsync) per window rather than per event.
     #: 0 writes at once. Events wait in memory either way; a drain flushes them.
     batch_window_ms: int = Field(50, ge=0, le=5000)
+    #: A local SQLite file for events the store refused (away, too slow): fsync'd, replayed
+    #: once the store answers, exactly once. null: such events are dropped (and counted).
+    spool_path: str | None = None
+    #: The spool's bound; past it events are dropped (rpcauthz_audit_dropped_total{why="spool_full"}).
+    spool_max_events: int = Field(1_000_000, ge=1)
+    #: How often the spool is replayed while it holds events.
+    replay_interval_s: float = Field(1.0, gt=0, le=60)
+
+
+class Health(Section):
+    """When the gRPC health service says NOT_SERVING (see extauthz/readiness.py).
+
+    Besides a drain: while the grants in memory are past ``grants_max_staleness_s``, or the
+    store has failed every probe for ``store_lost_after_s``.
+    """
+
+    #: How often the grants and the store are checked.
+    interval_s: float = Field(1.0, gt=0, le=60)
+    #: A store probe (one cheap query) slower than this counts as a failure.
+    store_timeout_s: float = Field(2.0, gt=0, le=60)
+    #: The store must fail this long before this replica reports NOT_SERVING, so one slow
+    #: query does not take every replica out at once.
+    store_lost_after_s: float = Field(5.0, ge=0, le=3600)
 
 
 class Settings(Section):
@@ -107,13 +188,16 @@ class Settings(Section):
     #: On SIGTERM: stop accepting, report NOT_SERVING, finish in-flight checks within this.
     drain_grace_s: float = Field(10, ge=0)
     #: On SIGTERM, keep serving this long after turning NOT_SERVING before refusing new
-    #: checks. With several servers behind one Envoy cluster, set it above Envoy's
-    #: health-check interval x unhealthy_threshold (10 s in gateway.yaml).
-    drain_notice_s: float = Field(0, ge=0)
+    #: checks, so every Envoy's health checks see it first and move Checks to the other
+    #: replicas (a rolling restart then costs no call). Keep it above Envoy's health-check
+    #: interval x unhealthy_threshold plus jitter (about 2.2 s in gateway.yaml). A lone
+    #: server gains nothing from it: 0 there.
+    drain_notice_s: float = Field(5, ge=0)
     max_path_length: int = Field(512, ge=8, le=8192)
     identity: Identity = Identity()
     approvals: Approvals = Approvals()
     audit: Audit = Audit()
+    health: Health = Health()
     #: Endpoints, cache and TLS: reflection_cache/settings.py (shared with the approvals server).
     reflection: ReflectionSettings = ReflectionSettings()
     #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
@@ -125,8 +209,10 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _workers_need_port(self) -> Settings:
-        if self.workers > 1 and self.listen.port == 0:
+        if self.workers > 1 and not self.listen.port:
             raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
+        if self.workers > 1 and self.listen.unix_socket:
+            raise ValueError("workers > 1 cannot share listen.unix_socket: run one worker per socket")
         if self.grants_max_staleness_s <= self.grants_reload_s:
             raise ValueError("grants_max_staleness_s must be longer than grants_reload_s")
         if self.reflection.cache.deadline * 1000 >= self.decision_deadline_ms:

@@ -40,6 +40,12 @@ class Metrics:
         self.dry_run = Counter("rpcauthz_dry_run_decisions",
                                "Calls allowed only because their service is in dry-run.",
                                ["shadow", "mode"], registry=r)
+        self.refused_peers = Counter("rpcauthz_refused_peers",
+                                     "Checks refused because the peer is not an authenticated Envoy.",
+                                     registry=r)
+        self.serving = Gauge("rpcauthz_serving",
+                             "1 while gRPC health says SERVING (this replica can decide), else 0.",
+                             registry=r, multiprocess_mode="livemin")
         self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")

@@ -240,7 +240,7 @@ class Authorizer:
                 try:
                     used: ApprovalRequest = await self._io(
                         "update_request", self.store.update_request, decision.approval_id,
-                        lambda r, now=now: policy.use(r, now), actor=who.principal,
+                        self._spend_before_deadline(p, now), actor=who.principal,
                         kind="decision.allow_with_approval",
                         reason=f"call {target} (decision {p.decision_id})")
                 except PolicyError:
@@ -251,6 +251,25 @@ class Authorizer:
                 return await self._approval_required(p, who, target, mode, grants, decision, digest)
             return p.verdict(_KIND_OF[decision.outcome], decision.rule, decision.facts)
         raise _Failure(Rule.STORE_CONTENDED)
+
+    def _spend_before_deadline(self, p: _Progress, now: datetime) -> Callable[[ApprovalRequest], ApprovalRequest]:
+        """The spend's transition, refusing once this check can no longer answer *allow*.
+
+        It runs inside the store's transaction, after the row lock. When the store hung before
+        that (a stalled connection, a lock held elsewhere) and only answers after this check
+        was already answered 503 by the deadline, the use is not spent: spend and answer agree,
+        and the audit holds one outcome (the error) for the decision. A margin before the
+        deadline leaves the rest of the transaction time to commit and the answer to go out.
+        """
+        spend_by = p.started + self._deadline - min(0.2, self._deadline / 4)
+
+        def spend(r: ApprovalRequest) -> ApprovalRequest:
+            late = time.perf_counter() - spend_by
+            if late > 0:
+                raise SpendTooLate(f"the store reached approval {r.id} {late * 1000:.0f} ms too late to "
+                                   f"spend it for decision {p.decision_id}; not spent")
+            return policy.use(r, now)
+        return spend
 
     async def _approval_required(self, p: _Progress, who: Identity, target: Target, mode: Mode,
                                  grants: GrantSet, decision: policy.Decision,
@@ -346,6 +365,10 @@ class Authorizer:
             self.metrics.store_errors.labels(op).inc()
             log.error("store %s failed: %s", op, e)
             raise _Failure(Rule.STORE_UNAVAILABLE, op=op, detail=str(e)) from e
+
+
+class SpendTooLate(Exception):
+    """An approval use reached the store after its check's deadline: it is not spent."""
 
 
 def audit_event_id() -> str:

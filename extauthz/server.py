@@ -25,10 +25,13 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .audit_spool import AuditSpool
 from .audit_writer import AuditWriter
 from .config import Settings
+from .listeners import PeerCheck, add_listeners
 from .metrics import Metrics
 from .pipeline import Authorizer
+from .readiness import Readiness
 
 if TYPE_CHECKING:
     from policy.grant_cache import GrantCache
@@ -101,13 +104,25 @@ def grpc_server_options(workers: int = 1) -> list[tuple[str, int]]:
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]  # envoy ships no stubs
     """``envoy.service.auth.v3.Authorization/Check`` backed by an ``Authorizer``."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, peers: PeerCheck | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._authorizer = authorizer
+        self._peers = peers
+        self._metrics = metrics
 
     async def Check(self, request: external_auth_pb2.CheckRequest,  # noqa: N802 (gRPC name)
                     context: grpc.aio.ServicerContext[external_auth_pb2.CheckRequest,
                                                       external_auth_pb2.CheckResponse],
                     ) -> external_auth_pb2.CheckResponse:
+        if self._peers is not None:
+            why = self._peers.refusal(context)
+            if why is not None:
+                # Nothing of the request is read, decided, spent or audited as anyone.
+                log.warning("refused a Check: %s", why)
+                if self._metrics is not None:
+                    self._metrics.refused_peers.inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"ext_authz answers Checks only from an authenticated Envoy: {why}")
         return await self._authorizer.check(request)
 
 
@@ -127,19 +142,23 @@ async def serve(settings: Settings, *, components: Components | None = None,
     for name, fn in components.stats.items():
         metrics.watch_stats(name, fn)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="extauthz-store")
+    spool = None
+    if settings.audit.spool_path is not None:
+        spool = AuditSpool(settings.audit.spool_path, settings.audit.spool_max_events)
+        metrics.watch_stats("audit_spool", spool.stats)
     audit = AuditWriter(components.store, metrics, settings.audit.queue_size, executor,
-                        batch_window=settings.audit.batch_window_ms / 1000.0)
+                        batch_window=settings.audit.batch_window_ms / 1000.0, spool=spool,
+                        replay_interval=settings.audit.replay_interval_s)
     audit.start()
     authorizer = Authorizer(settings, store=components.store, grants=components.grants,
                             modes=components.modes, audit=audit, metrics=metrics, executor=executor)
     server = grpc.aio.server(options=grpc_server_options(settings.workers))
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(authorizer), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationService(authorizer, PeerCheck(settings.listen), metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        port = server.add_insecure_port(f"{settings.listen.host}:{settings.listen.port}")
-    except RuntimeError as e:
-        raise OSError(f"cannot listen on {settings.listen.host}:{settings.listen.port}: {e}") from None
+    served = add_listeners(server, settings.listen)
+    port = int(served[0].rsplit(":", 1)[1]) if settings.listen.port is not None else 0
     metrics_server = None
     if serve_metrics and settings.metrics.port is not None:
         from prometheus_client import start_http_server
@@ -152,16 +171,30 @@ async def serve(settings: Settings, *, components: Components | None = None,
         print(f"extauthz: metrics on http://{settings.metrics.host}:{metrics_server.server_port}/metrics",
               flush=True)
     await server.start()
-    for name in ("", AUTHZ_SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def publish(serving: bool, reason: str) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", AUTHZ_SERVICE):
+            await health_servicer.set(name, status)
+        metrics.serving.set(1 if serving else 0)
+
+    # The store opened and the grants loaded: this replica can decide. From now on the
+    # readiness monitor says when it cannot (grants stale, store lost).
+    await publish(True, "started")
+    h = settings.health
+    readiness = Readiness(store=components.store, grants=components.grants, executor=executor,
+                          publish=publish, interval_s=h.interval_s, store_timeout_s=h.store_timeout_s,
+                          store_lost_after_s=h.store_lost_after_s)
+    readiness.serving = True
+    readiness.start()
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    log.info("extauthz serving on %s:%d (pid %d, default mode %s, deadline %d ms)",
-             settings.listen.host, port, os.getpid(), settings.default_mode.name,
+    log.info("extauthz serving on %s (pid %d, default mode %s, deadline %d ms)",
+             " and ".join(served), os.getpid(), settings.default_mode.name,
              settings.decision_deadline_ms)
-    print(f"extauthz: serving on {settings.listen.host}:{port}", flush=True)
+    print(f"extauthz: serving on {' and '.join(served)}", flush=True)
     if on_ready is not None:
         on_ready(port)
     try:
@@ -169,6 +202,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
     finally:
         log.info("extauthz draining: NOT_SERVING, finishing checks in flight (grace %.1fs)",
                  settings.drain_grace_s)
+        await readiness.stop()  # it must not turn a draining server SERVING again
+        metrics.serving.set(0)
         await health_servicer.enter_graceful_shutdown()
         if settings.drain_notice_s:
             # Keep answering while Envoy's health checks notice NOT_SERVING and move traffic
@@ -176,6 +211,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
             await asyncio.sleep(settings.drain_notice_s)
         await server.stop(settings.drain_grace_s)
         await audit.close()
+        if spool is not None:
+            spool.close()
         executor.shutdown(wait=False, cancel_futures=True)
         if owns_components and components.close is not None:
             await components.close()

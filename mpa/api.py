@@ -62,7 +62,7 @@ STATUS = {
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": words} for code, words in {
         400: "malformed JSON", 401: "missing, forged or expired token",
-        403: "not allowed: self-approval or not an eligible reviewer",
+        403: "not allowed: self-approval, not an eligible reviewer, or not visible to you",
         404: "no request with this id", 409: "the request's state forbids this",
         422: "the body or the request is invalid", 503: "a dependency is unavailable",
     }.items()}
@@ -93,7 +93,7 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
         description="Multi-party approval requests for RPCs that need another engineer's "
                     "approval. Authenticate with the same JWT the gateway accepts.",
         docs_url=None, redoc_url=None)
-    service = ApprovalService(store, config.policy, mode_lookup, clock)
+    service = ApprovalService(store, config.policy, mode_lookup, clock, auditors=config.auditors)
     app.state.service = service
     app.state.config = config
     app.state.verifier = verifier or TokenVerifier(config.issuer, config.jwks_url, config.audiences)
@@ -204,8 +204,8 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
         return JSONResponse(result.model_dump(mode="json"), status_code=201 if created else 200)
 
     @app.get("/api/v1/requests", response_model=RequestListOut, operation_id="listRequests",
-             summary="List requests: yours, those you can review, or all",
-             responses={k: _ERRORS[k] for k in (401, 422, 503)})
+             summary="List requests: yours, those you can review, or all (auditors only)",
+             responses={k: _ERRORS[k] for k in (401, 403, 422, 503)})
     def list_requests(me: Me,
                       scope: Annotated[str, Query(pattern="^(mine|reviewable|all)$")] = "mine",
                       state: Annotated[RequestState | None, Query()] = None,
@@ -215,9 +215,9 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
 
     @app.get("/api/v1/requests/{request_id}", response_model=RequestOut, operation_id="getRequest",
              summary="One request, with who approved it and when",
-             responses={k: _ERRORS[k] for k in (401, 404, 422, 503)})
+             responses={k: _ERRORS[k] for k in (401, 403, 404, 422, 503)})
     def get_request(request_id: RequestId, me: Me) -> RequestOut:
-        return out(service.get(request_id), me.id)
+        return out(service.view(request_id, me.id), me.id)
 
     if config.receipt_key_path:  # the route exists only where receipts are signed
         _add_receipt_route(app, service, load_receipt_key(config.receipt_key_path), Me)

@@ -8,6 +8,9 @@
   :func:`pending_reviews`, whenever a broker is configured (``MPA_BROKER``)
 * ``mpa fetch [ID | --aws ROLE | --k8s CLUSTER] --format json|env|credential-process|exec-credential``
 
+``--json`` on ``request aws``/``request k8s``, ``broker list``, ``broker show`` and ``broker review``
+prints the requests as :func:`request_json` describes them.
+
 ``mpa fetch --format credential-process`` prints the AWS CLI's ``credential_process`` JSON
 (Version 1); ``--format exec-credential`` prints a ``client.authentication.k8s.io/v1``
 ExecCredential for kubectl. Both exit non-zero with the reason on stderr when there is nothing
@@ -19,8 +22,8 @@ listener), ``--broker-cert``/``MPA_BROKER_CERT`` (the broker's certificate, pinn
 ``MPA_TOKEN``, the file ``--token-file``/``MPA_TOKEN_FILE``, or the session ``mpa login`` saved
 (``$MPA_CONFIG_DIR/session.json``, default ``~/.config/mpa``).
 
-Exit codes follow ``mpa``'s: 0 done; 1 refused; 2 bad usage; 3 not signed in or token refused;
-4 broker unreachable or unavailable.
+Exit codes follow ``mpa``'s (README.md, "Exit codes"): 0 done; 1 refused; 2 bad usage; 3 not
+signed in or token refused; 4 broker unreachable or unavailable.
 """
 from __future__ import annotations
 
@@ -32,25 +35,20 @@ import sys
 import time
 from datetime import UTC
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
 import grpc
 import typer
 from google.protobuf.message import DecodeError
 
 from mpa.v1 import broker_pb2
+from rpcauthz.console import ExitCode, JsonOption, fail, print_json
 
 STATE_NAMES = {v: k.removeprefix("REQUEST_STATE_").lower() for k, v in broker_pb2.RequestState.items()}
-EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE = 1, 2, 3, 4
 
 
 def _session_file() -> Path:
     return Path(os.environ.get("MPA_CONFIG_DIR") or Path.home() / ".config" / "mpa") / "session.json"
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"mpa: {message}", err=True)
-    raise typer.Exit(code)
 
 
 class _Conn:
@@ -70,31 +68,31 @@ class _Conn:
             try:
                 token = self.token_file.read_text().strip()
             except OSError as e:
-                _fail(f"cannot read the token file {self.token_file}: {e}", EXIT_AUTH)
+                fail(f"cannot read the token file {self.token_file}: {e}", ExitCode.NOT_SIGNED_IN)
         if not token:
             try:
                 token = str(json.loads(_session_file().read_text()).get("token") or "").strip()
             except (OSError, ValueError):
                 token = ""
         if not token:
-            _fail("not signed in: run `mpa login`, or set MPA_TOKEN / --token-file", EXIT_AUTH)
+            fail("not signed in: run `mpa login`, or set MPA_TOKEN / --token-file", ExitCode.NOT_SIGNED_IN)
         return token
 
     def client(self):
         from enclave_bridge.broker.client import BrokerClient
         if not self.broker:
-            _fail("no broker address: pass --broker HOST:PORT or set MPA_BROKER", EXIT_USAGE)
+            fail("no broker address: pass --broker HOST:PORT or set MPA_BROKER", ExitCode.USAGE)
         if not self.cert:
-            _fail("no broker certificate to pin: pass --broker-cert FILE or set MPA_BROKER_CERT", EXIT_USAGE)
+            fail("no broker certificate to pin: pass --broker-cert FILE or set MPA_BROKER_CERT", ExitCode.USAGE)
         try:
             cert_pem = self.cert.read_bytes()
         except OSError as e:
-            _fail(f"cannot read the broker certificate {self.cert}: {e}")
+            fail(f"cannot read the broker certificate {self.cert}: {e}", ExitCode.USAGE)
         token = self.token()
         try:
             return BrokerClient(self.broker, cert_pem, token, server_name=self.name)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e), ExitCode.USAGE)
 
 
 def _conn_options():
@@ -106,8 +104,8 @@ def _conn_options():
     )
 
 
-_EXIT_FOR = {grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH, grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-             grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE}
+_EXIT_FOR = {grpc.StatusCode.UNAUTHENTICATED: ExitCode.NOT_SIGNED_IN, grpc.StatusCode.UNAVAILABLE: ExitCode.UNREACHABLE,
+             grpc.StatusCode.DEADLINE_EXCEEDED: ExitCode.UNREACHABLE, grpc.StatusCode.INVALID_ARGUMENT: ExitCode.USAGE}
 
 
 def _rpc(fn, *args, **kwargs):
@@ -115,7 +113,7 @@ def _rpc(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except grpc.RpcError as e:
         code = e.code() or grpc.StatusCode.UNKNOWN
-        _fail(f"{code.name.lower().replace('_', ' ')}: {e.details()}", _EXIT_FOR.get(code, EXIT_REFUSED))
+        fail(f"{code.name.lower().replace('_', ' ')}: {e.details()}", _EXIT_FOR.get(code, ExitCode.FAILURE))
 
 
 def _target(r) -> str:
@@ -137,6 +135,31 @@ def _show(r) -> str:
     if r.close_reason or r.closed_by:
         lines.append(f"  closed by {r.closed_by or 'broker'}: {r.close_reason}")
     return "\n".join(lines)
+
+
+def _time(ts) -> str | None:
+    return ts.ToDatetime(UTC).isoformat() if ts.seconds or ts.nanos else None
+
+
+def request_json(r) -> dict[str, Any]:
+    """One credential request as ``--json`` prints it.
+
+    Fields: ``id``, ``state`` (pending, approved, rejected, ...), ``requester``, ``target``
+    (``{"kind": "aws", "role"}`` or ``{"kind": "kubernetes", "cluster", "groups"}``), ``reason``,
+    ``incident``, ``mode``, ``approvals`` (``[{approver, at, comment}]``), ``created_at``,
+    ``expires_at``, ``valid_until`` (ISO 8601 or null), ``duration_seconds``, ``closed_by``,
+    ``close_reason``, ``fetches``.
+    """
+    if r.WhichOneof("target") == "aws":
+        target: dict[str, Any] = {"kind": "aws", "role": r.aws.role}
+    else:
+        target = {"kind": "kubernetes", "cluster": r.kubernetes.cluster, "groups": list(r.kubernetes.groups)}
+    return {"id": r.id, "state": STATE_NAMES.get(r.state, "?"), "requester": r.requester, "target": target,
+            "reason": r.reason, "incident": r.incident, "mode": r.mode,
+            "approvals": [{"approver": a.approver, "at": _time(a.at), "comment": a.comment} for a in r.approvals],
+            "created_at": _time(r.created_at), "expires_at": _time(r.expires_at),
+            "valid_until": _time(r.valid_until), "duration_seconds": r.duration_seconds,
+            "closed_by": r.closed_by, "close_reason": r.close_reason, "fetches": r.fetches}
 
 
 class BrokerReview:
@@ -187,10 +210,14 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
                     incident: str = typer.Option("", "--incident", help="incident reference (break-glass roles)"),
                     duration: int = typer.Option(0, "--duration", help="session seconds (900..3600; default: role max)"),
                     broker: str | None = o["broker"], cert: Path | None = o["cert"],
-                    name: str | None = o["name"], token_file: Path | None = o["token_file"]) -> None:
+                    name: str | None = o["name"], token_file: Path | None = o["token_file"],
+                    as_json: bool = JsonOption()) -> None:
         """Ask for temporary AWS credentials for ROLE; another engineer must approve."""
         c = _Conn(broker, cert, name, token_file).client()
         r = _rpc(c.request_aws, role, reason=reason, incident=incident, duration_seconds=duration)
+        if as_json:
+            print_json(request_json(r))
+            return
         typer.echo(_show(r))
         typer.echo(f"\nAsk another engineer to run: mpa review (or mpa broker review {r.id} --approve)\n"
                    f"Then: mpa fetch {r.id}")
@@ -202,11 +229,15 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
                     incident: str = typer.Option("", "--incident", help="incident reference (break-glass clusters)"),
                     duration: int = typer.Option(0, "--duration", help="token seconds (default: cluster max)"),
                     broker: str | None = o["broker"], cert: Path | None = o["cert"],
-                    name: str | None = o["name"], token_file: Path | None = o["token_file"]) -> None:
+                    name: str | None = o["name"], token_file: Path | None = o["token_file"],
+                    as_json: bool = JsonOption()) -> None:
         """Ask for a temporary Kubernetes token for CLUSTER; another engineer must approve."""
         c = _Conn(broker, cert, name, token_file).client()
         r = _rpc(c.request_kubernetes, cluster, list(group), reason=reason, incident=incident,
                  duration_seconds=duration)
+        if as_json:
+            print_json(request_json(r))
+            return
         typer.echo(_show(r))
         typer.echo(f"\nAsk another engineer to run: mpa review (or mpa broker review {r.id} --approve)\n"
                    f"Then: mpa fetch {r.id} --format exec-credential")
@@ -221,38 +252,58 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
                reject: bool = typer.Option(False, "--reject", help="reject the request"),
                comment: str = typer.Option("", "--comment", "-m", help="note for the requester and the audit log"),
                broker: str | None = o["broker"], cert: Path | None = o["cert"],
-               name: str | None = o["name"], token_file: Path | None = o["token_file"]) -> None:
+               name: str | None = o["name"], token_file: Path | None = o["token_file"],
+               as_json: bool = JsonOption()) -> None:
         """Approve or reject someone else's credential request (show it first without a flag)."""
         c = _Conn(broker, cert, name, token_file).client()
         if approve == reject:
-            typer.echo(_show(_rpc(c.get, request_id)))
+            shown = _rpc(c.get, request_id)
+            if as_json and not approve:
+                print_json(request_json(shown))
+                return
+            typer.echo(_show(shown))
             if approve and reject:
-                _fail("choose one of --approve or --reject", 2)
+                fail("choose one of --approve or --reject", ExitCode.USAGE)
             typer.echo("\nRe-run with --approve or --reject.")
             return
-        typer.echo(_show(_rpc(c.review, request_id, approve=approve, comment=comment)))
+        done = _rpc(c.review, request_id, approve=approve, comment=comment)
+        if as_json:
+            print_json(request_json(done))
+        else:
+            typer.echo(_show(done))
 
     @broker_app.command("list")
     def list_(mine: bool = typer.Option(False, "--mine", help="only your requests"),
               reviewable: bool = typer.Option(False, "--reviewable", help="only requests you can review now"),
               broker: str | None = o["broker"], cert: Path | None = o["cert"],
-              name: str | None = o["name"], token_file: Path | None = o["token_file"]) -> None:
+              name: str | None = o["name"], token_file: Path | None = o["token_file"],
+              as_json: bool = JsonOption()) -> None:
         """List credential requests."""
         c = _Conn(broker, cert, name, token_file).client()
-        for r in _rpc(c.list, mine=mine, reviewable=reviewable):
+        found = list(_rpc(c.list, mine=mine, reviewable=reviewable))
+        if as_json:
+            print_json([request_json(r) for r in found])
+            return
+        for r in found:
             typer.echo(f"{r.id}  {STATE_NAMES.get(r.state, '?'):9}  {r.requester:30}  {_target(r)}  {r.reason}")
 
     @broker_app.command("show")
-    def show(request_id: str, broker: str | None = o["broker"], cert: Path | None = o["cert"],
-             name: str | None = o["name"], token_file: Path | None = o["token_file"]) -> None:
+    def show(request_id: str = typer.Argument(..., help="the request id (cr-...)"),
+             broker: str | None = o["broker"], cert: Path | None = o["cert"],
+             name: str | None = o["name"], token_file: Path | None = o["token_file"],
+             as_json: bool = JsonOption()) -> None:
         """Show one credential request."""
-        typer.echo(_show(_rpc(_Conn(broker, cert, name, token_file).client().get, request_id)))
+        r = _rpc(_Conn(broker, cert, name, token_file).client().get, request_id)
+        if as_json:
+            print_json(request_json(r))
+        else:
+            typer.echo(_show(r))
 
     @app.command("fetch")
     def fetch(request_id: str | None = typer.Argument(None, help="the approved request (cr-...)"),
               aws: str | None = typer.Option(None, "--aws", help="your newest approved request for this AWS role"),
               k8s: str | None = typer.Option(None, "--k8s", help="your newest approved request for this cluster"),
-              fmt: str = typer.Option("json", "--format", "-o",
+              fmt: str = typer.Option("json", "--format", "-f",
                                       help="json | env | credential-process (AWS CLI) | exec-credential (kubectl)"),
               cache: bool = typer.Option(True, "--cache/--no-cache",
                                          help="for credential-process/exec-credential: reuse unexpired "
@@ -267,9 +318,9 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
         As a kubectl exec credential plugin: mpa fetch --k8s CLUSTER --format exec-credential
         """
         if fmt not in ("json", "env", "credential-process", "exec-credential"):
-            _fail(f"unknown --format {fmt!r}; use json, env, credential-process or exec-credential", 2)
+            fail(f"unknown --format {fmt!r}; use json, env, credential-process or exec-credential", ExitCode.USAGE)
         if sum(x is not None for x in (request_id, aws, k8s)) != 1:
-            _fail("name exactly one of: a request id, --aws ROLE, --k8s CLUSTER", 2)
+            fail("name exactly one of: a request id, --aws ROLE, --k8s CLUSTER", ExitCode.USAGE)
         conn = _Conn(broker, cert, name, token_file)
         use_cache = cache and fmt in ("credential-process", "exec-credential")
         cache_key = f"{conn.broker}|{_who(conn.token()) if use_cache else ''}|{request_id or ''}|{aws or ''}|{k8s or ''}"
@@ -284,7 +335,7 @@ def register(app: typer.Typer, request_app: typer.Typer) -> None:
                      if (aws and r.WhichOneof("target") == "aws" and r.aws.role == aws)
                      or (k8s and r.WhichOneof("target") == "kubernetes" and r.kubernetes.cluster == k8s)]
             if not match:
-                _fail(f"you have no approved request for {'aws role ' + aws if aws else 'cluster ' + str(k8s)}; "
+                fail(f"you have no approved request for {'aws role ' + aws if aws else 'cluster ' + str(k8s)}; "
                       "run `mpa request` and ask a colleague to approve it")
             request_id = match[0].id
         got = _rpc(c.fetch, request_id)
@@ -341,7 +392,7 @@ def _print_credentials(got: broker_pb2.FetchResponse, request_id: str, fmt: str)
         a = got.aws
         expiration = a.expiration.ToDatetime(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if fmt == "exec-credential":
-            _fail(f"{request_id} holds AWS credentials; exec-credential is for Kubernetes", 2)
+            fail(f"{request_id} holds AWS credentials; exec-credential is for Kubernetes", ExitCode.USAGE)
         if fmt == "env":
             typer.echo(f"export AWS_ACCESS_KEY_ID={a.access_key_id}\nexport AWS_SECRET_ACCESS_KEY={a.secret_access_key}\n"
                        f"export AWS_SESSION_TOKEN={a.session_token}\nexport AWS_REGION={a.region}")
@@ -355,7 +406,7 @@ def _print_credentials(got: broker_pb2.FetchResponse, request_id: str, fmt: str)
         k = got.kubernetes
         expiration = k.expiration.ToDatetime(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         if fmt == "credential-process":
-            _fail(f"{request_id} holds a Kubernetes token; credential-process is for AWS", 2)
+            fail(f"{request_id} holds a Kubernetes token; credential-process is for AWS", ExitCode.USAGE)
         if fmt == "exec-credential":
             api_version = "client.authentication.k8s.io/v1"
             info = os.environ.get("KUBERNETES_EXEC_INFO")
@@ -374,7 +425,7 @@ def _print_credentials(got: broker_pb2.FetchResponse, request_id: str, fmt: str)
                    "request_id": request_id}
         sys.stdout.write(json.dumps(out) + "\n")
     else:
-        _fail("the broker returned no credentials")
+        fail("the broker returned no credentials")
 
 
 def main() -> None:

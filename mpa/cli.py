@@ -7,8 +7,8 @@
     mpa review                      # walk pending requests you can review
     mpa show ID | approve ID | reject ID | cancel ID
 
-Exit codes: 0 done; 1 refused (the message says why; nothing changed); 2 bad usage;
-3 not signed in or token refused; 4 server unreachable or unavailable.
+Exit codes (README.md, "Exit codes"): 0 done; 1 refused (the message says why; nothing
+changed); 2 bad usage; 3 not signed in or token refused; 4 server unreachable or unavailable.
 The token is kept 0600 in ``$MPA_CONFIG_DIR`` (default ``~/.config/mpa``).
 """
 from __future__ import annotations
@@ -18,31 +18,34 @@ import json
 import os
 import pathlib
 import re
-import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE = 1, 2, 3, 4
+from rpcauthz.console import ExitCode, JsonOption, emit, fail, stderr_console, stdout_console, version_option
 
-app = typer.Typer(name="mpa", no_args_is_help=True, add_completion=False,
+app = typer.Typer(name="mpa", no_args_is_help=True, add_completion=True,
                   help="Ask for, review and approve multi-party approvals for RPCs that need "
                        "another engineer's approval. Start with: mpa login",
                   epilog="Typical use: [bold]mpa login --server URL --issuer SSO_URL[/], then "
                          "[bold]mpa request rpc /pkg.Svc/Method -r 'why'[/] (or open the link the "
-                         "gateway printed); a reviewer runs [bold]mpa review[/]. Exit codes: 0 done, "
-                         "1 refused, 2 bad usage, 3 not signed in, 4 server unavailable.",
+                         "gateway printed); a reviewer runs [bold]mpa review[/]. Commands that list or show "
+                         "something take --json. Exit codes: 0 done, 1 refused, 2 bad usage, 3 not signed in, "
+                         "4 server unavailable (README.md, \"Exit codes\"). Shell completion: mpa --install-completion.",
                   rich_markup_mode="rich")
 request_app = typer.Typer(no_args_is_help=True,
                           help="Ask for approval: to call an RPC (rpc), or for credentials from the broker (aws, k8s).")
 app.add_typer(request_app, name="request")
 
-out = Console()
-err = Console(stderr=True)
+out = stdout_console()
+err = stderr_console()
+
+
+@app.callback()
+def _root(version: bool = version_option("mpa")) -> None:
+    """The mpa command group (``--version`` is its only option)."""
 
 
 # --- local state --------------------------------------------------------------------------
@@ -75,12 +78,7 @@ def load_session() -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        fail(EXIT_AUTH, f"cannot read {path}: {e}; run: mpa login")
-
-
-def fail(code: int, message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
+        fail(f"cannot read {path}: {e}; run: mpa login", ExitCode.NOT_SIGNED_IN)
 
 
 # --- talking to the server ----------------------------------------------------------------
@@ -89,18 +87,18 @@ class Client:
         session = load_session()
         self.server = (server or os.environ.get("MPA_SERVER") or session.get("server") or "").rstrip("/")
         if not self.server:
-            fail(EXIT_USAGE, "no approvals server known: run mpa login --server URL (or set MPA_SERVER)")
+            fail("no approvals server known: run mpa login --server URL (or set MPA_SERVER)", ExitCode.USAGE)
         self.token = os.environ.get("MPA_TOKEN") or session.get("token")
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              params: dict[str, Any] | None = None) -> tuple[int, Any]:
         if not self.token:
-            fail(EXIT_AUTH, "not signed in: run mpa login")
+            fail("not signed in: run mpa login", ExitCode.NOT_SIGNED_IN)
         try:
             resp = httpx.request(method, self.server + path, json=body, params=params, timeout=15,
                                  headers={"Authorization": f"Bearer {self.token}"})
         except httpx.HTTPError as e:
-            fail(EXIT_UNAVAILABLE, f"cannot reach the approvals server at {self.server}: {e}")
+            fail(f"cannot reach the approvals server at {self.server}: {e}", ExitCode.UNREACHABLE)
         try:
             data = resp.json()
         except ValueError:
@@ -108,9 +106,9 @@ class Client:
         if resp.status_code >= 400:
             error = data.get("error", {}) if isinstance(data, dict) else {}
             message = error.get("message") or f"HTTP {resp.status_code}"
-            code = (EXIT_AUTH if resp.status_code == 401 else
-                    EXIT_UNAVAILABLE if resp.status_code >= 500 else EXIT_REFUSED)
-            fail(code, f"{message} [{error.get('code', resp.status_code)}]")
+            code = (ExitCode.NOT_SIGNED_IN if resp.status_code == 401 else
+                    ExitCode.UNREACHABLE if resp.status_code >= 500 else ExitCode.FAILURE)
+            fail(f"{message} [{error.get('code', resp.status_code)}]", code)
         return resp.status_code, data
 
 
@@ -119,7 +117,7 @@ def _request_id(ref: str) -> str:
     m = re.search(r"/requests/([A-Za-z0-9_-]+)/?$", ref.strip())
     rid = m.group(1) if m else ref.strip()
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", rid):
-        fail(EXIT_USAGE, f"{ref!r} is not a request id or link")
+        fail(f"{ref!r} is not a request id or link", ExitCode.USAGE)
     return rid
 
 
@@ -176,14 +174,7 @@ def print_list(reqs: list[dict[str, Any]]) -> None:
     out.print(t, highlight=False, markup=False)
 
 
-def emit(data: Any, as_json: bool, printer) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    else:
-        printer(data)
-
-
-JsonOpt = typer.Option(False, "--json", help="print JSON for scripts")
+JsonOpt = JsonOption("print JSON for scripts")
 ServerOpt = typer.Option(None, "--server", help="approvals server URL (default: from mpa login)")
 
 
@@ -197,31 +188,31 @@ def login(server: str = typer.Option(None, "--server", help="approvals server UR
     """Sign in and remember the token (0600, in $MPA_CONFIG_DIR or ~/.config/mpa)."""
     server = (server or os.environ.get("MPA_SERVER") or load_session().get("server") or "").rstrip("/")
     if not server:
-        fail(EXIT_USAGE, "say which approvals server: mpa login --server URL")
+        fail("say which approvals server: mpa login --server URL", ExitCode.USAGE)
     if issuer:
         from .oidc import DeviceFlowError, device_flow_login
         try:
             token = device_flow_login(issuer, client_id, scope,
                                       show=lambda m: err.print(m, highlight=False, soft_wrap=True))
         except DeviceFlowError as e:
-            fail(EXIT_AUTH, str(e))
+            fail(str(e), ExitCode.NOT_SIGNED_IN)
     elif as_user:
         try:
             resp = httpx.post(f"{server}/api/dev/token", json={"subject": as_user}, timeout=15)
         except httpx.HTTPError as e:
-            fail(EXIT_UNAVAILABLE, f"cannot reach the approvals server at {server}: {e}")
+            fail(f"cannot reach the approvals server at {server}: {e}", ExitCode.UNREACHABLE)
         if resp.status_code == 404:
-            fail(EXIT_AUTH, f"{server} does not offer dev sign-in (it trusts a real issuer): "
-                            "use mpa login --issuer URL")
+            fail(f"{server} does not offer dev sign-in (it trusts a real issuer): "
+                 "use mpa login --issuer URL", ExitCode.NOT_SIGNED_IN)
         if resp.status_code != 200:
             try:
                 why = resp.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 why = f"HTTP {resp.status_code}"
-            fail(EXIT_AUTH, f"dev sign-in refused by {server}: {why}")
+            fail(f"dev sign-in refused by {server}: {why}", ExitCode.NOT_SIGNED_IN)
         token = resp.json()["token"]
     else:
-        fail(EXIT_USAGE, "say how to sign in: --as USER (dev issuer) or --issuer URL (OIDC device flow)")
+        fail("say how to sign in: --as USER (dev issuer) or --issuer URL (OIDC device flow)", ExitCode.USAGE)
     save_session({"server": server, "token": token})
     client = Client(server)
     client.token = token
@@ -244,7 +235,7 @@ _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 def _seconds(text: str) -> int:
     m = _DURATION.match(text.strip())
     if not m or int(m.group(1)) == 0:
-        fail(EXIT_USAGE, f"--duration {text!r}: use a positive number with s, m, h or d (e.g. 30m)")
+        fail(f"--duration {text!r}: use a positive number with s, m, h or d (e.g. 30m)", ExitCode.USAGE)
     return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
@@ -261,9 +252,9 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
     """Ask for approval to call one RPC (or give the reason for the request the gateway opened)."""
     m = re.fullmatch(r"/?([A-Za-z_][\w.]*)/(\w+)", rpc.strip())
     if not m:
-        fail(EXIT_USAGE, f"{rpc!r} is not /pkg.Service/Method")
+        fail(f"{rpc!r} is not /pkg.Service/Method", ExitCode.USAGE)
     if body_file and body_sha256:
-        fail(EXIT_USAGE, "give --body-file or --body-sha256, not both")
+        fail("give --body-file or --body-sha256, not both", ExitCode.USAGE)
     if body_file:
         body_sha256 = hashlib.sha256(body_file.read_bytes()).hexdigest()
     body: dict[str, Any] = {"service": m.group(1), "method": m.group(2), "reason": reason}
@@ -291,7 +282,7 @@ def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, revie
                   server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """List your requests (or --scope reviewable: those waiting for you)."""
     if scope not in ("mine", "reviewable", "all"):
-        fail(EXIT_USAGE, f"--scope {scope!r}: use mine, reviewable or all")
+        fail(f"--scope {scope!r}: use mine, reviewable or all", ExitCode.USAGE)
     params = {"scope": scope, **({"state": state} if state else {})}
     _, data = Client(server).call("GET", "/api/v1/requests", params=params)
     emit(data["requests"], as_json, print_list)
@@ -366,7 +357,7 @@ def _broker_reviews(required: bool) -> list[Any] | None:
     if broker_commands.broker_configured():
         return broker_commands.pending_reviews()
     if required:
-        fail(EXIT_USAGE, "--broker-only: no credential broker configured (set MPA_BROKER and MPA_BROKER_CERT)")
+        fail("--broker-only: no credential broker configured (set MPA_BROKER and MPA_BROKER_CERT)", ExitCode.USAGE)
     return None
 
 
@@ -381,7 +372,7 @@ def review(server: str | None = ServerOpt,
     broker's credential requests (aws/k8s) too.
     """
     if broker_only and rpc_only:
-        fail(EXIT_USAGE, "choose at most one of --broker-only and --rpc-only")
+        fail("choose at most one of --broker-only and --rpc-only", ExitCode.USAGE)
     items: list[Any] = []
     broker_items = None if rpc_only else _broker_reviews(required=broker_only)
     # Without a broker the approvals server is required (as before); with one it is optional.
@@ -394,7 +385,10 @@ def review(server: str | None = ServerOpt,
         out.print("nothing waits for your review")
         return
     for i, item in enumerate(items, 1):
-        out.rule(f"{i} of {len(items)}")
+        if out.is_terminal:
+            out.rule(f"{i} of {len(items)}")
+        else:  # no terminal width to fill: a short rule
+            out.print(f"--- {i} of {len(items)} ---", highlight=False, markup=False)
         if isinstance(item, _RpcReview):
             item.show()
         else:
@@ -419,7 +413,8 @@ broker_commands.register(app, request_app)
 
 
 def main() -> None:
-    app()
+    """Entry point of the ``mpa`` console script."""
+    app(prog_name="mpa")
 
 
 if __name__ == "__main__":

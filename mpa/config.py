@@ -11,11 +11,13 @@ refuses to start while one is set and names its replacement.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import pathlib
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -105,6 +107,15 @@ class RequestPolicy(Section):
         return self.required_approvals_by_mode.get(mode, 1)
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Listen(Section):
     """Where the approvals server listens (HTTP)."""
 
@@ -143,11 +154,16 @@ class ApprovalsConfig(Section):
     #: Key of the CSRF tokens; random per process when unset. Set it (the same on every
     #: replica) when running more than one.
     csrf_secret: bytes | None = Field(None, repr=False)
-    secure_cookies: bool = False
+    #: Session and login cookies carry ``Secure`` (sent over HTTPS only). ``null`` (default):
+    #: yes, unless the service is reached over plain http on a loopback address (a dev box).
+    secure_cookies: bool | None = None
     slack_webhook_url: str | None = Field(None, repr=False)
     slack_spool_path: str | None = None
     slack_user_ids: dict[str, str] = Field(default_factory=dict)
     audit_jsonl_path: str | None = None
+    #: Principals who may read every request (``GET /api/v1/requests?scope=all``, any request
+    #: page). Everyone else sees only requests they made, approved or may approve.
+    auditors: tuple[str, ...] = ()
     expiry_sweep_seconds: float = Field(30.0, gt=0)
     #: Ed25519 private key (PEM PKCS#8) signing approval receipts (mpa.receipts); the enclave
     #: broker pins its public half. Unset: no receipt route.
@@ -169,12 +185,28 @@ class ApprovalsConfig(Section):
             return None
         return v
 
+    @field_validator("auditors", mode="before")
+    @classmethod
+    def _auditor_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return tuple(a.strip() for a in v.split(",") if a.strip())
+        return v
+
     @field_validator("audiences", mode="before")
     @classmethod
     def _audience_list(cls, v: Any) -> Any:
         if isinstance(v, str):
             return tuple(a.strip() for a in v.split(",") if a.strip())
         return v
+
+    def cookies_secure(self) -> bool:
+        """Whether cookies get ``Secure``: ``secure_cookies``, else yes unless plain http on loopback."""
+        if self.secure_cookies is not None:
+            return self.secure_cookies
+        if self.public_url in ("", "auto"):
+            return not _is_loopback(self.listen.host)
+        url = urlsplit(self.public_url)
+        return not (url.scheme == "http" and _is_loopback(url.hostname or ""))
 
     @field_validator("public_url")
     @classmethod

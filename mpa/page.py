@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from policy import PolicyError, StoreError, UnknownRequest
 
 from .auth import AuthError, Principal
-from .service import MODE_EXPLANATIONS, approver_words, awaiting_reason
+from .service import MODE_EXPLANATIONS, NotVisible, approver_words, awaiting_reason
 
 log = logging.getLogger("mpa.page")
 
@@ -109,8 +109,11 @@ def add_page_routes(app: FastAPI) -> None:
     async def show(request: Request, request_id: str, viewer: Principal, token: str, *,
                    status: int = 200, error: str = "", done: str = "") -> HTMLResponse:
         try:
-            r = await asyncio.to_thread(service.get, request_id)
+            r = await asyncio.to_thread(service.view, request_id, viewer.id)
             perms = await asyncio.to_thread(service.permissions, r, viewer.id)
+        except NotVisible as e:
+            return render("message.html", 403, heading="Not yours to see", viewer=viewer,
+                          csrf_token=csrf_for(token), message=f"{error} {e}" if error else str(e))
         except UnknownRequest:
             return render("message.html", 404, heading="No such request", viewer=viewer,
                           csrf_token=csrf_for(token),
@@ -182,7 +185,7 @@ def add_page_routes(app: FastAPI) -> None:
         resp = render("login.html", 200, dev_login=True, viewer=None, login_csrf=nonce,
                       next=_safe_next(next))
         resp.set_cookie(LOGIN_CSRF_COOKIE, nonce, httponly=True, samesite="strict",
-                        secure=config.secure_cookies, path="/login", max_age=600)
+                        secure=config.cookies_secure(), path="/login", max_age=600)
         return resp
 
     @app.post("/login", include_in_schema=False)
@@ -206,7 +209,7 @@ def add_page_routes(app: FastAPI) -> None:
         log.info("dev login for %s (dev issuer; not for production)", username)
         resp = RedirectResponse(next_path, status_code=303)
         resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax",
-                        secure=config.secure_cookies, path="/", max_age=DEV_SESSION_SECONDS)
+                        secure=config.cookies_secure(), path="/", max_age=DEV_SESSION_SECONDS)
         resp.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         return resp
 

@@ -11,7 +11,7 @@ import builtins
 import dataclasses
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import policy
@@ -45,6 +45,25 @@ class AwaitingReason(PolicyError):
     """The gateway opened this request; its requester has not given the reason yet."""
 
     code = "awaiting_reason"
+
+
+#: The longest comment (approve, reject, cancel) and reason, whatever the entry point: the API's
+#: schema, the page's form and the CLI all end here.
+MAX_COMMENT = 2000
+MAX_REASON = 2000
+MAX_INCIDENT = 200
+
+
+def check_length(what: str, text: str | None, limit: int) -> None:
+    """``InvalidRequest`` naming ``what`` when ``text`` is longer than ``limit`` characters."""
+    if text is not None and len(text) > limit:
+        raise InvalidRequest(f"the {what} is {len(text)} characters long; the limit is {limit}")
+
+
+class NotVisible(PolicyError):
+    """The viewer may not see this request, or every request (read scopes)."""
+
+    code = "not_visible"
 
 
 class ModeUnavailable(policy.StoreError):
@@ -118,8 +137,10 @@ class ApprovalService:
     """Create, read and move approval requests for authenticated principals."""
 
     def __init__(self, store: Store, rules: RequestPolicy, mode_lookup: ModeLookup | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, auditors: Iterable[str] = ()) -> None:
         self.store = store
+        #: Principals who may read every request (``auditors`` in the approvals config).
+        self.auditors = frozenset(auditors)
         self.rules = rules
         self.mode_lookup = mode_lookup
         self.clock = clock
@@ -141,6 +162,20 @@ class ApprovalService:
         r = self.store.get_request(request_id)
         return self._expire_if_due(r)
 
+    def may_view(self, r: ApprovalRequest, viewer: str) -> bool:
+        """Read scope: the requester, whoever approved it or may approve it, and auditors."""
+        if viewer == r.requester or viewer in r.approvers or viewer in self.auditors:
+            return True
+        return policy.may_approve(viewer, r, self.grants(), self.clock())
+
+    def view(self, request_id: str, viewer: str) -> ApprovalRequest:
+        """``get``, for ``viewer``; ``NotVisible`` unless ``may_view``."""
+        r = self.get(request_id)
+        if not self.may_view(r, viewer):
+            raise NotVisible(f"{viewer} may not see request {request_id}: a request is visible to its "
+                             f"requester, to those who may approve it ({approver_words(r)}) and to auditors")
+        return r
+
     def list(self, viewer: str, *, scope: str = "mine", states: Sequence[RequestState] | None = None,
              limit: int = 100) -> list[ApprovalRequest]:
         """``mine``: viewer's requests; ``reviewable``: pending ones the viewer may approve now;
@@ -157,6 +192,10 @@ class ApprovalService:
                      and viewer not in r.approvers and policy.may_approve(viewer, r, grants, now)]
             found = found[:limit]
         elif scope == "all":
+            if viewer not in self.auditors:
+                raise NotVisible(f"scope=all lists every request with its reasons and incidents and is "
+                                 f"for auditors only ({viewer} is not one: see `auditors` in the approvals "
+                                 "config); use scope=mine or scope=reviewable")
             found = self.store.find_requests(states=states, limit=limit)
         else:
             raise InvalidRequest(f"unknown list scope {scope!r}; use mine, reviewable or all")
@@ -235,6 +274,7 @@ class ApprovalService:
                  incident: str | None = None) -> ApprovalRequest:
         """The requester gives the reason for a request the gateway opened."""
         self._check_reason(reason)
+        check_length("incident", incident, MAX_INCIDENT)
         r = self.get(request_id)
         if not awaiting_reason(r) and r.state is RequestState.PENDING and actor == r.requester:
             raise AlreadyDecided(f"request {r.id} already has its reason")
@@ -245,6 +285,7 @@ class ApprovalService:
 
     def approve(self, request_id: str, approver: str, comment: str = "") -> ApprovalRequest:
         """Record an approval; the request is APPROVED once it has enough distinct approvers."""
+        check_length("comment", comment, MAX_COMMENT)
         for _ in range(5):
             r = self.get(request_id)
             if awaiting_reason(r) and approver != r.requester and approver not in r.approvers:
@@ -267,6 +308,7 @@ class ApprovalService:
         raise policy.StoreError(f"request {request_id} kept changing; try again")
 
     def reject(self, request_id: str, reviewer: str, reason: str = "") -> ApprovalRequest:
+        check_length("comment", reason, MAX_COMMENT)
         r = self.get(request_id)
         if awaiting_reason(r) and reviewer != r.requester:
             raise AwaitingReason(f"request {r.id} is waiting for {r.requester} to give a reason; "
@@ -278,6 +320,7 @@ class ApprovalService:
 
     def cancel(self, request_id: str, actor: str, reason: str = "") -> ApprovalRequest:
         """Withdraw (requester) or revoke (an approver) a pending or approved request."""
+        check_length("comment", reason, MAX_COMMENT)
         self.get(request_id)
         now = self.clock()
         return self.store.update_request(
@@ -315,6 +358,7 @@ class ApprovalService:
             return self.store.get_request(r.id)
 
     def _check_reason(self, reason: str) -> None:
+        check_length("reason", reason, MAX_REASON)
         n = self.rules.min_reason_length
         if len((reason or "").strip()) < n:
             raise InvalidRequest(f"a reason of at least {n} characters is required: say why you "

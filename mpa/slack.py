@@ -19,7 +19,7 @@ from typing import Any
 from policy import ApprovalRequest, UnknownRequest
 from policy.audit import AuditEvent
 from policy.store import Store
-from rpcauthz.slack_outbox import SlackSpool, escape_mrkdwn, unescape_mrkdwn
+from rpcauthz.slack_outbox import SlackSpool, escape_mrkdwn
 
 from .service import MODE_EXPLANATIONS, awaiting_reason
 
@@ -95,7 +95,9 @@ class SlackNotifier:
             verb = "withdrawn by" if e.actor == r.requester else "revoked by"
             text = f":no_entry: {requester}'s request for `{rpc}` was {verb} {who}."
             key = f"cancelled:{r.id}"
-        return key, {"text": unescape_mrkdwn(text), "blocks": [
+        # The top-level text (notifications, clients without blocks) is mrkdwn too: escaped
+        # the same way, so a reason can never ping @channel or forge a link there either.
+        return key, {"text": text, "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": text}},
             {"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{link}|Request {r.id[:8]}>"}]},
         ]}
@@ -113,7 +115,7 @@ class SlackNotifier:
             fields.append({"type": "mrkdwn", "text": f"*Scope*\nbody sha256 `{r.body_sha256[:16]}…`"})
         need = f"{r.required_approvals} approvals" if r.required_approvals > 1 else "1 approval"
         return {
-            "text": f"{r.requester} asks for approval to call {rpc}: {r.reason}",
+            "text": f"{escape_mrkdwn(r.requester)} asks for approval to call {rpc}: {escape_mrkdwn(r.reason)}",
             "blocks": [
                 {"type": "header", "text": {"type": "plain_text", "text": "Approval requested"}},
                 {"type": "section", "text": {"type": "mrkdwn", "text":

@@ -14,19 +14,24 @@ from mpa import serve_cli as mpa_serve_cli
 from owners import cli as owners_cli
 from policy import cli as policy_cli
 from reflection_cache import cli as reflection_cache_cli
+from rpcauthz.console import version_option
 
 app = typer.Typer(
     name="mpactl",
     help="Operate the rpcauthz gateway: run the ext_authz server, sync grants, lint protos, "
-         "render Envoy config, run the credential broker.",
+         "render Envoy config, run the credential broker. New here? Try: mpactl demo",
+    epilog="Every command: mpactl COMMAND --help. Commands that list or show something take --json. "
+           "Exit codes: 0 done, 1 refused or failed, 2 bad usage or input, 3 not signed in, "
+           "4 unreachable, 5 services in dry-run, 6 not verified (README.md, \"Exit codes\"). "
+           "Shell completion: mpactl --install-completion.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
 )
 
 
 @app.callback()
-def _root() -> None:
-    """Keeps mpactl a command group."""
+def _root(version: bool = version_option("mpactl")) -> None:
+    """The mpactl command group (``--version`` is its only option)."""
 
 
 extauthz_cli.register(app)          # serve
@@ -40,7 +45,7 @@ enclave_bridge_cli.register(app)    # forward, broker
 
 def main() -> None:
     """Entry point of the ``mpactl`` console script."""
-    app()
+    app(prog_name="mpactl")
 
 
 if __name__ == "__main__":

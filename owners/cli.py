@@ -1,7 +1,7 @@
 """Operator commands for service owners: ``mpactl lint``, ``migrate``, ``usage``, ``envoy``.
 
 ``register(app)`` is called by ``mpactl.app``; each command's help text is written for
-someone who has never seen this project.
+someone who has never seen this project. Exit codes are README.md's table ("Exit codes").
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from policy import DEFAULT_MODE, Mode
+from rpcauthz.console import ExitCode, JsonOption, fail, print_json, warn
 
 
 def _mode_option(value: str) -> Mode:
@@ -25,6 +26,7 @@ def lint_command(
     include: list[Path] = typer.Option([], "--include", "-I",
                                        help="Extra import root, like protoc -I (repeatable)."),
     fmt: str = typer.Option("text", "--format", help="text (file:line:col: message) or json."),
+    as_json: bool = JsonOption("The same as --format json: {files, rpcs, error, findings: [...]}."),
     reflect: str | None = typer.Option(None, "--reflect", metavar="HOST:PORT",
                                           help="Ask a live service through gRPC reflection instead."),
     service: list[str] = typer.Option([], "--service",
@@ -39,15 +41,15 @@ def lint_command(
     from . import lint
 
     if fmt not in ("text", "json"):
-        typer.echo(f"error: --format must be text or json, not {fmt!r}", err=True)
-        raise typer.Exit(lint.EXIT_ERROR)
+        fail(f"--format must be text or json, not {fmt!r}", lint.EXIT_ERROR)
+    if as_json:
+        fmt = "json"
     default_mode = _mode_option(default)
     if reflect:
         report = lint.lint_reflection(reflect, service, default_mode)
     else:
         if not paths:
-            typer.echo("error: give .proto files or directories to lint, or --reflect HOST:PORT", err=True)
-            raise typer.Exit(lint.EXIT_ERROR)
+            fail("give .proto files or directories to lint, or --reflect HOST:PORT", lint.EXIT_ERROR)
         report = lint.lint_paths(paths, include, default_mode)
     out = report.render(fmt)
     if report.error and fmt == "text":
@@ -71,14 +73,14 @@ def _load_usage(store_url: str | None, service: str, days: float):
     from .usage import load_usage
     try:
         store = open_store(store_url)
-    except (ValueError, StoreError) as e:
-        typer.echo(f"error: cannot open store: {e}", err=True)
-        raise typer.Exit(2) from None
+    except ValueError as e:
+        fail(f"cannot open store: {e}", ExitCode.USAGE)
+    except StoreError as e:
+        fail(f"cannot open store: {e}", ExitCode.UNREACHABLE)
     try:
         return load_usage(store, service, days=days), GrantSet(store.list_grants())
     except StoreError as e:
-        typer.echo(f"error: cannot read audit events from the store: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(f"cannot read audit events from the store: {e}", ExitCode.UNREACHABLE)
     finally:
         store.close()
 
@@ -123,13 +125,13 @@ def _ask(step, index: int, total: int, service: str = "", grants=None) -> Mode |
             answer = input(f"  mode for {r.method} [1-5, k, q to quit] (default {default_key}): ")
         except EOFError:
             typer.echo("\nno answer (end of input): nothing written", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(ExitCode.FAILURE) from None
         answer = answer.strip()
         if not answer:
             answer = default_key
         if answer.lower() == "q":
             typer.echo("quit: nothing written")
-            raise typer.Exit(1)
+            raise typer.Exit(ExitCode.FAILURE)
         if answer.lower() == "k":
             return None
         if answer.isdigit() and 1 <= int(answer) <= len(_CHOICES):
@@ -168,8 +170,7 @@ def migrate_command(
         found = mig.find_service(service, root, include)
         preset = mig.parse_set(set_, found)
     except mig.MigrateError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(e), ExitCode.USAGE)
     describe = mig.describe_current
     usage, grants = _load_usage(store, found.service, days)
     steps = mig.plan(found, usage, default_mode)
@@ -192,25 +193,22 @@ def migrate_command(
     try:
         old, new = mig.finish(found, choices, write=False)
     except mig.MigrateError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(e), ExitCode.USAGE)
     if old == new:
         typer.echo("no changes: every RPC already has the chosen mode")
-        raise typer.Exit(0)
+        raise typer.Exit(ExitCode.OK)
     diff = mig.unified_diff(found.file.path, old, new, root)
     if dry_run:
         typer.echo(diff, nl=False)
         typer.echo("dry run: nothing written")
-        raise typer.Exit(0)
+        raise typer.Exit(ExitCode.OK)
     changed = sum(1 for s in steps if s.rpc.method in choices
                   and s.rpc.method_mode is not choices[s.rpc.method])
     if not yes and not _confirm(f"write {changed} change(s) to {found.file.path}?"):
         typer.echo("nothing written")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILURE)
     if mig.read_source(found.file.path) != old:
-        typer.echo(f"error: {found.file.path} changed while we were asking; nothing written, run again",
-                   err=True)
-        raise typer.Exit(2)
+        fail(f"{found.file.path} changed while we were asking; nothing written, run again", ExitCode.USAGE)
     mig.write_atomically(found.file.path, new)
     typer.echo(diff, nl=False)
     typer.echo(f"wrote {found.file.path}; review the diff and open a pull request")
@@ -229,27 +227,30 @@ def usage_command(
     store: str | None = typer.Option(None, "--store", envvar="RPCAUTHZ_STORE_URL", help=STORE_HELP),
     days: float = typer.Option(30, "--days", help="Window in days."),
     root: Path | None = typer.Option(None, "--root", help="Also list RPCs of the service found under this directory, even if uncalled."),
+    as_json: bool = JsonOption("Print JSON: {service, days, methods: [{method, calls, engineers, outcomes, "
+                               "last_call, would_have}]}."),
 ) -> None:
     """Summarise recent calls by hand to a service's RPCs, per RPC and engineer.
 
     Read from the gateway's decision audit events; also shows what each of the five modes
     would have done to those calls with today's grants.
     """
-    from .usage import render_usage
+    from .usage import render_usage, usage_json
 
     if not store:
-        typer.echo("error: give --store URL (or set RPCAUTHZ_STORE_URL)", err=True)
-        raise typer.Exit(2)
+        fail("give --store URL (or set RPCAUTHZ_STORE_URL)", ExitCode.USAGE)
     methods: list[str] = []
     if root is not None:
         from . import migrate as mig
         try:
             methods = [r.method for r in mig.find_service(service, root).rpcs]
         except mig.MigrateError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            fail(str(e), ExitCode.USAGE)
     usage, grants = _load_usage(store, service, days)
-    typer.echo(render_usage(service, usage, methods, grants, days=days))
+    if as_json:
+        print_json(usage_json(service, usage, methods, grants, days=days))
+    else:
+        typer.echo(render_usage(service, usage, methods, grants, days=days))
 
 
 envoy_app = typer.Typer(help="Render the gateway's Envoy config from a services catalog, and check it "
@@ -261,8 +262,7 @@ def _load_catalog(catalog: Path):
     try:
         return load_catalog(catalog)
     except CatalogError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(e), ExitCode.USAGE)
 
 
 def _warn_dry_run(cat) -> None:
@@ -270,20 +270,19 @@ def _warn_dry_run(cat) -> None:
 
     deadline_ms = Settings.model_fields["decision_deadline_ms"].default
     if cat.gateway.ext_authz_timeout * 1000 <= deadline_ms:
-        typer.echo(f"warning: ext_authz.timeout {cat.gateway.ext_authz_timeout:g}s is not above the "
-                   f"server's decision deadline ({deadline_ms} ms by default): slow "
-                   "decisions will end as Envoy's anonymous timeout instead of the server's 503 "
-                   "with a reason", err=True)
+        warn(f"ext_authz.timeout {cat.gateway.ext_authz_timeout:g}s is not above the "
+             f"server's decision deadline ({deadline_ms} ms by default): slow "
+             "decisions will end as Envoy's anonymous timeout instead of the server's 503 "
+             "with a reason")
     if cat.dry_run_services:
-        typer.echo("warning: DRY RUN (decisions logged and counted, calls allowed) for: "
-                   + ", ".join(cat.dry_run_services), err=True)
+        warn("DRY RUN (decisions logged and counted, calls allowed) for: " + ", ".join(cat.dry_run_services))
     if cat.unauthorized_routes:
         typer.echo("note: no ext_authz on: " + ", ".join(cat.unauthorized_routes), err=True)
 
 
 @envoy_app.command("render")
 def envoy_render_command(
-    catalog: Path = typer.Option(..., "--catalog", "-c", help="The services catalog (YAML; format in docs/owners.md)."),
+    catalog: Path = typer.Option(..., "--catalog", help="The services catalog (YAML; format in docs/owners.md)."),
     out: Path | None = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
     validate: bool = typer.Option(False, "--validate", help="Also run `envoy --mode validate` on the result before writing."),
 ) -> None:
@@ -298,8 +297,7 @@ def envoy_render_command(
     if validate:
         ok, msg = _envoy_validate_text(text)
         if not ok:
-            typer.echo(f"error: the rendered config does not validate:\n{msg}", err=True)
-            raise typer.Exit(2)
+            fail(f"the rendered config does not validate:\n{msg}", ExitCode.USAGE)
     _warn_dry_run(cat)
     if out is None:
         typer.echo(text, nl=False)
@@ -336,27 +334,27 @@ def envoy_validate_command(
 ) -> None:
     """Check an Envoy config with the real `envoy --mode validate` (exit 0 when it is valid)."""
     if not file.is_file():
-        typer.echo(f"error: {file}: no such file", err=True)
-        raise typer.Exit(2)
+        fail(f"{file}: no such file", ExitCode.USAGE)
     ok, msg = _envoy_validate(file)
-    typer.echo(msg if ok else f"error: {file} is not a valid Envoy config:\n{msg}", err=not ok)
-    raise typer.Exit(0 if ok else 1)
+    if not ok:
+        fail(f"{file} is not a valid Envoy config:\n{msg}", ExitCode.FAILURE)
+    typer.echo(msg)
 
 
 @envoy_app.command("dry-run")
 def envoy_dry_run_command(
-    catalog: Path | None = typer.Option(None, "--catalog", "-c", help="Read a services catalog."),
+    catalog: Path | None = typer.Option(None, "--catalog", help="Read a services catalog."),
     admin: str | None = typer.Option(None, "--admin", help="Ask a running Envoy (admin URL, e.g. http://127.0.0.1:9901)."),
+    as_json: bool = JsonOption("Print JSON: {source, dry_run_services: [...]} (same exit status)."),
 ) -> None:
     """List the services in dry-run (decisions logged, calls allowed), so none is forgotten.
 
-    Exit status 0 when none is in dry-run, 3 when some are (handy in a CI or cron check).
+    Exit status 0 when none is in dry-run, 5 when some are (handy in a CI or cron check).
     """
     from owners.envoy_render import dry_run_from_config_dump
 
     if (catalog is None) == (admin is None):
-        typer.echo("error: give exactly one of --catalog FILE or --admin URL", err=True)
-        raise typer.Exit(2)
+        fail("give exactly one of --catalog FILE or --admin URL", ExitCode.USAGE)
     if catalog is not None:
         names = _load_catalog(catalog).dry_run_services
         where = str(catalog)
@@ -369,17 +367,18 @@ def envoy_dry_run_command(
             with urllib.request.urlopen(admin.rstrip("/") + "/config_dump", timeout=10) as resp:
                 dump = json.load(resp)
         except OSError as e:
-            typer.echo(f"error: cannot read {url}: {e}", err=True)
-            raise typer.Exit(2) from None
+            fail(f"cannot read {url}: {e}", ExitCode.UNREACHABLE)
         names = dry_run_from_config_dump(dump)
         where = admin
-    if not names:
+    if as_json:
+        print_json({"source": where, "dry_run_services": list(names)})
+    elif not names:
         typer.echo(f"{where}: no service in dry-run")
-        raise typer.Exit(0)
-    typer.echo(f"{where}: DRY RUN (not enforced) for {len(names)} service(s):")
-    for n in names:
-        typer.echo(f"  {n}")
-    raise typer.Exit(3)
+    else:
+        typer.echo(f"{where}: DRY RUN (not enforced) for {len(names)} service(s):")
+        for n in names:
+            typer.echo(f"  {n}")
+    raise typer.Exit(ExitCode.DRY_RUN if names else ExitCode.OK)
 
 
 def register(app: typer.Typer) -> None:

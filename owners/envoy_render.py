@@ -25,6 +25,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from extauthz.config import is_loopback
+from extauthz.dev_certs import SERVER_NAME
+
 #: The dynamic-metadata namespace where jwt_authn leaves the verified payload, and the key.
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
 JWT_PAYLOAD_KEY = "jwt_payload"
@@ -40,6 +43,8 @@ _METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
+#: Where ``mpactl dev-certs --out /etc/rpcauthz/tls`` puts the files the TLS defaults name.
+DEFAULT_TLS_DIR = "/etc/rpcauthz/tls/"
 
 
 class CatalogError(ValueError):
@@ -111,10 +116,22 @@ class Jwt:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExtAuthzTls:
+    """Envoy's side of the mTLS link to the ext_authz server (files on Envoy's machine)."""
+
+    ca: str = DEFAULT_TLS_DIR + "ca.crt"
+    cert: str = DEFAULT_TLS_DIR + "envoy.crt"
+    key: str = DEFAULT_TLS_DIR + "envoy.key"
+    server_name: str = SERVER_NAME
+
+
+@dataclasses.dataclass(frozen=True)
 class Gateway:
     listen: Address
     ext_authz: Address
     jwt: Jwt
+    #: ``None``: plaintext, allowed only for a loopback ext_authz address.
+    ext_authz_tls: ExtAuthzTls | None = None
     admin: Address = Address("127.0.0.1", 9901)
     ext_authz_timeout: float = 1.0
     ext_authz_max_requests: int = 1024
@@ -241,7 +258,10 @@ _GATEWAY_KEYS = {
     "access_log": "path of the JSON access log (default /dev/stdout)",
 }
 _EXT_AUTHZ_KEYS = {"address": "HOST:PORT", "timeout": "Envoy's deadline for one Check",
-                   "max_requests": "circuit breaker", "health_check": "gRPC health checks"}
+                   "max_requests": "circuit breaker", "health_check": "gRPC health checks",
+                   "tls": "mTLS to the server: true (default files), a mapping, or false (loopback only)"}
+_TLS_KEYS = {"ca": "CA of the server certificate", "cert": "Envoy's client certificate",
+             "key": "its private key", "server_name": "DNS name in the server certificate (also SNI)"}
 _JWT_KEYS = {"issuer": "iss claim", "audiences": "accepted aud values",
              "jwks_uri": "http(s) URL of the JWKS", "jwks_file": "local JWKS file",
              "jwks_cache": "how long a fetched JWKS is cached"}
@@ -307,6 +327,7 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
         kw["ext_authz_max_requests"] = r.integer(ea["max_requests"], "gateway.ext_authz.max_requests", 1, 1_000_000)
     if "health_check" in ea:
         kw["ext_authz_health_check"] = r.boolean(ea["health_check"], "gateway.ext_authz.health_check")
+    kw["ext_authz_tls"] = _ext_authz_tls(r, ea.get("tls"), ea_node, kw["ext_authz"])
     if "admin" in g:
         kw["admin"] = r.address(g["admin"], "gateway.admin")
     if "route_timeout" in g:
@@ -320,6 +341,26 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
     if "access_log" in g:
         kw["access_log"] = r.string(g["access_log"], "gateway.access_log")
     return Gateway(**kw)
+
+
+def _ext_authz_tls(r: _Reader, node: yaml.Node | None, parent: yaml.Node, addr: Address) -> ExtAuthzTls | None:
+    """``tls`` of gateway.ext_authz: on by default; plaintext only to a loopback address.
+
+    Whoever can send the server a Check can claim any identity, so the link must be
+    authenticated (the server requires Envoy's client certificate) unless both ends share
+    the machine's loopback interface.
+    """
+    if node is None:
+        return None if is_loopback(addr.host) else ExtAuthzTls()
+    if isinstance(node, yaml.ScalarNode):
+        if r.boolean(node, "gateway.ext_authz.tls"):
+            return ExtAuthzTls()
+        if not is_loopback(addr.host):
+            raise r.fail(node, f"gateway.ext_authz.tls: false is allowed only for a loopback address, not {addr}: "
+                               "anyone who reaches the server could send Checks with forged identities")
+        return None
+    t = r.mapping(node, "gateway.ext_authz.tls", _TLS_KEYS)
+    return ExtAuthzTls(**{k: r.string(v, f"gateway.ext_authz.tls.{k}") for k, v in t.items()})
 
 
 def _jwt(r: _Reader, node: yaml.Node) -> Jwt:
@@ -549,13 +590,62 @@ def _jwt_filter(jwt: Jwt) -> tuple[dict, list[dict]]:
     return filt, clusters
 
 
+def _ext_authz_transport_socket(tls: ExtAuthzTls) -> dict:
+    """mTLS to the ext_authz server: Envoy's certificate, the server's checked by name."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": tls.server_name,
+        "common_tls_context": {
+            # gRPC servers speak HTTP/2 over TLS only when ALPN says so.
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{"certificate_chain": {"filename": tls.cert},
+                                  "private_key": {"filename": tls.key}}],
+            "validation_context": {
+                "trusted_ca": {"filename": tls.ca},
+                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": tls.server_name}}],
+            },
+        },
+    }}
+
+
+#: Failover: a Check that never reached a server (refused connection or stream, a server that
+#: stopped taking RPCs) goes to another replica. Not on resets: a Check cut mid-way may have
+#: spent an approval use, and a second try would spend another.
+EXT_AUTHZ_RETRY_POLICY: dict[str, Any] = {
+    "retry_on": "connect-failure,refused-stream,unavailable",
+    "num_retries": 2,
+    "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.05s"},
+    "retry_host_predicate": [{
+        "name": "envoy.retry_host_predicates.previous_hosts",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+    "host_selection_retry_max_attempts": 3,
+}
+
+#: A dead or NOT_SERVING replica leaves rotation after 2 failed checks 1 s apart. The
+#: no-traffic interval is pinned: Envoy's default (60 s) kept a dead replica healthy for a minute.
+EXT_AUTHZ_HEALTH_CHECK: dict[str, Any] = {
+    "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_interval": "1s",
+    "interval_jitter": "0.1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+    "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"},
+}
+
+#: Between health checks, 3 Checks in a row that could not reach a replica eject it for 5 s;
+#: never more than half the replicas (README: the panic threshold).
+EXT_AUTHZ_OUTLIER_DETECTION: dict[str, Any] = {
+    "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 3,
+    "enforcing_consecutive_local_origin_failure": 100, "consecutive_5xx": 5, "interval": "1s",
+    "base_ejection_time": "5s", "max_ejection_percent": 50,
+}
+
+
 def _ext_authz_filter(g: Gateway) -> dict:
     return {
         "name": EXT_AUTHZ_NAMESPACE,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
             "transport_api_version": "V3",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_authz"}, "timeout": _dur(g.ext_authz_timeout)},
+            "grpc_service": {"envoy_grpc": {"cluster_name": "ext_authz", "retry_policy": dict(EXT_AUTHZ_RETRY_POLICY)},
+                             "timeout": _dur(g.ext_authz_timeout)},
             # Fail closed: an unreachable or slow ext_authz is an error, never an allow, and
             # the error is 503 (gRPC UNAVAILABLE), not 403, so outages do not look like denials.
             "failure_mode_allow": False,
@@ -640,12 +730,14 @@ def render(catalog: Catalog) -> dict:
     }
     ext_cluster = _cluster("ext_authz", g.ext_authz, min(g.connect_timeout, 0.25),
                            g.ext_authz_max_requests)
-    ext_cluster["circuit_breakers"]["thresholds"][0]["max_retries"] = 0
+    # Retries happen only while a replica fails; bound them so they cannot double the load.
+    ext_cluster["circuit_breakers"]["thresholds"][0]["max_retries"] = max(3, g.ext_authz_max_requests // 16)
+    if g.ext_authz_tls is not None:
+        ext_cluster["transport_socket"] = _ext_authz_transport_socket(g.ext_authz_tls)
     if g.ext_authz_health_check:
         # The server reports NOT_SERVING while it drains; Envoy then stops sending it checks.
-        ext_cluster["health_checks"] = [{
-            "timeout": "1s", "interval": "5s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-            "grpc_health_check": {"service_name": "envoy.service.auth.v3.Authorization"}}]
+        ext_cluster["health_checks"] = [dict(EXT_AUTHZ_HEALTH_CHECK)]
+        ext_cluster["outlier_detection"] = dict(EXT_AUTHZ_OUTLIER_DETECTION)
     unrouted = {"name": "unrouted", "type": "STATIC", "connect_timeout": "0.250s",
                 "load_assignment": {"cluster_name": "unrouted", "endpoints": []}}
     upstreams: dict[str, dict] = {}
@@ -697,5 +789,5 @@ def dry_run_from_config_dump(dump: dict) -> list[str]:
     return found
 
 
-__all__: list[str] = ["Address", "Catalog", "CatalogError", "Gateway", "Jwt", "RouteOverride",
+__all__: list[str] = ["Address", "Catalog", "CatalogError", "ExtAuthzTls", "Gateway", "Jwt", "RouteOverride",
                       "ServiceEntry", "dry_run_from_config_dump", "load_catalog", "parse_catalog", "render", "render_yaml"]

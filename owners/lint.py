@@ -15,11 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from policy import DEFAULT_MODE, Mode
+from rpcauthz.console import ExitCode
 
 from .proto_source import ProtoError, collect_proto_files, compile_protos
 
-#: Exit codes: CI keys on them.
-EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+#: Exit codes: CI keys on them (README.md's table: ok, failure = findings, usage = cannot parse,
+#: unreachable = the --reflect endpoint cannot be reached).
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_UNREACHABLE = (ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE,
+                                                        ExitCode.UNREACHABLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +50,13 @@ class LintReport:
     files: int = 0
     rpcs: int = 0
     error: str | None = None
+    #: The error is that the --reflect endpoint could not be reached (not bad input).
+    unreachable: bool = False
 
     @property
     def exit_code(self) -> int:
         if self.error:
-            return EXIT_ERROR
+            return EXIT_UNREACHABLE if self.unreachable else EXIT_ERROR
         return EXIT_FINDINGS if self.findings else EXIT_OK
 
     def to_json(self) -> dict:
@@ -148,13 +153,16 @@ def lint_reflection(target: str, services: Sequence[str] = (), default: Mode = D
     import grpc
 
     from reflection_cache.client import ReflectionClient
-    from reflection_cache.types import ReflectionError
+    from reflection_cache.types import ReflectionError, ReflectionUnavailable
 
     try:
         names = list(services) or list_services(target, deadline)
     except (grpc.RpcError, RuntimeError) as e:
         detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
-        return LintReport([], error=f"{target}: cannot list services through reflection: {detail}")
+        down = isinstance(e, grpc.RpcError) and e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                              grpc.StatusCode.DEADLINE_EXCEEDED)
+        return LintReport([], error=f"{target}: cannot list services through reflection: {detail}",
+                          unreachable=down)
     if not names:
         return LintReport([], error=f"{target}: reflection lists no services")
 
@@ -168,7 +176,7 @@ def lint_reflection(target: str, services: Sequence[str] = (), default: Mode = D
     try:
         all_modes = asyncio.run(fetch_all())
     except ReflectionError as e:
-        return LintReport([], error=f"{target}: {e}")
+        return LintReport([], error=f"{target}: {e}", unreachable=isinstance(e, ReflectionUnavailable))
     report = LintReport([], files=0)
     for modes in all_modes:
         part = lint_service_modes(modes, target, default)

@@ -122,3 +122,26 @@ def render_usage(service: str, usage: Mapping[str, MethodUsage], methods: Iterab
                 parts = [f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v]
                 lines.append(f"    under {mode.name}: {', '.join(parts)}")
     return "\n".join(lines)
+
+
+def usage_json(service: str, usage: Mapping[str, MethodUsage], methods: Iterable[str] = (),
+               grants: GrantSet | None = None, now: datetime | None = None,
+               days: float = 30) -> dict:
+    """The ``mpactl usage --json`` report: the same facts as :func:`render_usage`, as data.
+
+    ``{service, days, methods: [{method, calls, engineers: {who: calls}, outcomes: {outcome: n},
+    last_call, would_have: {MODE: {allow, approval_required, deny}} | null}]}``; ``would_have``
+    is null without grants (no store).
+    """
+    now = now or datetime.now(UTC)
+    rows = []
+    for name in dict.fromkeys([*methods, *sorted(usage)]):
+        u = usage.get(name, MethodUsage(name))
+        rows.append({
+            "method": name, "calls": u.calls, "engineers": dict(u.by_engineer.most_common()),
+            "outcomes": dict(sorted(u.outcomes.items())),
+            "last_call": u.last_call.isoformat() if u.last_call else None,
+            "would_have": None if grants is None or not u.calls else
+            {mode.name: dict(counts) for mode, counts in would_have(u, service, grants, now).items()},
+        })
+    return {"service": service, "days": days, "methods": rows}

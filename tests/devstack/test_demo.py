@@ -1,6 +1,7 @@
 """`mpactl demo` on this machine: start it, run the commands it prints, stop it."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -87,6 +88,12 @@ def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
         deny = run_printed(commands["deny"][0])
         assert deny.returncode == 1 and "PERMISSION_DENIED" in deny.stdout
         assert "not a contributor" in deny.stdout and "x-mpa-request-url" not in deny.stdout
+        as_json = run_printed(commands["deny"][0] + " --json")
+        assert as_json.returncode == 1, as_json.stderr
+        denied = json.loads(as_json.stdout)
+        assert set(denied) == {"status", "code", "message", "request_url", "replies"}
+        assert (denied["status"], denied["code"], denied["request_url"]) == ("PERMISSION_DENIED", 7, None)
+        assert "not a contributor" in denied["message"]
 
         approval_cmd = commands["approval"][0]
         needs = run_printed(approval_cmd)

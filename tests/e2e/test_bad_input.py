@@ -88,7 +88,7 @@ def test_unknown_method(sqlite_gateway):
     assert code is grpc.StatusCode.PERMISSION_DENIED and "target.unknown_method" in message
 
 
-def _check(port: int, path: str, principal: str | None) -> external_auth_pb2.CheckResponse:
+def _check(extauthz, path: str, principal: str | None) -> external_auth_pb2.CheckResponse:
     req = external_auth_pb2.CheckRequest()
     req.attributes.request.http.path = path
     req.attributes.request.http.method = "POST"
@@ -96,7 +96,7 @@ def _check(port: int, path: str, principal: str | None) -> external_auth_pb2.Che
         s = struct_pb2.Struct()
         s.update({"jwt_payload": {"sub": principal}})
         req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(s)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with extauthz.channel() as ch:  # Envoy's client certificate: only the request is odd
         return external_auth_pb2_grpc.AuthorizationStub(ch).Check(req, timeout=5)
 
 
@@ -109,7 +109,7 @@ def _check(port: int, path: str, principal: str | None) -> external_auth_pb2.Che
     ("/no.such.v1.Service/Do", ENGINEER, "target.unknown_service"),
 ])
 def test_bad_requests_straight_to_the_check_api(sqlite_gateway, path, principal, rule):
-    resp = _check(sqlite_gateway.extauthz.port, path, principal)
+    resp = _check(sqlite_gateway.extauthz, path, principal)
     assert resp.WhichOneof("http_response") == "denied_response"
     assert resp.denied_response.status.code == 403 and resp.status.code == 7
     assert rule in resp.denied_response.body

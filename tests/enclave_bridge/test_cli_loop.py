@@ -275,3 +275,50 @@ def test_broker_review_subcommand_still_works(broker):
     rid = request_id_from(r.stdout)
     r = mpa_cli(broker, BOB, "broker", "review", rid, "--approve")
     assert r.returncode == 0 and "approved by bob@example.com" in r.stdout
+
+
+BROKER_REQUEST_FIELDS = {"id", "state", "requester", "target", "reason", "incident", "mode", "approvals",
+                         "created_at", "expires_at", "valid_until", "duration_seconds", "closed_by",
+                         "close_reason", "fetches"}
+
+
+def test_broker_commands_print_json(broker):
+    """``--json`` on request aws|k8s, broker list|show|review: one JSON document, documented fields."""
+    r = mpa(broker, ALICE, "request", "aws", "platform-admin", "--reason", "json for scripts", "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert set(made) == BROKER_REQUEST_FIELDS
+    assert made["state"] == "pending" and made["requester"] == ALICE and made["reason"] == "json for scripts"
+    assert made["target"] == {"kind": "aws", "role": "platform-admin"} and made["approvals"] == []
+    assert made["created_at"].startswith("20") and made["valid_until"] is None
+    rid = made["id"]
+
+    r = mpa(broker, ALICE, "request", "k8s", "prod", "--group", "platform-admin", "--reason", "json for k8s", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["target"] == {"kind": "kubernetes", "cluster": "prod", "groups": ["platform-admin"]}
+
+    r = mpa(broker, BOB, "broker", "list", "--reviewable", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    assert isinstance(listed, list) and rid in [x["id"] for x in listed]
+    assert all(set(x) == BROKER_REQUEST_FIELDS for x in listed)
+
+    r = mpa(broker, BOB, "broker", "show", rid, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == rid, r.stderr
+    r = mpa(broker, BOB, "broker", "review", rid, "--json")  # no flag: shows it
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "pending", r.stderr
+
+    r = mpa(broker, BOB, "broker", "review", rid, "--approve", "-m", "ok", "--json")
+    assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout)
+    assert done["state"] == "approved" and done["approvals"][0]["approver"] == BOB
+    assert done["approvals"][0]["comment"] == "ok" and done["valid_until"] is not None
+
+    # -o means --output everywhere, so fetch's format is -f; -o is refused as a usage error
+    r = mpa(broker, ALICE, "fetch", rid, "-f", "credential-process", "--no-cache")
+    assert r.returncode == 0 and json.loads(r.stdout)["Version"] == 1, r.stderr
+    r = mpa(broker, ALICE, "fetch", rid, "-o", "credential-process")
+    assert r.returncode == 2 and "-o" in r.stderr and r.stdout == ""
+
+    r = mpa(broker, ALICE, "broker", "show", "cr-does-not-exist", "--json")
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stdout == ""

@@ -108,3 +108,12 @@ def test_the_old_self_asserted_trust_path_is_gone(tmp_path):
     # Issue 11: `trust report --as X --approvers FILE` let one person be both approvers.
     r = mpactl("trust", "report", "mp-1", "--as", "sam@example.com", "--approvers", "a,b", cwd=tmp_path)
     assert r.returncode == 2 and "No such command 'report'" in r.stderr
+
+
+def test_cli_trust_show_without_a_trusted_measurement(tmp_path):
+    import json
+    ledger = str(tmp_path / "trust.json")
+    r = mpactl("trust", "show", "--ledger", ledger, cwd=tmp_path)
+    assert r.returncode == 0 and "no trusted measurement yet" in r.stdout, r.stderr
+    r = mpactl("trust", "show", "--ledger", ledger, "--json", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout) is None, r.stderr

@@ -83,14 +83,14 @@ def test_one_person_cannot_change_the_trusted_measurement_two_can(env, repo):  #
     (repo / "policy" / "rules.py").write_text("RULES = 2\n")
     git(repo, "commit", "-qam", "another build")
     r = mpactl(env, APPROVER, "check", rid, "--commit", "HEAD", "--repo", str(repo))
-    assert r.returncode == 3 and "MISMATCH" in r.stderr
+    assert r.returncode == 6 and "MISMATCH" in r.stderr
     git(repo, "reset", "-q", "--hard", "HEAD~1")
     assert env.call("POST", f"/api/v1/requests/{rid}/approve", APPROVER, json={"comment": "built it: same"}
                     ).status_code == 200
     # A broker whose own grants do not make the approver on-call refuses the same receipt.
     strict = broker_yaml(env, env.tmp / "strict.yaml", oncall=(PROPOSER,))
     r = mpactl(env, PROPOSER, "accept", rid, *accept[1:6], str(strict), *accept[7:])
-    assert r.returncode == 3 and "security on-call in this broker's grants" in r.stderr, r.stderr
+    assert r.returncode == 6 and "security on-call in this broker's grants" in r.stderr, r.stderr
     assert not ledger.exists()
 
     r = mpactl(env, PROPOSER, "accept", rid, *accept[1:])
@@ -98,6 +98,8 @@ def test_one_person_cannot_change_the_trusted_measurement_two_can(env, repo):  #
     assert f"proposed by {PROPOSER}, approved by {APPROVER}" in r.stdout
     shown = json.loads(mpactl(env, PROPOSER, "show", "--ledger", str(ledger)).stdout)
     assert shown["request_id"] == rid and shown["approvers"] == [APPROVER]
+    assert json.loads(mpactl(env, PROPOSER, "show", "--ledger", str(ledger), "--json").stdout) == shown
+    assert "receipt" not in shown and shown["sha384"] and shown["commit"]
 
     # The change has its own audit trail in the approvals store.
     trail = [(e.kind, e.actor) for e in env.store.list_audit(service="rpcauthz.enclave.v1.BrokerMeasurement")
@@ -115,4 +117,4 @@ def test_a_receipt_from_another_approvals_key_is_refused(env, repo, tmp_path):  
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     r = mpactl(env, PROPOSER, "accept", rid, "--commit", "HEAD", "--repo", str(repo), "--config", str(config),
                "--approvals-key", str(other), "--ledger", str(env.tmp / "trust.json"))
-    assert r.returncode == 3 and "signature is not the approvals service's" in r.stderr
+    assert r.returncode == 6 and "signature is not the approvals service's" in r.stderr

@@ -47,11 +47,16 @@ def test_append_audits_writes_every_event_with_every_field(store):
 
 def test_append_audits_is_one_transaction(store):
     store.append_audits([_event(0)])
-    dup = _event(1)
+    bad = _event(1, actor=None)  # NOT NULL in the table: the third row fails the batch
     with pytest.raises(StoreError):
-        store.append_audits([_event(2), dup, _event(3), dup])  # a duplicate id fails the batch
-    # Nothing of the failed batch was written, not even the events before the duplicate.
+        store.append_audits([_event(2), _event(3), bad, _event(4)])
+    # Nothing of the failed batch was written, not even the events before the bad one.
     assert [e.actor for e in store.list_audit()] == ["user0"]
+    # A duplicate id is not a failure: it is skipped (replaying the audit spool is idempotent).
+    again = _event(5)
+    store.append_audits([again])
+    store.append_audits([_event(6), again])
+    assert [e.actor for e in store.list_audit()] == ["user0", "user5", "user6"]
 
 
 async def test_writer_builds_many_deferred_events_and_loses_none(tmp_path):

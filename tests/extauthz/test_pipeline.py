@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -166,6 +168,8 @@ async def test_dev_mode_reads_header_and_marks_decision():
     ("/rpcauthz..Accounts/Open", "no valid service"),
     (f"/{SVC}/Op-en", "no valid method"),
     (f"/{SVC}/Open ", "no valid method"),
+    (f"/{SVC}/Open\n", "no valid method"),        # "$" in a regex would let this through
+    (f"/{SVC}\n/Open", "no valid service"),
     ("/" + "a" * 600 + "/Open", "over the limit of 512"),
 ])
 async def test_bad_paths_are_refused_with_reason(h, path, why):
@@ -355,3 +359,49 @@ async def test_audit_events_queued_together_are_written_in_one_batch(h):
     await asyncio.sleep(0.2)
     assert sum(calls) == 50 and len(calls) < 50
     assert len([e for e in h.store.list_audit() if e.kind == "decision.allow"]) == 50
+
+
+class _HangsBeforeSpending:
+    """The real store, but ``update_request`` stalls first (a hung connection), then goes on."""
+
+    def __init__(self, store, hang: float) -> None:
+        self._store, self.hang, self.finished = store, hang, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def update_request(self, *args, **kwargs):
+        try:
+            time.sleep(self.hang)
+            return self._store.update_request(*args, **kwargs)
+        finally:
+            self.finished.set()
+
+
+async def test_hung_store_never_spends_a_use_for_a_call_answered_503():
+    """Finding 5: a spend that reaches the store after the check was answered 503 must not spend
+    the use, and the audit must not also hold an allow for that decision."""
+    h = Harness(decision_deadline_ms=700)
+    h.audit.start()
+    try:
+        first = await h.check(f"/{SVC}/Read")
+        request_id = headers(first.denied_response.headers)["x-mpa-request-url"].rsplit("/", 1)[1]
+        now = datetime.now(UTC)
+        h.store.update_request(request_id, lambda r: policy.approve(r, "bob", GRANTS, now),
+                               actor="bob", kind="request.approved")
+        hung = _HangsBeforeSpending(h.store, hang=1.5)
+        h.authorizer.store = hung
+        resp = await h.check(f"/{SVC}/Read")
+        code, body = denied(resp)
+        assert code == 503 and "deadline" in body
+        assert await asyncio.to_thread(hung.finished.wait, 10)  # the stalled spend went on...
+        assert h.store.get_request(request_id).uses == 0        # ...and spent nothing
+        kinds = [e.kind for e in h.store.list_audit() if e.request_id == request_id]
+        assert "decision.allow_with_approval" not in kinds
+        # With the store well again the approval is still there to use, once.
+        h.authorizer.store = h.store
+        ok = await h.check(f"/{SVC}/Read")
+        assert ok.status.code == 0 and h.store.get_request(request_id).uses == 1
+    finally:
+        await h.audit.close()
+        h.store.close()

@@ -94,7 +94,7 @@ def demo_upstream():
 def _config(tmp_path, upstream, **extra):
     store_url = f"sqlite:///{tmp_path / 'store.db'}"
     seed_grants(store_url, [Grant("alice", Role.ENGINEER)])
-    cfg = {"store_url": store_url, "listen": {"host": "127.0.0.1", "port": free_port()},
+    cfg = {"store_url": store_url, "listen": {"host": "127.0.0.1", "port": free_port()}, "drain_notice_s": 0,
            "metrics": {"host": "127.0.0.1", "port": free_port()},
            "reflection": {"endpoints": {"static": {ACCOUNTS: upstream.address}}}}
     cfg.update(extra)

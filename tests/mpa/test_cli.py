@@ -70,8 +70,9 @@ def test_request_review_approve_loop_with_the_cli_only(env, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert f"request {rid} is now approved" in ok.stdout
 
-    shown = mpa(alice, "show", rid)
+    shown = mpa(alice, "show", rid, env_extra={"COLUMNS": "30"})  # piped: never wrapped, whatever COLUMNS says
     assert shown.returncode == 0
+    assert re.search(rf"^link\s+{re.escape(r['url'])}\s*$", shown.stdout, re.M), shown.stdout
     assert re.search(rf"approved by\s+{re.escape(B)} at \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(1 of 1\)",
                      shown.stdout), shown.stdout
     data = json.loads(mpa(alice, "show", rid, "--json").stdout)
@@ -157,7 +158,8 @@ def test_login_with_oidc_device_flow(env, tmp_path):
             proc.kill()
         assert proc.returncode == 0, err
         assert f"as {C}" in out
-        assert json.loads(mpa(home, "whoami", "--json").stdout)["principal"] == C
+        me = json.loads(mpa(home, "whoami", "--json").stdout)
+        assert me["principal"] == C and isinstance(me["roles"], list)
     finally:
         jwks.close()
 
@@ -183,6 +185,17 @@ def test_help_lists_every_command_including_the_brokers(tmp_path):
     sub = mpa(tmp_path, "request", "--help", env_extra={"COLUMNS": "120"})
     for kind in ("rpc", "aws", "k8s"):
         assert f" {kind} " in sub.stdout, kind
+    # A newcomer reads where to start, how scripts get JSON, and what exit codes mean.
+    words = " ".join(top.stdout.split())  # help is wrapped to COLUMNS
+    assert "Start with: mpa login" in words and "--json" in words and "Exit codes: 0 done" in words
+    for command in ("whoami", "list", "show", "approve", "reject", "cancel"):
+        res = mpa(tmp_path, command, "--help", env_extra={"COLUMNS": "120"})
+        assert res.returncode == 0 and "--json" in res.stdout and "--server" in res.stdout, command
+    for command in (("broker", "list"), ("broker", "show"), ("broker", "review"), ("request", "aws")):
+        res = mpa(tmp_path, *command, "--help", env_extra={"COLUMNS": "120"})
+        assert res.returncode == 0 and "--json" in res.stdout, command
+    res = mpa(tmp_path, "fetch", "--help", env_extra={"COLUMNS": "120"})
+    assert "-f" in res.stdout and "credential-process" in res.stdout
 
 
 def test_dev_login_refused_where_the_server_trusts_a_real_issuer(tmp_path):

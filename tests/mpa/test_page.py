@@ -79,9 +79,12 @@ def test_requester_and_ineligible_see_why_not_and_no_buttons(env):
     own = browser(env, A).get(f"/requests/{rid}").text
     assert "nobody approves their own request" in own and 'id="approve"' not in own
     assert 'id="cancel"' in own  # the requester may withdraw
-    bob = browser(env, B).get(f"/requests/{rid}").text
-    assert "You may not review this request" in bob and "a contributor of demo.v1.Ledger" in bob
-    assert 'id="approve"' not in bob and 'id="reject"' not in bob
+    # Bob may not approve it, so he may not read it either (read scopes): 403, in words.
+    resp = browser(env, B).get(f"/requests/{rid}")
+    assert resp.status_code == 403
+    bob = resp.text
+    assert "may not see request" in bob and "a contributor of demo.v1.Ledger" in bob
+    assert "refund for ticket" not in bob and 'id="approve"' not in bob and 'id="reject"' not in bob
 
 
 def test_missing_or_wrong_csrf_token_is_refused_and_changes_nothing(env):
@@ -183,3 +186,43 @@ def test_body_scoped_request_shows_the_digest(env):
     page = browser(env, B).get(f"/requests/{resp.json()['id']}").text
     assert f"only the exact request body with SHA-256 <code>{digest}</code>" in page
     assert "at most 1 call (0 used)" in page
+
+
+def test_page_comment_is_capped_like_the_api(env):
+    """The form once stored a 900,000-character comment; the API caps at 2,000. Both refuse now."""
+    rid = new_request(env)
+    bob = browser(env, B)
+    page = bob.get(f"/requests/{rid}").text
+    assert 'maxlength="2000"' in page
+    before = env.store.get_request(rid)
+    resp = bob.post(f"/requests/{rid}/approve", data={"csrf_token": csrf(page), "comment": "x" * 900_000})
+    assert resp.status_code == 422, resp.text[:500]
+    assert "the comment is 900000 characters long; the limit is 2000" in resp.text
+    assert env.store.get_request(rid) == before
+    resp = bob.post(f"/requests/{rid}/reject", data={"csrf_token": csrf(page), "comment": "y" * 2001})
+    assert resp.status_code == 422 and "the limit is 2000" in resp.text
+    assert env.store.get_request(rid) == before
+    resp = bob.post(f"/requests/{rid}/approve", data={"csrf_token": csrf(page), "comment": "z" * 2000})
+    assert resp.status_code == 303
+    assert env.store.get_request(rid).approvals[0].comment == "z" * 2000
+
+
+@pytest.mark.parametrize("config, secure", [
+    ({"public_url": "https://mpa.example.com"}, True),
+    ({"public_url": "http://mpa.internal:8080"}, True),     # plaintext off the box: still Secure
+    ({"public_url": "auto"}, False),                         # a dev box on 127.0.0.1
+    ({"public_url": "https://mpa.example.com", "secure_cookies": False}, False),
+])
+def test_session_cookie_is_secure_by_default(tmp_path, config, secure):
+    with approvals_env(tmp_path, config=config) as e:
+        # The test talks plain http, where a client keeps Secure cookies to itself: carry the
+        # login nonce by hand, as a browser on the HTTPS public URL would.
+        form = httpx.get(f"{e.url}/login", params={"next": "/"}, timeout=20)
+        nonce = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+        cookies = form.headers.get_list("set-cookie")
+        assert cookies and all(("; secure" in h.lower()) is secure for h in cookies), cookies
+        resp = httpx.post(f"{e.url}/login", data={"csrf_token": nonce, "username": A, "next": "/"},
+                          headers={"Cookie": cookies[0].split(";")[0]}, timeout=20)
+        assert resp.status_code == 303, resp.text
+        session = [h for h in resp.headers.get_list("set-cookie") if h.startswith("mpa_session=")]
+        assert session and all(("; secure" in h.lower()) is secure for h in session), session

@@ -13,7 +13,7 @@ import pytest
 import policy
 from mpa.config import RequestPolicy
 from mpa.slack import SlackNotifier
-from rpcauthz.slack_outbox import SlackSpool
+from rpcauthz.slack_outbox import SlackDelivery, SlackSpool
 from tests.conftest import free_port
 from tests.support.approvals_env import LEDGER, approvals_env, open_test_store, seed_grants
 
@@ -189,3 +189,78 @@ def test_requester_is_mentioned_when_their_slack_id_is_known(tmp_path):
     finally:
         spool.close()
         store.close()
+
+
+def test_top_level_text_is_escaped_like_the_blocks(tmp_path):
+    """Slack reads the top-level ``text`` as mrkdwn too (notifications, clients without blocks):
+    a reason or a rejection comment must not ping @channel or forge a link there."""
+    store = open_test_store(tmp_path)
+    spool = SlackSpool(str(tmp_path / "spool.db"))
+    evil = "<!channel> refund <https://evil.example|here> & more"
+    try:
+        seed_grants(store)
+        now = datetime.now(UTC)
+        grants = policy.GrantSet(store.list_grants())
+        r = policy.open_request(request_id="r1", requester=A, target=policy.Target(LEDGER, "Adjust"),
+                                mode=policy.Mode.ENGINEERS_WITH_APPROVAL, grants=grants, now=now, reason=evil)
+        store.create_request(r, actor=A)
+        store.update_request("r1", lambda x: policy.reject(x, B, grants, now, reason="<!here> no"), actor=B,
+                             kind="request.rejected")
+        notifier = SlackNotifier(store, spool, lambda i: f"http://approvals/requests/{i}")
+        payloads = [notifier.message_for(e, store.get_request("r1")) for e in store.list_audit()
+                    if e.request_id == "r1"]
+        payloads = [p for _, p in filter(None, payloads)]
+        assert len(payloads) == 2  # created, rejected
+        for payload in payloads:
+            everything = json.dumps(payload)
+            assert "<!channel>" not in everything and "<!here>" not in everything
+            assert "<https://evil" not in everything
+        assert "&lt;!channel&gt; refund" in payloads[0]["text"] and "&lt;!here&gt; no" in payloads[1]["text"]
+    finally:
+        spool.close()
+        store.close()
+
+
+def test_slow_webhook_gets_each_message_once(tmp_path):
+    """A webhook that takes the message and answers after 2 s used to get it again after a short
+    timeout (duplicate posts). Now the answer is waited for; only sending is bounded by `timeout`."""
+    port = free_port()
+    slack = FakeSlack(port)
+    slack.mode = "slow"
+    spool = SlackSpool(str(tmp_path / "spool.db"))
+    delivery = SlackDelivery(spool, f"http://127.0.0.1:{port}/services/x", timeout=0.5,
+                             base_backoff=0.1, max_backoff=0.2, poll=0.1).start()
+    try:
+        for i in range(3):
+            spool.enqueue(f"k{i}", {"text": f"message {i}"})
+        delivery.wake()
+        wait_for(lambda: spool.counts()["delivered"] == 3, timeout=30)
+        time.sleep(2.5)  # anything resent would land by now
+        assert sorted(p["text"] for _, p in slack.received) == ["message 0", "message 1", "message 2"]
+    finally:
+        delivery.close()
+        spool.close()
+        slack.close()
+
+
+def test_webhook_that_never_answers_is_not_posted_twice(tmp_path):
+    """Past answer_timeout the message may or may not be in Slack: marked delivered with the doubt
+    recorded, never resent (Slack has no idempotency key)."""
+    port = free_port()
+    slack = FakeSlack(port)
+    slack.mode = "slow"  # 2 s, above the 0.5 s answer timeout
+    spool = SlackSpool(str(tmp_path / "spool.db"))
+    delivery = SlackDelivery(spool, f"http://127.0.0.1:{port}/services/x", timeout=0.5, answer_timeout=0.5,
+                             base_backoff=0.1, max_backoff=0.2, poll=0.1).start()
+    try:
+        spool.enqueue("k", {"text": "only once"})
+        delivery.wake()
+        wait_for(lambda: spool.counts()["delivered"] == 1, timeout=30)
+        time.sleep(3)
+        assert [p["text"] for _, p in slack.received] == ["only once"]
+        (doubt,) = spool._db.execute("SELECT last_error FROM slack_outbox WHERE key = 'k'").fetchone()
+        assert "maybe delivered" in doubt
+    finally:
+        delivery.close()
+        spool.close()
+        slack.close()

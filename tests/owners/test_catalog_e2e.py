@@ -16,6 +16,7 @@ import yaml
 from devstack import democlient
 from devstack.devissuer import DevIssuer
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port
+from extauthz.dev_certs import make_dev_certs
 from policy import Grant, Role
 from tests.support.gateway_harness import ACCOUNTS, LEDGER, extauthz_config, seed_grants
 from tests.support.owners_support import run_mpactl
@@ -43,7 +44,10 @@ def stack(tmp_path: Path):
         cfg = extauthz_config(port=ext_port, store_url=store_url,
                               reflection_static={ACCOUNTS: accounts.address, LEDGER: ledger.address},
                               extra={"metrics.port": metrics_port})
-        ext = ExtAuthzProcess(cfg, tmp_path)
+        # The rendered gateway talks mTLS to the server (the catalog's tls section).
+        certs = make_dev_certs(tmp_path / "tls")
+        cfg["listen"]["tls"] = certs.server_settings()
+        ext = ExtAuthzProcess(cfg, tmp_path, client_tls=certs)
         started.append(ext)  # stopped in finally even if it never becomes ready
         ext.wait_ready()
         listen, admin = free_port(), free_port()
@@ -52,7 +56,10 @@ def stack(tmp_path: Path):
 gateway:
   listen: 127.0.0.1:{listen}
   admin: 127.0.0.1:{admin}
-  ext_authz: {{address: 127.0.0.1:{ext_port}, timeout: 1s}}
+  ext_authz:
+    address: 127.0.0.1:{ext_port}
+    timeout: 1s
+    tls: {{ca: {certs.ca}, cert: {certs.client_cert}, key: {certs.client_key}}}
   jwt:
     issuer: {issuer.issuer}
     audiences: [{issuer.audience}]
@@ -70,7 +77,7 @@ services:
     dry_run: true
 """)
         out = tmp_path / "gateway.yaml"
-        res = run_mpactl("envoy", "render", "-c", str(catalog), "-o", str(out), "--validate")
+        res = run_mpactl("envoy", "render", "--catalog", str(catalog), "-o", str(out), "--validate")
         assert res.returncode == 0, res.stderr
         envoy = EnvoyProcess(yaml.safe_load(out.read_text()), tmp_path)
         started.append(envoy)
@@ -154,7 +161,7 @@ def test_dry_run_visible_from_the_running_gateway_and_in_audit(stack):
     st = stack
     assert call(st, f"/{LEDGER}/PostEntry", "bob").code is grpc.StatusCode.OK
     res = run_mpactl("envoy", "dry-run", "--admin", st["admin"])
-    assert res.returncode == 3 and LEDGER in res.stdout and ACCOUNTS not in res.stdout
+    assert res.returncode == 5 and LEDGER in res.stdout and ACCOUNTS not in res.stdout
     # The audit trail keeps what the policy decided, marked dry-run; usage reports it.
     deadline = time.monotonic() + 15
     while True:

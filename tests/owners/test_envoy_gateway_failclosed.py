@@ -55,7 +55,7 @@ services:
     dry_run: true
 """)
             out = tmp_path / "gateway.yaml"
-            res = run_mpactl("envoy", "render", "-c", str(cat), "-o", str(out), "--validate")
+            res = run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out), "--validate")
             assert res.returncode == 0, res.stderr
             with EnvoyProcess(out, admin, tmp_path / "envoy.log") as envoy:
                 yield envoy, f"127.0.0.1:{listen}", issuer, tmp_path
@@ -107,5 +107,5 @@ def test_exempt_routes_pass_authorized_routes_fail_closed(gateway):
 def test_running_gateway_reports_dry_run_services(gateway):
     envoy, *_ = gateway
     res = run_mpactl("envoy", "dry-run", "--admin", envoy.admin)
-    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.returncode == 5, res.stdout + res.stderr
     assert "rpcauthz.shadow." in res.stdout and "rpcauthz.demo.v1.Accounts" not in res.stdout

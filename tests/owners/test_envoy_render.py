@@ -1,13 +1,21 @@
 """``mpactl envoy render / validate / dry-run``: catalog checks and the real envoy validator."""
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
-from owners.envoy_render import CatalogError, parse_catalog, render
+from owners.envoy_render import (
+    EXT_AUTHZ_HEALTH_CHECK,
+    EXT_AUTHZ_OUTLIER_DETECTION,
+    EXT_AUTHZ_RETRY_POLICY,
+    CatalogError,
+    parse_catalog,
+    render,
+)
 from tests.support.owners_support import run_mpactl
 
 CATALOG = """\
@@ -94,7 +102,8 @@ def test_rendered_shape_fails_closed_and_routes_most_specific_first():
     assert "dry_run" not in accounts["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]["context_extensions"]
     clusters = {c["name"]: c for c in cfg["static_resources"]["clusters"]}
     assert clusters["svc_rpcauthz_demo"]["type"] == "STRICT_DNS"
-    assert clusters["ext_authz"]["circuit_breakers"]["thresholds"][0]["max_retries"] == 0
+    # Retries only to fail over (bounded); see test_failover_settings_match_gateway_yaml.
+    assert 0 < clusters["ext_authz"]["circuit_breakers"]["thresholds"][0]["max_retries"] < 1024
 
 
 def _bad(tmp_path: Path, text: str) -> tuple[Path, Path]:
@@ -141,10 +150,10 @@ def test_catalog_errors_name_file_and_line_and_write_nothing(tmp_path: Path, ser
 
 def test_failed_render_leaves_previous_output_alone(tmp_path: Path):
     cat, out = _bad(tmp_path, HEAD + "  - name: a.v1.A\n    upstream: 127.0.0.1:1\n")
-    assert run_mpactl("envoy", "render", "-c", str(cat), "-o", str(out)).returncode == 0
+    assert run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out)).returncode == 0
     good = out.read_bytes()
     cat.write_text(HEAD + "  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    routes: nope\n")
-    res = run_mpactl("envoy", "render", "-c", str(cat), "-o", str(out))
+    res = run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out))
     assert res.returncode == 2 and f"{cat}:8:" in res.stderr
     assert out.read_bytes() == good
 
@@ -162,12 +171,19 @@ def test_dry_run_report(tmp_path: Path):
     cat = tmp_path / "services.yaml"
     cat.write_text(CATALOG)
     res = run_mpactl("envoy", "dry-run", "--catalog", str(cat))
-    assert res.returncode == 3
+    assert res.returncode == 5  # ExitCode.DRY_RUN
     assert "DRY RUN (not enforced) for 1 service(s):" in res.stdout and "rpcauthz.demo." in res.stdout
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--json")
+    assert res.returncode == 5, res.stderr
+    data = json.loads(res.stdout)
+    assert data["source"] == str(cat) and len(data["dry_run_services"]) == 1
+    assert data["dry_run_services"][0].startswith("rpcauthz.demo.")
     cat.write_text(CATALOG.replace("dry_run: true", "dry_run: false"))
     res = run_mpactl("envoy", "dry-run", "--catalog", str(cat))
     assert res.returncode == 0 and "no service in dry-run" in res.stdout
-    rendered = yaml.safe_load(run_mpactl("envoy", "render", "-c", str(cat)).stdout)
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == {"source": str(cat), "dry_run_services": []}
+    rendered = yaml.safe_load(run_mpactl("envoy", "render", "--catalog", str(cat)).stdout)
     assert rendered["static_resources"]["listeners"][0]["name"] == "gateway"
 
 
@@ -201,6 +217,58 @@ def test_rendered_config_keeps_the_invariants_of_envoy_gateway_yaml():
 def test_short_ext_authz_timeout_is_warned_about(tmp_path: Path):
     cat = tmp_path / "services.yaml"
     cat.write_text(CATALOG.replace("timeout: 1200ms", "timeout: 500ms"))
-    res = run_mpactl("envoy", "render", "-c", str(cat))
+    res = run_mpactl("envoy", "render", "--catalog", str(cat))
     assert res.returncode == 0
     assert "ext_authz.timeout 0.5s is not above the server's decision deadline" in res.stderr
+
+
+# --- the mTLS link to ext_authz -----------------------------------------------------------------
+
+def _ext_cluster(catalog_text: str) -> dict:
+    rendered = render(parse_catalog(catalog_text, "c.yaml"))
+    (cluster,) = [c for c in rendered["static_resources"]["clusters"] if c["name"] == "ext_authz"]
+    return cluster
+
+
+def _catalog(ext_authz: str) -> str:
+    return ("gateway:\n  listen: 127.0.0.1:1\n" + ext_authz +
+            "  jwt: {issuer: x, jwks_file: /tmp/j.json}\nservices:\n  - name: a.v1.A\n    upstream: 127.0.0.1:2\n")
+
+
+def test_ext_authz_tls_is_on_for_a_remote_server_and_files_are_configurable():
+    tls = _ext_cluster(_catalog("  ext_authz: {address: extauthz.internal:9001}\n"))["transport_socket"]["typed_config"]
+    ctx = tls["common_tls_context"]
+    assert ctx["tls_certificates"][0]["certificate_chain"]["filename"] == "/etc/rpcauthz/tls/envoy.crt"
+    assert ctx["validation_context"]["trusted_ca"]["filename"] == "/etc/rpcauthz/tls/ca.crt"
+    assert ctx["alpn_protocols"] == ["h2"] and tls["sni"] == "ext-authz.rpcauthz.internal"
+    custom = _ext_cluster(_catalog(
+        "  ext_authz:\n    address: 10.0.0.5:9001\n"
+        "    tls: {ca: /pki/ca.pem, cert: /pki/e.pem, key: /pki/e.key, server_name: authz.corp}\n"))
+    ctx = custom["transport_socket"]["typed_config"]["common_tls_context"]
+    assert ctx["validation_context"]["match_typed_subject_alt_names"][0]["matcher"] == {"exact": "authz.corp"}
+    assert ctx["tls_certificates"][0]["private_key"]["filename"] == "/pki/e.key"
+    # Loopback: plaintext unless asked; `tls: true` turns the default files on.
+    assert "transport_socket" not in _ext_cluster(_catalog("  ext_authz: {address: 127.0.0.1:9001}\n"))
+    assert "transport_socket" in _ext_cluster(_catalog("  ext_authz: {address: 127.0.0.1:9001, tls: true}\n"))
+
+
+def test_plaintext_to_a_remote_ext_authz_is_refused():
+    with pytest.raises(CatalogError, match=r"^c.yaml:3: gateway.ext_authz.tls: false is allowed only for a loopback"):
+        parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: false}\n"), "c.yaml")
+    with pytest.raises(CatalogError, match=r"gateway.ext_authz.tls: unknown key 'cafile'"):
+        parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: {cafile: x}}\n"), "c.yaml")
+
+
+def test_failover_settings_match_gateway_yaml():
+    """The renderer and the hand-written envoy/gateway.yaml fail over the same way."""
+    gw = yaml.safe_load((Path(__file__).resolve().parents[2] / "envoy" / "gateway.yaml").read_text())
+    (cluster,) = [c for c in gw["static_resources"]["clusters"] if c["name"] == "ext_authz"]
+    hcm = gw["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    rendered = _ext_cluster(_catalog("  ext_authz: {address: 127.0.0.1:9001}\n"))
+    assert cluster["health_checks"] == rendered["health_checks"] == [EXT_AUTHZ_HEALTH_CHECK]
+    assert cluster["outlier_detection"] == rendered["outlier_detection"] == EXT_AUTHZ_OUTLIER_DETECTION
+    assert ext["typed_config"]["grpc_service"]["envoy_grpc"]["retry_policy"] == EXT_AUTHZ_RETRY_POLICY
+    hc = EXT_AUTHZ_HEALTH_CHECK
+    assert hc["no_traffic_interval"] == hc["interval"] == "1s", "a dead replica must leave within seconds"
+    assert "reset" not in EXT_AUTHZ_RETRY_POLICY["retry_on"], "a reset Check may have spent an approval use"

@@ -170,3 +170,16 @@ def test_options_file_found_without_the_repository_proto_folder(tmp_path: Path, 
     modes = {r.method: r.method_mode for r in tree.rpcs()}
     from policy import Mode
     assert modes == {"A": Mode.BREAK_GLASS_ONLY, "B": None}
+
+
+def test_json_flag_is_format_json(tmp_path: Path):
+    """``mpactl lint --json`` prints exactly what ``--format json`` prints, with the same exit status."""
+    f = tmp_path / "svc.proto"
+    f.write_text('syntax = "proto3";\npackage t.v1;\nmessage M {}\nservice S {\n  rpc Do(M) returns (M);\n}\n')
+    a, b = run_mpactl("lint", "--json", str(f)), run_mpactl("lint", "--format", "json", str(f))
+    assert (a.returncode, b.returncode) == (1, 1), a.stderr + b.stderr
+    assert a.stdout == b.stdout
+    data = json.loads(a.stdout)
+    assert set(data) >= {"files", "rpcs", "error", "findings"} and data["error"] is None
+    assert [(x["service"], x["method"], x["code"], x["line"]) for x in data["findings"]] == [
+        ("t.v1.S", "Do", "missing-option", 5)]

@@ -60,5 +60,5 @@ def test_lint_reflect_reports_undeclared_rpcs_of_a_live_service(gtree: Path, tmp
 
 def test_lint_reflect_unreachable_is_an_error(port: int):
     res = run_mpactl("lint", "--reflect", f"127.0.0.1:{port}")
-    assert res.returncode == 2
+    assert res.returncode == 4  # unreachable (README.md, "Exit codes")
     assert f"127.0.0.1:{port}" in res.stderr

@@ -1,6 +1,7 @@
 """``mpactl usage`` and ``migrate --store`` reading real audit events from a real store."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,18 @@ def test_migrate_shows_usage_and_suggests_from_it(store_url: str, gtree: Path):
     # Widely used read -> open to engineers; a read nobody used stays with contributors.
     assert "rpc GetOperation: BREAK_GLASS_ONLY (none set: gateway default) -> ENGINEERS_WITHOUT_APPROVAL" in res.stdout
     assert "rpc ListOperations: BREAK_GLASS_ONLY (none set: gateway default) -> CONTRIBUTORS_WITHOUT_APPROVAL" in res.stdout
+
+
+def test_usage_json(store_url: str, gtree: Path):
+    res = run_mpactl("usage", SVC, "--store", store_url, "--root", str(gtree), "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["service"] == SVC and data["days"] == 30
+    rows = {m["method"]: m for m in data["methods"]}
+    get = rows["GetOperation"]
+    assert set(get) == {"method", "calls", "engineers", "outcomes", "last_call", "would_have"}
+    assert get["calls"] == 6 and get["engineers"] == {"alice": 3, "bob": 2, "carol": 1}
+    assert get["would_have"]["CONTRIBUTORS_WITHOUT_APPROVAL"] == {"allow": 3, "approval_required": 0, "deny": 3}
+    assert rows["DeleteOperation"]["outcomes"] == {"approval_required": 1, "deny": 1}
+    assert rows["ListOperations"]["calls"] == 0 and rows["ListOperations"]["would_have"] is None
+    assert rows["ListOperations"]["last_call"] is None and get["last_call"].startswith("20")

@@ -1,6 +1,7 @@
 """`mpactl sync`, `mpactl grants`, `mpactl db` as an operator runs them (real subprocesses)."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,16 @@ def test_sync_dry_run_then_real_then_idempotent(backend, tmp_path):
     assert "sync:oncall: would add 1, would remove 0" in out.stdout
     with open_store(url) as s:
         assert s.list_grants() == []
+    out = mpactl("sync", "--store", url, "--catalog", str(CATALOG), "--oncall", str(oncall), "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["dry_run"] is True and set(data["sources"]) == {"sync:catalog", "sync:oncall"}
+    assert len(data["sources"]["sync:catalog"]["added"]) == 12 and data["sources"]["sync:catalog"]["removed"] == []
+    assert data["sources"]["sync:oncall"]["added"] == [{
+        "principal": "sec1@example.com", "role": "security_oncall", "service": None,
+        "expires_at": "2030-01-01T00:00:00+00:00", "source": "sync:oncall", "active": True}]
+    with open_store(url) as s:
+        assert s.list_grants() == []
 
     out = mpactl("sync", "--catalog", str(CATALOG), "--oncall", str(oncall), env_store=url)
     assert out.returncode == 0, out.stderr
@@ -75,16 +86,16 @@ def test_sync_refusals_exit_1_with_the_reason(tmp_path):
     assert out.returncode == 1 and "nothing to sync" in out.stderr
 
     out = mpactl("sync", "--store", "mysql://x@y/z", "--catalog", str(CATALOG))
-    assert out.returncode == 1 and "unsupported store URL" in out.stderr
+    assert out.returncode == 2 and "error: unsupported store URL" in out.stderr  # bad usage
 
     out = mpactl("sync", "--catalog", str(CATALOG))
     assert out.returncode != 0 and "--store" in out.stderr  # no store given at all
 
 
-def test_unreachable_store_exits_1():
+def test_unreachable_store_exits_4():
     url = f"postgresql://app@127.0.0.1:{free_port()}/x"
     out = mpactl("grants", "list", "--store", url)
-    assert out.returncode == 1
+    assert out.returncode == 4
     assert "error: postgresql store" in out.stderr and "refused" in out.stderr.lower()
 
 
@@ -93,6 +104,8 @@ def test_grants_add_list_remove_and_db_init(tmp_path):
     out = mpactl("db", "init", "--store", url)
     assert out.returncode == 0 and "schema version 1" in out.stdout, out.stderr
     assert mpactl("db", "init", "--store", url).returncode == 0  # again: harmless
+    out = mpactl("db", "init", "--store", url, "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"store": url, "schema_version": 1}, out.stderr
 
     out = mpactl("grants", "add", "alice@example.com", "contributor", "--service", "pay.v1.Payments",
                  "--expires", "2030-01-01T00:00:00Z", "--store", url)

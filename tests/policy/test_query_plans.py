@@ -124,7 +124,8 @@ def test_per_page_and_timer_queries_use_indexes(backend, store):
         request_id="mine1", requester="me@example.com", target=Target(SVC, "Do"),
         mode=Mode.ENGINEERS_WITH_APPROVAL, grants=grants, now=NOW, reason="looking into it"),
         actor="me@example.com")
-    service = ApprovalService(store, RequestPolicy(), clock=lambda: NOW + timedelta(seconds=1))
+    service = ApprovalService(store, RequestPolicy(), clock=lambda: NOW + timedelta(seconds=1),
+                              auditors=("you@example.com",))  # scope=all is for auditors
 
     with _recording(store) as seen:
         # the approvals page and API

@@ -11,7 +11,8 @@ Usage (any test folder)::
         assert result.code is grpc.StatusCode.OK
         gw.gateway           # "127.0.0.1:PORT" of Envoy's engineers' listener
         gw.issuer.mint(sub)  # a dev token Envoy accepts
-        gw.extauthz          # ExtAuthzProcess (.port, .stop(), .output()); gw.restart_extauthz()
+        gw.extauthz          # ExtAuthzProcess (.port, .channel(), .stop(), .output()); gw.restart_extauthz()
+        gw.tls_certs         # the dev CA and certificates of the Envoy<->ext_authz mTLS link
         gw.envoy             # EnvoyProcess (.port, .admin_port, .stats(), .output())
         gw.upstreams         # {"accounts": DemoServer, "ledger": DemoServer}
         gw.access_log_lines()  # Envoy's JSON access log, parsed
@@ -36,6 +37,7 @@ from typing import Any
 from devstack import democlient
 from devstack.devissuer import DevIssuer
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway
+from extauthz.dev_certs import make_dev_certs
 from policy import Grant
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
@@ -62,6 +64,8 @@ def extauthz_config(*, port: int, store_url: str, reflection_static: Mapping[str
         "listen": {"host": "127.0.0.1", "port": port},
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "drain_grace_s": 2,
+        # One replica: nobody to move Checks to, so no drain notice (failover tests set theirs).
+        "drain_notice_s": 0,
         "grants_poll_s": 0.2,
         # Roomier than production's 0.5 s / 800 ms / 1 s, so a loaded CI machine does not
         # turn a cold reflection fetch into a 503; tests of the deadlines set their own.
@@ -83,13 +87,15 @@ class GatewayStack:
     def __init__(self, workdir: pathlib.Path, *, store_url: str, grants: Iterable[Grant] = (),
                  extauthz: Mapping[str, Any] | None = None,
                  reflection_static: Mapping[str, str] | None = None,
-                 with_extauthz: bool = True) -> None:
+                 with_extauthz: bool = True, tls: bool = True, replicas: int = 1) -> None:
         self.workdir = pathlib.Path(workdir)
         self.store_url = store_url
         self.grants = list(grants)
         self.extauthz_extra = dict(extauthz or {})
         self.reflection_extra = dict(reflection_static or {})
         self.with_extauthz = with_extauthz
+        #: Envoy and the server talk mTLS (as envoy/gateway.yaml ships) with dev certificates.
+        self.tls_certs = make_dev_certs(self.workdir / "tls") if tls and with_extauthz else None
         deadline_ms = self.extauthz_extra.get("decision_deadline_ms", 3000)
         #: Envoy's ext_authz timeout: above the server's decision deadline, as in production.
         self.envoy_ext_authz_timeout_s = deadline_ms / 1000 + 1
@@ -100,6 +106,11 @@ class GatewayStack:
         self.envoy: EnvoyProcess | None = None
         self.access_log = self.workdir / "access.log"
         self._extauthz_config: dict[str, Any] | None = None
+        #: With ``replicas > 1``: every ext_authz server behind Envoy's cluster (same store);
+        #: ``extauthz`` is the first. ``replica_configs[i]`` is the config of ``replicas[i]``.
+        self.replica_count = replicas
+        self.replicas: list[ExtAuthzProcess | None] = []
+        self.replica_configs: list[dict[str, Any]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -121,13 +132,25 @@ class GatewayStack:
                                        LEDGER: self.upstreams["ledger"].address,
                                        **self.reflection_extra},
                     extra=self.extauthz_extra)
+                if self.tls_certs is not None:
+                    self._extauthz_config["listen"]["tls"] = self.tls_certs.server_settings()
                 self.start_extauthz()
+                self.replicas, self.replica_configs = [self.extauthz], [self._extauthz_config]
+                for i in range(1, self.replica_count):
+                    cfg_i = json.loads(json.dumps(self._extauthz_config))
+                    cfg_i["listen"]["port"] = free_port()
+                    cfg_i["metrics"]["port"] = free_port()
+                    self.replica_configs.append(cfg_i)
+                    self.replicas.append(None)
+                    self.start_replica(i)
             cfg = render_gateway(listen_port=free_port(), admin_port=free_port(),
-                                 extauthz_port=extauthz_port, jwks_port=self.jwks.port,
+                                 extauthz_port=[c["listen"]["port"] for c in self.replica_configs] or extauthz_port,
+                                 jwks_port=self.jwks.port,
                                  upstreams={"demo_accounts": self.upstreams["accounts"].port,
                                             "demo_ledger": self.upstreams["ledger"].port},
                                  access_log=self.access_log,
-                                 ext_authz_timeout_s=self.envoy_ext_authz_timeout_s)
+                                 ext_authz_timeout_s=self.envoy_ext_authz_timeout_s,
+                                 tls_dir=self.tls_certs.directory if self.tls_certs is not None else None)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()
             if self.with_extauthz:
                 self._wait_cluster_healthy("ext_authz")
@@ -138,8 +161,28 @@ class GatewayStack:
 
     def start_extauthz(self) -> ExtAuthzProcess:
         assert self._extauthz_config is not None
-        self.extauthz = ExtAuthzProcess(self._extauthz_config, self.workdir).wait_ready()
+        self.extauthz = ExtAuthzProcess(self._extauthz_config, self.workdir,
+                                        client_tls=self.tls_certs).wait_ready()
+        if self.replicas:
+            self.replicas[0] = self.extauthz
         return self.extauthz
+
+    def start_replica(self, i: int) -> ExtAuthzProcess:
+        """(Re)start replica ``i`` on its port and wait until it reports SERVING."""
+        proc = ExtAuthzProcess(self.replica_configs[i], self.workdir, name=f"extauthz-{i}",
+                               client_tls=self.tls_certs).wait_ready()
+        self.replicas[i] = proc
+        if i == 0:
+            self.extauthz = proc
+        return proc
+
+    def healthy_replicas(self) -> int:
+        """How many ext_authz endpoints Envoy now counts healthy."""
+        assert self.envoy is not None
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.envoy.admin_port}/clusters", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        return sum(1 for ln in lines if ln.startswith("ext_authz::") and ln.endswith("::health_flags::healthy"))
 
     def restart_extauthz(self) -> ExtAuthzProcess:
         """SIGTERM the server (it drains), start it again on the same port and store."""
@@ -160,7 +203,7 @@ class GatewayStack:
         raise TimeoutError(f"envoy never saw cluster {cluster} healthy")
 
     def stop(self) -> None:
-        for proc in (self.envoy, self.extauthz):
+        for proc in (self.envoy, self.extauthz, *self.replicas[1:]):
             if proc is not None:
                 proc.stop()
         for server in self.upstreams.values():

@@ -1,0 +1,92 @@
+"""Decision audit events the store could not take, kept on local disk until it can.
+
+When a batch write to the store fails (store away, slow past its pool timeout), the writer
+puts the events here instead of dropping them: one SQLite transaction with
+``synchronous=FULL`` (fsync'd before ``put`` returns), bounded by ``max_events`` (past it,
+events are dropped and counted, as before). A replay loop writes the oldest events back to the
+store once it answers and only then removes them; the store ignores an event id it already
+holds, so a replay cut short (crash between the store's commit and the removal here) writes
+nothing twice. ``stats()`` gives the depth and the age of the oldest event for /metrics.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from policy.audit import AuditEvent
+
+
+def _to_json(e: AuditEvent) -> str:
+    return json.dumps({"kind": e.kind, "actor": e.actor, "at": e.at.isoformat(), "request_id": e.request_id,
+                       "service": e.service, "method": e.method, "outcome": e.outcome, "reason": e.reason,
+                       "detail": e.detail, "trace_id": e.trace_id, "id": e.id})
+
+
+def _from_json(text: str) -> AuditEvent:
+    d: dict[str, Any] = json.loads(text)
+    d["at"] = datetime.fromisoformat(d["at"])
+    return AuditEvent(**d)
+
+
+class AuditSpool:
+    """A bounded, fsync'd local queue of audit events (safe across threads and restarts)."""
+
+    def __init__(self, path: str, max_events: int) -> None:
+        if max_events < 1:
+            raise ValueError("max_events must be at least 1")
+        self.path, self.max_events = path, max_events
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS audit_spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                             "id TEXT NOT NULL UNIQUE, event TEXT NOT NULL, spooled_at REAL NOT NULL)")
+        except sqlite3.Error as e:
+            raise OSError(f"cannot open the audit spool {path}: {e}") from None
+
+    def put(self, events: Sequence[AuditEvent]) -> int:
+        """Keep ``events`` (durably, before returning); returns how many fitted under the bound."""
+        now = time.time()
+        with self._lock:
+            room = self.max_events - self._depth()
+            kept = list(events)[:max(0, room)]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO audit_spool (id, event, spooled_at) VALUES (?, ?, ?)",
+                                     [(e.id, _to_json(e), now) for e in kept])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(kept)
+
+    def oldest(self, limit: int) -> list[AuditEvent]:
+        with self._lock:
+            rows = self._db.execute("SELECT event FROM audit_spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [_from_json(r[0]) for r in rows]
+
+    def remove(self, ids: Sequence[str]) -> None:
+        with self._lock:
+            self._db.executemany("DELETE FROM audit_spool WHERE id = ?", [(i,) for i in ids])
+
+    def _depth(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM audit_spool").fetchone()[0])
+
+    def stats(self) -> dict[str, float]:
+        """``depth`` (events waiting) and ``age_seconds`` of the oldest one (0 when empty)."""
+        with self._lock:
+            depth, oldest = self._db.execute("SELECT COUNT(*), MIN(spooled_at) FROM audit_spool").fetchone()
+        return {"depth": float(depth), "age_seconds": time.time() - oldest if oldest is not None else 0.0}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+__all__ = ["AuditSpool"]
