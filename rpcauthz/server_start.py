@@ -1,8 +1,9 @@
 """Starting a server from ``mpactl``, the same way for every server.
 
-``mpactl serve`` and ``mpactl approvals serve`` both: turn the flags given into configuration
-overrides, load the configuration or exit 2 naming what is wrong (a bad config is a usage
-error), set up logging, then start the server or exit 1 saying why it could not start.
+``mpactl serve``, ``mpactl approvals serve`` and ``mpactl broker serve`` each load their
+configuration or exit 2 naming what is wrong (a bad config is a usage error) and set up
+logging; the first two also turn the flags given into configuration overrides and exit 1
+when the server cannot start.
 
 This module belongs to the ``rpcauthz`` plumbing: it imports no other package of ours.
 """
