@@ -8,7 +8,6 @@ A bad value raises ``ConfigError`` whose message names the key (and the variable
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from policy import Mode
 from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
-from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, load
+from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, is_loopback, load
 
 __all__ = ["ENV_PREFIX", "ConfigError", "Listen", "ListenTls", "Settings", "is_loopback", "load_settings"]
 
@@ -43,16 +42,6 @@ class ListenTls(Section):
         if any(not n.strip() for n in v):
             raise ValueError("names must not be empty")
         return v
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP address or ``localhost``) is reachable only from this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
 
 
 class Listen(Section):

@@ -11,7 +11,6 @@ refuses to start while one is set and names its replacement.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import pathlib
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from pydantic import Field, field_validator, model_validator
 from policy import Mode
 from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
-from rpcauthz.settings import ConfigError, Section, env_name, load
+from rpcauthz.settings import ConfigError, Section, env_name, is_loopback, load
 
 __all__ = ["ApprovalsConfig", "ConfigError", "DevLogin", "Listen", "RequestPolicy",
            "RETIRED_VARIABLES", "load_approvals_config"]
@@ -105,15 +104,6 @@ class RequestPolicy(Section):
         if service in self.required_approvals_by_service:
             return self.required_approvals_by_service[service]
         return self.required_approvals_by_mode.get(mode, 1)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class Listen(Section):
@@ -204,9 +194,9 @@ class ApprovalsConfig(Section):
         if self.secure_cookies is not None:
             return self.secure_cookies
         if self.public_url in ("", "auto"):
-            return not _is_loopback(self.listen.host)
+            return not is_loopback(self.listen.host)
         url = urlsplit(self.public_url)
-        return not (url.scheme == "http" and _is_loopback(url.hostname or ""))
+        return not (url.scheme == "http" and is_loopback(url.hostname or ""))
 
     @field_validator("public_url")
     @classmethod
