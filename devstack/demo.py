@@ -31,6 +31,7 @@ PEOPLE = {
     "bob": "engineer, contributor of Accounts",
     "erin": "engineer (no team)",
     "lena": "engineer, contributor of Ledger",
+    "lars": "engineer, contributor of Ledger",
     "sam": "engineer, security on-call",
     "sol": "engineer, security on-call",
     "victor": "not an engineer (a visitor)",
@@ -39,9 +40,10 @@ PEOPLE = {
 
 def demo_grants() -> list[Grant]:
     src = "demo"
-    g = [Grant(p, Role.ENGINEER, source=src) for p in ("alice", "bob", "erin", "lena", "sam", "sol")]
+    g = [Grant(p, Role.ENGINEER, source=src)
+         for p in ("alice", "bob", "erin", "lena", "lars", "sam", "sol")]
     g += [Grant(p, Role.CONTRIBUTOR, ACCOUNTS, source=src) for p in ("alice", "bob")]
-    g += [Grant("lena", Role.CONTRIBUTOR, LEDGER, source=src)]
+    g += [Grant(p, Role.CONTRIBUTOR, LEDGER, source=src) for p in ("lena", "lars")]
     g += [Grant(p, Role.SECURITY_ONCALL, source=src) for p in ("sam", "sol")]
     return g
 
@@ -64,6 +66,11 @@ def examples(cmd: str, dir_opt: str = "") -> list[tuple[str, str, str]]:
         ("allow", "...after which erin's same call passes",
          f"{cmd} demo call{dir_opt} --as erin /{ACCOUNTS}/ReadAccount"),
         ("approval", "streaming the ledger needs a Ledger contributor plus another's approval",
+         f"{cmd} demo call{dir_opt} --as lena /{LEDGER}/WatchEntries"),
+        ("approve", "another Ledger contributor approves (the request id printed above)",
+         f"{cmd} demo approve{dir_opt} --as lars --reason 'reconcile the ledger for ticket 4411' "
+         "REQUEST_ID"),
+        ("allow", "...after which lena's stream passes",
          f"{cmd} demo call{dir_opt} --as lena /{LEDGER}/WatchEntries"),
     ]
 
@@ -235,6 +242,7 @@ def _start_approvals(store_url: str, issuer: Any, jwks_url: str, port: int,
                      reflection: dict[str, str]) -> Any:
     """The approvals service (page + API) the request links point at, with dev sign-in."""
     from devstack.demo_approvals import start_demo_approvals
+    from mpa.body_types import reflected_bodies
     from mpa.service import lazy_modes
     from policy import Mode
     from reflection_cache.cache import ReflectionCache
@@ -242,7 +250,9 @@ def _start_approvals(store_url: str, issuer: Any, jwks_url: str, port: int,
 
     modes = lazy_modes(lambda: ReflectionCache(EndpointResolver(static=reflection)),
                        Mode.BREAK_GLASS_ONLY)
-    return start_demo_approvals(store_url, issuer, jwks_url, port=port, mode_lookup=modes)
+    bodies = reflected_bodies(lambda: ReflectionCache(EndpointResolver(static=reflection)))
+    return start_demo_approvals(store_url, issuer, jwks_url, port=port, mode_lookup=modes,
+                                body_encoder=bodies)
 
 
 # --- where `mpactl demo call` finds the running demo ---------------------------------------------

@@ -17,6 +17,10 @@ def approve_request(store_url: str, request_id: str, approver: str, *, reason: s
         now = datetime.now(UTC)
         grants = GrantSet(store.list_grants())
         r = store.get_request(request_id)
+        # Check the whole step first, so a refused approval changes nothing (not even the reason).
+        check = policy.complete(r, r.requester, now, reason=reason, incident=incident) \
+            if r.origin == "gateway" else r
+        policy.approve(check, approver, grants, now)
         if r.origin == "gateway":
             r = store.update_request(request_id, lambda x: policy.complete(
                 x, x.requester, now, reason=reason, incident=incident),

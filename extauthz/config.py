@@ -114,6 +114,8 @@ class Approvals(Section):
     approval_ttl_s: float = Field(3600, gt=0)
     #: Scope gateway-opened requests to the exact request body (its SHA-256).
     bind_to_body: bool = False
+    #: ...only for these modes (e.g. [BREAK_GLASS_ONLY]); ``bind_to_body: true`` means all.
+    bind_to_body_modes: list[Mode] = Field(default_factory=list)
     #: How many calls one approval of a gateway-opened request allows (null: any number
     #: until approval_ttl_s runs out).
     max_uses: int | None = Field(None, ge=1)
@@ -124,6 +126,17 @@ class Approvals(Section):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("bind_to_body_modes", mode="before")
+    @classmethod
+    def _modes(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [Mode.parse(m) if isinstance(m, str) else m for m in v]
+        return v
+
+    def binds_body(self, mode: Mode) -> bool:
+        """Are gateway-opened requests in ``mode`` scoped to the call's body?"""
+        return self.bind_to_body or mode in self.bind_to_body_modes
 
 
 class Audit(Section):

@@ -282,14 +282,18 @@ class Authorizer:
                     request_id=uuid.uuid4().hex, requester=who.principal, target=target, mode=mode,
                     grants=grants, now=self.clock(), pending_ttl=timedelta(seconds=cfg.pending_ttl_s),
                     approval_ttl=timedelta(seconds=cfg.approval_ttl_s), origin="gateway",
-                    body_sha256=digest if cfg.bind_to_body else None, max_uses=cfg.max_uses)
+                    body_sha256=digest if cfg.binds_body(mode) else None, max_uses=cfg.max_uses)
             except PolicyError as e:  # decide() said they may ask; be safe anyway
                 return p.verdict(Kind.DENY, Rule.APPROVAL_CANNOT_OPEN, {"detail": str(e)})
             request, _created = await self._io("get_or_create_pending",
                                                self.store.get_or_create_pending, fresh,
                                                actor=who.principal)
             request_id = request.id
-        return p.verdict(Kind.APPROVAL_REQUIRED, decision.rule, decision.facts,
+        facts = decision.facts
+        if not policy.approvers_for(who.principal, target.service, mode, grants, self.clock()):
+            # Say so now rather than let the requester wait for a reviewer who cannot exist.
+            facts = {**facts, "nobody_can_approve": True}
+        return p.verdict(Kind.APPROVAL_REQUIRED, decision.rule, facts,
                          request_id=request_id,
                          request_url=f"{self.settings.approvals.base_url}/requests/{request_id}")
 

@@ -36,7 +36,10 @@ from policy import (
 from policy.store import Store
 
 from .auth import AuthError, Principal, TokenVerifier
+from .body_types import BodyEncoder, body_digest, body_view
+from .broker_link import BrokerLink
 from .config import ApprovalsConfig
+from .metrics import ApprovalsMetrics
 from .receipts import ReceiptOut, ReceiptUnavailable, load_receipt_key, public_pem, sign_receipt
 from .schemas import (
     CommentIn,
@@ -86,8 +89,13 @@ def status_of(e: Exception) -> int:
 
 def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup | None = None,
                verifier: TokenVerifier | None = None, dev_issuer: Any = None,
-               clock: Callable = utcnow) -> FastAPI:
-    """The approvals app: JSON API, approval page, dev login (when enabled)."""
+               clock: Callable = utcnow, broker: BrokerLink | None = None,
+               body_encoder: BodyEncoder | None = None) -> FastAPI:
+    """The approvals app: JSON API, approval page and inbox, dev login (when enabled).
+
+    With ``broker``, the inbox also lists credential (broker) requests and serves their pages.
+    With ``body_encoder`` (reflection), ``createRequest`` takes ``body_json``.
+    """
     app = FastAPI(
         title="rpcauthz approvals", version="1.0.0",
         description="Multi-party approval requests for RPCs that need another engineer's "
@@ -98,13 +106,18 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     app.state.config = config
     app.state.verifier = verifier or TokenVerifier(config.issuer, config.jwks_url, config.audiences)
     app.state.dev_issuer = dev_issuer if config.dev_login is not None else None
+    app.state.broker = broker
+    app.state.metrics = ApprovalsMetrics(store)
+    app.state.metrics.install(app)
 
     def link(request_id: str) -> str:
         return f"{config.public_url.rstrip('/')}/requests/{request_id}"
     app.state.link = link
 
     def out(r: policy.ApprovalRequest, viewer: str) -> RequestOut:
-        return RequestOut.build(r, link(r.id), service.permissions(r, viewer))
+        view = store.get_body_view(r.id) if r.body_sha256 else None
+        return RequestOut.build(r, link(r.id), service.permissions(r, viewer), service.eligible(r),
+                                view)
 
     # --- errors -------------------------------------------------------------------------------
     @app.exception_handler(AuthError)
@@ -188,18 +201,32 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
             target = Target(body.service, body.method)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
+        duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
+        view = None
+        if body.body_json is not None:
+            if body.body_sha256 is not None:
+                raise InvalidRequest("give body_json or body_sha256, not both")
+            msg = await _encode_body(body_encoder, body.service, body.method, body.body_json)
+            view = body_view(msg)
+            body = body.model_copy(update={"body_sha256": body_digest(msg), "body_json": None})
         waiting = await asyncio.to_thread(service.open_gateway_request, me.id, target,
                                           body.body_sha256)
-        if waiting is not None:  # give the gateway-opened request its reason; no mode lookup
-            done = await asyncio.to_thread(service.complete, waiting.id, me.id,
-                                           reason=body.reason, incident=body.incident)
+        if waiting is not None:
+            # Give the gateway-opened request its reason and the requester's limits (narrowing
+            # only); its mode is known, so no lookup.
+            done = await asyncio.to_thread(
+                service.complete, waiting.id, me.id, reason=body.reason, incident=body.incident,
+                approval_ttl=duration, max_uses=body.max_uses, body_sha256=body.body_sha256)
+            if view is not None and done.body_sha256 == body.body_sha256:
+                await asyncio.to_thread(store.put_body_view, done.id, view)
             result = await asyncio.to_thread(out, done, me.id)
             return JSONResponse(result.model_dump(mode="json"), status_code=200)
         mode = await _resolve_mode(service, body.service, body.method)
-        duration = timedelta(seconds=body.duration_seconds) if body.duration_seconds else None
         r, created = await asyncio.to_thread(
             service.create, me.id, target, mode, reason=body.reason, incident=body.incident,
             body_sha256=body.body_sha256, duration=duration, max_uses=body.max_uses)
+        if view is not None and r.body_sha256 == body.body_sha256:
+            await asyncio.to_thread(store.put_body_view, r.id, view)
         result = await asyncio.to_thread(out, r, me.id)
         return JSONResponse(result.model_dump(mode="json"), status_code=201 if created else 200)
 
@@ -266,6 +293,25 @@ def create_app(config: ApprovalsConfig, store: Store, *, mode_lookup: ModeLookup
     from .page import add_page_routes
     add_page_routes(app)
     return app
+
+
+async def _encode_body(encoder: BodyEncoder | None, svc: str, method: str,
+                       body: dict[str, Any]) -> Any:
+    """The request message for ``body`` via reflection; failures never bind a guess."""
+    if encoder is None:
+        raise InvalidRequest("this approvals server cannot read request bodies: it has no "
+                             "reflection configuration; give body_sha256 instead")
+    try:
+        return await encoder(svc, method, body)
+    except (PolicyError, StoreError):
+        raise
+    except Exception as e:
+        code = getattr(e, "code", "")
+        if code in ("unknown_service", "unknown_method"):
+            raise InvalidRequest(f"/{svc}/{method}: {e}") from None
+        log.warning("body type lookup for /%s/%s failed: %s", svc, method, e)
+        raise ModeUnavailable(f"could not learn the input type of /{svc}/{method} from the "
+                              "service (reflection unavailable); try again") from None
 
 
 def _add_receipt_route(app: FastAPI, service: ApprovalService, key: Any, Me: Any) -> None:  # noqa: N803

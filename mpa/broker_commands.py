@@ -122,12 +122,30 @@ def _target(r) -> str:
     return f"k8s {r.kubernetes.cluster} as {','.join(r.kubernetes.groups)}"
 
 
+def _approver_words(mode_name: str) -> str:
+    """Who may approve under ``mode_name``, in the words the approval page uses."""
+    from policy import Mode
+
+    from .service import APPROVER_WORDS
+    try:
+        words = APPROVER_WORDS.get(Mode[mode_name])
+    except KeyError:
+        words = None
+    return words.format(service="the target") if words else "decided by the broker"
+
+
 def _show(r) -> str:
     lines = [f"{r.id}  {STATE_NAMES.get(r.state, '?')}  {_target(r)}",
              f"  requested by {r.requester} at {r.created_at.ToDatetime(UTC).isoformat()}",
              f"  reason: {r.reason}"]
     if r.incident:
         lines.append(f"  incident: {r.incident}")
+    lines.append(f"  mode: {r.mode or '?'}")
+    lines.append(f"  who may approve: {_approver_words(r.mode)}")
+    lines.append("  credential lifetime: " + (f"{r.duration_seconds} s" if r.duration_seconds
+                                               else "the broker's default for this target"))
+    if r.state == broker_pb2.REQUEST_STATE_PENDING and r.HasField("expires_at"):
+        lines.append(f"  expires unless approved: {r.expires_at.ToDatetime(UTC).isoformat()}")
     for a in r.approvals:
         lines.append(f"  approved by {a.approver}" + (f": {a.comment}" if a.comment else ""))
     if r.HasField("valid_until"):

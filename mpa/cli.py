@@ -141,10 +141,15 @@ def print_request(r: dict[str, Any]) -> None:
                 " (waiting for the requester's reason)" if r["awaiting_reason"] else "")),
             ("requester", r["requester"]), ("rpc", r["path"]), ("mode", r["mode"]),
             ("why approval", r["why_approval"]), ("who may approve", r["approver_rule"]),
+            *([("can approve now", ", ".join(r.get("eligible_approvers") or []) or "nobody")]
+              if r["state"] == "pending" else []),
             ("reason", r["reason"] or "(not given yet)")]
     if r.get("incident"):
         rows.append(("incident", r["incident"]))
     rows.append(("scope", f"exact body sha256 {r['body_sha256']}" if r["body_sha256"] else "any call to this method"))
+    if r.get("body_view"):
+        rows.append(("the call", r["body_view"]))
+    rows.append(("limits", limits_words(r)))
     rows.append(("created", _short(r["created_at"])))
     if r["state"] == "pending":
         rows.append(("expires", _short(r["expires_at"])))
@@ -155,9 +160,31 @@ def print_request(r: dict[str, Any]) -> None:
         rows.append(("closed", f"{r['closed_by'] or ''} {_short(r['closed_at'])} {r['close_reason']}".strip()))
     if r["you"]["why_not"]:
         rows.append(("you", r["you"]["why_not"]))
+    if r.get("routing_note"):
+        rows.append(("WARNING", r["routing_note"]))
     for k, v in rows:
         t.add_row(k, str(v))
     out.print(t, highlight=False, markup=False)
+
+
+def duration_words(seconds: int) -> str:
+    """3600 -> '1h', 90 -> '1m30s'."""
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts) or "0s"
+
+
+def limits_words(r: dict[str, Any]) -> str:
+    """How long the approval lasts and how many calls it allows, as the approver agrees to it."""
+    words = f"approval lasts {duration_words(r['approval_ttl_seconds'])}"
+    if r["max_uses"]:
+        words += f"; at most {r['max_uses']} call{'s' if r['max_uses'] != 1 else ''} ({r['uses']} used)"
+    else:
+        words += "; any number of calls"
+    return words
 
 
 def print_list(reqs: list[dict[str, Any]]) -> None:
@@ -246,6 +273,8 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
                 body_file: pathlib.Path | None = typer.Option(None, "--body-file",
                     help="bind the approval to this exact serialized request body"),
                 body_sha256: str | None = typer.Option(None, "--body-sha256", help="...or to this body digest"),
+                body_json: str | None = typer.Option(None, "--body",
+                    help="...or to this request message, as JSON (the server encodes it with the method's input type)"),
                 duration: str | None = typer.Option(None, "--duration", help="how long the approval lasts, e.g. 30m"),
                 max_uses: int | None = typer.Option(None, "--max-uses", min=1, help="how many calls it allows"),
                 server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
@@ -253,8 +282,16 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
     m = re.fullmatch(r"/?([A-Za-z_][\w.]*)/(\w+)", rpc.strip())
     if not m:
         fail(f"{rpc!r} is not /pkg.Service/Method", ExitCode.USAGE)
-    if body_file and body_sha256:
-        fail("give --body-file or --body-sha256, not both", ExitCode.USAGE)
+    if sum(x is not None for x in (body_file, body_sha256, body_json)) > 1:
+        fail("give one of --body, --body-file or --body-sha256", ExitCode.USAGE)
+    parsed_body: Any = None
+    if body_json is not None:
+        try:
+            parsed_body = json.loads(body_json)
+        except ValueError as e:
+            fail(f"--body is not JSON: {e}", ExitCode.USAGE)
+        if not isinstance(parsed_body, dict):
+            fail("--body must be a JSON object (the request message's fields)", ExitCode.USAGE)
     if body_file:
         body_sha256 = hashlib.sha256(body_file.read_bytes()).hexdigest()
     body: dict[str, Any] = {"service": m.group(1), "method": m.group(2), "reason": reason}
@@ -262,6 +299,8 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
         body["incident"] = incident
     if body_sha256:
         body["body_sha256"] = body_sha256
+    if parsed_body is not None:
+        body["body_json"] = parsed_body
     if duration:
         body["duration_seconds"] = _seconds(duration)
     if max_uses:
@@ -271,6 +310,14 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
     def show(r: dict[str, Any]) -> None:
         verb = "created" if status == 201 else "updated"
         out.print(f"request {verb}: {r['url']}", highlight=False)
+        kept = []
+        if duration and r["approval_ttl_seconds"] < body["duration_seconds"]:
+            kept.append(f"approval lasts {duration_words(r['approval_ttl_seconds'])}")
+        if max_uses and r["max_uses"] and r["max_uses"] < max_uses:
+            kept.append(f"at most {r['max_uses']} calls")
+        if kept:
+            out.print(f"note: the open request's tighter limits stay ({', '.join(kept)}); "
+                      "limits only ever narrow", highlight=False)
         print_request(r)
     emit(r, as_json, show)
 

@@ -25,8 +25,9 @@ from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ConfigError, Section, env_name, is_loopback, load
 
-__all__ = ["ApprovalsConfig", "ConfigError", "DevLogin", "Listen", "RequestPolicy",
-           "RETIRED_VARIABLES", "load_approvals_config"]
+__all__ = ["ApprovalsConfig", "BrokerLinkSettings", "ConfigError", "DevLogin", "Listen",
+           "OnCallEscalationSettings", "OtelSettings", "RequestPolicy", "RETIRED_VARIABLES",
+           "load_approvals_config"]
 
 #: The approvals server's former environment variables and the key that replaces each.
 RETIRED_VARIABLES: dict[str, str] = {
@@ -125,6 +126,61 @@ class DevLogin(Section):
     issuer_key: pathlib.Path | None = None
 
 
+class BrokerLinkSettings(Section):
+    """The credential broker whose requests the web inbox lists (off when unset).
+
+    The server calls it with each signed-in engineer's own token, over TLS pinned to
+    ``certificate`` (the broker's PEM certificate), at ``address`` (``host:port``, usually the
+    gateway's broker passthrough listener).
+    """
+
+    address: str
+    certificate: pathlib.Path
+    server_name: str = "broker.mpa.internal"
+
+
+class OnCallEscalationSettings(Section):
+    """Page security on-call for break-glass requests (PagerDuty Events API v2; off when unset).
+
+    ``routing_key`` is the integration key (a secret: prefer
+    ``RPCAUTHZ_ONCALL_ESCALATION__ROUTING_KEY``); ``url`` is the Events v2 endpoint.
+    """
+
+    routing_key: str = Field(repr=False, min_length=1)
+    url: str = "https://events.pagerduty.com/v2/enqueue"
+    spool_path: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class OtelSettings(Section):
+    """Ship the audit log as OpenTelemetry logs and spans over OTLP/gRPC (off when unset).
+
+    ``endpoint`` is the collector's OTLP gRPC address (``http://collector:4317``); ``insecure``
+    sends without TLS (only to a collector on the same host or network segment); ``headers``
+    are sent with every export (e.g. an API key: prefer ``RPCAUTHZ_OTEL__HEADERS``).
+    """
+
+    endpoint: str
+    insecure: bool = False
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    service_name: str = "rpcauthz-approvals"
+    timeout_seconds: float = Field(10.0, gt=0)
+    batch_delay_ms: int = Field(1000, ge=1)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (e.g. http://collector:4317)")
+        return v
+
+
 class ApprovalsConfig(Section):
     """Everything the approvals server needs.
 
@@ -155,6 +211,9 @@ class ApprovalsConfig(Section):
     #: page). Everyone else sees only requests they made, approved or may approve.
     auditors: tuple[str, ...] = ()
     expiry_sweep_seconds: float = Field(30.0, gt=0)
+    broker: BrokerLinkSettings | None = None
+    oncall_escalation: OnCallEscalationSettings | None = None
+    otel: OtelSettings | None = None
     #: Ed25519 private key (PEM PKCS#8) signing approval receipts (mpa.receipts); the enclave
     #: broker pins its public half. Unset: no receipt route.
     receipt_key_path: str | None = None

@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from policy import PolicyError, StoreError, UnknownRequest
 
 from .auth import AuthError, Principal
-from .service import MODE_EXPLANATIONS, NotVisible, approver_words, awaiting_reason
+from .service import MODE_EXPLANATIONS, NotVisible, approver_words, awaiting_reason, routing_note
 
 log = logging.getLogger("mpa.page")
 
@@ -123,7 +123,10 @@ def add_page_routes(app: FastAPI) -> None:
             return render("message.html", 503, heading="Unavailable", viewer=viewer,
                           csrf_token=csrf_for(token),
                           message="The approvals store is unavailable right now; try again.")
+        eligible = await asyncio.to_thread(service.eligible, r)
+        view = await asyncio.to_thread(service.store.get_body_view, r.id) if r.body_sha256 else None
         return render("request.html", status, r=r, perms=perms, viewer=viewer,
+                      eligible=eligible, routing_note=routing_note(r, eligible), body_view=view,
                       csrf_token=csrf_for(token), error=error, done=done,
                       path=f"/{r.service}/{r.method}", why_approval=MODE_EXPLANATIONS[r.mode],
                       approver_rule=approver_words(r), awaiting=awaiting_reason(r),
@@ -169,6 +172,10 @@ def add_page_routes(app: FastAPI) -> None:
         done = {"approve": "approved", "reject": "rejected", "cancel": "cancelled",
                 "complete": "completed"}[action]
         return RedirectResponse(f"/requests/{request_id}?done={done}", status_code=303)
+
+    from .inbox import add_inbox_routes
+    add_inbox_routes(app, render=render, who=who, login_needed=login_needed, csrf_for=csrf_for,
+                     broker=getattr(app.state, "broker", None))
 
     for _action in ("approve", "reject", "cancel", "complete"):
         async def handler(request: Request, request_id: str, _a: str = _action) -> Response:

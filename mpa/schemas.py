@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from policy import ApprovalRequest
 
-from .service import MODE_EXPLANATIONS, Permissions, approver_words, awaiting_reason
+from .service import MODE_EXPLANATIONS, Permissions, approver_words, awaiting_reason, routing_note
 
 
 class CreateRequestIn(BaseModel):
@@ -27,6 +28,10 @@ class CreateRequestIn(BaseModel):
                                  description="incident reference (required for BREAK_GLASS_ONLY)")
     body_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$",
                                     description="bind the approval to this exact request body")
+    body_json: dict[str, Any] | None = Field(
+        default=None, description="bind the approval to this exact request message, given as "
+                                  "JSON (proto3 JSON mapping); the server encodes it with the "
+                                  "method's input type from reflection (not with body_sha256)")
     duration_seconds: int | None = Field(default=None, ge=1,
                                          description="how long the approval lasts once granted")
     max_uses: int | None = Field(default=None, ge=1, description="how many calls it allows")
@@ -75,12 +80,19 @@ class RequestOut(BaseModel):
     mode: str
     why_approval: str
     approver_rule: str
+    eligible_approvers: list[str] = Field(description="who may approve it now, from the grants "
+                                                      "(the requester and past approvers excluded)")
+    routing_note: str = Field(description="non-empty when too few people can approve it: what "
+                                          "the requester should do")
     state: str
     awaiting_reason: bool
     origin: str
     reason: str
     incident: str | None
     body_sha256: str | None
+    body_view: str | None = Field(description="the bound call's message type and body as JSON, "
+                                               "fields marked debug_redact masked, size-capped "
+                                               "(null when unbound or not known)")
     created_at: datetime
     expires_at: datetime
     approval_ttl_seconds: int
@@ -95,13 +107,15 @@ class RequestOut(BaseModel):
     you: PermissionsOut
 
     @classmethod
-    def build(cls, r: ApprovalRequest, url: str, perms: Permissions) -> RequestOut:
+    def build(cls, r: ApprovalRequest, url: str, perms: Permissions,
+              eligible: tuple[str, ...] = (), body_view: str | None = None) -> RequestOut:
         return cls(
             id=r.id, url=url, requester=r.requester, service=r.service, method=r.method,
             path=f"/{r.service}/{r.method}", mode=r.mode.name,
             why_approval=MODE_EXPLANATIONS[r.mode], approver_rule=approver_words(r),
+            eligible_approvers=list(eligible), routing_note=routing_note(r, eligible),
             state=r.state.value, awaiting_reason=awaiting_reason(r), origin=r.origin,
-            reason=r.reason, incident=r.incident, body_sha256=r.body_sha256,
+            reason=r.reason, incident=r.incident, body_sha256=r.body_sha256, body_view=body_view,
             created_at=r.created_at, expires_at=r.expires_at,
             approval_ttl_seconds=int(r.approval_ttl.total_seconds()), valid_until=r.valid_until,
             required_approvals=r.required_approvals,

@@ -33,16 +33,19 @@ def serve(
 
     overrides = flag_overrides({"listen.port": port, "store_url": store_url})
     settings = load_or_exit(lambda: load_approvals_config(config, overrides=overrides))
-    mode_lookup = None
+    mode_lookup = body_encoder = None
     if settings.reflection is not None:
         from reflection_cache.cache import ReflectionCache
 
+        from .body_types import reflected_bodies
         from .service import lazy_modes
         reflection = settings.reflection
         mode_lookup = lazy_modes(lambda: ReflectionCache.from_settings(reflection),
                                  settings.default_mode)
+        body_encoder = reflected_bodies(lambda: ReflectionCache.from_settings(reflection))
     handle = start_or_exit(lambda: start_approvals_server(settings, host=settings.listen.host,
-                                                          port=settings.listen.port, mode_lookup=mode_lookup),
+                                                          port=settings.listen.port, mode_lookup=mode_lookup,
+                                                          body_encoder=body_encoder),
                            errors=(OSError, RuntimeError, ValueError))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -22,8 +22,11 @@ from rpcauthz.slack_outbox import SlackDelivery, SlackSpool
 from .api import create_app
 from .audit import AuditExporter, AuditShipper, JsonLinesExporter
 from .auth import TokenVerifier
+from .body_types import BodyEncoder
+from .broker_link import BrokerLink
 from .config import ApprovalsConfig
 from .dev_tokens import JWKS_PATH, DevTokens
+from .escalation import OnCallEscalation, with_routing_key
 from .service import ModeLookup
 from .slack import SlackNotifier
 
@@ -55,6 +58,8 @@ class ApprovalsServer:
     _owns_store: bool
     #: Where the server's own dev tokens' key set is served (``dev_login.issuer_key``), else None.
     dev_jwks_url: str | None = None
+    #: Further things to close last (the on-call escalation outbox).
+    closers: list[Any] = dataclasses.field(default_factory=list)
 
     def link(self, request_id: str) -> str:
         return self.app.state.link(request_id)
@@ -73,6 +78,8 @@ class ApprovalsServer:
             self.slack.close()
         if self.spool:
             self.spool.close()
+        for thing in self.closers:
+            thing.close()
         if self._owns_store:
             self.store.close()
 
@@ -88,7 +95,9 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                            dev_issuer: Any = None, exporters: Sequence[AuditExporter] = (),
                            slack_backoff: tuple[float, float] = (1.0, 300.0),
                            slack_timeout: float = 5.0, audit_interval: float = 1.0,
-                           audit_cursor_path: str | None = None) -> ApprovalsServer:
+                           audit_cursor_path: str | None = None,
+                           broker: BrokerLink | None = None,
+                           body_encoder: BodyEncoder | None = None) -> ApprovalsServer:
     """Start the approvals server in this process and return once it accepts connections.
 
     ``store`` defaults to ``open_store(config.store_url)``. ``mode_lookup`` tells the mode of
@@ -97,7 +106,8 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     ``mint``, e.g. ``devstack.devissuer.DevIssuer``) enables the dev-only sign-in when
     ``config.dev_login`` is set; with ``config.dev_login.issuer_key`` the server mints dev
     tokens itself and serves their JWKS at ``dev_jwks_url``. Dev login on without either is an
-    error, never a silently missing sign-in.
+    error, never a silently missing sign-in. ``broker`` (a ``mpa.broker_link.BrokerLink``)
+    puts credential requests in the web inbox.
     """
     import socket
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -129,10 +139,19 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                                            "audiences": (dev_issuer.audience,)})
         verifier = TokenVerifier(config.issuer, config.jwks_url, config.audiences,
                                  jwks=dev_issuer.jwks())
+    if broker is None and config.broker is not None:
+        try:
+            broker = BrokerLink.from_files(config.broker.address, config.broker.certificate,
+                                           config.broker.server_name)
+        except ValueError as e:
+            sock.close()
+            if owns:
+                store.close()
+            raise ValueError(f"broker.certificate: {e}") from None
     app = create_app(config, store, mode_lookup=mode_lookup, dev_issuer=dev_issuer,
-                     verifier=verifier)
+                     verifier=verifier, broker=broker, body_encoder=body_encoder)
 
-    all_exporters: list[AuditExporter] = list(exporters)
+    all_exporters: list[AuditExporter] = [*exporters, app.state.metrics]
     if config.audit_jsonl_path:
         all_exporters.append(JsonLinesExporter(config.audit_jsonl_path))
     spool = delivery = None
@@ -141,6 +160,20 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
         all_exporters.append(SlackNotifier(store, spool, app.state.link, config.slack_user_ids))
         delivery = SlackDelivery(spool, config.slack_webhook_url, timeout=slack_timeout,
                                  base_backoff=slack_backoff[0], max_backoff=slack_backoff[1]).start()
+    closers: list[Any] = []
+    if config.otel is not None:
+        from .otel_export import start_otlp_audit_export
+        otlp = start_otlp_audit_export(config.otel)
+        all_exporters.append(otlp)
+        closers.append(otlp)
+    if config.oncall_escalation is not None:
+        esc = config.oncall_escalation
+        esc_spool = SlackSpool(esc.spool_path or "mpa-oncall-spool.db")
+        all_exporters.append(OnCallEscalation(store, esc_spool, app.state.link))
+        paging = SlackDelivery(esc_spool, esc.url, timeout=slack_timeout,
+                               base_backoff=slack_backoff[0], max_backoff=slack_backoff[1])
+        paging.prepare = with_routing_key(esc.routing_key)  # never spooled
+        closers += [paging.start(), esc_spool]
     cursor = audit_cursor_path or (config.audit_jsonl_path + ".cursor" if config.audit_jsonl_path else None)
     shipper = AuditShipper(store, all_exporters, cursor_path=cursor).start(audit_interval)
 
@@ -158,6 +191,8 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
                 delivery.close()
             if spool:
                 spool.close()
+            for thing in closers:
+                thing.close()
             if owns:
                 store.close()
             raise RuntimeError(f"the approvals server did not start on {host}:{port}")
@@ -175,4 +210,4 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     sweeper.start()
     log.info("approvals server on http://%s:%d", host, port)
     return ApprovalsServer(f"http://{host}:{port}", port, config, store, app, shipper, delivery,
-                           spool, server, thread, stop, sweeper, owns, dev_jwks_url)
+                           spool, server, thread, stop, sweeper, owns, dev_jwks_url, closers)

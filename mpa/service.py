@@ -122,6 +122,22 @@ def approver_words(r: ApprovalRequest) -> str:
     return APPROVER_WORDS[r.mode].format(service=r.service)
 
 
+def routing_note(r: ApprovalRequest, eligible: Sequence[str]) -> str:
+    """What the requester must hear when too few people can approve ``r`` (else "")."""
+    if r.state is not RequestState.PENDING:
+        return ""
+    missing = r.required_approvals - len(r.approvals)
+    if len(eligible) >= missing:
+        return ""
+    if not eligible:
+        who = f"Nobody can approve this request now: it needs {approver_words(r)}, and nobody else holds that role."
+    else:
+        who = (f"Only {len(eligible)} people can approve this request now "
+               f"({', '.join(eligible)}) and it needs {missing} more approvals.")
+    return (who + " Ask an operator to grant the role (mpactl grants add, or the service's "
+                  "owners in the catalog), or withdraw the request.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Permissions:
     """What the viewer may do with a request, and if not, why not (for page and API)."""
@@ -155,6 +171,10 @@ class ApprovalService:
             if self._grants is None or self._grants.revision != revision:
                 self._grants = GrantSet(self.store.list_grants(), revision)
             return self._grants
+
+    def eligible(self, r: ApprovalRequest) -> tuple[str, ...]:
+        """Who may still approve ``r`` now, from the current grants."""
+        return policy.eligible_approvers(r, self.grants(), self.clock())
 
     # --- reading --------------------------------------------------------------------------
     def get(self, request_id: str) -> ApprovalRequest:
@@ -243,8 +263,11 @@ class ApprovalService:
                ) -> tuple[ApprovalRequest, bool]:
         """Open a request with a reason, or give the reason for the same-scope pending one.
 
-        Returns (request, created). An existing pending request for the same scope is reused,
-        and if the gateway opened it, this completes it with the reason.
+        Returns (request, created). The request carries the narrowest of policy and requester:
+        an existing pending request for the same scope that nobody approved yet is reused and
+        its limits narrowed to what the requester asks (never widened); if the gateway opened
+        it, this also completes it with the reason. If somebody already approved it, a
+        narrower ask opens a request of its own.
         """
         self._check_reason(reason)
         approval_ttl = self._approval_ttl(duration)
@@ -256,32 +279,63 @@ class ApprovalService:
             required_approvals=self.rules.required_approvals(target.service, mode),
             max_uses=max_uses, origin="user")
         r, created = self.store.get_or_create_pending(fresh, actor=requester)
-        if not created and awaiting_reason(r):
-            r = self.complete(r.id, requester, reason=reason, incident=incident)
-        return r, created
+        if created:
+            return r, True
+        if r.approvals:
+            if narrower_than(fresh, r, duration is not None):
+                return self.store.create_request(fresh, actor=requester), True
+            return r, False
+        asked = approval_ttl if duration is not None else None
+        if awaiting_reason(r):
+            return self.complete(r.id, requester, reason=reason, incident=incident,
+                                 approval_ttl=asked, max_uses=max_uses), False
+        return self.narrow(r.id, requester, approval_ttl=asked, max_uses=max_uses), False
+
+    def narrow(self, request_id: str, actor: str, *, approval_ttl: timedelta | None = None,
+               max_uses: int | None = None, body_sha256: str | None = None) -> ApprovalRequest:
+        """Tighten a pending request's limits (audited as ``request.narrowed`` when it changed)."""
+        r = self.get(request_id)
+        now = self.clock()
+        if policy.narrow(r, actor, now, approval_ttl=approval_ttl, max_uses=max_uses,
+                         body_sha256=body_sha256) == r:
+            return r
+        return self.store.update_request(
+            request_id, lambda cur: policy.narrow(cur, actor, now, approval_ttl=approval_ttl,
+                                                  max_uses=max_uses, body_sha256=body_sha256),
+            actor=actor, kind="request.narrowed", reason=limits_words(approval_ttl, max_uses))
 
     def open_gateway_request(self, requester: str, target: Target,
                              body_sha256: str | None) -> ApprovalRequest | None:
-        """The requester's pending gateway-opened request for exactly this scope, if any."""
+        """The requester's pending gateway-opened request this ask can complete, if any: the
+        same scope, or any call when the ask binds one body (completing narrows it to that)."""
         now = self.clock()
         for r in self.store.find_requests(requester=requester, service=target.service,
                                           method=target.method, states=[RequestState.PENDING]):
-            if awaiting_reason(r) and r.body_sha256 == body_sha256 and now < r.expires_at:
+            if (awaiting_reason(r) and r.body_sha256 in (body_sha256, None)
+                    and now < r.expires_at):
                 return r
         return None
 
     def complete(self, request_id: str, actor: str, *, reason: str,
-                 incident: str | None = None) -> ApprovalRequest:
-        """The requester gives the reason for a request the gateway opened."""
+                 incident: str | None = None, approval_ttl: timedelta | None = None,
+                 max_uses: int | None = None, body_sha256: str | None = None) -> ApprovalRequest:
+        """The requester gives the reason for a request the gateway opened, and may narrow its
+        limits (shorter approval, fewer uses, one exact body) in the same step."""
         self._check_reason(reason)
         check_length("incident", incident, MAX_INCIDENT)
+        if approval_ttl is not None:
+            approval_ttl = self._approval_ttl(approval_ttl)
         r = self.get(request_id)
         if not awaiting_reason(r) and r.state is RequestState.PENDING and actor == r.requester:
             raise AlreadyDecided(f"request {r.id} already has its reason")
         now = self.clock()
-        return self.store.update_request(
-            request_id, lambda cur: policy.complete(cur, actor, now, reason=reason, incident=incident),
-            actor=actor, kind="request.completed", reason=reason.strip())
+
+        def change(cur: ApprovalRequest) -> ApprovalRequest:
+            done = policy.complete(cur, actor, now, reason=reason, incident=incident)
+            return policy.narrow(done, actor, now, approval_ttl=approval_ttl, max_uses=max_uses,
+                                 body_sha256=body_sha256)
+        return self.store.update_request(request_id, change, actor=actor,
+                                         kind="request.completed", reason=reason.strip())
 
     def approve(self, request_id: str, approver: str, comment: str = "") -> ApprovalRequest:
         """Record an approval; the request is APPROVED once it has enough distinct approvers."""
@@ -376,11 +430,27 @@ class ApprovalService:
         return duration
 
 
+def narrower_than(ask: ApprovalRequest, r: ApprovalRequest, ttl_asked: bool) -> bool:
+    """Does ``ask`` limit anything more tightly than ``r`` does?"""
+    return ((ttl_asked and ask.approval_ttl < r.approval_ttl)
+            or policy.narrowest_uses(ask.max_uses, r.max_uses) != r.max_uses)
+
+
+def limits_words(approval_ttl: timedelta | None, max_uses: int | None) -> str:
+    """The limits a requester asked for, in words for the audit log."""
+    parts = []
+    if approval_ttl is not None:
+        parts.append(f"approval lasts at most {int(approval_ttl.total_seconds())} s")
+    if max_uses is not None:
+        parts.append(f"at most {max_uses} call{'s' if max_uses != 1 else ''}")
+    return "; ".join(parts) or "limits asked"
+
+
 def new_request_id() -> str:
     """An unguessable request id (it appears in links)."""
     return uuid.uuid4().hex
 
 
 __all__ = ["ApprovalService", "AwaitingReason", "MODE_EXPLANATIONS", "ModeLookup", "ModeUnavailable",
-           "Permissions", "approver_words", "awaiting_reason", "lazy_modes", "modes_from_source",
-           "static_modes"]
+           "Permissions", "approver_words", "awaiting_reason", "routing_note", "lazy_modes", "limits_words",
+           "modes_from_source", "narrower_than", "static_modes"]

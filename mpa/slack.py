@@ -16,12 +16,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from policy import ApprovalRequest, UnknownRequest
+from policy import ApprovalRequest, GrantSet, UnknownRequest, eligible_approvers
 from policy.audit import AuditEvent
 from policy.store import Store
 from rpcauthz.slack_outbox import SlackSpool, escape_mrkdwn
 
-from .service import MODE_EXPLANATIONS, awaiting_reason
+from .service import MODE_EXPLANATIONS, awaiting_reason, routing_note, utcnow
+
+#: At most this many reviewers are mentioned by name in one message.
+MAX_MENTIONS = 15
 
 log = logging.getLogger("mpa.slack")
 
@@ -113,6 +116,17 @@ class SlackNotifier:
             fields.append({"type": "mrkdwn", "text": f"*Incident*\n{escape_mrkdwn(r.incident)}"})
         if r.body_sha256:
             fields.append({"type": "mrkdwn", "text": f"*Scope*\nbody sha256 `{r.body_sha256[:16]}…`"})
+        view = self.store.get_body_view(r.id) if r.body_sha256 else None
+        eligible = eligible_approvers(r, GrantSet(self.store.list_grants()), utcnow())
+        if eligible:
+            names = ", ".join(self._who(p) for p in eligible[:MAX_MENTIONS])
+            more = len(eligible) - MAX_MENTIONS
+            reviewers = f"*Can approve*: {names}" + (f" and {more} more" if more > 0 else "")
+        else:
+            reviewers = ""
+        note = routing_note(r, eligible)
+        if note:
+            reviewers = (reviewers + "\n" if reviewers else "") + f":warning: {escape_mrkdwn(note)}"
         need = f"{r.required_approvals} approvals" if r.required_approvals > 1 else "1 approval"
         return {
             "text": f"{escape_mrkdwn(r.requester)} asks for approval to call {rpc}: {escape_mrkdwn(r.reason)}",
@@ -123,6 +137,9 @@ class SlackNotifier:
                     f"{escape_mrkdwn(MODE_EXPLANATIONS[r.mode])}"}},
                 {"type": "section", "fields": fields},
                 {"type": "section", "text": {"type": "mrkdwn", "text": f"*Reason*\n>{escape_mrkdwn(r.reason)}"}},
+                *([{"type": "section", "text": {"type": "mrkdwn", "text": reviewers}}] if reviewers else []),
+                *([{"type": "section", "text": {"type": "mrkdwn", "text":
+                    f"*The call*\n```{escape_mrkdwn(view[:2500])}```"}}] if view else []),
                 {"type": "actions", "elements": [{
                     "type": "button", "style": "primary", "url": link, "action_id": "open_request",
                     "text": {"type": "plain_text", "text": "Review request"}}]},

@@ -64,9 +64,10 @@ STORE_HELP = ("Store holding the audit events, e.g. sqlite:///var/lib/rpcauthz/s
 
 
 def _load_usage(store_url: str | None, service: str, days: float):
-    """(usage by method, grants) from the store, or ({}, None) without a store."""
+    """(usage by method, grants) from the store, or (None, None) without a store: no data,
+    which is not the same as no calls."""
     if not store_url:
-        return {}, None
+        return None, None
     from policy import GrantSet, StoreError
     from policy.stores import open_store
 
@@ -86,6 +87,7 @@ def _load_usage(store_url: str | None, service: str, days: float):
 
 
 _CHOICES = [m for m in Mode if m is not Mode.UNSPECIFIED]
+NO_USAGE_DATA = "no usage data (give --store or set RPCAUTHZ_STORE_URL to see recent calls)"
 
 
 def _impact(step, service: str, grants) -> dict:
@@ -110,7 +112,7 @@ def _ask(step, index: int, total: int, service: str = "", grants=None) -> Mode |
     typer.echo("")
     typer.echo(f"[{index}/{total}] rpc {r.method}   ({r.path}:{r.line})")
     typer.echo(f"  current:   {describe_current(step)}")
-    typer.echo(f"  usage:     {step.usage.line()}")
+    typer.echo(f"  usage:     {step.usage.line() if grants is not None else NO_USAGE_DATA}")
     typer.echo(f"  suggested: {step.suggestion.name} ({step.reason})")
     impact = _impact(step, service, grants)
     if impact:

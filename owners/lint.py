@@ -5,12 +5,22 @@ An RPC passes when it has its own ``humans_who_can_rpc`` option, or its service 
 to the configured default (``BREAK_GLASS_ONLY`` out of the box), which is safe but almost
 never what the owners meant. Findings print compiler-style (``file:line:col: message``) so
 editors and CI annotate them; ``--format json`` prints the same as JSON.
+
+A reviewed finding is accepted with a comment right above the ``rpc`` (or on its line), or
+right above its ``service`` for every RPC of it::
+
+    // mpactl-lint: allow missing-option: served over TLS passthrough, never via ext_authz
+
+The reason is required (at least ``MIN_REASON`` characters): a suppression without one is
+itself a finding (``suppression-without-reason``). Suppressed findings are not failures; they
+are listed with their reasons (``suppressed`` in ``--format json``) so reviews can see them.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +33,9 @@ from .proto_source import ProtoError, collect_proto_files, compile_protos
 #: unreachable = the --reflect endpoint cannot be reached).
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_UNREACHABLE = (ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE,
                                                         ExitCode.UNREACHABLE)
+#: Shortest accepted reason in a suppression comment.
+MIN_REASON = 10
+_ALLOW = re.compile(r"//\s*mpactl-lint:\s*allow\s+([a-z][a-z-]*)\s*(?::\s*(.*?))?\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,8 @@ class LintReport:
     error: str | None = None
     #: The error is that the --reflect endpoint could not be reached (not bad input).
     unreachable: bool = False
+    #: (finding, reason) for reviewed findings accepted with a suppression comment.
+    suppressed: list[tuple[Finding, str]] = dataclasses.field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -61,7 +76,9 @@ class LintReport:
 
     def to_json(self) -> dict:
         return {"files": self.files, "rpcs": self.rpcs, "error": self.error,
-                "findings": [dataclasses.asdict(f) for f in self.findings]}
+                "findings": [dataclasses.asdict(f) for f in self.findings],
+                "suppressed": [{**dataclasses.asdict(f), "reason": why}
+                               for f, why in self.suppressed]}
 
     def render(self, fmt: str = "text") -> str:
         """The report as ``text`` (compiler style, one finding a line) or ``json``."""
@@ -70,10 +87,19 @@ class LintReport:
         if self.error:
             return self.error
         lines = [str(f) for f in self.findings]
+        lines += [f"{f.file}:{f.line}:{f.column}: note: {f.code} in {f.service}.{f.method} "
+                  f"suppressed: {why}" for f, why in self.suppressed]
         where = f" in {self.files} files" if self.files else ""
-        lines.append(f"{len(self.findings)} of {self.rpcs} RPCs{where} "
-                     "have no humans_who_can_rpc option" if self.findings
-                     else f"ok: all {self.rpcs} RPCs{where} declare humans_who_can_rpc")
+        accepted = (f"; {len(self.suppressed)} findings accepted with a reason"
+                    if self.suppressed else "")
+        if self.findings:
+            lines.append(f"{len(self.findings)} of {self.rpcs} RPCs{where} have no "
+                         f"humans_who_can_rpc option{accepted}")
+        elif self.suppressed:
+            lines.append(f"ok: {self.rpcs} RPCs{where}: {self.rpcs - len(self.suppressed)} declare "
+                         f"humans_who_can_rpc{accepted}")
+        else:
+            lines.append(f"ok: all {self.rpcs} RPCs{where} declare humans_who_can_rpc")
         return "\n".join(lines)
 
 
@@ -101,13 +127,55 @@ def lint_paths(paths: Sequence[str | os.PathLike], includes: Sequence[str | os.P
         tree = compile_protos(files, roots)
     except ProtoError as e:
         return LintReport([], error=str(e))
-    findings = []
+    findings: list[Finding] = []
+    suppressed: list[tuple[Finding, str]] = []
     rpcs = tree.rpcs()
+    sources: dict[Path, list[str]] = {}
     for r in rpcs:
         if r.method_mode is None and r.service_mode is None:
             code, msg = _missing_message(r.service, r.method, r.method_option_raw, default)
-            findings.append(Finding(str(r.path), r.line, r.column, r.service, r.method, msg, code))
-    return LintReport(findings, files=len(files), rpcs=len(rpcs))
+            finding = Finding(str(r.path), r.line, r.column, r.service, r.method, msg, code)
+            if r.path not in sources:
+                sources[r.path] = r.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines = sources[r.path]
+            allow = _allowance(lines, r.line, code) or _allowance(
+                lines, _service_line(lines, r.service), code)
+            if allow is None:
+                findings.append(finding)
+            elif len(allow[1]) < MIN_REASON:
+                findings.append(Finding(
+                    str(r.path), allow[0], 1, r.service, r.method,
+                    f"suppression of {code} for {r.service}.{r.method} gives no reason: write "
+                    f"`// mpactl-lint: allow {code}: WHY` (at least {MIN_REASON} characters)",
+                    "suppression-without-reason"))
+            else:
+                suppressed.append((finding, allow[1]))
+    return LintReport(findings, files=len(files), rpcs=len(rpcs), suppressed=suppressed)
+
+
+def _service_line(lines: Sequence[str], service: str) -> int:
+    """1-based line of ``service Name {`` (0 when not found)."""
+    pattern = re.compile(rf"^\s*service\s+{re.escape(service.rsplit('.', 1)[-1])}\b")
+    return next((i + 1 for i, text in enumerate(lines) if pattern.match(text)), 0)
+
+
+def _allowance(lines: Sequence[str], line: int, code: str) -> tuple[int, str] | None:
+    """(line, reason) of a ``// mpactl-lint: allow CODE`` comment on ``line`` (1-based) or in
+    the comment lines right above it; None when there is none."""
+    if line < 1:
+        return None
+    candidates = [line]
+    i = line - 1
+    while i >= 1 and lines[i - 1].strip().startswith("//"):
+        candidates.append(i)
+        i -= 1
+    for n in candidates:
+        text = lines[n - 1]
+        at = text.find("//")
+        m = _ALLOW.search(text[at:]) if at >= 0 else None
+        if m and m.group(1) == code:
+            return n, (m.group(2) or "").strip()
+    return None
 
 
 def lint_service_modes(modes, where: str, default: Mode = DEFAULT_MODE) -> LintReport:

@@ -37,6 +37,7 @@ from .proto_source import (
     SourceFile,
     compile_protos,
     file_spans,
+    guess_root,
     offset_of,
 )
 from .usage import MethodUsage
@@ -90,7 +91,9 @@ def suggest(method: str, usage: MethodUsage | None = None) -> tuple[Mode, str]:
     if verb in _WRITE_VERBS:
         return Mode.CONTRIBUTORS_WITH_APPROVAL, f"'{verb}' changes state"
     if verb in _READ_VERBS:
-        n = usage.engineers if usage else 0
+        if usage is None:
+            return Mode.CONTRIBUTORS_WITHOUT_APPROVAL, f"'{verb}' reads; no usage data"
+        n = usage.engineers
         if n >= WIDE_USE:
             return Mode.ENGINEERS_WITHOUT_APPROVAL, f"'{verb}' reads, and {n} engineers used it"
         return (Mode.CONTRIBUTORS_WITHOUT_APPROVAL,
@@ -124,8 +127,16 @@ def find_service(service: str, root: Path, includes: Sequence[Path] = ()) -> Fou
     if not candidates:
         raise MigrateError(f"unknown service {service!r}: no .proto under {root} declares "
                            f"`service {bare}`")
+    # Each file's own import root (where its package's folders begin, e.g. proto/ for
+    # proto/rpcauthz/demo/v1/ledger.proto) comes before --root, so `--root .` from a
+    # checkout's top finds the names its imports use.
+    own_roots = []
+    for c in candidates:
+        guessed = guess_root(c)
+        if guessed != c.resolve().parent and guessed not in own_roots:
+            own_roots.append(guessed)
     try:
-        tree = compile_protos(candidates, [*includes, root])
+        tree = compile_protos(candidates, [*includes, *own_roots, root])
     except ProtoError as e:
         raise MigrateError(str(e)) from None
     matches = [(f, name) for f, name in tree.services()
@@ -164,9 +175,10 @@ def plan(found: Found, usage: Mapping[str, MethodUsage] | None = None,
     """One ``Step`` per RPC of the service, in file order."""
     steps = []
     for r in found.rpcs:
-        u = (usage or {}).get(r.method) or MethodUsage(r.method)
+        known = None if usage is None else usage.get(r.method) or MethodUsage(r.method)
+        u = known or MethodUsage(r.method)
         mode, source = r.resolved(default)
-        sug, why = suggest(r.method, u)
+        sug, why = suggest(r.method, known)
         steps.append(Step(r, mode, source, u, sug, why))
     return steps
 

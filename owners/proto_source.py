@@ -217,14 +217,18 @@ def compile_protos(files: Sequence[Path], includes: Sequence[Path] = (),
             # as a compiled descriptor; source files found on the include path still win.
             extra_args.append(f"--descriptor_set_in={_write_options_descriptor(Path(tmp))}")
         out = Path(tmp) / "set.pb"
-        args = [*(f"-I{p}" for p in search + [t for t in tail if t not in search]), *extra_args,
+        # Absolute -I paths and protoc run from the empty temporary directory: an input name
+        # that also happens to be a path from the caller's directory (proto/x.proto under
+        # --root .) would otherwise be read from disk and "shadowed" by the overlay.
+        args = [*(f"-I{Path(p).resolve()}" for p in search + [t for t in tail if t not in search]),
+                *extra_args,
                 "--include_imports", "--include_source_info", f"--descriptor_set_out={out}",
                 *(name for _, name in names)]
         # protoc reads arguments from @FILE, one a line: no command-line limit on big trees.
         argfile = Path(tmp) / "args.txt"
         argfile.write_text("\n".join(args) + "\n", encoding="utf-8")
         argv = [sys.executable, "-m", "grpc_tools.protoc", f"@{argfile}"]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp)
         if proc.returncode != 0 or not out.exists():
             raise _protoc_error(proc.stderr or proc.stdout, roots, names)
         fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())

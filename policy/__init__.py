@@ -4,12 +4,16 @@ Nothing in this package's core does I/O; stores live in ``policy.stores``.
 """
 from .decide import (
                      approve,
+                     approvers_for,
                      cancel,
                      complete,
                      decide,
+                     eligible_approvers,
                      expire,
                      may_approve,
                      may_request,
+                     narrow,
+                     narrowest_uses,
                      open_request,
                      reject,
                      usable_approval,
@@ -34,7 +38,7 @@ __all__ = [
     "Approval", "ApprovalRequest", "AlreadyDecided", "DEFAULT_MODE", "Decision", "Grant",
     "GrantSet", "InvalidRequest", "Mode", "NotEligible", "Outcome", "PolicyError",
     "RequestClosed", "RequestExpired", "RequestState", "Role", "SelfApproval", "StoreError",
-    "Target", "UnknownRequest", "approve", "cancel", "complete", "decide", "expire",
-    "may_approve", "may_request", "open_request", "reject", "resolve_mode", "usable_approval",
+    "Target", "UnknownRequest", "approve", "approvers_for", "cancel", "complete", "decide", "eligible_approvers", "expire",
+    "may_approve", "may_request", "narrow", "narrowest_uses", "open_request", "reject", "resolve_mode", "usable_approval",
     "use",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 #: The kinds of event the system writes. Stable strings: dashboards key on them.
 KINDS = frozenset({
-    "request.created", "request.completed", "request.approved", "request.approval_recorded",
+    "request.created", "request.completed", "request.narrowed", "request.approved", "request.approval_recorded",
     "request.rejected", "request.cancelled", "request.expired", "request.used",
     "decision.allow", "decision.allow_with_approval", "decision.deny",
     "decision.approval_required", "decision.error", "break_glass.used",

@@ -54,6 +54,23 @@ def may_approve(approver: str, request: ApprovalRequest, grants: GrantSet, now: 
     return may_request(approver, request.service, request.mode, grants, now)
 
 
+def approvers_for(requester: str, service: str, mode: Mode, grants: GrantSet,
+                  now: datetime) -> tuple[str, ...]:
+    """Everyone who could approve ``requester``'s request for ``service`` in ``mode`` now, from
+    the grants (sorted). Empty means nobody can: the requester should hear so at once."""
+    if not mode.needs_approval:
+        return ()
+    people = sorted({g.principal for g in grants})
+    return tuple(p for p in people
+                 if p != requester and may_request(p, service, mode, grants, now))
+
+
+def eligible_approvers(r: ApprovalRequest, grants: GrantSet, now: datetime) -> tuple[str, ...]:
+    """Who may still approve ``r`` now: eligible, not the requester, not already approved."""
+    return tuple(p for p in approvers_for(r.requester, r.service, r.mode, grants, now)
+                 if p not in r.approvers)
+
+
 def decide(principal: str, target: Target, mode: Mode, grants: GrantSet,
            requests: Iterable[ApprovalRequest], now: datetime,
            body_sha256: str | None = None) -> Decision:
@@ -211,6 +228,38 @@ def complete(r: ApprovalRequest, actor: str, now: datetime, *, reason: str,
     if MODE_FACTS[r.mode].incident_required and incident is None:
         raise InvalidRequest(f"request {r.id} is break-glass: give an incident reference")
     return dataclasses.replace(r, reason=reason.strip(), incident=incident, origin="user")
+
+
+def narrowest_uses(a: int | None, b: int | None) -> int | None:
+    """The smaller of two use limits, where ``None`` means unlimited."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def narrow(r: ApprovalRequest, actor: str, now: datetime, *,
+           approval_ttl: timedelta | None = None, max_uses: int | None = None,
+           body_sha256: str | None = None) -> ApprovalRequest:
+    """The requester tightens the limits of their pending, not yet approved request.
+
+    Each limit becomes the narrower of what the request carries and what is asked: a shorter
+    approval, fewer uses, or (for a request not bound to a body) one exact body. A limit asked
+    wider than the request's is kept as it is: narrowing never widens. Once anybody approved,
+    the limits they saw are final; the requester opens a new request instead.
+    """
+    if actor != r.requester:
+        raise NotEligible(f"only {r.requester} can change the limits of request {r.id}")
+    _require_pending(r, now)
+    if r.approvals:
+        raise AlreadyDecided(f"request {r.id} already has approvals; its limits are final")
+    if body_sha256 is not None and r.body_sha256 not in (None, body_sha256):
+        raise InvalidRequest(f"request {r.id} is bound to another body")
+    return dataclasses.replace(
+        r, approval_ttl=min(r.approval_ttl, approval_ttl) if approval_ttl else r.approval_ttl,
+        max_uses=narrowest_uses(r.max_uses, max_uses),
+        body_sha256=r.body_sha256 or body_sha256)
 
 
 def use(r: ApprovalRequest, now: datetime) -> ApprovalRequest:

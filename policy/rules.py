@@ -91,6 +91,22 @@ _APPROVED = "approved by {approvers} (request {request_id})"
 _NEEDS = "{target} is {mode}: it needs {needs}"
 _OPEN_THE_LINK = ("Open the link, give your reason{incident_words}, ask {approver_advice} to "
                   "approve (mpa approve {request_id}), then repeat the call")
+_NOBODY = ("Nobody can approve this request now: no {approver_role} other than you holds that "
+           "role; ask an operator to grant it (mpactl grants add, or the service's owners in "
+           "the catalog), then open the link")
+
+
+def _open_the_link(f: Mapping[str, object]) -> str:
+    """What to do next; when nobody could approve (fact ``nobody_can_approve``), say so now."""
+    if f.get("nobody_can_approve"):
+        try:  # derived lazily by words(): index, do not .get()
+            role = str(f["approver_advice"]).removeprefix("another ")
+        except KeyError:
+            role = "approver"
+        return _NOBODY.format_map({**f, "approver_role": role})
+    return _OPEN_THE_LINK.format_map(f)
+
+
 _STORE_ADVICE = "retry shortly; the gateway's store needs attention"
 _REFLECTION = "cannot learn the mode of {target}: {detail}"
 _REFLECTION_ADVICE = ("retry shortly; if it persists, the service's reflection endpoint needs "
@@ -115,9 +131,9 @@ WORDING: Mapping[Rule, Wording] = {
     Rule.ENGINEERS_WITH_APPROVAL_APPROVED: Wording(_APPROVED),
     Rule.CONTRIBUTORS_WITH_APPROVAL_APPROVED: Wording(_APPROVED),
     Rule.BREAK_GLASS_ONLY_APPROVED: Wording(_APPROVED),
-    Rule.ENGINEERS_WITH_APPROVAL_APPROVAL_REQUIRED: Wording(_NEEDS, _OPEN_THE_LINK),
-    Rule.CONTRIBUTORS_WITH_APPROVAL_APPROVAL_REQUIRED: Wording(_NEEDS, _OPEN_THE_LINK),
-    Rule.BREAK_GLASS_ONLY_APPROVAL_REQUIRED: Wording(_NEEDS, _OPEN_THE_LINK),
+    Rule.ENGINEERS_WITH_APPROVAL_APPROVAL_REQUIRED: Wording(_NEEDS, _open_the_link),
+    Rule.CONTRIBUTORS_WITH_APPROVAL_APPROVAL_REQUIRED: Wording(_NEEDS, _open_the_link),
+    Rule.BREAK_GLASS_ONLY_APPROVAL_REQUIRED: Wording(_NEEDS, _open_the_link),
     Rule.IDENTITY_UNVERIFIED: Wording(
         "{detail}", "log in (mpa login) and send your token as 'authorization: Bearer ...'"),
     Rule.TARGET_BAD_PATH: Wording("{detail}", "call a gRPC method as /package.Service/Method"),

@@ -82,6 +82,12 @@ class Store(Protocol):
         (a ``PolicyError``), nothing is written and the error propagates.
         """
 
+    def put_body_view(self, request_id: str, view: str) -> None:
+        """Keep the approver's view (decoded, redacted JSON) of a body-bound request's call."""
+
+    def get_body_view(self, request_id: str) -> str | None:
+        """The view ``put_body_view`` kept for ``request_id``, or None."""
+
     # --- audit ----------------------------------------------------------------------------
     def append_audit(self, event: AuditEvent) -> None:
         """Write one audit event durably."""

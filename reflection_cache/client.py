@@ -181,14 +181,21 @@ class ReflectionClient:
 
     async def fetch(self, service: str, endpoint: str, *, deadline: float | None = None) -> ServiceModes:
         """The options ``service`` declares, asked of the reflection service at ``endpoint``."""
+        where = f"service {service} at reflection endpoint {endpoint}"
+        files = await self.fetch_files(service, endpoint, deadline=deadline)
+        return read_modes(service, files, where)
+
+    async def fetch_files(self, service: str, endpoint: str, *, deadline: float | None = None
+                          ) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+        """The files declaring ``service`` and their imports, as reflection returned them
+        (``build_pool`` turns them into a descriptor pool, e.g. to read a method's input type)."""
         budget = self.deadline if deadline is None else deadline
         where = f"service {service} at reflection endpoint {endpoint}"
         try:
             async with asyncio.timeout(budget):
-                files = await self._files_by_protocol(service, endpoint, budget, where)
+                return await self._files_by_protocol(service, endpoint, budget, where)
         except TimeoutError:
             raise ReflectionUnavailable(f"{where}: no answer within the {budget:g}s deadline") from None
-        return read_modes(service, files, where)
 
     async def _files_by_protocol(self, service: str, endpoint: str, budget: float,
                                  where: str) -> dict[str, descriptor_pb2.FileDescriptorProto]:

@@ -24,6 +24,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -110,8 +111,10 @@ class SlackDelivery:
     def __init__(self, spool: SlackSpool, webhook_url: str, *, timeout: float = 5.0,
                  base_backoff: float = 1.0, max_backoff: float = 300.0, poll: float = 0.5,
                  answer_timeout: float = 30.0) -> None:
-        """``timeout`` bounds connecting and sending; ``answer_timeout`` the wait for Slack's
-        answer once the whole message was sent (see the module docstring)."""
+        """Any JSON webhook that answers 2xx works (Slack, PagerDuty Events v2). ``timeout``
+        bounds connecting and sending; ``answer_timeout`` the wait for the answer once the whole
+        message was sent (see the module docstring). Set ``prepare`` to add what must not be
+        spooled (e.g. a routing key) just before posting."""
         if not webhook_url.startswith(("https://", "http://")):
             raise ValueError("the Slack webhook URL must be an http(s) URL")
         self.spool = spool
@@ -121,6 +124,7 @@ class SlackDelivery:
         self.base_backoff = base_backoff
         self.max_backoff = max_backoff
         self.poll = poll
+        self.prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,6 +159,8 @@ class SlackDelivery:
         return sent
 
     def _post(self, payload: dict[str, Any]) -> tuple[bool, str, float | None]:
+        if self.prepare is not None:
+            payload = self.prepare(payload)
         # http.client rather than a client library: nothing here may log the URL (the secret),
         # and sending and waiting for the answer need different timeouts.
         url = urlsplit(self._url)

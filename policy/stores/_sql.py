@@ -24,9 +24,29 @@ _REQ_COLS = ", ".join(codec.REQUEST_COLUMNS)
 _REQ_VALUES = ", ".join(f"%({c})s" for c in codec.REQUEST_COLUMNS)
 #: What a transition may change; identity and scope are fixed at creation.
 _MUTABLE = ("reason", "incident", "uses", "state", "approvals", "valid_until", "closed_by",
-            "closed_at", "close_reason", "origin", "expires_at")
-_IMMUTABLE = ("id", "requester", "service", "method", "mode", "created_at", "body_sha256",
-              "required_approvals", "max_uses", "approval_ttl")
+            "closed_at", "close_reason", "origin", "expires_at", "body_sha256", "max_uses",
+            "approval_ttl_us")
+_IMMUTABLE = ("id", "requester", "service", "method", "mode", "created_at", "required_approvals")
+#: Limits a transition may only narrow, and only before anybody approved (``policy.narrow``).
+_NARROWABLE = ("body_sha256", "max_uses", "approval_ttl")
+
+
+def _only_narrowed(old: ApprovalRequest, new: ApprovalRequest) -> list[str]:
+    """The limits ``new`` changed in a way ``policy.narrow`` never would (empty if none)."""
+    changed = [f for f in _NARROWABLE if getattr(new, f) != getattr(old, f)]
+    if not changed:
+        return []
+    if old.state is not RequestState.PENDING or old.approvals:
+        return changed
+    bad = []
+    if old.body_sha256 != new.body_sha256 and old.body_sha256 is not None:
+        bad.append("body_sha256")
+    if old.max_uses != new.max_uses and (new.max_uses is None or
+                                         (old.max_uses is not None and new.max_uses > old.max_uses)):
+        bad.append("max_uses")
+    if new.approval_ttl > old.approval_ttl:
+        bad.append("approval_ttl")
+    return bad
 _AUDIT_COLS = ", ".join(codec.AUDIT_COLUMNS)
 _AUDIT_VALUES = ", ".join(f"%({c})s" for c in codec.AUDIT_COLUMNS)
 # An event id the store already holds is skipped: replaying a spool of events is idempotent.
@@ -215,6 +235,21 @@ class SqlStore(abc.ABC):
                     "required_approvals": request.required_approvals,
                     "max_uses": request.max_uses}))
 
+    def put_body_view(self, request_id: str, view: str) -> None:
+        """Keep the approver's view of a body-bound request's call (first one wins)."""
+        with self._tx(write=True) as cur:
+            if cur.execute("SELECT 1 FROM request_bodies WHERE request_id = %(id)s",
+                           {"id": request_id}).fetchone() is None:
+                cur.execute("INSERT INTO request_bodies (request_id, view) VALUES (%(id)s, %(v)s)",
+                            {"id": request_id, "v": view})
+
+    def get_body_view(self, request_id: str) -> str | None:
+        """The view ``put_body_view`` kept, or None."""
+        with self._tx(write=False) as cur:
+            row = cur.execute("SELECT view FROM request_bodies WHERE request_id = %(id)s",
+                              {"id": request_id}).fetchone()
+        return None if row is None else str(row["view"])
+
     def get_request(self, request_id: str) -> ApprovalRequest:
         """The request with this id; raises ``UnknownRequest`` if there is none."""
         with self._tx(write=False) as cur:
@@ -274,8 +309,9 @@ class SqlStore(abc.ABC):
 
         If ``change`` raises, nothing is written and the error propagates. If it returns
         the request unchanged (``expire`` on a live request), nothing is written and no
-        audit event is recorded. A transition may not change the request's identity or
-        scope (id, requester, service, method, mode, body digest, limits).
+        audit event is recorded. A transition may not change the request's identity
+        (id, requester, service, method, mode, required approvals); it may narrow its limits
+        (body digest, uses, approval duration) only while pending with no approvals.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown audit event kind {kind!r}")
@@ -289,6 +325,7 @@ class SqlStore(abc.ABC):
             if not isinstance(new, ApprovalRequest):
                 raise TypeError(f"transition returned {type(new).__name__}, not an ApprovalRequest")
             changed = [f for f in _IMMUTABLE if getattr(new, f) != getattr(old, f)]
+            changed += _only_narrowed(old, new)
             if changed:
                 raise ValueError(f"a transition may not change {', '.join(changed)} of request {request_id}")
             if new == old:

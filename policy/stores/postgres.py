@@ -94,6 +94,11 @@ CREATE INDEX IF NOT EXISTS requests_state_created ON requests (state, created_at
 CREATE INDEX IF NOT EXISTS requests_requester_created ON requests (requester, created_at, seq);
 CREATE INDEX IF NOT EXISTS requests_pending_expiry ON requests (expires_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WHERE state = 'approved';
+-- What a body-bound request's call does, as the approver reads it (decoded, redacted, capped).
+CREATE TABLE IF NOT EXISTS request_bodies (
+    request_id TEXT PRIMARY KEY,
+    view       TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq        bigserial PRIMARY KEY,
     id         text NOT NULL UNIQUE,

@@ -73,38 +73,54 @@ def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
             if line.strip() == "ready":
                 break
         assert lines and lines[-1] == "ready", "\n".join(lines)
-        commands: dict[str, list[str]] = {}
+        ordered = []  # every printed walk-through command, in the order printed
         kind = None
         for ln in lines:
             m = re.match(r"\s+# \[(\w+)\]", ln)
             if m:
                 kind = m.group(1)
-            elif ln.strip().startswith("mpactl ") and kind:
-                commands.setdefault(kind, []).append(ln.strip())
-
-        allow = run_printed(commands["allow"][0])
-        assert allow.returncode == 0 and "status: OK" in allow.stdout, allow.stdout + allow.stderr
-
-        deny = run_printed(commands["deny"][0])
-        assert deny.returncode == 1 and "PERMISSION_DENIED" in deny.stdout
-        assert "not a contributor" in deny.stdout and "x-mpa-request-url" not in deny.stdout
-        as_json = run_printed(commands["deny"][0] + " --json")
-        assert as_json.returncode == 1, as_json.stderr
-        denied = json.loads(as_json.stdout)
-        assert set(denied) == {"status", "code", "message", "request_url", "replies"}
-        assert (denied["status"], denied["code"], denied["request_url"]) == ("PERMISSION_DENIED", 7, None)
-        assert "not a contributor" in denied["message"]
-
-        approval_cmd = commands["approval"][0]
-        needs = run_printed(approval_cmd)
-        assert needs.returncode == 1 and "approval required" in needs.stdout
-        url = re.search(r"^x-mpa-request-url: (\S+)$", needs.stdout, re.M).group(1)
-        request_id = url.rsplit("/", 1)[1]
-
-        approved = run_printed(commands["approve"][0], request_id)
-        assert approved.returncode == 0 and "approved" in approved.stdout, approved.stdout + approved.stderr
-        again = run_printed(approval_cmd)
-        assert again.returncode == 0 and "status: OK" in again.stdout, again.stdout
+            elif ln.strip().startswith("mpactl ") and kind in ("allow", "deny", "approval", "approve"):
+                ordered.append((kind, ln.strip()))
+        request_id = None
+        seen_self_approval_check = False
+        for kind, command in ordered:
+            res = run_printed(command, request_id)
+            said = res.stdout + res.stderr
+            if kind == "allow":
+                assert res.returncode == 0 and "status: OK" in res.stdout, (command, said)
+            elif kind == "deny":
+                assert res.returncode == 1 and "PERMISSION_DENIED" in res.stdout, (command, said)
+                assert "x-mpa-request-url" not in res.stdout
+                if "UpdateLimits" in command:
+                    assert "not a contributor" in res.stdout
+                    as_json = run_printed(command + " --json")
+                    assert as_json.returncode == 1, as_json.stderr
+                    denied = json.loads(as_json.stdout)
+                    assert set(denied) == {"status", "code", "message", "request_url", "replies"}
+                    assert (denied["status"], denied["code"], denied["request_url"]) == ("PERMISSION_DENIED", 7, None)
+                    assert "not a contributor" in denied["message"]
+            elif kind == "approval":
+                assert res.returncode == 1 and "approval required" in res.stdout, (command, said)
+                url = re.search(r"^x-mpa-request-url: (\S+)$", res.stdout, re.M).group(1)
+                request_id = url.rsplit("/", 1)[1]
+                assert "Nobody can approve" not in res.stdout, "the demo data leaves nobody to approve"
+                if not seen_self_approval_check:
+                    # A refused `demo approve` (the requester approving themselves) changes
+                    # nothing: the request still waits for its requester's reason.
+                    requester = re.search(r"--as (\w+)", command).group(1)
+                    selfie = run_printed(f"mpactl demo approve --dir {tmp_path / 'demo'} --as "
+                                         f"{requester} REQUEST_ID", request_id)
+                    assert selfie.returncode == 1 and "own request" in selfie.stderr, selfie.stderr
+                    from policy.stores import open_store
+                    store = open_store(f"sqlite:///{tmp_path / 'demo' / 'rpcauthz.db'}")
+                    try:
+                        assert store.get_request(request_id).reason == ""
+                    finally:
+                        store.close()
+                    seen_self_approval_check = True
+            else:
+                assert res.returncode == 0 and "approved" in res.stdout, (command, said)
+        assert sum(k == "approve" for k, _ in ordered) == 2
 
         # The printed approval loop with the `mpa` CLI against the demo's approvals service.
         loop = [ln.strip() for i, ln in enumerate(lines) if i and "# [loop]" in lines[i - 1]]

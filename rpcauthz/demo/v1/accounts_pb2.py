@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from rpcauthz.v1 import options_pb2 as rpcauthz_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frpcauthz/demo/v1/accounts.proto\x12\x10rpcauthz.demo.v1\x1a\x19rpcauthz/v1/options.proto\"2\n\x0e\x41\x63\x63ountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\"3\n\x0c\x41\x63\x63ountReply\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2\x90\x04\n\x08\x41\x63\x63ounts\x12V\n\x0cListAccounts\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x01\x12U\n\x0bReadAccount\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x02\x12V\n\x0cUpdateLimits\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x03\x12V\n\x0c\x43loseAccount\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x04\x12[\n\x11\x45raseCustomerData\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x05\x12H\n\x04Ping\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1frpcauthz/demo/v1/accounts.proto\x12\x10rpcauthz.demo.v1\x1a\x19rpcauthz/v1/options.proto\"O\n\x0e\x41\x63\x63ountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x1b\n\x0e\x63ustomer_email\x18\x03 \x01(\tB\x03\x80\x01\x01\"3\n\x0c\x41\x63\x63ountReply\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2\x90\x04\n\x08\x41\x63\x63ounts\x12V\n\x0cListAccounts\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x01\x12U\n\x0bReadAccount\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x02\x12V\n\x0cUpdateLimits\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x03\x12V\n\x0c\x43loseAccount\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x04\x12[\n\x11\x45raseCustomerData\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReply\"\x04\x90\x82\x19\x05\x12H\n\x04Ping\x12 .rpcauthz.demo.v1.AccountRequest\x1a\x1e.rpcauthz.demo.v1.AccountReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rpcauthz.demo.v1.accounts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ACCOUNTREQUEST'].fields_by_name['customer_email']._loaded_options = None
+  _globals['_ACCOUNTREQUEST'].fields_by_name['customer_email']._serialized_options = b'\200\001\001'
   _globals['_ACCOUNTS'].methods_by_name['ListAccounts']._loaded_options = None
   _globals['_ACCOUNTS'].methods_by_name['ListAccounts']._serialized_options = b'\220\202\031\001'
   _globals['_ACCOUNTS'].methods_by_name['ReadAccount']._loaded_options = None
@@ -43,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCOUNTS'].methods_by_name['EraseCustomerData']._loaded_options = None
   _globals['_ACCOUNTS'].methods_by_name['EraseCustomerData']._serialized_options = b'\220\202\031\005'
   _globals['_ACCOUNTREQUEST']._serialized_start=80
-  _globals['_ACCOUNTREQUEST']._serialized_end=130
-  _globals['_ACCOUNTREPLY']._serialized_start=132
-  _globals['_ACCOUNTREPLY']._serialized_end=183
-  _globals['_ACCOUNTS']._serialized_start=186
-  _globals['_ACCOUNTS']._serialized_end=714
+  _globals['_ACCOUNTREQUEST']._serialized_end=159
+  _globals['_ACCOUNTREPLY']._serialized_start=161
+  _globals['_ACCOUNTREPLY']._serialized_end=212
+  _globals['_ACCOUNTS']._serialized_start=215
+  _globals['_ACCOUNTS']._serialized_end=743
 # @@protoc_insertion_point(module_scope)

@@ -6,12 +6,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AccountRequest(_message.Message):
-    __slots__ = ("account_id", "note")
+    __slots__ = ("account_id", "note", "customer_email")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_EMAIL_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     note: str
-    def __init__(self, account_id: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+    customer_email: str
+    def __init__(self, account_id: _Optional[str] = ..., note: _Optional[str] = ..., customer_email: _Optional[str] = ...) -> None: ...
 
 class AccountReply(_message.Message):
     __slots__ = ("account_id", "message")
