@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 
 def dev_certs(
-    out: pathlib.Path = typer.Option(..., "--out", "-o", help="Directory for ca.crt, extauthz.crt/.key, envoy.crt/.key."),
+    out: pathlib.Path = typer.Option(..., "--out", help="Directory for ca.crt, extauthz.crt/.key, envoy.crt/.key."),
     days: int = typer.Option(30, "--days", min=1, help="Validity of the CA and certificates."),
     server_name: list[str] = typer.Option([], "--server-name", help="Extra DNS name for the server certificate (repeatable)."),
 ) -> None:
