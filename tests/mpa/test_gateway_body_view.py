@@ -4,12 +4,18 @@ decoded with the method's input type from reflection, ``[debug_redact = true]`` 
 and the approvals API and page show it."""
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
 pytestmark = [pytest.mark.envoy]
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _wait_for_view(base: str, token: str, request_id: str, timeout: float = 20.0) -> dict:
@@ -57,6 +63,13 @@ def test_gateway_keeps_the_decoded_redacted_call_of_a_bound_request(tmp_path):
                              headers={"Authorization": f"Bearer {alice}"})
             assert 'id="body-view"' in page.text and "&#34;accountId&#34;: &#34;A-7&#34;" in page.text
             assert "a7@example.com" not in page.text
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MPA_")}
+            env.update(MPA_SERVER=base, MPA_TOKEN=alice)
+            cli = subprocess.run([sys.executable, "-m", "mpa.cli", "show", request_id], cwd=ROOT,
+                                 env=env, capture_output=True, text=True, timeout=60)
+            assert cli.returncode == 0, cli.stderr
+            assert "the call" in cli.stdout and '"customerEmail": "[REDACTED]"' in cli.stdout
+            assert "a7@example.com" not in cli.stdout
             # The same call again reuses the request; the view is kept once, unchanged.
             again = gw.call(rpc, as_="erin", data=data)
             assert again.request_url == first.request_url
