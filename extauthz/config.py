@@ -212,7 +212,7 @@ class Settings(Section):
     #: Endpoints, cache and TLS: reflection_cache/settings.py (shared with the approvals server).
     reflection: ReflectionSettings = ReflectionSettings()
     #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
-    grants_poll_s: float = Field(1.0, gt=0)
+    grants_poll_s: float = Field(0.25, gt=0)
     #: Full reload of the in-memory grants, as a safety net for lost notifications.
     grants_reload_s: float = Field(30.0, gt=0)
     #: Past this age without a successful load, grants are unusable: every check is a 503.

@@ -26,6 +26,7 @@ from policy import (
     RequestState,
     Target,
 )
+from policy.grant_cache import catch_up
 from policy.mode_facts import MODE_FACTS
 from policy.store import Store
 
@@ -165,11 +166,12 @@ class ApprovalService:
 
     # --- grants ---------------------------------------------------------------------------
     def grants(self) -> GrantSet:
-        """The current grants, reloaded only when the store's revision moved."""
+        """The current grants, brought up to date only when the store's revision moved."""
         revision = self.store.grants_revision()
         with self._grants_lock:
             if self._grants is None or self._grants.revision != revision:
-                self._grants = GrantSet(self.store.list_grants(), revision)
+                # the change log's delta when it reaches back, else everything
+                self._grants = catch_up(self.store, self._grants)
             return self._grants
 
     def eligible(self, r: ApprovalRequest) -> tuple[str, ...]:

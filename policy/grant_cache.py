@@ -1,24 +1,48 @@
 """The hot path's view of role grants: a ``GrantSet`` in memory, kept fresh by the store.
 
-``GrantCache.current()`` never does I/O. A background thread reloads every grant when
-the store announces a change (``watch_grants``: LISTEN/NOTIFY on PostgreSQL, polling on
-SQLite) and, as a safety net for lost notifications, every ``reload_interval`` seconds.
-If no load has succeeded for ``max_staleness`` seconds (the store is unreachable),
-``current()`` raises ``StoreError``: deciding on grants that may have been revoked long
-ago would be failing open.
+``GrantCache.current()`` never does I/O. A background thread follows the store's change
+feed (``watch_grant_deltas``: NOTIFY payloads on PostgreSQL, revision polling plus the
+change log on SQLite) and applies each change as a delta (``GrantSet.apply``: a new set
+sharing everything unchanged, swapped in with one assignment). When a delta does not
+carry its changes, it reads them from the store's change log (``grant_changes_since``);
+only when the log no longer reaches back does it load everything.
+
+Every ``reload_interval`` seconds it reconciles anyway, in case a change slipped past the
+feed: it loads every grant in batches (giving the interpreter lock back between them),
+builds a new set aside and swaps it in. If the store has not answered for
+``max_staleness`` seconds, ``current()`` raises ``StoreError``: deciding on grants that may
+have been revoked long ago would be failing open.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from collections.abc import Callable
 
 from .errors import StoreError
+from .grant_delta import GrantDelta
 from .grants import GrantSet
 from .store import Store, Subscription
 
 log = logging.getLogger(__name__)
+
+
+def _yield_lock() -> None:
+    time.sleep(0)  # let the serving threads run between batches of a full load
+
+
+def catch_up(store: Store, held: GrantSet | None, pause: Callable[[], None] | None = None) -> GrantSet:
+    """``held`` brought up to the store's current revision: by applying the change log's
+    delta when it reaches back to ``held.revision``, else by loading every grant. Raises
+    ``StoreError`` if the store cannot be read."""
+    if held is not None:
+        delta = store.grant_changes_since(held.revision)
+        if delta is not None and delta.changes is not None:
+            return held if delta.revision == held.revision else held.apply(delta)
+    revision, grants = store.load_grants(pause)
+    return GrantSet(grants, revision=revision)
 
 
 class GrantCache:
@@ -48,12 +72,15 @@ class GrantCache:
         self._grants: GrantSet | None = None
         self._loaded_at: float | None = None
         self._last_error: StoreError | None = None
-        self._seen_revision = -1
+        self._deltas: collections.deque[GrantDelta] = collections.deque()
+        self._swap = threading.Lock()
         self._changed = threading.Condition()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._subscription: Subscription | None = None
+        #: Counters for metrics and benchmarks.
+        self.stats = {"deltas_applied": 0, "log_catch_ups": 0, "full_loads": 0}
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> GrantCache:
@@ -62,7 +89,7 @@ class GrantCache:
         if self._thread is not None:
             raise RuntimeError("GrantCache already started")
         self.refresh()
-        self._subscription = self._store.watch_grants(self._on_change)
+        self._subscription = self._store.watch_grant_deltas(self._on_delta)
         self._thread = threading.Thread(target=self._run, name="grant-cache", daemon=True)
         self._thread.start()
         return self
@@ -86,8 +113,8 @@ class GrantCache:
     def current(self) -> GrantSet:
         """The grants as of the last successful load. No I/O.
 
-        Raises ``StoreError`` if nothing was ever loaded or the last successful load is
-        older than ``max_staleness`` seconds.
+        Raises ``StoreError`` if nothing was ever loaded or the store has not been heard
+        from for more than ``max_staleness`` seconds.
         """
         grants, loaded_at = self._grants, self._loaded_at
         if grants is None or loaded_at is None:
@@ -102,11 +129,11 @@ class GrantCache:
     # --- observability ----------------------------------------------------------------------
     @property
     def revision(self) -> int | None:
-        """The store revision the held grants were loaded at."""
+        """The store revision the held grants are at."""
         return None if self._grants is None else self._grants.revision
 
     def age(self) -> float | None:
-        """Seconds since the last successful load."""
+        """Seconds since the store last confirmed the held grants."""
         return None if self._loaded_at is None else self._clock() - self._loaded_at
 
     def wait_for_revision(self, revision: int, timeout: float) -> bool:
@@ -117,36 +144,82 @@ class GrantCache:
 
     # --- loading ----------------------------------------------------------------------------
     def refresh(self) -> GrantSet:
-        """Reload every grant now (I/O). Raises ``StoreError`` if the store cannot be read."""
+        """Load every grant now (I/O), build the set aside and swap it in. Raises
+        ``StoreError`` if the store cannot be read."""
         try:
-            # Revision first: a change landing between the two reads leaves us holding
-            # newer grants under an older revision, and its notification reloads again.
-            revision = self._store.grants_revision()
-            grants = GrantSet(self._store.list_grants(), revision=revision)
+            revision, grants = self._store.load_grants(_yield_lock)
         except StoreError as e:
             self._last_error = e
             raise
-        with self._changed:
+        self.stats["full_loads"] += 1
+        return self._install(GrantSet(grants, revision=revision))
+
+    def _install(self, grants: GrantSet) -> GrantSet:
+        with self._swap:
+            held = self._grants
+            if held is not None and grants.revision < held.revision:
+                grants = held  # a slower load lost the race to newer deltas: keep the newer
             self._grants = grants
             self._loaded_at = self._clock()
             self._last_error = None
+        with self._changed:
             self._changed.notify_all()
         return grants
 
-    def _on_change(self, revision: int) -> None:
-        self._seen_revision = max(self._seen_revision, revision)
+    def _on_delta(self, delta: GrantDelta) -> None:
+        self._deltas.append(delta)
         self._wake.set()
+
+    def _follow(self) -> None:
+        """Apply queued deltas in order; read the change log for any that do not carry
+        their changes or leave a gap, and load everything if the log cannot help."""
+        need_store = False
+        while self._deltas:
+            delta = self._deltas.popleft()
+            held = self._grants
+            if held is None:
+                need_store = True
+                continue
+            if delta.revision <= held.revision:
+                continue  # already held (a full load got there first)
+            if delta.changes is not None and delta.since == held.revision:
+                self._install(held.apply(delta))
+                self.stats["deltas_applied"] += 1
+            else:
+                need_store = True
+        if need_store:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        try:
+            held = self._grants
+            delta = None if held is None else self._store.grant_changes_since(held.revision)
+        except StoreError as e:
+            self._last_error = e
+            raise
+        if held is None or delta is None or delta.changes is None:
+            self.refresh()
+            return
+        self.stats["log_catch_ups"] += 1
+        self._install(held if delta.revision == held.revision else held.apply(delta))
 
     def _run(self) -> None:
         wait = self.reload_interval
+        next_reconcile = self._clock() + self.reload_interval
         while True:
-            self._wake.wait(wait)
+            self._wake.wait(max(0.0, min(wait, next_reconcile - self._clock())))
             if self._stop.is_set():
                 return
             self._wake.clear()
             try:
-                self.refresh()
+                if self._clock() >= next_reconcile:
+                    self._deltas.clear()  # the full load covers them
+                    self.refresh()
+                    next_reconcile = self._clock() + self.reload_interval
+                else:
+                    self._follow()
                 wait = self.reload_interval
             except StoreError as e:
                 log.warning("grant reload failed: %s (retrying in %.1fs)", e, self.retry_interval)
                 wait = self.retry_interval
+                next_reconcile = min(next_reconcile, self._clock() + self.retry_interval)

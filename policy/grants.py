@@ -1,53 +1,152 @@
-"""An immutable, indexed snapshot of role grants for the hot path."""
+"""An immutable, indexed snapshot of role grants for the hot path.
+
+The index holds only strings, ``datetime`` values and tuples of them (no ``Grant`` or
+enum objects), and identical keys and entries are shared: a 10,000-engineer organisation's
+grants are a few MB, and once the collector has looked at them once it untracks them, so
+full garbage collections do not grow with the number of grants.
+"""
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from .model import Grant, Role
+
+if TYPE_CHECKING:
+    from .grant_delta import GrantDelta
+
+#: (role value, service or "") -> (expires_at, source)
+_Inner = dict[tuple[str, str], tuple[datetime | None, str]]
+_EMPTY: _Inner = {}
+_ENGINEER = (Role.ENGINEER.value, "")
+_ONCALL = (Role.SECURITY_ONCALL.value, "")
+_CONTRIBUTOR = Role.CONTRIBUTOR.value
+_ROLE_VALUE = {r: r.value for r in Role}
+
+
+class _Interner:
+    """Shares equal keys and entries between grants (and between successive GrantSets)."""
+
+    __slots__ = ("keys", "entries")
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, str], tuple[str, str]] = {}
+        self.entries: dict[tuple[datetime | None, str], tuple[datetime | None, str]] = {}
+
+    def key(self, role: str, service: str) -> tuple[str, str]:
+        k = (role, service)
+        return self.keys.setdefault(k, k)
+
+    def entry(self, expires_at: datetime | None, source: str) -> tuple[datetime | None, str]:
+        e = (expires_at, source)
+        if expires_at is not None:  # distinct expiry times would grow the table forever
+            return e
+        return self.entries.setdefault(e, e)
 
 
 class GrantSet:
     """Grants indexed by principal. Lookups take ``now`` so expiry needs no refresh."""
 
-    __slots__ = ("_by_principal", "_grants", "revision")
+    __slots__ = ("_by_principal", "_count", "_interner", "revision")
 
     def __init__(self, grants: Iterable[Grant] = (), revision: int = 0) -> None:
-        self._grants = tuple(grants)
-        index: dict[str, dict[tuple[Role, str], Grant]] = defaultdict(dict)
-        for g in self._grants:
-            key = (g.role, g.service or "")
-            held = index[g.principal].get(key)
+        interner = _Interner()
+        index: dict[str, _Inner] = {}
+        count = 0
+        for g in grants:
+            inner = index.get(g.principal)
+            if inner is None:
+                inner = index[g.principal] = {}
+            key = interner.key(_ROLE_VALUE[g.role], g.service or "")
+            held = inner.get(key)
+            if held is None:
+                count += 1
             # Two grants for the same role: the longer-lived one counts.
-            if held is None or _later(g.expires_at, held.expires_at):
-                index[g.principal][key] = g
-        self._by_principal = dict(index)
+            if held is None or _later(g.expires_at, held[0]):
+                inner[key] = interner.entry(g.expires_at, g.source)
+        self._by_principal = index
+        self._count = count
+        self._interner = interner
         self.revision = revision
 
+    @classmethod
+    def _made(cls, index: dict[str, _Inner], count: int, interner: _Interner,
+              revision: int) -> GrantSet:
+        gs = cls.__new__(cls)
+        gs._by_principal, gs._count, gs._interner, gs.revision = index, count, interner, revision
+        return gs
+
+    def apply(self, delta: GrantDelta) -> GrantSet:
+        """A new GrantSet at ``delta.revision``: this one with ``delta``'s changes applied.
+
+        Costs a copy of the principal index (pointers only) plus the changed principals'
+        entries; this GrantSet is left as it was, so readers holding it are unaffected.
+        Raises ``ValueError`` if ``delta`` does not start at this set's revision or does
+        not carry its changes.
+        """
+        if delta.changes is None:
+            raise ValueError(f"grant delta {delta.since}->{delta.revision} does not carry its changes")
+        if delta.since != self.revision:
+            raise ValueError(f"grant delta starts at revision {delta.since}, "
+                             f"these grants are at {self.revision}")
+        index = dict(self._by_principal)
+        copied: set[str] = set()
+        count, interner = self._count, self._interner
+        for change in delta.changes:
+            g = change.grant
+            inner = index.get(g.principal, _EMPTY)
+            if g.principal not in copied:
+                inner = index[g.principal] = dict(inner)
+                copied.add(g.principal)
+            key = interner.key(_ROLE_VALUE[g.role], g.service or "")
+            if change.deleted:
+                if inner.pop(key, None) is not None:
+                    count -= 1
+            else:
+                if key not in inner:
+                    count += 1
+                inner[key] = interner.entry(g.expires_at, g.source)
+        for p in copied:
+            if not index[p]:
+                del index[p]
+        return GrantSet._made(index, count, interner, delta.revision)
+
     def __iter__(self) -> Iterator[Grant]:
-        return iter(self._grants)
+        """Every grant, ordered by (principal, role, service)."""
+        for principal in sorted(self._by_principal):
+            inner = self._by_principal[principal]
+            for (role, service) in sorted(inner):
+                expires_at, source = inner[(role, service)]
+                yield Grant(principal, Role(role), service or None, expires_at, source)
 
     def __len__(self) -> int:
-        return len(self._grants)
+        return self._count
 
     def has(self, principal: str, role: Role, now: datetime, service: str | None = None) -> bool:
         """True when ``principal`` holds an unexpired ``role`` (of ``service`` for contributors)."""
-        grant = self._by_principal.get(principal, {}).get((role, service or ""))
-        return grant is not None and grant.active(now)
+        entry = self._by_principal.get(principal, _EMPTY).get((_ROLE_VALUE[role], service or ""))
+        return entry is not None and (entry[0] is None or now < entry[0])
 
     def is_engineer(self, principal: str, now: datetime) -> bool:
-        return self.has(principal, Role.ENGINEER, now)
+        entry = self._by_principal.get(principal, _EMPTY).get(_ENGINEER)
+        return entry is not None and (entry[0] is None or now < entry[0])
 
     def is_contributor(self, principal: str, service: str, now: datetime) -> bool:
-        return self.has(principal, Role.CONTRIBUTOR, now, service)
+        entry = self._by_principal.get(principal, _EMPTY).get((_CONTRIBUTOR, service))
+        return entry is not None and (entry[0] is None or now < entry[0])
 
     def is_security_oncall(self, principal: str, now: datetime) -> bool:
-        return self.has(principal, Role.SECURITY_ONCALL, now)
+        entry = self._by_principal.get(principal, _EMPTY).get(_ONCALL)
+        return entry is not None and (entry[0] is None or now < entry[0])
 
     def roles_of(self, principal: str, now: datetime) -> list[Grant]:
         """The principal's active grants, for display."""
-        return [g for g in self._by_principal.get(principal, {}).values() if g.active(now)]
+        out = []
+        for (role, service), (expires_at, source) in self._by_principal.get(principal, _EMPTY).items():
+            if expires_at is None or now < expires_at:
+                out.append(Grant(principal, Role(role), service or None, expires_at, source))
+        return out
 
 
 def _later(a: datetime | None, b: datetime | None) -> bool:

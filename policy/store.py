@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Protocol
 
 from .audit import AuditEvent
+from .grant_delta import GrantDelta
 from .model import ApprovalRequest, Grant, RequestState, Role
 
 #: A pure transition from policy.decide (approve, reject, cancel, use, expire...).
@@ -46,11 +47,27 @@ class Store(Protocol):
                      actor: str = "system") -> bool:
         """Remove one grant; True if it existed."""
 
-    def replace_grants(self, source: str, grants: Iterable[Grant], *, actor: str = "system") -> GrantDiff:
-        """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``."""
+    def replace_grants(self, source: str, grants: Iterable[Grant], *, actor: str = "system",
+                       digest: str | None = None) -> GrantDiff:
+        """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``
+        (recording ``digest`` of their input with the resulting revision)."""
+
+    def sync_digest(self, source: str) -> tuple[str, int] | None:
+        """(digest, revision) recorded by the last ``replace_grants`` of ``source`` with a digest."""
+
+    def load_grants(self, pause: Callable[[], None] | None = None) -> tuple[int, list[Grant]]:
+        """(revision, every grant) from one consistent snapshot; ``pause`` runs between batches."""
+
+    def grant_changes_since(self, revision: int) -> GrantDelta | None:
+        """The changes from ``revision`` to now from the change log; ``None`` if the log no
+        longer reaches back to ``revision`` (reload everything then)."""
 
     def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
         """Call ``on_change(revision)`` soon after any grant changes, from any process."""
+
+    def watch_grant_deltas(self, on_delta: Callable[[GrantDelta], None]) -> Subscription:
+        """Call ``on_delta`` soon after any grant change, from any process, with the change
+        (or, when not carried, just the new revision: read ``grant_changes_since`` then)."""
 
     # --- approval requests ----------------------------------------------------------------
     def create_request(self, request: ApprovalRequest, *, actor: str) -> ApprovalRequest:

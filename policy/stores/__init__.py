@@ -10,7 +10,7 @@ Store URLs:
   accepted as well, since that is what psycopg's ``make_conninfo`` produces.
 
 Options common to every URL are keyword arguments: ``poll_interval`` (SQLite: seconds
-between grant-revision polls, default 1), ``busy_timeout`` (SQLite), ``connect_timeout``
+between grant-revision polls, default 0.25), ``busy_timeout`` (SQLite), ``connect_timeout``
 and ``pool_size`` (PostgreSQL).
 """
 from __future__ import annotations

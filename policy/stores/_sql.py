@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from ..audit import KINDS, AuditEvent
 from ..errors import UnknownRequest
+from ..grant_delta import GrantChange, GrantDelta
 from ..model import ApprovalRequest, Grant, RequestState, Role
 from ..store import GrantDiff, Subscription, Transition
 from . import _codec as codec
@@ -52,6 +53,19 @@ _AUDIT_VALUES = ", ".join(f"%({c})s" for c in codec.AUDIT_COLUMNS)
 # An event id the store already holds is skipped: replaying a spool of events is idempotent.
 _INSERT_AUDIT = f"INSERT INTO audit ({_AUDIT_COLS}) VALUES ({_AUDIT_VALUES}) ON CONFLICT (id) DO NOTHING"
 _GRANT_COLS = ", ".join(codec.GRANT_COLUMNS)
+_GRANT_VALUES = ", ".join(f"%({c})s" for c in codec.GRANT_COLUMNS)
+_UPSERT_GRANT = (f"INSERT INTO grants ({_GRANT_COLS}) VALUES ({_GRANT_VALUES}) "
+                 "ON CONFLICT (principal, role, service) DO UPDATE SET "
+                 "expires_at = excluded.expires_at, source = excluded.source")
+_DELETE_GRANT = ("DELETE FROM grants WHERE principal = %(principal)s AND role = %(role)s "
+                 "AND service = %(service)s")
+_LOG_CHANGE = (f"INSERT INTO grant_changes (revision, deleted, {_GRANT_COLS}) "
+               f"VALUES (%(revision)s, %(deleted)s, {_GRANT_VALUES})")
+#: How many grant revisions the change log keeps; a cache further behind reloads everything.
+CHANGE_LOG_REVISIONS = 1000
+#: Rows per fetch when loading every grant: the loader gives the interpreter lock back
+#: between batches, so a full reload does not stall decisions on the same process.
+_LOAD_BATCH = 2000
 
 
 class SqlStore(abc.ABC):
@@ -91,11 +105,19 @@ class SqlStore(abc.ABC):
         """Serialise ``get_or_create_pending`` callers with the same scope (no-op if the
         write transaction already excludes every other writer)."""
 
-    def _grants_changed(self, cur: Any, revision: int) -> None:  # noqa: B027 (a hook)
-        """Called inside the transaction that bumped the grants revision."""
+    def _grants_changed(self, cur: Any, delta: GrantDelta) -> None:  # noqa: B027 (a hook)
+        """Called inside the transaction that bumped the grants revision, with its changes."""
+
+    def _snapshot(self) -> contextlib.AbstractContextManager[Any]:
+        """A read transaction whose statements all see one snapshot of the database."""
+        return self._tx(write=False)
 
     @abc.abstractmethod
-    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription: ...
+    def watch_grant_deltas(self, on_delta: Callable[[GrantDelta], None]) -> Subscription: ...
+
+    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
+        """Call ``on_change(revision)`` soon after any grant changes, from any process."""
+        return self.watch_grant_deltas(lambda delta: on_change(delta.revision))
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -108,10 +130,45 @@ class SqlStore(abc.ABC):
                                "ORDER BY principal, role, service").fetchall()
         return [codec.grant_from_row(r, self._dt) for r in rows]
 
+    def load_grants(self, pause: Callable[[], None] | None = None) -> tuple[int, list[Grant]]:
+        """(revision, every grant) read from one snapshot, so the grants are exactly those
+        at that revision. ``pause`` is called between batches of rows (``time.sleep(0)``
+        lets other threads run while a large set loads)."""
+        grants: list[Grant] = []
+        dt = self._dt
+        with self._snapshot() as cur:
+            revision = int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1")
+                           .fetchone()["revision"])
+            rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants")
+            while batch := rows.fetchmany(_LOAD_BATCH):
+                grants.extend(codec.grant_from_row(r, dt) for r in batch)
+                if pause is not None:
+                    pause()
+        return revision, grants
+
     def grants_revision(self) -> int:
         """A number that increases whenever any grant changes."""
         with self._tx(write=False) as cur:
             return int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1").fetchone()["revision"])
+
+    def grant_changes_since(self, revision: int) -> GrantDelta | None:
+        """The changes from ``revision`` to the current one, from the change log, or
+        ``None`` when the log no longer reaches back that far (reload everything then)."""
+        with self._snapshot() as cur:
+            current = int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1")
+                          .fetchone()["revision"])
+            if revision == current:
+                return GrantDelta(revision, current, ())
+            floor = int(cur.execute("SELECT revision FROM grant_changes_floor WHERE id = 1")
+                        .fetchone()["revision"])
+            if revision > current or revision < floor:
+                return None
+            rows = cur.execute(f"SELECT deleted, {_GRANT_COLS} FROM grant_changes "
+                               "WHERE revision > %(since)s AND revision <= %(current)s "
+                               "ORDER BY seq", {"since": revision, "current": current}).fetchall()
+        dt = self._dt
+        return GrantDelta(revision, current, tuple(
+            GrantChange(codec.grant_from_row(r, dt), deleted=bool(r["deleted"])) for r in rows))
 
     def put_grant(self, grant: Grant, *, actor: str = "system") -> None:
         """Insert or replace the grant with the same (principal, role, service)."""
@@ -124,7 +181,7 @@ class SqlStore(abc.ABC):
                 return
             self._upsert_grant(cur, grant)
             self._audit_grant(cur, "grant.added", grant, actor)
-            self._bump_revision(cur)
+            self._bump_revision(cur, [GrantChange(grant)])
 
     def delete_grant(self, principal: str, role: str | Role, service: str | None = None, *,
                      actor: str = "system") -> bool:
@@ -136,55 +193,89 @@ class SqlStore(abc.ABC):
                               {"p": principal, "r": role_value, "s": service or ""}).fetchone()
             if row is None:
                 return False
-            self._audit_grant(cur, "grant.removed", codec.grant_from_row(row, self._dt), actor)
-            self._bump_revision(cur)
+            removed = codec.grant_from_row(row, self._dt)
+            self._audit_grant(cur, "grant.removed", removed, actor)
+            self._bump_revision(cur, [GrantChange(removed, deleted=True)])
             return True
 
+    def sync_digest(self, source: str) -> tuple[str, int] | None:
+        """(digest, grants revision) recorded by the last ``replace_grants(source, ...,
+        digest=...)``, or ``None``."""
+        with self._tx(write=False) as cur:
+            row = cur.execute("SELECT digest, revision FROM sync_state WHERE source = %(s)s",
+                              {"s": source}).fetchone()
+        return None if row is None else (str(row["digest"]), int(row["revision"]))
+
     def replace_grants(self, source: str, grants: Iterable[Grant], *,
-                       actor: str = "system") -> GrantDiff:
+                       actor: str = "system", digest: str | None = None) -> GrantDiff:
         """Atomically make the grants whose ``source`` is ``source`` exactly ``grants``.
 
         Grants held under another source (for example "manual") are never touched: a
         grant in ``grants`` whose (principal, role, service) is already held under
-        another source is left to that holder and not reported as added.
+        another source is left to that holder and not reported as added. ``digest``
+        (of the input the grants came from) is recorded with the resulting revision, in
+        the same transaction, for ``sync_digest``.
         """
         grants = list(grants)
         with self._tx(write=True) as cur:
             self._lock_grants(cur)
-            rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants").fetchall()
-            current = [codec.grant_from_row(r, self._dt) for r in rows]
+            dt = self._dt
+            current = [codec.grant_from_row(r, dt)
+                       for r in cur.execute(f"SELECT {_GRANT_COLS} FROM grants").fetchall()]
             diff = plan_replace(current, source, grants)
-            for g in diff.removed:
-                cur.execute("DELETE FROM grants WHERE principal = %(principal)s "
-                            "AND role = %(role)s AND service = %(service)s",
-                            codec.grant_params(g, self._ts))
-                self._audit_grant(cur, "grant.removed", g, actor)
-            for g in diff.added:
-                self._upsert_grant(cur, g)
-                self._audit_grant(cur, "grant.added", g, actor)
-            if diff.added or diff.removed:
-                self._bump_revision(cur)
+            if not diff.added and not diff.removed:
+                self._record_digest(cur, source, digest)
+                return diff  # no grant written, revision unchanged
+            # One statement per kind, bound in bulk by the driver.
+            ts = self._ts
+            if diff.removed:
+                cur.executemany(_DELETE_GRANT, [codec.grant_params(g, ts) for g in diff.removed])
+            if diff.added:
+                cur.executemany(_UPSERT_GRANT, [codec.grant_params(g, ts) for g in diff.added])
+            at = _now()
+            events = [AuditEvent(kind="grant.removed", actor=actor, at=at, service=g.service,
+                                 detail=codec.grant_detail(g)) for g in diff.removed]
+            events += [AuditEvent(kind="grant.added", actor=actor, at=at, service=g.service,
+                                  detail=codec.grant_detail(g)) for g in diff.added]
+            cur.executemany(_INSERT_AUDIT, [codec.audit_params(e, ts, self._json_in) for e in events])
+            self._bump_revision(cur, [GrantChange(g, deleted=True) for g in diff.removed]
+                                + [GrantChange(g) for g in diff.added])
+            self._record_digest(cur, source, digest)
         return diff
+
+    def _record_digest(self, cur: Any, source: str, digest: str | None) -> None:
+        if digest is None:
+            return
+        cur.execute("INSERT INTO sync_state (source, digest, revision) SELECT %(s)s, %(d)s, revision "
+                    "FROM grants_revision WHERE id = 1 ON CONFLICT (source) DO UPDATE SET "
+                    "digest = excluded.digest, revision = excluded.revision",
+                    {"s": source, "d": digest})
 
     def _lock_grants(self, cur: Any) -> None:
         """Serialise grant writers (a second sync waits for the first to commit)."""
         cur.execute(f"SELECT revision FROM grants_revision WHERE id = 1{self._FOR_UPDATE}")
 
     def _upsert_grant(self, cur: Any, grant: Grant) -> None:
-        cur.execute(f"INSERT INTO grants ({_GRANT_COLS}) VALUES (%(principal)s, %(role)s, "
-                    "%(service)s, %(expires_at)s, %(source)s) "
-                    "ON CONFLICT (principal, role, service) DO UPDATE SET "
-                    "expires_at = excluded.expires_at, source = excluded.source",
-                    codec.grant_params(grant, self._ts))
+        cur.execute(_UPSERT_GRANT, codec.grant_params(grant, self._ts))
 
     def _audit_grant(self, cur: Any, kind: str, grant: Grant, actor: str) -> None:
         self._insert_audit(cur, AuditEvent(kind=kind, actor=actor, at=_now(), service=grant.service,
                                            detail=codec.grant_detail(grant)))
 
-    def _bump_revision(self, cur: Any) -> None:
-        rev = cur.execute("UPDATE grants_revision SET revision = revision + 1 WHERE id = 1 "
-                          "RETURNING revision").fetchone()["revision"]
-        self._grants_changed(cur, int(rev))
+    def _bump_revision(self, cur: Any, changes: Sequence[GrantChange]) -> None:
+        """Advance the grants revision by one, log ``changes`` under it (pruning the log to
+        the last ``CHANGE_LOG_REVISIONS``), and tell the adapter (PostgreSQL NOTIFYs)."""
+        rev = int(cur.execute("UPDATE grants_revision SET revision = revision + 1 WHERE id = 1 "
+                              "RETURNING revision").fetchone()["revision"])
+        ts = self._ts
+        cur.executemany(_LOG_CHANGE, [{**codec.grant_params(c.grant, ts), "revision": rev,
+                                       "deleted": c.deleted} for c in changes])
+        if rev % 100 == 0:  # prune now and then; the floor says how far back the log reaches
+            floor = rev - CHANGE_LOG_REVISIONS
+            cur.execute("DELETE FROM grant_changes WHERE revision <= %(floor)s", {"floor": floor})
+            cur.execute("UPDATE grant_changes_floor SET revision = %(floor)s "
+                        "WHERE id = 1 AND revision < %(floor)s", {"floor": floor})
+        self._grants_changed(cur, GrantDelta(rev - 1, rev, tuple(changes)))
 
     # --- approval requests ----------------------------------------------------------------
     def create_request(self, request: ApprovalRequest, *, actor: str) -> ApprovalRequest:

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from ..errors import StoreError
+from ..grant_delta import GrantDelta
 from ..store import Subscription
 from . import _codec as codec
 from . import redact_url
@@ -28,9 +29,13 @@ from ._sql import SqlStore
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-#: The NOTIFY channel grant changes are announced on; the payload is the new revision.
+SCHEMA_VERSION = 2
+#: The NOTIFY channel grant changes are announced on; the payload is the change's
+#: ``GrantDelta.to_json()``, without the changes when they would not fit.
 CHANNEL = "rpcauthz_grants"
+#: PostgreSQL refuses NOTIFY payloads of 8000 bytes or more; bigger batches announce only
+#: the revision and listeners read the changes from the change log.
+MAX_PAYLOAD = 7900
 #: Advisory lock key that serialises schema creation by replicas starting together.
 _SCHEMA_LOCK = 0x7270_6361_7574_687A & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -58,6 +63,32 @@ CREATE TABLE IF NOT EXISTS grants_revision (
     revision bigint NOT NULL
 );
 INSERT INTO grants_revision (id, revision) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+-- Every grant change, by revision: what caches apply as deltas (policy.grant_delta).
+-- The floor is the newest revision whose changes were pruned (the log reaches back to it).
+CREATE TABLE IF NOT EXISTS grant_changes (
+    seq        bigserial PRIMARY KEY,
+    revision   bigint NOT NULL,
+    deleted    boolean NOT NULL,
+    principal  text NOT NULL,
+    role       text NOT NULL,
+    service    text NOT NULL,
+    expires_at timestamptz,
+    source     text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS grant_changes_revision ON grant_changes (revision);
+-- What each sync source last wrote: its input's digest at a grants revision. Same input,
+-- same revision: the sync has nothing to do and skips parsing (policy/sync.py).
+CREATE TABLE IF NOT EXISTS sync_state (
+    source   text PRIMARY KEY,
+    digest   text NOT NULL,
+    revision bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grant_changes_floor (
+    id       integer PRIMARY KEY CHECK (id = 1),
+    revision bigint NOT NULL
+);
+INSERT INTO grant_changes_floor (id, revision) SELECT 1, revision FROM grants_revision
+    ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS requests (
     seq                bigserial PRIMARY KEY,
     id                 text NOT NULL UNIQUE,
@@ -91,7 +122,9 @@ CREATE INDEX IF NOT EXISTS requests_scope ON requests (requester, service, metho
 DROP INDEX IF EXISTS requests_created;
 CREATE INDEX IF NOT EXISTS requests_created_seq ON requests (created_at, seq);
 CREATE INDEX IF NOT EXISTS requests_state_created ON requests (state, created_at, seq);
-CREATE INDEX IF NOT EXISTS requests_requester_created ON requests (requester, created_at, seq);
+-- "my requests" uses requests_scope's requester prefix: an index led by requester and
+-- created_at would tempt the planner away from requests_scope on the gateway's lookup.
+DROP INDEX IF EXISTS requests_requester_created;
 CREATE INDEX IF NOT EXISTS requests_pending_expiry ON requests (expires_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WHERE state = 'approved';
 -- What a body-bound request's call does, as the approver reads it (decoded, redacted, capped).
@@ -171,7 +204,8 @@ class PostgresStore(SqlStore):
                     conn.execute(_SCHEMA)
                     query = "SELECT max(version) AS v FROM schema_version"
                     row = _one(conn.execute(query).fetchone(), query)
-                    if row["v"] is None:
+                    if row["v"] is None or row["v"] < SCHEMA_VERSION:
+                        # 1 -> 2 added the grant change log and indexes, created above.
                         conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
                                      (SCHEMA_VERSION,))
                     elif row["v"] > SCHEMA_VERSION:
@@ -218,17 +252,33 @@ class PostgresStore(SqlStore):
     def _lock_scope(self, cur: Any, key: str) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%(k)s, 0))", {"k": key})
 
-    def _grants_changed(self, cur: Any, revision: int) -> None:
-        cur.execute("SELECT pg_notify(%(ch)s, %(rev)s)", {"ch": CHANNEL, "rev": str(revision)})
+    def _grants_changed(self, cur: Any, delta: GrantDelta) -> None:
+        payload = delta.to_json()
+        if len(payload.encode()) > MAX_PAYLOAD:
+            payload = GrantDelta(delta.since, delta.revision, None).to_json()
+        cur.execute("SELECT pg_notify(%(ch)s, %(payload)s)", {"ch": CHANNEL, "payload": payload})
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[psycopg.Cursor[Any]]:
+        if self._closed:
+            raise StoreError(f"{self.label}: the store is closed")
+        try:
+            with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield cur
+        except psycopg.Error as e:
+            raise self._error(e) from e
 
     # --- change notification ---------------------------------------------------------------
-    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
-        """LISTEN for grant changes on a dedicated connection; call ``on_change(revision)``.
+    def watch_grant_deltas(self, on_delta: Callable[[GrantDelta], None]) -> Subscription:
+        """LISTEN for grant changes on a dedicated connection; call ``on_delta`` with each
+        NOTIFY's delta (its changes, when they fit in the payload).
 
         The listener reconnects with backoff when the connection drops, and after every
-        reconnect reports the current revision so the caller reloads whatever it missed.
+        reconnect reports the current revision (changes not carried) so the caller
+        catches up on whatever it missed.
         """
-        listener = _Listener(self, on_change)
+        listener = _Listener(self, on_delta)
         self._subscriptions.append(listener)
         listener.start()
         return listener
@@ -244,9 +294,9 @@ class PostgresStore(SqlStore):
 class _Listener:
     """A thread holding one autocommit connection that LISTENs on :data:`CHANNEL`."""
 
-    def __init__(self, store: PostgresStore, on_change: Callable[[int], None]) -> None:
+    def __init__(self, store: PostgresStore, on_delta: Callable[[GrantDelta], None]) -> None:
         self._store = store
-        self._on_change = on_change
+        self._on_delta = on_delta
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-grants-listener", daemon=True)
@@ -263,12 +313,20 @@ class _Listener:
         """Block until the LISTEN is in place (tests use this to avoid a race)."""
         return self._connected.wait(timeout)
 
-    def _report(self, revision: int) -> None:
-        self._known = revision
+    def _report(self, delta: GrantDelta) -> None:
+        self._known = delta.revision
         try:
-            self._on_change(revision)
+            self._on_delta(delta)
         except Exception:  # the callback's failure must not stop the listener
             log.exception("grant listener callback failed")
+
+    def _parse(self, payload: str) -> GrantDelta:
+        try:
+            return GrantDelta.from_json(payload)
+        except ValueError as e:  # not ours to trust: make the receiver read the store
+            log.warning("grant listener: %s", e)
+            known = self._known or 0
+            return GrantDelta(known, known, None)
 
     def _run(self) -> None:
         backoff = 0.2
@@ -288,10 +346,12 @@ class _Listener:
                     self._connected.set()
                     backoff = 0.2
                     if revision != self._known:  # missed changes while (re)connecting
-                        self._report(int(revision))
+                        since = self._known if self._known is not None and self._known <= revision \
+                            else int(revision)
+                        self._report(GrantDelta(since, int(revision), None))
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=self._store.poll_interval):
-                            self._report(int(note.payload))
+                            self._report(self._parse(note.payload))
                         conn.execute("SELECT 1")  # notice a dead server even when idle
             except psycopg.Error as e:
                 if self._stop.is_set():

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from ..errors import StoreError
+from ..grant_delta import GrantDelta
 from ..store import Subscription
 from . import _codec as codec
 from ._sql import SqlStore
@@ -28,7 +29,7 @@ from ._sql import SqlStore
 log = logging.getLogger(__name__)
 
 #: Bump when the schema changes, and teach ``_migrate`` the step.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -45,6 +46,31 @@ CREATE TABLE IF NOT EXISTS grants_revision (
     revision INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO grants_revision (id, revision) VALUES (1, 0);
+-- Every grant change, by revision: what caches apply as deltas (policy.grant_delta).
+-- The floor is the newest revision whose changes were pruned (the log reaches back to it).
+CREATE TABLE IF NOT EXISTS grant_changes (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision   INTEGER NOT NULL,
+    deleted    INTEGER NOT NULL,
+    principal  TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    service    TEXT NOT NULL,
+    expires_at TEXT,
+    source     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS grant_changes_revision ON grant_changes (revision);
+-- What each sync source last wrote: its input's digest at a grants revision. Same input,
+-- same revision: the sync has nothing to do and skips parsing (policy/sync.py).
+CREATE TABLE IF NOT EXISTS sync_state (
+    source   TEXT PRIMARY KEY,
+    digest   TEXT NOT NULL,
+    revision INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS grant_changes_floor (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    revision INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO grant_changes_floor (id, revision) SELECT 1, revision FROM grants_revision;
 CREATE TABLE IF NOT EXISTS requests (
     seq                INTEGER PRIMARY KEY AUTOINCREMENT,
     id                 TEXT NOT NULL UNIQUE,
@@ -78,7 +104,9 @@ CREATE INDEX IF NOT EXISTS requests_scope ON requests (requester, service, metho
 DROP INDEX IF EXISTS requests_created;
 CREATE INDEX IF NOT EXISTS requests_created_seq ON requests (created_at, seq);
 CREATE INDEX IF NOT EXISTS requests_state_created ON requests (state, created_at, seq);
-CREATE INDEX IF NOT EXISTS requests_requester_created ON requests (requester, created_at, seq);
+-- "my requests" uses requests_scope's requester prefix: an index led by requester and
+-- created_at would tempt the planner away from requests_scope on the gateway's lookup.
+DROP INDEX IF EXISTS requests_requester_created;
 CREATE INDEX IF NOT EXISTS requests_pending_expiry ON requests (expires_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WHERE state = 'approved';
 -- What a body-bound request's call does, as the approver reads it (decoded, redacted, capped).
@@ -141,7 +169,7 @@ class SQLiteStore(SqlStore):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0,
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 0.25) -> None:
         self.path = os.fspath(path)
         super().__init__(f"sqlite store {self.path}")
         if busy_timeout <= 0 or poll_interval <= 0:
@@ -240,7 +268,8 @@ class SQLiteStore(SqlStore):
                 if statement.strip():
                     cur.execute(statement)
             version = cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
-            if version is None:
+            if version is None or version < SCHEMA_VERSION:
+                # 1 -> 2 added the grant change log and indexes, created above if missing.
                 cur.execute("INSERT INTO schema_version (version) VALUES (%(v)s)", {"v": SCHEMA_VERSION})
             elif version > SCHEMA_VERSION:
                 raise StoreError(f"{self.label}: schema version {version} is newer than this "
@@ -267,13 +296,15 @@ class SQLiteStore(SqlStore):
         return json.loads(value)
 
     # --- change notification ---------------------------------------------------------------
-    def watch_grants(self, on_change: Callable[[int], None]) -> Subscription:
-        """Poll the grants revision every ``poll_interval`` s; call ``on_change`` when it moves.
+    def watch_grant_deltas(self, on_delta: Callable[[GrantDelta], None]) -> Subscription:
+        """Poll the grants revision every ``poll_interval`` s; when it moves, call ``on_delta``
+        with a delta that does not carry the changes (the receiver reads them from the change
+        log with ``grant_changes_since``).
 
         A poll that fails is logged and retried; the first successful poll after a failure
-        reports the revision even if it did not move, so the caller refreshes.
+        reports the revision even if it did not move, so the caller catches up.
         """
-        poller = _Poller(self, on_change, self.poll_interval)
+        poller = _Poller(self, on_delta, self.poll_interval)
         self._subscriptions.append(poller)
         poller.start()
         return poller
@@ -297,9 +328,10 @@ class SQLiteStore(SqlStore):
 class _Poller:
     """A thread that polls ``grants_revision`` and reports changes."""
 
-    def __init__(self, store: SQLiteStore, on_change: Callable[[int], None], interval: float) -> None:
+    def __init__(self, store: SQLiteStore, on_delta: Callable[[GrantDelta], None],
+                 interval: float) -> None:
         self._store = store
-        self._on_change = on_change
+        self._on_delta = on_delta
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sqlite-grants-poller", daemon=True)
@@ -323,9 +355,10 @@ class _Poller:
                 self._last = None
                 continue
             if revision != self._last:
+                since = self._last if self._last is not None and self._last <= revision else revision
                 self._last = revision
                 try:
-                    self._on_change(revision)
+                    self._on_delta(GrantDelta(since, revision, None))
                 except Exception:  # the callback's failure must not stop the watcher
                     log.exception("grant watcher callback failed")
 

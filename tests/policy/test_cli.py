@@ -102,10 +102,10 @@ def test_unreachable_store_exits_4():
 def test_grants_add_list_remove_and_db_init(tmp_path):
     url = f"sqlite://{tmp_path}/store.db"
     out = mpactl("db", "init", "--store", url)
-    assert out.returncode == 0 and "schema version 1" in out.stdout, out.stderr
+    assert out.returncode == 0 and "schema version 2" in out.stdout, out.stderr
     assert mpactl("db", "init", "--store", url).returncode == 0  # again: harmless
     out = mpactl("db", "init", "--store", url, "--json")
-    assert out.returncode == 0 and json.loads(out.stdout) == {"store": url, "schema_version": 1}, out.stderr
+    assert out.returncode == 0 and json.loads(out.stdout) == {"store": url, "schema_version": 2}, out.stderr
 
     out = mpactl("grants", "add", "alice@example.com", "contributor", "--service", "pay.v1.Payments",
                  "--expires", "2030-01-01T00:00:00Z", "--store", url)

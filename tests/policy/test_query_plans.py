@@ -159,3 +159,18 @@ def test_the_checker_sees_a_full_scan(backend, store):
     _load_history(store, backend.name)
     assert _full_scans(store, backend.name,
                        "SELECT id FROM requests WHERE reason = %(r)s", {"r": "x"})
+
+
+def test_the_gateways_lookup_keeps_using_the_scope_index(backend, store):
+    """The per-check lookup stays on requests_scope (all four columns), not a wider walk."""
+    _load_history(store, backend.name)
+    with _recording(store) as seen:
+        store.find_requests(requester="other1@example.com", service="svc1.v1.Svc", method="Do",
+                            states=[RequestState.PENDING, RequestState.APPROVED])
+    (sql, params), = seen
+    with store._tx(write=False) as cur:
+        if backend.name == "sqlite":
+            plan = " ".join(r["detail"] for r in cur.execute("EXPLAIN QUERY PLAN " + sql, params))
+        else:
+            plan = json.dumps(cur.execute("EXPLAIN (FORMAT JSON) " + sql, params).fetchone())
+    assert "requests_scope" in plan, plan

@@ -1,0 +1,489 @@
+"""The same code at two sizes of organisation, side by side, as ratios (issue 13).
+
+It builds each organisation itself: a Backstage catalog (teams of 8 engineers, each team
+owning components that declare gRPC services), synthetic gRPC services serving reflection
+with the rpcauthz options (2-3 RPCs each), the grants (by running the real sync), and a
+history of approval requests bulk-inserted into the store (mostly closed; a fixed few
+hundred open, as in a live system where only the last hour's requests are open).
+
+    small   20 engineers,      5 services,    12 RPCs,       300 requests   (the demo's size)
+    large   10,000 engineers,  2,500 services, 6,000 RPCs,   1,000,000 requests
+    --quick 400 engineers,     100 services,  240 RPCs,      20,000 requests as "large"
+
+    python bench/scale_bench.py [--quick] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+
+Without ``--pg`` only SQLite runs. With it, the bench creates (and drops) its own scratch
+databases on that server. Every figure is printed for small and large and as large/small;
+the goals of the issue are checked at the end ("met" / "NOT met").
+
+A "warm check" is the decision path of ``extauthz`` without the gRPC framing: the
+reflection cache's answer for the service (warm), the method's mode, ``GrantCache.current()``
+and ``policy.decide``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import yaml  # noqa: E402
+from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2  # noqa: E402
+
+import policy  # noqa: E402
+from mpa.config import RequestPolicy  # noqa: E402
+from mpa.service import ApprovalService  # noqa: E402
+from policy import Grant, Mode, RequestState, Role, Target  # noqa: E402
+from policy.grant_cache import GrantCache  # noqa: E402
+from policy.stores import open_store  # noqa: E402
+from policy.sync import sync  # noqa: E402
+from reflection_cache.cache import CacheSettings, ReflectionCache  # noqa: E402
+from reflection_cache.client import ChannelPool, ReflectionClient  # noqa: E402
+from reflection_cache.endpoints import EndpointResolver  # noqa: E402
+from reflection_cache.server import ReflectionServicer, add_servicer  # noqa: E402
+from rpcauthz.v1 import options_pb2  # noqa: E402
+
+NOW = datetime.now(UTC)
+#: Open requests in the table at any size (the rest is closed history).
+OPEN_REQUESTS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Org:
+    engineers: int
+    services: int
+    rpcs: int
+    requests: int
+
+    @property
+    def teams(self) -> int:
+        return max(1, self.engineers // 8)
+
+
+SMALL = Org(engineers=20, services=5, rpcs=12, requests=300)
+LARGE = Org(engineers=10_000, services=2_500, rpcs=6_000, requests=1_000_000)
+QUICK = Org(engineers=400, services=100, rpcs=240, requests=20_000)
+
+
+def email(i: int) -> str:
+    return f"eng{i}@example.com"
+
+
+def service_name(i: int) -> str:
+    return f"org.s{i}.v1.Svc{i}"
+
+
+# --- building the organisation ------------------------------------------------------------
+
+def write_catalog(org: Org, directory: Path) -> None:
+    """Users, teams of 8 and components owning the services, as multi-document YAML."""
+    docs: list[dict] = []
+    for t in range(org.teams):
+        docs.append({"apiVersion": "backstage.io/v1alpha1", "kind": "Group",
+                     "metadata": {"name": f"team{t}"}, "spec": {"type": "team", "children": []}})
+    for i in range(org.engineers):
+        docs.append({"apiVersion": "backstage.io/v1alpha1", "kind": "User",
+                     "metadata": {"name": f"eng{i}"},
+                     "spec": {"profile": {"email": email(i)}, "memberOf": [f"team{i % org.teams}"]}})
+    for s in range(org.services):
+        docs.append({"apiVersion": "backstage.io/v1alpha1", "kind": "Component",
+                     "metadata": {"name": f"comp{s}",
+                                  "annotations": {"rpcauthz.io/grpc-services": service_name(s)}},
+                     "spec": {"type": "service", "lifecycle": "production",
+                              "owner": f"group:team{s % org.teams}"}})
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    (directory / "catalog.yaml").write_text(yaml.dump_all(docs, Dumper=dumper))
+
+
+def methods_of(org: Org, s: int) -> list[str]:
+    extra = org.rpcs - 2 * org.services  # services below ``extra`` get a third RPC
+    return ["Read", "Write", "Admin"][: 3 if s < extra else 2]
+
+
+def start_services(org: Org) -> tuple[grpc.Server, int]:
+    """One gRPC server answering reflection for every synthetic service (0.0.0.0, so each
+    service can be given its own 127.x.y.z endpoint)."""
+    pool = descriptor_pool.DescriptorPool()
+    for fd in (descriptor_pb2.DESCRIPTOR, empty_pb2.DESCRIPTOR, options_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(fd.serialized_pb)
+    names = []
+    for s in range(org.services):
+        f = descriptor_pb2.FileDescriptorProto(
+            name=f"org/s{s}.proto", package=f"org.s{s}.v1", syntax="proto3",
+            dependency=["google/protobuf/empty.proto", "rpcauthz/v1/options.proto"])
+        svc = f.service.add(name=f"Svc{s}")
+        svc.options.Extensions[options_pb2.default_humans_who_can_rpc] = \
+            options_pb2.CONTRIBUTORS_WITH_APPROVAL
+        for m in methods_of(org, s):
+            method = svc.method.add(name=m, input_type=".google.protobuf.Empty",
+                                    output_type=".google.protobuf.Empty")
+            if m == "Read":
+                method.options.Extensions[options_pb2.humans_who_can_rpc] = \
+                    options_pb2.ENGINEERS_WITHOUT_APPROVAL
+        pool.Add(f)
+        names.append(service_name(s))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    add_servicer(server, ReflectionServicer(names, version="v1", pool=pool))
+    port = server.add_insecure_port("0.0.0.0:0")
+    server.start()
+    return server, port
+
+
+def endpoint_of(s: int, port: int) -> str:
+    """A distinct loopback address per service: one endpoint per service, as in production."""
+    return f"127.{1 + s // 62500}.{(s // 250) % 250}.{1 + s % 250}:{port}"
+
+
+def resolver(org: Org, port: int) -> EndpointResolver:
+    return EndpointResolver(static={service_name(s): endpoint_of(s, port) for s in range(org.services)})
+
+
+def bulk_requests(store, kind: str, org: Org) -> None:
+    """``n`` requests by every engineer over every service in one statement: the first
+    OPEN_REQUESTS pending or approved (not yet due), the rest expired or rejected."""
+    n = org.requests
+    cols = ("id, requester, service, method, mode, created_at, expires_at, approval_ttl_us, reason, "
+            "incident, body_sha256, required_approvals, max_uses, uses, state, approvals, valid_until, "
+            "closed_by, closed_at, close_reason, origin")
+    mod = "(i % 7)" if kind == "sqlite" else "mod(i, 7)"
+    state = (f"CASE WHEN i <= {OPEN_REQUESTS // 2} THEN 'pending' WHEN i <= {OPEN_REQUESTS} "
+             f"THEN 'approved' WHEN {mod} = 0 THEN 'rejected' ELSE 'expired' END")
+    if kind == "sqlite":
+        future = (NOW + timedelta(days=30)).isoformat(timespec="microseconds")
+        sql = (f"INSERT INTO requests ({cols}) WITH RECURSIVE n(i) AS "
+               f"(SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n}) "
+               "SELECT 'h' || i, 'eng' || (i % %(eng)s) || '@example.com', "
+               "'org.s' || (i % %(svc)s) || '.v1.Svc' || (i % %(svc)s), 'Write', 4, "
+               "strftime('%Y-%m-%dT%H:%M:%S.000000+00:00', '2025-01-01', '+' || (i / 3) || ' minutes'), "
+               f"CASE WHEN i <= {OPEN_REQUESTS} THEN '{future}' ELSE "
+               "strftime('%Y-%m-%dT%H:%M:%S.000000+00:00', '2025-01-01', '+' || (i / 3 + 60) || ' minutes') END, "
+               f"3600000000, 'history', NULL, NULL, 1, NULL, 0, {state}, '[]', "
+               f"CASE WHEN i > {OPEN_REQUESTS // 2} AND i <= {OPEN_REQUESTS} THEN '{future}' END, "
+               "NULL, NULL, '', 'user' FROM n")
+    else:
+        sql = (f"INSERT INTO requests ({cols}) SELECT 'h' || i, 'eng' || mod(i, %(eng)s) || '@example.com', "
+               "'org.s' || mod(i, %(svc)s) || '.v1.Svc' || mod(i, %(svc)s), 'Write', 4, "
+               "timestamptz '2025-01-01Z' + (i / 3) * interval '1 minute', "
+               f"CASE WHEN i <= {OPEN_REQUESTS} THEN now() + interval '30 days' ELSE "
+               "timestamptz '2025-01-01Z' + (i / 3 + 60) * interval '1 minute' END, "
+               f"3600000000, 'history', NULL, NULL, 1, NULL, 0, {state}, '[]'::jsonb, "
+               f"CASE WHEN i > {OPEN_REQUESTS // 2} AND i <= {OPEN_REQUESTS} THEN now() + interval '30 days' END, "
+               f"NULL, NULL, '', 'user' FROM generate_series(1, {n}) AS i")
+    with store._tx(write=True) as cur:  # noqa: SLF001 - a benchmark's bulk load
+        cur.execute(sql, {"eng": org.engineers, "svc": org.services})
+    with store._tx(write=False) as cur:  # noqa: SLF001
+        cur.execute("ANALYZE")
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+def timed(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds per call, ``n`` calls."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+@contextlib.contextmanager
+def scratch_store(kind: str, pg: str | None) -> Iterator[tuple[str, object]]:
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory() as d:
+            url = f"sqlite://{d}/scale.db"
+            store = open_store(url)
+            try:
+                yield url, store
+            finally:
+                store.close()
+        return
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    name = f"rpcauthz_scale_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(**{**conninfo_to_dict(pg), "dbname": name})
+    store = open_store(url)
+    try:
+        yield url, store
+    finally:
+        store.close()
+        with psycopg.connect(pg, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def measure(org: Org, kind: str, pg: str | None, rss: bool) -> dict[str, float]:
+    fig: dict[str, float] = {}
+    server, port = start_services(org)
+    try:
+        with scratch_store(kind, pg) as (url, store), tempfile.TemporaryDirectory() as cat:
+            write_catalog(org, Path(cat))
+            t = time.perf_counter()
+            sync(store, catalog=[cat])
+            fig["sync first (s)"] = time.perf_counter() - t
+            rev = store.grants_revision()
+            t = time.perf_counter()
+            sync(store, catalog=[cat])
+            fig["sync unchanged (s)"] = time.perf_counter() - t
+            assert store.grants_revision() == rev, "an unchanged sync wrote"
+            store.put_grant(Grant("by-hand@example.com", Role.ENGINEER))  # the revision moves:
+            t = time.perf_counter()                                        # parse and diff again
+            sync(store, catalog=[cat])
+            fig["sync unchanged after a grant change (s)"] = time.perf_counter() - t
+            t = time.perf_counter()
+            bulk_requests(store, kind, org)
+            fig["bulk insert requests (s)"] = time.perf_counter() - t
+            fig.update(_store_figures(org, store))
+            fig.update(asyncio.run(_decision_figures(org, url, store, port)))
+            if rss:
+                fig["RSS decision path (MB)"] = _rss_probe(org, url, port)
+    finally:
+        server.stop(0)
+    return fig
+
+
+def _store_figures(org: Org, store) -> dict[str, float]:
+    fig: dict[str, float] = {}
+    rng = random.Random(1)
+    service = ApprovalService(store, RequestPolicy())
+    fig["sweep (ms)"] = 1e3 * p50(timed(service.sweep_expired, 20))
+    fig["reviewable list (ms)"] = 1e3 * p50(timed(
+        lambda: service.list(email(rng.randrange(org.engineers)), scope="reviewable"), 20))
+    fig["my requests (ms)"] = 1e3 * p50(timed(
+        lambda: service.list(email(rng.randrange(org.engineers)), scope="mine", limit=20), 50))
+
+    def gateway_lookup() -> None:
+        s = rng.randrange(org.services)
+        store.find_requests(requester=email(rng.randrange(org.engineers)), service=service_name(s),
+                            method="Write", states=[RequestState.PENDING, RequestState.APPROVED])
+    fig["gateway find_requests (us)"] = 1e6 * p50(timed(gateway_lookup, 300))
+    fig["grants full load (ms)"] = 1e3 * p50(timed(store.load_grants, 3))
+    return fig
+
+
+async def _decision_figures(org: Org, url: str, store, port: int) -> dict[str, float]:
+    fig: dict[str, float] = {}
+    rng = random.Random(2)
+    gcache = GrantCache(store, reload_interval=30, max_staleness=120).start()
+    rcache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600))
+    try:
+        for s in range(org.services):  # dial every endpoint once
+            await rcache.get(service_name(s))
+        rcache.invalidate_all()
+        t = time.process_time()
+        for s in range(org.services):
+            await rcache.get(service_name(s))
+        fig["reflection fetch, pooled (CPU ms)"] = 1e3 * (time.process_time() - t) / org.services
+        fig["reflection fetch, pool of 256 (CPU ms)"] = await _small_pool_fetch(org, port)
+        fig["GrantSet entries"] = len(gcache.current())
+
+        async def check() -> None:
+            s = rng.randrange(org.services)
+            m = rng.choice(methods_of(org, s))
+            modes = await rcache.get(service_name(s))
+            mode = modes.mode_for(m, Mode.BREAK_GLASS_ONLY)[0]
+            policy.decide(email(rng.randrange(org.engineers)), Target(service_name(s), m), mode,
+                          gcache.current(), (), NOW)
+
+        async def run(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                t = time.perf_counter()
+                await check()
+                out.append(time.perf_counter() - t)
+            return out
+
+        await run(2000)
+        pauses: list[float] = []
+        started: list[float] = []
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                pauses.append(time.perf_counter() - started.pop())
+        gc.callbacks.append(on_gc)
+        try:
+            quiet = await run(20_000)
+        finally:
+            gc.callbacks.remove(on_gc)
+        fig["warm check p50 (us)"] = 1e6 * p50(quiet)
+        fig["warm check max (ms)"] = 1e3 * max(quiet)
+        fig["longest GC pause during checks (ms)"] = 1e3 * max(pauses, default=0.0)
+
+        # a full reconcile on the same process, in its thread, while checks run
+        t = threading.Thread(target=gcache.refresh)
+        t.start()
+        during = await run(20)
+        while t.is_alive():
+            during += await run(20)
+        t.join()
+        fig["warm check p50 during full reconcile (us)"] = 1e6 * p50(during)
+
+        # one grant change at a time, seen by two replicas (own store connections each)
+        replicas = [GrantCache(open_store(url), reload_interval=30,  # default poll / NOTIFY
+                               max_staleness=120).start() for _ in range(2)]
+        await asyncio.sleep(0.5)
+        seen, during = [], []
+        for i in range(5):
+            who = f"newcomer{i}@example.com"
+            t0 = time.perf_counter()
+            await asyncio.to_thread(store.put_grant, Grant(who, Role.ENGINEER))
+            while not all(r.current().is_engineer(who, NOW) for r in replicas):
+                during += await run(50)
+            seen.append(time.perf_counter() - t0)
+        fig["grant change visible in all replicas, max (s)"] = max(seen)
+        fig["warm check p50 during grant changes (us)"] = 1e6 * p50(during)
+        fig["full loads by replicas after start"] = sum(r.stats["full_loads"] - 1 for r in replicas)
+        for r in replicas:
+            r.close()
+            r._store.close()  # noqa: SLF001
+
+        gc.collect()
+        fig["gc-tracked objects (k)"] = len(gc.get_objects()) / 1e3
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            gc.collect()
+            times.append(time.perf_counter() - t0)
+        fig["full gc (ms)"] = 1e3 * p50(times)
+    finally:
+        gcache.close()
+        await rcache.close()
+    return fig
+
+
+async def _small_pool_fetch(org: Org, port: int) -> float:
+    """CPU per fetch when the channel pool is smaller than the number of endpoints: the
+    second pass re-dials every evicted channel."""
+    client = ReflectionClient(channels=ChannelPool(max_channels=256))
+    cache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600), client=client)
+    try:
+        for s in range(org.services):
+            await cache.get(service_name(s))
+        cache.invalidate_all()
+        t = time.process_time()
+        for s in range(org.services):
+            await cache.get(service_name(s))
+        return 1e3 * (time.process_time() - t) / org.services
+    finally:
+        await cache.close()
+
+
+def _rss_probe(org: Org, url: str, port: int) -> float:
+    """RSS of a fresh process holding the decision path's caches full (grants, reflection)."""
+    out = subprocess.run([sys.executable, __file__, "--rss-probe", url, str(port),
+                          str(org.engineers), str(org.services), str(org.rpcs)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def rss_probe(url: str, port: int, org: Org) -> None:
+    async def main() -> None:
+        store = open_store(url)
+        gcache = GrantCache(store, reload_interval=30, max_staleness=120).start()
+        rcache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600))
+        for s in range(org.services):
+            await rcache.get(service_name(s))
+        for s in range(org.services):
+            modes = await rcache.get(service_name(s))
+            policy.decide(email(s % org.engineers), Target(service_name(s), "Read"),
+                          modes.mode_for("Read", Mode.BREAK_GLASS_ONLY)[0], gcache.current(), (), NOW)
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        print(f"{rss / 1e6:.1f}")
+        gcache.close()
+        await rcache.close()
+        store.close()
+    asyncio.run(main())
+
+
+# --- report -------------------------------------------------------------------------------
+
+GOALS: list[tuple[str, Callable[[dict, dict], bool], str]] = [
+    ("warm check p50 large/small <= 1.1x",
+     lambda s, big: big["warm check p50 (us)"] <= 1.1 * s["warm check p50 (us)"], ""),
+    ("gateway find_requests large/small <= 1.1x",
+     lambda s, big: big["gateway find_requests (us)"] <= 1.1 * s["gateway find_requests (us)"], ""),
+    ("RSS of the decision path <= 100 MB",
+     lambda s, big: big.get("RSS decision path (MB)", 0) <= 100, ""),
+    ("grant change in every replica within 1 s",
+     lambda s, big: big["grant change visible in all replicas, max (s)"] <= 1.0, ""),
+    ("warm checks during grant changes <= 1.2x quiet p50",
+     lambda s, big: big["warm check p50 during grant changes (us)"] <= 1.2 * big["warm check p50 (us)"], ""),
+    ("unchanged sync <= 2 s",
+     lambda s, big: big["sync unchanged (s)"] <= 2.0, ""),
+    ("sweep and reviewable list <= 20 ms",
+     lambda s, big: big["sweep (ms)"] <= 20 and big["reviewable list (ms)"] <= 20, ""),
+    ("no GC pause above 20 ms during checks",
+     lambda s, big: big["longest GC pause during checks (ms)"] <= 20, ""),
+    ("no single check above 20 ms (any cause; noisy on a shared machine)",
+     lambda s, big: big["warm check max (ms)"] <= 20, ""),
+]
+
+
+def report(kind: str, small: Org, large: Org, a: dict, b: dict) -> list[str]:
+    lines = [f"### {kind}: small ({small.engineers} engineers, {small.services} services, "
+             f"{small.requests:,} requests) vs large ({large.engineers:,} engineers, "
+             f"{large.services:,} services, {large.requests:,} requests)", "",
+             "| figure | small | large | large/small |", "|---|---:|---:|---:|"]
+    for key in a:
+        x, y = a[key], b.get(key, float("nan"))
+        ratio = f"{y / x:.2f}x" if x else "-"
+        lines.append(f"| {key} | {x:,.2f} | {y:,.2f} | {ratio} |")
+    lines += ["", "| goal | |", "|---|---|"]
+    for name, ok, _ in GOALS:
+        try:
+            verdict = "met" if ok(a, b) else "NOT met"
+        except KeyError:
+            verdict = "not measured"
+        lines.append(f"| {name} | {verdict} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small 'large' size, for CI")
+    ap.add_argument("--pg", help="PostgreSQL server DSN (scratch databases are created on it)")
+    ap.add_argument("--no-rss", action="store_true", help="skip the RSS probe process")
+    ap.add_argument("--rss-probe", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_probe:
+        url, port, eng, svc, rpcs = args.rss_probe
+        rss_probe(url, int(port), Org(int(eng), int(svc), int(rpcs), 0))
+        return
+    large = QUICK if args.quick else LARGE
+    kinds = ["sqlite"] + (["postgresql"] if args.pg else [])
+    print(f"python {sys.version.split()[0]}, libyaml {'yes' if yaml.__with_libyaml__ else 'no'}, "
+          f"{os.cpu_count()} CPUs")
+    for kind in kinds:
+        a = measure(SMALL, kind, args.pg, not args.no_rss)
+        b = measure(large, kind, args.pg, not args.no_rss)
+        print("\n".join(["", *report(kind, SMALL, large, a, b)]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
