@@ -98,3 +98,43 @@ def test_a_bad_metrics_listen_is_refused_by_name(bad):
     with pytest.raises(ConfigError, match="metrics_listen"):
         broker_config(dev.jwks(), issuer=dev.issuer, audience=dev.audience,
                       oidc_issuer="http://127.0.0.1:1", extra={"metrics_listen": bad})
+
+
+def test_mpactl_broker_serve_serves_metrics_from_its_configuration(tmp_path):
+    """The real `mpactl broker serve` (simulated enclave): `metrics_listen` given through the
+    settings' environment override is served, and counts a request."""
+    import yaml
+
+    from enclave_bridge import measure as m
+    from tests.enclave_bridge.test_serve_simulated import DEV, ROOT, SAM, serve, trust
+    from tests.support.enclave_broker_env import ROLE_ARN
+
+    dev, sts = DevIssuer(), StubSts()
+    try:
+        config = tmp_path / "broker.yaml"
+        config.write_text(yaml.safe_dump({
+            "identity": {"issuer": dev.issuer, "audience": dev.audience, "jwks": dev.jwks()},
+            "grants": [{"principal": p, "role": "engineer"} for p in (ALICE, BOB, DEV, SAM)]
+            + [{"principal": p, "role": "security_oncall"} for p in (DEV, SAM)],
+            "aws": {"region": "eu-west-2", "sts_endpoint_url": sts.url,
+                    "roles": [{"name": "platform-admin", "arn": ROLE_ARN}]},
+        }))
+        running = m.measure(ROOT, "HEAD")
+        ledger = tmp_path / "trust.json"
+        trust(ledger, running.sha384, running.commit)
+        port, metrics_port = free_port(), free_port()
+        env = {"RPCAUTHZ_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"}
+        with serve(tmp_path, config, ledger, port, env) as proc:
+            assert proc.poll() is None, proc.stderr.read()
+            alice = BrokerClient(f"127.0.0.1:{port}", (tmp_path / "broker.pem").read_bytes(),
+                                 dev.mint(ALICE))
+            try:
+                alice.request_aws("platform-admin", reason="metrics through the real server")
+            finally:
+                alice.close()
+            m_ = _samples(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text)
+            assert m_[("broker_requests_opened_total", (("kind", "aws"),))] == 1
+            assert m_[("broker_credential_requests", (("kind", "aws"), ("state", "pending")))] == 1
+            assert m_[("broker_audit_chain_head_seq", ())] >= 1
+    finally:
+        sts.close()
