@@ -49,6 +49,6 @@ def demo_steps(approvals_url: str, *, requester: str, approver: str, rpc: str,
         (f"{approver} signs in, or opens the link in a browser and signs in there",
          f"{who_a} mpa login --server {approvals_url} --as {approver}"),
         (f"{approver} reviews what waits for them (a to approve)", f"{who_a} mpa review"),
-        (f"{requester} sees who approved it and when", f"{who_r} mpa list --state approved"),
+        (f"{requester} sees who approved it and until when it holds", f"{who_r} mpa list --state approved"),
         (f"{requester}'s same call now passes", call_cmd),
     ]

@@ -188,15 +188,9 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = stop_process(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 class EnvoyProcess(ManagedProcess):
@@ -312,3 +306,16 @@ def wait_serving(target: str, timeout: float = 30.0, service: str = "", check=No
                 last = e
             time.sleep(0.1)
     raise TimeoutError(f"{target} not SERVING after {timeout}s ({last})")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
+    """Stop ``proc`` if it still runs: SIGTERM (so it can drain), wait up to ``timeout``
+    seconds, then SIGKILL. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode

@@ -21,6 +21,7 @@ from pathlib import Path
 import typer
 
 from rpcauthz.console import ExitCode, JsonOption, fail, print_json
+from rpcauthz.server_start import load_or_exit
 
 from . import measure as measure_mod
 
@@ -316,7 +317,6 @@ def register(app: typer.Typer) -> None:
         measures --repo's HEAD as the simulated image (PCR0) and makes a local KMS whose key
         policy pins the --ledger's trusted measurement (or, without a ledger, this build).
         """
-        import logging
         import signal
         import threading
 
@@ -331,11 +331,7 @@ def register(app: typer.Typer) -> None:
         from .kms import Boto3KmsClient, KmsError
         from .seeds import SeedError, open_bundle
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        try:
-            cfg = BrokerConfig.from_file(config)
-        except ConfigError as e:
-            fail(str(e), ExitCode.USAGE)  # a bad config is a usage error, as for the other servers
+        cfg = load_or_exit(lambda: BrokerConfig.from_file(config), errors=(ConfigError,))
         try:
             if simulate is not None:
                 verified = None

@@ -1,14 +1,12 @@
 """``mpactl serve``: the ext_authz server."""
 from __future__ import annotations
 
-import logging
 import pathlib
-from typing import Any
 
 import typer
 import yaml
 
-from rpcauthz.console import ExitCode, fail
+from rpcauthz.server_start import flag_overrides, load_or_exit, start_or_exit
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 
 def dev_certs(
-    out: pathlib.Path = typer.Option(..., "--out", "-o", help="Directory for ca.crt, extauthz.crt/.key, envoy.crt/.key."),
+    out: pathlib.Path = typer.Option(..., "--out", help="Directory for ca.crt, extauthz.crt/.key, envoy.crt/.key."),
     days: int = typer.Option(30, "--days", min=1, help="Validity of the CA and certificates."),
     server_name: list[str] = typer.Option([], "--server-name", help="Extra DNS name for the server certificate (repeatable)."),
 ) -> None:
@@ -47,25 +45,10 @@ def serve(
                                   "header instead of a verified token."),
 ) -> None:
     """Run the ext_authz server until SIGTERM (then drain)."""
-    from .config import ConfigError, load_settings
+    from .config import load_settings
     from .server import run
 
-    overrides: dict[str, Any] = {}
-    if workers is not None:
-        overrides["workers"] = workers
-    if port is not None:
-        overrides["listen.port"] = port
-    if store_url is not None:
-        overrides["store_url"] = store_url
-    if dev_mode:
-        overrides["identity.dev_mode"] = True
-    try:
-        settings = load_settings(config, overrides=overrides)
-    except ConfigError as e:
-        fail(str(e), ExitCode.USAGE)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        code = run(settings)
-    except OSError as e:
-        fail(str(e), ExitCode.FAILURE)
-    raise typer.Exit(code)
+    overrides = flag_overrides({"workers": workers, "listen.port": port, "store_url": store_url,
+                                "identity.dev_mode": dev_mode})
+    settings = load_or_exit(lambda: load_settings(config, overrides=overrides))
+    raise typer.Exit(start_or_exit(lambda: run(settings)))

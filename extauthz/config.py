@@ -8,7 +8,6 @@ A bad value raises ``ConfigError`` whose message names the key (and the variable
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +15,9 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
+from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
-from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, load
+from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, is_loopback, load
 
 __all__ = ["ENV_PREFIX", "ConfigError", "Listen", "ListenTls", "Settings", "is_loopback", "load_settings"]
 
@@ -42,16 +42,6 @@ class ListenTls(Section):
         if any(not n.strip() for n in v):
             raise ValueError("names must not be empty")
         return v
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an IP address or ``localhost``) is reachable only from this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
 
 
 class Listen(Section):
@@ -214,6 +204,7 @@ class Settings(Section):
     workers: int = Field(1, ge=1, le=64)
     #: Mode of a method with neither a method option nor a service default.
     default_mode: Mode = Mode.BREAK_GLASS_ONLY
+    _default_mode = field_validator("default_mode", mode="before")(parse_default_mode)
     #: Our own deadline for one decision. Keep it below Envoy's ext_authz timeout, so a slow
     #: dependency ends as our 503 rather than Envoy's timeout, and above the reflection deadline.
     decision_deadline_ms: int = Field(800, ge=10, le=60000)
@@ -238,15 +229,6 @@ class Settings(Section):
     grants_reload_s: float = Field(30.0, gt=0)
     #: Past this age without a successful load, grants are unusable: every check is a 503.
     grants_max_staleness_s: float = Field(120.0, gt=0)
-
-    @field_validator("default_mode", mode="before")
-    @classmethod
-    def _mode(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = Mode.parse(v)
-        if v == Mode.UNSPECIFIED:
-            raise ValueError("the default mode cannot be UNSPECIFIED")
-        return v
 
     @model_validator(mode="after")
     def _workers_need_port(self) -> Settings:

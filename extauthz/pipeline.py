@@ -48,6 +48,7 @@ from reflection_cache.types import ModeSource, ReflectionError, ServiceModes, Un
 from . import responses
 from .audit_writer import AuditWriter
 from .body import grpc_message_digest
+from .body_views import BodyViews
 from .config import Settings
 from .dry_run import SHADOW_RULES, dry_run_requested, shadow_label
 from .identity import Identity, IdentityError, identify
@@ -108,7 +109,8 @@ class Authorizer:
 
     def __init__(self, settings: Settings, *, store: Store, grants: GrantSource, modes: ModeSource,
                  audit: AuditWriter | SpooledAuditWriter, metrics: Metrics, executor: Executor | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 body_views: BodyViews | None = None) -> None:
         self.settings = settings
         self.store = store
         self.grants = grants
@@ -117,6 +119,9 @@ class Authorizer:
         self.metrics = metrics
         self.executor = executor
         self.clock = clock
+        #: Keeps approvers' views of body-bound requests (None: the mode source cannot decode).
+        self.body_views = body_views if body_views is not None else BodyViews.for_modes(
+            store, modes, executor=executor)
         self._deadline = settings.decision_deadline_ms / 1000.0
         # Headers every response removes besides forged x-rpcauthz-* ones (dev mode's header).
         self._also_remove: tuple[str, ...] = (
@@ -186,10 +191,15 @@ class Authorizer:
             # from memory, nothing awaited.
             return p.verdict(_KIND_OF[decision.outcome], decision.rule, decision.facts)
         try:
-            return await self._within_deadline(
+            verdict, bound = await self._within_deadline(
                 p, self._decide_with_approvals(p, who, target, mode, grants, digest))
         except _Failure as f:
             return p.verdict(Kind.ERROR, f.rule, f.facts)
+        if bound and self.body_views is not None and verdict.request_id:
+            # The approver is shown the call: decoded in the background, never awaited here.
+            self.body_views.keep(verdict.request_id, target.service, target.method,
+                                 http.raw_body[5:])
+        return verdict
 
     def _identify_and_target(self, req: external_auth_pb2.CheckRequest, p: _Progress
                              ) -> Verdict | tuple[Identity, Target, attribute_context_pb2.AttributeContext.HttpRequest]:
@@ -232,9 +242,10 @@ class Authorizer:
             return await step
 
     async def _decide_with_approvals(self, p: _Progress, who: Identity, target: Target, mode: Mode,
-                                     grants: GrantSet, digest: str | None) -> Verdict:
+                                     grants: GrantSet, digest: str | None) -> tuple[Verdict, bool]:
         """Step 3 for the approval modes: read the caller's requests; spend an approval, or
-        open (reuse) a pending request."""
+        open (reuse) a pending request. Also says whether the verdict's pending request is
+        bound to this call's body (so its view can be kept)."""
         for _attempt in range(3):
             requests: list[ApprovalRequest] = await self._io(
                 "find_requests", self.store.find_requests, requester=who.principal,
@@ -251,10 +262,11 @@ class Authorizer:
                 except PolicyError:
                     continue  # spent or expired meanwhile: look again
                 self.metrics.approvals_used.labels(mode.name).inc()
-                return p.verdict(Kind.ALLOW, decision.rule, decision.facts, approval_id=used.id)
+                return p.verdict(Kind.ALLOW, decision.rule, decision.facts, approval_id=used.id), False
             if decision.outcome is Outcome.APPROVAL_REQUIRED:
-                return await self._approval_required(p, who, target, mode, grants, decision, digest)
-            return p.verdict(_KIND_OF[decision.outcome], decision.rule, decision.facts)
+                return await self._approval_required(p, who, target, mode, grants, decision, digest,
+                                                     requests)
+            return p.verdict(_KIND_OF[decision.outcome], decision.rule, decision.facts), False
         raise _Failure(Rule.STORE_CONTENDED)
 
     def _spend_before_deadline(self, p: _Progress, now: datetime) -> Callable[[ApprovalRequest], ApprovalRequest]:
@@ -278,8 +290,11 @@ class Authorizer:
 
     async def _approval_required(self, p: _Progress, who: Identity, target: Target, mode: Mode,
                                  grants: GrantSet, decision: policy.Decision,
-                                 digest: str | None) -> Verdict:
+                                 digest: str | None, requests: list[ApprovalRequest]
+                                 ) -> tuple[Verdict, bool]:
         request_id = decision.pending_request_id
+        bound = digest is not None and any(r.id == request_id and r.body_sha256 == digest
+                                           for r in requests)
         if request_id is None:
             cfg = self.settings.approvals
             try:
@@ -289,18 +304,19 @@ class Authorizer:
                     approval_ttl=timedelta(seconds=cfg.approval_ttl_s), origin="gateway",
                     body_sha256=digest if cfg.binds_body(mode) else None, max_uses=cfg.max_uses)
             except PolicyError as e:  # decide() said they may ask; be safe anyway
-                return p.verdict(Kind.DENY, Rule.APPROVAL_CANNOT_OPEN, {"detail": str(e)})
+                return p.verdict(Kind.DENY, Rule.APPROVAL_CANNOT_OPEN, {"detail": str(e)}), False
             request, _created = await self._io("get_or_create_pending",
                                                self.store.get_or_create_pending, fresh,
                                                actor=who.principal)
             request_id = request.id
+            bound = digest is not None and request.body_sha256 == digest
         facts = decision.facts
         if not policy.approvers_for(who.principal, target.service, mode, grants, self.clock()):
             # Say so now rather than let the requester wait for a reviewer who cannot exist.
             facts = {**facts, "nobody_can_approve": True}
         return p.verdict(Kind.APPROVAL_REQUIRED, decision.rule, facts,
                          request_id=request_id,
-                         request_url=f"{self.settings.approvals.base_url}/requests/{request_id}")
+                         request_url=f"{self.settings.approvals.base_url}/requests/{request_id}"), bound
 
     # --- once per check: audit, dry-run, metrics, response ----------------------------------
 

@@ -11,7 +11,6 @@ is what the gateway computes from the call's gRPC message. A client sending the 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,46 +18,10 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 
 from policy import InvalidRequest
+from policy.body_view import REDACTED, VIEW_CAP, body_view, redacted_json
 
 #: Builds the input message of ``service``/``method`` from JSON. Raises on failure.
 BodyEncoder = Callable[[str, str, dict[str, Any]], Awaitable[Message]]
-
-
-#: The most of a call's JSON an approver is shown (the rest is cut with a note).
-VIEW_CAP = 4096
-REDACTED = "[REDACTED]"
-
-
-def redacted_json(msg: Message) -> Any:
-    """The message as proto3 JSON, every field marked ``[debug_redact = true]`` masked (at any
-    depth, in repeated fields too)."""
-    out = json_format.MessageToDict(msg, preserving_proto_field_name=False)
-    return _redact(msg, out)
-
-
-def _redact(msg: Message, data: Any) -> Any:
-    if not isinstance(data, dict):
-        return data
-    for field, value in msg.ListFields():
-        key = field.json_name
-        if key not in data:
-            continue
-        if field.GetOptions().debug_redact:
-            data[key] = REDACTED
-        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            if field.is_repeated:
-                data[key] = [_redact(m, d) for m, d in zip(value, data[key], strict=False)]
-            else:
-                data[key] = _redact(value, data[key])
-    return data
-
-
-def body_view(msg: Message, cap: int = VIEW_CAP) -> str:
-    """What the approver reads: the redacted JSON, pretty-printed and cut at ``cap`` characters."""
-    text = json.dumps(redacted_json(msg), indent=2, sort_keys=True)
-    if len(text) > cap:
-        text = text[:cap] + f"\n... (cut: {len(text)} characters in all)"
-    return f"{msg.DESCRIPTOR.full_name} {text}"
 
 
 def body_digest(msg: Message) -> str:
@@ -72,24 +35,20 @@ def reflected_bodies(factory: Callable[[], Any]) -> BodyEncoder:
     holder: list[Any] = []
 
     async def encode(service: str, method: str, body: dict[str, Any]) -> Message:
-        from reflection_cache.client import build_pool
+        from reflection_cache.types import UnknownMethod
         if not holder:
             holder.append(factory())
-        cache = holder[0]
-        endpoint = cache.resolver.resolve(service)
-        files = await cache.client.fetch_files(service, endpoint)
-        pool = build_pool(files, f"service {service}")
         try:
-            desc = pool.FindServiceByName(service).methods_by_name[method]
-        except KeyError:
-            raise InvalidRequest(f"/{service}/{method}: no such method in the service's "
-                                 "reflection") from None
-        cls = message_factory.GetMessageClass(desc.input_type)
+            input_type = await holder[0].method_input_type(service, method)
+        except UnknownMethod as e:
+            raise InvalidRequest(str(e)) from None
+        cls = message_factory.GetMessageClass(input_type)
         try:
             return json_format.ParseDict(body, cls())
         except json_format.ParseError as e:
-            raise InvalidRequest(f"the body is not a valid {desc.input_type.full_name}: {e}") from None
+            raise InvalidRequest(f"the body is not a valid {input_type.full_name}: {e}") from None
     return encode
 
 
-__all__ = ["BodyEncoder", "body_digest", "reflected_bodies"]
+__all__ = ["REDACTED", "VIEW_CAP", "BodyEncoder", "body_digest", "body_view", "redacted_json",
+           "reflected_bodies"]

@@ -11,7 +11,6 @@ refuses to start while one is set and names its replacement.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import pathlib
 from collections.abc import Mapping
@@ -22,8 +21,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
+from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
-from rpcauthz.settings import ConfigError, Section, env_name, load
+from rpcauthz.settings import ConfigError, Section, env_name, is_loopback, load
 
 __all__ = ["ApprovalsConfig", "BrokerLinkSettings", "ConfigError", "DevLogin", "Listen",
            "OnCallEscalationSettings", "OtelSettings", "RequestPolicy", "RETIRED_VARIABLES",
@@ -105,15 +105,6 @@ class RequestPolicy(Section):
         if service in self.required_approvals_by_service:
             return self.required_approvals_by_service[service]
         return self.required_approvals_by_mode.get(mode, 1)
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class Listen(Section):
@@ -232,15 +223,7 @@ class ApprovalsConfig(Section):
     reflection: ReflectionSettings | None = None
     #: Mode of a method with neither a method option nor a service default (as the gateway's).
     default_mode: Mode = Mode.BREAK_GLASS_ONLY
-
-    @field_validator("default_mode", mode="before")
-    @classmethod
-    def _mode(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = Mode.parse(v)
-        if v == Mode.UNSPECIFIED:
-            raise ValueError("the default mode cannot be UNSPECIFIED")
-        return v
+    _default_mode = field_validator("default_mode", mode="before")(parse_default_mode)
 
     @field_validator("dev_login", mode="before")
     @classmethod
@@ -270,9 +253,9 @@ class ApprovalsConfig(Section):
         if self.secure_cookies is not None:
             return self.secure_cookies
         if self.public_url in ("", "auto"):
-            return not _is_loopback(self.listen.host)
+            return not is_loopback(self.listen.host)
         url = urlsplit(self.public_url)
-        return not (url.scheme == "http" and _is_loopback(url.hostname or ""))
+        return not (url.scheme == "http" and is_loopback(url.hostname or ""))
 
     @field_validator("public_url")
     @classmethod

@@ -1,15 +1,13 @@
 """``mpactl approvals serve``: the approvals server in the foreground, from a YAML file."""
 from __future__ import annotations
 
-import logging
 import pathlib
 import signal
 import threading
-from typing import Any
 
 import typer
 
-from rpcauthz.console import ExitCode, fail
+from rpcauthz.server_start import flag_overrides, load_or_exit, start_or_exit
 
 
 def register(app: typer.Typer) -> None:
@@ -30,19 +28,11 @@ def serve(
                                             "env RPCAUTHZ_STORE_URL)."),
 ) -> None:
     """Run the approvals server until SIGTERM or Ctrl-C."""
-    from .config import ConfigError, load_approvals_config
+    from .config import load_approvals_config
     from .server import start_approvals_server
 
-    overrides: dict[str, Any] = {}
-    if port is not None:
-        overrides["listen.port"] = port
-    if store_url is not None:
-        overrides["store_url"] = store_url
-    try:
-        settings = load_approvals_config(config, overrides=overrides)
-    except ConfigError as e:
-        fail(str(e), ExitCode.USAGE)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = flag_overrides({"listen.port": port, "store_url": store_url})
+    settings = load_or_exit(lambda: load_approvals_config(config, overrides=overrides))
     mode_lookup = body_encoder = None
     if settings.reflection is not None:
         from reflection_cache.cache import ReflectionCache
@@ -53,12 +43,10 @@ def serve(
         mode_lookup = lazy_modes(lambda: ReflectionCache.from_settings(reflection),
                                  settings.default_mode)
         body_encoder = reflected_bodies(lambda: ReflectionCache.from_settings(reflection))
-    try:
-        handle = start_approvals_server(settings, host=settings.listen.host,
-                                        port=settings.listen.port, mode_lookup=mode_lookup,
-                                        body_encoder=body_encoder)
-    except (OSError, RuntimeError, ValueError) as e:
-        fail(str(e), ExitCode.FAILURE)
+    handle = start_or_exit(lambda: start_approvals_server(settings, host=settings.listen.host,
+                                                          port=settings.listen.port, mode_lookup=mode_lookup,
+                                                          body_encoder=body_encoder),
+                           errors=(OSError, RuntimeError, ValueError))
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

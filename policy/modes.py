@@ -44,6 +44,18 @@ class Mode(enum.IntEnum):
 DEFAULT_MODE = Mode.BREAK_GLASS_ONLY
 
 
+def parse_default_mode(value: object) -> object:
+    """Check a configured ``default_mode`` before it becomes a :class:`Mode`: a name is parsed
+    with :meth:`Mode.parse`, and UNSPECIFIED (by name or number) is refused, because the
+    default is what applies when nothing else says anything. Other values pass through for
+    the enum's own check. Shared by every configuration that takes a default mode."""
+    if isinstance(value, str):
+        value = Mode.parse(value)
+    if value == Mode.UNSPECIFIED:
+        raise ValueError("the default mode cannot be UNSPECIFIED")
+    return value
+
+
 def resolve_mode(method_option: Mode | int | None, service_option: Mode | int | None,
                  default: Mode = DEFAULT_MODE) -> tuple[Mode, str]:
     """Pick the mode that applies to a method, and say where it came from.

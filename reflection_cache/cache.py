@@ -28,12 +28,13 @@ from collections.abc import Callable, Mapping
 
 import cachetools
 import grpc
+from google.protobuf.descriptor import Descriptor
 from pydantic import ValidationError
 
 from reflection_cache.client import ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.settings import CacheSettings, ReflectionSettings, Tls
-from reflection_cache.types import ReflectionError, ReflectionUnavailable, ServiceModes, UnknownService
+from reflection_cache.types import ReflectionError, ReflectionUnavailable, ServiceModes, UnknownMethod, UnknownService
 from rpcauthz.settings import describe
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,21 @@ class ReflectionCache:
         task = self._inflight.get(service) or self._start_fetch(service)
         # shield: one caller giving up must not cancel the fetch the others wait for.
         return await asyncio.shield(task)
+
+    async def method_input_type(self, service: str, method: str) -> Descriptor:
+        """The input message type of ``/service/method``, read from the service's reflection
+        now (not cached: only the approval paths need it, e.g. to show an approver a bound
+        call's body). Raises a ``ReflectionError`` (``UnknownMethod`` when there is no such
+        method)."""
+        from reflection_cache.client import build_pool
+        endpoint = self.resolver.resolve(service)
+        files = await self.client.fetch_files(service, endpoint)
+        pool = build_pool(files, f"service {service}")
+        try:
+            return pool.FindServiceByName(service).methods_by_name[method].input_type
+        except KeyError:
+            raise UnknownMethod(f"/{service}/{method}: no such method in the service's "
+                                "reflection") from None
 
     def get_fresh(self, service: str) -> ServiceModes | None:
         """The options of ``service`` if a fresh entry is cached, else None; never waits.

@@ -19,6 +19,7 @@ This module is plumbing: it imports nothing else of ours.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import pathlib
 import types
@@ -35,6 +36,18 @@ ENV_PREFIX = "RPCAUTHZ_"
 NOT_CONFIG = frozenset({"RPCAUTHZ_TEST_PG_DSN"})
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP address or ``localhost``) is reachable only from this machine;
+    a name other than ``localhost`` is not (it may resolve to anything). For the servers'
+    checks on where they listen and which URLs they trust."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(ValueError):

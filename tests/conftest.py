@@ -67,3 +67,18 @@ def pg_dsn(pg_server_dsn: str):
     yield make_conninfo(**params)
     with psycopg.connect(pg_server_dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def reflection_pki(tmp_path_factory):
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+    from tests.support.reflection_tls import make_pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def mtls_reflection_server(reflection_pki):
+    """A reflection server for shop.orders.v1.Orders that demands a client certificate."""
+    from tests.support.reflection_tls import mtls_orders_server
+    with mtls_orders_server(reflection_pki) as srv:
+        yield srv

@@ -70,6 +70,8 @@ class BrokerConfig:
     sts_endpoint_url: str | None = None
     pending_ttl_seconds: int = 3600
     approval_ttl_seconds: int = 3600
+    #: (host, port) to serve Prometheus ``/metrics`` on; None (the default): no metrics.
+    metrics_listen: tuple[str, int] | None = None
 
     def grant_set(self) -> GrantSet:
         return GrantSet(self.grants)
@@ -186,6 +188,15 @@ class BrokerFile(Section):
     server_name: str = "broker.mpa.internal"
     pending_ttl_seconds: int = 3600
     approval_ttl_seconds: int = 3600
+    #: ``host:port`` for Prometheus ``/metrics`` (e.g. ``127.0.0.1:9464``); unset: off.
+    metrics_listen: str | None = None
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            _host_port(v)
+        return v
 
     @model_validator(mode="after")
     def _offers_something(self) -> BrokerFile:
@@ -216,4 +227,14 @@ class BrokerFile(Section):
                                       c.max_duration) for c in self.kubernetes.clusters},
             oidc_issuer=self.kubernetes.issuer, server_name=self.server_name,
             aws_region=self.aws.region, sts_endpoint_url=self.aws.sts_endpoint_url,
-            pending_ttl_seconds=self.pending_ttl_seconds, approval_ttl_seconds=self.approval_ttl_seconds)
+            pending_ttl_seconds=self.pending_ttl_seconds, approval_ttl_seconds=self.approval_ttl_seconds,
+            metrics_listen=_host_port(self.metrics_listen) if self.metrics_listen else None)
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) as (host, port); a ValueError names what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host, int(port)

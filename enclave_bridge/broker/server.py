@@ -42,6 +42,7 @@ from ..credentials.sts import AwsSession, StsError, StsMinter
 from ..sealed import SealedRecords, SealedStateError, SqliteHostStorage
 from ..seeds import SeedBundle
 from .config import BrokerConfig, Identity
+from .metrics import BrokerMetrics
 from .notify import AuditSink
 from .records import CredentialRequest
 from .service import BrokerService, KubernetesToken
@@ -133,15 +134,19 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
 
 
 class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
-    def __init__(self, service: BrokerService, auth: Authenticator) -> None:
+    def __init__(self, service: BrokerService, auth: Authenticator,
+                 metrics: BrokerMetrics | None = None) -> None:
         self._service = service
         self._auth = auth
+        self._metrics = metrics
 
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[str], Any]) -> Any:
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[str], Any], operation: str) -> Any:
         try:
             return fn(self._auth.principal(context.invocation_metadata()))
         except tuple(c for c, _ in _CODES) as e:
             code = next(code for cls, code in _CODES if isinstance(e, cls))
+            if self._metrics is not None:
+                self._metrics.refused(operation, e)
             if code is grpc.StatusCode.DATA_LOSS:
                 log.error("sealed state refused: %s", e)
             context.abort(code, str(e).replace("\n", " ") or type(e).__name__)
@@ -161,7 +166,7 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
             return to_proto(self._service.request(principal, kind=kind, name=name, groups=groups,
                                                   reason=request.reason, incident=request.incident or None,
                                                   duration_seconds=request.duration_seconds))
-        return self._call(context, run)
+        return self._call(context, run, "Request")
 
     def Review(self, request, context):  # noqa: N802
         def run(principal: str):
@@ -173,7 +178,7 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
                 raise InvalidRequest("verdict must be APPROVE or REJECT")
             return to_proto(self._service.review(principal, request.id, approve_it=approve_it,
                                                  comment=request.comment))
-        return self._call(context, run)
+        return self._call(context, run, "Review")
 
     def Fetch(self, request, context):  # noqa: N802
         def run(principal: str):
@@ -187,7 +192,7 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
             return broker_pb2.FetchResponse(kubernetes=broker_pb2.KubernetesCredentials(
                 token=minted.token, expiration=_ts(minted.expiration), cluster=minted.cluster,
                 server=minted.server))
-        return self._call(context, run)
+        return self._call(context, run, "Fetch")
 
     def List(self, request, context):  # noqa: N802
         def run(principal: str):
@@ -195,22 +200,24 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
             found = self._service.list(principal, mine=request.mine, reviewable=request.reviewable,
                                        states=states, limit=request.limit or 100)
             return broker_pb2.ListResponse(requests=[to_proto(cr) for cr in found])
-        return self._call(context, run)
+        return self._call(context, run, "List")
 
     def Get(self, request, context):  # noqa: N802
-        return self._call(context, lambda principal: to_proto(self._service.get(principal, request.id)))
+        return self._call(context, lambda principal: to_proto(self._service.get(principal, request.id)),
+                          "Get")
 
 
 class BrokerServer:
     """The gRPC server with the in-enclave TLS identity. ``start()`` returns the bound port."""
 
-    def __init__(self, service: BrokerService, tls: TlsIdentity, *, max_workers: int = 8) -> None:
+    def __init__(self, service: BrokerService, tls: TlsIdentity, *, max_workers: int = 8,
+                 metrics: BrokerMetrics | None = None) -> None:
         self.service = service
         self.tls = tls
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                               thread_name_prefix="broker"))
         broker_pb2_grpc.add_CredentialBrokerServicer_to_server(
-            BrokerServicer(service, Authenticator(service.config.identity)), self._server)
+            BrokerServicer(service, Authenticator(service.config.identity), metrics), self._server)
         self.port: int | None = None
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -233,9 +240,14 @@ class BrokerRuntime:
     oidc_server: OidcServer | None
     tls: TlsIdentity
     port: int
+    metrics: BrokerMetrics | None = None
+    #: The port ``/metrics`` is served on (None: ``metrics_listen`` is not set).
+    metrics_port: int | None = None
 
     def close(self) -> None:
         self.server.stop()
+        if self.metrics:
+            self.metrics.close()
         if self.oidc_server:
             self.oidc_server.close()
 
@@ -258,15 +270,27 @@ def start_broker(config: BrokerConfig, seeds: SeedBundle, *, state_path: str | P
             bind(records)
     oidc = OidcIssuer(config.oidc_issuer, seeds.signing_key()) if config.clusters else None
     kwargs = {"clock": clock} if clock else {}
+    metrics = BrokerMetrics(audit_sinks=audit) if config.metrics_listen else None
     service = BrokerService(config, records, audit=audit, sts=StsMinter(sts_client) if sts_client else None,
-                            oidc=oidc, notifiers=notifiers, **kwargs)
+                            oidc=oidc, notifiers=[*notifiers, *([metrics.observe] if metrics else [])],
+                            **kwargs)
+    metrics_port = None
+    if metrics is not None and config.metrics_listen is not None:
+        metrics.set_counts(service.counts)
+        metrics_port = metrics.serve(*config.metrics_listen)
+        log.info("broker metrics on http://%s:%d/metrics", config.metrics_listen[0], metrics_port)
     tls = make_tls_identity(config.server_name)
-    server = BrokerServer(service, tls)
-    bound = server.start(host, port)
+    server = BrokerServer(service, tls, metrics=metrics)
+    try:
+        bound = server.start(host, port)
+    except BaseException:
+        if metrics is not None:
+            metrics.close()
+        raise
     oidc_server = oidc.serve(*oidc_listen) if (oidc and oidc_listen) else None
     if cert_out:
         Path(cert_out).write_bytes(tls.cert_pem)
         if attester is not None:
             Path(f"{cert_out}.att").write_bytes(attest_certificate(attester, tls))
     log.info("broker listening on %s:%d, certificate %s", host, bound, tls.fingerprint)
-    return BrokerRuntime(server, oidc_server, tls, bound)
+    return BrokerRuntime(server, oidc_server, tls, bound, metrics, metrics_port)

@@ -213,6 +213,15 @@ class BrokerService:
             self._emit("credential.fetched", principal, cr, fetch=used.uses, **detail)
             return minted
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """How many requests the sealed state holds, by (kind, state) (for metrics)."""
+        with self._lock:
+            out: dict[tuple[str, str], int] = {}
+            for cr in self._all():
+                key = (cr.target.kind, cr.request.state.value)
+                out[key] = out.get(key, 0) + 1
+            return out
+
     def get(self, principal: str, request_id: str) -> CredentialRequest:
         self._require_engineer(principal)
         with self._lock:

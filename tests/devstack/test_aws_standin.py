@@ -20,7 +20,7 @@ from enclave_bridge.broker.notify import MemoryAuditLog
 from enclave_bridge.broker.server import start_broker
 from enclave_bridge.seeds import SeedBundle
 from tests.conftest import free_port
-from tests.support.enclave_broker_env import broker_config
+from tests.support.enclave_broker_env import aws_profile_using_mpa_fetch, broker_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE, BOB = "alice@example.com", "bob@example.com"
@@ -93,18 +93,8 @@ def test_approved_engineer_makes_real_sdk_calls_with_broker_minted_credentials(a
     r = mpa(broker, BOB, "broker", "review", rid, "--approve", "-m", "ok")
     assert r.returncode == 0, r.stderr
 
-    token_file = tmp_path / "token"
-    token_file.write_text(broker["dev"].mint(ALICE))
-    fetch = (f"{sys.executable} -m mpa.broker_commands fetch --aws platform-admin --format credential-process "
-             f"--broker 127.0.0.1:{broker['runtime'].port} --broker-cert {broker['cert']} --token-file {token_file}")
-    config = tmp_path / "config"
-    config.write_text(f"[profile admin]\nregion = eu-west-2\ncredential_process = {fetch}\n")
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("MPA_CONFIG_DIR", str(tmp_path / "mpa-config"))
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
+    aws_profile_using_mpa_fetch(monkeypatch, tmp_path, broker, ALICE, "--aws platform-admin",
+                                profile_lines="region = eu-west-2\n")
 
     session = boto3.Session(botocore_session=botocore.session.Session(profile="admin"))
     identity = session.client("sts", endpoint_url=aws["local"].url).get_caller_identity()

@@ -20,7 +20,7 @@ from enclave_bridge.broker.server import start_broker
 from enclave_bridge.broker.tls import make_tls_identity
 from enclave_bridge.seeds import SeedBundle
 from tests.conftest import free_port
-from tests.support.enclave_broker_env import ROLE_ARN, StubSts, broker_config
+from tests.support.enclave_broker_env import ROLE_ARN, StubSts, aws_profile_using_mpa_fetch, broker_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE, BOB = "alice@example.com", "bob@example.com"
@@ -98,17 +98,7 @@ def test_aws_cli_runs_mpa_fetch_as_credential_process(broker, tmp_path, monkeypa
     r = mpa(broker, ALICE, "request", "aws", "platform-admin", "--reason", "cli test")
     rid = request_id_from(r.stdout)
     assert mpa(broker, BOB, "broker", "review", rid, "--approve").returncode == 0
-    token_file = tmp_path / "token"
-    token_file.write_text(broker["dev"].mint(ALICE))
-    cmd = (f"{sys.executable} -m mpa.broker_commands fetch {rid} --format credential-process "
-           f"--broker 127.0.0.1:{broker['runtime'].port} --broker-cert {broker['cert']} --token-file {token_file}")
-    config = tmp_path / "config"
-    config.write_text(f"[profile admin]\ncredential_process = {cmd}\n")
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    monkeypatch.setenv("MPA_CONFIG_DIR", str(tmp_path / "mpa-config"))
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
+    aws_profile_using_mpa_fetch(monkeypatch, tmp_path, broker, ALICE, rid)
     session = botocore.session.Session(profile="admin")
     creds = session.get_credentials().get_frozen_credentials()
     assert creds.access_key.startswith("ASIA") and creds.token.startswith("token")

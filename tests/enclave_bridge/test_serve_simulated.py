@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from devstack.devissuer import DevIssuer
+from devstack.processes import stop_process
 from enclave_bridge import measure as m
 from enclave_bridge.broker.client import BrokerClient
 from enclave_bridge.trust import TRUST_METHOD, TRUST_MODE, TRUST_SERVICE, change_digest
@@ -75,13 +75,7 @@ def serve(tmp: Path, config: Path, ledger: Path, port: int, env_extra: dict | No
         time.sleep(0.2)  # the .att file is written right after the cert; let it finish
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 @pytest.fixture

@@ -1,39 +1,21 @@
 """The ext_authz server dials reflection endpoints with the TLS its configuration gives."""
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from extauthz.config import load_settings
 from extauthz.server import open_components
 from reflection_cache import ReflectionUnavailable
-from tests.support.reflection_servers import compile_proto, reflection_server
-from tests.support.reflection_tls import make_pki
-
-ORDERS = "shop.orders.v1.Orders"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def mtls_server(pki):
-    creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
-                                        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
-    with reflection_server(compile_proto("shop/orders/v1/orders.proto"), [ORDERS],
-                           server_credentials=creds) as srv:
-        yield srv
+from tests.support.reflection_tls import ORDERS
 
 
 @pytest.mark.parametrize("with_tls", [True, False], ids=["mutual-tls", "plaintext"])
-async def test_server_reads_modes_over_configured_mutual_tls(tmp_path, pki, mtls_server, with_tls):
+async def test_server_reads_modes_over_configured_mutual_tls(tmp_path, reflection_pki, mtls_reflection_server, with_tls):
     config = tmp_path / "extauthz.yaml"
-    tls = (f"  tls: {{ca_file: {pki.ca}, cert_file: {pki.client_cert}, key_file: {pki.client_key}}}\n"
+    tls = (f"  tls: {{ca_file: {reflection_pki.ca}, cert_file: {reflection_pki.client_cert}, key_file: {reflection_pki.client_key}}}\n"
            if with_tls else "")
     config.write_text(f"store_url: sqlite:///{tmp_path / 's.db'}\n"
-                      f"reflection:\n  endpoints: {{default: '{mtls_server.address}'}}\n{tls}")
+                      f"reflection:\n  endpoints: {{default: '{mtls_reflection_server.address}'}}\n{tls}")
     components = await open_components(load_settings(config, env={}))
     try:
         if with_tls:

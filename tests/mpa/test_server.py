@@ -102,6 +102,9 @@ def test_config_from_yaml_and_variables(tmp_path):
     (ISSUER, {"MPA_STORE_URL": "sqlite:///x.db"},
      "MPA_STORE_URL is no longer read: set store_url in the config file or RPCAUTHZ_STORE_URL"),
     (ISSUER, {"MPA_DEV_LOGIN": "1"}, "RPCAUTHZ_DEV_LOGIN"),
+    ({**ISSUER, "default_mode": "HUMANS_WHO_CAN_RPC_UNSPECIFIED"}, {}, "cannot be UNSPECIFIED"),
+    ({**ISSUER, "default_mode": 0}, {}, "cannot be UNSPECIFIED"),
+    ({**ISSUER, "default_mode": "SOMETIMES"}, {}, "unknown humans_who_can_rpc mode 'SOMETIMES'"),
 ])
 def test_bad_config_is_refused_with_the_key_named(tmp_path, data, env, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):

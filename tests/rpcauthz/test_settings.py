@@ -69,3 +69,12 @@ def test_unreadable_or_malformed_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n")
     with pytest.raises(ConfigError, match="must hold a mapping at the top level"):
         load(Model, tmp_path / "list.yaml", component="test", env={})
+
+
+@pytest.mark.parametrize("host, local", [
+    ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("[::1]", True), ("localhost", True),
+    ("LOCALHOST", True), ("0.0.0.0", False), ("10.0.0.5", False), ("db.internal", False), ("", False),
+])
+def test_is_loopback_names_only_this_machine(host, local):
+    from rpcauthz.settings import is_loopback
+    assert is_loopback(host) is local

@@ -1,6 +1,9 @@
-"""Helpers for the broker's tests: a stand-in STS endpoint over real HTTP, and a broker config."""
+"""Helpers for the broker's tests: a stand-in STS endpoint over real HTTP, a broker config, and an
+AWS profile whose credential_process is ``mpa fetch``."""
 from __future__ import annotations
 
+import pathlib
+import sys
 import threading
 import urllib.parse
 from datetime import UTC, datetime, timedelta
@@ -11,6 +14,26 @@ import boto3
 from enclave_bridge.broker.config import BrokerConfig
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/platform-admin"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def aws_profile_using_mpa_fetch(monkeypatch, tmp_path: pathlib.Path, broker: dict, who: str,
+                                fetch_args: str, profile_lines: str = "") -> None:
+    """Make ``[profile admin]`` the AWS SDK's profile, its ``credential_process`` the real
+    ``mpa fetch FETCH_ARGS --format credential-process`` against ``broker`` with ``who``'s token;
+    no other AWS credentials are visible to the SDK."""
+    token_file = tmp_path / "token"
+    token_file.write_text(broker["dev"].mint(who))
+    fetch = (f"{sys.executable} -m mpa.broker_commands fetch {fetch_args} --format credential-process "
+             f"--broker 127.0.0.1:{broker['runtime'].port} --broker-cert {broker['cert']} --token-file {token_file}")
+    config = tmp_path / "config"
+    config.write_text(f"[profile admin]\n{profile_lines}credential_process = {fetch}\n")
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("MPA_CONFIG_DIR", str(tmp_path / "mpa-config"))
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
 
 
 class StubSts:

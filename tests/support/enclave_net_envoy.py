@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import signal
 import socket
 import socketserver
 import ssl
@@ -21,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from devstack.processes import stop_process
 
 REPO = Path(__file__).parents[2]
 CONFIG = REPO / "envoy" / "broker-passthrough.yaml"
@@ -62,12 +63,7 @@ def forwarder(listen: str, to: str) -> Iterator[subprocess.Popen]:
         assert banner.startswith("forwarding"), banner + proc.stderr.read()
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 class Envoy:
@@ -94,12 +90,7 @@ class Envoy:
 
     def __exit__(self, *exc) -> None:
         assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self._log_file.close()
 
     def admin(self, path: str) -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from devstack.processes import stop_process
+
 
 class EnvoyProcess:
     """``envoy -c CONFIG`` in the background; ``start()`` waits until its admin says LIVE."""
@@ -45,13 +47,8 @@ class EnvoyProcess:
         raise RuntimeError(f"envoy not ready in {timeout}s:\n{self.log.read_text()}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc:
+            stop_process(self.proc)
         if getattr(self, "_log", None):
             self._log.close()
 

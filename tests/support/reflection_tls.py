@@ -1,15 +1,23 @@
-"""A throwaway CA with a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+"""A throwaway CA with a server certificate for 127.0.0.1 and a client certificate (PEM files),
+and a reflection server that demands a client certificate from that CA."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import ipaddress
 import pathlib
+from collections.abc import Iterator
 
+import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.reflection_servers import ReflectionServer, compile_proto, reflection_server
+
+ORDERS = "shop.orders.v1.Orders"
 
 
 @dataclasses.dataclass
@@ -64,3 +72,14 @@ def make_pki(directory: pathlib.Path) -> Pki:
     _write_key(server_key, pki.server_key)
     _write_key(client_key, pki.client_key)
     return pki
+
+
+@contextlib.contextmanager
+def mtls_orders_server(pki: Pki) -> Iterator[ReflectionServer]:
+    """A reflection server for ``shop.orders.v1.Orders`` speaking TLS with ``pki``'s server
+    certificate and refusing clients without a certificate from ``pki``'s CA."""
+    creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
+                                        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
+    with reflection_server(compile_proto("shop/orders/v1/orders.proto"), [ORDERS],
+                           server_credentials=creds) as srv:
+        yield srv
