@@ -33,58 +33,49 @@ def _wait_for_view(base: str, token: str, request_id: str, timeout: float = 20.0
 def test_gateway_keeps_the_decoded_redacted_call_of_a_bound_request(tmp_path):
     import grpc
 
-    from devstack.demo_approvals import start_demo_approvals
-    from policy import Grant, Role
-    from tests.conftest import free_port
-    from tests.support.gateway_harness import ACCOUNTS, GatewayStack
+    from tests.support.gateway_harness import READ_ACCOUNT as rpc
+    from tests.support.gateway_harness import gateway_with_approvals
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    store_url = f"sqlite:///{tmp_path / 'store.db'}"
-    rpc = f"/{ACCOUNTS}/ReadAccount"  # ENGINEERS_WITH_APPROVAL
-    grants = [Grant("erin", Role.ENGINEER), Grant("alice", Role.ENGINEER)]
-    with GatewayStack(tmp_path, store_url=store_url, grants=grants,
-                      extauthz={"approvals.base_url": base,
-                                "approvals.bind_to_body_modes": ["ENGINEERS_WITH_APPROVAL"]}) as gw:
-        with start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port):
-            alice = gw.token("alice")
-            data = {"accountId": "A-7", "note": "refund", "customerEmail": "a7@example.com"}
-            first = gw.call(rpc, as_="erin", data=data)
-            assert first.code is grpc.StatusCode.PERMISSION_DENIED, first.render()
-            request_id = first.request_url.rsplit("/", 1)[1]
-            shown = _wait_for_view(base, alice, request_id)
-            assert shown["body_sha256"] and shown["origin"] == "gateway"
-            view = shown["body_view"]
-            assert view, shown
-            assert view.startswith("rpcauthz.demo.v1.AccountRequest {")
-            assert '"accountId": "A-7"' in view and '"note": "refund"' in view
-            assert '"customerEmail": "[REDACTED]"' in view and "a7@example.com" not in view
-            page = httpx.get(f"{base}/requests/{request_id}", timeout=15,
-                             headers={"Authorization": f"Bearer {alice}"})
-            assert 'id="body-view"' in page.text and "&#34;accountId&#34;: &#34;A-7&#34;" in page.text
-            assert "a7@example.com" not in page.text
-            env = {k: v for k, v in os.environ.items() if not k.startswith("MPA_")}
-            env.update(MPA_SERVER=base, MPA_TOKEN=alice)
-            cli = subprocess.run([sys.executable, "-m", "mpa.cli", "show", request_id], cwd=ROOT,
-                                 env=env, capture_output=True, text=True, timeout=60)
-            assert cli.returncode == 0, cli.stderr
-            assert "the call" in cli.stdout and '"customerEmail": "[REDACTED]"' in cli.stdout
-            assert "a7@example.com" not in cli.stdout
-            # The same call again reuses the request; the view is kept once, unchanged.
-            again = gw.call(rpc, as_="erin", data=data)
-            assert again.request_url == first.request_url
-            assert _wait_for_view(base, alice, request_id)["body_view"] == view
-            # Approve; the bound call then passes (the view changed no decision).
-            done = httpx.post(f"{base}/api/v1/requests/{request_id}/complete",
-                              json={"reason": "refund for account A-7"}, timeout=15,
-                              headers={"Authorization": f"Bearer {gw.token('erin')}"})
-            assert done.status_code == 200, done.text
-            assert done.json()["body_view"] == view
-            resp = httpx.post(f"{base}/api/v1/requests/{request_id}/approve",
-                              headers={"Authorization": f"Bearer {alice}"}, timeout=15)
-            assert resp.status_code == 200, resp.text
-            ok = gw.call(rpc, as_="erin", data=data)
-            assert ok.code is grpc.StatusCode.OK, ok.render()
+    bind = {"approvals.bind_to_body_modes": ["ENGINEERS_WITH_APPROVAL"]}
+    with gateway_with_approvals(tmp_path, extauthz=bind) as (gw, _approvals, base):
+        alice = gw.token("alice")
+        data = {"accountId": "A-7", "note": "refund", "customerEmail": "a7@example.com"}
+        first = gw.call(rpc, as_="erin", data=data)
+        assert first.code is grpc.StatusCode.PERMISSION_DENIED, first.render()
+        request_id = first.request_url.rsplit("/", 1)[1]
+        shown = _wait_for_view(base, alice, request_id)
+        assert shown["body_sha256"] and shown["origin"] == "gateway"
+        view = shown["body_view"]
+        assert view, shown
+        assert view.startswith("rpcauthz.demo.v1.AccountRequest {")
+        assert '"accountId": "A-7"' in view and '"note": "refund"' in view
+        assert '"customerEmail": "[REDACTED]"' in view and "a7@example.com" not in view
+        page = httpx.get(f"{base}/requests/{request_id}", timeout=15,
+                         headers={"Authorization": f"Bearer {alice}"})
+        assert 'id="body-view"' in page.text and "&#34;accountId&#34;: &#34;A-7&#34;" in page.text
+        assert "a7@example.com" not in page.text
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MPA_")}
+        env.update(MPA_SERVER=base, MPA_TOKEN=alice)
+        cli = subprocess.run([sys.executable, "-m", "mpa.cli", "show", request_id], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert "the call" in cli.stdout and '"customerEmail": "[REDACTED]"' in cli.stdout
+        assert "a7@example.com" not in cli.stdout
+        # The same call again reuses the request; the view is kept once, unchanged.
+        again = gw.call(rpc, as_="erin", data=data)
+        assert again.request_url == first.request_url
+        assert _wait_for_view(base, alice, request_id)["body_view"] == view
+        # Approve; the bound call then passes (the view changed no decision).
+        done = httpx.post(f"{base}/api/v1/requests/{request_id}/complete",
+                          json={"reason": "refund for account A-7"}, timeout=15,
+                          headers={"Authorization": f"Bearer {gw.token('erin')}"})
+        assert done.status_code == 200, done.text
+        assert done.json()["body_view"] == view
+        resp = httpx.post(f"{base}/api/v1/requests/{request_id}/approve",
+                          headers={"Authorization": f"Bearer {alice}"}, timeout=15)
+        assert resp.status_code == 200, resp.text
+        ok = gw.call(rpc, as_="erin", data=data)
+        assert ok.code is grpc.StatusCode.OK, ok.render()
 
 
 def test_a_body_that_does_not_decode_leaves_no_view_and_changes_no_decision(tmp_path):

@@ -18,19 +18,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_demo_steps_run_the_loop_through_envoy(tmp_path):
     import grpc
 
-    from devstack.demo_approvals import demo_steps, start_demo_approvals
-    from policy import Grant, Role
-    from tests.conftest import free_port
-    from tests.support.gateway_harness import ACCOUNTS, GatewayStack
+    from devstack.demo_approvals import demo_steps
+    from tests.support.gateway_harness import READ_ACCOUNT as rpc
+    from tests.support.gateway_harness import gateway_with_approvals
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    store_url = f"sqlite:///{tmp_path / 'store.db'}"
-    rpc = f"/{ACCOUNTS}/ReadAccount"  # ENGINEERS_WITH_APPROVAL
-    grants = [Grant("erin", Role.ENGINEER), Grant("alice", Role.ENGINEER)]
-    with GatewayStack(tmp_path, store_url=store_url, grants=grants,
-                      extauthz={"approvals.base_url": base}) as gw, \
-            start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port) as approvals:
+    with gateway_with_approvals(tmp_path) as (gw, approvals, base):
         steps = demo_steps(base, requester="erin", approver="alice", rpc=rpc, call_cmd="CALL",
                            config_root=str(tmp_path / "people"))
         calls = []

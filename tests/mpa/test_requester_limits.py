@@ -37,19 +37,10 @@ def approve(base: str, token: str, request_id: str) -> None:
 def test_requester_limits_narrow_the_gateway_request_and_bind(tmp_path):
     import grpc
 
-    from devstack.demo_approvals import start_demo_approvals
-    from policy import Grant, Role
-    from tests.conftest import free_port
-    from tests.support.gateway_harness import ACCOUNTS, GatewayStack
+    from tests.support.gateway_harness import READ_ACCOUNT as rpc
+    from tests.support.gateway_harness import gateway_with_approvals
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    store_url = f"sqlite:///{tmp_path / 'store.db'}"
-    rpc = f"/{ACCOUNTS}/ReadAccount"  # ENGINEERS_WITH_APPROVAL
-    grants = [Grant("erin", Role.ENGINEER), Grant("alice", Role.ENGINEER)]
-    with GatewayStack(tmp_path, store_url=store_url, grants=grants,
-                      extauthz={"approvals.base_url": base}) as gw, \
-            start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port) as approvals:
+    with gateway_with_approvals(tmp_path) as (gw, approvals, base):
         erin, alice = gw.token("erin"), gw.token("alice")
 
         # --- uses: the gateway's request allows any number of calls; erin asks for one.

@@ -28,10 +28,11 @@ always. Building blocks (``EnvoyProcess``, ``ExtAuthzProcess``, ``render_gateway
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from devstack import democlient
@@ -253,3 +254,26 @@ class GatewayStack:
             if len(lines) >= wait_for or time.monotonic() > deadline:
                 return lines
             time.sleep(0.2)
+
+
+#: An ENGINEERS_WITH_APPROVAL method of the demo's Accounts service.
+READ_ACCOUNT = f"/{ACCOUNTS}/ReadAccount"
+
+
+@contextlib.contextmanager
+def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] | None = None
+                           ) -> Iterator[tuple[GatewayStack, Any, str]]:
+    """Real Envoy + ext_authz + the approvals service as ``mpactl demo`` runs it, on one SQLite
+    store, with engineers erin and alice. Yields (gateway, approvals server, approvals base URL);
+    the gateway's request links point at that base URL."""
+    from devstack.demo_approvals import start_demo_approvals
+    from policy import Role
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    grants = [Grant("erin", Role.ENGINEER), Grant("alice", Role.ENGINEER)]
+    with GatewayStack(tmp_path, store_url=store_url, grants=grants,
+                      extauthz={"approvals.base_url": base, **(extauthz or {})}) as gw, \
+            start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port) as approvals:
+        yield gw, approvals, base
