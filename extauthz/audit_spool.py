@@ -14,11 +14,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from policy.audit import AuditEvent
+from policy.store import Store
 
 
 def _to_json(e: AuditEvent) -> str:
@@ -100,6 +101,26 @@ class AuditSpool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def ship(self, store: Store, batch: int,
+             on_batch: Callable[[int], None] | None = None) -> int:
+        """Write every spooled event to ``store``, oldest first, ``batch`` per transaction,
+        removing each batch only after the store took it (blocking). Returns how many were
+        shipped. The store ignores event ids it already holds, so a ship cut short between the
+        store's commit and the removal here writes nothing twice when it runs again."""
+        done = 0
+        while events := self.oldest(batch):
+            write = getattr(store, "append_audits", None)
+            if write is not None:
+                write(events)
+            else:
+                for e in events:
+                    store.append_audit(e)
+            self.remove([e.id for e in events])
+            done += len(events)
+            if on_batch is not None:
+                on_batch(len(events))
+        return done
 
 
 __all__ = ["AuditSpool"]

@@ -189,20 +189,8 @@ class AuditWriter:
     def replay_once(self) -> int:
         """One replay round (blocking): returns how many spooled events reached the store."""
         assert self.spool is not None
-        done = 0
-        while True:
-            events = self.spool.oldest(MAX_BATCH)
-            if not events:
-                return done
-            write = getattr(self._store, "append_audits", None)
-            if write is not None:
-                write(events)  # the store ignores ids it already holds: replays are idempotent
-            else:
-                for e in events:
-                    self._store.append_audit(e)
-            self.spool.remove([e.id for e in events])
-            done += len(events)
-            log.info("audit replay: %d spooled event(s) written to the store", len(events))
+        return self.spool.ship(self._store, MAX_BATCH, on_batch=lambda n: log.info(
+            "audit replay: %d spooled event(s) written to the store", n))
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout`` seconds), then stop."""

@@ -150,19 +150,7 @@ class SpooledAuditWriter:
 
     def replay_once(self) -> int:
         """Ship everything spooled (blocking); returns how many events reached the store."""
-        done = 0
-        while True:
-            events = self.spool.oldest(MAX_BATCH)
-            if not events:
-                return done
-            write = getattr(self._store, "append_audits", None)
-            if write is not None:
-                write(events)  # the store ignores ids it already holds: shipping is idempotent
-            else:
-                for e in events:
-                    self._store.append_audit(e)
-            self.spool.remove([e.id for e in events])
-            done += len(events)
+        return self.spool.ship(self._store, MAX_BATCH)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Spool what is pending, ship what the store takes within ``timeout``, then stop.
