@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -16,40 +14,10 @@ from mpa.slack import SlackNotifier
 from rpcauthz.slack_outbox import SlackDelivery, SlackSpool
 from tests.conftest import free_port
 from tests.support.approvals_env import LEDGER, approvals_env, open_test_store, seed_grants
+from tests.support.fake_slack import FakeSlack
 
 A, B, C = "alice@example.com", "bob@example.com", "carol@example.com"
 SECRET = "T0000/B0000/XXXXsecretXXXXwebhookXXXX"
-
-
-class FakeSlack:
-    """A real local HTTP server standing in for hooks.slack.com. ``mode``: ok or slow."""
-
-    def __init__(self, port: int) -> None:
-        self.port, self.mode, self.received = port, "ok", []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if outer.mode == "slow":
-                    time.sleep(2.0)
-                outer.received.append((self.path, json.loads(body)))
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def wait_for(check, timeout=30.0):

@@ -261,19 +261,23 @@ READ_ACCOUNT = f"/{ACCOUNTS}/ReadAccount"
 
 
 @contextlib.contextmanager
-def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] | None = None
+def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] | None = None,
+                           *, engineers: Iterable[str] = ("erin", "alice"),
+                           approvals: Mapping[str, Any] | None = None,
                            ) -> Iterator[tuple[GatewayStack, Any, str]]:
     """Real Envoy + ext_authz + the approvals service as ``mpactl demo`` runs it, on one SQLite
-    store, with engineers erin and alice. Yields (gateway, approvals server, approvals base URL);
-    the gateway's request links point at that base URL."""
+    store, with ``engineers`` (erin and alice). Yields (gateway, approvals server, approvals base
+    URL); the gateway's request links point at that base URL. ``approvals`` holds extra keyword
+    arguments of ``start_demo_approvals`` (e.g. ``config={"slack_webhook_url": ...}``)."""
     from devstack.demo_approvals import start_demo_approvals
     from policy import Role
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     store_url = f"sqlite:///{tmp_path / 'store.db'}"
-    grants = [Grant("erin", Role.ENGINEER), Grant("alice", Role.ENGINEER)]
+    grants = [Grant(e, Role.ENGINEER) for e in engineers]
     with GatewayStack(tmp_path, store_url=store_url, grants=grants,
                       extauthz={"approvals.base_url": base, **(extauthz or {})}) as gw, \
-            start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port) as approvals:
-        yield gw, approvals, base
+            start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port,
+                                 **dict(approvals or {})) as approvals_server:
+        yield gw, approvals_server, base
