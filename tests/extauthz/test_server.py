@@ -14,7 +14,6 @@ import urllib.request
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.processes import REPO_ROOT, ExtAuthzProcess, free_port, wait_serving
@@ -23,22 +22,12 @@ from extauthz.server import AUTHZ_SERVICE, Components, serve
 from policy import Grant, GrantSet, Mode, Role
 from policy.stores import open_store
 from reflection_cache.types import ServiceModes
-from tests.support.extauthz_doubles import FixedGrants, StaticModes
+from tests.support.extauthz_doubles import FixedGrants, StaticModes, check_request
 from tests.support.gateway_harness import ACCOUNTS, seed_grants
 
 PATH = f"/{ACCOUNTS}/ListAccounts"
 #: Subprocess environment with /metrics off, so the default metrics port is never contended.
 NO_METRICS = {**os.environ, "RPCAUTHZ_METRICS__PORT": "null"}
-
-
-def check_request(path: str = PATH, principal: str = "alice") -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    req.attributes.request.http.path = path
-    req.attributes.request.http.method = "POST"
-    s = struct_pb2.Struct()
-    s.update({"jwt_payload": {"sub": principal}})
-    req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(s)
-    return req
 
 
 async def test_drain_finishes_in_flight_checks_and_reports_not_serving():

@@ -1,15 +1,32 @@
 """Small stand-ins for the ext_authz server's unit tests (the store itself is the real one).
 
 ``StaticModes`` is a ModeSource from a fixed map, with switches to make it fail or stall;
-``FixedGrants`` serves a fixed GrantSet; ``DownStore`` is a store that cannot be reached.
+``FixedGrants`` serves a fixed GrantSet; ``DownStore`` is a store that cannot be reached;
+``check_request`` is the CheckRequest Envoy sends after jwt_authn verified a token (or, sent
+straight to the port, a forged one).
 The end-to-end tests use real reflection, real grant caches and real stores instead.
 """
 from __future__ import annotations
 
 import asyncio
 
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import struct_pb2
+
 from policy import GrantSet, StoreError
 from reflection_cache.types import ReflectionError, ServiceModes, UnknownService
+
+
+def check_request(path: str = "/rpcauthz.demo.v1.Accounts/ListAccounts",
+                  principal: str = "alice") -> external_auth_pb2.CheckRequest:
+    """A Check for ``path`` carrying ``{"sub": principal}`` as jwt_authn's payload."""
+    req = external_auth_pb2.CheckRequest()
+    req.attributes.request.http.path = path
+    req.attributes.request.http.method = "POST"
+    s = struct_pb2.Struct()
+    s.update({"jwt_payload": {"sub": principal}})
+    req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(s)
+    return req
 
 
 class DownStore:

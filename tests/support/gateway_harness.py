@@ -135,12 +135,20 @@ class GatewayStack:
                     extra=self.extauthz_extra)
                 if self.tls_certs is not None:
                     self._extauthz_config["listen"]["tls"] = self.tls_certs.server_settings()
+                # The spool's default is relative to the server's working directory (the
+                # checkout): every test's server would share one file. Each gets its own.
+                audit = self._extauthz_config.setdefault("audit", {})
+                if "spool_path" not in audit:
+                    audit["spool_path"] = str(self.workdir / "audit-spool.db")
                 self.start_extauthz()
                 self.replicas, self.replica_configs = [self.extauthz], [self._extauthz_config]
                 for i in range(1, self.replica_count):
                     cfg_i = json.loads(json.dumps(self._extauthz_config))
                     cfg_i["listen"]["port"] = free_port()
                     cfg_i["metrics"]["port"] = free_port()
+                    if cfg_i["audit"]["spool_path"] is not None:  # one spool per replica
+                        spool = pathlib.Path(cfg_i["audit"]["spool_path"])
+                        cfg_i["audit"]["spool_path"] = str(spool.with_name(f"{spool.stem}-{i}{spool.suffix}"))
                     self.replica_configs.append(cfg_i)
                     self.replicas.append(None)
                     self.start_replica(i)
