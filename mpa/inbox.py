@@ -19,10 +19,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from policy import ApprovalRequest, Mode, StoreError
+from policy import ApprovalRequest, StoreError
 
-from .broker_link import BrokerLink, BrokerRefused, CredentialView
-from .service import APPROVER_WORDS, MODE_EXPLANATIONS
+from .broker_link import BrokerLink, BrokerRefused, CredentialView, mode_explanation
 
 log = logging.getLogger("mpa.inbox")
 
@@ -49,23 +48,6 @@ def rpc_row(r: ApprovalRequest) -> InboxRow:
 def credential_row(c: CredentialView) -> InboxRow:
     return InboxRow(f"/credentials/{c.id}", "credential", c.what, c.requester, c.state, c.reason,
                     c.expires_at if c.state == "pending" else c.valid_until)
-
-
-def credential_approver_words(c: CredentialView) -> str:
-    """Who may approve a credential request, from its mode."""
-    try:
-        mode = Mode[c.mode]
-    except KeyError:
-        return "decided by the broker"
-    words = APPROVER_WORDS.get(mode)
-    return words.format(service="the broker's target") if words else "nobody (no approval mode)"
-
-
-def credential_explanation(c: CredentialView) -> str:
-    try:
-        return MODE_EXPLANATIONS.get(Mode[c.mode], c.mode)
-    except KeyError:
-        return c.mode
 
 
 def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
@@ -124,18 +106,18 @@ def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
             why_not = f"This request is {c.state}; it can no longer be approved or rejected."
         elif viewer.id == c.requester:
             why_not = ("You asked for this; nobody approves their own request. It needs "
-                       f"{credential_approver_words(c)}.")
+                       f"{c.approver_rule}.")
         elif viewer.id in {a.approver for a in c.approvals}:
             why_not = "You already approved this request."
         elif not can_review:
             why_not = (f"You may not review this request: under {c.mode} the approver must be "
-                       f"{credential_approver_words(c)}.")
+                       f"{c.approver_rule}.")
         else:
             why_not = ""
         return render("credential.html", status, c=c, viewer=viewer, csrf_token=csrf_for(token),
                       can_review=can_review and not why_not, why_not=why_not, error=error,
-                      done=done, approver_rule=credential_approver_words(c),
-                      why_approval=credential_explanation(c))
+                      done=done, approver_rule=c.approver_rule,
+                      why_approval=mode_explanation(c.mode))
 
     @app.get("/credentials/{request_id}", include_in_schema=False, response_class=HTMLResponse)
     async def credential_page(request: Request, request_id: str, done: str = "") -> Response:
@@ -176,4 +158,4 @@ def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
         return await review(request, request_id, False)
 
 
-__all__ = ["InboxRow", "add_inbox_routes", "credential_approver_words", "credential_row", "rpc_row"]
+__all__ = ["InboxRow", "add_inbox_routes", "credential_row", "rpc_row"]
