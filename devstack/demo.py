@@ -140,9 +140,11 @@ class Demo:
             self.broker = demo_broker.DemoBroker(self.workdir, issuer, engineers, oncall)
             self._things.append(self.broker)
         # With the broker, the web inbox lists its credential requests and links to their pages.
-        self._things.append(_start_approvals(self.store_url, issuer, jwks.url, self.approvals_port,
-                                             {ACCOUNTS: accounts.address, LEDGER: ledger.address},
-                                             broker=self.broker.link() if self.broker else None))
+        from devstack.demo_approvals import start_demo_approvals
+        self._things.append(start_demo_approvals(
+            self.store_url, issuer, jwks.url, port=self.approvals_port,
+            reflection={ACCOUNTS: accounts.address, LEDGER: ledger.address},
+            broker=self.broker.link() if self.broker else None))
         cfg = render_gateway(listen_port=self.gateway_port, admin_port=free_port(),
                              extauthz_port=extauthz_port, jwks_port=jwks.port,
                              upstreams={"demo_accounts": accounts.port, "demo_ledger": ledger.port},
@@ -239,24 +241,6 @@ def run(workdir: pathlib.Path | None, port: int | None, cmd: str = "mpactl") -> 
         return 0
     finally:
         demo.stop()
-
-
-def _start_approvals(store_url: str, issuer: Any, jwks_url: str, port: int,
-                     reflection: dict[str, str], broker: Any = None) -> Any:
-    """The approvals service (page + API) the request links point at, with dev sign-in; with
-    ``broker`` (a ``mpa.broker_link.BrokerLink``) its inbox shows credential requests too."""
-    from devstack.demo_approvals import start_demo_approvals
-    from mpa.body_types import reflected_bodies
-    from mpa.service import lazy_modes
-    from policy import Mode
-    from reflection_cache.cache import ReflectionCache
-    from reflection_cache.endpoints import EndpointResolver
-
-    modes = lazy_modes(lambda: ReflectionCache(EndpointResolver(static=reflection)),
-                       Mode.BREAK_GLASS_ONLY)
-    bodies = reflected_bodies(lambda: ReflectionCache(EndpointResolver(static=reflection)))
-    return start_demo_approvals(store_url, issuer, jwks_url, port=port, mode_lookup=modes,
-                                body_encoder=bodies, broker=broker)
 
 
 # --- where `mpactl demo call` finds the running demo ---------------------------------------------

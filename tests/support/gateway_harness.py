@@ -261,11 +261,14 @@ READ_ACCOUNT = f"/{ACCOUNTS}/ReadAccount"
 
 
 @contextlib.contextmanager
-def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] | None = None
+def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] | None = None, *,
+                           approvals: Mapping[str, Any] | None = None
                            ) -> Iterator[tuple[GatewayStack, Any, str]]:
-    """Real Envoy + ext_authz + the approvals service as ``mpactl demo`` runs it, on one SQLite
-    store, with engineers erin and alice. Yields (gateway, approvals server, approvals base URL);
-    the gateway's request links point at that base URL."""
+    """Real Envoy + ext_authz + the approvals service as ``mpactl demo`` runs it (with the demo
+    services' reflection, so ``mpa request rpc`` works before a call), on one SQLite store, with
+    engineers erin and alice. Yields (gateway, approvals server, approvals base URL); the
+    gateway's request links point at that base URL. ``approvals`` adds approvals config keys
+    (e.g. ``slack_webhook_url``)."""
     from devstack.demo_approvals import start_demo_approvals
     from policy import Role
 
@@ -275,5 +278,8 @@ def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] |
     grants = [Grant("erin", Role.ENGINEER), Grant("alice", Role.ENGINEER)]
     with GatewayStack(tmp_path, store_url=store_url, grants=grants,
                       extauthz={"approvals.base_url": base, **(extauthz or {})}) as gw, \
-            start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port) as approvals:
+            start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port,
+                                 reflection={ACCOUNTS: gw.upstreams["accounts"].address,
+                                             LEDGER: gw.upstreams["ledger"].address},
+                                 config=dict(approvals or {})) as approvals:
         yield gw, approvals, base
