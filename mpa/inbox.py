@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -22,8 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from policy import ApprovalRequest, StoreError
 
 from .broker_link import BrokerLink, BrokerRefused, CredentialView, mode_explanation
-
-log = logging.getLogger("mpa.inbox")
+from .page import CSRF_REFUSED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +50,12 @@ def credential_row(c: CredentialView) -> InboxRow:
 def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
                      who: Callable[[Request], tuple[Any, str | None, str]],
                      login_needed: Callable[[Request, str], HTMLResponse],
-                     csrf_for: Callable[[str], str], broker: BrokerLink | None) -> None:
-    """Mount ``/``, ``/requests`` (to ``/``) and, with a broker, ``/credentials/{id}``."""
+                     csrf_for: Callable[[str], str],
+                     posted_form: Callable[..., Awaitable[Any]], broker: BrokerLink | None) -> None:
+    """Mount ``/``, ``/requests`` (to ``/``) and, with a broker, ``/credentials/{id}``.
+
+    ``who``, ``login_needed``, ``csrf_for`` and ``posted_form`` (sign-in and the CSRF check of
+    every form) are the approval page's (:mod:`mpa.page`), so both behave alike."""
     service = app.state.service
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
@@ -128,18 +129,13 @@ def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
         return await show_credential(request, request_id, viewer, token, done=words.get(done, ""))
 
     async def review(request: Request, request_id: str, approve: bool) -> Response:
-        viewer, token, why = who(request)
-        if viewer is None or token is None:
-            return login_needed(request, why)
-        form = await request.form()
-        sent = str(form.get("csrf_token", ""))
-        if not sent or not hmac.compare_digest(sent, csrf_for(token)):
-            log.warning("refused review of credential request %s by %s: missing or wrong CSRF "
-                        "token", request_id, viewer.id)
+        async def refuse(viewer: Any, token: str) -> Response:
             return await show_credential(request, request_id, viewer, token, status=403,
-                                         error="Refused: the form's CSRF token is missing or "
-                                               "wrong, so nothing was changed. Reload the page "
-                                               "and try again.")
+                                         error=CSRF_REFUSED)
+        posted = await posted_form(request, f"review of credential request {request_id}", refuse)
+        if isinstance(posted, Response):
+            return posted
+        viewer, token, form = posted
         try:
             await asyncio.to_thread(broker.review, token, request_id, approve=approve,
                                     comment=str(form.get("comment", "")))

@@ -81,6 +81,11 @@ def test_credential_requests_name_who_can_approve_and_warn_when_nobody_can(tmp_p
     assert 'id="eligible"><strong>nobody</strong>' in page.text
     assert 'id="routing-note">Nobody can approve this request now' in page.text
 
+    # The credential page's forms need the session's CSRF token, as the approval page's do.
+    forged = env.call("POST", f"/credentials/{asked['id']}/approve", B, data={"comment": "ok"})
+    assert forged.status_code == 403 and "CSRF token is missing or wrong" in forged.text
+    assert json.loads(mpa(A, "broker", "show", asked["id"], "--json").stdout)["approvals"] == []
+
     # A reviewer's `mpa review` names the others who could approve too; once approved, nobody is
     # listed and nothing warns.
     review = mpa(B, "review", "--broker-only", stdin="a\n\n")
