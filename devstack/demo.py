@@ -133,8 +133,18 @@ class Demo:
         }, self.workdir, client_tls=tls)
         self._things.append(self.extauthz)
         self.extauthz.wait_ready()
-        self._things.append(_start_approvals(self.store_url, issuer, jwks.url, self.approvals_port,
-                                             {ACCOUNTS: accounts.address, LEDGER: ledger.address}))
+        from devstack import demo_broker
+        if demo_broker.available():  # the credential broker on a local AWS (the aws-demo extra)
+            engineers = [g.principal for g in demo_grants() if g.role is Role.ENGINEER]
+            oncall = [g.principal for g in demo_grants() if g.role is Role.SECURITY_ONCALL]
+            self.broker = demo_broker.DemoBroker(self.workdir, issuer, engineers, oncall)
+            self._things.append(self.broker)
+        # With the broker, the web inbox lists its credential requests and links to their pages.
+        from devstack.demo_approvals import start_demo_approvals
+        self._things.append(start_demo_approvals(
+            self.store_url, issuer, jwks.url, port=self.approvals_port,
+            reflection={ACCOUNTS: accounts.address, LEDGER: ledger.address},
+            broker=self.broker.link() if self.broker else None))
         cfg = render_gateway(listen_port=self.gateway_port, admin_port=free_port(),
                              extauthz_port=extauthz_port, jwks_port=jwks.port,
                              upstreams={"demo_accounts": accounts.port, "demo_ledger": ledger.port},
@@ -142,12 +152,6 @@ class Demo:
         self.envoy = EnvoyProcess(cfg, self.workdir)
         self._things.append(self.envoy)
         self.envoy.wait_ready()
-        from devstack import demo_broker
-        if demo_broker.available():  # the credential broker on a local AWS (the aws-demo extra)
-            engineers = [g.principal for g in demo_grants() if g.role is Role.ENGINEER]
-            oncall = [g.principal for g in demo_grants() if g.role is Role.SECURITY_ONCALL]
-            self.broker = demo_broker.DemoBroker(self.workdir, issuer, engineers, oncall)
-            self._things.append(self.broker)
         (self.workdir / STATE_FILE).write_text(json.dumps({
             "gateway": f"127.0.0.1:{self.gateway_port}",
             "issuer_key": str(self.key_path),
@@ -190,7 +194,8 @@ class Demo:
         if self.broker is not None:
             lines += ["", f"Credential broker (AWS STS on a local AWS stand-in, {self.broker.aws.url}):",
                       f"  broker {self.broker.broker_address}, certificate {self.broker.cert}"]
-            for what, command in self.broker.steps(requester="bob", approver="alice"):
+            for what, command in self.broker.steps(requester="bob", approver="alice",
+                                                   inbox_url=f"{self.approvals_url}/"):
                 lines.append(f"  # [aws] {what}")
                 lines.append(f"  {command}")
         else:
@@ -236,23 +241,6 @@ def run(workdir: pathlib.Path | None, port: int | None, cmd: str = "mpactl") -> 
         return 0
     finally:
         demo.stop()
-
-
-def _start_approvals(store_url: str, issuer: Any, jwks_url: str, port: int,
-                     reflection: dict[str, str]) -> Any:
-    """The approvals service (page + API) the request links point at, with dev sign-in."""
-    from devstack.demo_approvals import start_demo_approvals
-    from mpa.body_types import reflected_bodies
-    from mpa.service import lazy_modes
-    from policy import Mode
-    from reflection_cache.cache import ReflectionCache
-    from reflection_cache.endpoints import EndpointResolver
-
-    modes = lazy_modes(lambda: ReflectionCache(EndpointResolver(static=reflection)),
-                       Mode.BREAK_GLASS_ONLY)
-    bodies = reflected_bodies(lambda: ReflectionCache(EndpointResolver(static=reflection)))
-    return start_demo_approvals(store_url, issuer, jwks_url, port=port, mode_lookup=modes,
-                                body_encoder=bodies)
 
 
 # --- where `mpactl demo call` finds the running demo ---------------------------------------------

@@ -1,6 +1,7 @@
 """The approvals service as ``mpactl demo`` runs it, and the approval loop it prints."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mpa.config import ApprovalsConfig, DevLogin
@@ -10,6 +11,7 @@ from mpa.service import ModeLookup
 
 def start_demo_approvals(store_url: str, issuer: Any, jwks_url: str, *, port: int = 0,
                          host: str = "127.0.0.1", mode_lookup: ModeLookup | None = None,
+                         reflection: Mapping[str, str] | None = None,
                          **kw: Any) -> ApprovalsServer:
     """The approvals server as ``mpactl demo`` runs it: the dev issuer, dev sign-in on.
 
@@ -17,7 +19,23 @@ def start_demo_approvals(store_url: str, issuer: Any, jwks_url: str, *, port: in
     accepts), ``jwks_url`` where its JWKS is served. Request links are
     ``http://{host}:{port}/requests/{id}``: give the same base URL to the ext_authz server
     (``approvals.base_url``), so pick ``port`` first (e.g. with a free-port helper).
+    ``reflection`` (``{"pkg.Service": "host:port"}``, the gateway's static endpoints) lets
+    engineers ask before calling: methods' modes (default ``BREAK_GLASS_ONLY``) and input types
+    come from the services' reflection, as the gateway reads them.
     """
+    if reflection is not None:
+        from mpa.body_types import reflected_bodies
+        from mpa.service import lazy_modes
+        from policy import Mode
+        from reflection_cache.cache import ReflectionCache
+        from reflection_cache.endpoints import EndpointResolver
+
+        static = dict(reflection)
+
+        def cache() -> ReflectionCache:
+            return ReflectionCache(EndpointResolver(static=static))
+        mode_lookup = mode_lookup or lazy_modes(cache, Mode.BREAK_GLASS_ONLY)
+        kw.setdefault("body_encoder", reflected_bodies(cache))
     if port == 0:
         import socket
         with socket.socket() as s:

@@ -65,8 +65,15 @@ class DemoBroker:
         fetch = f"mpa fetch --aws {ROLE} --format credential-process"
         self.aws_config.write_text(f"[profile demo-admin]\nregion = {REGION}\ncredential_process = {fetch}\n")
 
-    def steps(self, requester: str, approver: str, config_root: str = "/tmp/mpa-demo") -> list[tuple[str, str]]:
-        """(what it shows, command) for the banner: request, approve, then AWS SDK calls."""
+    def link(self) -> Any:
+        """How the approvals server reaches this broker for the web inbox and credential pages."""
+        from mpa.broker_link import BrokerLink
+        return BrokerLink.from_files(self.broker_address, self.cert)
+
+    def steps(self, requester: str, approver: str, config_root: str = "/tmp/mpa-demo",
+              inbox_url: str = "") -> list[tuple[str, str]]:
+        """(what it shows, command) for the banner: request, approve, then AWS SDK calls.
+        ``inbox_url`` is the approvals server's web inbox, where the request waits too."""
         env = f"MPA_BROKER={self.broker_address} MPA_BROKER_CERT={self.cert}"
         who_r, who_a = f"MPA_CONFIG_DIR={config_root}/{requester}", f"MPA_CONFIG_DIR={config_root}/{approver}"
         aws_env = f"{env} {who_r} AWS_CONFIG_FILE={self.aws_config} AWS_PROFILE=demo-admin"
@@ -77,7 +84,10 @@ class DemoBroker:
         return [
             (f"{requester} asks the broker for AWS role {ROLE} (signed in with `mpa login` as above)",
              f"{env} {who_r} mpa request aws {ROLE} --reason 'read the NAT gateway flow logs'"),
-            (f"{approver} approves it (or: mpa review)", f"{env} {who_a} mpa broker review REQUEST_ID --approve"),
+            (f"{approver} approves it (or: mpa review"
+             + (f"; or signed in to the web inbox {inbox_url}, under 'Waiting for my approval')"
+                if inbox_url else ")"),
+             f"{env} {who_a} mpa broker review REQUEST_ID --approve"),
             (f"{requester} calls AWS with the SDK; `mpa fetch` is the profile's credential_process",
              sdk),
             ("the local AWS trail: the session's SourceIdentity is the engineer, tags name the approver",

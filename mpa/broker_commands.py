@@ -122,26 +122,19 @@ def _target(r) -> str:
     return f"k8s {r.kubernetes.cluster} as {','.join(r.kubernetes.groups)}"
 
 
-def _approver_words(mode_name: str) -> str:
-    """Who may approve under ``mode_name``, in the words the approval page uses."""
-    from policy import Mode
-
-    from .service import APPROVER_WORDS
-    try:
-        words = APPROVER_WORDS.get(Mode[mode_name])
-    except KeyError:
-        words = None
-    return words.format(service="the target") if words else "decided by the broker"
-
-
 def _show(r) -> str:
     lines = [f"{r.id}  {STATE_NAMES.get(r.state, '?')}  {_target(r)}",
              f"  requested by {r.requester} at {r.created_at.ToDatetime(UTC).isoformat()}",
              f"  reason: {r.reason}"]
     if r.incident:
         lines.append(f"  incident: {r.incident}")
+    view = _view(r)
     lines.append(f"  mode: {r.mode or '?'}")
-    lines.append(f"  who may approve: {_approver_words(r.mode)}")
+    lines.append(f"  who may approve: {view.approver_rule}")
+    if view.state == "pending" and view.eligible is not None:
+        lines.append(f"  can approve now: {', '.join(view.eligible) or 'nobody'}")
+    if view.routing_note:
+        lines.append(f"  WARNING: {view.routing_note}")
     lines.append("  credential lifetime: " + (f"{r.duration_seconds} s" if r.duration_seconds
                                                else "the broker's default for this target"))
     if r.state == broker_pb2.REQUEST_STATE_PENDING and r.HasField("expires_at"):
@@ -155,6 +148,12 @@ def _show(r) -> str:
     return "\n".join(lines)
 
 
+def _view(r):
+    """The request as the approvals server's pages read it (who may approve, routing)."""
+    from .broker_link import CredentialView
+    return CredentialView.from_proto(r)
+
+
 def _time(ts) -> str | None:
     return ts.ToDatetime(UTC).isoformat() if ts.seconds or ts.nanos else None
 
@@ -166,18 +165,23 @@ def request_json(r) -> dict[str, Any]:
     (``{"kind": "aws", "role"}`` or ``{"kind": "kubernetes", "cluster", "groups"}``), ``reason``,
     ``incident``, ``mode``, ``approvals`` (``[{approver, at, comment}]``), ``created_at``,
     ``expires_at``, ``valid_until`` (ISO 8601 or null), ``duration_seconds``, ``closed_by``,
-    ``close_reason``, ``fetches``.
+    ``close_reason``, ``fetches``, ``eligible_approvers`` (who may approve it now under the
+    broker's grants; null when the broker does not say) and ``routing_note`` (non-empty when
+    too few people can approve it).
     """
     if r.WhichOneof("target") == "aws":
         target: dict[str, Any] = {"kind": "aws", "role": r.aws.role}
     else:
         target = {"kind": "kubernetes", "cluster": r.kubernetes.cluster, "groups": list(r.kubernetes.groups)}
+    view = _view(r)
     return {"id": r.id, "state": STATE_NAMES.get(r.state, "?"), "requester": r.requester, "target": target,
             "reason": r.reason, "incident": r.incident, "mode": r.mode,
             "approvals": [{"approver": a.approver, "at": _time(a.at), "comment": a.comment} for a in r.approvals],
             "created_at": _time(r.created_at), "expires_at": _time(r.expires_at),
             "valid_until": _time(r.valid_until), "duration_seconds": r.duration_seconds,
-            "closed_by": r.closed_by, "close_reason": r.close_reason, "fetches": r.fetches}
+            "closed_by": r.closed_by, "close_reason": r.close_reason, "fetches": r.fetches,
+            "eligible_approvers": None if view.eligible is None else list(view.eligible),
+            "routing_note": view.routing_note}
 
 
 class BrokerReview:
@@ -216,6 +220,18 @@ def pending_reviews() -> list[BrokerReview]:
     c = _Conn(None, None, None, None).client()
     pending = _rpc(c.list, reviewable=True)
     return [BrokerReview(c, r) for r in reversed(list(pending))]
+
+
+def show_credential(request_id: str, as_json: bool) -> None:
+    """Print one credential request (``mpa show cr-...``), connecting as :func:`pending_reviews`."""
+    if not broker_configured():
+        fail(f"{request_id} is a credential request held by the broker: set MPA_BROKER and "
+             "MPA_BROKER_CERT (or use mpa broker show --broker HOST:PORT --broker-cert FILE)", ExitCode.USAGE)
+    r = _rpc(_Conn(None, None, None, None).client().get, request_id)
+    if as_json:
+        print_json(request_json(r))
+    else:
+        typer.echo(_show(r))
 
 
 def register(app: typer.Typer, request_app: typer.Typer) -> None:

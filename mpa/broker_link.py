@@ -15,6 +15,9 @@ import grpc
 
 from enclave_bridge.broker.client import BrokerClient
 from mpa.v1 import broker_pb2
+from policy import Mode
+
+from .service import APPROVER_WORDS, MODE_EXPLANATIONS, shortfall_note
 
 STATE_NAMES = {v: k.removeprefix("REQUEST_STATE_").lower()
                for k, v in broker_pb2.RequestState.items()}
@@ -60,6 +63,22 @@ class CredentialView:
     closed_by: str
     close_reason: str
     fetches: int
+    #: Who may approve it now under the broker's grants; None when the broker did not say.
+    eligible: tuple[str, ...] | None = None
+    required_approvals: int = 1
+
+    @property
+    def approver_rule(self) -> str:
+        """Who may approve, by the request's mode."""
+        return approver_rule(self.mode)
+
+    @property
+    def routing_note(self) -> str:
+        """The warning the requester must hear when too few people can approve (else "")."""
+        if self.state != "pending" or self.eligible is None:
+            return ""
+        return shortfall_note(self.approver_rule, self.required_approvals - len(self.approvals),
+                              self.eligible, grant_hint="the credential broker's `grants`")
 
     @classmethod
     def from_proto(cls, m: Any) -> CredentialView:
@@ -80,7 +99,26 @@ class CredentialView:
                 for a in m.approvals),
             created_at=ts("created_at"), expires_at=ts("expires_at"),
             valid_until=ts("valid_until"), duration_seconds=m.duration_seconds,
-            closed_by=m.closed_by, close_reason=m.close_reason, fetches=m.fetches)
+            closed_by=m.closed_by, close_reason=m.close_reason, fetches=m.fetches,
+            eligible=tuple(m.routing.eligible_approvers) if m.HasField("routing") else None,
+            required_approvals=max(1, m.routing.required_approvals))
+
+
+def approver_rule(mode_name: str) -> str:
+    """Who may approve a credential request under ``mode_name``, in the approval page's words."""
+    try:
+        words = APPROVER_WORDS.get(Mode[mode_name])
+    except KeyError:
+        return "decided by the broker"
+    return words.format(service="the broker's target") if words else "nobody (no approval mode)"
+
+
+def mode_explanation(mode_name: str) -> str:
+    """Why a credential request under ``mode_name`` needs approval."""
+    try:
+        return MODE_EXPLANATIONS.get(Mode[mode_name], mode_name)
+    except KeyError:
+        return mode_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,4 +170,5 @@ class BrokerLink:
         self._call(token, "review", request_id, approve=approve, comment=comment)
 
 
-__all__ = ["BrokerLink", "BrokerRefused", "CredentialApproval", "CredentialView"]
+__all__ = ["BrokerLink", "BrokerRefused", "CredentialApproval", "CredentialView", "approver_rule",
+           "mode_explanation"]

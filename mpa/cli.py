@@ -338,7 +338,15 @@ def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, revie
 @app.command()
 def show(request: str = typer.Argument(..., help="request id or link"),
          server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
-    """Show one request: who asks, what, why, and who approved it when."""
+    """Show one request: who asks, what, why, and who approved it when.
+
+    A credential request (``cr-...`` or its ``/credentials/`` link) is read from the broker
+    (MPA_BROKER), as ``mpa broker show`` does.
+    """
+    cred = re.search(r"(?:^|/credentials/)(cr-[A-Za-z0-9_-]{1,61})/?$", request.strip())
+    if cred:
+        broker_commands.show_credential(cred.group(1), as_json)
+        return
     _, r = Client(server).call("GET", f"/api/v1/requests/{_request_id(request)}")
     emit(r, as_json, print_request)
 

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from policy import ApprovalRequest, Mode, StoreError
+from policy import ApprovalRequest, StoreError
 
-from .broker_link import BrokerLink, BrokerRefused, CredentialView
-from .service import APPROVER_WORDS, MODE_EXPLANATIONS
-
-log = logging.getLogger("mpa.inbox")
+from .broker_link import BrokerLink, BrokerRefused, CredentialView, mode_explanation
+from .page import CSRF_REFUSED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +47,15 @@ def credential_row(c: CredentialView) -> InboxRow:
                     c.expires_at if c.state == "pending" else c.valid_until)
 
 
-def credential_approver_words(c: CredentialView) -> str:
-    """Who may approve a credential request, from its mode."""
-    try:
-        mode = Mode[c.mode]
-    except KeyError:
-        return "decided by the broker"
-    words = APPROVER_WORDS.get(mode)
-    return words.format(service="the broker's target") if words else "nobody (no approval mode)"
-
-
-def credential_explanation(c: CredentialView) -> str:
-    try:
-        return MODE_EXPLANATIONS.get(Mode[c.mode], c.mode)
-    except KeyError:
-        return c.mode
-
-
 def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
                      who: Callable[[Request], tuple[Any, str | None, str]],
                      login_needed: Callable[[Request, str], HTMLResponse],
-                     csrf_for: Callable[[str], str], broker: BrokerLink | None) -> None:
-    """Mount ``/``, ``/requests`` (to ``/``) and, with a broker, ``/credentials/{id}``."""
+                     csrf_for: Callable[[str], str],
+                     posted_form: Callable[..., Awaitable[Any]], broker: BrokerLink | None) -> None:
+    """Mount ``/``, ``/requests`` (to ``/``) and, with a broker, ``/credentials/{id}``.
+
+    ``who``, ``login_needed``, ``csrf_for`` and ``posted_form`` (sign-in and the CSRF check of
+    every form) are the approval page's (:mod:`mpa.page`), so both behave alike."""
     service = app.state.service
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
@@ -124,18 +107,18 @@ def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
             why_not = f"This request is {c.state}; it can no longer be approved or rejected."
         elif viewer.id == c.requester:
             why_not = ("You asked for this; nobody approves their own request. It needs "
-                       f"{credential_approver_words(c)}.")
+                       f"{c.approver_rule}.")
         elif viewer.id in {a.approver for a in c.approvals}:
             why_not = "You already approved this request."
         elif not can_review:
             why_not = (f"You may not review this request: under {c.mode} the approver must be "
-                       f"{credential_approver_words(c)}.")
+                       f"{c.approver_rule}.")
         else:
             why_not = ""
         return render("credential.html", status, c=c, viewer=viewer, csrf_token=csrf_for(token),
                       can_review=can_review and not why_not, why_not=why_not, error=error,
-                      done=done, approver_rule=credential_approver_words(c),
-                      why_approval=credential_explanation(c))
+                      done=done, approver_rule=c.approver_rule,
+                      why_approval=mode_explanation(c.mode))
 
     @app.get("/credentials/{request_id}", include_in_schema=False, response_class=HTMLResponse)
     async def credential_page(request: Request, request_id: str, done: str = "") -> Response:
@@ -146,18 +129,13 @@ def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
         return await show_credential(request, request_id, viewer, token, done=words.get(done, ""))
 
     async def review(request: Request, request_id: str, approve: bool) -> Response:
-        viewer, token, why = who(request)
-        if viewer is None or token is None:
-            return login_needed(request, why)
-        form = await request.form()
-        sent = str(form.get("csrf_token", ""))
-        if not sent or not hmac.compare_digest(sent, csrf_for(token)):
-            log.warning("refused review of credential request %s by %s: missing or wrong CSRF "
-                        "token", request_id, viewer.id)
+        async def refuse(viewer: Any, token: str) -> Response:
             return await show_credential(request, request_id, viewer, token, status=403,
-                                         error="Refused: the form's CSRF token is missing or "
-                                               "wrong, so nothing was changed. Reload the page "
-                                               "and try again.")
+                                         error=CSRF_REFUSED)
+        posted = await posted_form(request, f"review of credential request {request_id}", refuse)
+        if isinstance(posted, Response):
+            return posted
+        viewer, token, form = posted
         try:
             await asyncio.to_thread(broker.review, token, request_id, approve=approve,
                                     comment=str(form.get("comment", "")))
@@ -176,4 +154,4 @@ def add_inbox_routes(app: FastAPI, *, render: Callable[..., HTMLResponse],
         return await review(request, request_id, False)
 
 
-__all__ = ["InboxRow", "add_inbox_routes", "credential_approver_words", "credential_row", "rpc_row"]
+__all__ = ["InboxRow", "add_inbox_routes", "credential_row", "rpc_row"]

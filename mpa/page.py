@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import quote
@@ -43,6 +44,10 @@ _SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
 }
+
+#: What a form POST without the session's CSRF token is told (page and inbox alike).
+CSRF_REFUSED = ("Refused: the form's CSRF token is missing or wrong, so nothing was changed. "
+                "Reload the page and try again.")
 
 _DONE_WORDS = {"approved": "Your approval is recorded.", "rejected": "You rejected this request.",
                "cancelled": "The request is cancelled.",
@@ -100,6 +105,23 @@ def add_page_routes(app: FastAPI) -> None:
         except AuthError as e:
             return None, None, f"Your sign-in is no longer valid ({e}). Sign in again."
 
+    async def posted_form(request: Request, what: str,
+                          refuse: Callable[[Principal, str], Awaitable[Response]]
+                          ) -> tuple[Principal, str, Any] | Response:
+        """A POSTed form from a signed-in viewer carrying the session's CSRF token:
+        ``(viewer, token, form)``. Otherwise the response to send instead: the sign-in notice,
+        or (logged as a refused ``what``) ``refuse(viewer, token)``, which shows the page with
+        :data:`CSRF_REFUSED` and status 403. Every form of the page and the inbox comes here."""
+        viewer, token, why = who(request)
+        if viewer is None or token is None:
+            return login_needed(request, why)
+        form = await request.form()
+        sent = str(form.get("csrf_token", ""))
+        if not sent or not hmac.compare_digest(sent, csrf_for(token)):
+            log.warning("refused %s by %s: missing or wrong CSRF token", what, viewer.id)
+            return await refuse(viewer, token)
+        return viewer, token, form
+
     def login_needed(request: Request, why: str) -> HTMLResponse:
         resp = render("message.html", 401, heading="Sign in required", message=why, viewer=None,
                       kind="info", login_link=f"/login?next={quote(request.url.path)}")
@@ -140,17 +162,12 @@ def add_page_routes(app: FastAPI) -> None:
         return await show(request, request_id, viewer, token, done=_DONE_WORDS.get(done, ""))
 
     async def act(request: Request, request_id: str, action: str) -> Response:
-        viewer, token, why = who(request)
-        if viewer is None or token is None:
-            return login_needed(request, why)
-        form = await request.form()
-        sent = str(form.get("csrf_token", ""))
-        if not sent or not hmac.compare_digest(sent, csrf_for(token)):
-            log.warning("refused %s on request %s by %s: missing or wrong CSRF token",
-                        action, request_id, viewer.id)
-            return await show(request, request_id, viewer, token, status=403,
-                              error="Refused: the form's CSRF token is missing or wrong, so "
-                                    "nothing was changed. Reload the page and try again.")
+        async def refuse(viewer: Principal, token: str) -> Response:
+            return await show(request, request_id, viewer, token, status=403, error=CSRF_REFUSED)
+        posted = await posted_form(request, f"{action} on request {request_id}", refuse)
+        if isinstance(posted, Response):
+            return posted
+        viewer, token, form = posted
         comment = str(form.get("comment", ""))
         try:
             if action == "approve":
@@ -175,7 +192,7 @@ def add_page_routes(app: FastAPI) -> None:
 
     from .inbox import add_inbox_routes
     add_inbox_routes(app, render=render, who=who, login_needed=login_needed, csrf_for=csrf_for,
-                     broker=getattr(app.state, "broker", None))
+                     posted_form=posted_form, broker=getattr(app.state, "broker", None))
 
     for _action in ("approve", "reject", "cancel", "complete"):
         async def handler(request: Request, request_id: str, _a: str = _action) -> Response:

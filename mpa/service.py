@@ -127,16 +127,22 @@ def routing_note(r: ApprovalRequest, eligible: Sequence[str]) -> str:
     """What the requester must hear when too few people can approve ``r`` (else "")."""
     if r.state is not RequestState.PENDING:
         return ""
-    missing = r.required_approvals - len(r.approvals)
+    return shortfall_note(approver_words(r), r.required_approvals - len(r.approvals), eligible)
+
+
+def shortfall_note(approver_rule: str, missing: int, eligible: Sequence[str], *,
+                   grant_hint: str = "mpactl grants add, or the service's owners in the catalog") -> str:
+    """The routing warning for a pending request that needs ``missing`` more approvals under
+    ``approver_rule`` when only ``eligible`` can give them ("" when enough can). RPC and
+    credential (broker) requests alike say it in these words."""
     if len(eligible) >= missing:
         return ""
     if not eligible:
-        who = f"Nobody can approve this request now: it needs {approver_words(r)}, and nobody else holds that role."
+        who = f"Nobody can approve this request now: it needs {approver_rule}, and nobody else holds that role."
     else:
         who = (f"Only {len(eligible)} people can approve this request now "
                f"({', '.join(eligible)}) and it needs {missing} more approvals.")
-    return (who + " Ask an operator to grant the role (mpactl grants add, or the service's "
-                  "owners in the catalog), or withdraw the request.")
+    return who + f" Ask an operator to grant the role ({grant_hint}), or withdraw the request."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,5 +460,5 @@ def new_request_id() -> str:
 
 
 __all__ = ["ApprovalService", "AwaitingReason", "MODE_EXPLANATIONS", "ModeLookup", "ModeUnavailable",
-           "Permissions", "approver_words", "awaiting_reason", "routing_note", "lazy_modes", "limits_words",
+           "Permissions", "approver_words", "awaiting_reason", "routing_note", "shortfall_note", "lazy_modes", "limits_words",
            "modes_from_source", "narrower_than", "static_modes"]

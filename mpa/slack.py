@@ -26,6 +26,9 @@ from .service import MODE_EXPLANATIONS, awaiting_reason, routing_note, utcnow
 #: At most this many reviewers are mentioned by name in one message.
 MAX_MENTIONS = 15
 
+#: Slack refuses a section whose text is over 3000 characters; the call shown gets at most this.
+CALL_TEXT_CAP = 2800
+
 log = logging.getLogger("mpa.slack")
 
 _KINDS = {"request.created", "request.completed", "request.approval_recorded",
@@ -138,11 +141,25 @@ class SlackNotifier:
                 {"type": "section", "fields": fields},
                 {"type": "section", "text": {"type": "mrkdwn", "text": f"*Reason*\n>{escape_mrkdwn(r.reason)}"}},
                 *([{"type": "section", "text": {"type": "mrkdwn", "text": reviewers}}] if reviewers else []),
-                *([{"type": "section", "text": {"type": "mrkdwn", "text":
-                    f"*The call*\n```{escape_mrkdwn(view[:2500])}```"}}] if view else []),
+                *([call_section(view)] if view else []),
                 {"type": "actions", "elements": [{
                     "type": "button", "style": "primary", "url": link, "action_id": "open_request",
                     "text": {"type": "plain_text", "text": "Review request"}}]},
             ]}
 
 
+def call_section(view: str) -> dict[str, Any]:
+    """The *The call* section of a new-request message: the request's decoded, redacted call
+    (``policy.body_view``) in a code block, escaped so it can neither mention nor link, unable
+    to close its code block early, and cut (saying so) to fit Slack's section limit."""
+    head, tail = "*The call*\n```", "```"
+    safe = escape_mrkdwn(view).replace("```", "`\u200b`\u200b`")
+    room = CALL_TEXT_CAP - len(head) - len(tail)
+    if len(safe) > room:
+        note = f"\n... (cut for Slack: {len(view)} characters in all; the request page shows the call)"
+        cut = safe[:room - len(note)]
+        amp = cut.rfind("&")
+        if amp != -1 and ";" not in cut[amp:]:
+            cut = cut[:amp]  # never end inside an escaped &amp; / &lt; / &gt;
+        safe = cut + note
+    return {"type": "section", "text": {"type": "mrkdwn", "text": head + safe + tail}}

@@ -100,7 +100,8 @@ def _ts(value: datetime | None) -> Timestamp | None:
     return t
 
 
-def to_proto(cr: CredentialRequest) -> broker_pb2.CredentialRequest:
+def to_proto(cr: CredentialRequest, eligible: Sequence[str] | None = None) -> broker_pb2.CredentialRequest:
+    """The wire form of ``cr``; ``eligible`` (who may approve it now) fills its ``routing``."""
     r = cr.request
     msg = broker_pb2.CredentialRequest(
         id=r.id, requester=r.requester, reason=r.reason, incident=r.incident or "",
@@ -115,6 +116,9 @@ def to_proto(cr: CredentialRequest) -> broker_pb2.CredentialRequest:
     else:
         msg.kubernetes.cluster = cr.target.name
         msg.kubernetes.groups.extend(cr.target.groups)
+    if eligible is not None:
+        msg.routing.eligible_approvers.extend(eligible)
+        msg.routing.required_approvals = r.required_approvals
     return msg
 
 
@@ -140,6 +144,9 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
         self._auth = auth
         self._metrics = metrics
 
+    def _out(self, cr: CredentialRequest) -> broker_pb2.CredentialRequest:
+        return to_proto(cr, self._service.eligible(cr))
+
     def _call(self, context: grpc.ServicerContext, fn: Callable[[str], Any], operation: str) -> Any:
         try:
             return fn(self._auth.principal(context.invocation_metadata()))
@@ -163,7 +170,7 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
                 kind, name, groups = "kubernetes", request.kubernetes.cluster, tuple(request.kubernetes.groups)
             else:
                 raise InvalidRequest("say what the credentials are for: aws or kubernetes")
-            return to_proto(self._service.request(principal, kind=kind, name=name, groups=groups,
+            return self._out(self._service.request(principal, kind=kind, name=name, groups=groups,
                                                   reason=request.reason, incident=request.incident or None,
                                                   duration_seconds=request.duration_seconds))
         return self._call(context, run, "Request")
@@ -176,7 +183,7 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
                 approve_it = False
             else:
                 raise InvalidRequest("verdict must be APPROVE or REJECT")
-            return to_proto(self._service.review(principal, request.id, approve_it=approve_it,
+            return self._out(self._service.review(principal, request.id, approve_it=approve_it,
                                                  comment=request.comment))
         return self._call(context, run, "Review")
 
@@ -199,11 +206,11 @@ class BrokerServicer(broker_pb2_grpc.CredentialBrokerServicer):
             states = [_STATES_BACK[s] for s in request.states if s in _STATES_BACK]
             found = self._service.list(principal, mine=request.mine, reviewable=request.reviewable,
                                        states=states, limit=request.limit or 100)
-            return broker_pb2.ListResponse(requests=[to_proto(cr) for cr in found])
+            return broker_pb2.ListResponse(requests=[self._out(cr) for cr in found])
         return self._call(context, run, "List")
 
     def Get(self, request, context):  # noqa: N802
-        return self._call(context, lambda principal: to_proto(self._service.get(principal, request.id)),
+        return self._call(context, lambda principal: self._out(self._service.get(principal, request.id)),
                           "Get")
 
 

@@ -21,6 +21,7 @@ from policy import (
     Target,
     UnknownRequest,
     approve,
+    eligible_approvers,
     expire,
     may_approve,
     open_request,
@@ -226,6 +227,13 @@ class BrokerService:
         self._require_engineer(principal)
         with self._lock:
             return self._load(request_id)
+
+    def eligible(self, cr: CredentialRequest) -> tuple[str, ...]:
+        """Who may still approve ``cr`` now under this broker's grants (policy's routing: the
+        mode's approver role, not the requester, not already approving); empty once closed."""
+        if cr.request.state is not RequestState.PENDING:
+            return ()
+        return eligible_approvers(cr.request, self._grants, self._now())
 
     def list(self, principal: str, *, mine: bool = False, reviewable: bool = False,
              states: Sequence[RequestState] = (), limit: int = 100) -> list[CredentialRequest]:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mpa/v1/broker.proto\x12\x06mpa.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x19\n\tAwsTarget\x12\x0c\n\x04role\x18\x01 \x01(\t\"3\n\x10KubernetesTarget\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\"\xb3\x01\n\x19RequestCredentialsRequest\x12 \n\x03\x61ws\x18\x01 \x01(\x0b\x32\x11.mpa.v1.AwsTargetH\x00\x12.\n\nkubernetes\x18\x02 \x01(\x0b\x32\x18.mpa.v1.KubernetesTargetH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08incident\x18\x04 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x05 \x01(\rB\x08\n\x06target\"U\n\x08\x41pproval\x12\x10\n\x08\x61pprover\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"\xed\x03\n\x11\x43redentialRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12 \n\x03\x61ws\x18\x03 \x01(\x0b\x32\x11.mpa.v1.AwsTargetH\x00\x12.\n\nkubernetes\x18\x04 \x01(\x0b\x32\x18.mpa.v1.KubernetesTargetH\x00\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08incident\x18\x06 \x01(\t\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.mpa.v1.RequestState\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12#\n\tapprovals\x18\t \x03(\x0b\x32\x10.mpa.v1.Approval\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64uration_seconds\x18\r \x01(\r\x12\x11\n\tclosed_by\x18\x0e \x01(\t\x12\x14\n\x0c\x63lose_reason\x18\x0f \x01(\t\x12\x0f\n\x07\x66\x65tches\x18\x10 \x01(\rB\x08\n\x06target\"\xa9\x01\n\rReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x07verdict\x18\x02 \x01(\x0e\x32\x1d.mpa.v1.ReviewRequest.Verdict\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"K\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_APPROVE\x10\x01\x12\x12\n\x0eVERDICT_REJECT\x10\x02\"\x1a\n\x0c\x46\x65tchRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xab\x01\n\x0e\x41wsCredentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12.\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08role_arn\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\"w\n\x15KubernetesCredentials\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpiration\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0e\n\x06server\x18\x04 \x01(\t\"z\n\rFetchResponse\x12%\n\x03\x61ws\x18\x01 \x01(\x0b\x32\x16.mpa.v1.AwsCredentialsH\x00\x12\x33\n\nkubernetes\x18\x02 \x01(\x0b\x32\x1d.mpa.v1.KubernetesCredentialsH\x00\x42\r\n\x0b\x63redentials\"d\n\x0bListRequest\x12\x0c\n\x04mine\x18\x01 \x01(\x08\x12\x12\n\nreviewable\x18\x02 \x01(\x08\x12$\n\x06states\x18\x03 \x03(\x0e\x32\x14.mpa.v1.RequestState\x12\r\n\x05limit\x18\x04 \x01(\r\";\n\x0cListResponse\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.mpa.v1.CredentialRequest\"\x18\n\nGetRequest\x12\n\n\x02id\x18\x01 \x01(\t*\xb8\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_PENDING\x10\x01\x12\x1a\n\x16REQUEST_STATE_APPROVED\x10\x02\x12\x1a\n\x16REQUEST_STATE_REJECTED\x10\x03\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x04\x12\x19\n\x15REQUEST_STATE_EXPIRED\x10\x05\x32\xb6\x02\n\x10\x43redentialBroker\x12G\n\x07Request\x12!.mpa.v1.RequestCredentialsRequest\x1a\x19.mpa.v1.CredentialRequest\x12:\n\x06Review\x12\x15.mpa.v1.ReviewRequest\x1a\x19.mpa.v1.CredentialRequest\x12\x34\n\x05\x46\x65tch\x12\x14.mpa.v1.FetchRequest\x1a\x15.mpa.v1.FetchResponse\x12\x31\n\x04List\x12\x13.mpa.v1.ListRequest\x1a\x14.mpa.v1.ListResponse\x12\x34\n\x03Get\x12\x12.mpa.v1.GetRequest\x1a\x19.mpa.v1.CredentialRequestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mpa/v1/broker.proto\x12\x06mpa.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x19\n\tAwsTarget\x12\x0c\n\x04role\x18\x01 \x01(\t\"3\n\x10KubernetesTarget\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\"\xb3\x01\n\x19RequestCredentialsRequest\x12 \n\x03\x61ws\x18\x01 \x01(\x0b\x32\x11.mpa.v1.AwsTargetH\x00\x12.\n\nkubernetes\x18\x02 \x01(\x0b\x32\x18.mpa.v1.KubernetesTargetH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08incident\x18\x04 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x05 \x01(\rB\x08\n\x06target\"U\n\x08\x41pproval\x12\x10\n\x08\x61pprover\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"\x8f\x04\n\x11\x43redentialRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12 \n\x03\x61ws\x18\x03 \x01(\x0b\x32\x11.mpa.v1.AwsTargetH\x00\x12.\n\nkubernetes\x18\x04 \x01(\x0b\x32\x18.mpa.v1.KubernetesTargetH\x00\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08incident\x18\x06 \x01(\t\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.mpa.v1.RequestState\x12\x0c\n\x04mode\x18\x08 \x01(\t\x12#\n\tapprovals\x18\t \x03(\x0b\x32\x10.mpa.v1.Approval\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64uration_seconds\x18\r \x01(\r\x12\x11\n\tclosed_by\x18\x0e \x01(\t\x12\x14\n\x0c\x63lose_reason\x18\x0f \x01(\t\x12\x0f\n\x07\x66\x65tches\x18\x10 \x01(\r\x12 \n\x07routing\x18\x11 \x01(\x0b\x32\x0f.mpa.v1.RoutingB\x08\n\x06target\"A\n\x07Routing\x12\x1a\n\x12\x65ligible_approvers\x18\x01 \x03(\t\x12\x1a\n\x12required_approvals\x18\x02 \x01(\r\"\xa9\x01\n\rReviewRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x07verdict\x18\x02 \x01(\x0e\x32\x1d.mpa.v1.ReviewRequest.Verdict\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"K\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_APPROVE\x10\x01\x12\x12\n\x0eVERDICT_REJECT\x10\x02\"\x1a\n\x0c\x46\x65tchRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xab\x01\n\x0e\x41wsCredentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12.\n\nexpiration\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08role_arn\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\"w\n\x15KubernetesCredentials\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpiration\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0e\n\x06server\x18\x04 \x01(\t\"z\n\rFetchResponse\x12%\n\x03\x61ws\x18\x01 \x01(\x0b\x32\x16.mpa.v1.AwsCredentialsH\x00\x12\x33\n\nkubernetes\x18\x02 \x01(\x0b\x32\x1d.mpa.v1.KubernetesCredentialsH\x00\x42\r\n\x0b\x63redentials\"d\n\x0bListRequest\x12\x0c\n\x04mine\x18\x01 \x01(\x08\x12\x12\n\nreviewable\x18\x02 \x01(\x08\x12$\n\x06states\x18\x03 \x03(\x0e\x32\x14.mpa.v1.RequestState\x12\r\n\x05limit\x18\x04 \x01(\r\";\n\x0cListResponse\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.mpa.v1.CredentialRequest\"\x18\n\nGetRequest\x12\n\n\x02id\x18\x01 \x01(\t*\xb8\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_PENDING\x10\x01\x12\x1a\n\x16REQUEST_STATE_APPROVED\x10\x02\x12\x1a\n\x16REQUEST_STATE_REJECTED\x10\x03\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x04\x12\x19\n\x15REQUEST_STATE_EXPIRED\x10\x05\x32\xb6\x02\n\x10\x43redentialBroker\x12G\n\x07Request\x12!.mpa.v1.RequestCredentialsRequest\x1a\x19.mpa.v1.CredentialRequest\x12:\n\x06Review\x12\x15.mpa.v1.ReviewRequest\x1a\x19.mpa.v1.CredentialRequest\x12\x34\n\x05\x46\x65tch\x12\x14.mpa.v1.FetchRequest\x1a\x15.mpa.v1.FetchResponse\x12\x31\n\x04List\x12\x13.mpa.v1.ListRequest\x1a\x14.mpa.v1.ListResponse\x12\x34\n\x03Get\x12\x12.mpa.v1.GetRequest\x1a\x19.mpa.v1.CredentialRequestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mpa.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATE']._serialized_start=1718
-  _globals['_REQUESTSTATE']._serialized_end=1902
+  _globals['_REQUESTSTATE']._serialized_start=1819
+  _globals['_REQUESTSTATE']._serialized_end=2003
   _globals['_AWSTARGET']._serialized_start=64
   _globals['_AWSTARGET']._serialized_end=89
   _globals['_KUBERNETESTARGET']._serialized_start=91
@@ -43,25 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_APPROVAL']._serialized_start=326
   _globals['_APPROVAL']._serialized_end=411
   _globals['_CREDENTIALREQUEST']._serialized_start=414
-  _globals['_CREDENTIALREQUEST']._serialized_end=907
-  _globals['_REVIEWREQUEST']._serialized_start=910
-  _globals['_REVIEWREQUEST']._serialized_end=1079
-  _globals['_REVIEWREQUEST_VERDICT']._serialized_start=1004
-  _globals['_REVIEWREQUEST_VERDICT']._serialized_end=1079
-  _globals['_FETCHREQUEST']._serialized_start=1081
-  _globals['_FETCHREQUEST']._serialized_end=1107
-  _globals['_AWSCREDENTIALS']._serialized_start=1110
-  _globals['_AWSCREDENTIALS']._serialized_end=1281
-  _globals['_KUBERNETESCREDENTIALS']._serialized_start=1283
-  _globals['_KUBERNETESCREDENTIALS']._serialized_end=1402
-  _globals['_FETCHRESPONSE']._serialized_start=1404
-  _globals['_FETCHRESPONSE']._serialized_end=1526
-  _globals['_LISTREQUEST']._serialized_start=1528
-  _globals['_LISTREQUEST']._serialized_end=1628
-  _globals['_LISTRESPONSE']._serialized_start=1630
-  _globals['_LISTRESPONSE']._serialized_end=1689
-  _globals['_GETREQUEST']._serialized_start=1691
-  _globals['_GETREQUEST']._serialized_end=1715
-  _globals['_CREDENTIALBROKER']._serialized_start=1905
-  _globals['_CREDENTIALBROKER']._serialized_end=2215
+  _globals['_CREDENTIALREQUEST']._serialized_end=941
+  _globals['_ROUTING']._serialized_start=943
+  _globals['_ROUTING']._serialized_end=1008
+  _globals['_REVIEWREQUEST']._serialized_start=1011
+  _globals['_REVIEWREQUEST']._serialized_end=1180
+  _globals['_REVIEWREQUEST_VERDICT']._serialized_start=1105
+  _globals['_REVIEWREQUEST_VERDICT']._serialized_end=1180
+  _globals['_FETCHREQUEST']._serialized_start=1182
+  _globals['_FETCHREQUEST']._serialized_end=1208
+  _globals['_AWSCREDENTIALS']._serialized_start=1211
+  _globals['_AWSCREDENTIALS']._serialized_end=1382
+  _globals['_KUBERNETESCREDENTIALS']._serialized_start=1384
+  _globals['_KUBERNETESCREDENTIALS']._serialized_end=1503
+  _globals['_FETCHRESPONSE']._serialized_start=1505
+  _globals['_FETCHRESPONSE']._serialized_end=1627
+  _globals['_LISTREQUEST']._serialized_start=1629
+  _globals['_LISTREQUEST']._serialized_end=1729
+  _globals['_LISTRESPONSE']._serialized_start=1731
+  _globals['_LISTRESPONSE']._serialized_end=1790
+  _globals['_GETREQUEST']._serialized_start=1792
+  _globals['_GETREQUEST']._serialized_end=1816
+  _globals['_CREDENTIALBROKER']._serialized_start=2006
+  _globals['_CREDENTIALBROKER']._serialized_end=2316
 # @@protoc_insertion_point(module_scope)

@@ -64,7 +64,7 @@ class Approval(_message.Message):
     def __init__(self, approver: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., comment: _Optional[str] = ...) -> None: ...
 
 class CredentialRequest(_message.Message):
-    __slots__ = ("id", "requester", "aws", "kubernetes", "reason", "incident", "state", "mode", "approvals", "created_at", "expires_at", "valid_until", "duration_seconds", "closed_by", "close_reason", "fetches")
+    __slots__ = ("id", "requester", "aws", "kubernetes", "reason", "incident", "state", "mode", "approvals", "created_at", "expires_at", "valid_until", "duration_seconds", "closed_by", "close_reason", "fetches", "routing")
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     AWS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class CredentialRequest(_message.Message):
     CLOSED_BY_FIELD_NUMBER: _ClassVar[int]
     CLOSE_REASON_FIELD_NUMBER: _ClassVar[int]
     FETCHES_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     id: str
     requester: str
     aws: AwsTarget
@@ -97,7 +98,16 @@ class CredentialRequest(_message.Message):
     closed_by: str
     close_reason: str
     fetches: int
-    def __init__(self, id: _Optional[str] = ..., requester: _Optional[str] = ..., aws: _Optional[_Union[AwsTarget, _Mapping]] = ..., kubernetes: _Optional[_Union[KubernetesTarget, _Mapping]] = ..., reason: _Optional[str] = ..., incident: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., mode: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_seconds: _Optional[int] = ..., closed_by: _Optional[str] = ..., close_reason: _Optional[str] = ..., fetches: _Optional[int] = ...) -> None: ...
+    routing: Routing
+    def __init__(self, id: _Optional[str] = ..., requester: _Optional[str] = ..., aws: _Optional[_Union[AwsTarget, _Mapping]] = ..., kubernetes: _Optional[_Union[KubernetesTarget, _Mapping]] = ..., reason: _Optional[str] = ..., incident: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., mode: _Optional[str] = ..., approvals: _Optional[_Iterable[_Union[Approval, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_seconds: _Optional[int] = ..., closed_by: _Optional[str] = ..., close_reason: _Optional[str] = ..., fetches: _Optional[int] = ..., routing: _Optional[_Union[Routing, _Mapping]] = ...) -> None: ...
+
+class Routing(_message.Message):
+    __slots__ = ("eligible_approvers", "required_approvals")
+    ELIGIBLE_APPROVERS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    eligible_approvers: _containers.RepeatedScalarFieldContainer[str]
+    required_approvals: int
+    def __init__(self, eligible_approvers: _Optional[_Iterable[str]] = ..., required_approvals: _Optional[int] = ...) -> None: ...
 
 class ReviewRequest(_message.Message):
     __slots__ = ("id", "verdict", "comment")

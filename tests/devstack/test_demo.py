@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from devstack.processes import REPO_ROOT
@@ -56,6 +57,19 @@ def run_aws_step(command: str, tmp_path, request_id: str = "") -> subprocess.Com
     res = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, (command, res.stdout, res.stderr)
     return res
+
+
+def dev_auth(approvals_url: str, who: str) -> dict[str, str]:
+    token = httpx.post(f"{approvals_url}/api/dev/token", json={"subject": who}).json()["token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_in_inbox(approvals_url: str, who: str, table: str, href: str) -> None:
+    """``who``'s inbox at ``/`` links ``href`` from its ``table`` (waiting or mine)."""
+    inbox = httpx.get(f"{approvals_url}/", headers=dev_auth(approvals_url, who))
+    assert inbox.status_code == 200, inbox.text
+    m = re.search(rf'<table id="{table}">(.*?)</table>', inbox.text, re.S)
+    assert m and f'href="{href}"' in m.group(1), inbox.text
 
 
 def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
@@ -138,6 +152,11 @@ def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
         requested = run_aws_step(aws_steps[0], tmp_path)
         request_id = requested.stdout.split()[0]
         assert request_id.startswith("cr-")
+        # The demo's web inbox lists it, linked to its page: waiting for alice, among bob's own.
+        assert_in_inbox(approvals_url, "alice", "waiting", f"/credentials/{request_id}")
+        assert_in_inbox(approvals_url, "bob", "mine", f"/credentials/{request_id}")
+        page = httpx.get(f"{approvals_url}/credentials/{request_id}", headers=dev_auth(approvals_url, "alice"))
+        assert page.status_code == 200 and 'id="approve"' in page.text and "AWS role platform-admin" in page.text
         run_aws_step(aws_steps[1], tmp_path, request_id)
         sdk = run_aws_step(aws_steps[2], tmp_path)
         assert ":assumed-role/platform-admin/" in sdk.stdout and "nat-gateway.log" in sdk.stdout

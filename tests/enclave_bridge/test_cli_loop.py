@@ -279,7 +279,7 @@ def test_broker_review_subcommand_still_works(broker):
 
 BROKER_REQUEST_FIELDS = {"id", "state", "requester", "target", "reason", "incident", "mode", "approvals",
                          "created_at", "expires_at", "valid_until", "duration_seconds", "closed_by",
-                         "close_reason", "fetches"}
+                         "close_reason", "fetches", "eligible_approvers", "routing_note"}
 
 
 def test_broker_commands_print_json(broker):

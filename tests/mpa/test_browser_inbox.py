@@ -85,6 +85,7 @@ def test_inbox_to_request_to_approve_for_rpc_and_credential(tmp_path, chromium, 
             assert page.inner_text("#requester") == A
             assert page.inner_text("#duration") == "900 seconds"
             assert "engineer other than the requester" in page.inner_text("#approver-rule")
+            assert B in page.inner_text("#eligible").split(", ")  # by name, from the broker's grants
             page.click("#approve")
             page.wait_for_url(f"{env.url}/credentials/{cred.id}?done=approved")
             assert page.inner_text("#state") == "APPROVED"

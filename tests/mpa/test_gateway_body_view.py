@@ -109,3 +109,57 @@ def test_a_body_that_does_not_decode_leaves_no_view_and_changes_no_decision(tmp_
             assert store.get_body_view(request_id) is None
         finally:
             store.close()
+
+
+def test_slack_shows_the_decoded_redacted_call_of_a_gateway_opened_request(tmp_path):
+    """The new-request Slack message of a body-bound request the gateway opened shows the call
+    as the page does: decoded, ``[debug_redact = true]`` masked, escaped, cut to fit Slack."""
+    import grpc
+
+    from mpa.slack import CALL_TEXT_CAP
+    from tests.support.enclave_broker_slack import SlackStub, wait_for
+    from tests.support.gateway_harness import READ_ACCOUNT as rpc
+    from tests.support.gateway_harness import gateway_with_approvals
+
+    slack = SlackStub()
+    bind = {"approvals.bind_to_body_modes": ["ENGINEERS_WITH_APPROVAL"]}
+    hook = {"slack_webhook_url": slack.url, "slack_spool_path": str(tmp_path / "slack-spool.db")}
+    try:
+        with gateway_with_approvals(tmp_path, extauthz=bind, approvals={"config": hook}) as (gw, _approvals, base):
+            alice, erin = gw.token("alice"), gw.token("erin")
+
+            def open_and_announce(data: dict, reason: str) -> str:
+                """erin's call is refused; once its view is kept she gives the reason (as on
+                the page); returns the text of the "The call" section Slack received."""
+                refused = gw.call(rpc, as_="erin", data=data)
+                assert refused.code is grpc.StatusCode.PERMISSION_DENIED, refused.render()
+                request_id = refused.request_url.rsplit("/", 1)[1]
+                assert _wait_for_view(base, alice, request_id)["body_view"]
+                done = httpx.post(f"{base}/api/v1/requests/{request_id}/complete", json={"reason": reason},
+                                  headers={"Authorization": f"Bearer {erin}"}, timeout=15)
+                assert done.status_code == 200, done.text
+
+                def announced() -> list[dict]:
+                    return [p["json"] for p in slack.posts
+                            if any(request_id in str(b) for b in p["json"]["blocks"])]
+                assert wait_for(lambda: bool(announced()), timeout=30), slack.posts
+                [message] = announced()
+                assert message["blocks"][0]["text"]["text"] == "Approval requested"
+                [call] = [b["text"]["text"] for b in message["blocks"]
+                          if b["type"] == "section" and b.get("text", {}).get("text", "").startswith("*The call*")]
+                assert len(call) <= CALL_TEXT_CAP and call.endswith("```") and call.count("```") == 2
+                return call
+
+            call = open_and_announce({"accountId": "A-7", "note": "refund <!channel> ```now```",
+                                      "customerEmail": "a7@example.com"}, "refund for account A-7")
+            assert "rpcauthz.demo.v1.AccountRequest {" in call and '"accountId": "A-7"' in call
+            assert '"customerEmail": "[REDACTED]"' in call
+            assert "&lt;!channel&gt;" in call and "<!channel>" not in call  # escaped: pings nobody
+            assert "a7@example.com" not in str(slack.posts)
+
+            big = open_and_announce({"accountId": "A-8", "note": "n" * 3500,
+                                     "customerEmail": "a8@example.com"}, "refund for account A-8")
+            assert '"accountId": "A-8"' in big and "... (cut for Slack: " in big
+            assert "a8@example.com" not in str(slack.posts)
+    finally:
+        slack.close()

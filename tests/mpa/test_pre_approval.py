@@ -27,56 +27,39 @@ def mpa(server: str, token: str, *args: str) -> subprocess.CompletedProcess:
 def test_request_with_body_before_the_first_call_binds_that_message(tmp_path):
     import grpc
 
-    from devstack.demo_approvals import start_demo_approvals
-    from mpa.body_types import reflected_bodies
-    from mpa.service import lazy_modes
-    from policy import Grant, Mode, Role
-    from reflection_cache.cache import ReflectionCache
-    from reflection_cache.endpoints import EndpointResolver
-    from tests.conftest import free_port
-    from tests.support.gateway_harness import ACCOUNTS, GatewayStack
+    from tests.support.gateway_harness import READ_ACCOUNT as rpc  # ENGINEERS_WITH_APPROVAL
+    from tests.support.gateway_harness import gateway_with_approvals
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    store_url = f"sqlite:///{tmp_path / 'store.db'}"
-    rpc = f"/{ACCOUNTS}/ReadAccount"  # ENGINEERS_WITH_APPROVAL
-    grants = [Grant("erin", Role.ENGINEER), Grant("alice", Role.ENGINEER)]
-    with GatewayStack(tmp_path, store_url=store_url, grants=grants,
-                      extauthz={"approvals.base_url": base}) as gw:
-        static = {ACCOUNTS: gw.upstreams["accounts"].address}
-        cache = lambda: ReflectionCache(EndpointResolver(static=static))  # noqa: E731
-        with start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port,
-                                  mode_lookup=lazy_modes(cache, Mode.BREAK_GLASS_ONLY),
-                                  body_encoder=reflected_bodies(cache)) as approvals:
-            erin, alice = gw.token("erin"), gw.token("alice")
-            res = mpa(base, erin, "request", "rpc", rpc, "--reason", "look at account A-7 only",
-                      "--body", '{"accountId": "A-7", "note": "refund", '
-                                '"customerEmail": "a7@example.com"}', "--json")
-            assert res.returncode == 0, res.stderr
-            made = json.loads(res.stdout)
-            assert made["origin"] == "user" and made["body_sha256"]
-            assert made["mode"] == "ENGINEERS_WITH_APPROVAL"  # learned through reflection
-            # The approver sees the call decoded, personal data masked: API, CLI, page.
-            view = made["body_view"]
-            assert view.startswith("rpcauthz.demo.v1.AccountRequest {")
-            assert '"accountId": "A-7"' in view and '"customerEmail": "[REDACTED]"' in view
-            assert "a7@example.com" not in view
-            shown = mpa(base, alice, "show", made["id"])
-            assert "the call" in shown.stdout and "[REDACTED]" in shown.stdout
-            assert "a7@example.com" not in shown.stdout
-            page = httpx.get(f"{base}/requests/{made['id']}", timeout=15,
-                             headers={"Authorization": f"Bearer {alice}"})
-            assert 'id="body-view"' in page.text and "&#34;accountId&#34;: &#34;A-7&#34;" in page.text
-            assert "a7@example.com" not in page.text
-            bad = mpa(base, erin, "request", "rpc", rpc, "--reason", "look at account A-7 only",
-                      "--body", '{"acount": "A-7"}')
-            assert bad.returncode == 1 and "not a valid rpcauthz.demo.v1.AccountRequest" in bad.stderr
-            resp = httpx.post(f"{base}/api/v1/requests/{made['id']}/approve",
-                              headers={"Authorization": f"Bearer {alice}"}, timeout=15)
-            assert resp.status_code == 200, resp.text
-            other = gw.call(rpc, as_="erin", data={"accountId": "A-8", "note": "refund"})
-            assert other.code is grpc.StatusCode.PERMISSION_DENIED
-            same = gw.call(rpc, as_="erin", data={"accountId": "A-7", "note": "refund",
-                                                  "customerEmail": "a7@example.com"})
-            assert same.code is grpc.StatusCode.OK, same.render()
-            assert approvals.store.get_request(made["id"]).uses == 1
+    with gateway_with_approvals(tmp_path) as (gw, approvals, base):
+        erin, alice = gw.token("erin"), gw.token("alice")
+        res = mpa(base, erin, "request", "rpc", rpc, "--reason", "look at account A-7 only",
+                  "--body", '{"accountId": "A-7", "note": "refund", '
+                            '"customerEmail": "a7@example.com"}', "--json")
+        assert res.returncode == 0, res.stderr
+        made = json.loads(res.stdout)
+        assert made["origin"] == "user" and made["body_sha256"]
+        assert made["mode"] == "ENGINEERS_WITH_APPROVAL"  # learned through reflection
+        # The approver sees the call decoded, personal data masked: API, CLI, page.
+        view = made["body_view"]
+        assert view.startswith("rpcauthz.demo.v1.AccountRequest {")
+        assert '"accountId": "A-7"' in view and '"customerEmail": "[REDACTED]"' in view
+        assert "a7@example.com" not in view
+        shown = mpa(base, alice, "show", made["id"])
+        assert "the call" in shown.stdout and "[REDACTED]" in shown.stdout
+        assert "a7@example.com" not in shown.stdout
+        page = httpx.get(f"{base}/requests/{made['id']}", timeout=15,
+                         headers={"Authorization": f"Bearer {alice}"})
+        assert 'id="body-view"' in page.text and "&#34;accountId&#34;: &#34;A-7&#34;" in page.text
+        assert "a7@example.com" not in page.text
+        bad = mpa(base, erin, "request", "rpc", rpc, "--reason", "look at account A-7 only",
+                  "--body", '{"acount": "A-7"}')
+        assert bad.returncode == 1 and "not a valid rpcauthz.demo.v1.AccountRequest" in bad.stderr
+        resp = httpx.post(f"{base}/api/v1/requests/{made['id']}/approve",
+                          headers={"Authorization": f"Bearer {alice}"}, timeout=15)
+        assert resp.status_code == 200, resp.text
+        other = gw.call(rpc, as_="erin", data={"accountId": "A-8", "note": "refund"})
+        assert other.code is grpc.StatusCode.PERMISSION_DENIED
+        same = gw.call(rpc, as_="erin", data={"accountId": "A-7", "note": "refund",
+                                              "customerEmail": "a7@example.com"})
+        assert same.code is grpc.StatusCode.OK, same.render()
+        assert approvals.store.get_request(made["id"]).uses == 1

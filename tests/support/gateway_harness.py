@@ -273,8 +273,9 @@ def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] |
                            *, engineers: Iterable[str] = ("erin", "alice"),
                            approvals: Mapping[str, Any] | None = None,
                            ) -> Iterator[tuple[GatewayStack, Any, str]]:
-    """Real Envoy + ext_authz + the approvals service as ``mpactl demo`` runs it, on one SQLite
-    store, with ``engineers`` (erin and alice). Yields (gateway, approvals server, approvals base
+    """Real Envoy + ext_authz + the approvals service as ``mpactl demo`` runs it (with the demo
+    services' reflection, so ``mpa request rpc`` works before a call), on one SQLite store, with
+    ``engineers`` (erin and alice). Yields (gateway, approvals server, approvals base
     URL); the gateway's request links point at that base URL. ``approvals`` holds extra keyword
     arguments of ``start_demo_approvals`` (e.g. ``config={"slack_webhook_url": ...}``)."""
     from devstack.demo_approvals import start_demo_approvals
@@ -287,5 +288,7 @@ def gateway_with_approvals(tmp_path: pathlib.Path, extauthz: Mapping[str, Any] |
     with GatewayStack(tmp_path, store_url=store_url, grants=grants,
                       extauthz={"approvals.base_url": base, **(extauthz or {})}) as gw, \
             start_demo_approvals(store_url, gw.issuer, gw.jwks.url, port=port,
+                                 reflection={ACCOUNTS: gw.upstreams["accounts"].address,
+                                             LEDGER: gw.upstreams["ledger"].address},
                                  **dict(approvals or {})) as approvals_server:
         yield gw, approvals_server, base
