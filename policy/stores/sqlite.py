@@ -29,7 +29,7 @@ from ._sql import SqlStore
 log = logging.getLogger(__name__)
 
 #: Bump when the schema changes, and teach ``_migrate`` the step.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -113,6 +113,15 @@ CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WH
 CREATE TABLE IF NOT EXISTS request_bodies (
     request_id TEXT PRIMARY KEY,
     view       TEXT NOT NULL
+);
+-- Approval uses spent by the gateway, one row per decision (the decision id of the Check
+-- that spent it). A row 'voided' is a use given back (the Check was not answered allow) or
+-- a tombstone that refuses a spend still in flight for that decision.
+CREATE TABLE IF NOT EXISTS spends (
+    decision_id TEXT PRIMARY KEY,
+    request_id  TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('spent', 'voided')),
+    at          TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -269,7 +278,8 @@ class SQLiteStore(SqlStore):
                     cur.execute(statement)
             version = cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
             if version is None or version < SCHEMA_VERSION:
-                # 1 -> 2 added the grant change log and indexes, created above if missing.
+                # 1 -> 2 added the grant change log and indexes, 2 -> 3 the spends table,
+                # all created above if missing.
                 cur.execute("INSERT INTO schema_version (version) VALUES (%(v)s)", {"v": SCHEMA_VERSION})
             elif version > SCHEMA_VERSION:
                 raise StoreError(f"{self.label}: schema version {version} is newer than this "

@@ -24,6 +24,7 @@ from policy import (
     RequestState,
     Role,
     SelfApproval,
+    SpendVoided,
     StoreError,
     Target,
     UnknownRequest,
@@ -286,6 +287,51 @@ def test_full_lifecycle_approve_and_use(store):
                                       "request.expired"]
     used = store.list_audit(request_id=r.id, kinds=["request.used"])
     assert [e.detail["uses"] for e in used] == [1, 2] and used[0].actor == "alice"
+
+
+def _approved(store, max_uses=None):
+    t = NOW + timedelta(minutes=1)
+    r = store.create_request(new_request(max_uses=max_uses), actor="alice")
+    r = store.update_request(r.id, lambda x: approve(x, "bob", GRANTS, t), actor="bob",
+                             kind="request.approved")
+    assert r.state is RequestState.APPROVED
+    return r, t
+
+
+def test_spend_then_void_gives_the_use_back_once(store):
+    r, t = _approved(store, max_uses=1)
+    spent = store.spend_use(r.id, lambda x: use(x, t), decision_id="d1", actor="alice", reason="call")
+    assert spent.uses == 1 and store.get_request(r.id).uses == 1
+    with pytest.raises(RequestClosed, match="used 1 of 1"):  # the last use is gone...
+        store.spend_use(r.id, lambda x: use(x, t), decision_id="d2", actor="alice")
+    given = store.void_spend("d1", actor="gw", reason="503")
+    assert given is not None and given.uses == 0 and store.get_request(r.id).uses == 0
+    assert store.void_spend("d1", actor="gw") is None  # idempotent: nothing more given back
+    assert store.get_request(r.id).uses == 0
+    # ...and back for another call; "d2" was refused (rolled back), so it can still spend.
+    assert store.spend_use(r.id, lambda x: use(x, t), decision_id="d2", actor="alice").uses == 1
+    events = store.list_audit(request_id=r.id, kinds=["request.used", "request.use_voided"])
+    assert [(e.kind, e.detail["decision_id"], e.detail["uses"]) for e in events] == [
+        ("request.used", "d1", 1), ("request.use_voided", "d1", 0), ("request.used", "d2", 1)]
+
+
+def test_void_before_spend_refuses_the_spend(store):
+    """A void that reaches the store first leaves a tombstone: the late spend commits nothing."""
+    r, t = _approved(store)
+    assert store.void_spend("d9", actor="gw") is None
+    with pytest.raises(SpendVoided, match="d9"):
+        store.spend_use(r.id, lambda x: use(x, t), decision_id="d9", actor="alice")
+    assert store.get_request(r.id).uses == 0
+    assert kinds_for(store, r.id)[-1] == "request.approved"
+
+
+def test_spend_must_add_exactly_one_use(store):
+    r, t = _approved(store)
+    with pytest.raises(ValueError, match="exactly one use"):
+        store.spend_use(r.id, lambda x: dataclasses.replace(use(use(x, t), t)), decision_id="d3",
+                        actor="alice")
+    assert store.get_request(r.id).uses == 0
+    assert store.void_spend("d3", actor="gw") is None  # nothing was recorded for d3
 
 
 def test_reject_cancel_complete_and_expire(store):
