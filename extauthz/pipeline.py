@@ -155,10 +155,12 @@ class Authorizer:
                 # The spend may have committed (a store that hung in its COMMIT): give the use
                 # back once the store answers. Spooled with this check's events, before the answer.
                 self.audit.void_spend(decision_id)
-            response = self._conclude(verdict, req, started)
+            response, answered = self._conclude(verdict, req)
             # With the spool (on by default) the answer waits until this check's audit is
-            # on local disk (group commit): a kill -9 after the answer loses nothing.
+            # on local disk (group commit): a kill -9 after the answer loses nothing. That
+            # wait is part of the check's latency, so it is recorded after it.
             await self.audit.acknowledged()
+            self.metrics.record(answered, time.perf_counter() - started)
             return response
         finally:
             self.metrics.in_flight.dec()
@@ -328,18 +330,19 @@ class Authorizer:
 
     # --- once per check: audit, dry-run, metrics, response ----------------------------------
 
-    def _conclude(self, v: Verdict, req: external_auth_pb2.CheckRequest,
-                  started: float) -> external_auth_pb2.CheckResponse:
+    def _conclude(self, v: Verdict, req: external_auth_pb2.CheckRequest
+                  ) -> tuple[external_auth_pb2.CheckResponse, Verdict]:
         """Everything a check records, each exactly once: the audit event(s) of the verdict
-        as decided, dry-run, the metrics, and the response (with the access-log fields)."""
+        as decided, dry-run, and the response (with the access-log fields). Returns the
+        response and the verdict as answered; ``check`` records its metrics once the audit
+        spool acknowledged it (the latency includes that wait)."""
         try:
             self._audit(v)
         except Exception:  # the decision stands; the writer counts what it drops
             log.exception("could not queue the audit event of decision %s", v.decision_id)
         if v.dry_run:
             v = self._dry_run(v)
-        self.metrics.record(v, time.perf_counter() - started)
-        return responses.build(v, req.attributes.request.http.headers, self._also_remove)
+        return responses.build(v, req.attributes.request.http.headers, self._also_remove), v
 
     def _audit(self, v: Verdict) -> None:
         """The audit of one verdict: one ``decision.*`` event per check. An allow through an

@@ -210,3 +210,58 @@ async def test_spool_first_writer_keeps_events_through_an_outage_and_ships_each_
     finally:
         await writer.close()
         spool.close()
+
+
+class _SlowSpool(AuditSpool):
+    """A real spool whose fsync'd write takes ``delay`` seconds (a slow disk)."""
+
+    delay = 0.3
+
+    def put(self, events, voids=()):
+        import time
+        time.sleep(self.delay)
+        return super().put(events, voids)
+
+
+async def test_check_latency_includes_the_wait_for_the_audit_spool(tmp_path):
+    """rpcauthz_decision_seconds is the time to answer, and the answer waits for the spool."""
+    import time
+
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.protobuf import struct_pb2
+
+    from extauthz.config import load_settings
+    from extauthz.pipeline import Authorizer
+    from extauthz.spooled_audit import SpooledAuditWriter
+    from policy import Grant, GrantSet, Mode, Role
+    from reflection_cache.types import ServiceModes
+    from tests.support.extauthz_doubles import FixedGrants, FreshModes
+
+    svc = "a.v1.S"
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    spool = _SlowSpool(str(tmp_path / "spool.db"), max_events=1000)
+    metrics = Metrics()
+    writer = SpooledAuditWriter(store, metrics, spool, 100)
+    writer.start()
+    authz = Authorizer(load_settings(env={}, overrides={"store_url": "memory:"}), store=store,
+                       grants=FixedGrants(GrantSet([Grant("alice", Role.ENGINEER)])),
+                       modes=FreshModes({svc: ServiceModes(svc, {"M": Mode.ENGINEERS_WITHOUT_APPROVAL})}),
+                       audit=writer, metrics=metrics)
+    req = external_auth_pb2.CheckRequest()
+    req.attributes.request.http.path, req.attributes.request.http.method = f"/{svc}/M", "POST"
+    payload = struct_pb2.Struct()
+    payload.update({"jwt_payload": {"sub": "alice", "iss": "x"}})
+    req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(payload)
+    try:
+        started = time.perf_counter()
+        resp = await authz.check(req)
+        took = time.perf_counter() - started
+        assert resp.status.code == 0 and took >= _SlowSpool.delay
+        get = metrics.registry.get_sample_value
+        assert get("rpcauthz_decision_seconds_count", {"outcome": "allow"}) == 1
+        observed = get("rpcauthz_decision_seconds_sum", {"outcome": "allow"})
+        assert _SlowSpool.delay <= observed <= took
+    finally:
+        await writer.close()
+        spool.close()
+        store.close()
