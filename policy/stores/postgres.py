@@ -52,7 +52,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (
     principal  text NOT NULL,
-    role       text NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall')),
+    role       text NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall', 'auditor')),
     service    text NOT NULL DEFAULT '',
     expires_at timestamptz,
     source     text NOT NULL DEFAULT 'manual',
@@ -160,6 +160,14 @@ CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 """
 
 
+#: Schema 3 allows the auditor role (the column's CHECK constraint as PostgreSQL named it).
+_ROLE_CHECK_V3 = """
+ALTER TABLE grants DROP CONSTRAINT IF EXISTS grants_role_check;
+ALTER TABLE grants ADD CONSTRAINT grants_role_check
+    CHECK (role IN ('engineer', 'contributor', 'security_oncall', 'auditor'));
+"""
+
+
 class PostgresStore(SqlStore):
     """:class:`policy.store.Store` on PostgreSQL, with a connection pool.
 
@@ -215,7 +223,8 @@ class PostgresStore(SqlStore):
                     row = _one(conn.execute(query).fetchone(), query)
                     if row["v"] is None or row["v"] < SCHEMA_VERSION:
                         # 1 -> 2 added the grant change log and indexes, 2 -> 3 the spends table,
-                        # all created above.
+                        # all created above, and the auditor role:
+                        conn.execute(_ROLE_CHECK_V3)
                         conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
                                      (SCHEMA_VERSION,))
                     elif row["v"] > SCHEMA_VERSION:

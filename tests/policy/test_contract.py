@@ -455,3 +455,38 @@ def test_everything_survives_close_and_reopen(backend):
 def test_naive_datetimes_are_refused(store):
     with pytest.raises(ValueError, match="naive"):
         store.put_grant(Grant("alice", Role.ENGINEER, expires_at=datetime(2030, 1, 1)))
+
+
+def test_a_version_2_database_is_migrated_to_3_keeping_its_grants(backend):
+    """Schema 3 adds the spends table and the auditor role to a database written by version 2
+    (whose grants CHECK knew three roles), keeping every grant."""
+    s = backend.open()
+    s.put_grant(Grant("alice", Role.ENGINEER))
+    s.close()
+    old_check = "CHECK (role IN ('engineer', 'contributor', 'security_oncall'))"
+    if backend.name == "sqlite":
+        import sqlite3
+        db = sqlite3.connect(backend.url.removeprefix("sqlite://"), isolation_level=None)
+        db.executescript(f"""
+            BEGIN;
+            CREATE TABLE grants_v2 (principal TEXT NOT NULL, role TEXT NOT NULL {old_check},
+                service TEXT NOT NULL DEFAULT '', expires_at TEXT, source TEXT NOT NULL DEFAULT 'manual',
+                PRIMARY KEY (principal, role, service));
+            INSERT INTO grants_v2 SELECT principal, role, service, expires_at, source FROM grants;
+            DROP TABLE grants; ALTER TABLE grants_v2 RENAME TO grants;
+            DROP TABLE spends; DELETE FROM schema_version; INSERT INTO schema_version VALUES (2);
+            COMMIT;""")
+        db.close()
+    else:
+        import psycopg
+        with psycopg.connect(backend.url, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE grants DROP CONSTRAINT grants_role_check; "
+                         f"ALTER TABLE grants ADD CONSTRAINT grants_role_check {old_check}; "
+                         "DROP TABLE spends; DELETE FROM schema_version; INSERT INTO schema_version VALUES (2)")
+    s = backend.open()
+    assert s.schema_version() == 3
+    s.put_grant(Grant("audrey", Role.AUDITOR))
+    assert {(g.principal, g.role) for g in s.list_grants()} == {("alice", Role.ENGINEER),
+                                                                 ("audrey", Role.AUDITOR)}
+    r, t = _approved(s)
+    assert s.spend_use(r.id, lambda x: use(x, t), decision_id="m1", actor="alice").uses == 1
