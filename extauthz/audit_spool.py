@@ -43,15 +43,17 @@ def _from_json(text: str) -> AuditEvent:
 class AuditSpool:
     """A bounded, fsync'd local queue of audit events (safe across threads and restarts)."""
 
-    def __init__(self, path: str, max_events: int) -> None:
+    def __init__(self, path: str, max_events: int, *, fsync: bool = True) -> None:
+        """``fsync=False``: commits are not fsync'd (WAL, synchronous=NORMAL); what ``put``
+        returned survives the process being killed, not the host crashing."""
         if max_events < 1:
             raise ValueError("max_events must be at least 1")
-        self.path, self.max_events = path, max_events
+        self.path, self.max_events, self.fsync = path, max_events, fsync
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.execute("CREATE TABLE IF NOT EXISTS audit_spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                              "id TEXT NOT NULL UNIQUE, event TEXT NOT NULL, spooled_at REAL NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS spend_voids (seq INTEGER PRIMARY KEY AUTOINCREMENT, "

@@ -39,9 +39,13 @@ def _audited(store_url: str) -> collections.Counter[str]:
         store.close()
 
 
-def test_kill_9_after_answers_loses_no_decision_audit(tmp_path, pg_dsn, demo_upstream):  # noqa: F811
+@pytest.mark.parametrize("spool_fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_kill_9_after_answers_loses_no_decision_audit(tmp_path, pg_dsn, demo_upstream, spool_fsync):  # noqa: F811
+    """Also with ``audit.spool_fsync: false``: a kill -9 of the process (not of the host) keeps
+    what the spool committed, since the OS holds it."""
     cfg = _config(tmp_path, demo_upstream)
-    cfg.update(store_url=pg_dsn, audit={"batch_window_ms": 2000, "spool_path": str(tmp_path / "spool.db")})
+    cfg.update(store_url=pg_dsn, audit={"batch_window_ms": 2000, "spool_path": str(tmp_path / "spool.db"),
+                                        "spool_fsync": spool_fsync})
     seed_grants(pg_dsn, [Grant("alice", Role.ENGINEER)])
     proc = ExtAuthzProcess(cfg, tmp_path).wait_ready()
     decided: list[str] = []
@@ -51,6 +55,7 @@ def test_kill_9_after_answers_loses_no_decision_audit(tmp_path, pg_dsn, demo_ups
             for i in range(N):
                 resp = stub.Check(check_request(principal="alice" if i % 4 else "mallory"), timeout=5)
                 decided.append(_decision_id(resp))
+        assert ("AUDIT SPOOL WITHOUT FSYNC" in proc.output()) is not spool_fsync
         proc.signal(signal.SIGKILL)  # well inside the 2 s batch window
         proc.proc.wait(10)
     finally:

@@ -265,3 +265,34 @@ async def test_check_latency_includes_the_wait_for_the_audit_spool(tmp_path):
         await writer.close()
         spool.close()
         store.close()
+
+
+def test_spool_fsync_false_commits_without_fsync_and_keeps_what_it_committed(tmp_path):
+    """``audit.spool_fsync: false`` is SQLite synchronous=NORMAL (WAL): no fsync per commit; the
+    events are in the file for the next opener all the same (a kill -9 keeps them)."""
+    for fsync, level in ((True, 2), (False, 1)):
+        path = str(tmp_path / f"spool-{fsync}.db")
+        spool = AuditSpool(path, max_events=10, fsync=fsync)
+        assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        spool.put(_events(3, tag=str(fsync)))
+        again = AuditSpool(path, max_events=10)  # another connection, as after a restart
+        assert [e.detail["decision_id"] for e in again.oldest(10)] == [f"{fsync}{i}" for i in range(3)]
+        again.close()
+        spool.close()
+
+
+def test_spool_sync_bench_prints_each_variant_against_the_shipped_spool(tmp_path):
+    """bench/spool_sync_bench.py still runs (a few writes per variant), so it cannot rot."""
+    import re
+    import subprocess
+    import sys
+
+    from devstack.processes import REPO_ROOT
+
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "spool_sync_bench.py"), "--writes", "5",
+                        "--rounds", "2", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| ([a-z-]+) \| \d+ \| \d+-\d+ \| \d+ \| (\d+\.\d\d)x \| \d+\.\d\dx \|$", r.stdout, re.M)
+    assert [name for name, _ in rows] == ["sqlite-full", "sqlite-normal", "append-fdatasync",
+                                          "prealloc-fdatasync", "prealloc-odsync"], r.stdout
+    assert rows[0][1] == "1.00"
