@@ -16,6 +16,7 @@ the median of the rounds is reported, so noise from other work on the machine hi
     python bench/check_microbench.py --profile             # plus a cProfile of our path
     python bench/check_microbench.py --no-audit-allows     # audit.allows: false
     python bench/check_microbench.py --audit-spool         # the server's default: spool first
+    python bench/check_microbench.py --audit-spool --spool-no-fsync   # audit.spool_fsync: false
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ async def run(args) -> int:
     metrics = Metrics()
     audit: AuditWriter | SpooledAuditWriter
     if args.audit_spool:  # as the server runs by default: each check waits for its fsync'd group
-        spool = AuditSpool(str(workdir / "audit-spool.db"), settings.audit.spool_max_events)
+        spool = AuditSpool(str(workdir / "audit-spool.db"), settings.audit.spool_max_events,
+                           fsync=not args.spool_no_fsync)
         audit = SpooledAuditWriter(components.store, metrics, spool, settings.audit.queue_size,
                                    batch_window=settings.audit.batch_window_ms / 1000.0)
 
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-audit-allows", action="store_true")
     ap.add_argument("--audit-spool", action="store_true",
                     help="spool first (the server's default): each check waits for its fsync'd group")
+    ap.add_argument("--spool-no-fsync", action="store_true",
+                    help="with --audit-spool: audit.spool_fsync: false (survives kill -9, not a host crash)")
     ap.add_argument("--profile", action="store_true")
     return asyncio.run(run(ap.parse_args(argv)))
 

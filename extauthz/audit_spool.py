@@ -7,6 +7,10 @@ events are dropped and counted, as before). A replay loop writes the oldest even
 store once it answers and only then removes them; the store ignores an event id it already
 holds, so a replay cut short (crash between the store's commit and the removal here) writes
 nothing twice. ``stats()`` gives the depth and the age of the oldest event for /metrics.
+
+The spool also keeps *spend voids* (``spend_voids.py``): decision ids of checks that attempted
+to spend an approval use and were not answered allow. They are written in the same fsync'd
+transaction as the check's events and applied to the store by ``ship`` after the events.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Any
 
 from policy.audit import AuditEvent
 from policy.store import Store
+
+from .spend_voids import VoidsFailed, apply_voids
 
 
 def _to_json(e: AuditEvent) -> str:
@@ -37,22 +43,29 @@ def _from_json(text: str) -> AuditEvent:
 class AuditSpool:
     """A bounded, fsync'd local queue of audit events (safe across threads and restarts)."""
 
-    def __init__(self, path: str, max_events: int) -> None:
+    def __init__(self, path: str, max_events: int, *, fsync: bool = True) -> None:
+        """``fsync=False``: commits are not fsync'd (WAL, synchronous=NORMAL); what ``put``
+        returned survives the process being killed, not the host crashing."""
         if max_events < 1:
             raise ValueError("max_events must be at least 1")
-        self.path, self.max_events = path, max_events
+        self.path, self.max_events, self.fsync = path, max_events, fsync
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.execute("CREATE TABLE IF NOT EXISTS audit_spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                              "id TEXT NOT NULL UNIQUE, event TEXT NOT NULL, spooled_at REAL NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS spend_voids (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                             "decision_id TEXT NOT NULL UNIQUE, spooled_at REAL NOT NULL)")
         except sqlite3.Error as e:
             raise OSError(f"cannot open the audit spool {path}: {e}") from None
 
-    def put(self, events: Sequence[AuditEvent]) -> int:
-        """Keep ``events`` (durably, before returning); returns how many fitted under the bound."""
+    def put(self, events: Sequence[AuditEvent], voids: Sequence[str] = ()) -> int:
+        """Keep ``events`` and the spend ``voids`` (decision ids) durably, in one transaction,
+        before returning; returns how many events fitted under the bound (voids are never
+        dropped: each is one short row, and dropping one could leave a use spent for a call
+        that was refused)."""
         now = time.time()
         with self._lock:
             room = self.max_events - self._depth()
@@ -61,6 +74,9 @@ class AuditSpool:
             try:
                 self._db.executemany("INSERT OR IGNORE INTO audit_spool (id, event, spooled_at) VALUES (?, ?, ?)",
                                      [(e.id, _to_json(e), now) for e in kept])
+                if voids:
+                    self._db.executemany("INSERT OR IGNORE INTO spend_voids (decision_id, spooled_at) "
+                                         "VALUES (?, ?)", [(d, now) for d in voids])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -83,6 +99,26 @@ class AuditSpool:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def voids(self, limit: int) -> list[str]:
+        """The oldest spend voids not yet applied to the store (decision ids)."""
+        with self._lock:
+            rows = self._db.execute("SELECT decision_id FROM spend_voids ORDER BY seq LIMIT ?",
+                                    (limit,)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def remove_voids(self, decision_ids: Sequence[str]) -> None:
+        """Forget voids the store has applied (one transaction)."""
+        if not decision_ids:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM spend_voids WHERE decision_id = ?", [(d,) for d in decision_ids])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def _depth(self) -> int:
         """At least the number of events held, read from the rowid range in O(log n) (a
         COUNT(*) would scan a deep spool on every group commit while the store is away).
@@ -93,10 +129,13 @@ class AuditSpool:
         return 0 if low is None else int(high) - int(low) + 1
 
     def stats(self) -> dict[str, float]:
-        """``depth`` (events waiting) and ``age_seconds`` of the oldest one (0 when empty)."""
+        """``depth`` (events waiting), ``age_seconds`` of the oldest one (0 when empty) and
+        ``spend_voids`` (voids not yet applied to the store)."""
         with self._lock:
             depth, oldest = self._db.execute("SELECT COUNT(*), MIN(spooled_at) FROM audit_spool").fetchone()
-        return {"depth": float(depth), "age_seconds": time.time() - oldest if oldest is not None else 0.0}
+            voids = self._db.execute("SELECT COUNT(*) FROM spend_voids").fetchone()[0]
+        return {"depth": float(depth), "age_seconds": time.time() - oldest if oldest is not None else 0.0,
+                "spend_voids": float(voids)}
 
     def close(self) -> None:
         with self._lock:
@@ -105,9 +144,10 @@ class AuditSpool:
     def ship(self, store: Store, batch: int,
              on_batch: Callable[[int], None] | None = None) -> int:
         """Write every spooled event to ``store``, oldest first, ``batch`` per transaction,
-        removing each batch only after the store took it (blocking). Returns how many were
-        shipped. The store ignores event ids it already holds, so a ship cut short between the
-        store's commit and the removal here writes nothing twice when it runs again."""
+        removing each batch only after the store took it (blocking), then applies the spend
+        voids the same way. Returns how many events were shipped. The store ignores event ids it
+        already holds and voids are idempotent, so a ship cut short between the store's commit
+        and the removal here writes nothing twice when it runs again."""
         done = 0
         while events := self.oldest(batch):
             write = getattr(store, "append_audits", None)
@@ -120,6 +160,13 @@ class AuditSpool:
             done += len(events)
             if on_batch is not None:
                 on_batch(len(events))
+        while pending := self.voids(batch):
+            try:
+                applied = apply_voids(store, pending)
+            except VoidsFailed as failed:
+                self.remove_voids(failed.done)
+                raise failed.cause from None
+            self.remove_voids(applied)
         return done
 
 

@@ -6,14 +6,15 @@ event and counts it in ``rpcauthz_audit_dropped``. A batch the store refuses goe
 (the store ignores event ids it holds); without a spool it is dropped and counted. The writer
 waits ``batch_window`` seconds after the first event of a batch and then writes everything
 queued (up to ``MAX_BATCH``) in one transaction (``append_audits``), so a busy gateway pays
-one commit per window instead of one per decision. (An allow that spends an approval is
-different: its use and its audit event are one store transaction, done in the decision
-path by ``Store.update_request``.)
+one commit per window instead of one per decision. (The use an allow spends is recorded by
+the store in the decision path, ``Store.spend_use``; spend voids, ``spend_voids.py``, are
+applied from here: in memory without a spool, so a kill -9 loses them.)
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -23,6 +24,7 @@ from policy.store import Store
 
 from .audit_spool import AuditSpool
 from .metrics import Metrics
+from .spend_voids import VoidsFailed, apply_voids
 
 log = logging.getLogger("extauthz.audit")
 
@@ -77,9 +79,15 @@ class AuditWriter:
         self.spool = spool
         self._replay_interval = replay_interval
         self._replay_task: asyncio.Task[None] | None = None
+        #: Spend voids (``spend_voids.py``) not yet applied; in memory without a spool.
+        self._voids: list[str] = []
+        self._voids_lock = threading.Lock()
+        self._voids_task: asyncio.Task[None] | None = None
+        self._wake_voids = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
+        self._voids_task = asyncio.create_task(self._apply_voids_loop(), name="audit-spend-voids")
         if self.spool is not None:
             self._replay_task = asyncio.create_task(self._replay(), name="audit-replay")
 
@@ -94,6 +102,50 @@ class AuditWriter:
         except asyncio.QueueFull:
             self._metrics.audit_dropped.labels("queue_full").inc()
             log.error("audit queue full: dropped %s", _describe(event))
+
+    def void_spend(self, decision_id: str) -> None:
+        """The check ``decision_id`` attempted to spend an approval use and was not allowed:
+        give the use back once the store answers (``spend_voids.py``). With a spool the void is
+        kept there (durably, though not before the check answers); without one, in memory."""
+        with self._voids_lock:
+            self._voids.append(decision_id)
+        self._wake_voids.set()
+
+    async def _apply_voids_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(self._replay_interval):
+                    await self._wake_voids.wait()
+            except TimeoutError:
+                pass
+            self._wake_voids.clear()
+            try:
+                await loop.run_in_executor(self._executor, self.apply_voids_once)
+            except Exception as e:  # the store is away: the voids wait
+                log.warning("spend voids wait for the store: %s", e)
+
+    def apply_voids_once(self) -> None:
+        """Apply (or spool) the pending voids (blocking); raises the store's error if it fails."""
+        with self._voids_lock:
+            pending, self._voids = self._voids, []
+        if not pending:
+            return
+        try:
+            if self.spool is not None:
+                self.spool.put([], pending)
+                pending = []
+                self.replay_once()
+            else:
+                apply_voids(self._store, pending)
+        except VoidsFailed as failed:
+            with self._voids_lock:
+                self._voids[:0] = [d for d in pending if d not in failed.done]
+            raise failed.cause from None
+        except Exception:
+            with self._voids_lock:
+                self._voids[:0] = pending
+            raise
 
     async def acknowledged(self) -> None:
         """Nothing to wait for: without a spool first, events wait in memory (see SpooledAuditWriter)."""
@@ -209,6 +261,18 @@ class AuditWriter:
         except asyncio.CancelledError:
             pass
         self._task = None
+        if self._voids_task is not None:
+            self._voids_task.cancel()
+            try:
+                await self._voids_task
+            except asyncio.CancelledError:
+                pass
+            self._voids_task = None
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.apply_voids_once), timeout)
+            except Exception as e:
+                log.error("audit writer stopped with %d spend void(s) unapplied: %s", len(self._voids), e)
         if self._replay_task is not None:
             self._replay_task.cancel()
             try:

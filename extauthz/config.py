@@ -155,6 +155,11 @@ class Audit(Section):
     #: turns it off (loudly logged): events then wait in memory and are lost with the process
     #: or dropped when the store is away.
     spool_path: str | None = "audit-spool.db"
+    #: fsync the spool at every group commit (SQLite synchronous=FULL): an answered check's
+    #: event survives a kill -9 *and* a host crash or power loss. false (synchronous=NORMAL,
+    #: loudly logged): it survives a kill -9 of the server (the event is in the OS page cache
+    #: before the answer) but not a host crash; ~35% less time per check at concurrency 1.
+    spool_fsync: bool = True
     #: The spool's bound; past it events are dropped (rpcauthz_audit_dropped_total{why="spool_full"}).
     spool_max_events: int = Field(1_000_000, ge=1)
     #: How often the spool is replayed while it holds events.

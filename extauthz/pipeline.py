@@ -4,7 +4,9 @@
 2. metadata      what is called (``target.parse_path``), its mode (reflection, via a
                  ``ModeSource``), the caller's grants (in memory) and, only for the
                  approval modes, the caller's approval requests for that method (store)
-3. authorization ``policy.decide``; an allow through an approval spends one use atomically;
+3. authorization ``policy.decide``; an allow through an approval spends one use atomically
+                 (and a check that tried to spend one but was not allowed voids it:
+                 ``spend_voids.py``);
                  approval required opens (or reuses) a pending request
 4. response      ``responses.build``
 
@@ -16,8 +18,7 @@ timeout. Anything that goes wrong (a reflection or store error, the deadline, a 
 503, never an allow.
 
 Every check, however it ended, is then concluded in one place (``Authorizer._conclude``):
-one audit event (plus ``break_glass.used`` for a break-glass allow; an allow through an
-approval is audited by the store in the transaction that spends it), dry-run applied once,
+one ``decision.*`` audit event (plus ``break_glass.used`` for a break-glass allow), dry-run applied once,
 one metrics record, and one response carrying the access-log fields.
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ class _Progress:
     and what); ``verdict()`` turns it into the final, immutable ``Verdict``."""
 
     __slots__ = ("decision_id", "dev", "dry_run", "started", "principal", "target", "mode",
-                 "mode_source")
+                 "mode_source", "spend_attempted")
 
     def __init__(self, decision_id: str, dev: bool, dry_run: bool, started: float) -> None:
         self.decision_id, self.dev, self.dry_run, self.started = decision_id, dev, dry_run, started
@@ -82,6 +83,9 @@ class _Progress:
         self.target: Target | None = None
         self.mode: Mode | None = None
         self.mode_source: str | None = None
+        #: A spend of an approval use was sent to the store for this check (it may commit
+        #: even if the check then fails: the check must then void it).
+        self.spend_attempted = False
 
     def verdict(self, kind: Kind, rule: Rule, facts: Mapping[str, object] | None = None, *,
                 approval_id: str | None = None, request_id: str | None = None,
@@ -147,10 +151,16 @@ class Authorizer:
             except Exception:  # a bug must never become an allow
                 log.exception("decision %s failed unexpectedly", decision_id)
                 verdict = p.verdict(Kind.ERROR, Rule.INTERNAL_ERROR)
-            response = self._conclude(verdict, req, started)
+            if p.spend_attempted and verdict.kind is not Kind.ALLOW:
+                # The spend may have committed (a store that hung in its COMMIT): give the use
+                # back once the store answers. Spooled with this check's events, before the answer.
+                self.audit.void_spend(decision_id)
+            response, answered = self._conclude(verdict, req)
             # With the spool (on by default) the answer waits until this check's audit is
-            # on local disk (group commit): a kill -9 after the answer loses nothing.
+            # on local disk (group commit): a kill -9 after the answer loses nothing. That
+            # wait is part of the check's latency, so it is recorded after it.
             await self.audit.acknowledged()
+            self.metrics.record(answered, time.perf_counter() - started)
             return response
         finally:
             self.metrics.in_flight.dec()
@@ -253,12 +263,12 @@ class Authorizer:
             now = self.clock()
             decision = policy.decide(who.principal, target, mode, grants, requests, now, digest)
             if decision.outcome is Outcome.ALLOW and decision.approval_id:
+                p.spend_attempted = True
                 try:
                     used: ApprovalRequest = await self._io(
-                        "update_request", self.store.update_request, decision.approval_id,
-                        self._spend_before_deadline(p, now), actor=who.principal,
-                        kind="decision.allow_with_approval",
-                        reason=f"call {target} (decision {p.decision_id})")
+                        "spend_use", self.store.spend_use, decision.approval_id,
+                        self._spend_before_deadline(p, now), decision_id=p.decision_id,
+                        actor=who.principal, reason=f"call {target} (decision {p.decision_id})")
                 except PolicyError:
                     continue  # spent or expired meanwhile: look again
                 self.metrics.approvals_used.labels(mode.name).inc()
@@ -320,25 +330,28 @@ class Authorizer:
 
     # --- once per check: audit, dry-run, metrics, response ----------------------------------
 
-    def _conclude(self, v: Verdict, req: external_auth_pb2.CheckRequest,
-                  started: float) -> external_auth_pb2.CheckResponse:
+    def _conclude(self, v: Verdict, req: external_auth_pb2.CheckRequest
+                  ) -> tuple[external_auth_pb2.CheckResponse, Verdict]:
         """Everything a check records, each exactly once: the audit event(s) of the verdict
-        as decided, dry-run, the metrics, and the response (with the access-log fields)."""
+        as decided, dry-run, and the response (with the access-log fields). Returns the
+        response and the verdict as answered; ``check`` records its metrics once the audit
+        spool acknowledged it (the latency includes that wait)."""
         try:
             self._audit(v)
         except Exception:  # the decision stands; the writer counts what it drops
             log.exception("could not queue the audit event of decision %s", v.decision_id)
         if v.dry_run:
             v = self._dry_run(v)
-        self.metrics.record(v, time.perf_counter() - started)
-        return responses.build(v, req.attributes.request.http.headers, self._also_remove)
+        return responses.build(v, req.attributes.request.http.headers, self._also_remove), v
 
     def _audit(self, v: Verdict) -> None:
-        """The audit of one verdict. An allow through an approval was audited by the store
-        when it spent the use (``decision.allow_with_approval``); a break-glass one also
-        raises ``break_glass.used``."""
+        """The audit of one verdict: one ``decision.*`` event per check. An allow through an
+        approval is ``decision.allow_with_approval`` (written only for an allow; the store's
+        ``request.used`` records the use itself, with this decision id); a break-glass one
+        also raises ``break_glass.used``."""
         if v.kind is Kind.ALLOW:
             if v.approval_id:
+                self.audit.submit(self._event("decision.allow_with_approval", v, v.approval_id))
                 if v.mode is not None and MODE_FACTS[v.mode].incident_required:
                     self.audit.submit(self._event("break_glass.used", v, v.approval_id))
             elif self.settings.audit.allows:

@@ -147,7 +147,10 @@ async def serve(settings: Settings, *, components: Components | None = None,
     spool_at = spool_file(settings.audit)
     audit: AuditWriter | SpooledAuditWriter
     if spool_at is not None:
-        spool = AuditSpool(spool_at, settings.audit.spool_max_events)
+        spool = AuditSpool(spool_at, settings.audit.spool_max_events, fsync=settings.audit.spool_fsync)
+        if not settings.audit.spool_fsync:
+            log.warning("AUDIT SPOOL WITHOUT FSYNC (audit.spool_fsync: false): answered checks' events "
+                        "survive a kill -9 of this server, not a crash of the host")
         metrics.watch_stats("audit_spool", spool.stats)
         log.info("audit spool: %s (events are on disk before their check is answered)", spool_at)
         audit = SpooledAuditWriter(components.store, metrics, spool, settings.audit.queue_size, executor,

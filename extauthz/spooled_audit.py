@@ -30,6 +30,7 @@ from policy.store import Store
 
 from .audit_spool import AuditSpool
 from .metrics import Metrics
+from .spend_voids import SpendVoid
 
 log = logging.getLogger("extauthz.audit")
 
@@ -39,7 +40,7 @@ MAX_BATCH = 500
 #: Deferred events built between two GIL hand-backs (see audit_writer.BUILD_CHUNK).
 BUILD_CHUNK = 16
 
-_Queued = AuditEvent | Callable[[], AuditEvent]
+_Queued = AuditEvent | Callable[[], AuditEvent] | SpendVoid
 
 
 class SpooledAuditWriter:
@@ -60,6 +61,7 @@ class SpooledAuditWriter:
         self._wake_shipper = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._unspooled_voids: list[str] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._spooler(), name="audit-spooler"),
@@ -74,6 +76,15 @@ class SpooledAuditWriter:
             log.error("audit queue full: dropped an event")
             return
         self._group.append(event)
+        if self._group_done is None:
+            self._group_done = asyncio.get_running_loop().create_future()
+        self._wake_spooler.set()
+
+    def void_spend(self, decision_id: str) -> None:
+        """The check ``decision_id`` attempted to spend an approval use and was not allowed:
+        spool a void (with this group, so durable before the check is answered) that the
+        shipper applies to the store (``spend_voids.py``). Never dropped for a full group."""
+        self._group.append(SpendVoid(decision_id))
         if self._group_done is None:
             self._group_done = asyncio.get_running_loop().create_future()
         self._wake_spooler.set()
@@ -111,9 +122,13 @@ class SpooledAuditWriter:
     def _put(self, group: list[_Queued]) -> None:
         """In the executor: build the deferred events, then spool them in one transaction."""
         events: list[AuditEvent] = []
+        voids: list[str] = []
         for n, item in enumerate(group):
             if isinstance(item, AuditEvent):
                 events.append(item)
+                continue
+            if isinstance(item, SpendVoid):
+                voids.append(item.decision_id)
                 continue
             if n % BUILD_CHUNK == 0:
                 time.sleep(0)  # hand the GIL to a waiting check
@@ -122,8 +137,14 @@ class SpooledAuditWriter:
             except Exception:  # a bug building one event must not lose the others
                 self._metrics.audit_dropped.labels("build_failed").inc()
                 log.exception("could not build an audit event")
-        if events:
-            kept = self.spool.put(events)
+        voids = self._unspooled_voids + voids
+        if events or voids:
+            try:
+                kept = self.spool.put(events, voids)
+            except Exception:
+                self._unspooled_voids = voids  # retried with the next group, never dropped
+                raise
+            self._unspooled_voids = []
             if kept < len(events):
                 self._metrics.audit_dropped.labels("spool_full").inc(len(events) - kept)
                 log.error("audit spool full (%d events): dropped %d event(s)", self.spool.max_events,

@@ -24,6 +24,7 @@ from policy import (
     PolicyError,
     RequestClosed,
     RequestState,
+    Role,
     Target,
 )
 from policy.grant_cache import catch_up
@@ -162,7 +163,8 @@ class ApprovalService:
     def __init__(self, store: Store, rules: RequestPolicy, mode_lookup: ModeLookup | None = None,
                  clock: Callable[[], datetime] = utcnow, auditors: Iterable[str] = ()) -> None:
         self.store = store
-        #: Principals who may read every request (``auditors`` in the approvals config).
+        #: Principals who may read every request (``auditors`` in the approvals config), besides
+        #: holders of an ``auditor`` grant (``is_auditor``).
         self.auditors = frozenset(auditors)
         self.rules = rules
         self.mode_lookup = mode_lookup
@@ -184,6 +186,11 @@ class ApprovalService:
         """Who may still approve ``r`` now, from the current grants."""
         return policy.eligible_approvers(r, self.grants(), self.clock())
 
+    def is_auditor(self, viewer: str) -> bool:
+        """May ``viewer`` read every request: listed in ``auditors``, or holding an unexpired
+        ``auditor`` grant (``mpactl grants add VIEWER auditor``)."""
+        return viewer in self.auditors or self.grants().has(viewer, Role.AUDITOR, self.clock())
+
     # --- reading --------------------------------------------------------------------------
     def get(self, request_id: str) -> ApprovalRequest:
         """The request; a pending one past its expiry is expired (and audited) first."""
@@ -192,7 +199,7 @@ class ApprovalService:
 
     def may_view(self, r: ApprovalRequest, viewer: str) -> bool:
         """Read scope: the requester, whoever approved it or may approve it, and auditors."""
-        if viewer == r.requester or viewer in r.approvers or viewer in self.auditors:
+        if viewer == r.requester or viewer in r.approvers or self.is_auditor(viewer):
             return True
         return policy.may_approve(viewer, r, self.grants(), self.clock())
 
@@ -220,10 +227,10 @@ class ApprovalService:
                      and viewer not in r.approvers and policy.may_approve(viewer, r, grants, now)]
             found = found[:limit]
         elif scope == "all":
-            if viewer not in self.auditors:
+            if not self.is_auditor(viewer):
                 raise NotVisible(f"scope=all lists every request with its reasons and incidents and is "
-                                 f"for auditors only ({viewer} is not one: see `auditors` in the approvals "
-                                 "config); use scope=mine or scope=reviewable")
+                                 f"for auditors only ({viewer} is not one: an `auditor` grant or `auditors` "
+                                 "in the approvals config makes one); use scope=mine or scope=reviewable")
             found = self.store.find_requests(states=states, limit=limit)
         else:
             raise InvalidRequest(f"unknown list scope {scope!r}; use mine, reviewable or all")

@@ -75,6 +75,20 @@ class Address:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnixSocket:
+    """A unix socket path (the ext_authz server's ``listen.unix_socket``, in Envoy's pod)."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+#: Longest unix socket path the kernel takes (``sun_path`` is 108 bytes with its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+@dataclasses.dataclass(frozen=True)
 class RouteOverride:
     """Settings for one method of a service (``/pkg.Service/Method`` exactly)."""
 
@@ -128,9 +142,10 @@ class ExtAuthzTls:
 @dataclasses.dataclass(frozen=True)
 class Gateway:
     listen: Address
-    ext_authz: Address
+    #: HOST:PORT, or a unix socket for a sidecar deployment (plaintext: the file mode decides).
+    ext_authz: Address | UnixSocket
     jwt: Jwt
-    #: ``None``: plaintext, allowed only for a loopback ext_authz address.
+    #: ``None``: plaintext, allowed only for a loopback ext_authz address or a unix socket.
     ext_authz_tls: ExtAuthzTls | None = None
     admin: Address = Address("127.0.0.1", 9901)
     ext_authz_timeout: float = 1.0
@@ -245,6 +260,15 @@ class _Reader:
                 raise bad from None
         return Address(host, int(port))
 
+    def unix_socket(self, node: yaml.Node, what: str) -> UnixSocket:
+        v = self.string(node, what)
+        if not v.startswith("/"):
+            raise self.fail(node, f"{what}: {v!r} is not an absolute path (e.g. /run/rpcauthz/extauthz.sock)")
+        if "\0" in v or len(v.encode()) > _MAX_SOCKET_PATH:
+            raise self.fail(node, f"{what}: {v!r} is longer than the {_MAX_SOCKET_PATH} bytes a unix socket "
+                                  "path may have (or holds a NUL)")
+        return UnixSocket(v)
+
 
 _GATEWAY_KEYS = {
     "listen": "HOST:PORT the gateway listens on",
@@ -257,7 +281,8 @@ _GATEWAY_KEYS = {
     "upstream_max_requests": "circuit breaker: concurrent requests per upstream",
     "access_log": "path of the JSON access log (default /dev/stdout)",
 }
-_EXT_AUTHZ_KEYS = {"address": "HOST:PORT", "timeout": "Envoy's deadline for one Check",
+_EXT_AUTHZ_KEYS = {"address": "HOST:PORT", "unix_socket": "absolute path of the server's unix socket "
+                   "(instead of address: a sidecar in Envoy's pod)", "timeout": "Envoy's deadline for one Check",
                    "max_requests": "circuit breaker", "health_check": "gRPC health checks",
                    "tls": "mTLS to the server: true (default files), a mapping, or false (loopback only)"}
 _TLS_KEYS = {"ca": "CA of the server certificate", "cert": "Envoy's client certificate",
@@ -314,11 +339,13 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
             raise r.fail(node, f"gateway: missing required key {key!r}")
     ea_node = g["ext_authz"]
     ea = r.mapping(ea_node, "gateway.ext_authz", _EXT_AUTHZ_KEYS)
-    if "address" not in ea:
-        raise r.fail(ea_node, "gateway.ext_authz: missing required key 'address'")
+    if ("address" in ea) == ("unix_socket" in ea):
+        raise r.fail(ea_node, "gateway.ext_authz: give exactly one of 'address' (HOST:PORT) and "
+                              "'unix_socket' (a path), not " + ("both" if "address" in ea else "neither"))
     kw: dict[str, Any] = {
         "listen": r.address(g["listen"], "gateway.listen"),
-        "ext_authz": r.address(ea["address"], "gateway.ext_authz.address"),
+        "ext_authz": (r.address(ea["address"], "gateway.ext_authz.address") if "address" in ea
+                      else r.unix_socket(ea["unix_socket"], "gateway.ext_authz.unix_socket")),
         "jwt": _jwt(r, g["jwt"]),
     }
     if "timeout" in ea:
@@ -343,13 +370,20 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
     return Gateway(**kw)
 
 
-def _ext_authz_tls(r: _Reader, node: yaml.Node | None, parent: yaml.Node, addr: Address) -> ExtAuthzTls | None:
+def _ext_authz_tls(r: _Reader, node: yaml.Node | None, parent: yaml.Node,
+                   addr: Address | UnixSocket) -> ExtAuthzTls | None:
     """``tls`` of gateway.ext_authz: on by default; plaintext only to a loopback address.
 
     Whoever can send the server a Check can claim any identity, so the link must be
     authenticated (the server requires Envoy's client certificate) unless both ends share
-    the machine's loopback interface.
+    the machine's loopback interface, or it is a unix socket (never TLS: the server's
+    socket is plaintext and its file mode, 0660, decides who may connect).
     """
+    if isinstance(addr, UnixSocket):
+        if node is not None and not (isinstance(node, yaml.ScalarNode) and r.scalar(node, "tls") is False):
+            raise r.fail(node, "gateway.ext_authz.tls: not used with unix_socket: the server's unix socket "
+                               "is plaintext, and its file mode (0660, Envoy's group) decides who may connect")
+        return None
     if node is None:
         return None if is_loopback(addr.host) else ExtAuthzTls()
     if isinstance(node, yaml.ScalarNode):
@@ -476,11 +510,13 @@ def _http2_options() -> dict:
         "explicit_http_config": {"http2_protocol_options": {}}}}
 
 
-def _cluster(name: str, addr: Address, connect_timeout: float, max_requests: int,
+def _cluster(name: str, addr: Address | UnixSocket, connect_timeout: float, max_requests: int,
              http2: bool = True) -> dict:
+    endpoint = ({"pipe": {"path": addr.path}} if isinstance(addr, UnixSocket)
+                else {"socket_address": {"address": addr.host, "port_value": addr.port}})
     c: dict[str, Any] = {
         "name": name,
-        "type": "STATIC" if addr.is_ip else "STRICT_DNS",
+        "type": "STATIC" if isinstance(addr, UnixSocket) or addr.is_ip else "STRICT_DNS",
         "connect_timeout": _dur(connect_timeout),
         "lb_policy": "ROUND_ROBIN",
         "circuit_breakers": {"thresholds": [{
@@ -488,7 +524,7 @@ def _cluster(name: str, addr: Address, connect_timeout: float, max_requests: int
             "max_pending_requests": max_requests, "max_requests": max_requests,
             "max_retries": 3}]},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
-            "address": {"socket_address": {"address": addr.host, "port_value": addr.port}}}}]}]},
+            "address": endpoint}}]}]},
     }
     if http2:
         c["typed_extension_protocol_options"] = _http2_options()

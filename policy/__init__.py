@@ -10,6 +10,7 @@ from .decide import (
                      decide,
                      eligible_approvers,
                      expire,
+                     give_back,
                      may_approve,
                      may_request,
                      narrow,
@@ -27,6 +28,7 @@ from .errors import (
                      RequestClosed,
                      RequestExpired,
                      SelfApproval,
+                     SpendVoided,
                      StoreError,
                      UnknownRequest,
 )
@@ -37,8 +39,8 @@ from .modes import DEFAULT_MODE, Mode, resolve_mode
 __all__ = [
     "Approval", "ApprovalRequest", "AlreadyDecided", "DEFAULT_MODE", "Decision", "Grant",
     "GrantSet", "InvalidRequest", "Mode", "NotEligible", "Outcome", "PolicyError",
-    "RequestClosed", "RequestExpired", "RequestState", "Role", "SelfApproval", "StoreError",
-    "Target", "UnknownRequest", "approve", "approvers_for", "cancel", "complete", "decide", "eligible_approvers", "expire",
+    "RequestClosed", "RequestExpired", "RequestState", "Role", "SelfApproval", "SpendVoided", "StoreError",
+    "Target", "UnknownRequest", "approve", "approvers_for", "cancel", "complete", "decide", "eligible_approvers", "expire", "give_back",
     "may_approve", "may_request", "narrow", "narrowest_uses", "open_request", "reject", "resolve_mode", "usable_approval",
     "use",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 KINDS = frozenset({
     "request.created", "request.completed", "request.narrowed", "request.approved", "request.approval_recorded",
     "request.rejected", "request.cancelled", "request.expired", "request.used",
+    "request.use_voided",
     "decision.allow", "decision.allow_with_approval", "decision.deny",
     "decision.approval_required", "decision.error", "break_glass.used",
     "grant.added", "grant.removed",

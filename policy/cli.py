@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
     @grants.command("add")
     def grants_add(
         principal: str = typer.Argument(..., help="Who, as the gateway sees them (e.g. an email)."),
-        role: Role = typer.Argument(..., help="engineer, contributor or security_oncall."),
+        role: Role = typer.Argument(..., help="engineer, contributor, security_oncall or auditor (reads every request in the approvals service)."),
         service: str | None = typer.Option(None, help="For contributor: the gRPC service, e.g. pay.v1.Payments."),
         expires: str | None = typer.Option(None, help="Expiry, ISO 8601 with timezone."),
         store: str = _store_option(),

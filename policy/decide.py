@@ -271,3 +271,10 @@ def use(r: ApprovalRequest, now: datetime) -> ApprovalRequest:
     if r.max_uses is not None and r.uses >= r.max_uses:
         raise RequestClosed(f"approval {r.id} has been used {r.uses} of {r.max_uses} times")
     return dataclasses.replace(r, uses=r.uses + 1)
+
+
+def give_back(r: ApprovalRequest) -> ApprovalRequest:
+    """Return one use spent for a call that was then not allowed (a voided spend)."""
+    if r.uses < 1:
+        raise InvalidRequest(f"approval {r.id} has no use to give back")
+    return dataclasses.replace(r, uses=r.uses - 1)

@@ -50,6 +50,14 @@ class StoreError(Exception):
     code = "store_unavailable"
 
 
+class SpendVoided(Exception):
+    """A spend reached the store for a decision whose use was already voided (its check was
+    answered with something other than allow): nothing is spent. Not a ``PolicyError``:
+    the decision is over, so the gateway must not look for another approval to spend."""
+
+    code = "spend_voided"
+
+
 class UnknownRequest(LookupError):
     """No approval request has this id."""
 

@@ -20,11 +20,13 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Role(str, enum.Enum):
-    """Roles a grant can give. CONTRIBUTOR is scoped to one service."""
+    """Roles a grant can give. CONTRIBUTOR is scoped to one service. AUDITOR decides nothing at
+    the gateway: it lets the approvals service show its holder every request (read scopes)."""
 
     ENGINEER = "engineer"
     CONTRIBUTOR = "contributor"
     SECURITY_ONCALL = "security_oncall"
+    AUDITOR = "auditor"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,7 +49,8 @@ class Grant:
         if self.role is Role.CONTRIBUTOR and not self.service:
             raise ValueError("a contributor grant needs the service it applies to")
         if self.role is not Role.CONTRIBUTOR and self.service:
-            raise ValueError(f"a {self.role.value} grant is not scoped to a service")
+            article = "an" if self.role.value[0] in "aeiou" else "a"
+            raise ValueError(f"{article} {self.role.value} grant is not scoped to a service")
 
     def active(self, now: datetime) -> bool:
         return self.expires_at is None or now < self.expires_at

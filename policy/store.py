@@ -99,6 +99,17 @@ class Store(Protocol):
         (a ``PolicyError``), nothing is written and the error propagates.
         """
 
+    def spend_use(self, request_id: str, change: Transition, *, decision_id: str, actor: str,
+                  reason: str = "") -> ApprovalRequest:
+        """Spend one use (``change`` is ``policy.use``) for the gateway's check ``decision_id``,
+        recorded with that decision id and a ``request.used`` event in one transaction.
+        Raises ``SpendVoided`` if the decision was voided first (nothing spent)."""
+
+    def void_spend(self, decision_id: str, *, actor: str, reason: str = "") -> ApprovalRequest | None:
+        """The check ``decision_id`` was not answered allow: give back its use if its spend
+        committed (``request.use_voided``; returns the request), else make sure it never does
+        (None). Idempotent; waits for a spend of that decision still in flight."""
+
     def put_body_view(self, request_id: str, view: str) -> None:
         """Keep the approver's view (decoded, redacted JSON) of a body-bound request's call."""
 

@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from ..audit import KINDS, AuditEvent
-from ..errors import UnknownRequest
+from ..decide import give_back
+from ..errors import SpendVoided, UnknownRequest
 from ..grant_delta import GrantChange, GrantDelta
 from ..model import ApprovalRequest, Grant, RequestState, Role
 from ..store import GrantDiff, Subscription, Transition
@@ -407,30 +408,89 @@ class SqlStore(abc.ABC):
         if kind not in KINDS:
             raise ValueError(f"unknown audit event kind {kind!r}")
         with self._tx(write=True) as cur:
-            row = cur.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = %(id)s{self._FOR_UPDATE}",
-                              {"id": request_id}).fetchone()
-            if row is None:
-                raise UnknownRequest(f"no approval request has id {request_id!r}")
-            old = self._request(row)
-            new = change(old)
-            if not isinstance(new, ApprovalRequest):
-                raise TypeError(f"transition returned {type(new).__name__}, not an ApprovalRequest")
-            changed = [f for f in _IMMUTABLE if getattr(new, f) != getattr(old, f)]
-            changed += _only_narrowed(old, new)
-            if changed:
-                raise ValueError(f"a transition may not change {', '.join(changed)} of request {request_id}")
-            if new == old:
-                return old
-            params = codec.request_params(new, self._ts, self._json_in)
-            sets = ", ".join(f"{c} = %({c})s" for c in _MUTABLE)
-            cur.execute(f"UPDATE requests SET {sets} WHERE id = %(id)s", params)
-            self._insert_audit(cur, AuditEvent(
-                kind=kind, actor=actor, at=_now(), request_id=new.id, service=new.service,
-                method=new.method, outcome=new.state.value, reason=reason,
-                detail={"from_state": old.state.value, "to_state": new.state.value,
-                        "approvals": list(new.approvers), "uses": new.uses,
-                        "required_approvals": new.required_approvals,
-                        "max_uses": new.max_uses}))
+            return self._update_locked(cur, request_id, change, actor=actor, kind=kind, reason=reason)
+
+    def _update_locked(self, cur: Any, request_id: str, change: Transition, *, actor: str, kind: str,
+                       reason: str, detail: dict[str, Any] | None = None) -> ApprovalRequest:
+        """``update_request``'s body inside the caller's write transaction (row locked)."""
+        row = cur.execute(f"SELECT {_REQ_COLS} FROM requests WHERE id = %(id)s{self._FOR_UPDATE}",
+                          {"id": request_id}).fetchone()
+        if row is None:
+            raise UnknownRequest(f"no approval request has id {request_id!r}")
+        old = self._request(row)
+        new = change(old)
+        if not isinstance(new, ApprovalRequest):
+            raise TypeError(f"transition returned {type(new).__name__}, not an ApprovalRequest")
+        changed = [f for f in _IMMUTABLE if getattr(new, f) != getattr(old, f)]
+        changed += _only_narrowed(old, new)
+        if changed:
+            raise ValueError(f"a transition may not change {', '.join(changed)} of request {request_id}")
+        if new == old:
+            return old
+        params = codec.request_params(new, self._ts, self._json_in)
+        sets = ", ".join(f"{c} = %({c})s" for c in _MUTABLE)
+        cur.execute(f"UPDATE requests SET {sets} WHERE id = %(id)s", params)
+        self._insert_audit(cur, AuditEvent(
+            kind=kind, actor=actor, at=_now(), request_id=new.id, service=new.service,
+            method=new.method, outcome=new.state.value, reason=reason,
+            detail={"from_state": old.state.value, "to_state": new.state.value,
+                    "approvals": list(new.approvers), "uses": new.uses,
+                    "required_approvals": new.required_approvals,
+                    "max_uses": new.max_uses, **(detail or {})}))
+        return new
+
+    # --- spends of approval uses by the gateway (one per decision) ------------------------
+    def spend_use(self, request_id: str, change: Transition, *, decision_id: str, actor: str,
+                  reason: str = "") -> ApprovalRequest:
+        """Spend one use of ``request_id`` for the check ``decision_id``: ``change`` (``policy.use``)
+        applied under the row lock, a ``spends`` row naming the decision and a ``request.used``
+        audit event, in one transaction.
+
+        Raises ``SpendVoided`` (nothing written) if ``void_spend(decision_id)`` came first: the
+        check was already answered without an allow. ``change`` must add exactly one use.
+        """
+        with self._tx(write=True) as cur:
+            if cur.execute("SELECT 1 FROM spends WHERE decision_id = %(d)s",
+                           {"d": decision_id}).fetchone() is not None:
+                raise SpendVoided(f"decision {decision_id} was voided before its spend of approval "
+                                  f"{request_id} reached the store; nothing spent")
+            uses: list[int] = []
+
+            def counted(r: ApprovalRequest) -> ApprovalRequest:
+                new = change(r)
+                uses.append(r.uses)
+                return new
+            new = self._update_locked(cur, request_id, counted, actor=actor, kind="request.used",
+                                      reason=reason, detail={"decision_id": decision_id})
+            if new.uses != uses[0] + 1:
+                raise ValueError(f"a spend must add exactly one use to request {request_id}")
+            cur.execute("INSERT INTO spends (decision_id, request_id, state, at) "
+                        "VALUES (%(d)s, %(r)s, 'spent', %(at)s)",
+                        {"d": decision_id, "r": request_id, "at": self._ts(_now())})
+        return new
+
+    def void_spend(self, decision_id: str, *, actor: str, reason: str = "") -> ApprovalRequest | None:
+        """The check ``decision_id`` was not answered allow: give back the use it spent, if its
+        spend committed (``request.use_voided`` audit event; returns the request), and make sure
+        a spend still in flight for it never commits (returns None). Idempotent.
+
+        Safe against a spend whose commit is in flight: the tombstone's insert waits for that
+        transaction (same key), and the request row lock orders the give-back after it.
+        """
+        with self._tx(write=True) as cur:
+            params = {"d": decision_id, "at": self._ts(_now())}
+            if cur.execute("INSERT INTO spends (decision_id, request_id, state, at) "
+                           "VALUES (%(d)s, '', 'voided', %(at)s) ON CONFLICT (decision_id) DO NOTHING "
+                           "RETURNING decision_id", params).fetchone() is not None:
+                return None  # nothing was spent, and now nothing can be
+            row = cur.execute(f"SELECT request_id, state FROM spends WHERE decision_id = %(d)s"
+                              f"{self._FOR_UPDATE}", params).fetchone()
+            if row is None or row["state"] != "spent":
+                return None  # voided before
+            new = self._update_locked(cur, str(row["request_id"]), give_back, actor=actor,
+                                      kind="request.use_voided", reason=reason,
+                                      detail={"decision_id": decision_id})
+            cur.execute("UPDATE spends SET state = 'voided', at = %(at)s WHERE decision_id = %(d)s", params)
         return new
 
     def _request(self, row: Any) -> ApprovalRequest:

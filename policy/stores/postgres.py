@@ -29,7 +29,7 @@ from ._sql import SqlStore
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The NOTIFY channel grant changes are announced on; the payload is the change's
 #: ``GrantDelta.to_json()``, without the changes when they would not fit.
 CHANNEL = "rpcauthz_grants"
@@ -52,7 +52,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (
     principal  text NOT NULL,
-    role       text NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall')),
+    role       text NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall', 'auditor')),
     service    text NOT NULL DEFAULT '',
     expires_at timestamptz,
     source     text NOT NULL DEFAULT 'manual',
@@ -132,6 +132,15 @@ CREATE TABLE IF NOT EXISTS request_bodies (
     request_id TEXT PRIMARY KEY,
     view       TEXT NOT NULL
 );
+-- Approval uses spent by the gateway, one row per decision (the decision id of the Check
+-- that spent it). A row 'voided' is a use given back (the Check was not answered allow) or
+-- a tombstone that refuses a spend still in flight for that decision.
+CREATE TABLE IF NOT EXISTS spends (
+    decision_id text PRIMARY KEY,
+    request_id  text NOT NULL,
+    state       text NOT NULL CHECK (state IN ('spent', 'voided')),
+    at          timestamptz NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq        bigserial PRIMARY KEY,
     id         text NOT NULL UNIQUE,
@@ -148,6 +157,14 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+"""
+
+
+#: Schema 3 allows the auditor role (the column's CHECK constraint as PostgreSQL named it).
+_ROLE_CHECK_V3 = """
+ALTER TABLE grants DROP CONSTRAINT IF EXISTS grants_role_check;
+ALTER TABLE grants ADD CONSTRAINT grants_role_check
+    CHECK (role IN ('engineer', 'contributor', 'security_oncall', 'auditor'));
 """
 
 
@@ -205,7 +222,9 @@ class PostgresStore(SqlStore):
                     query = "SELECT max(version) AS v FROM schema_version"
                     row = _one(conn.execute(query).fetchone(), query)
                     if row["v"] is None or row["v"] < SCHEMA_VERSION:
-                        # 1 -> 2 added the grant change log and indexes, created above.
+                        # 1 -> 2 added the grant change log and indexes, 2 -> 3 the spends table,
+                        # all created above, and the auditor role:
+                        conn.execute(_ROLE_CHECK_V3)
                         conn.execute("INSERT INTO schema_version (version) VALUES (%s)",
                                      (SCHEMA_VERSION,))
                     elif row["v"] > SCHEMA_VERSION:

@@ -29,13 +29,13 @@ from ._sql import SqlStore
 log = logging.getLogger(__name__)
 
 #: Bump when the schema changes, and teach ``_migrate`` the step.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (
     principal  TEXT NOT NULL,
-    role       TEXT NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall')),
+    role       TEXT NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall', 'auditor')),
     service    TEXT NOT NULL DEFAULT '',
     expires_at TEXT,
     source     TEXT NOT NULL DEFAULT 'manual',
@@ -113,6 +113,15 @@ CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WH
 CREATE TABLE IF NOT EXISTS request_bodies (
     request_id TEXT PRIMARY KEY,
     view       TEXT NOT NULL
+);
+-- Approval uses spent by the gateway, one row per decision (the decision id of the Check
+-- that spent it). A row 'voided' is a use given back (the Check was not answered allow) or
+-- a tombstone that refuses a spend still in flight for that decision.
+CREATE TABLE IF NOT EXISTS spends (
+    decision_id TEXT PRIMARY KEY,
+    request_id  TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('spent', 'voided')),
+    at          TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -269,11 +278,29 @@ class SQLiteStore(SqlStore):
                     cur.execute(statement)
             version = cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"]
             if version is None or version < SCHEMA_VERSION:
-                # 1 -> 2 added the grant change log and indexes, created above if missing.
+                # 1 -> 2 added the grant change log and indexes, 2 -> 3 the spends table,
+                # all created above if missing, and the auditor role:
+                self._allow_auditor_role(cur)
                 cur.execute("INSERT INTO schema_version (version) VALUES (%(v)s)", {"v": SCHEMA_VERSION})
             elif version > SCHEMA_VERSION:
                 raise StoreError(f"{self.label}: schema version {version} is newer than this "
                                  f"program understands ({SCHEMA_VERSION}); upgrade rpcauthz")
+
+    @staticmethod
+    def _allow_auditor_role(cur: _Cursor) -> None:
+        """Schema 3: rebuild ``grants`` if its role CHECK predates the auditor role (SQLite
+        cannot alter a constraint), keeping every row."""
+        sql = cur.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'grants'"
+                          ).fetchone()["sql"]
+        if "'auditor'" in sql:
+            return
+        create = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS grants ("):]
+        create = create[:create.index(";")].replace("IF NOT EXISTS grants (", "grants_v3 (")
+        cur.execute(create)
+        cur.execute("INSERT INTO grants_v3 (principal, role, service, expires_at, source) "
+                    "SELECT principal, role, service, expires_at, source FROM grants")
+        cur.execute("DROP TABLE grants")
+        cur.execute("ALTER TABLE grants_v3 RENAME TO grants")
 
     def schema_version(self) -> int:
         """The schema version recorded in the database."""

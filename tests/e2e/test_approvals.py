@@ -67,8 +67,13 @@ def test_approval_required_then_approved_then_passes(sqlite_gateway, store):
     assert echo["metadata"]["x-rpcauthz-principal"] == CONTRIB
     assert echo["metadata"]["x-rpcauthz-approval"] == rid
     assert store.get_request(rid).uses == 1
-    kinds = [e.kind for e in store.list_audit(kinds=["decision.allow_with_approval"])]
-    assert kinds, "the spent use must be audited"
+    used = store.list_audit(request_id=rid, kinds=["request.used"])
+    assert len(used) == 1, "the spent use must be audited with the spend"
+    # The decision's own event is shipped from the gateway's spool (within a batch window).
+    deadline = time.monotonic() + 10
+    while not store.list_audit(request_id=rid, kinds=["decision.allow_with_approval"]):
+        assert time.monotonic() < deadline, "the allowed call must be audited"
+        time.sleep(0.05)
 
     # The approval is carol's: another contributor calling is not covered by it.
     other = sqlite_gateway.call(path, as_=CONTRIB2)

@@ -12,8 +12,9 @@ from tests.support.faults.server_kill9 import server_kill9
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-def test_kill_9_after_answers_loses_no_decision_audit(tmp_path, pg_dsn):
-    result = server_kill9(tmp_path, pg_dsn, checks=40)
+@pytest.mark.parametrize("spool_fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_kill_9_after_answers_loses_no_decision_audit(tmp_path, pg_dsn, spool_fsync):
+    result = server_kill9(tmp_path, pg_dsn, checks=40, spool_fsync=spool_fsync)
     print("\n" + result.report())
     assert not result.unmet(), result.report()
     assert (result.audit_expected, result.audit_written, result.audit_duplicated) == (40, 40, 0)

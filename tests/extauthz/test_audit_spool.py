@@ -210,3 +210,89 @@ async def test_spool_first_writer_keeps_events_through_an_outage_and_ships_each_
     finally:
         await writer.close()
         spool.close()
+
+
+class _SlowSpool(AuditSpool):
+    """A real spool whose fsync'd write takes ``delay`` seconds (a slow disk)."""
+
+    delay = 0.3
+
+    def put(self, events, voids=()):
+        import time
+        time.sleep(self.delay)
+        return super().put(events, voids)
+
+
+async def test_check_latency_includes_the_wait_for_the_audit_spool(tmp_path):
+    """rpcauthz_decision_seconds is the time to answer, and the answer waits for the spool."""
+    import time
+
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.protobuf import struct_pb2
+
+    from extauthz.config import load_settings
+    from extauthz.pipeline import Authorizer
+    from extauthz.spooled_audit import SpooledAuditWriter
+    from policy import Grant, GrantSet, Mode, Role
+    from reflection_cache.types import ServiceModes
+    from tests.support.extauthz_doubles import FixedGrants, FreshModes
+
+    svc = "a.v1.S"
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    spool = _SlowSpool(str(tmp_path / "spool.db"), max_events=1000)
+    metrics = Metrics()
+    writer = SpooledAuditWriter(store, metrics, spool, 100)
+    writer.start()
+    authz = Authorizer(load_settings(env={}, overrides={"store_url": "memory:"}), store=store,
+                       grants=FixedGrants(GrantSet([Grant("alice", Role.ENGINEER)])),
+                       modes=FreshModes({svc: ServiceModes(svc, {"M": Mode.ENGINEERS_WITHOUT_APPROVAL})}),
+                       audit=writer, metrics=metrics)
+    req = external_auth_pb2.CheckRequest()
+    req.attributes.request.http.path, req.attributes.request.http.method = f"/{svc}/M", "POST"
+    payload = struct_pb2.Struct()
+    payload.update({"jwt_payload": {"sub": "alice", "iss": "x"}})
+    req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].CopyFrom(payload)
+    try:
+        started = time.perf_counter()
+        resp = await authz.check(req)
+        took = time.perf_counter() - started
+        assert resp.status.code == 0 and took >= _SlowSpool.delay
+        get = metrics.registry.get_sample_value
+        assert get("rpcauthz_decision_seconds_count", {"outcome": "allow"}) == 1
+        observed = get("rpcauthz_decision_seconds_sum", {"outcome": "allow"})
+        assert _SlowSpool.delay <= observed <= took
+    finally:
+        await writer.close()
+        spool.close()
+        store.close()
+
+
+def test_spool_fsync_false_commits_without_fsync_and_keeps_what_it_committed(tmp_path):
+    """``audit.spool_fsync: false`` is SQLite synchronous=NORMAL (WAL): no fsync per commit; the
+    events are in the file for the next opener all the same (a kill -9 keeps them)."""
+    for fsync, level in ((True, 2), (False, 1)):
+        path = str(tmp_path / f"spool-{fsync}.db")
+        spool = AuditSpool(path, max_events=10, fsync=fsync)
+        assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        spool.put(_events(3, tag=str(fsync)))
+        again = AuditSpool(path, max_events=10)  # another connection, as after a restart
+        assert [e.detail["decision_id"] for e in again.oldest(10)] == [f"{fsync}{i}" for i in range(3)]
+        again.close()
+        spool.close()
+
+
+def test_spool_sync_bench_prints_each_variant_against_the_shipped_spool(tmp_path):
+    """bench/spool_sync_bench.py still runs (a few writes per variant), so it cannot rot."""
+    import re
+    import subprocess
+    import sys
+
+    from devstack.processes import REPO_ROOT
+
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "spool_sync_bench.py"), "--writes", "5",
+                        "--rounds", "2", "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| ([a-z-]+) \| \d+ \| \d+-\d+ \| \d+ \| (\d+\.\d\d)x \| \d+\.\d\dx \|$", r.stdout, re.M)
+    assert [name for name, _ in rows] == ["sqlite-full", "sqlite-normal", "append-fdatasync",
+                                          "prealloc-fdatasync", "prealloc-odsync"], r.stdout
+    assert rows[0][1] == "1.00"

@@ -233,6 +233,7 @@ async def test_bug_is_503_never_allow(h):
 
 async def test_approval_required_then_approved_then_used_up():
     h = Harness(**{"approvals.max_uses": 1})
+    h.audit.start()
     resp = await h.check(f"/{SVC}/Read")
     code, body = denied(resp)
     assert code == 403 and "approval required" in body
@@ -256,11 +257,14 @@ async def test_approval_required_then_approved_then_used_up():
     assert ok.status.code == 0
     assert headers(ok.ok_response.headers)["x-rpcauthz-approval"] == request_id
     assert h.store.get_request(request_id).uses == 1
-    kinds = [e.kind for e in h.store.list_audit() if e.request_id == request_id]
-    assert "decision.allow_with_approval" in kinds
+    # The store's ledger holds the use (with the decision id); the decision event follows.
+    used = [e for e in h.store.list_audit() if e.request_id == request_id and e.kind == "request.used"]
+    assert [e.detail["decision_id"] for e in used] == [meta(ok)["decision_id"]]
+    await _audited(h, lambda kinds: "decision.allow_with_approval" in kinds, request_id)
     # max_uses=1: the next call needs a new approval.
     code, body = denied(await h.check(f"/{SVC}/Read"))
     assert code == 403 and request_id not in body
+    await h.audit.close()
 
 
 async def test_expired_approval_is_refused(h):
@@ -361,8 +365,19 @@ async def test_audit_events_queued_together_are_written_in_one_batch(h):
     assert len([e for e in h.store.list_audit() if e.kind == "decision.allow"]) == 50
 
 
+async def _audited(h, pred, request_id=None, timeout=5.0):
+    """Wait (bounded) until the audit kinds (of ``request_id``, if given) satisfy ``pred``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kinds = [e.kind for e in h.store.list_audit() if request_id is None or e.request_id == request_id]
+        if pred(kinds) or time.monotonic() > deadline:
+            assert pred(kinds), kinds
+            return kinds
+        await asyncio.sleep(0.02)
+
+
 class _HangsBeforeSpending:
-    """The real store, but ``update_request`` stalls first (a hung connection), then goes on."""
+    """The real store, but ``spend_use`` stalls first (a hung connection), then goes on."""
 
     def __init__(self, store, hang: float) -> None:
         self._store, self.hang, self.finished = store, hang, threading.Event()
@@ -370,10 +385,10 @@ class _HangsBeforeSpending:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def update_request(self, *args, **kwargs):
+    def spend_use(self, *args, **kwargs):
         try:
             time.sleep(self.hang)
-            return self._store.update_request(*args, **kwargs)
+            return self._store.spend_use(*args, **kwargs)
         finally:
             self.finished.set()
 

@@ -3,8 +3,11 @@ requester, to those who approved it or may approve it, and to auditors; everyone
 with a message saying who may see it. Listing every request is for auditors only."""
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
+from policy import Grant, Role
 from tests.support.approvals_env import LEDGER, approvals_env
 
 A, B, C = "alice@example.com", "bob@example.com", "carol@example.com"  # C: another contributor
@@ -58,3 +61,27 @@ def test_listing_every_request_is_for_auditors(env):
     assert [r["id"] for r in env.call("GET", "/api/v1/requests?scope=mine", A).json()["requests"]] == [rid]
     assert [r["id"] for r in env.call("GET", "/api/v1/requests?scope=reviewable", C).json()["requests"]] == [rid]
     assert env.call("GET", "/api/v1/requests?scope=reviewable", B).json()["requests"] == []
+
+
+def test_an_auditor_grant_reads_every_request_like_the_auditors_list(env):
+    """The auditor role (``mpactl grants add WHO auditor``) counts alongside ``auditors``, and
+    follows the grants: granted -> 200, removed or expired -> 403 again."""
+    rid = _close_request(env)
+    gina = "gina@example.com"  # an engineer with no say over demo.v1.Ledger
+    assert env.call("GET", f"/api/v1/requests/{rid}", gina).status_code == 403
+    assert env.call("GET", "/api/v1/requests?scope=all", gina).status_code == 403
+
+    env.store.put_grant(Grant(gina, Role.AUDITOR), actor="test")
+    one = env.call("GET", f"/api/v1/requests/{rid}", gina)
+    assert one.status_code == 200 and one.json()["reason"] == "incident 77: close the ledger"
+    every = env.call("GET", "/api/v1/requests?scope=all", gina)
+    assert every.status_code == 200 and [r["id"] for r in every.json()["requests"]] == [rid]
+    # Reading is all it gives: an auditor may not approve.
+    assert env.call("POST", f"/api/v1/requests/{rid}/approve", gina).status_code == 403
+
+    env.store.delete_grant(gina, Role.AUDITOR, actor="test")
+    resp = env.call("GET", "/api/v1/requests?scope=all", gina)
+    assert resp.status_code == 403 and "an `auditor` grant" in resp.json()["error"]["message"]
+    env.store.put_grant(Grant(gina, Role.AUDITOR, expires_at=datetime.now(UTC) - timedelta(minutes=1)),
+                        actor="test")
+    assert env.call("GET", f"/api/v1/requests/{rid}", gina).status_code == 403

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -257,6 +258,29 @@ def test_plaintext_to_a_remote_ext_authz_is_refused():
         parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: false}\n"), "c.yaml")
     with pytest.raises(CatalogError, match=r"gateway.ext_authz.tls: unknown key 'cafile'"):
         parse_catalog(_catalog("  ext_authz: {address: 10.0.0.5:9001, tls: {cafile: x}}\n"), "c.yaml")
+
+
+def test_ext_authz_on_a_unix_socket_renders_a_pipe_endpoint_without_tls():
+    cluster = _ext_cluster(_catalog("  ext_authz: {unix_socket: /run/rpcauthz/extauthz.sock}\n"))
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"] == {"pipe": {"path": "/run/rpcauthz/extauthz.sock"}}
+    assert cluster["type"] == "STATIC" and "transport_socket" not in cluster
+    assert cluster["health_checks"] == [EXT_AUTHZ_HEALTH_CHECK]  # failover settings unchanged
+    assert "transport_socket" not in _ext_cluster(_catalog(
+        "  ext_authz: {unix_socket: /run/x.sock, tls: false}\n"))
+
+
+@pytest.mark.parametrize("ext_authz, message", [
+    ("{unix_socket: /run/x.sock, address: 127.0.0.1:9001}",
+     "gateway.ext_authz: give exactly one of 'address' (HOST:PORT) and 'unix_socket' (a path), not both"),
+    ("{timeout: 1s}", "give exactly one of 'address' (HOST:PORT) and 'unix_socket' (a path), not neither"),
+    ("{unix_socket: run/x.sock}", "gateway.ext_authz.unix_socket: 'run/x.sock' is not an absolute path"),
+    ("{unix_socket: /" + "d" * 120 + "}", "longer than the 107 bytes a unix socket path may have"),
+    ("{unix_socket: /run/x.sock, tls: true}", "gateway.ext_authz.tls: not used with unix_socket"),
+])
+def test_bad_unix_socket_settings_are_refused_with_the_reason(ext_authz, message):
+    with pytest.raises(CatalogError, match=re.escape(message)):
+        parse_catalog(_catalog(f"  ext_authz: {ext_authz}\n"), "c.yaml")
 
 
 def test_failover_settings_match_gateway_yaml():

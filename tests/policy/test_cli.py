@@ -102,26 +102,32 @@ def test_unreachable_store_exits_4():
 def test_grants_add_list_remove_and_db_init(tmp_path):
     url = f"sqlite://{tmp_path}/store.db"
     out = mpactl("db", "init", "--store", url)
-    assert out.returncode == 0 and "schema version 2" in out.stdout, out.stderr
+    assert out.returncode == 0 and "schema version 3" in out.stdout, out.stderr
     assert mpactl("db", "init", "--store", url).returncode == 0  # again: harmless
     out = mpactl("db", "init", "--store", url, "--json")
-    assert out.returncode == 0 and json.loads(out.stdout) == {"store": url, "schema_version": 2}, out.stderr
+    assert out.returncode == 0 and json.loads(out.stdout) == {"store": url, "schema_version": 3}, out.stderr
 
     out = mpactl("grants", "add", "alice@example.com", "contributor", "--service", "pay.v1.Payments",
                  "--expires", "2030-01-01T00:00:00Z", "--store", url)
     assert out.returncode == 0, out.stderr
     out = mpactl("grants", "add", "bob@example.com", "engineer", "--store", url)
     assert out.returncode == 0, out.stderr
+    out = mpactl("grants", "add", "audrey@example.com", "auditor", "--store", url)
+    assert out.returncode == 0, out.stderr
     out = mpactl("grants", "list", "--store", url)
     assert out.stdout.splitlines() == [
         "contributor alice@example.com pay.v1.Payments until 2030-01-01T00:00:00+00:00  (manual)",
+        "auditor audrey@example.com  (manual)",
         "engineer bob@example.com  (manual)"]
+    assert mpactl("grants", "remove", "audrey@example.com", "auditor", "--store", url).returncode == 0
     out = mpactl("grants", "list", "--json", "--principal", "bob@example.com", "--store", url)
     assert '"principal": "bob@example.com"' in out.stdout and len(out.stdout.splitlines()) == 1
 
     for args, message in [
         (("grants", "add", "c@e.com", "contributor"), "needs the service"),
         (("grants", "add", "c@e.com", "wizard"), "wizard"),
+        (("grants", "add", "c@e.com", "auditor", "--service", "pay.v1.Payments"),
+         "an auditor grant is not scoped to a service"),
         (("grants", "add", "c@e.com", "engineer", "--expires", "2030-01-01T00:00:00"), "needs a timezone"),
         (("grants", "remove", "zed@example.com", "engineer"), "no engineer grant for zed@example.com"),
     ]:

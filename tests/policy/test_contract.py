@@ -24,6 +24,7 @@ from policy import (
     RequestState,
     Role,
     SelfApproval,
+    SpendVoided,
     StoreError,
     Target,
     UnknownRequest,
@@ -288,6 +289,51 @@ def test_full_lifecycle_approve_and_use(store):
     assert [e.detail["uses"] for e in used] == [1, 2] and used[0].actor == "alice"
 
 
+def _approved(store, max_uses=None):
+    t = NOW + timedelta(minutes=1)
+    r = store.create_request(new_request(max_uses=max_uses), actor="alice")
+    r = store.update_request(r.id, lambda x: approve(x, "bob", GRANTS, t), actor="bob",
+                             kind="request.approved")
+    assert r.state is RequestState.APPROVED
+    return r, t
+
+
+def test_spend_then_void_gives_the_use_back_once(store):
+    r, t = _approved(store, max_uses=1)
+    spent = store.spend_use(r.id, lambda x: use(x, t), decision_id="d1", actor="alice", reason="call")
+    assert spent.uses == 1 and store.get_request(r.id).uses == 1
+    with pytest.raises(RequestClosed, match="used 1 of 1"):  # the last use is gone...
+        store.spend_use(r.id, lambda x: use(x, t), decision_id="d2", actor="alice")
+    given = store.void_spend("d1", actor="gw", reason="503")
+    assert given is not None and given.uses == 0 and store.get_request(r.id).uses == 0
+    assert store.void_spend("d1", actor="gw") is None  # idempotent: nothing more given back
+    assert store.get_request(r.id).uses == 0
+    # ...and back for another call; "d2" was refused (rolled back), so it can still spend.
+    assert store.spend_use(r.id, lambda x: use(x, t), decision_id="d2", actor="alice").uses == 1
+    events = store.list_audit(request_id=r.id, kinds=["request.used", "request.use_voided"])
+    assert [(e.kind, e.detail["decision_id"], e.detail["uses"]) for e in events] == [
+        ("request.used", "d1", 1), ("request.use_voided", "d1", 0), ("request.used", "d2", 1)]
+
+
+def test_void_before_spend_refuses_the_spend(store):
+    """A void that reaches the store first leaves a tombstone: the late spend commits nothing."""
+    r, t = _approved(store)
+    assert store.void_spend("d9", actor="gw") is None
+    with pytest.raises(SpendVoided, match="d9"):
+        store.spend_use(r.id, lambda x: use(x, t), decision_id="d9", actor="alice")
+    assert store.get_request(r.id).uses == 0
+    assert kinds_for(store, r.id)[-1] == "request.approved"
+
+
+def test_spend_must_add_exactly_one_use(store):
+    r, t = _approved(store)
+    with pytest.raises(ValueError, match="exactly one use"):
+        store.spend_use(r.id, lambda x: dataclasses.replace(use(use(x, t), t)), decision_id="d3",
+                        actor="alice")
+    assert store.get_request(r.id).uses == 0
+    assert store.void_spend("d3", actor="gw") is None  # nothing was recorded for d3
+
+
 def test_reject_cancel_complete_and_expire(store):
     t = NOW + timedelta(minutes=1)
     r1 = store.create_request(new_request(), actor="alice")
@@ -409,3 +455,38 @@ def test_everything_survives_close_and_reopen(backend):
 def test_naive_datetimes_are_refused(store):
     with pytest.raises(ValueError, match="naive"):
         store.put_grant(Grant("alice", Role.ENGINEER, expires_at=datetime(2030, 1, 1)))
+
+
+def test_a_version_2_database_is_migrated_to_3_keeping_its_grants(backend):
+    """Schema 3 adds the spends table and the auditor role to a database written by version 2
+    (whose grants CHECK knew three roles), keeping every grant."""
+    s = backend.open()
+    s.put_grant(Grant("alice", Role.ENGINEER))
+    s.close()
+    old_check = "CHECK (role IN ('engineer', 'contributor', 'security_oncall'))"
+    if backend.name == "sqlite":
+        import sqlite3
+        db = sqlite3.connect(backend.url.removeprefix("sqlite://"), isolation_level=None)
+        db.executescript(f"""
+            BEGIN;
+            CREATE TABLE grants_v2 (principal TEXT NOT NULL, role TEXT NOT NULL {old_check},
+                service TEXT NOT NULL DEFAULT '', expires_at TEXT, source TEXT NOT NULL DEFAULT 'manual',
+                PRIMARY KEY (principal, role, service));
+            INSERT INTO grants_v2 SELECT principal, role, service, expires_at, source FROM grants;
+            DROP TABLE grants; ALTER TABLE grants_v2 RENAME TO grants;
+            DROP TABLE spends; DELETE FROM schema_version; INSERT INTO schema_version VALUES (2);
+            COMMIT;""")
+        db.close()
+    else:
+        import psycopg
+        with psycopg.connect(backend.url, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE grants DROP CONSTRAINT grants_role_check; "
+                         f"ALTER TABLE grants ADD CONSTRAINT grants_role_check {old_check}; "
+                         "DROP TABLE spends; DELETE FROM schema_version; INSERT INTO schema_version VALUES (2)")
+    s = backend.open()
+    assert s.schema_version() == 3
+    s.put_grant(Grant("audrey", Role.AUDITOR))
+    assert {(g.principal, g.role) for g in s.list_grants()} == {("alice", Role.ENGINEER),
+                                                                 ("audrey", Role.AUDITOR)}
+    r, t = _approved(s)
+    assert s.spend_use(r.id, lambda x: use(x, t), decision_id="m1", actor="alice").uses == 1

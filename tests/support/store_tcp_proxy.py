@@ -6,12 +6,36 @@ server vanish); ``start()`` listens again on the same port. ``hang()`` keeps acc
 keeps every connection open but forwards nothing in either direction (a server that stopped
 answering; bytes received meanwhile are held); ``resume()`` delivers them and forwards again.
 ``retarget(host, port)`` sends new connections elsewhere and closes the relayed ones.
+
+``trap(after, hold)`` hangs one connection at an exact moment: the first client-to-server
+chunk containing ``hold`` on a connection that has already sent ``after`` is held (not
+forwarded) until ``Trap.release()`` forwards it or ``Trap.cut()`` closes that connection.
+E.g. ``trap(b"INSERT INTO spends", b"COMMIT")`` holds the COMMIT of a spend in flight.
 """
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+
+
+class Trap:
+    """One armed hold (see the module docstring); ``sprung`` is set once a chunk is held."""
+
+    def __init__(self, after: bytes, hold: bytes) -> None:
+        self.after, self.hold = after, hold
+        self.sprung = threading.Event()
+        self._go = threading.Event()
+        self._cut = False
+
+    def release(self) -> None:
+        """Forward the held chunk (the server gets it late)."""
+        self._go.set()
+
+    def cut(self) -> None:
+        """Close the held connection instead (the server never gets the chunk)."""
+        self._cut = True
+        self._go.set()
 
 
 class TcpProxy:
@@ -23,6 +47,12 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._flowing = threading.Event()
         self._flowing.set()
+        self._trap: Trap | None = None
+
+    def trap(self, after: bytes, hold: bytes) -> Trap:
+        """Arm a hold for the next matching connection (see the module docstring)."""
+        self._trap = Trap(after, hold)
+        return self._trap
 
     def start(self) -> None:
         s = socket.socket()
@@ -50,13 +80,22 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._sockets.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, up), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool = False) -> None:
+        seen_after = False
         try:
             while data := src.recv(65536):
                 self._flowing.wait()
+                trap = self._trap if upstream else None
+                if trap is not None and not trap.sprung.is_set():
+                    seen_after = seen_after or trap.after in data
+                    if seen_after and trap.hold in data:
+                        trap.sprung.set()
+                        trap._go.wait()
+                        if trap._cut:
+                            return  # the finally below closes both directions
                 dst.sendall(data)
         except OSError:
             pass
