@@ -66,14 +66,14 @@ class Cell:
 
 
 def run_h2load(port: int, token: str, body: pathlib.Path, concurrency: int, duration: float,
-               warmup: float, workdir: pathlib.Path, name: str) -> Cell:
+               warmup: float, workdir: pathlib.Path, name: str, path: str = PATH) -> Cell:
     log = workdir / f"h2load-{name}-{concurrency}.log"
     log.unlink(missing_ok=True)  # h2load appends: keep every round's requests apart
     argv = ["h2load", "-c", str(concurrency), "-m", "1", "-t", "1",
             "-D", f"{int(duration * 1000)}ms", f"--warm-up-time={int(warmup * 1000)}ms", "-d", str(body), "--log-file", str(log),
             "-H", "content-type: application/grpc", "-H", "te: trailers",
             "-H", f"authorization: Bearer {token}",
-            f"http://127.0.0.1:{port}{PATH}"]
+            f"http://127.0.0.1:{port}{path}"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60)
     if r.returncode != 0:
         raise RuntimeError(f"h2load failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -240,14 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def median_cells(rounds: list[list[Cell]]) -> list[Cell]:
-    """One cell per (scenario, concurrency): medians of p50, p99 and throughput over rounds."""
+def median_cells(rounds: list[list[Cell]], order: list[str] | None = None) -> list[Cell]:
+    """One cell per (scenario, concurrency): medians of p50, p99 and throughput over rounds,
+    sorted by concurrency, then by scenario in ``order`` (default: this benchmark's)."""
+    order = order or _ORDER
     groups: dict[tuple[str, int], list[Cell]] = {}
     for cells in rounds:
         for c in cells:
             groups.setdefault((c.scenario, c.concurrency), []).append(c)
     out = []
-    for (scenario, conc), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], _ORDER.index(kv[0][0]))):
+    for (scenario, conc), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
         seconds = statistics.median(c.seconds for c in cs)
         out.append(Cell(scenario, conc, sum(c.requests for c in cs), sum(c.ok for c in cs),
                         seconds, statistics.median(c.p50_ms for c in cs),

@@ -19,7 +19,7 @@ from policy.modes import parse_default_mode
 from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ENV_PREFIX, ConfigError, Section, is_loopback, load
 
-__all__ = ["ENV_PREFIX", "ConfigError", "Listen", "ListenTls", "Settings", "is_loopback", "load_settings"]
+__all__ = ["ENV_PREFIX", "ConfigError", "FastPath", "Listen", "ListenTls", "Settings", "is_loopback", "load_settings"]
 
 
 class ListenTls(Section):
@@ -200,6 +200,41 @@ class Health(Section):
     store_lost_after_s: float = Field(5.0, ge=0, le=3600)
 
 
+class FastPath(Section):
+    """The Envoy-native fast path (issue 12): allows Envoy's RBAC filter decided itself.
+
+    With ``enabled``, the server also takes Envoy's gRPC access log (ALS,
+    ``envoy.service.accesslog.v3``) on its listeners and writes each fast-path allow as one
+    decision audit event through the same spool as Checks (extauthz/access_log.py).
+    """
+
+    enabled: bool = False
+    #: The ``log_name`` of Envoy's ``http_grpc`` access log that carries fast-path allows;
+    #: entries of any other log are counted malformed and not audited.
+    log_name: str = "rpcauthz_fast_path"
+    #: Envoy admin URLs (``http://127.0.0.1:9901``) whose fast-path allow counter /metrics
+    #: shows beside ours (``rpcauthz_fast_path_envoy_allowed``), read at each scrape.
+    envoy_admin_urls: list[str] = Field(default_factory=list)
+    #: That counter's name in Envoy's stats: ``http.<stat_prefix>.rbac.<shadow_rules_stat_prefix>.shadow_allowed``
+    #: (Envoy 1.40 puts a dot after the shadow prefix in stat names).
+    envoy_allowed_stat: str = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
+
+    @field_validator("envoy_admin_urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} must start with http:// or https://")
+        return [u.rstrip("/") for u in v]
+
+    @field_validator("log_name", "envoy_allowed_stat")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
 class Settings(Section):
     """The whole server configuration."""
 
@@ -226,6 +261,8 @@ class Settings(Section):
     approvals: Approvals = Approvals()
     audit: Audit = Audit()
     health: Health = Health()
+    #: Envoy decides plain allows itself (RBAC) and streams them here for the audit.
+    fast_path: FastPath = FastPath()
     #: Endpoints, cache and TLS: reflection_cache/settings.py (shared with the approvals server).
     reflection: ReflectionSettings = ReflectionSettings()
     #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 
 from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf.struct_pb2 import Struct
 
 from .config import Identity as IdentityConfig
 
@@ -41,7 +43,13 @@ def identify(req: external_auth_pb2.CheckRequest, cfg: IdentityConfig) -> Identi
         headers = req.attributes.request.http.headers
         value = headers.get(cfg.dev_principal_header, "")
         return Identity(_check_principal(value, "header", cfg.dev_principal_header), "dev-header", None)
-    ns = req.attributes.metadata_context.filter_metadata
+    return identity_from_metadata(req.attributes.metadata_context.filter_metadata, cfg)
+
+
+def identity_from_metadata(filter_metadata: Mapping[str, Struct], cfg: IdentityConfig) -> Identity:
+    """The verified principal in Envoy's dynamic metadata (``filter_metadata``, as a Check or
+    an access log entry carries it), or ``IdentityError``."""
+    ns = filter_metadata
     if cfg.metadata_namespace not in ns:
         raise IdentityError("no verified identity: the gateway's JWT filter passed no token payload "
                             "(send a valid bearer token in the authorization header)")

@@ -46,6 +46,12 @@ class Metrics:
         self.serving = Gauge("rpcauthz_serving",
                              "1 while gRPC health says SERVING (this replica can decide), else 0.",
                              registry=r, multiprocess_mode="livemin")
+        # Envoy's fast path (extauthz/access_log.py): access log entries by what became of them.
+        self.fast_path_entries = Counter(
+            "rpcauthz_fast_path_entries",
+            "Envoy fast-path access log entries: received, audited, malformed (not audited), "
+            "not_fast_path (not an RBAC allow: not audited), not_audited (audit.allows off).",
+            ["result"], registry=r)
         self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")

@@ -127,6 +127,23 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         return await self._authorizer.check(request)
 
 
+def add_fast_path_audit(server: grpc.aio.Server, settings: Settings,
+                        audit: AuditWriter | SpooledAuditWriter, metrics: Metrics) -> None:
+    """Envoy's access log of fast-path allows into the audit (extauthz/access_log.py), on the
+    same listeners and peer check as Checks; and Envoy's own count beside ours on /metrics."""
+    from envoy.service.accesslog.v3 import als_pb2_grpc
+
+    from .access_log import AccessLogService
+    from .envoy_stats import EnvoyAllowedCollector
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogService(settings, audit, metrics, PeerCheck(settings.listen)), server)
+    if settings.fast_path.envoy_admin_urls:
+        metrics.registry.register(EnvoyAllowedCollector(settings.fast_path.envoy_admin_urls,
+                                                        settings.fast_path.envoy_allowed_stat))
+    log.info("fast path on: fast-path allows are audited from Envoy's access log %r",
+             settings.fast_path.log_name)
+
+
 async def serve(settings: Settings, *, components: Components | None = None,
                 stop: asyncio.Event | None = None, on_ready: Callable[[int], None] | None = None,
                 metrics: Metrics | None = None, serve_metrics: bool = True,
@@ -169,6 +186,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
     server = grpc.aio.server(options=grpc_server_options(settings.workers))
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(authorizer, PeerCheck(settings.listen), metrics), server)
+    if settings.fast_path.enabled:
+        add_fast_path_audit(server, settings, audit, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     served = add_listeners(server, settings.listen)

@@ -56,6 +56,8 @@ class Rule(enum.StrEnum):
     # dry-run rollout: a refusal let through
     DRY_RUN_WOULD_DENY = "dry_run.would_deny"
     DRY_RUN_WOULD_NEED_APPROVAL = "dry_run.would_need_approval"
+    # Envoy's fast path (issue 12): an allow Envoy's RBAC filter decided, audited from its access log
+    FAST_PATH_ALLOW = "fast_path.allow"
 
     @property
     def enforced_in_dry_run(self) -> bool:
@@ -159,6 +161,7 @@ WORDING: Mapping[Rule, Wording] = {
         "retry; if it persists, tell the gateway operators and quote decision {decision_id}"),
     Rule.DRY_RUN_WOULD_DENY: _DRY_RUN,
     Rule.DRY_RUN_WOULD_NEED_APPROVAL: _DRY_RUN,
+    Rule.FAST_PATH_ALLOW: Wording("{target} allowed by the gateway's fast path (policy {policy_id})"),
 }
 
 #: The reflection failure rules, by ``ReflectionError.code``.

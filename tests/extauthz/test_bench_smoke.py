@@ -26,3 +26,24 @@ def test_gateway_bench_prints_ratios_against_same_run_baselines():
         assert int(cells[2]) > 0  # requests answered OK through the gateway
         assert all(re.fullmatch(r"\d+\.\d\dx", c) for c in cells[6:]), ln
     assert re.search(r"concurrency 4: rpcauthz costs [+-]\d+% p50", r.stdout)
+
+
+def test_fast_path_bench_prints_ratios_and_the_scale_table():
+    assert shutil.which("h2load"), "h2load (nghttp2-client) must be installed"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "fast_path_bench.py"),
+                        "--duration", "0.5", "--warmup", "0.1", "--repeat", "1", "--concurrency", "2",
+                        "--scale", "10,30,50"],
+                       capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {m.group(1): ln for ln in r.stdout.splitlines()
+            if (m := re.match(r"\| (baseline|fast_allow|fast_no_audit|fast_denied|today_allow|today_denied) \| 2 \|", ln))}
+    assert len(rows) == 6, r.stdout
+    for ln in rows.values():
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert int(cells[2]) > 0  # requests answered through the gateway
+        assert all(re.fullmatch(r"\d+\.\d\dx|-", c) for c in cells[6:]), ln
+    assert re.search(r"concurrency 2: fast-path allows \d+\.\d\dx throughput", r.stdout)
+    # Every fast-path allow of the run was audited: Envoy's count and the server's agree.
+    assert re.search(r"fast-path allows: Envoy counted (\d+), the server audited \1 \(equal\)", r.stdout), r.stdout
+    assert "| compiled RBAC policy (serialized proto) |" in r.stdout
+    assert re.search(r"\| Envoy memory allocated \(admin /memory\) \| \d+\.\d MiB \|", r.stdout)

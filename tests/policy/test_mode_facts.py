@@ -63,7 +63,8 @@ def test_every_rule_is_worded_and_every_placeholder_is_a_known_fact():
     facts = {"principal": "eve", "target": T, "mode": Mode.BREAK_GLASS_ONLY, "detail": "why",
              "request_id": "r1", "approvers": "bob", "http_method": "GET", "size": 9, "limit": 4,
              "op": "find_requests", "deadline_ms": 800, "decision_id": "d1",
-             "decided_rule": "x.y", "decided_message": "m", "decided_advice": "a"}
+             "decided_rule": "x.y", "decided_message": "m", "decided_advice": "a",
+             "policy_id": "v1/engineers"}
     for rule, wording in WORDING.items():
         for text in (wording.message, wording.advice):
             if isinstance(text, str):

@@ -32,7 +32,7 @@ import contextlib
 import json
 import pathlib
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from devstack import democlient
@@ -88,13 +88,16 @@ class GatewayStack:
     def __init__(self, workdir: pathlib.Path, *, store_url: str, grants: Iterable[Grant] = (),
                  extauthz: Mapping[str, Any] | None = None,
                  reflection_static: Mapping[str, str] | None = None,
-                 with_extauthz: bool = True, tls: bool = True, replicas: int = 1) -> None:
+                 with_extauthz: bool = True, tls: bool = True, replicas: int = 1,
+                 envoy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.workdir = pathlib.Path(workdir)
         self.store_url = store_url
         self.grants = list(grants)
         self.extauthz_extra = dict(extauthz or {})
         self.reflection_extra = dict(reflection_static or {})
         self.with_extauthz = with_extauthz
+        #: Changes the rendered Envoy config before Envoy starts (e.g. the static fast path).
+        self.envoy_config = envoy_config
         #: Envoy and the server talk mTLS (as envoy/gateway.yaml ships) with dev certificates.
         self.tls_certs = make_dev_certs(self.workdir / "tls") if tls and with_extauthz else None
         deadline_ms = self.extauthz_extra.get("decision_deadline_ms", 3000)
@@ -160,6 +163,8 @@ class GatewayStack:
                                  access_log=self.access_log,
                                  ext_authz_timeout_s=self.envoy_ext_authz_timeout_s,
                                  tls_dir=self.tls_certs.directory if self.tls_certs is not None else None)
+            if self.envoy_config is not None:
+                cfg = self.envoy_config(cfg)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()
             if self.with_extauthz:
                 self._wait_cluster_healthy("ext_authz")

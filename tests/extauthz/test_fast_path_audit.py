@@ -1,0 +1,318 @@
+"""The fast path's audit (issue 12): Envoy's access log of fast-path allows becomes exactly one
+decision audit event per call, through the same spool as Checks.
+
+Through real Envoy with a STATIC shadow RBAC policy (tests/support/fast_path_envoy.py: the
+filter names, keys and log name of the fast-path contract), real mTLS, the real server on
+PostgreSQL: N calls the policy allows give N ``fast_path.allow`` events and no Check; M calls
+it does not allow go to ext_authz and are audited by their Check as before; Envoy's count of
+fast-path allows equals ours; a redelivered entry is audited once; kill -9 after the entries
+were taken loses none; what Envoy does while the server is away is measured.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import signal
+import time
+import urllib.request
+
+import grpc
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import struct_pb2
+
+from extauthz.access_log import MalformedEntry, NotFastPath, entry_event_id, read_entry
+from extauthz.config import Settings
+from extauthz.envoy_stats import EnvoyAllowedCollector
+from policy import Grant, Role
+from policy.stores import open_store
+from tests.support.fast_path_envoy import LOG_NAME, Policy, with_static_fast_path
+from tests.support.gateway_harness import ACCOUNTS, LEDGER, GatewayStack
+
+LIST = f"/{ACCOUNTS}/ListAccounts"              # ENGINEERS_WITHOUT_APPROVAL
+READ = f"/{ACCOUNTS}/ReadAccount"               # ENGINEERS_WITH_APPROVAL: never on the fast path
+BALANCE = f"/{LEDGER}/GetBalance"               # ENGINEERS_WITHOUT_APPROVAL
+POLICIES = [Policy("v7/engineers", ["alice", "bob"], [LIST, BALANCE])]
+#: Envoy 1.40 puts a dot after shadow_rules_stat_prefix in stat names (not in metadata keys).
+STAT = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
+
+
+# --- one entry, read ---------------------------------------------------------------------------
+
+def _entry(*, path: str = LIST, sub: str | None = "alice", result: str | None = "allowed",
+           policy: str | None = "v7/engineers", request_id: str = "rid-1", start: float = 1_700_000_000.25,
+           port: int = 40000) -> accesslog_pb2.HTTPAccessLogEntry:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.request.path, e.request.request_id = path, request_id
+    e.common_properties.start_time.FromNanoseconds(int(start * 1e9))
+    e.common_properties.downstream_remote_address.socket_address.address = "127.0.0.1"
+    e.common_properties.downstream_remote_address.socket_address.port_value = port
+    md = e.common_properties.metadata.filter_metadata
+    if sub is not None:
+        payload = struct_pb2.Struct()
+        payload.update({"sub": sub, "iss": "x"})
+        md["envoy.filters.http.jwt_authn"].fields["jwt_payload"].struct_value.CopyFrom(payload)
+    rbac = {}
+    if result is not None:
+        rbac["rpcauthz_fast_shadow_engine_result"] = result
+    if policy is not None:
+        rbac["rpcauthz_fast_shadow_effective_policy_id"] = policy
+    if rbac:
+        md["envoy.filters.http.rbac"].update(rbac)
+    return e
+
+
+def _message(*entries, log_name: str | None = LOG_NAME, node: str = "envoy-1") -> als_pb2.StreamAccessLogsMessage:
+    m = als_pb2.StreamAccessLogsMessage(
+        http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=list(entries)))
+    if log_name is not None:
+        m.identifier.log_name, m.identifier.node.id = log_name, node
+    return m
+
+
+SETTINGS = Settings(store_url="sqlite:///unused.db")
+
+
+def test_an_entry_reads_as_the_allow_envoy_made():
+    allow = read_entry(_entry(), SETTINGS, "envoy-1")
+    ev = allow.audit_event()
+    assert (ev.kind, ev.actor, ev.service, ev.method, ev.outcome) == \
+        ("decision.allow", "alice", ACCOUNTS, "ListAccounts", "allow")
+    assert ev.detail["rule"] == "fast_path.allow"
+    assert ev.detail["decided_rule"] == "engineers_without_approval.engineer"
+    assert ev.detail["mode"] == "ENGINEERS_WITHOUT_APPROVAL"
+    assert (ev.detail["policy_id"], ev.detail["policy_version"]) == ("v7/engineers", "7")
+    assert ev.detail["envoy_request_id"] == "rid-1"
+    assert ev.at.timestamp() == pytest.approx(1_700_000_000.25)
+    assert "fast path" in ev.reason and "v7/engineers" in ev.reason
+    c = read_entry(_entry(path=f"/{LEDGER}/PostEntry", policy=f"v12/contributors/{LEDGER}"), SETTINGS, "")
+    assert (c.kind, c.policy_version, c.audit_event().detail["mode"]) == \
+        ("contributors", "12", "CONTRIBUTORS_WITHOUT_APPROVAL")
+
+
+def test_the_event_id_is_the_entrys_own():
+    a = entry_event_id(_entry(), "envoy-1")
+    assert re.fullmatch(r"[0-9a-f]{32}", a)
+    assert a == entry_event_id(_entry(), "envoy-1")  # the same entry again: the same id
+    # A client that reuses an x-request-id does not hide its second call behind the first.
+    assert a != entry_event_id(_entry(start=1_700_000_000.26), "envoy-1")
+    assert a != entry_event_id(_entry(port=40001), "envoy-1")
+    assert a != entry_event_id(_entry(), "envoy-2")
+    assert a[:12] < entry_event_id(_entry(start=1_700_000_001), "envoy-1")[:12]  # time-ordered
+
+
+@pytest.mark.parametrize(("entry", "error", "says"), [
+    (_entry(result="denied"), NotFastPath, "'denied'"),
+    (_entry(result=None, policy=None), NotFastPath, "None"),
+    (_entry(sub=None), MalformedEntry, "no verified identity"),
+    (_entry(sub=""), MalformedEntry, "empty"),
+    (_entry(policy=None), MalformedEntry, "which policy allowed the call is unknown"),
+    (_entry(policy="engineers"), MalformedEntry, "is not v<version>/engineers"),
+    (_entry(policy=f"v1/contributors/{LEDGER}"), MalformedEntry, f"for service '{LEDGER}'"),
+    (_entry(path="/not a/path"), MalformedEntry, "names no valid service"),
+    (_entry(request_id=""), MalformedEntry, "no x-request-id"),
+])
+def test_entries_that_cannot_be_audited_say_why(entry, error, says):
+    with pytest.raises(error, match=re.escape(says)):
+        read_entry(entry, SETTINGS, "")
+
+
+# --- the server, through Envoy -------------------------------------------------------------------
+
+def _fast_audit(store_url: str) -> list:
+    store = open_store(store_url)
+    try:
+        return [e for e in store.list_audit(limit=10_000) if e.detail.get("rule") == "fast_path.allow"]
+    finally:
+        store.close()
+
+
+def _check_audit(store_url: str) -> list:
+    store = open_store(store_url)
+    try:
+        return [e for e in store.list_audit(limit=10_000)
+                if e.kind.startswith("decision.") and e.detail.get("rule") != "fast_path.allow"]
+    finally:
+        store.close()
+
+
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'rpcauthz_(fast_path_entries_total\{result="(\w+)"\}|fast_path_envoy_allowed\{[^}]*\}'
+                     r'|decisions_total\{[^}]*\}) ([0-9.e+]+)', line)
+        if m:
+            key = m.group(2) or ("envoy_allowed" if "envoy_allowed" in m.group(1) else "checks")
+            out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def _wait(what, cond, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value or time.monotonic() > deadline:
+            assert value, f"timed out waiting for {what}"
+            return value
+        time.sleep(0.1)
+
+
+def _stack(tmp_path, pg_dsn, **extauthz) -> GatewayStack:
+    return GatewayStack(
+        tmp_path, store_url=pg_dsn,
+        grants=[Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER)],
+        extauthz={"fast_path.enabled": True, **extauthz},
+        envoy_config=lambda cfg: with_static_fast_path(cfg, POLICIES))
+
+
+def _envoy_admin(gw: GatewayStack) -> str:
+    assert gw.envoy is not None
+    return f"http://127.0.0.1:{gw.envoy.admin_port}"
+
+
+N, M = 12, 4
+
+
+@pytest.mark.envoy
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, pg_dsn):
+    with _stack(tmp_path, pg_dsn) as gw:
+        for i in range(N):
+            r = gw.call(LIST if i % 2 else BALANCE, as_="alice" if i % 3 else "bob")
+            assert r.code is grpc.StatusCode.OK, r.render()
+        # The same client x-request-id twice: still two calls, two events.
+        for _ in range(2):
+            r = gw.call(LIST, as_="alice", metadata=[("x-request-id", "chosen-by-the-client")])
+            assert r.code is grpc.StatusCode.OK, r.render()
+        n = N + 2
+        # M calls the fast path does not allow: ext_authz decides them, and audits them itself.
+        refused = [gw.call(READ, as_="alice"), gw.call(LIST, as_="mallory"),
+                   gw.call(f"/{ACCOUNTS}/UpdateLimits", as_="bob"), gw.call(READ, as_="bob")]
+        assert [r.code for r in refused] == [grpc.StatusCode.PERMISSION_DENIED] * M
+        events = _wait("the fast-path audit events", lambda: (lambda e: e if len(e) >= n else None)(
+            _fast_audit(pg_dsn)))
+        time.sleep(0.5)  # nothing more may come
+        events = _fast_audit(pg_dsn)
+        assert len(events) == n, [e.to_json() for e in events]
+        assert len({e.id for e in events}) == n
+        assert collections.Counter((e.actor, e.method) for e in events) == collections.Counter(
+            [("alice" if i % 3 else "bob", "ListAccounts" if i % 2 else "GetBalance") for i in range(N)]
+            + [("alice", "ListAccounts")] * 2)
+        for e in events:
+            assert (e.kind, e.outcome, e.detail["policy_id"], e.detail["policy_version"]) == \
+                ("decision.allow", "allow", "v7/engineers", "7")
+        envoy_ids = [e.detail["envoy_request_id"] for e in events]
+        # What Envoy does with a client's x-request-id (documented in docs/extauthz.md).
+        kept_client_id = envoy_ids.count("chosen-by-the-client")
+        print(f"client x-request-id kept by Envoy on {kept_client_id} of 2 calls")
+        checks = _check_audit(pg_dsn)
+        assert len(checks) == M  # one Check each for the M, none for the fast path
+        assert {e.actor for e in checks} == {"alice", "mallory", "bob"}
+        # Envoy's own count of fast-path allows and ours agree.
+        stats = gw.envoy.stats(STAT)
+        assert int(stats[STAT]) == n
+        # ...and the gauge /metrics shows with fast_path.envoy_admin_urls reads the same number.
+        admin = _envoy_admin(gw)
+        fam = next(EnvoyAllowedCollector([admin, "http://127.0.0.1:9"], STAT).collect())
+        assert [(s.labels, s.value) for s in fam.samples] == [({"envoy": admin}, n)]  # an Envoy away: no sample
+        m = _wait("the audited counter", lambda: (lambda v: v if v.get("audited") == n else None)(
+            _metrics(gw.metrics_url)))
+        assert m["received"] == n and m.get("malformed", 0) == 0 and m["checks"] == M
+
+
+@pytest.mark.envoy
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
+    """Spool first: entries taken are on disk before the stream reads on, so kill -9 loses none
+    (their store write waits in a 2 s batch window); a resent entry is audited once; and what
+    Envoy does with fast-path allows while no server takes its access log."""
+    with _stack(tmp_path, pg_dsn, **{"audit.batch_window_ms": 2000}) as gw:
+        for _ in range(N):
+            assert gw.call(LIST, as_="alice").code is grpc.StatusCode.OK
+        _wait("entries taken", lambda: _metrics(gw.metrics_url).get("audited") == N)
+        assert gw.extauthz is not None
+        gw.extauthz.signal(signal.SIGKILL)  # inside the batch window: nothing is in the store yet
+        gw.extauthz.proc.wait(10)
+        assert len(_fast_audit(pg_dsn)) < N, "the window was already written: the test proves nothing"
+
+        # The server is away: fast-path calls still pass (they need no ext_authz)...
+        away = 5
+        for _ in range(away):
+            assert gw.call(LIST, as_="alice").code is grpc.StatusCode.OK
+        assert gw.call(READ, as_="alice").code is grpc.StatusCode.UNAVAILABLE  # ...Checks fail closed
+        time.sleep(0.5)
+        als = gw.envoy.stats("access_logs.grpc_access_log.")
+        print("Envoy ALS stats while the server is away:", json.dumps(als, sort_keys=True))
+
+        gw.start_extauthz()  # the same spool: the events taken before the kill are shipped now
+        _wait("every event taken before kill -9", lambda: len(_fast_audit(pg_dsn)) >= N, timeout=20)
+        # Envoy reconnects its access log stream on the next flush; whatever it still holds arrives.
+        assert gw.call(LIST, as_="alice").code is grpc.StatusCode.OK
+        _wait("the call after the restart", lambda: _metrics(gw.metrics_url).get("audited", 0) >= 1)
+        _wait("its event in the store", lambda: len(_fast_audit(pg_dsn)) >= N + 1, timeout=10)
+        arrived_after = len(_fast_audit(pg_dsn)) - N - 1
+        als = gw.envoy.stats("access_logs.grpc_access_log.")
+        print(f"of {away} fast-path allows made while the server was away, {arrived_after} reached the audit; "
+              f"Envoy ALS stats: {json.dumps(als, sort_keys=True)}")
+        assert 0 <= arrived_after <= away
+        # Envoy's counter vs ours: the gap is exactly what did not arrive.
+        assert int(gw.envoy.stats(STAT)[STAT]) == N + away + 1
+
+        # The same entry resent (as a replayed stream would): audited once.
+        first = _fast_audit(pg_dsn)
+        before = len(first)
+        entry = _entry(request_id="resent", start=time.time())
+        msgs = [_message(entry, entry, node="replayer"),
+                _message(entry, _entry(result="denied"), _entry(sub=None), log_name=None)]
+        with gw.extauthz.channel() as ch:
+            als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(iter(msgs), timeout=10)
+        _wait("the resent entry", lambda: len(_fast_audit(pg_dsn)) > before, timeout=10)
+        time.sleep(2.5)  # one batch window more: nothing else may arrive
+        after = _fast_audit(pg_dsn)
+        assert len(after) == before + 1
+        m = _metrics(gw.metrics_url)
+        assert m["malformed"] == 1 and m["not_fast_path"] == 1
+
+
+@pytest.mark.postgres
+def test_the_access_log_is_served_only_with_the_fast_path_on_and_only_to_envoy(tmp_path, pg_dsn):
+    from devstack.processes import ExtAuthzProcess, free_port
+    from extauthz.dev_certs import issue_client, make_dev_certs
+    from tests.support.gateway_harness import extauthz_config
+
+    certs = make_dev_certs(tmp_path / "tls")
+    issue_client(certs.directory, "intruder.rpcauthz.internal", "intruder")
+    msg = _message(_entry())
+    for enabled in (False, True):
+        cfg = extauthz_config(port=free_port(), store_url=pg_dsn, reflection_static={},
+                              extra={"fast_path.enabled": enabled})
+        cfg["listen"]["tls"] = certs.server_settings()
+        proc = ExtAuthzProcess(cfg, tmp_path, name=f"extauthz-{enabled}", client_tls=certs).wait_ready()
+        try:
+            with proc.channel() as ch:
+                call = als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs
+                if not enabled:
+                    with pytest.raises(grpc.RpcError) as e:
+                        call(iter([msg]), timeout=5)
+                    assert e.value.code() is grpc.StatusCode.UNIMPLEMENTED
+                    continue
+                call(iter([msg]), timeout=5)
+            # The right CA, another name than Envoy's: no audit records from it.
+            d = certs.directory
+            creds = grpc.ssl_channel_credentials(certs.ca.read_bytes(), (d / "intruder.key").read_bytes(),
+                                                 (d / "intruder.crt").read_bytes())
+            with grpc.secure_channel(f"127.0.0.1:{proc.port}", creds) as ch:
+                with pytest.raises(grpc.RpcError) as e:
+                    als_pb2_grpc.AccessLogServiceStub(ch).StreamAccessLogs(
+                        iter([_message(_entry(request_id="forged"))]), timeout=5)
+                assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                assert "client_names" in e.value.details()
+            _wait("the event", lambda: len(_fast_audit(pg_dsn)) == 1)
+        finally:
+            proc.stop()
