@@ -60,6 +60,10 @@ class IdentitySource:
     claim: str = "sub"
 
 
+#: jwt_authn's payload ``sub`` claim, the ext_authz server's default identity.
+JWT_SUB = IdentitySource()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     """One compiled RBAC config and what it was compiled from."""
@@ -142,7 +146,7 @@ def usable_path(service: str, method: str, max_path_length: int) -> bool:
 
 def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: datetime, *,
                    version: str, default_mode: Mode, dry_run: Iterable[str] = (),
-                   horizon: timedelta = timedelta(seconds=60), identity: IdentitySource = IdentitySource(),
+                   horizon: timedelta = timedelta(seconds=60), identity: IdentitySource = JWT_SUB,
                    max_path_length: int = 512, max_regex_chars: int = 50_000) -> CompiledPolicy:
     """The RBAC config that allows exactly the calls ``decide()`` allows from grants and mode.
 

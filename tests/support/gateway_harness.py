@@ -88,11 +88,16 @@ class GatewayStack:
     def __init__(self, workdir: pathlib.Path, *, store_url: str, grants: Iterable[Grant] = (),
                  extauthz: Mapping[str, Any] | None = None,
                  reflection_static: Mapping[str, str] | None = None,
-                 with_extauthz: bool = True, tls: bool = True, replicas: int = 1) -> None:
+                 with_extauthz: bool = True, tls: bool = True, replicas: int = 1,
+                 fast_path: bool = False) -> None:
         self.workdir = pathlib.Path(workdir)
         self.store_url = store_url
         self.grants = list(grants)
-        self.extauthz_extra = dict(extauthz or {})
+        #: The Envoy-native fast path on (Envoy config and server's ``fast_path.enabled``).
+        self.fast_path = fast_path
+        self.extauthz_extra = ({"fast_path.enabled": True, "fast_path.ttl_s": 3,
+                                "fast_path.expiry_margin_s": 1} if fast_path else {})
+        self.extauthz_extra.update(extauthz or {})
         self.reflection_extra = dict(reflection_static or {})
         self.with_extauthz = with_extauthz
         #: Envoy and the server talk mTLS (as envoy/gateway.yaml ships) with dev certificates.
@@ -151,7 +156,8 @@ class GatewayStack:
                                             "demo_ledger": self.upstreams["ledger"].port},
                                  access_log=self.access_log,
                                  ext_authz_timeout_s=self.envoy_ext_authz_timeout_s,
-                                 tls_dir=self.tls_certs.directory if self.tls_certs is not None else None)
+                                 tls_dir=self.tls_certs.directory if self.tls_certs is not None else None,
+                                 fast_path=self.fast_path)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()
             if self.with_extauthz:
                 self._wait_cluster_healthy("ext_authz")
