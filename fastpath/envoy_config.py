@@ -125,3 +125,39 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
         "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE,
         "re2.max_program_size.warn_level": RE2_MAX_PROGRAM_SIZE}})
     return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastpath.envoy_config envoy/gateway.yaml``: its fast-path variant on stdout
+    (how envoy/gateway-fast-path.yaml is made; a test keeps the two in step)."""
+    import sys
+
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m fastpath.envoy_config GATEWAY_YAML", file=sys.stderr)
+        return 2
+    with open(args[0], encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    sys.stdout.write(HEADER + yaml.safe_dump(with_fast_path(cfg), sort_keys=False, default_flow_style=False))
+    return 0
+
+
+HEADER = """\
+# rpcauthz gateway WITH THE FAST PATH: envoy/gateway.yaml plus Envoy's RBAC filter over xDS.
+# Generated: python -m fastpath.envoy_config envoy/gateway.yaml > envoy/gateway-fast-path.yaml
+# (tests/test_envoy_configs.py checks it is current). Tune gateway.yaml, then regenerate;
+# every TUNE: line of gateway.yaml applies here too (comments are in gateway.yaml).
+#
+# Request path:  client -> jwt_authn -> rpcauthz_strip_client_headers (drop client x-rpcauthz-*)
+#   -> rpcauthz_fast_path (RBAC, shadow rules only, config from the ext_authz server over ADS;
+#      ENGINEERS_/CONTRIBUTORS_WITHOUT_APPROVAL calls of eligible callers are "allowed")
+#   -> ext_authz (skipped only when the shadow result is "allowed") -> router
+# The ext_authz server must run with fast_path.enabled: true. Without it (or when it is
+# gone for fast_path.ttl_s) the RBAC filter has the empty policy: every call goes to ext_authz.
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

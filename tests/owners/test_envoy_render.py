@@ -272,3 +272,27 @@ def test_failover_settings_match_gateway_yaml():
     hc = EXT_AUTHZ_HEALTH_CHECK
     assert hc["no_traffic_interval"] == hc["interval"] == "1s", "a dead replica must leave within seconds"
     assert "reset" not in EXT_AUTHZ_RETRY_POLICY["retry_on"], "a reset Check may have spent an approval use"
+
+
+@pytest.mark.envoy
+def test_rendered_fast_path_config_passes_envoy_validate(tmp_path: Path):
+    """``gateway.fast_path: true``: jwt_authn -> strip -> RBAC (ECDS over ADS) -> ext_authz ->
+    router, validated by the real Envoy; the dry-run service's routes turn the RBAC filter off."""
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG.replace("  jwt:\n", "  fast_path: true\n  jwt:\n", 1))
+    out = tmp_path / "gateway.yaml"
+    res = run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out), "--validate")
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(out.read_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.jwt_authn", "rpcauthz_strip_client_headers", "rpcauthz_fast_path",
+        "envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+    assert cfg["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "ext_authz"
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    dry = [r for r in routes if r.get("metadata", {}).get("filter_metadata", {}).get("rpcauthz", {}).get("dry_run")]
+    assert dry and all(r["typed_per_filter_config"]["rpcauthz_fast_path"]["disabled"] for r in dry)
+    # Without the switch: no trace of it.
+    plain = yaml.safe_load(run_mpactl("envoy", "render", "--catalog", str(tmp_path / "plain.yaml")).stdout
+                           if (tmp_path / "plain.yaml").write_text(CATALOG) else "")
+    assert "rpcauthz_fast_path" not in json.dumps(plain) and "dynamic_resources" not in plain
