@@ -18,8 +18,9 @@ horizon; until then every allow in it is also an allow of ``decide()``.
 
 Per-request cost in Envoy stays flat in the number of principals and paths: each set is
 one RE2 alternation (``safe_regex``, split in chunks of at most ``max_regex_chars``), not a
-list of thousands of matchers. Contributor policies are one per service, each guarded by a
-cheap ``:path`` prefix test before its regexes.
+list of thousands of matchers. Contributors of every service are one policy: a regex over
+the header ``x-rpcauthz-fast-key`` (``:path SP principal``, set by Envoy, see
+``envoy_config``) whose alternatives are ``/service/(methods) (contributors)``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ from reflection_cache.types import ServiceModes
 SHADOW_PREFIX = "rpcauthz_fast_"
 #: The ECDS resource name of the RBAC filter config.
 RESOURCE_NAME = "rpcauthz_fast_path"
+#: The request header Envoy sets (and removes before the upstream) to ``:path SP principal``,
+#: so one regex can test "this principal contributes to this path's service" for every service.
+KEY_HEADER = "x-rpcauthz-fast-key"
 
 # The ext_authz server's own path and principal rules (extauthz/target.py, identity.py):
 # anything they would refuse is never compiled in.
@@ -152,7 +156,7 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
 
     ``modes``: what the reflection cache knows, by service; ``dry_run``: services in dry-run
     (never compiled in; a dry-run allow is audited as such by ext_authz). ``version`` names
-    the policies (``v<version>/engineers``, ``v<version>/contributors/<service>``).
+    the policies (``v<version>/engineers``, ``v<version>/contributors``).
     """
     if horizon < timedelta(0):
         raise ValueError(f"horizon must not be negative, got {horizon}")
@@ -195,19 +199,29 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
             _and(_post(), _any_regex(":path", alternations(engineer_paths, max_regex_chars))),
             _principal(identity, engineers, max_regex_chars))
         expiries += [e for e in engineers.values() if e is not None]
+    # Contributors: one policy for every service, flat in their number. Its key is the header
+    # Envoy builds before RBAC (``KEY_HEADER``: ":path SP principal", see envoy_config.py);
+    # the path must also be one of the compiled paths exactly, so the split is unambiguous.
+    keys: list[str] = []
+    paths: list[str] = []
+    services_in = 0
     contributor_principals = 0
     for service, methods in contributor_methods.items():
         who = {p: _earliest(exp, engineers[p]) for p, exp in contributors.get(service, {}).items()
                if p in engineers}
         if not who:
             continue
+        services_in += 1
         contributor_principals += len(who)
-        prefix = f"/{service}/"
-        path_regex = re2_escape(prefix) + current_pattern([re2_escape(m) for m in methods])
-        policies[f"v{version}/contributors/{service}"] = _policy(
-            _and(_post(), _header_prefix(":path", prefix), _any_regex(":path", [path_regex])),
-            _principal(identity, who, max_regex_chars))
+        path = re2_escape(f"/{service}/") + current_pattern([re2_escape(m) for m in methods])
+        paths.append(path)
+        keys.append(path + " " + current_pattern([re2_escape(p) for p in sorted(who)]))
         expiries += [e for e in who.values() if e is not None]
+    if keys:
+        policies[f"v{version}/contributors"] = _policy(
+            _and(_post(), _any_regex(":path", _joined(paths, max_regex_chars)),
+                 _any_regex(KEY_HEADER, _joined(keys, max_regex_chars))),
+            [_verified(identity)])
 
     rbac = empty_policy()
     for name, pol in policies.items():
@@ -217,7 +231,7 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         recompile_at=min(expiries) - horizon if expiries else None,
         engineer_paths=len(engineer_paths) if engineers else 0,
         engineers=len(engineers) if engineer_paths else 0,
-        contributor_services=sum(1 for n in policies if "/contributors/" in n),
+        contributor_services=services_in,
         contributor_principals=contributor_principals)
 
 
@@ -236,11 +250,6 @@ def _post() -> rbac_pb2.Permission:
         name=":method", string_match=string_pb2.StringMatcher(exact="POST")))
 
 
-def _header_prefix(name: str, prefix: str) -> rbac_pb2.Permission:
-    return rbac_pb2.Permission(header=rc.HeaderMatcher(
-        name=name, string_match=string_pb2.StringMatcher(prefix=prefix)))
-
-
 def _any_regex(name: str, patterns: list[str]) -> rbac_pb2.Permission:
     perms = [rbac_pb2.Permission(header=rc.HeaderMatcher(
         name=name, string_match=string_pb2.StringMatcher(safe_regex=_regex(p)))) for p in patterns]
@@ -251,6 +260,31 @@ def _any_regex(name: str, patterns: list[str]) -> rbac_pb2.Permission:
 
 def _and(*perms: rbac_pb2.Permission) -> rbac_pb2.Permission:
     return rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=list(perms)))
+
+
+def _joined(alternatives: list[str], max_chars: int) -> list[str]:
+    """Already-escaped alternatives as a few alternations of at most about ``max_chars``."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for alt in alternatives:
+        if chunks[-1] and size + len(alt) > max_chars:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(alt)
+        size += len(alt) + 1
+    return [current_pattern(chunk) for chunk in chunks]
+
+
+def _verified(identity: IdentitySource) -> rbac_pb2.Principal:
+    """Any caller whose verified token has a string principal claim (the key header holds the
+    claim as text; a number or a missing claim must not pass as a principal's name)."""
+    return rbac_pb2.Principal(sourced_metadata=rbac_pb2.SourcedMetadata(
+        metadata_source=rbac_pb2.DYNAMIC,
+        metadata_matcher=metadata_pb2.MetadataMatcher(
+            filter=identity.namespace,
+            path=[metadata_pb2.MetadataMatcher.PathSegment(key=identity.payload_key),
+                  metadata_pb2.MetadataMatcher.PathSegment(key=identity.claim)],
+            value=_string_value(r"[^\x00-\x20\x7f]{1,256}"))))
 
 
 def _principal(identity: IdentitySource, who: Mapping[str, object], max_chars: int

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .compile import RESOURCE_NAME, SHADOW_PREFIX, empty_policy
+from .compile import KEY_HEADER, RESOURCE_NAME, SHADOW_PREFIX, empty_policy
 
 RBAC_NAMESPACE = "envoy.filters.http.rbac"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -56,14 +56,21 @@ def rbac_filter(*, initial_fetch_timeout: str = "0s") -> dict[str, Any]:
     }
 
 
-def strip_filter() -> dict[str, Any]:
-    """Removes every client-sent ``x-rpcauthz-*`` header before anything else may set one."""
+def strip_filter(metadata_namespace: str = JWT_FILTER, payload_key: str = "jwt_payload",
+                 claim: str = "sub") -> dict[str, Any]:
+    """Removes every client-sent ``x-rpcauthz-*`` header before anything else may set one,
+    then sets the contributors policy's key (``x-rpcauthz-fast-key: :path SP principal``;
+    removed again before the upstream, see ``fast_path_headers``)."""
     return {
         "name": "rpcauthz_strip_client_headers",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {"request_mutations": [
-                {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}}]},
+                {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}},
+                {"append": {"header": {
+                    "key": KEY_HEADER,
+                    "value": f"%REQ(:PATH)% %DYNAMIC_METADATA({metadata_namespace}:{payload_key}:{claim})%"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
         },
     }
 

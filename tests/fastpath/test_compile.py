@@ -37,7 +37,7 @@ def test_engineers_and_contributors_are_allowed_exactly_as_decide_says() -> None
                      Grant("contrib-only", Role.CONTRIBUTOR, "a.v1.S")])
     rb = c.rbac
     assert shadow_allows(rb, "eng", "/a.v1.S/Open") == "v7/engineers"
-    assert shadow_allows(rb, "dev", "/a.v1.S/Team") == "v7/contributors/a.v1.S"
+    assert shadow_allows(rb, "dev", "/a.v1.S/Team") == "v7/contributors"
     assert shadow_allows(rb, "eng", "/a.v1.S/Team") is None            # not a contributor
     assert shadow_allows(rb, "contrib-only", "/a.v1.S/Team") is None   # not an engineer
     assert shadow_allows(rb, "contrib-only", "/a.v1.S/Open") is None
