@@ -37,12 +37,12 @@ for p in (ROOT, ROOT / "bench"):
 
 import grpc  # noqa: E402
 from envoy.service.discovery.v3 import ads_pb2_grpc  # noqa: E402
+from gateway_bench import run_h2load  # noqa: E402
 
 from devstack.processes import EnvoyProcess, free_port  # noqa: E402
 from fastpath.compile import compile_policy, empty_policy  # noqa: E402
 from fastpath.envoy_config import RE2_MAX_PROGRAM_SIZE, rbac_filter, strip_filter  # noqa: E402
 from fastpath.xds import FastPathXds  # noqa: E402
-from gateway_bench import run_h2load  # noqa: E402
 from policy import Grant, GrantSet, Mode, Role  # noqa: E402
 from policy.grant_delta import GrantChange, GrantDelta  # noqa: E402
 from reflection_cache.types import ServiceModes  # noqa: E402
