@@ -19,7 +19,7 @@ import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from devstack.processes import EnvoyProcess, free_port
-from fastpath.compile import compile_policy
+from fastpath.compile import RESOURCE_NAME, compile_policy
 from fastpath.envoy_config import ACCESS_LOG_FIELDS, RE2_MAX_PROGRAM_SIZE, rbac_filter
 from fastpath.xds import FastPathXds
 from policy import Grant, GrantSet, Mode, Role
@@ -59,6 +59,11 @@ def _envoy_config(xds_port: int, log: pathlib.Path) -> dict[str, Any]:
                                        {"name": "envoy.filters.http.router", "typed_config": {
                                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
                                    "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [
+                                       # A dry-run service's route, as `mpactl envoy render` makes it.
+                                       {"match": {"prefix": "/dry.v1.S/"}, "direct_response": {"status": 200},
+                                        "typed_per_filter_config": {RESOURCE_NAME: {
+                                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                                            "disabled": True}}},
                                        {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]}}}]}]}],
             "clusters": [{"name": "xds", "type": "STATIC", "connect_timeout": "0.25s",
                           "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -88,15 +93,18 @@ class Harness:
         self.log = self.tmp / f"{name}-access.log"
         self.envoy = EnvoyProcess(_envoy_config(self.port, self.log), self.tmp, name=name).wait_ready()
 
-    async def shadow(self) -> str:
-        """One call through Envoy; what the RBAC shadow engine answered (from Envoy's stats)."""
+    async def shadow(self, path: str = PATH) -> str | None:
+        """One call through Envoy; what the RBAC shadow engine answered (from Envoy's stats;
+        None: the filter did not run)."""
         assert self.envoy is not None
         envoy = self.envoy
         before = envoy.stats(STATS)
-        req = urllib.request.Request(f"http://127.0.0.1:{envoy.port}{PATH}", data=b"x", method="POST")
+        req = urllib.request.Request(f"http://127.0.0.1:{envoy.port}{path}", data=b"x", method="POST")
         await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=5).read())
         after = envoy.stats(STATS)
         changed = [k.rsplit(".", 1)[1] for k in after if after[k] != before.get(k)]
+        if not changed:
+            return None
         assert len(changed) == 1, (before, after)
         return {"shadow_allowed": "allowed", "shadow_denied": "denied"}[changed[0]]
 
@@ -116,8 +124,18 @@ class Harness:
             await self.server.stop(0)
 
 
+async def acked(h: Harness, want) -> str:
+    """The version Envoy ACKed, once ``want(version)`` holds (Envoy applies before it ACKs)."""
+    for _ in range(100):
+        version = h.xds.status()[0].acked_version
+        if want(version):
+            break
+        await asyncio.sleep(0.05)
+    return version
+
+
 def _policy(version: str, principal: str = "alice"):
-    modes = {"a.v1.S": ServiceModes("a.v1.S", {"Get": Mode.ENGINEERS_WITHOUT_APPROVAL})}
+    modes = {s: ServiceModes(s, {"Get": Mode.ENGINEERS_WITHOUT_APPROVAL}) for s in ("a.v1.S", "dry.v1.S")}
     return compile_policy(modes, GrantSet([Grant(principal, Role.ENGINEER)]), datetime.now(UTC),
                           version=version, default_mode=Mode.BREAK_GLASS_ONLY).rbac
 
@@ -131,6 +149,8 @@ async def test_nack_withdraws_dead_control_plane_withdraws_restart_gets_current(
         await h.until("allowed", 10)
         [node] = h.xds.status()
         assert node.node == "test-gw" and node.acked_version == "1"
+        # A route that turns the filter off (dry-run): no shadow result, so ext_authz would run.
+        assert await h.shadow("/dry.v1.S/Get") is None
 
         # A policy Envoy refuses (a regex that does not compile): not kept, not the old one:
         # the empty policy is pushed, and calls are shadow-denied (to ext_authz).
@@ -141,7 +161,7 @@ async def test_nack_withdraws_dead_control_plane_withdraws_restart_gets_current(
         await h.until("denied", 5)
         [node] = h.xds.status()
         assert node.nacks == 1 and node.withdrawn and "missing )" in node.last_nack
-        assert ".empty." in node.acked_version
+        assert ".empty." in await acked(h, lambda v: ".empty." in v)
         assert await h.shadow() == "denied"
 
         # The next good policy is taken again, and refreshes keep it past the TTL.
@@ -175,6 +195,6 @@ async def test_withdraw_reaches_every_connected_envoy(tmp_path: pathlib.Path) ->
         await h.until("allowed", 10)
         h.xds.withdraw("test: grants unavailable")
         await h.until("denied", 5)
-        assert h.xds.status()[0].acked_version.startswith("1.empty.")
+        assert (await acked(h, lambda v: v.startswith("1.empty."))).startswith("1.empty.")
     finally:
         await h.stop()
