@@ -41,9 +41,16 @@ from reflection_cache.types import ServiceModes
 SHADOW_PREFIX = "rpcauthz_fast_"
 #: The ECDS resource name of the RBAC filter config.
 RESOURCE_NAME = "rpcauthz_fast_path"
-#: The request header Envoy sets (and removes before the upstream) to ``:path SP principal``,
-#: so one regex can test "this principal contributes to this path's service" for every service.
+#: The request header Envoy sets (and removes before the upstream) to ``:path SP claim=principal``
+#: (``key_value``), so one regex can test "this principal contributes to this path's service"
+#: for every service. The claim's name is in the key: a gateway rendered for another claim than
+#: the server compiles for never matches (fails closed).
 KEY_HEADER = "x-rpcauthz-fast-key"
+
+
+def key_value(path: str, claim: str, principal: str) -> str:
+    """What Envoy puts in ``KEY_HEADER`` for a call (see fastpath/envoy_config.py)."""
+    return f"{path} {claim}={principal}"
 
 # The ext_authz server's own path and principal rules (extauthz/target.py, identity.py):
 # anything they would refuse is never compiled in.
@@ -200,7 +207,7 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
             _principal(identity, engineers, max_regex_chars))
         expiries += [e for e in engineers.values() if e is not None]
     # Contributors: one policy for every service, flat in their number. Its key is the header
-    # Envoy builds before RBAC (``KEY_HEADER``: ":path SP principal", see envoy_config.py);
+    # Envoy builds before RBAC (``KEY_HEADER``: ":path SP claim=principal", see key_value());
     # the path must also be one of the compiled paths exactly, so the split is unambiguous.
     keys: list[str] = []
     paths: list[str] = []
@@ -215,7 +222,8 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         contributor_principals += len(who)
         path = re2_escape(f"/{service}/") + current_pattern([re2_escape(m) for m in methods])
         paths.append(path)
-        keys.append(path + " " + current_pattern([re2_escape(p) for p in sorted(who)]))
+        keys.append(path + " " + re2_escape(identity.claim + "=")
+                    + current_pattern([re2_escape(p) for p in sorted(who)]))
         expiries += [e for e in who.values() if e is not None]
     if keys:
         policies[f"v{version}/contributors"] = _policy(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .compile import KEY_HEADER, RESOURCE_NAME, SHADOW_PREFIX, empty_policy
+from .compile import KEY_HEADER, RESOURCE_NAME, SHADOW_PREFIX, empty_policy, key_value
 
 RBAC_NAMESPACE = "envoy.filters.http.rbac"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -59,7 +59,7 @@ def rbac_filter(*, initial_fetch_timeout: str = "0s") -> dict[str, Any]:
 def strip_filter(metadata_namespace: str = JWT_FILTER, payload_key: str = "jwt_payload",
                  claim: str = "sub") -> dict[str, Any]:
     """Removes every client-sent ``x-rpcauthz-*`` header before anything else may set one,
-    then sets the contributors policy's key (``x-rpcauthz-fast-key: :path SP principal``;
+    then sets the contributors policy's key (``x-rpcauthz-fast-key: :path SP claim=principal``;
     removed again before the upstream, see ``fast_path_headers``)."""
     return {
         "name": "rpcauthz_strip_client_headers",
@@ -69,7 +69,8 @@ def strip_filter(metadata_namespace: str = JWT_FILTER, payload_key: str = "jwt_p
                 {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}},
                 {"append": {"header": {
                     "key": KEY_HEADER,
-                    "value": f"%REQ(:PATH)% %DYNAMIC_METADATA({metadata_namespace}:{payload_key}:{claim})%"},
+                    "value": key_value("%REQ(:PATH)%", claim,
+                                       f"%DYNAMIC_METADATA({metadata_namespace}:{payload_key}:{claim})%")},
                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
         },
     }
@@ -112,7 +113,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                     continue
                 at = next(i for i, h in enumerate(filters) if h.get("name") == EXT_AUTHZ_FILTER)
                 filters[at]["typed_config"]["filter_enabled_metadata"] = ext_authz_enabled_metadata()
-                filters[at:at] = [strip_filter(), rbac_filter()]
+                filters[at:at] = [strip_filter(claim=claim), rbac_filter()]
                 for log in hcm.get("access_log", []):
                     fields = log.get("typed_config", {}).get("log_format", {}).get("json_format")
                     if isinstance(fields, dict):

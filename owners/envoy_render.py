@@ -44,6 +44,7 @@ _PACKAGE_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)
 _METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_CLAIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 #: Where ``mpactl dev-certs --out /etc/rpcauthz/tls`` puts the files the TLS defaults name.
 DEFAULT_TLS_DIR = "/etc/rpcauthz/tls/"
@@ -145,6 +146,8 @@ class Gateway:
     access_log: str = "/dev/stdout"
     #: The Envoy-native fast path: RBAC over xDS from the ext_authz server ahead of ext_authz.
     fast_path: bool = False
+    #: The JWT claim that names the caller (the server's identity.principal_claim).
+    fast_path_claim: str = "sub"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +263,8 @@ _GATEWAY_KEYS = {
     "max_request_bytes": "largest request body buffered for payload-scoped approvals",
     "upstream_max_requests": "circuit breaker: concurrent requests per upstream",
     "access_log": "path of the JSON access log (default /dev/stdout)",
-    "fast_path": "true: Envoy's RBAC filter, fed over xDS by the ext_authz server (fast_path.enabled), "
-                 "allows static calls without a Check",
+    "fast_path": "true, or {principal_claim: CLAIM}: Envoy's RBAC filter, fed over xDS by the ext_authz "
+                 "server (fast_path.enabled), allows static calls without a Check",
 }
 _EXT_AUTHZ_KEYS = {"address": "HOST:PORT", "timeout": "Envoy's deadline for one Check",
                    "max_requests": "circuit breaker", "health_check": "gRPC health checks",
@@ -347,7 +350,16 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
     if "access_log" in g:
         kw["access_log"] = r.string(g["access_log"], "gateway.access_log")
     if "fast_path" in g:
-        kw["fast_path"] = r.boolean(g["fast_path"], "gateway.fast_path")
+        fp = g["fast_path"]
+        if isinstance(fp, yaml.MappingNode):
+            m = r.mapping(fp, "gateway.fast_path", {"principal_claim": "the JWT claim naming the caller "
+                                                    "(the server's identity.principal_claim; default sub)"})
+            kw["fast_path"] = True
+            if "principal_claim" in m:
+                kw["fast_path_claim"] = r.string(m["principal_claim"], "gateway.fast_path.principal_claim",
+                                                 _CLAIM, "a claim name such as sub or email")
+        else:
+            kw["fast_path"] = r.boolean(fp, "gateway.fast_path")
     return Gateway(**kw)
 
 
@@ -771,7 +783,7 @@ def render(catalog: Catalog) -> dict:
     }
     if not g.fast_path:
         return _without_fast_path_route_configs(bootstrap)
-    return with_fast_path(bootstrap, xds_cluster="ext_authz")
+    return with_fast_path(bootstrap, xds_cluster="ext_authz", claim=g.fast_path_claim)
 
 
 def _without_fast_path_route_configs(bootstrap: dict) -> dict:

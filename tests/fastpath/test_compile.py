@@ -201,3 +201,13 @@ def test_fast_path_allows_are_decide_allows_until_the_recompile(world, later_s: 
                 at_now = policy.decide(p, Target(s, meth), mode, gs, (), NOW + H + timedelta(seconds=1))
                 if at_now.outcome is Outcome.ALLOW and s not in dry:
                     assert allowed
+
+
+def test_a_gateway_keyed_on_another_claim_never_matches_the_contributors_policy() -> None:
+    """The key header names its claim (``sub=...``): a gateway rendered for ``sub`` in front of
+    a server that identifies callers by ``email`` fails closed, even if a sub equals an email."""
+    m = modes(a_v1_S={"Team": CWA})
+    c = compiled(m, [Grant("bob@corp", Role.ENGINEER), Grant("bob@corp", Role.CONTRIBUTOR, "a.v1.S")],
+                 identity=IdentitySource(claim="email"))
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="email") == "v7/contributors"
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="sub") is None

@@ -296,3 +296,18 @@ def test_rendered_fast_path_config_passes_envoy_validate(tmp_path: Path):
     plain = yaml.safe_load(run_mpactl("envoy", "render", "--catalog", str(tmp_path / "plain.yaml")).stdout
                            if (tmp_path / "plain.yaml").write_text(CATALOG) else "")
     assert "rpcauthz_fast_path" not in json.dumps(plain) and "dynamic_resources" not in plain
+
+
+def test_fast_path_takes_the_servers_principal_claim_and_refuses_a_bad_one(tmp_path: Path):
+    from owners.envoy_render import CatalogError, parse_catalog, render
+
+    cat = parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {principal_claim: email}\n  jwt:\n", 1))
+    assert cat.gateway.fast_path and cat.gateway.fast_path_claim == "email"
+    text = json.dumps(render(cat))
+    assert "email=%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload:email)%" in text  # the key
+    assert '"value": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload:email)%"' in text  # principal
+    assert "sub=" not in text
+    with pytest.raises(CatalogError, match="principal_claim.*malformed"):
+        parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {principal_claim: 'a b'}\n  jwt:\n", 1))
+    with pytest.raises(CatalogError, match="unknown key 'claim'"):
+        parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {claim: email}\n  jwt:\n", 1))

@@ -8,7 +8,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from fastpath.compile import KEY_HEADER
+from fastpath.compile import KEY_HEADER, key_value
 
 _HEX = re.compile(r"\\x\{([0-9a-f]+)\}")
 
@@ -50,13 +50,13 @@ def _principal(p: rbac_pb2.Principal, principal: str | None) -> bool:
 
 
 def shadow_allows(rbac: http_rbac_pb2.RBAC, principal: str | None, path: str,
-                  method: str = "POST") -> str | None:
+                  method: str = "POST", claim: str = "sub") -> str | None:
     """The name of the first shadow policy (Envoy's order: sorted names) that allows, else None."""
     assert not rbac.HasField("rules"), "the fast path must never enforce"
     assert rbac.shadow_rules.action == rbac_pb2.RBAC.ALLOW
     headers = {":path": path, ":method": method}
     if principal is not None:  # what Envoy's header_mutation sets (fastpath/envoy_config.py)
-        headers[KEY_HEADER] = f"{path} {principal}"
+        headers[KEY_HEADER] = key_value(path, claim, principal)
     for name in sorted(rbac.shadow_rules.policies):
         pol = rbac.shadow_rules.policies[name]
         if (any(_permission(p, headers) for p in pol.permissions)
