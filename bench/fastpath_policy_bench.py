@@ -14,7 +14,7 @@ fast-path filters: the key header, then RBAC; a fixed verified principal), and p
   the big one: an engineer's call, a contributor's call to the last service, and a refused
   call (every regex tested).
 
-    python bench/fastpath_policy_bench.py [--quick] [--seconds 4]
+    python bench/fastpath_policy_bench.py [--quick] [--seconds 3] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -142,7 +142,8 @@ def envoy_memory(admin_port: int) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1/10 of the organisation")
-    ap.add_argument("--seconds", type=float, default=4.0, help="h2load duration per cell")
+    ap.add_argument("--seconds", type=float, default=3.0, help="h2load duration per cell")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are shown)")
     args = ap.parse_args()
     size = (1000, 250, 600) if args.quick else (10_000, 2_500, 6_000)
     modes, grants, people = organisation(*size)
@@ -194,23 +195,24 @@ def main() -> int:
                          ("big: contributor, last service", "4", again.rbac, f"/{last_cwa[0]}/{last_cwa[1]}"),
                          ("big: refused call", "4", again.rbac, denied_path)]
             results: dict[str, str] = {}
-            for name, version, rbac, path in scenarios:
-                control.push(version + name[:3], rbac)
-                before = envoy.stats("http.b.rbac.rpcauthz_fast_.")
-                for c in (1, 16):
-                    res = []
-                    for _round in range(2):
+            samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+            for _round in range(args.rounds):  # interleaved: every scenario once per round
+                for name, version, rbac, path in scenarios:
+                    control.push(f"{version}{name[:3]}{_round}", rbac)
+                    before = envoy.stats("http.b.rbac.rpcauthz_fast_.")
+                    for c in (1, 16):
                         cell = run_h2load_path(envoy.port, body, c, args.seconds, work, path, name)
-                        res.append((cell.rps, cell.p50_ms))
-                    cells[(name, c)] = (statistics.mean(r[0] for r in res), statistics.mean(r[1] for r in res))
-                after = envoy.stats("http.b.rbac.rpcauthz_fast_.")
-                results[name] = ", ".join(f"{k.rsplit('.', 1)[1]} {int(after[k]) - int(before.get(k, 0))}"
-                                          for k in sorted(after) if after[k] != before.get(k))
+                        samples.setdefault((name, c), []).append((cell.rps, cell.p50_ms))
+                    after = envoy.stats("http.b.rbac.rpcauthz_fast_.")
+                    results[name] = ", ".join(f"{k.rsplit('.', 1)[1]}" for k in sorted(after)
+                                              if after[k] != before.get(k))
+            for key, vals in samples.items():
+                cells[key] = (statistics.median(v[0] for v in vals), statistics.median(v[1] for v in vals))
         finally:
             envoy.stop()
     print()
     print(f"{'Envoy, RBAC filter only (direct response)':34} {'c':>3} {'req/s':>9} {'x base':>7} {'p50 ms':>8} "
-          f"{'x base':>7}  shadow results")
+          f"{'x base':>7}  shadow result (medians of {args.rounds} interleaved rounds)")
     for (name, c), (rps, p50) in cells.items():
         base_rps, base_p50 = cells[("empty policy (baseline)", c)]
         print(f"{name:34} {c:>3} {rps:>9.0f} {rps / base_rps:>6.2f}x {p50:>8.3f} {p50 / base_p50:>6.2f}x  "
