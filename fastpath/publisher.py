@@ -79,6 +79,20 @@ class Publisher:
         self.withdrawn: str | None = None
 
     async def run(self) -> None:
+        """Until cancelled. An unexpected error withdraws the fast path, is logged, and the
+        loop starts over (a bug must never leave a stale policy in place)."""
+        while True:
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("fast-path publisher failed; withdrawing the fast path")
+                self.current, self.withdrawn = None, f"publisher failed: {e!r}"
+                self.xds.withdraw(self.withdrawn)
+                await asyncio.sleep(max(self.poll_s, 1.0))
+
+    async def _loop(self) -> None:
         seen_grants: GrantSet | None = None
         seen_modes: Mapping[str, ServiceModes] | None = None
         modes: Mapping[str, ServiceModes] = {}

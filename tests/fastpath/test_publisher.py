@@ -123,3 +123,24 @@ async def test_a_grant_leaves_the_policy_before_it_expires(running) -> None:
     assert pub.current is not None and pub.current.recompile_at == expires - horizon
     clock.now = expires - horizon  # nothing changed but time: recompiled without the grant
     await until(lambda: not allows(pub))
+
+
+async def test_a_failing_mode_source_withdraws_instead_of_dying(running, caplog) -> None:
+    class Broken(Modes):
+        def known(self) -> dict[str, ServiceModes]:
+            raise RuntimeError("boom")
+
+    xds = FastPathXds(ttl_s=10)
+    xds.publish("9", shadow_policy_for_alice())
+    pub = running(Publisher(xds, Grants(GrantSet([Grant("alice", Role.ENGINEER)])), Broken(Mode.ENGINEERS_WITHOUT_APPROVAL),
+                            default_mode=Mode.BREAK_GLASS_ONLY, horizon=timedelta(seconds=20), poll_s=0.01))
+    await until(lambda: ".empty." in xds.version)
+    assert pub.withdrawn and "boom" in pub.withdrawn
+    assert "withdrawing the fast path" in caplog.text
+
+
+def shadow_policy_for_alice():
+    from fastpath.compile import compile_policy
+    return compile_policy({S: ServiceModes(S, {"Get": Mode.ENGINEERS_WITHOUT_APPROVAL})},
+                          GrantSet([Grant("alice", Role.ENGINEER)]), datetime.now(UTC), version="9",
+                          default_mode=Mode.BREAK_GLASS_ONLY).rbac
