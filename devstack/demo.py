@@ -130,6 +130,8 @@ class Demo:
             "approvals": {"base_url": self.approvals_url},
             "reflection": {"endpoints": {"static": {ACCOUNTS: accounts.address,
                                                     LEDGER: ledger.address}}},
+            # The Envoy-native fast path: Envoy allows static calls itself (RBAC over xDS).
+            "fast_path": {"enabled": True},
         }, self.workdir, client_tls=tls)
         self._things.append(self.extauthz)
         self.extauthz.wait_ready()
@@ -148,7 +150,8 @@ class Demo:
         cfg = render_gateway(listen_port=self.gateway_port, admin_port=free_port(),
                              extauthz_port=extauthz_port, jwks_port=jwks.port,
                              upstreams={"demo_accounts": accounts.port, "demo_ledger": ledger.port},
-                             access_log=self.workdir / "access.log", tls_dir=tls.directory)
+                             access_log=self.workdir / "access.log", tls_dir=tls.directory,
+                             fast_path=True)
         self.envoy = EnvoyProcess(cfg, self.workdir)
         self._things.append(self.envoy)
         self.envoy.wait_ready()
@@ -169,7 +172,7 @@ class Demo:
             f"  ext_authz server:  127.0.0.1:{self.extauthz.port}   store {self.store_url}",
             f"  approvals (page, API for `mpa`): {self.approvals_url}",
             f"  dev token issuer:  JWKS at {self.jwks_url}   (issuer key {self.key_path})",
-            f"  access log:        {self.workdir / 'access.log'}",
+            f"  access log:        {self.workdir / 'access.log'}   (fast_path: allowed = Envoy decided alone)",
             f"  working directory: {self.workdir}",
             "",
             "People:",

@@ -60,7 +60,8 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
                    access_log: str | os.PathLike | None = None,
                    ext_authz_timeout_s: float | None = None,
                    tls_dir: str | os.PathLike | None = None,
-                   template: pathlib.Path = GATEWAY_YAML) -> dict[str, Any]:
+                   template: pathlib.Path = GATEWAY_YAML,
+                   fast_path: bool = False) -> dict[str, Any]:
     """``envoy/gateway.yaml`` with its ports replaced; returns the config as a dict.
 
     ``upstreams`` maps cluster names (``demo_accounts``, ``demo_ledger``) to ports.
@@ -70,6 +71,8 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
     ``tls_dir`` holds ``mpactl dev-certs`` files for the mTLS link to ext_authz (the
     template's ``/etc/rpcauthz/tls/`` paths point there); ``None`` drops the transport
     socket, for a plaintext ext_authz server on loopback.
+    ``fast_path`` adds the Envoy-native fast path (``fastpath.envoy_config.with_fast_path``:
+    RBAC over ADS from the ext_authz cluster ahead of ext_authz).
     """
     try:
         cfg = copy.deepcopy(yaml.safe_load(template.read_text()))
@@ -127,6 +130,9 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
     missing = set(upstreams) - {c["name"] for c in clusters}
     if missing:
         raise ValueError(f"gateway.yaml has no cluster named {sorted(missing)}")
+    if fast_path:
+        from fastpath.envoy_config import with_fast_path
+        cfg = with_fast_path(cfg)
     return cfg
 
 

@@ -201,12 +201,15 @@ class Health(Section):
 
 
 class FastPath(Section):
-    """The Envoy-native fast path (issue 12): allows Envoy's RBAC filter decided itself.
+    """The Envoy-native fast path (docs/extauthz.md, "The fast path"): the server also serves
+    Envoy's RBAC filter config over ADS (ECDS resource ``rpcauthz_fast_path``) on its own
+    port, so Envoy allows ENGINEERS_WITHOUT_APPROVAL and CONTRIBUTORS_WITHOUT_APPROVAL calls
+    of eligible callers itself; everything else still comes here. Off by default: today's
+    behaviour exactly. The gateway must be rendered with the fast path on as well.
 
-    With ``enabled``, the server also takes Envoy's gRPC access log (ALS,
-    ``envoy.service.accesslog.v3``) on its listeners and writes each fast-path allow as one
-    decision audit event through the same spool as Checks (extauthz/access_log.py).
-    """
+    The server also takes Envoy's gRPC access log (ALS, ``envoy.service.accesslog.v3``) on its
+    listeners and writes each fast-path allow as one decision audit event through the same
+    spool as Checks (extauthz/access_log.py)."""
 
     enabled: bool = False
     #: The ``log_name`` of Envoy's ``http_grpc`` access log that carries fast-path allows;
@@ -218,6 +221,33 @@ class FastPath(Section):
     #: That counter's name in Envoy's stats: ``http.<stat_prefix>.rbac.<shadow_rules_stat_prefix>.shadow_allowed``
     #: (Envoy 1.40 puts a dot after the shadow prefix in stat names).
     envoy_allowed_stat: str = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
+    #: How long an Envoy keeps a policy without hearing from this server; past it, Envoy
+    #: falls back to the empty policy (everything to ext_authz). Also how long a grant
+    #: revocation can take to reach Envoy when this server dies mid-push.
+    ttl_s: float = Field(30.0, ge=1, le=3600)
+    #: How often the resource is re-sent to renew the TTL (default: a third of ``ttl_s``).
+    refresh_s: float | None = Field(None, gt=0)
+    #: A grant is compiled in only if it is still valid this long after ``ttl_s`` (so an
+    #: expiring grant leaves Envoy before it expires, even if this server dies).
+    expiry_margin_s: float = Field(10.0, ge=0, le=3600)
+    #: After a grant or mode change, wait this long for more before recompiling.
+    debounce_s: float = Field(0.1, ge=0, le=10)
+    #: How often grants (memory) are looked at for a change.
+    poll_s: float = Field(0.05, gt=0, le=5)
+    #: How often the reflection cache's modes are looked at (and entries past their TTL refreshed).
+    modes_check_s: float = Field(1.0, gt=0, le=60)
+    #: Services in dry-run (the catalog's ``dry_run: true``): never compiled in.
+    dry_run_services: list[str] = Field(default_factory=list)
+    #: The largest RE2 alternation in one matcher (Envoy's runtime
+    #: ``re2.max_program_size.error_level`` must allow it; the rendered gateway does).
+    max_regex_chars: int = Field(50_000, ge=1000, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _refresh_below_ttl(self) -> FastPath:
+        if self.refresh_s is not None and self.refresh_s >= self.ttl_s:
+            raise ValueError(f"refresh_s ({self.refresh_s}) must be below ttl_s ({self.ttl_s}), "
+                             "or Envoy drops the policy between refreshes")
+        return self
 
     @field_validator("envoy_admin_urls")
     @classmethod
@@ -271,6 +301,8 @@ class Settings(Section):
     grants_reload_s: float = Field(30.0, gt=0)
     #: Past this age without a successful load, grants are unusable: every check is a 503.
     grants_max_staleness_s: float = Field(120.0, gt=0)
+    #: The Envoy-native fast path (RBAC over xDS); off by default.
+    fast_path: FastPath = FastPath()
 
     @model_validator(mode="after")
     def _workers_need_port(self) -> Settings:
@@ -278,6 +310,10 @@ class Settings(Section):
             raise ValueError("workers > 1 share one port through SO_REUSEPORT: set listen.port")
         if self.workers > 1 and self.listen.unix_socket:
             raise ValueError("workers > 1 cannot share listen.unix_socket: run one worker per socket")
+        if self.fast_path.enabled and self.identity.dev_mode:
+            raise ValueError("fast_path.enabled needs verified identities: Envoy's RBAC filter reads the "
+                             "principal from jwt_authn's metadata, and identity.dev_mode takes it from a "
+                             "header; turn one of them off")
         if self.grants_max_staleness_s <= self.grants_reload_s:
             raise ValueError("grants_max_staleness_s must be longer than grants_reload_s")
         if self.reflection.cache.deadline * 1000 >= self.decision_deadline_ms:

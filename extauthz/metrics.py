@@ -52,6 +52,18 @@ class Metrics:
             "Envoy fast-path access log entries: received, audited, malformed (not audited), "
             "not_fast_path (not an RBAC allow: not audited), not_audited (audit.allows off).",
             ["result"], registry=r)
+        # The fast path (fastpath/): pushes to Envoys over ADS, and what they said.
+        self.fast_path_events = Counter("rpcauthz_fast_path_xds_events",
+                                        "ADS stream events: connect, disconnect, ack, nack.",
+                                        ["event"], registry=r)
+        self.fast_path_pushes = Counter("rpcauthz_fast_path_pushes",
+                                        "Fast-path policies compiled and pushed.", registry=r)
+        self.fast_path_policy_bytes = Gauge("rpcauthz_fast_path_policy_bytes",
+                                            "Size of the current fast-path RBAC policy.",
+                                            registry=r, multiprocess_mode="livemax")
+        self.fast_path_lag = Histogram("rpcauthz_fast_path_lag_seconds",
+                                       "From a grant or mode change seen to its push to Envoy.",
+                                       buckets=_BUCKETS + (5.0, 10.0), registry=r)
         self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
         self.in_flight = Gauge("rpcauthz_checks_in_flight", "Checks being decided now.",
                                registry=r, multiprocess_mode="livesum")

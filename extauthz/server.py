@@ -18,12 +18,18 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fastpath.compile import RESOURCE_NAME, IdentitySource
+from fastpath.publisher import Publisher, PushRecord
+from fastpath.xds import FastPathXds
 
 from .audit_spool import AuditSpool
 from .audit_writer import AuditWriter
@@ -190,6 +196,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
         add_fast_path_audit(server, settings, audit, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    publisher = _fast_path(settings, server, components, metrics)
     served = add_listeners(server, settings.listen)
     port = int(served[0].rsplit(":", 1)[1]) if settings.listen.port is not None else 0
     metrics_server = None
@@ -214,6 +221,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
     # The store opened and the grants loaded: this replica can decide. From now on the
     # readiness monitor says when it cannot (grants stale, store lost).
     await publish(True, "started")
+    publishing = asyncio.get_running_loop().create_task(publisher.run()) if publisher else None
     h = settings.health
     readiness = Readiness(store=components.store, grants=components.grants, executor=executor,
                           publish=publish, interval_s=h.interval_s, store_timeout_s=h.store_timeout_s,
@@ -236,6 +244,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
         log.info("extauthz draining: NOT_SERVING, finishing checks in flight (grace %.1fs)",
                  settings.drain_grace_s)
         await readiness.stop()  # it must not turn a draining server SERVING again
+        if publishing is not None:
+            publishing.cancel()
         metrics.serving.set(0)
         await health_servicer.enter_graceful_shutdown()
         if settings.drain_notice_s:
@@ -255,6 +265,32 @@ async def serve(settings: Settings, *, components: Components | None = None,
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         print("extauthz: stopped", flush=True)
+
+
+def _fast_path(settings: Settings, server: grpc.aio.Server, components: Components,
+               metrics: Metrics) -> Publisher | None:
+    """With ``fast_path.enabled``: the ADS servicer on ``server`` and its publisher (not started)."""
+    fp = settings.fast_path
+    if not fp.enabled:
+        return None
+    xds = FastPathXds(ttl_s=fp.ttl_s, heartbeat_s=fp.refresh_s,
+                      on_event=lambda kind, node: metrics.fast_path_events.labels(kind).inc())
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    ident = settings.identity
+
+    def pushed(record: PushRecord) -> None:
+        metrics.fast_path_pushes.inc()
+        metrics.fast_path_policy_bytes.set(record.size_bytes)
+        metrics.fast_path_lag.observe(record.lag_s)
+
+    log.info("fast path on: serving ECDS %s over ADS (ttl %.0f s)", RESOURCE_NAME, fp.ttl_s)
+    return Publisher(
+        xds, components.grants, components.modes, default_mode=settings.default_mode,
+        dry_run=fp.dry_run_services,
+        identity=IdentitySource(ident.metadata_namespace, ident.payload_key, ident.principal_claim),
+        horizon=timedelta(seconds=fp.ttl_s + fp.expiry_margin_s), debounce_s=fp.debounce_s,
+        poll_s=fp.poll_s, modes_check_s=fp.modes_check_s, max_path_length=settings.max_path_length,
+        max_regex_chars=fp.max_regex_chars, on_push=pushed)
 
 
 def _worker_main(settings_json: str) -> None:

@@ -27,6 +27,8 @@ import yaml
 
 from extauthz.config import is_loopback
 from extauthz.dev_certs import SERVER_NAME
+from fastpath.compile import RESOURCE_NAME as FAST_PATH_FILTER
+from fastpath.envoy_config import with_fast_path
 
 #: The dynamic-metadata namespace where jwt_authn leaves the verified payload, and the key.
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
@@ -42,6 +44,7 @@ _PACKAGE_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)
 _METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_CLAIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 #: Where ``mpactl dev-certs --out /etc/rpcauthz/tls`` puts the files the TLS defaults name.
 DEFAULT_TLS_DIR = "/etc/rpcauthz/tls/"
@@ -156,6 +159,10 @@ class Gateway:
     max_request_bytes: int = 1 << 20
     upstream_max_requests: int = 1024
     access_log: str = "/dev/stdout"
+    #: The Envoy-native fast path: RBAC over xDS from the ext_authz server ahead of ext_authz.
+    fast_path: bool = False
+    #: The JWT claim that names the caller (the server's identity.principal_claim).
+    fast_path_claim: str = "sub"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +287,8 @@ _GATEWAY_KEYS = {
     "max_request_bytes": "largest request body buffered for payload-scoped approvals",
     "upstream_max_requests": "circuit breaker: concurrent requests per upstream",
     "access_log": "path of the JSON access log (default /dev/stdout)",
+    "fast_path": "true, or {principal_claim: CLAIM}: Envoy's RBAC filter, fed over xDS by the ext_authz "
+                 "server (fast_path.enabled), allows static calls without a Check",
 }
 _EXT_AUTHZ_KEYS = {"address": "HOST:PORT", "unix_socket": "absolute path of the server's unix socket "
                    "(instead of address: a sidecar in Envoy's pod)", "timeout": "Envoy's deadline for one Check",
@@ -367,6 +376,17 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
         kw["upstream_max_requests"] = r.integer(g["upstream_max_requests"], "gateway.upstream_max_requests", 1, 1_000_000)
     if "access_log" in g:
         kw["access_log"] = r.string(g["access_log"], "gateway.access_log")
+    if "fast_path" in g:
+        fp = g["fast_path"]
+        if isinstance(fp, yaml.MappingNode):
+            m = r.mapping(fp, "gateway.fast_path", {"principal_claim": "the JWT claim naming the caller "
+                                                    "(the server's identity.principal_claim; default sub)"})
+            kw["fast_path"] = True
+            if "principal_claim" in m:
+                kw["fast_path_claim"] = r.string(m["principal_claim"], "gateway.fast_path.principal_claim",
+                                                 _CLAIM, "a claim name such as sub or email")
+        else:
+            kw["fast_path"] = r.boolean(fp, "gateway.fast_path")
     return Gateway(**kw)
 
 
@@ -547,6 +567,11 @@ def _per_route(entry: ServiceEntry, ext_authz: bool, jwt: bool, buffer_body: int
         cfg[EXT_AUTHZ_NAMESPACE] = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
             "disabled": True}
+    if entry.dry_run or not ext_authz:
+        # The fast path never decides a dry-run service (its refusals are let through and
+        # audited as such by ext_authz), nor a route without ext_authz.
+        cfg[FAST_PATH_FILTER] = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                                 "disabled": True}
     if not jwt:
         cfg[JWT_NAMESPACE] = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig",
@@ -780,7 +805,7 @@ def render(catalog: Catalog) -> dict:
     for s in catalog.services:
         upstreams[_cluster_name(s)] = _cluster(_cluster_name(s), s.upstream, g.connect_timeout,
                                                g.upstream_max_requests)
-    return {
+    bootstrap = {
         "admin": {"address": {"socket_address": {"address": g.admin.host, "port_value": g.admin.port}}},
         "static_resources": {
             "listeners": [{
@@ -792,12 +817,28 @@ def render(catalog: Catalog) -> dict:
             "clusters": [ext_cluster, unrouted, *jwt_clusters, *upstreams.values()],
         },
     }
+    if not g.fast_path:
+        return _without_fast_path_route_configs(bootstrap)
+    return with_fast_path(bootstrap, xds_cluster="ext_authz", claim=g.fast_path_claim)
+
+
+def _without_fast_path_route_configs(bootstrap: dict) -> dict:
+    """Drop the per-route fast-path settings when there is no fast-path filter to refer to."""
+    for listener in bootstrap["static_resources"]["listeners"]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        for vh in hcm["route_config"]["virtual_hosts"]:
+            for route in vh["routes"]:
+                route.get("typed_per_filter_config", {}).pop(FAST_PATH_FILTER, None)
+    return bootstrap
 
 
 def render_yaml(catalog: Catalog) -> str:
     """``render`` as YAML with a header saying where it came from."""
     header = (f"# Rendered by `mpactl envoy render --catalog {catalog.source}`. Do not edit by hand:\n"
               "# change the catalog and render again. Knobs: docs/owners.md.\n")
+    if catalog.gateway.fast_path:
+        header += ("# FAST PATH: Envoy allows static calls itself (RBAC over xDS); the ext_authz server "
+                   "must run with fast_path.enabled: true\n")
     if catalog.dry_run_services:
         header += f"# DRY RUN (decisions logged, not enforced): {', '.join(catalog.dry_run_services)}\n"
     return header + yaml.safe_dump(render(catalog), sort_keys=False, default_flow_style=False)

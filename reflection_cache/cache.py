@@ -173,6 +173,28 @@ class ReflectionCache:
             return entry.modes
         return None
 
+    def known(self) -> dict[str, ServiceModes]:
+        """Every service whose options ``get`` would answer now without waiting (fresh or
+        within the stale window; remembered errors left out). For the fast-path compiler:
+        what it compiles is what ext_authz would decide on."""
+        now = self.clock()
+        return {service: e.modes for service, e in list(self._entries.items())
+                if e.modes is not None and e.error is None and now < e.stale_until}
+
+    def refresh_stale(self) -> int:
+        """Start a background refresh for every entry past its TTL but still served (as
+        ``get`` does on a call), so services whose calls no longer reach ``get`` (the fast
+        path answers them in Envoy) still see mode changes. Returns how many started."""
+        now = self.clock()
+        started = 0
+        for service, e in list(self._entries.items()):
+            if (e.modes is not None and e.fresh_until <= now < e.stale_until
+                    and service not in self._inflight and now >= e.retry_after):
+                self._stats.background_refreshes += 1
+                self._start_fetch(service).add_done_callback(_consume)
+                started += 1
+        return started
+
     # -- operations --------------------------------------------------------------------------
 
     def invalidate(self, service: str) -> bool:

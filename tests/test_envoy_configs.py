@@ -50,3 +50,19 @@ def test_config_validates(config: pathlib.Path, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{config.name} does not validate:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "OK" in r.stdout + r.stderr
+
+
+def test_the_fast_path_gateway_is_gateway_yaml_with_the_fast_path():
+    """envoy/gateway-fast-path.yaml is generated from gateway.yaml (never edited apart)."""
+    import yaml
+
+    from fastpath.envoy_config import with_fast_path
+
+    base = yaml.safe_load((ENVOY_DIR / "gateway.yaml").read_text())
+    shipped = yaml.safe_load((ENVOY_DIR / "gateway-fast-path.yaml").read_text())
+    assert shipped == with_fast_path(base), (
+        "regenerate: python -m fastpath.envoy_config envoy/gateway.yaml > envoy/gateway-fast-path.yaml")
+    filters = [f["name"] for f in shipped["static_resources"]["listeners"][0]["filter_chains"][0]
+               ["filters"][0]["typed_config"]["http_filters"]]
+    assert filters == ["envoy.filters.http.jwt_authn", "rpcauthz_strip_client_headers",
+                       "rpcauthz_fast_path", "envoy.filters.http.ext_authz", "envoy.filters.http.router"]

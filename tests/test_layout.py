@@ -20,14 +20,15 @@ ALLOWED: dict[str, set[str]] = {
     "rpcauthz": set(),
     "policy": {"rpcauthz"},
     "reflection_cache": {"policy", "rpcauthz"},
-    "extauthz": {"reflection_cache", "policy", "rpcauthz"},
+    "fastpath": {"reflection_cache", "policy", "rpcauthz"},
+    "extauthz": {"fastpath", "reflection_cache", "policy", "rpcauthz"},
     "enclave_bridge": {"policy", "rpcauthz"},
     "mpa": {"enclave_bridge", "reflection_cache", "policy", "rpcauthz"},
-    "owners": {"extauthz", "reflection_cache", "policy", "rpcauthz"},
-    "devstack": {"mpa", "owners", "extauthz", "enclave_bridge", "reflection_cache", "policy",
-                 "rpcauthz"},
-    "mpactl": {"devstack", "mpa", "owners", "extauthz", "enclave_bridge", "reflection_cache",
-               "policy", "rpcauthz"},
+    "owners": {"extauthz", "fastpath", "reflection_cache", "policy", "rpcauthz"},
+    "devstack": {"mpa", "owners", "extauthz", "fastpath", "enclave_bridge", "reflection_cache",
+                 "policy", "rpcauthz"},
+    "mpactl": {"devstack", "mpa", "owners", "extauthz", "fastpath", "enclave_bridge",
+               "reflection_cache", "policy", "rpcauthz"},
 }
 PACKAGES = set(ALLOWED)
 

@@ -69,3 +69,17 @@ def test_the_documented_example_config_loads(tmp_path):
     assert s.reflection.endpoints.template == "{name_lower}.svc.internal:50051"
     assert s.approvals.base_url == "https://mpa.example.com"
     assert s.default_mode is Mode.BREAK_GLASS_ONLY
+
+
+def test_fast_path_is_off_by_default_and_its_bad_settings_are_named(tmp_path):
+    s = load_settings(write(tmp_path, "store_url: x\n"), env={})
+    assert s.fast_path.enabled is False
+    on = load_settings(write(tmp_path, "store_url: x\nfast_path: {enabled: true, ttl_s: 12}\n"), env={})
+    assert on.fast_path.enabled and on.fast_path.ttl_s == 12
+    with pytest.raises(ConfigError, match="refresh_s"):
+        load_settings(write(tmp_path, "store_url: x\nfast_path: {ttl_s: 5, refresh_s: 5}\n"), env={})
+    with pytest.raises(ConfigError, match="dev_mode"):
+        load_settings(write(tmp_path, "store_url: x\nfast_path: {enabled: true}\n"),
+                      env={"RPCAUTHZ_IDENTITY__DEV_MODE": "true"})
+    with pytest.raises(ConfigError, match="ttl_s"):
+        load_settings(write(tmp_path, "store_url: x\nfast_path: {ttl_s: 0}\n"), env={})

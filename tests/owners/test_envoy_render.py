@@ -296,3 +296,42 @@ def test_failover_settings_match_gateway_yaml():
     hc = EXT_AUTHZ_HEALTH_CHECK
     assert hc["no_traffic_interval"] == hc["interval"] == "1s", "a dead replica must leave within seconds"
     assert "reset" not in EXT_AUTHZ_RETRY_POLICY["retry_on"], "a reset Check may have spent an approval use"
+
+
+@pytest.mark.envoy
+def test_rendered_fast_path_config_passes_envoy_validate(tmp_path: Path):
+    """``gateway.fast_path: true``: jwt_authn -> strip -> RBAC (ECDS over ADS) -> ext_authz ->
+    router, validated by the real Envoy; the dry-run service's routes turn the RBAC filter off."""
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG.replace("  jwt:\n", "  fast_path: true\n  jwt:\n", 1))
+    out = tmp_path / "gateway.yaml"
+    res = run_mpactl("envoy", "render", "--catalog", str(cat), "-o", str(out), "--validate")
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(out.read_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.jwt_authn", "rpcauthz_strip_client_headers", "rpcauthz_fast_path",
+        "envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+    assert cfg["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]["cluster_name"] == "ext_authz"
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    dry = [r for r in routes if r.get("metadata", {}).get("filter_metadata", {}).get("rpcauthz", {}).get("dry_run")]
+    assert dry and all(r["typed_per_filter_config"]["rpcauthz_fast_path"]["disabled"] for r in dry)
+    # Without the switch: no trace of it.
+    plain = yaml.safe_load(run_mpactl("envoy", "render", "--catalog", str(tmp_path / "plain.yaml")).stdout
+                           if (tmp_path / "plain.yaml").write_text(CATALOG) else "")
+    assert "rpcauthz_fast_path" not in json.dumps(plain) and "dynamic_resources" not in plain
+
+
+def test_fast_path_takes_the_servers_principal_claim_and_refuses_a_bad_one(tmp_path: Path):
+    from owners.envoy_render import CatalogError, parse_catalog, render
+
+    cat = parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {principal_claim: email}\n  jwt:\n", 1))
+    assert cat.gateway.fast_path and cat.gateway.fast_path_claim == "email"
+    text = json.dumps(render(cat))
+    assert "email=%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload:email)%" in text  # the key
+    assert '"value": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload:email)%"' in text  # principal
+    assert "sub=" not in text
+    with pytest.raises(CatalogError, match="principal_claim.*malformed"):
+        parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {principal_claim: 'a b'}\n  jwt:\n", 1))
+    with pytest.raises(CatalogError, match="unknown key 'claim'"):
+        parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {claim: email}\n  jwt:\n", 1))

@@ -277,3 +277,23 @@ async def test_cache_from_a_config_mapping(server):
         ReflectionCache.from_config({"endpoint": {}})
     with pytest.raises(ValueError, match="cache.ttl_seconds: unknown key"):
         ReflectionCache.from_config({"cache": {"ttl_seconds": 1}})
+
+
+async def test_known_lists_what_get_would_answer_and_refresh_stale_refreshes_it(server, make_cache, clock):
+    """For the fast path: ``known()`` is what ``get`` answers without waiting (fresh or still
+    served stale; no remembered errors), and ``refresh_stale()`` refreshes entries past their TTL
+    that no call reaches any more (Envoy answers them), so a mode change is still seen."""
+    cache = make_cache(server.address, static={"nope.v1.Missing": "127.0.0.1:1"})
+    await cache.get(ORDERS)
+    with pytest.raises(ReflectionUnavailable):
+        await cache.get("nope.v1.Missing")
+    assert set(cache.known()) == {ORDERS}
+    assert cache.refresh_stale() == 0  # fresh: nothing to do
+    server.servicer.rewrite = set_get_order_mode(Mode.BREAK_GLASS_ONLY)
+    clock.advance(61)  # stale, still served
+    assert set(cache.known()) == {ORDERS}
+    assert cache.refresh_stale() == 1 and cache.refresh_stale() == 0  # one refresh in flight
+    await wait_idle(cache)
+    assert cache.known()[ORDERS].methods["GetOrder"] is Mode.BREAK_GLASS_ONLY
+    clock.advance(60 + 30)  # past the stale window: not known (get would have to wait)
+    assert cache.known() == {}

@@ -89,11 +89,16 @@ class GatewayStack:
                  extauthz: Mapping[str, Any] | None = None,
                  reflection_static: Mapping[str, str] | None = None,
                  with_extauthz: bool = True, tls: bool = True, replicas: int = 1,
-                 envoy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 envoy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 fast_path: bool = False) -> None:
         self.workdir = pathlib.Path(workdir)
         self.store_url = store_url
         self.grants = list(grants)
-        self.extauthz_extra = dict(extauthz or {})
+        #: The Envoy-native fast path on (Envoy config and server's ``fast_path.enabled``).
+        self.fast_path = fast_path
+        self.extauthz_extra = ({"fast_path.enabled": True, "fast_path.ttl_s": 3,
+                                "fast_path.expiry_margin_s": 1} if fast_path else {})
+        self.extauthz_extra.update(extauthz or {})
         self.reflection_extra = dict(reflection_static or {})
         self.with_extauthz = with_extauthz
         #: Changes the rendered Envoy config before Envoy starts (e.g. the static fast path).
@@ -162,7 +167,8 @@ class GatewayStack:
                                             "demo_ledger": self.upstreams["ledger"].port},
                                  access_log=self.access_log,
                                  ext_authz_timeout_s=self.envoy_ext_authz_timeout_s,
-                                 tls_dir=self.tls_certs.directory if self.tls_certs is not None else None)
+                                 tls_dir=self.tls_certs.directory if self.tls_certs is not None else None,
+                                 fast_path=self.fast_path)
             if self.envoy_config is not None:
                 cfg = self.envoy_config(cfg)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()

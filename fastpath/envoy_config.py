@@ -1,0 +1,171 @@
+"""The gateway's Envoy pieces for the fast path, as bootstrap dicts (docs/extauthz.md).
+
+``with_fast_path(bootstrap)`` turns a gateway bootstrap (``envoy/gateway.yaml``, or what
+``mpactl envoy render`` makes) into its fast-path variant:
+
+    jwt_authn -> header_mutation (drop client x-rpcauthz-*) -> rbac (ECDS rpcauthz_fast_path,
+    over ADS from the ext_authz cluster; default: the empty policy) -> ext_authz (only when
+    the RBAC shadow result is not "allowed") -> router
+
+plus, on every virtual host, the upstream headers ext_authz sets on an allow, filled from
+metadata when the fast path allowed (``x-rpcauthz-principal``: the verified claim;
+``x-rpcauthz-decision-id``: the RBAC policy id, e.g. ``v17/engineers``, never a 32-hex
+decision id), the ADS source, a node id and the RE2 program-size runtime limits.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .compile import KEY_HEADER, RESOURCE_NAME, SHADOW_PREFIX, empty_policy, key_value
+
+RBAC_NAMESPACE = "envoy.filters.http.rbac"
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+#: Dynamic metadata the RBAC filter writes (namespace ``envoy.filters.http.rbac``).
+SHADOW_RESULT_KEY = f"{SHADOW_PREFIX}shadow_engine_result"
+SHADOW_POLICY_KEY = f"{SHADOW_PREFIX}shadow_effective_policy_id"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+HEADER_PREFIX = "x-rpcauthz-"
+PRINCIPAL_HEADER = "x-rpcauthz-principal"
+DECISION_HEADER = "x-rpcauthz-decision-id"
+#: RE2 programs of the compiled alternations are far above Envoy's default limit (100).
+RE2_MAX_PROGRAM_SIZE = 4_000_000
+
+
+#: Access-log fields: the fast path's answer and the policy (version) that allowed.
+ACCESS_LOG_FIELDS = {
+    "fast_path": f"%DYNAMIC_METADATA({RBAC_NAMESPACE}:{SHADOW_RESULT_KEY})%",
+    "fast_path_policy": f"%DYNAMIC_METADATA({RBAC_NAMESPACE}:{SHADOW_POLICY_KEY})%",
+}
+
+
+def rbac_filter(*, initial_fetch_timeout: str = "0s") -> dict[str, Any]:
+    """The RBAC filter, its config from ECDS over ADS; until (and unless) one arrives, or
+    once Envoy drops it (TTL), the empty policy applies: every call to ext_authz."""
+    return {
+        "name": RESOURCE_NAME,
+        "config_discovery": {
+            "config_source": {"ads": {}, "resource_api_version": "V3",
+                              "initial_fetch_timeout": initial_fetch_timeout},
+            "default_config": {"@type": RBAC_TYPE, "shadow_rules": {"action": "ALLOW"},
+                               "shadow_rules_stat_prefix": empty_policy().shadow_rules_stat_prefix},
+            "apply_default_config_without_warming": True,
+            "type_urls": [RBAC_TYPE],
+        },
+    }
+
+
+def strip_filter(metadata_namespace: str = JWT_FILTER, payload_key: str = "jwt_payload",
+                 claim: str = "sub") -> dict[str, Any]:
+    """Removes every client-sent ``x-rpcauthz-*`` header before anything else may set one,
+    then sets the contributors policy's key (``x-rpcauthz-fast-key: :path SP claim=principal``;
+    removed again before the upstream, see ``fast_path_headers``)."""
+    return {
+        "name": "rpcauthz_strip_client_headers",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": [
+                {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}},
+                {"append": {"header": {
+                    "key": KEY_HEADER,
+                    "value": key_value("%REQ(:PATH)%", claim,
+                                       f"%DYNAMIC_METADATA({metadata_namespace}:{payload_key}:{claim})%")},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
+        },
+    }
+
+
+def ext_authz_enabled_metadata() -> dict[str, Any]:
+    """``filter_enabled_metadata`` for ext_authz: run unless RBAC's shadow result is
+    "allowed" (a missing result, e.g. a route without RBAC, runs it)."""
+    return {"filter": RBAC_NAMESPACE, "path": [{"key": SHADOW_RESULT_KEY}],
+            "value": {"string_match": {"exact": "allowed"}}, "invert": True}
+
+
+def fast_path_headers(metadata_namespace: str = JWT_FILTER, payload_key: str = "jwt_payload",
+                      claim: str = "sub") -> list[dict[str, Any]]:
+    """Upstream headers on a fast-path allow. Empty values are not added, so on the
+    ext_authz path these leave ext_authz's own headers as they are (the principal is the
+    same claim on both paths)."""
+    return [
+        {"header": {"key": PRINCIPAL_HEADER,
+                    "value": f"%DYNAMIC_METADATA({metadata_namespace}:{payload_key}:{claim})%"},
+         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD", "keep_empty_value": False},
+        {"header": {"key": DECISION_HEADER,
+                    "value": f"%DYNAMIC_METADATA({RBAC_NAMESPACE}:{SHADOW_POLICY_KEY})%"},
+         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD", "keep_empty_value": False},
+    ]
+
+
+def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
+                   node_id: str = "rpcauthz-gateway", claim: str = "sub") -> dict[str, Any]:
+    """A copy of ``bootstrap`` with the fast path wired into every HTTP connection manager
+    that has the ext_authz filter. Raises ``ValueError`` if there is none."""
+    cfg = copy.deepcopy(bootstrap)
+    wired = 0
+    for listener in cfg.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for f in chain.get("filters", []):
+                hcm = f.get("typed_config", {})
+                filters = hcm.get("http_filters")
+                if not filters or not any(h.get("name") == EXT_AUTHZ_FILTER for h in filters):
+                    continue
+                at = next(i for i, h in enumerate(filters) if h.get("name") == EXT_AUTHZ_FILTER)
+                filters[at]["typed_config"]["filter_enabled_metadata"] = ext_authz_enabled_metadata()
+                filters[at:at] = [strip_filter(claim=claim), rbac_filter()]
+                for log in hcm.get("access_log", []):
+                    fields = log.get("typed_config", {}).get("log_format", {}).get("json_format")
+                    if isinstance(fields, dict):
+                        fields.update(ACCESS_LOG_FIELDS)
+                for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
+                    vh.setdefault("request_headers_to_add", []).extend(fast_path_headers(claim=claim))
+                wired += 1
+    if not wired:
+        raise ValueError("no HTTP connection manager with the ext_authz filter to add the fast path to")
+    cfg.setdefault("node", {"id": node_id, "cluster": node_id})
+    cfg["dynamic_resources"] = {"ads_config": {
+        "api_type": "GRPC", "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": xds_cluster}}],
+        "set_node_on_first_message_only": True}}
+    layers = cfg.setdefault("layered_runtime", {"layers": []})["layers"]
+    layers.insert(0, {"name": "rpcauthz_fast_path", "static_layer": {
+        "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE,
+        "re2.max_program_size.warn_level": RE2_MAX_PROGRAM_SIZE}})
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastpath.envoy_config envoy/gateway.yaml``: its fast-path variant on stdout
+    (how envoy/gateway-fast-path.yaml is made; a test keeps the two in step)."""
+    import sys
+
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m fastpath.envoy_config GATEWAY_YAML", file=sys.stderr)
+        return 2
+    with open(args[0], encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    sys.stdout.write(HEADER + yaml.safe_dump(with_fast_path(cfg), sort_keys=False, default_flow_style=False))
+    return 0
+
+
+HEADER = """\
+# rpcauthz gateway WITH THE FAST PATH: envoy/gateway.yaml plus Envoy's RBAC filter over xDS.
+# Generated: python -m fastpath.envoy_config envoy/gateway.yaml > envoy/gateway-fast-path.yaml
+# (tests/test_envoy_configs.py checks it is current). Tune gateway.yaml, then regenerate;
+# every TUNE: line of gateway.yaml applies here too (comments are in gateway.yaml).
+#
+# Request path:  client -> jwt_authn -> rpcauthz_strip_client_headers (drop client x-rpcauthz-*)
+#   -> rpcauthz_fast_path (RBAC, shadow rules only, config from the ext_authz server over ADS;
+#      ENGINEERS_/CONTRIBUTORS_WITHOUT_APPROVAL calls of eligible callers are "allowed")
+#   -> ext_authz (skipped only when the shadow result is "allowed") -> router
+# The ext_authz server must run with fast_path.enabled: true. Without it (or when it is
+# gone for fast_path.ttl_s) the RBAC filter has the empty policy: every call goes to ext_authz.
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Keeps the fast path's policy current: recompile on grant or mode changes, push, debounced.
+
+Runs in the ext_authz server's event loop. Every ``poll_s`` it looks (from memory, no I/O)
+at the grants the server decides with (a new ``GrantSet`` object after every applied change:
+LISTEN/NOTIFY deltas, polling, reloads) and, every ``modes_check_s``, at what the reflection
+cache knows (and asks it to refresh entries past their TTL, which fast-path calls no longer
+do). A change waits ``debounce_s`` for more, then one compile (in a thread) and one push. At
+``CompiledPolicy.recompile_at`` (a grant about to expire) it recompiles without a change.
+
+Fail closed: grants that cannot be read (the store lost past ``grants_max_staleness_s``) or
+a compile that fails withdraw the fast path (the empty policy) until a compile succeeds.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from policy import GrantSet, Mode
+from reflection_cache.types import ServiceModes
+
+from .compile import JWT_SUB, CompiledPolicy, IdentitySource, compile_policy
+from .xds import FastPathXds
+
+log = logging.getLogger("fastpath.publisher")
+
+
+class GrantSource(Protocol):
+    def current(self) -> GrantSet: ...
+
+
+class KnownModes(Protocol):
+    """The reflection cache's view for the compiler (``reflection_cache.ReflectionCache``)."""
+
+    def known(self) -> dict[str, ServiceModes]: ...
+
+    def refresh_stale(self) -> int: ...
+
+
+@dataclasses.dataclass
+class PushRecord:
+    """One push: what was compiled and how long each step took (for metrics and docs)."""
+
+    version: str
+    compile_s: float
+    #: From the first change seen to the push (debounce + compile + hand-over).
+    lag_s: float
+    size_bytes: int
+    engineers: int
+    engineer_paths: int
+    contributor_services: int
+
+
+class Publisher:
+    """Compiles and pushes to ``xds``; ``run()`` until cancelled."""
+
+    def __init__(self, xds: FastPathXds, grants: GrantSource, modes: KnownModes, *,
+                 default_mode: Mode, dry_run: Iterable[str] = (),
+                 identity: IdentitySource = JWT_SUB, horizon: timedelta,
+                 debounce_s: float = 0.1, poll_s: float = 0.05, modes_check_s: float = 1.0,
+                 max_path_length: int = 512, max_regex_chars: int = 50_000,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 on_push: Callable[[PushRecord], None] | None = None) -> None:
+        self.xds, self.grants, self.modes = xds, grants, modes
+        self.default_mode, self.dry_run, self.identity = default_mode, frozenset(dry_run), identity
+        self.horizon, self.debounce_s, self.poll_s = horizon, debounce_s, poll_s
+        self.modes_check_s = modes_check_s
+        self.max_path_length, self.max_regex_chars = max_path_length, max_regex_chars
+        self.clock = clock
+        self.on_push = on_push or (lambda record: None)
+        self._versions = itertools.count(1)
+        self.current: CompiledPolicy | None = None
+        self.last_push: PushRecord | None = None
+        self.withdrawn: str | None = None
+
+    async def run(self) -> None:
+        """Until cancelled. An unexpected error withdraws the fast path, is logged, and the
+        loop starts over (a bug must never leave a stale policy in place)."""
+        while True:
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("fast-path publisher failed; withdrawing the fast path")
+                self.current, self.withdrawn = None, f"publisher failed: {e!r}"
+                self.xds.withdraw(self.withdrawn)
+                await asyncio.sleep(max(self.poll_s, 1.0))
+
+    async def _loop(self) -> None:
+        seen_grants: GrantSet | None = None
+        seen_modes: Mapping[str, ServiceModes] | None = None
+        modes: Mapping[str, ServiceModes] = {}
+        next_modes_check = 0.0
+        changed_at: float | None = None
+        while True:
+            now = time.monotonic()
+            try:
+                grants = self.grants.current()
+            except Exception as e:
+                if self.withdrawn is None:
+                    self.withdrawn = f"grants unavailable: {e}"
+                    self.xds.withdraw(self.withdrawn)
+                seen_grants = None  # recompile once they are back
+                await asyncio.sleep(self.poll_s)
+                continue
+            if now >= next_modes_check:
+                modes = self.modes.known()
+                self.modes.refresh_stale()
+                next_modes_check = now + self.modes_check_s
+            due = self.current is not None and self.current.recompile_at is not None \
+                and self.clock() >= self.current.recompile_at
+            if grants is not seen_grants or modes != seen_modes or due:
+                if changed_at is None:
+                    changed_at = now
+                if due or seen_grants is None or now - changed_at >= self.debounce_s:
+                    seen_grants, seen_modes = grants, modes
+                    await self._push(grants, dict(modes), changed_at)
+                    changed_at = None
+                    continue
+            await asyncio.sleep(self.poll_s)
+
+    async def _push(self, grants: GrantSet, modes: dict[str, ServiceModes], changed_at: float) -> None:
+        version = str(next(self._versions))
+        started = time.monotonic()
+        try:
+            compiled = await asyncio.to_thread(
+                compile_policy, modes, grants, self.clock(), version=version,
+                default_mode=self.default_mode, dry_run=self.dry_run, horizon=self.horizon,
+                identity=self.identity, max_path_length=self.max_path_length,
+                max_regex_chars=self.max_regex_chars)
+        except Exception as e:
+            log.exception("fast-path compile failed")
+            self.current = None
+            self.withdrawn = f"compile failed: {e}"
+            self.xds.withdraw(self.withdrawn)
+            return
+        compile_s = time.monotonic() - started
+        self.xds.publish(version, compiled.rbac)
+        self.current, self.withdrawn = compiled, None
+        self.last_push = PushRecord(version, compile_s, time.monotonic() - changed_at,
+                                    compiled.size_bytes, compiled.engineers, compiled.engineer_paths,
+                                    compiled.contributor_services)
+        log.info("fast path v%s: %d engineers x %d paths, %d contributor services, %d bytes, "
+                 "compiled in %.3f s", version, compiled.engineers, compiled.engineer_paths,
+                 compiled.contributor_services, compiled.size_bytes, compile_s)
+        self.on_push(self.last_push)

@@ -1,0 +1,239 @@
+"""The fast path's xDS server: ADS (state of the world) serving one ECDS resource.
+
+Every Envoy that connects subscribes to ``rpcauthz_fast_path``
+(``type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig``) and gets the current
+compiled RBAC config, wrapped in an ``envoy.service.discovery.v3.Resource`` with a ``ttl``.
+While the server lives it re-sends the resource (same version, same body) every
+``heartbeat_s``, which renews the TTL; when it is gone, Envoy drops the resource at the TTL
+and falls back to the ECDS ``default_config`` (the empty policy): every call then goes to
+ext_authz again. (Envoy 1.40's state-of-the-world mux drops body-less heartbeat resources
+before it renews TTLs, so a heartbeat must carry the body; Envoy sees the same config hash
+and does not rebuild the filter.)
+
+Fail closed:
+
+* a NACK withdraws the fast path on that Envoy: the server answers it with the empty
+  policy under a new version (Envoy would otherwise keep the last accepted, possibly
+  wider, policy), and tries again only with the next compiled policy;
+* ``withdraw()`` (grants unusable, a compile failure) pushes the empty policy everywhere.
+
+Versions are ``<n>`` for compiled policies (``v<n>/...`` policy names) and ``<n>.empty.<k>``
+for withdrawals. ``status()`` reports what each connected Envoy (node id) has ACKed.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.config.core.v3 import extension_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2, duration_pb2
+
+from .compile import RESOURCE_NAME, empty_policy
+
+log = logging.getLogger("fastpath.xds")
+
+#: The ECDS resource type.
+ECDS_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+
+
+@dataclasses.dataclass
+class NodeStatus:
+    """What one Envoy stream has been sent and has accepted."""
+
+    node: str
+    sent_version: str = ""
+    acked_version: str = ""
+    nacks: int = 0
+    last_nack: str = ""
+    withdrawn: bool = False
+    connected_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class _Stream:
+    """One Envoy's ADS stream: the nonce it must answer and what it was sent."""
+
+    def __init__(self, node: str) -> None:
+        self.status = NodeStatus(node)
+        self.subscribed = False
+        self.nonce = ""
+        self.nonce_version = ""
+        self.sent_rbac: http_rbac_pb2.RBAC | None = None
+
+
+class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]  # envoy ships no stubs
+    """ADS servicer; ``publish()`` a compiled policy, ``withdraw()`` to take it back."""
+
+    def __init__(self, *, ttl_s: float = 10.0, heartbeat_s: float | None = None,
+                 on_event: Callable[[str, str], None] | None = None) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        self.ttl_s = ttl_s
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else ttl_s / 3
+        if not 0 < self.heartbeat_s < ttl_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be positive and below ttl_s ({ttl_s})")
+        self._on_event = on_event or (lambda kind, node: None)
+        self._version = "0.empty.0"
+        self._rbac = empty_policy()
+        self._empty_count = itertools.count(1)
+        self._nonces = itertools.count(1)
+        self._changed = asyncio.Event()
+        self._generation = 0
+        self._streams: set[_Stream] = set()
+        self.published_at: float | None = None
+
+    # --- the control side ---------------------------------------------------------------
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def publish(self, version: str, rbac: http_rbac_pb2.RBAC) -> None:
+        """Make ``rbac`` (compiled with ``version``) the policy every Envoy gets."""
+        self._version, self._rbac = version, rbac
+        self._bump()
+
+    def withdraw(self, why: str) -> None:
+        """Push the empty policy to every Envoy (everything goes to ext_authz)."""
+        log.warning("fast path withdrawn: %s", why)
+        self._version = f"{self._base(self._version)}.empty.{next(self._empty_count)}"
+        self._rbac = empty_policy()
+        self._bump()
+
+    def status(self) -> list[NodeStatus]:
+        """The connected Envoys, by node id."""
+        return [dataclasses.replace(s.status) for s in self._streams]
+
+    def _bump(self) -> None:
+        self._generation += 1
+        self.published_at = time.monotonic()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @staticmethod
+    def _base(version: str) -> str:
+        return version.split(".", 1)[0]
+
+    # --- the ADS stream -----------------------------------------------------------------
+
+    async def StreamAggregatedResources(  # noqa: N802 (the gRPC method's name)
+            self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+            context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for r in request_iterator:
+                    await requests.put(r)
+            finally:
+                await requests.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        stream: _Stream | None = None
+        sent_generation = -1
+        next_heartbeat = float("inf")
+        try:
+            while True:
+                changed = self._changed
+                waits: list[asyncio.Future[object]] = [
+                    asyncio.ensure_future(requests.get()), asyncio.ensure_future(changed.wait())]
+                timeout = max(0.0, next_heartbeat - time.monotonic())
+                done, pending = await asyncio.wait(waits, timeout=timeout,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for f in pending:
+                    f.cancel()
+                request = waits[0].result() if waits[0] in done else False
+                if request is None:
+                    return  # Envoy closed the stream
+                send: bool | str = False
+                if isinstance(request, discovery_pb2.DiscoveryRequest):
+                    if stream is None:
+                        stream = _Stream(request.node.id or context.peer())
+                        self._streams.add(stream)
+                        self._on_event("connect", stream.status.node)
+                    send = self._on_request(stream, request)
+                    if send == "withdraw":
+                        yield self._response(stream, *self._withdrawn_for(stream))
+                        next_heartbeat = time.monotonic() + self.heartbeat_s
+                        continue
+                if stream is None or not stream.subscribed:
+                    continue
+                if send or sent_generation != self._generation:
+                    if sent_generation != self._generation:
+                        stream.status.withdrawn = False
+                    sent_generation = self._generation
+                    if stream.status.withdrawn:
+                        yield self._response(stream, *self._withdrawn_for(stream))
+                    else:
+                        yield self._response(stream, self._version, self._rbac)
+                    next_heartbeat = time.monotonic() + self.heartbeat_s
+                elif time.monotonic() >= next_heartbeat:
+                    yield self._response(stream, stream.status.sent_version, stream.sent_rbac)
+                    next_heartbeat = time.monotonic() + self.heartbeat_s
+        finally:
+            reader.cancel()
+            if stream is not None:
+                self._streams.discard(stream)
+                self._on_event("disconnect", stream.status.node)
+
+    def _on_request(self, stream: _Stream, r: discovery_pb2.DiscoveryRequest) -> bool | str:
+        """Handle one request; True: send the current policy; "withdraw": a NACK."""
+        if r.type_url != ECDS_TYPE:
+            return False
+        wanted = RESOURCE_NAME in r.resource_names
+        if not wanted:
+            stream.subscribed = False
+            return False
+        first = not stream.subscribed
+        stream.subscribed = True
+        if first or not r.response_nonce:
+            return True
+        if r.response_nonce != stream.nonce:
+            return False  # an answer to an older response: superseded
+        if r.HasField("error_detail") and r.error_detail.code != 0:
+            stream.status.nacks += 1
+            stream.status.last_nack = r.error_detail.message[:500]
+            self._on_event("nack", stream.status.node)
+            log.error("Envoy %s rejected fast-path version %s: %s; withdrawing the fast path there",
+                      stream.status.node, stream.nonce_version, r.error_detail.message[:500])
+            if stream.status.withdrawn:
+                return False  # the empty policy itself was refused: nothing narrower to send
+            stream.status.withdrawn = True
+            return "withdraw"
+        stream.status.acked_version = r.version_info
+        self._on_event("ack", stream.status.node)
+        return False
+
+    def _withdrawn_for(self, stream: _Stream) -> tuple[str, http_rbac_pb2.RBAC]:
+        stream.status.withdrawn = True
+        return f"{self._base(self._version)}.empty.{next(self._empty_count)}", empty_policy()
+
+    def _response(self, stream: _Stream, version: str, rbac: http_rbac_pb2.RBAC | None
+                  ) -> discovery_pb2.DiscoveryResponse:
+        """A response carrying ``rbac`` under ``version``, valid for the TTL."""
+        resource = discovery_pb2.Resource(name=RESOURCE_NAME, version=version,
+                                          ttl=_duration(self.ttl_s))
+        config = extension_pb2.TypedExtensionConfig(name=RESOURCE_NAME)
+        config.typed_config.Pack(rbac if rbac is not None else empty_policy())
+        resource.resource.Pack(config)
+        stream.sent_rbac = rbac
+        wrapped = any_pb2.Any()
+        wrapped.Pack(resource)
+        stream.nonce = str(next(self._nonces))
+        stream.nonce_version = version
+        stream.status.sent_version = version
+        return discovery_pb2.DiscoveryResponse(version_info=version, type_url=ECDS_TYPE,
+                                               nonce=stream.nonce, resources=[wrapped])
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d

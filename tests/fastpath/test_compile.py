@@ -1,0 +1,213 @@
+"""The fast-path compiler (pure): Envoy allows through RBAC only what decide() allows from grants
+and mode alone, never a dry-run service, never past a grant's expiry."""
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import policy
+from fastpath.compile import IdentitySource, compile_policy, empty_policy, re2_escape
+from policy import Grant, GrantSet, Mode, Outcome, Role, Target
+from reflection_cache.types import ServiceModes
+from tests.support.fastpath_rbac import shadow_allows
+
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+H = timedelta(seconds=60)
+EWA, CWA = Mode.ENGINEERS_WITHOUT_APPROVAL, Mode.CONTRIBUTORS_WITHOUT_APPROVAL
+
+
+def modes(**services: dict[str, Mode | None]) -> dict[str, ServiceModes]:
+    return {name.replace("_", "."): ServiceModes(name.replace("_", "."), methods)
+            for name, methods in services.items()}
+
+
+def compiled(m: dict[str, ServiceModes], grants: list[Grant], **kw: object):
+    kw.setdefault("default_mode", Mode.BREAK_GLASS_ONLY)
+    return compile_policy(m, GrantSet(grants), NOW, version="7", horizon=H, **kw)  # type: ignore[arg-type]
+
+
+def test_engineers_and_contributors_are_allowed_exactly_as_decide_says() -> None:
+    m = modes(a_v1_S={"Open": EWA, "Team": CWA, "Ask": Mode.ENGINEERS_WITH_APPROVAL,
+                      "Glass": Mode.BREAK_GLASS_ONLY, "Unset": None})
+    c = compiled(m, [Grant("eng", Role.ENGINEER), Grant("dev", Role.ENGINEER),
+                     Grant("dev", Role.CONTRIBUTOR, "a.v1.S"),
+                     Grant("contrib-only", Role.CONTRIBUTOR, "a.v1.S")])
+    rb = c.rbac
+    assert shadow_allows(rb, "eng", "/a.v1.S/Open") == "v7/engineers"
+    assert shadow_allows(rb, "dev", "/a.v1.S/Team") == "v7/contributors"
+    assert shadow_allows(rb, "eng", "/a.v1.S/Team") is None            # not a contributor
+    assert shadow_allows(rb, "contrib-only", "/a.v1.S/Team") is None   # not an engineer
+    assert shadow_allows(rb, "contrib-only", "/a.v1.S/Open") is None
+    for method in ("Ask", "Glass", "Unset", "Nope"):                   # approval, default, unknown
+        assert shadow_allows(rb, "dev", f"/a.v1.S/{method}") is None
+    assert shadow_allows(rb, "eng", "/a.v1.S/Open", method="GET") is None
+    assert shadow_allows(rb, "eng", "/a.v1.S/Open?x=1") is None        # ext_authz refuses queries
+    assert shadow_allows(rb, None, "/a.v1.S/Open") is None             # no verified principal
+    assert not rb.HasField("rules") and rb.shadow_rules_stat_prefix == "rpcauthz_fast_"
+    assert (c.engineers, c.engineer_paths, c.contributor_services) == (2, 1, 1)
+
+
+def test_the_configured_default_mode_applies_to_unannotated_methods() -> None:
+    m = modes(a_v1_S={"Unset": None})
+    grants = [Grant("eng", Role.ENGINEER)]
+    assert shadow_allows(compiled(m, grants).rbac, "eng", "/a.v1.S/Unset") is None
+    assert shadow_allows(compiled(m, grants, default_mode=EWA).rbac, "eng", "/a.v1.S/Unset")
+    svc_default = {"a.v1.S": ServiceModes("a.v1.S", {"Unset": None}, service_default=EWA)}
+    assert shadow_allows(compiled(svc_default, grants).rbac, "eng", "/a.v1.S/Unset")
+
+
+def test_dry_run_services_are_never_compiled_in() -> None:
+    m = modes(a_v1_S={"Open": EWA}, b_v1_T={"Open": EWA, "Team": CWA})
+    c = compiled(m, [Grant("eng", Role.ENGINEER), Grant("eng", Role.CONTRIBUTOR, "b.v1.T")],
+                 dry_run=["b.v1.T"])
+    assert shadow_allows(c.rbac, "eng", "/a.v1.S/Open")
+    assert shadow_allows(c.rbac, "eng", "/b.v1.T/Open") is None
+    assert shadow_allows(c.rbac, "eng", "/b.v1.T/Team") is None
+
+
+def test_a_grant_expiring_within_the_horizon_is_left_out_and_the_next_expiry_is_reported() -> None:
+    m = modes(a_v1_S={"Open": EWA, "Team": CWA})
+    soon, later = NOW + H - timedelta(seconds=1), NOW + timedelta(hours=2)
+    c = compiled(m, [Grant("soon", Role.ENGINEER, expires_at=soon),
+                     Grant("later", Role.ENGINEER, expires_at=later),
+                     Grant("later", Role.CONTRIBUTOR, "a.v1.S", expires_at=later + H),
+                     Grant("forever", Role.ENGINEER)])
+    assert shadow_allows(c.rbac, "soon", "/a.v1.S/Open") is None
+    assert shadow_allows(c.rbac, "later", "/a.v1.S/Open")
+    assert shadow_allows(c.rbac, "later", "/a.v1.S/Team")
+    assert shadow_allows(c.rbac, "forever", "/a.v1.S/Open")
+    assert c.recompile_at == later - H
+    # Recompiled then, the grant is gone before it expires.
+    c2 = compile_policy(m, GrantSet(list(GrantSet([Grant("later", Role.ENGINEER, expires_at=later)]))),
+                        c.recompile_at, version="8", default_mode=Mode.BREAK_GLASS_ONLY, horizon=H)
+    assert shadow_allows(c2.rbac, "later", "/a.v1.S/Open") is None
+    assert compiled(m, [Grant("x", Role.ENGINEER)]).recompile_at is None
+
+
+def test_already_expired_grants_allow_nothing() -> None:
+    m = modes(a_v1_S={"Open": EWA})
+    c = compiled(m, [Grant("old", Role.ENGINEER, expires_at=NOW - timedelta(seconds=1))])
+    assert c.empty and shadow_allows(c.rbac, "old", "/a.v1.S/Open") is None
+
+
+def test_principals_and_paths_ext_authz_would_refuse_are_left_out() -> None:
+    m = modes(a_v1_S={"Open": EWA})
+    long_method = "M" * 600
+    m["a.v1.S"] = ServiceModes("a.v1.S", {"Open": EWA, long_method: EWA})
+    c = compiled(m, [Grant("has space", Role.ENGINEER), Grant("x" * 300, Role.ENGINEER),
+                     Grant("ok", Role.ENGINEER)])
+    assert shadow_allows(c.rbac, "has space", "/a.v1.S/Open") is None
+    assert shadow_allows(c.rbac, "x" * 300, "/a.v1.S/Open") is None
+    assert shadow_allows(c.rbac, "ok", f"/a.v1.S/{long_method}") is None
+    assert c.engineers == 1
+
+
+def test_regex_metacharacters_in_principals_are_literal() -> None:
+    m = modes(a_v1_S={"Open": EWA})
+    c = compiled(m, [Grant("a.b+c@x(y)|z", Role.ENGINEER), Grant("jörg", Role.ENGINEER)])
+    assert shadow_allows(c.rbac, "a.b+c@x(y)|z", "/a.v1.S/Open")
+    assert shadow_allows(c.rbac, "jörg", "/a.v1.S/Open")
+    for near in ("aXb+c@x(y)|z", "z", "a.b+c@x(y)", "jorg"):
+        assert shadow_allows(c.rbac, near, "/a.v1.S/Open") is None
+    assert re2_escape("a.b/c") == "a\\.b/c"
+
+
+def test_large_sets_are_split_into_bounded_regexes_that_still_match() -> None:
+    m = modes(a_v1_S={"Open": EWA})
+    people = [f"engineer-{i:05d}@example.com" for i in range(3000)]
+    c = compiled(m, [Grant(p, Role.ENGINEER) for p in people], max_regex_chars=10_000)
+    pol = c.rbac.shadow_rules.policies["v7/engineers"]
+    assert len(pol.principals) > 5
+    assert all(len(p.sourced_metadata.metadata_matcher.value.string_match.safe_regex.regex) < 10_100
+               for p in pol.principals)
+    for p in (people[0], people[1234], people[-1]):
+        assert shadow_allows(c.rbac, p, "/a.v1.S/Open")
+    assert shadow_allows(c.rbac, "engineer-99999@example.com", "/a.v1.S/Open") is None
+
+
+def test_nothing_to_allow_is_the_empty_policy() -> None:
+    c = compiled({}, [Grant("eng", Role.ENGINEER)])
+    assert c.empty and c.rbac == empty_policy() and c.recompile_at is None
+
+
+def test_bad_arguments_are_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="horizon"):
+        compile_policy({}, GrantSet(), NOW, version="1", default_mode=EWA, horizon=-H)
+    with pytest.raises(ValueError, match="max_regex_chars"):
+        compile_policy({}, GrantSet(), NOW, version="1", default_mode=EWA, max_regex_chars=3)
+
+
+def test_the_identity_claim_location_is_configurable() -> None:
+    c = compiled(modes(a_v1_S={"Open": EWA}), [Grant("eng", Role.ENGINEER)],
+                 identity=IdentitySource("my.jwt", "payload", "email"))
+    m = c.rbac.shadow_rules.policies["v7/engineers"].principals[0].sourced_metadata.metadata_matcher
+    assert m.filter == "my.jwt" and [s.key for s in m.path] == ["payload", "email"]
+
+
+# --- the property: whatever the fast path allows, decide() allows ---------------------------
+
+SERVICES = ["a.v1.S", "b.v1.T", "c.Svc"]
+METHODS = ["Get", "Put", "Del"]
+PEOPLE = ["ann", "bob", "cy", "d.e+f"]
+MODE_OR_NONE = st.one_of(st.none(), st.sampled_from(list(Mode)[1:]))
+
+
+@st.composite
+def worlds(draw: st.DrawFn):
+    m = {s: ServiceModes(s, {meth: draw(MODE_OR_NONE) for meth in METHODS},
+                         service_default=draw(MODE_OR_NONE))
+         for s in SERVICES if draw(st.booleans())}
+    offsets = st.one_of(st.none(), st.integers(-120, 600))
+    grants = []
+    for p in PEOPLE:
+        if draw(st.booleans()):
+            off = draw(offsets)
+            grants.append(Grant(p, Role.ENGINEER, expires_at=None if off is None else NOW + timedelta(seconds=off)))
+        for s in SERVICES:
+            if draw(st.integers(0, 2)) == 0:
+                off = draw(offsets)
+                grants.append(Grant(p, Role.CONTRIBUTOR, s,
+                                    expires_at=None if off is None else NOW + timedelta(seconds=off)))
+    dry = draw(st.sets(st.sampled_from(SERVICES), max_size=1))
+    default = draw(st.sampled_from(list(Mode)[1:]))
+    return m, grants, dry, default
+
+
+@settings(max_examples=300, deadline=None)
+@given(worlds(), st.integers(0, 59))
+def test_fast_path_allows_are_decide_allows_until_the_recompile(world, later_s: int) -> None:
+    m, grants, dry, default = world
+    gs = GrantSet(grants)
+    c = compile_policy(m, gs, NOW, version="1", default_mode=default, dry_run=dry, horizon=H)
+    when = NOW + timedelta(seconds=later_s)
+    if c.recompile_at is not None:
+        when = min(when, c.recompile_at + H - timedelta(microseconds=1))
+    for p in PEOPLE:
+        for s in SERVICES:
+            for meth in METHODS:
+                allowed = shadow_allows(c.rbac, p, f"/{s}/{meth}")
+                if s not in m:
+                    assert allowed is None
+                    continue
+                mode, _ = m[s].mode_for(meth, default)
+                decided = policy.decide(p, Target(s, meth), mode, gs, (), when)
+                if allowed:
+                    assert s not in dry
+                    assert decided.outcome is Outcome.ALLOW and not mode.needs_approval
+                # and with no expiry in sight, the fast path takes every such allow
+                at_now = policy.decide(p, Target(s, meth), mode, gs, (), NOW + H + timedelta(seconds=1))
+                if at_now.outcome is Outcome.ALLOW and s not in dry:
+                    assert allowed
+
+
+def test_a_gateway_keyed_on_another_claim_never_matches_the_contributors_policy() -> None:
+    """The key header names its claim (``sub=...``): a gateway rendered for ``sub`` in front of
+    a server that identifies callers by ``email`` fails closed, even if a sub equals an email."""
+    m = modes(a_v1_S={"Team": CWA})
+    c = compiled(m, [Grant("bob@corp", Role.ENGINEER), Grant("bob@corp", Role.CONTRIBUTOR, "a.v1.S")],
+                 identity=IdentitySource(claim="email"))
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="email") == "v7/contributors"
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="sub") is None

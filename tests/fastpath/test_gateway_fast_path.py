@@ -1,0 +1,125 @@
+"""The fast path through the whole gateway (real Envoy, the ext_authz server on PostgreSQL with
+LISTEN/NOTIFY, the demo services): static allows are answered by Envoy's RBAC filter without
+a Check, upstreams see the same principal header, denials and approval modes keep today's
+path and messages, a revoked grant stops being a fast allow within a bound, and a killed
+control plane withdraws the fast path within the TTL (calls then fail closed)."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import grpc
+import pytest
+
+from policy import Grant, Role
+from policy.stores import open_store
+from tests.support.gateway_harness import ACCOUNTS, GatewayStack
+
+pytestmark = [pytest.mark.envoy, pytest.mark.postgres, pytest.mark.slow]
+
+LIST = f"/{ACCOUNTS}/ListAccounts"      # ENGINEERS_WITHOUT_APPROVAL
+UPDATE = f"/{ACCOUNTS}/UpdateLimits"    # CONTRIBUTORS_WITHOUT_APPROVAL
+READ = f"/{ACCOUNTS}/ReadAccount"       # ENGINEERS_WITH_APPROVAL
+FAST = "http.engineers_grpc.rbac.rpcauthz_fast_."
+CHECKS = "http.engineers_grpc.ext_authz."
+TTL = 3.0
+
+
+def counters(gw: GatewayStack) -> dict[str, int]:
+    assert gw.envoy is not None
+    s = gw.envoy.stats()
+    return {k: int(v) for k, v in s.items()
+            if k.startswith((FAST, CHECKS)) and isinstance(v, int)}
+
+
+def call_counted(gw: GatewayStack, path: str, who: str, **kw):
+    """A call, and which path answered it: "fast" (Envoy's RBAC) or "ext_authz"."""
+    before = counters(gw)
+    r = gw.call(path, as_=who, **kw)
+    after = counters(gw)
+    fast = after.get(FAST + "shadow_allowed", 0) - before.get(FAST + "shadow_allowed", 0)
+    return r, "fast" if fast else "ext_authz"
+
+
+def until_fast(gw: GatewayStack, path: str, who: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, how = call_counted(gw, path, who)
+        if how == "fast":
+            return r
+        time.sleep(0.1)
+    raise TimeoutError(f"{who} {path} never took the fast path")
+
+
+def upstream_metadata(result) -> dict[str, str]:
+    return json.loads(result.replies[0]["message"])["metadata"]
+
+
+def test_fast_path_through_the_gateway(tmp_path, pg_dsn) -> None:
+    grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER),
+              Grant("bob", Role.CONTRIBUTOR, ACCOUNTS)]
+    with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True,
+                      extauthz={"fast_path.modes_check_s": 0.2, "fast_path.debounce_s": 0.05}) as gw:
+        # The first call learns the mode through ext_authz; soon Envoy answers it alone.
+        r = until_fast(gw, LIST, "alice")
+        assert r.code is grpc.StatusCode.OK
+        meta = upstream_metadata(r)
+        assert meta["x-rpcauthz-principal"] == "alice"
+        assert meta["x-rpcauthz-decision-id"].startswith("v") and "/engineers" in meta["x-rpcauthz-decision-id"]
+        before = counters(gw)
+        r, how = call_counted(gw, LIST, "alice")
+        assert (r.code, how) == (grpc.StatusCode.OK, "fast")
+        assert counters(gw).get(CHECKS + "ok", 0) == before.get(CHECKS + "ok", 0), "ext_authz was asked"
+
+        # Forged decision headers never reach the upstream on the fast path either.
+        r, how = call_counted(gw, LIST, "alice", metadata=[("x-rpcauthz-principal", "mallory"),
+                                                           ("x-rpcauthz-approval", "forged")])
+        assert how == "fast" and r.code is grpc.StatusCode.OK
+        meta = upstream_metadata(r)
+        assert meta["x-rpcauthz-principal"] == "alice" and "x-rpcauthz-approval" not in meta
+
+        # Denials and approval modes: today's path and words.
+        r, how = call_counted(gw, LIST, "carol")
+        assert (r.code, how) == (grpc.StatusCode.PERMISSION_DENIED, "ext_authz")
+        assert "carol holds no engineer grant" in r.message
+        r, how = call_counted(gw, UPDATE, "alice")
+        assert (r.code, how) == (grpc.StatusCode.PERMISSION_DENIED, "ext_authz")
+        assert "not a contributor" in r.message
+        r, how = call_counted(gw, READ, "alice")
+        assert (r.code, how) == (grpc.StatusCode.PERMISSION_DENIED, "ext_authz")
+        assert r.request_url
+
+        # A contributor's fast allow; the grant is revoked (NOTIFY); the next calls go to
+        # ext_authz and are denied, within a bound.
+        until_fast(gw, UPDATE, "bob")
+        store = open_store(pg_dsn)
+        try:
+            revoked_at = time.monotonic()
+            store.delete_grant("bob", Role.CONTRIBUTOR, ACCOUNTS)
+        finally:
+            store.close()
+        while True:
+            r, how = call_counted(gw, UPDATE, "bob")
+            lag = time.monotonic() - revoked_at
+            if how == "ext_authz":
+                break
+            assert lag < 5, f"bob's revoked grant still allowed by Envoy after {lag:.2f}s"
+            time.sleep(0.02)
+        assert r.code is grpc.StatusCode.PERMISSION_DENIED
+        print(f"grant revoke -> Envoy (NOTIFY, debounce, compile, ADS push): {lag * 1000:.0f} ms")
+
+        # The control plane is killed: within the TTL Envoy drops the fast path, and calls
+        # fail closed (ext_authz is gone: UNAVAILABLE), never allowed by a stale policy.
+        assert gw.extauthz is not None
+        gw.extauthz.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        while True:
+            r, how = call_counted(gw, LIST, "alice")
+            waited = time.monotonic() - killed_at
+            if how == "ext_authz":
+                break
+            assert waited < TTL + 2, f"Envoy still allowed on the fast path {waited:.1f}s after the kill"
+            time.sleep(0.1)
+        assert r.code is grpc.StatusCode.UNAVAILABLE
+        print(f"control plane killed -> fast path withdrawn after {waited:.1f}s (TTL {TTL}s)")

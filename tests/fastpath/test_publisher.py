@@ -1,0 +1,146 @@
+"""The publisher: what reaches the ADS server when grants or modes change, when a grant is about
+to expire, and when the grants cannot be read (withdrawn, never kept)."""
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from fastpath.publisher import Publisher
+from fastpath.xds import FastPathXds
+from policy import Grant, GrantSet, Mode, Role, StoreError
+from policy.grant_delta import GrantChange, GrantDelta
+from reflection_cache.types import ServiceModes
+from tests.support.fastpath_rbac import shadow_allows
+
+S = "a.v1.S"
+PATH = f"/{S}/Get"
+
+
+class Grants:
+    def __init__(self, gs: GrantSet) -> None:
+        self.gs: GrantSet | Exception = gs
+
+    def current(self) -> GrantSet:
+        if isinstance(self.gs, Exception):
+            raise self.gs
+        return self.gs
+
+
+class Modes:
+    def __init__(self, mode: Mode) -> None:
+        self.modes = {S: ServiceModes(S, {"Get": mode})}
+        self.refreshes = 0
+
+    def known(self) -> dict[str, ServiceModes]:
+        return dict(self.modes)
+
+    def refresh_stale(self) -> int:
+        self.refreshes += 1
+        return 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+def allows(pub: Publisher, who: str = "alice") -> bool:
+    return pub.current is not None and shadow_allows(pub.current.rbac, who, PATH) is not None
+
+
+@pytest.fixture
+async def running():
+    started: list[asyncio.Task[None]] = []
+
+    def start(pub: Publisher) -> Publisher:
+        started.append(asyncio.get_running_loop().create_task(pub.run()))
+        return pub
+    yield start
+    for t in started:
+        t.cancel()
+    await asyncio.gather(*started, return_exceptions=True)
+
+
+async def test_grant_and_mode_changes_are_pushed(running) -> None:
+    xds = FastPathXds(ttl_s=10)
+    grants = Grants(GrantSet([Grant("alice", Role.ENGINEER)], revision=1))
+    modes = Modes(Mode.ENGINEERS_WITHOUT_APPROVAL)
+    pushes = []
+    pub = running(Publisher(xds, grants, modes, default_mode=Mode.BREAK_GLASS_ONLY,
+                            horizon=timedelta(seconds=20), debounce_s=0.02, poll_s=0.01,
+                            modes_check_s=0.02, on_push=pushes.append))
+    await until(lambda: allows(pub))
+    assert xds.version == pub.current.version  # type: ignore[union-attr]
+
+    # A revoked grant (a delta) is recompiled and pushed.
+    grants.gs = grants.current().apply(GrantDelta(1, 2, (GrantChange(Grant("alice", Role.ENGINEER), deleted=True),)))
+    await until(lambda: not allows(pub))
+    assert pushes[-1].lag_s < 1
+
+    # A mode changed to an approval mode (after a reflection refresh) leaves the fast path.
+    grants.gs = GrantSet([Grant("alice", Role.ENGINEER)], revision=3)
+    await until(lambda: allows(pub))
+    modes.modes = {S: ServiceModes(S, {"Get": Mode.ENGINEERS_WITH_APPROVAL})}
+    await until(lambda: not allows(pub))
+    assert modes.refreshes > 0, "entries past their TTL are refreshed by the publisher"
+
+
+async def test_unreadable_grants_withdraw_then_recover(running) -> None:
+    xds = FastPathXds(ttl_s=10)
+    grants = Grants(GrantSet([Grant("alice", Role.ENGINEER)], revision=1))
+    pub = running(Publisher(xds, grants, Modes(Mode.ENGINEERS_WITHOUT_APPROVAL),
+                            default_mode=Mode.BREAK_GLASS_ONLY, horizon=timedelta(seconds=20),
+                            debounce_s=0.0, poll_s=0.01, modes_check_s=0.02))
+    await until(lambda: allows(pub))
+    grants.gs = StoreError("store lost for 120 s")
+    await until(lambda: ".empty." in xds.version)
+    assert pub.withdrawn and "store lost" in pub.withdrawn
+    grants.gs = GrantSet([Grant("alice", Role.ENGINEER)], revision=1)
+    await until(lambda: ".empty." not in xds.version and pub.withdrawn is None)
+
+
+async def test_a_grant_leaves_the_policy_before_it_expires(running) -> None:
+    clock = Clock()
+    horizon = timedelta(seconds=20)
+    expires = clock.now + timedelta(seconds=60)
+    grants = Grants(GrantSet([Grant("alice", Role.ENGINEER, expires_at=expires)], revision=1))
+    pub = running(Publisher(FastPathXds(ttl_s=10), grants, Modes(Mode.ENGINEERS_WITHOUT_APPROVAL),
+                            default_mode=Mode.BREAK_GLASS_ONLY, horizon=horizon, debounce_s=0.0,
+                            poll_s=0.01, modes_check_s=0.02, clock=clock))
+    await until(lambda: allows(pub))
+    assert pub.current is not None and pub.current.recompile_at == expires - horizon
+    clock.now = expires - horizon  # nothing changed but time: recompiled without the grant
+    await until(lambda: not allows(pub))
+
+
+async def test_a_failing_mode_source_withdraws_instead_of_dying(running, caplog) -> None:
+    class Broken(Modes):
+        def known(self) -> dict[str, ServiceModes]:
+            raise RuntimeError("boom")
+
+    xds = FastPathXds(ttl_s=10)
+    xds.publish("9", shadow_policy_for_alice())
+    pub = running(Publisher(xds, Grants(GrantSet([Grant("alice", Role.ENGINEER)])), Broken(Mode.ENGINEERS_WITHOUT_APPROVAL),
+                            default_mode=Mode.BREAK_GLASS_ONLY, horizon=timedelta(seconds=20), poll_s=0.01))
+    await until(lambda: ".empty." in xds.version)
+    assert pub.withdrawn and "boom" in pub.withdrawn
+    assert "withdrawing the fast path" in caplog.text
+
+
+def shadow_policy_for_alice():
+    from fastpath.compile import compile_policy
+    return compile_policy({S: ServiceModes(S, {"Get": Mode.ENGINEERS_WITHOUT_APPROVAL})},
+                          GrantSet([Grant("alice", Role.ENGINEER)]), datetime.now(UTC), version="9",
+                          default_mode=Mode.BREAK_GLASS_ONLY).rbac

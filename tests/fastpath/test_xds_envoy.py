@@ -1,0 +1,200 @@
+"""The fast path's ADS server against the real Envoy binary: a NACKed update and a dead control
+plane withdraw the fast path (Envoy's shadow result turns "denied": every call would go to
+ext_authz), an Envoy that (re)connects gets the current policy.
+
+A small Envoy: a fixed principal in jwt_authn's metadata namespace (set_metadata), the RBAC
+filter over ECDS/ADS from this test's server, a direct response; the access log says what
+the shadow engine answered."""
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import time
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
+from devstack.processes import EnvoyProcess, free_port
+from fastpath.compile import RESOURCE_NAME, compile_policy
+from fastpath.envoy_config import ACCESS_LOG_FIELDS, RE2_MAX_PROGRAM_SIZE, rbac_filter
+from fastpath.xds import FastPathXds
+from policy import Grant, GrantSet, Mode, Role
+from reflection_cache.types import ServiceModes
+
+pytestmark = pytest.mark.envoy
+
+PATH = "/a.v1.S/Get"
+STATS = "http.t.rbac.rpcauthz_fast_."
+TTL = 2.0
+
+
+def _envoy_config(xds_port: int, log: pathlib.Path) -> dict[str, Any]:
+    return {
+        "node": {"id": "test-gw", "cluster": "test-gw"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
+        "dynamic_resources": {"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                                             "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}},
+        "layered_runtime": {"layers": [{"name": "re2", "static_layer": {
+            "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE}}]},
+        "static_resources": {
+            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                        "port_value": free_port()}},
+                           "filter_chains": [{"filters": [{
+                               "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                                   "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                   "stat_prefix": "t",
+                                   "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+                                       "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                                       "path": str(log), "log_format": {"json_format": dict(ACCESS_LOG_FIELDS)}}}],
+                                   "http_filters": [
+                                       {"name": "envoy.filters.http.set_metadata", "typed_config": {
+                                           "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+                                           "metadata": [{"metadata_namespace": "envoy.filters.http.jwt_authn",
+                                                         "value": {"jwt_payload": {"sub": "alice"}}}]}},
+                                       rbac_filter(),
+                                       {"name": "envoy.filters.http.router", "typed_config": {
+                                           "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                                   "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [
+                                       # A dry-run service's route, as `mpactl envoy render` makes it.
+                                       {"match": {"prefix": "/dry.v1.S/"}, "direct_response": {"status": 200},
+                                        "typed_per_filter_config": {RESOURCE_NAME: {
+                                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                                            "disabled": True}}},
+                                       {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]}}}]}]}],
+            "clusters": [{"name": "xds", "type": "STATIC", "connect_timeout": "0.25s",
+                          "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                              "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                              "explicit_http_config": {"http2_protocol_options": {}}}},
+                          "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                              "address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}]}}]},
+    }
+
+
+class Harness:
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.xds = FastPathXds(ttl_s=TTL)
+        self.server: grpc.aio.Server | None = None
+        self.log = tmp / "access.log"
+        self.envoy: EnvoyProcess | None = None
+
+    async def start_server(self) -> None:
+        self.server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self.server.start()
+
+    def start_envoy(self, name: str = "envoy") -> None:
+        self.log = self.tmp / f"{name}-access.log"
+        self.envoy = EnvoyProcess(_envoy_config(self.port, self.log), self.tmp, name=name).wait_ready()
+
+    async def shadow(self, path: str = PATH) -> str | None:
+        """One call through Envoy; what the RBAC shadow engine answered (from Envoy's stats;
+        None: the filter did not run)."""
+        assert self.envoy is not None
+        envoy = self.envoy
+        before = envoy.stats(STATS)
+        req = urllib.request.Request(f"http://127.0.0.1:{envoy.port}{path}", data=b"x", method="POST")
+        await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=5).read())
+        after = envoy.stats(STATS)
+        changed = [k.rsplit(".", 1)[1] for k in after if after[k] != before.get(k)]
+        if not changed:
+            return None
+        assert len(changed) == 1, (before, after)
+        return {"shadow_allowed": "allowed", "shadow_denied": "denied"}[changed[0]]
+
+    async def until(self, want: str, timeout: float) -> float:
+        """Seconds until a call's shadow result is ``want`` (TimeoutError after ``timeout``)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if await self.shadow() == want:
+                return time.monotonic() - t0
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"no call was shadow-{want} within {timeout}s")
+
+    async def stop(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+        if self.server is not None:
+            await self.server.stop(0)
+
+
+async def acked(h: Harness, want) -> str:
+    """The version Envoy ACKed, once ``want(version)`` holds (Envoy applies before it ACKs)."""
+    for _ in range(100):
+        version = h.xds.status()[0].acked_version
+        if want(version):
+            break
+        await asyncio.sleep(0.05)
+    return version
+
+
+def _policy(version: str, principal: str = "alice"):
+    modes = {s: ServiceModes(s, {"Get": Mode.ENGINEERS_WITHOUT_APPROVAL}) for s in ("a.v1.S", "dry.v1.S")}
+    return compile_policy(modes, GrantSet([Grant(principal, Role.ENGINEER)]), datetime.now(UTC),
+                          version=version, default_mode=Mode.BREAK_GLASS_ONLY).rbac
+
+
+async def test_nack_withdraws_dead_control_plane_withdraws_restart_gets_current(tmp_path: pathlib.Path) -> None:
+    h = Harness(tmp_path)
+    await h.start_server()
+    try:
+        h.start_envoy()
+        h.xds.publish("1", _policy("1"))
+        await h.until("allowed", 10)
+        [node] = h.xds.status()
+        assert node.node == "test-gw" and node.acked_version == "1"
+        # A route that turns the filter off (dry-run): no shadow result, so ext_authz would run.
+        assert await h.shadow("/dry.v1.S/Get") is None
+
+        # A policy Envoy refuses (a regex that does not compile): not kept, not the old one:
+        # the empty policy is pushed, and calls are shadow-denied (to ext_authz).
+        bad = _policy("2")
+        pol = bad.shadow_rules.policies["v2/engineers"]
+        pol.permissions[0].and_rules.rules[1].header.string_match.safe_regex.regex = "(("
+        h.xds.publish("2", bad)
+        await h.until("denied", 5)
+        [node] = h.xds.status()
+        assert node.nacks == 1 and node.withdrawn and "missing )" in node.last_nack
+        assert ".empty." in await acked(h, lambda v: ".empty." in v)
+        assert await h.shadow() == "denied"
+
+        # The next good policy is taken again, and refreshes keep it past the TTL.
+        h.xds.publish("3", _policy("3"))
+        await h.until("allowed", 5)
+        await asyncio.sleep(TTL * 2)
+        assert await h.shadow() == "allowed"
+
+        # An Envoy (re)started meanwhile gets the current policy at once.
+        assert h.envoy is not None
+        h.envoy.stop()
+        h.start_envoy("envoy2")
+        await h.until("allowed", 10)
+
+        # The control plane dies: Envoy drops the policy at the TTL (default config: empty).
+        assert h.server is not None
+        await h.server.stop(0)
+        h.server = None
+        took = await h.until("denied", TTL + 5)
+        assert took <= TTL + 2, f"withdrawn only after {took:.1f}s (TTL {TTL}s)"
+    finally:
+        await h.stop()
+
+
+async def test_withdraw_reaches_every_connected_envoy(tmp_path: pathlib.Path) -> None:
+    h = Harness(tmp_path)
+    await h.start_server()
+    try:
+        h.start_envoy()
+        h.xds.publish("1", _policy("1"))
+        await h.until("allowed", 10)
+        h.xds.withdraw("test: grants unavailable")
+        await h.until("denied", 5)
+        assert (await acked(h, lambda v: v.startswith("1.empty."))).startswith("1.empty.")
+    finally:
+        await h.stop()
