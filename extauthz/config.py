@@ -291,8 +291,6 @@ class Settings(Section):
     approvals: Approvals = Approvals()
     audit: Audit = Audit()
     health: Health = Health()
-    #: Envoy decides plain allows itself (RBAC) and streams them here for the audit.
-    fast_path: FastPath = FastPath()
     #: Endpoints, cache and TLS: reflection_cache/settings.py (shared with the approvals server).
     reflection: ReflectionSettings = ReflectionSettings()
     #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
@@ -301,7 +299,8 @@ class Settings(Section):
     grants_reload_s: float = Field(30.0, gt=0)
     #: Past this age without a successful load, grants are unusable: every check is a 503.
     grants_max_staleness_s: float = Field(120.0, gt=0)
-    #: The Envoy-native fast path (RBAC over xDS); off by default.
+    #: The Envoy-native fast path (RBAC over xDS; Envoy streams its allows here for the
+    #: audit); off by default.
     fast_path: FastPath = FastPath()
 
     @model_validator(mode="after")
