@@ -197,6 +197,25 @@ async def test_size_bound_evicts_least_recently_used(server, make_cache):
     assert server.servicer.symbol_questions[ORDERS_ADMIN] == 2
 
 
+async def test_an_entry_used_since_it_was_stored_outlives_older_unused_ones(server, make_cache):
+    """Second chance: a hit (also through ``get_fresh``, the server's fast path) only marks
+    its entry; when the bound is reached the oldest unmarked entry goes, and a marked one
+    is kept once with its mark cleared."""
+    cache = make_cache(server.address, CacheSettings(max_entries=2, deadline=2))
+    await cache.get(ORDERS)
+    await cache.get(ORDERS_ADMIN)
+    assert cache.get_fresh(ORDERS) is not None      # ORDERS, the oldest, is used again
+    for gone in ("shop.orders.v1.Gone1", "shop.orders.v1.Gone2"):
+        with pytest.raises(UnknownService):
+            await cache.get(gone)
+    # Gone1 pushed out ORDERS_ADMIN (ORDERS was passed over); Gone2 pushed out ORDERS,
+    # which was not used again after that.
+    assert ORDERS_ADMIN not in cache and ORDERS not in cache
+    assert cache.stats()["entries"] == 2 and cache.stats()["evictions"] == 2
+    await cache.get(ORDERS)
+    assert server.servicer.symbol_questions[ORDERS] == 2
+
+
 async def test_invalidate_forces_a_fetch(server, make_cache):
     cache = make_cache(server.address)
     await cache.get(ORDERS)

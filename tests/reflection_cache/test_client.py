@@ -8,9 +8,10 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from devstack.demo_services import start_demo_server
-from policy import Mode
-from reflection_cache import MalformedDescriptors, ReflectionUnavailable, UnknownService
+from policy import Mode, resolve_mode
+from reflection_cache import MalformedDescriptors, ReflectionUnavailable, UnknownMethod, UnknownService
 from reflection_cache.client import ReflectionClient
+from reflection_cache.types import ServiceModes
 from tests.support.reflection_servers import compile_proto, reflection_server
 
 ORDERS = "shop.orders.v1.Orders"
@@ -269,3 +270,19 @@ async def test_unknown_option_value_never_widens_access(client, value, expect):
         assert modes.mode_for("GetOrder", E.BREAK_GLASS_ONLY) == (E.CONTRIBUTORS_WITHOUT_APPROVAL, "service")
     else:
         assert modes.methods["GetOrder"] is expect
+
+
+def test_mode_for_answers_as_resolve_mode_does():
+    """ServiceModes reads the options once, when made; every answer (mode and source) must be
+    what resolving them per call gives, for every combination and default."""
+    values = [None, *E]
+    for service_default in values:
+        modes = ServiceModes("a.v1.S", {f"m{i}": v for i, v in enumerate(values)}, service_default)
+        for default in [m for m in E if m is not E.UNSPECIFIED]:
+            for i, v in enumerate(values):
+                assert modes.mode_for(f"m{i}", default) == resolve_mode(v, service_default, default)
+        with pytest.raises(UnknownMethod, match="a.v1.S has no method 'Nope'"):
+            modes.mode_for("Nope", E.BREAK_GLASS_ONLY)
+        if modes.mode_for("m0", E.BREAK_GLASS_ONLY)[1] == "default":
+            with pytest.raises(ValueError, match="cannot be UNSPECIFIED"):
+                modes.mode_for("m0", E.UNSPECIFIED)
