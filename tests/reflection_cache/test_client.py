@@ -1,6 +1,7 @@
 """ReflectionClient against real gRPC reflection servers on 127.0.0.1."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -233,6 +234,46 @@ async def test_one_channel_per_endpoint_and_the_pool_is_bounded():
             await client.fetch(ORDERS, a.address)  # evicted channel: dialled again, still works
         finally:
             await client.close()
+
+
+async def test_idle_channels_are_closed_and_dialled_again_when_needed():
+    """A channel not used for idle_timeout is closed by itself (memory is not held for every
+    endpoint between fetches); the next fetch dials afresh and works."""
+    from reflection_cache.client import ChannelPool
+
+    with reflection_server(orders_files(), [ORDERS]) as srv:
+        client = ReflectionClient(deadline=2, channels=ChannelPool(idle_timeout=0.2))
+        try:
+            await client.fetch(ORDERS, srv.address)
+            first = client.channels.get(srv.address)
+            deadline = time.monotonic() + 10
+            while len(client.channels) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(client.channels) == 0
+            assert (await client.fetch(ORDERS, srv.address)).service == ORDERS
+            assert client.channels.get(srv.address) is not first
+        finally:
+            await client.close()
+
+
+async def test_a_channel_in_use_is_not_closed_for_idleness():
+    """A call slower than idle_timeout keeps its channel (a lease) and completes."""
+    from reflection_cache.client import ChannelPool
+
+    with reflection_server(orders_files(), [ORDERS], delay=0.6) as srv:
+        client = ReflectionClient(deadline=10, channels=ChannelPool(idle_timeout=0.1))
+        try:
+            assert (await client.fetch(ORDERS, srv.address)).service == ORDERS
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0])
+def test_channel_idle_timeout_must_be_positive(bad):
+    from reflection_cache.client import ChannelPool
+
+    with pytest.raises(ValueError, match="idle_timeout must be positive"):
+        ChannelPool(idle_timeout=bad)
 
 
 async def test_recovers_as_soon_as_a_stopped_reflection_server_is_back(client, port):
