@@ -89,6 +89,9 @@ def test_grant_set_apply_matches_a_fresh_build():
         fresh = GrantSet(truth.values(), revision=rev)
         assert list(held) == list(fresh) and len(held) == len(fresh) == len(truth)
         assert answers(held) == answers(fresh)
+        for p in principals:  # what the approvals pages show, grouped on first use per set
+            assert set(held.roles_of(p, NOW)) == set(fresh.roles_of(p, NOW)) == {
+                g for g in truth.values() if g.principal == p and g.active(NOW)}
         for p in principals:
             assert held.is_engineer(p, NOW) == fresh.is_engineer(p, NOW)
             assert held.is_security_oncall(p, NOW) == fresh.is_security_oncall(p, NOW)
