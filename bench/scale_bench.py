@@ -448,6 +448,9 @@ def _rss_probe(org: Org, url: str, port: int) -> float:
 
 
 def rss_probe(url: str, port: int, org: Org) -> None:
+    import extauthz.pipeline  # noqa: F401 - what the server process has loaded besides the caches
+    import extauthz.server  # noqa: F401
+
     async def main() -> None:
         store = open_store(url)
         gcache = GrantCache(store, reload_interval=30, max_staleness=120).start()
