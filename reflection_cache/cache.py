@@ -76,7 +76,9 @@ class ReflectionCache:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.resolver = resolver
         self.settings = settings or CacheSettings()
-        self.client = client or ReflectionClient(deadline=self.settings.deadline)
+        self.client = client or ReflectionClient(
+            deadline=self.settings.deadline,
+            channels=ChannelPool(idle_timeout=self.settings.channel_idle_timeout))
         self.clock = clock
         self._stats = CacheStats()
         #: Oldest stored first (a dict keeps insertion order); see ``_store``.
@@ -110,7 +112,8 @@ class ReflectionCache:
         default = credentials(settings.tls_for(None))
         per_endpoint = {endpoint: credentials(settings.tls_for(endpoint))
                         for endpoint in settings.tls_by_endpoint}
-        pool = ChannelPool(credentials=default[0], extra_options=default[1], per_endpoint=per_endpoint)
+        pool = ChannelPool(credentials=default[0], extra_options=default[1], per_endpoint=per_endpoint,
+                           idle_timeout=settings.cache.channel_idle_timeout)
         client = ReflectionClient(deadline=settings.cache.deadline, channels=pool)
         return cls(settings.endpoints.resolver(), settings.cache, client=client)
 
