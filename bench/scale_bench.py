@@ -317,14 +317,15 @@ async def _decision_figures(org: Org, url: str, store, port: int,
     freeze_long_lived()  # as the server does once its grants are loaded, before serving
     rcache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600))
     reference = ReflectionCache(resolver(SMALL, reference_port), CacheSettings(ttl=3600, stale_window=3600))
-    pauses: list[float] = []
-    started: list[float] = []
+    pauses: list[tuple[float, float]] = []  # (wall, CPU of the collecting thread)
+    started: list[tuple[float, float]] = []
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
-            started.append(time.perf_counter())
+            started.append((time.perf_counter(), time.thread_time()))
         elif started:
-            pauses.append(time.perf_counter() - started.pop())
+            wall, cpu = started.pop()
+            pauses.append((time.perf_counter() - wall, time.thread_time() - cpu))
     try:
         for s in range(org.services):
             await rcache.get(service_name(s))
@@ -400,7 +401,10 @@ async def _decision_figures(org: Org, url: str, store, port: int,
             r.close()
             r._store.close()  # noqa: SLF001
         gc.callbacks.remove(on_gc)
-        fig["longest GC pause during checks (ms)"] = 1e3 * max(pauses, default=0.0)
+        # Wall time includes the machine taking the CPU away mid-collection (2 shared CPUs);
+        # the collecting thread's CPU time is the collection's own work.
+        fig["longest GC pause during checks (ms)"] = 1e3 * max((w for w, _ in pauses), default=0.0)
+        fig["longest GC pause during checks, CPU (ms)"] = 1e3 * max((c for _, c in pauses), default=0.0)
         fig["GC runs during checks"] = len(pauses)
 
         gc.collect()
@@ -489,8 +493,10 @@ GOALS: list[tuple[str, Callable[[dict, dict], bool], str]] = [
      lambda s, big: big["sync unchanged (s)"] <= 2.0, ""),
     ("sweep and reviewable list <= 20 ms",
      lambda s, big: big["sweep (ms)"] <= 20 and big["reviewable list (ms)"] <= 20, ""),
-    ("no GC pause above 20 ms during checks",
+    ("no GC pause above 20 ms during checks (wall)",
      lambda s, big: big["longest GC pause during checks (ms)"] <= 20, ""),
+    ("no GC pause above 20 ms of CPU during checks",
+     lambda s, big: big["longest GC pause during checks, CPU (ms)"] <= 20, ""),
     ("full gc <= 20 ms",
      lambda s, big: big["full gc (ms)"] <= 20, ""),
     ("no single check above 20 ms (any cause; noisy on a shared machine)",
