@@ -389,10 +389,14 @@ async def _decision_figures(org: Org, url: str, store, port: int,
             who = f"newcomer{i}@example.com"
             t0 = time.perf_counter()
             await asyncio.to_thread(store.put_grant, Grant(who, Role.ENGINEER))
-            while not all(r.current().is_engineer(who, NOW) for r in replicas):
+            while True:  # checks run at least once per change (NOTIFY can be that quick)
+                visible = all(r.current().is_engineer(who, NOW) for r in replicas)
+                if visible:
+                    seen.append(time.perf_counter() - t0)
                 during += await run(50)
                 during_reference += await run(20, check_reference)
-            seen.append(time.perf_counter() - t0)
+                if visible:
+                    break
         fig["grant change visible in all replicas, max (s)"] = max(seen)
         fig["warm check p50 during grant changes (us)"] = 1e6 * p50(during)
         fig["... / same-moment reference"] = p50(during) / p50(during_reference)
