@@ -18,7 +18,15 @@ the goals of the issue are checked at the end ("met" / "NOT met").
 
 A "warm check" is the decision path of ``extauthz`` without the gRPC framing: the
 reflection cache's answer for the service (warm), the method's mode, ``GrantCache.current()``
-and ``policy.decide``.
+and ``policy.decide``, for a random service, method and engineer each time. Its cost moves
+with the machine's load (2 CPUs shared with other work move a p50 by 1.5x between minutes),
+so it is timed in rounds that alternate with the same check on a reference organisation of
+the small size held in the same process; "warm check p50 / same-moment reference" compares
+the two within each round, and the goal uses that (large vs small), not p50s minutes apart.
+
+Memory and collections as the server process has them: the grant cache is loaded, then the
+heap is frozen (``extauthz.heap.freeze_long_lived``, what the server does before its first
+check), then the reflection cache fills.
 """
 from __future__ import annotations
 
@@ -50,10 +58,12 @@ import yaml  # noqa: E402
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2  # noqa: E402
 
 import policy  # noqa: E402
+from extauthz.heap import freeze_long_lived  # noqa: E402
 from mpa.config import RequestPolicy  # noqa: E402
 from mpa.service import ApprovalService  # noqa: E402
 from policy import Grant, Mode, RequestState, Role, Target  # noqa: E402
 from policy.grant_cache import GrantCache  # noqa: E402
+from policy.grants import GrantSet  # noqa: E402
 from policy.stores import open_store  # noqa: E402
 from policy.sync import sync  # noqa: E402
 from reflection_cache.cache import CacheSettings, ReflectionCache  # noqa: E402
@@ -196,6 +206,16 @@ def bulk_requests(store, kind: str, org: Org) -> None:
 
 # --- measuring ----------------------------------------------------------------------------
 
+def synthetic_grants(org: Org) -> GrantSet:
+    """The grants the sync makes of ``org``'s catalog (engineers; each team contributes to
+    its services), built directly: for the reference organisation."""
+    grants = [Grant(email(i), Role.ENGINEER) for i in range(org.engineers)]
+    for s in range(org.services):
+        grants += [Grant(email(i), Role.CONTRIBUTOR, service_name(s))
+                   for i in range(s % org.teams, org.engineers, org.teams)]
+    return GrantSet(grants, revision=1)
+
+
 def timed(fn: Callable[[], object], n: int) -> list[float]:
     """Seconds per call, ``n`` calls."""
     out = []
@@ -239,6 +259,7 @@ def scratch_store(kind: str, pg: str | None) -> Iterator[tuple[str, object]]:
 def measure(org: Org, kind: str, pg: str | None, rss: bool) -> dict[str, float]:
     fig: dict[str, float] = {}
     server, port = start_services(org)
+    reference_server, reference_port = start_services(SMALL)
     try:
         with scratch_store(kind, pg) as (url, store), tempfile.TemporaryDirectory() as cat:
             write_catalog(org, Path(cat))
@@ -258,11 +279,12 @@ def measure(org: Org, kind: str, pg: str | None, rss: bool) -> dict[str, float]:
             bulk_requests(store, kind, org)
             fig["bulk insert requests (s)"] = time.perf_counter() - t
             fig.update(_store_figures(org, store))
-            fig.update(asyncio.run(_decision_figures(org, url, store, port)))
+            fig.update(asyncio.run(_decision_figures(org, url, store, port, reference_port)))
             if rss:
                 fig["RSS decision path (MB)"] = _rss_probe(org, url, port)
     finally:
         server.stop(0)
+        reference_server.stop(0)
     return fig
 
 
@@ -285,55 +307,69 @@ def _store_figures(org: Org, store) -> dict[str, float]:
     return fig
 
 
-async def _decision_figures(org: Org, url: str, store, port: int) -> dict[str, float]:
+async def _decision_figures(org: Org, url: str, store, port: int,
+                            reference_port: int) -> dict[str, float]:
     fig: dict[str, float] = {}
     rng = random.Random(2)
+    gc.collect()
     gcache = GrantCache(store, reload_interval=30, max_staleness=120).start()
+    reference_grants = synthetic_grants(SMALL)
+    freeze_long_lived()  # as the server does once its grants are loaded, before serving
     rcache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600))
+    reference = ReflectionCache(resolver(SMALL, reference_port), CacheSettings(ttl=3600, stale_window=3600))
+    pauses: list[tuple[float, float]] = []  # (wall, CPU of the collecting thread)
+    started: list[tuple[float, float]] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append((time.perf_counter(), time.thread_time()))
+        elif started:
+            wall, cpu = started.pop()
+            pauses.append((time.perf_counter() - wall, time.thread_time() - cpu))
     try:
-        for s in range(org.services):  # dial every endpoint once
-            await rcache.get(service_name(s))
-        rcache.invalidate_all()
-        t = time.process_time()
         for s in range(org.services):
             await rcache.get(service_name(s))
-        fig["reflection fetch, pooled (CPU ms)"] = 1e3 * (time.process_time() - t) / org.services
-        fig["reflection fetch, pool of 256 (CPU ms)"] = await _small_pool_fetch(org, port)
+        for s in range(SMALL.services):
+            await reference.get(service_name(s))
+        fig["reflection fetch, channel held (CPU ms)"] = await _fetch_cpu(
+            org, port, ChannelPool(idle_timeout=None))
+        fig["reflection fetch, dialled afresh (CPU ms)"] = await _fetch_cpu(
+            org, port, ChannelPool(max_channels=1))
         fig["GrantSet entries"] = len(gcache.current())
 
-        async def check() -> None:
-            s = rng.randrange(org.services)
-            m = rng.choice(methods_of(org, s))
-            modes = await rcache.get(service_name(s))
-            mode = modes.mode_for(m, Mode.BREAK_GLASS_ONLY)[0]
-            policy.decide(email(rng.randrange(org.engineers)), Target(service_name(s), m), mode,
-                          gcache.current(), (), NOW)
+        def checker(o: Org, modes_of: ReflectionCache, grants: Callable[[], GrantSet]):
+            async def check() -> None:
+                s = rng.randrange(o.services)
+                m = rng.choice(methods_of(o, s))
+                modes = await modes_of.get(service_name(s))
+                mode = modes.mode_for(m, Mode.BREAK_GLASS_ONLY)[0]
+                policy.decide(email(rng.randrange(o.engineers)), Target(service_name(s), m), mode,
+                              grants(), (), NOW)
+            return check
+        check = checker(org, rcache, gcache.current)
+        check_reference = checker(SMALL, reference, lambda: reference_grants)
 
-        async def run(n: int) -> list[float]:
+        async def run(n: int, one=check) -> list[float]:
             out = []
             for _ in range(n):
                 t = time.perf_counter()
-                await check()
+                await one()
                 out.append(time.perf_counter() - t)
             return out
 
         await run(2000)
-        pauses: list[float] = []
-        started: list[float] = []
-
-        def on_gc(phase: str, info: dict) -> None:
-            if phase == "start":
-                started.append(time.perf_counter())
-            elif started:
-                pauses.append(time.perf_counter() - started.pop())
+        await run(2000, check_reference)
         gc.callbacks.append(on_gc)
-        try:
-            quiet = await run(20_000)
-        finally:
-            gc.callbacks.remove(on_gc)
+        # Rounds alternate with the reference check, so both see the machine alike.
+        quiet: list[float] = []
+        relative: list[float] = []
+        for _ in range(15):
+            ours, theirs = await run(1500), await run(1500, check_reference)
+            quiet += ours
+            relative.append(p50(ours) / p50(theirs))
         fig["warm check p50 (us)"] = 1e6 * p50(quiet)
+        fig["warm check p50 / same-moment reference"] = p50(relative)
         fig["warm check max (ms)"] = 1e3 * max(quiet)
-        fig["longest GC pause during checks (ms)"] = 1e3 * max(pauses, default=0.0)
 
         # a full reconcile on the same process, in its thread, while checks run
         t = threading.Thread(target=gcache.refresh)
@@ -348,20 +384,32 @@ async def _decision_figures(org: Org, url: str, store, port: int) -> dict[str, f
         replicas = [GrantCache(open_store(url), reload_interval=30,  # default poll / NOTIFY
                                max_staleness=120).start() for _ in range(2)]
         await asyncio.sleep(0.5)
-        seen, during = [], []
+        seen, during, during_reference = [], [], []
         for i in range(5):
             who = f"newcomer{i}@example.com"
             t0 = time.perf_counter()
             await asyncio.to_thread(store.put_grant, Grant(who, Role.ENGINEER))
-            while not all(r.current().is_engineer(who, NOW) for r in replicas):
+            while True:  # checks run at least once per change (NOTIFY can be that quick)
+                visible = all(r.current().is_engineer(who, NOW) for r in replicas)
+                if visible:
+                    seen.append(time.perf_counter() - t0)
                 during += await run(50)
-            seen.append(time.perf_counter() - t0)
+                during_reference += await run(20, check_reference)
+                if visible:
+                    break
         fig["grant change visible in all replicas, max (s)"] = max(seen)
         fig["warm check p50 during grant changes (us)"] = 1e6 * p50(during)
+        fig["... / same-moment reference"] = p50(during) / p50(during_reference)
         fig["full loads by replicas after start"] = sum(r.stats["full_loads"] - 1 for r in replicas)
         for r in replicas:
             r.close()
             r._store.close()  # noqa: SLF001
+        gc.callbacks.remove(on_gc)
+        # Wall time includes the machine taking the CPU away mid-collection (2 shared CPUs);
+        # the collecting thread's CPU time is the collection's own work.
+        fig["longest GC pause during checks (ms)"] = 1e3 * max((w for w, _ in pauses), default=0.0)
+        fig["longest GC pause during checks, CPU (ms)"] = 1e3 * max((c for _, c in pauses), default=0.0)
+        fig["GC runs during checks"] = len(pauses)
 
         gc.collect()
         fig["gc-tracked objects (k)"] = len(gc.get_objects()) / 1e3
@@ -371,16 +419,23 @@ async def _decision_figures(org: Org, url: str, store, port: int) -> dict[str, f
             gc.collect()
             times.append(time.perf_counter() - t0)
         fig["full gc (ms)"] = 1e3 * p50(times)
+        fig["frozen objects (k)"] = gc.get_freeze_count() / 1e3
     finally:
+        if on_gc in gc.callbacks:
+            gc.callbacks.remove(on_gc)
         gcache.close()
         await rcache.close()
+        await reference.close()
+        gc.unfreeze()  # the next measurement starts as this one did
     return fig
 
 
-async def _small_pool_fetch(org: Org, port: int) -> float:
-    """CPU per fetch when the channel pool is smaller than the number of endpoints: the
-    second pass re-dials every evicted channel."""
-    client = ReflectionClient(channels=ChannelPool(max_channels=256))
+async def _fetch_cpu(org: Org, port: int, pool: ChannelPool) -> float:
+    """CPU per refresh of every service through ``pool``: with ``idle_timeout=None`` each
+    endpoint's channel from the first pass is reused; with ``max_channels=1`` every fetch
+    dials (as each refresh does with the default 1 s idle timeout and one endpoint per
+    service, a refresh being once per cache ttl)."""
+    client = ReflectionClient(channels=pool)
     cache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600), client=client)
     try:
         for s in range(org.services):
@@ -403,6 +458,9 @@ def _rss_probe(org: Org, url: str, port: int) -> float:
 
 
 def rss_probe(url: str, port: int, org: Org) -> None:
+    import extauthz.pipeline  # noqa: F401 - what the server process has loaded besides the caches
+    import extauthz.server  # noqa: F401
+
     async def main() -> None:
         store = open_store(url)
         gcache = GrantCache(store, reload_interval=30, max_staleness=120).start()
@@ -424,22 +482,27 @@ def rss_probe(url: str, port: int, org: Org) -> None:
 # --- report -------------------------------------------------------------------------------
 
 GOALS: list[tuple[str, Callable[[dict, dict], bool], str]] = [
-    ("warm check p50 large/small <= 1.1x",
-     lambda s, big: big["warm check p50 (us)"] <= 1.1 * s["warm check p50 (us)"], ""),
+    ("warm check p50 large/small <= 1.1x (each against its same-moment reference)",
+     lambda s, big: big["warm check p50 / same-moment reference"]
+     <= 1.1 * s["warm check p50 / same-moment reference"], ""),
     ("gateway find_requests large/small <= 1.1x",
      lambda s, big: big["gateway find_requests (us)"] <= 1.1 * s["gateway find_requests (us)"], ""),
     ("RSS of the decision path <= 100 MB",
      lambda s, big: big.get("RSS decision path (MB)", 0) <= 100, ""),
     ("grant change in every replica within 1 s",
      lambda s, big: big["grant change visible in all replicas, max (s)"] <= 1.0, ""),
-    ("warm checks during grant changes <= 1.2x quiet p50",
-     lambda s, big: big["warm check p50 during grant changes (us)"] <= 1.2 * big["warm check p50 (us)"], ""),
+    ("warm checks during grant changes <= 1.2x quiet p50 (each against its same-moment reference)",
+     lambda s, big: big["... / same-moment reference"] <= 1.2 * big["warm check p50 / same-moment reference"], ""),
     ("unchanged sync <= 2 s",
      lambda s, big: big["sync unchanged (s)"] <= 2.0, ""),
     ("sweep and reviewable list <= 20 ms",
      lambda s, big: big["sweep (ms)"] <= 20 and big["reviewable list (ms)"] <= 20, ""),
-    ("no GC pause above 20 ms during checks",
+    ("no GC pause above 20 ms during checks (wall)",
      lambda s, big: big["longest GC pause during checks (ms)"] <= 20, ""),
+    ("no GC pause above 20 ms of CPU during checks",
+     lambda s, big: big["longest GC pause during checks, CPU (ms)"] <= 20, ""),
+    ("full gc <= 20 ms",
+     lambda s, big: big["full gc (ms)"] <= 20, ""),
     ("no single check above 20 ms (any cause; noisy on a shared machine)",
      lambda s, big: big["warm check max (ms)"] <= 20, ""),
 ]

@@ -34,6 +34,7 @@ from fastpath.xds import FastPathXds
 from .audit_spool import AuditSpool
 from .audit_writer import AuditWriter
 from .config import Settings, spool_file
+from .heap import freeze_long_lived, gc_stats
 from .listeners import PeerCheck, add_listeners
 from .metrics import Metrics
 from .pipeline import Authorizer
@@ -153,8 +154,12 @@ def add_fast_path_audit(server: grpc.aio.Server, settings: Settings,
 async def serve(settings: Settings, *, components: Components | None = None,
                 stop: asyncio.Event | None = None, on_ready: Callable[[int], None] | None = None,
                 metrics: Metrics | None = None, serve_metrics: bool = True,
-                install_signal_handlers: bool = True) -> None:
-    """Run one server until ``stop`` is set or SIGTERM/SIGINT arrives, then drain."""
+                install_signal_handlers: bool = True, freeze_heap: bool = False) -> None:
+    """Run one server until ``stop`` is set or SIGTERM/SIGINT arrives, then drain.
+
+    ``freeze_heap`` (the server process sets it; see extauthz/heap.py): once everything is
+    open and before serving, exempt the long-lived objects from garbage collections.
+    """
     stop = stop or asyncio.Event()
     if settings.identity.dev_mode:
         log.warning("DEV MODE: the caller's identity is taken from the %r header, NOT from a "
@@ -210,6 +215,11 @@ async def serve(settings: Settings, *, components: Components | None = None,
                           f"{e.strerror}") from None
         print(f"extauthz: metrics on http://{settings.metrics.host}:{metrics_server.server_port}/metrics",
               flush=True)
+    metrics.watch_stats("gc", gc_stats)
+    if freeze_heap:
+        took = freeze_long_lived()
+        log.info("froze %d long-lived objects out of the garbage collector's way (%.0f ms)",
+                 gc_stats()["frozen_objects"], took * 1e3)
     await server.start()
 
     async def publish(serving: bool, reason: str) -> None:
@@ -297,7 +307,7 @@ def _worker_main(settings_json: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
     try:
-        asyncio.run(serve(settings, serve_metrics=False))
+        asyncio.run(serve(settings, serve_metrics=False, freeze_heap=True))
     except Exception as e:
         print(f"error: worker {os.getpid()}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -314,7 +324,7 @@ def run(settings: Settings) -> int:
     if settings.workers > 1:
         return _supervise(settings)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, freeze_heap=True))
     except StoreError as e:
         print(f"error: cannot open the store: {e}", file=sys.stderr, flush=True)
         return 1

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from .errors import StoreError
+from .gc_pause import collections_paused
 from .grant_delta import GrantDelta
 from .grants import GrantSet
 from .store import Store, Subscription
@@ -41,8 +42,9 @@ def catch_up(store: Store, held: GrantSet | None, pause: Callable[[], None] | No
         delta = store.grant_changes_since(held.revision)
         if delta is not None and delta.changes is not None:
             return held if delta.revision == held.revision else held.apply(delta)
-    revision, grants = store.load_grants(pause)
-    return GrantSet(grants, revision=revision)
+    with collections_paused():  # see policy/gc_pause.py
+        revision, grants = store.load_grants(pause)
+        return GrantSet(grants, revision=revision)
 
 
 class GrantCache:
@@ -147,12 +149,15 @@ class GrantCache:
         """Load every grant now (I/O), build the set aside and swap it in. Raises
         ``StoreError`` if the store cannot be read."""
         try:
-            revision, grants = self._store.load_grants(_yield_lock)
+            with collections_paused():  # see policy/gc_pause.py
+                revision, grants = self._store.load_grants(_yield_lock)
+                built = GrantSet(grants, revision=revision)
+                del grants
         except StoreError as e:
             self._last_error = e
             raise
         self.stats["full_loads"] += 1
-        return self._install(GrantSet(grants, revision=revision))
+        return self._install(built)
 
     def _install(self, grants: GrantSet) -> GrantSet:
         with self._swap:

@@ -13,7 +13,9 @@ Behaviour (settings in :class:`CacheSettings`):
 * single-flight: concurrent misses for one service share one reflection call;
 * :class:`UnknownService` is remembered for ``negative_ttl``; other errors for only
   ``error_backoff`` (so an outage is not hammered, and recovery is seen quickly);
-* at most ``max_entries`` services are kept (least recently used go first);
+* at most ``max_entries`` services are kept; past that, the entry not used for longest
+  goes first (second chance: a hit only marks its entry, so a warm lookup is one
+  dictionary lookup with no LRU bookkeeping);
 * every fetch is bounded by ``deadline`` seconds.
 
 Use one cache per event loop (it owns ``grpc.aio`` channels).
@@ -26,7 +28,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-import cachetools
 import grpc
 from google.protobuf.descriptor import Descriptor
 from pydantic import ValidationError
@@ -57,13 +58,14 @@ class CacheStats:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Entry:
     modes: ServiceModes | None  # None for a remembered error
     error: ReflectionError | None
     fresh_until: float
     stale_until: float
     retry_after: float = 0.0  # no background refresh before this (after a failed one)
+    used: bool = False  # hit since it was stored or last passed over for eviction
 
 
 class ReflectionCache:
@@ -74,18 +76,13 @@ class ReflectionCache:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.resolver = resolver
         self.settings = settings or CacheSettings()
-        self.client = client or ReflectionClient(deadline=self.settings.deadline)
+        self.client = client or ReflectionClient(
+            deadline=self.settings.deadline,
+            channels=ChannelPool(idle_timeout=self.settings.channel_idle_timeout))
         self.clock = clock
         self._stats = CacheStats()
-        stats = self._stats
-
-        class _Entries(cachetools.LRUCache[str, _Entry]):
-            def popitem(self) -> tuple[str, _Entry]:
-                item = super().popitem()
-                stats.evictions += 1
-                return item
-
-        self._entries: cachetools.LRUCache[str, _Entry] = _Entries(maxsize=self.settings.max_entries)
+        #: Oldest stored first (a dict keeps insertion order); see ``_store``.
+        self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Task[ServiceModes]] = {}
 
     @classmethod
@@ -115,7 +112,8 @@ class ReflectionCache:
         default = credentials(settings.tls_for(None))
         per_endpoint = {endpoint: credentials(settings.tls_for(endpoint))
                         for endpoint in settings.tls_by_endpoint}
-        pool = ChannelPool(credentials=default[0], extra_options=default[1], per_endpoint=per_endpoint)
+        pool = ChannelPool(credentials=default[0], extra_options=default[1], per_endpoint=per_endpoint,
+                           idle_timeout=settings.cache.channel_idle_timeout)
         client = ReflectionClient(deadline=settings.cache.deadline, channels=pool)
         return cls(settings.endpoints.resolver(), settings.cache, client=client)
 
@@ -132,9 +130,11 @@ class ReflectionCache:
                     raise type(entry.error)(str(entry.error))
             elif entry.modes is not None and now < entry.fresh_until:
                 self._stats.hits += 1
+                entry.used = True
                 return entry.modes
             elif entry.modes is not None and now < entry.stale_until:
                 self._stats.stale_serves += 1
+                entry.used = True
                 if service not in self._inflight and now >= entry.retry_after:
                     self._stats.background_refreshes += 1
                     task = self._start_fetch(service)
@@ -170,6 +170,7 @@ class ReflectionCache:
         entry = self._entries.get(service)
         if entry is not None and entry.error is None and self.clock() < entry.fresh_until:
             self._stats.hits += 1
+            entry.used = True
             return entry.modes
         return None
 
@@ -221,6 +222,22 @@ class ReflectionCache:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _store(self, service: str, entry: _Entry) -> None:
+        """Keep ``entry`` as the newest; at ``max_entries``, first drop the oldest entry not
+        used since it was stored or last passed over (an entry that was used is passed over
+        once: it moves to the newest end with its mark cleared)."""
+        entries = self._entries
+        entries.pop(service, None)
+        while len(entries) >= self.settings.max_entries:
+            oldest = next(iter(entries))
+            old = entries.pop(oldest)
+            if old.used:
+                old.used = False
+                entries[oldest] = old
+            else:
+                self._stats.evictions += 1
+        entries[service] = entry
+
     def _start_fetch(self, service: str) -> asyncio.Task[ServiceModes]:
         task = asyncio.get_running_loop().create_task(self._fetch(service), name=f"reflect {service}")
         self._inflight[service] = task
@@ -235,7 +252,7 @@ class ReflectionCache:
         except UnknownService as e:
             self._stats.errors += 1
             now = self.clock()
-            self._entries[service] = _Entry(None, e, now + s.negative_ttl, now + s.negative_ttl)
+            self._store(service, _Entry(None, e, now + s.negative_ttl, now + s.negative_ttl))
             raise
         except Exception as e:
             self._stats.errors += 1
@@ -247,12 +264,12 @@ class ReflectionCache:
             if old is not None and old.modes is not None and now < old.stale_until:
                 old.retry_after = now + s.error_backoff  # keep serving stale; retry later
             else:
-                self._entries[service] = _Entry(None, e, now + s.error_backoff, now + s.error_backoff)
+                self._store(service, _Entry(None, e, now + s.error_backoff, now + s.error_backoff))
             log.warning("reflection for %s failed: %s", service, e)
             raise e
         else:
             now = self.clock()
-            self._entries[service] = _Entry(modes, None, now + s.ttl, now + s.ttl + s.stale_window)
+            self._store(service, _Entry(modes, None, now + s.ttl, now + s.ttl + s.stale_window))
             return modes
         finally:
             self._inflight.pop(service, None)

@@ -21,10 +21,12 @@ Errors (all :class:`~reflection_cache.types.ReflectionError`, each naming servic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 
 import cachetools
@@ -50,10 +52,16 @@ PROTOCOLS = {"v1": v1_pb2, "v1alpha": v1alpha_pb2}
 DEFAULT_DEADLINE = 0.5
 DEFAULT_MAX_FILES = 64
 DEFAULT_MAX_DEPTH = 16
-#: One channel per reflection endpoint, kept while the cache lives: sized for 10,000
-#: services with one endpoint each (an evicted channel is re-dialled on the next fetch,
-#: which doubles that fetch's CPU). Each held channel costs ~43 KB of RSS (see docs/reflection.md).
+#: At most this many channels open at once (least recently used are closed past it): sized
+#: for 10,000 services with one endpoint each all fetched within one idle timeout.
 DEFAULT_MAX_CHANNELS = 12_288
+#: A channel not used for this many seconds is closed. Each open channel (with its
+#: connection) costs ~43 KB of RSS, and a service is fetched once per cache ``ttl`` (60 s), so
+#: holding a channel per endpoint between fetches would cost ~430 MB at 10,000 endpoints to
+#: save ~1-2 ms of CPU per fetch (a re-dial). A fetch holds its channel for all its questions;
+#: fetches close together (services behind one endpoint, a cold start) share it. See
+#: docs/reflection.md.
+DEFAULT_IDLE_TIMEOUT = 0.5
 #: Channel options: reflection answers can be large (a file and all its imports), and a
 #: reflection server that comes back after an outage should be dialled again soon.
 DEFAULT_CHANNEL_OPTIONS = (
@@ -87,11 +95,13 @@ def tls_credentials(ca_file: str | None = None, cert_file: str | None = None,
 
 
 class ChannelPool:
-    """``grpc.aio`` channels, one per endpoint, at most ``max_channels`` (LRU).
+    """``grpc.aio`` channels, one per endpoint, at most ``max_channels`` (LRU), each closed
+    once it has been idle for ``idle_timeout`` seconds (None: kept until pushed out).
 
     Plaintext unless ``credentials`` (see :func:`tls_credentials`) are given, in which case
-    every endpoint is dialled with TLS. A channel pushed out of the pool is closed in the
-    background. Create and use the pool inside one event loop.
+    every endpoint is dialled with TLS. A channel pushed out of the pool or idle too long is
+    closed in the background; a channel held by a call in progress (:meth:`lease`) is not
+    closed for idleness. Create and use the pool inside one event loop.
     """
 
     def __init__(self, max_channels: int = DEFAULT_MAX_CHANNELS,
@@ -99,46 +109,92 @@ class ChannelPool:
                  credentials: grpc.ChannelCredentials | None = None,
                  extra_options: Iterable[tuple[str, object]] = (),
                  per_endpoint: Mapping[str, tuple[grpc.ChannelCredentials | None,
-                                                  Iterable[tuple[str, object]]]] | None = None
-                 ) -> None:
+                                                  Iterable[tuple[str, object]]]] | None = None,
+                 idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``credentials`` and ``extra_options`` (e.g. a TLS server name override) apply to
         every endpoint except those in ``per_endpoint`` (``host:port`` -> (credentials or
         None for plaintext, extra options))."""
         if max_channels < 1:
             raise ValueError("max_channels must be at least 1")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive seconds or None, not {idle_timeout!r}")
+        self.max_channels = max_channels
+        self.idle_timeout = idle_timeout
+        self._clock = clock
         self._options = list(options)
         self._credentials = credentials
         self._extra = list(extra_options)
         self._per_endpoint = {k: (c, list(o)) for k, (c, o) in (per_endpoint or {}).items()}
         self._closing: set[asyncio.Task] = set()
-        pool = self
-
-        class _Channels(cachetools.LRUCache):
-            def popitem(self):
-                endpoint, channel = super().popitem()
-                pool._close_later(channel)
-                return endpoint, channel
-
-        self._channels: cachetools.LRUCache = _Channels(maxsize=max_channels)
+        #: endpoint -> channel, least recently used first.
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._last_used: dict[str, float] = {}
+        self._busy: dict[str, int] = {}  # endpoint -> calls in progress (leases)
+        self._sweep: asyncio.TimerHandle | None = None
 
     def get(self, endpoint: str) -> grpc.aio.Channel:
         """The channel to ``endpoint`` (``host:port``), created on first use."""
-        channel = self._channels.get(endpoint)
+        channel = self._channels.pop(endpoint, None)
         if channel is None:
+            while len(self._channels) >= self.max_channels:
+                self.discard(next(iter(self._channels)))
             credentials, extra = self._per_endpoint.get(endpoint, (self._credentials, self._extra))
             options = self._options + extra
             if credentials is None:
                 channel = grpc.aio.insecure_channel(endpoint, options=options)
             else:
                 channel = grpc.aio.secure_channel(endpoint, credentials, options=options)
-            self._channels[endpoint] = channel
+        self._channels[endpoint] = channel  # now the most recently used
+        self._last_used[endpoint] = self._clock()
+        self._schedule_sweep()
         return channel
+
+    @contextlib.contextmanager
+    def lease(self, endpoint: str) -> Iterator[grpc.aio.Channel]:
+        """The channel to ``endpoint`` for one call: not closed for idleness until the call
+        is over (and then idle from that moment)."""
+        channel = self.get(endpoint)
+        self._busy[endpoint] = self._busy.get(endpoint, 0) + 1
+        try:
+            yield channel
+        finally:
+            left = self._busy[endpoint] - 1
+            if left:
+                self._busy[endpoint] = left
+            else:
+                del self._busy[endpoint]
+            if endpoint in self._last_used:
+                self._last_used[endpoint] = self._clock()
 
     def discard(self, endpoint: str) -> None:
         """Close and forget the channel to ``endpoint`` (the next ``get`` dials afresh)."""
         channel = self._channels.pop(endpoint, None)
+        self._last_used.pop(endpoint, None)
         if channel is not None:
             self._close_later(channel)
+
+    def close_idle(self) -> int:
+        """Close every channel idle for ``idle_timeout`` or longer; how many were closed.
+        (Runs by itself every half ``idle_timeout`` while channels are open.)"""
+        if self.idle_timeout is None:
+            return 0
+        cutoff = self._clock() - self.idle_timeout
+        idle = [e for e, used in self._last_used.items() if used <= cutoff and e not in self._busy]
+        for endpoint in idle:
+            self.discard(endpoint)
+        return len(idle)
+
+    def _schedule_sweep(self) -> None:
+        if self.idle_timeout is None or self._sweep is not None:
+            return
+        self._sweep = asyncio.get_running_loop().call_later(self.idle_timeout / 2, self._swept)
+
+    def _swept(self) -> None:
+        self._sweep = None
+        self.close_idle()
+        if self._channels:
+            self._schedule_sweep()
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -150,8 +206,12 @@ class ChannelPool:
 
     async def close(self) -> None:
         """Close every channel."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         channels = list(self._channels.values())
         self._channels.clear()
+        self._last_used.clear()
         await asyncio.gather(*(c.close(grace=None) for c in channels), *self._closing,
                              return_exceptions=True)
 
@@ -177,7 +237,7 @@ class ReflectionClient:
         self.max_depth = max_depth
         self.channels = channels if channels is not None else ChannelPool()
         #: endpoint -> protocol version that answered last time.
-        self.protocol_of: cachetools.LRUCache = cachetools.LRUCache(maxsize=4096)
+        self.protocol_of: cachetools.LRUCache = cachetools.LRUCache(maxsize=DEFAULT_MAX_CHANNELS)
 
     async def close(self) -> None:
         await self.channels.close()
@@ -195,8 +255,10 @@ class ReflectionClient:
         budget = self.deadline if deadline is None else deadline
         where = f"service {service} at reflection endpoint {endpoint}"
         try:
-            async with asyncio.timeout(budget):
-                return await self._files_by_protocol(service, endpoint, budget, where)
+            # One channel for all of the fetch's questions: not closed for idleness between them.
+            with self.channels.lease(endpoint):
+                async with asyncio.timeout(budget):
+                    return await self._files_by_protocol(service, endpoint, budget, where)
         except TimeoutError:
             raise ReflectionUnavailable(f"{where}: no answer within the {budget:g}s deadline") from None
 
@@ -225,7 +287,12 @@ class ReflectionClient:
         sending request and half-close together does not.
         """
         pb2 = PROTOCOLS[protocol]
-        method = self.channels.get(endpoint).unary_stream(
+        with self.channels.lease(endpoint) as channel:
+            return await self._ask_on(channel, pb2, protocol, endpoint, end, where, question)
+
+    async def _ask_on(self, channel: grpc.aio.Channel, pb2, protocol: str, endpoint: str,
+                      end: float, where: str, question: dict):
+        method = channel.unary_stream(
             f"/grpc.reflection.{protocol}.ServerReflection/ServerReflectionInfo",
             request_serializer=pb2.ServerReflectionRequest.SerializeToString,
             response_deserializer=pb2.ServerReflectionResponse.FromString)

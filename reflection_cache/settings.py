@@ -6,7 +6,7 @@ server's and the approvals server's configuration, and for ``ReflectionCache.fro
     reflection:
       endpoints: {static: {payments: payments-reflection.internal:50051}, template: ..., default: ...}
       cache: {ttl: 60, stale_window: 120, negative_ttl: 5, error_backoff: 1, max_entries: 10000,
-              deadline: 0.5}
+              deadline: 0.5, channel_idle_timeout: 0.5}
       tls: {ca_file: /etc/rpcauthz/ca.pem, cert_file: ..., key_file: ..., server_name: ...}
       tls_by_endpoint:
         "127.0.0.1:50061": {plaintext: true}
@@ -78,6 +78,9 @@ class CacheSettings(Section):
     max_entries: int = Field(10_000, ge=1)
     #: Bound of one reflection fetch; keep it below the gateway's decision_deadline_ms.
     deadline: float = Field(DEFAULT_DEADLINE, gt=0)
+    #: A reflection channel idle this long is closed (null: kept); memory vs a dial per
+    #: refresh, see docs/reflection.md.
+    channel_idle_timeout: float | None = Field(0.5, gt=0)
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, object]) -> CacheSettings:

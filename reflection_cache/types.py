@@ -42,23 +42,47 @@ class MalformedDescriptors(ReflectionError):
     code = "malformed_descriptors"
 
 
-@dataclasses.dataclass(frozen=True)
+#: The (mode, source) answers, each held once for every service.
+_ANSWERS: dict[tuple[Mode, str], tuple[Mode, str]] = {}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ServiceModes:
     """The humans_who_can_rpc options of one service, as declared (not yet defaulted).
 
     ``methods`` maps each method name to its own option (None when unset);
-    ``service_default`` is the service-level option (None when unset).
+    ``service_default`` is the service-level option (None when unset). Both are read once,
+    when the object is made (``mode_for`` answers from that reading: one dictionary lookup
+    on the hot path).
     """
 
     service: str
     methods: Mapping[str, Mode | None]
     service_default: Mode | None = None
+    #: method -> (mode, source) when the method or the service says; None: the default applies.
+    _resolved: dict[str, tuple[Mode, str] | None] = dataclasses.field(
+        init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        resolved: dict[str, tuple[Mode, str] | None] = {}
+        for method, option in self.methods.items():
+            try:
+                found = resolve_mode(option, self.service_default, Mode.UNSPECIFIED)
+            except ValueError:  # neither says anything: the caller's default applies
+                resolved[method] = None
+            else:  # one shared tuple per answer: less memory for a warm check to touch
+                resolved[method] = _ANSWERS.setdefault(found, found)
+        object.__setattr__(self, "_resolved", resolved)
 
     def mode_for(self, method: str, default: Mode) -> tuple[Mode, str]:
         """The mode that applies to ``method`` and its source ("method", "service", "default")."""
-        if method not in self.methods:
-            raise UnknownMethod(f"{self.service} has no method {method!r}")
-        return resolve_mode(self.methods[method], self.service_default, default)
+        try:
+            found = self._resolved[method]
+        except KeyError:
+            raise UnknownMethod(f"{self.service} has no method {method!r}") from None
+        if found is not None:
+            return found
+        return resolve_mode(None, None, default)
 
 
 class ModeSource(Protocol):

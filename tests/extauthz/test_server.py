@@ -112,6 +112,9 @@ def test_sigterm_drains_and_metrics_count_decisions(tmp_path, demo_upstream):
         assert "rpcauthz_decision_seconds_bucket" in text
         assert 'rpcauthz_reflection_cache_stat{stat="fetches"}' in text
         assert 'rpcauthz_grant_cache_stat{stat="revision"}' in text
+        # the server process froze its start-up heap out of the collector's way (extauthz/heap.py)
+        frozen = re.search(r'rpcauthz_gc_stat\{stat="frozen_objects"\} (\S+)', text)
+        assert frozen and float(frozen.group(1)) > 10_000, text
         proc.signal(signal.SIGTERM)
         assert proc.proc.wait(15) == 0
         assert "extauthz: stopped" in proc.output()

@@ -158,3 +158,59 @@ def _raises_store_error(call) -> bool:
     except StoreError:
         return True
     return False
+
+
+def test_a_full_load_runs_with_collections_held_off_and_resumes_them(tmp_path):
+    """Loading every grant makes a tracked object per row: no collection may run over them
+    while the load builds the new set (policy/gc_pause.py), and collections resume after."""
+    import gc
+
+    store = open_store(f"sqlite://{tmp_path}/store.db")
+    store.put_grant(Grant("alice", Role.ENGINEER))
+    seen: list[bool] = []
+    load = store.load_grants
+
+    def observed_load(pause=None):
+        seen.append(gc.isenabled())
+        return load(pause)
+    store.load_grants = observed_load
+    cache = GrantCache(store, reload_interval=30, max_staleness=120)
+    try:
+        assert gc.isenabled()
+        cache.start()
+        cache.refresh()
+        assert seen == [False, False] and gc.isenabled()
+        assert cache.current().is_engineer("alice", NOW)
+    finally:
+        cache.close()
+        store.close()
+
+
+def test_collections_paused_counts_holders_across_threads_and_keeps_a_disabled_collector_off():
+    import gc
+    import threading
+
+    from policy.gc_pause import collections_paused
+
+    entered, leave = threading.Event(), threading.Event()
+
+    def other_holder() -> None:
+        with collections_paused():
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other_holder)
+    with collections_paused():
+        t.start()
+        assert entered.wait(10) and not gc.isenabled()
+    assert not gc.isenabled()  # the other thread still holds them off
+    leave.set()
+    t.join(10)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collections_paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()

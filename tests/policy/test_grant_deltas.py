@@ -78,12 +78,20 @@ def test_grant_set_apply_matches_a_fresh_build():
                 g = some_grant()
                 truth[g.key] = g
                 changes.append(GrantChange(g))
-        before = list(held)
+        def answers(gs: GrantSet) -> list[bool]:  # what the hot path asks (its flat indexes)
+            return [gs.has(p, r, NOW, s if r is Role.CONTRIBUTOR else None)
+                    for p in principals for r in Role for s in services]
+        before, answered = list(held), answers(held)
         new = held.apply(GrantDelta(rev - 1, rev, tuple(changes)))
-        assert list(held) == before  # the old set is untouched for readers still holding it
+        # the old set is untouched for readers still holding it
+        assert list(held) == before and answers(held) == answered
         held = new
         fresh = GrantSet(truth.values(), revision=rev)
         assert list(held) == list(fresh) and len(held) == len(fresh) == len(truth)
+        assert answers(held) == answers(fresh)
+        for p in principals:  # what the approvals pages show, grouped on first use per set
+            assert set(held.roles_of(p, NOW)) == set(fresh.roles_of(p, NOW)) == {
+                g for g in truth.values() if g.principal == p and g.active(NOW)}
         for p in principals:
             assert held.is_engineer(p, NOW) == fresh.is_engineer(p, NOW)
             assert held.is_security_oncall(p, NOW) == fresh.is_security_oncall(p, NOW)

@@ -23,9 +23,11 @@ def test_scale_bench_quick_prints_small_vs_large_with_ratios():
     for figure in ("sync unchanged (s)", "sweep (ms)", "reviewable list (ms)",
                    "gateway find_requests (us)", "grants full load (ms)", "warm check p50 (us)",
                    "grant change visible in all replicas, max (s)", "full gc (ms)",
-                   "RSS decision path (MB)", "reflection fetch, pool of 256 (CPU ms)"):
+                   "RSS decision path (MB)", "reflection fetch, dialled afresh (CPU ms)",
+                   "warm check p50 / same-moment reference", "longest GC pause during checks (ms)"):
         assert figure in rows, f"{figure} missing from:\n{r.stdout}"
     # grant changes travel as deltas: no replica had to reload everything
     assert float(rows["full loads by replicas after start"][3].replace(",", "")) == 0
-    for goal in ("grant change in every replica within 1 s", "unchanged sync <= 2 s"):
+    # the heap frozen at start-up leaves full collections little to walk
+    for goal in ("grant change in every replica within 1 s", "unchanged sync <= 2 s", "full gc <= 20 ms"):
         assert re.search(rf"\| {re.escape(goal)} \| met \|", r.stdout), r.stdout

@@ -197,6 +197,25 @@ async def test_size_bound_evicts_least_recently_used(server, make_cache):
     assert server.servicer.symbol_questions[ORDERS_ADMIN] == 2
 
 
+async def test_an_entry_used_since_it_was_stored_outlives_older_unused_ones(server, make_cache):
+    """Second chance: a hit (also through ``get_fresh``, the server's fast path) only marks
+    its entry; when the bound is reached the oldest unmarked entry goes, and a marked one
+    is kept once with its mark cleared."""
+    cache = make_cache(server.address, CacheSettings(max_entries=2, deadline=2))
+    await cache.get(ORDERS)
+    await cache.get(ORDERS_ADMIN)
+    assert cache.get_fresh(ORDERS) is not None      # ORDERS, the oldest, is used again
+    for gone in ("shop.orders.v1.Gone1", "shop.orders.v1.Gone2"):
+        with pytest.raises(UnknownService):
+            await cache.get(gone)
+    # Gone1 pushed out ORDERS_ADMIN (ORDERS was passed over); Gone2 pushed out ORDERS,
+    # which was not used again after that.
+    assert ORDERS_ADMIN not in cache and ORDERS not in cache
+    assert cache.stats()["entries"] == 2 and cache.stats()["evictions"] == 2
+    await cache.get(ORDERS)
+    assert server.servicer.symbol_questions[ORDERS] == 2
+
+
 async def test_invalidate_forces_a_fetch(server, make_cache):
     cache = make_cache(server.address)
     await cache.get(ORDERS)
@@ -248,7 +267,8 @@ async def test_no_endpoint_configured_is_unknown_service(make_cache, clock):
 
 
 @pytest.mark.parametrize("bad", [dict(ttl=0), dict(deadline=-1), dict(stale_window=-1),
-                                 dict(negative_ttl=-0.1), dict(max_entries=0)])
+                                 dict(negative_ttl=-0.1), dict(max_entries=0),
+                                 dict(channel_idle_timeout=0)])
 def test_bad_settings_are_refused_by_name(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         CacheSettings(**bad)
@@ -263,6 +283,23 @@ def test_settings_from_a_config_mapping():
         CacheSettings.from_mapping({"ttl": "30s"})
     with pytest.raises(ValueError, match="max_entries: Input should be a valid integer"):
         CacheSettings.from_mapping({"max_entries": 1.5})
+
+
+async def test_channel_idle_timeout_from_config_reaches_the_channel_pool(server):
+    """``cache.channel_idle_timeout`` (seconds, or null to keep channels) is what the pool
+    closes idle reflection channels after; the default is 0.5 s."""
+    for given, expected in (({}, 0.5), ({"channel_idle_timeout": 3}, 3.0),
+                            ({"channel_idle_timeout": None}, None)):
+        cache = ReflectionCache.from_config({"endpoints": {"default": server.address}, "cache": given})
+        try:
+            assert cache.client.channels.idle_timeout == expected
+        finally:
+            await cache.close()
+    plain = ReflectionCache(EndpointResolver(default=server.address), CacheSettings(channel_idle_timeout=2))
+    try:
+        assert plain.client.channels.idle_timeout == 2
+    finally:
+        await plain.close()
 
 
 async def test_cache_from_a_config_mapping(server):

@@ -1,6 +1,7 @@
 """ReflectionClient against real gRPC reflection servers on 127.0.0.1."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -8,9 +9,10 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from devstack.demo_services import start_demo_server
-from policy import Mode
-from reflection_cache import MalformedDescriptors, ReflectionUnavailable, UnknownService
+from policy import Mode, resolve_mode
+from reflection_cache import MalformedDescriptors, ReflectionUnavailable, UnknownMethod, UnknownService
 from reflection_cache.client import ReflectionClient
+from reflection_cache.types import ServiceModes
 from tests.support.reflection_servers import compile_proto, reflection_server
 
 ORDERS = "shop.orders.v1.Orders"
@@ -234,6 +236,46 @@ async def test_one_channel_per_endpoint_and_the_pool_is_bounded():
             await client.close()
 
 
+async def test_idle_channels_are_closed_and_dialled_again_when_needed():
+    """A channel not used for idle_timeout is closed by itself (memory is not held for every
+    endpoint between fetches); the next fetch dials afresh and works."""
+    from reflection_cache.client import ChannelPool
+
+    with reflection_server(orders_files(), [ORDERS]) as srv:
+        client = ReflectionClient(deadline=2, channels=ChannelPool(idle_timeout=0.2))
+        try:
+            await client.fetch(ORDERS, srv.address)
+            first = client.channels.get(srv.address)
+            deadline = time.monotonic() + 10
+            while len(client.channels) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(client.channels) == 0
+            assert (await client.fetch(ORDERS, srv.address)).service == ORDERS
+            assert client.channels.get(srv.address) is not first
+        finally:
+            await client.close()
+
+
+async def test_a_channel_in_use_is_not_closed_for_idleness():
+    """A call slower than idle_timeout keeps its channel (a lease) and completes."""
+    from reflection_cache.client import ChannelPool
+
+    with reflection_server(orders_files(), [ORDERS], delay=0.6) as srv:
+        client = ReflectionClient(deadline=10, channels=ChannelPool(idle_timeout=0.1))
+        try:
+            assert (await client.fetch(ORDERS, srv.address)).service == ORDERS
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0])
+def test_channel_idle_timeout_must_be_positive(bad):
+    from reflection_cache.client import ChannelPool
+
+    with pytest.raises(ValueError, match="idle_timeout must be positive"):
+        ChannelPool(idle_timeout=bad)
+
+
 async def test_recovers_as_soon_as_a_stopped_reflection_server_is_back(client, port):
     files = orders_files()
     with reflection_server(files, [ORDERS], port=port) as srv:
@@ -269,3 +311,19 @@ async def test_unknown_option_value_never_widens_access(client, value, expect):
         assert modes.mode_for("GetOrder", E.BREAK_GLASS_ONLY) == (E.CONTRIBUTORS_WITHOUT_APPROVAL, "service")
     else:
         assert modes.methods["GetOrder"] is expect
+
+
+def test_mode_for_answers_as_resolve_mode_does():
+    """ServiceModes reads the options once, when made; every answer (mode and source) must be
+    what resolving them per call gives, for every combination and default."""
+    values = [None, *E]
+    for service_default in values:
+        modes = ServiceModes("a.v1.S", {f"m{i}": v for i, v in enumerate(values)}, service_default)
+        for default in [m for m in E if m is not E.UNSPECIFIED]:
+            for i, v in enumerate(values):
+                assert modes.mode_for(f"m{i}", default) == resolve_mode(v, service_default, default)
+        with pytest.raises(UnknownMethod, match="a.v1.S has no method 'Nope'"):
+            modes.mode_for("Nope", E.BREAK_GLASS_ONLY)
+        if modes.mode_for("m0", E.BREAK_GLASS_ONLY)[1] == "default":
+            with pytest.raises(ValueError, match="cannot be UNSPECIFIED"):
+                modes.mode_for("m0", E.UNSPECIFIED)
