@@ -26,6 +26,7 @@ from google.protobuf import struct_pb2
 from extauthz.access_log import MalformedEntry, NotFastPath, entry_event_id, read_entry
 from extauthz.config import Settings
 from extauthz.envoy_stats import EnvoyAllowedCollector
+from fastpath.envoy_config import LOG_NAME as GATEWAY_LOG_NAME
 from policy import Grant, Role
 from policy.stores import open_store
 from tests.support.fast_path_envoy import LOG_NAME, Policy, with_static_fast_path
@@ -87,9 +88,14 @@ def test_an_entry_reads_as_the_allow_envoy_made():
     assert ev.detail["envoy_request_id"] == "rid-1"
     assert ev.at.timestamp() == pytest.approx(1_700_000_000.25)
     assert "fast path" in ev.reason and "v7/engineers" in ev.reason
-    c = read_entry(_entry(path=f"/{LEDGER}/PostEntry", policy=f"v12/contributors/{LEDGER}"), SETTINGS, "")
+    # fastpath/compile.py's contributors policy covers every service: no service in its id.
+    c = read_entry(_entry(path=f"/{LEDGER}/PostEntry", policy="v12/contributors"), SETTINGS, "")
     assert (c.kind, c.policy_version, c.audit_event().detail["mode"]) == \
         ("contributors", "12", "CONTRIBUTORS_WITHOUT_APPROVAL")
+
+
+def test_the_server_takes_the_log_the_gateway_is_rendered_with():
+    assert Settings(store_url="sqlite:///x.db").fast_path.log_name == GATEWAY_LOG_NAME == LOG_NAME
 
 
 def test_the_event_id_is_the_entrys_own():
@@ -110,7 +116,8 @@ def test_the_event_id_is_the_entrys_own():
     (_entry(sub=""), MalformedEntry, "empty"),
     (_entry(policy=None), MalformedEntry, "which policy allowed the call is unknown"),
     (_entry(policy="engineers"), MalformedEntry, "is not v<version>/engineers"),
-    (_entry(policy=f"v1/contributors/{LEDGER}"), MalformedEntry, f"for service '{LEDGER}'"),
+    (_entry(policy=f"v1/contributors/{LEDGER}"), MalformedEntry, "is not v<version>/engineers"),
+    (_entry(policy="v1.empty.2/engineers"), MalformedEntry, "is not v<version>/engineers"),
     (_entry(path="/not a/path"), MalformedEntry, "names no valid service"),
     (_entry(request_id=""), MalformedEntry, "no x-request-id"),
 ])
