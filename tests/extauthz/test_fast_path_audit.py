@@ -21,12 +21,15 @@ import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import struct_pb2
 
 from extauthz.access_log import MalformedEntry, NotFastPath, entry_event_id, read_entry
 from extauthz.config import Settings
 from extauthz.envoy_stats import EnvoyAllowedCollector
+from fastpath.compile import RESOURCE_NAME
 from fastpath.envoy_config import LOG_NAME as GATEWAY_LOG_NAME
+from fastpath.xds import ECDS_TYPE
 from policy import Grant, Role
 from policy.stores import open_store
 from tests.support.fast_path_envoy import LOG_NAME, Policy, with_static_fast_path
@@ -288,7 +291,21 @@ def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
 
 
 @pytest.mark.postgres
-def test_the_access_log_is_served_only_with_the_fast_path_on_and_only_to_envoy(tmp_path, pg_dsn):
+def _ads_request():
+    from envoy.service.discovery.v3 import discovery_pb2
+    r = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=[RESOURCE_NAME])
+    r.node.id = "someone"
+    return r
+
+
+def _metrics_text(proc) -> str:
+    import yaml
+    port = yaml.safe_load(proc.config_path.read_text())["metrics"]["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def test_the_access_log_and_the_policy_are_served_only_with_the_fast_path_on_and_only_to_envoy(tmp_path, pg_dsn):
     from devstack.processes import ExtAuthzProcess, free_port
     from extauthz.dev_certs import issue_client, make_dev_certs
     from tests.support.gateway_harness import extauthz_config
@@ -320,6 +337,18 @@ def test_the_access_log_is_served_only_with_the_fast_path_on_and_only_to_envoy(t
                         iter([_message(_entry(request_id="forged"))]), timeout=5)
                 assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
                 assert "client_names" in e.value.details()
+                # Nor the fast-path policy (it lists principals and what they may call).
+                with pytest.raises(grpc.RpcError) as e:
+                    next(iter(ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
+                        iter([_ads_request()]), timeout=5)))
+                assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                assert "client_names" in e.value.details() and "intruder" in e.value.details()
+            # Envoy's certificate gets the policy.
+            with proc.channel() as ch:
+                first = next(iter(ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
+                    iter([_ads_request()]), timeout=5)))
+                assert first.type_url == ECDS_TYPE and len(first.resources) == 1
             _wait("the event", lambda: len(_fast_audit(pg_dsn)) == 1)
+            assert _metrics_text(proc).count("rpcauthz_refused_peers_total 2.0") == 1
         finally:
             proc.stop()
