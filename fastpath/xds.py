@@ -162,10 +162,13 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 waits: list[asyncio.Future[object]] = [
                     asyncio.ensure_future(requests.get()), asyncio.ensure_future(changed.wait())]
                 timeout = max(0.0, next_heartbeat - time.monotonic())
-                done, pending = await asyncio.wait(waits, timeout=timeout,
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                for f in pending:
-                    f.cancel()
+                try:
+                    done, _pending = await asyncio.wait(waits, timeout=timeout,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when the stream is cancelled while waiting
+                    for f in waits:
+                        if not f.done():
+                            f.cancel()
                 request = waits[0].result() if waits[0] in done else False
                 if request is None:
                     return  # Envoy closed the stream
