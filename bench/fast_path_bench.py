@@ -54,7 +54,15 @@ for _p in (ROOT, ROOT / "bench"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench.gateway_bench import ACCOUNTS, PATH, Cell, check_call, median_cells, run_h2load  # noqa: E402
+from bench.gateway_bench import (  # noqa: E402
+    ACCOUNTS,
+    PATH,
+    Cell,
+    check_call,
+    median_cells,
+    process_cpu_seconds,
+    run_h2load,
+)
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway  # noqa: E402
 from tests.support.grpc_frames import frame  # noqa: E402
 
@@ -201,19 +209,31 @@ def main(argv: list[str] | None = None) -> int:
                      "fast_denied": ("fast", OUTSIDER), "today_allow": ("today", ENGINEER),
                      "today_denied": ("today", OUTSIDER)}
         rounds: list[list[Cell]] = []
+        #: (scenario, concurrency) -> CPU µs per answered call: (the Envoy, our server, the upstream)
+        cpu: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
         for i in range(max(1, args.repeat)):
             order = ORDER if i % 2 == 0 else ORDER[::-1]
             cells = []
             for c in args.concurrency:
                 for name in order:
                     envoy, who = scenarios[name]
-                    cells.append(run_h2load(envoys[envoy].port, tokens[who], body, c, args.duration,
-                                            args.warmup, workdir, name))
+                    pids = (envoys[envoy].pid, ours.pid)
+                    before = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
+                    cell = run_h2load(envoys[envoy].port, tokens[who], body, c, args.duration,
+                                      args.warmup, workdir, name)
+                    after = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
+                    # Warm-up calls burn CPU too: divide by every call h2load made.
+                    calls = max(1, cell.requests * (args.duration + args.warmup) / args.duration)
+                    cpu.setdefault((name, c), []).append(
+                        tuple((a - b) * 1e6 / calls for a, b in zip(after, before, strict=True)))  # type: ignore[arg-type]
+                    cells.append(cell)
             rounds.append(cells)
         print(f"{len(rounds)} round(s) of {args.duration:g} s per cell, Envoy --concurrency {args.envoy_concurrency}, "
               "the fast path as rendered (RBAC over ADS from our server), every fast-path allow audited "
               "through the access log")
         print(render(median_cells(rounds, ORDER)))
+        print()
+        print(cpu_table(cpu))
         print()
         print(audit_line([envoys["fast"], envoys["fast_16k"]], ours))
         if scale is not None:
@@ -259,6 +279,16 @@ def render(cells: list[Cell]) -> str:
                    f"{fast.p50_ms / base.p50_ms:.2f}x p50 of the baseline (goal >= 0.9x, <= 1.15x: "
                    f"{'met' if met else 'NOT met'}); calls that still need ext_authz "
                    f"{den.rps / today_den.rps:.2f}x throughput, {den.p50_ms / today_den.p50_ms:.2f}x p50 of today's")
+    return "\n".join(out)
+
+
+def cpu_table(cpu: dict[tuple[str, int], list[tuple[float, float, float]]]) -> str:
+    """CPU per call (medians over rounds; warm-up included, so approximate): where the time goes."""
+    out = ["| scenario | concurrency | Envoy CPU/call (µs) | ext_authz server CPU/call (µs) | upstream + bench CPU/call (µs) |",
+           "|---|---:|---:|---:|---:|"]
+    for (name, c), vals in cpu.items():
+        med = [statistics.median(v[i] for v in vals) for i in range(3)]
+        out.append(f"| {name} | {c} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} |")
     return "\n".join(out)
 
 

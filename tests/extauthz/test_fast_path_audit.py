@@ -6,7 +6,9 @@ filter names, keys and log name of the fast-path contract), real mTLS, the real 
 PostgreSQL: N calls the policy allows give N ``fast_path.allow`` events and no Check; M calls
 it does not allow go to ext_authz and are audited by their Check as before; Envoy's count of
 fast-path allows equals ours; a redelivered entry is audited once; kill -9 after the entries
-were taken loses none; what Envoy does while the server is away is measured.
+were taken loses none; what Envoy does while the server is away is measured. The shipped
+gateway (RBAC over ADS, ``with_fast_path``'s access log) is audited end to end in
+tests/fastpath/test_gateway_fast_path.py.
 """
 from __future__ import annotations
 
@@ -127,6 +129,50 @@ def test_the_event_id_is_the_entrys_own():
 def test_entries_that_cannot_be_audited_say_why(entry, error, says):
     with pytest.raises(error, match=re.escape(says)):
         read_entry(entry, SETTINGS, "")
+
+
+def test_one_spool_write_per_access_log_message(tmp_path):
+    """Envoy sends a worker's buffered entries as one StreamAccessLogsMessage; the server spools
+    each message in ONE (fsync'd) transaction, whatever its size, before reading the next."""
+    import asyncio
+
+    from extauthz.access_log import AccessLogService
+    from extauthz.audit_spool import AuditSpool
+    from extauthz.metrics import Metrics
+    from extauthz.spooled_audit import SpooledAuditWriter
+
+    class CountingSpool(AuditSpool):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.puts: list[int] = []
+
+        def put(self, events, voids=()):
+            self.puts.append(len(events))
+            return super().put(events, voids)
+
+    sizes = [50, 1, 200]
+
+    async def main() -> list[int]:
+        spool = CountingSpool(str(tmp_path / "spool.db"), 10_000)
+        store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+        metrics = Metrics()
+        writer = SpooledAuditWriter(store, metrics, spool, 10_000)
+        writer.start()
+        msgs = [_message(*[_entry(request_id=f"m{m}-{i}", port=40000 + i) for i in range(n)],
+                         log_name=LOG_NAME if m == 0 else None)  # only a stream's first names its log
+                for m, n in enumerate(sizes)]
+
+        async def stream():
+            for m in msgs:
+                yield m
+        try:
+            await AccessLogService(SETTINGS, writer, metrics).StreamAccessLogs(stream(), None)
+            await writer.close()
+        finally:
+            store.close()
+        return spool.puts
+
+    assert asyncio.run(main()) == sizes
 
 
 # --- the server, through Envoy -------------------------------------------------------------------
