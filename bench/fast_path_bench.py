@@ -1,29 +1,33 @@
 """What does the Envoy-native fast path (issue 12) cost at the gateway, and at scale?
 
-One run, on one machine, three real Envoys built from the same gateway.yaml (jwt_authn in all)
-in front of the same demo gRPC service, and one ext_authz server of ours (SQLite, warm):
+One run, on one machine, real Envoys rendered from the same gateway.yaml (jwt_authn in all) in
+front of the same demo gRPC service, and one ext_authz server of ours (SQLite, warm) with
+``fast_path.enabled``, which serves the compiled RBAC policy over ADS (ECDS) and audits
+fast-path allows from Envoy's access log, exactly as shipped (``render_gateway(fast_path=True)``,
+i.e. ``fastpath.envoy_config.with_fast_path``):
 
-  baseline       Envoy + jwt_authn, no ext_authz                                  (1.00x)
-  fast_allow     the fast-path Envoy (shadow RBAC -> ext_authz only when RBAC did not allow,
-                 access log of fast-path allows to our server, which audits each): an allow
-                 Envoy decides itself
-  fast_no_audit  the same allow on a fast-path Envoy WITHOUT the access log: what the audit
-                 (Envoy's ALS client and our server taking the entries) costs
-  fast_denied    the fast-path Envoy, a call RBAC does not allow: ext_authz decides (a denial)
-  today_allow    today's gateway: ext_authz for every call, an allow
-  today_denied   today's gateway, the same denial
+  baseline        Envoy + jwt_authn, no ext_authz                                 (1.00x)
+  fast_allow      the fast-path gateway as rendered: an allow Envoy's RBAC decides itself,
+                  audited through the access log (1 s / 1 MiB buffer)
+  fast_allow_16k  the same with Envoy's default access-log buffer (16 KiB): a flush every
+                  ~16 calls instead of once a second (what the batching buys)
+  fast_no_audit   the same allow WITHOUT the access log: what the audit costs
+  fast_denied     the fast-path gateway, a call RBAC does not allow: ext_authz decides (a denial)
+  today_allow     today's gateway: ext_authz for every call, an allow
+  today_denied    today's gateway, the same denial
 
-The RBAC policy is STATIC here (tests/support/fast_path_envoy.py, the contract's filter names,
-keys and log name); over xDS it is the same filter with the same policy. Driven by h2load
-(gRPC over h2c, a prebuilt body) at each ``--concurrency``, in ``--repeat`` interleaved rounds
-(A B C.., ..C B A), cells are medians over rounds (gateway_bench.py's machinery).
+Driven by h2load (gRPC over h2c, a prebuilt body) at each ``--concurrency``, in ``--repeat``
+interleaved rounds (A B C.., ..C B A); cells are medians over rounds (gateway_bench.py).
 
-Then the scale table (``--scale SERVICES,RPCS,ENGINEERS``, default 2500,6000,10000): RBAC
-policies of that size from a generator, their size as a proto, Envoy's memory with them
-(admin /memory) against the small policy, the time Envoy takes to load them, and the fast-path
-p50 at c=1 for a caller and method at the END of the policy (the worst case for RBAC's linear
-match) against the small policy. xDS push time and grant-change-to-Envoy lag need the ADS
-server (fastpath/xds.py); without it they are printed as "n/a".
+Then the scale table (``--scale SERVICES,RPCS,ENGINEERS``, default 2500,6000,10000) with the
+fast path's own parts: the organisation of bench/fastpath_policy_bench.py in a SQLite store
+(``GrantCache``, polled), ``fastpath.publisher.Publisher`` compiling it (modes from a fixed
+map instead of reflection: 2,500 reflection servers are out of reach here) and
+``fastpath.xds.FastPathXds`` serving it to a gateway rendered with the fast path (its access
+log left out, so the per-call row is the policy's cost alone): compiled policy size, Envoy
+memory (admin /memory), push time (publish to Envoy's ACK), grant-change lag (store write to
+Envoy's ACK of the version with it), and the fast-path call against the same gateway with the
+small policy (``fast_no_audit``), interleaved.
 
     python bench/fast_path_bench.py                          # 3 rounds of 10 s per cell
     python bench/fast_path_bench.py --duration 3 --repeat 3 --concurrency 1 16
@@ -31,27 +35,41 @@ server (fastpath/xds.py); without it they are printed as "n/a".
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import pathlib
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "bench"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-from bench.gateway_bench import ACCOUNTS, PATH, Cell, check_call, median_cells, run_h2load  # noqa: E402
+from bench.gateway_bench import (  # noqa: E402
+    ACCOUNTS,
+    PATH,
+    Cell,
+    check_call,
+    median_cells,
+    process_cpu_seconds,
+    run_h2load,
+)
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway  # noqa: E402
-from tests.support.fast_path_envoy import Policy, rbac_filter, scale_policies, with_static_fast_path  # noqa: E402
 from tests.support.grpc_frames import frame  # noqa: E402
 
-ORDER = ["baseline", "fast_allow", "fast_no_audit", "fast_denied", "today_allow", "today_denied"]
+ORDER = ["baseline", "fast_allow", "fast_allow_16k", "fast_no_audit", "fast_denied", "today_allow",
+         "today_denied"]
 ENGINEER, OUTSIDER = "bench-engineer", "bench-outsider"
+FAST_ALLOWED = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
 
 
 def _envoy(name: str, cfg: dict[str, Any], workdir: pathlib.Path, concurrency: int) -> EnvoyProcess:
@@ -64,14 +82,45 @@ def _memory(e: EnvoyProcess) -> dict[str, int]:
     return {k: int(v) for k, v in data.items() if str(v).isdigit()}
 
 
-def policy_bytes(policies: list[Policy]) -> int:
-    """The size of the RBAC filter config holding ``policies``, as a serialized proto."""
-    from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
-    from google.protobuf import json_format
+def without_audit(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A rendered fast-path gateway without its access log of fast-path allows."""
+    out = json.loads(json.dumps(cfg))
+    for listener in out["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f.get("typed_config", {})
+                if "access_log" in hcm:
+                    hcm["access_log"] = [a for a in hcm["access_log"] if a["name"] != "envoy.access_loggers.http_grpc"]
+    return out
 
-    cfg = dict(rbac_filter(policies)["typed_config"])
-    cfg.pop("@type")
-    return json_format.ParseDict(cfg, rbac_pb2.RBAC()).ByteSize()
+
+def with_audit_buffer(cfg: dict[str, Any], size_bytes: int) -> dict[str, Any]:
+    """A rendered fast-path gateway whose access log of fast-path allows buffers ``size_bytes``."""
+    out = json.loads(json.dumps(cfg))
+    for listener in out["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                for a in f.get("typed_config", {}).get("access_log", []):
+                    if a["name"] == "envoy.access_loggers.http_grpc":
+                        a["typed_config"]["common_config"]["buffer_size_bytes"] = size_bytes
+    return out
+
+
+def until_fast(e: EnvoyProcess, token: str, timeout: float = 30.0) -> None:
+    """Call until Envoy's RBAC allows the call itself (the server learnt the mode and pushed)."""
+    from devstack.democlient import call
+
+    deadline = time.monotonic() + timeout
+    while True:
+        before = int(e.stats(FAST_ALLOWED).get(FAST_ALLOWED) or 0)
+        r = call(f"127.0.0.1:{e.port}", PATH, token=token)
+        if r.code.name != "OK":
+            raise RuntimeError(f"sanity call through :{e.port} failed: {r.render()}")
+        if int(e.stats(FAST_ALLOWED).get(FAST_ALLOWED) or 0) > before:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the fast path never allowed {PATH} through :{e.port}")
+        time.sleep(0.1)
 
 
 def _expect(port: int, token: str, path: str, code: str) -> None:
@@ -96,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
     scale = None if args.scale == "none" else tuple(int(x) for x in args.scale.split(","))
-    if scale is not None and len(scale) != 3:
-        print(f"--scale takes SERVICES,RPCS,ENGINEERS, not {args.scale!r}", file=sys.stderr)
+    if scale is not None and (len(scale) != 3 or scale[1] < 2 * scale[0] or scale[2] < 8):
+        print(f"--scale takes SERVICES,RPCS,ENGINEERS (RPCS >= 2 x SERVICES, ENGINEERS >= 8), not {args.scale!r}",
+              file=sys.stderr)
         return 2
 
     from devstack.demo_services import start_demo_server
@@ -126,22 +176,22 @@ def main(argv: list[str] | None = None) -> int:
             "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port}, "drain_notice_s": 0,
             "metrics": {"host": "127.0.0.1", "port": free_port()},
             "audit": {"spool_path": str(workdir / "audit-spool.db")},
-            "fast_path": {"enabled": True},
+            "fast_path": {"enabled": True, "modes_check_s": 0.2},
             "reflection": {"endpoints": {"static": {ACCOUNTS: upstream.address}}},
         }, workdir, env={"PYTHONWARNINGS": "ignore"})
         things.append(ours)
         ours.wait_ready()
 
-        def gateway(ext: int | None) -> dict[str, Any]:
+        def gateway(ext: int | None, fast_path: bool = False) -> dict[str, Any]:
             return render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=ext,
                                   jwks_port=jwks.port, upstreams={"demo_accounts": upstream.port,
                                                                   "demo_ledger": upstream.port},
-                                  access_log="/dev/null")
-        small = [Policy("v1/engineers", [ENGINEER], [PATH])]
+                                  access_log="/dev/null", fast_path=fast_path)
         envoys = {"baseline": _envoy("baseline", gateway(None), workdir, args.envoy_concurrency),
-                  "fast": _envoy("fast", with_static_fast_path(gateway(ours_port), small, flush_interval_s=1.0),
-                                 workdir, args.envoy_concurrency),
-                  "fast_no_audit": _envoy("fast_no_audit", with_static_fast_path(gateway(ours_port), small, als=False),
+                  "fast": _envoy("fast", gateway(ours_port, True), workdir, args.envoy_concurrency),
+                  "fast_16k": _envoy("fast_16k", with_audit_buffer(gateway(ours_port, True), 16384),
+                                     workdir, args.envoy_concurrency),
+                  "fast_no_audit": _envoy("fast_no_audit", without_audit(gateway(ours_port, True)),
                                           workdir, args.envoy_concurrency),
                   "today": _envoy("today", gateway(ours_port), workdir, args.envoy_concurrency)}
         things.extend(envoys.values())
@@ -149,31 +199,46 @@ def main(argv: list[str] | None = None) -> int:
             e.wait_ready()
         for e in envoys.values():
             check_call(e.port, tokens[ENGINEER])  # also warms reflection and connections
+        for name in ("fast", "fast_16k", "fast_no_audit"):
+            until_fast(envoys[name], tokens[ENGINEER])
         for name in ("fast", "today"):
             _expect(envoys[name].port, tokens[OUTSIDER], PATH, "PERMISSION_DENIED")
         #: scenario -> (envoy, caller)
         scenarios = {"baseline": ("baseline", ENGINEER), "fast_allow": ("fast", ENGINEER),
-                     "fast_no_audit": ("fast_no_audit", ENGINEER),
+                     "fast_allow_16k": ("fast_16k", ENGINEER), "fast_no_audit": ("fast_no_audit", ENGINEER),
                      "fast_denied": ("fast", OUTSIDER), "today_allow": ("today", ENGINEER),
                      "today_denied": ("today", OUTSIDER)}
         rounds: list[list[Cell]] = []
+        #: (scenario, concurrency) -> CPU µs per answered call: (the Envoy, our server, the upstream)
+        cpu: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
         for i in range(max(1, args.repeat)):
             order = ORDER if i % 2 == 0 else ORDER[::-1]
             cells = []
             for c in args.concurrency:
                 for name in order:
                     envoy, who = scenarios[name]
-                    cells.append(run_h2load(envoys[envoy].port, tokens[who], body, c, args.duration,
-                                            args.warmup, workdir, name))
+                    pids = (envoys[envoy].pid, ours.pid)
+                    before = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
+                    cell = run_h2load(envoys[envoy].port, tokens[who], body, c, args.duration,
+                                      args.warmup, workdir, name)
+                    after = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
+                    # Warm-up calls burn CPU too: divide by every call h2load made.
+                    calls = max(1, cell.requests * (args.duration + args.warmup) / args.duration)
+                    cpu.setdefault((name, c), []).append(
+                        tuple((a - b) * 1e6 / calls for a, b in zip(after, before, strict=True)))  # type: ignore[arg-type]
+                    cells.append(cell)
             rounds.append(cells)
         print(f"{len(rounds)} round(s) of {args.duration:g} s per cell, Envoy --concurrency {args.envoy_concurrency}, "
-              "static shadow RBAC, every fast-path allow audited through the access log")
+              "the fast path as rendered (RBAC over ADS from our server), every fast-path allow audited "
+              "through the access log")
         print(render(median_cells(rounds, ORDER)))
         print()
-        print(audit_line(envoys["fast"], ours))
+        print(cpu_table(cpu))
+        print()
+        print(audit_line([envoys["fast"], envoys["fast_16k"]], ours))
         if scale is not None:
             print()
-            print(scale_table(scale, envoys["fast"], gateway, ours_port, tokens[ENGINEER], body, workdir, args))
+            print(scale_table(scale, envoys["fast_no_audit"], gateway, tokens[ENGINEER], body, workdir, args))
         return 0
     finally:
         for t in reversed(things):
@@ -217,12 +282,22 @@ def render(cells: list[Cell]) -> str:
     return "\n".join(out)
 
 
-def audit_line(envoy: EnvoyProcess, ours: ExtAuthzProcess) -> str:
-    """Envoy's count of fast-path allows against the entries our server audited."""
-    stat = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
+def cpu_table(cpu: dict[tuple[str, int], list[tuple[float, float, float]]]) -> str:
+    """CPU per call (medians over rounds; warm-up included, so approximate): where the time goes."""
+    out = ["| scenario | concurrency | Envoy CPU/call (µs) | ext_authz server CPU/call (µs) | upstream + bench CPU/call (µs) |",
+           "|---|---:|---:|---:|---:|"]
+    for (name, c), vals in cpu.items():
+        med = [statistics.median(v[i] for v in vals) for i in range(3)]
+        out.append(f"| {name} | {c} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} |")
+    return "\n".join(out)
+
+
+def audit_line(envoys: list[EnvoyProcess], ours: ExtAuthzProcess) -> str:
+    """The fast-path allows ``envoys`` counted against the entries our server audited."""
+    stat = FAST_ALLOWED
     deadline = time.monotonic() + 10  # Envoy flushes its access log once a second
     while True:
-        allowed = int(envoy.stats(stat).get(stat) or 0)
+        allowed = sum(int(e.stats(stat).get(stat) or 0) for e in envoys)
         with urllib.request.urlopen(f"http://127.0.0.1:{_metrics_port(ours)}/metrics", timeout=5) as r:
             text = r.read().decode()
         audited = int(sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
@@ -240,53 +315,187 @@ def _metrics_port(ours: ExtAuthzProcess) -> int:
     return int(yaml.safe_load(ours.config_path.read_text())["metrics"]["port"])
 
 
-def scale_table(scale: tuple[int, int, int], small_envoy: EnvoyProcess, gateway: Any, ours_port: int,
-                token: str, body: pathlib.Path, workdir: pathlib.Path, args: argparse.Namespace) -> str:
+class _Modes:
+    """A fixed ``KnownModes`` for the publisher (what a reflection cache would know)."""
+
+    def __init__(self, modes: dict[str, Any]) -> None:
+        self.modes = modes
+
+    def known(self) -> dict[str, Any]:
+        return self.modes
+
+    def refresh_stale(self) -> int:
+        return 0
+
+
+class ControlPlane:
+    """The fast path's server side at scale, on its own event loop thread: a SQLite store and
+    ``GrantCache``, the ``Publisher`` and ``FastPathXds`` (ADS) on a gRPC port."""
+
+    def __init__(self, store_url: str, modes: dict[str, Any]) -> None:
+        from fastpath.publisher import Publisher
+        from fastpath.xds import FastPathXds
+        from policy import Mode
+        from policy.grant_cache import GrantCache
+        from policy.stores import open_store
+
+        self.port = free_port()
+        self.store = open_store(store_url, poll_interval=0.05)
+        self.grants = GrantCache(self.store)
+        self.grants.start()
+        self.xds = FastPathXds(ttl_s=60)
+        self.publisher = Publisher(self.xds, self.grants, _Modes(modes), default_mode=Mode.BREAK_GLASS_ONLY,
+                                   horizon=timedelta(seconds=70))
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self._run(self._start())
+
+    async def _start(self) -> None:
+        import grpc
+        from envoy.service.discovery.v3 import ads_pb2_grpc
+
+        self.server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self.server.start()
+        self.task = asyncio.get_running_loop().create_task(self.publisher.run())
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
+
+    def acked(self, timeout: float = 120.0, after: str | None = None) -> tuple[str, float]:
+        """Wait until the publisher's current version (newer than ``after``) is ACKed by the
+        Envoy; (version, monotonic time of the ACK seen)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cur = self.publisher.current
+            status = self.xds.status()
+            if any(s.nacks for s in status):
+                raise RuntimeError(f"Envoy refused the policy: {status[0].last_nack}")
+            if cur is not None and cur.version != after and any(s.acked_version == cur.version for s in status):
+                return cur.version, time.monotonic()
+            time.sleep(0.001)
+        raise TimeoutError("Envoy never ACKed the compiled policy")
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.task.cancel()
+            await self.server.stop(0)
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        self._run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.grants.close()
+        self.store.close()
+
+
+def scale_table(scale: tuple[int, int, int], small_envoy: EnvoyProcess, gateway: Any, token: str,
+                body: pathlib.Path, workdir: pathlib.Path, args: argparse.Namespace) -> str:
+    """The fast path's own parts at ``scale`` (see the module docstring)."""
+    from fastpath_policy_bench import organisation
+
+    from policy import Grant, Mode, Role
+    from policy.stores import open_store
+    from reflection_cache.types import ServiceModes
+
     services, rpcs, engineers = scale
     t0 = time.perf_counter()
-    policies = scale_policies(services, rpcs, engineers)
-    # The benchmark's caller and method go LAST: RBAC matches policies and their lists in order.
-    eng = policies[0]
-    policies[0] = Policy(eng.name, [*eng.principals, ENGINEER], [*eng.paths, PATH])
-    gen_s = time.perf_counter() - t0
-    size = policy_bytes(policies)
-    small_size = policy_bytes([Policy("v1/engineers", [ENGINEER], [PATH])])
-    cfg = with_static_fast_path(gateway(ours_port), policies, flush_interval_s=1.0)
-    started = time.perf_counter()
-    big = EnvoyProcess(cfg, workdir / "scale", name="envoy-scale", concurrency=args.envoy_concurrency)
+    modes, grants, _people = organisation(engineers, services, rpcs)
+    modes = dict(modes)
+    # The benchmark's caller and method: the demo's ENGINEERS_WITHOUT_APPROVAL method.
+    modes[ACCOUNTS] = ServiceModes(ACCOUNTS, {PATH.rsplit("/", 1)[1]: Mode.ENGINEERS_WITHOUT_APPROVAL})
+    store_url = f"sqlite:///{workdir / 'scale.db'}"
+    store = open_store(store_url)
     try:
-        big.wait_ready(timeout=300)
-        load_s = time.perf_counter() - started
-        check_call(big.port, token)
-        mem_small, mem_big = _memory(small_envoy), _memory(big)
-        p50 = {}
-        for name, e in (("small", small_envoy), ("scale", big)):
-            cells = [run_h2load(e.port, token, body, 1, args.duration, args.warmup, workdir, f"scale-{name}")
-                     for _ in range(max(1, args.repeat))]
-            p50[name] = statistics.median(c.p50_ms for c in cells)
+        store.replace_grants("sync:bench", [dataclasses.replace(g, source="sync:bench")
+                                            for g in [*grants, Grant(ENGINEER, Role.ENGINEER)]])
     finally:
-        big.stop()
-    n_principals = sum(len(p.principals) for p in policies)
-    n_paths = sum(len(p.paths) for p in policies)
+        store.close()
+    gen_s = time.perf_counter() - t0
+    control = ControlPlane(store_url, modes)
+    big: EnvoyProcess | None = None
+    try:
+        big = EnvoyProcess(without_audit(gateway(control.port, True)), workdir / "scale", name="envoy-scale",
+                           concurrency=args.envoy_concurrency)
+        big.wait_ready(timeout=300)
+        control.acked()
+        compiled = control.publisher.current
+        assert compiled is not None and control.publisher.last_push is not None
+        compile_s = control.publisher.last_push.compile_s
+        mem_big = _memory(big)
+        check_call(big.port, token)
+        # Grant changes end to end: a store write -> GrantCache (poll 0.05 s) -> debounce 0.1 s ->
+        # compile -> ADS push -> Envoy's ACK of the version that has it.
+        lags: list[float] = []
+        pushes: list[float] = []
+        compiles: list[float] = [compile_s]
+        for i in range(3):
+            before = control.publisher.current.version if control.publisher.current else None
+            s2 = open_store(store_url)
+            try:
+                t_write = time.monotonic()
+                s2.put_grant(Grant(f"new-hire-{i}@corp.example", Role.ENGINEER))
+            finally:
+                s2.close()
+            _v, acked_at = control.acked(after=before)
+            lags.append(acked_at - t_write)
+            assert control.xds.published_at is not None
+            pushes.append(acked_at - control.xds.published_at)
+            compiles.append(control.publisher.last_push.compile_s if control.publisher.last_push else 0.0)
+        p: dict[tuple[str, int], list[Cell]] = {}
+        for r in range(max(1, args.repeat)):
+            pair = [("small", small_envoy), ("scale", big)]
+            for c in args.concurrency:
+                for name, e in (pair if r % 2 == 0 else pair[::-1]):
+                    p.setdefault((name, c), []).append(
+                        run_h2load(e.port, token, body, c, args.duration, args.warmup, workdir, f"scale-{name}"))
+        mem_small = _memory(small_envoy)
+        small_bytes = _small_policy_bytes()
+    finally:
+        if big is not None:
+            big.stop()
+        control.close()
 
     def mib(n: int) -> str:
         return f"{n / 2**20:.1f} MiB"
+
+    def med(name: str, c: int, what: str) -> float:
+        return statistics.median(getattr(x, what) for x in p[(name, c)])
     rows = [
-        ("policies (engineers + one per service with contributor-only RPCs)", f"{len(policies)}", "1"),
-        ("principal matchers / path matchers", f"{n_principals} / {n_paths}", "1 / 1"),
-        ("compiled RBAC policy (serialized proto)", f"{size / 1024:.0f} KiB", f"{small_size} B"),
+        ("grants (engineer + contributor), services with modes", f"{len(grants) + 1:,}, {len(modes):,}", "1, 1"),
+        ("compiled RBAC policy (fastpath.compile, serialized)",
+         f"{compiled.size_bytes / 1024:.0f} KiB ({len(compiled.rbac.shadow_rules.policies)} policies)",
+         f"{small_bytes} B"),
+        ("compile time (publisher, in a thread; median of 4)", f"{statistics.median(compiles) * 1000:.0f} ms", "-"),
         ("Envoy memory allocated (admin /memory)", mib(mem_big.get("allocated", 0)), mib(mem_small.get("allocated", 0))),
         ("Envoy heap size", mib(mem_big.get("heap_size", 0)), mib(mem_small.get("heap_size", 0))),
-        ("Envoy start to ready with the static config (not an xDS push)", f"{load_s:.1f} s", "-"),
-        ("fast-path p50 at c=1, caller and method last in the policy", f"{p50['scale']:.2f} ms", f"{p50['small']:.2f} ms"),
-        ("xDS push time", "n/a (needs fastA's ADS server)", "-"),
-        ("grant change to Envoy lag", "n/a (needs fastA's ADS server)", "-"),
+        ("xDS push of a new version: publish -> Envoy ACK (median of 3)", f"{statistics.median(pushes) * 1000:.0f} ms", "-"),
+        ("grant change: store write -> Envoy ACK of the new version (median of 3; SQLite poll 0.05 s, "
+         "debounce 0.1 s, compile, push)", f"{statistics.median(lags) * 1000:.0f} ms", "-"),
     ]
-    out = [f"scale: {services} services, {rpcs} RPCs, {engineers} engineers (generated in {gen_s:.1f} s; STATIC RBAC "
-           "config of that size, not fastA's compiler)",
-           "| measure | at scale | one engineer, one method |", "|---|---:|---:|"]
+    for c in args.concurrency:
+        rows.append((f"fast-path call at c={c}: throughput, p50 (no access log; ratio vs small policy)",
+                     f"{med('scale', c, 'rps'):.0f} req/s, {med('scale', c, 'p50_ms'):.2f} ms "
+                     f"({med('scale', c, 'rps') / med('small', c, 'rps'):.2f}x, "
+                     f"{med('scale', c, 'p50_ms') / med('small', c, 'p50_ms'):.2f}x)",
+                     f"{med('small', c, 'rps'):.0f} req/s, {med('small', c, 'p50_ms'):.2f} ms"))
+    out = [f"scale: {services:,} services, {rpcs:,} RPCs, {engineers:,} engineers (store seeded in {gen_s:.1f} s); "
+           "fastpath's compiler, publisher and ADS server, the gateway as rendered",
+           "| measure | at scale | small policy (one engineer, one method) |", "|---|---:|---:|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(out)
+
+
+def _small_policy_bytes() -> int:
+    from fastpath.compile import compile_policy
+    from policy import Grant, GrantSet, Mode, Role
+    from reflection_cache.types import ServiceModes
+
+    modes = {ACCOUNTS: ServiceModes(ACCOUNTS, {PATH.rsplit("/", 1)[1]: Mode.ENGINEERS_WITHOUT_APPROVAL})}
+    return compile_policy(modes, GrantSet([Grant(ENGINEER, Role.ENGINEER)], revision=1), datetime.now(UTC),
+                          version="1", default_mode=Mode.BREAK_GLASS_ONLY, horizon=timedelta(seconds=40)).size_bytes
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ RBAC_NAMESPACE = "envoy.filters.http.rbac"
 RESULT_KEY = "rpcauthz_fast_shadow_engine_result"
 POLICY_KEY = "rpcauthz_fast_shadow_effective_policy_id"
 
-#: ``v<version>/<kind>[/<service>]``: the policy names of the compiled RBAC resource.
-_POLICY_ID = re.compile(r"v(?P<version>[A-Za-z0-9._:-]{1,64})/(?P<kind>engineers|contributors)"
-                        r"(?:/(?P<service>[A-Za-z_][A-Za-z0-9_.]*))?")
+#: ``v<version>/<kind>``: the policy names fastpath/compile.py gives the compiled RBAC resource
+#: (``<version>`` the xDS version, digits; contributors of every service are one policy).
+_POLICY_ID = re.compile(r"v(?P<version>[0-9]{1,20})/(?P<kind>engineers|contributors)")
 
 #: The mode each policy kind stands for: only modes without approval reach the fast path.
 POLICY_MODES = {"engineers": Mode.ENGINEERS_WITHOUT_APPROVAL,
@@ -143,7 +143,7 @@ def read_entry(entry: accesslog_pb2.HTTPAccessLogEntry, settings: Settings, node
     parsed = _POLICY_ID.fullmatch(policy_id)
     if parsed is None:
         raise MalformedEntry(f"policy id {policy_id[:80]!r} is not v<version>/engineers or "
-                             "v<version>/contributors/<service>")
+                             "v<version>/contributors")
     request_id = entry.request.request_id
     if not request_id:
         raise MalformedEntry("the entry has no x-request-id (request.request_id)")
@@ -153,9 +153,7 @@ def read_entry(entry: accesslog_pb2.HTTPAccessLogEntry, settings: Settings, node
         target = parse_path(entry.request.path, settings.max_path_length)
     except BadPath as e:
         raise MalformedEntry(str(e)) from None
-    kind, service = parsed["kind"], parsed["service"]
-    if kind == "contributors" and service != target.service:
-        raise MalformedEntry(f"policy {policy_id!r} is for service {service!r}, the call is to {target.service!r}")
+    kind = parsed["kind"]
     try:
         identity = identity_from_metadata(filter_metadata, settings.identity)
     except IdentityError as e:

@@ -212,7 +212,8 @@ class FastPath(Section):
     spool as Checks (extauthz/access_log.py)."""
 
     enabled: bool = False
-    #: The ``log_name`` of Envoy's ``http_grpc`` access log that carries fast-path allows;
+    #: The ``log_name`` of Envoy's ``http_grpc`` access log that carries fast-path allows (the
+    #: gateway's, ``fastpath.envoy_config.LOG_NAME``, unless rendered with another);
     #: entries of any other log are counted malformed and not audited.
     log_name: str = "rpcauthz_fast_path"
     #: Envoy admin URLs (``http://127.0.0.1:9901``) whose fast-path allow counter /metrics

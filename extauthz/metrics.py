@@ -41,7 +41,7 @@ class Metrics:
                                "Calls allowed only because their service is in dry-run.",
                                ["shadow", "mode"], registry=r)
         self.refused_peers = Counter("rpcauthz_refused_peers",
-                                     "Checks refused because the peer is not an authenticated Envoy.",
+                                     "Checks, access log and ADS streams refused because the peer is not an authenticated Envoy.",
                                      registry=r)
         self.serving = Gauge("rpcauthz_serving",
                              "1 while gRPC health says SERVING (this replica can decide), else 0.",
@@ -54,7 +54,7 @@ class Metrics:
             ["result"], registry=r)
         # The fast path (fastpath/): pushes to Envoys over ADS, and what they said.
         self.fast_path_events = Counter("rpcauthz_fast_path_xds_events",
-                                        "ADS stream events: connect, disconnect, ack, nack.",
+                                        "ADS stream events: connect, disconnect, ack, nack, refused (not an authenticated Envoy).",
                                         ["event"], registry=r)
         self.fast_path_pushes = Counter("rpcauthz_fast_path_pushes",
                                         "Fast-path policies compiled and pushed.", registry=r)

@@ -283,8 +283,14 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
     fp = settings.fast_path
     if not fp.enabled:
         return None
-    xds = FastPathXds(ttl_s=fp.ttl_s, heartbeat_s=fp.refresh_s,
-                      on_event=lambda kind, node: metrics.fast_path_events.labels(kind).inc())
+    peers = PeerCheck(settings.listen)  # the policy names principals: Envoy only, as for Checks
+
+    def on_event(kind: str, node: str) -> None:
+        metrics.fast_path_events.labels(kind).inc()
+        if kind == "refused":
+            metrics.refused_peers.inc()
+
+    xds = FastPathXds(ttl_s=fp.ttl_s, heartbeat_s=fp.refresh_s, on_event=on_event, refuse=peers.refusal)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
     ident = settings.identity
 

@@ -10,7 +10,10 @@
 plus, on every virtual host, the upstream headers ext_authz sets on an allow, filled from
 metadata when the fast path allowed (``x-rpcauthz-principal``: the verified claim;
 ``x-rpcauthz-decision-id``: the RBAC policy id, e.g. ``v17/engineers``, never a 32-hex
-decision id), the ADS source, a node id and the RE2 program-size runtime limits.
+decision id), the ADS source, a node id and the RE2 program-size runtime limits; and the
+audit of fast-path allows: an ``http_grpc`` access log (``LOG_NAME``, the server's
+``fast_path.log_name``) to the ext_authz cluster, passing only entries whose RBAC shadow
+result is "allowed" (extauthz/access_log.py turns each into one decision audit event).
 """
 from __future__ import annotations
 
@@ -31,6 +34,15 @@ PRINCIPAL_HEADER = "x-rpcauthz-principal"
 DECISION_HEADER = "x-rpcauthz-decision-id"
 #: RE2 programs of the compiled alternations are far above Envoy's default limit (100).
 RE2_MAX_PROGRAM_SIZE = 4_000_000
+#: The ``log_name`` of the access log of fast-path allows (the server's ``fast_path.log_name``).
+LOG_NAME = "rpcauthz_fast_path"
+HTTP_GRPC_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+#: Envoy sends a worker's buffered entries when this much time has passed or the buffer holds
+#: ``AUDIT_BUFFER_BYTES`` (whichever comes first). Larger means fewer, bigger messages (less CPU
+#: per entry on both sides) but more entries held in Envoy's memory, lost if Envoy dies.
+AUDIT_FLUSH_INTERVAL_S = 1.0
+#: About 1,000 entries of ~1 KiB (Envoy's default is 16 KiB: a flush every ~16 calls).
+AUDIT_BUFFER_BYTES = 1 << 20
 
 
 #: Access-log fields: the fast path's answer and the policy (version) that allowed.
@@ -53,6 +65,33 @@ def rbac_filter(*, initial_fetch_timeout: str = "0s") -> dict[str, Any]:
             "apply_default_config_without_warming": True,
             "type_urls": [RBAC_TYPE],
         },
+    }
+
+
+def audit_access_log(*, log_name: str = LOG_NAME, cluster: str = "ext_authz",
+                     flush_interval_s: float = AUDIT_FLUSH_INTERVAL_S,
+                     buffer_size_bytes: int = AUDIT_BUFFER_BYTES) -> dict[str, Any]:
+    """The ``http_grpc`` access log of fast-path allows (entries whose RBAC shadow result is
+    "allowed", i.e. calls ext_authz did not see) to ``cluster``, named ``log_name``."""
+    if flush_interval_s <= 0:
+        raise ValueError(f"flush_interval_s must be positive, got {flush_interval_s}")
+    if buffer_size_bytes < 1:
+        raise ValueError(f"buffer_size_bytes must be positive, got {buffer_size_bytes}")
+    if not log_name.strip():
+        raise ValueError("log_name must not be empty")
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"metadata_filter": {
+            "matcher": {"filter": RBAC_NAMESPACE, "path": [{"key": SHADOW_RESULT_KEY}],
+                        "value": {"string_match": {"exact": "allowed"}}},
+            "match_if_key_not_found": False}},
+        "typed_config": {
+            "@type": HTTP_GRPC_LOG_TYPE,
+            "common_config": {
+                "log_name": log_name, "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
+                "buffer_flush_interval": f"{flush_interval_s:g}s",
+                "buffer_size_bytes": buffer_size_bytes}},
     }
 
 
@@ -99,9 +138,15 @@ def fast_path_headers(metadata_namespace: str = JWT_FILTER, payload_key: str = "
 
 
 def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
-                   node_id: str = "rpcauthz-gateway", claim: str = "sub") -> dict[str, Any]:
+                   node_id: str = "rpcauthz-gateway", claim: str = "sub", log_name: str = LOG_NAME,
+                   audit_flush_interval_s: float = AUDIT_FLUSH_INTERVAL_S,
+                   audit_buffer_bytes: int = AUDIT_BUFFER_BYTES) -> dict[str, Any]:
     """A copy of ``bootstrap`` with the fast path wired into every HTTP connection manager
-    that has the ext_authz filter. Raises ``ValueError`` if there is none."""
+    that has the ext_authz filter, each with the access log of its fast-path allows to
+    ``xds_cluster`` (the ext_authz server, which audits them). Raises ``ValueError`` if there
+    is no such connection manager."""
+    als = audit_access_log(log_name=log_name, cluster=xds_cluster, flush_interval_s=audit_flush_interval_s,
+                           buffer_size_bytes=audit_buffer_bytes)
     cfg = copy.deepcopy(bootstrap)
     wired = 0
     for listener in cfg.get("static_resources", {}).get("listeners", []):
@@ -118,6 +163,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                     fields = log.get("typed_config", {}).get("log_format", {}).get("json_format")
                     if isinstance(fields, dict):
                         fields.update(ACCESS_LOG_FIELDS)
+                hcm.setdefault("access_log", []).append(copy.deepcopy(als))
                 for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
                     vh.setdefault("request_headers_to_add", []).extend(fast_path_headers(claim=claim))
                 wired += 1
@@ -162,6 +208,9 @@ HEADER = """\
 #   -> rpcauthz_fast_path (RBAC, shadow rules only, config from the ext_authz server over ADS;
 #      ENGINEERS_/CONTRIBUTORS_WITHOUT_APPROVAL calls of eligible callers are "allowed")
 #   -> ext_authz (skipped only when the shadow result is "allowed") -> router
+# Audit: the http_grpc access log "rpcauthz_fast_path" streams each fast-path allow to the
+# ext_authz server (one decision audit event per call). TUNE: buffer_flush_interval /
+# buffer_size_bytes: larger = cheaper per call, more entries lost if Envoy dies unflushed.
 # The ext_authz server must run with fast_path.enabled: true. Without it (or when it is
 # gone for fast_path.ttl_s) the RBAC filter has the empty policy: every call goes to ext_authz.
 """

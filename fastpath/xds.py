@@ -17,6 +17,11 @@ Fail closed:
   wider, policy), and tries again only with the next compiled policy;
 * ``withdraw()`` (grants unusable, a compile failure) pushes the empty policy everywhere.
 
+Only an authenticated Envoy may subscribe: the policy lists principal names and which methods
+they may call. The server passes its ``refuse`` check (the same peer check as Checks and the
+access log: mTLS ``client_names``, unix socket, loopback); a refused stream ends with
+UNAUTHENTICATED before anything is sent.
+
 Versions are ``<n>`` for compiled policies (``v<n>/...`` policy names) and ``<n>.empty.<k>``
 for withdrawals. ``status()`` reports what each connected Envoy (node id) has ACKed.
 """
@@ -28,6 +33,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import extension_pb2
@@ -71,7 +77,9 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     """ADS servicer; ``publish()`` a compiled policy, ``withdraw()`` to take it back."""
 
     def __init__(self, *, ttl_s: float = 10.0, heartbeat_s: float | None = None,
-                 on_event: Callable[[str, str], None] | None = None) -> None:
+                 on_event: Callable[[str, str], None] | None = None,
+                 refuse: Callable[[grpc.aio.ServicerContext[Any, Any]], str | None] | None = None) -> None:
+        """``refuse(context)``: why the stream's peer may not have the policy, or ``None``."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.ttl_s = ttl_s
@@ -79,6 +87,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         if not 0 < self.heartbeat_s < ttl_s:
             raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be positive and below ttl_s ({ttl_s})")
         self._on_event = on_event or (lambda kind, node: None)
+        self._refuse = refuse
         self._version = "0.empty.0"
         self._rbac = empty_policy()
         self._empty_count = itertools.count(1)
@@ -126,6 +135,14 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
             context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        if self._refuse is not None:
+            why = self._refuse(context)
+            if why is not None:
+                log.warning("refused an ADS stream: %s", why)
+                self._on_event("refused", context.peer() or "")
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"the fast-path policy is served only to an authenticated Envoy: {why}")
+                return
         requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
         async def read() -> None:
@@ -145,10 +162,13 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 waits: list[asyncio.Future[object]] = [
                     asyncio.ensure_future(requests.get()), asyncio.ensure_future(changed.wait())]
                 timeout = max(0.0, next_heartbeat - time.monotonic())
-                done, pending = await asyncio.wait(waits, timeout=timeout,
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                for f in pending:
-                    f.cancel()
+                try:
+                    done, _pending = await asyncio.wait(waits, timeout=timeout,
+                                                        return_when=asyncio.FIRST_COMPLETED)
+                finally:  # also when the stream is cancelled while waiting
+                    for f in waits:
+                        if not f.done():
+                            f.cancel()
                 request = waits[0].result() if waits[0] in done else False
                 if request is None:
                     return  # Envoy closed the stream

@@ -28,7 +28,7 @@ import yaml
 from extauthz.config import is_loopback
 from extauthz.dev_certs import SERVER_NAME
 from fastpath.compile import RESOURCE_NAME as FAST_PATH_FILTER
-from fastpath.envoy_config import with_fast_path
+from fastpath.envoy_config import AUDIT_BUFFER_BYTES, AUDIT_FLUSH_INTERVAL_S, with_fast_path
 
 #: The dynamic-metadata namespace where jwt_authn leaves the verified payload, and the key.
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
@@ -163,6 +163,10 @@ class Gateway:
     fast_path: bool = False
     #: The JWT claim that names the caller (the server's identity.principal_claim).
     fast_path_claim: str = "sub"
+    #: The access log of fast-path allows (their audit): Envoy flushes it this often or at
+    #: this many buffered bytes; what is buffered is lost if Envoy dies.
+    fast_path_audit_flush: float = AUDIT_FLUSH_INTERVAL_S
+    fast_path_audit_buffer_bytes: int = AUDIT_BUFFER_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,8 +291,9 @@ _GATEWAY_KEYS = {
     "max_request_bytes": "largest request body buffered for payload-scoped approvals",
     "upstream_max_requests": "circuit breaker: concurrent requests per upstream",
     "access_log": "path of the JSON access log (default /dev/stdout)",
-    "fast_path": "true, or {principal_claim: CLAIM}: Envoy's RBAC filter, fed over xDS by the ext_authz "
-                 "server (fast_path.enabled), allows static calls without a Check",
+    "fast_path": "true, or {principal_claim: CLAIM, audit_flush: DURATION, audit_buffer_bytes: N}: Envoy's "
+                 "RBAC filter, fed over xDS by the ext_authz server (fast_path.enabled), allows static calls "
+                 "without a Check; each allow is audited through Envoy's access log to that server",
 }
 _EXT_AUTHZ_KEYS = {"address": "HOST:PORT", "unix_socket": "absolute path of the server's unix socket "
                    "(instead of address: a sidecar in Envoy's pod)", "timeout": "Envoy's deadline for one Check",
@@ -379,12 +384,20 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
     if "fast_path" in g:
         fp = g["fast_path"]
         if isinstance(fp, yaml.MappingNode):
-            m = r.mapping(fp, "gateway.fast_path", {"principal_claim": "the JWT claim naming the caller "
-                                                    "(the server's identity.principal_claim; default sub)"})
+            m = r.mapping(fp, "gateway.fast_path", {
+                "principal_claim": "the JWT claim naming the caller (the server's identity.principal_claim; "
+                                   "default sub)",
+                "audit_flush": "how often Envoy sends its buffered access log of fast-path allows (default 1s)",
+                "audit_buffer_bytes": "or when this many bytes are buffered (default 1 MiB)"})
             kw["fast_path"] = True
             if "principal_claim" in m:
                 kw["fast_path_claim"] = r.string(m["principal_claim"], "gateway.fast_path.principal_claim",
                                                  _CLAIM, "a claim name such as sub or email")
+            if "audit_flush" in m:
+                kw["fast_path_audit_flush"] = r.duration(m["audit_flush"], "gateway.fast_path.audit_flush")
+            if "audit_buffer_bytes" in m:
+                kw["fast_path_audit_buffer_bytes"] = r.integer(m["audit_buffer_bytes"],
+                                                               "gateway.fast_path.audit_buffer_bytes", 1024, 64 << 20)
         else:
             kw["fast_path"] = r.boolean(fp, "gateway.fast_path")
     return Gateway(**kw)
@@ -819,7 +832,9 @@ def render(catalog: Catalog) -> dict:
     }
     if not g.fast_path:
         return _without_fast_path_route_configs(bootstrap)
-    return with_fast_path(bootstrap, xds_cluster="ext_authz", claim=g.fast_path_claim)
+    return with_fast_path(bootstrap, xds_cluster="ext_authz", claim=g.fast_path_claim,
+                          audit_flush_interval_s=g.fast_path_audit_flush,
+                          audit_buffer_bytes=g.fast_path_audit_buffer_bytes)
 
 
 def _without_fast_path_route_configs(bootstrap: dict) -> dict:

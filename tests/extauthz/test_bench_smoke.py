@@ -36,8 +36,8 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
                        capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {m.group(1): ln for ln in r.stdout.splitlines()
-            if (m := re.match(r"\| (baseline|fast_allow|fast_no_audit|fast_denied|today_allow|today_denied) \| 2 \|", ln))}
-    assert len(rows) == 6, r.stdout
+            if (m := re.match(r"\| (baseline|fast_allow|fast_allow_16k|fast_no_audit|fast_denied|today_allow|today_denied) \| 2 \|", ln))}
+    assert len(rows) == 7, r.stdout
     for ln in rows.values():
         cells = [c.strip() for c in ln.strip("|").split("|")]
         assert int(cells[2]) > 0  # requests answered through the gateway
@@ -45,5 +45,7 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
     assert re.search(r"concurrency 2: fast-path allows \d+\.\d\dx throughput", r.stdout)
     # Every fast-path allow of the run was audited: Envoy's count and the server's agree.
     assert re.search(r"fast-path allows: Envoy counted (\d+), the server audited \1 \(equal\)", r.stdout), r.stdout
-    assert "| compiled RBAC policy (serialized proto) |" in r.stdout
+    assert re.search(r"\| compiled RBAC policy \(fastpath.compile, serialized\) \| \d+ KiB \(2 policies\) \|", r.stdout)
+    assert re.search(r"\| xDS push of a new version: publish -> Envoy ACK \(median of 3\) \| \d+ ms \|", r.stdout)
+    assert re.search(r"\| grant change: store write -> Envoy ACK of the new version .* \| \d+ ms \|", r.stdout)
     assert re.search(r"\| Envoy memory allocated \(admin /memory\) \| \d+\.\d MiB \|", r.stdout)

@@ -6,7 +6,9 @@ filter names, keys and log name of the fast-path contract), real mTLS, the real 
 PostgreSQL: N calls the policy allows give N ``fast_path.allow`` events and no Check; M calls
 it does not allow go to ext_authz and are audited by their Check as before; Envoy's count of
 fast-path allows equals ours; a redelivered entry is audited once; kill -9 after the entries
-were taken loses none; what Envoy does while the server is away is measured.
+were taken loses none; what Envoy does while the server is away is measured. The shipped
+gateway (RBAC over ADS, ``with_fast_path``'s access log) is audited end to end in
+tests/fastpath/test_gateway_fast_path.py.
 """
 from __future__ import annotations
 
@@ -21,11 +23,15 @@ import grpc
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import struct_pb2
 
 from extauthz.access_log import MalformedEntry, NotFastPath, entry_event_id, read_entry
 from extauthz.config import Settings
 from extauthz.envoy_stats import EnvoyAllowedCollector
+from fastpath.compile import RESOURCE_NAME
+from fastpath.envoy_config import LOG_NAME as GATEWAY_LOG_NAME
+from fastpath.xds import ECDS_TYPE
 from policy import Grant, Role
 from policy.stores import open_store
 from tests.support.fast_path_envoy import LOG_NAME, Policy, with_static_fast_path
@@ -87,9 +93,14 @@ def test_an_entry_reads_as_the_allow_envoy_made():
     assert ev.detail["envoy_request_id"] == "rid-1"
     assert ev.at.timestamp() == pytest.approx(1_700_000_000.25)
     assert "fast path" in ev.reason and "v7/engineers" in ev.reason
-    c = read_entry(_entry(path=f"/{LEDGER}/PostEntry", policy=f"v12/contributors/{LEDGER}"), SETTINGS, "")
+    # fastpath/compile.py's contributors policy covers every service: no service in its id.
+    c = read_entry(_entry(path=f"/{LEDGER}/PostEntry", policy="v12/contributors"), SETTINGS, "")
     assert (c.kind, c.policy_version, c.audit_event().detail["mode"]) == \
         ("contributors", "12", "CONTRIBUTORS_WITHOUT_APPROVAL")
+
+
+def test_the_server_takes_the_log_the_gateway_is_rendered_with():
+    assert Settings(store_url="sqlite:///x.db").fast_path.log_name == GATEWAY_LOG_NAME == LOG_NAME
 
 
 def test_the_event_id_is_the_entrys_own():
@@ -110,13 +121,58 @@ def test_the_event_id_is_the_entrys_own():
     (_entry(sub=""), MalformedEntry, "empty"),
     (_entry(policy=None), MalformedEntry, "which policy allowed the call is unknown"),
     (_entry(policy="engineers"), MalformedEntry, "is not v<version>/engineers"),
-    (_entry(policy=f"v1/contributors/{LEDGER}"), MalformedEntry, f"for service '{LEDGER}'"),
+    (_entry(policy=f"v1/contributors/{LEDGER}"), MalformedEntry, "is not v<version>/engineers"),
+    (_entry(policy="v1.empty.2/engineers"), MalformedEntry, "is not v<version>/engineers"),
     (_entry(path="/not a/path"), MalformedEntry, "names no valid service"),
     (_entry(request_id=""), MalformedEntry, "no x-request-id"),
 ])
 def test_entries_that_cannot_be_audited_say_why(entry, error, says):
     with pytest.raises(error, match=re.escape(says)):
         read_entry(entry, SETTINGS, "")
+
+
+def test_one_spool_write_per_access_log_message(tmp_path):
+    """Envoy sends a worker's buffered entries as one StreamAccessLogsMessage; the server spools
+    each message in ONE (fsync'd) transaction, whatever its size, before reading the next."""
+    import asyncio
+
+    from extauthz.access_log import AccessLogService
+    from extauthz.audit_spool import AuditSpool
+    from extauthz.metrics import Metrics
+    from extauthz.spooled_audit import SpooledAuditWriter
+
+    class CountingSpool(AuditSpool):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.puts: list[int] = []
+
+        def put(self, events, voids=()):
+            self.puts.append(len(events))
+            return super().put(events, voids)
+
+    sizes = [50, 1, 200]
+
+    async def main() -> list[int]:
+        spool = CountingSpool(str(tmp_path / "spool.db"), 10_000)
+        store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+        metrics = Metrics()
+        writer = SpooledAuditWriter(store, metrics, spool, 10_000)
+        writer.start()
+        msgs = [_message(*[_entry(request_id=f"m{m}-{i}", port=40000 + i) for i in range(n)],
+                         log_name=LOG_NAME if m == 0 else None)  # only a stream's first names its log
+                for m, n in enumerate(sizes)]
+
+        async def stream():
+            for m in msgs:
+                yield m
+        try:
+            await AccessLogService(SETTINGS, writer, metrics).StreamAccessLogs(stream(), None)
+            await writer.close()
+        finally:
+            store.close()
+        return spool.puts
+
+    assert asyncio.run(main()) == sizes
 
 
 # --- the server, through Envoy -------------------------------------------------------------------
@@ -281,7 +337,21 @@ def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
 
 
 @pytest.mark.postgres
-def test_the_access_log_is_served_only_with_the_fast_path_on_and_only_to_envoy(tmp_path, pg_dsn):
+def _ads_request():
+    from envoy.service.discovery.v3 import discovery_pb2
+    r = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=[RESOURCE_NAME])
+    r.node.id = "someone"
+    return r
+
+
+def _metrics_text(proc) -> str:
+    import yaml
+    port = yaml.safe_load(proc.config_path.read_text())["metrics"]["port"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def test_the_access_log_and_the_policy_are_served_only_with_the_fast_path_on_and_only_to_envoy(tmp_path, pg_dsn):
     from devstack.processes import ExtAuthzProcess, free_port
     from extauthz.dev_certs import issue_client, make_dev_certs
     from tests.support.gateway_harness import extauthz_config
@@ -313,6 +383,18 @@ def test_the_access_log_is_served_only_with_the_fast_path_on_and_only_to_envoy(t
                         iter([_message(_entry(request_id="forged"))]), timeout=5)
                 assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
                 assert "client_names" in e.value.details()
+                # Nor the fast-path policy (it lists principals and what they may call).
+                with pytest.raises(grpc.RpcError) as e:
+                    next(iter(ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
+                        iter([_ads_request()]), timeout=5)))
+                assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+                assert "client_names" in e.value.details() and "intruder" in e.value.details()
+            # Envoy's certificate gets the policy.
+            with proc.channel() as ch:
+                first = next(iter(ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources(
+                    iter([_ads_request()]), timeout=5)))
+                assert first.type_url == ECDS_TYPE and len(first.resources) == 1
             _wait("the event", lambda: len(_fast_audit(pg_dsn)) == 1)
+            assert _metrics_text(proc).count("rpcauthz_refused_peers_total 2.0") == 1
         finally:
             proc.stop()

@@ -1,11 +1,15 @@
 """The fast path through the whole gateway (real Envoy, the ext_authz server on PostgreSQL with
 LISTEN/NOTIFY, the demo services): static allows are answered by Envoy's RBAC filter without
 a Check, upstreams see the same principal header, denials and approval modes keep today's
-path and messages, a revoked grant stops being a fast allow within a bound, and a killed
-control plane withdraws the fast path within the TTL (calls then fail closed)."""
+path and messages, a revoked grant stops being a fast allow within a bound, every fast-path
+allow is exactly one decision audit event with the policy version that allowed it (Envoy's
+access log to the server) while Checks audit the rest as before, and a killed control plane
+withdraws the fast path within the TTL (calls then fail closed)."""
 from __future__ import annotations
 
+import collections
 import json
+import re
 import signal
 import time
 
@@ -50,6 +54,17 @@ def until_fast(gw: GatewayStack, path: str, who: str, timeout: float = 15.0):
             return r
         time.sleep(0.1)
     raise TimeoutError(f"{who} {path} never took the fast path")
+
+
+def audit_events(store_url: str) -> tuple[list, list]:
+    """(fast-path allows' events, Checks' decision events) in the store."""
+    store = open_store(store_url)
+    try:
+        events = [e for e in store.list_audit(limit=10_000) if e.kind.startswith("decision.")]
+    finally:
+        store.close()
+    fast = [e for e in events if e.detail.get("rule") == "fast_path.allow"]
+    return fast, [e for e in events if e.detail.get("rule") != "fast_path.allow"]
 
 
 def upstream_metadata(result) -> dict[str, str]:
@@ -108,6 +123,34 @@ def test_fast_path_through_the_gateway(tmp_path, pg_dsn) -> None:
             time.sleep(0.02)
         assert r.code is grpc.StatusCode.PERMISSION_DENIED
         print(f"grant revoke -> Envoy (NOTIFY, debounce, compile, ADS push): {lag * 1000:.0f} ms")
+
+        # The audit: N more fast-path calls, then every fast-path allow of the test is exactly
+        # one decision.allow event naming the compiled policy (and version) that allowed it,
+        # and every call ext_authz saw is audited by its Check, as before.
+        n = 6
+        for i in range(n):
+            r, how = call_counted(gw, LIST, "alice" if i % 2 else "bob")
+            assert (r.code, how) == (grpc.StatusCode.OK, "fast")
+        fast_allows = counters(gw)[FAST + "shadow_allowed"]
+        deadline = time.monotonic() + 15  # Envoy flushes its access log buffer every second
+        while len(audit_events(pg_dsn)[0]) < fast_allows and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # one flush more: nothing else may arrive
+        fast, checked = audit_events(pg_dsn)
+        assert len(fast) == fast_allows, [e.to_json() for e in fast]
+        assert len({e.id for e in fast}) == len(fast)
+        kinds = collections.Counter()
+        for e in fast:
+            m = re.fullmatch(r"v(\d+)/(engineers|contributors)", e.detail["policy_id"])
+            assert m and e.detail["policy_version"] == m[1], e.to_json()
+            assert (e.outcome, e.service) == ("allow", ACCOUNTS)
+            kinds[(e.actor, e.method, m[2], e.detail["mode"])] += 1
+        assert kinds[("bob", "UpdateLimits", "contributors", "CONTRIBUTORS_WITHOUT_APPROVAL")] >= 1
+        assert kinds[("bob", "ListAccounts", "engineers", "ENGINEERS_WITHOUT_APPROVAL")] == n // 2
+        assert {who for who, *_ in kinds} == {"alice", "bob"}  # the forged principal header changed nothing
+        c = counters(gw)
+        assert len(checked) == c.get(CHECKS + "ok", 0) + c.get(CHECKS + "denied", 0)
+        assert {e.actor for e in checked} >= {"carol", "alice", "bob"}
 
         # The control plane is killed: within the TTL Envoy drops the fast path, and calls
         # fail closed (ext_authz is gone: UNAVAILABLE), never allowed by a stale policy.

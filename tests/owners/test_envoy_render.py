@@ -335,3 +335,24 @@ def test_fast_path_takes_the_servers_principal_claim_and_refuses_a_bad_one(tmp_p
         parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {principal_claim: 'a b'}\n  jwt:\n", 1))
     with pytest.raises(CatalogError, match="unknown key 'claim'"):
         parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {claim: email}\n  jwt:\n", 1))
+
+
+def test_fast_path_audit_buffer_is_tunable_and_checked():
+    """The access log of fast-path allows: 1 s / 1 MiB unless the catalog says otherwise."""
+    from owners.envoy_render import CatalogError, parse_catalog, render
+
+    def als(cfg):
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        [log] = [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+        return log["typed_config"]["common_config"]
+
+    c = als(render(parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: true\n  jwt:\n", 1))))
+    assert (c["log_name"], c["buffer_flush_interval"], c["buffer_size_bytes"]) == ("rpcauthz_fast_path", "1s", 1 << 20)
+    assert c["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_authz"
+    tuned = CATALOG.replace("  jwt:\n", "  fast_path: {audit_flush: 250ms, audit_buffer_bytes: 65536}\n  jwt:\n", 1)
+    c = als(render(parse_catalog(tuned)))
+    assert (c["buffer_flush_interval"], c["buffer_size_bytes"]) == ("0.25s", 65536)
+    with pytest.raises(CatalogError, match="gateway.fast_path.audit_buffer_bytes must be a whole number"):
+        parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {audit_buffer_bytes: 10}\n  jwt:\n", 1))
+    with pytest.raises(CatalogError, match="gateway.fast_path.audit_flush must be a duration"):
+        parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {audit_flush: soon}\n  jwt:\n", 1))

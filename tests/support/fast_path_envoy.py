@@ -1,14 +1,12 @@
-"""A STATIC Envoy fast path, for the ALS audit tests and the benchmark (issue 12).
+"""A STATIC Envoy fast path, for the ALS audit tests (issue 12).
 
 ``with_static_fast_path(cfg, policies)`` turns a rendered gateway config (``render_gateway``)
 into the fast-path chain of the contract (/work/briefs/fastpath_contract.md): jwt_authn ->
 RBAC with shadow rules only (``shadow_rules_stat_prefix: rpcauthz_fast_``) -> ext_authz,
 which runs unless the RBAC shadow result is "allowed" -> router; plus the gRPC access log
 (``rpcauthz_fast_path``) of fast-path allows to the ext_authz cluster. The policies are
-written here by hand instead of coming over xDS, so the audit half can be tested on its own.
-
-``scale_policies(...)`` builds policies of a given size (services, RPCs, engineers) for the
-benchmark's scale table.
+written here by hand instead of coming over xDS, so the audit half can be tested on its own
+(the shipped gateway, ``fastpath.envoy_config.with_fast_path``, is tested in tests/fastpath/).
 """
 from __future__ import annotations
 
@@ -78,31 +76,4 @@ def with_static_fast_path(cfg: Mapping[str, Any], policies: Iterable[Policy], *,
                     "log_name": LOG_NAME, "transport_api_version": "V3",
                     "grpc_service": {"envoy_grpc": {"cluster_name": "ext_authz"}},
                     "buffer_flush_interval": f"{flush_interval_s}s"}}})
-    return out
-
-
-def scale_policies(services: int, rpcs: int, engineers: int, *, version: str = "1",
-                   contributors_per_service: int = 8, engineers_share: float = 0.25
-                   ) -> list[Policy]:
-    """Policies for ``services`` services with ``rpcs`` RPCs in all and ``engineers`` engineers:
-    ``engineers_share`` of the RPCs are ENGINEERS_WITHOUT_APPROVAL (one policy, every engineer),
-    another as many are CONTRIBUTORS_WITHOUT_APPROVAL (one policy per service, its
-    contributors), the rest need ext_authz (in no policy)."""
-    names = [f"eng{i:05d}" for i in range(engineers)]
-    svc = [f"scale.s{i:04d}.v1.Svc" for i in range(services)]
-    paths_by_service: dict[str, list[str]] = {s: [] for s in svc}
-    for r in range(rpcs):
-        paths_by_service[svc[r % services]].append(f"/{svc[r % services]}/M{r:05d}")
-    engineer_paths, contributor_paths = [], {}
-    n_eng = int(rpcs * engineers_share)
-    flat = [(s, p) for s in svc for p in paths_by_service[s]]
-    for i, (s, p) in enumerate(flat):
-        if i % 4 == 0 and len(engineer_paths) < n_eng:
-            engineer_paths.append(p)
-        elif i % 4 == 1:
-            contributor_paths.setdefault(s, []).append(p)
-    out = [Policy(f"v{version}/engineers", names, engineer_paths)]
-    for i, (s, ps) in enumerate(sorted(contributor_paths.items())):
-        who = [names[(i * contributors_per_service + k) % engineers] for k in range(contributors_per_service)]
-        out.append(Policy(f"v{version}/contributors/{s}", who, ps))
     return out
