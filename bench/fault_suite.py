@@ -33,7 +33,7 @@ from tests.support.faults.outcome import ScenarioResult, table  # noqa: E402
 from tests.support.faults.pg import fresh_database  # noqa: E402
 from tests.support.faults.reflection_faults import reflection_faults  # noqa: E402
 from tests.support.faults.replica_faults import replica_kill9, rolling_restart  # noqa: E402
-from tests.support.faults.server_kill9 import server_kill9  # noqa: E402
+from tests.support.faults.server_kill9 import server_kill9, server_kill9_mid_spend  # noqa: E402
 from tests.support.faults.slack_faults import slack_faults  # noqa: E402
 from tests.support.faults.store_faults import store_hang, store_outage  # noqa: E402
 
@@ -46,6 +46,7 @@ SCENARIOS: dict[str, tuple[bool, Runner]] = {
     "store-unreachable": (True, lambda d, dsn, q: store_outage(d, dsn, seconds=10 if q else 30)),
     "store-hung": (True, lambda d, dsn, q: store_hang(d, dsn, seconds=5 if q else 10)),
     "server-kill9": (True, lambda d, dsn, q: server_kill9(d, dsn)),
+    "server-kill9-spend": (True, lambda d, dsn, q: server_kill9_mid_spend(d, dsn)),
     "reflection": (False, lambda d, dsn, q: reflection_faults(d, seconds=3 if q else 6)),
     "slack": (False, lambda d, dsn, q: slack_faults(d, seconds=3 if q else 5)),
     "forged-check": (False, lambda d, dsn, q: forged_checks(d)),

@@ -11,10 +11,22 @@ nothing twice. ``stats()`` gives the depth and the age of the oldest event for /
 The spool also keeps *spend voids* (``spend_voids.py``): decision ids of checks that attempted
 to spend an approval use and were not answered allow. They are written in the same fsync'd
 transaction as the check's events and applied to the store by ``ship`` after the events.
+
+And *spend intents*: before a check sends a spend to the store it records an intent for its
+decision id (fsync'd, ``put(intents=...)``); the check's allow events settle it in their own
+transaction (``put(settled=...)``), a void settles it too. An intent left unsettled by a
+process that died (kill -9 between the spend's commit and the answer) becomes a void: each
+process marks its intents with an *owner* token and holds an exclusive ``flock`` on
+``<spool>.intents-<owner>.lock`` while it lives (``claim_intents``); ``void_orphaned_intents``
+turns the intents of every owner whose lock is free (or gone) into voids, so even a spool shared
+by several processes never voids a live process's spend.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -58,14 +70,86 @@ class AuditSpool:
                              "id TEXT NOT NULL UNIQUE, event TEXT NOT NULL, spooled_at REAL NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS spend_voids (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                              "decision_id TEXT NOT NULL UNIQUE, spooled_at REAL NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS spend_intents (decision_id TEXT PRIMARY KEY, "
+                             "owner TEXT NOT NULL, spooled_at REAL NOT NULL)")
         except sqlite3.Error as e:
             raise OSError(f"cannot open the audit spool {path}: {e}") from None
+        #: This process's intents' owner token and its held lock (``claim_intents``).
+        self.owner: str | None = None
+        self._owner_lock: int | None = None
 
-    def put(self, events: Sequence[AuditEvent], voids: Sequence[str] = ()) -> int:
+    def _lock_path(self, owner: str) -> str:
+        return f"{self.path}.intents-{owner}.lock"
+
+    def claim_intents(self) -> str:
+        """Take an owner token for this spool's spend intents and hold its lock while this
+        object lives (idempotent); returns the token."""
+        if self.owner is not None:
+            return self.owner
+        owner = os.urandom(8).hex()
+        fd = os.open(self._lock_path(owner), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self.owner, self._owner_lock = owner, fd
+        return owner
+
+    def void_orphaned_intents(self) -> int:
+        """Turn every spend intent of an owner that is gone (its lock free or missing) into a
+        void, in one transaction per owner; returns how many. Never touches this object's own
+        intents, nor those of a live process sharing the spool."""
+        with self._lock:
+            owners = [str(r[0]) for r in self._db.execute(
+                "SELECT DISTINCT owner FROM spend_intents WHERE owner != ?", (self.owner or "",)).fetchall()]
+        turned = 0
+        for owner in owners:
+            path = self._lock_path(owner)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                fd = None  # its owner closed (or it was removed): nobody holds it
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live process: its intents are its own to settle
+                turned += self._intents_to_voids(owner)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return turned
+
+    def _intents_to_voids(self, owner: str) -> int:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [str(r[0]) for r in self._db.execute(
+                    "SELECT decision_id FROM spend_intents WHERE owner = ?", (owner,)).fetchall()]
+                self._db.executemany("INSERT OR IGNORE INTO spend_voids (decision_id, spooled_at) VALUES (?, ?)",
+                                     [(d, now) for d in ids])
+                self._db.execute("DELETE FROM spend_intents WHERE owner = ?", (owner,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(ids)
+
+    def put(self, events: Sequence[AuditEvent], voids: Sequence[str] = (), *,
+            intents: Sequence[str] = (), settled: Sequence[str] = ()) -> int:
         """Keep ``events`` and the spend ``voids`` (decision ids) durably, in one transaction,
         before returning; returns how many events fitted under the bound (voids are never
         dropped: each is one short row, and dropping one could leave a use spent for a call
-        that was refused)."""
+        that was refused). In the same transaction: records the spend ``intents`` (decision
+        ids, owned by ``claim_intents``'s token, which they require) and forgets the intents of
+        ``settled`` decisions and of the voids (a void settles its decision's intent)."""
+        if intents and self.owner is None:
+            raise ValueError("spend intents need an owner: call claim_intents() first")
         now = time.time()
         with self._lock:
             room = self.max_events - self._depth()
@@ -77,6 +161,12 @@ class AuditSpool:
                 if voids:
                     self._db.executemany("INSERT OR IGNORE INTO spend_voids (decision_id, spooled_at) "
                                          "VALUES (?, ?)", [(d, now) for d in voids])
+                if intents:
+                    self._db.executemany("INSERT OR IGNORE INTO spend_intents (decision_id, owner, spooled_at) "
+                                         "VALUES (?, ?, ?)", [(d, self.owner, now) for d in intents])
+                if settled or voids:
+                    self._db.executemany("DELETE FROM spend_intents WHERE decision_id = ?",
+                                         [(d,) for d in (*settled, *voids)])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -134,12 +224,20 @@ class AuditSpool:
         with self._lock:
             depth, oldest = self._db.execute("SELECT COUNT(*), MIN(spooled_at) FROM audit_spool").fetchone()
             voids = self._db.execute("SELECT COUNT(*) FROM spend_voids").fetchone()[0]
+            intents = self._db.execute("SELECT COUNT(*) FROM spend_intents").fetchone()[0]
         return {"depth": float(depth), "age_seconds": time.time() - oldest if oldest is not None else 0.0,
-                "spend_voids": float(voids)}
+                "spend_voids": float(voids), "spend_intents": float(intents)}
 
     def close(self) -> None:
+        """Close the spool; this object's unsettled intents (if any) become voids at the next
+        ``void_orphaned_intents`` of any process on this spool."""
         with self._lock:
             self._db.close()
+        if self._owner_lock is not None and self.owner is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock_path(self.owner))
+            os.close(self._owner_lock)
+            self._owner_lock = None
 
     def ship(self, store: Store, batch: int,
              on_batch: Callable[[int], None] | None = None) -> int:
@@ -147,7 +245,9 @@ class AuditSpool:
         removing each batch only after the store took it (blocking), then applies the spend
         voids the same way. Returns how many events were shipped. The store ignores event ids it
         already holds and voids are idempotent, so a ship cut short between the store's commit
-        and the removal here writes nothing twice when it runs again."""
+        and the removal here writes nothing twice when it runs again. Spend intents of dead
+        owners become voids first (``void_orphaned_intents``)."""
+        self.void_orphaned_intents()
         done = 0
         while events := self.oldest(batch):
             write = getattr(store, "append_audits", None)

@@ -147,6 +147,13 @@ class AuditWriter:
                 self._voids[:0] = pending
             raise
 
+    async def intend_spend(self, decision_id: str) -> None:
+        """Nothing recorded: without a spool first, a kill -9 between a spend's commit and its
+        answer leaves the use spent (see SpooledAuditWriter.intend_spend)."""
+
+    def settle_spend(self, decision_id: str) -> None:
+        """Nothing to settle without a spool first (see ``intend_spend``)."""
+
     async def acknowledged(self) -> None:
         """Nothing to wait for: without a spool first, events wait in memory (see SpooledAuditWriter)."""
 

@@ -61,6 +61,8 @@ from .verdict import Kind, Verdict
 log = logging.getLogger("extauthz")
 
 _OPEN_STATES = (RequestState.PENDING, RequestState.APPROVED)
+#: Fault tests only: seconds each check waits after its approval spend committed.
+PAUSE_AFTER_SPEND_ENV = "RPCAUTHZ_TEST_PAUSE_AFTER_SPEND_S"
 _T = TypeVar("_T")
 
 
@@ -132,6 +134,13 @@ class Authorizer:
             (settings.identity.dev_principal_header,) if settings.identity.dev_mode else ())
         # A mode source that can answer fresh entries without waiting (the reflection cache).
         self._get_fresh: Callable[[str], ServiceModes | None] | None = getattr(modes, "get_fresh", None)
+        #: Fault tests only (tests/support/faults/server_kill9.py): hold each check this long
+        #: after its spend committed, so a kill -9 can land between the commit and the answer.
+        self._pause_after_spend = _pause_after_spend(os.environ.get(PAUSE_AFTER_SPEND_ENV))
+        if self._pause_after_spend:
+            log.warning("%s=%s: every approval spend is held %.1f s before its answer (fault tests "
+                        "only; never in production)", PAUSE_AFTER_SPEND_ENV,
+                        os.environ[PAUSE_AFTER_SPEND_ENV], self._pause_after_spend)
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -151,10 +160,14 @@ class Authorizer:
             except Exception:  # a bug must never become an allow
                 log.exception("decision %s failed unexpectedly", decision_id)
                 verdict = p.verdict(Kind.ERROR, Rule.INTERNAL_ERROR)
-            if p.spend_attempted and verdict.kind is not Kind.ALLOW:
-                # The spend may have committed (a store that hung in its COMMIT): give the use
-                # back once the store answers. Spooled with this check's events, before the answer.
-                self.audit.void_spend(decision_id)
+            if p.spend_attempted:
+                if verdict.kind is not Kind.ALLOW:
+                    # The spend may have committed (a store that hung in its COMMIT): give the use
+                    # back once the store answers. Spooled with this check's events, before the answer.
+                    self.audit.void_spend(decision_id)
+                else:
+                    # Settles the spend intent in the same spool transaction as the allow's events.
+                    self.audit.settle_spend(decision_id)
             response, answered = self._conclude(verdict, req)
             # With the spool (on by default) the answer waits until this check's audit is
             # on local disk (group commit): a kill -9 after the answer loses nothing. That
@@ -263,7 +276,16 @@ class Authorizer:
             now = self.clock()
             decision = policy.decide(who.principal, target, mode, grants, requests, now, digest)
             if decision.outcome is Outcome.ALLOW and decision.approval_id:
-                p.spend_attempted = True
+                if not p.spend_attempted:
+                    p.spend_attempted = True  # from here on, a check not answered allow voids
+                    try:
+                        # Durable before the spend is sent: if this process dies before the
+                        # answer, the next start voids the spend (spend_voids.py).
+                        await self.audit.intend_spend(p.decision_id)
+                    except OSError as e:
+                        log.error("decision %s: not spending approval %s: %s", p.decision_id,
+                                  decision.approval_id, e)
+                        raise _Failure(Rule.INTERNAL_ERROR, op="spend_intent", detail=str(e)) from e
                 try:
                     used: ApprovalRequest = await self._io(
                         "spend_use", self.store.spend_use, decision.approval_id,
@@ -271,6 +293,8 @@ class Authorizer:
                         actor=who.principal, reason=f"call {target} (decision {p.decision_id})")
                 except PolicyError:
                     continue  # spent or expired meanwhile: look again
+                if self._pause_after_spend:
+                    await asyncio.sleep(self._pause_after_spend)  # fault tests only (see __init__)
                 self.metrics.approvals_used.labels(mode.name).inc()
                 return p.verdict(Kind.ALLOW, decision.rule, decision.facts, approval_id=used.id), False
             if decision.outcome is Outcome.APPROVAL_REQUIRED:
@@ -403,6 +427,19 @@ class Authorizer:
             self.metrics.store_errors.labels(op).inc()
             log.error("store %s failed: %s", op, e)
             raise _Failure(Rule.STORE_UNAVAILABLE, op=op, detail=str(e)) from e
+
+
+def _pause_after_spend(value: str | None) -> float:
+    """``RPCAUTHZ_TEST_PAUSE_AFTER_SPEND_S`` as seconds (unset or empty: 0)."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 60:
+        raise ValueError(f"{PAUSE_AFTER_SPEND_ENV} must be a number of seconds from 0 to 60, not {value!r}")
+    return seconds
 
 
 class SpendTooLate(Exception):

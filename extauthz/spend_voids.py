@@ -13,6 +13,12 @@ flight for that decision can never commit. Applying a void twice changes nothing
 Eventually, then, uses spent == calls answered allow, and the audit holds one decision event
 per check: ``decision.allow_with_approval`` is written by the gateway only for an allow;
 the store's ``request.used`` / ``request.use_voided`` events are the request's ledger.
+
+A process killed (kill -9) after its spend committed and before the check was answered records
+no void. So, with the spool, a check first records a *spend intent* for its decision id (fsync'd,
+before the spend is sent); its allow settles the intent in the same spool transaction as the
+allow's events, a void settles it too; an intent its process left unsettled becomes a void
+(``AuditSpool.void_orphaned_intents``: at the next start, or by another process on the spool).
 """
 from __future__ import annotations
 
@@ -31,6 +37,20 @@ ACTOR = "rpcauthz-gateway"
 @dataclasses.dataclass(frozen=True, slots=True)
 class SpendVoid:
     """A check (``decision_id``) that attempted to spend an approval use and was not allowed."""
+
+    decision_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpendIntent:
+    """A check (``decision_id``) is about to send a spend to the store (recorded durably first)."""
+
+    decision_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpendSettled:
+    """A check (``decision_id``) that recorded a spend intent is answered allow."""
 
     decision_id: str
 
@@ -61,4 +81,4 @@ class VoidsFailed(Exception):
         self.done, self.cause = done, cause
 
 
-__all__ = ["ACTOR", "SpendVoid", "VoidsFailed", "apply_voids"]
+__all__ = ["ACTOR", "SpendIntent", "SpendSettled", "SpendVoid", "VoidsFailed", "apply_voids"]

@@ -30,7 +30,7 @@ from policy.store import Store
 
 from .audit_spool import AuditSpool
 from .metrics import Metrics
-from .spend_voids import SpendVoid
+from .spend_voids import SpendIntent, SpendSettled, SpendVoid
 
 log = logging.getLogger("extauthz.audit")
 
@@ -40,7 +40,7 @@ MAX_BATCH = 500
 #: Deferred events built between two GIL hand-backs (see audit_writer.BUILD_CHUNK).
 BUILD_CHUNK = 16
 
-_Queued = AuditEvent | Callable[[], AuditEvent] | SpendVoid
+_Queued = AuditEvent | Callable[[], AuditEvent] | SpendVoid | SpendIntent | SpendSettled
 
 
 class SpooledAuditWriter:
@@ -56,14 +56,23 @@ class SpooledAuditWriter:
         self._executor = executor
         self._window, self._replay_interval, self._ack_timeout = batch_window, replay_interval, ack_timeout
         self._group: list[_Queued] = []
-        self._group_done: asyncio.Future[None] | None = None
+        #: Resolves when the group is written: True, or False if the spool write failed.
+        self._group_done: asyncio.Future[bool] | None = None
         self._wake_spooler = asyncio.Event()
         self._wake_shipper = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._unspooled_voids: list[str] = []
+        self._unspooled_settled: list[str] = []
 
     def start(self) -> None:
+        """Claim this process's spend intents, turn those a killed process left into voids
+        (``spend_voids.py``), then start spooling and shipping."""
+        self.spool.claim_intents()
+        orphaned = self.spool.void_orphaned_intents()
+        if orphaned:
+            log.warning("%d approval spend(s) of a previous process were never answered allow: "
+                        "voided (the uses are given back once the store answers)", orphaned)
         self._tasks = [asyncio.create_task(self._spooler(), name="audit-spooler"),
                        asyncio.create_task(self._shipper(), name="audit-shipper")]
 
@@ -84,10 +93,29 @@ class SpooledAuditWriter:
         """The check ``decision_id`` attempted to spend an approval use and was not allowed:
         spool a void (with this group, so durable before the check is answered) that the
         shipper applies to the store (``spend_voids.py``). Never dropped for a full group."""
-        self._group.append(SpendVoid(decision_id))
+        self._join(SpendVoid(decision_id))
+
+    async def intend_spend(self, decision_id: str) -> None:
+        """Before the check ``decision_id`` sends a spend to the store: record the intent
+        durably (with the group being spooled, fsync'd) and return once it is on disk. Raises
+        ``OSError`` if the spool could not write it: the check must then not spend. An intent
+        neither settled (``settle_spend``) nor voided by its process becomes a void when that
+        process is gone (``AuditSpool.void_orphaned_intents``)."""
+        done = self._join(SpendIntent(decision_id))
+        if not await asyncio.shield(done):
+            raise OSError(f"the audit spool could not record the spend intent of decision {decision_id}")
+
+    def settle_spend(self, decision_id: str) -> None:
+        """The check ``decision_id`` is answered allow: forget its spend intent in the same
+        spool transaction as its allow events (no fsync of its own). Never dropped."""
+        self._join(SpendSettled(decision_id))
+
+    def _join(self, item: _Queued) -> asyncio.Future[bool]:
+        self._group.append(item)
         if self._group_done is None:
             self._group_done = asyncio.get_running_loop().create_future()
         self._wake_spooler.set()
+        return self._group_done
 
     async def acknowledged(self) -> None:
         """Wait (at most ``ack_timeout``) until every event submitted so far is in the spool."""
@@ -109,26 +137,36 @@ class SpooledAuditWriter:
             self._group, self._group_done = [], None
             if not group:
                 continue
+            written = False
             try:
                 await loop.run_in_executor(self._executor, self._put, group)
+                written = True
             except Exception as e:
                 self._metrics.audit_dropped.labels("spool_failed").inc(len(group))
                 log.error("audit spool write failed: dropped %d event(s): %s", len(group), e)
             finally:
                 if done is not None and not done.done():
-                    done.set_result(None)
+                    done.set_result(written)
             self._wake_shipper.set()
 
     def _put(self, group: list[_Queued]) -> None:
         """In the executor: build the deferred events, then spool them in one transaction."""
         events: list[AuditEvent] = []
         voids: list[str] = []
+        intents: list[str] = []
+        settled: list[str] = []
         for n, item in enumerate(group):
             if isinstance(item, AuditEvent):
                 events.append(item)
                 continue
             if isinstance(item, SpendVoid):
                 voids.append(item.decision_id)
+                continue
+            if isinstance(item, SpendIntent):
+                intents.append(item.decision_id)
+                continue
+            if isinstance(item, SpendSettled):
+                settled.append(item.decision_id)
                 continue
             if n % BUILD_CHUNK == 0:
                 time.sleep(0)  # hand the GIL to a waiting check
@@ -138,13 +176,16 @@ class SpooledAuditWriter:
                 self._metrics.audit_dropped.labels("build_failed").inc()
                 log.exception("could not build an audit event")
         voids = self._unspooled_voids + voids
-        if events or voids:
+        settled = self._unspooled_settled + settled
+        if events or voids or intents or settled:
             try:
-                kept = self.spool.put(events, voids)
+                kept = self.spool.put(events, voids, intents=intents, settled=settled)
             except Exception:
-                self._unspooled_voids = voids  # retried with the next group, never dropped
+                # Retried with the next group, never dropped. (A failed intent is not: its
+                # check does not spend, and it voids its decision instead.)
+                self._unspooled_voids, self._unspooled_settled = voids, settled
                 raise
-            self._unspooled_voids = []
+            self._unspooled_voids, self._unspooled_settled = [], []
             if kept < len(events):
                 self._metrics.audit_dropped.labels("spool_full").inc(len(events) - kept)
                 log.error("audit spool full (%d events): dropped %d event(s)", self.spool.max_events,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.faults.server_kill9 import server_kill9
+from tests.support.faults.server_kill9 import server_kill9, server_kill9_mid_spend
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -18,3 +18,12 @@ def test_kill_9_after_answers_loses_no_decision_audit(tmp_path, pg_dsn, spool_fs
     print("\n" + result.report())
     assert not result.unmet(), result.report()
     assert (result.audit_expected, result.audit_written, result.audit_duplicated) == (40, 40, 0)
+
+
+def test_kill_9_between_a_spend_and_its_answer_gives_the_use_back(tmp_path, pg_dsn):
+    """The spend committed, the server was killed -9 before answering: the spend intent it
+    spooled becomes a void at the restart, so uses spent == calls passed."""
+    result = server_kill9_mid_spend(tmp_path, pg_dsn)
+    print("\n" + result.report())
+    assert not result.unmet(), result.report()
+    assert (result.uses_spent, result.uses_passed) == (1, 1)

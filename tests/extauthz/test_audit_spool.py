@@ -217,10 +217,10 @@ class _SlowSpool(AuditSpool):
 
     delay = 0.3
 
-    def put(self, events, voids=()):
+    def put(self, events, voids=(), **spend_marks):
         import time
         time.sleep(self.delay)
-        return super().put(events, voids)
+        return super().put(events, voids, **spend_marks)
 
 
 async def test_check_latency_includes_the_wait_for_the_audit_spool(tmp_path):

@@ -175,3 +175,89 @@ async def test_sqlite_spend_acknowledged_after_the_deadline_is_given_back(tmp_pa
         await audit.close()
         store.close()
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def test_an_allow_settles_its_spend_intent_so_a_restart_voids_nothing(tmp_path):
+    """The intent is on disk before the spend and gone with the allow's events: a new process
+    on the spool (same file, another owner) gives nothing back; an intent left by a process
+    that is gone is voided, one of a live process sharing the spool is not."""
+    store = open_store(f"sqlite:///{tmp_path / 'rpcauthz.db'}")
+    executor = ThreadPoolExecutor(4)
+    path = str(tmp_path / "spool.db")
+    spool = AuditSpool(path, 10_000)
+    metrics = Metrics()
+    audit = SpooledAuditWriter(store, metrics, spool, 100, executor, replay_interval=0.2)
+    audit.start()
+    authz = _authorizer(store, audit, metrics, executor)
+    seen: list[float] = []
+    spend = store.spend_use
+    store.spend_use = lambda *a, **k: (seen.append(spool.stats()["spend_intents"]), spend(*a, **k))[1]
+    try:
+        r = _approved(store)
+        ok = await authz.check(_request())
+        assert ok.status.code == 0 and seen == [1.0]  # recorded before the spend was sent
+        assert spool.stats()["spend_intents"] == 0    # settled with the allow's events
+    finally:
+        await audit.close()
+        spool.close()
+    live = AuditSpool(path, 10_000)  # a live process sharing the spool, mid-spend
+    live.claim_intents()
+    live.put([], intents=["live-decision"])
+    gone = AuditSpool(path, 10_000)  # a process killed mid-spend (its lock is gone with it)
+    gone.claim_intents()
+    gone.put([], intents=["gone-decision"])
+    import fcntl
+    import os
+    os.close(gone._owner_lock)  # what the kernel does for a killed process
+    gone._owner_lock = None
+    restarted = AuditSpool(path, 10_000)
+    again = SpooledAuditWriter(store, metrics, restarted, 100, executor, replay_interval=0.2)
+    again.start()
+    try:
+        assert restarted.voids(10) == ["gone-decision"]
+        await _until(lambda: restarted.stats()["spend_voids"] == 0)
+        assert store.get_request(r.id).uses == 1  # the allowed call's use stays spent
+        assert _ledger(store, r.id) == [("request.used", _decision_id(ok))]
+        assert restarted.stats()["spend_intents"] == 1  # the live process's, untouched
+        fd = os.open(f"{path}.intents-{live.owner}.lock", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still held by its owner
+        finally:
+            os.close(fd)
+        live.close()  # it stops: its unsettled intent becomes a void at the next round
+        await _until(lambda: restarted.stats()["spend_intents"] == 0 and restarted.stats()["spend_voids"] == 0)
+    finally:
+        await again.close()
+        restarted.close()
+        gone.close()
+        store.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def test_a_spend_intent_the_spool_cannot_write_means_no_spend_and_a_503(tmp_path):
+    """Fail closed: no durable intent, no spend (and so no allow through the approval)."""
+    store = open_store(f"sqlite:///{tmp_path / 'rpcauthz.db'}")
+    executor = ThreadPoolExecutor(4)
+
+    class BrokenSpool(AuditSpool):
+        def put(self, events, voids=(), **marks):
+            if marks.get("intents"):
+                raise OSError("disk full")
+            return super().put(events, voids, **marks)
+
+    spool = BrokenSpool(str(tmp_path / "spool.db"), 10_000)
+    metrics = Metrics()
+    audit = SpooledAuditWriter(store, metrics, spool, 100, executor, replay_interval=0.2)
+    audit.start()
+    authz = _authorizer(store, audit, metrics, executor)
+    try:
+        r = _approved(store)
+        resp = await authz.check(_request())
+        assert resp.denied_response.status.code == 503
+        assert store.get_request(r.id).uses == 0 and _ledger(store, r.id) == []
+    finally:
+        await audit.close()
+        spool.close()
+        store.close()
+        executor.shutdown(wait=False, cancel_futures=True)

@@ -88,3 +88,88 @@ def server_kill9(workdir: pathlib.Path, pg_dsn: str, *, checks: int = 40,
     r.goal(AUDIT_ONCE, r.audit_written == r.audit_expected == checks and r.audit_duplicated == 0,
            f"{r.audit_expected} / {r.audit_written} / {r.audit_duplicated}")
     return r
+
+
+def _ledger(store_url: str, request_id: str) -> list[tuple[str, str]]:
+    """The request's spends: (``request.used`` / ``request.use_voided``, decision id)."""
+    from policy.stores import open_store
+
+    store = open_store(store_url)
+    try:
+        return [(e.kind, str((e.detail or {}).get("decision_id"))) for e in
+                store.list_audit(request_id=request_id, kinds=["request.used", "request.use_voided"])]
+    finally:
+        store.close()
+
+
+def server_kill9_mid_spend(workdir: pathlib.Path, pg_dsn: str, *, pause_s: float = 2.0) -> ScenarioResult:
+    """An approval use spent, then the server killed -9 before the answer (the test-only
+    ``RPCAUTHZ_TEST_PAUSE_AFTER_SPEND_S`` holds each check ``pause_s`` after its spend
+    committed), then restarted on the same spool: the spend intent it left becomes a void, so
+    the use is given back (``request.use_voided``) and uses spent == calls passed."""
+    from extauthz.pipeline import PAUSE_AFTER_SPEND_ENV
+    from tests.support.faults.approvals import approved_request, uses_spent
+
+    r = ScenarioResult("kill -9 of the server between a spend's commit and its answer, restarted")
+    upstream = start_demo_server(services=("accounts",))
+    read = f"/{ACCOUNTS}/ReadAccount"
+    try:
+        cfg = extauthz_config(port=free_port(), store_url=pg_dsn,
+                              reflection_static={ACCOUNTS: upstream.address},
+                              extra={"audit.spool_path": str(workdir / "spool.db"),
+                                     "audit.replay_interval_s": 0.2,
+                                     "decision_deadline_ms": int((pause_s + 3) * 1000)})
+        seed_grants(pg_dsn, [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER)])
+        rid = approved_request(pg_dsn, requester="alice", approver="bob", service=ACCOUNTS,
+                               method="ReadAccount", max_uses=5)
+        proc = ExtAuthzProcess(cfg, workdir, env={PAUSE_AFTER_SPEND_ENV: str(pause_s)}).wait_ready()
+        codes: list[grpc.StatusCode] = []
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{proc.port}") as ch:
+                stub = external_auth_pb2_grpc.AuthorizationStub(ch)
+                first = stub.Check(check_request(read, principal="alice"), timeout=pause_s + 5)
+                codes.append(grpc.StatusCode.OK if first.status.code == 0 else grpc.StatusCode.UNKNOWN)
+                passed_id = _decision_id(first)
+                second = stub.Check.future(check_request(read, principal="alice"), timeout=pause_s + 5)
+                deadline = time.monotonic() + pause_s + 3
+                while uses_spent(pg_dsn, rid) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                spent_at_kill = uses_spent(pg_dsn, rid)
+                answered_before_kill = second.done()
+                proc.signal(signal.SIGKILL)
+                proc.proc.wait(10)
+                try:
+                    second.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+        finally:
+            proc.stop()
+        again = ExtAuthzProcess(cfg, workdir, name="extauthz-again").wait_ready()
+        restarted = time.monotonic()
+        try:
+            deadline = restarted + 15
+            while uses_spent(pg_dsn, rid) > 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            r.recovery_s = time.monotonic() - restarted
+            logged = again.output()
+        finally:
+            again.stop()
+    finally:
+        upstream.stop(grace=0)
+    ledger = _ledger(pg_dsn, rid)
+    killed = [d for kind, d in ledger if kind == "request.used" and d != passed_id]
+    r.calls = len(codes)
+    r.unavailable = codes.count(grpc.StatusCode.UNAVAILABLE)
+    r.uses_spent, r.uses_passed = uses_spent(pg_dsn, rid), codes.count(grpc.StatusCode.OK)
+    r.detail += [f"uses spent at the kill: {spent_at_kill}; answers: {[c.name for c in codes]}; "
+                 f"ledger: {[k for k, _ in ledger]}; use given back {r.recovery_s:.1f} s after the restart"]
+    r.goal("the kill fell between the spend's commit and the answer (else this proves nothing)",
+           spent_at_kill == 2 and not answered_before_kill and codes[1] is not grpc.StatusCode.OK,
+           f"{spent_at_kill} uses spent at the kill, answered before it: {answered_before_kill}")
+    r.goal("uses spent = calls passed", r.uses_spent == r.uses_passed == 1,
+           f"{r.uses_spent} / {r.uses_passed}")
+    r.goal("the killed check's use is given back (request.use_voided)",
+           len(killed) == 1 and ("request.use_voided", killed[0]) in ledger, str(ledger))
+    r.goal("the restart says it voided the spend", "voided" in logged and "never answered allow" in logged)
+    return r
