@@ -62,6 +62,7 @@ from bench.gateway_bench import (  # noqa: E402
     median_cells,
     process_cpu_seconds,
     run_h2load,
+    stop_all,
 )
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway  # noqa: E402
 from tests.support.grpc_frames import frame  # noqa: E402
@@ -241,17 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             print(scale_table(scale, envoys["fast_no_audit"], gateway, tokens[ENGINEER], body, workdir, args))
         return 0
     finally:
-        for t in reversed(things):
-            try:
-                if hasattr(t, "address"):
-                    t.stop(grace=0)
-                elif hasattr(t, "stop"):
-                    t.stop()
-                else:
-                    t.close()
-            except Exception as ex:
-                print(f"cleanup: {ex}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(things, workdir)
 
 
 def render(cells: list[Cell]) -> str:

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -227,17 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         print(render(median_cells(rounds), rounds))
         return 0
     finally:
-        for t in reversed(things):
-            try:
-                if hasattr(t, "address"):
-                    t.stop(grace=0)
-                elif hasattr(t, "stop"):
-                    t.stop()
-                else:
-                    t.close()
-            except Exception as ex:
-                print(f"cleanup: {ex}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(things, workdir)
+
+
+def stop_all(things: list[Any], workdir: pathlib.Path) -> None:
+    """Stop what a benchmark started, last first (gRPC servers without grace), and remove its
+    working directory; a failure to stop one is printed and the rest still stop."""
+    for t in reversed(things):
+        try:
+            if hasattr(t, "address"):
+                t.stop(grace=0)
+            elif hasattr(t, "stop"):
+                t.stop()
+            else:
+                t.close()
+        except Exception as ex:
+            print(f"cleanup: {ex}", file=sys.stderr)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def median_cells(rounds: list[list[Cell]], order: list[str] | None = None) -> list[Cell]:
