@@ -124,14 +124,6 @@ def until_fast(e: EnvoyProcess, token: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def _expect(port: int, token: str, path: str, code: str) -> None:
-    from devstack.democlient import call
-
-    result = call(f"127.0.0.1:{port}", path, token=token)
-    if result.code.name != code:
-        raise RuntimeError(f"sanity call {path} through :{port} gave {result.render()}, expected {code}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
@@ -203,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("fast", "fast_16k", "fast_no_audit"):
             until_fast(envoys[name], tokens[ENGINEER])
         for name in ("fast", "today"):
-            _expect(envoys[name].port, tokens[OUTSIDER], PATH, "PERMISSION_DENIED")
+            check_call(envoys[name].port, tokens[OUTSIDER], PATH, "PERMISSION_DENIED")
         #: scenario -> (envoy, caller)
         scenarios = {"baseline": ("baseline", ENGINEER), "fast_allow": ("fast", ENGINEER),
                      "fast_allow_16k": ("fast_16k", ENGINEER), "fast_no_audit": ("fast_no_audit", ENGINEER),

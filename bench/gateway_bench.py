@@ -121,13 +121,13 @@ def _noop_server(port: int, workdir: pathlib.Path) -> ManagedProcess:
     return proc
 
 
-def check_call(port: int, token: str) -> None:
-    """One real gRPC call through the gateway must succeed before we time anything."""
+def check_call(port: int, token: str, path: str = PATH, code: str = "OK") -> None:
+    """One real gRPC call through the gateway must give ``code`` before we time anything."""
     from devstack.democlient import call
 
-    result = call(f"127.0.0.1:{port}", PATH, token=token)
-    if result.code.name != "OK":
-        raise RuntimeError(f"sanity call through :{port} failed: {result.render()}")
+    result = call(f"127.0.0.1:{port}", path, token=token)
+    if result.code.name != code:
+        raise RuntimeError(f"sanity call {path} through :{port} gave {result.render()}, expected {code}")
 
 
 def main(argv: list[str] | None = None) -> int:
