@@ -25,6 +25,7 @@ from policy.store import Store
 from .audit_spool import AuditSpool
 from .metrics import Metrics
 from .spend_voids import VoidsFailed, apply_voids
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("extauthz.audit")
 
@@ -262,28 +263,15 @@ class AuditWriter:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
             log.error("audit writer stopped with %d events unwritten", self._queue.qsize())
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(self._task)
         self._task = None
         if self._voids_task is not None:
-            self._voids_task.cancel()
-            try:
-                await self._voids_task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._voids_task)
             self._voids_task = None
             try:
                 await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
                     self._executor, self.apply_voids_once), timeout)
             except Exception as e:
                 log.error("audit writer stopped with %d spend void(s) unapplied: %s", len(self._voids), e)
-        if self._replay_task is not None:
-            self._replay_task.cancel()
-            try:
-                await self._replay_task
-            except asyncio.CancelledError:
-                pass
-            self._replay_task = None
+        await cancel_and_wait(self._replay_task)
+        self._replay_task = None

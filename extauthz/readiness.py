@@ -22,6 +22,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger("extauthz")
 
 
@@ -46,13 +48,8 @@ class Readiness:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="extauthz-readiness")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def evaluate(self) -> tuple[bool, str]:
         """One round: whether this replica can decide now, and if not, why."""
