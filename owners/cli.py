@@ -347,40 +347,58 @@ def envoy_validate_command(
 def envoy_dry_run_command(
     catalog: Path | None = typer.Option(None, "--catalog", help="Read a services catalog."),
     admin: str | None = typer.Option(None, "--admin", help="Ask a running Envoy (admin URL, e.g. http://127.0.0.1:9901)."),
-    as_json: bool = JsonOption("Print JSON: {source, dry_run_services: [...]} (same exit status)."),
+    max_days: int | None = typer.Option(
+        None, "--max-days", min=0,
+        help="Exit 5 only for services in dry-run longer than this many days (by their dry_run_since; "
+             "a service without one counts as too long)."),
+    as_json: bool = JsonOption("Print JSON: {source, dry_run_services: [{name, since, days, overdue}]} "
+                               "(same exit status)."),
 ) -> None:
     """List the services in dry-run (decisions logged, calls allowed), so none is forgotten.
 
     Exit status 0 when none is in dry-run, 5 when some are (handy in a CI or cron check).
+    With --max-days N: 5 only when some service has been in dry-run more than N days.
     """
-    from owners.envoy_render import dry_run_from_config_dump
+    import datetime
+
+    from owners.envoy_render import dry_run_from_config_dump, dry_run_in_catalog
 
     if (catalog is None) == (admin is None):
         fail("give exactly one of --catalog FILE or --admin URL", ExitCode.USAGE)
     if catalog is not None:
-        names = _load_catalog(catalog).dry_run_services
+        found = dry_run_in_catalog(_load_catalog(catalog))
         where = str(catalog)
     else:
         import json
         import urllib.request
         assert admin is not None  # exactly one of the two, checked above
-        url = admin.rstrip("/") + "/config_dump?resource=dynamic_route_configs"
+        url = admin.rstrip("/") + "/config_dump"
         try:
-            with urllib.request.urlopen(admin.rstrip("/") + "/config_dump", timeout=10) as resp:
+            with urllib.request.urlopen(url, timeout=10) as resp:
                 dump = json.load(resp)
         except OSError as e:
             fail(f"cannot read {url}: {e}", ExitCode.UNREACHABLE)
-        names = dry_run_from_config_dump(dump)
+        found = dry_run_from_config_dump(dump)
         where = admin
+    today = datetime.datetime.now(datetime.UTC).date()
+    # Without --max-days every dry-run service is reported as needing attention.
+    overdue = [d for d in found if max_days is None or d.overdue(today, max_days)]
     if as_json:
-        print_json({"source": where, "dry_run_services": list(names)})
-    elif not names:
+        print_json({"source": where, "dry_run_services": [
+            {"name": d.name, "since": d.since.isoformat() if d.since else None, "days": d.days(today),
+             "overdue": d in overdue} for d in found]})
+    elif not found:
         typer.echo(f"{where}: no service in dry-run")
     else:
-        typer.echo(f"{where}: DRY RUN (not enforced) for {len(names)} service(s):")
-        for n in names:
-            typer.echo(f"  {n}")
-    raise typer.Exit(ExitCode.DRY_RUN if names else ExitCode.OK)
+        typer.echo(f"{where}: DRY RUN (not enforced) for {len(found)} service(s):")
+        for d in found:
+            days = d.days(today)
+            age = "since an unknown day (no dry_run_since)" if days is None else f"since {d.since} ({days} days)"
+            flag = "  OVERDUE" if max_days is not None and d in overdue else ""
+            typer.echo(f"  {d.name}  {age}{flag}")
+        if max_days is not None:
+            typer.echo(f"{len(overdue)} in dry-run for more than {max_days} days (or an unknown time)")
+    raise typer.Exit(ExitCode.DRY_RUN if overdue else ExitCode.OK)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,7 +16,9 @@ the route, so a caller cannot forge them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import ipaddress
 import re
 from pathlib import Path
@@ -115,6 +117,8 @@ class ServiceEntry:
     ext_authz: bool = True
     jwt: bool = True
     dry_run: bool = False
+    #: The day dry-run was switched on (``dry_run_since``), so a check can flag the forgotten.
+    dry_run_since: datetime.date | None = None
     buffer_body: int | None = None
     routes: tuple[RouteOverride, ...] = ()
 
@@ -239,6 +243,12 @@ class _Reader:
             raise self.fail(node, f"{what} must be true or false, not {v!r}")
         return v
 
+    def date(self, node: yaml.Node, what: str) -> datetime.date:
+        v = self.scalar(node, what)
+        if isinstance(v, datetime.datetime) or not isinstance(v, datetime.date):
+            raise self.fail(node, f"{what} must be a day like 2026-11-20, not {v!r}")
+        return v
+
     def integer(self, node: yaml.Node, what: str, low: int, high: int) -> int:
         v = self.scalar(node, what)
         if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
@@ -308,6 +318,7 @@ _SERVICE_KEYS = {
     "name": "full service name (pkg.Service)", "prefix": "package prefix ending in '.' (pkg.)",
     "upstream": "HOST:PORT", "timeout": "upstream timeout", "ext_authz": "false skips ext_authz",
     "jwt": "false skips JWT verification", "dry_run": "true: decide and log, but allow",
+    "dry_run_since": "the day dry_run was switched on (YYYY-MM-DD), for `mpactl envoy dry-run --max-days`",
     "buffer_body": "true or a byte limit: send the request body to ext_authz",
     "routes": "per-method overrides",
 }
@@ -489,6 +500,10 @@ def _services(r: _Reader, node: yaml.Node, gateway: Gateway) -> list[ServiceEntr
         for flag in ("ext_authz", "jwt", "dry_run"):
             if flag in s:
                 kw[flag] = r.boolean(s[flag], f"{match}: {flag}")
+        if "dry_run_since" in s:
+            if not kw.get("dry_run"):
+                raise r.fail(s["dry_run_since"], f"{match}: dry_run_since needs dry_run: true")
+            kw["dry_run_since"] = r.date(s["dry_run_since"], f"{match}: dry_run_since")
         if "buffer_body" in s:
             kw["buffer_body"] = _buffer(r, s["buffer_body"], f"{match}: buffer_body", gateway)
         if "routes" in s:
@@ -601,7 +616,8 @@ def _route(match: dict, entry: ServiceEntry, timeout: float | None, ext_authz: b
         # Route metadata shows in the access log and in the admin config_dump (where
         # context_extensions are redacted), so a dry-run route is visible everywhere.
         "metadata": {"filter_metadata": {ROUTE_METADATA: {
-            "service": entry.match, "dry_run": entry.dry_run, "ext_authz": ext_authz}}},
+            "service": entry.match, "dry_run": entry.dry_run, "ext_authz": ext_authz,
+            **({"dry_run_since": entry.dry_run_since.isoformat()} if entry.dry_run_since else {})}}},
         "typed_per_filter_config": _per_route(entry, ext_authz, jwt, buffer_body),
     }
 
@@ -859,9 +875,32 @@ def render_yaml(catalog: Catalog) -> str:
     return header + yaml.safe_dump(render(catalog), sort_keys=False, default_flow_style=False)
 
 
-def dry_run_from_config_dump(dump: dict) -> list[str]:
-    """Services a running Envoy treats as dry-run, from its admin ``/config_dump`` JSON."""
-    found: list[str] = []
+@dataclasses.dataclass(frozen=True)
+class DryRunService:
+    """A service (or package prefix) in dry-run, and since when if the catalog says."""
+
+    name: str
+    since: datetime.date | None = None
+
+    def days(self, today: datetime.date) -> int | None:
+        """Whole days in dry-run by ``today`` (None: unknown, no ``dry_run_since``)."""
+        return None if self.since is None else (today - self.since).days
+
+    def overdue(self, today: datetime.date, max_days: int) -> bool:
+        """In dry-run longer than ``max_days``, or for an unknown time (counted as too long)."""
+        days = self.days(today)
+        return days is None or days > max_days
+
+
+def dry_run_in_catalog(catalog: Catalog) -> list[DryRunService]:
+    """The catalog's services in dry-run, with their ``dry_run_since``."""
+    return [DryRunService(s.match, s.dry_run_since) for s in catalog.services if s.dry_run]
+
+
+def dry_run_from_config_dump(dump: dict) -> list[DryRunService]:
+    """Services a running Envoy treats as dry-run, from its admin ``/config_dump`` JSON (the
+    route metadata ``render`` writes; a ``dry_run_since`` that is not a day counts as unknown)."""
+    found: dict[str, DryRunService] = {}
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
@@ -869,8 +908,12 @@ def dry_run_from_config_dump(dump: dict) -> list[str]:
                 node.get("filter_metadata"), dict) else None
             if isinstance(meta, dict) and meta.get("dry_run") is True:
                 name = str(meta.get("service", "?"))
-                if name not in found:
-                    found.append(name)
+                since: datetime.date | None = None
+                raw = meta.get("dry_run_since")
+                if isinstance(raw, str):
+                    with contextlib.suppress(ValueError):
+                        since = datetime.date.fromisoformat(raw)
+                found.setdefault(name, DryRunService(name, since))
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):
@@ -878,8 +921,9 @@ def dry_run_from_config_dump(dump: dict) -> list[str]:
                 walk(v)
 
     walk(dump)
-    return found
+    return list(found.values())
 
 
-__all__: list[str] = ["Address", "Catalog", "CatalogError", "ExtAuthzTls", "Gateway", "Jwt", "RouteOverride",
-                      "ServiceEntry", "dry_run_from_config_dump", "load_catalog", "parse_catalog", "render", "render_yaml"]
+__all__: list[str] = ["Address", "Catalog", "CatalogError", "DryRunService", "ExtAuthzTls", "Gateway", "Jwt",
+                      "RouteOverride", "ServiceEntry", "dry_run_from_config_dump", "dry_run_in_catalog",
+                      "load_catalog", "parse_catalog", "render", "render_yaml"]

@@ -178,7 +178,7 @@ def test_dry_run_report(tmp_path: Path):
     assert res.returncode == 5, res.stderr
     data = json.loads(res.stdout)
     assert data["source"] == str(cat) and len(data["dry_run_services"]) == 1
-    assert data["dry_run_services"][0].startswith("rpcauthz.demo.")
+    assert data["dry_run_services"] == [{"name": "rpcauthz.demo.", "since": None, "days": None, "overdue": True}]
     cat.write_text(CATALOG.replace("dry_run: true", "dry_run: false"))
     res = run_mpactl("envoy", "dry-run", "--catalog", str(cat))
     assert res.returncode == 0 and "no service in dry-run" in res.stdout
@@ -186,6 +186,44 @@ def test_dry_run_report(tmp_path: Path):
     assert res.returncode == 0 and json.loads(res.stdout) == {"source": str(cat), "dry_run_services": []}
     rendered = yaml.safe_load(run_mpactl("envoy", "render", "--catalog", str(cat)).stdout)
     assert rendered["static_resources"]["listeners"][0]["name"] == "gateway"
+
+
+def test_dry_run_max_days_flags_only_the_forgotten(tmp_path: Path):
+    """``--max-days N``: exit 5 only for a service in dry-run more than N days, or for an
+    unknown time; the day is the catalog's ``dry_run_since``, carried in the rendered routes."""
+    import datetime
+
+    today = datetime.datetime.now(datetime.UTC).date()
+    long_ago, recent = today - datetime.timedelta(days=30), today - datetime.timedelta(days=2)
+    cat = tmp_path / "services.yaml"
+    cat.write_text(CATALOG.replace("dry_run: true", f"dry_run: true\n    dry_run_since: {recent}"))
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--max-days", "7")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"since {recent} (2 days)" in res.stdout and "OVERDUE" not in res.stdout
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--max-days", "1", "--json")
+    assert res.returncode == 5
+    assert json.loads(res.stdout)["dry_run_services"] == [
+        {"name": "rpcauthz.demo.", "since": recent.isoformat(), "days": 2, "overdue": True}]
+
+    cat.write_text(CATALOG.replace("dry_run: true", f"dry_run: true\n    dry_run_since: {long_ago}"))
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--max-days", "7")
+    assert res.returncode == 5 and "(30 days)  OVERDUE" in res.stdout, res.stdout
+    # The running gateway's routes carry the day (what --admin reads).
+    rendered = render(parse_catalog(cat.read_text(), "services.yaml"))
+    from owners.envoy_render import dry_run_from_config_dump
+    assert [(d.name, d.since) for d in dry_run_from_config_dump(rendered)] == [("rpcauthz.demo.", long_ago)]
+
+    # No dry_run_since: an unknown time counts as too long.
+    cat.write_text(CATALOG)
+    res = run_mpactl("envoy", "dry-run", "--catalog", str(cat), "--max-days", "365")
+    assert res.returncode == 5 and "unknown day" in res.stdout
+
+
+def test_dry_run_since_errors():
+    with pytest.raises(CatalogError, match=r"dry_run_since needs dry_run: true"):
+        parse_catalog(CATALOG.replace("dry_run: true", "dry_run_since: 2026-11-20"), "c.yaml")
+    with pytest.raises(CatalogError, match=r"dry_run_since must be a day like 2026-11-20, not 'last week'"):
+        parse_catalog(CATALOG.replace("dry_run: true", "dry_run: true\n    dry_run_since: last week"), "c.yaml")
 
 
 def test_rendered_config_keeps_the_invariants_of_envoy_gateway_yaml():
