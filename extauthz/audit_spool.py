@@ -39,6 +39,9 @@ from policy.store import Store
 
 from .spend_voids import VoidsFailed, apply_voids
 
+#: Most events written to the store in one transaction (by the writer and by ``ship``).
+MAX_BATCH = 500
+
 
 def _to_json(e: AuditEvent) -> str:
     return json.dumps({"kind": e.kind, "actor": e.actor, "at": e.at.isoformat(), "request_id": e.request_id,

@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 from policy.audit import AuditEvent
 from policy.store import Store
 
-from .audit_spool import AuditSpool
+from .audit_spool import MAX_BATCH, AuditSpool
 from .metrics import Metrics
 from .spend_voids import VoidsFailed, apply_voids
 from .tasks import cancel_and_wait
@@ -50,9 +50,6 @@ class _WriteFailed(Exception):
         super().__init__(str(cause))
         self.events, self.cause = events, cause
 
-
-#: Most events written in one store transaction.
-MAX_BATCH = 500
 
 #: Deferred events the writer's thread builds between two GIL hand-backs. Building is pure
 #: Python and holds the GIL; a check that arrives meanwhile would otherwise wait up to the

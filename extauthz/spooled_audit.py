@@ -28,14 +28,11 @@ from concurrent.futures import Executor
 from policy.audit import AuditEvent
 from policy.store import Store
 
-from .audit_spool import AuditSpool
+from .audit_spool import MAX_BATCH, AuditSpool
 from .metrics import Metrics
 from .spend_voids import SpendIntent, SpendSettled, SpendVoid
 
 log = logging.getLogger("extauthz.audit")
-
-#: Most events written to the store in one transaction.
-MAX_BATCH = 500
 
 #: Deferred events built between two GIL hand-backs (see audit_writer.BUILD_CHUNK).
 BUILD_CHUNK = 16
