@@ -19,7 +19,8 @@ process that died (kill -9 between the spend's commit and the answer) becomes a 
 process marks its intents with an *owner* token and holds an exclusive ``flock`` on
 ``<spool>.intents-<owner>.lock`` while it lives (``claim_intents``); ``void_orphaned_intents``
 turns the intents of every owner whose lock is free (or gone) into voids, so even a spool shared
-by several processes never voids a live process's spend.
+by several processes never voids a live process's spend, and removes the lock files of owners
+that are gone (``claim_intents`` re-checks its file after locking, so a removal cannot race it).
 """
 from __future__ import annotations
 
@@ -90,12 +91,21 @@ class AuditSpool:
         if self.owner is not None:
             return self.owner
         owner = os.urandom(8).hex()
-        fd = os.open(self._lock_path(owner), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        path = self._lock_path(owner)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Another process's sweep (void_orphaned_intents) may have locked and removed
+                # the file between our open and flock; a lock on a removed file guards nothing.
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            except OSError:
+                os.close(fd)
+                raise
             os.close(fd)
-            raise
         self.owner, self._owner_lock = owner, fd
         return owner
 
@@ -125,7 +135,39 @@ class AuditSpool:
             finally:
                 if fd is not None:
                     os.close(fd)
+        self._remove_stale_locks()
         return turned
+
+    def _remove_stale_locks(self) -> None:
+        """Remove the lock files of owners that are gone and left no intents (a process that
+        died with none open), so they do not pile up beside the spool."""
+        prefix = os.path.basename(f"{self.path}.intents-")
+        folder = os.path.dirname(os.path.abspath(self.path))
+        for name in os.listdir(folder):
+            if not (name.startswith(prefix) and name.endswith(".lock")):
+                continue
+            path = os.path.join(folder, name)
+            if self.owner is not None and path == os.path.abspath(self._lock_path(self.owner)):
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # held: a live process
+            try:
+                owner = name[len(prefix):-len(".lock")]
+                with self._lock:
+                    left = self._db.execute("SELECT 1 FROM spend_intents WHERE owner = ? LIMIT 1",
+                                            (owner,)).fetchone()
+                if left is None:  # an owner with intents is voided first (above), never here
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            finally:
+                os.close(fd)
 
     def _intents_to_voids(self, owner: str) -> int:
         now = time.time()

@@ -296,3 +296,35 @@ def test_spool_sync_bench_prints_each_variant_against_the_shipped_spool(tmp_path
     assert [name for name, _ in rows] == ["sqlite-full", "sqlite-normal", "append-fdatasync",
                                           "prealloc-fdatasync", "prealloc-odsync"], r.stdout
     assert rows[0][1] == "1.00"
+
+
+def test_lock_files_of_owners_gone_without_intents_are_removed(tmp_path):
+    """A process that died holding no spend intent leaves only its lock file; the next sweep
+    removes it (and voids nothing), while a live owner's lock file and intents stay."""
+    import os
+
+    path = str(tmp_path / "spool.db")
+    live = AuditSpool(path, 100)
+    live.claim_intents()
+    live.put([], intents=["live-decision"])
+    dead = AuditSpool(path, 100)
+    dead.claim_intents()
+    os.close(dead._owner_lock)  # what the kernel does for a killed process
+    dead._owner_lock = None
+    dead_file, live_file = f"{path}.intents-{dead.owner}.lock", f"{path}.intents-{live.owner}.lock"
+    assert os.path.exists(dead_file)
+
+    sweeper = AuditSpool(path, 100)
+    own_file = f"{path}.intents-{sweeper.claim_intents()}.lock"
+    assert sweeper.void_orphaned_intents() == 0
+    assert not os.path.exists(dead_file)
+    assert os.path.exists(live_file) and os.path.exists(own_file)
+    assert sweeper.stats()["spend_intents"] == 1 and sweeper.voids(10) == []
+    # A new owner can still claim (and keep) its lock after sweeps.
+    late = AuditSpool(path, 100)
+    late_file = f"{path}.intents-{late.claim_intents()}.lock"
+    sweeper.void_orphaned_intents()
+    assert os.path.exists(late_file)
+    for s in (late, sweeper, live, dead):
+        s.close()
+    assert not os.path.exists(live_file) and not os.path.exists(own_file)
