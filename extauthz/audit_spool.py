@@ -284,8 +284,8 @@ class AuditSpool:
             os.close(self._owner_lock)
             self._owner_lock = None
 
-    def ship(self, store: Store, batch: int,
-             on_batch: Callable[[int], None] | None = None) -> int:
+    def ship(self, store: Store, batch: int, on_batch: Callable[[int], None] | None = None,
+             on_given_back: Callable[[], None] | None = None) -> int:
         """Write every spooled event to ``store``, oldest first, ``batch`` per transaction,
         removing each batch only after the store took it (blocking), then applies the spend
         voids the same way. Returns how many events were shipped. The store ignores event ids it
@@ -307,7 +307,7 @@ class AuditSpool:
                 on_batch(len(events))
         while pending := self.voids(batch):
             try:
-                applied = apply_voids(store, pending)
+                applied = apply_voids(store, pending, on_given_back)
             except VoidsFailed as failed:
                 self.remove_voids(failed.done)
                 raise failed.cause from None

@@ -135,7 +135,7 @@ class AuditWriter:
                 pending = []
                 self.replay_once()
             else:
-                apply_voids(self._store, pending)
+                apply_voids(self._store, pending, self._metrics.approval_uses_given_back.inc)
         except VoidsFailed as failed:
             with self._voids_lock:
                 self._voids[:0] = [d for d in pending if d not in failed.done]
@@ -247,7 +247,8 @@ class AuditWriter:
         """One replay round (blocking): returns how many spooled events reached the store."""
         assert self.spool is not None
         return self.spool.ship(self._store, MAX_BATCH, on_batch=lambda n: log.info(
-            "audit replay: %d spooled event(s) written to the store", n))
+            "audit replay: %d spooled event(s) written to the store", n),
+            on_given_back=self._metrics.approval_uses_given_back.inc)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout`` seconds), then stop."""

@@ -34,8 +34,13 @@ class Metrics:
                                      "Audit events dropped (queue full or write failed).",
                                      ["why"], registry=r)
         self.approvals_used = Counter("rpcauthz_approvals_used",
-                                      "Approval uses spent by allowed calls.", ["mode"],
+                                      "Approval uses spent by checks (a spend later given back is "
+                                      "counted in rpcauthz_approval_uses_given_back too).", ["mode"],
                                       registry=r)
+        self.approval_uses_given_back = Counter(
+            "rpcauthz_approval_uses_given_back",
+            "Spent approval uses given back because their check was not answered allow (spend voids).",
+            registry=r)
         # Dry-run rollout (extauthz/dry_run.py): refusals let through, by what would have happened.
         self.dry_run = Counter("rpcauthz_dry_run_decisions",
                                "Calls allowed only because their service is in dry-run.",

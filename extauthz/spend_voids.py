@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from policy.store import Store
 
@@ -55,8 +55,10 @@ class SpendSettled:
     decision_id: str
 
 
-def apply_voids(store: Store, decision_ids: Iterable[str]) -> list[str]:
+def apply_voids(store: Store, decision_ids: Iterable[str],
+                on_given_back: Callable[[], None] | None = None) -> list[str]:
     """Apply each void to ``store`` (blocking), in order; returns the decision ids applied.
+    ``on_given_back`` is called for each void that gave a spent use back (a metric).
     Stops at the first store failure (the rest wait for the next round) by raising it after
     the caller has had the chance to forget what was applied: see ``VoidsFailed``."""
     done: list[str] = []
@@ -69,6 +71,8 @@ def apply_voids(store: Store, decision_ids: Iterable[str]) -> list[str]:
         if given_back is not None:
             log.warning("approval %s: use given back, its check %s was not answered allow (now %d use(s))",
                         given_back.id, decision_id, given_back.uses)
+            if on_given_back is not None:
+                on_given_back()
         done.append(decision_id)
     return done
 

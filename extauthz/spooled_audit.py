@@ -209,7 +209,7 @@ class SpooledAuditWriter:
 
     def replay_once(self) -> int:
         """Ship everything spooled (blocking); returns how many events reached the store."""
-        return self.spool.ship(self._store, MAX_BATCH)
+        return self.spool.ship(self._store, MAX_BATCH, on_given_back=self._metrics.approval_uses_given_back.inc)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Spool what is pending, ship what the store takes within ``timeout``, then stop.

@@ -117,6 +117,8 @@ async def test_spend_whose_commit_hangs_past_the_deadline_is_voided(pg_dsn, tmp_
             if commit == "arrives_late" else []
         assert _ledger(direct, r.id) == expected
         assert _decision_events(direct, decision) == ["decision.error"]
+        given_back = metrics.approval_uses_given_back._value.get()
+        assert given_back == (1 if commit == "arrives_late" else 0)
 
         # The approval is still there for one call, and that call is the one use spent.
         ok = await authz.check(_request())
@@ -167,6 +169,7 @@ async def test_sqlite_spend_acknowledged_after_the_deadline_is_given_back(tmp_pa
         await _until(lambda: _ledger(store, r.id) == [("request.used", decision),
                                                       ("request.use_voided", decision)])
         assert store.get_request(r.id).uses == 0
+        assert metrics.approval_uses_given_back._value.get() == 1
         await _until(lambda: _decision_events(store, decision) == ["decision.error"])
         authz.store = store
         ok = await authz.check(_request())
