@@ -174,6 +174,61 @@ def test_one_spool_write_per_access_log_message(tmp_path):
     assert asyncio.run(main()) == sizes
 
 
+def test_how_each_access_log_stream_ended_is_counted(tmp_path):
+    """How each stream ended is counted: its messages ended (``closed``: Envoy closed it or went
+    away), the RPC was cancelled (a reset, this server stopping), or this server failed it
+    (``error``, here: the audit cannot be written), so a stream that may have lost entries shows
+    without a counter comparison; the open streams are gauged."""
+    import asyncio
+
+    from extauthz.access_log import AccessLogService
+    from extauthz.metrics import Metrics
+
+    class Writer:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.events = fail, 0
+
+        def submit(self, build) -> None:
+            self.events += 1
+
+        async def acknowledged(self) -> None:
+            if self.fail:
+                raise OSError("spool: disk full")
+
+    def ends(m: Metrics) -> dict[str, float]:
+        return {end: m.registry.get_sample_value("rpcauthz_fast_path_als_streams_total", {"end": end}) or 0
+                for end in ("closed", "cancelled", "error")}
+
+    async def main() -> None:
+        metrics = Metrics()
+        released = asyncio.Event()
+
+        async def messages(n: int, then_wait: bool = False):
+            for i in range(n):
+                yield _message(_entry(request_id=f"r{i}", port=40000 + i), log_name=LOG_NAME if i == 0 else None)
+            if then_wait:
+                await released.wait()
+
+        ok = AccessLogService(SETTINGS, Writer(False), metrics)  # type: ignore[arg-type]
+        await ok.StreamAccessLogs(messages(3), None)
+        assert ends(metrics) == {"closed": 1, "cancelled": 0, "error": 0}
+        # A stream left open, then broken: open while it lasts, then cancelled.
+        task = asyncio.get_running_loop().create_task(ok.StreamAccessLogs(messages(1, then_wait=True), None))
+        await asyncio.sleep(0.05)
+        assert metrics.registry.get_sample_value("rpcauthz_fast_path_als_streams_open") == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ends(metrics) == {"closed": 1, "cancelled": 1, "error": 0}
+        failing = AccessLogService(SETTINGS, Writer(True), metrics)  # type: ignore[arg-type]
+        with pytest.raises(OSError, match="disk full"):
+            await failing.StreamAccessLogs(messages(2), None)
+        assert ends(metrics) == {"closed": 1, "cancelled": 1, "error": 1}
+        assert metrics.registry.get_sample_value("rpcauthz_fast_path_als_streams_open") == 0
+
+    asyncio.run(main())
+
+
 # --- the server, through Envoy -------------------------------------------------------------------
 
 def _fast_audit(store_url: str) -> list:
@@ -204,6 +259,15 @@ def _metrics(url: str) -> dict[str, float]:
             key = m.group(2) or ("envoy_allowed" if "envoy_allowed" in m.group(1) else "checks")
             out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
+
+
+def _sample(url: str, name: str) -> float:
+    """One sample of /metrics by its name with labels (0 when absent)."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _wait(what, cond, timeout: float = 15.0):
@@ -292,6 +356,15 @@ def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, p
         m = _wait("the audited counter", lambda: (lambda v: v if v.get("audited") == n else None)(
             _metrics(gw.metrics_url)))
         assert m["received"] == n and m.get("malformed", 0) == 0 and m["checks"] == M
+        # Envoy's access log stream is open while Envoy runs; Envoy is killed: the stream's end
+        # is counted, none stays open (a graceful stop reads the same: "closed").
+        assert _sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") >= 1
+        gw.envoy.signal(signal.SIGKILL)
+        gw.envoy.proc.wait(10)
+        _wait("the stream's end", lambda: _sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") == 0)
+        ends = {end: _sample(gw.metrics_url, f'rpcauthz_fast_path_als_streams_total{{end="{end}"}}')
+                for end in ("closed", "cancelled", "error")}
+        assert ends == {"closed": 1, "cancelled": 0, "error": 0}, ends
 
 
 @pytest.mark.envoy
