@@ -129,13 +129,20 @@ def methods_of(org: Org, s: int) -> list[str]:
     return ["Read", "Write", "Admin"][: 3 if s < extra else 2]
 
 
-def start_services(org: Org) -> tuple[grpc.Server, int]:
-    """One gRPC server answering reflection for every synthetic service (0.0.0.0, so each
-    service can be given its own 127.x.y.z endpoint)."""
+def default_method_mode(s: int, method: str) -> int | None:
+    """The synthetic services' method options: ``Read`` is ENGINEERS_WITHOUT_APPROVAL, the
+    rest inherit the service default (CONTRIBUTORS_WITH_APPROVAL)."""
+    return options_pb2.ENGINEERS_WITHOUT_APPROVAL if method == "Read" else None
+
+
+def reflection_pool(org: Org, method_mode: Callable[[int, str], int | None] = default_method_mode
+                    ) -> descriptor_pool.DescriptorPool:
+    """Every synthetic service's file (package ``org.s<i>.v1``, service ``Svc<i>``, service
+    default CONTRIBUTORS_WITH_APPROVAL); ``method_mode(service index, method)`` is a method's
+    own ``humans_who_can_rpc`` (None: the service default)."""
     pool = descriptor_pool.DescriptorPool()
     for fd in (descriptor_pb2.DESCRIPTOR, empty_pb2.DESCRIPTOR, options_pb2.DESCRIPTOR):
         pool.AddSerializedFile(fd.serialized_pb)
-    names = []
     for s in range(org.services):
         f = descriptor_pb2.FileDescriptorProto(
             name=f"org/s{s}.proto", package=f"org.s{s}.v1", syntax="proto3",
@@ -146,15 +153,31 @@ def start_services(org: Org) -> tuple[grpc.Server, int]:
         for m in methods_of(org, s):
             method = svc.method.add(name=m, input_type=".google.protobuf.Empty",
                                     output_type=".google.protobuf.Empty")
-            if m == "Read":
-                method.options.Extensions[options_pb2.humans_who_can_rpc] = \
-                    options_pb2.ENGINEERS_WITHOUT_APPROVAL
+            mode = method_mode(s, m)
+            if mode is not None:
+                method.options.Extensions[options_pb2.humans_who_can_rpc] = mode
         pool.Add(f)
-        names.append(service_name(s))
+    return pool
+
+
+def serve_reflection(org: Org, method_mode: Callable[[int, str], int | None] = default_method_mode
+                     ) -> tuple[grpc.Server, int, ReflectionServicer]:
+    """One gRPC server answering reflection for every synthetic service (0.0.0.0, so each
+    service can be given its own 127.x.y.z endpoint): (server, port, servicer). Setting the
+    servicer's ``pool`` (``reflection_pool``) serves other descriptors from the next question
+    on. Also used by bench/fast_path_bench.py's scale table."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    add_servicer(server, ReflectionServicer(names, version="v1", pool=pool))
+    servicer = ReflectionServicer([service_name(s) for s in range(org.services)], version="v1",
+                                  pool=reflection_pool(org, method_mode))
+    add_servicer(server, servicer)
     port = server.add_insecure_port("0.0.0.0:0")
     server.start()
+    return server, port, servicer
+
+
+def start_services(org: Org) -> tuple[grpc.Server, int]:
+    """``serve_reflection`` with the default modes: (server, port)."""
+    server, port, _servicer = serve_reflection(org)
     return server, port
 
 
@@ -163,8 +186,13 @@ def endpoint_of(s: int, port: int) -> str:
     return f"127.{1 + s // 62500}.{(s // 250) % 250}.{1 + s % 250}:{port}"
 
 
+def endpoints(org: Org, port: int) -> dict[str, str]:
+    """Every synthetic service's reflection endpoint."""
+    return {service_name(s): endpoint_of(s, port) for s in range(org.services)}
+
+
 def resolver(org: Org, port: int) -> EndpointResolver:
-    return EndpointResolver(static={service_name(s): endpoint_of(s, port) for s in range(org.services)})
+    return EndpointResolver(static=endpoints(org, port))
 
 
 def bulk_requests(store, kind: str, org: Org) -> None:

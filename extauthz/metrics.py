@@ -57,6 +57,17 @@ class Metrics:
             "Envoy fast-path access log entries: received, audited, malformed (not audited), "
             "not_fast_path (not an RBAC allow: not audited), not_audited (audit.allows off).",
             ["result"], registry=r)
+        # Envoy's access log streams of fast-path allows, by how they ended (extauthz/access_log.py).
+        self.fast_path_als_streams = Counter(
+            "rpcauthz_fast_path_als_streams",
+            "Envoy access log (ALS) streams of fast-path allows that ended: closed (the messages "
+            "ended: Envoy closed it, stopped, was killed or lost the connection), cancelled (the "
+            "RPC was cancelled: a reset, or this server stopping), error (this server failed the "
+            "stream, e.g. the audit spool could not be written).",
+            ["end"], registry=r)
+        self.fast_path_als_open = Gauge("rpcauthz_fast_path_als_streams_open",
+                                        "Envoy access log (ALS) streams of fast-path allows open now.",
+                                        registry=r, multiprocess_mode="livesum")
         # The fast path (fastpath/): pushes to Envoys over ADS, and what they said.
         self.fast_path_events = Counter("rpcauthz_fast_path_xds_events",
                                         "ADS stream events: connect, disconnect, ack, nack, refused (not an authenticated Envoy).",

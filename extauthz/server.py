@@ -292,6 +292,7 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
 
     xds = FastPathXds(ttl_s=fp.ttl_s, heartbeat_s=fp.refresh_s, on_event=on_event, refuse=peers.refusal)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    metrics.watch_stats("fast_path", xds.stats)
     ident = settings.identity
 
     def pushed(record: PushRecord) -> None:

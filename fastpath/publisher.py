@@ -25,7 +25,7 @@ from policy import GrantSet, Mode
 from reflection_cache.types import ServiceModes
 
 from .compile import JWT_SUB, CompiledPolicy, IdentitySource, compile_policy
-from .xds import FastPathXds
+from .xds import FastPathXds, PolicySource
 
 log = logging.getLogger("fastpath.publisher")
 
@@ -54,6 +54,8 @@ class PushRecord:
     engineers: int
     engineer_paths: int
     contributor_services: int
+    #: The grants revision compiled (``GrantSet.revision``) and the services with modes.
+    source: PolicySource | None = None
 
 
 class Publisher:
@@ -141,11 +143,12 @@ class Publisher:
             self.xds.withdraw(self.withdrawn)
             return
         compile_s = time.monotonic() - started
-        self.xds.publish(version, compiled.rbac)
+        source = PolicySource(grants.revision, len(modes))
+        self.xds.publish(version, compiled.rbac, source)
         self.current, self.withdrawn = compiled, None
         self.last_push = PushRecord(version, compile_s, time.monotonic() - changed_at,
                                     compiled.size_bytes, compiled.engineers, compiled.engineer_paths,
-                                    compiled.contributor_services)
+                                    compiled.contributor_services, source)
         log.info("fast path v%s: %d engineers x %d paths, %d contributor services, %d bytes, "
                  "compiled in %.3f s", version, compiled.engineers, compiled.engineer_paths,
                  compiled.contributor_services, compiled.size_bytes, compile_s)

@@ -23,7 +23,10 @@ access log: mTLS ``client_names``, unix socket, loopback); a refused stream ends
 UNAUTHENTICATED before anything is sent.
 
 Versions are ``<n>`` for compiled policies (``v<n>/...`` policy names) and ``<n>.empty.<k>``
-for withdrawals. ``status()`` reports what each connected Envoy (node id) has ACKed.
+for withdrawals. ``status()`` reports what each connected Envoy (node id) has ACKed, and what
+that version was compiled from (``PolicySource``: the grants revision and how many services'
+modes), so a caller can wait for "every Envoy holds a policy compiled from grants revision
+>= R" (``acked_grants_revision()``) instead of sleeping.
 """
 from __future__ import annotations
 
@@ -49,6 +52,16 @@ log = logging.getLogger("fastpath.xds")
 ECDS_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicySource:
+    """What a compiled policy was compiled from."""
+
+    #: The store's grants revision of the ``GrantSet`` compiled (``GrantSet.revision``).
+    grants_revision: int
+    #: How many services' modes (from the reflection cache) were compiled.
+    services: int
+
+
 @dataclasses.dataclass
 class NodeStatus:
     """What one Envoy stream has been sent and has accepted."""
@@ -56,6 +69,9 @@ class NodeStatus:
     node: str
     sent_version: str = ""
     acked_version: str = ""
+    #: What ``acked_version`` was compiled from; None for the empty policy (withdrawn) or
+    #: a policy published without a source.
+    acked_source: PolicySource | None = None
     nacks: int = 0
     last_nack: str = ""
     withdrawn: bool = False
@@ -70,6 +86,8 @@ class _Stream:
         self.subscribed = False
         self.nonce = ""
         self.nonce_version = ""
+        self.nonce_source: PolicySource | None = None
+        self.sent_source: PolicySource | None = None
         self.sent_rbac: http_rbac_pb2.RBAC | None = None
 
 
@@ -90,6 +108,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._refuse = refuse
         self._version = "0.empty.0"
         self._rbac = empty_policy()
+        self._source: PolicySource | None = None
         self._empty_count = itertools.count(1)
         self._nonces = itertools.count(1)
         self._changed = asyncio.Event()
@@ -103,21 +122,55 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def version(self) -> str:
         return self._version
 
-    def publish(self, version: str, rbac: http_rbac_pb2.RBAC) -> None:
-        """Make ``rbac`` (compiled with ``version``) the policy every Envoy gets."""
-        self._version, self._rbac = version, rbac
+    @property
+    def source(self) -> PolicySource | None:
+        """What the current policy was compiled from (None: the empty policy)."""
+        return self._source
+
+    def publish(self, version: str, rbac: http_rbac_pb2.RBAC, source: PolicySource | None = None) -> None:
+        """Make ``rbac`` (compiled with ``version``, from ``source``) the policy every Envoy gets."""
+        self._version, self._rbac, self._source = version, rbac, source
         self._bump()
 
     def withdraw(self, why: str) -> None:
         """Push the empty policy to every Envoy (everything goes to ext_authz)."""
         log.warning("fast path withdrawn: %s", why)
         self._version = f"{self._base(self._version)}.empty.{next(self._empty_count)}"
-        self._rbac = empty_policy()
+        self._rbac, self._source = empty_policy(), None
         self._bump()
 
     def status(self) -> list[NodeStatus]:
         """The connected Envoys, by node id."""
         return [dataclasses.replace(s.status) for s in self._streams]
+
+    def acked_sources(self) -> list[PolicySource | None]:
+        """What each subscribed Envoy's ACKed policy was compiled from (None: the empty
+        policy, or nothing ACKed yet)."""
+        return [s.status.acked_source for s in list(self._streams) if s.subscribed]  # /metrics' thread
+
+    def acked_grants_revision(self) -> int | None:
+        """The lowest grants revision any subscribed Envoy holds a compiled policy of (ACKed),
+        or None when no Envoy is subscribed or one holds the empty policy or nothing yet."""
+        sources = self.acked_sources()
+        if not sources or any(src is None for src in sources):
+            return None
+        return min(src.grants_revision for src in sources if src is not None)
+
+    def stats(self) -> dict[str, float]:
+        """Numbers for /metrics (``rpcauthz_fast_path_stat``): ``published_version`` and
+        ``published_grants_revision`` (-1: the empty policy), ``envoys`` subscribed, and over
+        them the lowest ``acked_grants_revision`` and ``acked_services`` (-1 while an Envoy
+        holds the empty policy or nothing, or none is subscribed)."""
+        sources = self.acked_sources()
+        held = [src for src in sources if src is not None]
+        complete = bool(sources) and len(held) == len(sources)
+        return {
+            "published_version": float(self._base(self._version)),
+            "published_grants_revision": float(self._source.grants_revision) if self._source else -1.0,
+            "envoys": float(len(sources)),
+            "acked_grants_revision": float(min(s.grants_revision for s in held)) if complete else -1.0,
+            "acked_services": float(min(s.services for s in held)) if complete else -1.0,
+        }
 
     def _bump(self) -> None:
         self._generation += 1
@@ -192,10 +245,11 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     if stream.status.withdrawn:
                         yield self._response(stream, *self._withdrawn_for(stream))
                     else:
-                        yield self._response(stream, self._version, self._rbac)
+                        yield self._response(stream, self._version, self._rbac, self._source)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
                 elif time.monotonic() >= next_heartbeat:
-                    yield self._response(stream, stream.status.sent_version, stream.sent_rbac)
+                    yield self._response(stream, stream.status.sent_version, stream.sent_rbac,
+                                         stream.sent_source)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
         finally:
             reader.cancel()
@@ -228,6 +282,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             stream.status.withdrawn = True
             return "withdraw"
         stream.status.acked_version = r.version_info
+        stream.status.acked_source = stream.nonce_source if r.version_info == stream.nonce_version else None
         self._on_event("ack", stream.status.node)
         return False
 
@@ -235,19 +290,20 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         stream.status.withdrawn = True
         return f"{self._base(self._version)}.empty.{next(self._empty_count)}", empty_policy()
 
-    def _response(self, stream: _Stream, version: str, rbac: http_rbac_pb2.RBAC | None
-                  ) -> discovery_pb2.DiscoveryResponse:
-        """A response carrying ``rbac`` under ``version``, valid for the TTL."""
+    def _response(self, stream: _Stream, version: str, rbac: http_rbac_pb2.RBAC | None,
+                  source: PolicySource | None = None) -> discovery_pb2.DiscoveryResponse:
+        """A response carrying ``rbac`` (compiled from ``source``; None: the empty policy)
+        under ``version``, valid for the TTL."""
         resource = discovery_pb2.Resource(name=RESOURCE_NAME, version=version,
                                           ttl=_duration(self.ttl_s))
         config = extension_pb2.TypedExtensionConfig(name=RESOURCE_NAME)
         config.typed_config.Pack(rbac if rbac is not None else empty_policy())
         resource.resource.Pack(config)
-        stream.sent_rbac = rbac
+        stream.sent_rbac, stream.sent_source = rbac, source
         wrapped = any_pb2.Any()
         wrapped.Pack(resource)
         stream.nonce = str(next(self._nonces))
-        stream.nonce_version = version
+        stream.nonce_version, stream.nonce_source = version, source
         stream.status.sent_version = version
         return discovery_pb2.DiscoveryResponse(version_info=version, type_url=ECDS_TYPE,
                                                nonce=stream.nonce, resources=[wrapped])

@@ -45,7 +45,14 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
     assert re.search(r"concurrency 2: fast-path allows \d+\.\d\dx throughput", r.stdout)
     # Every fast-path allow of the run was audited: Envoy's count and the server's agree.
     assert re.search(r"fast-path allows: Envoy counted (\d+), the server audited \1 \(equal\)", r.stdout), r.stdout
-    assert re.search(r"\| compiled RBAC policy \(fastpath.compile, serialized\) \| \d+ KiB \(2 policies\) \|", r.stdout)
+    # The scale table's modes came through the reflection cache from scale_bench's services.
+    assert re.search(r"\| grants \(engineer \+ contributor\), services with modes \(through the reflection cache\) "
+                     r"\| [\d,]+, 11 \|", r.stdout), r.stdout
+    assert re.search(r"\| compiled RBAC policy \(fastpath.compile, serialized\) \| \d+ KiB \(51 engineers x 11 paths, "
+                     r"10 contributor services\) \|", r.stdout), r.stdout
     assert re.search(r"\| xDS push of a new version: publish -> Envoy ACK \(median of 3\) \| \d+ ms \|", r.stdout)
-    assert re.search(r"\| grant change: store write -> Envoy ACK of the new version .* \| \d+ ms \|", r.stdout)
+    assert re.search(r"\| grant change: store write -> Envoy ACK of a version compiled from it .* \| \d+ ms \(\d+-\d+\) \|",
+                     r.stdout)
+    assert re.search(r"\| mode change: reflection answer taken by the cache -> Envoy ACK .* \| \d+ ms \(\d+-\d+\) \|",
+                     r.stdout)
     assert re.search(r"\| Envoy memory allocated \(admin /memory\) \| \d+\.\d MiB \|", r.stdout)

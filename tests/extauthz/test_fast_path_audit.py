@@ -1,14 +1,14 @@
 """The fast path's audit (issue 12): Envoy's access log of fast-path allows becomes exactly one
 decision audit event per call, through the same spool as Checks.
 
-Through real Envoy with a STATIC shadow RBAC policy (tests/support/fast_path_envoy.py: the
-filter names, keys and log name of the fast-path contract), real mTLS, the real server on
-PostgreSQL: N calls the policy allows give N ``fast_path.allow`` events and no Check; M calls
+Through real Envoy with the fast-path gateway as shipped (``render_gateway(fast_path=True)``:
+RBAC over ADS from the server's publisher, ``with_fast_path``'s access log), real mTLS, the real
+server on PostgreSQL: once Envoy holds a policy compiled with both demo services' modes (the M
+refused calls teach the server the modes; the test waits for the ACK of such a policy, not for
+a time), N calls the policy allows give N ``fast_path.allow`` events and no Check; the M calls
 it does not allow go to ext_authz and are audited by their Check as before; Envoy's count of
 fast-path allows equals ours; a redelivered entry is audited once; kill -9 after the entries
-were taken loses none; what Envoy does while the server is away is measured. The shipped
-gateway (RBAC over ADS, ``with_fast_path``'s access log) is audited end to end in
-tests/fastpath/test_gateway_fast_path.py.
+were taken loses none; what Envoy does while the server is away is measured.
 """
 from __future__ import annotations
 
@@ -30,17 +30,15 @@ from extauthz.access_log import MalformedEntry, NotFastPath, entry_event_id, rea
 from extauthz.config import Settings
 from extauthz.envoy_stats import EnvoyAllowedCollector
 from fastpath.compile import RESOURCE_NAME
-from fastpath.envoy_config import LOG_NAME as GATEWAY_LOG_NAME
+from fastpath.envoy_config import LOG_NAME
 from fastpath.xds import ECDS_TYPE
 from policy import Grant, Role
 from policy.stores import open_store
-from tests.support.fast_path_envoy import LOG_NAME, Policy, with_static_fast_path
 from tests.support.gateway_harness import ACCOUNTS, LEDGER, GatewayStack
 
 LIST = f"/{ACCOUNTS}/ListAccounts"              # ENGINEERS_WITHOUT_APPROVAL
 READ = f"/{ACCOUNTS}/ReadAccount"               # ENGINEERS_WITH_APPROVAL: never on the fast path
 BALANCE = f"/{LEDGER}/GetBalance"               # ENGINEERS_WITHOUT_APPROVAL
-POLICIES = [Policy("v7/engineers", ["alice", "bob"], [LIST, BALANCE])]
 #: Envoy 1.40 puts a dot after shadow_rules_stat_prefix in stat names (not in metadata keys).
 STAT = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
 
@@ -100,7 +98,7 @@ def test_an_entry_reads_as_the_allow_envoy_made():
 
 
 def test_the_server_takes_the_log_the_gateway_is_rendered_with():
-    assert Settings(store_url="sqlite:///x.db").fast_path.log_name == GATEWAY_LOG_NAME == LOG_NAME
+    assert Settings(store_url="sqlite:///x.db").fast_path.log_name == LOG_NAME
 
 
 def test_the_event_id_is_the_entrys_own():
@@ -175,6 +173,61 @@ def test_one_spool_write_per_access_log_message(tmp_path):
     assert asyncio.run(main()) == sizes
 
 
+def test_how_each_access_log_stream_ended_is_counted(tmp_path):
+    """How each stream ended is counted: its messages ended (``closed``: Envoy closed it or went
+    away), the RPC was cancelled (a reset, this server stopping), or this server failed it
+    (``error``, here: the audit cannot be written), so a stream that may have lost entries shows
+    without a counter comparison; the open streams are gauged."""
+    import asyncio
+
+    from extauthz.access_log import AccessLogService
+    from extauthz.metrics import Metrics
+
+    class Writer:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.events = fail, 0
+
+        def submit(self, build) -> None:
+            self.events += 1
+
+        async def acknowledged(self) -> None:
+            if self.fail:
+                raise OSError("spool: disk full")
+
+    def ends(m: Metrics) -> dict[str, float]:
+        return {end: m.registry.get_sample_value("rpcauthz_fast_path_als_streams_total", {"end": end}) or 0
+                for end in ("closed", "cancelled", "error")}
+
+    async def main() -> None:
+        metrics = Metrics()
+        released = asyncio.Event()
+
+        async def messages(n: int, then_wait: bool = False):
+            for i in range(n):
+                yield _message(_entry(request_id=f"r{i}", port=40000 + i), log_name=LOG_NAME if i == 0 else None)
+            if then_wait:
+                await released.wait()
+
+        ok = AccessLogService(SETTINGS, Writer(False), metrics)  # type: ignore[arg-type]
+        await ok.StreamAccessLogs(messages(3), None)
+        assert ends(metrics) == {"closed": 1, "cancelled": 0, "error": 0}
+        # A stream left open, then broken: open while it lasts, then cancelled.
+        task = asyncio.get_running_loop().create_task(ok.StreamAccessLogs(messages(1, then_wait=True), None))
+        await asyncio.sleep(0.05)
+        assert metrics.registry.get_sample_value("rpcauthz_fast_path_als_streams_open") == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ends(metrics) == {"closed": 1, "cancelled": 1, "error": 0}
+        failing = AccessLogService(SETTINGS, Writer(True), metrics)  # type: ignore[arg-type]
+        with pytest.raises(OSError, match="disk full"):
+            await failing.StreamAccessLogs(messages(2), None)
+        assert ends(metrics) == {"closed": 1, "cancelled": 1, "error": 1}
+        assert metrics.registry.get_sample_value("rpcauthz_fast_path_als_streams_open") == 0
+
+    asyncio.run(main())
+
+
 # --- the server, through Envoy -------------------------------------------------------------------
 
 def _fast_audit(store_url: str) -> list:
@@ -207,6 +260,15 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
+def _sample(url: str, name: str) -> float:
+    """One sample of /metrics by its name with labels (0 when absent)."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def _wait(what, cond, timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -218,11 +280,21 @@ def _wait(what, cond, timeout: float = 15.0):
 
 
 def _stack(tmp_path, pg_dsn, **extauthz) -> GatewayStack:
+    """The gateway as shipped with the fast path on (the ADS policy's TTL long enough for the
+    server-away part: Envoy keeps the policy while the server is dead)."""
     return GatewayStack(
         tmp_path, store_url=pg_dsn,
         grants=[Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER)],
-        extauthz={"fast_path.enabled": True, **extauthz},
-        envoy_config=lambda cfg: with_static_fast_path(cfg, POLICIES))
+        fast_path=True, extauthz={"fast_path.ttl_s": 60, "fast_path.modes_check_s": 0.1,
+                                  "fast_path.debounce_s": 0.02, **extauthz})
+
+
+def _until_envoy_knows(gw: GatewayStack, services: int) -> None:
+    """Until Envoy ACKed a fast-path policy compiled with ``services`` services' modes."""
+    deadline = time.monotonic() + 15
+    while (gw.server_stat("fast_path", "acked_services") or 0) < services:
+        assert time.monotonic() < deadline, "Envoy never got a policy with the services' modes"
+        time.sleep(0.02)
 
 
 def _envoy_admin(gw: GatewayStack) -> str:
@@ -238,6 +310,12 @@ N, M = 12, 4
 @pytest.mark.slow
 def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, pg_dsn):
     with _stack(tmp_path, pg_dsn) as gw:
+        # M calls the fast path does not allow: ext_authz decides them, and audits them itself;
+        # they also teach the server both services' modes (one of each service).
+        refused = [gw.call(READ, as_="alice"), gw.call(LIST, as_="mallory"),
+                   gw.call(f"/{ACCOUNTS}/UpdateLimits", as_="bob"), gw.call(f"/{LEDGER}/PostEntry", as_="bob")]
+        assert [r.code for r in refused] == [grpc.StatusCode.PERMISSION_DENIED] * M, [r.render() for r in refused]
+        _until_envoy_knows(gw, 2)
         for i in range(N):
             r = gw.call(LIST if i % 2 else BALANCE, as_="alice" if i % 3 else "bob")
             assert r.code is grpc.StatusCode.OK, r.render()
@@ -246,10 +324,6 @@ def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, p
             r = gw.call(LIST, as_="alice", metadata=[("x-request-id", "chosen-by-the-client")])
             assert r.code is grpc.StatusCode.OK, r.render()
         n = N + 2
-        # M calls the fast path does not allow: ext_authz decides them, and audits them itself.
-        refused = [gw.call(READ, as_="alice"), gw.call(LIST, as_="mallory"),
-                   gw.call(f"/{ACCOUNTS}/UpdateLimits", as_="bob"), gw.call(READ, as_="bob")]
-        assert [r.code for r in refused] == [grpc.StatusCode.PERMISSION_DENIED] * M
         events = _wait("the fast-path audit events", lambda: (lambda e: e if len(e) >= n else None)(
             _fast_audit(pg_dsn)))
         time.sleep(0.5)  # nothing more may come
@@ -259,9 +333,11 @@ def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, p
         assert collections.Counter((e.actor, e.method) for e in events) == collections.Counter(
             [("alice" if i % 3 else "bob", "ListAccounts" if i % 2 else "GetBalance") for i in range(N)]
             + [("alice", "ListAccounts")] * 2)
+        acked = int(gw.server_stat("fast_path", "published_version") or 0)
         for e in events:
-            assert (e.kind, e.outcome, e.detail["policy_id"], e.detail["policy_version"]) == \
-                ("decision.allow", "allow", "v7/engineers", "7")
+            m = re.fullmatch(r"v(\d+)/engineers", e.detail["policy_id"])
+            assert m and (e.kind, e.outcome, e.detail["policy_version"]) == ("decision.allow", "allow", m[1])
+            assert 1 <= int(m[1]) <= acked  # a version the server compiled
         envoy_ids = [e.detail["envoy_request_id"] for e in events]
         # What Envoy does with a client's x-request-id (documented in docs/extauthz.md).
         kept_client_id = envoy_ids.count("chosen-by-the-client")
@@ -279,6 +355,15 @@ def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, p
         m = _wait("the audited counter", lambda: (lambda v: v if v.get("audited") == n else None)(
             _metrics(gw.metrics_url)))
         assert m["received"] == n and m.get("malformed", 0) == 0 and m["checks"] == M
+        # Envoy's access log stream is open while Envoy runs; Envoy is killed: the stream's end
+        # is counted, none stays open (a graceful stop reads the same: "closed").
+        assert _sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") >= 1
+        gw.envoy.signal(signal.SIGKILL)
+        gw.envoy.proc.wait(10)
+        _wait("the stream's end", lambda: _sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") == 0)
+        ends = {end: _sample(gw.metrics_url, f'rpcauthz_fast_path_als_streams_total{{end="{end}"}}')
+                for end in ("closed", "cancelled", "error")}
+        assert ends == {"closed": 1, "cancelled": 0, "error": 0}, ends
 
 
 @pytest.mark.envoy
@@ -289,6 +374,8 @@ def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
     (their store write waits in a 2 s batch window); a resent entry is audited once; and what
     Envoy does with fast-path allows while no server takes its access log."""
     with _stack(tmp_path, pg_dsn, **{"audit.batch_window_ms": 2000}) as gw:
+        assert gw.call(READ, as_="alice").code is grpc.StatusCode.PERMISSION_DENIED  # learns the mode
+        _until_envoy_knows(gw, 1)
         for _ in range(N):
             assert gw.call(LIST, as_="alice").code is grpc.StatusCode.OK
         _wait("entries taken", lambda: _metrics(gw.metrics_url).get("audited") == N)
@@ -297,7 +384,8 @@ def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
         gw.extauthz.proc.wait(10)
         assert len(_fast_audit(pg_dsn)) < N, "the window was already written: the test proves nothing"
 
-        # The server is away: fast-path calls still pass (they need no ext_authz)...
+        # The server is away: fast-path calls still pass (they need no ext_authz, and Envoy keeps
+        # the policy for the ADS resource's TTL)...
         away = 5
         for _ in range(away):
             assert gw.call(LIST, as_="alice").code is grpc.StatusCode.OK
@@ -308,8 +396,13 @@ def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
 
         gw.start_extauthz()  # the same spool: the events taken before the kill are shipped now
         _wait("every event taken before kill -9", lambda: len(_fast_audit(pg_dsn)) >= N, timeout=20)
-        # Envoy reconnects its access log stream on the next flush; whatever it still holds arrives.
+        # A new server process learns the modes afresh; Envoy reconnects its ADS stream and its
+        # access log stream (on the next flush); whatever Envoy still holds arrives.
+        assert gw.call(READ, as_="alice").code is grpc.StatusCode.PERMISSION_DENIED
+        _until_envoy_knows(gw, 1)
+        allowed_before = int(gw.envoy.stats(STAT)[STAT])
         assert gw.call(LIST, as_="alice").code is grpc.StatusCode.OK
+        assert int(gw.envoy.stats(STAT)[STAT]) == allowed_before + 1, "not a fast-path allow"
         _wait("the call after the restart", lambda: _metrics(gw.metrics_url).get("audited", 0) >= 1)
         _wait("its event in the store", lambda: len(_fast_audit(pg_dsn)) >= N + 1, timeout=10)
         arrived_after = len(_fast_audit(pg_dsn)) - N - 1
@@ -336,7 +429,6 @@ def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
         assert m["malformed"] == 1 and m["not_fast_path"] == 1
 
 
-@pytest.mark.postgres
 def _ads_request():
     from envoy.service.discovery.v3 import discovery_pb2
     r = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=[RESOURCE_NAME])
@@ -351,6 +443,7 @@ def _metrics_text(proc) -> str:
         return r.read().decode()
 
 
+@pytest.mark.postgres
 def test_the_access_log_and_the_policy_are_served_only_with_the_fast_path_on_and_only_to_envoy(tmp_path, pg_dsn):
     from devstack.processes import ExtAuthzProcess, free_port
     from extauthz.dev_certs import issue_client, make_dev_certs

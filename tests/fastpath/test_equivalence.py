@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -45,52 +44,25 @@ def gateways(tmp_path_factory):
             s.stop()
 
 
-def _revision(gw: GatewayStack) -> float:
-    with urllib.request.urlopen(gw.metrics_url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith('rpcauthz_grant_cache_stat{stat="revision"}'):
-                return float(line.split()[-1])
-    return -1
-
-
-def _set_grants(gw: GatewayStack, grants: list[Grant]) -> bool:
-    """Replace the grants and wait until the server decides with them; did they change?"""
+def _set_grants(gw: GatewayStack, grants: list[Grant]) -> int:
+    """Replace the grants; the store's grants revision after the write."""
     store = open_store(gw.store_url)
     try:
-        was = store.grants_revision()
         store.replace_grants("manual", grants)
-        revision = store.grants_revision()
+        return store.grants_revision()
     finally:
         store.close()
-    deadline = time.monotonic() + 10
-    while _revision(gw) < revision:
-        assert time.monotonic() < deadline, "the server never loaded the new grants"
-        time.sleep(0.05)
-    return revision != was
 
 
-def _fast_version(gw: GatewayStack) -> str:
-    assert gw.envoy is not None
-    return str(gw.envoy.stats("extension_config_discovery.http_filter.rpcauthz_fast_path.version_text")
-               .get("extension_config_discovery.http_filter.rpcauthz_fast_path.version_text", ""))
-
-
-def _wait_for_a_push_of_the_new_grants(gw: GatewayStack, before: str) -> None:
-    """Wait until Envoy holds a policy compiled from the grants the server has just loaded.
-
-    A version change alone does not say so: the publisher also recompiles on its own when a
-    grant nears expiry, so a push of the *old* grants can land meanwhile. Any push begun after
-    the server had the new grants uses them, and the publisher looks every 50 ms and waits
-    0.1 s for more: so take the version Envoy shows from 0.5 s on, once it is new and has
-    stayed the same for 0.2 s."""
-    time.sleep(0.5)
+def _wait_for_the_server(gw: GatewayStack, revision: int) -> None:
+    """Until the server decides with grants at ``revision`` or later."""
     deadline = time.monotonic() + 10
     while True:
-        seen = _fast_version(gw)
-        time.sleep(0.2)
-        if seen != before and _fast_version(gw) == seen:
+        held = gw.server_stat("grant_cache", "revision")
+        if held is not None and held >= revision:
             return
-        assert time.monotonic() < deadline, "the fast path never got the new grants"
+        assert time.monotonic() < deadline, "the server never loaded the new grants"
+        time.sleep(0.02)
 
 
 def _outcome(gw: GatewayStack, path: str, who: str) -> tuple[object, ...]:
@@ -117,10 +89,10 @@ def test_fast_path_on_and_off_give_every_call_the_same_outcome(gateways, grants,
     for who, (role, service), expires in grants:
         chosen[(who, role, service)] = Grant(who, role, service,
                                              None if expires is None else now + timedelta(seconds=expires))
-    before = _fast_version(fast)
-    _set_grants(slow, list(chosen.values()))
-    if _set_grants(fast, list(chosen.values())):
-        _wait_for_a_push_of_the_new_grants(fast, before)
+    _wait_for_the_server(slow, _set_grants(slow, list(chosen.values())))
+    # Not a sleep for "a push": Envoy's ACKed version says which grants it was compiled from
+    # (a recompile of the old grants near a grant's expiry can land meanwhile; it does not count).
+    fast.wait_fast_path_grants(_set_grants(fast, list(chosen.values())))
     for who, path in calls:
         assert _outcome(fast, path, who) == _outcome(slow, path, who), (who, path, list(chosen.values()))
 

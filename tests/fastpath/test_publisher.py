@@ -88,6 +88,9 @@ async def test_grant_and_mode_changes_are_pushed(running) -> None:
     grants.gs = grants.current().apply(GrantDelta(1, 2, (GrantChange(Grant("alice", Role.ENGINEER), deleted=True),)))
     await until(lambda: not allows(pub))
     assert pushes[-1].lag_s < 1
+    # Each push says what it was compiled from (what tests and /metrics wait on).
+    assert pushes[-1].source is not None and pushes[-1].source.grants_revision == 2
+    assert pushes[-1].source.services == 1 and xds.source == pushes[-1].source
 
     # A mode changed to an approval mode (after a reflection refresh) leaves the fast path.
     grants.gs = GrantSet([Grant("alice", Role.ENGINEER)], revision=3)

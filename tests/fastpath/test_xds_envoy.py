@@ -21,7 +21,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from devstack.processes import EnvoyProcess, free_port
 from fastpath.compile import RESOURCE_NAME, compile_policy
 from fastpath.envoy_config import ACCESS_LOG_FIELDS, RE2_MAX_PROGRAM_SIZE, rbac_filter
-from fastpath.xds import FastPathXds
+from fastpath.xds import FastPathXds, PolicySource
 from policy import Grant, GrantSet, Mode, Role
 from reflection_cache.types import ServiceModes
 
@@ -191,10 +191,22 @@ async def test_withdraw_reaches_every_connected_envoy(tmp_path: pathlib.Path) ->
     await h.start_server()
     try:
         h.start_envoy()
-        h.xds.publish("1", _policy("1"))
+        assert h.xds.acked_grants_revision() is None and h.xds.stats()["acked_grants_revision"] == -1
+        h.xds.publish("1", _policy("1"), PolicySource(grants_revision=41, services=2))
         await h.until("allowed", 10)
+        # What the ACKed version was compiled from, for waiting on "Envoy has revision >= R".
+        assert await acked(h, lambda v: v == "1") == "1"
+        assert h.xds.status()[0].acked_source == PolicySource(41, 2)
+        assert h.xds.acked_grants_revision() == 41
+        assert h.xds.stats() == {"published_version": 1, "published_grants_revision": 41, "envoys": 1,
+                                 "acked_grants_revision": 41, "acked_services": 2}
+        h.xds.publish("2", _policy("2"), PolicySource(grants_revision=42, services=2))
+        assert await acked(h, lambda v: v == "2") == "2"
+        assert h.xds.acked_grants_revision() == 42
         h.xds.withdraw("test: grants unavailable")
         await h.until("denied", 5)
-        assert (await acked(h, lambda v: v.startswith("1.empty."))).startswith("1.empty.")
+        assert (await acked(h, lambda v: v.startswith("2.empty."))).startswith("2.empty.")
+        # The empty policy was compiled from nothing: no revision to wait for.
+        assert h.xds.acked_grants_revision() is None and h.xds.stats()["acked_grants_revision"] == -1
     finally:
         await h.stop()

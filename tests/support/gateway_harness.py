@@ -17,6 +17,8 @@ Usage (any test folder)::
         gw.upstreams         # {"accounts": DemoServer, "ledger": DemoServer}
         gw.access_log_lines()  # Envoy's JSON access log, parsed
         gw.metrics_url         # the ext_authz server's /metrics
+        gw.server_stat("fast_path", "acked_grants_revision")  # one rpcauthz_<name>_stat gauge
+        gw.wait_fast_path_grants(revision)  # Envoy ACKed a policy compiled from grants >= revision
 
 Parameters: ``grants`` are written to the store before the server starts (so no wait for a
 refresh); ``extauthz`` holds extra server settings as dotted keys
@@ -250,6 +252,31 @@ class GatewayStack:
         """The ext_authz server's Prometheus endpoint."""
         assert self._extauthz_config is not None
         return f"http://127.0.0.1:{self._extauthz_config['metrics']['port']}/metrics"
+
+    def server_stat(self, name: str, stat: str) -> float | None:
+        """The ext_authz server's ``rpcauthz_<name>_stat{stat="<stat>"}`` gauge now (None: absent)."""
+        import urllib.request
+        want = f'rpcauthz_{name}_stat{{stat="{stat}"}} '
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(want):
+                    return float(line[len(want):])
+        return None
+
+    def wait_fast_path_grants(self, revision: int, timeout: float = 15.0) -> float:
+        """Wait until every Envoy connected to the server has ACKed a fast-path policy compiled
+        from the store's grants at ``revision`` or later (fastpath.xds's ``acked_grants_revision``,
+        on /metrics); seconds waited. No sleeping for "a push": the version Envoy holds says
+        what it was compiled from."""
+        t0 = time.monotonic()
+        while True:
+            acked = self.server_stat("fast_path", "acked_grants_revision")
+            if acked is not None and acked >= revision:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"no Envoy ACKed a fast-path policy of grants revision >= {revision} "
+                                   f"within {timeout}s (acked: {acked})")
+            time.sleep(0.02)
 
     def token(self, principal: str, **claims: Any) -> str:
         return self.issuer.mint(principal, **claims)

@@ -102,7 +102,8 @@ class ScriptedServicer(ReflectionServicer):
 
 
 class ReflectionServer:
-    """A running test server: ``.address``, ``.servicers`` (one per version), ``.stop()``."""
+    """A running test server: ``.address``, ``.servicers`` (one per version), ``.serve_files()``,
+    ``.stop()``."""
 
     def __init__(self, server: grpc.Server, port: int, servicers: list[ScriptedServicer]) -> None:
         self.server = server
@@ -117,6 +118,13 @@ class ReflectionServer:
     @property
     def streams(self) -> int:
         return sum(s.streams for s in self.servicers)
+
+    def serve_files(self, files: Iterable[descriptor_pb2.FileDescriptorProto]) -> None:
+        """From the next question on, answer from ``files`` instead (a service redeployed
+        with other descriptors, e.g. another ``humans_who_can_rpc``)."""
+        pool = pool_of(files)
+        for s in self.servicers:
+            s.pool = pool
 
     def stop(self) -> None:
         for s in self.servicers:
