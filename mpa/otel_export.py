@@ -32,7 +32,32 @@ class OtlpAuditExport:
             provider.shutdown()
 
 
+#: How to restore opentelemetry-proto's generated code when another package overwrote it.
+OTEL_PROTO_FIX = "pip install --force-reinstall --no-deps opentelemetry-proto==<its installed version>"
+
+
+def otel_proto_problem(common_pb2: Any = None) -> str | None:
+    """Why the OTLP exporter cannot work with the installed OpenTelemetry protos, or None.
+
+    ``xds-protos`` (Envoy's API types) ships its own, older copy of
+    ``opentelemetry/proto/common/v1/common_pb2.py`` in the same place as ``opentelemetry-proto``;
+    whichever pip installs last wins, and the old one lacks ``InstrumentationScope``, which the
+    OTLP exporter imports. ``.ci/run`` reinstalls opentelemetry-proto after the install."""
+    if common_pb2 is None:
+        from opentelemetry.proto.common.v1 import common_pb2
+    if hasattr(common_pb2, "InstrumentationScope"):
+        return None
+    return (f"the installed {getattr(common_pb2, '__file__', 'common_pb2')} is an old OpenTelemetry proto "
+            "(without InstrumentationScope), most likely xds-protos' copy installed over opentelemetry-proto's; "
+            f"the OTLP audit export needs the real one: {OTEL_PROTO_FIX}")
+
+
 def start_otlp_audit_export(settings: OtelSettings) -> OtlpAuditExport:
+    """Start the OTLP log and span export; raises ``RuntimeError`` naming the fix when the
+    installed OpenTelemetry protos are not the exporter's (see ``otel_proto_problem``)."""
+    problem = otel_proto_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
     from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk._logs import LoggerProvider
@@ -54,4 +79,4 @@ def start_otlp_audit_export(settings: OtelSettings) -> OtlpAuditExport:
     return OtlpAuditExport(OpenTelemetryExporter(tp, lp), lp, tp)
 
 
-__all__ = ["OtlpAuditExport", "start_otlp_audit_export"]
+__all__ = ["OTEL_PROTO_FIX", "OtlpAuditExport", "otel_proto_problem", "start_otlp_audit_export"]

@@ -108,3 +108,18 @@ def test_audit_events_arrive_as_otlp_log_records_and_spans(tmp_path, otlp):
     assert sorted(s.name for s in spans) == sorted(f"audit {events[i].kind}" for i in ids)
     # each log record sits in its span
     assert {(s.trace_id, s.span_id) for s in spans} == {(rec.trace_id, rec.span_id) for _, _, rec in got}
+
+
+def test_an_old_otel_proto_copy_is_named_with_its_fix():
+    """xds-protos ships an older opentelemetry common_pb2 in the same place; if it won the
+    install, the export refuses to start with the cause and the fix instead of an ImportError."""
+    import types
+
+    from mpa.otel_export import OTEL_PROTO_FIX, otel_proto_problem
+
+    assert otel_proto_problem() is None  # what .ci/run installs
+    old = types.SimpleNamespace(__file__="/site/opentelemetry/proto/common/v1/common_pb2.py",
+                                InstrumentationLibrary=object)
+    problem = otel_proto_problem(old)
+    assert problem is not None and "without InstrumentationScope" in problem and "xds-protos" in problem
+    assert OTEL_PROTO_FIX in problem
