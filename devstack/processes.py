@@ -67,7 +67,7 @@ def free_port() -> int:
                 held.append(s)
                 s.bind(("127.0.0.1", 0))
                 port: int = s.getsockname()[1]
-                if port not in _handed_out and port % count == index:
+                if port not in _handed_out and (port >> 1) % count == index:  # bind(0) prefers odd ports
                     _handed_out.add(port)
                     return port
     finally:
