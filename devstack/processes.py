@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -39,11 +40,40 @@ GATEWAY_YAML = _gateway_yaml()
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 
 
+#: Ports this process handed out: two calls before either port is bound would otherwise
+#: often get the same one (the kernel hands a just-released port out again).
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def _port_share() -> tuple[int, int]:
+    """(index, count) of this pytest-xdist worker (inherited by the processes it starts), so
+    workers never pick the same port; (0, 1) outside xdist."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 0:
+        return int(worker[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, not handed out before by
+    this process, and (under pytest-xdist) in this worker's share of the ports."""
+    index, count = _port_share()
+    held: list[socket.socket] = []  # refused ports stay bound while we look, so the kernel moves on
+    try:
+        with _handed_out_lock:
+            for _ in range(256):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", 0))
+                port: int = s.getsockname()[1]
+                if port not in _handed_out and (port >> 1) % count == index:  # bind(0) prefers odd ports
+                    _handed_out.add(port)
+                    return port
+    finally:
+        for s in held:
+            s.close()
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def envoy_binary() -> str:

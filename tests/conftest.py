@@ -14,6 +14,16 @@ PG_ENV = "RPCAUTHZ_TEST_PG_DSN"
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_state_dir(tmp_path_factory):
+    """Servers that module-scoped fixtures start (before the per-test directory below is set)
+    keep their state out of the checkout too; under pytest-xdist each worker has its own."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RPCAUTHZ_STATE_DIR", str(tmp_path_factory.mktemp("session-state")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _state_dir(tmp_path_factory, monkeypatch) -> None:
     """Each test's servers keep their state (the audit spool, on by default) in a directory

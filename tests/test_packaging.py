@@ -1,5 +1,6 @@
 """A non-editable install carries what `mpactl demo` needs outside the Python packages."""
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,7 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_ships_envoy_configs_protos_and_console_scripts(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+    # setuptools builds in the source tree (build/, *.egg-info): build a copy, not the checkout.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "artifacts", "*.db*"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(src)],
                    check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("rpcauthz-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -10,7 +10,7 @@ import pytest
 from packaging.requirements import Requirement
 
 PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
-PINNED = ("pytest", "schemathesis")
+PINNED = ("pytest", "schemathesis", "pytest-xdist")
 
 
 @pytest.mark.parametrize("name", PINNED)

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 
 
 def test_slack_down_then_slow_leaves_decisions_alone_and_posts_each_message_once(tmp_path):
-    down, slow = slack_faults(tmp_path, seconds=4)
+    down, slow = slack_faults(tmp_path, seconds=3)
     print("\n" + down.report() + "\n" + slow.report())
     for r in (down, slow):
         assert not r.unmet(), r.report()

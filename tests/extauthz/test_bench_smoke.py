@@ -1,4 +1,5 @@
-"""The gateway benchmark still runs end to end (a second per cell), so it cannot rot."""
+"""The gateway benchmarks still run end to end (half a second per cell: the table's shape is
+checked, not its numbers), so they cannot rot."""
 from __future__ import annotations
 
 import re
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.envoy, pytest.mark.slow]
 def test_gateway_bench_prints_ratios_against_same_run_baselines():
     assert shutil.which("h2load"), "h2load (nghttp2-client) must be installed"
     r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gateway_bench.py"),
-                        "--duration", "1", "--warmup", "0.2", "--concurrency", "1", "4"],
+                        "--duration", "0.5", "--warmup", "0.1", "--concurrency", "1", "4"],
                        capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [ln for ln in r.stdout.splitlines() if re.match(r"\| (baseline|noop|rpcauthz) \| \d+ \|", ln)]

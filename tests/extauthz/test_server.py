@@ -27,7 +27,9 @@ from tests.support.gateway_harness import ACCOUNTS, seed_grants
 
 PATH = f"/{ACCOUNTS}/ListAccounts"
 #: Subprocess environment with /metrics off, so the default metrics port is never contended.
-NO_METRICS = {**os.environ, "RPCAUTHZ_METRICS__PORT": "null"}
+def no_metrics() -> dict[str, str]:
+    """This test's environment (read now: its state dir is per test) without the metrics listener."""
+    return {**os.environ, "RPCAUTHZ_METRICS__PORT": "null"}
 
 
 async def test_drain_finishes_in_flight_checks_and_reports_not_serving():
@@ -158,7 +160,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         port = s.getsockname()[1]
         r = subprocess.run([sys.executable, "-m", "mpactl.app", "serve", "--store",
                             f"sqlite:///{tmp_path / 's.db'}", "--port", str(port)],
-                           capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=NO_METRICS)
+                           capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=no_metrics())
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
 
@@ -166,7 +168,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 def test_unreachable_store_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mpactl.app", "serve", "--port", "0", "--store",
                         f"postgresql://postgres@127.0.0.1:{free_port()}/x?connect_timeout=2"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=NO_METRICS)
+                       capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=no_metrics())
     assert r.returncode == 1 and "cannot open the store" in r.stderr, r.stderr
 
 

@@ -50,7 +50,13 @@ async def running(settings):
     task = asyncio.create_task(serve(settings, components=comps, stop=stop, install_signal_handlers=False,
                                      on_ready=ready.set_result))
     try:
-        await asyncio.wait_for(asyncio.shield(ready), 10)
+        # Ready, or the server's start failed (then its error surfaces now, not after 10 s).
+        done, _ = await asyncio.wait({ready, task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            if task in done:
+                task.result()
+                raise RuntimeError("serve() returned before it was ready")
+            raise TimeoutError("the server was not ready within 10 s")
         yield store
     finally:
         stop.set()

@@ -9,6 +9,7 @@ those against the store).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import grpc
 
@@ -95,3 +96,19 @@ class MixedLoad:
     def unexpected_after(self, t: float, names: list[str] | None = None) -> int:
         return sum(1 for c in self.callers if names is None or c.name in names
                    for _, code in self.loads[c.name].between(t) if code is not _EXPECTED[c.expect])
+
+    def wait_expected(self, since: float, within: float, *, names: list[str] | None = None,
+                      steady_s: float = 1.0) -> bool:
+        """Poll until every caller (of ``names``) got answers in the last ``steady_s`` and all
+        answers since then and since ``since`` were the expected ones; False after ``within``
+        seconds (the scenario's goals then tell what did not come back)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            recent = time.monotonic() - steady_s
+            if recent <= since:
+                continue
+            if self.unexpected_after(recent, names) == 0 and all(
+                    self.loads[c.name].between(recent) for c in self.callers if names is None or c.name in names):
+                return True
+        return False

@@ -50,7 +50,7 @@ def reflection_faults(workdir: pathlib.Path, *, seconds: float = 6.0) -> list[Sc
                 Caller(LEDGER_CALLERS[2], POST_ENTRY, gw.token(ENGINEER), DENY, pause=0.02),
             ])
             with load:
-                time.sleep(2.0)
+                load.wait_expected(time.monotonic(), within=20.0)  # the cache holds Ledger's answer
                 for name, break_it in (("hung", relay.hang),
                                        ("returning garbage", lambda: relay.retarget("127.0.0.1", garbage.port))):
                     start = time.monotonic()
@@ -59,7 +59,8 @@ def reflection_faults(workdir: pathlib.Path, *, seconds: float = 6.0) -> list[Sc
                     relay.resume()
                     relay.retarget("127.0.0.1", ledger_port)
                     end = time.monotonic()
-                    time.sleep(4.0)
+                    # Until Ledger answers as before for a second (the goal allows 5 s to get there).
+                    load.wait_expected(end, within=7.0, names=LEDGER_CALLERS)
                     results.append(_judge(f"reflection endpoint {name} {seconds:g} s", load, start, end,
                                           time.monotonic()))
     finally:

@@ -60,13 +60,15 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float) -
                                    "audit.replay_interval_s": 0.5}) as gw:
         load = MixedLoad(gw.gateway, mixed_callers(gw))
         with load:
-            time.sleep(2.0)
+            # Every caller answered as expected for a second (the approval fetched, the grants
+            # loaded) before the fault.
+            load.wait_expected(time.monotonic(), within=20.0)
             fault_start = time.monotonic()
             proxy.stop() if how == "unreachable" else proxy.hang()
             time.sleep(seconds)
             proxy.start() if how == "unreachable" else proxy.resume()
             fault_end = time.monotonic()
-            _wait_back(load, fault_end, within=20.0)
+            load.wait_expected(fault_end, within=20.0)
             time.sleep(2.0)
         decided = decisions_answered(gw, load.calls())
         audit = tally(decided, pg_dsn)
@@ -97,13 +99,3 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float) -
     result.goal(USES_MATCH, spent == passed, f"{spent} spent, {passed} passed")
     return result
 
-
-def _wait_back(load: MixedLoad, since: float, within: float) -> None:
-    """Until every caller got its expected answer for a second (or ``within`` passes)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        recent = time.monotonic() - 1.0
-        if recent > since and load.unexpected_after(recent) == 0 and load.results() and \
-                load.results()[-1][0] > recent:
-            return
