@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from envoy.extensions.matching.input_matchers.metadata.v3 import metadata_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,8 @@ def test_engineers_and_contributors_are_allowed_exactly_as_decide_says() -> None
     assert shadow_allows(rb, "eng", "/a.v1.S/Open?x=1") is None        # ext_authz refuses queries
     assert shadow_allows(rb, None, "/a.v1.S/Open") is None             # no verified principal
     assert not rb.HasField("rules") and rb.shadow_rules_stat_prefix == "rpcauthz_fast_"
+    for claim in (123, ["eng"], {"sub": "eng"}, True):                   # a claim that is no string
+        assert shadow_allows(rb, claim, "/a.v1.S/Open") is None
     assert (c.engineers, c.engineer_paths, c.contributor_services) == (2, 1, 1)
 
 
@@ -115,17 +118,52 @@ def test_regex_metacharacters_in_principals_are_literal() -> None:
     assert re2_escape("a.b/c") == "a\\.b/c"
 
 
+def _claim_regexes(pred) -> list[str]:
+    """The RE2 patterns of a compiled claim predicate (one, or an or_matcher of chunks)."""
+    singles = list(pred.or_matcher.predicate) if pred.HasField("or_matcher") else [pred]
+    out = []
+    for p in singles:
+        m = metadata_pb2.Metadata()
+        assert p.single_predicate.custom_match.typed_config.Unpack(m)
+        out.append(m.value.string_match.safe_regex.regex)
+    return out
+
+
 def test_large_sets_are_split_into_bounded_regexes_that_still_match() -> None:
     m = modes(a_v1_S={"Open": EWA})
     people = [f"engineer-{i:05d}@example.com" for i in range(3000)]
     c = compiled(m, [Grant(p, Role.ENGINEER) for p in people], max_regex_chars=10_000)
-    pol = c.rbac.shadow_rules.policies["v7/engineers"]
-    assert len(pol.principals) > 5
-    assert all(len(p.sourced_metadata.metadata_matcher.value.string_match.safe_regex.regex) < 10_100
-               for p in pol.principals)
+    top = c.rbac.shadow_matcher.matcher_list.matchers[0].predicate.and_matcher.predicate
+    regexes = _claim_regexes(top[1])
+    assert len(regexes) > 5 and all(len(r) < 10_100 for r in regexes)
     for p in (people[0], people[1234], people[-1]):
         assert shadow_allows(c.rbac, p, "/a.v1.S/Open")
     assert shadow_allows(c.rbac, "engineer-99999@example.com", "/a.v1.S/Open") is None
+
+
+def test_the_path_is_one_exact_lookup_and_contributors_a_nested_predicate() -> None:
+    """The shape Envoy evaluates per call: POST and the claim in the engineers' alternation,
+    then a hash lookup of :path; a contributors-mode path adds one predicate on the claim."""
+    m = modes(a_v1_S={"Open": EWA, "Team": CWA}, b_v1_T={"Open": EWA})
+    c = compiled(m, [Grant("eng", Role.ENGINEER), Grant("dev", Role.ENGINEER),
+                     Grant("dev", Role.CONTRIBUTOR, "a.v1.S")])
+    [first] = c.rbac.shadow_matcher.matcher_list.matchers
+    table = first.on_match.matcher.matcher_tree.exact_match_map.map
+    assert sorted(table) == ["/a.v1.S/Open", "/a.v1.S/Team", "/b.v1.T/Open"]
+    assert table["/a.v1.S/Open"].HasField("action")
+    [nested] = table["/a.v1.S/Team"].matcher.matcher_list.matchers
+    assert _claim_regexes(nested.predicate) == ["dev"]
+
+
+def test_only_contributors_mode_paths_still_require_an_engineer_grant() -> None:
+    m = modes(a_v1_S={"Team": CWA})
+    c = compiled(m, [Grant("eng", Role.ENGINEER), Grant("dev", Role.ENGINEER),
+                     Grant("dev", Role.CONTRIBUTOR, "a.v1.S"), Grant("solo", Role.CONTRIBUTOR, "a.v1.S")])
+    assert shadow_allows(c.rbac, "dev", "/a.v1.S/Team") == "v7/contributors"
+    assert shadow_allows(c.rbac, "eng", "/a.v1.S/Team") is None
+    assert shadow_allows(c.rbac, "solo", "/a.v1.S/Team") is None
+    top = c.rbac.shadow_matcher.matcher_list.matchers[0].predicate.and_matcher.predicate
+    assert _claim_regexes(top[1]) == ["dev"]           # only who can be allowed somewhere
 
 
 def test_nothing_to_allow_is_the_empty_policy() -> None:
@@ -141,10 +179,14 @@ def test_bad_arguments_are_refused_with_a_reason() -> None:
 
 
 def test_the_identity_claim_location_is_configurable() -> None:
-    c = compiled(modes(a_v1_S={"Open": EWA}), [Grant("eng", Role.ENGINEER)],
-                 identity=IdentitySource("my.jwt", "payload", "email"))
-    m = c.rbac.shadow_rules.policies["v7/engineers"].principals[0].sourced_metadata.metadata_matcher
-    assert m.filter == "my.jwt" and [s.key for s in m.path] == ["payload", "email"]
+    ident = IdentitySource("my.jwt", "payload", "email")
+    c = compiled(modes(a_v1_S={"Open": EWA, "Team": CWA}),
+                 [Grant("bob@corp", Role.ENGINEER), Grant("bob@corp", Role.CONTRIBUTOR, "a.v1.S")], identity=ident)
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Open", identity=ident) == "v7/engineers"
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", identity=ident) == "v7/contributors"
+    # The same name under jwt_authn's default sub claim is not the configured identity.
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Open") is None
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team") is None
 
 
 # --- the property: whatever the fast path allows, decide() allows ---------------------------
@@ -201,13 +243,3 @@ def test_fast_path_allows_are_decide_allows_until_the_recompile(world, later_s: 
                 at_now = policy.decide(p, Target(s, meth), mode, gs, (), NOW + H + timedelta(seconds=1))
                 if at_now.outcome is Outcome.ALLOW and s not in dry:
                     assert allowed
-
-
-def test_a_gateway_keyed_on_another_claim_never_matches_the_contributors_policy() -> None:
-    """The key header names its claim (``sub=...``): a gateway rendered for ``sub`` in front of
-    a server that identifies callers by ``email`` fails closed, even if a sub equals an email."""
-    m = modes(a_v1_S={"Team": CWA})
-    c = compiled(m, [Grant("bob@corp", Role.ENGINEER), Grant("bob@corp", Role.CONTRIBUTOR, "a.v1.S")],
-                 identity=IdentitySource(claim="email"))
-    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="email") == "v7/contributors"
-    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="sub") is None
