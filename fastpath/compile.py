@@ -204,16 +204,18 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         elif g.role is Role.CONTRIBUTOR and g.service in contributor_methods:
             contributors.setdefault(g.service, {})[g.principal] = g.expires_at
 
-    by_path: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+    eng_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     expiries: list[datetime] = []
     if engineers and engineer_paths:
         allow = _allow(f"v{version}/engineers")
         for path in engineer_paths:
-            by_path[path] = allow
-    # Contributors of a service must hold an engineer grant too (decide()'s rule); the
-    # engineers' predicate ahead of the path lookup already requires it, the intersection
-    # keeps each service's alternation (and recompile_at) to the callers it can allow.
-    services_in = 0
+            eng_map[path] = allow
+        expiries += [e for e in engineers.values() if e is not None]
+    # Contributors: per service (its "/service/" prefix) one predicate on the claim, then the
+    # service's contributors-mode methods. Contributors must hold an engineer grant too
+    # (decide()'s rule): the engineers' predicate ahead of everything already requires it;
+    # the intersection keeps each alternation (and recompile_at) to whom it can allow.
+    svc_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     contributor_principals = 0
     contributing: set[str] = set()
     for service, methods in contributor_methods.items():
@@ -221,31 +223,29 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
                if p in engineers}
         if not who:
             continue
-        services_in += 1
         contributor_principals += len(who)
         contributing.update(who)
-        nested = matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
+        allow = _allow(f"v{version}/contributors")
+        methods_tree = _path_tree(exact={f"/{service}/{m}": allow for m in methods})
+        svc_map[f"/{service}/"] = matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
             matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[matcher_pb2.Matcher.MatcherList.FieldMatcher(
                 predicate=_claim_in(identity, who, max_regex_chars),
-                on_match=_allow(f"v{version}/contributors"))])))
-        for method in methods:
-            by_path[f"/{service}/{method}"] = nested
+                on_match=matcher_pb2.Matcher.OnMatch(matcher=methods_tree))])))
         expiries += [e for e in who.values() if e is not None]
-    # Who passes the first predicate: every engineer if an engineers-mode path is in,
-    # else only the contributors above (their expiries are already counted).
-    callers = set(engineers) if engineers and engineer_paths else contributing
-    if engineers and engineer_paths:
-        expiries += [e for e in engineers.values() if e is not None]
 
     rbac = empty_policy()
-    if by_path:
-        tree = matcher_pb2.Matcher(matcher_tree=matcher_pb2.Matcher.MatcherTree(
-            input=_header_input(":path"),
-            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=by_path)))
+    if eng_map or svc_map:
+        # Who passes the first predicate: every engineer if an engineers-mode path is in, else
+        # only the contributors above.
+        callers = set(engineers) if eng_map else contributing
+        by_service = _path_tree(prefix=svc_map) if svc_map else None
+        paths = _path_tree(exact=eng_map) if eng_map else by_service
+        assert paths is not None
+        if eng_map and by_service is not None:  # not an engineers-mode path: try the services
+            paths.on_no_match.matcher.CopyFrom(by_service)
         first = matcher_pb2.Matcher.MatcherList.FieldMatcher(
-            predicate=_all(_header_is(":method", "POST"),
-                           _claim_in(identity, callers, max_regex_chars)),
-            on_match=matcher_pb2.Matcher.OnMatch(matcher=tree))
+            predicate=_all(_header_is(":method", "POST"), _claim_in(identity, callers, max_regex_chars)),
+            on_match=matcher_pb2.Matcher.OnMatch(matcher=paths))
         rbac.ClearField("shadow_rules")
         rbac.shadow_matcher.matcher_list.matchers.append(first)
     return CompiledPolicy(
@@ -253,7 +253,7 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         recompile_at=min(expiries) - horizon if expiries else None,
         engineer_paths=len(engineer_paths) if engineers else 0,
         engineers=len(engineers) if engineer_paths else 0,
-        contributor_services=services_in,
+        contributor_services=len(svc_map),
         contributor_principals=contributor_principals)
 
 
@@ -265,13 +265,23 @@ def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
 
 def _allow(name: str) -> matcher_pb2.Matcher.OnMatch:
     """The RBAC action ALLOW, reported as the effective policy id ``name``."""
-    config = extension_pb2.TypedExtensionConfig(name=name)
+    config = extension_pb2.TypedExtensionConfig(name="allow")
     config.typed_config.Pack(rbac_pb2.Action(name=name, action=rbac_pb2.RBAC.ALLOW))
     return matcher_pb2.Matcher.OnMatch(action=config)
 
 
+def _path_tree(*, exact: Mapping[str, matcher_pb2.Matcher.OnMatch] | None = None,
+               prefix: Mapping[str, matcher_pb2.Matcher.OnMatch] | None = None) -> matcher_pb2.Matcher:
+    """A hash (``exact``) or trie (``prefix``) lookup of ``:path``; no entry: no match."""
+    tree = matcher_pb2.Matcher.MatcherTree(input=_header_input(":path"))
+    table = tree.exact_match_map.map if exact is not None else tree.prefix_match_map.map
+    for key, on_match in (exact if exact is not None else prefix or {}).items():
+        table[key].CopyFrom(on_match)
+    return matcher_pb2.Matcher(matcher_tree=tree)
+
+
 def _header_input(header: str) -> extension_pb2.TypedExtensionConfig:
-    config = extension_pb2.TypedExtensionConfig(name=f"request-header {header}")
+    config = extension_pb2.TypedExtensionConfig(name=header)
     config.typed_config.Pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=header))
     return config
 
@@ -291,14 +301,14 @@ def _claim_in(identity: IdentitySource, who: Iterable[str], max_chars: int
               ) -> matcher_pb2.Matcher.MatcherList.Predicate:
     """The verified claim (a string) is one of ``who``: one metadata predicate per regex chunk,
     ORed."""
-    claim = extension_pb2.TypedExtensionConfig(name="verified claim")
+    claim = extension_pb2.TypedExtensionConfig(name="claim")
     claim.typed_config.Pack(network_inputs_pb2.DynamicMetadataInput(
         filter=identity.namespace,
         path=[network_inputs_pb2.DynamicMetadataInput.PathSegment(key=identity.payload_key),
               network_inputs_pb2.DynamicMetadataInput.PathSegment(key=identity.claim)]))
     predicates = []
     for pattern in alternations(who, max_chars):
-        matcher = extension_pb2.TypedExtensionConfig(name="envoy.matching.matchers.metadata_matcher")
+        matcher = extension_pb2.TypedExtensionConfig(name="in")
         matcher.typed_config.Pack(metadata_matcher_pb2.Metadata(value=value_pb2.ValueMatcher(
             string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=pattern)))))
         predicates.append(matcher_pb2.Matcher.MatcherList.Predicate(

@@ -141,18 +141,27 @@ def test_large_sets_are_split_into_bounded_regexes_that_still_match() -> None:
     assert shadow_allows(c.rbac, "engineer-99999@example.com", "/a.v1.S/Open") is None
 
 
-def test_the_path_is_one_exact_lookup_and_contributors_a_nested_predicate() -> None:
+def test_the_path_is_one_exact_lookup_and_contributors_one_predicate_per_service() -> None:
     """The shape Envoy evaluates per call: POST and the claim in the engineers' alternation,
-    then a hash lookup of :path; a contributors-mode path adds one predicate on the claim."""
-    m = modes(a_v1_S={"Open": EWA, "Team": CWA}, b_v1_T={"Open": EWA})
+    then a hash lookup of :path; a contributors-mode path, not in it, finds its service's
+    "/service/" prefix, one predicate on the claim, then a hash lookup of the service's methods."""
+    m = modes(a_v1_S={"Open": EWA, "Team": CWA, "Crew": CWA}, b_v1_T={"Open": EWA})
     c = compiled(m, [Grant("eng", Role.ENGINEER), Grant("dev", Role.ENGINEER),
                      Grant("dev", Role.CONTRIBUTOR, "a.v1.S")])
     [first] = c.rbac.shadow_matcher.matcher_list.matchers
-    table = first.on_match.matcher.matcher_tree.exact_match_map.map
-    assert sorted(table) == ["/a.v1.S/Open", "/a.v1.S/Team", "/b.v1.T/Open"]
-    assert table["/a.v1.S/Open"].HasField("action")
-    [nested] = table["/a.v1.S/Team"].matcher.matcher_list.matchers
-    assert _claim_regexes(nested.predicate) == ["dev"]
+    paths = first.on_match.matcher
+    assert sorted(paths.matcher_tree.exact_match_map.map) == ["/a.v1.S/Open", "/b.v1.T/Open"]
+    services = paths.on_no_match.matcher.matcher_tree.prefix_match_map.map
+    assert sorted(services) == ["/a.v1.S/"]
+    [per_service] = services["/a.v1.S/"].matcher.matcher_list.matchers
+    assert _claim_regexes(per_service.predicate) == ["dev"]
+    assert sorted(per_service.on_match.matcher.matcher_tree.exact_match_map.map) == ["/a.v1.S/Crew", "/a.v1.S/Team"]
+    assert shadow_allows(c.rbac, "dev", "/a.v1.S/Crew") == "v7/contributors"
+    assert shadow_allows(c.rbac, "dev", "/a.v1.S/Other") is None
+    # Only contributors-mode paths: the services' tree is the first lookup.
+    c2 = compiled(modes(a_v1_S={"Team": CWA}), [Grant("dev", Role.ENGINEER), Grant("dev", Role.CONTRIBUTOR, "a.v1.S")])
+    assert c2.rbac.shadow_matcher.matcher_list.matchers[0].on_match.matcher.matcher_tree.HasField("prefix_match_map")
+    assert shadow_allows(c2.rbac, "dev", "/a.v1.S/Team") == "v7/contributors"
 
 
 def test_only_contributors_mode_paths_still_require_an_engineer_grant() -> None:

@@ -30,7 +30,9 @@ SVC = "a.v1.S"
 #: listener name -> the claim's JSON value (None: no sub claim at all)
 CLAIMS: dict[str, Any] = {"alice": "alice", "bob": "bob", "carol": "carol", "num": 123,
                           "list": ["alice"], "obj": {"sub": "alice"}, "missing": None}
-PATHS = [f"/{SVC}/Get", f"/{SVC}/Team", f"/{SVC}/Ask", f"/{SVC}/Nope", f"/{SVC}/Get?x=1", "/b.v1.T/Get"]
+#: a.v1.ST shares a.v1.S's first characters: its contributors must not pass as a.v1.S's.
+PATHS = [f"/{SVC}/Get", f"/{SVC}/Team", f"/{SVC}/Ask", f"/{SVC}/Nope", f"/{SVC}/Get?x=1", f"/{SVC}/Team/x",
+         "/a.v1.ST/Team", "/b.v1.T/Get"]
 
 
 def _listener(name: str, claim: Any, port: int, rbac: dict[str, Any], log: pathlib.Path) -> dict[str, Any]:
@@ -56,8 +58,10 @@ def _listener(name: str, claim: Any, port: int, rbac: dict[str, Any], log: pathl
 
 def test_the_compiled_matcher_in_envoy_allows_exactly_what_the_evaluator_says(tmp_path: pathlib.Path) -> None:
     modes = {SVC: ServiceModes(SVC, {"Get": Mode.ENGINEERS_WITHOUT_APPROVAL, "Team": Mode.CONTRIBUTORS_WITHOUT_APPROVAL,
-                                     "Ask": Mode.ENGINEERS_WITH_APPROVAL})}
+                                     "Ask": Mode.ENGINEERS_WITH_APPROVAL}),
+             "a.v1.ST": ServiceModes("a.v1.ST", {"Team": Mode.CONTRIBUTORS_WITHOUT_APPROVAL})}
     grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER), Grant("bob", Role.CONTRIBUTOR, SVC),
+              Grant("alice", Role.CONTRIBUTOR, "a.v1.ST"),
               Grant("123", Role.ENGINEER), Grant("carol", Role.CONTRIBUTOR, SVC)]
     compiled = compile_policy(modes, GrantSet(grants), datetime.now(UTC), version="9",
                               default_mode=Mode.BREAK_GLASS_ONLY)
@@ -93,7 +97,7 @@ def test_the_compiled_matcher_in_envoy_allows_exactly_what_the_evaluator_says(tm
     # Exactly these three are allowed, with the policy that allowed them.
     assert {k: v for k, v in expected.items() if v} == {
         ("alice", "POST", f"/{SVC}/Get"): "v9/engineers", ("bob", "POST", f"/{SVC}/Get"): "v9/engineers",
-        ("bob", "POST", f"/{SVC}/Team"): "v9/contributors"}
+        ("bob", "POST", f"/{SVC}/Team"): "v9/contributors", ("alice", "POST", "/a.v1.ST/Team"): "v9/contributors"}
     for name in CLAIMS:
         allowed = sum(1 for (n, _m, _p), v in expected.items() if n == name and v)
         assert stats[f"http.{name}.rbac.rpcauthz_fast_.shadow_allowed"] == allowed

@@ -2,7 +2,7 @@
 what Envoy's shadow engine would answer for (principal, method, path).
 
 The subset: ``shadow_matcher`` (xds.type.matcher.v3.Matcher) with matcher lists (single,
-and, or predicates), an exact-match tree, request-header inputs with exact string matches,
+and, or predicates), exact and prefix match trees, ``on_no_match``, request-header inputs with exact string matches,
 jwt_authn's dynamic-metadata input with the metadata input matcher (a string value, RE2
 ``safe_regex``), and RBAC ``Action`` s. Anything else fails the test (the compiler emitted
 something this evaluator, and the reasoning behind it, does not cover). A principal that is
@@ -84,15 +84,23 @@ def _on_match(o: matcher_pb2.Matcher.OnMatch, req: _Request) -> str | None:
 
 
 def _matcher(m: matcher_pb2.Matcher, req: _Request) -> str | None:
-    assert not m.HasField("on_no_match")
     if m.HasField("matcher_tree"):
-        value = req.input(m.matcher_tree.input)
-        table = m.matcher_tree.exact_match_map.map
-        return _on_match(table[value], req) if isinstance(value, str) and value in table else None
-    for fm in m.matcher_list.matchers:
-        if _predicate(fm.predicate, req):
-            return _on_match(fm.on_match, req)
-    return None
+        tree = m.matcher_tree
+        value = req.input(tree.input)
+        if tree.HasField("exact_match_map"):
+            hit = tree.exact_match_map.map[value] if isinstance(value, str) and value in tree.exact_match_map.map else None
+        else:
+            assert tree.HasField("prefix_match_map")
+            keys = [k for k in tree.prefix_match_map.map if isinstance(value, str) and value.startswith(k)]
+            assert len(keys) <= 1, keys  # the compiler's prefixes ("/service/") never nest
+            hit = tree.prefix_match_map.map[keys[0]] if keys else None
+        if hit is not None:
+            return _on_match(hit, req)
+    else:
+        for fm in m.matcher_list.matchers:
+            if _predicate(fm.predicate, req):
+                return _on_match(fm.on_match, req)
+    return _on_match(m.on_no_match, req) if m.HasField("on_no_match") else None
 
 
 def shadow_allows(rbac: http_rbac_pb2.RBAC, principal: object, path: str, method: str = "POST",
