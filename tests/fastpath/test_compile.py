@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import policy
-from fastpath.compile import IdentitySource, compile_policy, empty_policy, re2_escape
+from fastpath.compile import MAX_EXACT_NAMES, IdentitySource, compile_policy, empty_policy, re2_escape
 from policy import Grant, GrantSet, Mode, Outcome, Role, Target
 from reflection_cache.types import ServiceModes
 from tests.support.fastpath_rbac import shadow_allows
@@ -108,12 +108,18 @@ def test_principals_and_paths_ext_authz_would_refuse_are_left_out() -> None:
     assert c.engineers == 1
 
 
-def test_regex_metacharacters_in_principals_are_literal() -> None:
+@pytest.mark.parametrize("others", [0, MAX_EXACT_NAMES])  # exact matches; an RE2 alternation
+def test_regex_metacharacters_in_principals_are_literal(others: int) -> None:
     m = modes(a_v1_S={"Open": EWA})
-    c = compiled(m, [Grant("a.b+c@x(y)|z", Role.ENGINEER), Grant("jörg", Role.ENGINEER)])
+    c = compiled(m, [Grant("a.b+c@x(y)|z", Role.ENGINEER), Grant("jörg", Role.ENGINEER)]
+                 + [Grant(f"p{i}", Role.ENGINEER) for i in range(others)])
+    top = c.rbac.shadow_matcher.matcher_list.matchers[0].predicate.and_matcher.predicate[1]
+    value = metadata_pb2.Metadata()
+    assert top.single_predicate.custom_match.typed_config.Unpack(value)
+    assert value.value.HasField("or_match") is (others == 0)
     assert shadow_allows(c.rbac, "a.b+c@x(y)|z", "/a.v1.S/Open")
     assert shadow_allows(c.rbac, "jörg", "/a.v1.S/Open")
-    for near in ("aXb+c@x(y)|z", "z", "a.b+c@x(y)", "jorg"):
+    for near in ("aXb+c@x(y)|z", "z", "a.b+c@x(y)", "jorg", "a.b+c@x(y)|zz"):
         assert shadow_allows(c.rbac, near, "/a.v1.S/Open") is None
     assert re2_escape("a.b/c") == "a\\.b/c"
 
@@ -125,7 +131,10 @@ def _claim_regexes(pred) -> list[str]:
     for p in singles:
         m = metadata_pb2.Metadata()
         assert p.single_predicate.custom_match.typed_config.Unpack(m)
-        out.append(m.value.string_match.safe_regex.regex)
+        if m.value.HasField("or_match"):
+            out.append("|".join(v.string_match.exact for v in m.value.or_match.value_matchers))
+        else:
+            out.append(m.value.string_match.safe_regex.regex or m.value.string_match.exact)
     return out
 
 

@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import json_format
 
 from devstack.processes import EnvoyProcess, free_port
-from fastpath.compile import RESOURCE_NAME, compile_policy
+from fastpath.compile import MAX_EXACT_NAMES, RESOURCE_NAME, compile_policy
 from fastpath.envoy_config import ACCESS_LOG_FIELDS, RE2_MAX_PROGRAM_SIZE
 from policy import Grant, GrantSet, Mode, Role
 from reflection_cache.types import ServiceModes
@@ -63,6 +63,8 @@ def test_the_compiled_matcher_in_envoy_allows_exactly_what_the_evaluator_says(tm
     grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER), Grant("bob", Role.CONTRIBUTOR, SVC),
               Grant("alice", Role.CONTRIBUTOR, "a.v1.ST"),
               Grant("123", Role.ENGINEER), Grant("carol", Role.CONTRIBUTOR, SVC)]
+    # Enough engineers for an RE2 alternation; each service's contributors are exact matches.
+    grants += [Grant(f"filler-{i}", Role.ENGINEER) for i in range(MAX_EXACT_NAMES)]
     compiled = compile_policy(modes, GrantSet(grants), datetime.now(UTC), version="9",
                               default_mode=Mode.BREAK_GLASS_ONLY)
     rbac = json.loads(json_format.MessageToJson(compiled.rbac))

@@ -3,8 +3,8 @@ what Envoy's shadow engine would answer for (principal, method, path).
 
 The subset: ``shadow_matcher`` (xds.type.matcher.v3.Matcher) with matcher lists (single,
 and, or predicates), exact and prefix match trees, ``on_no_match``, request-header inputs with exact string matches,
-jwt_authn's dynamic-metadata input with the metadata input matcher (a string value, RE2
-``safe_regex``), and RBAC ``Action`` s. Anything else fails the test (the compiler emitted
+jwt_authn's dynamic-metadata input with the metadata input matcher (a string value: exact,
+an or of exact ones, or RE2 ``safe_regex``), and RBAC ``Action`` s. Anything else fails the test (the compiler emitted
 something this evaluator, and the reasoning behind it, does not cover). A principal that is
 not a string (``int``, ``list``, ``None`` for a missing claim) never matches a string value.
 """
@@ -16,7 +16,7 @@ from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
 from envoy.extensions.matching.input_matchers.metadata.v3 import metadata_pb2
-from envoy.type.matcher.v3 import http_inputs_pb2, string_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2, string_pb2, value_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from fastpath.compile import JWT_SUB, IdentitySource
@@ -72,7 +72,14 @@ def _predicate(p: Pred, req: _Request) -> bool:
     m = metadata_pb2.Metadata()
     assert single.custom_match.typed_config.Unpack(m), single.custom_match.typed_config.type_url
     assert not m.invert
-    return _string(m.value.string_match, value)
+    return _value(m.value, value)
+
+
+def _value(m: value_pb2.ValueMatcher, value: object) -> bool:
+    if m.HasField("or_match"):
+        return any(_value(v, value) for v in m.or_match.value_matchers)
+    assert m.HasField("string_match"), m
+    return _string(m.string_match, value)
 
 
 def _on_match(o: matcher_pb2.Matcher.OnMatch, req: _Request) -> str | None:
