@@ -64,14 +64,18 @@ def test_the_compiled_matcher_in_envoy_allows_exactly_what_the_evaluator_says(tm
               Grant("alice", Role.CONTRIBUTOR, "a.v1.ST"),
               Grant("123", Role.ENGINEER), Grant("carol", Role.CONTRIBUTOR, SVC)]
     # Enough engineers for an RE2 alternation; each service's contributors are exact matches.
-    grants += [Grant(f"filler-{i}", Role.ENGINEER) for i in range(MAX_EXACT_NAMES)]
+    grants += [Grant(f"filler-{i}", Role.ENGINEER) for i in range(MAX_EXACT_NAMES)] + [Grant("dave", Role.CONTRIBUTOR, SVC), Grant("dave", Role.ENGINEER)]
     compiled = compile_policy(modes, GrantSet(grants), datetime.now(UTC), version="9",
                               default_mode=Mode.BREAK_GLASS_ONLY)
     rbac = json.loads(json_format.MessageToJson(compiled.rbac))
     rbac["@type"] = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
     log = tmp_path / "access.log"
-    ports = {name: free_port() for name in CLAIMS}
-    cfg = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
+    taken: set[int] = set()
+    while len(taken) < len(CLAIMS) + 1:  # free_port() may hand out a port twice
+        taken.add(free_port())
+    admin, *rest = sorted(taken)
+    ports = dict(zip(CLAIMS, rest, strict=False))
+    cfg = {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
            "layered_runtime": {"layers": [{"name": "re2", "static_layer": {
                "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE}}]},
            "static_resources": {"listeners": [_listener(n, c, ports[n], rbac, log) for n, c in CLAIMS.items()]}}
