@@ -21,11 +21,11 @@ The config is the RBAC filter's ``shadow_matcher`` (the unified matcher API,
 of principals and paths and needs nothing but the request's ``:method``, ``:path`` and the
 verified claim in jwt_authn's dynamic metadata (no header built for it)::
 
-    :method == POST  AND  claim in ENGINEERS          (one RE2 alternation, or a few chunks)
-      -> :path, exact (a hash map):
-           /svc/Method  (ENGINEERS_WITHOUT_APPROVAL)     -> ALLOW "v<n>/engineers"
-           /svc/Method  (CONTRIBUTORS_WITHOUT_APPROVAL)  -> claim in CONTRIBUTORS(svc)
-                                                             -> ALLOW "v<n>/contributors"
+    :method == POST  AND  claim in ENGINEERS      (RE2 alternations; up to 16 names: exact)
+      -> :path in a hash map of the ENGINEERS_WITHOUT_APPROVAL paths -> ALLOW "v<n>/engineers"
+      -> else its "/service/" prefix in a trie of the services with CONTRIBUTORS_WITHOUT_APPROVAL
+         methods -> claim in CONTRIBUTORS(service) -> :path in a hash map of those methods
+         -> ALLOW "v<n>/contributors"
     anything else: no match -> the shadow result is "denied" -> ext_authz
 
 The claim is matched as a string value (``envoy.matching.matchers.metadata_matcher``): a
