@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
               "through the access log")
         print(render(median_cells(rounds, ORDER)))
         print()
+        print(spread(rounds))
+        print()
         print(cpu_table(cpu))
         print()
         print(audit_line([envoys["fast"], envoys["fast_16k"]], ours))
@@ -272,6 +274,27 @@ def render(cells: list[Cell]) -> str:
                    f"{fast.p50_ms / base.p50_ms:.2f}x p50 of the baseline (goal >= 0.9x, <= 1.15x: "
                    f"{'met' if met else 'NOT met'}); calls that still need ext_authz "
                    f"{den.rps / today_den.rps:.2f}x throughput, {den.p50_ms / today_den.p50_ms:.2f}x p50 of today's")
+    return "\n".join(out)
+
+
+def spread(rounds: list[list[Cell]]) -> str:
+    """The goal's ratios round by round (each against the same round's cell): the median and
+    the range, so a difference can be told from the machine's noise."""
+    pairs = [("fast_allow", "baseline"), ("fast_no_audit", "baseline"), ("fast_allow", "fast_no_audit"),
+             ("fast_denied", "today_denied")]
+    out = ["| ratio (per round) | concurrency | throughput: median [min-max] | p50: median [min-max] |",
+           "|---|---:|---:|---:|"]
+    for conc in sorted({c.concurrency for r in rounds for c in r}):
+        for a, b in pairs:
+            tps, p50s = [], []
+            for r in rounds:
+                by = {c.scenario: c for c in r if c.concurrency == conc}
+                if a in by and b in by and by[b].rps and by[b].p50_ms:
+                    tps.append(by[a].rps / by[b].rps)
+                    p50s.append(by[a].p50_ms / by[b].p50_ms)
+            if tps:
+                out.append(f"| {a} / {b} | {conc} | {statistics.median(tps):.2f}x [{min(tps):.2f}-{max(tps):.2f}] "
+                           f"| {statistics.median(p50s):.2f}x [{min(p50s):.2f}-{max(p50s):.2f}] |")
     return "\n".join(out)
 
 

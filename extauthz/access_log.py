@@ -1,6 +1,6 @@
 """The audit of Envoy's fast path (issue 12): allows Envoy decided without a Check.
 
-With ``fast_path.enabled``, Envoy's RBAC filter (shadow rules, metadata namespace
+With ``fast_path.enabled``, Envoy's RBAC filter (shadow mode, metadata namespace
 ``envoy.filters.http.rbac``) decides plain allows itself and ext_authz never sees them. Envoy
 streams each such call to this server over its gRPC access log service (ALS,
 ``envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs``, an ``http_grpc`` access log

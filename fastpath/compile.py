@@ -1,4 +1,4 @@
-"""The fast-path compiler: modes + grants -> Envoy's RBAC filter config (shadow rules only).
+"""The fast-path compiler: modes + grants -> Envoy's RBAC filter config (a shadow matcher only).
 
 A pure function of its arguments (no clock, no store, no network). It mirrors the two
 branches of ``policy.decide()`` that allow from grants and mode alone:
@@ -16,11 +16,20 @@ makes the horizon cover the resource TTL plus push time). ``CompiledPolicy.recom
 is the moment the policy must be replaced because an included grant is about to reach the
 horizon; until then every allow in it is also an allow of ``decide()``.
 
-Per-request cost in Envoy stays flat in the number of principals and paths: each set is
-one RE2 alternation (``safe_regex``, split in chunks of at most ``max_regex_chars``), not a
-list of thousands of matchers. Contributors of every service are one policy: a regex over
-the header ``x-rpcauthz-fast-key`` (``:path SP principal``, set by Envoy, see
-``envoy_config``) whose alternatives are ``/service/(methods) (contributors)``.
+The config is the RBAC filter's ``shadow_matcher`` (the unified matcher API,
+``xds.type.matcher.v3.Matcher``), so the per-request cost in Envoy stays flat in the number
+of principals and paths and needs nothing but the request's ``:method``, ``:path`` and the
+verified claim in jwt_authn's dynamic metadata (no header built for it)::
+
+    :method == POST  AND  claim in ENGINEERS      (RE2 alternations; up to 16 names: exact)
+      -> :path in a hash map of the ENGINEERS_WITHOUT_APPROVAL paths -> ALLOW "v<n>/engineers"
+      -> else its "/service/" prefix in a trie of the services with CONTRIBUTORS_WITHOUT_APPROVAL
+         methods -> claim in CONTRIBUTORS(service) -> :path in a hash map of those methods
+         -> ALLOW "v<n>/contributors"
+    anything else: no match -> the shadow result is "denied" -> ext_authz
+
+The claim is matched as a string value (``envoy.matching.matchers.metadata_matcher``): a
+number, a list or a missing claim never matches.
 """
 from __future__ import annotations
 
@@ -30,9 +39,13 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 from envoy.config.rbac.v3 import rbac_pb2
-from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
-from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
+from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
+from envoy.extensions.matching.input_matchers.metadata.v3 import metadata_pb2 as metadata_matcher_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2, regex_pb2, string_pb2, value_pb2
+from xds.core.v3 import extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
+from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 from policy import GrantSet, Mode, Role
 from reflection_cache.types import ServiceModes
@@ -41,16 +54,6 @@ from reflection_cache.types import ServiceModes
 SHADOW_PREFIX = "rpcauthz_fast_"
 #: The ECDS resource name of the RBAC filter config.
 RESOURCE_NAME = "rpcauthz_fast_path"
-#: The request header Envoy sets (and removes before the upstream) to ``:path SP claim=principal``
-#: (``key_value``), so one regex can test "this principal contributes to this path's service"
-#: for every service. The claim's name is in the key: a gateway rendered for another claim than
-#: the server compiles for never matches (fails closed).
-KEY_HEADER = "x-rpcauthz-fast-key"
-
-
-def key_value(path: str, claim: str, principal: str) -> str:
-    """What Envoy puts in ``KEY_HEADER`` for a call (see fastpath/envoy_config.py)."""
-    return f"{path} {claim}={principal}"
 
 # The ext_authz server's own path and principal rules (extauthz/target.py, identity.py):
 # anything they would refuse is never compiled in.
@@ -95,11 +98,12 @@ class CompiledPolicy:
 
     @property
     def empty(self) -> bool:
-        return not self.rbac.shadow_rules.policies
+        """Allows nothing (the empty policy)."""
+        return not self.rbac.HasField("shadow_matcher")
 
 
 def empty_policy() -> http_rbac_pb2.RBAC:
-    """The policy with no shadow policies: Envoy's shadow result is "denied" for every call,
+    """The policy with no shadow rules: Envoy's shadow result is "denied" for every call,
     so every call goes to ext_authz (the ECDS default and what a NACK or a stale control
     plane falls back to)."""
     return http_rbac_pb2.RBAC(
@@ -163,7 +167,8 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
 
     ``modes``: what the reflection cache knows, by service; ``dry_run``: services in dry-run
     (never compiled in; a dry-run allow is audited as such by ext_authz). ``version`` names
-    the policies (``v<version>/engineers``, ``v<version>/contributors``).
+    the matcher's actions (``v<version>/engineers``, ``v<version>/contributors``), which
+    Envoy reports as the shadow effective policy id.
     """
     if horizon < timedelta(0):
         raise ValueError(f"horizon must not be negative, got {horizon}")
@@ -199,47 +204,56 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         elif g.role is Role.CONTRIBUTOR and g.service in contributor_methods:
             contributors.setdefault(g.service, {})[g.principal] = g.expires_at
 
+    eng_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     expiries: list[datetime] = []
-    policies: dict[str, rbac_pb2.Policy] = {}
-    if engineer_paths and engineers:
-        policies[f"v{version}/engineers"] = _policy(
-            _and(_post(), _any_regex(":path", alternations(engineer_paths, max_regex_chars))),
-            _principal(identity, engineers, max_regex_chars))
+    if engineers and engineer_paths:
+        allow = _allow(f"v{version}/engineers")
+        for path in engineer_paths:
+            eng_map[path] = allow
         expiries += [e for e in engineers.values() if e is not None]
-    # Contributors: one policy for every service, flat in their number. Its key is the header
-    # Envoy builds before RBAC (``KEY_HEADER``: ":path SP claim=principal", see key_value());
-    # the path must also be one of the compiled paths exactly, so the split is unambiguous.
-    keys: list[str] = []
-    paths: list[str] = []
-    services_in = 0
+    # Contributors: per service (its "/service/" prefix) one predicate on the claim, then the
+    # service's contributors-mode methods. Contributors must hold an engineer grant too
+    # (decide()'s rule): the engineers' predicate ahead of everything already requires it;
+    # the intersection keeps each alternation (and recompile_at) to whom it can allow.
+    svc_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     contributor_principals = 0
+    contributing: set[str] = set()
     for service, methods in contributor_methods.items():
         who = {p: _earliest(exp, engineers[p]) for p, exp in contributors.get(service, {}).items()
                if p in engineers}
         if not who:
             continue
-        services_in += 1
         contributor_principals += len(who)
-        path = re2_escape(f"/{service}/") + current_pattern([re2_escape(m) for m in methods])
-        paths.append(path)
-        keys.append(path + " " + re2_escape(identity.claim + "=")
-                    + current_pattern([re2_escape(p) for p in sorted(who)]))
+        contributing.update(who)
+        allow = _allow(f"v{version}/contributors")
+        methods_tree = _path_tree(exact={f"/{service}/{m}": allow for m in methods})
+        svc_map[f"/{service}/"] = matcher_pb2.Matcher.OnMatch(matcher=matcher_pb2.Matcher(
+            matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[matcher_pb2.Matcher.MatcherList.FieldMatcher(
+                predicate=_claim_in(identity, who, max_regex_chars),
+                on_match=matcher_pb2.Matcher.OnMatch(matcher=methods_tree))])))
         expiries += [e for e in who.values() if e is not None]
-    if keys:
-        policies[f"v{version}/contributors"] = _policy(
-            _and(_post(), _any_regex(":path", _joined(paths, max_regex_chars)),
-                 _any_regex(KEY_HEADER, _joined(keys, max_regex_chars))),
-            [_verified(identity)])
 
     rbac = empty_policy()
-    for name, pol in policies.items():
-        rbac.shadow_rules.policies[name].CopyFrom(pol)
+    if eng_map or svc_map:
+        # Who passes the first predicate: every engineer if an engineers-mode path is in, else
+        # only the contributors above.
+        callers = set(engineers) if eng_map else contributing
+        by_service = _path_tree(prefix=svc_map) if svc_map else None
+        paths = _path_tree(exact=eng_map) if eng_map else by_service
+        assert paths is not None
+        if eng_map and by_service is not None:  # not an engineers-mode path: try the services
+            paths.on_no_match.matcher.CopyFrom(by_service)
+        first = matcher_pb2.Matcher.MatcherList.FieldMatcher(
+            predicate=_all(_header_is(":method", "POST"), _claim_in(identity, callers, max_regex_chars)),
+            on_match=matcher_pb2.Matcher.OnMatch(matcher=paths))
+        rbac.ClearField("shadow_rules")
+        rbac.shadow_matcher.matcher_list.matchers.append(first)
     return CompiledPolicy(
         rbac=rbac, version=version,
         recompile_at=min(expiries) - horizon if expiries else None,
         engineer_paths=len(engineer_paths) if engineers else 0,
         engineers=len(engineers) if engineer_paths else 0,
-        contributor_services=services_in,
+        contributor_services=len(svc_map),
         contributor_principals=contributor_principals)
 
 
@@ -249,68 +263,70 @@ def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
     return a if b is None else min(a, b)
 
 
-def _regex(pattern: str) -> regex_pb2.RegexMatcher:
-    return regex_pb2.RegexMatcher(regex=pattern)
+def _allow(name: str) -> matcher_pb2.Matcher.OnMatch:
+    """The RBAC action ALLOW, reported as the effective policy id ``name``."""
+    config = extension_pb2.TypedExtensionConfig(name="allow")
+    config.typed_config.Pack(rbac_pb2.Action(name=name, action=rbac_pb2.RBAC.ALLOW))
+    return matcher_pb2.Matcher.OnMatch(action=config)
 
 
-def _post() -> rbac_pb2.Permission:
-    return rbac_pb2.Permission(header=rc.HeaderMatcher(
-        name=":method", string_match=string_pb2.StringMatcher(exact="POST")))
+def _path_tree(*, exact: Mapping[str, matcher_pb2.Matcher.OnMatch] | None = None,
+               prefix: Mapping[str, matcher_pb2.Matcher.OnMatch] | None = None) -> matcher_pb2.Matcher:
+    """A hash (``exact``) or trie (``prefix``) lookup of ``:path``; no entry: no match."""
+    tree = matcher_pb2.Matcher.MatcherTree(input=_header_input(":path"))
+    table = tree.exact_match_map.map if exact is not None else tree.prefix_match_map.map
+    for key, on_match in (exact if exact is not None else prefix or {}).items():
+        table[key].CopyFrom(on_match)
+    return matcher_pb2.Matcher(matcher_tree=tree)
 
 
-def _any_regex(name: str, patterns: list[str]) -> rbac_pb2.Permission:
-    perms = [rbac_pb2.Permission(header=rc.HeaderMatcher(
-        name=name, string_match=string_pb2.StringMatcher(safe_regex=_regex(p)))) for p in patterns]
-    if len(perms) == 1:
-        return perms[0]
-    return rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=perms))
+def _header_input(header: str) -> extension_pb2.TypedExtensionConfig:
+    config = extension_pb2.TypedExtensionConfig(name=header)
+    config.typed_config.Pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=header))
+    return config
 
 
-def _and(*perms: rbac_pb2.Permission) -> rbac_pb2.Permission:
-    return rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=list(perms)))
+def _header_is(header: str, value: str) -> matcher_pb2.Matcher.MatcherList.Predicate:
+    return matcher_pb2.Matcher.MatcherList.Predicate(
+        single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+            input=_header_input(header), value_match=xds_string_pb2.StringMatcher(exact=value)))
 
 
-def _joined(alternatives: list[str], max_chars: int) -> list[str]:
-    """Already-escaped alternatives as a few alternations of at most about ``max_chars``."""
-    chunks: list[list[str]] = [[]]
-    size = 0
-    for alt in alternatives:
-        if chunks[-1] and size + len(alt) > max_chars:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(alt)
-        size += len(alt) + 1
-    return [current_pattern(chunk) for chunk in chunks]
+def _all(*predicates: matcher_pb2.Matcher.MatcherList.Predicate) -> matcher_pb2.Matcher.MatcherList.Predicate:
+    return matcher_pb2.Matcher.MatcherList.Predicate(
+        and_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(predicate=list(predicates)))
 
 
-def _verified(identity: IdentitySource) -> rbac_pb2.Principal:
-    """Any caller whose verified token has a string principal claim (the key header holds the
-    claim as text; a number or a missing claim must not pass as a principal's name)."""
-    return rbac_pb2.Principal(sourced_metadata=rbac_pb2.SourcedMetadata(
-        metadata_source=rbac_pb2.DYNAMIC,
-        metadata_matcher=metadata_pb2.MetadataMatcher(
-            filter=identity.namespace,
-            path=[metadata_pb2.MetadataMatcher.PathSegment(key=identity.payload_key),
-                  metadata_pb2.MetadataMatcher.PathSegment(key=identity.claim)],
-            value=_string_value(r"[^\x00-\x20\x7f]{1,256}"))))
+#: Up to this many names, a set is a list of exact string matches (no RE2 program: a
+#: service's few contributors cost Envoy far less memory that way); above, RE2 alternations.
+MAX_EXACT_NAMES = 16
 
 
-def _principal(identity: IdentitySource, who: Mapping[str, object], max_chars: int
-               ) -> list[rbac_pb2.Principal]:
-    """One metadata principal per regex chunk (RBAC ORs a policy's principals)."""
-    return [rbac_pb2.Principal(sourced_metadata=rbac_pb2.SourcedMetadata(
-        metadata_source=rbac_pb2.DYNAMIC,
-        metadata_matcher=metadata_pb2.MetadataMatcher(
-            filter=identity.namespace,
-            path=[metadata_pb2.MetadataMatcher.PathSegment(key=identity.payload_key),
-                  metadata_pb2.MetadataMatcher.PathSegment(key=identity.claim)],
-            value=_string_value(pattern))))
-        for pattern in alternations(who, max_chars)]
-
-
-def _string_value(pattern: str) -> value_pb2.ValueMatcher:
-    return value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(safe_regex=_regex(pattern)))
-
-
-def _policy(permission: rbac_pb2.Permission, principals: list[rbac_pb2.Principal]) -> rbac_pb2.Policy:
-    return rbac_pb2.Policy(permissions=[permission], principals=principals)
+def _claim_in(identity: IdentitySource, who: Iterable[str], max_chars: int
+              ) -> matcher_pb2.Matcher.MatcherList.Predicate:
+    """The verified claim (a string) is one of ``who``: one metadata predicate with exact
+    matches of a few names, else one per regex chunk, ORed."""
+    claim = extension_pb2.TypedExtensionConfig(name="claim")
+    claim.typed_config.Pack(network_inputs_pb2.DynamicMetadataInput(
+        filter=identity.namespace,
+        path=[network_inputs_pb2.DynamicMetadataInput.PathSegment(key=identity.payload_key),
+              network_inputs_pb2.DynamicMetadataInput.PathSegment(key=identity.claim)]))
+    names = sorted(set(who))
+    if len(names) <= MAX_EXACT_NAMES:
+        exact = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=n)) for n in names]
+        values = [exact[0] if len(exact) == 1 else value_pb2.ValueMatcher(
+            or_match=value_pb2.OrMatcher(value_matchers=exact))]
+    else:
+        values = [value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(
+            safe_regex=regex_pb2.RegexMatcher(regex=pattern))) for pattern in alternations(names, max_chars)]
+    predicates = []
+    for value in values:
+        matcher = extension_pb2.TypedExtensionConfig(name="in")
+        matcher.typed_config.Pack(metadata_matcher_pb2.Metadata(value=value))
+        predicates.append(matcher_pb2.Matcher.MatcherList.Predicate(
+            single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+                input=claim, custom_match=matcher)))
+    if len(predicates) == 1:
+        return predicates[0]
+    return matcher_pb2.Matcher.MatcherList.Predicate(
+        or_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(predicate=predicates))

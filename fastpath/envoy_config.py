@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .compile import KEY_HEADER, RESOURCE_NAME, SHADOW_PREFIX, empty_policy, key_value
+from .compile import RESOURCE_NAME, SHADOW_PREFIX, empty_policy
 
 RBAC_NAMESPACE = "envoy.filters.http.rbac"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -95,22 +95,19 @@ def audit_access_log(*, log_name: str = LOG_NAME, cluster: str = "ext_authz",
     }
 
 
-def strip_filter(metadata_namespace: str = JWT_FILTER, payload_key: str = "jwt_payload",
-                 claim: str = "sub") -> dict[str, Any]:
-    """Removes every client-sent ``x-rpcauthz-*`` header before anything else may set one,
-    then sets the contributors policy's key (``x-rpcauthz-fast-key: :path SP claim=principal``;
-    removed again before the upstream, see ``fast_path_headers``)."""
+def strip_filter() -> dict[str, Any]:
+    """Removes every client-sent ``x-rpcauthz-*`` header before anything else may set one.
+
+    Needed on the fast path: ext_authz removes them on its path (``headers_to_remove``),
+    but a fast-path allow never reaches ext_authz, and the virtual host's
+    ``request_headers_to_add`` overwrites only the two headers it sets (a client's
+    ``x-rpcauthz-approval`` would reach the upstream). No formatter: a prefix scan only."""
     return {
         "name": "rpcauthz_strip_client_headers",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
             "mutations": {"request_mutations": [
-                {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}},
-                {"append": {"header": {
-                    "key": KEY_HEADER,
-                    "value": key_value("%REQ(:PATH)%", claim,
-                                       f"%DYNAMIC_METADATA({metadata_namespace}:{payload_key}:{claim})%")},
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]},
+                {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}}]},
         },
     }
 
@@ -158,7 +155,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                     continue
                 at = next(i for i, h in enumerate(filters) if h.get("name") == EXT_AUTHZ_FILTER)
                 filters[at]["typed_config"]["filter_enabled_metadata"] = ext_authz_enabled_metadata()
-                filters[at:at] = [strip_filter(claim=claim), rbac_filter()]
+                filters[at:at] = [strip_filter(), rbac_filter()]
                 for log in hcm.get("access_log", []):
                     fields = log.get("typed_config", {}).get("log_format", {}).get("json_format")
                     if isinstance(fields, dict):
@@ -205,7 +202,7 @@ HEADER = """\
 # every TUNE: line of gateway.yaml applies here too (comments are in gateway.yaml).
 #
 # Request path:  client -> jwt_authn -> rpcauthz_strip_client_headers (drop client x-rpcauthz-*)
-#   -> rpcauthz_fast_path (RBAC, shadow rules only, config from the ext_authz server over ADS;
+#   -> rpcauthz_fast_path (RBAC, a shadow matcher only, config from the ext_authz server over ADS;
 #      ENGINEERS_/CONTRIBUTORS_WITHOUT_APPROVAL calls of eligible callers are "allowed")
 #   -> ext_authz (skipped only when the shadow result is "allowed") -> router
 # Audit: the http_grpc access log "rpcauthz_fast_path" streams each fast-path allow to the

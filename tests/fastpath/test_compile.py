@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from envoy.extensions.matching.input_matchers.metadata.v3 import metadata_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import policy
-from fastpath.compile import IdentitySource, compile_policy, empty_policy, re2_escape
+from fastpath.compile import MAX_EXACT_NAMES, IdentitySource, compile_policy, empty_policy, re2_escape
 from policy import Grant, GrantSet, Mode, Outcome, Role, Target
 from reflection_cache.types import ServiceModes
 from tests.support.fastpath_rbac import shadow_allows
@@ -47,6 +48,8 @@ def test_engineers_and_contributors_are_allowed_exactly_as_decide_says() -> None
     assert shadow_allows(rb, "eng", "/a.v1.S/Open?x=1") is None        # ext_authz refuses queries
     assert shadow_allows(rb, None, "/a.v1.S/Open") is None             # no verified principal
     assert not rb.HasField("rules") and rb.shadow_rules_stat_prefix == "rpcauthz_fast_"
+    for claim in (123, ["eng"], {"sub": "eng"}, True):                   # a claim that is no string
+        assert shadow_allows(rb, claim, "/a.v1.S/Open") is None
     assert (c.engineers, c.engineer_paths, c.contributor_services) == (2, 1, 1)
 
 
@@ -105,27 +108,80 @@ def test_principals_and_paths_ext_authz_would_refuse_are_left_out() -> None:
     assert c.engineers == 1
 
 
-def test_regex_metacharacters_in_principals_are_literal() -> None:
+@pytest.mark.parametrize("others", [0, MAX_EXACT_NAMES])  # exact matches; an RE2 alternation
+def test_regex_metacharacters_in_principals_are_literal(others: int) -> None:
     m = modes(a_v1_S={"Open": EWA})
-    c = compiled(m, [Grant("a.b+c@x(y)|z", Role.ENGINEER), Grant("jörg", Role.ENGINEER)])
+    c = compiled(m, [Grant("a.b+c@x(y)|z", Role.ENGINEER), Grant("jörg", Role.ENGINEER)]
+                 + [Grant(f"p{i}", Role.ENGINEER) for i in range(others)])
+    top = c.rbac.shadow_matcher.matcher_list.matchers[0].predicate.and_matcher.predicate[1]
+    value = metadata_pb2.Metadata()
+    assert top.single_predicate.custom_match.typed_config.Unpack(value)
+    assert value.value.HasField("or_match") is (others == 0)
     assert shadow_allows(c.rbac, "a.b+c@x(y)|z", "/a.v1.S/Open")
     assert shadow_allows(c.rbac, "jörg", "/a.v1.S/Open")
-    for near in ("aXb+c@x(y)|z", "z", "a.b+c@x(y)", "jorg"):
+    for near in ("aXb+c@x(y)|z", "z", "a.b+c@x(y)", "jorg", "a.b+c@x(y)|zz"):
         assert shadow_allows(c.rbac, near, "/a.v1.S/Open") is None
     assert re2_escape("a.b/c") == "a\\.b/c"
+
+
+def _claim_regexes(pred) -> list[str]:
+    """The RE2 patterns of a compiled claim predicate (one, or an or_matcher of chunks)."""
+    singles = list(pred.or_matcher.predicate) if pred.HasField("or_matcher") else [pred]
+    out = []
+    for p in singles:
+        m = metadata_pb2.Metadata()
+        assert p.single_predicate.custom_match.typed_config.Unpack(m)
+        if m.value.HasField("or_match"):
+            out.append("|".join(v.string_match.exact for v in m.value.or_match.value_matchers))
+        else:
+            out.append(m.value.string_match.safe_regex.regex or m.value.string_match.exact)
+    return out
 
 
 def test_large_sets_are_split_into_bounded_regexes_that_still_match() -> None:
     m = modes(a_v1_S={"Open": EWA})
     people = [f"engineer-{i:05d}@example.com" for i in range(3000)]
     c = compiled(m, [Grant(p, Role.ENGINEER) for p in people], max_regex_chars=10_000)
-    pol = c.rbac.shadow_rules.policies["v7/engineers"]
-    assert len(pol.principals) > 5
-    assert all(len(p.sourced_metadata.metadata_matcher.value.string_match.safe_regex.regex) < 10_100
-               for p in pol.principals)
+    top = c.rbac.shadow_matcher.matcher_list.matchers[0].predicate.and_matcher.predicate
+    regexes = _claim_regexes(top[1])
+    assert len(regexes) > 5 and all(len(r) < 10_100 for r in regexes)
     for p in (people[0], people[1234], people[-1]):
         assert shadow_allows(c.rbac, p, "/a.v1.S/Open")
     assert shadow_allows(c.rbac, "engineer-99999@example.com", "/a.v1.S/Open") is None
+
+
+def test_the_path_is_one_exact_lookup_and_contributors_one_predicate_per_service() -> None:
+    """The shape Envoy evaluates per call: POST and the claim in the engineers' alternation,
+    then a hash lookup of :path; a contributors-mode path, not in it, finds its service's
+    "/service/" prefix, one predicate on the claim, then a hash lookup of the service's methods."""
+    m = modes(a_v1_S={"Open": EWA, "Team": CWA, "Crew": CWA}, b_v1_T={"Open": EWA})
+    c = compiled(m, [Grant("eng", Role.ENGINEER), Grant("dev", Role.ENGINEER),
+                     Grant("dev", Role.CONTRIBUTOR, "a.v1.S")])
+    [first] = c.rbac.shadow_matcher.matcher_list.matchers
+    paths = first.on_match.matcher
+    assert sorted(paths.matcher_tree.exact_match_map.map) == ["/a.v1.S/Open", "/b.v1.T/Open"]
+    services = paths.on_no_match.matcher.matcher_tree.prefix_match_map.map
+    assert sorted(services) == ["/a.v1.S/"]
+    [per_service] = services["/a.v1.S/"].matcher.matcher_list.matchers
+    assert _claim_regexes(per_service.predicate) == ["dev"]
+    assert sorted(per_service.on_match.matcher.matcher_tree.exact_match_map.map) == ["/a.v1.S/Crew", "/a.v1.S/Team"]
+    assert shadow_allows(c.rbac, "dev", "/a.v1.S/Crew") == "v7/contributors"
+    assert shadow_allows(c.rbac, "dev", "/a.v1.S/Other") is None
+    # Only contributors-mode paths: the services' tree is the first lookup.
+    c2 = compiled(modes(a_v1_S={"Team": CWA}), [Grant("dev", Role.ENGINEER), Grant("dev", Role.CONTRIBUTOR, "a.v1.S")])
+    assert c2.rbac.shadow_matcher.matcher_list.matchers[0].on_match.matcher.matcher_tree.HasField("prefix_match_map")
+    assert shadow_allows(c2.rbac, "dev", "/a.v1.S/Team") == "v7/contributors"
+
+
+def test_only_contributors_mode_paths_still_require_an_engineer_grant() -> None:
+    m = modes(a_v1_S={"Team": CWA})
+    c = compiled(m, [Grant("eng", Role.ENGINEER), Grant("dev", Role.ENGINEER),
+                     Grant("dev", Role.CONTRIBUTOR, "a.v1.S"), Grant("solo", Role.CONTRIBUTOR, "a.v1.S")])
+    assert shadow_allows(c.rbac, "dev", "/a.v1.S/Team") == "v7/contributors"
+    assert shadow_allows(c.rbac, "eng", "/a.v1.S/Team") is None
+    assert shadow_allows(c.rbac, "solo", "/a.v1.S/Team") is None
+    top = c.rbac.shadow_matcher.matcher_list.matchers[0].predicate.and_matcher.predicate
+    assert _claim_regexes(top[1]) == ["dev"]           # only who can be allowed somewhere
 
 
 def test_nothing_to_allow_is_the_empty_policy() -> None:
@@ -141,10 +197,14 @@ def test_bad_arguments_are_refused_with_a_reason() -> None:
 
 
 def test_the_identity_claim_location_is_configurable() -> None:
-    c = compiled(modes(a_v1_S={"Open": EWA}), [Grant("eng", Role.ENGINEER)],
-                 identity=IdentitySource("my.jwt", "payload", "email"))
-    m = c.rbac.shadow_rules.policies["v7/engineers"].principals[0].sourced_metadata.metadata_matcher
-    assert m.filter == "my.jwt" and [s.key for s in m.path] == ["payload", "email"]
+    ident = IdentitySource("my.jwt", "payload", "email")
+    c = compiled(modes(a_v1_S={"Open": EWA, "Team": CWA}),
+                 [Grant("bob@corp", Role.ENGINEER), Grant("bob@corp", Role.CONTRIBUTOR, "a.v1.S")], identity=ident)
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Open", identity=ident) == "v7/engineers"
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", identity=ident) == "v7/contributors"
+    # The same name under jwt_authn's default sub claim is not the configured identity.
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Open") is None
+    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team") is None
 
 
 # --- the property: whatever the fast path allows, decide() allows ---------------------------
@@ -201,13 +261,3 @@ def test_fast_path_allows_are_decide_allows_until_the_recompile(world, later_s: 
                 at_now = policy.decide(p, Target(s, meth), mode, gs, (), NOW + H + timedelta(seconds=1))
                 if at_now.outcome is Outcome.ALLOW and s not in dry:
                     assert allowed
-
-
-def test_a_gateway_keyed_on_another_claim_never_matches_the_contributors_policy() -> None:
-    """The key header names its claim (``sub=...``): a gateway rendered for ``sub`` in front of
-    a server that identifies callers by ``email`` fails closed, even if a sub equals an email."""
-    m = modes(a_v1_S={"Team": CWA})
-    c = compiled(m, [Grant("bob@corp", Role.ENGINEER), Grant("bob@corp", Role.CONTRIBUTOR, "a.v1.S")],
-                 identity=IdentitySource(claim="email"))
-    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="email") == "v7/contributors"
-    assert shadow_allows(c.rbac, "bob@corp", "/a.v1.S/Team", claim="sub") is None

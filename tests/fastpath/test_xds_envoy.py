@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from envoy.extensions.matching.input_matchers.metadata.v3 import metadata_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from devstack.processes import EnvoyProcess, free_port
@@ -155,8 +156,11 @@ async def test_nack_withdraws_dead_control_plane_withdraws_restart_gets_current(
         # A policy Envoy refuses (a regex that does not compile): not kept, not the old one:
         # the empty policy is pushed, and calls are shadow-denied (to ext_authz).
         bad = _policy("2")
-        pol = bad.shadow_rules.policies["v2/engineers"]
-        pol.permissions[0].and_rules.rules[1].header.string_match.safe_regex.regex = "(("
+        claim = bad.shadow_matcher.matcher_list.matchers[0].predicate.and_matcher.predicate[1]
+        broken = metadata_pb2.Metadata()
+        claim.single_predicate.custom_match.typed_config.Unpack(broken)
+        broken.value.string_match.safe_regex.regex = "(("
+        claim.single_predicate.custom_match.typed_config.Pack(broken)
         h.xds.publish("2", bad)
         await h.until("denied", 5)
         [node] = h.xds.status()
