@@ -92,8 +92,9 @@ class ReflectionCache:
         #: ``/service/method`` -> the method's (mode, source), None when the caller's default
         #: applies; for fresh entries only (``fresh_mode``).
         self._paths: dict[str, tuple[Mode, str] | None] = {}
-        #: (fresh_until, sequence, service, entry) of the entries whose paths are indexed.
-        self._path_expiry: list[tuple[float, int, str, _Entry]] = []
+        #: (fresh_until, sequence, service) of the entries whose paths are indexed (no
+        #: reference to the entry: tuples of atoms are left alone by the garbage collector).
+        self._path_expiry: list[tuple[float, int, str]] = []
         self._next_path_expiry = math.inf
         self._path_seq = 0
 
@@ -289,7 +290,7 @@ class ReflectionCache:
         for method, answer in entry.modes.answers().items():
             self._paths[f"/{service}/{method}"] = answer
         self._path_seq += 1
-        heapq.heappush(self._path_expiry, (entry.fresh_until, self._path_seq, service, entry))
+        heapq.heappush(self._path_expiry, (entry.fresh_until, self._path_seq, service))
         self._next_path_expiry = self._path_expiry[0][0]
 
     def _unindex(self, service: str, entry: _Entry) -> None:
@@ -302,8 +303,11 @@ class ReflectionCache:
         """Take every entry that is no longer fresh out of the path index."""
         now, heap = self.clock(), self._path_expiry
         while heap and heap[0][0] <= now:
-            _, _, service, entry = heapq.heappop(heap)
-            if self._entries.get(service) is entry:  # else replaced or gone: already taken out
+            service = heapq.heappop(heap)[2]
+            entry = self._entries.get(service)
+            # The service's entry now (a replaced or evicted one was taken out then): out
+            # if it is not fresh any more, kept if a newer, still fresh one replaced it.
+            if entry is not None and entry.fresh_until <= now:
                 self._unindex(service, entry)
         self._next_path_expiry = heap[0][0] if heap else math.inf
 
