@@ -11,7 +11,7 @@
 4. response      ``responses.build``
 
 With warm caches most checks are decided from memory: the mode source has a fresh entry
-(``get_fresh``) and ``decide()`` needs no approval requests, so step 3 returns early
+(``fresh_mode``, one lookup by the request's ``:path``; else ``get_fresh``) and ``decide()`` needs no approval requests, so step 3 returns early
 without awaiting anything or arming a timer. Whatever must wait (a cache miss, the
 approval modes' store I/O) runs under the check's one deadline, below Envoy's ext_authz
 timeout. Anything that goes wrong (a reflection or store error, the deadline, a bug) is a
@@ -134,6 +134,9 @@ class Authorizer:
             (settings.identity.dev_principal_header,) if settings.identity.dev_mode else ())
         # A mode source that can answer fresh entries without waiting (the reflection cache).
         self._get_fresh: Callable[[str], ServiceModes | None] | None = getattr(modes, "get_fresh", None)
+        # ... and one that indexes fresh entries' methods by path (the reflection cache).
+        self._fresh_mode: Callable[[str, Mode], tuple[Mode, str] | None] | None = getattr(
+            modes, "fresh_mode", None)
         #: Fault tests only (tests/support/faults/server_kill9.py): hold each check this long
         #: after its spend committed, so a kill -9 can land between the commit and the answer.
         self._pause_after_spend = _pause_after_spend(os.environ.get(PAUSE_AFTER_SPEND_ENV))
@@ -189,18 +192,24 @@ class Authorizer:
         who, target, http = step
 
         # 2. metadata: mode (from memory when fresh), grants, the body's digest
-        modes = self._get_fresh(target.service) if self._get_fresh is not None else None
-        try:
-            if modes is None:
-                modes = await self._within_deadline(p, self.modes.get(target.service))
-            mode, source = modes.mode_for(target.method, self.settings.default_mode)
-        except (UnknownService, UnknownMethod) as e:
-            rule = (Rule.TARGET_UNKNOWN_SERVICE if isinstance(e, UnknownService)
-                    else Rule.TARGET_UNKNOWN_METHOD)
-            return p.verdict(Kind.DENY, rule, {"detail": str(e)})
-        except ReflectionError as e:
-            self.metrics.reflection_errors.labels(e.code).inc()
-            return p.verdict(Kind.ERROR, reflection_rule(e.code), {"detail": str(e)})
+        # (http.path is exactly "/" + target.service + "/" + target.method: parse_path
+        # accepted it)
+        found = (self._fresh_mode(http.path, self.settings.default_mode)
+                 if self._fresh_mode is not None else None)
+        if found is None:
+            modes = self._get_fresh(target.service) if self._get_fresh is not None else None
+            try:
+                if modes is None:
+                    modes = await self._within_deadline(p, self.modes.get(target.service))
+                found = modes.mode_for(target.method, self.settings.default_mode)
+            except (UnknownService, UnknownMethod) as e:
+                rule = (Rule.TARGET_UNKNOWN_SERVICE if isinstance(e, UnknownService)
+                        else Rule.TARGET_UNKNOWN_METHOD)
+                return p.verdict(Kind.DENY, rule, {"detail": str(e)})
+            except ReflectionError as e:
+                self.metrics.reflection_errors.labels(e.code).inc()
+                return p.verdict(Kind.ERROR, reflection_rule(e.code), {"detail": str(e)})
+        mode, source = found
         p.mode, p.mode_source = mode, source
         step2 = self._grants_and_body(p, http)
         if isinstance(step2, Verdict):

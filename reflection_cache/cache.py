@@ -16,7 +16,9 @@ Behaviour (settings in :class:`CacheSettings`):
 * at most ``max_entries`` services are kept; past that, the entry not used for longest
   goes first (second chance: a hit only marks its entry, so a warm lookup is one
   dictionary lookup with no LRU bookkeeping);
-* every fetch is bounded by ``deadline`` seconds.
+* every fetch is bounded by ``deadline`` seconds;
+* ``fresh_mode(path)`` answers a warm check's mode from one lookup in an index of every
+  fresh entry's ``/service/method`` paths (see its docstring).
 
 Use one cache per event loop (it owns ``grpc.aio`` channels).
 """
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -32,6 +36,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor
 from pydantic import ValidationError
 
+from policy import Mode, resolve_mode
 from reflection_cache.client import ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.settings import CacheSettings, ReflectionSettings, Tls
@@ -84,6 +89,14 @@ class ReflectionCache:
         #: Oldest stored first (a dict keeps insertion order); see ``_store``.
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Task[ServiceModes]] = {}
+        #: ``/service/method`` -> the method's (mode, source), None when the caller's default
+        #: applies; for fresh entries only (``fresh_mode``).
+        self._paths: dict[str, tuple[Mode, str] | None] = {}
+        #: (fresh_until, sequence, service) of the entries whose paths are indexed (no
+        #: reference to the entry: tuples of atoms are left alone by the garbage collector).
+        self._path_expiry: list[tuple[float, int, str]] = []
+        self._next_path_expiry = math.inf
+        self._path_seq = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, object] | None) -> ReflectionCache:
@@ -174,6 +187,28 @@ class ReflectionCache:
             return entry.modes
         return None
 
+    def fresh_mode(self, path: str, default: Mode) -> tuple[Mode, str] | None:
+        """The (mode, source) of the method at ``path`` (``/service/method``, as a gRPC
+        request's ``:path`` carries it) when its service's entry is fresh and declares the
+        method; else None, which means "call ``get`` and ``ServiceModes.mode_for``" (they
+        handle misses, stale entries, remembered errors and unknown methods). Never waits.
+
+        The server's warm path: one lookup in a flat index of every fresh entry's methods,
+        instead of the entry, its ``ServiceModes`` and that object's method table (at
+        2,500 services those are cache misses on every check). Entries leave the index when
+        they stop being fresh, are replaced, evicted or invalidated. A hit here does not
+        mark its entry as used for second-chance eviction, so the index is kept only while
+        the cache holds at most half of ``max_entries`` services (no eviction is near);
+        past that, ``fresh_mode`` answers None and hits go through ``get`` as before.
+        """
+        if self.clock() >= self._next_path_expiry:
+            self._expire_paths()
+        found = self._paths.get(path, _NOT_INDEXED)
+        if found is _NOT_INDEXED:
+            return None
+        self._stats.hits += 1
+        return found if found is not None else resolve_mode(None, None, default)
+
     def known(self) -> dict[str, ServiceModes]:
         """Every service whose options ``get`` would answer now without waiting (fresh or
         within the stale window; remembered errors left out). For the fast-path compiler:
@@ -200,11 +235,15 @@ class ReflectionCache:
 
     def invalidate(self, service: str) -> bool:
         """Forget ``service`` (the next call fetches afresh). True if something was cached."""
-        return self._entries.pop(service, None) is not None
+        old = self._entries.pop(service, None)
+        if old is not None:
+            self._unindex(service, old)
+        return old is not None
 
     def invalidate_all(self) -> None:
         """Forget every service."""
         self._entries.clear()
+        self._clear_paths()
 
     def stats(self) -> dict[str, int]:
         """Counters plus the current number of ``entries`` and fetches ``inflight``."""
@@ -227,7 +266,9 @@ class ReflectionCache:
         used since it was stored or last passed over (an entry that was used is passed over
         once: it moves to the newest end with its mark cleared)."""
         entries = self._entries
-        entries.pop(service, None)
+        replaced = entries.pop(service, None)
+        if replaced is not None:
+            self._unindex(service, replaced)
         while len(entries) >= self.settings.max_entries:
             oldest = next(iter(entries))
             old = entries.pop(oldest)
@@ -236,7 +277,44 @@ class ReflectionCache:
                 entries[oldest] = old
             else:
                 self._stats.evictions += 1
+                self._unindex(oldest, old)
         entries[service] = entry
+        if 2 * len(entries) > self.settings.max_entries:
+            self._clear_paths()  # see fresh_mode: hits must mark their entries from here on
+        elif entry.modes is not None and entry.error is None:
+            self._index(service, entry)
+
+    def _index(self, service: str, entry: _Entry) -> None:
+        """Put ``entry``'s methods in the path index until its ``fresh_until``."""
+        assert entry.modes is not None
+        for method, answer in entry.modes.answers().items():
+            self._paths[f"/{service}/{method}"] = answer
+        self._path_seq += 1
+        heapq.heappush(self._path_expiry, (entry.fresh_until, self._path_seq, service))
+        self._next_path_expiry = self._path_expiry[0][0]
+
+    def _unindex(self, service: str, entry: _Entry) -> None:
+        """Take ``entry``'s methods out of the path index (its heap item stays until due)."""
+        if entry.modes is not None and self._paths:
+            for method in entry.modes.methods:
+                self._paths.pop(f"/{service}/{method}", None)
+
+    def _expire_paths(self) -> None:
+        """Take every entry that is no longer fresh out of the path index."""
+        now, heap = self.clock(), self._path_expiry
+        while heap and heap[0][0] <= now:
+            service = heapq.heappop(heap)[2]
+            entry = self._entries.get(service)
+            # The service's entry now (a replaced or evicted one was taken out then): out
+            # if it is not fresh any more, kept if a newer, still fresh one replaced it.
+            if entry is not None and entry.fresh_until <= now:
+                self._unindex(service, entry)
+        self._next_path_expiry = heap[0][0] if heap else math.inf
+
+    def _clear_paths(self) -> None:
+        self._paths.clear()
+        self._path_expiry.clear()
+        self._next_path_expiry = math.inf
 
     def _start_fetch(self, service: str) -> asyncio.Task[ServiceModes]:
         task = asyncio.get_running_loop().create_task(self._fetch(service), name=f"reflect {service}")
@@ -273,6 +351,10 @@ class ReflectionCache:
             return modes
         finally:
             self._inflight.pop(service, None)
+
+
+#: ``fresh_mode``'s "no such path in the index" (None there means "the default applies").
+_NOT_INDEXED: tuple[Mode, str] = (Mode.UNSPECIFIED, "not indexed")
 
 
 def _consume(task: asyncio.Task[ServiceModes]) -> None:

@@ -74,6 +74,11 @@ class ServiceModes:
                 resolved[method] = _ANSWERS.setdefault(found, found)
         object.__setattr__(self, "_resolved", resolved)
 
+    def answers(self) -> Mapping[str, tuple[Mode, str] | None]:
+        """Each method's (mode, source) as ``mode_for`` answers it; None where neither the
+        method nor the service says anything (the caller's default applies). Read-only."""
+        return self._resolved
+
     def mode_for(self, method: str, default: Mode) -> tuple[Mode, str]:
         """The mode that applies to ``method`` and its source ("method", "service", "default")."""
         try:

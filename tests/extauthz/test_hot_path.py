@@ -30,7 +30,7 @@ from policy.stores import open_store
 from reflection_cache.cache import CacheSettings, ReflectionCache
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.types import ReflectionUnavailable, ServiceModes
-from tests.support.extauthz_doubles import FixedGrants, FreshModes, StaticModes
+from tests.support.extauthz_doubles import FixedGrants, FreshModes, PathModes, StaticModes
 from tests.support.grpc_frames import frame
 
 SVC = "rpcauthz.demo.v1.Accounts"
@@ -126,8 +126,9 @@ CASES = [
 ]
 
 
-async def test_from_memory_path_answers_exactly_like_the_full_path():
-    fast = Harness(FreshModes({SVC: ServiceModes(SVC, MODES)}), clock=lambda: FIXED_NOW)
+@pytest.mark.parametrize("fresh", [FreshModes, PathModes], ids=["get_fresh", "fresh_mode"])
+async def test_from_memory_path_answers_exactly_like_the_full_path(fresh):
+    fast = Harness(fresh({SVC: ServiceModes(SVC, MODES)}), clock=lambda: FIXED_NOW)
     full = Harness(StaticModes({SVC: ServiceModes(SVC, MODES)}), clock=lambda: FIXED_NOW)
     fast.audit.start()
     full.audit.start()
@@ -137,6 +138,8 @@ async def test_from_memory_path_answers_exactly_like_the_full_path():
             b = await full.check(path, principal, headers, body, size, method)
             assert comparable(a) == comparable(b), (path, principal)
         assert fast.modes.fresh_calls > 0 and fast.modes.calls == 1  # only "/no.Such" went on
+        if fresh is PathModes:  # by path first; "/Nope" and "/no.Such" went on to get_fresh
+            assert fast.modes.path_answers > 0 and fast.modes.fresh_calls == 2
         await asyncio.sleep(0.2)
 
         def audited(h):

@@ -334,3 +334,92 @@ async def test_known_lists_what_get_would_answer_and_refresh_stale_refreshes_it(
     assert cache.known()[ORDERS].methods["GetOrder"] is Mode.BREAK_GLASS_ONLY
     clock.advance(60 + 30)  # past the stale window: not known (get would have to wait)
     assert cache.known() == {}
+
+
+def path_answers(cache: ReflectionCache, service: str, methods: list[str],
+                 default: Mode = Mode.BREAK_GLASS_ONLY) -> dict[str, tuple[Mode, str] | None]:
+    return {m: cache.fresh_mode(f"/{service}/{m}", default) for m in methods}
+
+
+async def test_fresh_mode_by_path_answers_as_mode_for_and_only_while_fresh(server, make_cache, clock):
+    """The warm path's index gives exactly ``get`` + ``mode_for``'s answers, for fresh
+    entries only; anything else is None ("ask get()"), and nothing is fetched by it."""
+    cache = make_cache(server.address)
+    methods = {ORDERS: ["GetOrder", "Refund", "ListOrders"], ORDERS_ADMIN: ["Purge", "Stats"]}
+    assert path_answers(cache, ORDERS, methods[ORDERS]) == dict.fromkeys(methods[ORDERS])
+    assert cache.stats()["fetches"] == 0 and cache.stats()["inflight"] == 0
+    for service, names in methods.items():
+        modes = await cache.get(service)
+        for default in (Mode.BREAK_GLASS_ONLY, Mode.ENGINEERS_WITH_APPROVAL):
+            assert path_answers(cache, service, names, default) == {
+                m: modes.mode_for(m, default) for m in names}
+    # Stats declares nothing and OrdersAdmin has no default: the caller's default applies
+    assert cache.fresh_mode(f"/{ORDERS_ADMIN}/Stats", Mode.ENGINEERS_WITH_APPROVAL) == (
+        Mode.ENGINEERS_WITH_APPROVAL, "default")
+    assert cache.fresh_mode(f"/{ORDERS}/GetOrder", Mode.BREAK_GLASS_ONLY) == (
+        Mode.ENGINEERS_WITHOUT_APPROVAL, "method")
+    assert cache.fresh_mode(f"/{ORDERS}/ListOrders", Mode.BREAK_GLASS_ONLY) == (
+        Mode.CONTRIBUTORS_WITHOUT_APPROVAL, "service")
+    for unknown in (f"/{ORDERS}/NoSuch", "/shop.orders.v1.Gone/GetOrder", f"/{ORDERS}/getorder",
+                    f"{ORDERS}/GetOrder", f"/{ORDERS}/GetOrder/", ORDERS):
+        assert cache.fresh_mode(unknown, Mode.BREAK_GLASS_ONLY) is None
+    hits = cache.stats()["hits"]
+    clock.advance(59.9)
+    assert cache.fresh_mode(f"/{ORDERS}/Refund", Mode.ENGINEERS_WITH_APPROVAL) == (Mode.BREAK_GLASS_ONLY, "method")
+    assert cache.stats()["hits"] == hits + 1
+    clock.advance(0.1)  # fresh_until reached: stale from here, as get() sees it
+    assert path_answers(cache, ORDERS, methods[ORDERS]) == dict.fromkeys(methods[ORDERS])
+    assert path_answers(cache, ORDERS_ADMIN, methods[ORDERS_ADMIN]) == dict.fromkeys(methods[ORDERS_ADMIN])
+    assert cache.stats()["background_refreshes"] == 0  # fresh_mode never starts a fetch
+    # get() serves stale and refreshes; the refreshed entry is indexed again, with the new mode
+    server.servicer.rewrite = set_get_order_mode(Mode.CONTRIBUTORS_WITH_APPROVAL)
+    await cache.get(ORDERS)
+    await wait_idle(cache)
+    assert cache.fresh_mode(f"/{ORDERS}/GetOrder", Mode.BREAK_GLASS_ONLY) == (
+        Mode.CONTRIBUTORS_WITH_APPROVAL, "method")
+    assert cache.fresh_mode(f"/{ORDERS_ADMIN}/Purge", Mode.BREAK_GLASS_ONLY) is None  # still stale
+
+
+async def test_fresh_mode_forgets_replaced_invalidated_and_failed_entries(server, make_cache, clock):
+    cache = make_cache(server.address)
+    await cache.get(ORDERS)
+    await cache.get(ORDERS_ADMIN)
+    get_order = f"/{ORDERS}/GetOrder"
+    assert cache.fresh_mode(get_order, Mode.BREAK_GLASS_ONLY) is not None
+    assert cache.invalidate(ORDERS)
+    assert cache.fresh_mode(get_order, Mode.BREAK_GLASS_ONLY) is None
+    assert cache.fresh_mode(f"/{ORDERS_ADMIN}/Purge", Mode.BREAK_GLASS_ONLY) is not None
+    # a redeploy seen by a fetch replaces the entry: the old answer is gone with it
+    server.servicer.rewrite = set_get_order_mode(Mode.BREAK_GLASS_ONLY)
+    await cache.get(ORDERS)
+    assert cache.fresh_mode(get_order, Mode.ENGINEERS_WITH_APPROVAL) == (Mode.BREAK_GLASS_ONLY, "method")
+    cache.invalidate_all()
+    assert cache.fresh_mode(get_order, Mode.BREAK_GLASS_ONLY) is None
+    assert cache.fresh_mode(f"/{ORDERS_ADMIN}/Purge", Mode.BREAK_GLASS_ONLY) is None
+    # past ttl and stale window, a failed fetch leaves a remembered error: never an answer
+    await cache.get(ORDERS)
+    clock.advance(91)
+    server.servicer.abort = grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ReflectionUnavailable):
+        await cache.get(ORDERS)
+    assert cache.fresh_mode(get_order, Mode.BREAK_GLASS_ONLY) is None
+    server.servicer.abort = None
+    clock.advance(1)
+    await cache.get(ORDERS)
+    assert cache.fresh_mode(get_order, Mode.ENGINEERS_WITH_APPROVAL) == (Mode.BREAK_GLASS_ONLY, "method")
+
+
+async def test_fresh_mode_steps_aside_when_the_cache_is_over_half_full(server, make_cache):
+    """Hits through the index do not mark entries for second-chance eviction, so past half
+    of max_entries it answers None and every hit goes through get()/get_fresh, which mark."""
+    cache = make_cache(server.address, CacheSettings(max_entries=3, deadline=2))
+    await cache.get(ORDERS)
+    assert cache.fresh_mode(f"/{ORDERS}/GetOrder", Mode.BREAK_GLASS_ONLY) is not None
+    await cache.get(ORDERS_ADMIN)  # 2 of 3
+    assert cache.fresh_mode(f"/{ORDERS}/GetOrder", Mode.BREAK_GLASS_ONLY) is None
+    assert cache.fresh_mode(f"/{ORDERS_ADMIN}/Purge", Mode.BREAK_GLASS_ONLY) is None
+    assert cache.get_fresh(ORDERS) is not None
+    cache.invalidate(ORDERS_ADMIN)  # 1 of 3 again: entries stored from now on are indexed
+    cache.invalidate(ORDERS)
+    await cache.get(ORDERS)
+    assert cache.fresh_mode(f"/{ORDERS}/GetOrder", Mode.BREAK_GLASS_ONLY) is not None

@@ -13,7 +13,7 @@ import asyncio
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 
-from policy import GrantSet, StoreError
+from policy import GrantSet, Mode, StoreError
 from reflection_cache.types import ReflectionError, ServiceModes, UnknownService
 
 
@@ -82,3 +82,23 @@ class FreshModes(StaticModes):
         if self.stale or self.delay or self.fail is not None:
             return None
         return self.services.get(service)
+
+
+class PathModes(FreshModes):
+    """``FreshModes`` that also answers ``fresh_mode(path, default)`` from a flat
+    ``/service/method`` index of ``ServiceModes.answers()`` (like a warm ``ReflectionCache``),
+    so the pipeline takes its by-path step; None for unknown paths, as the cache does."""
+
+    def __init__(self, services: dict[str, ServiceModes]) -> None:
+        super().__init__(services)
+        self.paths = {f"/{name}/{method}": answer for name, modes in services.items()
+                      for method, answer in modes.answers().items()}
+        self.path_calls = self.path_answers = 0
+
+    def fresh_mode(self, path: str, default: Mode) -> tuple[Mode, str] | None:
+        self.path_calls += 1
+        if self.stale or self.delay or self.fail is not None or path not in self.paths:
+            return None
+        self.path_answers += 1
+        answer = self.paths[path]
+        return answer if answer is not None else (default, "default")
