@@ -62,6 +62,13 @@ class PolicySource:
     services: int
 
 
+def _all_held(sources: list[PolicySource | None]) -> list[PolicySource] | None:
+    """``sources`` when every subscribed Envoy holds a compiled policy (none is None), else
+    None (also when no Envoy is subscribed)."""
+    held = [src for src in sources if src is not None]
+    return held if sources and len(held) == len(sources) else None
+
+
 @dataclasses.dataclass
 class NodeStatus:
     """What one Envoy stream has been sent and has accepted."""
@@ -86,7 +93,7 @@ class _Stream:
         self.subscribed = False
         self.nonce = ""
         self.nonce_version = ""
-        self.nonce_source: PolicySource | None = None
+        #: What the last response's policy (``nonce``'s) was compiled from.
         self.sent_source: PolicySource | None = None
         self.sent_rbac: http_rbac_pb2.RBAC | None = None
 
@@ -151,10 +158,8 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def acked_grants_revision(self) -> int | None:
         """The lowest grants revision any subscribed Envoy holds a compiled policy of (ACKed),
         or None when no Envoy is subscribed or one holds the empty policy or nothing yet."""
-        sources = self.acked_sources()
-        if not sources or any(src is None for src in sources):
-            return None
-        return min(src.grants_revision for src in sources if src is not None)
+        held = _all_held(self.acked_sources())
+        return None if held is None else min(s.grants_revision for s in held)
 
     def stats(self) -> dict[str, float]:
         """Numbers for /metrics (``rpcauthz_fast_path_stat``): ``published_version`` and
@@ -162,14 +167,13 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         them the lowest ``acked_grants_revision`` and ``acked_services`` (-1 while an Envoy
         holds the empty policy or nothing, or none is subscribed)."""
         sources = self.acked_sources()
-        held = [src for src in sources if src is not None]
-        complete = bool(sources) and len(held) == len(sources)
+        held = _all_held(sources)
         return {
             "published_version": float(self._base(self._version)),
             "published_grants_revision": float(self._source.grants_revision) if self._source else -1.0,
             "envoys": float(len(sources)),
-            "acked_grants_revision": float(min(s.grants_revision for s in held)) if complete else -1.0,
-            "acked_services": float(min(s.services for s in held)) if complete else -1.0,
+            "acked_grants_revision": float(min(s.grants_revision for s in held)) if held else -1.0,
+            "acked_services": float(min(s.services for s in held)) if held else -1.0,
         }
 
     def _bump(self) -> None:
@@ -282,7 +286,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             stream.status.withdrawn = True
             return "withdraw"
         stream.status.acked_version = r.version_info
-        stream.status.acked_source = stream.nonce_source if r.version_info == stream.nonce_version else None
+        stream.status.acked_source = stream.sent_source if r.version_info == stream.nonce_version else None
         self._on_event("ack", stream.status.node)
         return False
 
@@ -303,7 +307,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         wrapped = any_pb2.Any()
         wrapped.Pack(resource)
         stream.nonce = str(next(self._nonces))
-        stream.nonce_version, stream.nonce_source = version, source
+        stream.nonce_version = version
         stream.status.sent_version = version
         return discovery_pb2.DiscoveryResponse(version_info=version, type_url=ECDS_TYPE,
                                                nonce=stream.nonce, resources=[wrapped])
