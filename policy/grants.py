@@ -82,7 +82,7 @@ class GrantSet:
             if held is None or _later(g.expires_at, held[0]):
                 table[key] = interner.entry(g.expires_at, g.source)
         self._engineers, self._contributors, self._others = tables.engineers, tables.contributors, tables.others
-        self._by_principal: dict[str, list[tuple[str, str, str]]] | None = None
+        self._by_principal: dict[str, list[tuple[tuple[str, str, str], _Entry]]] | None = None
         self._interner = interner
         self.revision = revision
 
@@ -155,23 +155,15 @@ class GrantSet:
     def roles_of(self, principal: str, now: datetime) -> list[Grant]:
         """The principal's active grants, for display."""
         if self._by_principal is None:  # built once per GrantSet, by whoever asks first
-            by_principal: dict[str, list[tuple[str, str, str]]] = {}
-            for key, _ in self._keyed():
-                by_principal.setdefault(key[0], []).append(key)
+            by_principal: dict[str, list[tuple[tuple[str, str, str], _Entry]]] = {}
+            for key, entry in sorted(self._keyed()):
+                by_principal.setdefault(key[0], []).append((key, entry))
             self._by_principal = by_principal
         out = []
-        for principal_, role, service in sorted(self._by_principal.get(principal, ())):
-            expires_at, source = self._entry(principal_, role, service)
+        for (_, role, service), (expires_at, source) in self._by_principal.get(principal, ()):
             if expires_at is None or now < expires_at:
                 out.append(Grant(principal, Role(role), service or None, expires_at, source))
         return out
-
-    def _entry(self, principal: str, role: str, service: str) -> _Entry:
-        if role == _ENGINEER.value:
-            return self._engineers[principal]
-        if role == _CONTRIBUTOR.value:
-            return self._contributors[(principal, service)]
-        return self._others[(principal, role)]
 
 
 def _later(a: datetime | None, b: datetime | None) -> bool:
