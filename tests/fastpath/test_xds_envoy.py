@@ -148,6 +148,7 @@ async def test_nack_withdraws_dead_control_plane_withdraws_restart_gets_current(
         h.start_envoy()
         h.xds.publish("1", _policy("1"))
         await h.until("allowed", 10)
+        assert await acked(h, lambda v: v == "1") == "1"  # the ACK follows Envoy applying it
         [node] = h.xds.status()
         assert node.node == "test-gw" and node.acked_version == "1"
         # A route that turns the filter off (dry-run): no shadow result, so ext_authz would run.
