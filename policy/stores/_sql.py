@@ -23,6 +23,10 @@ from ..store import GrantDiff, Subscription, Transition
 from . import _codec as codec
 
 _REQ_COLS = ", ".join(codec.REQUEST_COLUMNS)
+#: The open states, as the partial index ``requests_open_scope`` states them (word for word:
+#: a planner uses a partial index only when the query carries its condition).
+OPEN_STATES_SQL = "state IN ('pending', 'approved')"
+_OPEN_STATES = frozenset({RequestState.PENDING, RequestState.APPROVED})
 _REQ_VALUES = ", ".join(f"%({c})s" for c in codec.REQUEST_COLUMNS)
 #: What a transition may change; identity and scope are fixed at creation.
 _MUTABLE = ("reason", "incident", "uses", "state", "approvals", "valid_until", "closed_by",
@@ -362,13 +366,15 @@ class SqlStore(abc.ABC):
                 where.append(f"{col} = %({col})s")
                 params[col] = value
         if states is not None:
-            if not states:
+            wanted = [RequestState(s) for s in states]
+            if not wanted:
                 return []
-            names = []
-            for i, s in enumerate(states):
-                params[f"s{i}"] = RequestState(s).value
-                names.append(f"%(s{i})s")
-            where.append(f"state IN ({', '.join(names)})")
+            if frozenset(wanted) == _OPEN_STATES:
+                where.append(OPEN_STATES_SQL)  # the gateway's lookup: requests_open_scope
+            else:
+                for i, state in enumerate(wanted):
+                    params[f"s{i}"] = state.value
+                where.append(f"state IN ({', '.join(f'%(s{i})s' for i in range(len(wanted)))})")
         sql = f"SELECT {_REQ_COLS} FROM requests"
         if where:
             sql += " WHERE " + " AND ".join(where)

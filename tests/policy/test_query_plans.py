@@ -22,7 +22,7 @@ NOW = datetime.now(UTC)
 ROWS = 20_000
 SVC = "svc1.v1.Svc"
 #: Indexes holding only open (pending / approved) requests.
-_PARTIAL = {"requests_pending_expiry", "requests_approved_expiry"}
+_PARTIAL = {"requests_pending_expiry", "requests_approved_expiry", "requests_open_scope"}
 
 _COLUMNS = ("id, requester, service, method, mode, created_at, expires_at, approval_ttl_us, "
             "reason, incident, body_sha256, required_approvals, max_uses, uses, state, approvals, "
@@ -161,16 +161,31 @@ def test_the_checker_sees_a_full_scan(backend, store):
                        "SELECT id FROM requests WHERE reason = %(r)s", {"r": "x"})
 
 
-def test_the_gateways_lookup_keeps_using_the_scope_index(backend, store):
-    """The per-check lookup stays on requests_scope (all four columns), not a wider walk."""
+def test_the_gateways_lookup_reads_only_open_requests(backend, store):
+    """The per-check lookup walks requests_open_scope, the partial index of open requests, so
+    its cost follows the few open requests, not the history (issue 13: flat at 1M requests).
+    The open row it must find is found; a closed one of the same caller and method is not."""
     _load_history(store, backend.name)
+    with store._tx(write=True) as cur:
+        cur.execute("UPDATE requests SET state = 'approved' WHERE id = 'bulk1'")
     with _recording(store) as seen:
-        store.find_requests(requester="other1@example.com", service="svc1.v1.Svc", method="Do",
-                            states=[RequestState.PENDING, RequestState.APPROVED])
+        found = store.find_requests(requester="other1@example.com", service="svc1.v1.Svc", method="Do",
+                                    states=[RequestState.APPROVED, RequestState.PENDING])
+    assert [r.id for r in found] == ["bulk1"]  # bulk501, 1001, ... are the same caller's, closed
     (sql, params), = seen
     with store._tx(write=False) as cur:
         if backend.name == "sqlite":
             plan = " ".join(r["detail"] for r in cur.execute("EXPLAIN QUERY PLAN " + sql, params))
         else:
             plan = json.dumps(cur.execute("EXPLAIN (FORMAT JSON) " + sql, params).fetchone())
-    assert "requests_scope" in plan, plan
+    assert "requests_open_scope" in plan, plan
+
+
+def test_other_state_filters_keep_their_parameters(store):
+    """Only the open pair takes the partial index's literal condition; other sets still filter."""
+    with _recording(store) as seen:
+        assert store.find_requests(states=[RequestState.EXPIRED, RequestState.PENDING]) == []
+        assert store.find_requests(states=[]) == []
+    (sql, params), = seen
+    assert "'pending'" not in sql and sorted(v for k, v in params.items() if k.startswith("s")) == [
+        "expired", "pending"]
