@@ -308,6 +308,13 @@ class SQLiteStore(SqlStore):
             return int(cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"])
 
     # --- dialect ---------------------------------------------------------------------------
+    # The WHERE is SQLite's: an upsert after INSERT ... SELECT needs one to parse. The text
+    # is kept as sent: append_audit_json takes ``at`` in the fixed-width UTC form _ts writes
+    # and ``detail`` as a JSON object (json_extract gives it back minified, keys in order).
+    _INSERT_AUDIT_JSON = (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) SELECT "
+                          + ", ".join(f"json_extract(value, '$.{c}')" for c in codec.AUDIT_COLUMNS)
+                          + " FROM json_each(%(events)s) WHERE true ON CONFLICT (id) DO NOTHING")
+
     def _ts(self, dt: datetime) -> str:
         # Fixed width, UTC: text order is time order, so indexes and ORDER BY work.
         return codec.utc(dt).isoformat(timespec="microseconds")
