@@ -269,14 +269,18 @@ class Rig:
 
 
 def _reader(rig: Rig) -> Callable[[als_pb2.StreamAccessLogsMessage, str], Any]:
-    """Entries to what the spool stores, without writing (the ``read`` stage)."""
-    from extauthz.access_log import EntryReader
-
-    reader = EntryReader(rig.settings)
+    """Entries to what the spool stores, without writing (the ``read`` stage). Also runs
+    against the code before ``EntryReader`` (an entry at a time), for a before/after."""
+    from extauthz import access_log, audit_spool
 
     def refused(entry: Any, e: Exception) -> None:
         raise RuntimeError(f"a captured entry was refused: {e}")
-    return lambda m, node: reader.rows(m.http_logs.log_entry, node, refused)
+    if hasattr(access_log, "EntryReader"):
+        reader = access_log.EntryReader(rig.settings)
+        return lambda m, node: reader.rows(m.http_logs.log_entry, node, refused)
+    encode = audit_spool._to_json  # type: ignore[attr-defined]  # the code before event_json
+    return lambda m, node: [encode(access_log.read_entry(e, rig.settings, node).audit_event())
+                            for e in m.http_logs.log_entry]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -524,10 +524,15 @@ class SqlStore(abc.ABC):
         if not events:
             return
         with self._tx(write=True) as cur:
-            cur.execute(self._INSERT_AUDIT_JSON, {"events": "[" + ",".join(events) + "]"})
+            if self._AUDIT_JSON_PER_EVENT:
+                cur.executemany(self._INSERT_AUDIT_JSON, [{"event": e} for e in events])
+            else:
+                cur.execute(self._INSERT_AUDIT_JSON, {"events": "[" + ",".join(events) + "]"})
 
-    #: ``append_audit_json``'s statement (the dialect's JSON functions): ``%(events)s`` is a JSON array.
+    #: ``append_audit_json``'s statement (the dialect's JSON functions): with
+    #: ``_AUDIT_JSON_PER_EVENT``, ``%(event)s`` is one event, else ``%(events)s`` is a JSON array.
     _INSERT_AUDIT_JSON: str
+    _AUDIT_JSON_PER_EVENT = False
 
     def _insert_audit(self, cur: Any, event: AuditEvent) -> None:
         cur.execute(_INSERT_AUDIT, codec.audit_params(event, self._ts, self._json_in))

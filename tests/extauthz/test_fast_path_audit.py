@@ -208,7 +208,7 @@ def test_one_spool_write_per_access_log_message(tmp_path):
             self.puts.append(len(events) + len(rows))  # the access log's events come encoded (rows)
             return super().put(events, *args, rows=rows, **kwargs)
 
-    sizes = [50, 1, 200]
+    sizes = [50, 1, 600]  # 600: read in chunks (READ_CHUNK), still one spool write
 
     async def main() -> list[int]:
         spool = CountingSpool(str(tmp_path / "spool.db"), 10_000)
