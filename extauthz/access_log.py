@@ -177,8 +177,9 @@ _PRINCIPAL = re.compile(r"[^\x00-\x20\x7f]+")
 
 
 class _Constant:
-    """What every entry of one (path, policy id) shares, pre-encoded: the spool row of an
-    entry is ``head + at + mid + id + actor + rest + id + rid + tail`` (``audit_spool.event_json``'s form)."""
+    """What every entry of one (path, policy id) shares, pre-encoded: the parts of its spool
+    row (``audit_spool.event_json``'s canonical form) around the entry's time, event id,
+    actor and x-request-id (``EntryReader.rows`` puts them together)."""
 
     __slots__ = ("mid", "tail")
 

@@ -37,6 +37,7 @@ log = logging.getLogger("extauthz.audit")
 #: Deferred events built between two GIL hand-backs (see audit_writer.BUILD_CHUNK).
 BUILD_CHUNK = 16
 
+
 class _Rows(list[tuple[str, str]]):
     """Events already encoded for the spool, as (id, ``audit_spool.event_json`` text)."""
 
