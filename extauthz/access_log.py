@@ -8,11 +8,12 @@ named ``fast_path.log_name`` whose filter passes only entries whose
 ``rpcauthz_fast_shadow_engine_result`` is ``allowed``). Each entry becomes exactly one
 ``decision.allow`` audit event (rule ``fast_path.allow``) through the same writer as the
 Checks' events: with the spool (the default) it is fsync'd before the next message of the
-stream is read.
+stream is read. Each message is read in one pass (``EntryReader``): its entries become spool
+rows directly, one spool transaction per message.
 
 The event id is derived from the entry (Envoy's x-request-id, the call's start time, the
-Envoy node and the downstream address), so the same entry sent twice is audited once: the
-spool and the store both ignore an id they already hold. The x-request-id alone is not
+Envoy node, the downstream address, the path and Envoy's stream id), so the same entry sent
+twice is audited once: the spool and the store both ignore an id they already hold. The x-request-id alone is not
 enough: an Envoy that does not regenerate it keeps what the client sent, and a caller could
 then reuse one id to hide calls behind the first.
 

@@ -12,6 +12,12 @@ The spool also keeps *spend voids* (``spend_voids.py``): decision ids of checks 
 to spend an approval use and were not answered allow. They are written in the same fsync'd
 transaction as the check's events and applied to the store by ``ship`` after the events.
 
+Each event is kept as one JSON row (``event_json``: ``at`` first, in UTC with microseconds,
+``detail`` encoded as the SQL stores encode it); callers with many events encode them
+themselves and pass ``put(rows=...)`` (the fast path's access log does). ``ship`` hands such
+rows to a store with ``append_audit_json`` as they are (the database decodes them); rows an
+older version wrote are decoded into events and shipped as before.
+
 And *spend intents*: before a check sends a spend to the store it records an intent for its
 decision id (fsync'd, ``put(intents=...)``); the check's allow events settle it in their own
 transaction (``put(settled=...)``), a void settles it too. An intent left unsettled by a
