@@ -12,6 +12,12 @@ The spool also keeps *spend voids* (``spend_voids.py``): decision ids of checks 
 to spend an approval use and were not answered allow. They are written in the same fsync'd
 transaction as the check's events and applied to the store by ``ship`` after the events.
 
+Each event is kept as one JSON row (``event_json``: ``at`` first, in UTC with microseconds,
+``detail`` encoded as the SQL stores encode it); callers with many events encode them
+themselves and pass ``put(rows=...)`` (the fast path's access log does). ``ship`` hands such
+rows to a store with ``append_audit_json`` as they are (the database decodes them); rows an
+older version wrote are decoded into events and shipped as before.
+
 And *spend intents*: before a check sends a spend to the store it records an intent for its
 decision id (fsync'd, ``put(intents=...)``); the check's allow events settle it in their own
 transaction (``put(settled=...)``), a void settles it too. An intent left unsettled by a
@@ -32,7 +38,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from policy.audit import AuditEvent
@@ -44,13 +50,37 @@ from .spend_voids import VoidsFailed, apply_voids
 MAX_BATCH = 500
 
 
-def _to_json(e: AuditEvent) -> str:
-    return json.dumps({"kind": e.kind, "actor": e.actor, "at": e.at.isoformat(), "request_id": e.request_id,
-                       "service": e.service, "method": e.method, "outcome": e.outcome, "reason": e.reason,
-                       "detail": e.detail, "trace_id": e.trace_id, "id": e.id})
+#: The spool's JSON: compact, keys sorted (so ``detail`` is encoded exactly as the SQL stores
+#: encode it), ``at`` first (see ``event_json``); strict, so the database's JSON reads it.
+_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+_ENCODE_LAX = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 
 
-def _from_json(text: str) -> AuditEvent:
+def event_json(e: AuditEvent) -> str:
+    """``e`` as a spool row. An aware ``at`` is written first, in UTC with microseconds
+    (``{"at":"YYYY-MM-DDTHH:MM:SS.ffffff+00:00",...``): ``is_canonical`` tells such a row from
+    one an older version wrote, and the store takes it as it is (``Store.append_audit_json``)."""
+    d = {"kind": e.kind, "actor": e.actor, "request_id": e.request_id, "service": e.service,
+         "method": e.method, "outcome": e.outcome, "reason": e.reason, "detail": e.detail,
+         "trace_id": e.trace_id, "id": e.id}
+    if e.at.tzinfo is not None:
+        at = e.at.astimezone(UTC).isoformat(timespec="microseconds")
+        try:
+            return f'{{"at":"{at}",{_ENCODE(d)[1:]}'
+        except ValueError:
+            pass  # NaN or infinity in detail: not JSON to a database, so not canonical
+    # Not canonical: shipped as a decoded event (a naive ``at`` is refused by the store, as before).
+    d["at"] = e.at.isoformat()
+    return _ENCODE_LAX(d)
+
+
+def is_canonical(row: str) -> bool:
+    """Whether ``row`` has ``event_json``'s canonical ``at`` (older spools hold other rows)."""
+    return row.startswith('{"at":"') and row[26:27] == "." and row[33:41] == '+00:00",'
+
+
+def event_from_json(text: str) -> AuditEvent:
+    """The event a spool row holds (any form ``event_json`` ever wrote)."""
     d: dict[str, Any] = json.loads(text)
     d["at"] = datetime.fromisoformat(d["at"])
     return AuditEvent(**d)
@@ -186,23 +216,28 @@ class AuditSpool:
         return len(ids)
 
     def put(self, events: Sequence[AuditEvent], voids: Sequence[str] = (), *,
-            intents: Sequence[str] = (), settled: Sequence[str] = ()) -> int:
+            intents: Sequence[str] = (), settled: Sequence[str] = (),
+            rows: Sequence[tuple[str, str]] = ()) -> int:
         """Keep ``events`` and the spend ``voids`` (decision ids) durably, in one transaction,
         before returning; returns how many events fitted under the bound (voids are never
         dropped: each is one short row, and dropping one could leave a use spent for a call
         that was refused). In the same transaction: records the spend ``intents`` (decision
         ids, owned by ``claim_intents``'s token, which they require) and forgets the intents of
-        ``settled`` decisions and of the voids (a void settles its decision's intent)."""
+        ``settled`` decisions and of the voids (a void settles its decision's intent).
+        ``rows``: more events, already encoded, as (id, ``event_json`` text); they count in the
+        bound and the return value after ``events``."""
         if intents and self.owner is None:
             raise ValueError("spend intents need an owner: call claim_intents() first")
         now = time.time()
         with self._lock:
-            room = self.max_events - self._depth()
-            kept = list(events)[:max(0, room)]
+            room = max(0, self.max_events - self._depth())
+            kept = [(e.id, event_json(e), now) for e in events[:room]]
+            if rows:
+                kept.extend((i, text, now) for i, text in rows[:max(0, room - len(kept))])
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("INSERT OR IGNORE INTO audit_spool (id, event, spooled_at) VALUES (?, ?, ?)",
-                                     [(e.id, _to_json(e), now) for e in kept])
+                                     kept)
                 if voids:
                     self._db.executemany("INSERT OR IGNORE INTO spend_voids (decision_id, spooled_at) "
                                          "VALUES (?, ?)", [(d, now) for d in voids])
@@ -219,9 +254,24 @@ class AuditSpool:
         return len(kept)
 
     def oldest(self, limit: int) -> list[AuditEvent]:
+        return [event_from_json(text) for _seq, text in self._oldest(limit)]
+
+    def _oldest(self, limit: int) -> list[tuple[int, str]]:
+        """The oldest ``limit`` events as (seq, spool row), by seq."""
         with self._lock:
-            rows = self._db.execute("SELECT event FROM audit_spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
-        return [_from_json(r[0]) for r in rows]
+            return self._db.execute("SELECT seq, event FROM audit_spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
+
+    def _remove_seqs(self, low: int, high: int) -> None:
+        """Forget the events ``_oldest`` gave from ``low`` to ``high``: every row in that range
+        was among them (seq only grows: AUTOINCREMENT never reuses one)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM audit_spool WHERE seq BETWEEN ? AND ?", (low, high))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def remove(self, ids: Sequence[str]) -> None:
         """Forget ``ids`` (written to the store): one transaction, one fsync."""
@@ -294,17 +344,12 @@ class AuditSpool:
         owners become voids first (``void_orphaned_intents``)."""
         self.void_orphaned_intents()
         done = 0
-        while events := self.oldest(batch):
-            write = getattr(store, "append_audits", None)
-            if write is not None:
-                write(events)
-            else:
-                for e in events:
-                    store.append_audit(e)
-            self.remove([e.id for e in events])
-            done += len(events)
+        while rows := self._oldest(batch):
+            _write(store, [text for _seq, text in rows])
+            self._remove_seqs(rows[0][0], rows[-1][0])
+            done += len(rows)
             if on_batch is not None:
-                on_batch(len(events))
+                on_batch(len(rows))
         while pending := self.voids(batch):
             try:
                 applied = apply_voids(store, pending, on_given_back)
@@ -315,4 +360,20 @@ class AuditSpool:
         return done
 
 
-__all__ = ["AuditSpool"]
+def _write(store: Store, rows: Sequence[str]) -> None:
+    """Spool rows into ``store`` in one transaction: as they are where the store takes them
+    (``append_audit_json``) and every row is canonical, else decoded into events."""
+    as_json = getattr(store, "append_audit_json", None)
+    if as_json is not None and all(map(is_canonical, rows)):
+        as_json(rows)
+        return
+    events = [event_from_json(text) for text in rows]
+    write = getattr(store, "append_audits", None)
+    if write is not None:
+        write(events)
+    else:
+        for e in events:
+            store.append_audit(e)
+
+
+__all__ = ["AuditSpool", "event_from_json", "event_json", "is_canonical"]

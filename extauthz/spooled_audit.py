@@ -37,7 +37,14 @@ log = logging.getLogger("extauthz.audit")
 #: Deferred events built between two GIL hand-backs (see audit_writer.BUILD_CHUNK).
 BUILD_CHUNK = 16
 
-_Queued = AuditEvent | Callable[[], AuditEvent] | SpendVoid | SpendIntent | SpendSettled
+
+class _Rows(list[tuple[str, str]]):
+    """Events already encoded for the spool, as (id, ``audit_spool.event_json`` text)."""
+
+    __slots__ = ()
+
+
+_Queued = AuditEvent | Callable[[], AuditEvent] | SpendVoid | SpendIntent | SpendSettled | _Rows
 
 
 class SpooledAuditWriter:
@@ -53,6 +60,8 @@ class SpooledAuditWriter:
         self._executor = executor
         self._window, self._replay_interval, self._ack_timeout = batch_window, replay_interval, ack_timeout
         self._group: list[_Queued] = []
+        #: Events in the group (a batch of rows counts each row), bounded by queue_size.
+        self._queued = 0
         #: Resolves when the group is written: True, or False if the spool write failed.
         self._group_done: asyncio.Future[bool] | None = None
         self._wake_spooler = asyncio.Event()
@@ -77,14 +86,24 @@ class SpooledAuditWriter:
         """Add ``event`` to the group being spooled; never blocks, never raises for a full group.
 
         ``event`` may be a function that builds it (called in the spooler's thread)."""
-        if len(self._group) >= self._queue_size:
+        if self._queued >= self._queue_size:
             self._metrics.audit_dropped.labels("queue_full").inc()
             log.error("audit queue full: dropped an event")
             return
-        self._group.append(event)
-        if self._group_done is None:
-            self._group_done = asyncio.get_running_loop().create_future()
-        self._wake_spooler.set()
+        self._join(event)
+
+    def submit_rows(self, rows: list[tuple[str, str]]) -> None:
+        """``submit`` for many events already encoded as spool rows (id, ``event_json`` text):
+        one item in the group, one ``executemany`` in its transaction. Rows past ``queue_size``
+        are dropped and counted, as ``submit``'s events are."""
+        room = self._queue_size - self._queued
+        if len(rows) > room:
+            dropped = len(rows) - max(0, room)
+            self._metrics.audit_dropped.labels("queue_full").inc(dropped)
+            log.error("audit queue full: dropped %d event(s)", dropped)
+            rows = rows[:max(0, room)]
+        if rows:
+            self._join(_Rows(rows), len(rows))
 
     def void_spend(self, decision_id: str) -> None:
         """The check ``decision_id`` attempted to spend an approval use and was not allowed:
@@ -107,8 +126,9 @@ class SpooledAuditWriter:
         spool transaction as its allow events (no fsync of its own). Never dropped."""
         self._join(SpendSettled(decision_id))
 
-    def _join(self, item: _Queued) -> asyncio.Future[bool]:
+    def _join(self, item: _Queued, size: int = 1) -> asyncio.Future[bool]:
         self._group.append(item)
+        self._queued += size
         if self._group_done is None:
             self._group_done = asyncio.get_running_loop().create_future()
         self._wake_spooler.set()
@@ -131,7 +151,7 @@ class SpooledAuditWriter:
             await self._wake_spooler.wait()
             self._wake_spooler.clear()
             group, done = self._group, self._group_done
-            self._group, self._group_done = [], None
+            self._group, self._group_done, self._queued = [], None, 0
             if not group:
                 continue
             written = False
@@ -139,8 +159,9 @@ class SpooledAuditWriter:
                 await loop.run_in_executor(self._executor, self._put, group)
                 written = True
             except Exception as e:
-                self._metrics.audit_dropped.labels("spool_failed").inc(len(group))
-                log.error("audit spool write failed: dropped %d event(s): %s", len(group), e)
+                lost = sum(len(i) if isinstance(i, _Rows) else 1 for i in group)
+                self._metrics.audit_dropped.labels("spool_failed").inc(lost)
+                log.error("audit spool write failed: dropped %d event(s): %s", lost, e)
             finally:
                 if done is not None and not done.done():
                     done.set_result(written)
@@ -152,7 +173,11 @@ class SpooledAuditWriter:
         voids: list[str] = []
         intents: list[str] = []
         settled: list[str] = []
+        rows: list[tuple[str, str]] = []
         for n, item in enumerate(group):
+            if isinstance(item, _Rows):
+                rows.extend(item)
+                continue
             if isinstance(item, AuditEvent):
                 events.append(item)
                 continue
@@ -174,19 +199,19 @@ class SpooledAuditWriter:
                 log.exception("could not build an audit event")
         voids = self._unspooled_voids + voids
         settled = self._unspooled_settled + settled
-        if events or voids or intents or settled:
+        if events or voids or intents or settled or rows:
             try:
-                kept = self.spool.put(events, voids, intents=intents, settled=settled)
+                kept = self.spool.put(events, voids, intents=intents, settled=settled, rows=rows)
             except Exception:
                 # Retried with the next group, never dropped. (A failed intent is not: its
                 # check does not spend, and it voids its decision instead.)
                 self._unspooled_voids, self._unspooled_settled = voids, settled
                 raise
             self._unspooled_voids, self._unspooled_settled = [], []
-            if kept < len(events):
-                self._metrics.audit_dropped.labels("spool_full").inc(len(events) - kept)
-                log.error("audit spool full (%d events): dropped %d event(s)", self.spool.max_events,
-                          len(events) - kept)
+            if kept < len(events) + len(rows):
+                lost = len(events) + len(rows) - kept
+                self._metrics.audit_dropped.labels("spool_full").inc(lost)
+                log.error("audit spool full (%d events): dropped %d event(s)", self.spool.max_events, lost)
 
     async def _shipper(self) -> None:
         loop = asyncio.get_running_loop()

@@ -522,6 +522,24 @@ class SqlStore(abc.ABC):
         with self._tx(write=True) as cur:
             cur.executemany(_INSERT_AUDIT, rows)
 
+    def append_audit_json(self, events: Sequence[str]) -> None:
+        """Write several audit events given as JSON objects (``AuditEvent.to_json()``'s keys,
+        ``at`` an RFC 3339 time in UTC with microseconds, e.g. the audit spool's rows) in one
+        transaction; the database decodes them (no Python object per event). An id the store
+        holds is skipped, as in ``append_audits``."""
+        if not events:
+            return
+        with self._tx(write=True) as cur:
+            if self._AUDIT_JSON_PER_EVENT:
+                cur.executemany(self._INSERT_AUDIT_JSON, [{"event": e} for e in events])
+            else:
+                cur.execute(self._INSERT_AUDIT_JSON, {"events": "[" + ",".join(events) + "]"})
+
+    #: ``append_audit_json``'s statement (the dialect's JSON functions): with
+    #: ``_AUDIT_JSON_PER_EVENT``, ``%(event)s`` is one event, else ``%(events)s`` is a JSON array.
+    _INSERT_AUDIT_JSON: str
+    _AUDIT_JSON_PER_EVENT = False
+
     def _insert_audit(self, cur: Any, event: AuditEvent) -> None:
         cur.execute(_INSERT_AUDIT, codec.audit_params(event, self._ts, self._json_in))
 

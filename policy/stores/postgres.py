@@ -263,6 +263,12 @@ class PostgresStore(SqlStore):
             raise self._error(e) from e
 
     # --- dialect ---------------------------------------------------------------------------
+    _INSERT_AUDIT_JSON = (
+        f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) SELECT {', '.join(codec.AUDIT_COLUMNS)} "
+        "FROM jsonb_to_recordset(%(events)s::jsonb) AS e(id text, kind text, actor text, at timestamptz, "
+        "request_id text, service text, method text, outcome text, reason text, detail jsonb, trace_id text) "
+        "ON CONFLICT (id) DO NOTHING")
+
     def _ts(self, dt: datetime) -> datetime:
         return codec.utc(dt)
 

@@ -315,6 +315,16 @@ class SQLiteStore(SqlStore):
             return int(cur.execute("SELECT max(version) AS v FROM schema_version").fetchone()["v"])
 
     # --- dialect ---------------------------------------------------------------------------
+    # One event per row of an executemany: SQLite parses the same argument once for its
+    # json_extract calls (measured: ~11 µs per event, against ~16 through json_each of an
+    # array). The WHERE is SQLite's: an upsert after INSERT ... SELECT needs one to parse.
+    # append_audit_json takes ``at`` in the fixed-width UTC form _ts writes and ``detail``
+    # encoded as _json_in encodes it (json_extract gives it back as it was sent).
+    _INSERT_AUDIT_JSON = (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) SELECT "
+                          + ", ".join(f"json_extract(%(event)s, '$.{c}')" for c in codec.AUDIT_COLUMNS)
+                          + " WHERE true ON CONFLICT (id) DO NOTHING")
+    _AUDIT_JSON_PER_EVENT = True
+
     def _ts(self, dt: datetime) -> str:
         # Fixed width, UTC: text order is time order, so indexes and ORDER BY work.
         return codec.utc(dt).isoformat(timespec="microseconds")

@@ -2,6 +2,7 @@
 PostgreSQL, and the writer building many deferred events in GIL-friendly chunks."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -75,3 +76,35 @@ async def test_writer_builds_many_deferred_events_and_loses_none(tmp_path):
                                                  {"why": "build_failed"}) == 1
     finally:
         store.close()
+
+
+def _stored(store, ids) -> list[tuple]:
+    """What the store holds of ``ids``, field by field, in a form both backends compare in."""
+    return sorted((e.id, e.kind, e.actor, e.at, e.request_id, e.service, e.method, e.outcome, e.reason,
+                   e.detail, e.trace_id) for e in store.list_audit(limit=10_000) if e.id in ids)
+
+
+def test_spool_rows_go_in_as_the_database_reads_them_and_equal_the_events(store):
+    """``append_audit_json`` (the spool's canonical rows decoded by the database) stores exactly
+    what ``append_audits`` stores for the same events, skips ids it holds, and is one transaction."""
+    from extauthz.audit_spool import event_json, is_canonical
+
+    odd = {"decision_id": "d", "nested": {"b": [1, 2.5, None, True], "a": "é \" \\ \u2028"}, "n": 10**15}
+    events = [_event(n, actor=f"ü{n}\"'", reason="x" * 400, detail=dict(odd, decision_id=f"d{n}"),
+                     request_id="r1" if n % 2 else None, trace_id="t" if n == 3 else None) for n in range(6)]
+    rows = [event_json(e) for e in events]
+    assert all(map(is_canonical, rows))
+    store.append_audit_json(rows)
+    store.append_audit_json(rows[:2])  # held ids: skipped
+    store.append_audit_json([])
+    twins = [dataclasses.replace(e, id=audit_event_id()) for e in events]
+    store.append_audits(twins)
+    got = _stored(store, {e.id for e in events})
+    want = _stored(store, {e.id for e in twins})
+    assert len(got) == 6 and sorted(g[1:] for g in got) == sorted(w[1:] for w in want)
+    first = next(g for g in got if g[0] == events[0].id)
+    assert first[2:4] == ('ü0"\'', T0) and first[9] == events[0].detail
+    bad = event_json(_event(9)).replace('"kind":"decision.allow"', '"kind":null')  # NOT NULL
+    with pytest.raises(StoreError):
+        store.append_audit_json([event_json(_event(8)), bad])
+    assert not [e for e in store.list_audit(limit=10_000) if e.actor in ("user8", "user9")]

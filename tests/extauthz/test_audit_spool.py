@@ -4,6 +4,7 @@ exactly once (the store ignores event ids it holds)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace as dataclasses_replace
 from datetime import UTC, datetime
 
 import pytest
@@ -29,6 +30,11 @@ class FlakyStore:
         if self.down:
             raise StoreError("connection refused (store away)")
         return self._store.append_audits(events)
+
+    def append_audit_json(self, events):
+        if self.down:
+            raise StoreError("connection refused (store away)")
+        return self._store.append_audit_json(events)
 
 
 def _events(n: int, tag: str = "d") -> list[AuditEvent]:
@@ -328,3 +334,82 @@ def test_lock_files_of_owners_gone_without_intents_are_removed(tmp_path):
     for s in (late, sweeper, live, dead):
         s.close()
     assert not os.path.exists(live_file) and not os.path.exists(own_file)
+
+
+def _legacy_row(e: AuditEvent) -> str:
+    """A spool row as the versions before ``event_json`` wrote it."""
+    import json
+    return json.dumps({"kind": e.kind, "actor": e.actor, "at": e.at.isoformat(), "request_id": e.request_id,
+                       "service": e.service, "method": e.method, "outcome": e.outcome, "reason": e.reason,
+                       "detail": e.detail, "trace_id": e.trace_id, "id": e.id})
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_every_row_a_spool_ever_held_ships_with_every_field(backend, tmp_path, request):
+    """Rows an older version spooled (another JSON form, a time in another zone), rows that are
+    not JSON to a database (NaN in detail) and canonical rows, mixed in one batch or not: each
+    reaches the store once with every field, and leaves the spool."""
+    import math
+    from datetime import timedelta, timezone
+
+    from extauthz.audit_spool import event_json, is_canonical
+
+    url = f"sqlite:///{tmp_path / 's.db'}" if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+    store = open_store(url)
+    spool = AuditSpool(str(tmp_path / "spool.db"), max_events=100)
+    try:
+        plus2 = timezone(timedelta(hours=2))
+        old = [dataclasses_replace(e, at=e.at.astimezone(plus2)) for e in _events(3, tag="old")]
+        nan = dataclasses_replace(_events(1, tag="nan")[0], detail={"decision_id": "nan", "x": math.inf})
+        new = _events(4, tag="new")
+        odd = [nan] if backend == "sqlite" else []  # PostgreSQL's JSON refuses it, whichever the path
+        assert not is_canonical(event_json(nan)) and all(is_canonical(event_json(e)) for e in new)
+        assert not any(is_canonical(_legacy_row(e)) for e in old)
+        spool.put([], rows=[(e.id, _legacy_row(e)) for e in old])  # as an older version left them
+        spool.put(new[:2] + odd)
+        assert spool.ship(store, 2) == 5 + len(odd)  # batches of 2: mixed and not
+        spool.put(new[2:], rows=[(old[0].id, _legacy_row(old[0]))])  # a resent one: stored once
+        assert spool.ship(store, 500) == 3 and spool.stats()["depth"] == 0
+        got = {e.id: e for e in store.list_audit(limit=10_000) if e.id in {x.id for x in old + new + [nan]}}
+        for e in old + new:
+            assert got[e.id] == dataclasses_replace(e, at=e.at.astimezone(UTC))
+        if backend == "sqlite":
+            assert got[nan.id].detail["x"] == math.inf
+    finally:
+        spool.close()
+        store.close()
+
+
+def test_encoded_rows_count_in_the_spools_bound_and_the_writers_queue(tmp_path):
+    from extauthz.audit_spool import event_json
+    from extauthz.spooled_audit import SpooledAuditWriter
+
+    spool = AuditSpool(str(tmp_path / "spool.db"), max_events=10)
+    events = _events(14)
+    assert spool.put(events[:4], rows=[(e.id, event_json(e)) for e in events[4:]]) == 10
+    assert [e.id for e in spool.oldest(20)] == [e.id for e in events[:10]]
+
+    async def main() -> Metrics:
+        metrics = Metrics()
+        store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+        big = AuditSpool(str(tmp_path / "big.db"), max_events=1000)
+        writer = SpooledAuditWriter(store, metrics, big, queue_size=5, replay_interval=60)
+        writer.start()
+        try:
+            sent = _events(7, tag="q")
+            writer.submit(sent[0])
+            writer.submit_rows([(e.id, event_json(e)) for e in sent[1:]])  # 4 fit, 2 dropped
+            writer.submit(sent[0])  # the group is full
+            await writer.acknowledged()
+            writer.submit_rows([(e.id, event_json(e)) for e in sent[5:]])  # a new group: room again
+            await writer.acknowledged()
+        finally:
+            await writer.close()
+            big.close()
+        assert sorted(e.id for e in store.list_audit()) == sorted(e.id for e in sent)
+        store.close()
+        return metrics
+
+    metrics = asyncio.run(main())
+    assert metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "queue_full"}) == 3
+    spool.close()

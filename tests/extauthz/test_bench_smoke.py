@@ -57,3 +57,21 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
     assert re.search(r"\| mode change: reflection answer taken by the cache -> Envoy ACK .* \| \d+ ms \(\d+-\d+\) \|",
                      r.stdout)
     assert re.search(r"\| Envoy memory allocated \(admin /memory\) \| \d+\.\d MiB \|", r.stdout)
+
+
+def test_als_receiver_bench_captures_envoys_messages_and_prints_cpu_per_stage(tmp_path):
+    assert shutil.which("h2load"), "h2load (nghttp2-client) must be installed"
+    capture = tmp_path / "als.bin"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "als_receiver_bench.py"),
+                        "--capture-seconds", "0.5", "--capture-concurrency", "2", "--repeat", "1",
+                        "--save", str(capture)],
+                       capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"captured: \d+ message\(s\) from Envoy, [1-9]\d* entries", r.stdout), r.stdout
+    stages = re.findall(r"\| N=\d+[^|]* \| (parse|read|receive|ship|end to end) \| \d+\.\d \[", r.stdout)
+    assert stages == ["parse", "read", "receive", "ship", "end to end"] * 2, r.stdout
+    again = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "als_receiver_bench.py"),
+                            "--load", str(capture), "--repeat", "1", "--only", "small", "--end-to-end-only"],
+                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.findall(r"\| N=16 \| (\w[\w ]*) \|", again.stdout) == ["receive", "ship", "end to end"]

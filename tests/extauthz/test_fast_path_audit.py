@@ -129,6 +129,66 @@ def test_entries_that_cannot_be_audited_say_why(entry, error, says):
         read_entry(entry, SETTINGS, "")
 
 
+def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
+    """``EntryReader.rows`` (the service's one pass per message, with its caches) gives, entry by
+    entry, the event ``read_entry`` + ``audit_event`` gives, encoded as ``event_json`` would, and
+    refuses what it refuses with the same exception and message; a bug on one entry is refused
+    alone."""
+    from extauthz.access_log import EntryReader
+    from extauthz.audit_spool import event_from_json, event_json, is_canonical
+
+    good = [_entry(request_id=f"r{i}", port=40000 + i, sub=sub) for i, sub in
+            enumerate(["alice", 'b"o\\b\u00e9\u2028', "alice", "x" * 256])]
+    good += [_entry(path=f"/{LEDGER}/PostEntry", policy="v12/contributors", request_id='q"1'),
+             _entry(start=1_700_000_000.0, request_id="whole-second"), _entry(start=1.000001, request_id="1970"),
+             _entry(sub="alice\n", request_id="newline")]  # whatever identity says of it, the same here
+    bad = [_entry(result="denied"), _entry(result=None, policy=None), _entry(sub=None), _entry(sub=""),
+           _entry(sub="x" * 257), _entry(sub="a b"), _entry(policy=None), _entry(policy="engineers"),
+           _entry(policy="v1.empty.2/engineers"), _entry(path="/not a/path"), _entry(request_id=""),
+           _entry(result="allowed", policy="v1/engineers", sub=None)]
+    no_start = _entry(request_id="no-start")
+    no_start.common_properties.ClearField("start_time")
+    bad.append(no_start)
+    not_struct = _entry(request_id="not-struct")
+    not_struct.common_properties.metadata.filter_metadata["envoy.filters.http.jwt_authn"].fields[
+        "jwt_payload"].string_value = "alice"
+    bad.append(not_struct)
+    entries = good + bad + good  # twice: the second time from the caches
+
+    def expected(entry):
+        try:
+            allow = read_entry(entry, SETTINGS, "envoy-1")
+        except Exception as e:  # noqa: BLE001
+            return ("refused", type(e), str(e))
+        return ("row", allow.event_id, allow.audit_event())
+
+    refused = []
+    rows = iter(EntryReader(SETTINGS).rows(entries, "envoy-1",
+                                           lambda entry, e: refused.append((type(e), str(e)))))
+    refusals = iter(refused)
+    for entry in entries:
+        want = expected(entry)
+        if want[0] == "refused":
+            assert next(refusals) == want[1:]
+            continue
+        event_id, row = next(rows)
+        assert event_id == want[1] == entry_event_id(entry, "envoy-1")
+        assert is_canonical(row)
+        assert json.loads(row) == json.loads(event_json(want[2]))
+        assert event_from_json(row) == want[2]
+    assert next(rows, None) is None and next(refusals, None) is None
+    assert len(refused) >= len(bad)  # each bad entry was refused (and "alice\n" as identity decides)
+
+    class Broken:  # a bug reading one entry: refused alone, the others still read
+        @property
+        def common_properties(self):
+            raise RuntimeError("boom")
+        request = accesslog_pb2.HTTPAccessLogEntry().request
+    refused.clear()
+    assert len(EntryReader(SETTINGS).rows([good[0], Broken(), good[1]], "e", lambda entry, e: refused.append(e))) == 2
+    assert [type(e) for e in refused] == [RuntimeError]
+
+
 def test_one_spool_write_per_access_log_message(tmp_path):
     """Envoy sends a worker's buffered entries as one StreamAccessLogsMessage; the server spools
     each message in ONE (fsync'd) transaction, whatever its size, before reading the next."""
@@ -144,11 +204,11 @@ def test_one_spool_write_per_access_log_message(tmp_path):
             super().__init__(*a, **kw)
             self.puts: list[int] = []
 
-        def put(self, events, *args, **kwargs):
-            self.puts.append(len(events))
-            return super().put(events, *args, **kwargs)
+        def put(self, events, *args, rows=(), **kwargs):
+            self.puts.append(len(events) + len(rows))  # the access log's events come encoded (rows)
+            return super().put(events, *args, rows=rows, **kwargs)
 
-    sizes = [50, 1, 200]
+    sizes = [50, 1, 600]  # 600: read in chunks (READ_CHUNK), still one spool write
 
     async def main() -> list[int]:
         spool = CountingSpool(str(tmp_path / "spool.db"), 10_000)
