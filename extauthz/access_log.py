@@ -46,12 +46,13 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from policy import Mode, Target
 from policy.audit import AuditEvent
+from policy.principals import usable_principal
 from policy.rules import Rule, message
 
 from .audit_spool import event_from_json, event_json
 from .audit_writer import AuditWriter
 from .config import Settings
-from .identity import MAX_PRINCIPAL_LENGTH, IdentityError, identity_from_metadata
+from .identity import IdentityError, identity_from_metadata
 from .listeners import PeerCheck
 from .metrics import Metrics
 from .spooled_audit import SpooledAuditWriter
@@ -174,7 +175,6 @@ def read_entry(entry: accesslog_pb2.HTTPAccessLogEntry, settings: Settings, node
 READ_CHUNK = 256
 #: Most (path, policy id) pairs and principals one reader remembers (then it starts afresh).
 _CACHE_MAX = 4096
-_PRINCIPAL = re.compile(r"[^\x00-\x20\x7f]+")
 
 
 class _Constant:
@@ -254,8 +254,7 @@ class EntryReader:
                     claim = payload.struct_value.fields.get(claim_key) if payload is not None else None
                     principal = claim.string_value if claim is not None else ""
                     actor = principals.get(principal)
-                    if actor is None and principal and len(principal) <= MAX_PRINCIPAL_LENGTH \
-                            and _PRINCIPAL.fullmatch(principal):
+                    if actor is None and usable_principal(principal):
                         if len(principals) >= _CACHE_MAX:
                             principals.clear()
                         actor = principals[principal] = _json_str(principal)

@@ -8,16 +8,14 @@ there, jwt_authn did not verify one, and the call is refused.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf.struct_pb2 import Struct
 
-from .config import Identity as IdentityConfig
+from policy.principals import MAX_PRINCIPAL_LENGTH, usable_principal
 
-MAX_PRINCIPAL_LENGTH = 256
-_PRINCIPAL = re.compile(r"^[^\x00-\x20\x7f]+$")
+from .config import Identity as IdentityConfig
 
 
 class IdentityError(Exception):
@@ -69,13 +67,13 @@ def identity_from_metadata(filter_metadata: Mapping[str, Struct], cfg: IdentityC
 
 def _check_principal(value: str, what: str, name: str) -> str:
     """``value`` if it is a usable principal; else ``IdentityError`` naming ``what name``."""
-    if value and len(value) <= MAX_PRINCIPAL_LENGTH and _PRINCIPAL.match(value):
+    if usable_principal(value):
         return value  # the usual case: no message to build
     where = f"{what} {name}"
     if not value:
         raise IdentityError(f"no identity: {where} is empty or absent")
     if len(value) > MAX_PRINCIPAL_LENGTH:
         raise IdentityError(f"{where} is longer than {MAX_PRINCIPAL_LENGTH} characters")
-    if not _PRINCIPAL.match(value):
+    if not usable_principal(value):
         raise IdentityError(f"{where} contains whitespace or control characters")
     return value

@@ -48,6 +48,7 @@ from xds.type.matcher.v3 import matcher_pb2
 from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 from policy import GrantSet, Mode, Role
+from policy.principals import usable_principal
 from reflection_cache.types import ServiceModes
 
 #: RBAC shadow stats and dynamic-metadata key prefix (see docs/fastpath_contract).
@@ -60,8 +61,6 @@ RESOURCE_NAME = "rpcauthz_fast_path"
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _SERVICE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*")
 _METHOD = re.compile(_IDENT)
-_PRINCIPAL = re.compile(r"[^\x00-\x20\x7f]+")
-MAX_PRINCIPAL_LENGTH = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,11 +145,6 @@ def alternations(literals: Iterable[str], max_chars: int) -> list[str]:
 def current_pattern(escaped: list[str]) -> str:
     """One alternation of already-escaped literals."""
     return escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
-
-
-def usable_principal(principal: str) -> bool:
-    """Would the ext_authz server accept this principal (extauthz/identity.py)?"""
-    return len(principal) <= MAX_PRINCIPAL_LENGTH and _PRINCIPAL.fullmatch(principal) is not None
 
 
 def usable_path(service: str, method: str, max_path_length: int) -> bool:

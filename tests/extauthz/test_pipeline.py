@@ -144,6 +144,21 @@ async def test_principal_claim_is_configurable():
     assert resp.status.code == 0
 
 
+@pytest.mark.parametrize("principal,why", [
+    ("alice\n", "whitespace or control characters"),  # "$" in a regex would let this through
+    ("ali ce", "whitespace or control characters"),
+    ("alice\x7f", "whitespace or control characters"),
+    ("", "empty or absent"),
+    ("a" * 257, "longer than 256"),
+])
+async def test_unusable_principals_are_refused_with_reason(principal, why):
+    h = Harness()
+    if principal:  # granted, so only the identity rule can refuse it
+        h.authorizer.grants = FixedGrants(GrantSet([*GRANTS, Grant(principal, Role.ENGINEER)]))
+    code, body = denied(await h.check(f"/{SVC}/Open", principal=principal))
+    assert code == 403 and why in body
+
+
 async def test_dev_mode_reads_header_and_marks_decision():
     h = Harness(**{"identity.dev_mode": True})
     resp = await h.check(f"/{SVC}/Open", principal=None, headers={"x-dev-principal": "alice"})
