@@ -27,7 +27,9 @@ the two within each round, and the goal uses that (large vs small), not p50s min
 
 Memory and collections as the server process has them: the grant cache is loaded, then the
 heap is frozen (``extauthz.heap.freeze_long_lived``, what the server does before its first
-check), then the reflection cache fills.
+check), then the reflection cache fills. The RSS probe (a fresh process) loads the grants,
+fills the reflection cache, decides once per service, then releases freed memory as the
+server does once a minute (``extauthz.heap.release_free_memory``).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ import yaml  # noqa: E402
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2  # noqa: E402
 
 import policy  # noqa: E402
-from extauthz.heap import freeze_long_lived  # noqa: E402
+from extauthz.heap import freeze_long_lived, release_free_memory  # noqa: E402
 from extauthz.target import parse_path  # noqa: E402
 from mpa.config import RequestPolicy  # noqa: E402
 from mpa.service import ApprovalService  # noqa: E402
@@ -505,6 +507,7 @@ def rss_probe(url: str, port: int, org: Org) -> None:
             modes = await rcache.get(service_name(s))
             policy.decide(email(s % org.engineers), Target(service_name(s), "Read"),
                           modes.mode_for("Read", Mode.BREAK_GLASS_ONLY)[0], gcache.current(), (), NOW)
+        release_free_memory()  # as the server does once a minute (extauthz/heap.py)
         rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         print(f"{rss / 1e6:.1f}")
         gcache.close()
