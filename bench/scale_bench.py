@@ -28,8 +28,9 @@ the two within each round, and the goal uses that (large vs small), not p50s min
 Memory and collections as the server process has them: the grant cache is loaded, then the
 heap is frozen (``extauthz.heap.freeze_long_lived``, what the server does before its first
 check), then the reflection cache fills. The RSS probe (a fresh process) loads the grants,
-fills the reflection cache, decides once per service, then releases freed memory as the
-server does once a minute (``extauthz.heap.release_free_memory``).
+fills the reflection cache, decides once per service, waits for the fill's channels to close
+(their idle timeout), then releases freed memory as the server does once a minute
+(``extauthz.heap.release_free_memory``).
 """
 from __future__ import annotations
 
@@ -507,7 +508,10 @@ def rss_probe(url: str, port: int, org: Org) -> None:
             modes = await rcache.get(service_name(s))
             policy.decide(email(s % org.engineers), Target(service_name(s), "Read"),
                           modes.mode_for("Read", Mode.BREAK_GLASS_ONLY)[0], gcache.current(), (), NOW)
-        release_free_memory()  # as the server does once a minute (extauthz/heap.py)
+        # As the server's once-a-minute release finds it (extauthz/heap.py): the fill's
+        # channels closed after their idle timeout, then freed memory handed back.
+        await asyncio.sleep(rcache.settings.channel_idle_timeout + 1.5)
+        release_free_memory()
         rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         print(f"{rss / 1e6:.1f}")
         gcache.close()
