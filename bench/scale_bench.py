@@ -17,8 +17,8 @@ databases on that server. Every figure is printed for small and large and as lar
 the goals of the issue are checked at the end ("met" / "NOT met").
 
 A "warm check" is the decision path of ``extauthz`` without the gRPC framing: the
-reflection cache's answer for the method's mode (warm: ``fresh_mode`` by the request's
-``:path``, as the pipeline asks it), ``GrantCache.current()`` and ``policy.decide``, for a
+reflection cache's answer for the method's target and mode (warm: ``fresh_target`` by the
+request's ``:path``, as the pipeline asks it), ``GrantCache.current()`` and ``policy.decide``, for a
 random service, method and engineer each time (fresh strings each time, as a request's are). Its cost moves
 with the machine's load (2 CPUs shared with other work move a p50 by 1.5x between minutes),
 so it is timed in rounds that alternate with the same check on a reference organisation of
@@ -29,7 +29,10 @@ the small organisation's requests held beside the measured one.
 
 Memory and collections as the server process has them: the grant cache is loaded, then the
 heap is frozen (``extauthz.heap.freeze_long_lived``, what the server does before its first
-check), then the reflection cache fills.
+check), then the reflection cache fills. The RSS probe (a fresh process) loads the grants,
+fills the reflection cache, decides once per service, waits for the fill's channels to close
+(their idle timeout), then releases freed memory as the server does once a minute
+(``extauthz.heap.release_free_memory``).
 """
 from __future__ import annotations
 
@@ -61,7 +64,8 @@ import yaml  # noqa: E402
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2  # noqa: E402
 
 import policy  # noqa: E402
-from extauthz.heap import freeze_long_lived  # noqa: E402
+from extauthz.heap import freeze_long_lived, release_free_memory  # noqa: E402
+from extauthz.target import parse_path  # noqa: E402
 from mpa.config import RequestPolicy  # noqa: E402
 from mpa.service import ApprovalService  # noqa: E402
 from policy import Grant, Mode, RequestState, Role, Target  # noqa: E402
@@ -389,13 +393,15 @@ async def _decision_figures(org: Org, url: str, store, port: int,
         def checker(o: Org, modes_of: ReflectionCache, grants: Callable[[], GrantSet]):
             async def check() -> None:
                 s = rng.randrange(o.services)
-                m = rng.choice(methods_of(o, s))
-                # as extauthz.pipeline: the mode by the request's :path, else through get()
-                found = modes_of.fresh_mode(f"/{service_name(s)}/{m}", Mode.BREAK_GLASS_ONLY)
-                if found is None:
-                    found = (await modes_of.get(service_name(s))).mode_for(m, Mode.BREAK_GLASS_ONLY)
-                policy.decide(email(rng.randrange(o.engineers)), Target(service_name(s), m), found[0],
-                              grants(), (), NOW)
+                path = f"/{service_name(s)}/{rng.choice(methods_of(o, s))}"
+                # as extauthz.pipeline: the target and mode by the request's :path, else
+                # the path parsed and the mode through get()
+                hit = modes_of.fresh_target(path, Mode.BREAK_GLASS_ONLY)
+                if hit is None:
+                    target = parse_path(path)
+                    hit = target, (await modes_of.get(target.service)).mode_for(
+                        target.method, Mode.BREAK_GLASS_ONLY)
+                policy.decide(email(rng.randrange(o.engineers)), hit[0], hit[1][0], grants(), (), NOW)
             return check
         check = checker(org, rcache, gcache.current)
         check_reference = checker(SMALL, reference, lambda: reference_grants)
@@ -522,6 +528,10 @@ def rss_probe(url: str, port: int, org: Org) -> None:
             modes = await rcache.get(service_name(s))
             policy.decide(email(s % org.engineers), Target(service_name(s), "Read"),
                           modes.mode_for("Read", Mode.BREAK_GLASS_ONLY)[0], gcache.current(), (), NOW)
+        # As the server's once-a-minute release finds it (extauthz/heap.py): the fill's
+        # channels closed after their idle timeout, then freed memory handed back.
+        await asyncio.sleep(rcache.settings.channel_idle_timeout + 1.5)
+        release_free_memory()
         rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         print(f"{rss / 1e6:.1f}")
         gcache.close()

@@ -11,7 +11,8 @@
 4. response      ``responses.build``
 
 With warm caches most checks are decided from memory: the mode source has a fresh entry
-(``fresh_mode``, one lookup by the request's ``:path``; else ``get_fresh``) and ``decide()`` needs no approval requests, so step 3 returns early
+(``fresh_target``, one lookup by the request's ``:path`` that gives the parsed target and its
+mode; else ``parse_path`` and ``get_fresh``) and ``decide()`` needs no approval requests, so step 3 returns early
 without awaiting anything or arming a timer. Whatever must wait (a cache miss, the
 approval modes' store I/O) runs under the check's one deadline, below Envoy's ext_authz
 timeout. Anything that goes wrong (a reflection or store error, the deadline, a bug) is a
@@ -134,9 +135,10 @@ class Authorizer:
             (settings.identity.dev_principal_header,) if settings.identity.dev_mode else ())
         # A mode source that can answer fresh entries without waiting (the reflection cache).
         self._get_fresh: Callable[[str], ServiceModes | None] | None = getattr(modes, "get_fresh", None)
-        # ... and one that indexes fresh entries' methods by path (the reflection cache).
-        self._fresh_mode: Callable[[str, Mode], tuple[Mode, str] | None] | None = getattr(
-            modes, "fresh_mode", None)
+        # ... and one that indexes fresh entries' methods by path (the reflection cache): the
+        # target parse_path would return and the mode, in one lookup.
+        self._fresh_target: Callable[[str, Mode], tuple[Target, tuple[Mode, str]] | None] | None = getattr(
+            modes, "fresh_target", None)
         #: Fault tests only (tests/support/faults/server_kill9.py): hold each check this long
         #: after its spend committed, so a kill -9 can land between the commit and the answer.
         self._pause_after_spend = _pause_after_spend(os.environ.get(PAUSE_AFTER_SPEND_ENV))
@@ -189,13 +191,10 @@ class Authorizer:
         step = self._identify_and_target(req, p)
         if isinstance(step, Verdict):
             return step
-        who, target, http = step
+        who, target, http, found = step
 
-        # 2. metadata: mode (from memory when fresh), grants, the body's digest
-        # (http.path is exactly "/" + target.service + "/" + target.method: parse_path
-        # accepted it)
-        found = (self._fresh_mode(http.path, self.settings.default_mode)
-                 if self._fresh_mode is not None else None)
+        # 2. metadata: mode (from memory when fresh: found with the target), grants, the
+        # body's digest
         if found is None:
             modes = self._get_fresh(target.service) if self._get_fresh is not None else None
             try:
@@ -234,22 +233,36 @@ class Authorizer:
         return verdict
 
     def _identify_and_target(self, req: external_auth_pb2.CheckRequest, p: _Progress
-                             ) -> Verdict | tuple[Identity, Target, attribute_context_pb2.AttributeContext.HttpRequest]:
-        """Steps 1 and 2a: who calls which method, or the denial that says why not."""
+                             ) -> Verdict | tuple[Identity, Target,
+                                                  attribute_context_pb2.AttributeContext.HttpRequest,
+                                                  tuple[Mode, str] | None]:
+        """Steps 1 and 2a: who calls which method (and, when the mode source has it fresh
+        and indexed by path, the method's (mode, source); else None), or the denial that
+        says why not."""
         try:
             who = identify(req, self.settings.identity)
         except IdentityError as e:
             return p.verdict(Kind.DENY, Rule.IDENTITY_UNVERIFIED, {"detail": str(e)})
         p.principal = who.principal
         http = req.attributes.request.http
-        try:
-            target = parse_path(http.path, self.settings.max_path_length)
-        except BadPath as e:
-            return p.verdict(Kind.DENY, Rule.TARGET_BAD_PATH, {"detail": str(e)})
+        path = http.path
+        # The index holds only paths parse_path accepts, with the Target it returns; the
+        # length limit is ours to apply.
+        hit = (self._fresh_target(path, self.settings.default_mode)
+               if self._fresh_target is not None and len(path) <= self.settings.max_path_length
+               else None)
+        if hit is not None:
+            target, found = hit
+        else:
+            try:
+                target = parse_path(path, self.settings.max_path_length)
+            except BadPath as e:
+                return p.verdict(Kind.DENY, Rule.TARGET_BAD_PATH, {"detail": str(e)})
+            found = None
         p.target = target
         if http.method and http.method != "POST":
             return p.verdict(Kind.DENY, Rule.TARGET_NOT_GRPC, {"http_method": http.method})
-        return who, target, http
+        return who, target, http, found
 
     def _grants_and_body(self, p: _Progress, http: attribute_context_pb2.AttributeContext.HttpRequest
                          ) -> Verdict | tuple[GrantSet, str | None]:

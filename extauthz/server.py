@@ -34,7 +34,7 @@ from fastpath.xds import FastPathXds
 from .audit_spool import AuditSpool
 from .audit_writer import AuditWriter
 from .config import Settings, spool_file
-from .heap import freeze_long_lived, gc_stats
+from .heap import RELEASE_INTERVAL_S, freeze_long_lived, gc_stats, release_free_memory
 from .listeners import PeerCheck, add_listeners
 from .metrics import Metrics
 from .pipeline import Authorizer
@@ -151,6 +151,18 @@ def add_fast_path_audit(server: grpc.aio.Server, settings: Settings,
              settings.fast_path.log_name)
 
 
+async def _release_memory(executor: ThreadPoolExecutor, interval_s: float) -> None:
+    """Every ``interval_s``, hand the memory the caches' fills and grant loads freed back to
+    the system (extauthz/heap.py), in a worker thread. Runs until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await loop.run_in_executor(executor, release_free_memory)
+        except Exception:  # never worth stopping the server for
+            log.exception("could not release free memory")
+
+
 async def serve(settings: Settings, *, components: Components | None = None,
                 stop: asyncio.Event | None = None, on_ready: Callable[[int], None] | None = None,
                 metrics: Metrics | None = None, serve_metrics: bool = True,
@@ -232,6 +244,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
     # readiness monitor says when it cannot (grants stale, store lost).
     await publish(True, "started")
     publishing = asyncio.get_running_loop().create_task(publisher.run()) if publisher else None
+    releasing = asyncio.get_running_loop().create_task(_release_memory(executor, RELEASE_INTERVAL_S))
     h = settings.health
     readiness = Readiness(store=components.store, grants=components.grants, executor=executor,
                           publish=publish, interval_s=h.interval_s, store_timeout_s=h.store_timeout_s,
@@ -256,6 +269,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
         await readiness.stop()  # it must not turn a draining server SERVING again
         if publishing is not None:
             publishing.cancel()
+        releasing.cancel()
         metrics.serving.set(0)
         await health_servicer.enter_graceful_shutdown()
         if settings.drain_notice_s:

@@ -17,8 +17,9 @@ Behaviour (settings in :class:`CacheSettings`):
   goes first (second chance: a hit only marks its entry, so a warm lookup is one
   dictionary lookup with no LRU bookkeeping);
 * every fetch is bounded by ``deadline`` seconds;
-* ``fresh_mode(path)`` answers a warm check's mode from one lookup in an index of every
-  fresh entry's ``/service/method`` paths (see its docstring).
+* ``fresh_target(path)`` answers a warm check's target and mode from one lookup in an index
+  of every fresh entry's ``/service/method`` paths (see its docstring); ``fresh_mode(path)``
+  answers the mode alone from the same index.
 
 Use one cache per event loop (it owns ``grpc.aio`` channels).
 """
@@ -36,7 +37,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor
 from pydantic import ValidationError
 
-from policy import Mode, resolve_mode
+from policy import Mode, Target, resolve_mode
 from reflection_cache.client import ChannelPool, ReflectionClient, tls_credentials
 from reflection_cache.endpoints import EndpointResolver
 from reflection_cache.settings import CacheSettings, ReflectionSettings, Tls
@@ -90,7 +91,8 @@ class ReflectionCache:
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Task[ServiceModes]] = {}
         #: ``/service/method`` -> the method's (mode, source), None when the caller's default
-        #: applies; for fresh entries only (``fresh_mode``).
+        #: applies; for fresh entries only (``fresh_target``), and only paths whose names
+        #: ``_checked`` accepts.
         self._paths: dict[str, tuple[Mode, str] | None] = {}
         #: (fresh_until, sequence, service) of the entries whose paths are indexed (no
         #: reference to the entry: tuples of atoms are left alone by the garbage collector).
@@ -187,20 +189,44 @@ class ReflectionCache:
             return entry.modes
         return None
 
-    def fresh_mode(self, path: str, default: Mode) -> tuple[Mode, str] | None:
-        """The (mode, source) of the method at ``path`` (``/service/method``, as a gRPC
-        request's ``:path`` carries it) when its service's entry is fresh and declares the
-        method; else None, which means "call ``get`` and ``ServiceModes.mode_for``" (they
-        handle misses, stale entries, remembered errors and unknown methods). Never waits.
+    def fresh_target(self, path: str, default: Mode) -> tuple[Target, tuple[Mode, str]] | None:
+        """The ``Target`` and (mode, source) of the method at ``path`` (``/service/method``,
+        as a gRPC request's ``:path`` carries it) when its service's entry is fresh and
+        declares the method; else None, which means "parse the path, call ``get`` and
+        ``ServiceModes.mode_for``" (they handle bad paths, misses, stale entries, remembered
+        errors and unknown methods). Never waits.
 
-        The server's warm path: one lookup in a flat index of every fresh entry's methods,
-        instead of the entry, its ``ServiceModes`` and that object's method table (at
-        2,500 services those are cache misses on every check). Entries leave the index when
-        they stop being fresh, are replaced, evicted or invalidated. A hit here does not
-        mark its entry as used for second-chance eviction, so the index is kept only while
-        the cache holds at most half of ``max_entries`` services (no eviction is near);
-        past that, ``fresh_mode`` answers None and hits go through ``get`` as before.
+        The server's warm path: one lookup in a flat index of every fresh entry's methods
+        answers both what the path names and its mode, instead of a parse of the path (or
+        a cache of parses), then the entry, its ``ServiceModes`` and that object's method
+        table (at 2,500 services each is a cache miss on every check). Only paths that
+        ``extauthz.target.parse_path`` accepts as they are are indexed (names checked when
+        the entry is stored), so the ``Target`` made here of ``path``'s own two parts is the
+        one it would return, without checking the names again; the caller still applies
+        its own length limit. Entries leave the index when they stop being fresh, are
+        replaced, evicted or invalidated. A hit here does not mark its entry as used for
+        second-chance eviction, so the index is kept only while the cache holds at most
+        half of ``max_entries`` services (no eviction is near); past that, ``fresh_target``
+        answers None and hits go through ``get`` as before.
         """
+        if self.clock() >= self._next_path_expiry:
+            self._expire_paths()
+        found = self._paths.get(path, _NOT_INDEXED)
+        if found is _NOT_INDEXED:
+            return None
+        self._stats.hits += 1
+        # Target(service, method) of the request's own two parts (fresh in the CPU's
+        # caches, unlike the index's key), without checking the names again: _checked
+        # accepted equal ones when they were indexed (two regular expressions saved).
+        _, service, method = path.split("/")  # an indexed path has exactly two slashes
+        target = _new_object(Target)
+        _set_attribute(target, "service", service)
+        _set_attribute(target, "method", method)
+        return target, (found if found is not None else resolve_mode(None, None, default))
+
+    def fresh_mode(self, path: str, default: Mode) -> tuple[Mode, str] | None:
+        """The (mode, source) of the method at ``path`` from the index ``fresh_target``
+        reads; None when ``fresh_target`` would answer None."""
         if self.clock() >= self._next_path_expiry:
             self._expire_paths()
         found = self._paths.get(path, _NOT_INDEXED)
@@ -288,7 +314,8 @@ class ReflectionCache:
         """Put ``entry``'s methods in the path index until its ``fresh_until``."""
         assert entry.modes is not None
         for method, answer in entry.modes.answers().items():
-            self._paths[f"/{service}/{method}"] = answer
+            if _checked(service, method):
+                self._paths[f"/{service}/{method}"] = answer
         self._path_seq += 1
         heapq.heappush(self._path_expiry, (entry.fresh_until, self._path_seq, service))
         self._next_path_expiry = self._path_expiry[0][0]
@@ -353,8 +380,30 @@ class ReflectionCache:
             self._inflight.pop(service, None)
 
 
-#: ``fresh_mode``'s "no such path in the index" (None there means "the default applies").
+#: ``fresh_target``'s "no such path in the index" (None there means "the default applies").
 _NOT_INDEXED: tuple[Mode, str] = (Mode.UNSPECIFIED, "not indexed")
+
+
+def _checked(service: str, method: str) -> bool:
+    """Is ``/service/method`` a path that ``extauthz.target.parse_path`` accepts as it is
+    (returning ``Target(service, method)``)? Names that are not identifiers (reflection
+    could answer anything) are left to the full path.
+
+    ``Target`` checks its names with ``^...$``, which also lets a name end in a newline;
+    the path grammar does not (``fullmatch``), so such a name is refused here.
+    """
+    if service.endswith("\n") or method.endswith("\n"):
+        return False
+    try:
+        Target(service, method)
+    except ValueError:
+        return False
+    return True
+
+
+#: For ``fresh_target``'s Target of checked names (a frozen dataclass: set as __init__ does).
+_new_object = object.__new__
+_set_attribute = object.__setattr__
 
 
 def _consume(task: asyncio.Task[ServiceModes]) -> None:

@@ -126,7 +126,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("fresh", [FreshModes, PathModes], ids=["get_fresh", "fresh_mode"])
+@pytest.mark.parametrize("fresh", [FreshModes, PathModes], ids=["get_fresh", "fresh_target"])
 async def test_from_memory_path_answers_exactly_like_the_full_path(fresh):
     fast = Harness(fresh({SVC: ServiceModes(SVC, MODES)}), clock=lambda: FIXED_NOW)
     full = Harness(StaticModes({SVC: ServiceModes(SVC, MODES)}), clock=lambda: FIXED_NOW)
@@ -150,6 +150,27 @@ async def test_from_memory_path_answers_exactly_like_the_full_path(fresh):
     finally:
         await fast.close()
         await full.close()
+
+
+async def test_an_indexed_path_over_the_length_limit_is_still_a_bad_path():
+    """The mode source's path index skips parse_path; the pipeline still applies its own
+    :path length limit, so the answer is the full path's (a bad path), never the index's."""
+    long_service = "rpcauthz.demo.v1." + "A" * 40
+    services = {long_service: ServiceModes(long_service, MODES)}
+    fast = Harness(PathModes(services), clock=lambda: FIXED_NOW, max_path_length=32)
+    full = Harness(StaticModes(services), clock=lambda: FIXED_NOW, max_path_length=32)
+    roomy = Harness(PathModes(services), clock=lambda: FIXED_NOW)
+    try:
+        a = await fast.check(f"/{long_service}/Open", "alice")
+        b = await full.check(f"/{long_service}/Open", "alice")
+        assert comparable(a) == comparable(b)
+        assert json_format.MessageToDict(a.dynamic_metadata)["rule"] == Rule.TARGET_BAD_PATH.value
+        assert fast.modes.path_answers == 0
+        ok = await roomy.check(f"/{long_service}/Open", "alice")  # within the limit: by the index
+        assert ok.status.code == 0 and roomy.modes.path_answers == 1
+    finally:
+        for h in (fast, full, roomy):
+            await h.close()
 
 
 async def test_approval_modes_still_read_and_open_requests_in_the_store():

@@ -10,10 +10,12 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from policy import Mode
+from extauthz.target import BadPath, parse_path
+from policy import Mode, Target
 from reflection_cache import ReflectionUnavailable, UnknownService
 from reflection_cache.cache import CacheSettings, ReflectionCache
 from reflection_cache.endpoints import EndpointResolver
+from reflection_cache.types import ServiceModes
 from rpcauthz.v1 import options_pb2
 from tests.support.reflection_servers import compile_proto, reflection_server
 
@@ -378,6 +380,59 @@ async def test_fresh_mode_by_path_answers_as_mode_for_and_only_while_fresh(serve
     assert cache.fresh_mode(f"/{ORDERS}/GetOrder", Mode.BREAK_GLASS_ONLY) == (
         Mode.CONTRIBUTORS_WITH_APPROVAL, "method")
     assert cache.fresh_mode(f"/{ORDERS_ADMIN}/Purge", Mode.BREAK_GLASS_ONLY) is None  # still stale
+
+
+async def test_fresh_target_is_parse_path_and_mode_for_in_one_lookup(server, make_cache, clock):
+    """``fresh_target`` answers the pipeline's parse_path + fresh mode: the same ``Target``
+    (equal, of the same type) and the same (mode, source), None exactly where
+    ``fresh_mode`` is None."""
+    cache = make_cache(server.address)
+    names = {ORDERS: ["GetOrder", "Refund", "ListOrders"], ORDERS_ADMIN: ["Purge", "Stats"]}
+    for service, methods in names.items():
+        modes = await cache.get(service)
+        for m in methods:
+            path = "".join(["/", service, "/", m])  # a fresh string, as a request's
+            for default in (Mode.BREAK_GLASS_ONLY, Mode.ENGINEERS_WITH_APPROVAL):
+                target, answer = cache.fresh_target(path, default)
+                assert type(target) is Target and target == parse_path(path)
+                assert hash(target) == hash(Target(service, m)) and str(target) == path
+                assert answer == modes.mode_for(m, default) == cache.fresh_mode(path, default)
+    for unknown in (f"/{ORDERS}/NoSuch", f"{ORDERS}/GetOrder", f"/{ORDERS}/GetOrder/", ORDERS, ""):
+        assert cache.fresh_target(unknown, Mode.BREAK_GLASS_ONLY) is None
+    clock.advance(60)
+    assert cache.fresh_target(f"/{ORDERS}/GetOrder", Mode.BREAK_GLASS_ONLY) is None
+
+
+async def test_fresh_target_leaves_names_parse_path_refuses_to_the_full_path():
+    """Reflection can answer any names: only paths parse_path accepts as they are get into
+    the index (``Target`` alone would take a name ending in a newline)."""
+    odd = {"Get\n": None, "Fine": Mode.ENGINEERS_WITHOUT_APPROVAL, "9lives": None}
+
+    class Stub:
+        async def fetch(self, service: str, endpoint: str, *, deadline: float | None = None) -> ServiceModes:
+            return ServiceModes(service, odd, service_default=Mode.ENGINEERS_WITH_APPROVAL)
+
+        async def close(self) -> None:
+            pass
+
+    class AnyName:  # the configured resolver refuses such service names; the index must too
+        def resolve(self, service: str) -> str:
+            return "127.0.0.1:1"
+
+    cache = ReflectionCache(AnyName(), SETTINGS, client=Stub())  # type: ignore[arg-type]
+    for service in ("odd.v1.Svc", "odd.v1.Svc\n"):
+        await cache.get(service)
+        for method in odd:
+            path = f"/{service}/{method}"
+            try:
+                parse_path(path)
+            except BadPath:
+                assert cache.fresh_target(path, Mode.BREAK_GLASS_ONLY) is None, path
+            else:
+                assert cache.fresh_target(path, Mode.BREAK_GLASS_ONLY) is not None, path
+    assert cache.fresh_target("/odd.v1.Svc/Fine", Mode.BREAK_GLASS_ONLY) == (
+        Target("odd.v1.Svc", "Fine"), (Mode.ENGINEERS_WITHOUT_APPROVAL, "method"))
+    await cache.close()
 
 
 async def test_fresh_mode_forgets_replaced_invalidated_and_failed_entries(server, make_cache, clock):

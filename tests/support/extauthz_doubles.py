@@ -13,7 +13,7 @@ import asyncio
 from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 
-from policy import GrantSet, Mode, StoreError
+from policy import GrantSet, Mode, StoreError, Target
 from reflection_cache.types import ReflectionError, ServiceModes, UnknownService
 
 
@@ -85,7 +85,7 @@ class FreshModes(StaticModes):
 
 
 class PathModes(FreshModes):
-    """``FreshModes`` that also answers ``fresh_mode(path, default)`` from a flat
+    """``FreshModes`` that also answers ``fresh_target(path, default)`` from a flat
     ``/service/method`` index of ``ServiceModes.answers()`` (like a warm ``ReflectionCache``),
     so the pipeline takes its by-path step; None for unknown paths, as the cache does."""
 
@@ -95,10 +95,11 @@ class PathModes(FreshModes):
                       for method, answer in modes.answers().items()}
         self.path_calls = self.path_answers = 0
 
-    def fresh_mode(self, path: str, default: Mode) -> tuple[Mode, str] | None:
+    def fresh_target(self, path: str, default: Mode) -> tuple[Target, tuple[Mode, str]] | None:
         self.path_calls += 1
         if self.stale or self.delay or self.fail is not None or path not in self.paths:
             return None
         self.path_answers += 1
         answer = self.paths[path]
-        return answer if answer is not None else (default, "default")
+        service, method = path[1:].split("/")
+        return Target(service, method), (answer if answer is not None else (default, "default"))
