@@ -115,13 +115,11 @@ def _to_capture(cfg: dict[str, Any], port: int) -> dict[str, Any]:
 def capture(duration: float, concurrency: int) -> list[bytes]:
     """Genuine ``StreamAccessLogsMessage`` bytes from Envoy, the demo gateway as rendered with
     the fast path, ``concurrency`` h2load streams for ``duration`` seconds."""
-    from bench.fast_path_bench import ENGINEER, until_fast
+    from bench.fast_path_bench import ENGINEER, fast_path_server, until_fast
     from bench.gateway_bench import check_call, run_h2load, stop_all
     from devstack.demo_services import start_demo_server
     from devstack.devissuer import DevIssuer
-    from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway
-    from policy import Grant, Role
-    from policy.stores import open_store
+    from devstack.processes import EnvoyProcess, free_port, render_gateway
     from rpcauthz.demo.v1 import accounts_pb2
     from tests.support.grpc_frames import frame
 
@@ -142,20 +140,10 @@ def capture(duration: float, concurrency: int) -> list[bytes]:
         token = issuer.mint(ENGINEER, ttl_seconds=3600)
         body = workdir / "request.bin"
         body.write_bytes(frame(accounts_pb2.AccountRequest(account_id="A-1").SerializeToString()))
-        store_url = f"sqlite:///{workdir / 'bench.db'}"
-        store = open_store(store_url)
-        store.put_grant(Grant(ENGINEER, Role.ENGINEER))
-        store.close()
-        ours_port = free_port()
-        ours = ExtAuthzProcess({
-            "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port}, "drain_notice_s": 0,
-            "metrics": {"host": "127.0.0.1", "port": free_port()},
-            "audit": {"spool_path": str(workdir / "audit-spool.db")},
-            "fast_path": {"enabled": True, "modes_check_s": 0.2},
-            "reflection": {"endpoints": {"static": {"rpcauthz.demo.v1.Accounts": upstream.address}}},
-        }, workdir, env={"PYTHONWARNINGS": "ignore"})
+        ours = fast_path_server(workdir, upstream.address)
         things.append(ours)
         ours.wait_ready()
+        ours_port = ours.port
         cfg = render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=ours_port,
                              jwks_port=jwks.port, upstreams={"demo_accounts": upstream.port,
                                                              "demo_ledger": upstream.port},

@@ -129,6 +129,26 @@ def until_fast(e: EnvoyProcess, token: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def fast_path_server(workdir: pathlib.Path, accounts_address: str) -> ExtAuthzProcess:
+    """Our ext_authz server (not yet ready) as the benches run it: SQLite store in ``workdir``
+    with ENGINEER granted, the audit spool, the fast path on (modes checked every 0.2 s),
+    the demo Accounts service's reflection at ``accounts_address``."""
+    from policy import Grant, Role
+    from policy.stores import open_store
+
+    store_url = f"sqlite:///{workdir / 'bench.db'}"
+    store = open_store(store_url)
+    store.put_grant(Grant(ENGINEER, Role.ENGINEER))
+    store.close()
+    return ExtAuthzProcess({
+        "store_url": store_url, "listen": {"host": "127.0.0.1", "port": free_port()}, "drain_notice_s": 0,
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "audit": {"spool_path": str(workdir / "audit-spool.db")},
+        "fast_path": {"enabled": True, "modes_check_s": 0.2},
+        "reflection": {"endpoints": {"static": {ACCOUNTS: accounts_address}}},
+    }, workdir, env={"PYTHONWARNINGS": "ignore"})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
@@ -154,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from devstack.demo_services import start_demo_server
     from devstack.devissuer import DevIssuer
-    from policy import Grant, Role
-    from policy.stores import open_store
     from rpcauthz.demo.v1 import accounts_pb2
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rpcauthz-fastbench-"))
@@ -169,20 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         tokens = {who: issuer.mint(who, ttl_seconds=3600) for who in (ENGINEER, OUTSIDER)}
         body = workdir / "request.bin"
         body.write_bytes(frame(accounts_pb2.AccountRequest(account_id="A-1").SerializeToString()))
-        store_url = f"sqlite:///{workdir / 'bench.db'}"
-        store = open_store(store_url)
-        store.put_grant(Grant(ENGINEER, Role.ENGINEER))
-        store.close()
-        ours_port = free_port()
-        ours = ExtAuthzProcess({
-            "store_url": store_url, "listen": {"host": "127.0.0.1", "port": ours_port}, "drain_notice_s": 0,
-            "metrics": {"host": "127.0.0.1", "port": free_port()},
-            "audit": {"spool_path": str(workdir / "audit-spool.db")},
-            "fast_path": {"enabled": True, "modes_check_s": 0.2},
-            "reflection": {"endpoints": {"static": {ACCOUNTS: upstream.address}}},
-        }, workdir, env={"PYTHONWARNINGS": "ignore"})
+        ours = fast_path_server(workdir, upstream.address)
         things.append(ours)
         ours.wait_ready()
+        ours_port = ours.port
 
         def gateway(ext: int | None, fast_path: bool = False) -> dict[str, Any]:
             return render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=ext,

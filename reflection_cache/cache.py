@@ -227,13 +227,8 @@ class ReflectionCache:
     def fresh_mode(self, path: str, default: Mode) -> tuple[Mode, str] | None:
         """The (mode, source) of the method at ``path`` from the index ``fresh_target``
         reads; None when ``fresh_target`` would answer None."""
-        if self.clock() >= self._next_path_expiry:
-            self._expire_paths()
-        found = self._paths.get(path, _NOT_INDEXED)
-        if found is _NOT_INDEXED:
-            return None
-        self._stats.hits += 1
-        return found if found is not None else resolve_mode(None, None, default)
+        hit = self.fresh_target(path, default)
+        return hit[1] if hit is not None else None
 
     def known(self) -> dict[str, ServiceModes]:
         """Every service whose options ``get`` would answer now without waiting (fresh or
