@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 from .modes import Mode
 from .rules import Rule, message
 
-_SERVICE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Used with fullmatch: "$" with match would let a trailing newline in.
+_SERVICE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_METHOD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class Role(str, enum.Enum):
@@ -69,9 +70,9 @@ class Target:
     method: str
 
     def __post_init__(self) -> None:
-        if not _SERVICE_NAME.match(self.service):
+        if not _SERVICE_NAME.fullmatch(self.service):
             raise ValueError(f"not a fully-qualified gRPC service name: {self.service!r}")
-        if not _METHOD_NAME.match(self.method):
+        if not _METHOD_NAME.fullmatch(self.method):
             raise ValueError(f"not a gRPC method name: {self.method!r}")
 
     @property
@@ -138,7 +139,7 @@ class ApprovalRequest:
         Target(self.service, self.method)  # validates both names
         if not self.mode.needs_approval:
             raise ValueError(f"{self.mode.name} does not take approvals")
-        if self.body_sha256 is not None and not _SHA256_HEX.match(self.body_sha256):
+        if self.body_sha256 is not None and not _SHA256_HEX.fullmatch(self.body_sha256):
             raise ValueError("body_sha256 must be 64 lowercase hex characters")
         if self.required_approvals < 1:
             raise ValueError("required_approvals must be at least 1")

@@ -382,13 +382,9 @@ _NOT_INDEXED: tuple[Mode, str] = (Mode.UNSPECIFIED, "not indexed")
 def _checked(service: str, method: str) -> bool:
     """Is ``/service/method`` a path that ``extauthz.target.parse_path`` accepts as it is
     (returning ``Target(service, method)``)? Names that are not identifiers (reflection
-    could answer anything) are left to the full path.
-
-    ``Target`` checks its names with ``^...$``, which also lets a name end in a newline;
-    the path grammar does not (``fullmatch``), so such a name is refused here.
+    could answer anything) are left to the full path. (``Target`` and the path grammar
+    both fullmatch their names: a trailing newline is refused by both.)
     """
-    if service.endswith("\n") or method.endswith("\n"):
-        return False
     try:
         Target(service, method)
     except ValueError:

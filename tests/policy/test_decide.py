@@ -215,3 +215,11 @@ def test_frozen_inputs():
     r = _req()
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.state = RequestState.APPROVED  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("service,method", [
+    ("pkg.Svc\n", "Do"), ("pkg.Svc", "Do\n"), ("pkg..Svc", "Do"), ("pkg.Svc", "Do-it"), ("", "Do")])
+def test_target_refuses_names_that_are_not_grpc_names(service, method):
+    """Names are matched whole: a trailing newline ("$" with match) is not a name."""
+    with pytest.raises(ValueError):
+        Target(service, method)

@@ -405,7 +405,7 @@ async def test_fresh_target_is_parse_path_and_mode_for_in_one_lookup(server, mak
 
 async def test_fresh_target_leaves_names_parse_path_refuses_to_the_full_path():
     """Reflection can answer any names: only paths parse_path accepts as they are get into
-    the index (``Target`` alone would take a name ending in a newline)."""
+    the index (a name ending in a newline included)."""
     odd = {"Get\n": None, "Fine": Mode.ENGINEERS_WITHOUT_APPROVAL, "9lives": None}
 
     class Stub:
