@@ -370,15 +370,17 @@ async def _decision_figures(org: Org, url: str, store, port: int,
     freeze_long_lived()  # as the server does once its grants are loaded, before serving
     rcache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600))
     reference = ReflectionCache(resolver(SMALL, reference_port), CacheSettings(ttl=3600, stale_window=3600))
-    pauses: list[tuple[float, float]] = []  # (wall, CPU of the collecting thread)
-    started: list[tuple[float, float]] = []
+    pauses: list[tuple[float, float, int, int]] = []  # (wall, CPU of the collecting thread, generation, objects)
+    started: list[tuple[float, float, int]] = []
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
-            started.append((time.perf_counter(), time.thread_time()))
+            gen = info["generation"]
+            objects = sum(len(gc.get_objects(g)) for g in range(gen + 1)) if gen < 2 else -1
+            started.append((time.perf_counter(), time.thread_time(), objects))
         elif started:
-            wall, cpu = started.pop()
-            pauses.append((time.perf_counter() - wall, time.thread_time() - cpu))
+            wall, cpu, objects = started.pop()
+            pauses.append((time.perf_counter() - wall, time.thread_time() - cpu, info["generation"], objects))
     try:
         for s in range(org.services):
             await rcache.get(service_name(s))
@@ -464,8 +466,14 @@ async def _decision_figures(org: Org, url: str, store, port: int,
         gc.callbacks.remove(on_gc)
         # Wall time includes the machine taking the CPU away mid-collection (2 shared CPUs);
         # the collecting thread's CPU time is the collection's own work.
-        fig["longest GC pause during checks (ms)"] = 1e3 * max((w for w, _ in pauses), default=0.0)
-        fig["longest GC pause during checks, CPU (ms)"] = 1e3 * max((c for _, c in pauses), default=0.0)
+        fig["longest GC pause during checks (ms)"] = 1e3 * max((p[0] for p in pauses), default=0.0)
+        fig["longest GC pause during checks, CPU (ms)"] = 1e3 * max((p[1] for p in pauses), default=0.0)
+        # Which collection it was: its generation and the objects it walked (-1: a full one,
+        # not counted; counting is itself a walk), for telling a young collection after a
+        # reload from a full one.
+        longest = max(pauses, key=lambda p: p[1], default=(0.0, 0.0, -1, -1))
+        fig["longest GC pause during checks: generation"] = longest[2]
+        fig["longest GC pause during checks: objects walked"] = longest[3]
         fig["GC runs during checks"] = len(pauses)
 
         gc.collect()
