@@ -116,12 +116,8 @@ def capture(duration: float, concurrency: int) -> list[bytes]:
     """Genuine ``StreamAccessLogsMessage`` bytes from Envoy, the demo gateway as rendered with
     the fast path, ``concurrency`` h2load streams for ``duration`` seconds."""
     from bench.fast_path_bench import ENGINEER, fast_path_server, until_fast
-    from bench.gateway_bench import check_call, run_h2load, stop_all
-    from devstack.demo_services import start_demo_server
-    from devstack.devissuer import DevIssuer
+    from bench.gateway_bench import check_call, demo_backends, run_h2load, stop_all
     from devstack.processes import EnvoyProcess, free_port, render_gateway
-    from rpcauthz.demo.v1 import accounts_pb2
-    from tests.support.grpc_frames import frame
 
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
@@ -132,14 +128,8 @@ def capture(duration: float, concurrency: int) -> list[bytes]:
     cap_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        issuer = DevIssuer()
-        jwks = issuer.serve()
-        things.append(jwks)
-        upstream = start_demo_server(services=("accounts", "ledger"), max_workers=32)
-        things.append(upstream)
+        issuer, jwks, upstream, body = demo_backends(workdir, things)
         token = issuer.mint(ENGINEER, ttl_seconds=3600)
-        body = workdir / "request.bin"
-        body.write_bytes(frame(accounts_pb2.AccountRequest(account_id="A-1").SerializeToString()))
         ours = fast_path_server(workdir, upstream.address)
         things.append(ours)
         ours.wait_ready()

@@ -64,13 +64,13 @@ from bench.gateway_bench import (  # noqa: E402
     PATH,
     Cell,
     check_call,
+    demo_backends,
     median_cells,
     process_cpu_seconds,
     run_h2load,
     stop_all,
 )
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway  # noqa: E402
-from tests.support.grpc_frames import frame  # noqa: E402
 
 ORDER = ["baseline", "fast_allow", "fast_allow_16k", "fast_no_audit", "fast_denied", "today_allow",
          "today_denied"]
@@ -172,21 +172,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    from devstack.demo_services import start_demo_server
-    from devstack.devissuer import DevIssuer
-    from rpcauthz.demo.v1 import accounts_pb2
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rpcauthz-fastbench-"))
     things: list[Any] = []
     try:
-        issuer = DevIssuer()
-        jwks = issuer.serve()
-        things.append(jwks)
-        upstream = start_demo_server(services=("accounts", "ledger"), max_workers=32)
-        things.append(upstream)
+        issuer, jwks, upstream, body = demo_backends(workdir, things)
         tokens = {who: issuer.mint(who, ttl_seconds=3600) for who in (ENGINEER, OUTSIDER)}
-        body = workdir / "request.bin"
-        body.write_bytes(frame(accounts_pb2.AccountRequest(account_id="A-1").SerializeToString()))
         ours = fast_path_server(workdir, upstream.address)
         things.append(ours)
         ours.wait_ready()

@@ -121,6 +121,25 @@ def _noop_server(port: int, workdir: pathlib.Path) -> ManagedProcess:
     return proc
 
 
+def demo_backends(workdir: pathlib.Path, things: list[Any]) -> tuple[Any, Any, Any, pathlib.Path]:
+    """What every gateway bench runs behind Envoy: a dev JWT issuer serving its JWKS, the demo
+    gRPC upstream (Accounts and Ledger, 32 workers) and h2load's request body (one framed
+    AccountRequest, in ``workdir``). Returns (issuer, jwks server, upstream, body); the
+    servers are appended to ``things`` for ``stop_all``."""
+    from devstack.demo_services import start_demo_server
+    from devstack.devissuer import DevIssuer
+    from rpcauthz.demo.v1 import accounts_pb2
+
+    issuer = DevIssuer()
+    jwks = issuer.serve()
+    things.append(jwks)
+    upstream = start_demo_server(services=("accounts", "ledger"), max_workers=32)
+    things.append(upstream)
+    body = workdir / "request.bin"
+    body.write_bytes(frame(accounts_pb2.AccountRequest(account_id="A-1").SerializeToString()))
+    return issuer, jwks, upstream, body
+
+
 def check_call(port: int, token: str, path: str = PATH, code: str = "OK") -> None:
     """One real gRPC call through the gateway must give ``code`` before we time anything."""
     from devstack.democlient import call
@@ -149,23 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
 
-    from devstack.demo_services import start_demo_server
-    from devstack.devissuer import DevIssuer
     from policy import Grant, Role
     from policy.stores import open_store
-    from rpcauthz.demo.v1 import accounts_pb2
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rpcauthz-bench-"))
     things: list = []
     try:
-        issuer = DevIssuer()
-        jwks = issuer.serve()
-        things.append(jwks)
-        upstream = start_demo_server(services=("accounts", "ledger"), max_workers=32)
-        things.append(upstream)
+        issuer, jwks, upstream, body = demo_backends(workdir, things)
         token = issuer.mint("bench-engineer", ttl_seconds=3600)
-        body = workdir / "request.bin"
-        body.write_bytes(frame(accounts_pb2.AccountRequest(account_id="A-1").SerializeToString()))
 
         store_url = f"sqlite:///{workdir / 'bench.db'}"
         store = open_store(store_url)
