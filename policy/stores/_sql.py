@@ -27,6 +27,12 @@ _REQ_COLS = ", ".join(codec.REQUEST_COLUMNS)
 #: a planner uses a partial index only when the query carries its condition).
 OPEN_STATES_SQL = "state IN ('pending', 'approved')"
 _OPEN_STATES = frozenset({RequestState.PENDING, RequestState.APPROVED})
+#: The gateway's per-call lookup (a caller's open requests for one method) reads this index,
+#: in both stores' schemas: only the open rows are in it, so its depth follows the open
+#: requests, not the history (issue 13). Its WHERE is ``OPEN_STATES_SQL``, as the query
+#: states it. Old programs ignore the index, so it needs no schema version.
+OPEN_SCOPE_INDEX = ("CREATE INDEX IF NOT EXISTS requests_open_scope ON requests "
+                    f"(requester, service, method, created_at) WHERE {OPEN_STATES_SQL}")
 _REQ_VALUES = ", ".join(f"%({c})s" for c in codec.REQUEST_COLUMNS)
 #: What a transition may change; identity and scope are fixed at creation.
 _MUTABLE = ("reason", "incident", "uses", "state", "approvals", "valid_until", "closed_by",

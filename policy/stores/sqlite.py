@@ -24,7 +24,7 @@ from ..errors import StoreError
 from ..grant_delta import GrantDelta
 from ..store import Subscription
 from . import _codec as codec
-from ._sql import SqlStore
+from ._sql import OPEN_SCOPE_INDEX, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,7 @@ CREATE INDEX IF NOT EXISTS requests_state_created ON requests (state, created_at
 DROP INDEX IF EXISTS requests_requester_created;
 CREATE INDEX IF NOT EXISTS requests_pending_expiry ON requests (expires_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WHERE state = 'approved';
--- The gateway's per-call lookup (a caller's open requests for one method): only the open
--- rows are in it, so its depth follows the open requests, not the history (issue 13).
--- The WHERE is _sql.OPEN_STATES_SQL, written the same in the query: both planners use a
--- partial index only when the query states its condition. Old programs ignore it, so
--- it needs no schema version.
-CREATE INDEX IF NOT EXISTS requests_open_scope ON requests (requester, service, method, created_at)
-    WHERE state IN ('pending', 'approved');
+-- requests_open_scope, the gateway's per-call lookup: _sql.OPEN_SCOPE_INDEX (added below).
 -- What a body-bound request's call does, as the approver reads it (decoded, redacted, capped).
 CREATE TABLE IF NOT EXISTS request_bodies (
     request_id TEXT PRIMARY KEY,
@@ -146,7 +140,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
-"""
+""" + OPEN_SCOPE_INDEX + ";\n"
 
 #: One encoder for every JSON column (``json.dumps`` with options builds a new one per call).
 _JSON_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
