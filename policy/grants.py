@@ -1,26 +1,31 @@
 """An immutable, indexed snapshot of role grants for the hot path.
 
-The index holds only strings, ``datetime`` values and tuples of them (no ``Grant`` or
-enum objects), and identical entries are shared: a 10,000-engineer organisation's grants
-are a few MB, and once the collector has looked at them once it untracks them, so full
-garbage collections do not grow with the number of grants.
-
 Three flat dictionaries, one per kind of question, each hot-path question (``is_engineer``,
 ``is_contributor``, ``has``, ...) answered with one lookup: the engineer role keyed by the
-principal alone (every check asks it), contributors keyed ``(principal, service)``, and the
-other roles keyed ``(principal, role)``. A nested index (principal, then that principal's
+principal alone (every check asks it), contributors keyed ``"principal\0service"``, and the
+other roles keyed ``"principal\0role"``. A nested index (principal, then that principal's
 own small dictionary) touches about twice the memory per question, and with 10,000
 principals that memory is not in the CPU's caches: it made a warm check ~0.4 µs slower at
-the large size than at the demo's, and held ~2 MB more. One table of every grant keyed
-``(principal, role, service)`` (as before) held each engineer twice and a 3-tuple per
-grant: ~1.5 MB more at 30,000 grants, and a contributor question probed a 4x larger table.
-``roles_of`` (the approvals pages) groups by principal once per GrantSet, on first use.
+the large size than at the demo's, and held ~2 MB more. ``roles_of`` (the approvals pages)
+groups by principal once per GrantSet, on first use.
+
+Keys are strings and values small ints (an index into the shared ``(expires_at, source)``
+entries), so the tables hold nothing the garbage collector tracks: CPython never tracks a
+dictionary of only strings and ints, so no collection ever walks them. With
+``(principal, service)`` tuples as keys (as before), the first young collection after a
+reload walked the ~20,000 new tuples and the table: a pause of 29-51 ms of every check at
+30,000 grants in bench/scale_bench.py. A string key also compares as one string where a
+tuple compared two, one memory read fewer per question. The NUL separator keeps the keys
+unambiguous: a grant whose principal or service holds one is left out (no usable principal
+or method's service can, policy/principals.py, policy.Target), and a question whose
+principal holds one finds nothing.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .model import Grant, Role
 
@@ -33,21 +38,34 @@ _ENGINEER = Role.ENGINEER
 _CONTRIBUTOR = Role.CONTRIBUTOR
 _ONCALL_ROLE = Role.SECURITY_ONCALL.value
 _ROLE_VALUE = {r: r.value for r in Role}
+#: Joins a principal and a service (or role) into one key; neither may hold it.
+_SEP = "\0"
 
 
 class _Interner:
-    """Shares equal entries between grants (and between successive GrantSets)."""
+    """Numbers the distinct (expires_at, source) entries, shared between a GrantSet and
+    the sets ``apply`` makes from it (a full load starts a new one, so entries of grants
+    gone since are dropped there). Appending never moves an entry, so a set's numbers stay
+    valid while a newer set adds to the same list. Locked: two sets made from one base at
+    once must not give two entries one number."""
 
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "_numbers", "_lock")
 
     def __init__(self) -> None:
-        self.entries: dict[_Entry, _Entry] = {}
+        self.entries: list[_Entry] = []
+        self._numbers: dict[_Entry, int] = {}
+        self._lock = threading.Lock()
 
-    def entry(self, expires_at: datetime | None, source: str) -> _Entry:
+    def number(self, expires_at: datetime | None, source: str) -> int:
         e = (expires_at, source)
-        if expires_at is not None:  # distinct expiry times would grow the table forever
-            return e
-        return self.entries.setdefault(e, e)
+        n = self._numbers.get(e)
+        if n is None:
+            with self._lock:
+                n = self._numbers.get(e)
+                if n is None:
+                    self.entries.append(e)
+                    n = self._numbers[e] = len(self.entries) - 1
+        return n
 
 
 class _Tables:
@@ -55,33 +73,45 @@ class _Tables:
 
     __slots__ = ("engineers", "contributors", "others")
 
-    def __init__(self, engineers: dict[str, _Entry], contributors: dict[tuple[str, str], _Entry],
-                 others: dict[tuple[str, str], _Entry]) -> None:
+    def __init__(self, engineers: dict[str, int], contributors: dict[str, int],
+                 others: dict[str, int]) -> None:
         self.engineers, self.contributors, self.others = engineers, contributors, others
 
-    def table_and_key(self, g: Grant) -> tuple[dict[Any, _Entry], Any]:
+    def table_and_key(self, g: Grant) -> tuple[dict[str, int], str] | None:
+        """The table and key of ``g``; None when ``g`` cannot be keyed unambiguously (a NUL
+        in its principal or service: no check can ask for it anyway)."""
+        if _SEP in g.principal:
+            return None
         if g.role is _ENGINEER:
             return self.engineers, g.principal
         if g.role is _CONTRIBUTOR:
-            return self.contributors, (g.principal, g.service or "")
-        return self.others, (g.principal, _ROLE_VALUE[g.role])
+            service = g.service or ""
+            return (None if _SEP in service
+                    else (self.contributors, f"{g.principal}{_SEP}{service}"))
+        return self.others, f"{g.principal}{_SEP}{_ROLE_VALUE[g.role]}"
 
 
 class GrantSet:
     """Grants indexed for lookups. Lookups take ``now`` so expiry needs no refresh."""
 
-    __slots__ = ("_engineers", "_contributors", "_others", "_by_principal", "_interner", "revision")
+    __slots__ = ("_engineers", "_contributors", "_others", "_entries", "_by_principal", "_interner",
+                 "revision")
 
     def __init__(self, grants: Iterable[Grant] = (), revision: int = 0) -> None:
         interner = _Interner()
+        entries = interner.entries
         tables = _Tables({}, {}, {})
         for g in grants:
-            table, key = tables.table_and_key(g)
+            keyed = tables.table_and_key(g)
+            if keyed is None:
+                continue
+            table, key = keyed
             held = table.get(key)
             # Two grants for the same role: the longer-lived one counts.
-            if held is None or _later(g.expires_at, held[0]):
-                table[key] = interner.entry(g.expires_at, g.source)
+            if held is None or _later(g.expires_at, entries[held][0]):
+                table[key] = interner.number(g.expires_at, g.source)
         self._engineers, self._contributors, self._others = tables.engineers, tables.contributors, tables.others
+        self._entries = entries
         self._by_principal: dict[str, list[tuple[tuple[str, str, str], _Entry]]] | None = None
         self._interner = interner
         self.revision = revision
@@ -102,25 +132,31 @@ class GrantSet:
         tables = _Tables(dict(self._engineers), dict(self._contributors), dict(self._others))
         interner = self._interner
         for change in delta.changes:
-            table, key = tables.table_and_key(change.grant)
+            keyed = tables.table_and_key(change.grant)
+            if keyed is None:
+                continue
+            table, key = keyed
             if change.deleted:
                 table.pop(key, None)
             else:
-                table[key] = interner.entry(change.grant.expires_at, change.grant.source)
+                table[key] = interner.number(change.grant.expires_at, change.grant.source)
         gs = GrantSet.__new__(GrantSet)
         gs._engineers, gs._contributors, gs._others = tables.engineers, tables.contributors, tables.others
-        gs._by_principal, gs._interner, gs.revision = None, interner, delta.revision
+        gs._entries, gs._by_principal, gs._interner = interner.entries, None, interner
+        gs.revision = delta.revision
         return gs
 
     def _keyed(self) -> Iterator[tuple[tuple[str, str, str], _Entry]]:
         """Every grant as ((principal, role value, service or ""), entry), unordered."""
-        engineer, contributor = _ENGINEER.value, _CONTRIBUTOR.value
-        for principal, entry in self._engineers.items():
-            yield (principal, engineer, ""), entry
-        for (principal, service), entry in self._contributors.items():
-            yield (principal, contributor, service), entry
-        for (principal, role), entry in self._others.items():
-            yield (principal, role, ""), entry
+        engineer, contributor, entries = _ENGINEER.value, _CONTRIBUTOR.value, self._entries
+        for principal, n in self._engineers.items():
+            yield (principal, engineer, ""), entries[n]
+        for key, n in self._contributors.items():
+            principal, _, service = key.partition(_SEP)
+            yield (principal, contributor, service), entries[n]
+        for key, n in self._others.items():
+            principal, _, role = key.partition(_SEP)
+            yield (principal, role, ""), entries[n]
 
     def __iter__(self) -> Iterator[Grant]:
         """Every grant, ordered by (principal, role, service)."""
@@ -130,27 +166,38 @@ class GrantSet:
     def __len__(self) -> int:
         return len(self._engineers) + len(self._contributors) + len(self._others)
 
+    def _active(self, n: int | None, now: datetime) -> bool:
+        if n is None:
+            return False
+        expires_at = self._entries[n][0]
+        return expires_at is None or now < expires_at
+
     def has(self, principal: str, role: Role, now: datetime, service: str | None = None) -> bool:
         """True when ``principal`` holds an unexpired ``role`` (of ``service`` for contributors)."""
         if role is _ENGINEER:
-            entry = None if service else self._engineers.get(principal)
+            n = None if service else self._engineers.get(principal)
         elif role is _CONTRIBUTOR:
-            entry = self._contributors.get((principal, service or ""))
+            n = self._contributors.get(f"{principal}{_SEP}{service or ''}")
         else:
-            entry = None if service else self._others.get((principal, _ROLE_VALUE[role]))
-        return entry is not None and (entry[0] is None or now < entry[0])
+            n = None if service else self._others.get(f"{principal}{_SEP}{_ROLE_VALUE[role]}")
+        return self._active(n, now)
 
     def is_engineer(self, principal: str, now: datetime) -> bool:
-        entry = self._engineers.get(principal)
-        return entry is not None and (entry[0] is None or now < entry[0])
+        n = self._engineers.get(principal)
+        if n is None:
+            return False
+        expires_at = self._entries[n][0]
+        return expires_at is None or now < expires_at
 
     def is_contributor(self, principal: str, service: str, now: datetime) -> bool:
-        entry = self._contributors.get((principal, service))
-        return entry is not None and (entry[0] is None or now < entry[0])
+        n = self._contributors.get(f"{principal}{_SEP}{service}")
+        if n is None:
+            return False
+        expires_at = self._entries[n][0]
+        return expires_at is None or now < expires_at
 
     def is_security_oncall(self, principal: str, now: datetime) -> bool:
-        entry = self._others.get((principal, _ONCALL_ROLE))
-        return entry is not None and (entry[0] is None or now < entry[0])
+        return self._active(self._others.get(f"{principal}{_SEP}{_ONCALL_ROLE}"), now)
 
     def roles_of(self, principal: str, now: datetime) -> list[Grant]:
         """The principal's active grants, for display."""
