@@ -370,7 +370,8 @@ async def _decision_figures(org: Org, url: str, store, port: int,
     freeze_long_lived()  # as the server does once its grants are loaded, before serving
     rcache = ReflectionCache(resolver(org, port), CacheSettings(ttl=3600, stale_window=3600))
     reference = ReflectionCache(resolver(SMALL, reference_port), CacheSettings(ttl=3600, stale_window=3600))
-    pauses: list[tuple[float, float, int, int]] = []  # (wall, CPU of the collecting thread, generation, objects)
+    # (wall, CPU of the collecting thread, generation, objects walked, objects collected)
+    pauses: list[tuple[float, float, int, int, int]] = []
     started: list[tuple[float, float, int]] = []
 
     def on_gc(phase: str, info: dict) -> None:
@@ -380,7 +381,8 @@ async def _decision_figures(org: Org, url: str, store, port: int,
             started.append((time.perf_counter(), time.thread_time(), objects))
         elif started:
             wall, cpu, objects = started.pop()
-            pauses.append((time.perf_counter() - wall, time.thread_time() - cpu, info["generation"], objects))
+            pauses.append((time.perf_counter() - wall, time.thread_time() - cpu, info["generation"], objects,
+                           info["collected"]))
     try:
         for s in range(org.services):
             await rcache.get(service_name(s))
@@ -471,9 +473,11 @@ async def _decision_figures(org: Org, url: str, store, port: int,
         # Which collection it was: its generation and the objects it walked (-1: a full one,
         # not counted; counting is itself a walk), for telling a young collection after a
         # reload from a full one.
-        longest = max(pauses, key=lambda p: p[1], default=(0.0, 0.0, -1, -1))
+        longest = max(pauses, key=lambda p: p[1], default=(0.0, 0.0, -1, -1, -1))
         fig["longest GC pause during checks: generation"] = longest[2]
         fig["longest GC pause during checks: objects walked"] = longest[3]
+        # Garbage it freed (a cycle holding e.g. a store connection runs its finalizer there).
+        fig["longest GC pause during checks: objects collected"] = longest[4]
         fig["GC runs during checks"] = len(pauses)
 
         gc.collect()
