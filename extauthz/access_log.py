@@ -7,9 +7,11 @@ streams each such call to this server over its gRPC access log service (ALS,
 named ``fast_path.log_name`` whose filter passes only entries whose
 ``rpcauthz_fast_shadow_engine_result`` is ``allowed``). Each entry becomes exactly one
 ``decision.allow`` audit event (rule ``fast_path.allow``) through the same writer as the
-Checks' events: with the spool (the default) it is fsync'd before the next message of the
+Checks' events: with the spool (the default) it is durable before the next message of the
 stream is read. Each message is read in one pass (``EntryReader``): its entries become spool
-rows directly, one spool transaction per message.
+rows directly, written in one transaction per message: straight into the store while it
+answers (``SpooledAuditWriter.write_rows``: its commit is the durability), else into the
+spool, shipped later.
 
 The event id is derived from the entry (Envoy's x-request-id, the call's start time, the
 Envoy node, the downstream address, the path and Envoy's stream id), so the same entry sent
@@ -356,27 +358,25 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 if at:
                     await asyncio.sleep(0)  # let Checks run between chunks of a big message
                 rows += self._reader.rows(entries[at:at + READ_CHUNK], node, refused)
-            submitted = self._take(rows)
-            if submitted:
-                # Spool first: this stream reads on only once these events are on disk.
-                await self._audit.acknowledged()
-                self._audited.inc(submitted)
+            if not rows:
+                continue
+            if not self._settings.audit.allows:
+                self._not_audited.inc(len(rows))
+                continue
+            # This stream reads on only once these events are durable (in the store or the spool).
+            await self._take(rows)
+            self._audited.inc(len(rows))
         return als_pb2.StreamAccessLogsResponse()
 
-    def _take(self, rows: list[tuple[str, str]]) -> int:
-        """Submit a message's events, read into spool ``rows``, as one batch (one spool
-        transaction); returns how many were submitted."""
-        if not rows:
-            return 0
-        if not self._settings.audit.allows:
-            self._not_audited.inc(len(rows))
-            return 0
+    async def _take(self, rows: list[tuple[str, str]]) -> None:
+        """Write a message's events, read into spool ``rows``, as one batch (one store or
+        spool transaction) and wait until it is durable."""
         if isinstance(self._audit, SpooledAuditWriter):
-            self._audit.submit_rows(rows)
-        else:  # no spool: the writer takes events
-            for _id, row in rows:
-                self._audit.submit(lambda row=row: event_from_json(row))  # type: ignore[misc]
-        return len(rows)
+            await self._audit.write_rows(rows)
+            return
+        for _id, row in rows:  # no spool: the writer takes events
+            self._audit.submit(lambda row=row: event_from_json(row))  # type: ignore[misc]
+        await self._audit.acknowledged()
 
     def _refused(self, entry: accesslog_pb2.HTTPAccessLogEntry, e: Exception, node: str) -> None:
         if isinstance(e, NotFastPath):
