@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 from policy.audit import AuditEvent
 from policy.store import Store
@@ -120,17 +121,31 @@ class SpooledAuditWriter:
         if rows:
             self._join(_Rows(rows), len(rows))
 
-    async def write_rows(self, rows: list[tuple[str, str]]) -> None:
+    @property
+    def wants_columns(self) -> bool:
+        """Whether ``write_rows`` would now write straight to a store that takes the events'
+        column values (``append_audit_rows``: SQLite, which would decode the JSON in this process)."""
+        return self._direct and not self._closing and hasattr(self._store, "append_audit_rows")
+
+    async def write_rows(self, rows: list[tuple[str, str]], columns: list[tuple[Any, ...]] | None = None) -> None:
         """Make ``rows`` (id, ``event_json`` text) durable, then return: one store transaction
         while the store answers within ``direct_timeout`` (its commit is the durability), else
         ``submit_rows`` and ``acknowledged`` (the spool, fsync'd; counted and dropped past
-        ``queue_size`` as there)."""
+        ``queue_size`` as there). ``columns``: the same events as their store columns, one per
+        row in order (``access_log.event_columns``), written instead of the JSON where the
+        store takes them (``wants_columns``)."""
         if not rows:
             return
         if self._direct and not self._closing:
             loop = asyncio.get_running_loop()
-            texts = [text for _id, text in rows]
-            write = loop.run_in_executor(self._executor, write_rows, self._store, texts)
+            as_rows = getattr(self._store, "append_audit_rows", None)
+            if columns is not None and as_rows is not None:
+                if len(columns) != len(rows):
+                    raise ValueError(f"{len(columns)} column rows for {len(rows)} events")
+                write = loop.run_in_executor(self._executor, as_rows, columns)
+            else:
+                write = loop.run_in_executor(self._executor, write_rows, self._store,
+                                             [text for _id, text in rows])
             try:
                 async with asyncio.timeout(self._direct_timeout):
                     await asyncio.shield(write)

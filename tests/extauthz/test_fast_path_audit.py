@@ -137,7 +137,7 @@ def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
     entry, the event ``read_entry`` + ``audit_event`` gives, encoded as ``event_json`` would, and
     refuses what it refuses with the same exception and message; a bug on one entry is refused
     alone."""
-    from extauthz.access_log import EntryReader
+    from extauthz.access_log import EntryReader, event_columns
     from extauthz.audit_spool import event_from_json, event_json, is_canonical
 
     good = [_entry(request_id=f"r{i}", port=40000 + i, sub=sub) for i, sub in
@@ -165,9 +165,12 @@ def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
             return ("refused", type(e), str(e))
         return ("row", allow.event_id, allow.audit_event())
 
-    refused = []
-    rows = iter(EntryReader(SETTINGS).rows(entries, "envoy-1",
-                                           lambda entry, e: refused.append((type(e), str(e)))))
+    refused: list = []
+    columns: list = []
+    read = EntryReader(SETTINGS).rows(entries, "envoy-1", lambda entry, e: refused.append((type(e), str(e))),
+                                      columns)
+    assert len(columns) == len(read)
+    rows, cols = iter(read), iter(columns)
     refusals = iter(refused)
     for entry in entries:
         want = expected(entry)
@@ -178,6 +181,7 @@ def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
         assert event_id == want[1] == entry_event_id(entry, "envoy-1")
         assert is_canonical(row)
         assert json.loads(row) == json.loads(event_json(want[2]))
+        assert next(cols) == event_columns(want[2])  # what the store gets instead, where it takes columns
         assert event_from_json(row) == want[2]
     assert next(rows, None) is None and next(refusals, None) is None
     assert len(refused) >= len(bad)  # each bad entry was refused (and "alice\n" as identity decides)
@@ -197,17 +201,24 @@ class _Store:
     unreachable database, ``slow`` holds each one that long (then it commits)."""
 
     def __init__(self, store) -> None:
-        self._store, self.down, self.slow, self.writes = store, False, 0.0, []
+        self._store, self.down, self.slow, self.writes, self.columns = store, False, 0.0, [], False
 
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def append_audit_json(self, events):
+    def _write(self, how, events):
         if self.down:
             raise StoreError("connection refused (store away)")
         time.sleep(self.slow)
         self.writes.append(len(events))
-        return self._store.append_audit_json(events)
+        return how(events)
+
+    def append_audit_json(self, events):  # the ship, and the direct write to a store without the next
+        return self._write(self._store.append_audit_json, events)
+
+    def append_audit_rows(self, rows):  # SQLite: the direct write, as columns
+        self.columns = True
+        return self._write(self._store.append_audit_rows, rows)
 
 
 class _CountingSpool(AuditSpool):
@@ -257,13 +268,14 @@ def test_one_store_write_per_access_log_message(tmp_path):
             # Each message is durable before the next is read.
             await _stream(service, _messages(sizes), lambda i: written.append(len(store.list_audit(limit=10_000))))
             direct_writes = list(store.writes)
+            assert store.columns == bool(direct_timeout)
             await writer.close()
             return direct_writes if direct_timeout else spool.puts, written, len(store.list_audit(limit=10_000))
         finally:
             spool.close()
             store.close()
 
-    assert asyncio.run(main(5.0)) == (sizes, [50, 51, 651], 651)
+    assert asyncio.run(main(5.0)) == (sizes, [50, 51, 651], 651)  # SQLite: as columns (below)
     puts, _, total = asyncio.run(main(0.0))
     assert (puts, total) == (sizes, 651)
 
