@@ -14,7 +14,8 @@ transaction as the check's events and applied to the store by ``ship`` after the
 
 Each event is kept as one JSON row (``event_json``: ``at`` first, in UTC with microseconds,
 ``detail`` encoded as the SQL stores encode it); callers with many events encode them
-themselves and pass ``put(rows=...)`` (the fast path's access log does). ``ship`` hands such
+themselves and pass ``put(rows=...)`` (the fast path's access log does, when the store does
+not take them directly: ``SpooledAuditWriter.write_rows``). ``ship`` hands such
 rows to a store with ``append_audit_json`` as they are (the database decodes them); rows an
 older version wrote are decoded into events and shipped as before.
 
