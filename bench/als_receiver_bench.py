@@ -13,21 +13,26 @@ CPU it takes per entry, stage by stage and end to end.
    keeps them in a file, ``--load`` replays one (no Envoy needed).
 2. Replay, in interleaved rounds: at N = the captured messages (Envoy's own batches, N = entries
    per message) and at N = 16 (the same entries cut into messages of 16), each stream through
-   ``AccessLogService.StreamAccessLogs`` until every event is fsync'd in the spool, then the
-   ship to the store until the spool is empty. Each round uses its own Envoy node id, so every
-   event id is new (no round is sped up by the dedupe of the one before).
+   ``AccessLogService.StreamAccessLogs`` until every event is durable (written straight to the
+   store while it answers, ``SpooledAuditWriter.write_rows``; or fsync'd in the spool), then the
+   ship of whatever the spool holds to the store until the spool is empty. Each round uses its
+   own Envoy node id, so every event id is new (no round is sped up by the dedupe of the one
+   before). ``--compare`` runs each case a second time with the spool forced
+   (``direct_timeout=0``: the store down path, and the design before the direct write).
 
 CPU is ``time.process_time()`` (every thread of this process: the spool and the ship run in an
 executor), per entry, median over rounds; the baseline in the same run is parsing the messages
 alone (what gRPC does before our code sees one), so the ``vs parse`` column is robust to the
 machine's load. Stages: ``parse``; ``read`` (entries to spool rows, without writing);
-``receive`` (the service end to end: parse, read, spool fsync'd); ``ship`` (spool to store,
-removed from the spool); ``end to end`` = receive + ship.
+``receive`` (the service end to end: parse, read, durable in the store or the spool); ``ship``
+(what the spool holds to the store, removed from the spool; nothing while the store answers);
+``end to end`` = receive + ship.
 
     python bench/als_receiver_bench.py                       # capture, then 5 rounds
     python bench/als_receiver_bench.py --save /tmp/als.bin   # keep the capture
     python bench/als_receiver_bench.py --load /tmp/als.bin --repeat 9
     python bench/als_receiver_bench.py --pg-dsn postgresql://postgres@127.0.0.1:5432/test
+    python bench/als_receiver_bench.py --load /tmp/als.bin --compare   # also the spool path
 
 Robust to the machine's load: user-space instructions per entry, under valgrind (the same with
 ``--repeat 1`` subtracted, divided by 2 rounds x the entries)::
@@ -210,7 +215,7 @@ def _renamed(first: bytes, node: str) -> bytes:
 class Rig:
     """The real AccessLogService with a real spool and store, as extauthz/server.py wires them."""
 
-    def __init__(self, workdir: pathlib.Path, store_url: str, log_name: str) -> None:
+    def __init__(self, workdir: pathlib.Path, store_url: str, log_name: str, spool_only: bool = False) -> None:
         from extauthz.access_log import AccessLogService
         from extauthz.audit_spool import AuditSpool
         from extauthz.config import Settings
@@ -220,12 +225,12 @@ class Rig:
 
         self.settings = Settings(store_url=store_url, fast_path={"enabled": True, "log_name": log_name})
         self.store = open_store(store_url)
-        self.spool = AuditSpool(str(workdir / "spool.db"), 1_000_000)
+        self.spool = AuditSpool(str(workdir / f"spool{'-only' if spool_only else ''}.db"), 1_000_000)
         self.metrics = Metrics()
         self.executor = futures.ThreadPoolExecutor(max_workers=2)
         a = self.settings.audit
         self.writer = SpooledAuditWriter(self.store, self.metrics, self.spool, a.queue_size, self.executor,
-                                         ack_timeout=60.0)
+                                         ack_timeout=60.0, direct_timeout=0.0 if spool_only else 60.0)
         self.service = AccessLogService(self.settings, self.writer, self.metrics)
 
     def start(self) -> None:
@@ -244,6 +249,11 @@ class Rig:
 
     def ship(self) -> int:
         return self.writer.replay_once()
+
+    def audited(self) -> int:
+        """Entries the service took as audited so far (durable in the store or the spool)."""
+        return int(self.metrics.registry.get_sample_value("rpcauthz_fast_path_entries_total",
+                                                          {"result": "audited"}) or 0)
 
     async def close(self) -> None:
         for t in self.writer._tasks:
@@ -281,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="one case only (e.g. under valgrind: instructions of N rounds minus 1 round)")
     ap.add_argument("--end-to-end-only", action="store_true",
                     help="skip the parse and read stages (each round is then the service end to end only)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also run each case through the spool only (the store-down path), interleaved")
     args = ap.parse_args(argv)
 
     raw = load(args.load) if args.load else capture(args.capture_seconds, args.capture_concurrency)
@@ -295,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = {f"N={max(sizes)} (Envoy's batches)": big, f"N={args.small}": small}
     if args.only:
         cases = dict([list(cases.items())[0 if args.only == "big" else 1]])
+    if args.compare:
+        cases = {**{f"{c}, direct": m for c, m in cases.items()}, **{f"{c}, spool": m for c, m in cases.items()}}
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rpcauthz-alsbench-replay-"))
     if args.pg_dsn:
         store_url = args.pg_dsn
@@ -313,15 +327,17 @@ async def _replay(workdir: pathlib.Path, store_url: str, log_name: str, cases: d
                   total: int, repeat: int, stages: bool = True) -> dict[str, dict[str, list[float]]]:
     """Each case's stream through the rig, ``repeat`` interleaved rounds: case -> stage -> CPU
     seconds per entry, one per round."""
-    rig = Rig(workdir, store_url, log_name)
-    rig.start()
+    rigs = {False: Rig(workdir, store_url, log_name), True: Rig(workdir, store_url, log_name, spool_only=True)}
+    for rig in rigs.values():
+        rig.start()
     cpu: dict[str, dict[str, list[float]]] = {c: {} for c in cases}
     try:
-        read = _reader(rig)
+        read = _reader(rigs[False])
         run = os.urandom(4).hex()  # a store shared between runs (PostgreSQL) sees new ids too
         for r in range(max(1, repeat)):
             order = list(cases) if r % 2 == 0 else list(cases)[::-1]
             for case in order:
+                rig = rigs[case.endswith(", spool")]
                 msgs = list(cases[case])
                 msgs[0] = _renamed(msgs[0], f"bench-{run}-{r}-{case}")  # new event ids each round
                 per = cpu[case]
@@ -334,18 +350,21 @@ async def _replay(workdir: pathlib.Path, store_url: str, log_name: str, cases: d
                     for m in parsed:
                         read(m, node)
                     per.setdefault("read", []).append((time.process_time() - t) / total)
+                audited = rig.audited()
                 t = time.process_time()
                 await rig.receive(msgs)
                 per.setdefault("receive", []).append((time.process_time() - t) / total)
                 t = time.process_time()
-                shipped = rig.ship()
+                rig.ship()
                 per.setdefault("ship", []).append((time.process_time() - t) / total)
-                if shipped != total:
-                    raise RuntimeError(f"{case}: shipped {shipped} events, not {total}")
+                if rig.audited() - audited != total or rig.spool.stats()["depth"]:
+                    raise RuntimeError(f"{case}: {rig.audited() - audited} events audited, not {total}, "
+                                       f"or some left in the spool")
                 per.setdefault("end to end", []).append(per["receive"][-1] + per["ship"][-1])
         return cpu
     finally:
-        await rig.close()
+        for rig in rigs.values():
+            await rig.close()
 
 
 def table(cpu: dict[str, dict[str, list[float]]], rounds: int, store: str) -> str:

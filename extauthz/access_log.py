@@ -7,9 +7,11 @@ streams each such call to this server over its gRPC access log service (ALS,
 named ``fast_path.log_name`` whose filter passes only entries whose
 ``rpcauthz_fast_shadow_engine_result`` is ``allowed``). Each entry becomes exactly one
 ``decision.allow`` audit event (rule ``fast_path.allow``) through the same writer as the
-Checks' events: with the spool (the default) it is fsync'd before the next message of the
+Checks' events: with the spool (the default) it is durable before the next message of the
 stream is read. Each message is read in one pass (``EntryReader``): its entries become spool
-rows directly, one spool transaction per message.
+rows directly, written in one transaction per message: straight into the store while it
+answers (``SpooledAuditWriter.write_rows``: its commit is the durability), else into the
+spool, shipped later.
 
 The event id is derived from the entry (Envoy's x-request-id, the call's start time, the
 Envoy node, the downstream address, the path and Envoy's stream id), so the same entry sent
@@ -33,6 +35,7 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -179,19 +182,33 @@ _CACHE_MAX = 4096
 
 class _Constant:
     """What every entry of one (path, policy id) shares, pre-encoded: the parts of its spool
-    row (``audit_spool.event_json``'s canonical form) around the entry's time, event id,
-    actor and x-request-id (``EntryReader.rows`` puts them together)."""
+    row (``audit_spool.event_json``'s canonical form) and of its ``detail`` around the entry's
+    time, event id, actor and x-request-id (``EntryReader.rows`` puts them together), and the
+    plain values of its store columns."""
 
-    __slots__ = ("mid", "tail")
+    __slots__ = ("detail_head", "method", "mid", "reason", "service", "tail")
 
     def __init__(self, target: Target, policy_id: str, version: str, kind: str) -> None:
         reason = message(Rule.FAST_PATH_ALLOW, {"target": target, "policy_id": policy_id})[:500]
+        self.reason, self.service, self.method = reason, target.service, target.method
         self.mid = (f',"kind":"decision.allow","outcome":"allow","reason":{_json_str(reason)},'
                     f'"request_id":null,"service":{_json_str(target.service)},'
-                    f'"method":{_json_str(target.method)},"trace_id":null,"detail":{{'
-                    f'"decided_rule":"{DECIDED_RULES[kind].value}","decision_id":"')
+                    f'"method":{_json_str(target.method)},"trace_id":null,"detail":')
+        self.detail_head = f'{{"decided_rule":"{DECIDED_RULES[kind].value}","decision_id":"'
         self.tail = (f',"mode":"{POLICY_MODES[kind].name}","path":"fast_path","policy_id":{_json_str(policy_id)},'
-                     f'"policy_version":"{version}","rule":"{Rule.FAST_PATH_ALLOW.value}"}}}}')
+                     f'"policy_version":"{version}","rule":"{Rule.FAST_PATH_ALLOW.value}"}}')
+
+
+#: ``detail`` as the spool's canonical rows and the stores encode it (compact, sorted, ASCII).
+_DETAIL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+def event_columns(event: AuditEvent) -> tuple[Any, ...]:
+    """``event``'s store columns (``AUDIT_COLUMNS`` order) as ``Store.append_audit_rows`` takes
+    them: ``at`` in UTC with microseconds, ``detail`` compact sorted JSON."""
+    at = event.at.astimezone(UTC).isoformat(timespec="microseconds")
+    return (event.id, event.kind, event.actor, at, event.request_id, event.service, event.method,
+            event.outcome, event.reason, _DETAIL_JSON(event.detail), event.trace_id)
 
 
 class EntryReader:
@@ -225,16 +242,19 @@ class EntryReader:
     def _second(self, seconds: int) -> str:
         if len(self._seconds) >= 64:
             self._seconds.clear()
-        start = datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None).isoformat()
-        text = self._seconds[seconds] = f'{{"at":"{start}.'
+        text = self._seconds[seconds] = datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None).isoformat()
         return text
 
     def rows(self, entries: Sequence[accesslog_pb2.HTTPAccessLogEntry], node: str,
-             refused: Callable[[accesslog_pb2.HTTPAccessLogEntry, Exception], None]) -> list[tuple[str, str]]:
+             refused: Callable[[accesslog_pb2.HTTPAccessLogEntry, Exception], None],
+             columns: list[tuple[Any, ...]] | None = None) -> list[tuple[str, str]]:
         """(event id, spool row) of each entry that is a fast-path allow; ``refused(entry,
-        error)`` for each other (``NotFastPath``, ``MalformedEntry``, or a bug reading it)."""
+        error)`` for each other (``NotFastPath``, ``MalformedEntry``, or a bug reading it).
+        With ``columns``, each row's store columns (``event_columns``) are appended to it too,
+        in the same order."""
         out: list[tuple[str, str]] = []
         append = out.append
+        add_columns = columns.append if columns is not None else None
         constants, principals, seconds_cache = self._constants, self._principals, self._seconds
         ns, payload_key, claim_key = self._ns, self._payload, self._claim
         sha256 = hashlib.sha256
@@ -243,7 +263,8 @@ class EntryReader:
                 common = entry.common_properties
                 fm = common.metadata.filter_metadata
                 request = entry.request
-                row = None
+                row: str | None = None
+                cols: tuple[Any, ...] = ()
                 # Map .get (one lookup each, no entry added); a set string or struct is
                 # non-empty, so an empty one (absent, or another kind) leaves the common shape.
                 rbac, jwt = fm.get(RBAC_NAMESPACE), fm.get(ns)
@@ -272,14 +293,21 @@ class EntryReader:
                                 path, common.stream_id)).encode()).hexdigest()
                             ms = sec * 1000 + nanos // 1_000_000
                             event_id = f"{ms & 0xFFFFFFFFFFFF:012x}{h[:20]}"
-                            head = seconds_cache.get(sec) or self._second(sec)
-                            row = (f'{head}{nanos // 1000:06d}+00:00","id":"{event_id}","actor":{actor}'
-                                   f'{constant.mid}{event_id}","envoy_request_id":{_json_str(request_id)}'
-                                   f'{constant.tail}')
+                            at = f"{seconds_cache.get(sec) or self._second(sec)}.{nanos // 1000:06d}+00:00"
+                            detail = (f'{constant.detail_head}{event_id}","envoy_request_id":{_json_str(request_id)}'
+                                      f'{constant.tail}')
+                            row = f'{{"at":"{at}","id":"{event_id}","actor":{actor}{constant.mid}{detail}}}'
+                            if add_columns is not None:
+                                cols = (event_id, "decision.allow", principal, at, None, constant.service,
+                                        constant.method, "allow", constant.reason, detail, None)
                 if row is None:  # off the common shape: read_entry says what it is
-                    allow = read_entry(entry, self._settings, node)
-                    event_id, row = allow.event_id, event_json(allow.audit_event())
+                    event = read_entry(entry, self._settings, node).audit_event()
+                    event_id, row = event.id, event_json(event)
+                    if add_columns is not None:
+                        cols = event_columns(event)
                 append((event_id, row))
+                if add_columns is not None:
+                    add_columns(cols)
             except Exception as e:  # noqa: BLE001 (refused() tells the kinds apart)
                 refused(entry, e)
         return out
@@ -351,32 +379,31 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                           self._settings.fast_path.log_name)
                 continue
             rows: list[tuple[str, str]] = []
+            columns: list[tuple[Any, ...]] | None = [] if isinstance(self._audit, SpooledAuditWriter) and self._audit.wants_columns else None
             refused = functools.partial(self._refused, node=node)
             for at in range(0, len(entries), READ_CHUNK):
                 if at:
                     await asyncio.sleep(0)  # let Checks run between chunks of a big message
-                rows += self._reader.rows(entries[at:at + READ_CHUNK], node, refused)
-            submitted = self._take(rows)
-            if submitted:
-                # Spool first: this stream reads on only once these events are on disk.
-                await self._audit.acknowledged()
-                self._audited.inc(submitted)
+                rows += self._reader.rows(entries[at:at + READ_CHUNK], node, refused, columns)
+            if not rows:
+                continue
+            if not self._settings.audit.allows:
+                self._not_audited.inc(len(rows))
+                continue
+            # This stream reads on only once these events are durable (in the store or the spool).
+            await self._take(rows, columns)
+            self._audited.inc(len(rows))
         return als_pb2.StreamAccessLogsResponse()
 
-    def _take(self, rows: list[tuple[str, str]]) -> int:
-        """Submit a message's events, read into spool ``rows``, as one batch (one spool
-        transaction); returns how many were submitted."""
-        if not rows:
-            return 0
-        if not self._settings.audit.allows:
-            self._not_audited.inc(len(rows))
-            return 0
+    async def _take(self, rows: list[tuple[str, str]], columns: list[tuple[Any, ...]] | None) -> None:
+        """Write a message's events, read into spool ``rows`` (and store ``columns``), as one
+        batch (one store or spool transaction) and wait until it is durable."""
         if isinstance(self._audit, SpooledAuditWriter):
-            self._audit.submit_rows(rows)
-        else:  # no spool: the writer takes events
-            for _id, row in rows:
-                self._audit.submit(lambda row=row: event_from_json(row))  # type: ignore[misc]
-        return len(rows)
+            await self._audit.write_rows(rows, columns)
+            return
+        for _id, row in rows:  # no spool: the writer takes events
+            self._audit.submit(lambda row=row: event_from_json(row))  # type: ignore[misc]
+        await self._audit.acknowledged()
 
     def _refused(self, entry: accesslog_pb2.HTTPAccessLogEntry, e: Exception, node: str) -> None:
         if isinstance(e, NotFastPath):
@@ -395,4 +422,4 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
 
 __all__ = ["POLICY_KEY", "RBAC_NAMESPACE", "RESULT_KEY", "AccessLogService", "EntryReader", "FastPathAllow",
-           "MalformedEntry", "NotFastPath", "entry_event_id", "read_entry"]
+           "MalformedEntry", "NotFastPath", "entry_event_id", "event_columns", "read_entry"]

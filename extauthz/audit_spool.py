@@ -14,7 +14,8 @@ transaction as the check's events and applied to the store by ``ship`` after the
 
 Each event is kept as one JSON row (``event_json``: ``at`` first, in UTC with microseconds,
 ``detail`` encoded as the SQL stores encode it); callers with many events encode them
-themselves and pass ``put(rows=...)`` (the fast path's access log does). ``ship`` hands such
+themselves and pass ``put(rows=...)`` (the fast path's access log does, when the store does
+not take them directly: ``SpooledAuditWriter.write_rows``). ``ship`` hands such
 rows to a store with ``append_audit_json`` as they are (the database decodes them); rows an
 older version wrote are decoded into events and shipped as before.
 
@@ -345,7 +346,7 @@ class AuditSpool:
         self.void_orphaned_intents()
         done = 0
         while rows := self._oldest(batch):
-            _write(store, [text for _seq, text in rows])
+            write_rows(store, [text for _seq, text in rows])
             self._remove_seqs(rows[0][0], rows[-1][0])
             done += len(rows)
             if on_batch is not None:
@@ -360,9 +361,10 @@ class AuditSpool:
         return done
 
 
-def _write(store: Store, rows: Sequence[str]) -> None:
-    """Spool rows into ``store`` in one transaction: as they are where the store takes them
-    (``append_audit_json``) and every row is canonical, else decoded into events."""
+def write_rows(store: Store, rows: Sequence[str]) -> None:
+    """Spool rows (``event_json`` texts) into ``store`` in one transaction: as they are where
+    the store takes them (``append_audit_json``) and every row is canonical, else decoded into
+    events. Raises what the store raises."""
     as_json = getattr(store, "append_audit_json", None)
     if as_json is not None and all(map(is_canonical, rows)):
         as_json(rows)
@@ -376,4 +378,4 @@ def _write(store: Store, rows: Sequence[str]) -> None:
             store.append_audit(e)
 
 
-__all__ = ["AuditSpool", "event_from_json", "event_json", "is_canonical"]
+__all__ = ["AuditSpool", "event_from_json", "event_json", "is_canonical", "write_rows"]

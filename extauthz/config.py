@@ -164,6 +164,11 @@ class Audit(Section):
     spool_max_events: int = Field(1_000_000, ge=1)
     #: How often the spool is replayed while it holds events.
     replay_interval_s: float = Field(1.0, gt=0, le=60)
+    #: The fast path's access log (with the spool on) writes each message's events straight
+    #: to the store, one transaction whose commit is their durability, while the store
+    #: answers within this long; past it, or on a store error, they and the next messages go
+    #: through the spool until it ships again. 0: always through the spool.
+    direct_write_ms: int = Field(800, ge=0, le=60000)
 
 
 STATE_DIR_ENV = "RPCAUTHZ_STATE_DIR"

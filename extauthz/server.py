@@ -196,7 +196,8 @@ async def serve(settings: Settings, *, components: Components | None = None,
         audit = SpooledAuditWriter(components.store, metrics, spool, settings.audit.queue_size, executor,
                                    batch_window=settings.audit.batch_window_ms / 1000.0,
                                    replay_interval=settings.audit.replay_interval_s,
-                                   ack_timeout=settings.decision_deadline_ms / 1000.0)
+                                   ack_timeout=settings.decision_deadline_ms / 1000.0,
+                                   direct_timeout=settings.audit.direct_write_ms / 1000.0)
     else:
         log.warning("AUDIT SPOOL OFF (audit.spool_path: null): decision events wait in memory; a kill -9 "
                     "loses the last batch window and a store outage drops events. Never run this in production.")

@@ -11,6 +11,14 @@ With a spool (``audit.spool_path``, on by default) the writer works spool first:
    ignores an event id it already holds, so a crash between its commit and the removal
    writes nothing twice; events spooled before a kill -9 are shipped by the next start.
 
+Batches that arrive already encoded (the fast path's access log, ``write_rows``) go straight
+to the store instead, in one transaction whose commit is their durability, while the store
+answers within ``direct_timeout``: no spool write, no ship. A store that fails or is slow sends
+that batch, and every batch after it, through the spool as above until the shipper has
+shipped again (the store answers): the spool is the fallback, never skipped for a batch the
+store did not take. A direct write that timed out may still commit later; the spool's copy is
+then ignored by the store (same id), so nothing is written twice.
+
 So a kill -9 loses no event whose check was answered, and a store outage only makes the
 spool deeper (``rpcauthz_audit_spool_stat``). Writing still never changes a decision: a
 full group (``queue_size``) or a full spool drops and counts the event
@@ -24,11 +32,12 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 from policy.audit import AuditEvent
 from policy.store import Store
 
-from .audit_spool import MAX_BATCH, AuditSpool
+from .audit_spool import MAX_BATCH, AuditSpool, write_rows
 from .metrics import Metrics
 from .spend_voids import SpendIntent, SpendSettled, SpendVoid
 
@@ -52,13 +61,20 @@ class SpooledAuditWriter:
 
     def __init__(self, store: Store, metrics: Metrics, spool: AuditSpool, queue_size: int,
                  executor: Executor | None = None, batch_window: float = 0.0,
-                 replay_interval: float = 1.0, ack_timeout: float = 1.0) -> None:
+                 replay_interval: float = 1.0, ack_timeout: float = 1.0,
+                 direct_timeout: float | None = None) -> None:
+        """``direct_timeout``: how long ``write_rows`` waits for the store before it spools the
+        batch instead (default ``ack_timeout``; 0 always spools)."""
         if batch_window < 0:
             raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window}")
         self._store, self._metrics, self.spool = store, metrics, spool
         self._queue_size = queue_size
         self._executor = executor
         self._window, self._replay_interval, self._ack_timeout = batch_window, replay_interval, ack_timeout
+        self._direct_timeout = ack_timeout if direct_timeout is None else direct_timeout
+        #: Whether ``write_rows`` goes to the store: off from a failed or slow direct write (or
+        #: ship) until the next successful ship.
+        self._direct = self._direct_timeout > 0
         self._group: list[_Queued] = []
         #: Events in the group (a batch of rows counts each row), bounded by queue_size.
         self._queued = 0
@@ -104,6 +120,48 @@ class SpooledAuditWriter:
             rows = rows[:max(0, room)]
         if rows:
             self._join(_Rows(rows), len(rows))
+
+    @property
+    def wants_columns(self) -> bool:
+        """Whether ``write_rows`` would now write straight to a store that takes the events'
+        column values (``append_audit_rows``: SQLite, which would decode the JSON in this process)."""
+        return self._direct and not self._closing and hasattr(self._store, "append_audit_rows")
+
+    async def write_rows(self, rows: list[tuple[str, str]], columns: list[tuple[Any, ...]] | None = None) -> None:
+        """Make ``rows`` (id, ``event_json`` text) durable, then return: one store transaction
+        while the store answers within ``direct_timeout`` (its commit is the durability), else
+        ``submit_rows`` and ``acknowledged`` (the spool, fsync'd; counted and dropped past
+        ``queue_size`` as there). ``columns``: the same events as their store columns, one per
+        row in order (``access_log.event_columns``), written instead of the JSON where the
+        store takes them (``wants_columns``)."""
+        if not rows:
+            return
+        if self._direct and not self._closing:
+            loop = asyncio.get_running_loop()
+            as_rows = getattr(self._store, "append_audit_rows", None)
+            if columns is not None and as_rows is not None:
+                if len(columns) != len(rows):
+                    raise ValueError(f"{len(columns)} column rows for {len(rows)} events")
+                write = loop.run_in_executor(self._executor, as_rows, columns)
+            else:
+                write = loop.run_in_executor(self._executor, write_rows, self._store,
+                                             [text for _id, text in rows])
+            try:
+                async with asyncio.timeout(self._direct_timeout):
+                    await asyncio.shield(write)
+                return
+            except TimeoutError:
+                # Still running in its thread: if it commits, the spool's copy is ignored (same ids).
+                write.add_done_callback(lambda f: f.cancelled() or f.exception())
+                why = f"no answer within {self._direct_timeout:.2f}s"
+            except Exception as e:
+                why = str(e) or type(e).__name__
+            self._direct = False
+            self._metrics.store_errors.labels("append_audit").inc()
+            log.warning("the store did not take %d fast-path audit event(s) (%s): they and the next "
+                        "ones go through the local spool until the store answers again", len(rows), why)
+        self.submit_rows(rows)
+        await self.acknowledged()
 
     def void_spend(self, decision_id: str) -> None:
         """The check ``decision_id`` attempted to spend an approval use and was not allowed:
@@ -229,8 +287,13 @@ class SpooledAuditWriter:
             try:
                 await loop.run_in_executor(self._executor, self.replay_once)
             except Exception as e:  # the store is away: the events wait in the spool
+                self._direct = False
                 self._metrics.store_errors.labels("append_audit").inc()
                 log.warning("audit events wait in the local spool for the store: %s", e)
+            else:
+                if not self._direct and self._direct_timeout > 0:
+                    log.info("the store answers again: fast-path audit events go straight to it")
+                    self._direct = True
 
     def replay_once(self) -> int:
         """Ship everything spooled (blocking); returns how many events reached the store."""

@@ -16,7 +16,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -318,6 +318,20 @@ class SQLiteStore(SqlStore):
                           + ", ".join(f"json_extract(%(event)s, '$.{c}')" for c in codec.AUDIT_COLUMNS)
                           + " WHERE true ON CONFLICT (id) DO NOTHING")
     _AUDIT_JSON_PER_EVENT = True
+    _INSERT_AUDIT_ROWS = (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) "
+                          f"VALUES ({', '.join('?' * len(codec.AUDIT_COLUMNS))}) ON CONFLICT (id) DO NOTHING")
+
+    def append_audit_rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Write several audit events given as their column values in one transaction: each
+        row in ``AUDIT_COLUMNS`` order, ``at`` the text ``append_audit_json`` takes (UTC,
+        microseconds, ``+00:00``) and ``detail`` compact JSON with sorted keys, ASCII (as the
+        audit spool's canonical rows hold them). SQLite decodes JSON in this process, so a
+        caller that has the values (the fast path's access log) skips ~4 µs per event of
+        ``json_extract``. An id the store holds is skipped, as in ``append_audits``."""
+        if not rows:
+            return
+        with self._tx(write=True) as cur:
+            cur.executemany(self._INSERT_AUDIT_ROWS, rows)
 
     def _ts(self, dt: datetime) -> str:
         # Fixed width, UTC: text order is time order, so indexes and ORDER BY work.

@@ -3,7 +3,7 @@ PostgreSQL, and the writer building many deferred events in GIL-friendly chunks.
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -108,3 +108,38 @@ def test_spool_rows_go_in_as_the_database_reads_them_and_equal_the_events(store)
     with pytest.raises(StoreError):
         store.append_audit_json([event_json(_event(8)), bad])
     assert not [e for e in store.list_audit(limit=10_000) if e.actor in ("user8", "user9")]
+
+
+def test_sqlite_takes_the_events_columns_and_stores_exactly_what_their_spool_rows_store(tmp_path):
+    """``SQLiteStore.append_audit_rows`` (the fast path's columns, ``event_columns``: no JSON
+    decode in this process) stores, byte for byte, what ``append_audit_json`` stores for the
+    same events' spool rows; it skips ids it holds and is one transaction."""
+    import sqlite3
+
+    from extauthz.access_log import event_columns
+    from extauthz.audit_spool import event_json
+
+    odd = {"decision_id": "d", "nested": {"b": [1, 2.5, None, True], "a": "é \" \\ \u2028"}, "n": 10**15}
+    events = [_event(n, actor=f"ü{n}\"'", reason="x" * 400, detail=dict(odd, decision_id=f"d{n}"),
+                     at=(T0 + timedelta(microseconds=n)).astimezone(timezone(timedelta(hours=2))),
+                     request_id="r1" if n % 2 else None, trace_id="t" if n == 3 else None) for n in range(6)]
+    twins = [dataclasses.replace(e, id=audit_event_id()) for e in events]
+    by_json, by_columns = open_store(f"sqlite:///{tmp_path / 'json.db'}"), open_store(f"sqlite:///{tmp_path / 'cols.db'}")
+    try:
+        by_json.append_audit_json([event_json(e) for e in events])
+        by_columns.append_audit_rows([event_columns(e) for e in events])
+        by_columns.append_audit_rows([event_columns(e) for e in events[:2]])  # held ids: skipped
+        by_columns.append_audit_rows([])
+        with pytest.raises(StoreError):  # NOT NULL kind: the whole batch fails
+            by_columns.append_audit_rows([event_columns(twins[0]), (*event_columns(twins[1])[:1], None,
+                                                                    *event_columns(twins[1])[2:])])
+        assert by_columns.list_audit(limit=100) == by_json.list_audit(limit=100) == events
+    finally:
+        by_json.close()
+        by_columns.close()
+
+    def raw(path) -> list[tuple]:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT * FROM audit ORDER BY seq").fetchall()
+    assert raw(tmp_path / "cols.db") == raw(tmp_path / "json.db")
+    assert len(raw(tmp_path / "cols.db")) == 6

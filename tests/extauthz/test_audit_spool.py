@@ -36,6 +36,11 @@ class FlakyStore:
             raise StoreError("connection refused (store away)")
         return self._store.append_audit_json(events)
 
+    def append_audit_rows(self, rows):
+        if self.down:
+            raise StoreError("connection refused (store away)")
+        return self._store.append_audit_rows(rows)
+
 
 def _events(n: int, tag: str = "d") -> list[AuditEvent]:
     return [AuditEvent(kind="decision.allow", actor=f"user{i}", at=datetime.now(UTC), service="a.v1.S",

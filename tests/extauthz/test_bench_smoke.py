@@ -71,7 +71,9 @@ def test_als_receiver_bench_captures_envoys_messages_and_prints_cpu_per_stage(tm
     stages = re.findall(r"\| N=\d+[^|]* \| (parse|read|receive|ship|end to end) \| \d+\.\d \[", r.stdout)
     assert stages == ["parse", "read", "receive", "ship", "end to end"] * 2, r.stdout
     again = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "als_receiver_bench.py"),
-                            "--load", str(capture), "--repeat", "1", "--only", "small", "--end-to-end-only"],
+                            "--load", str(capture), "--repeat", "1", "--only", "small", "--end-to-end-only",
+                            "--compare"],
                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert re.findall(r"\| N=16 \| (\w[\w ]*) \|", again.stdout) == ["receive", "ship", "end to end"]
+    assert re.findall(r"\| N=16, (direct|spool) \| (\w[\w ]*) \|", again.stdout) == [
+        (path, stage) for path in ("direct", "spool") for stage in ("receive", "ship", "end to end")]

@@ -26,13 +26,16 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import struct_pb2
 
-from extauthz.access_log import MalformedEntry, NotFastPath, entry_event_id, read_entry
+from extauthz.access_log import AccessLogService, MalformedEntry, NotFastPath, entry_event_id, read_entry
+from extauthz.audit_spool import AuditSpool
 from extauthz.config import Settings
 from extauthz.envoy_stats import EnvoyAllowedCollector
+from extauthz.metrics import Metrics
+from extauthz.spooled_audit import SpooledAuditWriter
 from fastpath.compile import RESOURCE_NAME
 from fastpath.envoy_config import LOG_NAME
 from fastpath.xds import ECDS_TYPE
-from policy import Grant, Role
+from policy import Grant, Role, StoreError
 from policy.stores import open_store
 from tests.support.gateway_harness import ACCOUNTS, LEDGER, GatewayStack
 
@@ -134,7 +137,7 @@ def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
     entry, the event ``read_entry`` + ``audit_event`` gives, encoded as ``event_json`` would, and
     refuses what it refuses with the same exception and message; a bug on one entry is refused
     alone."""
-    from extauthz.access_log import EntryReader
+    from extauthz.access_log import EntryReader, event_columns
     from extauthz.audit_spool import event_from_json, event_json, is_canonical
 
     good = [_entry(request_id=f"r{i}", port=40000 + i, sub=sub) for i, sub in
@@ -162,9 +165,12 @@ def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
             return ("refused", type(e), str(e))
         return ("row", allow.event_id, allow.audit_event())
 
-    refused = []
-    rows = iter(EntryReader(SETTINGS).rows(entries, "envoy-1",
-                                           lambda entry, e: refused.append((type(e), str(e)))))
+    refused: list = []
+    columns: list = []
+    read = EntryReader(SETTINGS).rows(entries, "envoy-1", lambda entry, e: refused.append((type(e), str(e))),
+                                      columns)
+    assert len(columns) == len(read)
+    rows, cols = iter(read), iter(columns)
     refusals = iter(refused)
     for entry in entries:
         want = expected(entry)
@@ -175,6 +181,7 @@ def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
         assert event_id == want[1] == entry_event_id(entry, "envoy-1")
         assert is_canonical(row)
         assert json.loads(row) == json.loads(event_json(want[2]))
+        assert next(cols) == event_columns(want[2])  # what the store gets instead, where it takes columns
         assert event_from_json(row) == want[2]
     assert next(rows, None) is None and next(refusals, None) is None
     assert len(refused) >= len(bad)  # each bad entry was refused (and "alice\n" as identity decides)
@@ -189,48 +196,145 @@ def test_the_batched_reader_gives_exactly_read_entrys_events_and_refusals():
     assert [type(e) for e in refused] == [RuntimeError]
 
 
-def test_one_spool_write_per_access_log_message(tmp_path):
-    """Envoy sends a worker's buffered entries as one StreamAccessLogsMessage; the server spools
-    each message in ONE (fsync'd) transaction, whatever its size, before reading the next."""
+class _Store:
+    """The real store, counting the audit transactions it takes; ``down`` fails them like an
+    unreachable database, ``slow`` holds each one that long (then it commits)."""
+
+    def __init__(self, store) -> None:
+        self._store, self.down, self.slow, self.writes, self.columns = store, False, 0.0, [], False
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def _write(self, how, events):
+        if self.down:
+            raise StoreError("connection refused (store away)")
+        time.sleep(self.slow)
+        self.writes.append(len(events))
+        return how(events)
+
+    def append_audit_json(self, events):  # the ship, and the direct write to a store without the next
+        return self._write(self._store.append_audit_json, events)
+
+    def append_audit_rows(self, rows):  # SQLite: the direct write, as columns
+        self.columns = True
+        return self._write(self._store.append_audit_rows, rows)
+
+
+class _CountingSpool(AuditSpool):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.puts: list[int] = []
+
+    def put(self, events, *args, rows=(), **kwargs):
+        if events or rows:
+            self.puts.append(len(events) + len(rows))  # the access log's events come encoded (rows)
+        return super().put(events, *args, rows=rows, **kwargs)
+
+
+def _messages(sizes: list[int], tag: str = "m") -> list[als_pb2.StreamAccessLogsMessage]:
+    return [_message(*[_entry(request_id=f"{tag}{m}-{i}", port=40000 + i) for i in range(n)],
+                     log_name=LOG_NAME if m == 0 else None)  # only a stream's first names its log
+            for m, n in enumerate(sizes)]
+
+
+async def _stream(service, msgs, after_each=None) -> None:
+    async def it():
+        for i, m in enumerate(msgs):
+            yield m
+            if after_each is not None:
+                after_each(i)
+    await service.StreamAccessLogs(it(), None)
+
+
+def test_one_store_write_per_access_log_message(tmp_path):
+    """Envoy sends a worker's buffered entries as one StreamAccessLogsMessage; while the store
+    answers, the server writes each message straight to it in ONE transaction (its commit is
+    the durability), whatever its size, before reading the next: no spool write, nothing to
+    ship. With the spool forced (``direct_timeout=0``) it is one fsync'd spool write each."""
     import asyncio
 
-    from extauthz.access_log import AccessLogService
-    from extauthz.audit_spool import AuditSpool
-    from extauthz.metrics import Metrics
-    from extauthz.spooled_audit import SpooledAuditWriter
+    sizes = [50, 1, 600]  # 600: read in chunks (READ_CHUNK), still one write
 
-    class CountingSpool(AuditSpool):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.puts: list[int] = []
-
-        def put(self, events, *args, rows=(), **kwargs):
-            self.puts.append(len(events) + len(rows))  # the access log's events come encoded (rows)
-            return super().put(events, *args, rows=rows, **kwargs)
-
-    sizes = [50, 1, 600]  # 600: read in chunks (READ_CHUNK), still one spool write
-
-    async def main() -> list[int]:
-        spool = CountingSpool(str(tmp_path / "spool.db"), 10_000)
-        store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    async def main(direct_timeout: float) -> tuple[list[int], list[int], int]:
+        spool = _CountingSpool(str(tmp_path / f"spool-{direct_timeout}.db"), 10_000)
+        store = _Store(open_store(f"sqlite:///{tmp_path / f'store-{direct_timeout}.db'}"))
         metrics = Metrics()
-        writer = SpooledAuditWriter(store, metrics, spool, 10_000)
+        writer = SpooledAuditWriter(store, metrics, spool, 10_000, direct_timeout=direct_timeout)
         writer.start()
-        msgs = [_message(*[_entry(request_id=f"m{m}-{i}", port=40000 + i) for i in range(n)],
-                         log_name=LOG_NAME if m == 0 else None)  # only a stream's first names its log
-                for m, n in enumerate(sizes)]
-
-        async def stream():
-            for m in msgs:
-                yield m
+        service = AccessLogService(SETTINGS, writer, metrics)
+        written: list[int] = []
         try:
-            await AccessLogService(SETTINGS, writer, metrics).StreamAccessLogs(stream(), None)
+            # Each message is durable before the next is read.
+            await _stream(service, _messages(sizes), lambda i: written.append(len(store.list_audit(limit=10_000))))
+            direct_writes = list(store.writes)
+            assert store.columns == bool(direct_timeout)
             await writer.close()
+            return direct_writes if direct_timeout else spool.puts, written, len(store.list_audit(limit=10_000))
         finally:
+            spool.close()
             store.close()
-        return spool.puts
 
-    assert asyncio.run(main()) == sizes
+    assert asyncio.run(main(5.0)) == (sizes, [50, 51, 651], 651)  # SQLite: as columns (below)
+    puts, _, total = asyncio.run(main(0.0))
+    assert (puts, total) == (sizes, 651)
+
+
+def test_a_store_down_or_slow_mid_stream_sends_the_fast_path_audit_through_the_spool(tmp_path):
+    """The store fails mid-stream: that message and the next ones are fsync'd in the spool
+    before the stream reads on, nothing is lost; once the store answers, the shipper ships them,
+    the following messages go straight to the store again, and every event is there once. A
+    store slower than ``direct_timeout`` is left for the spool too; its late commit duplicates
+    nothing."""
+    import asyncio
+
+    async def main() -> None:
+        spool = _CountingSpool(str(tmp_path / "spool.db"), 10_000)
+        store = _Store(open_store(f"sqlite:///{tmp_path / 'store.db'}"))
+        metrics = Metrics()
+        writer = SpooledAuditWriter(store, metrics, spool, 10_000, replay_interval=0.05, direct_timeout=0.2)
+        writer.start()
+        service = AccessLogService(SETTINGS, writer, metrics)
+        msgs = _messages([10, 20, 30, 40, 50])
+
+        def after(i: int) -> None:
+            if i == 0:
+                assert (store.writes, spool.puts) == ([10], [])
+                store.down = True
+            if i == 2:  # messages 1 and 2 went to the spool, durable before message 3 was read
+                assert spool.puts == [20, 30]
+        try:
+            await _stream(service, msgs[:3], after)
+            assert metrics.registry.get_sample_value("rpcauthz_fast_path_entries_total",
+                                                     {"result": "audited"}) == 60
+            assert spool.stats()["depth"] == 50 and len(store.list_audit(limit=10_000)) == 10
+            store.down = False
+            for _ in range(200):  # the shipper's next round (every 0.05 s) empties the spool
+                if spool.stats()["depth"] == 0 and writer._direct:
+                    break
+                await asyncio.sleep(0.05)
+            assert spool.stats()["depth"] == 0
+            store.writes.clear()
+            await _stream(service, [_message(*msgs[3].http_logs.log_entry, log_name=LOG_NAME)])
+            assert store.writes == [40] and spool.puts == [20, 30]  # straight to the store again
+            # Slow: the write that times out is spooled too, and commits later: once in the store.
+            store.slow = 0.5
+            await _stream(service, [_message(*msgs[4].http_logs.log_entry, log_name=LOG_NAME)])
+            assert spool.puts == [20, 30, 50]
+            store.slow = 0.0
+            for _ in range(200):
+                if spool.stats()["depth"] == 0 and len(store.writes) >= 3:  # the late commit, the ship
+                    break
+                await asyncio.sleep(0.05)
+            await writer.close()
+            ids = [e.id for e in store.list_audit(limit=10_000)]
+            assert len(ids) == len(set(ids)) == 150
+            assert metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "spool_failed"}) is None
+        finally:
+            spool.close()
+            store.close()
+
+    asyncio.run(main())
 
 
 def test_how_each_access_log_stream_ended_is_counted(tmp_path):
@@ -430,10 +534,11 @@ def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, p
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_redelivery_kill_9_and_a_server_away(tmp_path, pg_dsn):
-    """Spool first: entries taken are on disk before the stream reads on, so kill -9 loses none
-    (their store write waits in a 2 s batch window); a resent entry is audited once; and what
-    Envoy does with fast-path allows while no server takes its access log."""
-    with _stack(tmp_path, pg_dsn, **{"audit.batch_window_ms": 2000}) as gw:
+    """Through the spool (``direct_write_ms: 0``, as when the store does not answer): entries
+    taken are on disk before the stream reads on, so kill -9 loses none (their store write
+    waits in a 2 s batch window); a resent entry is audited once; and what Envoy does with
+    fast-path allows while no server takes its access log."""
+    with _stack(tmp_path, pg_dsn, **{"audit.batch_window_ms": 2000, "audit.direct_write_ms": 0}) as gw:
         assert gw.call(READ, as_="alice").code is grpc.StatusCode.PERMISSION_DENIED  # learns the mode
         _until_envoy_knows(gw, 1)
         for _ in range(N):
