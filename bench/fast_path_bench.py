@@ -78,7 +78,8 @@ ENGINEER, OUTSIDER = "bench-engineer", "bench-outsider"
 FAST_ALLOWED = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
 
 
-def _envoy(name: str, cfg: dict[str, Any], workdir: pathlib.Path, concurrency: int) -> EnvoyProcess:
+def start_envoy(name: str, cfg: dict[str, Any], workdir: pathlib.Path, concurrency: int) -> EnvoyProcess:
+    """An Envoy of ``cfg`` (not yet ready) in ``workdir / name``, with ``concurrency`` workers."""
     return EnvoyProcess(cfg, workdir / name, name=f"envoy-{name}", concurrency=concurrency)
 
 
@@ -188,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                                   jwks_port=jwks.port, upstreams={"demo_accounts": upstream.port,
                                                                   "demo_ledger": upstream.port},
                                   access_log="/dev/null", fast_path=fast_path)
-        envoys = {"baseline": _envoy("baseline", gateway(None), workdir, args.envoy_concurrency),
-                  "fast": _envoy("fast", gateway(ours_port, True), workdir, args.envoy_concurrency),
-                  "fast_16k": _envoy("fast_16k", with_audit_buffer(gateway(ours_port, True), 16384),
+        envoys = {"baseline": start_envoy("baseline", gateway(None), workdir, args.envoy_concurrency),
+                  "fast": start_envoy("fast", gateway(ours_port, True), workdir, args.envoy_concurrency),
+                  "fast_16k": start_envoy("fast_16k", with_audit_buffer(gateway(ours_port, True), 16384),
                                      workdir, args.envoy_concurrency),
-                  "fast_no_audit": _envoy("fast_no_audit", without_audit(gateway(ours_port, True)),
+                  "fast_no_audit": start_envoy("fast_no_audit", without_audit(gateway(ours_port, True)),
                                           workdir, args.envoy_concurrency),
-                  "today": _envoy("today", gateway(ours_port), workdir, args.envoy_concurrency)}
+                  "today": start_envoy("today", gateway(ours_port), workdir, args.envoy_concurrency)}
         things.extend(envoys.values())
         for e in envoys.values():
             e.wait_ready()

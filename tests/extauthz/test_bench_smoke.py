@@ -59,6 +59,23 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
     assert re.search(r"\| Envoy memory allocated \(admin /memory\) \| \d+\.\d MiB \|", r.stdout)
 
 
+def test_fast_path_attribution_prices_each_part_against_the_same_run():
+    assert shutil.which("h2load"), "h2load (nghttp2-client) must be installed"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "fast_path_attribution.py"),
+                        "--duration", "0.5", "--warmup", "0.1", "--repeat", "1", "--concurrency", "2"],
+                       capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    names = ("baseline", "fast_no_audit", "no_ext_authz", "no_strip", "no_headers", "audit_als", "audit_file")
+    rows = {m.group(1): ln for ln in r.stdout.splitlines()
+            if (m := re.match(rf"\| ({'|'.join(names)}) \| 2 \| \d+\.\d\dx", ln))}
+    assert set(rows) == set(names), r.stdout
+    for ln in rows.values():
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert all(re.fullmatch(r"\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", c) for c in cells[2:]), ln
+    assert "| fast_no_audit | 2 | 1.00x [1.00-1.00] | 1.00x [1.00-1.00] |" in r.stdout
+    assert re.search(r"\| audit_file \| 2 \| \d+ \| \d+ \| \d+ \|", r.stdout), r.stdout  # its CPU row
+
+
 def test_als_receiver_bench_captures_envoys_messages_and_prints_cpu_per_stage(tmp_path):
     assert shutil.which("h2load"), "h2load (nghttp2-client) must be installed"
     capture = tmp_path / "als.bin"
