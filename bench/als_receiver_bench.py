@@ -120,9 +120,9 @@ def _to_capture(cfg: dict[str, Any], port: int) -> dict[str, Any]:
 def capture(duration: float, concurrency: int) -> list[bytes]:
     """Genuine ``StreamAccessLogsMessage`` bytes from Envoy, the demo gateway as rendered with
     the fast path, ``concurrency`` h2load streams for ``duration`` seconds."""
-    from bench.fast_path_bench import ENGINEER, fast_path_server, until_fast
+    from bench.fast_path_bench import ENGINEER, demo_gateway, running_fast_path_server, until_fast
     from bench.gateway_bench import check_call, demo_backends, run_h2load, stop_all
-    from devstack.processes import EnvoyProcess, free_port, render_gateway
+    from devstack.processes import EnvoyProcess
 
     if shutil.which("h2load") is None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
@@ -135,14 +135,9 @@ def capture(duration: float, concurrency: int) -> list[bytes]:
     try:
         issuer, jwks, upstream, body = demo_backends(workdir, things)
         token = issuer.mint(ENGINEER, ttl_seconds=3600)
-        ours = fast_path_server(workdir, upstream.address)
-        things.append(ours)
-        ours.wait_ready()
+        ours = running_fast_path_server(workdir, upstream.address, things)
         ours_port = ours.port
-        cfg = render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=ours_port,
-                             jwks_port=jwks.port, upstreams={"demo_accounts": upstream.port,
-                                                             "demo_ledger": upstream.port},
-                             access_log="/dev/null", fast_path=True)
+        cfg = demo_gateway(jwks.port, upstream.port, ours_port, fast_path=True)
         envoy = EnvoyProcess(_to_capture(cfg, cap_port), workdir / "envoy", name="envoy-fast", concurrency=1)
         things.append(envoy)
         envoy.wait_ready()

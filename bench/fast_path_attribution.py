@@ -45,13 +45,13 @@ for _p in (ROOT, ROOT / "bench"):
 from bench.fast_path_bench import (  # noqa: E402
     ENGINEER,
     cpu_table,
-    fast_path_server,
+    demo_gateway,
+    running_fast_path_server,
     start_envoy,
     until_fast,
     without_audit,
 )
 from bench.gateway_bench import Cell, check_call, demo_backends, process_cpu_seconds, run_h2load, stop_all  # noqa: E402
-from devstack.processes import free_port, render_gateway  # noqa: E402
 from fastpath.envoy_config import (  # noqa: E402
     EXT_AUTHZ_FILTER,
     JWT_FILTER,
@@ -150,15 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         issuer, jwks, upstream, body = demo_backends(workdir, things)
         token = issuer.mint(ENGINEER, ttl_seconds=3600)
-        ours = fast_path_server(workdir, upstream.address)
-        things.append(ours)
-        ours.wait_ready()
+        ours = running_fast_path_server(workdir, upstream.address, things)
 
         def gateway(ext: int | None) -> dict[str, Any]:
-            return render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=ext,
-                                  jwks_port=jwks.port, upstreams={"demo_accounts": upstream.port,
-                                                                  "demo_ledger": upstream.port},
-                                  access_log="/dev/null", fast_path=ext is not None)
+            return demo_gateway(jwks.port, upstream.port, ext, fast_path=ext is not None)
         configs = {
             "baseline": gateway(None),
             "fast_no_audit": without_audit(gateway(ours.port)),

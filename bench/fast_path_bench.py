@@ -150,6 +150,24 @@ def fast_path_server(workdir: pathlib.Path, accounts_address: str) -> ExtAuthzPr
     }, workdir, env={"PYTHONWARNINGS": "ignore"})
 
 
+def running_fast_path_server(workdir: pathlib.Path, accounts_address: str, things: list[Any]) -> ExtAuthzProcess:
+    """``fast_path_server``, started, ready, and added to ``things`` (stopped with them)."""
+    ours = fast_path_server(workdir, accounts_address)
+    things.append(ours)
+    ours.wait_ready()
+    return ours
+
+
+def demo_gateway(jwks_port: int, upstream_port: int, extauthz_port: int | None,
+                 fast_path: bool = False) -> dict[str, Any]:
+    """The demo gateway as the benches render it (free ports, the demo upstream behind both
+    demo clusters, its stdout log to /dev/null); ``extauthz_port`` None: no ext_authz."""
+    return render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=extauthz_port,
+                          jwks_port=jwks_port, upstreams={"demo_accounts": upstream_port,
+                                                          "demo_ledger": upstream_port},
+                          access_log="/dev/null", fast_path=fast_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
@@ -179,16 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         issuer, jwks, upstream, body = demo_backends(workdir, things)
         tokens = {who: issuer.mint(who, ttl_seconds=3600) for who in (ENGINEER, OUTSIDER)}
-        ours = fast_path_server(workdir, upstream.address)
-        things.append(ours)
-        ours.wait_ready()
+        ours = running_fast_path_server(workdir, upstream.address, things)
         ours_port = ours.port
 
         def gateway(ext: int | None, fast_path: bool = False) -> dict[str, Any]:
-            return render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=ext,
-                                  jwks_port=jwks.port, upstreams={"demo_accounts": upstream.port,
-                                                                  "demo_ledger": upstream.port},
-                                  access_log="/dev/null", fast_path=fast_path)
+            return demo_gateway(jwks.port, upstream.port, ext, fast_path)
         envoys = {"baseline": start_envoy("baseline", gateway(None), workdir, args.envoy_concurrency),
                   "fast": start_envoy("fast", gateway(ours_port, True), workdir, args.envoy_concurrency),
                   "fast_16k": start_envoy("fast_16k", with_audit_buffer(gateway(ours_port, True), 16384),
