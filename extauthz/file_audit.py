@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ LINE_KEYS = ("start_time", "principal", "path", "fast_path", "policy_id", "reque
 READ_BYTES = 1 << 20
 #: Lines turned into rows between two hand-backs to the event loop.
 LINE_CHUNK = 256
+_decode = json.JSONDecoder().decode
 
 
 def line_entry(line: bytes, settings: Settings) -> tuple[accesslog_pb2.HTTPAccessLogEntry, str]:
@@ -62,7 +62,7 @@ def line_entry(line: bytes, settings: Settings) -> tuple[accesslog_pb2.HTTPAcces
     ``MalformedEntry`` (saying why) for a line that is not one. Fields are only carried
     over: ``access_log.read_entry`` checks them as it checks an ALS entry's."""
     try:
-        d = json.loads(line)
+        d = _decode(line.decode())
     except ValueError as e:  # UnicodeDecodeError is one
         raise MalformedEntry(f"not a JSON line: {e}") from None
     if not isinstance(d, dict):
@@ -80,14 +80,21 @@ def line_entry(line: bytes, settings: Settings) -> tuple[accesslog_pb2.HTTPAcces
             common.start_time.FromDatetime(datetime.fromisoformat(start))
         except (ValueError, OverflowError):
             raise MalformedEntry(f"start_time {str(start)[:40]!r} is not a time") from None
-    rbac = {k: d[f] for k, f in ((RESULT_KEY, "fast_path"), (POLICY_KEY, "policy_id")) if d.get(f) is not None}
-    if rbac:
-        common.metadata.filter_metadata[RBAC_NAMESPACE].update(rbac)
+    fm = common.metadata.filter_metadata
+    for key, field in ((RESULT_KEY, "fast_path"), (POLICY_KEY, "policy_id")):
+        value = d.get(field)
+        if isinstance(value, str):  # the usual case, set directly (Struct.update is slower)
+            fm[RBAC_NAMESPACE].fields[key].string_value = value
+        elif value is not None:
+            fm[RBAC_NAMESPACE].update({key: value})
     principal = d.get("principal")
     if principal is not None:
         ident = settings.identity
-        common.metadata.filter_metadata[ident.metadata_namespace].update(
-            {ident.payload_key: {ident.principal_claim: principal}})
+        payload = fm[ident.metadata_namespace].fields[ident.payload_key].struct_value
+        if isinstance(principal, str):
+            payload.fields[ident.principal_claim].string_value = principal
+        else:
+            payload.update({ident.principal_claim: principal})
     for key, set_to in (("path", "path"), ("request_id", "request_id")):
         value = d.get(key)
         if isinstance(value, str):
@@ -284,20 +291,41 @@ class FileAuditTailer:
         rows: list[tuple[str, str]] = []
         columns: list[tuple[Any, ...]] | None = [] if self._audit.wants_columns else None
         at = first
+        #: Entries read, in order, each with its line's offset; read into rows a node at a time.
+        run: list[accesslog_pb2.HTTPAccessLogEntry] = []
+        offsets: dict[int, int] = {}
+        run_node = ""
+
+        def flush() -> None:
+            nonlocal rows
+            if run:
+                rows += self._reader.rows(run, run_node, lambda entry, e: self._refused(offsets[id(entry)], entry, e),
+                                          columns)
+                run.clear()
+                offsets.clear()
+
+        received = 0
         for n, line in enumerate(lines):
             if n and n % LINE_CHUNK == 0:
+                flush()
                 await asyncio.sleep(0)  # let Checks run between chunks
             where = at
             at += len(line) + 1
             if not line.strip():
                 continue
-            self._received.inc()
+            received += 1
             try:
                 entry, node = line_entry(line, self._settings)
             except MalformedEntry as e:
                 self._refused(where, None, e)
                 continue
-            rows += self._reader.rows([entry], node, functools.partial(self._refused_entry, where), columns)
+            if node != run_node:
+                flush()
+                run_node = node
+            run.append(entry)
+            offsets[id(entry)] = where
+        flush()
+        self._received.inc(received)
         if not rows:
             return
         if not self._settings.audit.allows:
@@ -310,9 +338,6 @@ class FileAuditTailer:
         self.offset += by
         dev, ino = self._ident
         await asyncio.to_thread(self._positions.save, self.path, dev, ino, self.offset)
-
-    def _refused_entry(self, offset: int, entry: accesslog_pb2.HTTPAccessLogEntry, e: Exception) -> None:
-        self._refused(offset, entry, e)
 
     def _refused(self, offset: int, entry: accesslog_pb2.HTTPAccessLogEntry | None, e: Exception) -> None:
         rid = (entry.request.request_id if entry is not None else "") or "-"

@@ -135,7 +135,7 @@ def test_lines_are_audited_once_a_partial_line_waits_a_malformed_one_is_refused(
     async def body(env: _Env) -> None:
         t = env.tailer()
         await _drain(t)  # no file yet: nothing, no error
-        env.append(_line(0), _line(1), b"{broken\n", _line(2, principal=None), _line(3))
+        env.append(_line(0), _line(1, node="gw-2"), b"{broken\n", _line(2, principal=None), _line(3))
         half = _line(4)
         env.append(half[:20])
         await _drain(t)
@@ -146,6 +146,12 @@ def test_lines_are_audited_once_a_partial_line_waits_a_malformed_one_is_refused(
         assert sorted(e.detail["envoy_request_id"] for e in events) == ["rid-0", "rid-1", "rid-3", "rid-4"]
         assert {(e.actor, e.method, e.detail["policy_id"]) for e in events} == {("alice", "ListAccounts", "v7/engineers")}
         assert (env.count("received"), env.count("audited"), env.count("malformed")) == (6, 4, 2)
+        # Read in batches a node at a time: each event's id is its own line's, with its node.
+        want = set()
+        for ln in (_line(0), _line(1, node="gw-2"), _line(3), half):
+            entry, node = line_entry(ln, SETTINGS)
+            want.add(read_entry(entry, SETTINGS, node).event_id)
+        assert {e.id for e in events} == want
         assert t.offset == os.path.getsize(env.log)
         t.close()
     _run(tmp_path, body)
