@@ -295,11 +295,13 @@ class FileAuditTailer:
         run: list[accesslog_pb2.HTTPAccessLogEntry] = []
         offsets: dict[int, int] = {}
         run_node = ""
+        #: Counted and logged once the batch is written (a batch whose write failed is read again).
+        refusals: list[tuple[int, accesslog_pb2.HTTPAccessLogEntry | None, Exception]] = []
 
         def flush() -> None:
             nonlocal rows
             if run:
-                rows += self._reader.rows(run, run_node, lambda entry, e: self._refused(offsets[id(entry)], entry, e),
+                rows += self._reader.rows(run, run_node, lambda entry, e: refusals.append((offsets[id(entry)], entry, e)),
                                           columns)
                 run.clear()
                 offsets.clear()
@@ -317,7 +319,7 @@ class FileAuditTailer:
             try:
                 entry, node = line_entry(line, self._settings)
             except MalformedEntry as e:
-                self._refused(where, None, e)
+                refusals.append((where, None, e))
                 continue
             if node != run_node:
                 flush()
@@ -325,14 +327,15 @@ class FileAuditTailer:
             run.append(entry)
             offsets[id(entry)] = where
         flush()
-        self._received.inc(received)
-        if not rows:
-            return
-        if not self._settings.audit.allows:
+        if rows and self._settings.audit.allows:
+            # Durable before the position moves past them; raises rather than drops (retried).
+            await self._audit.write_rows(rows, columns, retryable=True)
+            self._audited.inc(len(rows))
+        elif rows:
             self._not_audited.inc(len(rows))
-            return
-        await self._audit.write_rows(rows, columns)  # durable before the position moves past them
-        self._audited.inc(len(rows))
+        self._received.inc(received)
+        for where, refused, why in refusals:
+            self._refused(where, refused, why)
 
     async def _advance(self, by: int) -> None:
         self.offset += by

@@ -324,3 +324,40 @@ def test_envoy_file_audit_is_one_event_per_call_across_restarts_malformed_lines_
         events = all_audited()
         time.sleep(0.5)
         assert len(_fast_audit(pg_dsn)) == len(calls) == int(gw.envoy.stats(STAT)[STAT])
+
+
+def test_a_failed_spool_write_is_retried_not_dropped(tmp_path):
+    """Through the spool (the store not written directly): a spool write that fails leaves
+    the position where it was; the tailer offers the same lines again and they are audited."""
+    class FlakySpool(AuditSpool):
+        fail = 1
+
+        def put(self, *a, **kw):
+            if self.fail:
+                self.fail -= 1
+                raise OSError("disk full (test)")
+            return super().put(*a, **kw)
+
+    env = _Env(tmp_path)
+    env.spool.close()
+    env.spool = FlakySpool(env.spool_path, 100_000)
+    env.writer = SpooledAuditWriter(env.store, env.metrics, env.spool, 100_000, direct_timeout=0)
+
+    async def main() -> None:
+        env.writer.start()
+        try:
+            t = env.tailer()
+            env.append(*(_line(i) for i in range(3)), b"{broken\n")
+            with pytest.raises(OSError, match="could not write 3"):
+                await t.poll_once()
+            assert t.offset == 0
+            assert (env.count("received"), env.count("malformed")) == (0, 0)  # nothing counted twice
+            await _drain(t)
+            assert t.offset == os.path.getsize(env.log)
+            assert (env.count("received"), env.count("audited"), env.count("malformed")) == (4, 3, 1)
+            t.close()
+            await env.writer.close()
+            assert sorted(e.detail["envoy_request_id"] for e in env.events()) == ["rid-0", "rid-1", "rid-2"]
+        finally:
+            env.spool.close()
+    asyncio.run(main())
