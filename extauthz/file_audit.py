@@ -21,7 +21,9 @@ follows the file:
   shorter than the position): read again from the start; what was appended and truncated
   between two polls is lost (as with ``copytruncate`` rotation anywhere; rename instead).
 
-Counted in the same metric as ALS: ``rpcauthz_fast_path_entries_total{result}``.
+Counted in the same metric as ALS: ``rpcauthz_fast_path_entries_total{result}``. One process
+tails a file at a time (``take_turn``: the workers of ``workers > 1`` share the spool), so each
+line is counted once; another takes over, at the saved position, when it stops.
 
 Only Envoy may write the file: a writer could forge audit records of allows, never an allow.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -151,6 +154,8 @@ class FileAuditTailer:
         self._settings, self._audit = settings, audit
         self.path = os.path.abspath(os.path.expanduser(settings.fast_path.audit_file))
         self._positions = _Position(db_path)
+        self._lock_path = f"{db_path}.audit-file.lock"
+        self._lock_fd: int | None = None
         c = metrics.fast_path_entries
         self._received, self._audited, self._malformed, self._not_fast, self._not_audited = (
             c.labels("received"), c.labels("audited"), c.labels("malformed"), c.labels("not_fast_path"),
@@ -357,10 +362,33 @@ class FileAuditTailer:
             log.error("could not read the line at offset %d of the fast-path audit file %s", offset, self.path,
                       exc_info=e)
 
+    def take_turn(self) -> bool:
+        """Whether this process now holds the audit file: one process tails it at a time (the
+        workers of ``workers > 1`` share the spool and its position), the others wait their
+        turn (``flock`` on ``<spool>.audit-file.lock``; a dead holder's lock is released)."""
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
     async def run(self) -> None:
-        """Follow the file until cancelled; an error is logged and retried (the position
-        only moves past lines whose events are durable)."""
+        """Follow the file until cancelled (once this process holds it, ``take_turn``); an
+        error is logged and retried (the position only moves past lines whose events are
+        durable)."""
         poll = self._settings.fast_path.audit_file_poll_s
+        waiting = False
+        while not self.take_turn():
+            if not waiting:
+                log.info("fast-path audit file %s: another process tails it; this one takes over if it stops",
+                         self.path)
+                waiting = True
+            await asyncio.sleep(poll)
         log.info("fast path on: fast-path allows are audited from Envoy's file access log %s", self.path)
         while True:
             try:
@@ -380,6 +408,9 @@ class FileAuditTailer:
             self._file.close()
             self._file = None
         self._positions.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock: another process's turn
+            self._lock_fd = None
 
 
 __all__ = ["LINE_KEYS", "READ_BYTES", "FileAuditTailer", "line_entry"]

@@ -361,3 +361,28 @@ def test_a_failed_spool_write_is_retried_not_dropped(tmp_path):
         finally:
             env.spool.close()
     asyncio.run(main())
+
+
+def test_one_process_tails_at_a_time(tmp_path):
+    """Workers share the spool: only the holder of its audit-file lock tails; the next takes
+    over once it stops (and resumes at its position)."""
+    async def body(env: _Env) -> None:
+        a, b = env.tailer(), env.tailer()
+        assert a.take_turn() and a.take_turn()
+        assert not b.take_turn()
+        env.append(_line(0), _line(1))
+        runner = asyncio.create_task(b.run())
+        await _drain(a)
+        await asyncio.sleep(0.5)
+        assert len(env.events()) == 2 and env.count("audited") == 2  # b waited
+        a.close()
+        env.append(_line(2))
+        for _ in range(100):
+            if env.count("audited") == 3:
+                break
+            await asyncio.sleep(0.05)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        b.close()
+        assert env.count("audited") == 3 and len(env.events()) == 3  # b began at a's position
+    _run(tmp_path, body)
