@@ -11,6 +11,8 @@ i.e. ``fastpath.envoy_config.with_fast_path``):
                   audited through the access log (1 s / 1 MiB buffer)
   fast_allow_16k  the same with Envoy's default access-log buffer (16 KiB): a flush every
                   ~16 calls instead of once a second (what the batching buys)
+  fast_allow_file the same allow audited through Envoy's FILE access log instead, tailed by
+                  the same server (``audit_file``, ``fast_path.audit_file``; end to end)
   fast_no_audit   the same allow WITHOUT the access log: what the audit costs
   fast_denied     the fast-path gateway, a call RBAC does not allow: ext_authz decides (a denial)
   today_allow     today's gateway: ext_authz for every call, an allow
@@ -72,7 +74,7 @@ from bench.gateway_bench import (  # noqa: E402
 )
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway  # noqa: E402
 
-ORDER = ["baseline", "fast_allow", "fast_allow_16k", "fast_no_audit", "fast_denied", "today_allow",
+ORDER = ["baseline", "fast_allow", "fast_allow_16k", "fast_allow_file", "fast_no_audit", "fast_denied", "today_allow",
          "today_denied"]
 ENGINEER, OUTSIDER = "bench-engineer", "bench-outsider"
 FAST_ALLOWED = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
@@ -130,10 +132,12 @@ def until_fast(e: EnvoyProcess, token: str, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def fast_path_server(workdir: pathlib.Path, accounts_address: str) -> ExtAuthzProcess:
+def fast_path_server(workdir: pathlib.Path, accounts_address: str,
+                     audit_file: pathlib.Path | None = None) -> ExtAuthzProcess:
     """Our ext_authz server (not yet ready) as the benches run it: SQLite store in ``workdir``
     with ENGINEER granted, the audit spool, the fast path on (modes checked every 0.2 s),
-    the demo Accounts service's reflection at ``accounts_address``."""
+    the demo Accounts service's reflection at ``accounts_address``; with ``audit_file``, also
+    tailing that file access log of fast-path allows (ALS entries are still taken)."""
     from policy import Grant, Role
     from policy.stores import open_store
 
@@ -145,27 +149,30 @@ def fast_path_server(workdir: pathlib.Path, accounts_address: str) -> ExtAuthzPr
         "store_url": store_url, "listen": {"host": "127.0.0.1", "port": free_port()}, "drain_notice_s": 0,
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "audit": {"spool_path": str(workdir / "audit-spool.db")},
-        "fast_path": {"enabled": True, "modes_check_s": 0.2},
+        "fast_path": {"enabled": True, "modes_check_s": 0.2,
+                      "audit_file": None if audit_file is None else str(audit_file)},
         "reflection": {"endpoints": {"static": {ACCOUNTS: accounts_address}}},
     }, workdir, env={"PYTHONWARNINGS": "ignore"})
 
 
-def running_fast_path_server(workdir: pathlib.Path, accounts_address: str, things: list[Any]) -> ExtAuthzProcess:
+def running_fast_path_server(workdir: pathlib.Path, accounts_address: str, things: list[Any],
+                             audit_file: pathlib.Path | None = None) -> ExtAuthzProcess:
     """``fast_path_server``, started, ready, and added to ``things`` (stopped with them)."""
-    ours = fast_path_server(workdir, accounts_address)
+    ours = fast_path_server(workdir, accounts_address, audit_file)
     things.append(ours)
     ours.wait_ready()
     return ours
 
 
 def demo_gateway(jwks_port: int, upstream_port: int, extauthz_port: int | None,
-                 fast_path: bool = False) -> dict[str, Any]:
+                 fast_path: bool = False, audit_file: pathlib.Path | None = None) -> dict[str, Any]:
     """The demo gateway as the benches render it (free ports, the demo upstream behind both
-    demo clusters, its stdout log to /dev/null); ``extauthz_port`` None: no ext_authz."""
+    demo clusters, its stdout log to /dev/null); ``extauthz_port`` None: no ext_authz; with
+    ``audit_file`` the fast path's audit goes to that file instead of ALS."""
     return render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=extauthz_port,
                           jwks_port=jwks_port, upstreams={"demo_accounts": upstream_port,
                                                           "demo_ledger": upstream_port},
-                          access_log="/dev/null", fast_path=fast_path)
+                          access_log="/dev/null", fast_path=fast_path, fast_path_audit_file=audit_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,15 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         issuer, jwks, upstream, body = demo_backends(workdir, things)
         tokens = {who: issuer.mint(who, ttl_seconds=3600) for who in (ENGINEER, OUTSIDER)}
-        ours = running_fast_path_server(workdir, upstream.address, things)
+        audit_file = workdir / "fast-path-audit.log"
+        ours = running_fast_path_server(workdir, upstream.address, things, audit_file)
         ours_port = ours.port
 
-        def gateway(ext: int | None, fast_path: bool = False) -> dict[str, Any]:
-            return demo_gateway(jwks.port, upstream.port, ext, fast_path)
+        def gateway(ext: int | None, fast_path: bool = False, audit_to: pathlib.Path | None = None) -> dict[str, Any]:
+            return demo_gateway(jwks.port, upstream.port, ext, fast_path, audit_to)
         envoys = {"baseline": start_envoy("baseline", gateway(None), workdir, args.envoy_concurrency),
                   "fast": start_envoy("fast", gateway(ours_port, True), workdir, args.envoy_concurrency),
                   "fast_16k": start_envoy("fast_16k", with_audit_buffer(gateway(ours_port, True), 16384),
                                      workdir, args.envoy_concurrency),
+                  "fast_file": start_envoy("fast_file", gateway(ours_port, True, audit_file), workdir,
+                                           args.envoy_concurrency),
                   "fast_no_audit": start_envoy("fast_no_audit", without_audit(gateway(ours_port, True)),
                                           workdir, args.envoy_concurrency),
                   "today": start_envoy("today", gateway(ours_port), workdir, args.envoy_concurrency)}
@@ -214,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
             e.wait_ready()
         for e in envoys.values():
             check_call(e.port, tokens[ENGINEER])  # also warms reflection and connections
-        for name in ("fast", "fast_16k", "fast_no_audit"):
+        for name in ("fast", "fast_16k", "fast_file", "fast_no_audit"):
             until_fast(envoys[name], tokens[ENGINEER])
         for name in ("fast", "today"):
             check_call(envoys[name].port, tokens[OUTSIDER], PATH, "PERMISSION_DENIED")
         #: scenario -> (envoy, caller)
         scenarios = {"baseline": ("baseline", ENGINEER), "fast_allow": ("fast", ENGINEER),
-                     "fast_allow_16k": ("fast_16k", ENGINEER), "fast_no_audit": ("fast_no_audit", ENGINEER),
+                     "fast_allow_16k": ("fast_16k", ENGINEER), "fast_allow_file": ("fast_file", ENGINEER),
+                     "fast_no_audit": ("fast_no_audit", ENGINEER),
                      "fast_denied": ("fast", OUTSIDER), "today_allow": ("today", ENGINEER),
                      "today_denied": ("today", OUTSIDER)}
         rounds: list[list[Cell]] = []
@@ -252,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(cpu_table(cpu))
         print()
-        print(audit_line([envoys["fast"], envoys["fast_16k"]], ours))
+        print(audit_line([envoys["fast"], envoys["fast_16k"], envoys["fast_file"]], ours))
         if scale is not None:
             print()
             print(scale_table(scale, envoys["fast_no_audit"], gateway, tokens[ENGINEER], body, workdir, args,
@@ -293,7 +304,8 @@ def render(cells: list[Cell]) -> str:
 def spread(rounds: list[list[Cell]]) -> str:
     """The goal's ratios round by round (each against the same round's cell): the median and
     the range, so a difference can be told from the machine's noise."""
-    pairs = [("fast_allow", "baseline"), ("fast_no_audit", "baseline"), ("fast_allow", "fast_no_audit"),
+    pairs = [("fast_allow", "baseline"), ("fast_allow_file", "baseline"), ("fast_no_audit", "baseline"),
+             ("fast_allow", "fast_no_audit"), ("fast_allow_file", "fast_no_audit"),
              ("fast_denied", "today_denied")]
     out = ["| ratio (per round) | concurrency | throughput: median [min-max] | p50: median [min-max] |",
            "|---|---:|---:|---:|"]

@@ -221,6 +221,13 @@ class FastPath(Section):
     #: gateway's, ``fastpath.envoy_config.LOG_NAME``, unless rendered with another);
     #: entries of any other log are counted malformed and not audited.
     log_name: str = "rpcauthz_fast_path"
+    #: Instead of ALS: the file Envoy's file access log writes fast-path allows to (the
+    #: gateway rendered with ``audit_file``), tailed here (extauthz/file_audit.py), its read
+    #: position kept in the audit spool's database. null (the default): ALS. Only Envoy may
+    #: write this file: a writer could forge audit records of allows (never an allow).
+    audit_file: str | None = None
+    #: How often the audit file is looked at for new lines, rotation and truncation.
+    audit_file_poll_s: float = Field(0.2, gt=0, le=10)
     #: Envoy admin URLs (``http://127.0.0.1:9901``) whose fast-path allow counter /metrics
     #: shows beside ours (``rpcauthz_fast_path_envoy_allowed``), read at each scrape.
     envoy_admin_urls: list[str] = Field(default_factory=list)
@@ -262,6 +269,13 @@ class FastPath(Section):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} must start with http:// or https://")
         return [u.rstrip("/") for u in v]
+
+    @field_validator("audit_file")
+    @classmethod
+    def _a_path(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a path, or null for ALS")
+        return v
 
     @field_validator("log_name", "envoy_allowed_stat")
     @classmethod
@@ -319,6 +333,9 @@ class Settings(Section):
             raise ValueError("fast_path.enabled needs verified identities: Envoy's RBAC filter reads the "
                              "principal from jwt_authn's metadata, and identity.dev_mode takes it from a "
                              "header; turn one of them off")
+        if self.fast_path.audit_file is not None and self.audit.spool_path is None:
+            raise ValueError("fast_path.audit_file keeps its read position in the audit spool's database: "
+                             "it needs audit.spool_path")
         if self.grants_max_staleness_s <= self.grants_reload_s:
             raise ValueError("grants_max_staleness_s must be longer than grants_reload_s")
         if self.reflection.cache.deadline * 1000 >= self.decision_deadline_ms:

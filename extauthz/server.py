@@ -147,8 +147,9 @@ def add_fast_path_audit(server: grpc.aio.Server, settings: Settings,
     if settings.fast_path.envoy_admin_urls:
         metrics.registry.register(EnvoyAllowedCollector(settings.fast_path.envoy_admin_urls,
                                                         settings.fast_path.envoy_allowed_stat))
-    log.info("fast path on: fast-path allows are audited from Envoy's access log %r",
-             settings.fast_path.log_name)
+    if settings.fast_path.audit_file is None:
+        log.info("fast path on: fast-path allows are audited from Envoy's access log %r",
+                 settings.fast_path.log_name)
 
 
 async def _release_memory(executor: ThreadPoolExecutor, interval_s: float) -> None:
@@ -210,8 +211,13 @@ async def serve(settings: Settings, *, components: Components | None = None,
     server = grpc.aio.server(options=grpc_server_options(settings.workers))
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(authorizer, PeerCheck(settings.listen), metrics), server)
+    tailer = None
     if settings.fast_path.enabled:
         add_fast_path_audit(server, settings, audit, metrics)
+        if settings.fast_path.audit_file is not None:
+            from .file_audit import FileAuditTailer
+            assert spool_at is not None and isinstance(audit, SpooledAuditWriter)  # Settings requires the spool
+            tailer = FileAuditTailer(settings, audit, metrics, spool_at)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     publisher = _fast_path(settings, server, components, metrics)
@@ -246,6 +252,7 @@ async def serve(settings: Settings, *, components: Components | None = None,
     await publish(True, "started")
     publishing = asyncio.get_running_loop().create_task(publisher.run()) if publisher else None
     releasing = asyncio.get_running_loop().create_task(_release_memory(executor, RELEASE_INTERVAL_S))
+    tailing = asyncio.get_running_loop().create_task(tailer.run(), name="fast-path-audit-file") if tailer else None
     h = settings.health
     readiness = Readiness(store=components.store, grants=components.grants, executor=executor,
                           publish=publish, interval_s=h.interval_s, store_timeout_s=h.store_timeout_s,
@@ -278,6 +285,12 @@ async def serve(settings: Settings, *, components: Components | None = None,
             # to the other servers of the cluster; only then refuse new checks.
             await asyncio.sleep(settings.drain_notice_s)
         await server.stop(settings.drain_grace_s)
+        if tailing is not None and tailer is not None:
+            # Lines it read and wrote but had not yet marked read are read again at the next
+            # start: audited once (same event ids).
+            tailing.cancel()
+            await asyncio.wait([tailing], timeout=5.0)
+            tailer.close()
         await audit.close()
         if spool is not None:
             spool.close()

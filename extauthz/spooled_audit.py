@@ -127,13 +127,18 @@ class SpooledAuditWriter:
         column values (``append_audit_rows``: SQLite, which would decode the JSON in this process)."""
         return self._direct and not self._closing and hasattr(self._store, "append_audit_rows")
 
-    async def write_rows(self, rows: list[tuple[str, str]], columns: list[tuple[Any, ...]] | None = None) -> None:
+    async def write_rows(self, rows: list[tuple[str, str]], columns: list[tuple[Any, ...]] | None = None,
+                         *, retryable: bool = False) -> None:
         """Make ``rows`` (id, ``event_json`` text) durable, then return: one store transaction
         while the store answers within ``direct_timeout`` (its commit is the durability), else
         ``submit_rows`` and ``acknowledged`` (the spool, fsync'd; counted and dropped past
         ``queue_size`` as there). ``columns``: the same events as their store columns, one per
         row in order (``access_log.event_columns``), written instead of the JSON where the
-        store takes them (``wants_columns``)."""
+        store takes them (``wants_columns``).
+
+        ``retryable``: for a caller that can offer the rows again (the audit file's tailer):
+        through the spool, wait for the write however long it takes, and raise ``OSError``
+        instead of dropping them when the group is full or the spool write fails."""
         if not rows:
             return
         if self._direct and not self._closing:
@@ -160,6 +165,12 @@ class SpooledAuditWriter:
             self._metrics.store_errors.labels("append_audit").inc()
             log.warning("the store did not take %d fast-path audit event(s) (%s): they and the next "
                         "ones go through the local spool until the store answers again", len(rows), why)
+        if retryable:
+            if len(rows) > self._queue_size - self._queued:
+                raise OSError(f"the audit queue has no room for {len(rows)} event(s) now")
+            if not await asyncio.shield(self._join(_Rows(rows), len(rows))):
+                raise OSError(f"the audit spool could not write {len(rows)} event(s)")
+            return
         self.submit_rows(rows)
         await self.acknowledged()
 

@@ -14,6 +14,10 @@ decision id), the ADS source, a node id and the RE2 program-size runtime limits;
 audit of fast-path allows: an ``http_grpc`` access log (``LOG_NAME``, the server's
 ``fast_path.log_name``) to the ext_authz cluster, passing only entries whose RBAC shadow
 result is "allowed" (extauthz/access_log.py turns each into one decision audit event).
+With ``audit_file=PATH`` the same entries go instead to Envoy's file access log at ``PATH``,
+one JSON line each (``audit_file_log``; about a fifth of ALS's cost in Envoy), which the
+server tails (``fast_path.audit_file``, extauthz/file_audit.py). Only Envoy may write that
+file: a writer could forge audit records of allows (never an allow itself).
 """
 from __future__ import annotations
 
@@ -95,6 +99,41 @@ def audit_access_log(*, log_name: str = LOG_NAME, cluster: str = "ext_authz",
     }
 
 
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+
+
+def audit_file_fields(node_id: str, *, metadata_namespace: str = JWT_FILTER, payload_key: str = "jwt_payload",
+                      claim: str = "sub") -> dict[str, str]:
+    """The ``json_format`` of one fast-path allow in the file access log: what its audit
+    event and event id need (extauthz/file_audit.py reads exactly these keys). Envoy has no
+    formatter for its node id: it is written in, from the bootstrap's ``node.id``."""
+    return {
+        "start_time": "%START_TIME(%Y-%m-%dT%H:%M:%S.%6fZ)%",
+        "principal": f"%DYNAMIC_METADATA({metadata_namespace}:{payload_key}:{claim})%",
+        "path": "%REQ(:PATH)%",
+        "fast_path": f"%DYNAMIC_METADATA({RBAC_NAMESPACE}:{SHADOW_RESULT_KEY})%",
+        "policy_id": f"%DYNAMIC_METADATA({RBAC_NAMESPACE}:{SHADOW_POLICY_KEY})%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "stream_id": "%STREAM_ID%",
+        "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "node": node_id,
+    }
+
+
+def audit_file_log(path: str, node_id: str, *, claim: str = "sub") -> dict[str, Any]:
+    """Envoy's file access log of fast-path allows at ``path``: the same filter as
+    ``audit_access_log``, one JSON line per entry (``audit_file_fields``)."""
+    if not path.strip():
+        raise ValueError("audit_file must not be empty")
+    return {
+        "name": "envoy.access_loggers.file",
+        "filter": copy.deepcopy(audit_access_log()["filter"]),
+        "typed_config": {
+            "@type": FILE_LOG_TYPE, "path": path,
+            "log_format": {"json_format": audit_file_fields(node_id, claim=claim)}},
+    }
+
+
 def strip_filter() -> dict[str, Any]:
     """Removes every client-sent ``x-rpcauthz-*`` header before anything else may set one.
 
@@ -137,14 +176,17 @@ def fast_path_headers(metadata_namespace: str = JWT_FILTER, payload_key: str = "
 def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                    node_id: str = "rpcauthz-gateway", claim: str = "sub", log_name: str = LOG_NAME,
                    audit_flush_interval_s: float = AUDIT_FLUSH_INTERVAL_S,
-                   audit_buffer_bytes: int = AUDIT_BUFFER_BYTES) -> dict[str, Any]:
+                   audit_buffer_bytes: int = AUDIT_BUFFER_BYTES, audit_file: str | None = None) -> dict[str, Any]:
     """A copy of ``bootstrap`` with the fast path wired into every HTTP connection manager
     that has the ext_authz filter, each with the access log of its fast-path allows to
-    ``xds_cluster`` (the ext_authz server, which audits them). Raises ``ValueError`` if there
-    is no such connection manager."""
-    als = audit_access_log(log_name=log_name, cluster=xds_cluster, flush_interval_s=audit_flush_interval_s,
-                           buffer_size_bytes=audit_buffer_bytes)
+    ``xds_cluster`` (the ext_authz server, which audits them), or with ``audit_file`` to that
+    file instead (``audit_file_log``; the server's ``fast_path.audit_file`` tails it). Raises
+    ``ValueError`` if there is no such connection manager."""
     cfg = copy.deepcopy(bootstrap)
+    node = cfg.setdefault("node", {"id": node_id, "cluster": node_id})
+    als = (audit_file_log(audit_file, str(node.get("id", node_id)), claim=claim) if audit_file is not None
+           else audit_access_log(log_name=log_name, cluster=xds_cluster, flush_interval_s=audit_flush_interval_s,
+                                 buffer_size_bytes=audit_buffer_bytes))
     wired = 0
     for listener in cfg.get("static_resources", {}).get("listeners", []):
         for chain in listener.get("filter_chains", []):
@@ -166,7 +208,6 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                 wired += 1
     if not wired:
         raise ValueError("no HTTP connection manager with the ext_authz filter to add the fast path to")
-    cfg.setdefault("node", {"id": node_id, "cluster": node_id})
     cfg["dynamic_resources"] = {"ads_config": {
         "api_type": "GRPC", "transport_api_version": "V3",
         "grpc_services": [{"envoy_grpc": {"cluster_name": xds_cluster}}],

@@ -47,6 +47,8 @@ _METHOD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 _CLAIM = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
+#: An absolute path without whitespace or control characters (a file Envoy writes).
+_ABSOLUTE = re.compile(r"^/[^\s\x00-\x1f]*$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
 #: Where ``mpactl dev-certs --out /etc/rpcauthz/tls`` puts the files the TLS defaults name.
 DEFAULT_TLS_DIR = "/etc/rpcauthz/tls/"
@@ -171,6 +173,9 @@ class Gateway:
     #: this many buffered bytes; what is buffered is lost if Envoy dies.
     fast_path_audit_flush: float = AUDIT_FLUSH_INTERVAL_S
     fast_path_audit_buffer_bytes: int = AUDIT_BUFFER_BYTES
+    #: Instead of the gRPC access log: fast-path allows to this file (Envoy's file access
+    #: log; the server's ``fast_path.audit_file`` tails it).
+    fast_path_audit_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +306,8 @@ _GATEWAY_KEYS = {
     "max_request_bytes": "largest request body buffered for payload-scoped approvals",
     "upstream_max_requests": "circuit breaker: concurrent requests per upstream",
     "access_log": "path of the JSON access log (default /dev/stdout)",
-    "fast_path": "true, or {principal_claim: CLAIM, audit_flush: DURATION, audit_buffer_bytes: N}: Envoy's "
+    "fast_path": "true, or {principal_claim: CLAIM, audit_flush: DURATION, audit_buffer_bytes: N, "
+                 "audit_file: PATH}: Envoy's "
                  "RBAC filter, fed over xDS by the ext_authz server (fast_path.enabled), allows static calls "
                  "without a Check; each allow is audited through Envoy's access log to that server",
 }
@@ -399,7 +405,9 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
                 "principal_claim": "the JWT claim naming the caller (the server's identity.principal_claim; "
                                    "default sub)",
                 "audit_flush": "how often Envoy sends its buffered access log of fast-path allows (default 1s)",
-                "audit_buffer_bytes": "or when this many bytes are buffered (default 1 MiB)"})
+                "audit_buffer_bytes": "or when this many bytes are buffered (default 1 MiB)",
+                "audit_file": "absolute path: fast-path allows go to this file (Envoy's file access log, "
+                              "the server's fast_path.audit_file) instead of the gRPC access log"})
             kw["fast_path"] = True
             if "principal_claim" in m:
                 kw["fast_path_claim"] = r.string(m["principal_claim"], "gateway.fast_path.principal_claim",
@@ -409,6 +417,9 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
             if "audit_buffer_bytes" in m:
                 kw["fast_path_audit_buffer_bytes"] = r.integer(m["audit_buffer_bytes"],
                                                                "gateway.fast_path.audit_buffer_bytes", 1024, 64 << 20)
+            if "audit_file" in m:
+                kw["fast_path_audit_file"] = r.string(m["audit_file"], "gateway.fast_path.audit_file",
+                                                      _ABSOLUTE, "an absolute path")
         else:
             kw["fast_path"] = r.boolean(fp, "gateway.fast_path")
     return Gateway(**kw)
@@ -850,7 +861,7 @@ def render(catalog: Catalog) -> dict:
         return _without_fast_path_route_configs(bootstrap)
     return with_fast_path(bootstrap, xds_cluster="ext_authz", claim=g.fast_path_claim,
                           audit_flush_interval_s=g.fast_path_audit_flush,
-                          audit_buffer_bytes=g.fast_path_audit_buffer_bytes)
+                          audit_buffer_bytes=g.fast_path_audit_buffer_bytes, audit_file=g.fast_path_audit_file)
 
 
 def _without_fast_path_route_configs(bootstrap: dict) -> dict:
@@ -870,6 +881,9 @@ def render_yaml(catalog: Catalog) -> str:
     if catalog.gateway.fast_path:
         header += ("# FAST PATH: Envoy allows static calls itself (RBAC over xDS); the ext_authz server "
                    "must run with fast_path.enabled: true\n")
+        if catalog.gateway.fast_path_audit_file is not None:
+            header += (f"# FAST PATH AUDIT to the file {catalog.gateway.fast_path_audit_file}: the server must run with "
+                       "fast_path.audit_file set to it, and only Envoy may write it\n")
     if catalog.dry_run_services:
         header += f"# DRY RUN (decisions logged, not enforced): {', '.join(catalog.dry_run_services)}\n"
     return header + yaml.safe_dump(render(catalog), sort_keys=False, default_flow_style=False)

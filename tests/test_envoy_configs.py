@@ -66,3 +66,30 @@ def test_the_fast_path_gateway_is_gateway_yaml_with_the_fast_path():
                ["filters"][0]["typed_config"]["http_filters"]]
     assert filters == ["envoy.filters.http.jwt_authn", "rpcauthz_strip_client_headers",
                        "rpcauthz_fast_path", "envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+
+
+def test_the_fast_path_with_its_audit_in_a_file_validates(tmp_path):
+    """``with_fast_path(..., audit_file=)``: Envoy's file access log, the ALS log's filter,
+    every key extauthz/file_audit.py reads, and no ALS log; and Envoy takes it."""
+    import yaml
+
+    from extauthz.file_audit import LINE_KEYS
+    from fastpath.envoy_config import audit_access_log, with_fast_path
+
+    base = yaml.safe_load((ENVOY_DIR / "gateway.yaml").read_text())
+    cfg = with_fast_path(base, audit_file=str(tmp_path / "fast-path-audit.log"), node_id="gw-7")
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [log["name"] for log in hcm["access_log"]]
+    assert "envoy.access_loggers.http_grpc" not in names
+    (log,) = [log for log in hcm["access_log"] if log["typed_config"].get("path") == str(tmp_path / "fast-path-audit.log")]
+    assert log["filter"] == audit_access_log()["filter"]
+    fields = log["typed_config"]["log_format"]["json_format"]
+    assert set(fields) == set(LINE_KEYS)
+    assert fields["node"] == cfg["node"]["id"] == "gw-7"
+    config = tmp_path / "gateway-file-audit.yaml"
+    config.write_text(yaml.safe_dump(cfg).replace(TLS_DIR, f"{tmp_path / 'tls'}/"))
+    make_dev_certs(tmp_path / "tls")
+    r = subprocess.run([shutil.which("envoy") or "envoy", "--mode", "validate", "-c", str(config),
+                        "--disable-hot-restart", "--log-path", str(tmp_path / "envoy.log")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"does not validate:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

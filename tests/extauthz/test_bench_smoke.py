@@ -37,8 +37,8 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
                        capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {m.group(1): ln for ln in r.stdout.splitlines()
-            if (m := re.match(r"\| (baseline|fast_allow|fast_allow_16k|fast_no_audit|fast_denied|today_allow|today_denied) \| 2 \|", ln))}
-    assert len(rows) == 7, r.stdout
+            if (m := re.match(r"\| (baseline|fast_allow|fast_allow_16k|fast_allow_file|fast_no_audit|fast_denied|today_allow|today_denied) \| 2 \|", ln))}
+    assert len(rows) == 8, r.stdout
     for ln in rows.values():
         cells = [c.strip() for c in ln.strip("|").split("|")]
         assert int(cells[2]) > 0  # requests answered through the gateway

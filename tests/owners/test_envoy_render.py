@@ -393,3 +393,20 @@ def test_fast_path_audit_buffer_is_tunable_and_checked():
         parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {audit_buffer_bytes: 10}\n  jwt:\n", 1))
     with pytest.raises(CatalogError, match="gateway.fast_path.audit_flush must be a duration"):
         parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {audit_flush: soon}\n  jwt:\n", 1))
+
+
+def test_fast_path_audit_can_go_to_a_file():
+    """``gateway.fast_path.audit_file``: Envoy's file access log of fast-path allows (same
+    filter, the node id written in) instead of the gRPC one; an absolute path only."""
+    from fastpath.envoy_config import audit_access_log
+    from owners.envoy_render import CatalogError, parse_catalog, render
+
+    cfg = render(parse_catalog(CATALOG.replace(
+        "  jwt:\n", "  fast_path: {audit_file: /var/log/envoy/fast-path-audit.log}\n  jwt:\n", 1)))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert not [a for a in hcm["access_log"] if a["name"] == "envoy.access_loggers.http_grpc"]
+    [log] = [a for a in hcm["access_log"] if a["typed_config"].get("path") == "/var/log/envoy/fast-path-audit.log"]
+    assert log["filter"] == audit_access_log()["filter"]
+    assert log["typed_config"]["log_format"]["json_format"]["node"] == cfg["node"]["id"]
+    with pytest.raises(CatalogError, match="gateway.fast_path.audit_file.*absolute path"):
+        parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {audit_file: audit.log}\n  jwt:\n", 1))

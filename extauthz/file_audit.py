@@ -1,0 +1,416 @@
+"""The fast path's audit through Envoy's file access log (``fast_path.audit_file``; issue 12).
+
+The gateway rendered with ``audit_file`` (``fastpath.envoy_config.audit_file_log``) has Envoy
+append one JSON line per fast-path allow (the same filter as the ALS log) to that file,
+about a fifth of ALS's cost in Envoy (bench/fast_path_attribution.py). ``FileAuditTailer``
+follows the file:
+
+- each complete line becomes an ``HTTPAccessLogEntry`` (``line_entry``) read by the ALS
+  path's own ``EntryReader``: the same ``decision.allow`` event, event id and refusals
+  (principal, path, policy id and version) as an ALS entry. A line that is not an allow
+  (not JSON, a field missing or wrong) is counted and logged with what was wrong, and the
+  tailer goes on; a partial last line waits for the rest.
+- the events are written with ``SpooledAuditWriter.write_rows`` (durable in the store or the
+  spool) and only then the read position (file identity + offset) advances, kept in the
+  audit spool's SQLite database (table ``fast_path_audit_file``, fsync'd). A restart resumes
+  there; a crash between the two re-reads a few lines, audited once because event ids are
+  derived from the entry and the spool and the store ignore ids they hold.
+- rotation (the path now names another file, and Envoy has written to it: it reopened its
+  log): the old file is read to its end, then the new one from its start. The old file is
+  found again by its identity in the same directory after a restart. Truncation (the file is
+  shorter than the position): read again from the start; what was appended and truncated
+  between two polls is lost (as with ``copytruncate`` rotation anywhere; rename instead).
+
+Counted in the same metric as ALS: ``rpcauthz_fast_path_entries_total{result}``. One process
+tails a file at a time (``take_turn``: the workers of ``workers > 1`` share the spool), so each
+line is counted once; another takes over, at the saved position, when it stops.
+
+Only Envoy may write the file: a writer could forge audit records of allows, never an allow.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from envoy.data.accesslog.v3 import accesslog_pb2
+
+from .access_log import POLICY_KEY, RBAC_NAMESPACE, RESULT_KEY, EntryReader, MalformedEntry, NotFastPath
+from .config import Settings
+from .metrics import Metrics
+from .spooled_audit import SpooledAuditWriter
+
+log = logging.getLogger("extauthz.fast_path")
+
+#: The keys of a line (``fastpath.envoy_config.audit_file_fields``).
+LINE_KEYS = ("start_time", "principal", "path", "fast_path", "policy_id", "request_id", "stream_id",
+             "downstream_remote_address", "node")
+#: Most bytes read (and written as one batch) at a time; also the longest line taken.
+READ_BYTES = 1 << 20
+#: Lines turned into rows between two hand-backs to the event loop.
+LINE_CHUNK = 256
+_decode = json.JSONDecoder().decode
+
+
+def line_entry(line: bytes, settings: Settings) -> tuple[accesslog_pb2.HTTPAccessLogEntry, str]:
+    """The access log entry one line records, and the Envoy node that wrote it;
+    ``MalformedEntry`` (saying why) for a line that is not one. Fields are only carried
+    over: ``access_log.read_entry`` checks them as it checks an ALS entry's."""
+    try:
+        d = _decode(line.decode())
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise MalformedEntry(f"not a JSON line: {e}") from None
+    if not isinstance(d, dict):
+        raise MalformedEntry(f"not a JSON object but {type(d).__name__}")
+    node = d.get("node")
+    if not isinstance(node, str) or not node:
+        raise MalformedEntry("no node: the line does not say which Envoy wrote it")
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    common = entry.common_properties
+    start = d.get("start_time")
+    if start is not None:
+        try:
+            if not isinstance(start, str):
+                raise ValueError(start)
+            common.start_time.FromDatetime(datetime.fromisoformat(start))
+        except (ValueError, OverflowError):
+            raise MalformedEntry(f"start_time {str(start)[:40]!r} is not a time") from None
+    fm = common.metadata.filter_metadata
+    for key, field in ((RESULT_KEY, "fast_path"), (POLICY_KEY, "policy_id")):
+        value = d.get(field)
+        if isinstance(value, str):  # the usual case, set directly (Struct.update is slower)
+            fm[RBAC_NAMESPACE].fields[key].string_value = value
+        elif value is not None:
+            fm[RBAC_NAMESPACE].update({key: value})
+    principal = d.get("principal")
+    if principal is not None:
+        ident = settings.identity
+        payload = fm[ident.metadata_namespace].fields[ident.payload_key].struct_value
+        if isinstance(principal, str):
+            payload.fields[ident.principal_claim].string_value = principal
+        else:
+            payload.update({ident.principal_claim: principal})
+    for key, set_to in (("path", "path"), ("request_id", "request_id")):
+        value = d.get(key)
+        if isinstance(value, str):
+            setattr(entry.request, set_to, value)
+    stream_id = d.get("stream_id")
+    if isinstance(stream_id, str):
+        common.stream_id = stream_id
+    remote = d.get("downstream_remote_address")
+    if isinstance(remote, str):
+        host, sep, port = remote.rpartition(":")
+        sa = common.downstream_remote_address.socket_address
+        if sep and port.isdigit() and int(port) < 65536:
+            sa.address, sa.port_value = host.strip("[]"), int(port)
+        else:
+            sa.address = remote
+    return entry, node
+
+
+class _Position:
+    """The read position (file identity + offset) per audit file, in the spool's database."""
+
+    def __init__(self, db_path: str) -> None:
+        self._lock = threading.Lock()  # close() may come while a save still runs in its thread
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS fast_path_audit_file (path TEXT PRIMARY KEY, "
+                         "dev INTEGER NOT NULL, ino INTEGER NOT NULL, offset INTEGER NOT NULL, "
+                         "updated_at REAL NOT NULL)")
+
+    def load(self, path: str) -> tuple[int, int, int] | None:
+        with self._lock:
+            row = self._db.execute("SELECT dev, ino, offset FROM fast_path_audit_file WHERE path = ?",
+                                   (path,)).fetchone()
+        return (int(row[0]), int(row[1]), int(row[2])) if row else None
+
+    def save(self, path: str, dev: int, ino: int, offset: int) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO fast_path_audit_file (path, dev, ino, offset, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET dev = excluded.dev, "
+                             "ino = excluded.ino, offset = excluded.offset, updated_at = excluded.updated_at",
+                             (path, dev, ino, offset, time.time()))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class FileAuditTailer:
+    """Follows ``fast_path.audit_file`` into the audit (module docstring)."""
+
+    def __init__(self, settings: Settings, audit: SpooledAuditWriter, metrics: Metrics, db_path: str) -> None:
+        assert settings.fast_path.audit_file is not None
+        self._settings, self._audit = settings, audit
+        self.path = os.path.abspath(os.path.expanduser(settings.fast_path.audit_file))
+        self._positions = _Position(db_path)
+        self._lock_path = f"{db_path}.audit-file.lock"
+        self._lock_fd: int | None = None
+        c = metrics.fast_path_entries
+        self._received, self._audited, self._malformed, self._not_fast, self._not_audited = (
+            c.labels("received"), c.labels("audited"), c.labels("malformed"), c.labels("not_fast_path"),
+            c.labels("not_audited"))
+        self._reader = EntryReader(settings)
+        self._file: Any = None  # the open file being read (binary)
+        self._ident: tuple[int, int] = (0, 0)
+        self.offset = 0
+        #: Skipping the rest of a line longer than ``READ_BYTES`` (already counted malformed).
+        self._skipping = False
+        self._restored = False
+
+    # --- position ------------------------------------------------------------------------------
+
+    def _open(self, name: str, offset: int) -> bool:
+        try:
+            f = open(name, "rb")  # noqa: SIM115 (held across polls)
+        except FileNotFoundError:
+            return False
+        st = os.fstat(f.fileno())
+        if self._file is not None:
+            self._file.close()
+        self._file, self._ident, self.offset, self._skipping = f, (st.st_dev, st.st_ino), offset, False
+        return True
+
+    def _find(self, dev: int, ino: int) -> str | None:
+        """The file with identity (dev, ino) in the audit file's directory (a rotated copy)."""
+        with contextlib.suppress(OSError), os.scandir(os.path.dirname(self.path)) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    st = e.stat(follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == (dev, ino):
+                        return e.path
+        return None
+
+    def restore(self) -> None:
+        """Open the file where the last run left it (blocking)."""
+        saved = self._positions.load(self.path)
+        if saved is None:
+            if self._open(self.path, 0):
+                log.info("fast-path audit file %s: read from its start (no position saved)", self.path)
+            return
+        dev, ino, offset = saved
+        name = self._find(dev, ino)
+        if name is None:
+            log.error("fast-path audit file %s: the file read up to offset %d is gone (rotated away and "
+                      "removed while this server was down?); entries it got after that are NOT audited",
+                      self.path, offset)
+            self._open(self.path, 0)
+            return
+        if self._open(name, offset):
+            size = os.fstat(self._file.fileno()).st_size
+            if size < offset:
+                log.warning("fast-path audit file %s was truncated (%d bytes, read up to %d): read from its start",
+                            name, size, offset)
+                self.offset = 0
+            log.info("fast-path audit file %s: resumed at offset %d", name, self.offset)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _read(self) -> bytes:
+        self._file.seek(self.offset)
+        data: bytes = self._file.read(READ_BYTES)
+        return data
+
+    def _switch_if_moved(self) -> bool:
+        """At the end of the open file: follow a rotation or a truncation (blocking)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # rotated, not yet reopened by Envoy: it may still write to the old one
+        if (st.st_dev, st.st_ino) != self._ident:
+            if st.st_size == 0:
+                return False  # Envoy may not have reopened yet: the old file may still grow
+            if b"\n" in self._read():  # Envoy wrote this before it reopened: read it first
+                return True
+            self._partial_left("rotated")
+            old = self._ident
+            self._open(self.path, 0)
+            self._positions.save(self.path, *self._ident, 0)
+            log.info("fast-path audit file %s rotated: the old file (inode %d) is read to its end, "
+                     "following the new one", self.path, old[1])
+            return True
+        if st.st_size < self.offset:
+            log.warning("fast-path audit file %s was truncated (%d bytes, read up to %d): read from its start; "
+                        "lines appended and truncated since the last read are not audited",
+                        self.path, st.st_size, self.offset)
+            self._partial_left("truncated")
+            self.offset, self._skipping = 0, False
+            self._positions.save(self.path, *self._ident, 0)
+            return True
+        return False
+
+    def _partial_left(self, why: str) -> None:
+        """A file is left with a line that never ended (counted, logged)."""
+        self._file.seek(self.offset)
+        rest = self._file.read(READ_BYTES)
+        if rest and not self._skipping:
+            self._received.inc()
+            self._malformed.inc()
+            log.error("fast-path audit file %s %s with an unfinished last line at offset %d (%d bytes): not "
+                      "audited", self.path, why, self.offset, len(rest))
+
+    async def poll_once(self) -> bool:
+        """Audit what was appended since the last poll, up to ``READ_BYTES``; whether it
+        moved on (more may be waiting)."""
+        if self._file is None:
+            if self._restored:
+                await asyncio.to_thread(self._open, self.path, 0)
+            else:
+                await asyncio.to_thread(self.restore)
+                self._restored = True
+            if self._file is None:
+                return False
+        data = await asyncio.to_thread(self._read)
+        end = data.rfind(b"\n")
+        if end < 0:
+            if len(data) < READ_BYTES:  # at the end, or a partial last line (it waits for the rest)
+                return await asyncio.to_thread(self._switch_if_moved)
+            if not self._skipping:  # a line longer than READ_BYTES: refused, skipped to its end
+                self._received.inc()
+                self._malformed.inc()
+                log.error("fast-path audit file %s: a line at offset %d is longer than %d bytes: not audited",
+                          self.path, self.offset, READ_BYTES)
+            self._skipping = True
+            await self._advance(len(data))
+            return True
+        lines = data[:end].split(b"\n")
+        first = self.offset
+        if self._skipping:
+            first += len(lines[0]) + 1
+            lines, self._skipping = lines[1:], False
+        await self._audit_lines(lines, first)
+        await self._advance(end + 1)
+        return True
+
+    async def _audit_lines(self, lines: list[bytes], first: int) -> None:
+        rows: list[tuple[str, str]] = []
+        columns: list[tuple[Any, ...]] | None = [] if self._audit.wants_columns else None
+        at = first
+        #: Entries read, in order, each with its line's offset; read into rows a node at a time.
+        run: list[accesslog_pb2.HTTPAccessLogEntry] = []
+        offsets: dict[int, int] = {}
+        run_node = ""
+        #: Counted and logged once the batch is written (a batch whose write failed is read again).
+        refusals: list[tuple[int, accesslog_pb2.HTTPAccessLogEntry | None, Exception]] = []
+
+        def flush() -> None:
+            nonlocal rows
+            if run:
+                rows += self._reader.rows(run, run_node, lambda entry, e: refusals.append((offsets[id(entry)], entry, e)),
+                                          columns)
+                run.clear()
+                offsets.clear()
+
+        received = 0
+        for n, line in enumerate(lines):
+            if n and n % LINE_CHUNK == 0:
+                flush()
+                await asyncio.sleep(0)  # let Checks run between chunks
+            where = at
+            at += len(line) + 1
+            if not line.strip():
+                continue
+            received += 1
+            try:
+                entry, node = line_entry(line, self._settings)
+            except MalformedEntry as e:
+                refusals.append((where, None, e))
+                continue
+            if node != run_node:
+                flush()
+                run_node = node
+            run.append(entry)
+            offsets[id(entry)] = where
+        flush()
+        if rows and self._settings.audit.allows:
+            # Durable before the position moves past them; raises rather than drops (retried).
+            await self._audit.write_rows(rows, columns, retryable=True)
+            self._audited.inc(len(rows))
+        elif rows:
+            self._not_audited.inc(len(rows))
+        self._received.inc(received)
+        for where, refused, why in refusals:
+            self._refused(where, refused, why)
+
+    async def _advance(self, by: int) -> None:
+        self.offset += by
+        dev, ino = self._ident
+        await asyncio.to_thread(self._positions.save, self.path, dev, ino, self.offset)
+
+    def _refused(self, offset: int, entry: accesslog_pb2.HTTPAccessLogEntry | None, e: Exception) -> None:
+        rid = (entry.request.request_id if entry is not None else "") or "-"
+        if isinstance(e, NotFastPath):
+            self._not_fast.inc()
+            log.error("fast-path audit file %s, line at offset %d (request %s) is not a fast-path allow (%s): "
+                      "not audited; check the gateway's file access log filter", self.path, offset, rid, e)
+        elif isinstance(e, MalformedEntry):
+            self._malformed.inc()
+            log.error("malformed line in the fast-path audit file %s at offset %d (request %s): %s",
+                      self.path, offset, rid, e)
+        else:  # a bug on one line must not stop the tailer or lose the others
+            self._malformed.inc()
+            log.error("could not read the line at offset %d of the fast-path audit file %s", offset, self.path,
+                      exc_info=e)
+
+    def take_turn(self) -> bool:
+        """Whether this process now holds the audit file: one process tails it at a time (the
+        workers of ``workers > 1`` share the spool and its position), the others wait their
+        turn (``flock`` on ``<spool>.audit-file.lock``; a dead holder's lock is released)."""
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    async def run(self) -> None:
+        """Follow the file until cancelled (once this process holds it, ``take_turn``); an
+        error is logged and retried (the position only moves past lines whose events are
+        durable)."""
+        poll = self._settings.fast_path.audit_file_poll_s
+        waiting = False
+        while not self.take_turn():
+            if not waiting:
+                log.info("fast-path audit file %s: another process tails it; this one takes over if it stops",
+                         self.path)
+                waiting = True
+            await asyncio.sleep(poll)
+        log.info("fast path on: fast-path allows are audited from Envoy's file access log %s", self.path)
+        while True:
+            try:
+                moved = await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fast-path audit file %s: could not audit the lines at offset %d; retrying",
+                              self.path, self.offset)
+                moved = False
+            if not moved:
+                await asyncio.sleep(poll)
+
+    def close(self) -> None:
+        """Close the file and the position database (after ``run`` is cancelled)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._positions.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock: another process's turn
+            self._lock_fd = None
+
+
+__all__ = ["LINE_KEYS", "READ_BYTES", "FileAuditTailer", "line_entry"]

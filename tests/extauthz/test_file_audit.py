@@ -1,0 +1,388 @@
+"""The fast path's audit through Envoy's file access log (``fast_path.audit_file``,
+extauthz/file_audit.py), without Envoy: a line reads as the ALS entry it stands for (same
+event, id and refusals), and the tailer audits every complete line once across partial lines,
+malformed lines, restarts, rotation (also while the server is down) and truncation."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+
+from extauthz.access_log import EntryReader, MalformedEntry, NotFastPath, read_entry
+from extauthz.audit_spool import AuditSpool
+from extauthz.config import Settings
+from extauthz.file_audit import LINE_KEYS, FileAuditTailer, line_entry
+from extauthz.metrics import Metrics
+from extauthz.spooled_audit import SpooledAuditWriter
+from fastpath.envoy_config import audit_file_fields
+from policy.stores import open_store
+from tests.support.gateway_harness import ACCOUNTS
+
+LIST = f"/{ACCOUNTS}/ListAccounts"
+
+
+def _line(i: int = 0, **over) -> bytes:
+    d = {"start_time": f"2026-12-03T09:00:{i % 60:02d}.{i:06d}Z", "principal": "alice", "path": LIST,
+         "fast_path": "allowed", "policy_id": "v7/engineers", "request_id": f"rid-{i}", "stream_id": f"{i}",
+         "downstream_remote_address": "127.0.0.1:40000", "node": "gw-1"}
+    d.update(over)
+    return json.dumps({k: v for k, v in d.items() if v is not ...}).encode() + b"\n"
+
+
+SETTINGS = Settings(store_url="sqlite:///unused.db")
+
+
+def test_a_line_has_every_key_the_gateway_writes():
+    assert set(LINE_KEYS) == set(audit_file_fields("gw-1"))
+    assert set(json.loads(_line())) == set(LINE_KEYS)
+
+
+def test_a_line_reads_as_the_allow_envoy_made():
+    entry, node = line_entry(_line(3).rstrip(), SETTINGS)
+    assert node == "gw-1"
+    ev = read_entry(entry, SETTINGS, node).audit_event()
+    assert (ev.kind, ev.actor, ev.service, ev.method) == ("decision.allow", "alice", ACCOUNTS, "ListAccounts")
+    assert (ev.detail["policy_id"], ev.detail["policy_version"], ev.detail["envoy_request_id"]) == \
+        ("v7/engineers", "7", "rid-3")
+    assert ev.at.isoformat() == "2026-12-03T09:00:03.000003+00:00"
+    # The same line gives the same id; another stream, address or node another one.
+    again, _ = line_entry(_line(3), SETTINGS)
+    assert read_entry(again, SETTINGS, "gw-1").event_id == ev.id
+    for other in (_line(3, stream_id="99"), _line(3, downstream_remote_address="[::1]:40000"),
+                  _line(3, node="gw-2")):
+        e, n = line_entry(other, SETTINGS)
+        assert read_entry(e, SETTINGS, n).event_id != ev.id
+    # The batched reader gives the same row.
+    rows = EntryReader(SETTINGS).rows([entry], node, lambda e, x: pytest.fail(str(x)))
+    assert rows[0][0] == ev.id
+
+
+@pytest.mark.parametrize(("line", "error", "says"), [
+    (b"{not json", MalformedEntry, "not a JSON line"),
+    (b"[1]", MalformedEntry, "not a JSON object"),
+    (_line(node=...), MalformedEntry, "no node"),
+    (_line(start_time="yesterday"), MalformedEntry, "'yesterday' is not a time"),
+    (_line(start_time=None), MalformedEntry, "no start_time"),
+    (_line(principal=None), MalformedEntry, "no verified identity"),
+    (_line(principal="a b"), MalformedEntry, "whitespace"),
+    (_line(principal=7), MalformedEntry, "no string 'sub' claim"),
+    (_line(path="/nope"), MalformedEntry, "path"),
+    (_line(policy_id="v7/everyone"), MalformedEntry, "is not v<version>/engineers"),
+    (_line(policy_id=None), MalformedEntry, "which policy allowed the call is unknown"),
+    (_line(request_id=None), MalformedEntry, "x-request-id"),
+    (_line(fast_path="denied"), NotFastPath, "'denied'"),
+])
+def test_lines_that_cannot_be_audited_say_why(line, error, says):
+    with pytest.raises(error, match=None) as e:
+        entry, node = line_entry(line, SETTINGS)
+        read_entry(entry, SETTINGS, node)
+    assert says in str(e.value), str(e.value)
+
+
+# --- the tailer ----------------------------------------------------------------------------------
+
+class _Env:
+    """A store, a spooled writer and tailers on one audit file (``tailer()``: a new one, as
+    after a restart, on the same spool database)."""
+
+    def __init__(self, tmp_path) -> None:
+        self.log = tmp_path / "fast-path-audit.log"
+        self.spool_path = str(tmp_path / "spool.db")
+        self.settings = Settings(store_url="sqlite:///unused.db", fast_path={"audit_file": str(self.log)})
+        self.store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+        self.metrics = Metrics()
+        self.spool = AuditSpool(self.spool_path, 100_000)
+        self.writer = SpooledAuditWriter(self.store, self.metrics, self.spool, 100_000, direct_timeout=5.0)
+
+    def tailer(self) -> FileAuditTailer:
+        return FileAuditTailer(self.settings, self.writer, self.metrics, self.spool_path)
+
+    def events(self) -> list:
+        return [e for e in self.store.list_audit(limit=100_000) if e.detail.get("rule") == "fast_path.allow"]
+
+    def count(self, result: str) -> float:
+        return self.metrics.fast_path_entries.labels(result)._value.get()
+
+    def append(self, *lines: bytes, to=None) -> None:
+        with open(to or self.log, "ab") as f:
+            f.write(b"".join(lines))
+
+
+async def _drain(t: FileAuditTailer) -> None:
+    for _ in range(100):
+        if not await t.poll_once():
+            return
+    raise AssertionError("the tailer never caught up")
+
+
+def _run(tmp_path, body) -> _Env:
+    env = _Env(tmp_path)
+
+    async def main() -> None:
+        env.writer.start()
+        try:
+            await body(env)
+        finally:
+            await env.writer.close()
+            env.spool.close()
+    asyncio.run(main())
+    return env
+
+
+def test_lines_are_audited_once_a_partial_line_waits_a_malformed_one_is_refused(tmp_path, caplog):
+    async def body(env: _Env) -> None:
+        t = env.tailer()
+        await _drain(t)  # no file yet: nothing, no error
+        env.append(_line(0), _line(1, node="gw-2"), b"{broken\n", _line(2, principal=None), _line(3))
+        half = _line(4)
+        env.append(half[:20])
+        await _drain(t)
+        assert sorted(e.detail["envoy_request_id"] for e in env.events()) == ["rid-0", "rid-1", "rid-3"]
+        env.append(half[20:])
+        await _drain(t)
+        events = env.events()
+        assert sorted(e.detail["envoy_request_id"] for e in events) == ["rid-0", "rid-1", "rid-3", "rid-4"]
+        assert {(e.actor, e.method, e.detail["policy_id"]) for e in events} == {("alice", "ListAccounts", "v7/engineers")}
+        assert (env.count("received"), env.count("audited"), env.count("malformed")) == (6, 4, 2)
+        # Read in batches a node at a time: each event's id is its own line's, with its node.
+        want = set()
+        for ln in (_line(0), _line(1, node="gw-2"), _line(3), half):
+            entry, node = line_entry(ln, SETTINGS)
+            want.add(read_entry(entry, SETTINGS, node).event_id)
+        assert {e.id for e in events} == want
+        assert t.offset == os.path.getsize(env.log)
+        t.close()
+    _run(tmp_path, body)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("not a JSON line" in s and "offset" in s for s in said), said
+    assert any("no verified identity" in s and "rid-2" in s for s in said), said
+
+
+def test_a_restart_resumes_where_it_was_and_a_reread_is_audited_once(tmp_path):
+    async def body(env: _Env) -> None:
+        t = env.tailer()
+        env.append(*(_line(i) for i in range(5)))
+        await _drain(t)
+        t.close()
+        env.append(*(_line(i) for i in range(5, 8)))
+        t = env.tailer()  # the restart
+        await _drain(t)
+        assert len(env.events()) == 8
+        assert env.count("audited") == 8  # nothing read twice
+        t.close()
+        # A crash after the write and before the position: the lines are read again, not audited again.
+        import sqlite3
+        with sqlite3.connect(env.spool_path) as db:
+            db.execute("UPDATE fast_path_audit_file SET offset = 0")
+        t = env.tailer()
+        await _drain(t)
+        assert env.count("audited") == 16
+        assert len(env.events()) == 8
+        t.close()
+    _run(tmp_path, body)
+
+
+def test_rotation_finishes_the_old_file_then_follows_the_new(tmp_path):
+    async def body(env: _Env) -> None:
+        t = env.tailer()
+        env.append(_line(0), _line(1))
+        await _drain(t)
+        rotated = env.log.with_name(env.log.name + ".1")
+        os.rename(env.log, rotated)
+        env.append(_line(2), to=rotated)  # Envoy writes on to the old file until it reopens
+        await _drain(t)
+        env.log.touch()  # reopened, nothing written yet: the old file may still grow
+        env.append(_line(3), _line(4)[:10], to=rotated)
+        await _drain(t)
+        env.append(_line(5))
+        await _drain(t)
+        assert sorted(e.detail["envoy_request_id"] for e in env.events()) == [f"rid-{i}" for i in (0, 1, 2, 3, 5)]
+        assert env.count("malformed") == 1  # the old file's unfinished line
+        # Rotated again while the server is down: the old file is found by its identity.
+        env.append(_line(6))
+        t.close()
+        os.rename(env.log, rotated)
+        env.append(_line(7), to=rotated)
+        env.append(_line(8))
+        t = env.tailer()
+        await _drain(t)
+        assert sorted(e.detail["envoy_request_id"] for e in env.events()) == \
+            [f"rid-{i}" for i in (0, 1, 2, 3, 5, 6, 7, 8)]
+        t.close()
+    _run(tmp_path, body)
+
+
+def test_truncation_starts_over(tmp_path):
+    async def body(env: _Env) -> None:
+        t = env.tailer()
+        env.append(*(_line(i) for i in range(4)))
+        await _drain(t)
+        os.truncate(env.log, 0)
+        env.append(_line(10))
+        await _drain(t)
+        assert sorted(e.detail["envoy_request_id"] for e in env.events()) == \
+            ["rid-0", "rid-1", "rid-10", "rid-2", "rid-3"]
+        t.close()
+    _run(tmp_path, body)
+
+
+def test_the_audit_file_needs_the_spool():
+    with pytest.raises(ValueError, match="needs audit.spool_path"):
+        Settings(store_url="sqlite:///x.db", fast_path={"audit_file": "/x.log"}, audit={"spool_path": None})
+    with pytest.raises(ValueError, match="null for ALS"):
+        Settings(store_url="sqlite:///x.db", fast_path={"audit_file": " "})
+    assert Settings(store_url="sqlite:///x.db").fast_path.audit_file is None
+
+
+# --- through Envoy ---------------------------------------------------------------------------------
+
+@pytest.mark.envoy
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_envoy_file_audit_is_one_event_per_call_across_restarts_malformed_lines_and_rotation(tmp_path, pg_dsn):
+    """Real Envoy rendered with ``audit_file``, the real server tailing it (PostgreSQL): N
+    fast-path calls give N events with their principal, path and policy; calls made while the
+    server is stopped (gracefully, then kill -9) are audited once it is back, none twice; a
+    malformed line is refused and counted, the lines after it audited; a rotated file (Envoy
+    reopens its logs on SIGUSR1) is finished and the new one followed."""
+    import collections
+    import re
+    import signal
+    import time
+
+    import grpc
+
+    from tests.extauthz import test_fast_path_audit as als
+
+    READ, STAT, _fast_audit, _metrics, _wait = als.READ, als.STAT, als._fast_audit, als._metrics, als._wait
+
+    audit_file = tmp_path / "fast-path-audit.log"
+    calls: list[str] = []
+
+    def fast_calls(n: int) -> None:
+        for _ in range(n):
+            who = "alice" if len(calls) % 2 else "bob"
+            r = gw.call(LIST, as_=who)
+            assert r.code is grpc.StatusCode.OK, r.render()
+            calls.append(who)
+
+    def relearn() -> None:
+        """A new server process learns the modes afresh (one refused Check) and pushes them."""
+        assert gw.call(READ, as_="alice").code is grpc.StatusCode.PERMISSION_DENIED
+        als._until_envoy_knows(gw, 1)
+
+    def all_audited() -> list:
+        events = _wait(f"{len(calls)} fast-path events", lambda: (lambda e: e if len(e) >= len(calls) else None)(
+            _fast_audit(pg_dsn)), timeout=20)
+        assert len({e.id for e in events}) == len(events)
+        return events
+
+    with als._stack(tmp_path, pg_dsn, **{"fast_path.audit_file": str(audit_file),
+                                     "fast_path.audit_file_poll_s": 0.05}) as gw:
+        relearn()
+        fast_calls(8)
+        events = all_audited()
+        assert collections.Counter(e.actor for e in events) == collections.Counter(calls)
+        for e in events:
+            assert (e.kind, e.method, e.detail["rule"]) == ("decision.allow", "ListAccounts", "fast_path.allow")
+            assert re.fullmatch(r"v\d+/engineers", e.detail["policy_id"])
+        assert int(gw.envoy.stats(STAT)[STAT]) == len(calls)  # no call went over ALS or a Check
+        assert _wait("the audited count", lambda: _metrics(gw.metrics_url).get("audited") == len(calls))
+
+        assert gw.extauthz is not None
+        assert gw.extauthz.stop() == 0  # graceful
+        fast_calls(3)  # Envoy keeps the policy: these pass and go to the file
+        gw.start_extauthz()
+        all_audited()
+        relearn()
+        gw.extauthz.signal(signal.SIGKILL)
+        gw.extauthz.proc.wait(10)
+        fast_calls(3)
+        gw.start_extauthz()
+        time.sleep(1.5)  # Envoy flushes its file log about once a second
+        events = all_audited()
+        relearn()
+        assert len(events) == len(calls)
+        assert collections.Counter(e.actor for e in events) == collections.Counter(calls)
+
+        with open(audit_file, "ab") as f:  # what only Envoy should write: refused, never stops the tailer
+            f.write(b'{"node": "forged", "fast_path": "allowed", "path": 7\n')
+        fast_calls(2)
+        assert len(all_audited()) == len(calls)
+        m = _wait("the malformed line counted", lambda: (lambda m: m if m.get("malformed") == 1 else None)(
+            _metrics(gw.metrics_url)))
+        assert m.get("not_fast_path", 0) == 0
+
+        audit_file.rename(audit_file.with_name(audit_file.name + ".1"))
+        fast_calls(2)  # still into the old file: Envoy has not reopened it
+        gw.envoy.signal(signal.SIGUSR1)  # reopen the access logs (what logrotate's postrotate does)
+        _wait("the new file", lambda: audit_file.exists())
+        fast_calls(3)
+        _wait("lines in the new file", lambda: audit_file.exists() and audit_file.stat().st_size > 0)
+        events = all_audited()
+        time.sleep(0.5)
+        assert len(_fast_audit(pg_dsn)) == len(calls) == int(gw.envoy.stats(STAT)[STAT])
+
+
+def test_a_failed_spool_write_is_retried_not_dropped(tmp_path):
+    """Through the spool (the store not written directly): a spool write that fails leaves
+    the position where it was; the tailer offers the same lines again and they are audited."""
+    class FlakySpool(AuditSpool):
+        fail = 1
+
+        def put(self, *a, **kw):
+            if self.fail:
+                self.fail -= 1
+                raise OSError("disk full (test)")
+            return super().put(*a, **kw)
+
+    env = _Env(tmp_path)
+    env.spool.close()
+    env.spool = FlakySpool(env.spool_path, 100_000)
+    env.writer = SpooledAuditWriter(env.store, env.metrics, env.spool, 100_000, direct_timeout=0)
+
+    async def main() -> None:
+        env.writer.start()
+        try:
+            t = env.tailer()
+            env.append(*(_line(i) for i in range(3)), b"{broken\n")
+            with pytest.raises(OSError, match="could not write 3"):
+                await t.poll_once()
+            assert t.offset == 0
+            assert (env.count("received"), env.count("malformed")) == (0, 0)  # nothing counted twice
+            await _drain(t)
+            assert t.offset == os.path.getsize(env.log)
+            assert (env.count("received"), env.count("audited"), env.count("malformed")) == (4, 3, 1)
+            t.close()
+            await env.writer.close()
+            assert sorted(e.detail["envoy_request_id"] for e in env.events()) == ["rid-0", "rid-1", "rid-2"]
+        finally:
+            env.spool.close()
+    asyncio.run(main())
+
+
+def test_one_process_tails_at_a_time(tmp_path):
+    """Workers share the spool: only the holder of its audit-file lock tails; the next takes
+    over once it stops (and resumes at its position)."""
+    async def body(env: _Env) -> None:
+        a, b = env.tailer(), env.tailer()
+        assert a.take_turn() and a.take_turn()
+        assert not b.take_turn()
+        env.append(_line(0), _line(1))
+        runner = asyncio.create_task(b.run())
+        await _drain(a)
+        await asyncio.sleep(0.5)
+        assert len(env.events()) == 2 and env.count("audited") == 2  # b waited
+        a.close()
+        env.append(_line(2))
+        for _ in range(100):
+            if env.count("audited") == 3:
+                break
+            await asyncio.sleep(0.05)
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        b.close()
+        assert env.count("audited") == 3 and len(env.events()) == 3  # b began at a's position
+    _run(tmp_path, body)
