@@ -53,6 +53,12 @@ class _Rows(list[tuple[str, str]]):
     __slots__ = ()
 
 
+class _RetryableRows(_Rows):
+    """``_Rows`` whose sender offers them again if the spool write fails (not lost then)."""
+
+    __slots__ = ()
+
+
 _Queued = AuditEvent | Callable[[], AuditEvent] | SpendVoid | SpendIntent | SpendSettled | _Rows
 
 
@@ -168,7 +174,7 @@ class SpooledAuditWriter:
         if retryable:
             if len(rows) > self._queue_size - self._queued:
                 raise OSError(f"the audit queue has no room for {len(rows)} event(s) now")
-            if not await asyncio.shield(self._join(_Rows(rows), len(rows))):
+            if not await asyncio.shield(self._join(_RetryableRows(rows), len(rows))):
                 raise OSError(f"the audit spool could not write {len(rows)} event(s)")
             return
         self.submit_rows(rows)
@@ -228,9 +234,14 @@ class SpooledAuditWriter:
                 await loop.run_in_executor(self._executor, self._put, group)
                 written = True
             except Exception as e:
-                lost = sum(len(i) if isinstance(i, _Rows) else 1 for i in group)
-                self._metrics.audit_dropped.labels("spool_failed").inc(lost)
-                log.error("audit spool write failed: dropped %d event(s): %s", lost, e)
+                # Rows their sender offers again (the audit file's) are not lost.
+                lost = sum(0 if isinstance(i, _RetryableRows) else len(i) if isinstance(i, _Rows) else 1
+                           for i in group)
+                if lost:
+                    self._metrics.audit_dropped.labels("spool_failed").inc(lost)
+                    log.error("audit spool write failed: dropped %d event(s): %s", lost, e)
+                else:
+                    log.warning("audit spool write failed (its events will be offered again): %s", e)
             finally:
                 if done is not None and not done.done():
                     done.set_result(written)

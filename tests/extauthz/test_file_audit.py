@@ -352,6 +352,8 @@ def test_a_failed_spool_write_is_retried_not_dropped(tmp_path):
                 await t.poll_once()
             assert t.offset == 0
             assert (env.count("received"), env.count("malformed")) == (0, 0)  # nothing counted twice
+            # offered again, so not counted as dropped
+            assert env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "spool_failed"}) is None
             await _drain(t)
             assert t.offset == os.path.getsize(env.log)
             assert (env.count("received"), env.count("audited"), env.count("malformed")) == (4, 3, 1)
