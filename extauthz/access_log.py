@@ -35,7 +35,6 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -51,6 +50,7 @@ from policy import Mode, Target
 from policy.audit import AuditEvent
 from policy.principals import usable_principal
 from policy.rules import Rule, message
+from policy.stores.sqlite import audit_row as event_columns
 
 from .audit_spool import event_from_json, event_json
 from .audit_writer import AuditWriter
@@ -197,18 +197,6 @@ class _Constant:
         self.detail_head = f'{{"decided_rule":"{DECIDED_RULES[kind].value}","decision_id":"'
         self.tail = (f',"mode":"{POLICY_MODES[kind].name}","path":"fast_path","policy_id":{_json_str(policy_id)},'
                      f'"policy_version":"{version}","rule":"{Rule.FAST_PATH_ALLOW.value}"}}')
-
-
-#: ``detail`` as the spool's canonical rows and the stores encode it (compact, sorted, ASCII).
-_DETAIL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
-
-
-def event_columns(event: AuditEvent) -> tuple[Any, ...]:
-    """``event``'s store columns (``AUDIT_COLUMNS`` order) as ``Store.append_audit_rows`` takes
-    them: ``at`` in UTC with microseconds, ``detail`` compact sorted JSON."""
-    at = event.at.astimezone(UTC).isoformat(timespec="microseconds")
-    return (event.id, event.kind, event.actor, at, event.request_id, event.service, event.method,
-            event.outcome, event.reason, _DETAIL_JSON(event.detail), event.trace_id)
 
 
 class EntryReader:

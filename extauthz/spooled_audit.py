@@ -139,7 +139,7 @@ class SpooledAuditWriter:
         while the store answers within ``direct_timeout`` (its commit is the durability), else
         ``submit_rows`` and ``acknowledged`` (the spool, fsync'd; counted and dropped past
         ``queue_size`` as there). ``columns``: the same events as their store columns, one per
-        row in order (``access_log.event_columns``), written instead of the JSON where the
+        row in order (``policy.stores.sqlite.audit_row``), written instead of the JSON where the
         store takes them (``wants_columns``).
 
         ``retryable``: for a caller that can offer the rows again (the audit file's tailer):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+from ..audit import AuditEvent
 from ..errors import StoreError
 from ..grant_delta import GrantDelta
 from ..store import Subscription
@@ -144,6 +145,19 @@ CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 
 #: One encoder for every JSON column (``json.dumps`` with options builds a new one per call).
 _JSON_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+def _ts_text(dt: datetime) -> str:
+    # Fixed width, UTC: text order is time order, so indexes and ORDER BY work.
+    return codec.utc(dt).isoformat(timespec="microseconds")
+
+
+def audit_row(e: AuditEvent) -> tuple[Any, ...]:
+    """``e`` as ``SQLiteStore.append_audit_rows`` takes it: its values in ``AUDIT_COLUMNS``
+    order, encoded as this store writes them (``at`` fixed-width UTC text, ``detail``
+    compact JSON with sorted keys)."""
+    params = codec.audit_params(e, _ts_text, _JSON_ENCODE)
+    return tuple(params[c] for c in codec.AUDIT_COLUMNS)
 
 _NAMED = re.compile(r"%\((\w+)\)s")
 
@@ -334,8 +348,7 @@ class SQLiteStore(SqlStore):
             cur.executemany(self._INSERT_AUDIT_ROWS, rows)
 
     def _ts(self, dt: datetime) -> str:
-        # Fixed width, UTC: text order is time order, so indexes and ORDER BY work.
-        return codec.utc(dt).isoformat(timespec="microseconds")
+        return _ts_text(dt)
 
     def _dt(self, value: Any) -> datetime:
         return datetime.fromisoformat(value)
