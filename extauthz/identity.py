@@ -74,6 +74,5 @@ def _check_principal(value: str, what: str, name: str) -> str:
         raise IdentityError(f"no identity: {where} is empty or absent")
     if len(value) > MAX_PRINCIPAL_LENGTH:
         raise IdentityError(f"{where} is longer than {MAX_PRINCIPAL_LENGTH} characters")
-    if not usable_principal(value):
-        raise IdentityError(f"{where} contains whitespace or control characters")
-    return value
+    # Non-empty, short enough, and still refused by usable_principal: what is left is that.
+    raise IdentityError(f"{where} contains whitespace or control characters")
