@@ -301,16 +301,35 @@ class EntryReader:
         return out
 
 
+class EntryCounts:
+    """``rpcauthz_fast_path_entries_total`` by result, as each source of fast-path entries
+    (the ALS stream, the audit file) counts them."""
+
+    __slots__ = ("audited", "malformed", "not_audited", "not_fast", "received")
+
+    def __init__(self, metrics: Metrics) -> None:
+        c = metrics.fast_path_entries
+        self.received, self.audited, self.malformed, self.not_fast, self.not_audited = (
+            c.labels("received"), c.labels("audited"), c.labels("malformed"), c.labels("not_fast_path"),
+            c.labels("not_audited"))
+
+    def refused(self, e: Exception) -> str:
+        """Count one entry refused with ``e``; what it was: "not_fast_path" (``NotFastPath``),
+        "malformed" (``MalformedEntry``) or "unreadable" (a bug reading it: counted malformed)."""
+        if isinstance(e, NotFastPath):
+            self.not_fast.inc()
+            return "not_fast_path"
+        self.malformed.inc()
+        return "malformed" if isinstance(e, MalformedEntry) else "unreadable"
+
+
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]  # envoy ships no stubs
     """``envoy.service.accesslog.v3.AccessLogService``: fast-path allows into the audit."""
 
     def __init__(self, settings: Settings, audit: AuditWriter | SpooledAuditWriter, metrics: Metrics,
                  peers: PeerCheck | None = None) -> None:
         self._settings, self._audit, self._metrics, self._peers = settings, audit, metrics, peers
-        c = metrics.fast_path_entries
-        self._received, self._audited, self._malformed, self._not_fast, self._not_audited = (
-            c.labels("received"), c.labels("audited"), c.labels("malformed"), c.labels("not_fast_path"),
-            c.labels("not_audited"))
+        self._counts = EntryCounts(metrics)
         self._open = metrics.fast_path_als_open
         self._reader = EntryReader(settings)
 
@@ -354,14 +373,14 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             entries = msg.http_logs.log_entry
             if not entries:
                 if msg.HasField("tcp_logs") and msg.tcp_logs.log_entry:
-                    self._received.inc(len(msg.tcp_logs.log_entry))
-                    self._malformed.inc(len(msg.tcp_logs.log_entry))
+                    self._counts.received.inc(len(msg.tcp_logs.log_entry))
+                    self._counts.malformed.inc(len(msg.tcp_logs.log_entry))
                     log.error("access log %r from %r sent %d TCP entries: the fast path logs HTTP only",
                               log_name, node, len(msg.tcp_logs.log_entry))
                 continue
-            self._received.inc(len(entries))
+            self._counts.received.inc(len(entries))
             if log_name != self._settings.fast_path.log_name:
-                self._malformed.inc(len(entries))
+                self._counts.malformed.inc(len(entries))
                 log.error("dropped %d access log entries of log %r from %r: only %r carries fast-path "
                           "allows (fast_path.log_name)", len(entries), log_name, node,
                           self._settings.fast_path.log_name)
@@ -376,11 +395,11 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             if not rows:
                 continue
             if not self._settings.audit.allows:
-                self._not_audited.inc(len(rows))
+                self._counts.not_audited.inc(len(rows))
                 continue
             # This stream reads on only once these events are durable (in the store or the spool).
             await self._take(rows, columns)
-            self._audited.inc(len(rows))
+            self._counts.audited.inc(len(rows))
         return als_pb2.StreamAccessLogsResponse()
 
     async def _take(self, rows: list[tuple[str, str]], columns: list[tuple[Any, ...]] | None) -> None:
@@ -394,20 +413,18 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         await self._audit.acknowledged()
 
     def _refused(self, entry: accesslog_pb2.HTTPAccessLogEntry, e: Exception, node: str) -> None:
-        if isinstance(e, NotFastPath):
-            self._not_fast.inc()
+        kind = self._counts.refused(e)
+        if kind == "not_fast_path":
             log.error("access log entry %s from %r is not a fast-path allow (%s): not audited here; "
                       "check the access log filter of %r", entry.request.request_id or "-", node, e,
                       self._settings.fast_path.log_name)
-        elif isinstance(e, MalformedEntry):
-            self._malformed.inc()
+        elif kind == "malformed":
             log.error("malformed fast-path access log entry %s from %r: %s",
                       entry.request.request_id or "-", node, e)
         else:  # a bug on one entry must not end the stream or lose the others
-            self._malformed.inc()
             log.error("could not read fast-path access log entry %s from %r", entry.request.request_id or "-",
                       node, exc_info=e)
 
 
-__all__ = ["POLICY_KEY", "RBAC_NAMESPACE", "RESULT_KEY", "AccessLogService", "EntryReader", "FastPathAllow",
+__all__ = ["POLICY_KEY", "RBAC_NAMESPACE", "RESULT_KEY", "AccessLogService", "EntryCounts", "EntryReader", "FastPathAllow",
            "MalformedEntry", "NotFastPath", "entry_event_id", "event_columns", "read_entry"]

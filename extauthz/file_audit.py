@@ -43,7 +43,7 @@ from typing import Any
 
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-from .access_log import POLICY_KEY, RBAC_NAMESPACE, RESULT_KEY, EntryReader, MalformedEntry, NotFastPath
+from .access_log import POLICY_KEY, RBAC_NAMESPACE, RESULT_KEY, EntryCounts, EntryReader, MalformedEntry
 from .config import Settings
 from .metrics import Metrics
 from .spooled_audit import SpooledAuditWriter
@@ -156,10 +156,7 @@ class FileAuditTailer:
         self._positions = _Position(db_path)
         self._lock_path = f"{db_path}.audit-file.lock"
         self._lock_fd: int | None = None
-        c = metrics.fast_path_entries
-        self._received, self._audited, self._malformed, self._not_fast, self._not_audited = (
-            c.labels("received"), c.labels("audited"), c.labels("malformed"), c.labels("not_fast_path"),
-            c.labels("not_audited"))
+        self._counts = EntryCounts(metrics)
         self._reader = EntryReader(settings)
         self._file: Any = None  # the open file being read (binary)
         self._ident: tuple[int, int] = (0, 0)
@@ -254,8 +251,8 @@ class FileAuditTailer:
         self._file.seek(self.offset)
         rest = self._file.read(READ_BYTES)
         if rest and not self._skipping:
-            self._received.inc()
-            self._malformed.inc()
+            self._counts.received.inc()
+            self._counts.malformed.inc()
             log.error("fast-path audit file %s %s with an unfinished last line at offset %d (%d bytes): not "
                       "audited", self.path, why, self.offset, len(rest))
 
@@ -276,8 +273,8 @@ class FileAuditTailer:
             if len(data) < READ_BYTES:  # at the end, or a partial last line (it waits for the rest)
                 return await asyncio.to_thread(self._switch_if_moved)
             if not self._skipping:  # a line longer than READ_BYTES: refused, skipped to its end
-                self._received.inc()
-                self._malformed.inc()
+                self._counts.received.inc()
+                self._counts.malformed.inc()
                 log.error("fast-path audit file %s: a line at offset %d is longer than %d bytes: not audited",
                           self.path, self.offset, READ_BYTES)
             self._skipping = True
@@ -335,10 +332,10 @@ class FileAuditTailer:
         if rows and self._settings.audit.allows:
             # Durable before the position moves past them; raises rather than drops (retried).
             await self._audit.write_rows(rows, columns, retryable=True)
-            self._audited.inc(len(rows))
+            self._counts.audited.inc(len(rows))
         elif rows:
-            self._not_audited.inc(len(rows))
-        self._received.inc(received)
+            self._counts.not_audited.inc(len(rows))
+        self._counts.received.inc(received)
         for where, refused, why in refusals:
             self._refused(where, refused, why)
 
@@ -349,16 +346,14 @@ class FileAuditTailer:
 
     def _refused(self, offset: int, entry: accesslog_pb2.HTTPAccessLogEntry | None, e: Exception) -> None:
         rid = (entry.request.request_id if entry is not None else "") or "-"
-        if isinstance(e, NotFastPath):
-            self._not_fast.inc()
+        kind = self._counts.refused(e)
+        if kind == "not_fast_path":
             log.error("fast-path audit file %s, line at offset %d (request %s) is not a fast-path allow (%s): "
                       "not audited; check the gateway's file access log filter", self.path, offset, rid, e)
-        elif isinstance(e, MalformedEntry):
-            self._malformed.inc()
+        elif kind == "malformed":
             log.error("malformed line in the fast-path audit file %s at offset %d (request %s): %s",
                       self.path, offset, rid, e)
         else:  # a bug on one line must not stop the tailer or lose the others
-            self._malformed.inc()
             log.error("could not read the line at offset %d of the fast-path audit file %s", offset, self.path,
                       exc_info=e)
 
