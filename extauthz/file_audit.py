@@ -248,8 +248,7 @@ class FileAuditTailer:
 
     def _partial_left(self, why: str) -> None:
         """A file is left with a line that never ended (counted, logged)."""
-        self._file.seek(self.offset)
-        rest = self._file.read(READ_BYTES)
+        rest = self._read()
         if rest and not self._skipping:
             self._counts.received.inc()
             self._counts.malformed.inc()

@@ -184,7 +184,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
     ``ValueError`` if there is no such connection manager."""
     cfg = copy.deepcopy(bootstrap)
     node = cfg.setdefault("node", {"id": node_id, "cluster": node_id})
-    als = (audit_file_log(audit_file, str(node.get("id", node_id)), claim=claim) if audit_file is not None
+    audit_log = (audit_file_log(audit_file, str(node.get("id", node_id)), claim=claim) if audit_file is not None
            else audit_access_log(log_name=log_name, cluster=xds_cluster, flush_interval_s=audit_flush_interval_s,
                                  buffer_size_bytes=audit_buffer_bytes))
     wired = 0
@@ -202,7 +202,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                     fields = log.get("typed_config", {}).get("log_format", {}).get("json_format")
                     if isinstance(fields, dict):
                         fields.update(ACCESS_LOG_FIELDS)
-                hcm.setdefault("access_log", []).append(copy.deepcopy(als))
+                hcm.setdefault("access_log", []).append(copy.deepcopy(audit_log))
                 for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
                     vh.setdefault("request_headers_to_add", []).extend(fast_path_headers(claim=claim))
                 wired += 1
