@@ -34,7 +34,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,12 +45,13 @@ from bench.fast_path_bench import (  # noqa: E402
     ENGINEER,
     cpu_table,
     demo_gateway,
+    interleaved_rounds,
     running_fast_path_server,
     start_envoy,
     until_fast,
     without_audit,
 )
-from bench.gateway_bench import Cell, check_call, demo_backends, process_cpu_seconds, run_h2load, stop_all  # noqa: E402
+from bench.gateway_bench import Cell, check_call, demo_backends, stop_all  # noqa: E402
 from fastpath.envoy_config import (  # noqa: E402
     EXT_AUTHZ_FILTER,
     JWT_FILTER,
@@ -171,21 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             check_call(e.port, token)
             if name != "baseline":
                 until_fast(e, token)
-        rounds: list[list[Cell]] = []
-        cpu: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-        for i in range(max(1, args.repeat)):
-            cells = []
-            for c in args.concurrency:
-                for name in ORDER if i % 2 == 0 else ORDER[::-1]:
-                    pids = (envoys[name].pid, ours.pid)
-                    before = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
-                    cell = run_h2load(envoys[name].port, token, body, c, args.duration, args.warmup, workdir, name)
-                    after = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
-                    calls = max(1, cell.requests * (args.duration + args.warmup) / args.duration)
-                    cpu.setdefault((name, c), []).append(
-                        tuple((a - b) * 1e6 / calls for a, b in zip(after, before, strict=True)))  # type: ignore[arg-type]
-                    cells.append(cell)
-            rounds.append(cells)
+        rounds, cpu = interleaved_rounds(ORDER, {name: (e, token) for name, e in envoys.items()},
+                                         ours, body, workdir, args)
         print(f"{len(rounds)} round(s) of {args.duration:g} s per cell, Envoy --concurrency {args.envoy_concurrency}; "
               "the no_* gateways are NOT deployable (each prices one part of the fast path)")
         print(ratios(rounds))

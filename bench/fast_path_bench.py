@@ -175,6 +175,33 @@ def demo_gateway(jwks_port: int, upstream_port: int, extauthz_port: int | None,
                           access_log="/dev/null", fast_path=fast_path, fast_path_audit_file=audit_file)
 
 
+def interleaved_rounds(order: list[str], scenarios: dict[str, tuple[EnvoyProcess, str]], ours: ExtAuthzProcess,
+                       body: pathlib.Path, workdir: pathlib.Path, args: argparse.Namespace
+                       ) -> tuple[list[list[Cell]], dict[tuple[str, int], list[tuple[float, float, float]]]]:
+    """h2load through each scenario's (Envoy, caller token) at each ``args.concurrency``, in
+    ``args.repeat`` rounds alternating ``order`` and its reverse. Returns the rounds' cells and,
+    per (scenario, concurrency), each round's CPU µs per call of (the Envoy, our server, the
+    upstream with this bench)."""
+    rounds: list[list[Cell]] = []
+    cpu: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    for i in range(max(1, args.repeat)):
+        cells = []
+        for c in args.concurrency:
+            for name in order if i % 2 == 0 else order[::-1]:
+                envoy, token = scenarios[name]
+                pids = (envoy.pid, ours.pid)
+                before = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
+                cell = run_h2load(envoy.port, token, body, c, args.duration, args.warmup, workdir, name)
+                after = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
+                # Warm-up calls burn CPU too: divide by every call h2load made.
+                calls = max(1, cell.requests * (args.duration + args.warmup) / args.duration)
+                cpu.setdefault((name, c), []).append(
+                    tuple((a - b) * 1e6 / calls for a, b in zip(after, before, strict=True)))  # type: ignore[arg-type]
+                cells.append(cell)
+        rounds.append(cells)
+    return rounds, cpu
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell")
@@ -234,26 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                      "fast_no_audit": ("fast_no_audit", ENGINEER),
                      "fast_denied": ("fast", OUTSIDER), "today_allow": ("today", ENGINEER),
                      "today_denied": ("today", OUTSIDER)}
-        rounds: list[list[Cell]] = []
-        #: (scenario, concurrency) -> CPU µs per answered call: (the Envoy, our server, the upstream)
-        cpu: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-        for i in range(max(1, args.repeat)):
-            order = ORDER if i % 2 == 0 else ORDER[::-1]
-            cells = []
-            for c in args.concurrency:
-                for name in order:
-                    envoy, who = scenarios[name]
-                    pids = (envoys[envoy].pid, ours.pid)
-                    before = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
-                    cell = run_h2load(envoys[envoy].port, tokens[who], body, c, args.duration,
-                                      args.warmup, workdir, name)
-                    after = [process_cpu_seconds(pid) for pid in pids] + [time.process_time()]
-                    # Warm-up calls burn CPU too: divide by every call h2load made.
-                    calls = max(1, cell.requests * (args.duration + args.warmup) / args.duration)
-                    cpu.setdefault((name, c), []).append(
-                        tuple((a - b) * 1e6 / calls for a, b in zip(after, before, strict=True)))  # type: ignore[arg-type]
-                    cells.append(cell)
-            rounds.append(cells)
+        rounds, cpu = interleaved_rounds(
+            ORDER, {name: (envoys[envoy], tokens[who]) for name, (envoy, who) in scenarios.items()},
+            ours, body, workdir, args)
         print(f"{len(rounds)} round(s) of {args.duration:g} s per cell, Envoy --concurrency {args.envoy_concurrency}, "
               "the fast path as rendered (RBAC over ADS from our server), every fast-path allow audited "
               "through the access log")
