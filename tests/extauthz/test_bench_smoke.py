@@ -94,3 +94,19 @@ def test_als_receiver_bench_captures_envoys_messages_and_prints_cpu_per_stage(tm
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert re.findall(r"\| N=16, (direct|spool) \| (\w[\w ]*) \|", again.stdout) == [
         (path, stage) for path in ("direct", "spool") for stage in ("receive", "ship", "end to end")]
+
+
+def test_envoy_instructions_counts_what_the_composite_gate_saves():
+    """Instruction counts do not move with the machine's load, so their order is asserted:
+    ext_authz left inside a filter that every request makes (``filter_enabled_metadata``) costs
+    Envoy more per fast-path allow than the composite gate that makes it only when needed."""
+    assert shutil.which("valgrind") and shutil.which("h2load"), "valgrind and h2load must be installed"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "envoy_instructions.py"),
+                        "--calls", "60", "--warmup-calls", "10", "--concurrency", "4",
+                        "--only", "fast_no_audit", "fast_gate_in_filter"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    counts = {m.group(1): int(m.group(2).replace(",", ""))
+              for m in re.finditer(r"^\| (\w+) \| ([\d,]+) \|", r.stdout, re.M)}
+    assert set(counts) == {"fast_no_audit", "fast_gate_in_filter"}, r.stdout
+    assert counts["fast_gate_in_filter"] - counts["fast_no_audit"] > 10_000, r.stdout
