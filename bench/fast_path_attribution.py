@@ -8,8 +8,8 @@ over ADS, h2load driving an allowed call, interleaved rounds. Scenarios:
 
   baseline       Envoy + jwt_authn, no ext_authz                          (the goal's 1.00x)
   fast_no_audit  the fast path as rendered, its access log left out       (the reference below)
-  no_ext_authz   ... and without the ext_authz filter (skipped by filter_enabled_metadata on
-                 these calls, yet created for every request)
+  no_ext_authz   ... and without the ext_authz filter (inside Envoy's composite filter, made
+                 only for calls RBAC did not allow: what the gate itself costs)
   no_strip       ... and without the filter that drops client ``x-rpcauthz-*`` headers
   no_headers     ... and without the upstream headers filled from metadata
   audit_als      the fast path as shipped: the http_grpc access log to our server (ALS)

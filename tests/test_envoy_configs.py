@@ -93,3 +93,30 @@ def test_the_fast_path_with_its_audit_in_a_file_validates(tmp_path):
                         "--disable-hot-restart", "--log-path", str(tmp_path / "envoy.log")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"does not validate:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+def test_fast_path_ext_authz_is_made_only_for_calls_rbac_did_not_allow():
+    """On the fast path the ext_authz filter sits in Envoy's composite filter, matched on NOT
+    (RBAC shadow result == "allowed"): made for those calls only (a missing result runs it),
+    with gateway.yaml's ext_authz config unchanged inside."""
+    import yaml
+
+    from fastpath.envoy_config import RBAC_NAMESPACE, SHADOW_RESULT_KEY
+
+    def ext_authz(cfg):
+        (f,) = [f for f in cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+        return f
+
+    base = ext_authz(yaml.safe_load((ENVOY_DIR / "gateway.yaml").read_text()))
+    gated = ext_authz(yaml.safe_load((ENVOY_DIR / "gateway-fast-path.yaml").read_text()))["typed_config"]
+    assert gated["@type"].endswith("common.matching.v3.ExtensionWithMatcher")
+    assert gated["extension_config"]["typed_config"]["@type"].endswith("composite.v3.Composite")
+    assert "on_no_match" not in gated["xds_matcher"]
+    (matcher,) = gated["xds_matcher"]["matcher_list"]["matchers"]
+    predicate = matcher["predicate"]["not_matcher"]["single_predicate"]
+    assert predicate["input"]["typed_config"]["filter"] == RBAC_NAMESPACE
+    assert predicate["input"]["typed_config"]["path"] == [{"key": SHADOW_RESULT_KEY}]
+    assert predicate["custom_match"]["typed_config"]["value"] == {"string_match": {"exact": "allowed"}}
+    inner = matcher["on_match"]["action"]["typed_config"]["typed_config"]
+    assert inner == base

@@ -152,6 +152,23 @@ def test_fast_path_through_the_gateway(tmp_path, pg_dsn) -> None:
         assert len(checked) == c.get(CHECKS + "ok", 0) + c.get(CHECKS + "denied", 0)
         assert {e.actor for e in checked} >= {"carol", "alice", "bob"}
 
+        # Envoy's own access log: a call ext_authz decided carries that decision (ext_authz
+        # runs inside the composite gate, for calls RBAC did not allow: its metadata must
+        # still reach the log); a fast-path allow carries the RBAC policy and no decision.
+        deadline = time.monotonic() + 10
+        while True:
+            lines = gw.access_log_lines()
+            checked_read = [ln for ln in lines if ln["path"] == READ]
+            fast_lines = [ln for ln in lines if ln.get("fast_path") == "allowed"]
+            if (checked_read and fast_lines) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert checked_read and fast_lines, lines
+        assert all(ln["outcome"] and re.fullmatch(r"[0-9a-f]{32}", ln["decision_id"]) for ln in checked_read), checked_read
+        assert all(ln["fast_path"] != "allowed" for ln in checked_read)
+        assert all(ln["fast_path_policy"].startswith("v") and ln["decision_id"] in ("", "-", None)
+                   for ln in fast_lines), fast_lines
+
         # The control plane is killed: within the TTL Envoy drops the fast path, and calls
         # fail closed (ext_authz is gone: UNAVAILABLE), never allowed by a stale policy.
         assert gw.extauthz is not None
@@ -166,3 +183,27 @@ def test_fast_path_through_the_gateway(tmp_path, pg_dsn) -> None:
             time.sleep(0.1)
         assert r.code is grpc.StatusCode.UNAVAILABLE
         print(f"control plane killed -> fast path withdrawn after {waited:.1f}s (TTL {TTL}s)")
+
+
+def _without_rbac(cfg: dict) -> dict:
+    for listener in cfg["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for f in chain["filters"]:
+                hcm = f["typed_config"]
+                hcm["http_filters"] = [h for h in hcm["http_filters"] if h["name"] != "rpcauthz_fast_path"]
+    return cfg
+
+
+def test_no_rbac_result_means_ext_authz_decides(tmp_path, pg_dsn) -> None:
+    """ext_authz is skipped only on an "allowed" shadow result: with no RBAC filter to write
+    one, every call, even one the fast path would allow, is a Check, and a denial stands."""
+    grants = [Grant("alice", Role.ENGINEER)]
+    with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True,
+                      envoy_config=_without_rbac) as gw:
+        for _ in range(3):
+            before = counters(gw)
+            r = gw.call(LIST, as_="alice")
+            assert r.code is grpc.StatusCode.OK
+            assert counters(gw).get(CHECKS + "ok", 0) == before.get(CHECKS + "ok", 0) + 1
+        r = gw.call(LIST, as_="carol")
+        assert r.code is grpc.StatusCode.PERMISSION_DENIED and "carol holds no engineer grant" in r.message
