@@ -5,11 +5,15 @@ append one JSON line per fast-path allow (the same filter as the ALS log) to tha
 about a fifth of ALS's cost in Envoy (bench/fast_path_attribution.py). ``FileAuditTailer``
 follows the file:
 
-- each complete line becomes an ``HTTPAccessLogEntry`` (``line_entry``) read by the ALS
-  path's own ``EntryReader``: the same ``decision.allow`` event, event id and refusals
-  (principal, path, policy id and version) as an ALS entry. A line that is not an allow
-  (not JSON, a field missing or wrong) is counted and logged with what was wrong, and the
-  tailer goes on; a partial last line waits for the rest.
+- each complete line is read straight into its audit row (``LineReader``: one ``json``
+  decode, then ``EntryReader.allow_row``, the ALS rows' own definition, with the ALS path's
+  caches and the seconds and addresses remembered; no protobuf per line): the same
+  ``decision.allow`` event, event id and columns as the ALS entry of the same call. A line
+  off Envoy's shape is read as the ``HTTPAccessLogEntry`` it stands for (``line_entry``) by
+  ``EntryReader.rows``, so its refusals (principal, path, policy id and version) are the ALS
+  path's. A line that is not an allow (not JSON, a field missing or wrong, text no entry can
+  hold) is counted and logged with what was wrong, and the tailer goes on; a partial last
+  line waits for the rest.
 - the events are written with ``SpooledAuditWriter.write_rows`` (durable in the store or the
   spool) and only then the read position (file identity + offset) advances, kept in the
   audit spool's SQLite database (table ``fast_path_audit_file``, fsync'd). A restart resumes
@@ -60,6 +64,8 @@ READ_BYTES = 1 << 20
 #: Lines turned into rows between two hand-backs to the event loop.
 LINE_CHUNK = 256
 _decode = json.JSONDecoder().decode
+#: One JSON value at an index of a string, and where it ends (``decode`` without its checks).
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__, not in typeshed
 
 
 def line_entry(line: bytes, settings: Settings) -> tuple[accesslog_pb2.HTTPAccessLogEntry, str]:
@@ -189,7 +195,7 @@ class LineReader(EntryReader):
             texts: Sequence[str | None] = b"\n".join(lines).decode().split("\n")
         except UnicodeDecodeError:
             texts = [_text(line) for line in lines]  # the one that is not UTF-8 is read below, and refused
-        decode, allow_row, with_columns = _decode, self.allow_row, columns is not None
+        scan, allow_row, with_columns = _scan, self.allow_row, columns is not None
         constants, principals, times, remotes = self._constants, self._principals, self._times, self._remotes
         received, at = 0, first
         for line, text in zip(lines, texts, strict=True):
@@ -198,7 +204,9 @@ class LineReader(EntryReader):
             got: tuple[str, str, tuple[Any, ...]] | None = None
             if text is not None:
                 try:  # Envoy's shape; anything off it (an exception included) is read below
-                    d = decode(text)
+                    d, end = scan(text, 0)  # what decode does, without its whitespace and end checks:
+                    if end != len(text):  # ... a line with more after its JSON is read below
+                        raise ValueError(end)
                     node, start, path, policy_id = d["node"], d["start_time"], d["path"], d["policy_id"]
                     principal, request_id, stream_id = d["principal"], d["request_id"], d["stream_id"]
                     remote = d["downstream_remote_address"]

@@ -541,3 +541,23 @@ def test_a_line_protobuf_cannot_take_is_refused_and_the_tailer_goes_on(tmp_path,
     _run(tmp_path, body)
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert sum("could not read the line at offset" in s for s in said) == 3, said
+
+
+def test_the_tail_bench_prints_cpu_per_line_old_and_new(capsys):
+    """bench/file_tail_bench.py still runs (a few lines: the table's shape, not its numbers),
+    and the old and the new reading gave the same rows."""
+    import re
+    import sys
+
+    from devstack.processes import REPO_ROOT
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import file_tail_bench
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    assert file_tail_bench.main(["--lines", "300", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rows of the old and the new reading: equal" in out
+    for stage in ("read", "tailer"):
+        assert re.search(rf"^\| {stage} \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d\d \|$",
+                         out, re.M), out
