@@ -432,11 +432,17 @@ _CALLS.append(dict(_CALLS[0], start_time="2026-12-03T09:00:05.000000Z", request_
 _CALLS.append(dict(_CALLS[0], start_time="1970-01-01T00:00:01.000001Z", request_id="1970"))
 
 
-def test_a_file_line_gives_the_row_the_als_entry_of_the_same_call_gives():
+def test_a_file_line_gives_the_row_the_als_entry_of_the_same_call_gives(monkeypatch):
     """The same calls as Envoy's ALS entries (``EntryReader.rows``) and as its file lines
     (``LineReader.lines``, the tailer's reader) give the same event ids, spool rows and store
-    columns, byte for byte, also from the caches (every call twice)."""
+    columns, byte for byte, also from the caches (every call twice); lines as Envoy writes
+    them are read without an entry each (``line_entry``, the old and slower way, is not used)."""
+    from extauthz import file_audit
     from extauthz.access_log import entry_event_id
+
+    def no_entry(line, settings):
+        raise AssertionError(f"read through an HTTPAccessLogEntry: {line!r}")
+    monkeypatch.setattr(file_audit, "line_entry", no_entry)
 
     calls = _CALLS + _CALLS
     als_rows: list = []
