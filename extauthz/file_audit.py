@@ -38,6 +38,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -61,6 +62,9 @@ LINE_KEYS = ("start_time", "principal", "path", "fast_path", "policy_id", "reque
              "downstream_remote_address", "node")
 #: Most bytes read (and written as one batch) at a time; also the longest line taken.
 READ_BYTES = 1 << 20
+#: A line's values, in the order ``LineReader.lines`` takes them.
+_FIELDS = operator.itemgetter("node", "start_time", "path", "policy_id", "principal", "request_id", "stream_id",
+                              "downstream_remote_address", "fast_path")
 #: Lines turned into rows between two hand-backs to the event loop.
 LINE_CHUNK = 256
 _decode = json.JSONDecoder().decode
@@ -195,7 +199,7 @@ class LineReader(EntryReader):
             texts: Sequence[str | None] = b"\n".join(lines).decode().split("\n")
         except UnicodeDecodeError:
             texts = [_text(line) for line in lines]  # the one that is not UTF-8 is read below, and refused
-        scan, allow_row, with_columns = _scan, self.allow_row, columns is not None
+        scan, fields, allow_row, with_columns = _scan, _FIELDS, self.allow_row, columns is not None
         constants, principals, times, remotes = self._constants, self._principals, self._times, self._remotes
         received, at = 0, first
         for line, text in zip(lines, texts, strict=True):
@@ -207,12 +211,11 @@ class LineReader(EntryReader):
                     d, end = scan(text, 0)  # what decode does, without its whitespace and end checks:
                     if end != len(text):  # ... a line with more after its JSON is read below
                         raise ValueError(end)
-                    node, start, path, policy_id = d["node"], d["start_time"], d["path"], d["policy_id"]
-                    principal, request_id, stream_id = d["principal"], d["request_id"], d["stream_id"]
-                    remote = d["downstream_remote_address"]
-                    "".join((node, start, path, policy_id, principal, request_id, stream_id, remote))  # all strings
+                    values = fields(d)  # KeyError: a key missing
+                    "".join(values)  # TypeError: a value not a string
+                    node, start, path, policy_id, principal, request_id, stream_id, remote, result = values
                     frac = start[20:26]
-                    if d["fast_path"] == "allowed" and node and request_id and len(start) == 27 and start[19] == "." \
+                    if result == "allowed" and node and request_id and len(start) == 27 and start[19] == "." \
                             and start[26] == "Z" and frac.isascii() and frac.isdigit():
                         sec = times.get(start[:19])
                         if sec is None:
