@@ -39,6 +39,11 @@ SETTINGS = Settings(store_url="sqlite:///unused.db")
 def test_a_line_has_every_key_the_gateway_writes():
     assert set(LINE_KEYS) == set(audit_file_fields("gw-1"))
     assert set(json.loads(_line())) == set(LINE_KEYS)
+    # The line the reader takes without json: these keys, sorted (as Envoy 1.40 writes them).
+    import re
+
+    from extauthz.file_audit import _ENVOY_LINE
+    assert re.findall(r'"(\w+)":', _ENVOY_LINE.pattern) == sorted(audit_file_fields("gw-1"))
 
 
 def test_a_line_reads_as_the_allow_envoy_made():
@@ -465,6 +470,21 @@ def test_a_file_line_gives_the_row_the_als_entry_of_the_same_call_gives(monkeypa
     assert rows == als_rows
 
 
+def _as_envoy_writes(line: bytes) -> bytes | None:
+    """``line``, if a JSON object, written as Envoy writes its lines: keys sorted, compact, UTF-8."""
+    try:
+        d = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(d, dict):
+        return None
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: as an escape
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _old_lines(lines: list[bytes], first: int) -> tuple[list, list, list, int]:
     """What the tailer read before ``LineReader``: each line to an entry (``line_entry``), read
     by ``EntryReader.rows``; (rows, columns, refusals as (offset, request id, type, message), received)."""
@@ -515,6 +535,7 @@ def test_the_line_reader_refuses_and_reads_what_line_entry_did():
     ]
     lines = [*good, *odd, b"", b"   ", *bad, *good]
     lines = [line.rstrip(b"\n") for line in lines]
+    lines += [envoy for line in lines if (envoy := _as_envoy_writes(line))]  # and each as Envoy writes it
     want_rows, want_columns, want_refused, want_received = _old_lines(lines, 100)
     rows: list = []
     columns: list = []
@@ -524,8 +545,8 @@ def test_the_line_reader_refuses_and_reads_what_line_entry_did():
     assert (rows, columns) == (want_rows, want_columns)
     assert refused == want_refused
     assert received == want_received == len(lines) - 2
-    assert len(rows) == 2 * len(good) + len(odd)
-    assert len(refused) == len(bad)
+    assert len(rows) == 2 * (2 * len(good) + len(odd))
+    assert len(refused) == 2 * len(bad) - 5  # once each; twice those that are JSON objects
     # ... and without the one line that is not UTF-8 (the lines decoded together).
     lines.remove(bad[-1])
     assert LineReader(SETTINGS).lines(lines, 100, [], lambda *r: None) == len(lines) - 2
