@@ -5,8 +5,8 @@ append one JSON line per fast-path allow (the same filter as the ALS log) to tha
 about a fifth of ALS's cost in Envoy (bench/fast_path_attribution.py). ``FileAuditTailer``
 follows the file:
 
-- each complete line is read straight into its audit row (``LineReader``: one ``json``
-  decode, then ``EntryReader.allow_row``, the ALS rows' own definition, with the ALS path's
+- each complete line is read straight into its audit row (``LineReader``: one regex, or
+  ``json``, then ``EntryReader.allow_row``, the ALS rows' own definition, with EntryReader's
   caches and the seconds and addresses remembered; no protobuf per line): the same
   ``decision.allow`` event, event id and columns as the ALS entry of the same call. A line
   off Envoy's shape is read as the ``HTTPAccessLogEntry`` it stands for (``line_entry``) by
@@ -171,12 +171,13 @@ _LINE_CACHE_MAX = 4096
 class LineReader(EntryReader):
     """Reads the audit file's lines straight into rows (``lines``), without an
     ``HTTPAccessLogEntry`` per line: a line in Envoy's shape (``audit_file_fields``: every
-    key a string, ``start_time`` as ``%Y-%m-%dT%H:%M:%S.%6fZ``, ``fast_path`` allowed, an
-    ``ip:port`` address) goes to ``EntryReader.allow_row`` (the ALS rows' one definition, with
-    its caches of paths, policies and principals), its second and address remembered. Any
-    other line (not JSON or not UTF-8, a key missing or of another type, a refused value) is
-    read as before: ``line_entry`` + ``EntryReader.rows``, so its refusal and message are
-    exactly the ALS path's."""
+    key a string, ``start_time`` as ``%Y-%m-%dT%H:%M:%S.%6fZ``, ``fast_path`` allowed) is read
+    with one regex when it is exactly as Envoy writes it (``_ENVOY_LINE``), else with ``json``,
+    and goes to ``EntryReader.allow_row`` (the ALS rows' one definition, with its caches of
+    paths, policies and principals), its second and address remembered. Any other line (not
+    JSON or not UTF-8, a key missing or of another type, a refused value, an address that is
+    not ``ip:port``) is read as before: ``line_entry`` + ``EntryReader.rows``, so its row or
+    its refusal and message are exactly the ALS path's."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
