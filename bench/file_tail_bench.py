@@ -8,6 +8,8 @@ run, interleaved rounds, as a ratio:
 
 - ``read``: the lines into spool rows and store columns (what a SQLite store takes directly)
   as the tailer cuts them (``READ_BYTES`` a batch, ``LINE_CHUNK`` lines at a time), nothing written;
+- ``store write``: those rows into a SQLite store (``append_audit_rows``, a batch a transaction):
+  the store's part of the tailer, the same work either way (the rows are equal);
 - ``tailer``: ``FileAuditTailer.poll_once`` end to end over a file of those lines (read, rows,
   ``write_rows`` straight into a SQLite store, the position saved), until it is at the end.
 
@@ -139,6 +141,28 @@ def read_cpu(reader: Any, lines: list[bytes]) -> float:
     return cpu
 
 
+def write_cpu(workdir: pathlib.Path, name: str, lines: list[bytes], settings: Settings) -> float:
+    """CPU seconds per line for a SQLite store to take the rows of ``lines`` as the tailer hands
+    them (``append_audit_rows`` of a batch's columns, one transaction a batch): the part of
+    ``tailer`` that is the store's, the same whichever way the lines were read."""
+    from policy.stores import open_store
+
+    store = open_store(f"sqlite:///{workdir / f'{name}-store.db'}")
+    reader = LineReader(settings)
+    try:
+        cpu = 0.0
+        for batch in batches(lines):
+            rows: list[tuple[str, str]] = []
+            columns: list[tuple[Any, ...]] = []
+            reader.lines(batch, 0, rows, _refused, columns)
+            t = time.process_time()
+            store.append_audit_rows(columns)
+            cpu += time.process_time() - t
+        return cpu / len(lines)
+    finally:
+        store.close()
+
+
 async def tailer_cpu(workdir: pathlib.Path, name: str, old: bool, lines: list[bytes]) -> float:
     """CPU seconds per line for ``FileAuditTailer`` to audit a file of ``lines`` into a SQLite store
     (directly, as while it answers), with the old reading or the new."""
@@ -204,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 reader = OldLineReader(settings) if old else LineReader(settings)
                 cpu.setdefault(("read", way), []).append(read_cpu(reader, lines))
                 if not args.no_tailer:
+                    cpu.setdefault(("store write", way), []).append(write_cpu(workdir, f"{r}-{way}-w", lines, settings))
                     cpu.setdefault(("tailer", way), []).append(
                         asyncio.run(tailer_cpu(workdir, f"{r}-{way}", old, lines)))
     finally:
@@ -214,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| stage | old µs/line | new µs/line | new/old |")
     print("|---|---:|---:|---:|")
-    for stage in ("read", "tailer"):
+    for stage in ("read", "store write", "tailer"):
         if (stage, "old") not in cpu:
             continue
         o, n = cpu[(stage, "old")], cpu[(stage, "new")]

@@ -585,6 +585,6 @@ def test_the_tail_bench_prints_cpu_per_line_old_and_new(capsys):
     assert file_tail_bench.main(["--lines", "300", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "rows of the old and the new reading: equal" in out
-    for stage in ("read", "tailer"):
+    for stage in ("read", "store write", "tailer"):
         assert re.search(rf"^\| {stage} \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d\d \|$",
                          out, re.M), out
