@@ -296,6 +296,10 @@ def test_envoy_file_audit_is_one_event_per_call_across_restarts_malformed_lines_
             assert (e.kind, e.method, e.detail["rule"]) == ("decision.allow", "ListAccounts", "fast_path.allow")
             assert re.fullmatch(r"v\d+/engineers", e.detail["policy_id"])
         assert int(gw.envoy.stats(STAT)[STAT]) == len(calls)  # no call went over ALS or a Check
+        # Envoy writes each line exactly as the reader takes it without json (keys sorted, compact).
+        from extauthz.file_audit import _ENVOY_LINE
+        written = audit_file.read_bytes().decode().splitlines()
+        assert len(written) == len(calls) and all(_ENVOY_LINE.fullmatch(w) for w in written), written[:2]
         assert _wait("the audited count", lambda: _metrics(gw.metrics_url).get("audited") == len(calls))
 
         assert gw.extauthz is not None
