@@ -233,6 +233,34 @@ class EntryReader:
         text = self._seconds[seconds] = datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None).isoformat()
         return text
 
+    def _actor(self, principal: str) -> str | None:
+        """``principal`` JSON-encoded (the row's actor) if it is a usable one, remembered; else None."""
+        if not usable_principal(principal):
+            return None
+        if len(self._principals) >= _CACHE_MAX:
+            self._principals.clear()
+        actor = self._principals[principal] = _json_str(principal)
+        return actor
+
+    def allow_row(self, constant: _Constant, node: str, request_id: str, seconds: int, nanos: int, remote: str,
+                  path: str, stream_id: str, principal: str, actor: str, with_columns: bool,
+                  ) -> tuple[str, str, tuple[Any, ...]]:
+        """(event id, spool row, store columns or ``()``) of one fast-path allow in the common
+        shape, from an entry's plain values (``remote`` is ``address:port``; ``actor`` the
+        principal JSON-encoded): the one definition of the row both the ALS stream
+        (``rows``) and the audit file (``file_audit.LineReader``) write. The id is
+        ``entry_event_id``'s."""
+        h = hashlib.sha256("\x00".join((node, request_id, f"{seconds}.{nanos:09d}", remote, path, stream_id)
+                                       ).encode()).hexdigest()
+        event_id = f"{(seconds * 1000 + nanos // 1_000_000) & 0xFFFFFFFFFFFF:012x}{h[:20]}"
+        at = f"{self._seconds.get(seconds) or self._second(seconds)}.{nanos // 1000:06d}+00:00"
+        detail = f'{constant.detail_head}{event_id}","envoy_request_id":{_json_str(request_id)}{constant.tail}'
+        row = f'{{"at":"{at}","id":"{event_id}","actor":{actor}{constant.mid}{detail}}}'
+        if not with_columns:
+            return event_id, row, ()
+        return event_id, row, (event_id, "decision.allow", principal, at, None, constant.service, constant.method,
+                               "allow", constant.reason, detail, None)
+
     def rows(self, entries: Sequence[accesslog_pb2.HTTPAccessLogEntry], node: str,
              refused: Callable[[accesslog_pb2.HTTPAccessLogEntry, Exception], None],
              columns: list[tuple[Any, ...]] | None = None) -> list[tuple[str, str]]:
@@ -243,9 +271,8 @@ class EntryReader:
         out: list[tuple[str, str]] = []
         append = out.append
         add_columns = columns.append if columns is not None else None
-        constants, principals, seconds_cache = self._constants, self._principals, self._seconds
+        constants, principals = self._constants, self._principals
         ns, payload_key, claim_key = self._ns, self._payload, self._claim
-        sha256 = hashlib.sha256
         for entry in entries:
             try:
                 common = entry.common_properties
@@ -262,11 +289,7 @@ class EntryReader:
                     payload = jwt.fields.get(payload_key)
                     claim = payload.struct_value.fields.get(claim_key) if payload is not None else None
                     principal = claim.string_value if claim is not None else ""
-                    actor = principals.get(principal)
-                    if actor is None and usable_principal(principal):
-                        if len(principals) >= _CACHE_MAX:
-                            principals.clear()
-                        actor = principals[principal] = _json_str(principal)
+                    actor = principals.get(principal) or self._actor(principal)
                     policy_id = policy.string_value if policy is not None else ""
                     path, request_id = request.path, request.request_id
                     if result is not None and result.string_value == "allowed" and policy_id \
@@ -274,20 +297,11 @@ class EntryReader:
                         constant = constants.get((path, policy_id)) or self._constant(path, policy_id)
                         if constant is not None:
                             start = common.start_time
-                            sec, nanos = start.seconds, start.nanos
                             remote = common.downstream_remote_address.socket_address
-                            h = sha256("\x00".join((
-                                node, request_id, f"{sec}.{nanos:09d}", f"{remote.address}:{remote.port_value}",
-                                path, common.stream_id)).encode()).hexdigest()
-                            ms = sec * 1000 + nanos // 1_000_000
-                            event_id = f"{ms & 0xFFFFFFFFFFFF:012x}{h[:20]}"
-                            at = f"{seconds_cache.get(sec) or self._second(sec)}.{nanos // 1000:06d}+00:00"
-                            detail = (f'{constant.detail_head}{event_id}","envoy_request_id":{_json_str(request_id)}'
-                                      f'{constant.tail}')
-                            row = f'{{"at":"{at}","id":"{event_id}","actor":{actor}{constant.mid}{detail}}}'
-                            if add_columns is not None:
-                                cols = (event_id, "decision.allow", principal, at, None, constant.service,
-                                        constant.method, "allow", constant.reason, detail, None)
+                            event_id, row, cols = self.allow_row(
+                                constant, node, request_id, start.seconds, start.nanos,
+                                f"{remote.address}:{remote.port_value}", path, common.stream_id, principal, actor,
+                                add_columns is not None)
                 if row is None:  # off the common shape: read_entry says what it is
                     event = read_entry(entry, self._settings, node).audit_event()
                     event_id, row = event.id, event_json(event)

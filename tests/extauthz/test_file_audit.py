@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from datetime import datetime
 
 import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
 
 from extauthz.access_log import EntryReader, MalformedEntry, NotFastPath, read_entry
 from extauthz.audit_spool import AuditSpool
 from extauthz.config import Settings
-from extauthz.file_audit import LINE_KEYS, FileAuditTailer, line_entry
+from extauthz.file_audit import LINE_KEYS, FileAuditTailer, LineReader, line_entry
 from extauthz.metrics import Metrics
 from extauthz.spooled_audit import SpooledAuditWriter
 from fastpath.envoy_config import audit_file_fields
@@ -37,6 +39,11 @@ SETTINGS = Settings(store_url="sqlite:///unused.db")
 def test_a_line_has_every_key_the_gateway_writes():
     assert set(LINE_KEYS) == set(audit_file_fields("gw-1"))
     assert set(json.loads(_line())) == set(LINE_KEYS)
+    # The line the reader takes without json: these keys, sorted (as Envoy 1.40 writes them).
+    import re
+
+    from extauthz.file_audit import _ENVOY_LINE
+    assert re.findall(r'"(\w+)":', _ENVOY_LINE.pattern) == sorted(audit_file_fields("gw-1"))
 
 
 def test_a_line_reads_as_the_allow_envoy_made():
@@ -289,6 +296,10 @@ def test_envoy_file_audit_is_one_event_per_call_across_restarts_malformed_lines_
             assert (e.kind, e.method, e.detail["rule"]) == ("decision.allow", "ListAccounts", "fast_path.allow")
             assert re.fullmatch(r"v\d+/engineers", e.detail["policy_id"])
         assert int(gw.envoy.stats(STAT)[STAT]) == len(calls)  # no call went over ALS or a Check
+        # Envoy writes each line exactly as the reader takes it without json (keys sorted, compact).
+        from extauthz.file_audit import _ENVOY_LINE
+        written = audit_file.read_bytes().decode().splitlines()
+        assert len(written) == len(calls) and all(_ENVOY_LINE.fullmatch(w) for w in written), written[:2]
         assert _wait("the audited count", lambda: _metrics(gw.metrics_url).get("audited") == len(calls))
 
         assert gw.extauthz is not None
@@ -388,3 +399,196 @@ def test_one_process_tails_at_a_time(tmp_path):
         b.close()
         assert env.count("audited") == 3 and len(env.events()) == 3  # b began at a's position
     _run(tmp_path, body)
+
+
+# --- the line reader: the ALS rows, without an entry per line ------------------------------------
+
+def _als_entry(call: dict) -> accesslog_pb2.HTTPAccessLogEntry:
+    """The ALS entry Envoy sends for ``call`` (built as Envoy fills it, not through ``line_entry``)."""
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.request.path, e.request.request_id = call["path"], call["request_id"]
+    e.common_properties.stream_id = call["stream_id"]
+    e.common_properties.start_time.FromDatetime(datetime.fromisoformat(call["start_time"]))
+    sa = e.common_properties.downstream_remote_address.socket_address
+    sa.address, sa.port_value = call["address"], call["port"]
+    md = e.common_properties.metadata.filter_metadata
+    md["envoy.filters.http.jwt_authn"].fields["jwt_payload"].struct_value.update({"sub": call["principal"], "iss": "x"})
+    md["envoy.filters.http.rbac"].update({"rpcauthz_fast_shadow_engine_result": "allowed",
+                                          "rpcauthz_fast_shadow_effective_policy_id": call["policy_id"]})
+    return e
+
+
+def _envoy_line(call: dict) -> bytes:
+    """The line Envoy's file log writes for ``call`` (keys sorted, compact, UTF-8 as is: Envoy 1.40)."""
+    host = f"[{call['address']}]" if ":" in call["address"] else call["address"]
+    d = {k: call[k] for k in ("start_time", "principal", "path", "policy_id", "request_id", "stream_id", "node")}
+    d.update(fast_path="allowed", downstream_remote_address=f"{host}:{call['port']}")
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_CALLS = [dict(start_time=f"2026-12-03T09:00:{i % 3:02d}.{(i * 7919) % 1_000_000:06d}Z", principal=p, path=path,
+               policy_id=policy, request_id=rid, stream_id=f"{1234567890123 + i}", address=addr, port=40000 + i,
+               node=node)
+          for i, (p, path, policy, rid, addr, node) in enumerate([
+              ("alice", LIST, "v7/engineers", "rid-0", "127.0.0.1", "gw-1"),
+              ("alice", LIST, "v7/engineers", "rid-1", "127.0.0.1", "gw-1"),
+              ('b"o\\b\u00e9\u2028', LIST, "v7/engineers", 'q"1\\', "::1", "gw-1"),
+              ("carol", "/bank.ledger.v1.Ledger/PostEntry", "v12/contributors", "rid-3", "10.0.0.7", "gw-2"),
+              ("x" * 256, LIST, "v7/engineers", "r\u00e9-4", "127.0.0.1", "gw-\u00e9"),
+              ("alice", LIST, "v8/engineers", "rid-5", "127.0.0.1", "gw-1"),
+          ])]
+_CALLS.append(dict(_CALLS[0], start_time="2026-12-03T09:00:05.000000Z", request_id="whole-second"))
+_CALLS.append(dict(_CALLS[0], start_time="1970-01-01T00:00:01.000001Z", request_id="1970"))
+
+
+def test_a_file_line_gives_the_row_the_als_entry_of_the_same_call_gives(monkeypatch):
+    """The same calls as Envoy's ALS entries (``EntryReader.rows``) and as its file lines
+    (``LineReader.lines``, the tailer's reader) give the same event ids, spool rows and store
+    columns, byte for byte, also from the caches (every call twice); lines as Envoy writes
+    them are read without an entry each (``line_entry``, the old and slower way, is not used)."""
+    from extauthz import file_audit
+    from extauthz.access_log import entry_event_id
+
+    def no_entry(line, settings):
+        raise AssertionError(f"read through an HTTPAccessLogEntry: {line!r}")
+    monkeypatch.setattr(file_audit, "line_entry", no_entry)
+
+    calls = _CALLS + _CALLS
+    als_rows: list = []
+    als_columns: list = []
+    reader = EntryReader(SETTINGS)
+    for call in calls:  # one message per call: each entry with its own node
+        als_rows += reader.rows([_als_entry(call)], call["node"], lambda e, x: pytest.fail(str(x)), als_columns)
+    file_rows: list = []
+    file_columns: list = []
+    received = LineReader(SETTINGS).lines([_envoy_line(c) for c in calls], 0, file_rows,
+                                          lambda *r: pytest.fail(str(r)), file_columns)
+    assert received == len(calls) == len(file_rows)
+    assert file_rows == als_rows
+    assert file_columns == als_columns
+    assert [r[0] for r in file_rows] == [entry_event_id(_als_entry(c), c["node"]) for c in calls]
+    assert len({r[0] for r in file_rows}) == len(_CALLS)  # the same call twice: the same id (deduped)
+    # Without columns (the spool; a store that takes rows): the same rows.
+    rows: list = []
+    LineReader(SETTINGS).lines([_envoy_line(c) for c in calls], 0, rows, lambda *r: pytest.fail(str(r)))
+    assert rows == als_rows
+
+
+def _as_envoy_writes(line: bytes) -> bytes | None:
+    """``line``, if a JSON object, written as Envoy writes its lines: keys sorted, compact, UTF-8."""
+    try:
+        d = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(d, dict):
+        return None
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: as an escape
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _old_lines(lines: list[bytes], first: int) -> tuple[list, list, list, int]:
+    """What the tailer read before ``LineReader``: each line to an entry (``line_entry``), read
+    by ``EntryReader.rows``; (rows, columns, refusals as (offset, request id, type, message), received)."""
+    reader = EntryReader(SETTINGS)
+    rows: list = []
+    columns: list = []
+    refused: list = []
+    received, at = 0, first
+    for line in lines:
+        where, at = at, at + len(line) + 1
+        if not line.strip():
+            continue
+        received += 1
+        try:
+            entry, node = line_entry(line, SETTINGS)
+        except Exception as e:  # noqa: BLE001 (before: only MalformedEntry was caught; the rest stopped the tailer)
+            refused.append((where, "-", type(e), str(e)))
+            continue
+        rows += reader.rows([entry], node, lambda entry, e, where=where: refused.append(
+            (where, entry.request.request_id or "-", type(e), str(e))), columns)
+    return rows, columns, refused, received
+
+
+def test_the_line_reader_refuses_and_reads_what_line_entry_did():
+    """Every line off Envoy's usual shape (refused or not) is read exactly as before
+    (``line_entry`` + ``EntryReader.rows``): the same rows, columns, refusals with their
+    offsets, request ids and messages, and the same count of lines received."""
+    good = [_line(i) .rstrip(b"\n") for i in range(3)]
+    odd = [  # audited, off the usual shape
+        _line(3, downstream_remote_address="unix:/run/envoy.sock"), _line(4, downstream_remote_address="[::1]:0080"),
+        _line(5, start_time="2026-12-03T09:00:05+00:00"), _line(6, start_time="2026-12-03T10:00:05.000006+01:00"),
+        _line(7, start_time="2026-12-03 09:00:07.000007Z"), _line(8, stream_id=...), _line(9, stream_id=9),
+        b'  ' + _line(10), _line(11, extra={"a": [1]}), json.dumps({**json.loads(_line(12)), "fast_path": "allowed"},
+                                                                   indent=None, separators=(", ", ": ")).encode(),
+        _line(13, start_time="2026-12-03T09:00:13.000013"),  # no zone: UTC, as FromDatetime takes it
+    ]
+    bad = [
+        b"{not json", b"[1]", b"7", b"null", _line(node=...), _line(node=""), _line(node=7),
+        _line(start_time="yesterday"), _line(start_time=None), _line(start_time="2026-12-03T09:00:99.000000Z"),
+        _line(start_time="2026-12-03T09:00:00.\u0661\u0662\u0663\u0664\u0665\u0666Z"),
+        _line(principal=None), _line(principal="a b"), _line(principal=7), _line(principal=""),
+        _line(principal="x" * 257), _line(path="/nope"), _line(path=7), _line(policy_id="v7/everyone"),
+        _line(policy_id=None), _line(policy_id=""), _line(request_id=None), _line(request_id=""),
+        _line(fast_path="denied"), _line(fast_path=None), _line(fast_path=...),
+        _line(principal="\ud800"), _line(path="\ud800"), _line(node="\ud800"),  # not text protobuf takes
+        _line(downstream_remote_address="1.2.3.4:\u00b2"),  # a digit int() does not take
+        b'{"node": "gw-1", "path": "\xff"}',  # not UTF-8
+    ]
+    lines = [*good, *odd, b"", b"   ", *bad, *good]
+    lines = [line.rstrip(b"\n") for line in lines]
+    lines += [envoy for line in lines if (envoy := _as_envoy_writes(line))]  # and each as Envoy writes it
+    want_rows, want_columns, want_refused, want_received = _old_lines(lines, 100)
+    rows: list = []
+    columns: list = []
+    refused: list = []
+    received = LineReader(SETTINGS).lines(lines, 100, rows, lambda where, rid, e: refused.append(
+        (where, rid, type(e), str(e))), columns)
+    assert (rows, columns) == (want_rows, want_columns)
+    assert refused == want_refused
+    assert received == want_received == len(lines) - 2
+    assert len(rows) == 2 * (2 * len(good) + len(odd))
+    assert len(refused) == 2 * len(bad) - 5  # once each; twice those that are JSON objects
+    # ... and without the one line that is not UTF-8 (the lines decoded together).
+    lines.remove(bad[-1])
+    assert LineReader(SETTINGS).lines(lines, 100, [], lambda *r: None) == len(lines) - 2
+
+
+def test_a_line_protobuf_cannot_take_is_refused_and_the_tailer_goes_on(tmp_path, caplog):
+    """A JSON line with text no entry can hold (a lone surrogate) or a port ``int`` does not
+    read used to stop the tailer at that line (every poll failed on it); it is refused and
+    counted like any malformed line, and the lines after it are audited."""
+    async def body(env: _Env) -> None:
+        t = env.tailer()
+        env.append(_line(0), _line(1, principal="\ud800"), _line(2, downstream_remote_address="1.2.3.4:\u00b2"),
+                   _line(3, request_id="\ud800"), _line(4))
+        await _drain(t)
+        assert sorted(e.detail["envoy_request_id"] for e in env.events()) == ["rid-0", "rid-4"]
+        assert (env.count("received"), env.count("audited"), env.count("malformed")) == (5, 2, 3)
+        assert t.offset == os.path.getsize(env.log)
+        t.close()
+    _run(tmp_path, body)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert sum("could not read the line at offset" in s for s in said) == 3, said
+
+
+def test_the_tail_bench_prints_cpu_per_line_old_and_new(capsys):
+    """bench/file_tail_bench.py still runs (a few lines: the table's shape, not its numbers),
+    and the old and the new reading gave the same rows."""
+    import re
+    import sys
+
+    from devstack.processes import REPO_ROOT
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import file_tail_bench
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    assert file_tail_bench.main(["--lines", "300", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rows of the old and the new reading: equal" in out
+    for stage in ("read", "store write", "tailer"):
+        assert re.search(rf"^\| {stage} \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d\d \|$",
+                         out, re.M), out
