@@ -218,7 +218,7 @@ class AuditSpool:
 
     def put(self, events: Sequence[AuditEvent], voids: Sequence[str] = (), *,
             intents: Sequence[str] = (), settled: Sequence[str] = (),
-            rows: Sequence[tuple[str, str]] = ()) -> int:
+            rows: Sequence[tuple[str, str]] = (), whole_rows: Sequence[tuple[str, str]] = ()) -> int:
         """Keep ``events`` and the spend ``voids`` (decision ids) durably, in one transaction,
         before returning; returns how many events fitted under the bound (voids are never
         dropped: each is one short row, and dropping one could leave a use spent for a call
@@ -226,7 +226,9 @@ class AuditSpool:
         ids, owned by ``claim_intents``'s token, which they require) and forgets the intents of
         ``settled`` decisions and of the voids (a void settles its decision's intent).
         ``rows``: more events, already encoded, as (id, ``event_json`` text); they count in the
-        bound and the return value after ``events``."""
+        bound and the return value after ``events``. ``whole_rows``: more such rows, kept all
+        or none (after the others; none if they do not all fit): for a sender that offers rows
+        it could not spool again (the audit file's tailer), so the bound never drops them."""
         if intents and self.owner is None:
             raise ValueError("spend intents need an owner: call claim_intents() first")
         now = time.time()
@@ -235,6 +237,8 @@ class AuditSpool:
             kept = [(e.id, event_json(e), now) for e in events[:room]]
             if rows:
                 kept.extend((i, text, now) for i, text in rows[:max(0, room - len(kept))])
+            if whole_rows and len(kept) + len(whole_rows) <= room:
+                kept.extend((i, text, now) for i, text in whole_rows)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("INSERT OR IGNORE INTO audit_spool (id, event, spooled_at) VALUES (?, ?, ?)",

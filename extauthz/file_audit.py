@@ -519,14 +519,17 @@ class FileAuditTailer:
                 waiting = True
             await asyncio.sleep(poll)
         log.info("fast path on: fast-path allows are audited from Envoy's file access log %s", self.path)
+        said, said_at = "", 0.0  # the same failure is logged once a minute, not at every poll
         while True:
             try:
                 moved = await self.poll_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("fast-path audit file %s: could not audit the lines at offset %d; retrying",
-                              self.path, self.offset)
+            except Exception as e:
+                if str(e) != said or time.monotonic() - said_at >= 60:
+                    log.exception("fast-path audit file %s: could not audit the lines at offset %d; retrying",
+                                  self.path, self.offset)
+                    said, said_at = str(e), time.monotonic()
                 moved = False
             if not moved:
                 await asyncio.sleep(poll)

@@ -54,9 +54,16 @@ class _Rows(list[tuple[str, str]]):
 
 
 class _RetryableRows(_Rows):
-    """``_Rows`` whose sender offers them again if the spool write fails (not lost then)."""
+    """``_Rows`` whose sender offers them again if they are not spooled (not lost then):
+    kept out whole when the spool has no room for them all. ``taken`` is their own answer
+    (the group's answers the group's other items: a Check's spend intent must not fail
+    because the audit file's rows did not fit)."""
 
-    __slots__ = ()
+    __slots__ = ("taken",)
+
+    def __init__(self, rows: list[tuple[str, str]], taken: asyncio.Future[bool]) -> None:
+        super().__init__(rows)
+        self.taken = taken
 
 
 _Queued = AuditEvent | Callable[[], AuditEvent] | SpendVoid | SpendIntent | SpendSettled | _Rows
@@ -144,7 +151,8 @@ class SpooledAuditWriter:
 
         ``retryable``: for a caller that can offer the rows again (the audit file's tailer):
         through the spool, wait for the write however long it takes, and raise ``OSError``
-        instead of dropping them when the group is full or the spool write fails."""
+        instead of dropping them when the group is full, the spool has no room for them all
+        (``spool_max_events``) or the spool write fails."""
         if not rows:
             return
         if self._direct and not self._closing:
@@ -174,8 +182,10 @@ class SpooledAuditWriter:
         if retryable:
             if len(rows) > self._queue_size - self._queued:
                 raise OSError(f"the audit queue has no room for {len(rows)} event(s) now")
-            if not await asyncio.shield(self._join(_RetryableRows(rows), len(rows))):
-                raise OSError(f"the audit spool could not write {len(rows)} event(s)")
+            item = _RetryableRows(rows, asyncio.get_running_loop().create_future())
+            self._join(item, len(rows))
+            if not await asyncio.shield(item.taken):
+                raise OSError(f"the audit spool could not write {len(rows)} event(s) (it is full, or its write failed)")
             return
         self.submit_rows(rows)
         await self.acknowledged()
@@ -229,9 +239,9 @@ class SpooledAuditWriter:
             self._group, self._group_done, self._queued = [], None, 0
             if not group:
                 continue
-            written = False
+            written = retryable_taken = False
             try:
-                await loop.run_in_executor(self._executor, self._put, group)
+                retryable_taken = await loop.run_in_executor(self._executor, self._put, group)
                 written = True
             except Exception as e:
                 # Rows their sender offers again (the audit file's) are not lost.
@@ -245,18 +255,27 @@ class SpooledAuditWriter:
             finally:
                 if done is not None and not done.done():
                     done.set_result(written)
+                for item in group:
+                    if isinstance(item, _RetryableRows) and not item.taken.done():
+                        item.taken.set_result(retryable_taken)
             self._wake_shipper.set()
 
-    def _put(self, group: list[_Queued]) -> None:
-        """In the executor: build the deferred events, then spool them in one transaction."""
+    def _put(self, group: list[_Queued]) -> bool:
+        """In the executor: build the deferred events, then spool them in one transaction.
+        False when the spool had no room for the group's retryable rows (kept out whole, not
+        dropped: their sender offers them again)."""
         events: list[AuditEvent] = []
         voids: list[str] = []
         intents: list[str] = []
         settled: list[str] = []
         rows: list[tuple[str, str]] = []
+        retryable: list[tuple[str, str]] = []
         for n, item in enumerate(group):
             if isinstance(item, _Rows):
-                rows.extend(item)
+                # Retryable rows that could never all fit are spooled as far as the bound
+                # allows, as any others: offered again, they would wait for ever.
+                whole = isinstance(item, _RetryableRows) and len(item) <= self.spool.max_events
+                (retryable if whole else rows).extend(item)
                 continue
             if isinstance(item, AuditEvent):
                 events.append(item)
@@ -279,19 +298,26 @@ class SpooledAuditWriter:
                 log.exception("could not build an audit event")
         voids = self._unspooled_voids + voids
         settled = self._unspooled_settled + settled
-        if events or voids or intents or settled or rows:
-            try:
-                kept = self.spool.put(events, voids, intents=intents, settled=settled, rows=rows)
-            except Exception:
-                # Retried with the next group, never dropped. (A failed intent is not: its
-                # check does not spend, and it voids its decision instead.)
-                self._unspooled_voids, self._unspooled_settled = voids, settled
-                raise
-            self._unspooled_voids, self._unspooled_settled = [], []
-            if kept < len(events) + len(rows):
-                lost = len(events) + len(rows) - kept
-                self._metrics.audit_dropped.labels("spool_full").inc(lost)
-                log.error("audit spool full (%d events): dropped %d event(s)", self.spool.max_events, lost)
+        if not (events or voids or intents or settled or rows or retryable):
+            return True
+        try:
+            kept = self.spool.put(events, voids, intents=intents, settled=settled, rows=rows, whole_rows=retryable)
+        except Exception:
+            # Retried with the next group, never dropped. (A failed intent is not: its
+            # check does not spend, and it voids its decision instead.)
+            self._unspooled_voids, self._unspooled_settled = voids, settled
+            raise
+        self._unspooled_voids, self._unspooled_settled = [], []
+        others = len(events) + len(rows)
+        if kept < others:
+            lost = others - kept
+            self._metrics.audit_dropped.labels("spool_full").inc(lost)
+            log.error("audit spool full (%d events): dropped %d event(s)", self.spool.max_events, lost)
+        if retryable and kept < others + len(retryable):
+            log.warning("audit spool full (%d events): %d event(s) of the audit file wait in the file",
+                        self.spool.max_events, len(retryable))
+            return False
+        return True
 
     async def _shipper(self) -> None:
         loop = asyncio.get_running_loop()

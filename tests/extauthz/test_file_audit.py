@@ -376,6 +376,87 @@ def test_a_failed_spool_write_is_retried_not_dropped(tmp_path):
     asyncio.run(main())
 
 
+def test_a_full_spool_keeps_the_lines_in_the_file_not_dropped(tmp_path):
+    """The store away and the spool at its bound (``spool_max_events``): the lines that do not
+    all fit wait in the file (the position stays; nothing dropped or counted twice), and are
+    audited once the store drains the spool."""
+    class AwayStoreSpool(AuditSpool):
+        away = True
+
+        def ship(self, *a, **kw):
+            if self.away:
+                raise OSError("store away (test)")
+            return super().ship(*a, **kw)
+
+    env = _Env(tmp_path)
+    env.spool.close()
+    env.spool = AwayStoreSpool(env.spool_path, 4)
+    env.writer = SpooledAuditWriter(env.store, env.metrics, env.spool, 100_000, direct_timeout=0,
+                                    replay_interval=0.05)
+
+    def dropped() -> float | None:
+        return env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "spool_full"})
+
+    async def main() -> None:
+        env.writer.start()
+        try:
+            t = env.tailer()
+            env.append(*(_line(i) for i in range(3)))
+            await _drain(t)
+            taken = t.offset
+            assert taken == os.path.getsize(env.log) and env.spool.stats()["depth"] == 3
+            env.append(*(_line(i) for i in range(3, 6)))
+            for _ in range(3):  # one place left: the three new lines wait, however often polled
+                with pytest.raises(OSError, match="could not write 3"):
+                    await t.poll_once()
+                assert t.offset == taken
+            assert dropped() is None
+            assert env.count("received") == 3  # the waiting lines are not counted yet
+            env.spool.away = False  # the store is back: the spool drains, the lines fit
+            for _ in range(100):
+                if env.spool.stats()["depth"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await _drain(t)
+            assert t.offset == os.path.getsize(env.log)
+            t.close()
+            await env.writer.close()
+            assert sorted(e.detail["envoy_request_id"] for e in env.events()) == [f"rid-{i}" for i in range(6)]
+            assert (env.count("received"), env.count("audited"), dropped()) == (6, 6, None)
+        finally:
+            env.spool.close()
+    asyncio.run(main())
+
+
+def test_a_batch_larger_than_the_whole_spool_is_not_retried_for_ever(tmp_path):
+    """Lines that could never fit (more than ``spool_max_events`` in one read) are spooled as
+    far as the bound allows and the rest dropped and counted, as Checks' events are: the
+    tailer moves on rather than offering them again for ever."""
+    class AwayStoreSpool(AuditSpool):
+        def ship(self, *a, **kw):
+            raise OSError("store away (test)")
+
+    env = _Env(tmp_path)
+    env.spool.close()
+    env.spool = AwayStoreSpool(env.spool_path, 2)
+    env.writer = SpooledAuditWriter(env.store, env.metrics, env.spool, 100_000, direct_timeout=0)
+
+    async def main() -> None:
+        env.writer.start()
+        try:
+            t = env.tailer()
+            env.append(*(_line(i) for i in range(3)))
+            await _drain(t)
+            assert t.offset == os.path.getsize(env.log)
+            assert env.spool.stats()["depth"] == 2
+            assert env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "spool_full"}) == 1
+            t.close()
+        finally:
+            await env.writer.close(timeout=0.5)
+            env.spool.close()
+    asyncio.run(main())
+
+
 def test_one_process_tails_at_a_time(tmp_path):
     """Workers share the spool: only the holder of its audit-file lock tails; the next takes
     over once it stops (and resumes at its position)."""
