@@ -103,6 +103,12 @@ class _Env:
         self.spool = AuditSpool(self.spool_path, 100_000)
         self.writer = SpooledAuditWriter(self.store, self.metrics, self.spool, 100_000, direct_timeout=5.0)
 
+    def use_spool(self, spool: AuditSpool, **writer_kw) -> None:
+        """Audit through ``spool`` (a test double of the spool) instead, never straight to the store."""
+        self.spool.close()
+        self.spool = spool
+        self.writer = SpooledAuditWriter(self.store, self.metrics, spool, 100_000, direct_timeout=0, **writer_kw)
+
     def tailer(self) -> FileAuditTailer:
         return FileAuditTailer(self.settings, self.writer, self.metrics, self.spool_path)
 
@@ -350,9 +356,7 @@ def test_a_failed_spool_write_is_retried_not_dropped(tmp_path):
             return super().put(*a, **kw)
 
     env = _Env(tmp_path)
-    env.spool.close()
-    env.spool = FlakySpool(env.spool_path, 100_000)
-    env.writer = SpooledAuditWriter(env.store, env.metrics, env.spool, 100_000, direct_timeout=0)
+    env.use_spool(FlakySpool(env.spool_path, 100_000))
 
     async def main() -> None:
         env.writer.start()
@@ -376,23 +380,23 @@ def test_a_failed_spool_write_is_retried_not_dropped(tmp_path):
     asyncio.run(main())
 
 
+class _AwayStoreSpool(AuditSpool):
+    """A spool whose store is away (every ship fails) until ``away`` is set False."""
+
+    away = True
+
+    def ship(self, *a, **kw):
+        if self.away:
+            raise OSError("store away (test)")
+        return super().ship(*a, **kw)
+
+
 def test_a_full_spool_keeps_the_lines_in_the_file_not_dropped(tmp_path):
     """The store away and the spool at its bound (``spool_max_events``): the lines that do not
     all fit wait in the file (the position stays; nothing dropped or counted twice), and are
     audited once the store drains the spool."""
-    class AwayStoreSpool(AuditSpool):
-        away = True
-
-        def ship(self, *a, **kw):
-            if self.away:
-                raise OSError("store away (test)")
-            return super().ship(*a, **kw)
-
     env = _Env(tmp_path)
-    env.spool.close()
-    env.spool = AwayStoreSpool(env.spool_path, 4)
-    env.writer = SpooledAuditWriter(env.store, env.metrics, env.spool, 100_000, direct_timeout=0,
-                                    replay_interval=0.05)
+    env.use_spool(_AwayStoreSpool(env.spool_path, 4), replay_interval=0.05)
 
     def dropped() -> float | None:
         return env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "spool_full"})
@@ -432,14 +436,8 @@ def test_a_batch_larger_than_the_whole_spool_is_not_retried_for_ever(tmp_path):
     """Lines that could never fit (more than ``spool_max_events`` in one read) are spooled as
     far as the bound allows and the rest dropped and counted, as Checks' events are: the
     tailer moves on rather than offering them again for ever."""
-    class AwayStoreSpool(AuditSpool):
-        def ship(self, *a, **kw):
-            raise OSError("store away (test)")
-
     env = _Env(tmp_path)
-    env.spool.close()
-    env.spool = AwayStoreSpool(env.spool_path, 2)
-    env.writer = SpooledAuditWriter(env.store, env.metrics, env.spool, 100_000, direct_timeout=0)
+    env.use_spool(_AwayStoreSpool(env.spool_path, 2))
 
     async def main() -> None:
         env.writer.start()
