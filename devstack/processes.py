@@ -231,17 +231,19 @@ class ManagedProcess:
 
 
 class EnvoyProcess(ManagedProcess):
-    """The real Envoy binary running ``config`` (a dict, written to ``workdir``); ``wrapper`` is
-    a command line it runs under (e.g. valgrind, for bench/envoy_instructions.py)."""
+    """The real Envoy binary (``binary``, else ``envoy`` on PATH) running ``config`` (a dict,
+    written to ``workdir``); ``wrapper`` is a command line it runs under (e.g. valgrind, for
+    bench/envoy_instructions.py)."""
 
     def __init__(self, config: Mapping[str, Any], workdir: pathlib.Path, name: str = "envoy",
-                 log_level: str = "warning", concurrency: int = 1, wrapper: Sequence[str] = ()) -> None:
+                 log_level: str = "warning", concurrency: int = 1, wrapper: Sequence[str] = (),
+                 binary: str | None = None) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
         self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-        super().__init__(name, [*wrapper, envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
+        super().__init__(name, [*wrapper, binary or envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
                                 "--log-level", log_level, "--concurrency", str(concurrency)],
                          workdir / f"{name}.log")
 

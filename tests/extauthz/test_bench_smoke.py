@@ -102,7 +102,7 @@ def test_envoy_instructions_counts_what_the_composite_gate_saves():
     Envoy more per fast-path allow than the composite gate that makes it only when needed."""
     assert shutil.which("valgrind") and shutil.which("h2load"), "valgrind and h2load must be installed"
     r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "envoy_instructions.py"),
-                        "--calls", "60", "--warmup-calls", "10", "--concurrency", "4",
+                        "--calls", "100", "--warmup-calls", "20", "--concurrency", "4",
                         "--only", "fast_no_audit", "fast_gate_in_filter"],
                        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
