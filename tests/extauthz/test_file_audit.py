@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from datetime import datetime
 
@@ -223,6 +224,32 @@ def test_rotation_finishes_the_old_file_then_follows_the_new(tmp_path):
         await _drain(t)
         assert sorted(e.detail["envoy_request_id"] for e in env.events()) == \
             [f"rid-{i}" for i in (0, 1, 2, 3, 5, 6, 7, 8)]
+        t.close()
+    _run(tmp_path, body)
+
+
+def test_a_rotated_file_removed_while_down_is_reported_and_the_new_one_read_from_its_start(tmp_path, caplog):
+    """Rotated and the old file deleted while the server was down: what was left unread in it
+    cannot be audited, and the server says so (an error naming the offset); the new file is
+    read from its start, each of its lines audited once."""
+    async def body(env: _Env) -> None:
+        t = env.tailer()
+        env.append(_line(0), _line(1))
+        await _drain(t)
+        t.close()
+        rotated = env.log.with_name(env.log.name + ".1")
+        os.rename(env.log, rotated)
+        env.append(_line(2), to=rotated)  # written before Envoy reopened: never read
+        env.append(_line(3), _line(4))
+        os.remove(rotated)
+        read_up_to = len(_line(0)) + len(_line(1))
+        with caplog.at_level(logging.ERROR, logger="extauthz"):
+            t = env.tailer()
+            await _drain(t)
+        assert any(r.levelno == logging.ERROR and f"read up to offset {read_up_to} is gone" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        assert sorted(e.detail["envoy_request_id"] for e in env.events()) == ["rid-0", "rid-1", "rid-3", "rid-4"]
+        assert t.offset == os.path.getsize(env.log)
         t.close()
     _run(tmp_path, body)
 
