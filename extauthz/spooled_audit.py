@@ -179,7 +179,9 @@ class SpooledAuditWriter:
             self._metrics.store_errors.labels("append_audit").inc()
             log.warning("the store did not take %d fast-path audit event(s) (%s): they and the next "
                         "ones go through the local spool until the store answers again", len(rows), why)
-        if retryable:
+        # Retryable rows that could never fit the queue go as any others (the bound drops the
+        # rest, counted): offered again, they would wait for ever.
+        if retryable and len(rows) <= self._queue_size:
             if len(rows) > self._queue_size - self._queued:
                 raise OSError(f"the audit queue has no room for {len(rows)} event(s) now")
             item = _RetryableRows(rows, asyncio.get_running_loop().create_future())

@@ -104,11 +104,11 @@ class _Env:
         self.spool = AuditSpool(self.spool_path, 100_000)
         self.writer = SpooledAuditWriter(self.store, self.metrics, self.spool, 100_000, direct_timeout=5.0)
 
-    def use_spool(self, spool: AuditSpool, **writer_kw) -> None:
+    def use_spool(self, spool: AuditSpool, queue_size: int = 100_000, **writer_kw) -> None:
         """Audit through ``spool`` (a test double of the spool) instead, never straight to the store."""
         self.spool.close()
         self.spool = spool
-        self.writer = SpooledAuditWriter(self.store, self.metrics, spool, 100_000, direct_timeout=0, **writer_kw)
+        self.writer = SpooledAuditWriter(self.store, self.metrics, spool, queue_size, direct_timeout=0, **writer_kw)
 
     def tailer(self) -> FileAuditTailer:
         return FileAuditTailer(self.settings, self.writer, self.metrics, self.spool_path)
@@ -475,6 +475,27 @@ def test_a_batch_larger_than_the_whole_spool_is_not_retried_for_ever(tmp_path):
             assert t.offset == os.path.getsize(env.log)
             assert env.spool.stats()["depth"] == 2
             assert env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "spool_full"}) == 1
+            t.close()
+        finally:
+            await env.writer.close(timeout=0.5)
+            env.spool.close()
+    asyncio.run(main())
+
+
+def test_a_batch_larger_than_the_whole_queue_is_not_retried_for_ever(tmp_path):
+    """The same for ``audit.queue_size``: lines more than the whole queue in one read are
+    queued as far as it goes and the rest dropped and counted; the tailer moves on."""
+    env = _Env(tmp_path)
+    env.use_spool(_AwayStoreSpool(env.spool_path, 100_000), queue_size=2)
+
+    async def main() -> None:
+        env.writer.start()
+        try:
+            t = env.tailer()
+            env.append(*(_line(i) for i in range(3)))
+            await _drain(t)
+            assert t.offset == os.path.getsize(env.log)
+            assert env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "queue_full"}) == 1
             t.close()
         finally:
             await env.writer.close(timeout=0.5)
