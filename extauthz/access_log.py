@@ -132,12 +132,15 @@ def entry_event_id(entry: accesslog_pb2.HTTPAccessLogEntry, node: str) -> str:
     common = entry.common_properties
     start = common.start_time
     remote = common.downstream_remote_address.socket_address
-    h = hashlib.sha256("\x00".join((
-        node, entry.request.request_id, f"{start.seconds}.{start.nanos:09d}",
-        f"{remote.address}:{remote.port_value}", entry.request.path, common.stream_id,
-    )).encode()).hexdigest()
-    ms = start.seconds * 1000 + start.nanos // 1_000_000
-    return f"{ms & 0xFFFFFFFFFFFF:012x}{h[:20]}"
+    return event_id(node, entry.request.request_id, start.seconds, start.nanos, f"{remote.address}:{remote.port_value}",
+                    entry.request.path, common.stream_id)
+
+
+def event_id(node: str, request_id: str, seconds: int, nanos: int, remote: str, path: str, stream_id: str) -> str:
+    """``entry_event_id`` of an entry's plain values (``remote`` as ``address:port``)."""
+    h = hashlib.sha256("\x00".join((node, request_id, f"{seconds}.{nanos:09d}", remote, path, stream_id)
+                                   ).encode()).hexdigest()
+    return f"{(seconds * 1000 + nanos // 1_000_000) & 0xFFFFFFFFFFFF:012x}{h[:20]}"
 
 
 def read_entry(entry: accesslog_pb2.HTTPAccessLogEntry, settings: Settings, node: str) -> FastPathAllow:
@@ -249,17 +252,15 @@ class EntryReader:
         shape, from an entry's plain values (``remote`` is ``address:port``; ``actor`` the
         principal JSON-encoded): the one definition of the row both the ALS stream
         (``rows``) and the audit file (``file_audit.LineReader``) write. The id is
-        ``entry_event_id``'s."""
-        h = hashlib.sha256("\x00".join((node, request_id, f"{seconds}.{nanos:09d}", remote, path, stream_id)
-                                       ).encode()).hexdigest()
-        event_id = f"{(seconds * 1000 + nanos // 1_000_000) & 0xFFFFFFFFFFFF:012x}{h[:20]}"
+        ``event_id``'s."""
+        ident = event_id(node, request_id, seconds, nanos, remote, path, stream_id)
         at = f"{self._seconds.get(seconds) or self._second(seconds)}.{nanos // 1000:06d}+00:00"
-        detail = f'{constant.detail_head}{event_id}","envoy_request_id":{_json_str(request_id)}{constant.tail}'
-        row = f'{{"at":"{at}","id":"{event_id}","actor":{actor}{constant.mid}{detail}}}'
+        detail = f'{constant.detail_head}{ident}","envoy_request_id":{_json_str(request_id)}{constant.tail}'
+        row = f'{{"at":"{at}","id":"{ident}","actor":{actor}{constant.mid}{detail}}}'
         if not with_columns:
-            return event_id, row, ()
-        return event_id, row, (event_id, "decision.allow", principal, at, None, constant.service, constant.method,
-                               "allow", constant.reason, detail, None)
+            return ident, row, ()
+        return ident, row, (ident, "decision.allow", principal, at, None, constant.service, constant.method,
+                            "allow", constant.reason, detail, None)
 
     def rows(self, entries: Sequence[accesslog_pb2.HTTPAccessLogEntry], node: str,
              refused: Callable[[accesslog_pb2.HTTPAccessLogEntry, Exception], None],
@@ -441,4 +442,4 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
 
 
 __all__ = ["POLICY_KEY", "RBAC_NAMESPACE", "RESULT_KEY", "AccessLogService", "EntryCounts", "EntryReader", "FastPathAllow",
-           "MalformedEntry", "NotFastPath", "entry_event_id", "event_columns", "read_entry"]
+           "MalformedEntry", "NotFastPath", "entry_event_id", "event_columns", "event_id", "read_entry"]
