@@ -230,6 +230,11 @@ class ManagedProcess:
         return code
 
 
+#: How often Envoy writes its buffered file access logs (``--file-flush-interval-msec``; its
+#: default is 10 s): what an Envoy that dies can lose of the fast path's audit file.
+FILE_FLUSH_INTERVAL_MS = 1000
+
+
 class EnvoyProcess(ManagedProcess):
     """The real Envoy binary (``binary``, else ``envoy`` on PATH) running ``config`` (a dict,
     written to ``workdir``); ``wrapper`` is a command line it runs under (e.g. valgrind, for
@@ -244,7 +249,10 @@ class EnvoyProcess(ManagedProcess):
         self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
         super().__init__(name, [*wrapper, binary or envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart",
-                                "--log-level", log_level, "--concurrency", str(concurrency)],
+                                "--log-level", log_level, "--concurrency", str(concurrency),
+                                # file access logs (the fast path's audit file among them) every
+                                # second, as ALS, not Envoy's default 10 s
+                                "--file-flush-interval-msec", str(FILE_FLUSH_INTERVAL_MS)],
                          workdir / f"{name}.log")
 
     def wait_ready(self, timeout: float = 30.0) -> EnvoyProcess:
