@@ -459,12 +459,13 @@ def test_a_full_spool_keeps_the_lines_in_the_file_not_dropped(tmp_path):
     asyncio.run(main())
 
 
-def test_a_batch_larger_than_the_whole_spool_is_not_retried_for_ever(tmp_path):
-    """Lines that could never fit (more than ``spool_max_events`` in one read) are spooled as
-    far as the bound allows and the rest dropped and counted, as Checks' events are: the
-    tailer moves on rather than offering them again for ever."""
+@pytest.mark.parametrize(("spool_max", "queue_size", "why"), [(2, 100_000, "spool_full"), (100_000, 2, "queue_full")])
+def test_a_batch_larger_than_the_whole_bound_is_not_retried_for_ever(tmp_path, spool_max, queue_size, why):
+    """Lines that could never fit (more than ``spool_max_events``, or ``audit.queue_size``, in
+    one read) are taken as far as the bound allows and the rest dropped and counted, as
+    Checks' events are: the tailer moves on rather than offering them again for ever."""
     env = _Env(tmp_path)
-    env.use_spool(_AwayStoreSpool(env.spool_path, 2))
+    env.use_spool(_AwayStoreSpool(env.spool_path, spool_max), queue_size=queue_size)
 
     async def main() -> None:
         env.writer.start()
@@ -474,28 +475,7 @@ def test_a_batch_larger_than_the_whole_spool_is_not_retried_for_ever(tmp_path):
             await _drain(t)
             assert t.offset == os.path.getsize(env.log)
             assert env.spool.stats()["depth"] == 2
-            assert env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "spool_full"}) == 1
-            t.close()
-        finally:
-            await env.writer.close(timeout=0.5)
-            env.spool.close()
-    asyncio.run(main())
-
-
-def test_a_batch_larger_than_the_whole_queue_is_not_retried_for_ever(tmp_path):
-    """The same for ``audit.queue_size``: lines more than the whole queue in one read are
-    queued as far as it goes and the rest dropped and counted; the tailer moves on."""
-    env = _Env(tmp_path)
-    env.use_spool(_AwayStoreSpool(env.spool_path, 100_000), queue_size=2)
-
-    async def main() -> None:
-        env.writer.start()
-        try:
-            t = env.tailer()
-            env.append(*(_line(i) for i in range(3)))
-            await _drain(t)
-            assert t.offset == os.path.getsize(env.log)
-            assert env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": "queue_full"}) == 1
+            assert env.metrics.registry.get_sample_value("rpcauthz_audit_dropped_total", {"why": why}) == 1
             t.close()
         finally:
             await env.writer.close(timeout=0.5)
