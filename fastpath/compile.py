@@ -30,14 +30,20 @@ verified claim in jwt_authn's dynamic metadata (no header built for it)::
 
 The claim is matched as a string value (``envoy.matching.matchers.metadata_matcher``): a
 number, a list or a missing claim never matches.
+
+Sharded (``compile_shards``): the policy in parts by a hash of the principal, each part an
+ECDS resource of its own with every path and only its principals; Envoy runs for each call
+the one part its claim hashes to. A grant change then changes (and resends) one part.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
+import xxhash
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.matching.common_inputs.network.v3 import network_inputs_pb2
@@ -53,8 +59,10 @@ from reflection_cache.types import ServiceModes
 
 #: RBAC shadow stats and dynamic-metadata key prefix (see docs/fastpath_contract).
 SHADOW_PREFIX = "rpcauthz_fast_"
-#: The ECDS resource name of the RBAC filter config.
+#: The ECDS resource name of the RBAC filter config (and, sharded, of the dispatching filter).
 RESOURCE_NAME = "rpcauthz_fast_path"
+#: The most shards a policy may be split into (one ECDS resource and one dispatch rule each).
+MAX_SHARDS = 64
 
 # The ext_authz server's own path and principal rules (extauthz/target.py, identity.py):
 # anything they would refuse is never compiled in.
@@ -89,6 +97,9 @@ class CompiledPolicy:
     engineers: int
     contributor_services: int
     contributor_principals: int
+    #: What the config allows, independent of ``version`` (sha256 of the config compiled with
+    #: an empty version): equal contents mean Envoy need not be sent it again.
+    content: str = ""
 
     @property
     def size_bytes(self) -> int:
@@ -153,23 +164,25 @@ def usable_path(service: str, method: str, max_path_length: int) -> bool:
             and len(service) + len(method) + 2 <= max_path_length)
 
 
-def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: datetime, *,
-                   version: str, default_mode: Mode, dry_run: Iterable[str] = (),
-                   horizon: timedelta = timedelta(seconds=60), identity: IdentitySource = JWT_SUB,
-                   max_path_length: int = 512, max_regex_chars: int = 50_000) -> CompiledPolicy:
-    """The RBAC config that allows exactly the calls ``decide()`` allows from grants and mode.
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Inputs:
+    """What a policy is built of: the paths by mode and the usable grants past the cutoff."""
 
-    ``modes``: what the reflection cache knows, by service; ``dry_run``: services in dry-run
-    (never compiled in; a dry-run allow is audited as such by ext_authz). ``version`` names
-    the matcher's actions (``v<version>/engineers``, ``v<version>/contributors``), which
-    Envoy reports as the shadow effective policy id.
-    """
-    if horizon < timedelta(0):
-        raise ValueError(f"horizon must not be negative, got {horizon}")
-    if max_regex_chars < 64:
-        raise ValueError(f"max_regex_chars must be at least 64, got {max_regex_chars}")
+    engineer_paths: list[str]
+    contributor_methods: dict[str, list[str]]
+    engineers: dict[str, datetime | None]
+    contributors: dict[str, dict[str, datetime | None]]
+
+    def only(self, keep: Callable[[str], bool]) -> _Inputs:
+        """The same paths, with the grants of the principals ``keep`` accepts."""
+        return _Inputs(self.engineer_paths, self.contributor_methods,
+                       {p: e for p, e in self.engineers.items() if keep(p)},
+                       {s: {p: e for p, e in who.items() if keep(p)} for s, who in self.contributors.items()})
+
+
+def _inputs(modes: Mapping[str, ServiceModes], grants: GrantSet, cutoff: datetime, default_mode: Mode,
+            dry_run: Iterable[str], max_path_length: int) -> _Inputs:
     skip = set(dry_run)
-    cutoff = now + horizon
     engineer_paths: list[str] = []
     contributor_methods: dict[str, list[str]] = {}
     for service in sorted(modes):
@@ -197,7 +210,98 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
             engineers[g.principal] = g.expires_at
         elif g.role is Role.CONTRIBUTOR and g.service in contributor_methods:
             contributors.setdefault(g.service, {})[g.principal] = g.expires_at
+    return _Inputs(engineer_paths, contributor_methods, engineers, contributors)
 
+
+def _check_limits(horizon: timedelta, max_regex_chars: int) -> None:
+    if horizon < timedelta(0):
+        raise ValueError(f"horizon must not be negative, got {horizon}")
+    if max_regex_chars < 64:
+        raise ValueError(f"max_regex_chars must be at least 64, got {max_regex_chars}")
+
+
+def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: datetime, *,
+                   version: str, default_mode: Mode, dry_run: Iterable[str] = (),
+                   horizon: timedelta = timedelta(seconds=60), identity: IdentitySource = JWT_SUB,
+                   max_path_length: int = 512, max_regex_chars: int = 50_000) -> CompiledPolicy:
+    """The RBAC config that allows exactly the calls ``decide()`` allows from grants and mode.
+
+    ``modes``: what the reflection cache knows, by service; ``dry_run``: services in dry-run
+    (never compiled in; a dry-run allow is audited as such by ext_authz). ``version`` names
+    the matcher's actions (``v<version>/engineers``, ``v<version>/contributors``), which
+    Envoy reports as the shadow effective policy id.
+    """
+    _check_limits(horizon, max_regex_chars)
+    inputs = _inputs(modes, grants, now + horizon, default_mode, dry_run, max_path_length)
+    return _build(inputs, version, horizon, identity, max_regex_chars)
+
+
+def shard_of(principal: str, shards: int) -> int:
+    """The shard whose RBAC config decides ``principal``'s calls: xxHash64 (seed 0) of the
+    claim's UTF-8 bytes modulo ``shards``, as Envoy's ``consistent_hashing`` input matcher
+    computes it on the claim header (``fastpath.envoy_config.dispatch_filter``)."""
+    return 0 if shards == 1 else xxhash.xxh64_intdigest(principal.encode("utf-8", "surrogatepass")) % shards
+
+
+def shard_names(shards: int) -> list[str]:
+    """The ECDS resource names of a policy in ``shards`` parts: ``RESOURCE_NAME`` alone when
+    unsharded, else ``rpcauthz_fast_path.<k>-of-<shards>`` (the count in the name, so an
+    Envoy rendered for another count subscribes to names this server does not serve: no
+    fast path there, rather than principals looked up in the wrong shard)."""
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"shards must be between 1 and {MAX_SHARDS}, got {shards}")
+    return [RESOURCE_NAME] if shards == 1 else [f"{RESOURCE_NAME}.{k}-of-{shards}" for k in range(shards)]
+
+
+def compile_shards(modes: Mapping[str, ServiceModes], grants: GrantSet, now: datetime, *,
+                   version: str, shards: int, previous: Sequence[CompiledPolicy] | None = None,
+                   default_mode: Mode, dry_run: Iterable[str] = (),
+                   horizon: timedelta = timedelta(seconds=60), identity: IdentitySource = JWT_SUB,
+                   max_path_length: int = 512, max_regex_chars: int = 50_000) -> list[CompiledPolicy]:
+    """The policy in ``shards`` parts, part ``k`` holding the grants of the principals with
+    ``shard_of(principal) == k`` (the paths in every part). Together they allow exactly
+    what ``compile_policy`` allows: Envoy runs, for each call, the part its claim hashes to.
+
+    ``previous``: the last parts published. A part whose content is unchanged is that
+    previous part (its version too, with this compile's ``recompile_at``), so a grant change is one part's update, not a
+    resend of the whole policy; a changed part is compiled under ``version``.
+    """
+    _check_limits(horizon, max_regex_chars)
+    if not version:
+        raise ValueError("version must not be empty")
+    names = shard_names(shards)
+    if previous is not None and len(previous) != len(names):
+        raise ValueError(f"previous has {len(previous)} parts, not {len(names)}")
+    inputs = _inputs(modes, grants, now + horizon, default_mode, dry_run, max_path_length)
+    of = {p: shard_of(p, shards) for p in inputs.engineers}
+    out = []
+    for k in range(len(names)):
+        part = inputs if shards == 1 else inputs.only(_in_shard(of, k))
+        unversioned = _build(part, "", horizon, identity, max_regex_chars)
+        before = previous[k] if previous is not None else None
+        if before is not None and before.content == unversioned.content:
+            # the same allows; the expiries (and so recompile_at) may have moved
+            out.append(dataclasses.replace(before, recompile_at=unversioned.recompile_at))
+        else:
+            versioned = _build(part, version, horizon, identity, max_regex_chars)
+            out.append(dataclasses.replace(versioned, content=unversioned.content))
+    return out
+
+
+def _in_shard(of: Mapping[str, int], k: int) -> Callable[[str], bool]:
+    return lambda principal: of.get(principal) == k
+
+
+def _content(rbac: http_rbac_pb2.RBAC) -> str:
+    return hashlib.sha256(rbac.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _build(inputs: _Inputs, version: str, horizon: timedelta, identity: IdentitySource,
+           max_regex_chars: int) -> CompiledPolicy:
+    """The RBAC config of ``inputs`` (see the module's docstring for its shape); its
+    ``content`` is filled only when ``version`` is empty (the unversioned build)."""
+    engineer_paths, contributor_methods = inputs.engineer_paths, inputs.contributor_methods
+    engineers, contributors = inputs.engineers, inputs.contributors
     eng_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     expiries: list[datetime] = []
     if engineers and engineer_paths:
@@ -248,7 +352,8 @@ def compile_policy(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         engineer_paths=len(engineer_paths) if engineers else 0,
         engineers=len(engineers) if engineer_paths else 0,
         contributor_services=len(svc_map),
-        contributor_principals=contributor_principals)
+        contributor_principals=contributor_principals,
+        content=_content(rbac) if not version else "")
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import policy
-from fastpath.compile import MAX_EXACT_NAMES, IdentitySource, compile_policy, empty_policy, re2_escape
+from fastpath.compile import (
+    MAX_EXACT_NAMES,
+    IdentitySource,
+    compile_policy,
+    compile_shards,
+    empty_policy,
+    re2_escape,
+    shard_names,
+    shard_of,
+)
 from policy import Grant, GrantSet, Mode, Outcome, Role, Target
 from reflection_cache.types import ServiceModes
 from tests.support.fastpath_rbac import shadow_allows
@@ -261,3 +270,99 @@ def test_fast_path_allows_are_decide_allows_until_the_recompile(world, later_s: 
                 at_now = policy.decide(p, Target(s, meth), mode, gs, (), NOW + H + timedelta(seconds=1))
                 if at_now.outcome is Outcome.ALLOW and s not in dry:
                     assert allowed
+
+
+# --- the policy in shards -------------------------------------------------------------------
+
+def _kind(policy_id: str | None) -> str | None:
+    """"engineers" / "contributors" of ``v<n>/<kind>`` (None: not allowed)."""
+    return None if policy_id is None else policy_id.split("/", 1)[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(worlds(), st.sampled_from([2, 3, 8]))
+def test_the_shard_of_a_caller_allows_exactly_what_the_whole_policy_allows(world, shards: int) -> None:
+    m, grants, dry, default = world
+    gs = GrantSet(grants)
+    whole = compile_policy(m, gs, NOW, version="1", default_mode=default, dry_run=dry, horizon=H)
+    parts = compile_shards(m, gs, NOW, version="1", shards=shards, default_mode=default, dry_run=dry, horizon=H)
+    assert len(parts) == shards
+    for p in PEOPLE:
+        mine = parts[shard_of(p, shards)]
+        for s in SERVICES:
+            for meth in METHODS:
+                path = f"/{s}/{meth}"
+                assert _kind(shadow_allows(mine.rbac, p, path)) == _kind(shadow_allows(whole.rbac, p, path))
+                # every other shard allows the caller nothing
+                assert all(shadow_allows(o.rbac, p, path) is None for o in parts if o is not mine)
+    assert min((x.recompile_at for x in parts if x.recompile_at), default=None) == whole.recompile_at
+
+
+def _shard_people(shards: int, per: int = 3) -> list[list[str]]:
+    by: list[list[str]] = [[] for _ in range(shards)]
+    for i in range(1000):
+        p = f"eng{i}@example.com"
+        if len(by[shard_of(p, shards)]) < per:
+            by[shard_of(p, shards)].append(p)
+    return by
+
+
+def test_a_grant_change_changes_one_shard_and_the_others_keep_their_version() -> None:
+    shards = 4
+    people = _shard_people(shards)
+    m = modes(a_v1_S={"Open": EWA, "Team": CWA})
+    grants = [Grant(p, Role.ENGINEER) for ps in people for p in ps]
+    grants += [Grant(ps[0], Role.CONTRIBUTOR, "a.v1.S") for ps in people]
+
+    def parts(gs: list[Grant], version: str, previous=None, mode_map=m):
+        return compile_shards(mode_map, GrantSet(gs), NOW, version=version, shards=shards, previous=previous,
+                              default_mode=Mode.BREAK_GLASS_ONLY, horizon=H)
+    v1 = parts(grants, "1")
+    assert [x.version for x in v1] == ["1"] * shards and len({x.content for x in v1}) == shards
+
+    # A new engineer in shard 2: shard 2 alone is new (version 2); the others are v1's.
+    newcomer = next(f"new{i}" for i in range(1000) if shard_of(f"new{i}", shards) == 2)
+    v2 = parts([*grants, Grant(newcomer, Role.ENGINEER)], "2", v1)
+    assert [x.version for x in v2] == ["1", "1", "2", "1"]
+    assert all(v2[k] == v1[k] for k in (0, 1, 3)) and v2[2].content != v1[2].content
+    assert shadow_allows(v2[2].rbac, newcomer, "/a.v1.S/Open") == "v2/engineers"
+    # A contributor grant revoked (shard 1's): shard 1 alone changes.
+    v3 = parts([g for g in [*grants, Grant(newcomer, Role.ENGINEER)]
+                if not (g.principal == people[1][0] and g.role is Role.CONTRIBUTOR)], "3", v2)
+    assert [x.version for x in v3] == ["1", "3", "2", "1"]
+    assert shadow_allows(v3[1].rbac, people[1][0], "/a.v1.S/Team") is None
+    # Nothing changed: every shard is the previous one.
+    assert [x.version for x in parts([*grants, Grant(newcomer, Role.ENGINEER)], "4", v2)] == ["1", "1", "2", "1"]
+    # A mode change reaches every shard.
+    v5 = parts(grants, "5", v1, modes(a_v1_S={"Open": EWA, "Team": EWA}))
+    assert [x.version for x in v5] == ["5"] * shards
+
+
+def test_a_kept_shard_takes_the_new_recompile_moment() -> None:
+    """Renewing a grant changes no allow (the shard is kept) but moves when to recompile:
+    the kept shard must not keep asking for a recompile at the old moment."""
+    m = modes(a_v1_S={"Open": EWA})
+    soon, later = NOW + timedelta(minutes=5), NOW + timedelta(hours=5)
+    v1 = compile_shards(m, GrantSet([Grant("ann", Role.ENGINEER, expires_at=soon)]), NOW, version="1", shards=2,
+                        default_mode=Mode.BREAK_GLASS_ONLY, horizon=H)
+    v2 = compile_shards(m, GrantSet([Grant("ann", Role.ENGINEER, expires_at=later)]), NOW, version="2", shards=2,
+                        previous=v1, default_mode=Mode.BREAK_GLASS_ONLY, horizon=H)
+    k = shard_of("ann", 2)
+    assert v2[k].version == "1" and v1[k].recompile_at == soon - H and v2[k].recompile_at == later - H
+
+
+def test_shard_counts_and_previous_parts_are_checked() -> None:
+    assert shard_names(1) == ["rpcauthz_fast_path"]
+    assert shard_names(3) == [f"rpcauthz_fast_path.{k}-of-3" for k in range(3)]
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="shards must be between 1 and 64"):
+            shard_names(bad)
+    m = modes(a_v1_S={"Open": EWA})
+    two = compile_shards(m, GrantSet(), NOW, version="1", shards=2, default_mode=EWA)
+    with pytest.raises(ValueError, match="previous has 2 parts, not 3"):
+        compile_shards(m, GrantSet(), NOW, version="2", shards=3, previous=two, default_mode=EWA)
+    with pytest.raises(ValueError, match="version must not be empty"):
+        compile_shards(m, GrantSet(), NOW, version="", shards=2, default_mode=EWA)
+    # xxHash64 (seed 0) modulo the count, as Envoy's consistent_hashing matcher computes it
+    # (tests/fastpath/test_shards_envoy.py checks Envoy agrees)
+    assert [shard_of(p, 4) for p in ("alice", "bob", "carol")] == [1, 3, 0] and shard_of("alice", 1) == 0
