@@ -1,8 +1,12 @@
-"""The fast path's xDS server: ADS (state of the world) serving one ECDS resource.
+"""The fast path's xDS server: ADS (state of the world) serving the policy's ECDS resources.
 
 Every Envoy that connects subscribes to ``rpcauthz_fast_path``
-(``type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig``) and gets the current
-compiled RBAC config, wrapped in an ``envoy.service.discovery.v3.Resource`` with a ``ttl``.
+(``type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig``), or, with the policy
+in shards, to each shard's resource (``fastpath.compile.shard_names``), and gets the current
+compiled RBAC config of each, wrapped in an ``envoy.service.discovery.v3.Resource`` with a
+``ttl``. A response carries only the resources that Envoy was not sent yet in their current
+version (ECDS is not a full-state type: Envoy keeps the others), so a grant change that
+changes one shard sends that shard alone.
 While the server lives it re-sends the resource (same version, same body) every
 ``heartbeat_s``, which renews the TTL; when it is gone, Envoy drops the resource at the TTL
 and falls back to the ECDS ``default_config`` (the empty policy): every call then goes to
@@ -13,8 +17,10 @@ and does not rebuild the filter.)
 Fail closed:
 
 * a NACK withdraws the fast path on that Envoy: the server answers it with the empty
-  policy under a new version (Envoy would otherwise keep the last accepted, possibly
-  wider, policy), and tries again only with the next compiled policy;
+  policy (every resource) under a new version (Envoy would otherwise keep the last
+  accepted, possibly wider, policy), and tries again only with the next compiled policy.
+  A NACK of a response already superseded counts too: Envoy kept the previous config of
+  what that response carried, and a later partial response need not replace it;
 * ``withdraw()`` (grants unusable, a compile failure) pushes the empty policy everywhere.
 
 Only an authenticated Envoy may subscribe: the policy lists principal names and which methods
@@ -23,7 +29,7 @@ access log: mTLS ``client_names``, unix socket, loopback); a refused stream ends
 UNAUTHENTICATED before anything is sent.
 
 Versions are ``<n>`` for compiled policies (``v<n>/...`` policy names) and ``<n>.empty.<k>``
-for withdrawals. ``status()`` reports what each connected Envoy (node id) has ACKed, and what
+for withdrawals; a shard keeps the version it was last changed in. ``status()`` reports what each connected Envoy (node id) has ACKed, and what
 that version was compiled from (``PolicySource``: the grants revision and how many services'
 modes), so a caller can wait for "every Envoy holds a policy compiled from grants revision
 >= R" (``acked_grants_revision()``) instead of sleeping.
@@ -35,7 +41,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -85,17 +91,28 @@ class NodeStatus:
     connected_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
+#: One resource as sent: its version and config.
+Shard = tuple[str, http_rbac_pb2.RBAC]
+
+
 class _Stream:
     """One Envoy's ADS stream: the nonce it must answer and what it was sent."""
 
     def __init__(self, node: str) -> None:
         self.status = NodeStatus(node)
-        self.subscribed = False
+        #: Our resource names the Envoy subscribes to (empty: not subscribed).
+        self.names: list[str] = []
         self.nonce = ""
         self.nonce_version = ""
         #: What the last response's policy (``nonce``'s) was compiled from.
         self.sent_source: PolicySource | None = None
-        self.sent_rbac: http_rbac_pb2.RBAC | None = None
+        #: Each resource's version and config as last sent on this stream.
+        self.sent: dict[str, Shard] = {}
+        self.warned_names = False
+
+    @property
+    def subscribed(self) -> bool:
+        return bool(self.names)
 
 
 class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]  # envoy ships no stubs
@@ -103,8 +120,13 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
 
     def __init__(self, *, ttl_s: float = 10.0, heartbeat_s: float | None = None,
                  on_event: Callable[[str, str], None] | None = None,
-                 refuse: Callable[[grpc.aio.ServicerContext[Any, Any]], str | None] | None = None) -> None:
-        """``refuse(context)``: why the stream's peer may not have the policy, or ``None``."""
+                 refuse: Callable[[grpc.aio.ServicerContext[Any, Any]], str | None] | None = None,
+                 names: Sequence[str] = (RESOURCE_NAME,)) -> None:
+        """``refuse(context)``: why the stream's peer may not have the policy, or ``None``.
+        ``names``: the resources served (``fastpath.compile.shard_names``)."""
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"names must be distinct and not empty, got {list(names)}")
+        self.names = list(names)
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.ttl_s = ttl_s
@@ -114,7 +136,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._on_event = on_event or (lambda kind, node: None)
         self._refuse = refuse
         self._version = "0.empty.0"
-        self._rbac = empty_policy()
+        self._shards: dict[str, Shard] = {n: (self._version, empty_policy()) for n in self.names}
         self._source: PolicySource | None = None
         self._empty_count = itertools.count(1)
         self._nonces = itertools.count(1)
@@ -135,15 +157,28 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         return self._source
 
     def publish(self, version: str, rbac: http_rbac_pb2.RBAC, source: PolicySource | None = None) -> None:
-        """Make ``rbac`` (compiled with ``version``, from ``source``) the policy every Envoy gets."""
-        self._version, self._rbac, self._source = version, rbac, source
+        """Make ``rbac`` (compiled with ``version``, from ``source``) the policy every Envoy
+        gets (served unsharded: one resource)."""
+        if len(self.names) != 1:
+            raise ValueError(f"this server serves {len(self.names)} shards: use publish_shards")
+        self.publish_shards(version, {self.names[0]: (version, rbac)}, source)
+
+    def publish_shards(self, version: str, shards: Mapping[str, Shard], source: PolicySource | None = None) -> None:
+        """Make ``shards`` (each resource's version and config; together the policy
+        ``version``, compiled from ``source``) what every Envoy gets. Envoys are sent the
+        resources whose version changed."""
+        if set(shards) != set(self.names):
+            raise ValueError(f"shards must be exactly {self.names}, got {sorted(shards)}")
+        self._version, self._source = version, source
+        self._shards = {n: shards[n] for n in self.names}
         self._bump()
 
     def withdraw(self, why: str) -> None:
         """Push the empty policy to every Envoy (everything goes to ext_authz)."""
         log.warning("fast path withdrawn: %s", why)
         self._version = f"{self._base(self._version)}.empty.{next(self._empty_count)}"
-        self._rbac, self._source = empty_policy(), None
+        self._shards = {n: (self._version, empty_policy()) for n in self.names}
+        self._source = None
         self._bump()
 
     def status(self) -> list[NodeStatus]:
@@ -249,11 +284,12 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     if stream.status.withdrawn:
                         yield self._response(stream, *self._withdrawn_for(stream))
                     else:
-                        yield self._response(stream, self._version, self._rbac, self._source)
+                        yield self._response(stream, self._version, self._changed_for(stream), self._source)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
                 elif time.monotonic() >= next_heartbeat:
-                    yield self._response(stream, stream.status.sent_version, stream.sent_rbac,
-                                         stream.sent_source)
+                    # renews every resource's TTL: Envoy 1.40's SotW mux drops body-less ones
+                    held = {n: stream.sent[n] for n in stream.names if n in stream.sent}
+                    yield self._response(stream, stream.status.sent_version, held, stream.sent_source)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
         finally:
             reader.cancel()
@@ -262,20 +298,25 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 self._on_event("disconnect", stream.status.node)
 
     def _on_request(self, stream: _Stream, r: discovery_pb2.DiscoveryRequest) -> bool | str:
-        """Handle one request; True: send the current policy; "withdraw": a NACK."""
+        """Handle one request; True: send what the stream lacks; "withdraw": a NACK."""
         if r.type_url != ECDS_TYPE:
             return False
-        wanted = RESOURCE_NAME in r.resource_names
-        if not wanted:
-            stream.subscribed = False
+        names = [n for n in self.names if n in r.resource_names]
+        if len(names) != len(r.resource_names) and not stream.warned_names:
+            stream.warned_names = True  # e.g. a gateway rendered with another shard count
+            log.warning("Envoy %s subscribes to fast-path resources this server does not serve: %s "
+                        "(served: %s); those filters keep their default (every call to ext_authz)",
+                        stream.status.node, sorted(set(r.resource_names) - set(names)), self.names)
+        added = bool(set(names) - set(stream.names))
+        stream.names = names
+        if not names:
             return False
-        first = not stream.subscribed
-        stream.subscribed = True
-        if first or not r.response_nonce:
+        if added or not r.response_nonce:
             return True
-        if r.response_nonce != stream.nonce:
+        nack = r.HasField("error_detail") and r.error_detail.code != 0
+        if r.response_nonce != stream.nonce and not nack:
             return False  # an answer to an older response: superseded
-        if r.HasField("error_detail") and r.error_detail.code != 0:
+        if nack:
             stream.status.nacks += 1
             stream.status.last_nack = r.error_detail.message[:500]
             self._on_event("nack", stream.status.node)
@@ -290,27 +331,42 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._on_event("ack", stream.status.node)
         return False
 
-    def _withdrawn_for(self, stream: _Stream) -> tuple[str, http_rbac_pb2.RBAC]:
+    def _withdrawn_for(self, stream: _Stream) -> tuple[str, dict[str, Shard]]:
         stream.status.withdrawn = True
-        return f"{self._base(self._version)}.empty.{next(self._empty_count)}", empty_policy()
+        version = f"{self._base(self._version)}.empty.{next(self._empty_count)}"
+        return version, {n: (version, empty_policy()) for n in stream.names}
 
-    def _response(self, stream: _Stream, version: str, rbac: http_rbac_pb2.RBAC | None,
+    def _changed_for(self, stream: _Stream) -> dict[str, Shard]:
+        """The current resources ``stream`` was not sent in their current version; if none
+        (a publish that changed nothing there), the smallest one again, so the Envoy ACKs
+        this version (what ``acked_grants_revision`` waits for) at little cost."""
+        changed = {n: self._shards[n] for n in stream.names
+                   if stream.sent.get(n, ("",))[0] != self._shards[n][0]}
+        if not changed:
+            n = min(stream.names, key=lambda n: self._shards[n][1].ByteSize())
+            changed = {n: self._shards[n]}
+        return changed
+
+    def _response(self, stream: _Stream, version: str, shards: Mapping[str, Shard],
                   source: PolicySource | None = None) -> discovery_pb2.DiscoveryResponse:
-        """A response carrying ``rbac`` (compiled from ``source``; None: the empty policy)
-        under ``version``, valid for the TTL."""
-        resource = discovery_pb2.Resource(name=RESOURCE_NAME, version=version,
-                                          ttl=_duration(self.ttl_s))
-        config = extension_pb2.TypedExtensionConfig(name=RESOURCE_NAME)
-        config.typed_config.Pack(rbac if rbac is not None else empty_policy())
-        resource.resource.Pack(config)
-        stream.sent_rbac, stream.sent_source = rbac, source
-        wrapped = any_pb2.Any()
-        wrapped.Pack(resource)
+        """A response carrying ``shards`` (each resource's version and config; together the
+        policy ``version``, compiled from ``source``), each valid for the TTL."""
+        resources = []
+        for name, (shard_version, rbac) in shards.items():
+            resource = discovery_pb2.Resource(name=name, version=shard_version, ttl=_duration(self.ttl_s))
+            config = extension_pb2.TypedExtensionConfig(name=name)
+            config.typed_config.Pack(rbac)
+            resource.resource.Pack(config)
+            wrapped = any_pb2.Any()
+            wrapped.Pack(resource)
+            resources.append(wrapped)
+            stream.sent[name] = (shard_version, rbac)
+        stream.sent_source = source
         stream.nonce = str(next(self._nonces))
         stream.nonce_version = version
         stream.status.sent_version = version
         return discovery_pb2.DiscoveryResponse(version_info=version, type_url=ECDS_TYPE,
-                                               nonce=stream.nonce, resources=[wrapped])
+                                               nonce=stream.nonce, resources=resources)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

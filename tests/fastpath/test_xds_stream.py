@@ -1,0 +1,99 @@
+"""The ADS server's stream rules with the policy in shards, driven by a scripted client (the
+real Envoy's side is tests/fastpath/test_shards_envoy.py): an Envoy that subscribes to its
+shards one by one gets each, responses carry only what changed, and a NACK of a response
+already superseded still withdraws every shard (Envoy kept that shard's older config, which a
+later partial response does not replace)."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.config.core.v3 import extension_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from devstack.processes import free_port
+from fastpath.compile import empty_policy, shard_names
+from fastpath.xds import ECDS_TYPE, FastPathXds
+
+NAMES = shard_names(3)
+
+
+class Client:
+    """One scripted ADS stream."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+
+        async def send() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+            while True:
+                yield await self.requests.get()
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).StreamAggregatedResources(send())
+
+    async def ask(self, names: list[str], *, nonce: str = "", version: str = "", error: str = "") -> None:
+        r = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=names, response_nonce=nonce,
+                                           version_info=version)
+        r.node.id = "scripted"
+        if error:
+            r.error_detail.code, r.error_detail.message = 3, error
+        await self.requests.put(r)
+
+    async def response(self) -> tuple[discovery_pb2.DiscoveryResponse, dict[str, str]]:
+        """The next response and its resources' versions by name."""
+        resp = await asyncio.wait_for(self.call.read(), 5)
+        versions = {}
+        for any_ in resp.resources:
+            res = discovery_pb2.Resource()
+            any_.Unpack(res)
+            config = extension_pb2.TypedExtensionConfig()
+            res.resource.Unpack(config)
+            assert config.name == res.name and res.ttl.seconds == 30
+            versions[res.name] = res.version
+        return resp, versions
+
+
+async def test_subscriptions_partial_responses_and_a_superseded_nack() -> None:
+    xds = FastPathXds(ttl_s=30, names=NAMES)
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    c = Client(port)
+    try:
+        xds.publish_shards("1", {n: ("1", empty_policy()) for n in NAMES})
+        # Envoy subscribes as its filters come up: one name, then all; each is sent once.
+        await c.ask(NAMES[:1])
+        r1, got = await c.response()
+        assert got == {NAMES[0]: "1"} and r1.version_info == "1"
+        await c.ask(NAMES, nonce=r1.nonce, version="1")
+        r2, got = await c.response()
+        assert got == {NAMES[1]: "1", NAMES[2]: "1"}
+        await c.ask(NAMES, nonce=r2.nonce, version="1")
+
+        # A publish changing shard 2 sends shard 2; another right after changes shard 0.
+        xds.publish_shards("2", {NAMES[0]: ("1", empty_policy()), NAMES[1]: ("1", empty_policy()),
+                                 NAMES[2]: ("2", empty_policy())})
+        r3, got = await c.response()
+        assert got == {NAMES[2]: "2"} and r3.version_info == "2"
+        xds.publish_shards("3", {NAMES[0]: ("3", empty_policy()), NAMES[1]: ("1", empty_policy()),
+                                 NAMES[2]: ("2", empty_policy())})
+        r4, got = await c.response()
+        assert got == {NAMES[0]: "3"}
+        # Envoy refuses r3 (already superseded by r4): still a withdrawal of every shard.
+        await c.ask(NAMES, nonce=r3.nonce, version="1", error="refused shard 2")
+        r5, got = await c.response()
+        assert set(got) == set(NAMES) and len(set(got.values())) == 1 and ".empty." in r5.version_info
+        [status] = xds.status()
+        assert status.withdrawn and status.nacks == 1 and status.last_nack == "refused shard 2"
+        # The next publish sends every shard again (Envoy holds the empty policy in each).
+        await c.ask(NAMES, nonce=r5.nonce, version=r5.version_info)
+        xds.publish_shards("4", {n: ("4" if n == NAMES[1] else v, empty_policy())
+                                 for n, v in zip(NAMES, ("3", "1", "2"), strict=True)})
+        _, got = await c.response()
+        assert got == {NAMES[0]: "3", NAMES[1]: "4", NAMES[2]: "2"}
+    finally:
+        c.call.cancel()
+        await c.channel.close()
+        await server.stop(0)
