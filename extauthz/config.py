@@ -254,6 +254,11 @@ class FastPath(Section):
     #: The largest RE2 alternation in one matcher (Envoy's runtime
     #: ``re2.max_program_size.error_level`` must allow it; the rendered gateway does).
     max_regex_chars: int = Field(50_000, ge=1000, le=1_000_000)
+    #: The policy in this many parts, by a hash of the principal (ECDS resources
+    #: ``rpcauthz_fast_path.<k>-of-<n>``): a grant change then resends one part, not the whole
+    #: policy. The gateway must be rendered with the same number (``gateway.fast_path.shards``).
+    #: 1 (the default): one resource, ``rpcauthz_fast_path``.
+    shards: int = Field(1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _refresh_below_ttl(self) -> FastPath:

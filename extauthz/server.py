@@ -27,7 +27,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fastpath.compile import RESOURCE_NAME, IdentitySource
+from fastpath.compile import IdentitySource, shard_names
 from fastpath.publisher import Publisher, PushRecord
 from fastpath.xds import FastPathXds
 
@@ -318,7 +318,9 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         if kind == "refused":
             metrics.refused_peers.inc()
 
-    xds = FastPathXds(ttl_s=fp.ttl_s, heartbeat_s=fp.refresh_s, on_event=on_event, refuse=peers.refusal)
+    names = shard_names(fp.shards)
+    xds = FastPathXds(ttl_s=fp.ttl_s, heartbeat_s=fp.refresh_s, on_event=on_event, refuse=peers.refusal,
+                      names=names)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
     metrics.watch_stats("fast_path", xds.stats)
     ident = settings.identity
@@ -328,14 +330,14 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         metrics.fast_path_policy_bytes.set(record.size_bytes)
         metrics.fast_path_lag.observe(record.lag_s)
 
-    log.info("fast path on: serving ECDS %s over ADS (ttl %.0f s)", RESOURCE_NAME, fp.ttl_s)
+    log.info("fast path on: serving ECDS %s over ADS (ttl %.0f s)", ", ".join(names), fp.ttl_s)
     return Publisher(
         xds, components.grants, components.modes, default_mode=settings.default_mode,
         dry_run=fp.dry_run_services,
         identity=IdentitySource(ident.metadata_namespace, ident.payload_key, ident.principal_claim),
         horizon=timedelta(seconds=fp.ttl_s + fp.expiry_margin_s), debounce_s=fp.debounce_s,
         poll_s=fp.poll_s, modes_check_s=fp.modes_check_s, max_path_length=settings.max_path_length,
-        max_regex_chars=fp.max_regex_chars, on_push=pushed)
+        max_regex_chars=fp.max_regex_chars, shards=fp.shards, on_push=pushed)
 
 
 def _worker_main(settings_json: str) -> None:

@@ -6,6 +6,8 @@ LISTEN/NOTIFY deltas, polling, reloads) and, every ``modes_check_s``, at what th
 cache knows (and asks it to refresh entries past their TTL, which fast-path calls no longer
 do). A change waits ``debounce_s`` for more, then one compile (in a thread) and one push. At
 ``CompiledPolicy.recompile_at`` (a grant about to expire) it recompiles without a change.
+With ``shards`` > 1 the policy is compiled in parts (``compile_shards``) and a push carries
+the parts whose content changed (one, for one grant change).
 
 Fail closed: grants that cannot be read (the store lost past ``grants_max_staleness_s``) or
 a compile that fails withdraw the fast path (the empty policy) until a compile succeeds.
@@ -24,7 +26,7 @@ from typing import Protocol
 from policy import GrantSet, Mode
 from reflection_cache.types import ServiceModes
 
-from .compile import JWT_SUB, CompiledPolicy, IdentitySource, compile_policy
+from .compile import JWT_SUB, CompiledPolicy, IdentitySource, compile_shards, shard_names
 from .xds import FastPathXds, PolicySource
 
 log = logging.getLogger("fastpath.publisher")
@@ -50,12 +52,18 @@ class PushRecord:
     compile_s: float
     #: From the first change seen to the push (debounce + compile + hand-over).
     lag_s: float
+    #: The whole policy's serialized size (every shard).
     size_bytes: int
     engineers: int
     engineer_paths: int
+    #: Summed over shards (a service with contributors in several shards counts in each).
     contributor_services: int
     #: The grants revision compiled (``GrantSet.revision``) and the services with modes.
     source: PolicySource | None = None
+    #: The shards whose content changed (compiled under ``version``) and their size: what
+    #: this push sends an Envoy that held the previous one.
+    changed_shards: int = 1
+    changed_bytes: int = 0
 
 
 class Publisher:
@@ -65,9 +73,14 @@ class Publisher:
                  default_mode: Mode, dry_run: Iterable[str] = (),
                  identity: IdentitySource = JWT_SUB, horizon: timedelta,
                  debounce_s: float = 0.1, poll_s: float = 0.05, modes_check_s: float = 1.0,
-                 max_path_length: int = 512, max_regex_chars: int = 50_000,
+                 max_path_length: int = 512, max_regex_chars: int = 50_000, shards: int = 1,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_push: Callable[[PushRecord], None] | None = None) -> None:
+        """``shards``: the parts the policy is compiled in; ``xds`` must serve their names
+        (``shard_names(shards)``)."""
+        if xds.names != shard_names(shards):
+            raise ValueError(f"the xDS server serves {xds.names}, not the {shards} shard(s) {shard_names(shards)}")
+        self.shards = shards
         self.xds, self.grants, self.modes = xds, grants, modes
         self.default_mode, self.dry_run, self.identity = default_mode, frozenset(dry_run), identity
         self.horizon, self.debounce_s, self.poll_s = horizon, debounce_s, poll_s
@@ -76,7 +89,8 @@ class Publisher:
         self.clock = clock
         self.on_push = on_push or (lambda record: None)
         self._versions = itertools.count(1)
-        self.current: CompiledPolicy | None = None
+        #: The published policy, by shard (None: withdrawn or not compiled yet).
+        self.parts: list[CompiledPolicy] | None = None
         self.last_push: PushRecord | None = None
         self.withdrawn: str | None = None
 
@@ -90,7 +104,7 @@ class Publisher:
                 raise
             except Exception as e:
                 log.exception("fast-path publisher failed; withdrawing the fast path")
-                self.current, self.withdrawn = None, f"publisher failed: {e!r}"
+                self.parts, self.withdrawn = None, f"publisher failed: {e!r}"
                 self.xds.withdraw(self.withdrawn)
                 await asyncio.sleep(max(self.poll_s, 1.0))
 
@@ -115,8 +129,8 @@ class Publisher:
                 modes = self.modes.known()
                 self.modes.refresh_stale()
                 next_modes_check = now + self.modes_check_s
-            due = self.current is not None and self.current.recompile_at is not None \
-                and self.clock() >= self.current.recompile_at
+            recompile_at = self.recompile_at
+            due = recompile_at is not None and self.clock() >= recompile_at
             if grants is not seen_grants or modes != seen_modes or due:
                 if changed_at is None:
                     changed_at = now
@@ -127,29 +141,46 @@ class Publisher:
                     continue
             await asyncio.sleep(self.poll_s)
 
+    @property
+    def current(self) -> CompiledPolicy | None:
+        """The published policy when it is one part (``shards`` = 1), else None."""
+        return self.parts[0] if self.parts is not None and len(self.parts) == 1 else None
+
+    @property
+    def recompile_at(self) -> datetime | None:
+        """When the published policy must be recompiled (its earliest part's moment)."""
+        moments = [p.recompile_at for p in self.parts or () if p.recompile_at is not None]
+        return min(moments) if moments else None
+
     async def _push(self, grants: GrantSet, modes: dict[str, ServiceModes], changed_at: float) -> None:
         version = str(next(self._versions))
         started = time.monotonic()
         try:
-            compiled = await asyncio.to_thread(
-                compile_policy, modes, grants, self.clock(), version=version,
-                default_mode=self.default_mode, dry_run=self.dry_run, horizon=self.horizon,
-                identity=self.identity, max_path_length=self.max_path_length,
+            parts = await asyncio.to_thread(
+                compile_shards, modes, grants, self.clock(), version=version, shards=self.shards,
+                previous=self.parts, default_mode=self.default_mode, dry_run=self.dry_run,
+                horizon=self.horizon, identity=self.identity, max_path_length=self.max_path_length,
                 max_regex_chars=self.max_regex_chars)
         except Exception as e:
             log.exception("fast-path compile failed")
-            self.current = None
+            self.parts = None
             self.withdrawn = f"compile failed: {e}"
             self.xds.withdraw(self.withdrawn)
             return
         compile_s = time.monotonic() - started
         source = PolicySource(grants.revision, len(modes))
-        self.xds.publish(version, compiled.rbac, source)
-        self.current, self.withdrawn = compiled, None
-        self.last_push = PushRecord(version, compile_s, time.monotonic() - changed_at,
-                                    compiled.size_bytes, compiled.engineers, compiled.engineer_paths,
-                                    compiled.contributor_services, source)
-        log.info("fast path v%s: %d engineers x %d paths, %d contributor services, %d bytes, "
-                 "compiled in %.3f s", version, compiled.engineers, compiled.engineer_paths,
-                 compiled.contributor_services, compiled.size_bytes, compile_s)
+        self.xds.publish_shards(version, {name: (part.version, part.rbac)
+                                          for name, part in zip(self.xds.names, parts, strict=True)}, source)
+        self.parts, self.withdrawn = parts, None
+        changed = [p for p in parts if p.version == version]
+        size = sum(p.size_bytes for p in parts)
+        self.last_push = PushRecord(
+            version, compile_s, time.monotonic() - changed_at, size,
+            sum(p.engineers for p in parts), max(p.engineer_paths for p in parts),
+            sum(p.contributor_services for p in parts), source,
+            changed_shards=len(changed), changed_bytes=sum(p.size_bytes for p in changed))
+        log.info("fast path v%s: %d engineers x %d paths, %d contributor services, %d bytes "
+                 "(%d of %d shards changed, %d bytes), compiled in %.3f s", version, self.last_push.engineers,
+                 self.last_push.engineer_paths, self.last_push.contributor_services, size, len(changed),
+                 len(parts), self.last_push.changed_bytes, compile_s)
         self.on_push(self.last_push)

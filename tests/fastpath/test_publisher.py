@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from fastpath.compile import empty_policy, shard_names, shard_of
 from fastpath.publisher import Publisher
 from fastpath.xds import FastPathXds
 from policy import Grant, GrantSet, Mode, Role, StoreError
@@ -147,3 +148,41 @@ def shadow_policy_for_alice():
     return compile_policy({S: ServiceModes(S, {"Get": Mode.ENGINEERS_WITHOUT_APPROVAL})},
                           GrantSet([Grant("alice", Role.ENGINEER)]), datetime.now(UTC), version="9",
                           default_mode=Mode.BREAK_GLASS_ONLY).rbac
+
+
+async def test_sharded_a_grant_change_pushes_the_callers_shard_alone(running) -> None:
+    shards = 4
+    names = shard_names(shards)
+    xds = FastPathXds(ttl_s=10, names=names)
+    people = [f"eng{i}" for i in range(40)]
+    grants = Grants(GrantSet([Grant(p, Role.ENGINEER) for p in people], revision=1))
+    pushes = []
+    pub = running(Publisher(xds, grants, Modes(Mode.ENGINEERS_WITHOUT_APPROVAL), default_mode=Mode.BREAK_GLASS_ONLY,
+                            horizon=timedelta(seconds=20), debounce_s=0.02, poll_s=0.01, modes_check_s=0.02,
+                            shards=shards, on_push=pushes.append))
+    await until(lambda: pub.parts is not None)
+    assert pub.current is None and pushes[-1].changed_shards == shards
+    assert pushes[-1].engineers == len(people) and pushes[-1].changed_bytes == pushes[-1].size_bytes
+    first = dict(xds._shards)  # noqa: SLF001
+
+    leaver = people[7]
+    grants.gs = grants.current().apply(GrantDelta(1, 2, (GrantChange(Grant(leaver, Role.ENGINEER), deleted=True),)))
+    await until(lambda: len(pushes) == 2)
+    k = shard_of(leaver, shards)
+    assert pushes[-1].changed_shards == 1 and pushes[-1].changed_bytes < pushes[-1].size_bytes / 2
+    assert [n for n in names if xds._shards[n] != first[n]] == [names[k]]  # noqa: SLF001
+    assert shadow_allows(xds._shards[names[k]][1], leaver, PATH) is None  # noqa: SLF001
+    assert xds.source is not None and xds.source.grants_revision == 2
+
+
+def test_the_server_and_publisher_must_agree_on_the_shards() -> None:
+    with pytest.raises(ValueError, match=r"serves \['rpcauthz_fast_path'\], not the 2 shard"):
+        Publisher(FastPathXds(ttl_s=10), Grants(GrantSet()), Modes(Mode.ENGINEERS_WITHOUT_APPROVAL),
+                  default_mode=Mode.BREAK_GLASS_ONLY, horizon=timedelta(seconds=20), shards=2)
+    sharded = FastPathXds(ttl_s=10, names=shard_names(2))
+    with pytest.raises(ValueError, match="serves 2 shards: use publish_shards"):
+        sharded.publish("1", empty_policy())
+    with pytest.raises(ValueError, match="shards must be exactly"):
+        sharded.publish_shards("1", {"rpcauthz_fast_path": ("1", empty_policy())})
+    with pytest.raises(ValueError, match="distinct and not empty"):
+        FastPathXds(ttl_s=10, names=["a", "a"])
