@@ -91,7 +91,8 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
                    ext_authz_timeout_s: float | None = None,
                    tls_dir: str | os.PathLike | None = None,
                    template: pathlib.Path = GATEWAY_YAML,
-                   fast_path: bool = False, fast_path_audit_file: str | os.PathLike | None = None) -> dict[str, Any]:
+                   fast_path: bool = False, fast_path_audit_file: str | os.PathLike | None = None,
+                   fast_path_shards: int = 1) -> dict[str, Any]:
     """``envoy/gateway.yaml`` with its ports replaced; returns the config as a dict.
 
     ``upstreams`` maps cluster names (``demo_accounts``, ``demo_ledger``) to ports.
@@ -103,7 +104,8 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
     socket, for a plaintext ext_authz server on loopback.
     ``fast_path`` adds the Envoy-native fast path (``fastpath.envoy_config.with_fast_path``:
     RBAC over ADS from the ext_authz cluster ahead of ext_authz), its audit to
-    ``fast_path_audit_file`` (Envoy's file access log) if given, else over ALS.
+    ``fast_path_audit_file`` (Envoy's file access log) if given, else over ALS, its policy in
+    ``fast_path_shards`` parts (the server's ``fast_path.shards``).
     """
     try:
         cfg = copy.deepcopy(yaml.safe_load(template.read_text()))
@@ -163,7 +165,8 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
         raise ValueError(f"gateway.yaml has no cluster named {sorted(missing)}")
     if fast_path:
         from fastpath.envoy_config import with_fast_path
-        cfg = with_fast_path(cfg, audit_file=None if fast_path_audit_file is None else str(fast_path_audit_file))
+        cfg = with_fast_path(cfg, audit_file=None if fast_path_audit_file is None else str(fast_path_audit_file),
+                             shards=fast_path_shards)
     return cfg
 
 

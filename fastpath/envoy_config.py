@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .compile import RESOURCE_NAME, SHADOW_PREFIX, empty_policy
+from .compile import RESOURCE_NAME, SHADOW_PREFIX, empty_policy, shard_names
 
 RBAC_NAMESPACE = "envoy.filters.http.rbac"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
@@ -56,20 +56,75 @@ ACCESS_LOG_FIELDS = {
 }
 
 
+def _config_discovery(initial_fetch_timeout: str) -> dict[str, Any]:
+    """An RBAC config from ECDS over ADS; until (and unless) one arrives, or once Envoy drops
+    it (TTL), the empty policy applies: every call to ext_authz."""
+    return {
+        "config_source": {"ads": {}, "resource_api_version": "V3",
+                          "initial_fetch_timeout": initial_fetch_timeout},
+        "default_config": {"@type": RBAC_TYPE, "shadow_rules": {"action": "ALLOW"},
+                           "shadow_rules_stat_prefix": empty_policy().shadow_rules_stat_prefix},
+        "apply_default_config_without_warming": True,
+        "type_urls": [RBAC_TYPE],
+    }
+
+
 def rbac_filter(*, initial_fetch_timeout: str = "0s") -> dict[str, Any]:
-    """The RBAC filter, its config from ECDS over ADS; until (and unless) one arrives, or
-    once Envoy drops it (TTL), the empty policy applies: every call to ext_authz."""
+    """The RBAC filter, its config (the whole policy) from ECDS over ADS; until (and unless)
+    one arrives, or once Envoy drops it (TTL), the empty policy applies: every call to ext_authz."""
+    return {"name": RESOURCE_NAME, "config_discovery": _config_discovery(initial_fetch_timeout)}
+
+
+CONSISTENT_HASHING_TYPE = ("type.googleapis.com/envoy.extensions.matching.input_matchers."
+                           "consistent_hashing.v3.ConsistentHashing")
+HEADER_INPUT_TYPE = "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput"
+
+
+def dispatch_filter(shards: int, *, initial_fetch_timeout: str = "0s") -> dict[str, Any]:
+    """The fast path with the policy in ``shards`` parts: Envoy's composite filter (named
+    ``RESOURCE_NAME``, so routes disable it as they would the RBAC filter) runs, for each
+    call, the RBAC filter of the one part the caller's claim hashes to, its config from ECDS
+    (``shard_names``). The claim comes from ``PRINCIPAL_HEADER``, which jwt_authn sets from
+    the verified token (``with_fast_path``); the hash is Envoy's ``consistent_hashing``
+    matcher (xxHash64 modulo ``shards``: ``fastpath.compile.shard_of``). No header (no
+    verified claim): no RBAC filter runs, no shadow result, and ext_authz decides."""
+    names = shard_names(shards)
+    # Part k where hash % shards >= k, from the top: the first that matches is the part.
+    matchers = [{
+        "predicate": {"single_predicate": {
+            "input": {"name": PRINCIPAL_HEADER, "typed_config": {
+                "@type": HEADER_INPUT_TYPE, "header_name": PRINCIPAL_HEADER}},
+            "custom_match": {"name": "shard", "typed_config": {
+                "@type": CONSISTENT_HASHING_TYPE, "threshold": k, "modulo": shards}}}},
+        "on_match": {"action": {"name": names[k], "typed_config": {
+            "@type": EXECUTE_FILTER_TYPE, "dynamic_config": {
+                "name": names[k], "config_discovery": _config_discovery(initial_fetch_timeout)}}}},
+    } for k in range(shards - 1, -1, -1)]
     return {
         "name": RESOURCE_NAME,
-        "config_discovery": {
-            "config_source": {"ads": {}, "resource_api_version": "V3",
-                              "initial_fetch_timeout": initial_fetch_timeout},
-            "default_config": {"@type": RBAC_TYPE, "shadow_rules": {"action": "ALLOW"},
-                               "shadow_rules_stat_prefix": empty_policy().shadow_rules_stat_prefix},
-            "apply_default_config_without_warming": True,
-            "type_urls": [RBAC_TYPE],
+        "typed_config": {
+            "@type": WITH_MATCHER_TYPE,
+            "extension_config": {"name": "rpcauthz_fast_path_dispatch", "typed_config": {"@type": COMPOSITE_TYPE}},
+            "xds_matcher": {"matcher_list": {"matchers": matchers}},
         },
     }
+
+
+def claim_to_header(jwt_authn: dict[str, Any], claim: str) -> None:
+    """Have every provider of ``jwt_authn`` (a filter entry) that puts its payload in
+    metadata also set ``PRINCIPAL_HEADER`` to the verified ``claim`` (what
+    ``dispatch_filter`` hashes). Raises ``ValueError`` if none does."""
+    providers = jwt_authn.get("typed_config", {}).get("providers", {})
+    wired = 0
+    for provider in providers.values():
+        if not provider.get("payload_in_metadata"):
+            continue
+        headers = [h for h in provider.get("claim_to_headers", []) if h.get("header_name") != PRINCIPAL_HEADER]
+        provider["claim_to_headers"] = [*headers, {"header_name": PRINCIPAL_HEADER, "claim_name": claim}]
+        wired += 1
+    if not wired:
+        raise ValueError("the sharded fast path needs a jwt_authn provider with payload_in_metadata "
+                         "(its claim is the header the shards are chosen by)")
 
 
 def audit_access_log(*, log_name: str = LOG_NAME, cluster: str = "ext_authz",
@@ -205,12 +260,18 @@ def fast_path_headers(metadata_namespace: str = JWT_FILTER, payload_key: str = "
 def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                    node_id: str = "rpcauthz-gateway", claim: str = "sub", log_name: str = LOG_NAME,
                    audit_flush_interval_s: float = AUDIT_FLUSH_INTERVAL_S,
-                   audit_buffer_bytes: int = AUDIT_BUFFER_BYTES, audit_file: str | None = None) -> dict[str, Any]:
+                   audit_buffer_bytes: int = AUDIT_BUFFER_BYTES, audit_file: str | None = None,
+                   shards: int = 1) -> dict[str, Any]:
     """A copy of ``bootstrap`` with the fast path wired into every HTTP connection manager
     that has the ext_authz filter, each with the access log of its fast-path allows to
     ``xds_cluster`` (the ext_authz server, which audits them), or with ``audit_file`` to that
-    file instead (``audit_file_log``; the server's ``fast_path.audit_file`` tails it). Raises
-    ``ValueError`` if there is no such connection manager."""
+    file instead (``audit_file_log``; the server's ``fast_path.audit_file`` tails it).
+
+    ``shards`` > 1 (the server's ``fast_path.shards``, the same number): the policy comes in
+    that many parts, chosen per call by the claim (``dispatch_filter``); the client-header
+    strip then runs first and jwt_authn sets the claim header. Raises ``ValueError`` if
+    there is no such connection manager (or, sharded, no jwt_authn ahead of ext_authz)."""
+    shard_names(shards)  # the bounds
     cfg = copy.deepcopy(bootstrap)
     node = cfg.setdefault("node", {"id": node_id, "cluster": node_id})
     audit_log = (audit_file_log(audit_file, str(node.get("id", node_id)), claim=claim) if audit_file is not None
@@ -226,7 +287,15 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                     continue
                 at = next(i for i, h in enumerate(filters) if h.get("name") == EXT_AUTHZ_FILTER)
                 filters[at] = gated_ext_authz(filters[at])
-                filters[at:at] = [strip_filter(), rbac_filter()]
+                if shards == 1:
+                    filters[at:at] = [strip_filter(), rbac_filter()]
+                else:
+                    jwt = next((i for i, h in enumerate(filters[:at]) if h.get("name") == JWT_FILTER), None)
+                    if jwt is None:
+                        raise ValueError("the sharded fast path needs the jwt_authn filter ahead of ext_authz")
+                    claim_to_header(filters[jwt], claim)
+                    filters[at:at] = [dispatch_filter(shards)]
+                    filters[jwt:jwt] = [strip_filter()]  # before jwt_authn sets the claim header
                 for log in hcm.get("access_log", []):
                     fields = log.get("typed_config", {}).get("log_format", {}).get("json_format")
                     if isinstance(fields, dict):

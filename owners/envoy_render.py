@@ -29,6 +29,7 @@ import yaml
 
 from extauthz.config import is_loopback
 from extauthz.dev_certs import SERVER_NAME
+from fastpath.compile import MAX_SHARDS
 from fastpath.compile import RESOURCE_NAME as FAST_PATH_FILTER
 from fastpath.envoy_config import AUDIT_BUFFER_BYTES, AUDIT_FLUSH_INTERVAL_S, with_fast_path
 
@@ -176,6 +177,8 @@ class Gateway:
     #: Instead of the gRPC access log: fast-path allows to this file (Envoy's file access
     #: log; the server's ``fast_path.audit_file`` tails it).
     fast_path_audit_file: str | None = None
+    #: The policy in this many parts (the server's fast_path.shards, the same number).
+    fast_path_shards: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +310,7 @@ _GATEWAY_KEYS = {
     "upstream_max_requests": "circuit breaker: concurrent requests per upstream",
     "access_log": "path of the JSON access log (default /dev/stdout)",
     "fast_path": "true, or {principal_claim: CLAIM, audit_flush: DURATION, audit_buffer_bytes: N, "
-                 "audit_file: PATH}: Envoy's "
+                 "audit_file: PATH, shards: N}: Envoy's "
                  "RBAC filter, fed over xDS by the ext_authz server (fast_path.enabled), allows static calls "
                  "without a Check; each allow is audited through Envoy's access log to that server",
 }
@@ -407,7 +410,9 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
                 "audit_flush": "how often Envoy sends its buffered access log of fast-path allows (default 1s)",
                 "audit_buffer_bytes": "or when this many bytes are buffered (default 1 MiB)",
                 "audit_file": "absolute path: fast-path allows go to this file (Envoy's file access log, "
-                              "the server's fast_path.audit_file) instead of the gRPC access log"})
+                              "the server's fast_path.audit_file) instead of the gRPC access log",
+                "shards": "the policy in this many parts, by a hash of the caller (the server's "
+                          "fast_path.shards, the same number; default 1)"})
             kw["fast_path"] = True
             if "principal_claim" in m:
                 kw["fast_path_claim"] = r.string(m["principal_claim"], "gateway.fast_path.principal_claim",
@@ -420,6 +425,8 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
             if "audit_file" in m:
                 kw["fast_path_audit_file"] = r.string(m["audit_file"], "gateway.fast_path.audit_file",
                                                       _ABSOLUTE, "an absolute path")
+            if "shards" in m:
+                kw["fast_path_shards"] = r.integer(m["shards"], "gateway.fast_path.shards", 1, MAX_SHARDS)
         else:
             kw["fast_path"] = r.boolean(fp, "gateway.fast_path")
     return Gateway(**kw)
@@ -861,7 +868,8 @@ def render(catalog: Catalog) -> dict:
         return _without_fast_path_route_configs(bootstrap)
     return with_fast_path(bootstrap, xds_cluster="ext_authz", claim=g.fast_path_claim,
                           audit_flush_interval_s=g.fast_path_audit_flush,
-                          audit_buffer_bytes=g.fast_path_audit_buffer_bytes, audit_file=g.fast_path_audit_file)
+                          audit_buffer_bytes=g.fast_path_audit_buffer_bytes, audit_file=g.fast_path_audit_file,
+                          shards=g.fast_path_shards)
 
 
 def _without_fast_path_route_configs(bootstrap: dict) -> dict:

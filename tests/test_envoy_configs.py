@@ -120,3 +120,43 @@ def test_fast_path_ext_authz_is_made_only_for_calls_rbac_did_not_allow():
     assert predicate["custom_match"]["typed_config"]["value"] == {"string_match": {"exact": "allowed"}}
     inner = matcher["on_match"]["action"]["typed_config"]["typed_config"]
     assert inner == base
+
+
+def test_the_sharded_fast_path_validates(tmp_path):
+    """``with_fast_path(..., shards=8)``: the client-header strip runs before jwt_authn, which
+    sets the claim header the dispatch hashes; the dispatch (named as the RBAC filter, so
+    routes disable it alike) runs one RBAC filter per call from the shard's ECDS resource;
+    ext_authz's gate is unchanged; and Envoy takes it."""
+    import yaml
+
+    from fastpath.compile import shard_names
+    from fastpath.envoy_config import PRINCIPAL_HEADER, gated_ext_authz, with_fast_path
+
+    base = yaml.safe_load((ENVOY_DIR / "gateway.yaml").read_text())
+    cfg = with_fast_path(base, shards=8, claim="email")
+    filters = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    assert [f["name"] for f in filters] == ["rpcauthz_strip_client_headers", "envoy.filters.http.jwt_authn",
+                                            "rpcauthz_fast_path", "envoy.filters.http.ext_authz",
+                                            "envoy.filters.http.router"]
+    provider = filters[1]["typed_config"]["providers"]["engineers"]
+    assert provider["claim_to_headers"] == [{"header_name": PRINCIPAL_HEADER, "claim_name": "email"}]
+    rules = filters[2]["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    assert [r["on_match"]["action"]["typed_config"]["dynamic_config"]["name"] for r in rules] == shard_names(8)[::-1]
+    assert [r["predicate"]["single_predicate"]["custom_match"]["typed_config"]["threshold"] for r in rules] == \
+        list(range(7, -1, -1))
+    (ext,) = [f for f in filters if f["name"] == "envoy.filters.http.ext_authz"]
+    (plain,) = [f for f in base["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+                ["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.ext_authz"]
+    assert ext == gated_ext_authz(plain)
+    config = tmp_path / "gateway-sharded.yaml"
+    config.write_text(yaml.safe_dump(cfg).replace(TLS_DIR, f"{tmp_path / 'tls'}/"))
+    make_dev_certs(tmp_path / "tls")
+    r = subprocess.run([shutil.which("envoy") or "envoy", "--mode", "validate", "-c", str(config),
+                        "--disable-hot-restart", "--log-path", str(tmp_path / "envoy.log")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"does not validate:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    with pytest.raises(ValueError, match="needs the jwt_authn filter ahead of ext_authz"):
+        without_jwt = yaml.safe_load((ENVOY_DIR / "gateway.yaml").read_text())
+        hcm = without_jwt["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.jwt_authn"]
+        with_fast_path(without_jwt, shards=2)

@@ -16,6 +16,7 @@ import time
 import grpc
 import pytest
 
+from fastpath.compile import shard_of
 from policy import Grant, Role
 from policy.stores import open_store
 from tests.support.gateway_harness import ACCOUNTS, GatewayStack
@@ -71,11 +72,16 @@ def upstream_metadata(result) -> dict[str, str]:
     return json.loads(result.replies[0]["message"])["metadata"]
 
 
-def test_fast_path_through_the_gateway(tmp_path, pg_dsn) -> None:
+@pytest.mark.parametrize("shards", [1, 4])
+def test_fast_path_through_the_gateway(tmp_path, pg_dsn, shards: int) -> None:
+    """The same with the policy whole and in 4 parts (each call decided by the part its
+    verified claim hashes to; alice and bob are in different parts)."""
+    assert shard_of("alice", 4) != shard_of("bob", 4)
     grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER),
               Grant("bob", Role.CONTRIBUTOR, ACCOUNTS)]
     with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True,
-                      extauthz={"fast_path.modes_check_s": 0.2, "fast_path.debounce_s": 0.05}) as gw:
+                      extauthz={"fast_path.modes_check_s": 0.2, "fast_path.debounce_s": 0.05,
+                                "fast_path.shards": shards}) as gw:
         # The first call learns the mode through ext_authz; soon Envoy answers it alone.
         r = until_fast(gw, LIST, "alice")
         assert r.code is grpc.StatusCode.OK

@@ -410,3 +410,22 @@ def test_fast_path_audit_can_go_to_a_file():
     assert log["typed_config"]["log_format"]["json_format"]["node"] == cfg["node"]["id"]
     with pytest.raises(CatalogError, match="gateway.fast_path.audit_file.*absolute path"):
         parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {audit_file: audit.log}\n  jwt:\n", 1))
+
+
+def test_fast_path_shards_render_the_dispatch_and_are_checked():
+    """``gateway.fast_path.shards``: the policy in N parts (the server's fast_path.shards);
+    dry-run routes still turn the fast path off by the filter's name."""
+    from fastpath.compile import shard_names
+    from owners.envoy_render import CatalogError, parse_catalog, render
+
+    cfg = render(parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {shards: 16}\n  jwt:\n", 1)))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (dispatch,) = [f for f in hcm["http_filters"] if f["name"] == "rpcauthz_fast_path"]
+    rules = dispatch["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    assert sorted(r["on_match"]["action"]["typed_config"]["dynamic_config"]["name"] for r in rules) == \
+        sorted(shard_names(16))
+    assert [f["name"] for f in hcm["http_filters"]][:2] == ["rpcauthz_strip_client_headers",
+                                                           "envoy.filters.http.jwt_authn"]
+    for bad in ("0", "65", "two"):
+        with pytest.raises(CatalogError, match="gateway.fast_path.shards must be a whole number from 1 to 64"):
+            parse_catalog(CATALOG.replace("  jwt:\n", f"  fast_path: {{shards: {bad}}}\n  jwt:\n", 1))

@@ -171,7 +171,8 @@ class GatewayStack:
                                  ext_authz_timeout_s=self.envoy_ext_authz_timeout_s,
                                  tls_dir=self.tls_certs.directory if self.tls_certs is not None else None,
                                  fast_path=self.fast_path,
-                                 fast_path_audit_file=self.extauthz_extra.get("fast_path.audit_file"))
+                                 fast_path_audit_file=self.extauthz_extra.get("fast_path.audit_file"),
+                                 fast_path_shards=self.extauthz_extra.get("fast_path.shards", 1))
             if self.envoy_config is not None:
                 cfg = self.envoy_config(cfg)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()

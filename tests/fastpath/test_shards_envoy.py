@@ -1,0 +1,191 @@
+"""The policy in shards against the real Envoy binary: Envoy runs, for each call, the shard
+``fastpath.compile.shard_of`` names for the caller's claim (its ``consistent_hashing``
+matcher and our xxHash64 agree), a publish that changes one shard sends (and makes Envoy
+reload) that shard alone, and a NACK of one shard withdraws them all.
+
+A small Envoy: the dispatch filter as the gateway has it (``dispatch_filter``), a direct
+response; the claim header comes from the client here (in the gateway, jwt_authn sets it
+from the verified token). Each shard's test policy allows everything under its own name, so
+the access log says which shard ran."""
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from google.protobuf import any_pb2
+
+from devstack.processes import EnvoyProcess, free_port
+from fastpath.compile import RESOURCE_NAME, SHADOW_PREFIX, shard_names, shard_of
+from fastpath.envoy_config import ACCESS_LOG_FIELDS, PRINCIPAL_HEADER, RE2_MAX_PROGRAM_SIZE, dispatch_filter
+from fastpath.xds import FastPathXds
+
+pytestmark = pytest.mark.envoy
+
+SHARDS = 4
+NAMES = shard_names(SHARDS)
+
+
+def _envoy_config(xds_port: int, log: pathlib.Path) -> dict[str, Any]:
+    return {
+        "node": {"id": "shard-gw", "cluster": "shard-gw"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
+        "dynamic_resources": {"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                                             "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}},
+        "layered_runtime": {"layers": [{"name": "re2", "static_layer": {
+            "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE}}]},
+        "static_resources": {
+            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1",
+                                                                        "port_value": free_port()}},
+                           "filter_chains": [{"filters": [{
+                               "name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                                   "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                                   "stat_prefix": "t",
+                                   "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+                                       "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                                       "path": str(log), "log_format": {"json_format": {
+                                           **ACCESS_LOG_FIELDS, "principal": f"%REQ({PRINCIPAL_HEADER})%"}}}}],
+                                   "http_filters": [
+                                       dispatch_filter(SHARDS),
+                                       {"name": "envoy.filters.http.router", "typed_config": {
+                                           "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                                   "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [
+                                       # A dry-run service's route, as `mpactl envoy render` makes it.
+                                       {"match": {"prefix": "/dry.v1.S/"}, "direct_response": {"status": 200},
+                                        "typed_per_filter_config": {RESOURCE_NAME: {
+                                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                                            "disabled": True}}},
+                                       {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]}}}]}]}],
+            "clusters": [{"name": "xds", "type": "STATIC", "connect_timeout": "0.25s",
+                          "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                              "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                              "explicit_http_config": {"http2_protocol_options": {}}}},
+                          "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                              "address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}]}}]},
+    }
+
+
+def _allow_all(name: str) -> http_rbac_pb2.RBAC:
+    """A shard policy that allows every call, reported as policy ``name``."""
+    rbac = http_rbac_pb2.RBAC(shadow_rules_stat_prefix=SHADOW_PREFIX)
+    rbac.shadow_matcher.on_no_match.action.name = "allow"
+    rbac.shadow_matcher.on_no_match.action.typed_config.Pack(rbac_pb2.Action(name=name, action=rbac_pb2.RBAC.ALLOW))
+    return rbac
+
+
+class Stack:
+    def __init__(self, tmp: pathlib.Path) -> None:
+        self.tmp, self.port = tmp, free_port()
+        self.xds = FastPathXds(ttl_s=30, names=NAMES)
+        self.log = tmp / "access.log"
+        self.server: grpc.aio.Server | None = None
+        self.envoy: EnvoyProcess | None = None
+
+    async def __aenter__(self) -> Stack:
+        self.server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self.server.start()
+        self.envoy = await asyncio.to_thread(lambda: EnvoyProcess(_envoy_config(self.port, self.log), self.tmp).wait_ready())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+        if self.server is not None:
+            await self.server.stop(0)
+
+    async def calls(self, principals: list[str | None], path: str = "/a.v1.S/Get") -> list[dict[str, str]]:
+        """One call per principal (None: no claim header); their access-log lines, in order."""
+        assert self.envoy is not None
+        port, seen = self.envoy.port, len(self._lines())
+
+        def send() -> None:
+            for who in principals:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"x", method="POST")
+                if who is not None:  # as jwt_authn sets it: the claim's UTF-8 bytes
+                    req.add_header(PRINCIPAL_HEADER, who.encode())  # type: ignore[arg-type]
+                urllib.request.urlopen(req, timeout=5).read()
+        await asyncio.to_thread(send)
+        for _ in range(100):  # Envoy flushes its file access log every second here
+            lines = self._lines()
+            if len(lines) >= seen + len(principals):
+                return lines[seen:seen + len(principals)]
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{len(principals)} calls, {len(self._lines()) - seen} access-log lines")
+
+    def _lines(self) -> list[dict[str, str]]:
+        return [json.loads(x) for x in self.log.read_text().splitlines()] if self.log.exists() else []
+
+    def reloads(self) -> dict[str, int]:
+        """Envoy's count of configs it took, per shard resource (ECDS ``config_reload``)."""
+        assert self.envoy is not None
+        stats = self.envoy.stats("extension_config_discovery.")
+        return {n: int(stats.get(f"extension_config_discovery.http_filter.{n}.config_reload", 0)) for n in NAMES}
+
+    async def acked(self, version: str) -> None:
+        for _ in range(200):
+            if [s.acked_version for s in self.xds.status()] == [version]:
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"Envoy never ACKed {version}: {self.xds.status()}")
+
+
+async def test_envoy_runs_the_shard_shard_of_names(tmp_path: pathlib.Path) -> None:
+    async with Stack(tmp_path) as s:
+        s.xds.publish_shards("1", {n: ("1", _allow_all(n)) for n in NAMES})
+        await s.acked("1")
+        principals = [f"eng{i}@example.com" for i in range(40)] + ["alice", "ß@例え.jp", "a b"]
+        lines = await s.calls([*principals, None])
+        ran = {ln["principal"]: ln["fast_path_policy"] for ln in lines[:-1]}
+        assert ran == {p: NAMES[shard_of(p, SHARDS)] for p in principals}
+        assert len(set(ran.values())) == SHARDS  # every shard is someone's
+        # No claim header (no verified claim): no shard runs, no shadow result: ext_authz.
+        assert lines[-1]["fast_path"] in (None, "-", "") and lines[-1]["fast_path_policy"] in (None, "-", "")
+        # A dry-run route turns the dispatch off: no shard runs.
+        (dry,) = await s.calls(["alice"], path="/dry.v1.S/Get")
+        assert dry["fast_path"] in (None, "-", "") and dry["fast_path_policy"] in (None, "-", "")
+
+
+async def test_a_publish_sends_only_the_changed_shards_and_a_nack_withdraws_all(tmp_path: pathlib.Path) -> None:
+    async with Stack(tmp_path) as s:
+        s.xds.publish_shards("1", {n: ("1", _allow_all(f"{n}@1")) for n in NAMES})
+        await s.acked("1")
+        before = s.reloads()
+        assert all(before[n] >= 1 for n in NAMES), before
+        by_shard = {k: next(f"eng{i}" for i in range(100) if shard_of(f"eng{i}", SHARDS) == k) for k in range(SHARDS)}
+
+        # Shard 2 changes; the others keep version 1: only shard 2 is sent and reloaded.
+        s.xds.publish_shards("2", {n: ("2" if k == 2 else "1", _allow_all(f"{n}@{2 if k == 2 else 1}"))
+                                   for k, n in enumerate(NAMES)})
+        await s.acked("2")
+        after = s.reloads()
+        assert after == {n: before[n] + (1 if k == 2 else 0) for k, n in enumerate(NAMES)}, (before, after)
+        lines = await s.calls([by_shard[k] for k in range(SHARDS)])
+        assert [ln["fast_path_policy"] for ln in lines] == [f"{n}@{2 if k == 2 else 1}" for k, n in enumerate(NAMES)]
+
+        # A publish that changes nothing is still ACKed (one small shard re-sent, not reloaded).
+        s.xds.publish_shards("3", {n: (v, r) for n, (v, r) in s.xds._shards.items()})  # noqa: SLF001
+        await s.acked("3")
+        assert s.reloads() == after
+
+        # Envoy refuses shard 1's new config: every shard is withdrawn (the others' old configs
+        # could be wider than what the refused update said), calls are shadow-denied.
+        bad = _allow_all("bad")
+        bad.shadow_matcher.on_no_match.action.typed_config.CopyFrom(any_pb2.Any(type_url="type.googleapis.com/nonsense"))
+        s.xds.publish_shards("4", {n: ("4", bad if k == 1 else _allow_all(f"{n}@4")) for k, n in enumerate(NAMES)})
+        for _ in range(200):
+            [node] = s.xds.status()
+            if node.withdrawn and ".empty." in node.acked_version:
+                break
+            await asyncio.sleep(0.05)
+        assert node.nacks == 1 and node.withdrawn and ".empty." in node.acked_version, node
+        lines = await s.calls([by_shard[k] for k in range(SHARDS)])
+        assert [ln["fast_path"] for ln in lines] == ["denied"] * SHARDS, lines
