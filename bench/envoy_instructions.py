@@ -14,6 +14,8 @@ rendered from gateway.yaml:
   baseline             Envoy + jwt_authn, no ext_authz                          (1.00x)
   fast_no_audit        the fast path as rendered, its access log left out: an allow Envoy's
                        RBAC decides, ext_authz not even made (Envoy's composite filter)
+  fast_sharded_no_audit  the same with the policy in 16 shards (``fast_path.shards``): jwt_authn
+                       sets the claim header, a composite filter runs the caller's shard's RBAC
   fast_gate_in_filter  the same, but ext_authz gated by its own ``filter_enabled_metadata``
                        (the shape shipped before; made for every request, then skipped)
   fast_allow           the fast path as shipped: allows audited over the http_grpc access log
@@ -61,12 +63,15 @@ from bench.gateway_bench import PATH, check_call, demo_backends, stop_all  # noq
 from devstack.processes import EnvoyProcess  # noqa: E402
 from fastpath.envoy_config import EXT_AUTHZ_FILTER, RBAC_NAMESPACE, SHADOW_RESULT_KEY  # noqa: E402
 
-ORDER = ["baseline", "fast_no_audit", "fast_gate_in_filter", "fast_allow", "fast_allow_file", "fast_denied",
+ORDER = ["baseline", "fast_no_audit", "fast_sharded_no_audit", "fast_gate_in_filter", "fast_allow", "fast_allow_file", "fast_denied",
          "today_allow", "today_denied"]
+#: The shard count of ``fast_sharded_no_audit``.
+SHARDS = 16
 #: scenario -> (gateway, caller, the call's gRPC status, does RBAC allow it)
 SCENARIOS: dict[str, tuple[str, str, str, bool]] = {
     "baseline": ("baseline", ENGINEER, "OK", False),
     "fast_no_audit": ("fast_no_audit", ENGINEER, "OK", True),
+    "fast_sharded_no_audit": ("fast_sharded_no_audit", ENGINEER, "OK", True),
     "fast_gate_in_filter": ("fast_gate_in_filter", ENGINEER, "OK", True),
     "fast_allow": ("fast", ENGINEER, "OK", True),
     "fast_allow_file": ("fast_file", ENGINEER, "OK", True),
@@ -203,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
         def gateway(ext: int | None, fast_path: bool = False, audit_to: pathlib.Path | None = None) -> dict[str, Any]:
             return demo_gateway(jwks.port, upstream.port, ext, fast_path, audit_to)
+        def sharded() -> dict[str, Any]:  # its own server: the same shard count on both sides
+            ours16 = running_fast_path_server(workdir, upstream.address, things, shards=SHARDS)
+            return without_audit(demo_gateway(jwks.port, upstream.port, ours16.port, True, shards=SHARDS))
         gateways = {"baseline": lambda: gateway(None), "fast": lambda: gateway(ours.port, True),
+                    "fast_sharded_no_audit": sharded,
                     "fast_file": lambda: gateway(ours.port, True, audit_file),
                     "fast_no_audit": lambda: without_audit(gateway(ours.port, True)),
                     "fast_gate_in_filter": lambda: gate_in_filter(without_audit(gateway(ours.port, True))),

@@ -133,13 +133,18 @@ def until_fast(e: EnvoyProcess, token: str, timeout: float = 30.0) -> None:
 
 
 def fast_path_server(workdir: pathlib.Path, accounts_address: str,
-                     audit_file: pathlib.Path | None = None) -> ExtAuthzProcess:
+                     audit_file: pathlib.Path | None = None, shards: int = 1) -> ExtAuthzProcess:
     """Our ext_authz server (not yet ready) as the benches run it: SQLite store in ``workdir``
-    with ENGINEER granted, the audit spool, the fast path on (modes checked every 0.2 s),
-    the demo Accounts service's reflection at ``accounts_address``; with ``audit_file``, also
-    tailing that file access log of fast-path allows (ALS entries are still taken)."""
+    with ENGINEER granted, the audit spool, the fast path on (modes checked every 0.2 s, the
+    policy in ``shards`` parts; > 1: its files in a subdirectory of its own), the demo
+    Accounts service's reflection at ``accounts_address``; with ``audit_file``, also tailing
+    that file access log of fast-path allows (ALS entries are still taken)."""
     from policy import Grant, Role
     from policy.stores import open_store
+
+    if shards > 1:
+        workdir = workdir / f"shards-{shards}"
+        workdir.mkdir(exist_ok=True)
 
     store_url = f"sqlite:///{workdir / 'bench.db'}"
     store = open_store(store_url)
@@ -149,30 +154,32 @@ def fast_path_server(workdir: pathlib.Path, accounts_address: str,
         "store_url": store_url, "listen": {"host": "127.0.0.1", "port": free_port()}, "drain_notice_s": 0,
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "audit": {"spool_path": str(workdir / "audit-spool.db")},
-        "fast_path": {"enabled": True, "modes_check_s": 0.2,
+        "fast_path": {"enabled": True, "modes_check_s": 0.2, "shards": shards,
                       "audit_file": None if audit_file is None else str(audit_file)},
         "reflection": {"endpoints": {"static": {ACCOUNTS: accounts_address}}},
     }, workdir, env={"PYTHONWARNINGS": "ignore"})
 
 
 def running_fast_path_server(workdir: pathlib.Path, accounts_address: str, things: list[Any],
-                             audit_file: pathlib.Path | None = None) -> ExtAuthzProcess:
+                             audit_file: pathlib.Path | None = None, shards: int = 1) -> ExtAuthzProcess:
     """``fast_path_server``, started, ready, and added to ``things`` (stopped with them)."""
-    ours = fast_path_server(workdir, accounts_address, audit_file)
+    ours = fast_path_server(workdir, accounts_address, audit_file, shards)
     things.append(ours)
     ours.wait_ready()
     return ours
 
 
 def demo_gateway(jwks_port: int, upstream_port: int, extauthz_port: int | None,
-                 fast_path: bool = False, audit_file: pathlib.Path | None = None) -> dict[str, Any]:
+                 fast_path: bool = False, audit_file: pathlib.Path | None = None, shards: int = 1) -> dict[str, Any]:
     """The demo gateway as the benches render it (free ports, the demo upstream behind both
     demo clusters, its stdout log to /dev/null); ``extauthz_port`` None: no ext_authz; with
-    ``audit_file`` the fast path's audit goes to that file instead of ALS."""
+    ``audit_file`` the fast path's audit goes to that file instead of ALS; the policy in
+    ``shards`` parts (the server's ``fast_path.shards``)."""
     return render_gateway(listen_port=free_port(), admin_port=free_port(), extauthz_port=extauthz_port,
                           jwks_port=jwks_port, upstreams={"demo_accounts": upstream_port,
                                                           "demo_ledger": upstream_port},
-                          access_log="/dev/null", fast_path=fast_path, fast_path_audit_file=audit_file)
+                          access_log="/dev/null", fast_path=fast_path, fast_path_audit_file=audit_file,
+                          fast_path_shards=shards)
 
 
 def interleaved_rounds(order: list[str], scenarios: dict[str, tuple[EnvoyProcess, str]], ours: ExtAuthzProcess,

@@ -100,6 +100,9 @@ class CompiledPolicy:
     #: What the config allows, independent of ``version`` (sha256 of the config compiled with
     #: an empty version): equal contents mean Envoy need not be sent it again.
     content: str = ""
+    #: The names it was compiled from (paths, principals; ``compile_shards`` only): equal
+    #: names make an equal config, so an unchanged part is not even rebuilt.
+    names: object = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def size_bytes(self) -> int:
@@ -178,6 +181,28 @@ class _Inputs:
         return _Inputs(self.engineer_paths, self.contributor_methods,
                        {p: e for p, e in self.engineers.items() if keep(p)},
                        {s: {p: e for p, e in who.items() if keep(p)} for s, who in self.contributors.items()})
+
+    def names(self, paths: object) -> tuple[object, ...]:
+        """Everything the built config depends on but the expiries (``paths``: the paths'
+        part, the same for every shard, computed once by ``paths_key``)."""
+        return (paths, frozenset(self.engineers),
+                frozenset((s, frozenset(who)) for s, who in self.contributors.items() if who))
+
+    def paths_key(self) -> tuple[object, ...]:
+        return (tuple(self.engineer_paths), tuple((s, tuple(m)) for s, m in self.contributor_methods.items()))
+
+    def expiries(self) -> list[datetime]:
+        """The expiries of the grants a built config relies on (see ``_build``)."""
+        out: list[datetime] = []
+        if self.engineers and self.engineer_paths:
+            out += [e for e in self.engineers.values() if e is not None]
+        for service in self.contributor_methods:
+            for p, exp in self.contributors.get(service, {}).items():
+                if p in self.engineers:
+                    e = _earliest(exp, self.engineers[p])
+                    if e is not None:
+                        out.append(e)
+        return out
 
 
 def _inputs(modes: Mapping[str, ServiceModes], grants: GrantSet, cutoff: datetime, default_mode: Mode,
@@ -274,17 +299,23 @@ def compile_shards(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         raise ValueError(f"previous has {len(previous)} parts, not {len(names)}")
     inputs = _inputs(modes, grants, now + horizon, default_mode, dry_run, max_path_length)
     of = {p: shard_of(p, shards) for p in inputs.engineers}
+    paths = inputs.paths_key()
     out = []
     for k in range(len(names)):
         part = inputs if shards == 1 else inputs.only(_in_shard(of, k))
-        unversioned = _build(part, "", horizon, identity, max_regex_chars)
+        key = part.names(paths)
         before = previous[k] if previous is not None else None
+        if before is not None and before.names == key:
+            # the same names, the same allows; the expiries (and so recompile_at) may have moved
+            expiries = part.expiries()
+            out.append(dataclasses.replace(before, recompile_at=min(expiries) - horizon if expiries else None))
+            continue
+        unversioned = _build(part, "", horizon, identity, max_regex_chars)
         if before is not None and before.content == unversioned.content:
-            # the same allows; the expiries (and so recompile_at) may have moved
-            out.append(dataclasses.replace(before, recompile_at=unversioned.recompile_at))
+            out.append(dataclasses.replace(before, recompile_at=unversioned.recompile_at, names=key))
         else:
             versioned = _build(part, version, horizon, identity, max_regex_chars)
-            out.append(dataclasses.replace(versioned, content=unversioned.content))
+            out.append(dataclasses.replace(versioned, content=unversioned.content, names=key))
     return out
 
 
@@ -303,12 +334,10 @@ def _build(inputs: _Inputs, version: str, horizon: timedelta, identity: Identity
     engineer_paths, contributor_methods = inputs.engineer_paths, inputs.contributor_methods
     engineers, contributors = inputs.engineers, inputs.contributors
     eng_map: dict[str, matcher_pb2.Matcher.OnMatch] = {}
-    expiries: list[datetime] = []
     if engineers and engineer_paths:
         allow = _allow(f"v{version}/engineers")
         for path in engineer_paths:
             eng_map[path] = allow
-        expiries += [e for e in engineers.values() if e is not None]
     # Contributors: per service (its "/service/" prefix) one predicate on the claim, then the
     # service's contributors-mode methods. Contributors must hold an engineer grant too
     # (decide()'s rule): the engineers' predicate ahead of everything already requires it;
@@ -329,7 +358,6 @@ def _build(inputs: _Inputs, version: str, horizon: timedelta, identity: Identity
             matcher_list=matcher_pb2.Matcher.MatcherList(matchers=[matcher_pb2.Matcher.MatcherList.FieldMatcher(
                 predicate=_claim_in(identity, who, max_regex_chars),
                 on_match=matcher_pb2.Matcher.OnMatch(matcher=methods_tree))])))
-        expiries += [e for e in who.values() if e is not None]
 
     rbac = empty_policy()
     if eng_map or svc_map:
@@ -348,7 +376,7 @@ def _build(inputs: _Inputs, version: str, horizon: timedelta, identity: Identity
         rbac.shadow_matcher.matcher_list.matchers.append(first)
     return CompiledPolicy(
         rbac=rbac, version=version,
-        recompile_at=min(expiries) - horizon if expiries else None,
+        recompile_at=min(expiries) - horizon if (expiries := inputs.expiries()) else None,
         engineer_paths=len(engineer_paths) if engineers else 0,
         engineers=len(engineers) if engineer_paths else 0,
         contributor_services=len(svc_map),

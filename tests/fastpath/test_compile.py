@@ -333,6 +333,13 @@ def test_a_grant_change_changes_one_shard_and_the_others_keep_their_version() ->
     assert shadow_allows(v3[1].rbac, people[1][0], "/a.v1.S/Team") is None
     # Nothing changed: every shard is the previous one.
     assert [x.version for x in parts([*grants, Grant(newcomer, Role.ENGINEER)], "4", v2)] == ["1", "1", "2", "1"]
+    # Other names, the same allows (contributors-mode paths only: an engineer who contributes
+    # to nothing allows nothing more): rebuilt, found equal, kept.
+    only_team = modes(a_v1_S={"Team": CWA})
+    t1 = parts(grants, "6", None, only_team)
+    idle = next(f"idle{i}" for i in range(1000) if shard_of(f"idle{i}", shards) == 0)
+    t2 = parts([*grants, Grant(idle, Role.ENGINEER)], "7", t1, only_team)
+    assert [x.version for x in t2] == ["6"] * shards and t2[0].names != t1[0].names
     # A mode change reaches every shard.
     v5 = parts(grants, "5", v1, modes(a_v1_S={"Open": EWA, "Team": EWA}))
     assert [x.version for x in v5] == ["5"] * shards
