@@ -7,6 +7,12 @@
     over ADS from the ext_authz cluster; default: the empty policy) -> ext_authz (made only
     when the RBAC shadow result is not "allowed": ``gated_ext_authz``) -> router
 
+With ``shards`` > 1 the policy comes in parts, one ECDS resource each, and the RBAC filter
+is a dispatch that runs the caller's part (``dispatch_filter``):
+
+    header_mutation -> jwt_authn (sets x-rpcauthz-principal to the claim) -> rpcauthz_fast_path
+    (composite: the RBAC filter of part xxHash64(claim) % shards) -> ext_authz (gated) -> router
+
 plus, on every virtual host, the upstream headers ext_authz sets on an allow, filled from
 metadata when the fast path allowed (``x-rpcauthz-principal``: the verified claim;
 ``x-rpcauthz-decision-id``: the RBAC policy id, e.g. ``v17/engineers``, never a 32-hex

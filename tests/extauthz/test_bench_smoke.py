@@ -110,3 +110,19 @@ def test_envoy_instructions_counts_what_the_composite_gate_saves():
               for m in re.finditer(r"^\| (\w+) \| ([\d,]+) \|", r.stdout, re.M)}
     assert set(counts) == {"fast_no_audit", "fast_gate_in_filter"}, r.stdout
     assert counts["fast_gate_in_filter"] - counts["fast_no_audit"] > 10_000, r.stdout
+
+
+def test_fastpath_shards_bench_sends_one_smaller_part_per_grant_change():
+    """The sharded policy bench (1/10 of the organisation): each grant change sends one part
+    (the bench asserts it is the changed principal's), smaller than the whole policy."""
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "fastpath_shards_bench.py"),
+                        "--quick", "--shards", "1", "4"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"^\| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \|$", r.stdout, re.M)}
+    for change in ("new engineer", "contributor revoked"):
+        assert rows[f"{change}: parts sent"] == (1, 1), r.stdout
+        whole, part = rows[f"{change}: bytes sent (MB)"]
+        assert part < whole, r.stdout
+    assert rows["policy (MB)"][1] > rows["policy (MB)"][0]  # what sharding costs: the paths in every part
