@@ -308,7 +308,10 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                         fields.update(ACCESS_LOG_FIELDS)
                 hcm.setdefault("access_log", []).append(copy.deepcopy(audit_log))
                 for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
-                    vh.setdefault("request_headers_to_add", []).extend(fast_path_headers(claim=claim))
+                    headers = fast_path_headers(claim=claim)
+                    if shards > 1:  # jwt_authn already sets the principal header, to the same claim
+                        headers = [h for h in headers if h["header"]["key"] != PRINCIPAL_HEADER]
+                    vh.setdefault("request_headers_to_add", []).extend(headers)
                 wired += 1
     if not wired:
         raise ValueError("no HTTP connection manager with the ext_authz filter to add the fast path to")

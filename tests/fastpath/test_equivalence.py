@@ -1,6 +1,7 @@
-"""Equivalence: random grants and callers through two real gateways, one with the fast path on
-and one with it off, must give every call the same outcome: the same gRPC status, the same
-words for a refusal, and for an allow the same principal header at the upstream. The modes
+"""Equivalence: random grants and callers through three real gateways, the fast path off, on,
+and on with its policy in 4 shards (alice, bob and carol in three of them), must give every
+call the same outcome: the same gRPC status, the same words for a refusal, and for an allow
+the same principal header at the upstream. The modes
 are the demo services' own (all five, a service default, and the configured default for an
 unannotated method); grants include ones expiring within the fast path's horizon."""
 from __future__ import annotations
@@ -34,10 +35,10 @@ _IDS = re.compile(r"[0-9a-f]{32}|[0-9a-f-]{36}|/r/[A-Za-z0-9_-]+")
 def gateways(tmp_path_factory):
     stacks = []
     try:
-        for fast in (False, True):
-            d = tmp_path_factory.mktemp("fast" if fast else "slow")
+        for name, fast, shards in (("slow", False, 1), ("fast", True, 1), ("sharded", True, 4)):
+            d = tmp_path_factory.mktemp(name)
             stacks.append(GatewayStack(d, store_url=f"sqlite:///{d}/store.db", fast_path=fast,
-                                       extauthz=EXTRA).start())
+                                       extauthz={**EXTRA, "fast_path.shards": shards}).start())
         yield stacks
     finally:
         for s in stacks:
@@ -83,7 +84,7 @@ GRANT = st.tuples(st.sampled_from(PEOPLE),
 @given(st.lists(GRANT, max_size=7), st.lists(st.tuples(st.sampled_from(PEOPLE), st.sampled_from(PATHS)),
                                              min_size=4, max_size=10))
 def test_fast_path_on_and_off_give_every_call_the_same_outcome(gateways, grants, calls) -> None:
-    slow, fast = gateways
+    slow, *fast_ones = gateways
     now = datetime.now(UTC)
     chosen = {}
     for who, (role, service), expires in grants:
@@ -92,14 +93,18 @@ def test_fast_path_on_and_off_give_every_call_the_same_outcome(gateways, grants,
     _wait_for_the_server(slow, _set_grants(slow, list(chosen.values())))
     # Not a sleep for "a push": Envoy's ACKed version says which grants it was compiled from
     # (a recompile of the old grants near a grant's expiry can land meanwhile; it does not count).
-    fast.wait_fast_path_grants(_set_grants(fast, list(chosen.values())))
+    for fast in fast_ones:
+        fast.wait_fast_path_grants(_set_grants(fast, list(chosen.values())))
     for who, path in calls:
-        assert _outcome(fast, path, who) == _outcome(slow, path, who), (who, path, list(chosen.values()))
+        expected = _outcome(slow, path, who)
+        for fast in fast_ones:
+            assert _outcome(fast, path, who) == expected, (fast.workdir.name, who, path, list(chosen.values()))
 
 
 def test_the_fast_path_answered_some_of_those_calls(gateways) -> None:
     """(Runs after the property.) Equivalence is only worth something if Envoy decided some."""
-    _slow, fast = gateways
-    assert fast.envoy is not None
-    allowed = fast.envoy.stats("http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed")
-    assert sum(int(v) for v in allowed.values()) >= 5, allowed
+    _slow, *fast_ones = gateways
+    for fast in fast_ones:
+        assert fast.envoy is not None
+        allowed = fast.envoy.stats("http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed")
+        assert sum(int(v) for v in allowed.values()) >= 5, (fast.workdir.name, allowed)
