@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import extension_pb2
@@ -39,9 +40,11 @@ class Client:
             r.error_detail.code, r.error_detail.message = 3, error
         await self.requests.put(r)
 
-    async def response(self) -> tuple[discovery_pb2.DiscoveryResponse, dict[str, str]]:
-        """The next response and its resources' versions by name."""
-        resp = await asyncio.wait_for(self.call.read(), 5)
+    async def response(self, reading: asyncio.Future[Any] | None = None
+                       ) -> tuple[discovery_pb2.DiscoveryResponse, dict[str, str]]:
+        """The next response (``reading``: a read already under way) and its resources'
+        versions by name."""
+        resp = await asyncio.wait_for(reading if reading is not None else self.call.read(), 5)
         versions = {}
         for any_ in resp.resources:
             res = discovery_pb2.Resource()
@@ -93,6 +96,37 @@ async def test_subscriptions_partial_responses_and_a_superseded_nack() -> None:
                                  for n, v in zip(NAMES, ("3", "1", "2"), strict=True)})
         _, got = await c.response()
         assert got == {NAMES[0]: "3", NAMES[1]: "4", NAMES[2]: "2"}
+    finally:
+        c.call.cancel()
+        await c.channel.close()
+        await server.stop(0)
+
+
+async def test_an_envoy_rendered_for_other_shards_gets_nothing_and_is_logged(caplog) -> None:
+    """A gateway rendered with another shard count subscribes to names this server does not
+    serve: it is sent nothing (its filters keep the empty default: every call to ext_authz),
+    and the mismatch is logged once."""
+    xds = FastPathXds(ttl_s=30, names=NAMES)
+    xds.publish_shards("1", {n: ("1", empty_policy()) for n in NAMES})
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    c = Client(port)
+    try:
+        others = shard_names(2)
+        await c.ask(others)
+        await c.ask(others)
+        reading = asyncio.ensure_future(c.call.read())
+        done, _ = await asyncio.wait({reading}, timeout=0.5)
+        assert not done, "a response for names the server does not serve"
+        warnings = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+        assert len(warnings) == 1 and all(n in warnings[0] for n in others), warnings
+        # Asking for our names on the same stream: served.
+        await c.ask(NAMES)
+        _, got = await c.response(reading)
+        assert set(got) == set(NAMES)
     finally:
         c.call.cancel()
         await c.channel.close()
