@@ -267,7 +267,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                    node_id: str = "rpcauthz-gateway", claim: str = "sub", log_name: str = LOG_NAME,
                    audit_flush_interval_s: float = AUDIT_FLUSH_INTERVAL_S,
                    audit_buffer_bytes: int = AUDIT_BUFFER_BYTES, audit_file: str | None = None,
-                   shards: int = 1) -> dict[str, Any]:
+                   shards: int = 1, delta_xds: bool = False) -> dict[str, Any]:
     """A copy of ``bootstrap`` with the fast path wired into every HTTP connection manager
     that has the ext_authz filter, each with the access log of its fast-path allows to
     ``xds_cluster`` (the ext_authz server, which audits them), or with ``audit_file`` to that
@@ -275,8 +275,10 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
 
     ``shards`` > 1 (the server's ``fast_path.shards``, the same number): the policy comes in
     that many parts, chosen per call by the claim (``dispatch_filter``); the client-header
-    strip then runs first and jwt_authn sets the claim header. Raises ``ValueError`` if
-    there is no such connection manager (or, sharded, no jwt_authn ahead of ext_authz)."""
+    strip then runs first and jwt_authn sets the claim header. ``delta_xds``: Envoy asks for
+    the policy over incremental ADS (``DELTA_GRPC``), whose TTL refresh carries no bodies.
+    Raises ``ValueError`` if there is no such connection manager (or, sharded, no jwt_authn
+    ahead of ext_authz)."""
     shard_names(shards)  # the bounds
     cfg = copy.deepcopy(bootstrap)
     node = cfg.setdefault("node", {"id": node_id, "cluster": node_id})
@@ -316,7 +318,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
     if not wired:
         raise ValueError("no HTTP connection manager with the ext_authz filter to add the fast path to")
     cfg["dynamic_resources"] = {"ads_config": {
-        "api_type": "GRPC", "transport_api_version": "V3",
+        "api_type": "DELTA_GRPC" if delta_xds else "GRPC", "transport_api_version": "V3",
         "grpc_services": [{"envoy_grpc": {"cluster_name": xds_cluster}}],
         "set_node_on_first_message_only": True}}
     layers = cfg.setdefault("layered_runtime", {"layers": []})["layers"]

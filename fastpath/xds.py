@@ -1,4 +1,4 @@
-"""The fast path's xDS server: ADS (state of the world) serving the policy's ECDS resources.
+"""The fast path's xDS server: ADS (state of the world, and delta) serving the policy's ECDS resources.
 
 Every Envoy that connects subscribes to ``rpcauthz_fast_path``
 (``type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig``), or, with the policy
@@ -7,12 +7,14 @@ compiled RBAC config of each, wrapped in an ``envoy.service.discovery.v3.Resourc
 ``ttl``. A response carries only the resources that Envoy was not sent yet in their current
 version (ECDS is not a full-state type: Envoy keeps the others), so a grant change that
 changes one shard sends that shard alone.
-While the server lives it re-sends the resource (same version, same body) every
-``heartbeat_s``, which renews the TTL; when it is gone, Envoy drops the resource at the TTL
-and falls back to the ECDS ``default_config`` (the empty policy): every call then goes to
-ext_authz again. (Envoy 1.40's state-of-the-world mux drops body-less heartbeat resources
-before it renews TTLs, so a heartbeat must carry the body; Envoy sees the same config hash
-and does not rebuild the filter.)
+
+While the server lives it re-sends the resources (same versions) every ``heartbeat_s``,
+which renews their TTL; when it is gone, Envoy drops each at the TTL and falls back to the
+ECDS ``default_config`` (the empty policy): every call then goes to ext_authz again. Over
+state-of-the-world ADS a heartbeat carries the bodies (Envoy 1.40's SotW mux drops body-less
+heartbeat resources before it renews TTLs; Envoy sees the same config hash and does not
+rebuild the filter); over delta ADS (``DeltaAggregatedResources``, the same rules otherwise)
+it is the resources' names, versions and TTL only.
 
 Fail closed:
 
@@ -227,6 +229,23 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
             context: grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse],
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        """State-of-the-world ADS (the gateway's ``ads_config.api_type: GRPC``)."""
+        async for response in self._serve(request_iterator, context, _SotW()):
+            yield response
+
+    async def DeltaAggregatedResources(  # noqa: N802 (the gRPC method's name)
+            self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+            context: grpc.aio.ServicerContext[discovery_pb2.DeltaDiscoveryRequest,
+                                              discovery_pb2.DeltaDiscoveryResponse],
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        """Incremental ADS (``api_type: DELTA_GRPC``): the same resources and rules; the TTL
+        refresh is a body-less heartbeat per resource (delta Envoy takes them), so the
+        steady traffic no longer grows with the policy's size."""
+        async for response in self._serve(request_iterator, context, _Delta()):
+            yield response
+
+    async def _serve(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any],
+                     protocol: _Protocol) -> AsyncIterator[Any]:
         if self._refuse is not None:
             why = self._refuse(context)
             if why is not None:
@@ -235,7 +254,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                     f"the fast-path policy is served only to an authenticated Envoy: {why}")
                 return
-        requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        requests: asyncio.Queue[Any] = asyncio.Queue()
 
         async def read() -> None:
             try:
@@ -261,18 +280,22 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     for f in waits:
                         if not f.done():
                             f.cancel()
-                request = waits[0].result() if waits[0] in done else False
+                request: Any = waits[0].result() if waits[0] in done else False
                 if request is None:
                     return  # Envoy closed the stream
                 send: bool | str = False
-                if isinstance(request, discovery_pb2.DiscoveryRequest):
+                if request is not False:
                     if stream is None:
                         stream = _Stream(request.node.id or context.peer())
                         self._streams.add(stream)
                         self._on_event("connect", stream.status.node)
-                    send = self._on_request(stream, request)
+                    if request.type_url == ECDS_TYPE:
+                        send = self._on_request(stream, protocol.names(stream.names, request), request.response_nonce,
+                                                request.error_detail.message if request.HasField("error_detail")
+                                                and request.error_detail.code != 0 else None,
+                                                protocol.acked_version(stream, request))
                     if send == "withdraw":
-                        yield self._response(stream, *self._withdrawn_for(stream))
+                        yield self._response(stream, protocol, *self._withdrawn_for(stream))
                         next_heartbeat = time.monotonic() + self.heartbeat_s
                         continue
                 if stream is None or not stream.subscribed:
@@ -282,14 +305,14 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                         stream.status.withdrawn = False
                     sent_generation = self._generation
                     if stream.status.withdrawn:
-                        yield self._response(stream, *self._withdrawn_for(stream))
+                        yield self._response(stream, protocol, *self._withdrawn_for(stream))
                     else:
-                        yield self._response(stream, self._version, self._changed_for(stream), self._source)
+                        yield self._response(stream, protocol, self._version, self._changed_for(stream), self._source)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
                 elif time.monotonic() >= next_heartbeat:
-                    # renews every resource's TTL: Envoy 1.40's SotW mux drops body-less ones
                     held = {n: stream.sent[n] for n in stream.names if n in stream.sent}
-                    yield self._response(stream, stream.status.sent_version, held, stream.sent_source)
+                    yield self._response(stream, protocol, stream.status.sent_version, held, stream.sent_source,
+                                         heartbeat=True)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
         finally:
             reader.cancel()
@@ -297,37 +320,37 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 self._streams.discard(stream)
                 self._on_event("disconnect", stream.status.node)
 
-    def _on_request(self, stream: _Stream, r: discovery_pb2.DiscoveryRequest) -> bool | str:
-        """Handle one request; True: send what the stream lacks; "withdraw": a NACK."""
-        if r.type_url != ECDS_TYPE:
-            return False
-        names = [n for n in self.names if n in r.resource_names]
-        if len(names) != len(r.resource_names) and not stream.warned_names:
+    def _on_request(self, stream: _Stream, requested: list[str], nonce: str, nack: str | None,
+                    version_info: str) -> bool | str:
+        """Handle one request for ``requested`` (the stream's names now), answering ``nonce``
+        (a NACK with message ``nack``; an ACK of ``version_info``); True: send what the
+        stream lacks; "withdraw": a NACK."""
+        names = [n for n in self.names if n in requested]
+        if len(names) != len(requested) and not stream.warned_names:
             stream.warned_names = True  # e.g. a gateway rendered with another shard count
             log.warning("Envoy %s subscribes to fast-path resources this server does not serve: %s "
                         "(served: %s); those filters keep their default (every call to ext_authz)",
-                        stream.status.node, sorted(set(r.resource_names) - set(names)), self.names)
+                        stream.status.node, sorted(set(requested) - set(names)), self.names)
         added = bool(set(names) - set(stream.names))
         stream.names = names
         if not names:
             return False
-        if added or not r.response_nonce:
+        if added or not nonce:
             return True
-        nack = r.HasField("error_detail") and r.error_detail.code != 0
-        if r.response_nonce != stream.nonce and not nack:
+        if nonce != stream.nonce and nack is None:
             return False  # an answer to an older response: superseded
-        if nack:
+        if nack is not None:
             stream.status.nacks += 1
-            stream.status.last_nack = r.error_detail.message[:500]
+            stream.status.last_nack = nack[:500]
             self._on_event("nack", stream.status.node)
             log.error("Envoy %s rejected fast-path version %s: %s; withdrawing the fast path there",
-                      stream.status.node, stream.nonce_version, r.error_detail.message[:500])
+                      stream.status.node, stream.nonce_version, nack[:500])
             if stream.status.withdrawn:
                 return False  # the empty policy itself was refused: nothing narrower to send
             stream.status.withdrawn = True
             return "withdraw"
-        stream.status.acked_version = r.version_info
-        stream.status.acked_source = stream.sent_source if r.version_info == stream.nonce_version else None
+        stream.status.acked_version = version_info
+        stream.status.acked_source = stream.sent_source if version_info == stream.nonce_version else None
         self._on_event("ack", stream.status.node)
         return False
 
@@ -347,26 +370,77 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             changed = {n: self._shards[n]}
         return changed
 
-    def _response(self, stream: _Stream, version: str, shards: Mapping[str, Shard],
-                  source: PolicySource | None = None) -> discovery_pb2.DiscoveryResponse:
+    def _response(self, stream: _Stream, protocol: _Protocol, version: str, shards: Mapping[str, Shard],
+                  source: PolicySource | None = None, *, heartbeat: bool = False) -> Any:
         """A response carrying ``shards`` (each resource's version and config; together the
-        policy ``version``, compiled from ``source``), each valid for the TTL."""
+        policy ``version``, compiled from ``source``), each valid for the TTL; a
+        ``heartbeat`` renews their TTLs (with their bodies where the protocol needs them)."""
         resources = []
         for name, (shard_version, rbac) in shards.items():
             resource = discovery_pb2.Resource(name=name, version=shard_version, ttl=_duration(self.ttl_s))
-            config = extension_pb2.TypedExtensionConfig(name=name)
-            config.typed_config.Pack(rbac)
-            resource.resource.Pack(config)
-            wrapped = any_pb2.Any()
-            wrapped.Pack(resource)
-            resources.append(wrapped)
+            if not (heartbeat and protocol.bodiless_heartbeats):
+                config = extension_pb2.TypedExtensionConfig(name=name)
+                config.typed_config.Pack(rbac)
+                resource.resource.Pack(config)
+            resources.append(resource)
             stream.sent[name] = (shard_version, rbac)
         stream.sent_source = source
         stream.nonce = str(next(self._nonces))
         stream.nonce_version = version
         stream.status.sent_version = version
-        return discovery_pb2.DiscoveryResponse(version_info=version, type_url=ECDS_TYPE,
-                                               nonce=stream.nonce, resources=resources)
+        return protocol.response(version, stream.nonce, resources)
+
+
+class _Protocol:
+    """What differs between state-of-the-world and delta ADS for this server."""
+
+    #: Envoy renews a resource's TTL from a body-less copy (delta only, in Envoy 1.40).
+    bodiless_heartbeats = False
+
+    def names(self, current: list[str], request: Any) -> list[str]:
+        """The resource names the stream asks for after ``request``."""
+        raise NotImplementedError
+
+    def acked_version(self, stream: _Stream, request: Any) -> str:
+        raise NotImplementedError
+
+    def response(self, version: str, nonce: str, resources: list[discovery_pb2.Resource]) -> Any:
+        raise NotImplementedError
+
+
+class _SotW(_Protocol):
+    def names(self, current: list[str], request: discovery_pb2.DiscoveryRequest) -> list[str]:
+        return list(request.resource_names)  # the whole list, every time
+
+    def acked_version(self, stream: _Stream, request: discovery_pb2.DiscoveryRequest) -> str:
+        return str(request.version_info)
+
+    def response(self, version: str, nonce: str, resources: list[discovery_pb2.Resource]
+                 ) -> discovery_pb2.DiscoveryResponse:
+        wrapped = []
+        for resource in resources:
+            any_ = any_pb2.Any()
+            any_.Pack(resource)
+            wrapped.append(any_)
+        return discovery_pb2.DiscoveryResponse(version_info=version, type_url=ECDS_TYPE, nonce=nonce,
+                                               resources=wrapped)
+
+
+class _Delta(_Protocol):
+    bodiless_heartbeats = True
+
+    def names(self, current: list[str], request: discovery_pb2.DeltaDiscoveryRequest) -> list[str]:
+        gone = set(request.resource_names_unsubscribe)
+        names = [n for n in current if n not in gone]
+        return names + [n for n in request.resource_names_subscribe if n not in names and n not in gone]
+
+    def acked_version(self, stream: _Stream, request: discovery_pb2.DeltaDiscoveryRequest) -> str:
+        return stream.nonce_version  # a delta ACK names the response (nonce), not a version
+
+    def response(self, version: str, nonce: str, resources: list[discovery_pb2.Resource]
+                 ) -> discovery_pb2.DeltaDiscoveryResponse:
+        return discovery_pb2.DeltaDiscoveryResponse(system_version_info=version, type_url=ECDS_TYPE, nonce=nonce,
+                                                    resources=resources)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

@@ -179,6 +179,8 @@ class Gateway:
     fast_path_audit_file: str | None = None
     #: The policy in this many parts (the server's fast_path.shards, the same number).
     fast_path_shards: int = 1
+    #: Envoy asks for the policy over incremental (delta) ADS: body-less TTL refreshes.
+    fast_path_delta_xds: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,7 +312,7 @@ _GATEWAY_KEYS = {
     "upstream_max_requests": "circuit breaker: concurrent requests per upstream",
     "access_log": "path of the JSON access log (default /dev/stdout)",
     "fast_path": "true, or {principal_claim: CLAIM, audit_flush: DURATION, audit_buffer_bytes: N, "
-                 "audit_file: PATH, shards: N}: Envoy's "
+                 "audit_file: PATH, shards: N, delta_xds: BOOL}: Envoy's "
                  "RBAC filter, fed over xDS by the ext_authz server (fast_path.enabled), allows static calls "
                  "without a Check; each allow is audited through Envoy's access log to that server",
 }
@@ -412,7 +414,9 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
                 "audit_file": "absolute path: fast-path allows go to this file (Envoy's file access log, "
                               "the server's fast_path.audit_file) instead of the gRPC access log",
                 "shards": "the policy in this many parts, by a hash of the caller (the server's "
-                          "fast_path.shards, the same number; default 1)"})
+                          "fast_path.shards, the same number; default 1)",
+                "delta_xds": "true: Envoy asks for the policy over incremental ADS (TTL refreshes "
+                             "without the policy's bytes; default false)"})
             kw["fast_path"] = True
             if "principal_claim" in m:
                 kw["fast_path_claim"] = r.string(m["principal_claim"], "gateway.fast_path.principal_claim",
@@ -427,6 +431,8 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
                                                       _ABSOLUTE, "an absolute path")
             if "shards" in m:
                 kw["fast_path_shards"] = r.integer(m["shards"], "gateway.fast_path.shards", 1, MAX_SHARDS)
+            if "delta_xds" in m:
+                kw["fast_path_delta_xds"] = r.boolean(m["delta_xds"], "gateway.fast_path.delta_xds")
         else:
             kw["fast_path"] = r.boolean(fp, "gateway.fast_path")
     return Gateway(**kw)
@@ -869,7 +875,7 @@ def render(catalog: Catalog) -> dict:
     return with_fast_path(bootstrap, xds_cluster="ext_authz", claim=g.fast_path_claim,
                           audit_flush_interval_s=g.fast_path_audit_flush,
                           audit_buffer_bytes=g.fast_path_audit_buffer_bytes, audit_file=g.fast_path_audit_file,
-                          shards=g.fast_path_shards)
+                          shards=g.fast_path_shards, delta_xds=g.fast_path_delta_xds)
 
 
 def _without_fast_path_route_configs(bootstrap: dict) -> dict:

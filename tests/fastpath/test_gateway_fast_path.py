@@ -72,14 +72,14 @@ def upstream_metadata(result) -> dict[str, str]:
     return json.loads(result.replies[0]["message"])["metadata"]
 
 
-@pytest.mark.parametrize("shards", [1, 4])
-def test_fast_path_through_the_gateway(tmp_path, pg_dsn, shards: int) -> None:
+@pytest.mark.parametrize(("shards", "delta_xds"), [(1, False), (4, False), (4, True)])
+def test_fast_path_through_the_gateway(tmp_path, pg_dsn, shards: int, delta_xds: bool) -> None:
     """The same with the policy whole and in 4 parts (each call decided by the part its
-    verified claim hashes to; alice and bob are in different parts)."""
+    verified claim hashes to; alice and bob are in different parts), and over delta ADS."""
     assert shard_of("alice", 4) != shard_of("bob", 4)
     grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER),
               Grant("bob", Role.CONTRIBUTOR, ACCOUNTS)]
-    with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True,
+    with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True, fast_path_delta_xds=delta_xds,
                       extauthz={"fast_path.modes_check_s": 0.2, "fast_path.debounce_s": 0.05,
                                 "fast_path.shards": shards}) as gw:
         # The first call learns the mode through ext_authz; soon Envoy answers it alone.

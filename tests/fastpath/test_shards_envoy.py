@@ -33,11 +33,11 @@ SHARDS = 4
 NAMES = shard_names(SHARDS)
 
 
-def _envoy_config(xds_port: int, log: pathlib.Path) -> dict[str, Any]:
+def _envoy_config(xds_port: int, log: pathlib.Path, api_type: str = "GRPC") -> dict[str, Any]:
     return {
         "node": {"id": "shard-gw", "cluster": "shard-gw"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
-        "dynamic_resources": {"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+        "dynamic_resources": {"ads_config": {"api_type": api_type, "transport_api_version": "V3",
                                              "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}},
         "layered_runtime": {"layers": [{"name": "re2", "static_layer": {
             "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE}}]},
@@ -80,10 +80,23 @@ def _allow_all(name: str) -> http_rbac_pb2.RBAC:
     return rbac
 
 
+class Recording(FastPathXds):
+    """The ADS server, keeping every response it sends."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.sent: list[Any] = []
+
+    def _response(self, *args: Any, **kw: Any) -> Any:
+        r = super()._response(*args, **kw)
+        self.sent.append(r)
+        return r
+
+
 class Stack:
-    def __init__(self, tmp: pathlib.Path) -> None:
-        self.tmp, self.port = tmp, free_port()
-        self.xds = FastPathXds(ttl_s=30, names=NAMES)
+    def __init__(self, tmp: pathlib.Path, api_type: str = "GRPC", ttl_s: float = 30) -> None:
+        self.tmp, self.port, self.api_type = tmp, free_port(), api_type
+        self.xds = Recording(ttl_s=ttl_s, names=NAMES)
         self.log = tmp / "access.log"
         self.server: grpc.aio.Server | None = None
         self.envoy: EnvoyProcess | None = None
@@ -93,7 +106,8 @@ class Stack:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self.server.start()
-        self.envoy = await asyncio.to_thread(lambda: EnvoyProcess(_envoy_config(self.port, self.log), self.tmp).wait_ready())
+        self.envoy = await asyncio.to_thread(
+            lambda: EnvoyProcess(_envoy_config(self.port, self.log, self.api_type), self.tmp).wait_ready())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -138,8 +152,9 @@ class Stack:
         raise TimeoutError(f"Envoy never ACKed {version}: {self.xds.status()}")
 
 
-async def test_envoy_runs_the_shard_shard_of_names(tmp_path: pathlib.Path) -> None:
-    async with Stack(tmp_path) as s:
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+async def test_envoy_runs_the_shard_shard_of_names(tmp_path: pathlib.Path, api_type: str) -> None:
+    async with Stack(tmp_path, api_type) as s:
         s.xds.publish_shards("1", {n: ("1", _allow_all(n)) for n in NAMES})
         await s.acked("1")
         principals = [f"eng{i}@example.com" for i in range(40)] + ["alice", "ß@例え.jp", "a b"]
@@ -154,8 +169,10 @@ async def test_envoy_runs_the_shard_shard_of_names(tmp_path: pathlib.Path) -> No
         assert dry["fast_path"] in (None, "-", "") and dry["fast_path_policy"] in (None, "-", "")
 
 
-async def test_a_publish_sends_only_the_changed_shards_and_a_nack_withdraws_all(tmp_path: pathlib.Path) -> None:
-    async with Stack(tmp_path) as s:
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
+async def test_a_publish_sends_only_the_changed_shards_and_a_nack_withdraws_all(tmp_path: pathlib.Path,
+                                                                               api_type: str) -> None:
+    async with Stack(tmp_path, api_type) as s:
         s.xds.publish_shards("1", {n: ("1", _allow_all(f"{n}@1")) for n in NAMES})
         await s.acked("1")
         before = s.reloads()
@@ -188,4 +205,33 @@ async def test_a_publish_sends_only_the_changed_shards_and_a_nack_withdraws_all(
             await asyncio.sleep(0.05)
         assert node.nacks == 1 and node.withdrawn and ".empty." in node.acked_version, node
         lines = await s.calls([by_shard[k] for k in range(SHARDS)])
+        assert [ln["fast_path"] for ln in lines] == ["denied"] * SHARDS, lines
+
+
+async def test_delta_heartbeats_renew_the_ttl_without_bodies_and_a_dead_server_withdraws(tmp_path: pathlib.Path) -> None:
+    """Over incremental ADS the TTL refresh is a body-less copy of each resource: Envoy keeps
+    the policy well past the TTL without reloading it; once the server is gone, it drops
+    every shard at the TTL (calls shadow-denied: ext_authz decides)."""
+    ttl = 2.0
+    async with Stack(tmp_path, "DELTA_GRPC", ttl_s=ttl) as s:
+        s.xds.publish_shards("1", {n: ("1", _allow_all(f"{n}@1")) for n in NAMES})
+        await s.acked("1")
+        reloads = s.reloads()
+        by_shard = [next(f"eng{i}" for i in range(100) if shard_of(f"eng{i}", SHARDS) == k) for k in range(SHARDS)]
+        sent_before = len(s.xds.sent)
+        await asyncio.sleep(ttl * 2.5)
+        heartbeats = s.xds.sent[sent_before:]
+        assert len(heartbeats) >= 3, heartbeats
+        for h in heartbeats:
+            assert {r.name for r in h.resources} == set(NAMES) and not any(r.HasField("resource") for r in h.resources)
+            assert all(r.ttl.seconds == 2 for r in h.resources)
+        assert s.reloads() == reloads  # renewed, not reloaded
+        lines = await s.calls(by_shard)
+        assert [ln["fast_path_policy"] for ln in lines] == [f"{n}@1" for n in NAMES]
+
+        assert s.server is not None
+        await s.server.stop(0)
+        s.server = None
+        await asyncio.sleep(ttl + 1.5)
+        lines = await s.calls(by_shard)
         assert [ln["fast_path"] for ln in lines] == ["denied"] * SHARDS, lines

@@ -92,12 +92,14 @@ class GatewayStack:
                  reflection_static: Mapping[str, str] | None = None,
                  with_extauthz: bool = True, tls: bool = True, replicas: int = 1,
                  envoy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 fast_path: bool = False) -> None:
+                 fast_path: bool = False, fast_path_delta_xds: bool = False) -> None:
         self.workdir = pathlib.Path(workdir)
         self.store_url = store_url
         self.grants = list(grants)
         #: The Envoy-native fast path on (Envoy config and server's ``fast_path.enabled``).
         self.fast_path = fast_path
+        #: Envoy asks for the fast path's policy over incremental (delta) ADS.
+        self.fast_path_delta_xds = fast_path_delta_xds
         self.extauthz_extra = ({"fast_path.enabled": True, "fast_path.ttl_s": 3,
                                 "fast_path.expiry_margin_s": 1} if fast_path else {})
         self.extauthz_extra.update(extauthz or {})
@@ -172,7 +174,8 @@ class GatewayStack:
                                  tls_dir=self.tls_certs.directory if self.tls_certs is not None else None,
                                  fast_path=self.fast_path,
                                  fast_path_audit_file=self.extauthz_extra.get("fast_path.audit_file"),
-                                 fast_path_shards=self.extauthz_extra.get("fast_path.shards", 1))
+                                 fast_path_shards=self.extauthz_extra.get("fast_path.shards", 1),
+                                 fast_path_delta_xds=self.fast_path_delta_xds)
             if self.envoy_config is not None:
                 cfg = self.envoy_config(cfg)
             self.envoy = EnvoyProcess(cfg, self.workdir).wait_ready()
