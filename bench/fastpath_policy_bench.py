@@ -102,28 +102,32 @@ def envoy_config(xds_port: int, principal: str) -> dict:
 
 
 class Control:
-    """The ADS server on its own event loop thread."""
+    """The ADS server (serving ``names``) on its own event loop thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: list[str] | None = None, ttl_s: float = 60) -> None:
         self.port = free_port()
-        self.xds = FastPathXds(ttl_s=60)
+        self.xds = FastPathXds(ttl_s=ttl_s, **({"names": names} if names else {}))
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.run(self._start())
 
     async def _start(self) -> None:
-        self.server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 << 20)])
+        self.server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20)])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         await self.server.start()
 
     def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(300)
 
     def push(self, version: str, rbac) -> float:
-        """Seconds from publish to Envoy's ACK of ``version``."""
+        """Seconds from publishing ``rbac`` (the whole policy) to Envoy's ACK of ``version``."""
+        return self.push_shards(version, {self.xds.names[0]: (version, rbac)})
+
+    def push_shards(self, version: str, shards) -> float:
+        """Seconds from publishing ``shards`` (name -> (version, config)) to Envoy's ACK of ``version``."""
         async def publish() -> None:
-            self.xds.publish(version, rbac)
+            self.xds.publish_shards(version, shards)
         t0 = time.perf_counter()
         self.run(publish())
         while not any(s.acked_version == version for s in self.xds.status()):
@@ -131,6 +135,10 @@ class Control:
                 raise RuntimeError(f"Envoy refused the policy: {self.xds.status()[0].last_nack}")
             time.sleep(0.001)
         return time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self.run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def envoy_memory(admin_port: int) -> int:

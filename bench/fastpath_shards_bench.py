@@ -18,11 +18,9 @@ of the dispatch is in bench/envoy_instructions.py (``fast_sharded_no_audit``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import pathlib
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -32,52 +30,17 @@ for p in (ROOT, ROOT / "bench"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import grpc  # noqa: E402
-from envoy.service.discovery.v3 import ads_pb2_grpc  # noqa: E402
-from fastpath_policy_bench import envoy_config, envoy_memory, organisation  # noqa: E402
+from fastpath_policy_bench import Control, envoy_config, envoy_memory, organisation  # noqa: E402
 
 from devstack.processes import EnvoyProcess  # noqa: E402
 from fastpath.compile import CompiledPolicy, compile_shards, shard_names, shard_of  # noqa: E402
 from fastpath.envoy_config import dispatch_filter, rbac_filter  # noqa: E402
-from fastpath.xds import FastPathXds  # noqa: E402
 from policy import Grant, GrantSet, Mode, Role  # noqa: E402
 from policy.grant_delta import GrantChange, GrantDelta  # noqa: E402
 
 
-class Control:
-    """The ADS server serving ``names``, on its own event loop thread."""
-
-    def __init__(self, port: int, names: list[str]) -> None:
-        self.port = port
-        self.xds = FastPathXds(ttl_s=600, names=names)
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.run(self._start())
-
-    async def _start(self) -> None:
-        self.server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 << 20)])
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await self.server.start()
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(300)
-
-    def push(self, version: str, parts: list[CompiledPolicy]) -> float:
-        """Seconds from publish to Envoy's ACK of ``version``."""
-        async def publish() -> None:
-            self.xds.publish_shards(version, {n: (p.version, p.rbac) for n, p in zip(self.xds.names, parts, strict=True)})
-        t0 = time.perf_counter()
-        self.run(publish())
-        while not any(s.acked_version == version for s in self.xds.status()):
-            if any(s.nacks for s in self.xds.status()):
-                raise RuntimeError(f"Envoy refused the policy: {self.xds.status()[0].last_nack}")
-            time.sleep(0.001)
-        return time.perf_counter() - t0
-
-    def stop(self) -> None:
-        self.run(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+def as_shards(control: Control, parts: list[CompiledPolicy]) -> dict[str, tuple[str, Any]]:
+    return {n: (p.version, p.rbac) for n, p in zip(control.xds.names, parts, strict=True)}
 
 
 def sharded_envoy_config(xds_port: int, principal: str, shards: int) -> dict[str, Any]:
@@ -96,12 +59,11 @@ def one(shards: int, modes: dict, grants: GrantSet, people: list[str], work: pat
     parts = compile_shards(modes, grants, now, version="1", **kw)
     fig = {"compile (s)": time.perf_counter() - t0, "policy (MB)": sum(p.size_bytes for p in parts) / 1e6,
            "largest part (MB)": max(p.size_bytes for p in parts) / 1e6}
-    from devstack.processes import free_port
-    control = Control(free_port(), shard_names(shards))
+    control = Control(shard_names(shards), ttl_s=600)
     envoy = EnvoyProcess(sharded_envoy_config(control.port, people[0], shards), work / f"k{shards}",
                          log_level="error").wait_ready()
     try:
-        fig["publish -> ACK, whole (s)"] = control.push("1", parts)
+        fig["publish -> ACK, whole (s)"] = control.push_shards("1", as_shards(control, parts))
         fig["Envoy memory (MB)"] = envoy_memory(envoy.admin_port) / 1e6
         changes = {
             "new engineer": GrantChange(Grant("new-hire@corp.example", Role.ENGINEER)),
@@ -119,7 +81,7 @@ def one(shards: int, modes: dict, grants: GrantSet, people: list[str], work: pat
             assert len(changed) == 1 and parts2.index(changed[0]) == shard_of(change.grant.principal, shards), changed
             fig[f"{what}: parts sent"] = len(changed)
             fig[f"{what}: bytes sent (MB)"] = sum(p.size_bytes for p in changed) / 1e6
-            fig[f"{what}: publish -> ACK (s)"] = control.push(str(version), parts2)
+            fig[f"{what}: publish -> ACK (s)"] = control.push_shards(str(version), as_shards(control, parts2))
             parts = parts2
     finally:
         envoy.stop()

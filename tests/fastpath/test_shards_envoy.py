@@ -23,9 +23,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import any_pb2
 
 from devstack.processes import EnvoyProcess, free_port
-from fastpath.compile import RESOURCE_NAME, SHADOW_PREFIX, shard_names, shard_of
-from fastpath.envoy_config import ACCESS_LOG_FIELDS, PRINCIPAL_HEADER, RE2_MAX_PROGRAM_SIZE, dispatch_filter
+from fastpath.compile import SHADOW_PREFIX, shard_names, shard_of
+from fastpath.envoy_config import PRINCIPAL_HEADER, dispatch_filter
 from fastpath.xds import FastPathXds
+from tests.support.xds_envoy import xds_envoy_config
 
 pytestmark = pytest.mark.envoy
 
@@ -34,42 +35,8 @@ NAMES = shard_names(SHARDS)
 
 
 def _envoy_config(xds_port: int, log: pathlib.Path, api_type: str = "GRPC") -> dict[str, Any]:
-    return {
-        "node": {"id": "shard-gw", "cluster": "shard-gw"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
-        "dynamic_resources": {"ads_config": {"api_type": api_type, "transport_api_version": "V3",
-                                             "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}},
-        "layered_runtime": {"layers": [{"name": "re2", "static_layer": {
-            "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE}}]},
-        "static_resources": {
-            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1",
-                                                                        "port_value": free_port()}},
-                           "filter_chains": [{"filters": [{
-                               "name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                                   "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                                   "stat_prefix": "t",
-                                   "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-                                       "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                                       "path": str(log), "log_format": {"json_format": {
-                                           **ACCESS_LOG_FIELDS, "principal": f"%REQ({PRINCIPAL_HEADER})%"}}}}],
-                                   "http_filters": [
-                                       dispatch_filter(SHARDS),
-                                       {"name": "envoy.filters.http.router", "typed_config": {
-                                           "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                                   "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [
-                                       # A dry-run service's route, as `mpactl envoy render` makes it.
-                                       {"match": {"prefix": "/dry.v1.S/"}, "direct_response": {"status": 200},
-                                        "typed_per_filter_config": {RESOURCE_NAME: {
-                                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-                                            "disabled": True}}},
-                                       {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]}}}]}]}],
-            "clusters": [{"name": "xds", "type": "STATIC", "connect_timeout": "0.25s",
-                          "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                              "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                              "explicit_http_config": {"http2_protocol_options": {}}}},
-                          "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                              "address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}]}}]},
-    }
+    return xds_envoy_config(xds_port, log, [dispatch_filter(SHARDS)], node="shard-gw", api_type=api_type,
+                            log_fields={"principal": f"%REQ({PRINCIPAL_HEADER})%"})
 
 
 def _allow_all(name: str) -> http_rbac_pb2.RBAC:

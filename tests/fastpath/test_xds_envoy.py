@@ -20,11 +20,12 @@ from envoy.extensions.matching.input_matchers.metadata.v3 import metadata_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from devstack.processes import EnvoyProcess, free_port
-from fastpath.compile import RESOURCE_NAME, compile_policy
-from fastpath.envoy_config import ACCESS_LOG_FIELDS, RE2_MAX_PROGRAM_SIZE, rbac_filter
+from fastpath.compile import compile_policy
+from fastpath.envoy_config import rbac_filter
 from fastpath.xds import FastPathXds, PolicySource
 from policy import Grant, GrantSet, Mode, Role
 from reflection_cache.types import ServiceModes
+from tests.support.xds_envoy import xds_envoy_config
 
 pytestmark = pytest.mark.envoy
 
@@ -34,45 +35,10 @@ TTL = 2.0
 
 
 def _envoy_config(xds_port: int, log: pathlib.Path) -> dict[str, Any]:
-    return {
-        "node": {"id": "test-gw", "cluster": "test-gw"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}}},
-        "dynamic_resources": {"ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
-                                             "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]}},
-        "layered_runtime": {"layers": [{"name": "re2", "static_layer": {
-            "re2.max_program_size.error_level": RE2_MAX_PROGRAM_SIZE}}]},
-        "static_resources": {
-            "listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1",
-                                                                        "port_value": free_port()}},
-                           "filter_chains": [{"filters": [{
-                               "name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                                   "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                                   "stat_prefix": "t",
-                                   "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-                                       "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                                       "path": str(log), "log_format": {"json_format": dict(ACCESS_LOG_FIELDS)}}}],
-                                   "http_filters": [
-                                       {"name": "envoy.filters.http.set_metadata", "typed_config": {
-                                           "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
-                                           "metadata": [{"metadata_namespace": "envoy.filters.http.jwt_authn",
-                                                         "value": {"jwt_payload": {"sub": "alice"}}}]}},
-                                       rbac_filter(),
-                                       {"name": "envoy.filters.http.router", "typed_config": {
-                                           "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                                   "route_config": {"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [
-                                       # A dry-run service's route, as `mpactl envoy render` makes it.
-                                       {"match": {"prefix": "/dry.v1.S/"}, "direct_response": {"status": 200},
-                                        "typed_per_filter_config": {RESOURCE_NAME: {
-                                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-                                            "disabled": True}}},
-                                       {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]}}}]}]}],
-            "clusters": [{"name": "xds", "type": "STATIC", "connect_timeout": "0.25s",
-                          "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                              "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                              "explicit_http_config": {"http2_protocol_options": {}}}},
-                          "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                              "address": {"socket_address": {"address": "127.0.0.1", "port_value": xds_port}}}}]}]}}]},
-    }
+    alice = {"name": "envoy.filters.http.set_metadata", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+        "metadata": [{"metadata_namespace": "envoy.filters.http.jwt_authn", "value": {"jwt_payload": {"sub": "alice"}}}]}}
+    return xds_envoy_config(xds_port, log, [alice, rbac_filter()])
 
 
 class Harness:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 from envoy.config.core.v3 import extension_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
@@ -56,7 +57,9 @@ class Client:
         return resp, versions
 
 
-async def test_subscriptions_partial_responses_and_a_superseded_nack() -> None:
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[FastPathXds, Client]]:
+    """The ADS server (serving ``NAMES``) and one scripted client's stream to it."""
     xds = FastPathXds(ttl_s=30, names=NAMES)
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
@@ -65,69 +68,63 @@ async def test_subscriptions_partial_responses_and_a_superseded_nack() -> None:
     await server.start()
     c = Client(port)
     try:
-        xds.publish_shards("1", {n: ("1", empty_policy()) for n in NAMES})
-        # Envoy subscribes as its filters come up: one name, then all; each is sent once.
-        await c.ask(NAMES[:1])
-        r1, got = await c.response()
-        assert got == {NAMES[0]: "1"} and r1.version_info == "1"
-        await c.ask(NAMES, nonce=r1.nonce, version="1")
-        r2, got = await c.response()
-        assert got == {NAMES[1]: "1", NAMES[2]: "1"}
-        await c.ask(NAMES, nonce=r2.nonce, version="1")
-
-        # A publish changing shard 2 sends shard 2; another right after changes shard 0.
-        xds.publish_shards("2", {NAMES[0]: ("1", empty_policy()), NAMES[1]: ("1", empty_policy()),
-                                 NAMES[2]: ("2", empty_policy())})
-        r3, got = await c.response()
-        assert got == {NAMES[2]: "2"} and r3.version_info == "2"
-        xds.publish_shards("3", {NAMES[0]: ("3", empty_policy()), NAMES[1]: ("1", empty_policy()),
-                                 NAMES[2]: ("2", empty_policy())})
-        r4, got = await c.response()
-        assert got == {NAMES[0]: "3"}
-        # Envoy refuses r3 (already superseded by r4): still a withdrawal of every shard.
-        await c.ask(NAMES, nonce=r3.nonce, version="1", error="refused shard 2")
-        r5, got = await c.response()
-        assert set(got) == set(NAMES) and len(set(got.values())) == 1 and ".empty." in r5.version_info
-        [status] = xds.status()
-        assert status.withdrawn and status.nacks == 1 and status.last_nack == "refused shard 2"
-        # The next publish sends every shard again (Envoy holds the empty policy in each).
-        await c.ask(NAMES, nonce=r5.nonce, version=r5.version_info)
-        xds.publish_shards("4", {n: ("4" if n == NAMES[1] else v, empty_policy())
-                                 for n, v in zip(NAMES, ("3", "1", "2"), strict=True)})
-        _, got = await c.response()
-        assert got == {NAMES[0]: "3", NAMES[1]: "4", NAMES[2]: "2"}
+        yield xds, c
     finally:
         c.call.cancel()
         await c.channel.close()
         await server.stop(0)
 
 
-async def test_an_envoy_rendered_for_other_shards_gets_nothing_and_is_logged(caplog) -> None:
+async def test_subscriptions_partial_responses_and_a_superseded_nack(served) -> None:
+    xds, c = served
+    xds.publish_shards("1", {n: ("1", empty_policy()) for n in NAMES})
+    # Envoy subscribes as its filters come up: one name, then all; each is sent once.
+    await c.ask(NAMES[:1])
+    r1, got = await c.response()
+    assert got == {NAMES[0]: "1"} and r1.version_info == "1"
+    await c.ask(NAMES, nonce=r1.nonce, version="1")
+    r2, got = await c.response()
+    assert got == {NAMES[1]: "1", NAMES[2]: "1"}
+    await c.ask(NAMES, nonce=r2.nonce, version="1")
+
+    # A publish changing shard 2 sends shard 2; another right after changes shard 0.
+    xds.publish_shards("2", {NAMES[0]: ("1", empty_policy()), NAMES[1]: ("1", empty_policy()),
+                             NAMES[2]: ("2", empty_policy())})
+    r3, got = await c.response()
+    assert got == {NAMES[2]: "2"} and r3.version_info == "2"
+    xds.publish_shards("3", {NAMES[0]: ("3", empty_policy()), NAMES[1]: ("1", empty_policy()),
+                             NAMES[2]: ("2", empty_policy())})
+    r4, got = await c.response()
+    assert got == {NAMES[0]: "3"}
+    # Envoy refuses r3 (already superseded by r4): still a withdrawal of every shard.
+    await c.ask(NAMES, nonce=r3.nonce, version="1", error="refused shard 2")
+    r5, got = await c.response()
+    assert set(got) == set(NAMES) and len(set(got.values())) == 1 and ".empty." in r5.version_info
+    [status] = xds.status()
+    assert status.withdrawn and status.nacks == 1 and status.last_nack == "refused shard 2"
+    # The next publish sends every shard again (Envoy holds the empty policy in each).
+    await c.ask(NAMES, nonce=r5.nonce, version=r5.version_info)
+    xds.publish_shards("4", {n: ("4" if n == NAMES[1] else v, empty_policy())
+                             for n, v in zip(NAMES, ("3", "1", "2"), strict=True)})
+    _, got = await c.response()
+    assert got == {NAMES[0]: "3", NAMES[1]: "4", NAMES[2]: "2"}
+
+
+async def test_an_envoy_rendered_for_other_shards_gets_nothing_and_is_logged(served, caplog) -> None:
     """A gateway rendered with another shard count subscribes to names this server does not
     serve: it is sent nothing (its filters keep the empty default: every call to ext_authz),
     and the mismatch is logged once."""
-    xds = FastPathXds(ttl_s=30, names=NAMES)
+    xds, c = served
     xds.publish_shards("1", {n: ("1", empty_policy()) for n in NAMES})
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    c = Client(port)
-    try:
-        others = shard_names(2)
-        await c.ask(others)
-        await c.ask(others)
-        reading = asyncio.ensure_future(c.call.read())
-        done, _ = await asyncio.wait({reading}, timeout=0.5)
-        assert not done, "a response for names the server does not serve"
-        warnings = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
-        assert len(warnings) == 1 and all(n in warnings[0] for n in others), warnings
-        # Asking for our names on the same stream: served.
-        await c.ask(NAMES)
-        _, got = await c.response(reading)
-        assert set(got) == set(NAMES)
-    finally:
-        c.call.cancel()
-        await c.channel.close()
-        await server.stop(0)
+    others = shard_names(2)
+    await c.ask(others)
+    await c.ask(others)
+    reading = asyncio.ensure_future(c.call.read())
+    done, _ = await asyncio.wait({reading}, timeout=0.5)
+    assert not done, "a response for names the server does not serve"
+    warnings = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+    assert len(warnings) == 1 and all(n in warnings[0] for n in others), warnings
+    # Asking for our names on the same stream: served.
+    await c.ask(NAMES)
+    _, got = await c.response(reading)
+    assert set(got) == set(NAMES)
