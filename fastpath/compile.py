@@ -288,8 +288,9 @@ def compile_shards(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
     what ``compile_policy`` allows: Envoy runs, for each call, the part its claim hashes to.
 
     ``previous``: the last parts published. A part whose content is unchanged is that
-    previous part (its version too, with this compile's ``recompile_at``), so a grant change is one part's update, not a
-    resend of the whole policy; a changed part is compiled under ``version``.
+    previous part (its version too, with this compile's ``recompile_at``), so a grant change
+    is one part's update, not a resend of the whole policy; a changed part is compiled under
+    ``version``.
     """
     _check_limits(horizon, max_regex_chars)
     if not version:

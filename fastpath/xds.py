@@ -31,10 +31,11 @@ access log: mTLS ``client_names``, unix socket, loopback); a refused stream ends
 UNAUTHENTICATED before anything is sent.
 
 Versions are ``<n>`` for compiled policies (``v<n>/...`` policy names) and ``<n>.empty.<k>``
-for withdrawals; a shard keeps the version it was last changed in. ``status()`` reports what each connected Envoy (node id) has ACKed, and what
-that version was compiled from (``PolicySource``: the grants revision and how many services'
-modes), so a caller can wait for "every Envoy holds a policy compiled from grants revision
->= R" (``acked_grants_revision()``) instead of sleeping.
+for withdrawals; a shard keeps the version it was last changed in. ``status()`` reports what
+each connected Envoy (node id) has ACKed, and what that version was compiled from
+(``PolicySource``: the grants revision and how many services' modes), so a caller can wait
+for "every Envoy holds a policy compiled from grants revision >= R"
+(``acked_grants_revision()``) instead of sleeping.
 """
 from __future__ import annotations
 
