@@ -57,6 +57,12 @@ class Metrics:
             "Envoy fast-path access log entries: received, audited, malformed (not audited), "
             "not_fast_path (not an RBAC allow: not audited), not_audited (audit.allows off).",
             ["result"], registry=r)
+        # The fast path's audit events by how they were made durable (extauthz/spooled_audit.py).
+        self.fast_path_audit_writes = Counter(
+            "rpcauthz_fast_path_audit_writes",
+            "Fast-path audit events by path: direct (one store transaction) or spool (handed to the "
+            "local spool, shipped later: the store failed or was slower than audit.direct_write_ms).",
+            ["path"], registry=r)
         # Envoy's access log streams of fast-path allows, by how they ended (extauthz/access_log.py).
         self.fast_path_als_streams = Counter(
             "rpcauthz_fast_path_als_streams",

@@ -15,8 +15,10 @@ Batches that arrive already encoded (the fast path's access log, ``write_rows``)
 to the store instead, in one transaction whose commit is their durability, while the store
 answers within ``direct_timeout``: no spool write, no ship. A store that fails or is slow sends
 that batch, and every batch after it, through the spool as above until the shipper has
-shipped again (the store answers): the spool is the fallback, never skipped for a batch the
-store did not take. A direct write that timed out may still commit later; the spool's copy is
+shipped spooled events again with every store transaction within ``direct_timeout`` (a
+store that answers, but slowly, keeps the spool): the spool is the fallback, never skipped
+for a batch the store did not take. ``rpcauthz_fast_path_audit_writes_total{path}`` counts
+the events each way. A direct write that timed out may still commit later; the spool's copy is
 then ignored by the store (same id), so nothing is written twice.
 
 So a kill -9 loses no event whose check was answered, and a store outage only makes the
@@ -168,6 +170,7 @@ class SpooledAuditWriter:
             try:
                 async with asyncio.timeout(self._direct_timeout):
                     await asyncio.shield(write)
+                self._metrics.fast_path_audit_writes.labels("direct").inc(len(rows))
                 return
             except TimeoutError:
                 # Still running in its thread: if it commits, the spool's copy is ignored (same ids).
@@ -188,7 +191,9 @@ class SpooledAuditWriter:
             self._join(item, len(rows))
             if not await asyncio.shield(item.taken):
                 raise OSError(f"the audit spool could not write {len(rows)} event(s) (it is full, or its write failed)")
+            self._metrics.fast_path_audit_writes.labels("spool").inc(len(rows))
             return
+        self._metrics.fast_path_audit_writes.labels("spool").inc(len(rows))  # (any dropped: audit_dropped too)
         self.submit_rows(rows)
         await self.acknowledged()
 
@@ -335,19 +340,35 @@ class SpooledAuditWriter:
                 pass
             self._wake_shipper.clear()
             try:
-                await loop.run_in_executor(self._executor, self.replay_once)
+                shipped, slowest = await loop.run_in_executor(self._executor, self._ship_timed)
             except Exception as e:  # the store is away: the events wait in the spool
                 self._direct = False
                 self._metrics.store_errors.labels("append_audit").inc()
                 log.warning("audit events wait in the local spool for the store: %s", e)
             else:
-                if not self._direct and self._direct_timeout > 0:
+                # Only a store seen taking events within direct_timeout gets the direct write
+                # back: a ship of nothing proves nothing, and a store that answers but slower
+                # would cost every batch the full wait before it falls back again.
+                if (not self._direct and self._direct_timeout > 0 and shipped
+                        and slowest <= self._direct_timeout):
                     log.info("the store answers again: fast-path audit events go straight to it")
                     self._direct = True
 
     def replay_once(self) -> int:
         """Ship everything spooled (blocking); returns how many events reached the store."""
-        return self.spool.ship(self._store, MAX_BATCH, on_given_back=self._metrics.approval_uses_given_back.inc)
+        return self._ship_timed()[0]
+
+    def _ship_timed(self) -> tuple[int, float]:
+        """``replay_once``, and the longest one store transaction of it took (seconds)."""
+        slowest, last = 0.0, time.monotonic()
+
+        def batch(_n: int) -> None:
+            nonlocal slowest, last
+            now = time.monotonic()
+            slowest, last = max(slowest, now - last), now
+        shipped = self.spool.ship(self._store, MAX_BATCH, on_batch=batch,
+                                  on_given_back=self._metrics.approval_uses_given_back.inc)
+        return shipped, slowest
 
     async def close(self, timeout: float = 5.0) -> None:
         """Spool what is pending, ship what the store takes within ``timeout``, then stop.

@@ -337,6 +337,67 @@ def test_a_store_down_or_slow_mid_stream_sends_the_fast_path_audit_through_the_s
     asyncio.run(main())
 
 
+def test_a_store_that_answers_slowly_keeps_the_spool_until_it_is_quick_again(tmp_path):
+    """After a direct write timed out, a ship that succeeds but takes longer than
+    ``direct_timeout`` per transaction does not turn the direct write back on (each batch
+    would wait the whole timeout, then fall back); a quick ship does. Each event is counted
+    by the path it took (``rpcauthz_fast_path_audit_writes_total``)."""
+    import asyncio
+
+    async def main() -> None:
+        spool = _CountingSpool(str(tmp_path / "spool.db"), 10_000)
+        store = _Store(open_store(f"sqlite:///{tmp_path / 'store.db'}"))
+        metrics = Metrics()
+        writer = SpooledAuditWriter(store, metrics, spool, 10_000, replay_interval=0.05, direct_timeout=0.2)
+        writer.start()
+        service = AccessLogService(SETTINGS, writer, metrics)
+        msgs = _messages([10, 20, 30, 40, 50])
+
+        def written(path: str) -> float:
+            return metrics.registry.get_sample_value("rpcauthz_fast_path_audit_writes_total", {"path": path}) or 0
+
+        async def shipped() -> None:
+            for _ in range(200):
+                if spool.stats()["depth"] == 0:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the spool was never shipped")
+        try:
+            await _stream(service, msgs[:1])
+            assert (written("direct"), written("spool"), spool.puts) == (10, 0, [])
+            store.slow = 0.5  # answers, but slower than direct_timeout
+            await _stream(service, [_message(*msgs[1].http_logs.log_entry, log_name=LOG_NAME)])
+            assert spool.puts == [20] and written("spool") == 20
+            await shipped()  # a slow ship: it worked, but proves the store is not quick
+            await asyncio.sleep(0.3)
+            assert not writer._direct
+            store.writes.clear()
+            await _stream(service, [_message(*msgs[2].http_logs.log_entry, log_name=LOG_NAME)])
+            assert spool.puts == [20, 30] and written("direct") == 10  # no direct attempt first
+            await shipped()
+            # Quick again: the next spooled events ship quickly, and that gives it back (an
+            # empty spool's ship proves nothing, so it takes events to see it).
+            store.slow = 0.0
+            await _stream(service, [_message(*msgs[3].http_logs.log_entry, log_name=LOG_NAME)])
+            assert spool.puts == [20, 30, 40]
+            await shipped()
+            for _ in range(200):
+                if writer._direct:
+                    break
+                await asyncio.sleep(0.05)
+            assert writer._direct, "a quick ship gives the direct write back"
+            await _stream(service, [_message(*msgs[4].http_logs.log_entry, log_name=LOG_NAME)])
+            assert (written("direct"), written("spool"), spool.puts) == (60, 90, [20, 30, 40])
+            await writer.close()
+            ids = [e.id for e in store.list_audit(limit=10_000)]
+            assert len(ids) == len(set(ids)) == 150
+        finally:
+            spool.close()
+            store.close()
+
+    asyncio.run(main())
+
+
 def test_how_each_access_log_stream_ended_is_counted(tmp_path):
     """How each stream ended is counted: its messages ended (``closed``: Envoy closed it or went
     away), the RPC was cancelled (a reset, this server stopping), or this server failed it
