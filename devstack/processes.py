@@ -92,7 +92,7 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
                    tls_dir: str | os.PathLike | None = None,
                    template: pathlib.Path = GATEWAY_YAML,
                    fast_path: bool = False, fast_path_audit_file: str | os.PathLike | None = None,
-                   fast_path_shards: int = 1, fast_path_delta_xds: bool = False) -> dict[str, Any]:
+                   fast_path_shards: int = 1, fast_path_delta_xds: bool = True) -> dict[str, Any]:
     """``envoy/gateway.yaml`` with its ports replaced; returns the config as a dict.
 
     ``upstreams`` maps cluster names (``demo_accounts``, ``demo_ledger``) to ports.
@@ -105,8 +105,8 @@ def render_gateway(*, listen_port: int, admin_port: int, extauthz_port: int | Se
     ``fast_path`` adds the Envoy-native fast path (``fastpath.envoy_config.with_fast_path``:
     RBAC over ADS from the ext_authz cluster ahead of ext_authz), its audit to
     ``fast_path_audit_file`` (Envoy's file access log) if given, else over ALS, its policy in
-    ``fast_path_shards`` parts (the server's ``fast_path.shards``), over incremental ADS with
-    ``fast_path_delta_xds``.
+    ``fast_path_shards`` parts (the server's ``fast_path.shards``), over incremental ADS unless
+    ``fast_path_delta_xds`` is False (state of the world).
     """
     try:
         cfg = copy.deepcopy(yaml.safe_load(template.read_text()))

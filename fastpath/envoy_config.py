@@ -267,7 +267,7 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
                    node_id: str = "rpcauthz-gateway", claim: str = "sub", log_name: str = LOG_NAME,
                    audit_flush_interval_s: float = AUDIT_FLUSH_INTERVAL_S,
                    audit_buffer_bytes: int = AUDIT_BUFFER_BYTES, audit_file: str | None = None,
-                   shards: int = 1, delta_xds: bool = False) -> dict[str, Any]:
+                   shards: int = 1, delta_xds: bool = True) -> dict[str, Any]:
     """A copy of ``bootstrap`` with the fast path wired into every HTTP connection manager
     that has the ext_authz filter, each with the access log of its fast-path allows to
     ``xds_cluster`` (the ext_authz server, which audits them), or with ``audit_file`` to that
@@ -275,8 +275,9 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
 
     ``shards`` > 1 (the server's ``fast_path.shards``, the same number): the policy comes in
     that many parts, chosen per call by the claim (``dispatch_filter``); the client-header
-    strip then runs first and jwt_authn sets the claim header. ``delta_xds``: Envoy asks for
-    the policy over incremental ADS (``DELTA_GRPC``), whose TTL refresh carries no bodies.
+    strip then runs first and jwt_authn sets the claim header. ``delta_xds`` (the default): Envoy
+    asks for the policy over incremental ADS (``DELTA_GRPC``), whose TTL refresh carries no
+    bodies; False: state of the world (``GRPC``), which re-sends every body each refresh.
     Raises ``ValueError`` if there is no such connection manager (or, sharded, no jwt_authn
     ahead of ext_authz)."""
     shard_names(shards)  # the bounds
@@ -352,7 +353,7 @@ HEADER = """\
 # every TUNE: line of gateway.yaml applies here too (comments are in gateway.yaml).
 #
 # Request path:  client -> jwt_authn -> rpcauthz_strip_client_headers (drop client x-rpcauthz-*)
-#   -> rpcauthz_fast_path (RBAC, a shadow matcher only, config from the ext_authz server over ADS;
+#   -> rpcauthz_fast_path (RBAC, a shadow matcher only, config from the ext_authz server over delta ADS;
 #      ENGINEERS_/CONTRIBUTORS_WITHOUT_APPROVAL calls of eligible callers are "allowed")
 #   -> ext_authz (in Envoy's composite filter: made only when the shadow result is not "allowed")
 #   -> router

@@ -179,8 +179,9 @@ class Gateway:
     fast_path_audit_file: str | None = None
     #: The policy in this many parts (the server's fast_path.shards, the same number).
     fast_path_shards: int = 1
-    #: Envoy asks for the policy over incremental (delta) ADS: body-less TTL refreshes.
-    fast_path_delta_xds: bool = False
+    #: Envoy asks for the policy over incremental (delta) ADS: body-less TTL refreshes
+    #: (false: state of the world, every body again at each refresh).
+    fast_path_delta_xds: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,8 +416,8 @@ def _gateway(r: _Reader, node: yaml.Node) -> Gateway:
                               "the server's fast_path.audit_file) instead of the gRPC access log",
                 "shards": "the policy in this many parts, by a hash of the caller (the server's "
                           "fast_path.shards, the same number; default 1)",
-                "delta_xds": "true: Envoy asks for the policy over incremental ADS (TTL refreshes "
-                             "without the policy's bytes; default false)"})
+                "delta_xds": "Envoy asks for the policy over incremental ADS (TTL refreshes without "
+                             "the policy's bytes; default true; false: state of the world)"})
             kw["fast_path"] = True
             if "principal_claim" in m:
                 kw["fast_path_claim"] = r.string(m["principal_claim"], "gateway.fast_path.principal_claim",

@@ -429,6 +429,6 @@ def test_fast_path_shards_render_the_dispatch_and_are_checked():
     for bad in ("0", "65", "two"):
         with pytest.raises(CatalogError, match="gateway.fast_path.shards must be a whole number from 1 to 64"):
             parse_catalog(CATALOG.replace("  jwt:\n", f"  fast_path: {{shards: {bad}}}\n  jwt:\n", 1))
-    assert cfg["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
-    delta = render(parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {delta_xds: true}\n  jwt:\n", 1)))
-    assert delta["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert cfg["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"  # the default
+    sotw = render(parse_catalog(CATALOG.replace("  jwt:\n", "  fast_path: {delta_xds: false}\n  jwt:\n", 1)))
+    assert sotw["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"

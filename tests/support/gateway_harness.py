@@ -92,13 +92,13 @@ class GatewayStack:
                  reflection_static: Mapping[str, str] | None = None,
                  with_extauthz: bool = True, tls: bool = True, replicas: int = 1,
                  envoy_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 fast_path: bool = False, fast_path_delta_xds: bool = False) -> None:
+                 fast_path: bool = False, fast_path_delta_xds: bool = True) -> None:
         self.workdir = pathlib.Path(workdir)
         self.store_url = store_url
         self.grants = list(grants)
         #: The Envoy-native fast path on (Envoy config and server's ``fast_path.enabled``).
         self.fast_path = fast_path
-        #: Envoy asks for the fast path's policy over incremental (delta) ADS.
+        #: Envoy asks for the fast path's policy over incremental (delta) ADS (False: SotW).
         self.fast_path_delta_xds = fast_path_delta_xds
         self.extauthz_extra = ({"fast_path.enabled": True, "fast_path.ttl_s": 3,
                                 "fast_path.expiry_margin_s": 1} if fast_path else {})
