@@ -280,6 +280,18 @@ def test_one_store_write_per_access_log_message(tmp_path):
     assert (puts, total) == (sizes, 651)
 
 
+def _receiver(tmp_path):
+    """The access log receiver on a started spooled writer (ships every 0.05 s, direct
+    writes time out at 0.2 s) over a counting store and spool in ``tmp_path``:
+    (spool, store, metrics, writer, service). Call inside the test's event loop."""
+    spool = _CountingSpool(str(tmp_path / "spool.db"), 10_000)
+    store = _Store(open_store(f"sqlite:///{tmp_path / 'store.db'}"))
+    metrics = Metrics()
+    writer = SpooledAuditWriter(store, metrics, spool, 10_000, replay_interval=0.05, direct_timeout=0.2)
+    writer.start()
+    return spool, store, metrics, writer, AccessLogService(SETTINGS, writer, metrics)
+
+
 def test_a_store_down_or_slow_mid_stream_sends_the_fast_path_audit_through_the_spool(tmp_path):
     """The store fails mid-stream: that message and the next ones are fsync'd in the spool
     before the stream reads on, nothing is lost; once the store answers, the shipper ships them,
@@ -289,12 +301,7 @@ def test_a_store_down_or_slow_mid_stream_sends_the_fast_path_audit_through_the_s
     import asyncio
 
     async def main() -> None:
-        spool = _CountingSpool(str(tmp_path / "spool.db"), 10_000)
-        store = _Store(open_store(f"sqlite:///{tmp_path / 'store.db'}"))
-        metrics = Metrics()
-        writer = SpooledAuditWriter(store, metrics, spool, 10_000, replay_interval=0.05, direct_timeout=0.2)
-        writer.start()
-        service = AccessLogService(SETTINGS, writer, metrics)
+        spool, store, metrics, writer, service = _receiver(tmp_path)
         msgs = _messages([10, 20, 30, 40, 50])
 
         def after(i: int) -> None:
@@ -345,12 +352,7 @@ def test_a_store_that_answers_slowly_keeps_the_spool_until_it_is_quick_again(tmp
     import asyncio
 
     async def main() -> None:
-        spool = _CountingSpool(str(tmp_path / "spool.db"), 10_000)
-        store = _Store(open_store(f"sqlite:///{tmp_path / 'store.db'}"))
-        metrics = Metrics()
-        writer = SpooledAuditWriter(store, metrics, spool, 10_000, replay_interval=0.05, direct_timeout=0.2)
-        writer.start()
-        service = AccessLogService(SETTINGS, writer, metrics)
+        spool, store, metrics, writer, service = _receiver(tmp_path)
         msgs = _messages([10, 20, 30, 40, 50])
 
         def written(path: str) -> float:
