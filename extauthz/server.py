@@ -320,7 +320,7 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
 
     names = shard_names(fp.shards)
     xds = FastPathXds(ttl_s=fp.ttl_s, heartbeat_s=fp.refresh_s, on_event=on_event, refuse=peers.refusal,
-                      names=names)
+                      names=names, principal_claim=settings.identity.principal_claim)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
     metrics.watch_stats("fast_path", xds.stats)
     ident = settings.identity

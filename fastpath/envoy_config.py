@@ -34,6 +34,8 @@ from .compile import RESOURCE_NAME, SHADOW_PREFIX, empty_policy, shard_names
 
 RBAC_NAMESPACE = "envoy.filters.http.rbac"
 RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+#: The gateway's node metadata key of what it was rendered for (``with_fast_path``).
+NODE_METADATA_KEY = "rpcauthz_fast_path"
 #: Dynamic metadata the RBAC filter writes (namespace ``envoy.filters.http.rbac``).
 SHADOW_RESULT_KEY = f"{SHADOW_PREFIX}shadow_engine_result"
 SHADOW_POLICY_KEY = f"{SHADOW_PREFIX}shadow_effective_policy_id"
@@ -283,6 +285,9 @@ def with_fast_path(bootstrap: dict[str, Any], *, xds_cluster: str = "ext_authz",
     shard_names(shards)  # the bounds
     cfg = copy.deepcopy(bootstrap)
     node = cfg.setdefault("node", {"id": node_id, "cluster": node_id})
+    # What this gateway was rendered for, sent with its ADS subscription: the server refuses
+    # the policy to a gateway whose principal header is another claim than the one it matches.
+    node.setdefault("metadata", {})[NODE_METADATA_KEY] = {"principal_claim": claim}
     audit_log = (audit_file_log(audit_file, str(node.get("id", node_id)), claim=claim) if audit_file is not None
            else audit_access_log(log_name=log_name, cluster=xds_cluster, flush_interval_s=audit_flush_interval_s,
                                  buffer_size_bytes=audit_buffer_bytes))

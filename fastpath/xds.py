@@ -22,7 +22,10 @@ Fail closed:
   policy (every resource) under a new version (Envoy would otherwise keep the last
   accepted, possibly wider, policy), and tries again only with the next compiled policy.
   A NACK of a response already superseded counts too: Envoy kept the previous config of
-  what that response carried, and a later partial response need not replace it;
+  what that response carried, and a later partial response need not replace it. The one
+  NACK that withdraws nothing is of a body-less delta TTL refresh: Envoy refuses one for a
+  resource it no longer holds (its TTL ran out while this server stalled; it is on the
+  empty default meanwhile), so every resource is sent again with its body;
 * ``withdraw()`` (grants unusable, a compile failure) pushes the empty policy everywhere.
 
 Only an authenticated Envoy may subscribe: the policy lists principal names and which methods
@@ -40,6 +43,7 @@ for "every Envoy holds a policy compiled from grants revision >= R"
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -54,6 +58,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, duration_pb2
 
 from .compile import RESOURCE_NAME, empty_policy
+from .envoy_config import NODE_METADATA_KEY
 
 log = logging.getLogger("fastpath.xds")
 
@@ -112,6 +117,12 @@ class _Stream:
         #: Each resource's version and config as last sent on this stream.
         self.sent: dict[str, Shard] = {}
         self.warned_names = False
+        #: Why this Envoy gets nothing (rendered for another claim), or "".
+        self.mismatch = ""
+        #: The nonces of the latest body-less TTL refreshes (delta), to tell their NACKs apart.
+        self.refreshes: collections.deque[str] = collections.deque(maxlen=8)
+        #: This stream's TTL refreshes carry no bodies (delta).
+        self.bodiless = False
 
     @property
     def subscribed(self) -> bool:
@@ -124,9 +135,13 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def __init__(self, *, ttl_s: float = 10.0, heartbeat_s: float | None = None,
                  on_event: Callable[[str, str], None] | None = None,
                  refuse: Callable[[grpc.aio.ServicerContext[Any, Any]], str | None] | None = None,
-                 names: Sequence[str] = (RESOURCE_NAME,)) -> None:
+                 names: Sequence[str] = (RESOURCE_NAME,), principal_claim: str | None = None) -> None:
         """``refuse(context)``: why the stream's peer may not have the policy, or ``None``.
-        ``names``: the resources served (``fastpath.compile.shard_names``)."""
+        ``names``: the resources served (``fastpath.compile.shard_names``).
+        ``principal_claim``: the claim the policy matches; an Envoy whose node metadata says
+        it was rendered for another (``fastpath.envoy_config.NODE_METADATA_KEY``) is sent
+        nothing: its upstreams would see another claim as the principal of fast-path allows."""
+        self.principal_claim = principal_claim
         if not names or len(set(names)) != len(names):
             raise ValueError(f"names must be distinct and not empty, got {list(names)}")
         self.names = list(names)
@@ -288,9 +303,15 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 if request is not False:
                     if stream is None:
                         stream = _Stream(request.node.id or context.peer())
+                        stream.bodiless = protocol.bodiless_heartbeats
                         self._streams.add(stream)
                         self._on_event("connect", stream.status.node)
-                    if request.type_url == ECDS_TYPE:
+                        stream.mismatch = self._rendered_for_another(request.node)
+                        if stream.mismatch:
+                            log.error("Envoy %s: %s; it gets no fast-path policy (every call to ext_authz) "
+                                      "until it is rendered for this server", stream.status.node, stream.mismatch)
+                            self._on_event("mismatch", stream.status.node)
+                    if request.type_url == ECDS_TYPE and not stream.mismatch:
                         send = self._on_request(stream, protocol.names(stream.names, request), request.response_nonce,
                                                 request.error_detail.message if request.HasField("error_detail")
                                                 and request.error_detail.code != 0 else None,
@@ -321,6 +342,18 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 self._streams.discard(stream)
                 self._on_event("disconnect", stream.status.node)
 
+    def _rendered_for_another(self, node: Any) -> str:
+        """Why the Envoy of ``node`` was rendered for another server's policy ("" if not, or
+        if its node metadata does not say: a gateway rendered by hand)."""
+        rendered = node.metadata.fields.get(NODE_METADATA_KEY)
+        if rendered is None or self.principal_claim is None:
+            return ""
+        claim = rendered.struct_value.fields.get("principal_claim")
+        if claim is not None and claim.string_value != self.principal_claim:
+            return (f"rendered for principal claim {claim.string_value!r}, the policy matches "
+                    f"{self.principal_claim!r} (gateway.fast_path.principal_claim vs identity.principal_claim)")
+        return ""
+
     def _on_request(self, stream: _Stream, requested: list[str], nonce: str, nack: str | None,
                     version_info: str) -> bool | str:
         """Handle one request for ``requested`` (the stream's names now), answering ``nonce``
@@ -340,6 +373,16 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             return True
         if nonce != stream.nonce and nack is None:
             return False  # an answer to an older response: superseded
+        if nack is not None and stream.bodiless and nonce in stream.refreshes:
+            # A body-less TTL refresh of a resource Envoy no longer holds (its TTL ran out,
+            # e.g. this server stalled): nothing in the policy was refused. Envoy is on the
+            # empty default meanwhile; it gets every resource again, with its body.
+            log.warning("Envoy %s refused a TTL refresh (%s): it no longer holds the policy; sending it again",
+                        stream.status.node, nack[:200])
+            self._on_event("expired", stream.status.node)
+            stream.refreshes.clear()
+            stream.sent.clear()
+            return True
         if nack is not None:
             stream.status.nacks += 1
             stream.status.last_nack = nack[:500]
@@ -387,6 +430,8 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             stream.sent[name] = (shard_version, rbac)
         stream.sent_source = source
         stream.nonce = str(next(self._nonces))
+        if heartbeat and protocol.bodiless_heartbeats:
+            stream.refreshes.append(stream.nonce)
         stream.nonce_version = version
         stream.status.sent_version = version
         return protocol.response(version, stream.nonce, resources)

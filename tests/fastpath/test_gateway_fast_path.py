@@ -214,3 +214,31 @@ def test_no_rbac_result_means_ext_authz_decides(tmp_path, pg_dsn) -> None:
             assert counters(gw).get(CHECKS + "ok", 0) == before.get(CHECKS + "ok", 0) + 1
         r = gw.call(LIST, as_="carol")
         assert r.code is grpc.StatusCode.PERMISSION_DENIED and "carol holds no engineer grant" in r.message
+
+
+def test_a_gateway_rendered_for_another_claim_gets_no_policy(tmp_path, pg_dsn) -> None:
+    """The server matches the ``sub`` claim; a gateway whose node metadata says it was
+    rendered for ``email`` (its principal header would carry another claim than the one the
+    policy matched) is sent no policy: every call stays with ext_authz, and /metrics says why."""
+    def rendered_for_email(cfg: dict) -> dict:
+        cfg["node"]["metadata"]["rpcauthz_fast_path"]["principal_claim"] = "email"
+        return cfg
+
+    with GatewayStack(tmp_path, store_url=pg_dsn, grants=[Grant("alice", Role.ENGINEER)], fast_path=True,
+                      envoy_config=rendered_for_email,
+                      extauthz={"fast_path.modes_check_s": 0.2, "fast_path.debounce_s": 0.05}) as gw:
+        deadline = time.monotonic() + 15
+        while 'rpcauthz_fast_path_xds_events_total{event="mismatch"} 1.0' not in _metrics_text(gw):
+            assert time.monotonic() < deadline, "the server never refused the mismatched gateway"
+            time.sleep(0.1)
+        for _ in range(5):
+            r, how = call_counted(gw, LIST, "alice")
+            assert (r.code, how) == (grpc.StatusCode.OK, "ext_authz")
+            time.sleep(0.3)  # time enough for the mode to be learnt and a policy pushed, were it sent
+        assert gw.server_stat("fast_path", "acked_grants_revision") == -1
+
+
+def _metrics_text(gw: GatewayStack) -> str:
+    import urllib.request
+    with urllib.request.urlopen(gw.metrics_url, timeout=5) as r:
+        return r.read().decode()

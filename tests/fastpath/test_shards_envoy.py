@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import time
 import urllib.request
 from typing import Any
 
@@ -63,7 +64,8 @@ class Recording(FastPathXds):
 class Stack:
     def __init__(self, tmp: pathlib.Path, api_type: str = "GRPC", ttl_s: float = 30) -> None:
         self.tmp, self.port, self.api_type = tmp, free_port(), api_type
-        self.xds = Recording(ttl_s=ttl_s, names=NAMES)
+        self.events: list[str] = []
+        self.xds = Recording(ttl_s=ttl_s, names=NAMES, on_event=lambda kind, node: self.events.append(kind))
         self.log = tmp / "access.log"
         self.server: grpc.aio.Server | None = None
         self.envoy: EnvoyProcess | None = None
@@ -202,3 +204,26 @@ async def test_delta_heartbeats_renew_the_ttl_without_bodies_and_a_dead_server_w
         await asyncio.sleep(ttl + 1.5)
         lines = await s.calls(by_shard)
         assert [ln["fast_path"] for ln in lines] == ["denied"] * SHARDS, lines
+
+
+async def test_delta_after_a_stall_past_the_ttl_envoy_gets_the_policy_again(tmp_path: pathlib.Path) -> None:
+    """This server stalls longer than the TTL: Envoy drops every part (to the empty default)
+    and then refuses the next body-less refresh of parts it no longer holds. That refusal is
+    not a refused policy: the server sends every part again, with its body, and Envoy holds
+    the policy again (no withdrawal)."""
+    ttl = 2.0
+    async with Stack(tmp_path, "DELTA_GRPC", ttl_s=ttl) as s:
+        s.xds.publish_shards("1", {n: ("1", _allow_all(f"{n}@1")) for n in NAMES})
+        await s.acked("1")
+        reloads = s.reloads()
+        by_shard = [next(f"eng{i}" for i in range(100) if shard_of(f"eng{i}", SHARDS) == k) for k in range(SHARDS)]
+        time.sleep(ttl + 1.5)  # the server's event loop stalls: no refresh reaches Envoy in time
+        for _ in range(100):
+            if "expired" in s.events and all(s.reloads()[n] > reloads[n] for n in NAMES):
+                break
+            await asyncio.sleep(0.1)
+        assert "expired" in s.events, s.events
+        [node] = s.xds.status()
+        assert node.nacks == 0 and not node.withdrawn, node
+        lines = await s.calls(by_shard)
+        assert [ln["fast_path_policy"] for ln in lines] == [f"{n}@1" for n in NAMES], lines

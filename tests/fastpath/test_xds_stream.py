@@ -16,6 +16,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from devstack.processes import free_port
 from fastpath.compile import empty_policy, shard_names
+from fastpath.envoy_config import NODE_METADATA_KEY
 from fastpath.xds import ECDS_TYPE, FastPathXds
 
 NAMES = shard_names(3)
@@ -24,9 +25,11 @@ NAMES = shard_names(3)
 class Client:
     """One scripted ADS stream."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, node: str = "scripted", claim: str | None = None) -> None:
+        """``claim``: the principal claim its node metadata says it was rendered for (None: none)."""
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        self.node, self.claim = node, claim
 
         async def send() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
             while True:
@@ -36,7 +39,9 @@ class Client:
     async def ask(self, names: list[str], *, nonce: str = "", version: str = "", error: str = "") -> None:
         r = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=names, response_nonce=nonce,
                                            version_info=version)
-        r.node.id = "scripted"
+        r.node.id = self.node
+        if self.claim is not None:
+            r.node.metadata.fields[NODE_METADATA_KEY].struct_value.fields["principal_claim"].string_value = self.claim
         if error:
             r.error_detail.code, r.error_detail.message = 3, error
         await self.requests.put(r)
@@ -128,3 +133,35 @@ async def test_an_envoy_rendered_for_other_shards_gets_nothing_and_is_logged(ser
     await c.ask(NAMES)
     _, got = await c.response(reading)
     assert set(got) == set(NAMES)
+
+
+async def test_an_envoy_rendered_for_another_principal_claim_gets_nothing() -> None:
+    """The gateway's node metadata says which claim its principal header carries
+    (``with_fast_path``); a server matching another claim sends that Envoy nothing (its
+    upstreams would see one claim as the principal while the policy matched another). An
+    Envoy rendered for the same claim, or whose node says nothing (rendered by hand), is served."""
+    events: list[tuple[str, str]] = []
+    xds = FastPathXds(ttl_s=30, names=NAMES, principal_claim="sub", on_event=lambda kind, node: events.append((kind, node)))
+    xds.publish_shards("1", {n: ("1", empty_policy()) for n in NAMES})
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    clients = {claim: Client(port, node=claim or "by-hand", claim=claim) for claim in ("email", "sub", None)}
+    try:
+        for c in clients.values():
+            await c.ask(NAMES)
+        reading = asyncio.ensure_future(clients["email"].call.read())
+        for claim in ("sub", None):
+            _, got = await clients[claim].response()
+            assert set(got) == set(NAMES)
+        done, _ = await asyncio.wait({reading}, timeout=0.5)
+        assert not done, "an Envoy rendered for another claim was sent the policy"
+        assert ("mismatch", "email") in events and ("mismatch", "sub") not in events
+        assert [s.acked_version for s in xds.status() if s.node == "email"] == [""]
+    finally:
+        for c in clients.values():
+            c.call.cancel()
+            await c.channel.close()
+        await server.stop(0)
