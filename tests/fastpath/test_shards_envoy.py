@@ -113,6 +113,14 @@ class Stack:
         stats = self.envoy.stats("extension_config_discovery.")
         return {n: int(stats.get(f"extension_config_discovery.http_filter.{n}.config_reload", 0)) for n in NAMES}
 
+    async def publish_allow_all(self) -> tuple[dict[str, int], list[str]]:
+        """Publish version 1 (every part allows all, as ``<part>@1``) and wait for the ACK;
+        Envoy's reloads then, and a principal of each part in order."""
+        self.xds.publish_shards("1", {n: ("1", _allow_all(f"{n}@1")) for n in NAMES})
+        await self.acked("1")
+        return self.reloads(), [next(f"eng{i}" for i in range(100) if shard_of(f"eng{i}", SHARDS) == k)
+                                for k in range(SHARDS)]
+
     async def acked(self, version: str) -> None:
         for _ in range(200):
             if [s.acked_version for s in self.xds.status()] == [version]:
@@ -183,10 +191,7 @@ async def test_delta_heartbeats_renew_the_ttl_without_bodies_and_a_dead_server_w
     every shard at the TTL (calls shadow-denied: ext_authz decides)."""
     ttl = 2.0
     async with Stack(tmp_path, "DELTA_GRPC", ttl_s=ttl) as s:
-        s.xds.publish_shards("1", {n: ("1", _allow_all(f"{n}@1")) for n in NAMES})
-        await s.acked("1")
-        reloads = s.reloads()
-        by_shard = [next(f"eng{i}" for i in range(100) if shard_of(f"eng{i}", SHARDS) == k) for k in range(SHARDS)]
+        reloads, by_shard = await s.publish_allow_all()
         sent_before = len(s.xds.sent)
         await asyncio.sleep(ttl * 2.5)
         heartbeats = s.xds.sent[sent_before:]
@@ -213,10 +218,7 @@ async def test_delta_after_a_stall_past_the_ttl_envoy_gets_the_policy_again(tmp_
     the policy again (no withdrawal)."""
     ttl = 2.0
     async with Stack(tmp_path, "DELTA_GRPC", ttl_s=ttl) as s:
-        s.xds.publish_shards("1", {n: ("1", _allow_all(f"{n}@1")) for n in NAMES})
-        await s.acked("1")
-        reloads = s.reloads()
-        by_shard = [next(f"eng{i}" for i in range(100) if shard_of(f"eng{i}", SHARDS) == k) for k in range(SHARDS)]
+        reloads, by_shard = await s.publish_allow_all()
         time.sleep(ttl + 1.5)  # the server's event loop stalls: no refresh reaches Envoy in time
         for _ in range(100):
             if "expired" in s.events and all(s.reloads()[n] > reloads[n] for n in NAMES):
