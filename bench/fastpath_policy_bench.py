@@ -122,12 +122,15 @@ class Control:
 
     def push(self, version: str, rbac) -> float:
         """Seconds from publishing ``rbac`` (the whole policy) to Envoy's ACK of ``version``."""
-        return self.push_shards(version, {self.xds.names[0]: (version, rbac)})
+        return self._pushed(version, lambda: self.xds.publish(version, rbac))
 
-    def push_shards(self, version: str, shards) -> float:
-        """Seconds from publishing ``shards`` (name -> (version, config)) to Envoy's ACK of ``version``."""
+    def push_parts(self, version: str, parts) -> float:
+        """Seconds from publishing compiled ``parts`` (``compile_shards``) to Envoy's ACK of ``version``."""
+        return self._pushed(version, lambda: self.xds.publish_parts(version, parts))
+
+    def _pushed(self, version: str, publish_now) -> float:
         async def publish() -> None:
-            self.xds.publish_shards(version, shards)
+            publish_now()
         t0 = time.perf_counter()
         self.run(publish())
         while not any(s.acked_version == version for s in self.xds.status()):

@@ -33,14 +33,10 @@ for p in (ROOT, ROOT / "bench"):
 from fastpath_policy_bench import Control, envoy_config, envoy_memory, organisation  # noqa: E402
 
 from devstack.processes import EnvoyProcess  # noqa: E402
-from fastpath.compile import CompiledPolicy, compile_shards, shard_names, shard_of  # noqa: E402
+from fastpath.compile import compile_shards, shard_names, shard_of  # noqa: E402
 from fastpath.envoy_config import dispatch_filter, rbac_filter  # noqa: E402
 from policy import Grant, GrantSet, Mode, Role  # noqa: E402
 from policy.grant_delta import GrantChange, GrantDelta  # noqa: E402
-
-
-def as_shards(control: Control, parts: list[CompiledPolicy]) -> dict[str, tuple[str, Any]]:
-    return {n: (p.version, p.rbac) for n, p in zip(control.xds.names, parts, strict=True)}
 
 
 def sharded_envoy_config(xds_port: int, principal: str, shards: int) -> dict[str, Any]:
@@ -63,7 +59,7 @@ def one(shards: int, modes: dict, grants: GrantSet, people: list[str], work: pat
     envoy = EnvoyProcess(sharded_envoy_config(control.port, people[0], shards), work / f"k{shards}",
                          log_level="error").wait_ready()
     try:
-        fig["publish -> ACK, whole (s)"] = control.push_shards("1", as_shards(control, parts))
+        fig["publish -> ACK, whole (s)"] = control.push_parts("1", parts)
         fig["Envoy memory (MB)"] = envoy_memory(envoy.admin_port) / 1e6
         changes = {
             "new engineer": GrantChange(Grant("new-hire@corp.example", Role.ENGINEER)),
@@ -81,7 +77,7 @@ def one(shards: int, modes: dict, grants: GrantSet, people: list[str], work: pat
             assert len(changed) == 1 and parts2.index(changed[0]) == shard_of(change.grant.principal, shards), changed
             fig[f"{what}: parts sent"] = len(changed)
             fig[f"{what}: bytes sent (MB)"] = sum(p.size_bytes for p in changed) / 1e6
-            fig[f"{what}: publish -> ACK (s)"] = control.push_shards(str(version), as_shards(control, parts2))
+            fig[f"{what}: publish -> ACK (s)"] = control.push_parts(str(version), parts2)
             parts = parts2
     finally:
         envoy.stop()

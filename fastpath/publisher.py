@@ -169,8 +169,7 @@ class Publisher:
             return
         compile_s = time.monotonic() - started
         source = PolicySource(grants.revision, len(modes))
-        self.xds.publish_shards(version, {name: (part.version, part.rbac)
-                                          for name, part in zip(self.xds.names, parts, strict=True)}, source)
+        self.xds.publish_parts(version, parts, source)
         self.parts, self.withdrawn = parts, None
         changed = [p for p in parts if p.version == version]
         size = sum(p.size_bytes for p in parts)

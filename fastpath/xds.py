@@ -57,7 +57,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, duration_pb2
 
-from .compile import RESOURCE_NAME, empty_policy
+from .compile import RESOURCE_NAME, CompiledPolicy, empty_policy
 from .envoy_config import NODE_METADATA_KEY
 
 log = logging.getLogger("fastpath.xds")
@@ -119,10 +119,8 @@ class _Stream:
         self.warned_names = False
         #: Why this Envoy gets nothing (rendered for another claim), or "".
         self.mismatch = ""
-        #: The nonces of the latest body-less TTL refreshes (delta), to tell their NACKs apart.
+        #: The nonces of the latest body-less TTL refreshes (delta only), to tell their NACKs apart.
         self.refreshes: collections.deque[str] = collections.deque(maxlen=8)
-        #: This stream's TTL refreshes carry no bodies (delta).
-        self.bodiless = False
 
     @property
     def subscribed(self) -> bool:
@@ -155,6 +153,8 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._refuse = refuse
         self._version = "0.empty.0"
         self._shards: dict[str, Shard] = {n: (self._version, empty_policy()) for n in self.names}
+        #: (generation, each current resource's size), as ``_smallest`` has needed them.
+        self._sizes: tuple[int, dict[str, int]] = (-1, {})
         self._source: PolicySource | None = None
         self._empty_count = itertools.count(1)
         self._nonces = itertools.count(1)
@@ -180,6 +180,11 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         if len(self.names) != 1:
             raise ValueError(f"this server serves {len(self.names)} shards: use publish_shards")
         self.publish_shards(version, {self.names[0]: (version, rbac)}, source)
+
+    def publish_parts(self, version: str, parts: Sequence[CompiledPolicy], source: PolicySource | None = None) -> None:
+        """``publish_shards`` of compiled parts, in ``names``' order (``compile_shards``):
+        each part under its own version."""
+        self.publish_shards(version, {n: (p.version, p.rbac) for n, p in zip(self.names, parts, strict=True)}, source)
 
     def publish_shards(self, version: str, shards: Mapping[str, Shard], source: PolicySource | None = None) -> None:
         """Make ``shards`` (each resource's version and config; together the policy
@@ -303,7 +308,6 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 if request is not False:
                     if stream is None:
                         stream = _Stream(request.node.id or context.peer())
-                        stream.bodiless = protocol.bodiless_heartbeats
                         self._streams.add(stream)
                         self._on_event("connect", stream.status.node)
                         stream.mismatch = self._rendered_for_another(request.node)
@@ -373,7 +377,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             return True
         if nonce != stream.nonce and nack is None:
             return False  # an answer to an older response: superseded
-        if nack is not None and stream.bodiless and nonce in stream.refreshes:
+        if nack is not None and nonce in stream.refreshes:
             # A body-less TTL refresh of a resource Envoy no longer holds (its TTL ran out,
             # e.g. this server stalled): nothing in the policy was refused. Envoy is on the
             # empty default meanwhile; it gets every resource again, with its body.
@@ -410,9 +414,20 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         changed = {n: self._shards[n] for n in stream.names
                    if stream.sent.get(n, ("",))[0] != self._shards[n][0]}
         if not changed:
-            n = min(stream.names, key=lambda n: self._shards[n][1].ByteSize())
+            n = self._smallest(stream.names)
             changed = {n: self._shards[n]}
         return changed
+
+    def _smallest(self, names: list[str]) -> str:
+        """The smallest of ``names``' current resources; sizes taken once per publish, not
+        once per stream (a resource's size is a walk of all of it)."""
+        if self._sizes[0] != self._generation:
+            self._sizes = (self._generation, {})
+        sizes = self._sizes[1]
+        for n in names:
+            if n not in sizes:
+                sizes[n] = self._shards[n][1].ByteSize()
+        return min(names, key=sizes.__getitem__)
 
     def _response(self, stream: _Stream, protocol: _Protocol, version: str, shards: Mapping[str, Shard],
                   source: PolicySource | None = None, *, heartbeat: bool = False) -> Any:
