@@ -76,7 +76,8 @@ class Metrics:
                                         registry=r, multiprocess_mode="livesum")
         # The fast path (fastpath/): pushes to Envoys over ADS, and what they said.
         self.fast_path_events = Counter("rpcauthz_fast_path_xds_events",
-                                        "ADS stream events: connect, disconnect, ack, nack, refused (not an authenticated Envoy).",
+                                        "ADS stream events: connect, disconnect, ack, nack, refused (not an authenticated Envoy), "
+                                        "mismatch, expired, resume.",
                                         ["event"], registry=r)
         self.fast_path_pushes = Counter("rpcauthz_fast_path_pushes",
                                         "Fast-path policies compiled and pushed.", registry=r)

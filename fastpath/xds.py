@@ -34,7 +34,14 @@ access log: mTLS ``client_names``, unix socket, loopback); a refused stream ends
 UNAUTHENTICATED before anything is sent.
 
 Versions are ``<n>`` for compiled policies (``v<n>/...`` policy names) and ``<n>.empty.<k>``
-for withdrawals; a shard keeps the version it was last changed in. ``status()`` reports what
+for withdrawals; a shard keeps the version it was last changed in. A resource's own version
+(what Envoy holds it as) is that label and a digest of its config, ``<label>+<digest>``:
+equal versions mean byte-equal configs, whichever server process made them. So over delta,
+an Envoy that reconnects (this server restarted, or another replica took the stream) and
+says it holds a resource at the current version (``initial_resource_versions``) is not sent
+its body again: one body-less TTL refresh of what it holds, which it ACKs, or refuses if it
+no longer holds it (then it gets everything in full, as after a stall). A label alone would
+not do: another process's version ``3`` can be another policy. ``status()`` reports what
 each connected Envoy (node id) has ACKed, and what that version was compiled from
 (``PolicySource``: the grants revision and how many services' modes), so a caller can wait
 for "every Envoy holds a policy compiled from grants revision >= R"
@@ -45,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import itertools
 import logging
 import time
@@ -99,8 +107,23 @@ class NodeStatus:
     connected_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
-#: One resource as sent: its version and config.
+#: One resource: its version and config.
 Shard = tuple[str, http_rbac_pb2.RBAC]
+
+
+def resource_version(label: str, rbac: http_rbac_pb2.RBAC) -> str:
+    """The version Envoy holds a resource as: ``label`` (the policy version it was compiled
+    in, or a withdrawal's) and a digest of the config's bytes, so that two equal versions
+    name byte-equal configs even when two server processes made them."""
+    digest = hashlib.sha256(rbac.SerializeToString(deterministic=True)).hexdigest()
+    return f"{label}+{digest[:24]}"
+
+
+_EMPTY_DIGEST = resource_version("", empty_policy()).split("+", 1)[1]
+
+
+def _empty_shard(label: str) -> Shard:
+    return f"{label}+{_EMPTY_DIGEST}", empty_policy()
 
 
 class _Stream:
@@ -121,6 +144,9 @@ class _Stream:
         self.mismatch = ""
         #: The nonces of the latest body-less TTL refreshes (delta only), to tell their NACKs apart.
         self.refreshes: collections.deque[str] = collections.deque(maxlen=8)
+        #: Resources the Envoy said it holds in their current version when it subscribed
+        #: (delta ``initial_resource_versions``): refreshed, not sent again.
+        self.resumed: list[str] = []
 
     @property
     def subscribed(self) -> bool:
@@ -152,7 +178,10 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._on_event = on_event or (lambda kind, node: None)
         self._refuse = refuse
         self._version = "0.empty.0"
-        self._shards: dict[str, Shard] = {n: (self._version, empty_policy()) for n in self.names}
+        self._shards: dict[str, Shard] = {n: _empty_shard(self._version) for n in self.names}
+        #: Each resource's label (the ``version`` it was published with): a republished
+        #: config object under the same label keeps its digest, not hashed again.
+        self._labels: dict[str, str] = {n: self._version for n in self.names}
         #: (generation, each current resource's size), as ``_smallest`` has needed them.
         self._sizes: tuple[int, dict[str, int]] = (-1, {})
         self._source: PolicySource | None = None
@@ -187,20 +216,26 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self.publish_shards(version, {n: (p.version, p.rbac) for n, p in zip(self.names, parts, strict=True)}, source)
 
     def publish_shards(self, version: str, shards: Mapping[str, Shard], source: PolicySource | None = None) -> None:
-        """Make ``shards`` (each resource's version and config; together the policy
-        ``version``, compiled from ``source``) what every Envoy gets. Envoys are sent the
-        resources whose version changed."""
+        """Make ``shards`` (each resource's label, i.e. the policy version it was compiled in,
+        and config; together the policy ``version``, compiled from ``source``) what every
+        Envoy gets. Envoys are sent the resources whose version (label and digest) changed."""
         if set(shards) != set(self.names):
             raise ValueError(f"shards must be exactly {self.names}, got {sorted(shards)}")
         self._version, self._source = version, source
-        self._shards = {n: shards[n] for n in self.names}
+        current, self._shards = self._shards, {}
+        for n in self.names:
+            label, rbac = shards[n]
+            same = label == self._labels[n] and rbac is current[n][1]
+            self._shards[n] = current[n] if same else (resource_version(label, rbac), rbac)
+            self._labels[n] = label
         self._bump()
 
     def withdraw(self, why: str) -> None:
         """Push the empty policy to every Envoy (everything goes to ext_authz)."""
         log.warning("fast path withdrawn: %s", why)
         self._version = f"{self._base(self._version)}.empty.{next(self._empty_count)}"
-        self._shards = {n: (self._version, empty_policy()) for n in self.names}
+        self._shards = {n: _empty_shard(self._version) for n in self.names}
+        self._labels = {n: self._version for n in self.names}
         self._source = None
         self._bump()
 
@@ -319,7 +354,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                         send = self._on_request(stream, protocol.names(stream.names, request), request.response_nonce,
                                                 request.error_detail.message if request.HasField("error_detail")
                                                 and request.error_detail.code != 0 else None,
-                                                protocol.acked_version(stream, request))
+                                                protocol.acked_version(stream, request), protocol.held(request))
                     if send == "withdraw":
                         yield self._response(stream, protocol, *self._withdrawn_for(stream))
                         next_heartbeat = time.monotonic() + self.heartbeat_s
@@ -333,7 +368,13 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     if stream.status.withdrawn:
                         yield self._response(stream, protocol, *self._withdrawn_for(stream))
                     else:
-                        yield self._response(stream, protocol, self._version, self._changed_for(stream), self._source)
+                        resumed, stream.resumed = stream.resumed, []
+                        if resumed:  # what it already holds: renewed, not sent again
+                            yield self._response(stream, protocol, self._version,
+                                                 {n: self._shards[n] for n in resumed}, self._source, heartbeat=True)
+                        lacking = self._changed_for(stream, refill=not resumed)
+                        if lacking:
+                            yield self._response(stream, protocol, self._version, lacking, self._source)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
                 elif time.monotonic() >= next_heartbeat:
                     held = {n: stream.sent[n] for n in stream.names if n in stream.sent}
@@ -359,18 +400,26 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         return ""
 
     def _on_request(self, stream: _Stream, requested: list[str], nonce: str, nack: str | None,
-                    version_info: str) -> bool | str:
+                    version_info: str, held: Mapping[str, str]) -> bool | str:
         """Handle one request for ``requested`` (the stream's names now), answering ``nonce``
-        (a NACK with message ``nack``; an ACK of ``version_info``); True: send what the
-        stream lacks; "withdraw": a NACK."""
+        (a NACK with message ``nack``; an ACK of ``version_info``), from an Envoy that holds
+        ``held`` (resource name -> version; delta's first request only); True: send what
+        the stream lacks; "withdraw": a NACK."""
         names = [n for n in self.names if n in requested]
         if len(names) != len(requested) and not stream.warned_names:
             stream.warned_names = True  # e.g. a gateway rendered with another shard count
             log.warning("Envoy %s subscribes to fast-path resources this server does not serve: %s "
                         "(served: %s); those filters keep their default (every call to ext_authz)",
                         stream.status.node, sorted(set(requested) - set(names)), self.names)
-        added = bool(set(names) - set(stream.names))
+        added = set(names) - set(stream.names)
         stream.names = names
+        for n in sorted(added):
+            if held.get(n) == self._shards[n][0] and not stream.status.withdrawn:
+                # Byte-equal to what it would be sent (the version says so): renew, don't resend.
+                stream.sent[n] = self._shards[n]
+                stream.resumed.append(n)
+        if stream.resumed:
+            self._on_event("resume", stream.status.node)
         if not names:
             return False
         if added or not nonce:
@@ -405,15 +454,15 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def _withdrawn_for(self, stream: _Stream) -> tuple[str, dict[str, Shard]]:
         stream.status.withdrawn = True
         version = f"{self._base(self._version)}.empty.{next(self._empty_count)}"
-        return version, {n: (version, empty_policy()) for n in stream.names}
+        return version, {n: _empty_shard(version) for n in stream.names}
 
-    def _changed_for(self, stream: _Stream) -> dict[str, Shard]:
+    def _changed_for(self, stream: _Stream, *, refill: bool = True) -> dict[str, Shard]:
         """The current resources ``stream`` was not sent in their current version; if none
-        (a publish that changed nothing there), the smallest one again, so the Envoy ACKs
-        this version (what ``acked_grants_revision`` waits for) at little cost."""
+        (a publish that changed nothing there) and ``refill``, the smallest one again, so the
+        Envoy ACKs this version (what ``acked_grants_revision`` waits for) at little cost."""
         changed = {n: self._shards[n] for n in stream.names
                    if stream.sent.get(n, ("",))[0] != self._shards[n][0]}
-        if not changed:
+        if not changed and refill:
             n = self._smallest(stream.names)
             changed = {n: self._shards[n]}
         return changed
@@ -465,6 +514,10 @@ class _Protocol:
     def acked_version(self, stream: _Stream, request: Any) -> str:
         raise NotImplementedError
 
+    def held(self, request: Any) -> Mapping[str, str]:
+        """The resources (name -> version) the Envoy says it holds already (none over SotW)."""
+        return {}
+
     def response(self, version: str, nonce: str, resources: list[discovery_pb2.Resource]) -> Any:
         raise NotImplementedError
 
@@ -497,6 +550,9 @@ class _Delta(_Protocol):
 
     def acked_version(self, stream: _Stream, request: discovery_pb2.DeltaDiscoveryRequest) -> str:
         return stream.nonce_version  # a delta ACK names the response (nonce), not a version
+
+    def held(self, request: discovery_pb2.DeltaDiscoveryRequest) -> Mapping[str, str]:
+        return dict(request.initial_resource_versions)  # sent on a stream's first request
 
     def response(self, version: str, nonce: str, resources: list[discovery_pb2.Resource]
                  ) -> discovery_pb2.DeltaDiscoveryResponse:

@@ -229,3 +229,48 @@ async def test_delta_after_a_stall_past_the_ttl_envoy_gets_the_policy_again(tmp_
         assert node.nacks == 0 and not node.withdrawn, node
         lines = await s.calls(by_shard)
         assert [ln["fast_path_policy"] for ln in lines] == [f"{n}@1" for n in NAMES], lines
+
+
+async def _restart(s: Stack, shards: dict[str, tuple[str, http_rbac_pb2.RBAC]]) -> Recording:
+    """Replace the ADS server by a new one (another process's, as after a restart or a
+    failover) on the same port, publishing ``shards`` as version 1; wait for Envoy's ACK."""
+    assert s.server is not None
+    await s.server.stop(0)
+    s.xds = Recording(ttl_s=30, names=NAMES, on_event=lambda kind, node: s.events.append(kind))
+    s.xds.publish_shards("1", shards)
+    s.server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(s.xds, s.server)
+    s.server.add_insecure_port(f"127.0.0.1:{s.port}")
+    await s.server.start()
+    for _ in range(300):  # Envoy reconnects after its backoff
+        if [st.acked_version for st in s.xds.status()] == ["1"]:
+            return s.xds
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"Envoy never ACKed the new server's version 1: {s.xds.status()}")
+
+
+async def test_delta_reconnect_to_a_server_with_the_same_policy_sends_no_bodies(tmp_path: pathlib.Path) -> None:
+    """Envoy reconnects (the server restarted, or another replica serves it) and says which
+    versions it holds (``initial_resource_versions``). Where they are the new server's own
+    (label and digest of the config), it gets one body-less refresh, no reload, and keeps
+    deciding as before. Where the new server has another policy under the same label ``1``
+    (another process's version 1), it gets the bodies and decides by the new policy: a
+    label alone is never taken for the config."""
+    async with Stack(tmp_path, "DELTA_GRPC") as s:
+        reloads, by_shard = await s.publish_allow_all()
+        same = {n: ("1", _allow_all(f"{n}@1")) for n in NAMES}  # equal configs, new objects
+
+        xds = await _restart(s, same)
+        assert "resume" in s.events
+        assert all(not r.HasField("resource") for sent in xds.sent for r in sent.resources), xds.sent
+        assert {r.name for sent in xds.sent for r in sent.resources} == set(NAMES)
+        assert s.reloads() == reloads  # nothing reloaded
+        lines = await s.calls(by_shard)
+        assert [ln["fast_path_policy"] for ln in lines] == [f"{n}@1" for n in NAMES]
+
+        other = {n: ("1", _allow_all(f"{n}@other")) for n in NAMES}  # same label, other configs
+        xds = await _restart(s, other)
+        assert all(r.HasField("resource") for sent in xds.sent for r in sent.resources), xds.sent
+        assert s.reloads() == {n: reloads[n] + 1 for n in NAMES}
+        lines = await s.calls(by_shard)
+        assert [ln["fast_path_policy"] for ln in lines] == [f"{n}@other" for n in NAMES]

@@ -12,12 +12,13 @@ from typing import Any
 import grpc
 import pytest
 from envoy.config.core.v3 import extension_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from devstack.processes import free_port
 from fastpath.compile import empty_policy, shard_names
 from fastpath.envoy_config import NODE_METADATA_KEY
-from fastpath.xds import ECDS_TYPE, FastPathXds
+from fastpath.xds import ECDS_TYPE, FastPathXds, resource_version
 
 NAMES = shard_names(3)
 
@@ -49,17 +50,26 @@ class Client:
     async def response(self, reading: asyncio.Future[Any] | None = None
                        ) -> tuple[discovery_pb2.DiscoveryResponse, dict[str, str]]:
         """The next response (``reading``: a read already under way) and its resources'
-        versions by name."""
+        labels (the policy version each was published in) by name, each resource's own
+        version checked to be that label and its config's digest."""
         resp = await asyncio.wait_for(reading if reading is not None else self.call.read(), 5)
         versions = {}
         for any_ in resp.resources:
             res = discovery_pb2.Resource()
             any_.Unpack(res)
-            config = extension_pb2.TypedExtensionConfig()
-            res.resource.Unpack(config)
-            assert config.name == res.name and res.ttl.seconds == 30
-            versions[res.name] = res.version
+            versions[res.name] = _label(res)
         return resp, versions
+
+
+def _label(res: discovery_pb2.Resource) -> str:
+    """The label of ``res`` (a resource with its body), checking its version names its config."""
+    config = extension_pb2.TypedExtensionConfig()
+    res.resource.Unpack(config)
+    rbac = http_rbac_pb2.RBAC()
+    config.typed_config.Unpack(rbac)
+    label = res.version.split("+", 1)[0]
+    assert config.name == res.name and res.ttl.seconds == 30 and res.version == resource_version(label, rbac)
+    return label
 
 
 @pytest.fixture
@@ -164,4 +174,115 @@ async def test_an_envoy_rendered_for_another_principal_claim_gets_nothing() -> N
         for c in clients.values():
             c.call.cancel()
             await c.channel.close()
+        await server.stop(0)
+
+
+class DeltaClient:
+    """One scripted delta ADS stream."""
+
+    def __init__(self, port: int, node: str = "delta") -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.requests: asyncio.Queue[discovery_pb2.DeltaDiscoveryRequest] = asyncio.Queue()
+        self.node = node
+
+        async def send() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
+            while True:
+                yield await self.requests.get()
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).DeltaAggregatedResources(send())
+
+    async def ask(self, names: list[str] = (), *, held: dict[str, str] | None = None, nonce: str = "",  # type: ignore[assignment]
+                  error: str = "") -> None:
+        r = discovery_pb2.DeltaDiscoveryRequest(type_url=ECDS_TYPE, resource_names_subscribe=names,
+                                                initial_resource_versions=held or {}, response_nonce=nonce)
+        r.node.id = self.node
+        if error:
+            r.error_detail.code, r.error_detail.message = 3, error
+        await self.requests.put(r)
+
+    async def response(self) -> discovery_pb2.DeltaDiscoveryResponse:
+        return await asyncio.wait_for(self.call.read(), 5)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+def _policy(tag: str) -> http_rbac_pb2.RBAC:
+    """A distinct config per ``tag`` (its shadow stat prefix)."""
+    rbac = empty_policy()
+    rbac.shadow_rules_stat_prefix = f"{tag}_"
+    return rbac
+
+
+async def _server(xds: FastPathXds) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, port
+
+
+async def test_delta_resume_renews_what_an_envoy_holds_and_sends_the_rest() -> None:
+    """A reconnecting Envoy says what it holds. Of another server process's publish (new
+    objects, same labels and configs), the resources whose versions it holds are renewed
+    body-less; one it holds in an older version, and one it does not hold, are sent with
+    their bodies; its ACK of both responses leaves it holding the current policy. A refusal
+    of the renewal (it no longer holds them) gets everything with bodies, no withdrawal."""
+    events: list[str] = []
+    first = FastPathXds(ttl_s=30, names=NAMES)
+    first.publish_shards("1", {n: ("1", _policy(f"p{k}")) for k, n in enumerate(NAMES)})
+    held = dict((n, first._shards[n][0]) for n in NAMES[:2])  # noqa: SLF001 (what an Envoy of `first` holds)
+    held[NAMES[1]] = resource_version("0", _policy("p1"))  # an older version of shard 1
+
+    xds = FastPathXds(ttl_s=30, names=NAMES, on_event=lambda kind, node: events.append(kind))
+    xds.publish_shards("1", {n: ("1", _policy(f"p{k}")) for k, n in enumerate(NAMES)})
+    server, port = await _server(xds)
+    c = DeltaClient(port)
+    try:
+        await c.ask(NAMES, held=held)
+        renewal, full = await c.response(), await c.response()
+        assert [(r.name, r.HasField("resource")) for r in renewal.resources] == [(NAMES[0], False)]
+        assert renewal.resources[0].version == held[NAMES[0]] and renewal.resources[0].ttl.seconds == 30
+        assert {r.name: _label(r) for r in full.resources} == {NAMES[1]: "1", NAMES[2]: "1"}
+        assert "resume" in events
+        await c.ask(nonce=renewal.nonce)  # superseded ACK: ignored
+        await c.ask(nonce=full.nonce)
+        for _ in range(100):
+            if [s.acked_version for s in xds.status()] == ["1"]:
+                break
+            await asyncio.sleep(0.02)
+        assert [s.acked_version for s in xds.status()] == ["1"]
+        await c.close()
+
+        # Another reconnect holding everything, whose renewal Envoy refuses: all sent in full.
+        c = DeltaClient(port, node="delta-2")
+        await c.ask(NAMES, held={n: xds._shards[n][0] for n in NAMES})  # noqa: SLF001
+        renewal = await c.response()
+        assert [r.HasField("resource") for r in renewal.resources] == [False] * len(NAMES)
+        await c.ask(nonce=renewal.nonce, error="type URL '' embedded in an individual Any")
+        again = await c.response()
+        assert {r.name: _label(r) for r in again.resources} == dict.fromkeys(NAMES, "1")
+        assert "expired" in events and not any(s.withdrawn or s.nacks for s in xds.status())
+    finally:
+        await c.close()
+        await server.stop(0)
+
+
+async def test_delta_resume_is_refused_after_a_withdrawal() -> None:
+    """After ``withdraw()`` every resource is the empty policy under a new version: an Envoy
+    holding the policy before it is sent the empty one in full, never renewed."""
+    xds = FastPathXds(ttl_s=30, names=NAMES)
+    xds.publish_shards("1", {n: ("1", _policy(f"p{k}")) for k, n in enumerate(NAMES)})
+    held = {n: xds._shards[n][0] for n in NAMES}  # noqa: SLF001
+    xds.withdraw("grants unreadable")
+    server, port = await _server(xds)
+    c = DeltaClient(port)
+    try:
+        await c.ask(NAMES, held=held)
+        r = await c.response()
+        assert all(res.HasField("resource") and ".empty." in res.version for res in r.resources), r
+        assert {res.name for res in r.resources} == set(NAMES)
+    finally:
+        await c.close()
         await server.stop(0)
