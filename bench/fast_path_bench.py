@@ -466,15 +466,15 @@ class ControlPlane:
         of the ACK seen)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            cur = self.publisher.current
+            push = self.publisher.last_push
             status = self.xds.status()
             if any(s.nacks for s in status):
                 raise RuntimeError(f"Envoy refused the policy: {status[0].last_nack}")
-            if cur is not None and cur.version != after and any(
-                    s.acked_version == cur.version and (services is None or (
+            if push is not None and push.version != after and any(
+                    s.acked_version == push.version and (services is None or (
                         s.acked_source is not None and s.acked_source.services == services))
                     for s in status):
-                return cur.version, time.monotonic()
+                return push.version, time.monotonic()
             time.sleep(0.001)
         raise TimeoutError("Envoy never ACKed the compiled policy")
 
@@ -571,7 +571,7 @@ def scale_table(scale: tuple[int, int, int], small_envoy: EnvoyProcess, gateway:
         pools = [reflection_pool(org, changed), servicer.pool]
         mode_lags: list[float] = []
         for pool in pools * 2:
-            before = control.publisher.current.version if control.publisher.current else "0"
+            before = control.publisher.last_push.version if control.publisher.last_push else "0"
             servicer.pool = pool
             control.refetch(service_name(0))
             t_seen = time.monotonic()

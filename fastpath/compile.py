@@ -90,6 +90,8 @@ class CompiledPolicy:
     """One compiled RBAC config and what it was compiled from."""
 
     rbac: http_rbac_pb2.RBAC
+    #: What its policy names say (``v<version>/engineers``): ``compile_shards``' parts carry
+    #: ``content_label(content)``, ``compile_policy`` the version it is given.
     version: str
     #: When an included grant comes within the horizon of its expiry (None: never).
     recompile_at: datetime | None
@@ -278,8 +280,16 @@ def shard_names(shards: int) -> list[str]:
     return [RESOURCE_NAME] if shards == 1 else [f"{RESOURCE_NAME}.{k}-of-{shards}" for k in range(shards)]
 
 
+def content_label(content: str) -> str:
+    """The label a part's policy names carry (``v<label>/engineers``), from its ``content``
+    (the sha256 of its config compiled with an empty version): 60 bits of it in decimal. A
+    function of what the part allows alone, so every replica and every restart of the
+    server names an equal part alike, and builds it byte for byte alike."""
+    return str(int(content[:15], 16))
+
+
 def compile_shards(modes: Mapping[str, ServiceModes], grants: GrantSet, now: datetime, *,
-                   version: str, shards: int, previous: Sequence[CompiledPolicy] | None = None,
+                   shards: int, previous: Sequence[CompiledPolicy] | None = None,
                    default_mode: Mode, dry_run: Iterable[str] = (),
                    horizon: timedelta = timedelta(seconds=60), identity: IdentitySource = JWT_SUB,
                    max_path_length: int = 512, max_regex_chars: int = 50_000) -> list[CompiledPolicy]:
@@ -287,14 +297,14 @@ def compile_shards(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
     ``shard_of(principal) == k`` (the paths in every part). Together they allow exactly
     what ``compile_policy`` allows: Envoy runs, for each call, the part its claim hashes to.
 
+    Each part is labelled by its content (``content_label``): the same part has the same
+    label, and the same bytes, in every server process.
+
     ``previous``: the last parts published. A part whose content is unchanged is that
-    previous part (its version too, with this compile's ``recompile_at``), so a grant change
-    is one part's update, not a resend of the whole policy; a changed part is compiled under
-    ``version``.
+    previous part (with this compile's ``recompile_at``), so a grant change is one part's
+    update, not a resend of the whole policy.
     """
     _check_limits(horizon, max_regex_chars)
-    if not version:
-        raise ValueError("version must not be empty")
     names = shard_names(shards)
     if previous is not None and len(previous) != len(names):
         raise ValueError(f"previous has {len(previous)} parts, not {len(names)}")
@@ -315,7 +325,7 @@ def compile_shards(modes: Mapping[str, ServiceModes], grants: GrantSet, now: dat
         if before is not None and before.content == unversioned.content:
             out.append(dataclasses.replace(before, recompile_at=unversioned.recompile_at, names=key))
         else:
-            versioned = _build(part, version, horizon, identity, max_regex_chars)
+            versioned = _build(part, content_label(unversioned.content), horizon, identity, max_regex_chars)
             out.append(dataclasses.replace(versioned, content=unversioned.content, names=key))
     return out
 

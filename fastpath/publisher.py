@@ -60,8 +60,8 @@ class PushRecord:
     contributor_services: int
     #: The grants revision compiled (``GrantSet.revision``) and the services with modes.
     source: PolicySource | None = None
-    #: The shards whose content changed (compiled under ``version``) and their size: what
-    #: this push sends an Envoy that held the previous one.
+    #: The shards whose content changed and their size: what this push sends an Envoy
+    #: that held the previous one.
     changed_shards: int = 1
     changed_bytes: int = 0
 
@@ -157,7 +157,7 @@ class Publisher:
         started = time.monotonic()
         try:
             parts = await asyncio.to_thread(
-                compile_shards, modes, grants, self.clock(), version=version, shards=self.shards,
+                compile_shards, modes, grants, self.clock(), shards=self.shards,
                 previous=self.parts, default_mode=self.default_mode, dry_run=self.dry_run,
                 horizon=self.horizon, identity=self.identity, max_path_length=self.max_path_length,
                 max_regex_chars=self.max_regex_chars)
@@ -170,8 +170,9 @@ class Publisher:
         compile_s = time.monotonic() - started
         source = PolicySource(grants.revision, len(modes))
         self.xds.publish_parts(version, parts, source)
+        before = self.parts
         self.parts, self.withdrawn = parts, None
-        changed = [p for p in parts if p.version == version]
+        changed = [p for k, p in enumerate(parts) if before is None or before[k].content != p.content]
         size = sum(p.size_bytes for p in parts)
         self.last_push = PushRecord(
             version, compile_s, time.monotonic() - changed_at, size,
@@ -179,7 +180,8 @@ class Publisher:
             sum(p.contributor_services for p in parts), source,
             changed_shards=len(changed), changed_bytes=sum(p.size_bytes for p in changed))
         log.info("fast path v%s: %d engineers x %d paths, %d contributor services, %d bytes "
-                 "(%d of %d shards changed, %d bytes), compiled in %.3f s", version, self.last_push.engineers,
-                 self.last_push.engineer_paths, self.last_push.contributor_services, size, len(changed),
-                 len(parts), self.last_push.changed_bytes, compile_s)
+                 "(%d of %d shards changed, %d bytes; new labels %s), compiled in %.3f s", version,
+                 self.last_push.engineers, self.last_push.engineer_paths, self.last_push.contributor_services, size,
+                 len(changed), len(parts), self.last_push.changed_bytes, ",".join(p.version for p in changed) or "-",
+                 compile_s)
         self.on_push(self.last_push)

@@ -33,15 +33,18 @@ they may call. The server passes its ``refuse`` check (the same peer check as Ch
 access log: mTLS ``client_names``, unix socket, loopback); a refused stream ends with
 UNAUTHENTICATED before anything is sent.
 
-Versions are ``<n>`` for compiled policies (``v<n>/...`` policy names) and ``<n>.empty.<k>``
-for withdrawals; a shard keeps the version it was last changed in. A resource's own version
-(what Envoy holds it as) is that label and a digest of its config, ``<label>+<digest>``:
-equal versions mean byte-equal configs, whichever server process made them. So over delta,
-an Envoy that reconnects (this server restarted, or another replica took the stream) and
-says it holds a resource at the current version (``initial_resource_versions``) is not sent
-its body again: one body-less TTL refresh of what it holds, which it ACKs, or refuses if it
-no longer holds it (then it gets everything in full, as after a stall). A label alone would
-not do: another process's version ``3`` can be another policy. ``status()`` reports what
+Policy versions are ``<n>`` (a count of publishes in this process) and ``<n>.empty.<k>``
+for withdrawals. Each resource is published with a label: the ``v<label>/...`` its policy
+names carry (the publisher's parts are labelled by their content,
+``fastpath.compile.content_label``), a withdrawal's version for the empty policy. A
+resource's own version (what Envoy holds it as) is that label and a digest of its config,
+``<label>+<digest>``: equal versions mean byte-equal configs, whichever server process made
+them. So over delta, an Envoy that reconnects (a dropped connection, this server restarted,
+or another replica took the stream) and says it holds a resource at the current version
+(``initial_resource_versions``) is not sent its body again: one body-less TTL refresh of what
+it holds, which it ACKs, or refuses if it no longer holds it (then it gets everything in
+full, as after a stall). A label alone would not do: labels given to ``publish`` need not
+name one config. ``status()`` reports what
 each connected Envoy (node id) has ACKed, and what that version was compiled from
 (``PolicySource``: the grants revision and how many services' modes), so a caller can wait
 for "every Envoy holds a policy compiled from grants revision >= R"
@@ -112,8 +115,8 @@ Shard = tuple[str, http_rbac_pb2.RBAC]
 
 
 def resource_version(label: str, rbac: http_rbac_pb2.RBAC) -> str:
-    """The version Envoy holds a resource as: ``label`` (the policy version it was compiled
-    in, or a withdrawal's) and a digest of the config's bytes, so that two equal versions
+    """The version Envoy holds a resource as: ``label`` (what its policy names carry, or a
+    withdrawal's version) and a digest of the config's bytes, so that two equal versions
     name byte-equal configs even when two server processes made them."""
     digest = hashlib.sha256(rbac.SerializeToString(deterministic=True)).hexdigest()
     return f"{label}+{digest[:24]}"
@@ -216,9 +219,9 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self.publish_shards(version, {n: (p.version, p.rbac) for n, p in zip(self.names, parts, strict=True)}, source)
 
     def publish_shards(self, version: str, shards: Mapping[str, Shard], source: PolicySource | None = None) -> None:
-        """Make ``shards`` (each resource's label, i.e. the policy version it was compiled in,
-        and config; together the policy ``version``, compiled from ``source``) what every
-        Envoy gets. Envoys are sent the resources whose version (label and digest) changed."""
+        """Make ``shards`` (each resource's label, i.e. what its policy names carry, and
+        config; together the policy ``version``, compiled from ``source``) what every Envoy
+        gets. Envoys are sent the resources whose version (label and digest) changed."""
         if set(shards) != set(self.names):
             raise ValueError(f"shards must be exactly {self.names}, got {sorted(shards)}")
         self._version, self._source = version, source

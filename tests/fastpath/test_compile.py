@@ -2,6 +2,11 @@
 and mode alone, never a dry-run service, never past a grant's expiry."""
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,6 +20,7 @@ from fastpath.compile import (
     IdentitySource,
     compile_policy,
     compile_shards,
+    content_label,
     empty_policy,
     re2_escape,
     shard_names,
@@ -285,7 +291,7 @@ def test_the_shard_of_a_caller_allows_exactly_what_the_whole_policy_allows(world
     m, grants, dry, default = world
     gs = GrantSet(grants)
     whole = compile_policy(m, gs, NOW, version="1", default_mode=default, dry_run=dry, horizon=H)
-    parts = compile_shards(m, gs, NOW, version="1", shards=shards, default_mode=default, dry_run=dry, horizon=H)
+    parts = compile_shards(m, gs, NOW, shards=shards, default_mode=default, dry_run=dry, horizon=H)
     assert len(parts) == shards
     for p in PEOPLE:
         mine = parts[shard_of(p, shards)]
@@ -314,35 +320,40 @@ def test_a_grant_change_changes_one_shard_and_the_others_keep_their_version() ->
     grants = [Grant(p, Role.ENGINEER) for ps in people for p in ps]
     grants += [Grant(ps[0], Role.CONTRIBUTOR, "a.v1.S") for ps in people]
 
-    def parts(gs: list[Grant], version: str, previous=None, mode_map=m):
-        return compile_shards(mode_map, GrantSet(gs), NOW, version=version, shards=shards, previous=previous,
+    def parts(gs: list[Grant], previous=None, mode_map=m):
+        return compile_shards(mode_map, GrantSet(gs), NOW, shards=shards, previous=previous,
                               default_mode=Mode.BREAK_GLASS_ONLY, horizon=H)
-    v1 = parts(grants, "1")
-    assert [x.version for x in v1] == ["1"] * shards and len({x.content for x in v1}) == shards
+    v1 = parts(grants)
+    assert [x.version for x in v1] == [content_label(x.content) for x in v1] and len({x.content for x in v1}) == shards
+    assert all(x.version.isdigit() and len(x.version) <= 19 for x in v1)
 
-    # A new engineer in shard 2: shard 2 alone is new (version 2); the others are v1's.
+    # A new engineer in shard 2: shard 2 alone is new (its label too); the others are v1's.
     newcomer = next(f"new{i}" for i in range(1000) if shard_of(f"new{i}", shards) == 2)
-    v2 = parts([*grants, Grant(newcomer, Role.ENGINEER)], "2", v1)
-    assert [x.version for x in v2] == ["1", "1", "2", "1"]
+    v2 = parts([*grants, Grant(newcomer, Role.ENGINEER)], v1)
+    assert [x.version == y.version for x, y in zip(v1, v2, strict=True)] == [True, True, False, True]
     assert all(v2[k] == v1[k] for k in (0, 1, 3)) and v2[2].content != v1[2].content
-    assert shadow_allows(v2[2].rbac, newcomer, "/a.v1.S/Open") == "v2/engineers"
+    assert shadow_allows(v2[2].rbac, newcomer, "/a.v1.S/Open") == f"v{v2[2].version}/engineers"
+    # The same part compiled afresh (another replica, no previous parts) is the same, byte for byte.
+    fresh = parts([*grants, Grant(newcomer, Role.ENGINEER)])
+    assert [x.rbac.SerializeToString(deterministic=True) for x in fresh] == \
+        [x.rbac.SerializeToString(deterministic=True) for x in v2]
     # A contributor grant revoked (shard 1's): shard 1 alone changes.
     v3 = parts([g for g in [*grants, Grant(newcomer, Role.ENGINEER)]
-                if not (g.principal == people[1][0] and g.role is Role.CONTRIBUTOR)], "3", v2)
-    assert [x.version for x in v3] == ["1", "3", "2", "1"]
+                if not (g.principal == people[1][0] and g.role is Role.CONTRIBUTOR)], v2)
+    assert [x.version == y.version for x, y in zip(v2, v3, strict=True)] == [True, False, True, True]
     assert shadow_allows(v3[1].rbac, people[1][0], "/a.v1.S/Team") is None
     # Nothing changed: every shard is the previous one.
-    assert [x.version for x in parts([*grants, Grant(newcomer, Role.ENGINEER)], "4", v2)] == ["1", "1", "2", "1"]
+    assert parts([*grants, Grant(newcomer, Role.ENGINEER)], v2) == v2
     # Other names, the same allows (contributors-mode paths only: an engineer who contributes
     # to nothing allows nothing more): rebuilt, found equal, kept.
     only_team = modes(a_v1_S={"Team": CWA})
-    t1 = parts(grants, "6", None, only_team)
+    t1 = parts(grants, None, only_team)
     idle = next(f"idle{i}" for i in range(1000) if shard_of(f"idle{i}", shards) == 0)
-    t2 = parts([*grants, Grant(idle, Role.ENGINEER)], "7", t1, only_team)
-    assert [x.version for x in t2] == ["6"] * shards and t2[0].names != t1[0].names
+    t2 = parts([*grants, Grant(idle, Role.ENGINEER)], t1, only_team)
+    assert [x.version for x in t2] == [x.version for x in t1] and t2[0].names != t1[0].names
     # A mode change reaches every shard.
-    v5 = parts(grants, "5", v1, modes(a_v1_S={"Open": EWA, "Team": EWA}))
-    assert [x.version for x in v5] == ["5"] * shards
+    v5 = parts(grants, v1, modes(a_v1_S={"Open": EWA, "Team": EWA}))
+    assert all(x.version != y.version for x, y in zip(v1, v5, strict=True))
 
 
 def test_a_kept_shard_takes_the_new_recompile_moment() -> None:
@@ -350,12 +361,13 @@ def test_a_kept_shard_takes_the_new_recompile_moment() -> None:
     the kept shard must not keep asking for a recompile at the old moment."""
     m = modes(a_v1_S={"Open": EWA})
     soon, later = NOW + timedelta(minutes=5), NOW + timedelta(hours=5)
-    v1 = compile_shards(m, GrantSet([Grant("ann", Role.ENGINEER, expires_at=soon)]), NOW, version="1", shards=2,
+    v1 = compile_shards(m, GrantSet([Grant("ann", Role.ENGINEER, expires_at=soon)]), NOW, shards=2,
                         default_mode=Mode.BREAK_GLASS_ONLY, horizon=H)
-    v2 = compile_shards(m, GrantSet([Grant("ann", Role.ENGINEER, expires_at=later)]), NOW, version="2", shards=2,
+    v2 = compile_shards(m, GrantSet([Grant("ann", Role.ENGINEER, expires_at=later)]), NOW, shards=2,
                         previous=v1, default_mode=Mode.BREAK_GLASS_ONLY, horizon=H)
     k = shard_of("ann", 2)
-    assert v2[k].version == "1" and v1[k].recompile_at == soon - H and v2[k].recompile_at == later - H
+    assert v2[k].version == v1[k].version and v2[k].rbac is v1[k].rbac
+    assert v1[k].recompile_at == soon - H and v2[k].recompile_at == later - H
 
 
 def test_shard_counts_and_previous_parts_are_checked() -> None:
@@ -365,11 +377,41 @@ def test_shard_counts_and_previous_parts_are_checked() -> None:
         with pytest.raises(ValueError, match="shards must be between 1 and 64"):
             shard_names(bad)
     m = modes(a_v1_S={"Open": EWA})
-    two = compile_shards(m, GrantSet(), NOW, version="1", shards=2, default_mode=EWA)
+    two = compile_shards(m, GrantSet(), NOW, shards=2, default_mode=EWA)
     with pytest.raises(ValueError, match="previous has 2 parts, not 3"):
-        compile_shards(m, GrantSet(), NOW, version="2", shards=3, previous=two, default_mode=EWA)
-    with pytest.raises(ValueError, match="version must not be empty"):
-        compile_shards(m, GrantSet(), NOW, version="", shards=2, default_mode=EWA)
+        compile_shards(m, GrantSet(), NOW, shards=3, previous=two, default_mode=EWA)
     # xxHash64 (seed 0) modulo the count, as Envoy's consistent_hashing matcher computes it
     # (tests/fastpath/test_shards_envoy.py checks Envoy agrees)
     assert [shard_of(p, 4) for p in ("alice", "bob", "carol")] == [1, 3, 0] and shard_of("alice", 1) == 0
+
+
+_REPLICA = """
+import json, sys
+from datetime import datetime, UTC
+from fastpath.compile import compile_shards
+from fastpath.xds import resource_version
+from policy import Grant, GrantSet, Mode, Role
+from reflection_cache.types import ServiceModes
+modes = {f"a.v1.S{i}": ServiceModes(f"a.v1.S{i}", {"Open": Mode.ENGINEERS_WITHOUT_APPROVAL,
+         "Team": Mode.CONTRIBUTORS_WITHOUT_APPROVAL, "Ask": None}) for i in range(12)}
+grants = [Grant(f"eng{i}@example.com", Role.ENGINEER) for i in range(60)]
+grants += [Grant(f"eng{i}@example.com", Role.CONTRIBUTOR, f"a.v1.S{i % 12}") for i in range(0, 60, 2)]
+parts = compile_shards(modes, GrantSet(grants), datetime(2026, 1, 1, tzinfo=UTC), shards=int(sys.argv[1]),
+                       default_mode=Mode.BREAK_GLASS_ONLY)
+print(json.dumps([resource_version(p.version, p.rbac) for p in parts]))
+"""
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_two_replicas_compile_the_same_parts_byte_for_byte(shards: int) -> None:
+    """Two server processes (other hash seeds: other set and dict orders) compiling the same
+    grants and modes make the same labels and the same bytes, so the resource versions an
+    Envoy holds from one are the other's (fastpath.xds: a reconnect to the other is renewed,
+    not resent)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = []
+    for seed in ("1", "2"):
+        run = subprocess.run([sys.executable, "-c", _REPLICA, str(shards)], capture_output=True, text=True,
+                             check=True, cwd=root, env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)})
+        out.append(json.loads(run.stdout))
+    assert out[0] == out[1] and len(out[0]) == shards and len(set(out[0])) == shards

@@ -258,6 +258,13 @@ class GatewayStack:
         assert self._extauthz_config is not None
         return f"http://127.0.0.1:{self._extauthz_config['metrics']['port']}/metrics"
 
+    def replica_metrics(self, i: int) -> str:
+        """Replica ``i``'s /metrics text."""
+        import urllib.request
+        port = self.replica_configs[i]["metrics"]["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
     def server_stat(self, name: str, stat: str) -> float | None:
         """The ext_authz server's ``rpcauthz_<name>_stat{stat="<stat>"}`` gauge now (None: absent)."""
         import urllib.request
