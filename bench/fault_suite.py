@@ -32,7 +32,7 @@ from tests.support.faults.forged_checks import forged_checks  # noqa: E402
 from tests.support.faults.outcome import ScenarioResult, table  # noqa: E402
 from tests.support.faults.pg import fresh_database  # noqa: E402
 from tests.support.faults.reflection_faults import reflection_faults  # noqa: E402
-from tests.support.faults.replica_faults import replica_kill9, rolling_restart  # noqa: E402
+from tests.support.faults.replica_faults import fast_path_failover, replica_kill9, rolling_restart  # noqa: E402
 from tests.support.faults.server_kill9 import server_kill9, server_kill9_mid_spend  # noqa: E402
 from tests.support.faults.slack_faults import slack_faults  # noqa: E402
 from tests.support.faults.store_faults import store_hang, store_outage  # noqa: E402
@@ -43,6 +43,7 @@ Runner = Callable[[pathlib.Path, str, bool], "ScenarioResult | list[ScenarioResu
 SCENARIOS: dict[str, tuple[bool, Runner]] = {
     "replica-kill9": (True, lambda d, dsn, q: replica_kill9(d, dsn)),
     "rolling-restart": (True, lambda d, dsn, q: rolling_restart(d, dsn)),
+    "fast-path-failover": (True, lambda d, dsn, q: fast_path_failover(d, dsn)),
     "store-unreachable": (True, lambda d, dsn, q: store_outage(d, dsn, seconds=10 if q else 30)),
     "store-hung": (True, lambda d, dsn, q: store_hang(d, dsn, seconds=5 if q else 10)),
     "server-kill9": (True, lambda d, dsn, q: server_kill9(d, dsn)),

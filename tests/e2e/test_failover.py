@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.faults.replica_faults import replica_kill9, rolling_restart
+from tests.support.faults.replica_faults import fast_path_failover, replica_kill9, rolling_restart
 
 pytestmark = [pytest.mark.envoy, pytest.mark.postgres, pytest.mark.slow]
 
@@ -20,5 +20,11 @@ def test_kill_9_of_one_replica_costs_at_most_one_percent_and_leaves_rotation_wit
 
 def test_rolling_restart_costs_no_call(tmp_path, pg_dsn):
     result = rolling_restart(tmp_path, pg_dsn)
+    print("\n" + result.report())
+    assert not result.unmet(), result.report()
+
+
+def test_kill_9_of_the_fast_paths_ads_replica_keeps_envoys_policy(tmp_path, pg_dsn):
+    result = fast_path_failover(tmp_path, pg_dsn)
     print("\n" + result.report())
     assert not result.unmet(), result.report()

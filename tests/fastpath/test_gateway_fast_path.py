@@ -244,13 +244,6 @@ def _metrics_text(gw: GatewayStack) -> str:
         return r.read().decode()
 
 
-def _sample(text: str, name: str) -> float:
-    """A sample's value in a /metrics text (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
 
 def test_a_failover_to_another_replica_keeps_envoys_policy(tmp_path, pg_dsn) -> None:
     """Two replicas compile the same policy from the same store and modes: the same labels and
@@ -266,36 +259,33 @@ def test_a_failover_to_another_replica_keeps_envoys_policy(tmp_path, pg_dsn) -> 
         # Checks (an approval mode: always ext_authz) spread over both replicas, so both learn
         # the service's modes and compile it in.
         deadline = time.monotonic() + 20
-        while not all(_sample(gw.replica_metrics(i), 'rpcauthz_fast_path_policy_bytes') > 0
+        while not all(gw.replica_sample(i, "rpcauthz_fast_path_policy_bytes") > 0
                       and "rpcauthz_decisions_total{" in gw.replica_metrics(i) for i in (0, 1)):
             assert time.monotonic() < deadline, "the replicas never both compiled a policy"
             gw.call(READ, as_="alice")
         until_fast(gw, LIST, "alice")
         deadline = time.monotonic() + 20
-        while len({_sample(gw.replica_metrics(i), "rpcauthz_fast_path_policy_bytes") for i in (0, 1)}) != 1:
+        while len({gw.replica_sample(i, "rpcauthz_fast_path_policy_bytes") for i in (0, 1)}) != 1:
             assert time.monotonic() < deadline, "the replicas' policies never came to the same size"
             gw.call(READ, as_="alice")
             time.sleep(0.2)
-        serving = next(i for i in (0, 1) if _sample(gw.replica_metrics(i), envoys) == 1)
+        serving = next(i for i in (0, 1) if gw.replica_sample(i, envoys) == 1)
         other = 1 - serving
-        reloads = {k: v for k, v in gw.envoy.stats("extension_config_discovery.").items()
-                   if k.endswith(".config_reload")}
-        assert len(reloads) == 4 and all(int(v) >= 1 for v in reloads.values()), reloads
+        reloads = gw.fast_path_reloads()
+        assert len(reloads) == 4 and all(v >= 1 for v in reloads.values()), reloads
 
         proc = gw.replicas[serving]
         assert proc is not None
         proc.signal(signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while _sample(gw.replica_metrics(other), envoys) != 1:
+        while gw.replica_sample(other, envoys) != 1:
             assert time.monotonic() < deadline, "Envoy never reconnected to the other replica"
             time.sleep(0.1)
         deadline = time.monotonic() + 10
-        while _sample(gw.replica_metrics(other), resumed) < 1:
+        while gw.replica_sample(other, resumed) < 1:
             assert time.monotonic() < deadline, gw.replica_metrics(other)
             time.sleep(0.1)
         for _ in range(5):
             r, how = call_counted(gw, LIST, "alice")
             assert (r.code, how) == (grpc.StatusCode.OK, "fast")
-        after = {k: v for k, v in gw.envoy.stats("extension_config_discovery.").items()
-                 if k.endswith(".config_reload")}
-        assert after == reloads  # renewed from the other replica, nothing reloaded
+        assert gw.fast_path_reloads() == reloads  # renewed from the other replica, nothing reloaded

@@ -265,6 +265,20 @@ class GatewayStack:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def replica_sample(self, i: int, sample: str) -> float:
+        """The value of ``sample`` (a metric's name with its labels, as /metrics prints it) on
+        replica ``i`` now; 0 when absent."""
+        for line in self.replica_metrics(i).splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def fast_path_reloads(self) -> dict[str, int]:
+        """Envoy's count of fast-path policy configs taken (ECDS ``config_reload``), per resource."""
+        assert self.envoy is not None
+        return {k: int(v) for k, v in self.envoy.stats("extension_config_discovery.").items()
+                if k.endswith(".config_reload")}
+
     def server_stat(self, name: str, stat: str) -> float | None:
         """The ext_authz server's ``rpcauthz_<name>_stat{stat="<stat>"}`` gauge now (None: absent)."""
         import urllib.request

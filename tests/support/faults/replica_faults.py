@@ -98,3 +98,69 @@ def rolling_restart(workdir: pathlib.Path, pg_dsn: str, *, drain_notice_s: float
     r.goal("a load was really sent", r.calls >= 100, str(r.calls))
     r.goal("no call failed", unexpected == 0, f"{unexpected} of {r.calls}")
     return r
+
+
+_FAST_ALLOWED = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
+_ENVOYS = 'rpcauthz_fast_path_stat{stat="envoys"}'
+_RESUMED = 'rpcauthz_fast_path_xds_events_total{event="resume"}'
+_POLICY_BYTES = "rpcauthz_fast_path_policy_bytes"
+
+
+def fast_path_failover(workdir: pathlib.Path, pg_dsn: str, *, after_s: float = 4.0) -> ScenarioResult:
+    """The fast path on (4 parts), 2 replicas: kill -9 of the replica serving Envoy's ADS
+    stream, under load. Envoy reconnects to the other replica, which compiled the same parts
+    (same labels, same bytes) and renews them instead of resending: no part reloaded, and
+    engineers' calls stay on the fast path through the kill."""
+    r = ScenarioResult("kill -9 of the fast path's ADS replica")
+    with GatewayStack(workdir, store_url=pg_dsn, grants=cast_grants(), replicas=2, fast_path=True,
+                      extauthz={"fast_path.shards": 4, "fast_path.ttl_s": 10,
+                                "fast_path.modes_check_s": 0.2}) as gw:
+        assert gw.envoy is not None
+        envoy = gw.envoy
+        wait_until(lambda: gw.healthy_replicas() == 2, 20, "both replicas healthy")
+
+        def fast_allowed() -> int:
+            return int(envoy.stats(_FAST_ALLOWED).get(_FAST_ALLOWED) or 0)
+        callers = _callers(gw)
+        with MixedLoad(gw.gateway, callers) as load:
+            # The non-engineers' Checks reach both replicas: both learn the service's modes.
+            wait_until(lambda: fast_allowed() > 0, 20, "engineers' calls on the fast path")
+            wait_until(lambda: len({gw.replica_sample(i, _POLICY_BYTES) for i in (0, 1)}) == 1, 20,
+                       "both replicas publishing the same policy")
+            serving = next(i for i in (0, 1) if gw.replica_sample(i, _ENVOYS) == 1)
+            other = 1 - serving
+            reloads, fast_before = gw.fast_path_reloads(), fast_allowed()
+            victim = gw.replicas[serving]
+            assert victim is not None
+            killed_at = time.monotonic()
+            victim.signal(signal.SIGKILL)
+            reconnected = wait_until(lambda: gw.replica_sample(other, _ENVOYS) == 1, 20,
+                                     "Envoy's ADS stream on the other replica")
+            time.sleep(after_s)
+            renewed = gw.replica_sample(other, _RESUMED)
+            reloaded = {k: n - reloads.get(k, 0) for k, n in gw.fast_path_reloads().items()}
+            # Calls answered by now, then Envoy's count (it counts a call before answering it).
+            engineer_after = len(load.loads["engineer ListAccounts"].between(killed_at))
+            fast_after = fast_allowed() - fast_before
+    everything = load.results()
+    failed = [t for t, code in everything if code not in (grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED)]
+    r.calls, r.wrong_allows = len(everything), load.wrong_allows()
+    r.unavailable = load.count(grpc.StatusCode.UNAVAILABLE)
+    r.recovery_s = load.recovery_s(killed_at, killed_at)
+    engineer_denied = load.count(grpc.StatusCode.PERMISSION_DENIED, "engineer ListAccounts")
+    r.detail += [f"answers by caller: {load.summary()}",
+                 f"ADS on the other replica {reconnected:.1f} s after the kill; parts renewed there: "
+                 f"{renewed:.0f} stream(s); parts reloaded by Envoy: {sum(reloaded.values())}; "
+                 f"fast-path allows after the kill: {fast_after}, engineer calls answered after it: {engineer_after}"]
+    r.goal("zero wrong allows", r.wrong_allows == 0, f"{r.wrong_allows} of {r.calls}")
+    r.goal("a load was really sent", r.calls >= 100, str(r.calls))
+    r.goal("engineers never refused", engineer_denied == 0, str(engineer_denied))
+    r.goal("at most ~1% of calls failed", len(failed) <= max(1, r.calls // 100),
+           f"{len(failed)} of {r.calls} ({len(failed) / max(1, r.calls):.2%})")
+    r.goal("the other replica renewed the policy Envoy held", renewed >= 1, f"{renewed:.0f}")
+    r.goal("Envoy reloaded no part", not any(reloaded.values()), str(reloaded))
+    # Up to one call per engineer thread was in flight at the kill: counted by Envoy before it.
+    in_flight = next(c.threads for c in callers if c.name == "engineer ListAccounts")
+    r.goal("engineers stayed on the fast path", engineer_after > 0 and fast_after >= engineer_after - in_flight,
+           f"{fast_after} fast-path allows after the kill, {engineer_after} engineer calls answered after it")
+    return r
