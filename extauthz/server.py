@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -28,8 +29,9 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fastpath.compile import IdentitySource, shard_names
-from fastpath.publisher import Publisher, PushRecord
+from fastpath.publisher import Publisher, PushRecord, warm_modes
 from fastpath.xds import FastPathXds
+from policy import Role
 
 from .audit_spool import AuditSpool
 from .audit_writer import AuditWriter
@@ -330,6 +332,22 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         metrics.fast_path_policy_bytes.set(record.size_bytes)
         metrics.fast_path_lag.observe(record.lag_s)
 
+    async def warm() -> None:
+        """Learn the modes of the services named in contributor grants before the first
+        policy (a restarted server's policy then covers what the last one did)."""
+        if fp.warm_s <= 0:
+            return
+        started = time.monotonic()
+        try:
+            services = {g.service for g in components.grants.current() if g.role is Role.CONTRIBUTOR and g.service}
+        except Exception as e:  # grants unreadable: the publisher withdraws; nothing to warm
+            log.warning("fast path: not warming the modes (grants unreadable: %s)", e)
+            return
+        learned, missed = await warm_modes(components.modes.get, sorted(services), deadline_s=fp.warm_s)
+        log.info("fast path: learnt the modes of %d of %d services named in contributor grants in %.1f s "
+                 "(%d not learnt: unreachable, unknown, or past fast_path.warm_s)",
+                 learned, len(services), time.monotonic() - started, missed)
+
     log.info("fast path on: serving ECDS %s over ADS (ttl %.0f s)", ", ".join(names), fp.ttl_s)
     return Publisher(
         xds, components.grants, components.modes, default_mode=settings.default_mode,
@@ -337,7 +355,7 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         identity=IdentitySource(ident.metadata_namespace, ident.payload_key, ident.principal_claim),
         horizon=timedelta(seconds=fp.ttl_s + fp.expiry_margin_s), debounce_s=fp.debounce_s,
         poll_s=fp.poll_s, modes_check_s=fp.modes_check_s, max_path_length=settings.max_path_length,
-        max_regex_chars=fp.max_regex_chars, shards=fp.shards, on_push=pushed)
+        max_regex_chars=fp.max_regex_chars, shards=fp.shards, on_push=pushed, warm=warm)
 
 
 def _worker_main(settings_json: str) -> None:

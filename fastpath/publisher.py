@@ -9,6 +9,9 @@ do). A change waits ``debounce_s`` for more, then one compile (in a thread) and 
 With ``shards`` > 1 the policy is compiled in parts (``compile_shards``) and a push carries
 the parts whose content changed (one, for one grant change).
 
+At start (``warm``) the server may first learn the modes of the services it knows of, so
+that its first policy is not narrower than the one Envoys hold from the server before it.
+
 Fail closed: grants that cannot be read (the store lost past ``grants_max_staleness_s``) or
 a compile that fails withdraw the fast path (the empty policy) until a compile succeeds.
 """
@@ -19,7 +22,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -34,6 +37,33 @@ log = logging.getLogger("fastpath.publisher")
 
 class GrantSource(Protocol):
     def current(self) -> GrantSet: ...
+
+
+async def warm_modes(fetch: Callable[[str], Awaitable[object]], services: Iterable[str], *,
+                     deadline_s: float, concurrency: int = 16) -> tuple[int, int]:
+    """``fetch`` (the reflection cache's ``get``) each of ``services``, at most ``concurrency``
+    at once, for at most ``deadline_s`` in all: (learned, not learned: failed or cut off by
+    the deadline). A failure is the cache's to remember; nothing here raises for one."""
+    queue = list(services)
+    learned = failed = 0
+
+    async def worker() -> None:
+        nonlocal learned, failed
+        while queue:
+            service = queue.pop()
+            try:
+                await fetch(service)
+                learned += 1
+            except Exception as e:  # noqa: BLE001 (an unknown or unreachable service: learnt later, or never)
+                failed += 1
+                log.debug("warming %s: %s", service, e)
+    workers = [asyncio.create_task(worker()) for _ in range(max(1, min(concurrency, len(queue))))]
+    pending: set[asyncio.Task[None]] = set()
+    if workers:
+        _done, pending = await asyncio.wait(workers, timeout=deadline_s)
+    for w in pending:  # each is mid-fetch
+        w.cancel()
+    return learned, failed + len(queue) + len(pending)
 
 
 class KnownModes(Protocol):
@@ -75,9 +105,11 @@ class Publisher:
                  debounce_s: float = 0.1, poll_s: float = 0.05, modes_check_s: float = 1.0,
                  max_path_length: int = 512, max_regex_chars: int = 50_000, shards: int = 1,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_push: Callable[[PushRecord], None] | None = None) -> None:
+                 on_push: Callable[[PushRecord], None] | None = None,
+                 warm: Callable[[], Awaitable[object]] | None = None) -> None:
         """``shards``: the parts the policy is compiled in; ``xds`` must serve their names
-        (``shard_names(shards)``)."""
+        (``shard_names(shards)``). ``warm``: awaited once before the first compile (the
+        server learns the modes of the services it knows of, ``warm_modes``)."""
         if xds.names != shard_names(shards):
             raise ValueError(f"the xDS server serves {xds.names}, not the {shards} shard(s) {shard_names(shards)}")
         self.shards = shards
@@ -88,6 +120,7 @@ class Publisher:
         self.max_path_length, self.max_regex_chars = max_path_length, max_regex_chars
         self.clock = clock
         self.on_push = on_push or (lambda record: None)
+        self.warm = warm
         self._versions = itertools.count(1)
         #: The published policy, by shard (None: withdrawn or not compiled yet).
         self.parts: list[CompiledPolicy] | None = None
@@ -97,6 +130,13 @@ class Publisher:
     async def run(self) -> None:
         """Until cancelled. An unexpected error withdraws the fast path, is logged, and the
         loop starts over (a bug must never leave a stale policy in place)."""
+        if self.warm is not None:
+            try:
+                await self.warm()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("warming the modes before the first policy failed; compiling what is known")
         while True:
             try:
                 await self._loop()

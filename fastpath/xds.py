@@ -147,9 +147,9 @@ class _Stream:
         self.mismatch = ""
         #: The nonces of the latest body-less TTL refreshes (delta only), to tell their NACKs apart.
         self.refreshes: collections.deque[str] = collections.deque(maxlen=8)
-        #: Resources the Envoy said it holds in their current version when it subscribed
-        #: (delta ``initial_resource_versions``): refreshed, not sent again.
-        self.resumed: list[str] = []
+        #: What the Envoy said it holds when it subscribed (delta ``initial_resource_versions``),
+        #: until the stream's first answer: those in their current version are renewed, not sent.
+        self.held: dict[str, str] = {}
 
     @property
     def subscribed(self) -> bool:
@@ -194,6 +194,9 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._generation = 0
         self._streams: set[_Stream] = set()
         self.published_at: float | None = None
+        #: Nothing is sent before the first ``publish``/``withdraw``: an Envoy that connects
+        #: while the server starts keeps what it holds (within its TTL) meanwhile.
+        self._published = False
 
     # --- the control side ---------------------------------------------------------------
 
@@ -273,6 +276,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         }
 
     def _bump(self) -> None:
+        self._published = True
         self._generation += 1
         self.published_at = time.monotonic()
         self._changed.set()
@@ -362,7 +366,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                         yield self._response(stream, protocol, *self._withdrawn_for(stream))
                         next_heartbeat = time.monotonic() + self.heartbeat_s
                         continue
-                if stream is None or not stream.subscribed:
+                if stream is None or not stream.subscribed or not self._published:
                     continue
                 if send or sent_generation != self._generation:
                     if sent_generation != self._generation:
@@ -371,7 +375,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     if stream.status.withdrawn:
                         yield self._response(stream, protocol, *self._withdrawn_for(stream))
                     else:
-                        resumed, stream.resumed = stream.resumed, []
+                        resumed = self._resumed(stream)
                         if resumed:  # what it already holds: renewed, not sent again
                             yield self._response(stream, protocol, self._version,
                                                  {n: self._shards[n] for n in resumed}, self._source, heartbeat=True)
@@ -416,13 +420,7 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                         stream.status.node, sorted(set(requested) - set(names)), self.names)
         added = set(names) - set(stream.names)
         stream.names = names
-        for n in sorted(added):
-            if held.get(n) == self._shards[n][0] and not stream.status.withdrawn:
-                # Byte-equal to what it would be sent (the version says so): renew, don't resend.
-                stream.sent[n] = self._shards[n]
-                stream.resumed.append(n)
-        if stream.resumed:
-            self._on_event("resume", stream.status.node)
+        stream.held.update((n, v) for n, v in held.items() if n in added)
         if not names:
             return False
         if added or not nonce:
@@ -453,6 +451,18 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         stream.status.acked_source = stream.sent_source if version_info == stream.nonce_version else None
         self._on_event("ack", stream.status.node)
         return False
+
+    def _resumed(self, stream: _Stream) -> list[str]:
+        """The resources ``stream``'s Envoy said it holds at connect time in their current
+        version (byte-equal: the version says so), now taken as sent; asked once, at the
+        stream's first answer (after it, Envoy holds what it was sent)."""
+        held, stream.held = stream.held, {}
+        resumed = [n for n in stream.names if n not in stream.sent and held.get(n) == self._shards[n][0]]
+        for n in resumed:
+            stream.sent[n] = self._shards[n]
+        if resumed:
+            self._on_event("resume", stream.status.node)
+        return resumed
 
     def _withdrawn_for(self, stream: _Stream) -> tuple[str, dict[str, Shard]]:
         stream.status.withdrawn = True

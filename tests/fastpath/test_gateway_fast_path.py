@@ -289,3 +289,27 @@ def test_a_failover_to_another_replica_keeps_envoys_policy(tmp_path, pg_dsn) -> 
             r, how = call_counted(gw, LIST, "alice")
             assert (r.code, how) == (grpc.StatusCode.OK, "fast")
         assert gw.fast_path_reloads() == reloads  # renewed from the other replica, nothing reloaded
+
+
+def test_a_restarted_server_renews_envoys_policy(tmp_path, pg_dsn) -> None:
+    """The server restarts (SIGTERM, start on the same port and store). Before its first
+    policy it learns the modes of the services named in contributor grants
+    (``fast_path.warm_s``) and answers no Envoy meanwhile, so its first policy is the one
+    Envoy holds (same labels, same bytes): renewed (``resume``), not resent, no part reloaded,
+    and alice's calls stay on the fast path across the restart."""
+    resumed = 'rpcauthz_fast_path_xds_events_total{event="resume"}'
+    grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER), Grant("bob", Role.CONTRIBUTOR, ACCOUNTS)]
+    with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True,
+                      extauthz={"fast_path.shards": 4, "fast_path.ttl_s": 10}) as gw:
+        until_fast(gw, LIST, "alice")
+        reloads = gw.fast_path_reloads()
+        assert len(reloads) == 4 and all(v >= 1 for v in reloads.values()), reloads
+        gw.restart_extauthz()
+        deadline = time.monotonic() + 20
+        while gw.replica_sample(0, resumed) < 1:
+            assert time.monotonic() < deadline, gw.extauthz.output()[-3000:] if gw.extauthz else ""
+            time.sleep(0.1)
+        assert gw.fast_path_reloads() == reloads
+        for _ in range(3):
+            r, how = call_counted(gw, LIST, "alice")
+            assert (r.code, how) == (grpc.StatusCode.OK, "fast")

@@ -188,3 +188,47 @@ def test_the_server_and_publisher_must_agree_on_the_shards() -> None:
         sharded.publish_shards("1", {"rpcauthz_fast_path": ("1", empty_policy())})
     with pytest.raises(ValueError, match="distinct and not empty"):
         FastPathXds(ttl_s=10, names=["a", "a"])
+
+
+async def test_warm_modes_learns_what_it_can_within_its_deadline() -> None:
+    """Each service fetched once, 16 at once at most; failures counted, not raised; what the
+    deadline cuts off is counted as not learnt."""
+    from fastpath.publisher import warm_modes
+    fetched: list[str] = []
+    at_once = peak = 0
+
+    async def fetch(service: str) -> None:
+        nonlocal at_once, peak
+        at_once += 1
+        peak = max(peak, at_once)
+        try:
+            fetched.append(service)
+            if service.startswith("bad"):
+                raise RuntimeError(f"{service}: no reflection")
+            await asyncio.sleep(30 if service == "hung" else 0.01)
+        finally:
+            at_once -= 1
+    services = [f"s{i}" for i in range(40)] + ["bad1", "bad2"]
+    assert await warm_modes(fetch, services, deadline_s=5) == (40, 2)
+    assert sorted(fetched) == sorted(services) and peak == 16
+    t0 = asyncio.get_running_loop().time()
+    assert await warm_modes(fetch, ["hung", "s1"], deadline_s=0.3) == (1, 1)
+    assert asyncio.get_running_loop().time() - t0 < 5
+
+
+async def test_the_first_policy_waits_for_the_warm_up(running) -> None:
+    """``warm`` runs before the first compile: a service it teaches the modes of is in the
+    first policy pushed (a restarted server's policy is not narrower than the last one)."""
+    xds = FastPathXds(ttl_s=10)
+    modes = Modes(Mode.ENGINEERS_WITHOUT_APPROVAL)
+    taught, pushes = dict(modes.modes), []
+    modes.modes = {}
+
+    async def warm() -> None:
+        await asyncio.sleep(0.2)
+        modes.modes = taught
+    running(Publisher(xds, Grants(GrantSet([Grant("alice", Role.ENGINEER)], revision=1)), modes,
+                      default_mode=Mode.BREAK_GLASS_ONLY, horizon=timedelta(seconds=20), debounce_s=0.0,
+                      poll_s=0.01, modes_check_s=0.02, on_push=pushes.append, warm=warm))
+    await until(lambda: bool(pushes))
+    assert pushes[0].source is not None and pushes[0].source.services == 1 and pushes[0].engineers == 1

@@ -286,3 +286,27 @@ async def test_delta_resume_is_refused_after_a_withdrawal() -> None:
     finally:
         await c.close()
         await server.stop(0)
+
+
+async def test_nothing_is_sent_before_the_first_publish_and_a_hold_is_judged_then() -> None:
+    """A server that has not published yet (it is learning modes at start) answers nobody:
+    the Envoy keeps what it holds. Its hold is judged against the first publish: a part it
+    holds in that version is renewed, not sent."""
+    xds = FastPathXds(ttl_s=30, names=NAMES)
+    policies = {n: ("1", _policy(f"p{k}")) for k, n in enumerate(NAMES)}
+    held = {n: resource_version("1", rbac) for n, (_, rbac) in policies.items()}
+    server, port = await _server(xds)
+    c = DeltaClient(port)
+    try:
+        await c.ask(NAMES, held={NAMES[0]: held[NAMES[0]], NAMES[1]: "0+stale"})
+        reading = asyncio.ensure_future(c.response())
+        done, _ = await asyncio.wait({reading}, timeout=0.5)
+        assert not done, "answered before anything was published"
+        xds.publish_shards("1", policies)
+        renewal = await reading
+        assert [(r.name, r.HasField("resource")) for r in renewal.resources] == [(NAMES[0], False)]
+        full = await c.response()
+        assert {r.name: _label(r) for r in full.resources} == {NAMES[1]: "1", NAMES[2]: "1"}
+    finally:
+        await c.close()
+        await server.stop(0)
