@@ -36,6 +36,25 @@ def _callers(gw: GatewayStack) -> list[Caller]:
             Caller("non-engineer ListAccounts", LIST, gw.token(NONENG), DENY, pause=0.02)]
 
 
+def _kill_goals(r: ScenarioResult, load: MixedLoad, killed_at: float, detail: str) -> list[float]:
+    """What every kill under ``_callers``' load must show: the counts, the answers (and
+    ``detail``, given the recovery time), and the goals no wrong allow, a real load,
+    engineers never refused, at most ~1% failed. The failed calls' times, for more goals."""
+    everything = load.results()
+    failed = [t for t, code in everything if code not in (grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED)]
+    r.calls, r.wrong_allows = len(everything), load.wrong_allows()
+    r.unavailable = load.count(grpc.StatusCode.UNAVAILABLE)
+    r.recovery_s = load.recovery_s(killed_at, killed_at)
+    engineer_denied = load.count(grpc.StatusCode.PERMISSION_DENIED, "engineer ListAccounts")
+    r.detail += [f"answers by caller: {load.summary()}", detail.format(recovery_s=r.recovery_s)]
+    r.goal("zero wrong allows", r.wrong_allows == 0, f"{r.wrong_allows} of {r.calls}")
+    r.goal("a load was really sent", r.calls >= 100, str(r.calls))
+    r.goal("engineers never refused", engineer_denied == 0, str(engineer_denied))
+    r.goal("at most ~1% of calls failed", len(failed) <= max(1, r.calls // 100),
+           f"{len(failed)} of {r.calls} ({len(failed) / max(1, r.calls):.2%})")
+    return failed
+
+
 def replica_kill9(workdir: pathlib.Path, pg_dsn: str, *, after_s: float = 4.0) -> ScenarioResult:
     """kill -9 of replica 1 of 2 under load; the load runs ``after_s`` more after it left rotation."""
     r = ScenarioResult("kill -9 of one of 2 replicas")
@@ -49,20 +68,9 @@ def replica_kill9(workdir: pathlib.Path, pg_dsn: str, *, after_s: float = 4.0) -
             victim.signal(signal.SIGKILL)
             out_after = wait_until(lambda: gw.healthy_replicas() == 1, 10, "the dead replica out of rotation")
             time.sleep(after_s)
-    everything = load.results()
-    failed = [t for t, code in everything if code not in (grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED)]
-    r.calls, r.wrong_allows = len(everything), load.wrong_allows()
-    r.unavailable = load.count(grpc.StatusCode.UNAVAILABLE)
-    r.recovery_s = load.recovery_s(killed_at, killed_at)
-    engineer_denied = load.count(grpc.StatusCode.PERMISSION_DENIED, "engineer ListAccounts")
-    r.detail += [f"answers by caller: {load.summary()}",
-                 f"{len(load.loads['engineer ListAccounts'].between(killed_at))} engineer calls after the kill; "
-                 f"out of rotation after {out_after:.1f} s; last failure {r.recovery_s:.1f} s after the kill"]
-    r.goal("zero wrong allows", r.wrong_allows == 0, f"{r.wrong_allows} of {r.calls}")
-    r.goal("a load was really sent", r.calls >= 100, str(r.calls))
-    r.goal("engineers never refused", engineer_denied == 0, str(engineer_denied))
-    r.goal("at most ~1% of calls failed", len(failed) <= max(1, r.calls // 100),
-           f"{len(failed)} of {r.calls} ({len(failed) / max(1, r.calls):.2%})")
+    failed = _kill_goals(r, load, killed_at,
+                         f"{len(load.loads['engineer ListAccounts'].between(killed_at))} engineer calls after the "
+                         f"kill; out of rotation after {out_after:.1f} s; last failure {{recovery_s:.1f}} s after it")
     r.goal("out of rotation within 5 s", out_after <= 5.0, f"{out_after:.1f} s")
     r.goal("failures stopped within 5 s", not failed or max(failed) - killed_at <= 5.0, f"{r.recovery_s:.1f} s")
     return r
@@ -142,21 +150,10 @@ def fast_path_failover(workdir: pathlib.Path, pg_dsn: str, *, after_s: float = 4
             # Calls answered by now, then Envoy's count (it counts a call before answering it).
             engineer_after = len(load.loads["engineer ListAccounts"].between(killed_at))
             fast_after = fast_allowed() - fast_before
-    everything = load.results()
-    failed = [t for t, code in everything if code not in (grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED)]
-    r.calls, r.wrong_allows = len(everything), load.wrong_allows()
-    r.unavailable = load.count(grpc.StatusCode.UNAVAILABLE)
-    r.recovery_s = load.recovery_s(killed_at, killed_at)
-    engineer_denied = load.count(grpc.StatusCode.PERMISSION_DENIED, "engineer ListAccounts")
-    r.detail += [f"answers by caller: {load.summary()}",
-                 f"ADS on the other replica {reconnected:.1f} s after the kill; parts renewed there: "
-                 f"{renewed:.0f} stream(s); parts reloaded by Envoy: {sum(reloaded.values())}; "
-                 f"fast-path allows after the kill: {fast_after}, engineer calls answered after it: {engineer_after}"]
-    r.goal("zero wrong allows", r.wrong_allows == 0, f"{r.wrong_allows} of {r.calls}")
-    r.goal("a load was really sent", r.calls >= 100, str(r.calls))
-    r.goal("engineers never refused", engineer_denied == 0, str(engineer_denied))
-    r.goal("at most ~1% of calls failed", len(failed) <= max(1, r.calls // 100),
-           f"{len(failed)} of {r.calls} ({len(failed) / max(1, r.calls):.2%})")
+    _kill_goals(r, load, killed_at,
+                f"ADS on the other replica {reconnected:.1f} s after the kill; parts renewed there: "
+                f"{renewed:.0f} stream(s); parts reloaded by Envoy: {sum(reloaded.values())}; "
+                f"fast-path allows after the kill: {fast_after}, engineer calls answered after it: {engineer_after}")
     r.goal("the other replica renewed the policy Envoy held", renewed >= 1, f"{renewed:.0f}")
     r.goal("Envoy reloaded no part", not any(reloaded.values()), str(reloaded))
     # Up to one call per engineer thread was in flight at the kill: counted by Envoy before it.
