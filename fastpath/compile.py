@@ -334,7 +334,8 @@ def _in_shard(of: Mapping[str, int], k: int) -> Callable[[str], bool]:
     return lambda principal: of.get(principal) == k
 
 
-def _content(rbac: http_rbac_pb2.RBAC) -> str:
+def config_digest(rbac: http_rbac_pb2.RBAC) -> str:
+    """The sha256 (hex) of ``rbac``'s deterministic serialization: equal digests, equal bytes."""
     return hashlib.sha256(rbac.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -392,7 +393,7 @@ def _build(inputs: _Inputs, version: str, horizon: timedelta, identity: Identity
         engineers=len(engineers) if engineer_paths else 0,
         contributor_services=len(svc_map),
         contributor_principals=contributor_principals,
-        content=_content(rbac) if not version else "")
+        content=config_digest(rbac) if not version else "")
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import itertools
 import logging
 import time
@@ -68,7 +67,7 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, duration_pb2
 
-from .compile import RESOURCE_NAME, CompiledPolicy, empty_policy
+from .compile import RESOURCE_NAME, CompiledPolicy, config_digest, empty_policy
 from .envoy_config import NODE_METADATA_KEY
 
 log = logging.getLogger("fastpath.xds")
@@ -118,8 +117,12 @@ def resource_version(label: str, rbac: http_rbac_pb2.RBAC) -> str:
     """The version Envoy holds a resource as: ``label`` (what its policy names carry, or a
     withdrawal's version) and a digest of the config's bytes, so that two equal versions
     name byte-equal configs even when two server processes made them."""
-    digest = hashlib.sha256(rbac.SerializeToString(deterministic=True)).hexdigest()
-    return f"{label}+{digest[:24]}"
+    return f"{label}+{config_digest(rbac)[:24]}"
+
+
+def _label(version: str) -> str:
+    """The label ``resource_version`` was given (its digest has no ``+``)."""
+    return version.rsplit("+", 1)[0]
 
 
 _EMPTY_DIGEST = resource_version("", empty_policy()).split("+", 1)[1]
@@ -182,9 +185,6 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._refuse = refuse
         self._version = "0.empty.0"
         self._shards: dict[str, Shard] = {n: _empty_shard(self._version) for n in self.names}
-        #: Each resource's label (the ``version`` it was published with): a republished
-        #: config object under the same label keeps its digest, not hashed again.
-        self._labels: dict[str, str] = {n: self._version for n in self.names}
         #: (generation, each current resource's size), as ``_smallest`` has needed them.
         self._sizes: tuple[int, dict[str, int]] = (-1, {})
         self._source: PolicySource | None = None
@@ -231,9 +231,9 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         current, self._shards = self._shards, {}
         for n in self.names:
             label, rbac = shards[n]
-            same = label == self._labels[n] and rbac is current[n][1]
+            # The same config object under the same label keeps its version: not hashed again.
+            same = rbac is current[n][1] and _label(current[n][0]) == label
             self._shards[n] = current[n] if same else (resource_version(label, rbac), rbac)
-            self._labels[n] = label
         self._bump()
 
     def withdraw(self, why: str) -> None:
@@ -241,7 +241,6 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         log.warning("fast path withdrawn: %s", why)
         self._version = f"{self._base(self._version)}.empty.{next(self._empty_count)}"
         self._shards = {n: _empty_shard(self._version) for n in self.names}
-        self._labels = {n: self._version for n in self.names}
         self._source = None
         self._bump()
 
@@ -384,8 +383,8 @@ class FastPathXds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                             yield self._response(stream, protocol, self._version, lacking, self._source)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
                 elif time.monotonic() >= next_heartbeat:
-                    held = {n: stream.sent[n] for n in stream.names if n in stream.sent}
-                    yield self._response(stream, protocol, stream.status.sent_version, held, stream.sent_source,
+                    renew = {n: stream.sent[n] for n in stream.names if n in stream.sent}
+                    yield self._response(stream, protocol, stream.status.sent_version, renew, stream.sent_source,
                                          heartbeat=True)
                     next_heartbeat = time.monotonic() + self.heartbeat_s
         finally:
