@@ -20,14 +20,13 @@ import grpc
 import pytest
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from google.protobuf import any_pb2
 
 from devstack.processes import EnvoyProcess, free_port
 from fastpath.compile import SHADOW_PREFIX, shard_names, shard_of
 from fastpath.envoy_config import PRINCIPAL_HEADER, dispatch_filter
 from fastpath.xds import FastPathXds
-from tests.support.xds_envoy import xds_envoy_config
+from tests.support.xds_envoy import serve_ads, xds_envoy_config
 
 pytestmark = pytest.mark.envoy
 
@@ -71,10 +70,7 @@ class Stack:
         self.envoy: EnvoyProcess | None = None
 
     async def __aenter__(self) -> Stack:
-        self.server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await self.server.start()
+        self.server, _ = await serve_ads(self.xds, self.port)
         self.envoy = await asyncio.to_thread(
             lambda: EnvoyProcess(_envoy_config(self.port, self.log, self.api_type), self.tmp).wait_ready())
         return self
@@ -238,10 +234,7 @@ async def _restart(s: Stack, shards: dict[str, tuple[str, http_rbac_pb2.RBAC]]) 
     await s.server.stop(0)
     s.xds = Recording(ttl_s=30, names=NAMES, on_event=lambda kind, node: s.events.append(kind))
     s.xds.publish_shards("1", shards)
-    s.server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(s.xds, s.server)
-    s.server.add_insecure_port(f"127.0.0.1:{s.port}")
-    await s.server.start()
+    s.server, _ = await serve_ads(s.xds, s.port)
     for _ in range(300):  # Envoy reconnects after its backoff
         if [st.acked_version for st in s.xds.status()] == ["1"]:
             return s.xds

@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import pytest
 from envoy.extensions.matching.input_matchers.metadata.v3 import metadata_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from devstack.processes import EnvoyProcess, free_port
 from fastpath.compile import compile_policy
@@ -25,7 +24,7 @@ from fastpath.envoy_config import rbac_filter
 from fastpath.xds import FastPathXds, PolicySource
 from policy import Grant, GrantSet, Mode, Role
 from reflection_cache.types import ServiceModes
-from tests.support.xds_envoy import xds_envoy_config
+from tests.support.xds_envoy import serve_ads, xds_envoy_config
 
 pytestmark = pytest.mark.envoy
 
@@ -51,10 +50,7 @@ class Harness:
         self.envoy: EnvoyProcess | None = None
 
     async def start_server(self) -> None:
-        self.server = grpc.aio.server()
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.xds, self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await self.server.start()
+        self.server, _ = await serve_ads(self.xds, self.port)
 
     def start_envoy(self, name: str = "envoy") -> None:
         self.log = self.tmp / f"{name}-access.log"

@@ -15,10 +15,10 @@ from envoy.config.core.v3 import extension_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from devstack.processes import free_port
 from fastpath.compile import empty_policy, shard_names
 from fastpath.envoy_config import NODE_METADATA_KEY
 from fastpath.xds import ECDS_TYPE, FastPathXds, resource_version
+from tests.support.xds_envoy import serve_ads
 
 NAMES = shard_names(3)
 
@@ -76,11 +76,7 @@ def _label(res: discovery_pb2.Resource) -> str:
 async def served() -> AsyncIterator[tuple[FastPathXds, Client]]:
     """The ADS server (serving ``NAMES``) and one scripted client's stream to it."""
     xds = FastPathXds(ttl_s=30, names=NAMES)
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
+    server, port = await serve_ads(xds)
     c = Client(port)
     try:
         yield xds, c
@@ -153,11 +149,7 @@ async def test_an_envoy_rendered_for_another_principal_claim_gets_nothing() -> N
     events: list[tuple[str, str]] = []
     xds = FastPathXds(ttl_s=30, names=NAMES, principal_claim="sub", on_event=lambda kind, node: events.append((kind, node)))
     xds.publish_shards("1", {n: ("1", empty_policy()) for n in NAMES})
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
+    server, port = await serve_ads(xds)
     clients = {claim: Client(port, node=claim or "by-hand", claim=claim) for claim in ("email", "sub", None)}
     try:
         for c in clients.values():
@@ -214,15 +206,6 @@ def _policy(tag: str) -> http_rbac_pb2.RBAC:
     return rbac
 
 
-async def _server(xds: FastPathXds) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    return server, port
-
-
 async def test_delta_resume_renews_what_an_envoy_holds_and_sends_the_rest() -> None:
     """A reconnecting Envoy says what it holds. Of another server process's publish (new
     objects, same labels and configs), the resources whose versions it holds are renewed
@@ -237,7 +220,7 @@ async def test_delta_resume_renews_what_an_envoy_holds_and_sends_the_rest() -> N
 
     xds = FastPathXds(ttl_s=30, names=NAMES, on_event=lambda kind, node: events.append(kind))
     xds.publish_shards("1", {n: ("1", _policy(f"p{k}")) for k, n in enumerate(NAMES)})
-    server, port = await _server(xds)
+    server, port = await serve_ads(xds)
     c = DeltaClient(port)
     try:
         await c.ask(NAMES, held=held)
@@ -276,7 +259,7 @@ async def test_delta_resume_is_refused_after_a_withdrawal() -> None:
     xds.publish_shards("1", {n: ("1", _policy(f"p{k}")) for k, n in enumerate(NAMES)})
     held = {n: xds._shards[n][0] for n in NAMES}  # noqa: SLF001
     xds.withdraw("grants unreadable")
-    server, port = await _server(xds)
+    server, port = await serve_ads(xds)
     c = DeltaClient(port)
     try:
         await c.ask(NAMES, held=held)
@@ -295,7 +278,7 @@ async def test_nothing_is_sent_before_the_first_publish_and_a_hold_is_judged_the
     xds = FastPathXds(ttl_s=30, names=NAMES)
     policies = {n: ("1", _policy(f"p{k}")) for k, n in enumerate(NAMES)}
     held = {n: resource_version("1", rbac) for n, (_, rbac) in policies.items()}
-    server, port = await _server(xds)
+    server, port = await serve_ads(xds)
     c = DeltaClient(port)
     try:
         await c.ask(NAMES, held={NAMES[0]: held[NAMES[0]], NAMES[1]: "0+stale"})

@@ -6,9 +6,24 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+
 from devstack.processes import free_port
 from fastpath.compile import RESOURCE_NAME
 from fastpath.envoy_config import ACCESS_LOG_FIELDS, RE2_MAX_PROGRAM_SIZE
+from fastpath.xds import FastPathXds
+
+
+async def serve_ads(xds: FastPathXds, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """``xds`` served (started) on 127.0.0.1:``port``, a free port if None; (server, port)."""
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    port = port if port is not None else free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, port
+
 
 ROUTER = {"name": "envoy.filters.http.router",
           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
