@@ -19,7 +19,7 @@ import pytest
 from fastpath.compile import shard_of
 from policy import Grant, Role
 from policy.stores import open_store
-from tests.support.gateway_harness import ACCOUNTS, GatewayStack
+from tests.support.gateway_harness import ACCOUNTS, FAST_PATH_ENVOYS, FAST_PATH_RESUMED, GatewayStack
 
 pytestmark = [pytest.mark.envoy, pytest.mark.postgres, pytest.mark.slow]
 
@@ -250,8 +250,6 @@ def test_a_failover_to_another_replica_keeps_envoys_policy(tmp_path, pg_dsn) -> 
     bytes. The replica serving Envoy's ADS stream is killed; Envoy reconnects to the other and
     says what it holds; that replica renews it (``resume``) instead of sending it again: Envoy
     reloads no part, and alice's calls stay on the fast path throughout."""
-    envoys = 'rpcauthz_fast_path_stat{stat="envoys"}'
-    resumed = 'rpcauthz_fast_path_xds_events_total{event="resume"}'
     with GatewayStack(tmp_path, store_url=pg_dsn, grants=[Grant("alice", Role.ENGINEER)], fast_path=True,
                       replicas=2, extauthz={"fast_path.shards": 4, "fast_path.ttl_s": 10,
                                             "fast_path.modes_check_s": 0.2}) as gw:
@@ -269,7 +267,7 @@ def test_a_failover_to_another_replica_keeps_envoys_policy(tmp_path, pg_dsn) -> 
             assert time.monotonic() < deadline, "the replicas' policies never came to the same size"
             gw.call(READ, as_="alice")
             time.sleep(0.2)
-        serving = next(i for i in (0, 1) if gw.replica_sample(i, envoys) == 1)
+        serving = gw.ads_replica()
         other = 1 - serving
         reloads = gw.fast_path_reloads()
         assert len(reloads) == 4 and all(v >= 1 for v in reloads.values()), reloads
@@ -278,11 +276,11 @@ def test_a_failover_to_another_replica_keeps_envoys_policy(tmp_path, pg_dsn) -> 
         assert proc is not None
         proc.signal(signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while gw.replica_sample(other, envoys) != 1:
+        while gw.replica_sample(other, FAST_PATH_ENVOYS) != 1:
             assert time.monotonic() < deadline, "Envoy never reconnected to the other replica"
             time.sleep(0.1)
         deadline = time.monotonic() + 10
-        while gw.replica_sample(other, resumed) < 1:
+        while gw.replica_sample(other, FAST_PATH_RESUMED) < 1:
             assert time.monotonic() < deadline, gw.replica_metrics(other)
             time.sleep(0.1)
         for _ in range(5):
@@ -297,7 +295,6 @@ def test_a_restarted_server_renews_envoys_policy(tmp_path, pg_dsn) -> None:
     (``fast_path.warm_s``) and answers no Envoy meanwhile, so its first policy is the one
     Envoy holds (same labels, same bytes): renewed (``resume``), not resent, no part reloaded,
     and alice's calls stay on the fast path across the restart."""
-    resumed = 'rpcauthz_fast_path_xds_events_total{event="resume"}'
     grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER), Grant("bob", Role.CONTRIBUTOR, ACCOUNTS)]
     with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True,
                       extauthz={"fast_path.shards": 4, "fast_path.ttl_s": 10}) as gw:
@@ -306,7 +303,7 @@ def test_a_restarted_server_renews_envoys_policy(tmp_path, pg_dsn) -> None:
         assert len(reloads) == 4 and all(v >= 1 for v in reloads.values()), reloads
         gw.restart_extauthz()
         deadline = time.monotonic() + 20
-        while gw.replica_sample(0, resumed) < 1:
+        while gw.replica_sample(0, FAST_PATH_RESUMED) < 1:
             assert time.monotonic() < deadline, gw.extauthz.output()[-3000:] if gw.extauthz else ""
             time.sleep(0.1)
         assert gw.fast_path_reloads() == reloads

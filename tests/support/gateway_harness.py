@@ -45,6 +45,10 @@ from policy import Grant
 
 ACCOUNTS = "rpcauthz.demo.v1.Accounts"
 LEDGER = "rpcauthz.demo.v1.Ledger"
+#: A replica's /metrics samples: Envoys on its fast-path ADS, and Envoys that reconnected
+#: holding its current policy (renewed, not resent).
+FAST_PATH_ENVOYS = 'rpcauthz_fast_path_stat{stat="envoys"}'
+FAST_PATH_RESUMED = 'rpcauthz_fast_path_xds_events_total{event="resume"}'
 
 
 def seed_grants(store_url: str, grants: Iterable[Grant]) -> None:
@@ -272,6 +276,10 @@ class GatewayStack:
             if line.startswith(sample + " "):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
+
+    def ads_replica(self) -> int:
+        """The replica serving (the one) Envoy's fast-path ADS stream now."""
+        return next(i for i in range(len(self.replicas)) if self.replica_sample(i, FAST_PATH_ENVOYS) == 1)
 
     def fast_path_reloads(self) -> dict[str, int]:
         """Envoy's count of fast-path policy configs taken (ECDS ``config_reload``), per resource."""

@@ -16,7 +16,7 @@ import grpc
 from tests.e2e.conftest import ENGINEER, NONENG, cast_grants
 from tests.support.faults.load import ALLOW, DENY, Caller, MixedLoad
 from tests.support.faults.outcome import ScenarioResult
-from tests.support.gateway_harness import ACCOUNTS, GatewayStack
+from tests.support.gateway_harness import ACCOUNTS, FAST_PATH_ENVOYS, FAST_PATH_RESUMED, GatewayStack
 
 LIST = f"/{ACCOUNTS}/ListAccounts"
 
@@ -36,17 +36,17 @@ def _callers(gw: GatewayStack) -> list[Caller]:
             Caller("non-engineer ListAccounts", LIST, gw.token(NONENG), DENY, pause=0.02)]
 
 
-def _kill_goals(r: ScenarioResult, load: MixedLoad, killed_at: float, detail: str) -> list[float]:
-    """What every kill under ``_callers``' load must show: the counts, the answers (and
-    ``detail``, given the recovery time), and the goals no wrong allow, a real load,
-    engineers never refused, at most ~1% failed. The failed calls' times, for more goals."""
+def _kill_goals(r: ScenarioResult, load: MixedLoad, killed_at: float) -> list[float]:
+    """What every kill under ``_callers``' load must show: the counts (``recovery_s`` from
+    the kill), the answers, and the goals no wrong allow, a real load, engineers never
+    refused, at most ~1% failed. The failed calls' times, for more goals."""
     everything = load.results()
     failed = [t for t, code in everything if code not in (grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED)]
     r.calls, r.wrong_allows = len(everything), load.wrong_allows()
     r.unavailable = load.count(grpc.StatusCode.UNAVAILABLE)
     r.recovery_s = load.recovery_s(killed_at, killed_at)
     engineer_denied = load.count(grpc.StatusCode.PERMISSION_DENIED, "engineer ListAccounts")
-    r.detail += [f"answers by caller: {load.summary()}", detail.format(recovery_s=r.recovery_s)]
+    r.detail.append(f"answers by caller: {load.summary()}")
     r.goal("zero wrong allows", r.wrong_allows == 0, f"{r.wrong_allows} of {r.calls}")
     r.goal("a load was really sent", r.calls >= 100, str(r.calls))
     r.goal("engineers never refused", engineer_denied == 0, str(engineer_denied))
@@ -68,9 +68,9 @@ def replica_kill9(workdir: pathlib.Path, pg_dsn: str, *, after_s: float = 4.0) -
             victim.signal(signal.SIGKILL)
             out_after = wait_until(lambda: gw.healthy_replicas() == 1, 10, "the dead replica out of rotation")
             time.sleep(after_s)
-    failed = _kill_goals(r, load, killed_at,
-                         f"{len(load.loads['engineer ListAccounts'].between(killed_at))} engineer calls after the "
-                         f"kill; out of rotation after {out_after:.1f} s; last failure {{recovery_s:.1f}} s after it")
+    failed = _kill_goals(r, load, killed_at)
+    r.detail.append(f"{len(load.loads['engineer ListAccounts'].between(killed_at))} engineer calls after the kill; "
+                    f"out of rotation after {out_after:.1f} s; last failure {r.recovery_s:.1f} s after the kill")
     r.goal("out of rotation within 5 s", out_after <= 5.0, f"{out_after:.1f} s")
     r.goal("failures stopped within 5 s", not failed or max(failed) - killed_at <= 5.0, f"{r.recovery_s:.1f} s")
     return r
@@ -109,8 +109,6 @@ def rolling_restart(workdir: pathlib.Path, pg_dsn: str, *, drain_notice_s: float
 
 
 _FAST_ALLOWED = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
-_ENVOYS = 'rpcauthz_fast_path_stat{stat="envoys"}'
-_RESUMED = 'rpcauthz_fast_path_xds_events_total{event="resume"}'
 _POLICY_BYTES = "rpcauthz_fast_path_policy_bytes"
 
 
@@ -135,25 +133,26 @@ def fast_path_failover(workdir: pathlib.Path, pg_dsn: str, *, after_s: float = 4
             wait_until(lambda: fast_allowed() > 0, 20, "engineers' calls on the fast path")
             wait_until(lambda: len({gw.replica_sample(i, _POLICY_BYTES) for i in (0, 1)}) == 1, 20,
                        "both replicas publishing the same policy")
-            serving = next(i for i in (0, 1) if gw.replica_sample(i, _ENVOYS) == 1)
+            serving = gw.ads_replica()
             other = 1 - serving
             reloads, fast_before = gw.fast_path_reloads(), fast_allowed()
             victim = gw.replicas[serving]
             assert victim is not None
             killed_at = time.monotonic()
             victim.signal(signal.SIGKILL)
-            reconnected = wait_until(lambda: gw.replica_sample(other, _ENVOYS) == 1, 20,
+            reconnected = wait_until(lambda: gw.replica_sample(other, FAST_PATH_ENVOYS) == 1, 20,
                                      "Envoy's ADS stream on the other replica")
             time.sleep(after_s)
-            renewed = gw.replica_sample(other, _RESUMED)
+            renewed = gw.replica_sample(other, FAST_PATH_RESUMED)
             reloaded = {k: n - reloads.get(k, 0) for k, n in gw.fast_path_reloads().items()}
             # Calls answered by now, then Envoy's count (it counts a call before answering it).
             engineer_after = len(load.loads["engineer ListAccounts"].between(killed_at))
             fast_after = fast_allowed() - fast_before
-    _kill_goals(r, load, killed_at,
-                f"ADS on the other replica {reconnected:.1f} s after the kill; parts renewed there: "
-                f"{renewed:.0f} stream(s); parts reloaded by Envoy: {sum(reloaded.values())}; "
-                f"fast-path allows after the kill: {fast_after}, engineer calls answered after it: {engineer_after}")
+    _kill_goals(r, load, killed_at)
+    r.detail.append(f"ADS on the other replica {reconnected:.1f} s after the kill; parts renewed there: "
+                    f"{renewed:.0f} stream(s); parts reloaded by Envoy: {sum(reloaded.values())}; "
+                    f"fast-path allows after the kill: {fast_after}, engineer calls answered after it: "
+                    f"{engineer_after}")
     r.goal("the other replica renewed the policy Envoy held", renewed >= 1, f"{renewed:.0f}")
     r.goal("Envoy reloaded no part", not any(reloaded.values()), str(reloaded))
     # Up to one call per engineer thread was in flight at the kill: counted by Envoy before it.
