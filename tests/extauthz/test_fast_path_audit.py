@@ -37,7 +37,7 @@ from fastpath.envoy_config import LOG_NAME
 from fastpath.xds import ECDS_TYPE
 from policy import Grant, Role, StoreError
 from policy.stores import open_store
-from tests.support.gateway_harness import ACCOUNTS, LEDGER, GatewayStack
+from tests.support.gateway_harness import ACCOUNTS, LEDGER, GatewayStack, metrics_sample
 
 LIST = f"/{ACCOUNTS}/ListAccounts"              # ENGINEERS_WITHOUT_APPROVAL
 READ = f"/{ACCOUNTS}/ReadAccount"               # ENGINEERS_WITH_APPROVAL: never on the fast path
@@ -487,15 +487,6 @@ def _metrics(url: str) -> dict[str, float]:
     return out
 
 
-def _sample(url: str, name: str) -> float:
-    """One sample of /metrics by its name with labels (0 when absent)."""
-    with urllib.request.urlopen(url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def _wait(what, cond, timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -587,11 +578,11 @@ def test_fast_path_allows_are_audited_once_each_and_checks_as_before(tmp_path, p
         assert m["received"] == n and m.get("malformed", 0) == 0 and m["checks"] == M
         # Envoy's access log stream is open while Envoy runs; Envoy is killed: the stream's end
         # is counted, none stays open (a graceful stop reads the same: "closed").
-        assert _sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") >= 1
+        assert metrics_sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") >= 1
         gw.envoy.signal(signal.SIGKILL)
         gw.envoy.proc.wait(10)
-        _wait("the stream's end", lambda: _sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") == 0)
-        ends = {end: _sample(gw.metrics_url, f'rpcauthz_fast_path_als_streams_total{{end="{end}"}}')
+        _wait("the stream's end", lambda: metrics_sample(gw.metrics_url, "rpcauthz_fast_path_als_streams_open") == 0)
+        ends = {end: metrics_sample(gw.metrics_url, f'rpcauthz_fast_path_als_streams_total{{end="{end}"}}')
                 for end in ("closed", "cancelled", "error")}
         assert ends == {"closed": 1, "cancelled": 0, "error": 0}, ends
 

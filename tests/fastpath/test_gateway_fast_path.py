@@ -228,7 +228,7 @@ def test_a_gateway_rendered_for_another_claim_gets_no_policy(tmp_path, pg_dsn) -
                       envoy_config=rendered_for_email,
                       extauthz={"fast_path.modes_check_s": 0.2, "fast_path.debounce_s": 0.05}) as gw:
         deadline = time.monotonic() + 15
-        while 'rpcauthz_fast_path_xds_events_total{event="mismatch"} 1.0' not in _metrics_text(gw):
+        while 'rpcauthz_fast_path_xds_events_total{event="mismatch"} 1.0' not in gw.replica_metrics(0):
             assert time.monotonic() < deadline, "the server never refused the mismatched gateway"
             time.sleep(0.1)
         for _ in range(5):
@@ -236,12 +236,6 @@ def test_a_gateway_rendered_for_another_claim_gets_no_policy(tmp_path, pg_dsn) -
             assert (r.code, how) == (grpc.StatusCode.OK, "ext_authz")
             time.sleep(0.3)  # time enough for the mode to be learnt and a policy pushed, were it sent
         assert gw.server_stat("fast_path", "acked_grants_revision") == -1
-
-
-def _metrics_text(gw: GatewayStack) -> str:
-    import urllib.request
-    with urllib.request.urlopen(gw.metrics_url, timeout=5) as r:
-        return r.read().decode()
 
 
 

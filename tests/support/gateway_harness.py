@@ -262,20 +262,17 @@ class GatewayStack:
         assert self._extauthz_config is not None
         return f"http://127.0.0.1:{self._extauthz_config['metrics']['port']}/metrics"
 
+    def replica_metrics_url(self, i: int) -> str:
+        """Replica ``i``'s Prometheus endpoint (``metrics_url`` is replica 0's)."""
+        return f"http://127.0.0.1:{self.replica_configs[i]['metrics']['port']}/metrics"
+
     def replica_metrics(self, i: int) -> str:
         """Replica ``i``'s /metrics text."""
-        import urllib.request
-        port = self.replica_configs[i]["metrics"]["port"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
+        return metrics_text(self.replica_metrics_url(i))
 
     def replica_sample(self, i: int, sample: str) -> float:
-        """The value of ``sample`` (a metric's name with its labels, as /metrics prints it) on
-        replica ``i`` now; 0 when absent."""
-        for line in self.replica_metrics(i).splitlines():
-            if line.startswith(sample + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        """``metrics_sample`` of replica ``i`` now."""
+        return metrics_sample(self.replica_metrics_url(i), sample)
 
     def ads_replica(self) -> int:
         """The replica serving (the one) Envoy's fast-path ADS stream now."""
@@ -338,6 +335,22 @@ class GatewayStack:
 
 #: An ENGINEERS_WITH_APPROVAL method of the demo's Accounts service.
 READ_ACCOUNT = f"/{ACCOUNTS}/ReadAccount"
+
+
+def metrics_text(url: str) -> str:
+    """A Prometheus endpoint's text now."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def metrics_sample(url: str, sample: str) -> float:
+    """The value of ``sample`` (a metric's name with its labels, as /metrics prints it) at
+    ``url`` now; 0 when absent."""
+    for line in metrics_text(url).splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @contextlib.contextmanager
