@@ -1,16 +1,28 @@
 """Prometheus metrics of the ext_authz server.
 
 One registry per server. With ``--workers N`` every worker writes to a shared
-``PROMETHEUS_MULTIPROC_DIR`` and the supervising process serves the merged view.
+``PROMETHEUS_MULTIPROC_DIR`` and the supervising process serves the merged view. There, a
+component's ``stats()`` (``watch_stats``) cannot be read at scrape time (the supervisor holds
+no component), so each worker copies them into a per-worker gauge (``pid`` label) every
+``STATS_REFRESH_S`` seconds instead.
 """
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from .verdict import Verdict
+
+log = logging.getLogger(__name__)
+
+#: How often a worker (``--workers N``) copies its components' stats into /metrics.
+STATS_REFRESH_S = 2.0
 
 _BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5)
 
@@ -20,6 +32,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._watched: list[tuple[Gauge, Callable[[], dict[str, float]]]] = []
+        self._refresher: threading.Thread | None = None
         r = self.registry
         self.decisions = Counter("rpcauthz_decisions", "Decisions by outcome, mode and rule.",
                                  ["outcome", "mode", "rule"], registry=r)
@@ -101,8 +115,47 @@ class Metrics:
         children[1].observe(seconds)
 
     def watch_stats(self, name: str, stats: Callable[[], dict[str, float]]) -> None:
-        """Export a component's ``stats()`` numbers (cache sizes, hits) as gauges."""
-        self.registry.register(_StatsCollector(name, stats))
+        """Export a component's ``stats()`` numbers (cache sizes, hits) as the gauge
+        ``rpcauthz_<name>_stat{stat}``: read at each scrape, or, in a worker of ``--workers N``,
+        copied every ``STATS_REFRESH_S`` seconds (with a ``pid`` label: one series per live
+        worker; aggregate them in the query, e.g. ``max by (stat)`` for ages)."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            self.registry.register(_StatsCollector(name, stats))
+            return
+        gauge = Gauge(f"rpcauthz_{name}_stat", f"Numbers reported by the {name}.", ["stat"],
+                      registry=self.registry, multiprocess_mode="liveall")
+        self._watched.append((gauge, stats))
+        self.refresh_stats()
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=self._refresh_forever, name="metrics-stats", daemon=True)
+            self._refresher.start()
+
+    def refresh_stats(self) -> None:
+        """Copy every watched ``stats()`` into its gauge now (workers of ``--workers N``)."""
+        for gauge, stats in list(self._watched):
+            for k, val in _numbers(stats).items():
+                gauge.labels(k).set(val)
+
+    def _refresh_forever(self) -> None:
+        # Its own thread, as a scrape would be: a stats() that reads a file or a database
+        # (the spool's depth) must not hold up the event loop's checks.
+        while True:
+            time.sleep(STATS_REFRESH_S)
+            try:
+                self.refresh_stats()
+            except Exception:  # a broken stats() must not stop the others' refresh
+                log.exception("could not refresh the components' stats for /metrics")
+
+
+def _numbers(stats: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``stats()``'s numeric values by name; nothing if it fails (a broken stats() must not
+    break /metrics)."""
+    try:
+        values = stats() or {}
+    except Exception:
+        return {}
+    return {str(k): float(v) for k, v in sorted(values.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class _StatsCollector:
@@ -110,13 +163,8 @@ class _StatsCollector:
         self._name, self._stats = name, stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            values = self._stats() or {}
-        except Exception:  # a broken stats() must not break /metrics
-            values = {}
         fam = GaugeMetricFamily(f"rpcauthz_{self._name}_stat",
                                 f"Numbers reported by the {self._name}.", labels=["stat"])
-        for k, val in sorted(values.items()):
-            if isinstance(val, (int, float)) and not isinstance(val, bool):
-                fam.add_metric([str(k)], float(val))
+        for k, val in _numbers(self._stats).items():
+            fam.add_metric([k], val)
         yield fam

@@ -27,6 +27,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from fastpath.compile import IdentitySource, shard_names
 from fastpath.publisher import Publisher, PushRecord, warm_modes
@@ -146,7 +147,8 @@ def add_fast_path_audit(server: grpc.aio.Server, settings: Settings,
     from .envoy_stats import EnvoyAllowedCollector
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
         AccessLogService(settings, audit, metrics, PeerCheck(settings.listen)), server)
-    if settings.fast_path.envoy_admin_urls:
+    if settings.fast_path.envoy_admin_urls and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # (with --workers N the supervisor reads it: supervisor_registry)
         metrics.registry.register(EnvoyAllowedCollector(settings.fast_path.envoy_admin_urls,
                                                         settings.fast_path.envoy_allowed_stat))
     if settings.fast_path.audit_file is None:
@@ -389,6 +391,21 @@ def run(settings: Settings) -> int:
     return 0
 
 
+def supervisor_registry(settings: Settings, multiproc_dir: str) -> CollectorRegistry:
+    """What the supervisor of ``--workers N`` serves on /metrics: the workers' metrics merged
+    from ``multiproc_dir``, and Envoy's count of fast-path allows (``envoy_admin_urls``),
+    read here at each scrape as a single process reads it."""
+    from prometheus_client import multiprocess
+
+    from .envoy_stats import EnvoyAllowedCollector
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+    if settings.fast_path.enabled and settings.fast_path.envoy_admin_urls:
+        registry.register(EnvoyAllowedCollector(settings.fast_path.envoy_admin_urls,
+                                                settings.fast_path.envoy_allowed_stat))
+    return registry
+
+
 def _supervise(settings: Settings) -> int:
     multiproc_dir = tempfile.mkdtemp(prefix="rpcauthz-metrics-")
     # Workers import prometheus_client before any code of ours runs: they must inherit this.
@@ -401,12 +418,9 @@ def _supervise(settings: Settings) -> int:
         w.start()
     metrics_server = None
     if settings.metrics.port is not None:
-        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
-        registry = CollectorRegistry()
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        from prometheus_client import start_http_server
         metrics_server, _t = start_http_server(settings.metrics.port, settings.metrics.host,
-                                               registry=registry)
+                                               registry=supervisor_registry(settings, multiproc_dir))
     stopping = False
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

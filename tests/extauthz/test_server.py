@@ -144,6 +144,18 @@ def test_workers_share_the_port(tmp_path, demo_upstream):
         text = _metrics(cfg["metrics"]["port"])
         total = sum(float(v) for v in re.findall(r'rpcauthz_decisions_total\{[^}]*outcome="allow"[^}]*\} ([0-9.]+)', text))
         assert total == 12, text
+        # Each worker's components' stats reach the supervisor's /metrics, one series per worker.
+        deadline = time.monotonic() + 30
+        while True:
+            stats = _worker_stats(_metrics(cfg["metrics"]["port"]))
+            fetches = sum(stats.get(("reflection_cache", "fetches", pid), 0.0) for pid in pids)
+            if fetches >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        for pid in pids:
+            assert ("grant_cache", "revision", pid) in stats, (pid, stats)
+            assert ("audit_spool", "depth", pid) in stats, (pid, stats)
+        assert fetches >= 1, stats  # whichever worker took the first call fetched the modes
         proc.signal(signal.SIGTERM)
         assert proc.proc.wait(30) == 0, proc.output()
         for pid in pids:
@@ -151,6 +163,56 @@ def test_workers_share_the_port(tmp_path, demo_upstream):
                 os.kill(int(pid), 0)
     finally:
         proc.stop()
+
+
+def test_the_supervisor_of_workers_shows_envoys_fast_path_count(tmp_path):
+    """With --workers N nobody scrapes a worker's registry: the supervisor reads Envoy's
+    fast-path allow counter itself, from the admin URLs the workers would have read."""
+    import http.server
+    import json
+    import threading
+
+    from prometheus_client import generate_latest
+
+    from extauthz.server import supervisor_registry
+
+    stat = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
+    asked = []
+
+    class Admin(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            asked.append(self.path)
+            body = json.dumps({"stats": [{"name": stat, "value": 42}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    admin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Admin)
+    threading.Thread(target=admin.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{admin.server_address[1]}"
+    try:
+        settings = load_settings(env={}, overrides={"store_url": "memory:", "fast_path.enabled": True,
+                                                    "fast_path.envoy_admin_urls": [url]})
+        text = generate_latest(supervisor_registry(settings, str(tmp_path))).decode()
+        assert f'rpcauthz_fast_path_envoy_allowed{{envoy="{url}"}} 42.0' in text, text
+        assert asked and asked[0].startswith("/stats?")
+        off = load_settings(env={}, overrides={"store_url": "memory:", "fast_path.envoy_admin_urls": [url]})
+        assert "rpcauthz_fast_path_envoy_allowed{" not in generate_latest(supervisor_registry(off, str(tmp_path))).decode()
+    finally:
+        admin.shutdown()
+
+
+def _worker_stats(text: str) -> dict[tuple[str, str, str], float]:
+    """``rpcauthz_<name>_stat{stat, pid}`` samples of a ``--workers N`` /metrics: (name, stat, pid) -> value."""
+    out = {}
+    for name, labels, value in re.findall(r'^rpcauthz_(\w+)_stat\{([^}]*)\} (\S+)$', text, re.M):
+        kv = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        out[(name, kv.get("stat", ""), kv.get("pid", ""))] = float(value)
+    return out
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):
