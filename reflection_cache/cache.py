@@ -267,8 +267,11 @@ class ReflectionCache:
         self._clear_paths()
 
     def stats(self) -> dict[str, int]:
-        """Counters plus the current number of ``entries`` and fetches ``inflight``."""
-        return {**self._stats.as_dict(), "entries": len(self._entries), "inflight": len(self._inflight)}
+        """Counters plus the current number of ``entries`` and fetches ``inflight``, and
+        ``unchanged``: fetches whose answer was the service's previous one byte for byte (its
+        files not read again; ``ReflectionClient.unchanged``)."""
+        return {**self._stats.as_dict(), "entries": len(self._entries), "inflight": len(self._inflight),
+                "unchanged": getattr(self.client, "unchanged", 0)}
 
     def __contains__(self, service: str) -> bool:
         return service in self._entries

@@ -15,6 +15,12 @@ One fetch, for one service at one endpoint, within one deadline:
    full names, any file path) works; a service whose files do not declare the extension has no
    options, so every method falls to the configured default.
 
+   A refresh whose files are byte for byte those of the service's previous answer (a digest of
+   each file's bytes as received) returns that answer's ``ServiceModes`` without building a
+   pool again: the same bytes declare the same modes. The pool is most of a fetch's CPU, and
+   each pool is cyclic garbage only the collector frees (~1.5 ms each at 2,500 services), so a
+   cache refreshing thousands of unchanged services every ``ttl`` no longer builds one each.
+
 Errors (all :class:`~reflection_cache.types.ReflectionError`, each naming service and endpoint):
 :class:`UnknownService`, :class:`ReflectionUnavailable`, :class:`MalformedDescriptors`.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import pathlib
 import time
@@ -62,6 +69,9 @@ DEFAULT_MAX_CHANNELS = 12_288
 #: fetches close together (services behind one endpoint, a cold start) share it. See
 #: docs/reflection.md.
 DEFAULT_IDLE_TIMEOUT = 0.5
+#: Services whose last answer's digest and modes are kept to skip re-reading unchanged files
+#: (least recently fetched dropped past it): ~150 bytes each beside the modes the cache holds.
+DEFAULT_MAX_REMEMBERED = 12_288
 #: Channel options: reflection answers can be large (a file and all its imports), and a
 #: reflection server that comes back after an outage should be dialled again soon.
 DEFAULT_CHANNEL_OPTIONS = (
@@ -238,6 +248,11 @@ class ReflectionClient:
         self.channels = channels if channels is not None else ChannelPool()
         #: endpoint -> protocol version that answered last time.
         self.protocol_of: cachetools.LRUCache = cachetools.LRUCache(maxsize=DEFAULT_MAX_CHANNELS)
+        #: service -> (digest of its files, the modes read from them) of its last answer.
+        self._last: cachetools.LRUCache[str, tuple[bytes, ServiceModes]] = cachetools.LRUCache(
+            maxsize=DEFAULT_MAX_REMEMBERED)
+        #: Fetches answered with the same files as the service's previous answer (no pool built).
+        self.unchanged = 0
 
     async def close(self) -> None:
         await self.channels.close()
@@ -245,13 +260,24 @@ class ReflectionClient:
     async def fetch(self, service: str, endpoint: str, *, deadline: float | None = None) -> ServiceModes:
         """The options ``service`` declares, asked of the reflection service at ``endpoint``."""
         where = f"service {service} at reflection endpoint {endpoint}"
-        files = await self.fetch_files(service, endpoint, deadline=deadline)
-        return read_modes(service, files, where)
+        files, digest = await self._fetch_files(service, endpoint, deadline)
+        last = self._last.get(service)
+        if last is not None and last[0] == digest:
+            self.unchanged += 1
+            return last[1]
+        modes = read_modes(service, files, where)
+        self._last[service] = (digest, modes)
+        return modes
 
     async def fetch_files(self, service: str, endpoint: str, *, deadline: float | None = None
                           ) -> dict[str, descriptor_pb2.FileDescriptorProto]:
         """The files declaring ``service`` and their imports, as reflection returned them
         (``build_pool`` turns them into a descriptor pool, e.g. to read a method's input type)."""
+        return (await self._fetch_files(service, endpoint, deadline))[0]
+
+    async def _fetch_files(self, service: str, endpoint: str, deadline: float | None
+                           ) -> tuple[dict[str, descriptor_pb2.FileDescriptorProto], bytes]:
+        """``fetch_files``' files and a digest of their bytes as received (``_files``)."""
         budget = self.deadline if deadline is None else deadline
         where = f"service {service} at reflection endpoint {endpoint}"
         try:
@@ -262,8 +288,8 @@ class ReflectionClient:
         except TimeoutError:
             raise ReflectionUnavailable(f"{where}: no answer within the {budget:g}s deadline") from None
 
-    async def _files_by_protocol(self, service: str, endpoint: str, budget: float,
-                                 where: str) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+    async def _files_by_protocol(self, service: str, endpoint: str, budget: float, where: str
+                                 ) -> tuple[dict[str, descriptor_pb2.FileDescriptorProto], bytes]:
         known = self.protocol_of.get(endpoint)
         order = [known] + [p for p in PROTOCOLS if p != known] if known else list(PROTOCOLS)
         end = asyncio.get_running_loop().time() + budget
@@ -323,8 +349,11 @@ class ReflectionClient:
         return list(answer.file_descriptor_response.file_descriptor_proto)
 
     async def _files(self, protocol: str, service: str, endpoint: str, end: float,
-                     where: str) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+                     where: str) -> tuple[dict[str, descriptor_pb2.FileDescriptorProto], bytes]:
+        """The files (by name) and a digest of them: each file's name and the sha256 of its
+        bytes as received, in name order (so the order of the answers does not matter)."""
         files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+        sums: dict[str, bytes] = {}
         depth: dict[str, int] = {}
 
         def take(blobs: list[bytes], level: int) -> list[str]:
@@ -338,6 +367,7 @@ class ReflectionClient:
                     raise MalformedDescriptors(f"{where}: a file descriptor has no file name")
                 if fdp.name not in files:
                     files[fdp.name] = fdp
+                    sums[fdp.name] = hashlib.sha256(blob).digest()
                     depth[fdp.name] = level
                     names.append(fdp.name)
             if len(files) > self.max_files:
@@ -377,7 +407,10 @@ class ReflectionClient:
                 pending.extend(take(answer, level))
                 if dep not in files:
                     raise MalformedDescriptors(f"{where}: asked for {dep}, got other files")
-        return files
+        digest = hashlib.sha256()
+        for name in sorted(sums):
+            digest.update(name.encode("utf-8", "surrogatepass") + b"\0" + sums[name])
+        return files, digest.digest()
 
 
 def _well_known(name: str) -> list[bytes] | None:

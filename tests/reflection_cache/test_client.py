@@ -327,3 +327,52 @@ def test_mode_for_answers_as_resolve_mode_does():
         if modes.mode_for("m0", E.BREAK_GLASS_ONLY)[1] == "default":
             with pytest.raises(ValueError, match="cannot be UNSPECIFIED"):
                 modes.mode_for("m0", E.UNSPECIFIED)
+
+
+async def test_an_unchanged_answer_is_not_read_again(client, monkeypatch):
+    """grpcio-reflection's own servicer answers twice with the same bytes: the second fetch
+    returns the first's modes without building a descriptor pool (the cyclic garbage a cache
+    refreshing thousands of services would otherwise leave every ttl)."""
+    from reflection_cache import client as client_module
+
+    built = []
+    real_build_pool = client_module.build_pool
+    monkeypatch.setattr(client_module, "build_pool", lambda files, where: built.append(where) or
+                        real_build_pool(files, where))
+    demo = start_demo_server(reflection=("v1alpha",))
+    try:
+        first = await client.fetch("rpcauthz.demo.v1.Accounts", demo.address)
+        again = await client.fetch("rpcauthz.demo.v1.Accounts", demo.address)
+        ledger = await client.fetch("rpcauthz.demo.v1.Ledger", demo.address)  # same files, another service
+    finally:
+        demo.stop(grace=0)
+    assert again is first and client.unchanged == 1
+    assert len(built) == 2, built
+    assert ledger.service_default is E.CONTRIBUTORS_WITH_APPROVAL
+
+
+async def test_a_changed_answer_is_read_again(client):
+    """The same service at the same endpoint, its option changed between two answers (one
+    byte of one file): the second fetch reads the new mode, whatever it read before."""
+    from rpcauthz.v1 import options_pb2
+
+    value = {"GetOrder": E.ENGINEERS_WITHOUT_APPROVAL}
+
+    def rewrite(blob: bytes) -> bytes:
+        fdp = descriptor_pb2.FileDescriptorProto.FromString(blob)
+        for svc in fdp.service:
+            for m in svc.method:
+                if m.name in value:
+                    m.options.Extensions[options_pb2.humans_who_can_rpc] = value[m.name]
+        return fdp.SerializeToString()
+
+    with reflection_server(orders_files(), [ORDERS], rewrite=rewrite) as srv:
+        before = await client.fetch(ORDERS, srv.address)
+        value["GetOrder"] = E.BREAK_GLASS_ONLY
+        after = await client.fetch(ORDERS, srv.address)
+        value["GetOrder"] = E.ENGINEERS_WITHOUT_APPROVAL
+        back = await client.fetch(ORDERS, srv.address)
+    assert before.methods["GetOrder"] is E.ENGINEERS_WITHOUT_APPROVAL
+    assert after.methods["GetOrder"] is E.BREAK_GLASS_ONLY
+    assert back.methods["GetOrder"] is E.ENGINEERS_WITHOUT_APPROVAL
+    assert client.unchanged == 0
