@@ -335,8 +335,9 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         metrics.fast_path_lag.observe(record.lag_s)
 
     async def warm() -> None:
-        """Learn the modes of the services named in contributor grants before the first
-        policy (a restarted server's policy then covers what the last one did)."""
+        """Learn the modes of the services named in contributor grants or in
+        ``reflection.endpoints.static`` before the first policy (a restarted server's policy
+        then covers what the last one did)."""
         if fp.warm_s <= 0:
             return
         started = time.monotonic()
@@ -345,9 +346,12 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         except Exception as e:  # grants unreadable: the publisher withdraws; nothing to warm
             log.warning("fast path: not warming the modes (grants unreadable: %s)", e)
             return
+        # A static key may be a package prefix rather than a service: asked, it is not found
+        # (counted below as not learnt, remembered as unknown for reflection's negative_ttl).
+        services |= set(settings.reflection.endpoints.static)
         learned, missed = await warm_modes(components.modes.get, sorted(services), deadline_s=fp.warm_s)
-        log.info("fast path: learnt the modes of %d of %d services named in contributor grants in %.1f s "
-                 "(%d not learnt: unreachable, unknown, or past fast_path.warm_s)",
+        log.info("fast path: learnt the modes of %d of %d services named in contributor grants or static "
+                 "reflection endpoints in %.1f s (%d not learnt: unreachable, unknown, or past fast_path.warm_s)",
                  learned, len(services), time.monotonic() - started, missed)
 
     log.info("fast path on: serving ECDS %s over ADS (ttl %.0f s)", ", ".join(names), fp.ttl_s)

@@ -283,13 +283,17 @@ def test_a_failover_to_another_replica_keeps_envoys_policy(tmp_path, pg_dsn) -> 
         assert gw.fast_path_reloads() == reloads  # renewed from the other replica, nothing reloaded
 
 
-def test_a_restarted_server_renews_envoys_policy(tmp_path, pg_dsn) -> None:
+@pytest.mark.parametrize("named_in", ["contributor grant", "static endpoints only"])
+def test_a_restarted_server_renews_envoys_policy(tmp_path, pg_dsn, named_in) -> None:
     """The server restarts (SIGTERM, start on the same port and store). Before its first
-    policy it learns the modes of the services named in contributor grants
-    (``fast_path.warm_s``) and answers no Envoy meanwhile, so its first policy is the one
-    Envoy holds (same labels, same bytes): renewed (``resume``), not resent, no part reloaded,
-    and alice's calls stay on the fast path across the restart."""
-    grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER), Grant("bob", Role.CONTRIBUTOR, ACCOUNTS)]
+    policy it learns the modes of the services named in contributor grants or in the static
+    reflection endpoints (``fast_path.warm_s``; here Accounts is named in a grant, or only in
+    the endpoints) and answers no Envoy meanwhile, so its first policy is the one Envoy holds
+    (same labels, same bytes): renewed (``resume``), not resent, no part reloaded, and alice's
+    calls stay on the fast path across the restart."""
+    grants = [Grant("alice", Role.ENGINEER), Grant("bob", Role.ENGINEER)]
+    if named_in == "contributor grant":
+        grants.append(Grant("bob", Role.CONTRIBUTOR, ACCOUNTS))
     with GatewayStack(tmp_path, store_url=pg_dsn, grants=grants, fast_path=True,
                       extauthz={"fast_path.shards": 4, "fast_path.ttl_s": 10}) as gw:
         until_fast(gw, LIST, "alice")
