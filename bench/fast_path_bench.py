@@ -14,6 +14,10 @@ i.e. ``fastpath.envoy_config.with_fast_path``):
   fast_allow_file the same allow audited through Envoy's FILE access log instead, tailed by
                   the same server (``audit_file``, ``fast_path.audit_file``; end to end)
   fast_no_audit   the same allow WITHOUT the access log: what the audit costs
+  fast_allow_floor the same allow with Envoy writing each one's audit line (the file access
+                  log's JSON line) to /dev/null and nothing reading it: NOT an audit, the least
+                  any per-call record leaving Envoy costs (its formatting and write alone), so
+                  the best any audited fast-path allow could do on this machine
   fast_denied     the fast-path gateway, a call RBAC does not allow: ext_authz decides (a denial)
   today_allow     today's gateway: ext_authz for every call, an allow
   today_denied    today's gateway, the same denial
@@ -74,8 +78,8 @@ from bench.gateway_bench import (  # noqa: E402
 )
 from devstack.processes import EnvoyProcess, ExtAuthzProcess, free_port, render_gateway  # noqa: E402
 
-ORDER = ["baseline", "fast_allow", "fast_allow_16k", "fast_allow_file", "fast_no_audit", "fast_denied", "today_allow",
-         "today_denied"]
+ORDER = ["baseline", "fast_allow", "fast_allow_16k", "fast_allow_file", "fast_no_audit", "fast_allow_floor",
+         "fast_denied", "today_allow", "today_denied"]
 ENGINEER, OUTSIDER = "bench-engineer", "bench-outsider"
 FAST_ALLOWED = "http.engineers_grpc.rbac.rpcauthz_fast_.shadow_allowed"
 
@@ -252,20 +256,22 @@ def main(argv: list[str] | None = None) -> int:
                                            args.envoy_concurrency),
                   "fast_no_audit": start_envoy("fast_no_audit", without_audit(gateway(ours_port, True)),
                                           workdir, args.envoy_concurrency),
+                  "fast_floor": start_envoy("fast_floor", gateway(ours_port, True, pathlib.Path("/dev/null")),
+                                            workdir, args.envoy_concurrency),
                   "today": start_envoy("today", gateway(ours_port), workdir, args.envoy_concurrency)}
         things.extend(envoys.values())
         for e in envoys.values():
             e.wait_ready()
         for e in envoys.values():
             check_call(e.port, tokens[ENGINEER])  # also warms reflection and connections
-        for name in ("fast", "fast_16k", "fast_file", "fast_no_audit"):
+        for name in ("fast", "fast_16k", "fast_file", "fast_no_audit", "fast_floor"):
             until_fast(envoys[name], tokens[ENGINEER])
         for name in ("fast", "today"):
             check_call(envoys[name].port, tokens[OUTSIDER], PATH, "PERMISSION_DENIED")
         #: scenario -> (envoy, caller)
         scenarios = {"baseline": ("baseline", ENGINEER), "fast_allow": ("fast", ENGINEER),
                      "fast_allow_16k": ("fast_16k", ENGINEER), "fast_allow_file": ("fast_file", ENGINEER),
-                     "fast_no_audit": ("fast_no_audit", ENGINEER),
+                     "fast_no_audit": ("fast_no_audit", ENGINEER), "fast_allow_floor": ("fast_floor", ENGINEER),
                      "fast_denied": ("fast", OUTSIDER), "today_allow": ("today", ENGINEER),
                      "today_denied": ("today", OUTSIDER)}
         rounds, cpu = interleaved_rounds(
@@ -315,6 +321,11 @@ def render(cells: list[Cell]) -> str:
                    f"{fast.p50_ms / base.p50_ms:.2f}x p50 of the baseline (goal >= 0.9x, <= 1.15x: "
                    f"{'met' if met else 'NOT met'}); calls that still need ext_authz "
                    f"{den.rps / today_den.rps:.2f}x throughput, {den.p50_ms / today_den.p50_ms:.2f}x p50 of today's")
+        floor, bare = by.get(("fast_allow_floor", conc)), by.get(("fast_no_audit", conc))
+        if floor is not None and bare is not None:
+            out.append(f"concurrency {conc}: the floor of any per-call audit (Envoy's line to /dev/null, nothing "
+                       f"reading it) {floor.rps / base.rps:.2f}x throughput, {floor.p50_ms / base.p50_ms:.2f}x p50; "
+                       f"the fast path without audit {bare.rps / base.rps:.2f}x, {bare.p50_ms / base.p50_ms:.2f}x")
     return "\n".join(out)
 
 
@@ -322,7 +333,8 @@ def spread(rounds: list[list[Cell]]) -> str:
     """The goal's ratios round by round (each against the same round's cell): the median and
     the range, so a difference can be told from the machine's noise."""
     pairs = [("fast_allow", "baseline"), ("fast_allow_file", "baseline"), ("fast_no_audit", "baseline"),
-             ("fast_allow", "fast_no_audit"), ("fast_allow_file", "fast_no_audit"),
+             ("fast_allow_floor", "baseline"), ("fast_allow", "fast_no_audit"), ("fast_allow_file", "fast_no_audit"),
+             ("fast_allow_floor", "fast_no_audit"),
              ("fast_denied", "today_denied")]
     out = ["| ratio (per round) | concurrency | throughput: median [min-max] | p50: median [min-max] |",
            "|---|---:|---:|---:|"]

@@ -37,13 +37,14 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
                        capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {m.group(1): ln for ln in r.stdout.splitlines()
-            if (m := re.match(r"\| (baseline|fast_allow|fast_allow_16k|fast_allow_file|fast_no_audit|fast_denied|today_allow|today_denied) \| 2 \|", ln))}
-    assert len(rows) == 8, r.stdout
+            if (m := re.match(r"\| (baseline|fast_allow|fast_allow_16k|fast_allow_file|fast_no_audit|fast_allow_floor|fast_denied|today_allow|today_denied) \| 2 \|", ln))}
+    assert len(rows) == 9, r.stdout
     for ln in rows.values():
         cells = [c.strip() for c in ln.strip("|").split("|")]
         assert int(cells[2]) > 0  # requests answered through the gateway
         assert all(re.fullmatch(r"\d+\.\d\dx|-", c) for c in cells[6:]), ln
     assert re.search(r"concurrency 2: fast-path allows \d+\.\d\dx throughput", r.stdout)
+    assert re.search(r"concurrency 2: the floor of any per-call audit .* \d+\.\d\dx throughput", r.stdout)
     # Every fast-path allow of the run was audited: Envoy's count and the server's agree.
     assert re.search(r"fast-path allows: Envoy counted (\d+), the server audited \1 \(equal\)", r.stdout), r.stdout
     # The scale table's modes came through the reflection cache from scale_bench's services.
