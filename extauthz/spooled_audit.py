@@ -26,6 +26,11 @@ spool deeper (``rpcauthz_audit_spool_stat``). Writing still never changes a deci
 full group (``queue_size``) or a full spool drops and counts the event
 (``rpcauthz_audit_dropped_total``), and a spool slower than ``ack_timeout`` lets the check
 answer anyway (logged).
+
+The spool is written from a thread of its own, never from the executor shared with the
+store's calls: in a store outage those calls hold the shared threads (each until the store
+or its timeout answers) and queue behind one another, and the spool, the outage's one way
+to durability, must not wait in that queue.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from policy.audit import AuditEvent
@@ -78,13 +83,15 @@ class SpooledAuditWriter:
                  executor: Executor | None = None, batch_window: float = 0.0,
                  replay_interval: float = 1.0, ack_timeout: float = 1.0,
                  direct_timeout: float | None = None) -> None:
-        """``direct_timeout``: how long ``write_rows`` waits for the store before it spools the
-        batch instead (default ``ack_timeout``; 0 always spools)."""
+        """``executor`` runs the store's calls (direct writes, the ship); the spool's writes run
+        in a thread of the writer's own. ``direct_timeout``: how long ``write_rows`` waits for
+        the store before it spools the batch instead (default ``ack_timeout``; 0 always spools)."""
         if batch_window < 0:
             raise ValueError(f"batch_window must be >= 0 seconds, not {batch_window}")
         self._store, self._metrics, self.spool = store, metrics, spool
         self._queue_size = queue_size
         self._executor = executor
+        self._spool_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-spool")
         self._window, self._replay_interval, self._ack_timeout = batch_window, replay_interval, ack_timeout
         self._direct_timeout = ack_timeout if direct_timeout is None else direct_timeout
         #: Whether ``write_rows`` goes to the store: off from a failed or slow direct write (or
@@ -248,7 +255,7 @@ class SpooledAuditWriter:
                 continue
             written = retryable_taken = False
             try:
-                retryable_taken = await loop.run_in_executor(self._executor, self._put, group)
+                retryable_taken = await loop.run_in_executor(self._spool_thread, self._put, group)
                 written = True
             except Exception as e:
                 # Rows their sender offers again (the audit file's) are not lost.
@@ -391,6 +398,7 @@ class SpooledAuditWriter:
         if stuck:
             log.error("audit writer: %d task(s) did not stop; the spool keeps their events", len(stuck))
         self._tasks = []
+        self._spool_thread.shutdown(wait=False)
 
 
 __all__ = ["SpooledAuditWriter"]

@@ -223,6 +223,35 @@ async def test_spool_first_writer_keeps_events_through_an_outage_and_ships_each_
         spool.close()
 
 
+async def test_the_spool_is_written_while_the_store_holds_every_shared_thread(tmp_path):
+    """A hung store: its calls hold every thread of the executor the server shares with the
+    store (and more wait behind them). An answered check's event must still reach the spool
+    before ``acknowledged`` returns: the spool has a thread of its own."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from extauthz.spooled_audit import SpooledAuditWriter
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    spool = AuditSpool(str(tmp_path / "spool.db"), max_events=1000)
+    shared = ThreadPoolExecutor(max_workers=2)
+    hung = threading.Event()
+    loop = asyncio.get_running_loop()
+    stuck = [loop.run_in_executor(shared, hung.wait) for _ in range(4)]  # 2 running, 2 queued
+    writer = SpooledAuditWriter(store, Metrics(), spool, 1000, shared, replay_interval=60, ack_timeout=5.0)
+    writer.start()
+    try:
+        writer.submit(_events(1)[0])
+        await writer.acknowledged()
+        assert spool.stats()["depth"] == 1  # durable, though no shared thread was free
+    finally:
+        hung.set()
+        await asyncio.gather(*stuck)
+        await writer.close()
+        shared.shutdown()
+        spool.close()
+
+
 class _SlowSpool(AuditSpool):
     """A real spool whose fsync'd write takes ``delay`` seconds (a slow disk)."""
 
