@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -169,6 +170,27 @@ ALTER TABLE grants ADD CONSTRAINT grants_role_check
 """
 
 
+#: libpq's TCP settings for every connection, each unless the DSN sets it: a server that
+#: vanishes mid-call (a failed-over primary whose address is gone, a dropped network path)
+#: fails the call within ~30 s (``tcp_user_timeout``: sent data unacknowledged; keepalives:
+#: an idle connection's peer silent for 10 + 3 x 5 s) instead of after TCP's ~15 minutes of
+#: retransmissions, or never for a connection waiting on an answer. The pool then replaces
+#: the connection, and meanwhile the calls fail closed as for any store error. A server that
+#: is alive but does not answer (its host still acknowledges) is not detected this way.
+TCP_DEFAULTS: dict[str, int] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                                "keepalives_count": 3, "tcp_user_timeout": 30_000}
+
+
+def _tcp_settings(dsn: str) -> dict[str, int]:
+    """``TCP_DEFAULTS`` without what ``dsn`` sets itself (none of them for a DSN libpq cannot
+    read: connecting will say what is wrong with it)."""
+    try:
+        given = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        given = {}
+    return {k: v for k, v in TCP_DEFAULTS.items() if k not in given}
+
+
 class PostgresStore(SqlStore):
     """:class:`policy.store.Store` on PostgreSQL, with a connection pool.
 
@@ -190,6 +212,7 @@ class PostgresStore(SqlStore):
         self._conn_kwargs: dict[str, Any] = {
             "connect_timeout": max(1, round(connect_timeout)),
             "application_name": "rpcauthz",
+            **_tcp_settings(dsn),
         }
         self._subscriptions: list[_Listener] = []
         self._closed = False

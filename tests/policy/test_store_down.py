@@ -131,6 +131,37 @@ def test_postgres_closed_port(pg_server_dsn):
 
 
 @pytest.mark.postgres
+def test_postgres_connections_carry_tcp_timeouts_unless_the_dsn_sets_them(pg_dsn):
+    """A server that vanishes mid-call must fail the call within seconds, not TCP's ~15
+    minutes: every pooled connection (and the LISTEN one) asks libpq for keepalives and a
+    TCP user timeout; a DSN's own value wins."""
+    from policy.stores.postgres import TCP_DEFAULTS, PostgresStore
+
+    store = PostgresStore(pg_dsn)
+    try:
+        with store._pool.connection() as conn:
+            params = conn.info.get_parameters()
+        listener = store.connect()
+        try:
+            listen_params = listener.info.get_parameters()
+        finally:
+            listener.close()
+    finally:
+        store.close()
+    for got in (params, listen_params):
+        assert {k: got.get(k) for k in TCP_DEFAULTS} == {k: str(v) for k, v in TCP_DEFAULTS.items()}, got
+
+    own = make_conninfo(pg_dsn, keepalives_idle=60, tcp_user_timeout=5000)
+    store = PostgresStore(own)
+    try:
+        with store._pool.connection() as conn:
+            params = conn.info.get_parameters()
+    finally:
+        store.close()
+    assert (params.get("keepalives_idle"), params.get("tcp_user_timeout"), params.get("keepalives_count")) == \
+        ("60", "5000", str(TCP_DEFAULTS["keepalives_count"]))
+
+
 def test_postgres_server_gone_then_back(pg_dsn):
     params = conninfo_to_dict(pg_dsn)
     proxy = TcpProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432), free_port())
