@@ -162,6 +162,29 @@ def test_postgres_connections_carry_tcp_timeouts_unless_the_dsn_sets_them(pg_dsn
         ("60", "5000", str(TCP_DEFAULTS["keepalives_count"]))
 
 
+def test_a_statement_timeout_in_the_dsn_turns_a_locked_table_into_a_store_error(pg_dsn):
+    """A server that is alive but does not answer (here: a table locked by another session)
+    is bounded by PostgreSQL's own statement_timeout, set in the DSN as docs/store.md says:
+    the call fails with a StoreError that says so, instead of holding its thread."""
+    import psycopg
+
+    store = open_store(make_conninfo(pg_dsn, options="-c statement_timeout=300"))
+    locker = psycopg.connect(pg_dsn)
+    try:
+        store.grants_revision()  # the schema exists and the store answers
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="statement timeout"):
+            store.list_grants()
+        assert time.monotonic() - started < 10
+        locker.execute("ROLLBACK")
+        assert isinstance(store.list_grants(), list)  # answers again once the lock is gone
+    finally:
+        locker.close()
+        store.close()
+
+
 def test_postgres_server_gone_then_back(pg_dsn):
     params = conninfo_to_dict(pg_dsn)
     proxy = TcpProxy(params.get("host") or "127.0.0.1", int(params.get("port") or 5432), free_port())
