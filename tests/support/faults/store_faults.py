@@ -4,7 +4,8 @@ from the grants in memory), a non-engineer's and a non-contributor's calls (must
 and approval-mode calls on an approved request with ``max_uses``.
 
 Goals: zero wrong allows; every decision answered is audited exactly once (the audit spool
-carries the events across the fault); approval uses spent equal the calls that passed with
+carries the events across the fault); no check answered before its event was in the spool
+(the server logs each time it had to); approval uses spent equal the calls that passed with
 that approval.
 """
 from __future__ import annotations
@@ -28,14 +29,17 @@ MAX_USES = 100_000
 #: Goal names (the hang's "uses spent" goal depends on branch trust's fix).
 ZERO_WRONG, AUDIT_ONCE, USES_MATCH = ("zero wrong allows", "every decision audited exactly once",
                                       "uses spent = calls passed")
+DURABLE_FIRST = "no check answered before its event was spooled"
+#: What the server logs when a check answers before its audit event is in the spool.
+LATE_SPOOL = "audit spool slower than"
 
 
-def mixed_callers(gw: GatewayStack, *, engineer_threads: int = 2) -> list[Caller]:
+def mixed_callers(gw: GatewayStack, *, engineer_threads: int = 2, approval_threads: int = 1) -> list[Caller]:
     return [
         Caller("engineer ListAccounts", LIST, gw.token(ENGINEER), ALLOW, threads=engineer_threads, pause=0.01),
         Caller("non-engineer ListAccounts", LIST, gw.token(NONENG), DENY, pause=0.02),
         Caller("non-contributor CloseAccount", CLOSE, gw.token(ENGINEER), DENY, pause=0.05),
-        Caller("approved ReadAccount", READ, gw.token(OTHER), APPROVAL, pause=0.02),
+        Caller("approved ReadAccount", READ, gw.token(OTHER), APPROVAL, threads=approval_threads, pause=0.02),
     ]
 
 
@@ -45,11 +49,15 @@ def store_outage(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 30.0) -
 
 
 def store_hang(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 10.0) -> ScenarioResult:
-    """The relay holds every connection and forwards nothing for ``seconds``, then resumes."""
-    return _store_fault(workdir, pg_dsn, "hung", seconds)
+    """The relay holds every connection and forwards nothing for ``seconds``, then resumes.
+    Twenty callers of the approval-mode method: during the hang each of their calls holds a
+    thread of the server's store executor (16) for the whole hang, so the executor is full and
+    the audit spool must not depend on it."""
+    return _store_fault(workdir, pg_dsn, "hung", seconds, approval_threads=20)
 
 
-def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float) -> ScenarioResult:
+def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
+                 approval_threads: int = 1) -> ScenarioResult:
     result = ScenarioResult(f"store {how} {seconds:g} s (relay in front of PostgreSQL)")
     seed_grants(pg_dsn, cast_grants())
     rid = approved_request(pg_dsn, requester=OTHER, approver=CONTRIB2, service=ACCOUNTS,
@@ -58,7 +66,7 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float) -
             GatewayStack(workdir, store_url=via_relay,
                          extauthz={"audit.spool_path": str(workdir / "audit-spool.db"),
                                    "audit.replay_interval_s": 0.5}) as gw:
-        load = MixedLoad(gw.gateway, mixed_callers(gw))
+        load = MixedLoad(gw.gateway, mixed_callers(gw, approval_threads=approval_threads))
         with load:
             # Every caller answered as expected for a second (the approval fetched, the grants
             # loaded) before the fault.
@@ -73,6 +81,7 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float) -
         decided = decisions_answered(gw, load.calls())
         audit = tally(decided, pg_dsn)
         spent = uses_spent(pg_dsn, rid)
+        late = gw.extauthz.output().count(LATE_SPOOL) if gw.extauthz else -1
     passed = load.count(grpc.StatusCode.OK, "approved ReadAccount")
     during = [c for t, c in load.results("engineer ListAccounts") if fault_start <= t < fault_end]
     result.calls = load.calls()
@@ -96,6 +105,7 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float) -
                 f"{result.calls} calls, {len(decided)} decisions")
     result.goal(AUDIT_ONCE, audit.exactly_once,
                 f"{audit.expected} expected, {audit.written} written, {audit.duplicated} duplicated")
+    result.goal(DURABLE_FIRST, late == 0, f"the server logged {LATE_SPOOL!r} {late} time(s)")
     result.goal(USES_MATCH, spent == passed, f"{spent} spent, {passed} passed")
     return result
 
