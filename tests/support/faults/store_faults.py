@@ -15,6 +15,7 @@ import time
 
 import grpc
 
+from extauthz.spooled_audit import LATE_ACK_LOG
 from tests.e2e.conftest import CONTRIB2, ENGINEER, NONENG, OTHER, cast_grants
 from tests.support.faults.approvals import approved_request, uses_spent
 from tests.support.faults.audit_count import decisions_answered, tally
@@ -30,8 +31,6 @@ MAX_USES = 100_000
 ZERO_WRONG, AUDIT_ONCE, USES_MATCH = ("zero wrong allows", "every decision audited exactly once",
                                       "uses spent = calls passed")
 DURABLE_FIRST = "no check answered before its event was spooled"
-#: What the server logs when a check answers before its audit event is in the spool.
-LATE_SPOOL = "audit spool slower than"
 
 
 def mixed_callers(gw: GatewayStack, *, engineer_threads: int = 2, approval_threads: int = 1) -> list[Caller]:
@@ -81,7 +80,7 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
         decided = decisions_answered(gw, load.calls())
         audit = tally(decided, pg_dsn)
         spent = uses_spent(pg_dsn, rid)
-        late = gw.extauthz.output().count(LATE_SPOOL) if gw.extauthz else -1
+        late = gw.extauthz.output().count(LATE_ACK_LOG) if gw.extauthz else -1
     passed = load.count(grpc.StatusCode.OK, "approved ReadAccount")
     during = [c for t, c in load.results("engineer ListAccounts") if fault_start <= t < fault_end]
     result.calls = load.calls()
@@ -105,7 +104,7 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
                 f"{result.calls} calls, {len(decided)} decisions")
     result.goal(AUDIT_ONCE, audit.exactly_once,
                 f"{audit.expected} expected, {audit.written} written, {audit.duplicated} duplicated")
-    result.goal(DURABLE_FIRST, late == 0, f"the server logged {LATE_SPOOL!r} {late} time(s)")
+    result.goal(DURABLE_FIRST, late == 0, f"the server logged {LATE_ACK_LOG!r} {late} time(s)")
     result.goal(USES_MATCH, spent == passed, f"{spent} spent, {passed} passed")
     return result
 
