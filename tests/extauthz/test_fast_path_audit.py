@@ -17,7 +17,6 @@ import json
 import re
 import signal
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -37,7 +36,7 @@ from fastpath.envoy_config import LOG_NAME
 from fastpath.xds import ECDS_TYPE
 from policy import Grant, Role, StoreError
 from policy.stores import open_store
-from tests.support.gateway_harness import ACCOUNTS, LEDGER, GatewayStack, metrics_sample
+from tests.support.gateway_harness import ACCOUNTS, LEDGER, GatewayStack, metrics_sample, metrics_text
 
 LIST = f"/{ACCOUNTS}/ListAccounts"              # ENGINEERS_WITHOUT_APPROVAL
 READ = f"/{ACCOUNTS}/ReadAccount"               # ENGINEERS_WITH_APPROVAL: never on the fast path
@@ -475,10 +474,8 @@ def _check_audit(store_url: str) -> list:
 
 
 def _metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
+    for line in metrics_text(url).splitlines():
         m = re.match(r'rpcauthz_(fast_path_entries_total\{result="(\w+)"\}|fast_path_envoy_allowed\{[^}]*\}'
                      r'|decisions_total\{[^}]*\}) ([0-9.e+]+)', line)
         if m:
@@ -672,8 +669,7 @@ def _ads_request():
 def _metrics_text(proc) -> str:
     import yaml
     port = yaml.safe_load(proc.config_path.read_text())["metrics"]["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
+    return metrics_text(f"http://127.0.0.1:{port}/metrics")
 
 
 @pytest.mark.postgres

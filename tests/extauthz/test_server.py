@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -23,7 +22,7 @@ from policy import Grant, GrantSet, Mode, Role
 from policy.stores import open_store
 from reflection_cache.types import ServiceModes
 from tests.support.extauthz_doubles import FixedGrants, StaticModes, check_request
-from tests.support.gateway_harness import ACCOUNTS, seed_grants
+from tests.support.gateway_harness import ACCOUNTS, metrics_text, seed_grants
 
 PATH = f"/{ACCOUNTS}/ListAccounts"
 #: Subprocess environment with /metrics off, so the default metrics port is never contended.
@@ -93,8 +92,7 @@ def _config(tmp_path, upstream, **extra):
 
 
 def _metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
+    return metrics_text(f"http://127.0.0.1:{port}/metrics")
 
 
 def test_sigterm_drains_and_metrics_count_decisions(tmp_path, demo_upstream):

@@ -286,12 +286,10 @@ class GatewayStack:
 
     def server_stat(self, name: str, stat: str) -> float | None:
         """The ext_authz server's ``rpcauthz_<name>_stat{stat="<stat>"}`` gauge now (None: absent)."""
-        import urllib.request
         want = f'rpcauthz_{name}_stat{{stat="{stat}"}} '
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(want):
-                    return float(line[len(want):])
+        for line in metrics_text(self.metrics_url).splitlines():
+            if line.startswith(want):
+                return float(line[len(want):])
         return None
 
     def wait_fast_path_grants(self, revision: int, timeout: float = 15.0) -> float:
