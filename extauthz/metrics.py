@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 #: How often a worker (``--workers N``) copies its components' stats into /metrics.
 STATS_REFRESH_S = 2.0
 
+def merged_by_supervisor() -> bool:
+    """Whether this process is a worker of ``--workers N``: its metrics reach /metrics only
+    through ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor serves them), never its registry."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+
 _BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5)
 
 
@@ -119,7 +125,7 @@ class Metrics:
         ``rpcauthz_<name>_stat{stat}``: read at each scrape, or, in a worker of ``--workers N``,
         copied every ``STATS_REFRESH_S`` seconds (with a ``pid`` label: one series per live
         worker; aggregate them in the query, e.g. ``max by (stat)`` for ages)."""
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        if not merged_by_supervisor():
             self.registry.register(_StatsCollector(name, stats))
             return
         gauge = Gauge(f"rpcauthz_{name}_stat", f"Numbers reported by the {name}.", ["stat"],

@@ -39,7 +39,7 @@ from .audit_writer import AuditWriter
 from .config import Settings, spool_file
 from .heap import RELEASE_INTERVAL_S, freeze_long_lived, gc_stats, release_free_memory
 from .listeners import PeerCheck, add_listeners
-from .metrics import Metrics
+from .metrics import Metrics, merged_by_supervisor
 from .pipeline import Authorizer
 from .readiness import Readiness
 from .spooled_audit import SpooledAuditWriter
@@ -147,7 +147,7 @@ def add_fast_path_audit(server: grpc.aio.Server, settings: Settings,
     from .envoy_stats import EnvoyAllowedCollector
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
         AccessLogService(settings, audit, metrics, PeerCheck(settings.listen)), server)
-    if settings.fast_path.envoy_admin_urls and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if settings.fast_path.envoy_admin_urls and not merged_by_supervisor():
         # (with --workers N the supervisor reads it: supervisor_registry)
         metrics.registry.register(EnvoyAllowedCollector(settings.fast_path.envoy_admin_urls,
                                                         settings.fast_path.envoy_allowed_stat))
