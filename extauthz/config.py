@@ -250,10 +250,10 @@ class FastPath(Section):
     #: How often the reflection cache's modes are looked at (and entries past their TTL refreshed).
     modes_check_s: float = Field(1.0, gt=0, le=60)
     #: At start, up to this long learning the modes of every service named in a contributor
-    #: grant or in ``reflection.endpoints.static`` (reflection, 16 at once) before the first policy is compiled; Envoys that
-    #: connect meanwhile are answered only then (they keep what they hold, within
-    #: ``ttl_s``). So a restarted server's first policy is not narrower than the one it
-    #: replaces. 0: compile at once from what is known.
+    #: grant or in ``reflection.endpoints.static`` (reflection, 16 at once) before the first
+    #: policy is compiled; Envoys that connect meanwhile are answered only then (they keep
+    #: what they hold, within ``ttl_s``). So a restarted server's first policy is not
+    #: narrower than the one it replaces. 0: compile at once from what is known.
     warm_s: float = Field(10.0, ge=0, le=300)
     #: Services in dry-run (the catalog's ``dry_run: true``): never compiled in.
     dry_run_services: list[str] = Field(default_factory=list)

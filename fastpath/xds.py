@@ -125,11 +125,9 @@ def _label(version: str) -> str:
     return version.rsplit("+", 1)[0]
 
 
-_EMPTY_DIGEST = resource_version("", empty_policy()).split("+", 1)[1]
-
-
 def _empty_shard(label: str) -> Shard:
-    return f"{label}+{_EMPTY_DIGEST}", empty_policy()
+    rbac = empty_policy()
+    return resource_version(label, rbac), rbac
 
 
 class _Stream:
