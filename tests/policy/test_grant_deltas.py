@@ -239,3 +239,20 @@ def test_unchanged_catalog_is_not_parsed_again(store, tmp_path, monkeypatch):
     cat.write_text(_CATALOG.replace("members: [ann]", "members: []"))  # the file changed
     diffs = sync_module.sync(store, catalog=[cat])
     assert len(calls) == 2 and len(diffs["sync:catalog"].removed) == 2
+
+
+def test_the_contributor_table_keeps_its_hashes_beside_its_keys_and_the_marker_never_shows():
+    """The contributor table holds one int key so CPython stores each key's hash in the
+    table (a miss then touches no key object: bench/warm_check_misses.py). That key is no
+    grant: not counted, not listed, not askable, and kept by every set ``apply`` makes,
+    including one with no contributor left."""
+    grants = [Grant("p", Role.ENGINEER), Grant("p", Role.CONTRIBUTOR, "s.v1.S"),
+              Grant("q", Role.CONTRIBUTOR, "s.v1.S", LATER, "sync:catalog")]
+    built = GrantSet(grants, revision=1)
+    emptied = built.apply(GrantDelta(1, 2, tuple(GrantChange(g, deleted=True) for g in grants[1:])))
+    for gs, expected in ((built, grants), (emptied, grants[:1])):
+        assert any(type(k) is not str for k in gs._contributors)  # the layout's marker is there
+        assert sorted(gs, key=repr) == sorted(expected, key=repr)
+        assert len(gs) == len(expected)
+        assert not gs.has("", Role.CONTRIBUTOR, NOW, "") and not gs.is_contributor("0", "", NOW)
+    assert built.roles_of("q", NOW) == [grants[2]] and emptied.roles_of("q", NOW) == []
