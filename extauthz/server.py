@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from fastpath.compile import IdentitySource, shard_names
-from fastpath.publisher import Publisher, PushRecord, warm_modes
+from fastpath.publisher import Publisher, PushRecord, static_services, warm_modes
 from fastpath.xds import FastPathXds
 from policy import Role
 
@@ -335,9 +335,9 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         metrics.fast_path_lag.observe(record.lag_s)
 
     async def warm() -> None:
-        """Learn the modes of the services named in contributor grants or in
-        ``reflection.endpoints.static`` before the first policy (a restarted server's policy
-        then covers what the last one did)."""
+        """Learn the modes of the services named in contributor grants or behind the
+        ``reflection.endpoints.static`` endpoints (each endpoint's own list) before the first
+        policy (a restarted server's policy then covers what the last one did)."""
         if fp.warm_s <= 0:
             return
         started = time.monotonic()
@@ -346,11 +346,13 @@ def _fast_path(settings: Settings, server: grpc.aio.Server, components: Componen
         except Exception as e:  # grants unreadable: the publisher withdraws; nothing to warm
             log.warning("fast path: not warming the modes (grants unreadable: %s)", e)
             return
-        # A static key may be a package prefix rather than a service: asked, it is not found
-        # (counted below as not learnt, remembered as unknown for reflection's negative_ttl).
-        services |= set(settings.reflection.endpoints.static)
-        learned, missed = await warm_modes(components.modes.get, sorted(services), deadline_s=fp.warm_s)
-        log.info("fast path: learnt the modes of %d of %d services named in contributor grants or static "
+        # A static key may be a package prefix: its endpoint's own list says which services
+        # are behind it (the keys stand in where it cannot list them).
+        services |= await static_services(components.modes.services_at, settings.reflection.endpoints.static,
+                                          deadline_s=fp.warm_s / 2)
+        left = max(fp.warm_s - (time.monotonic() - started), 0.1)
+        learned, missed = await warm_modes(components.modes.get, sorted(services), deadline_s=left)
+        log.info("fast path: learnt the modes of %d of %d services named in contributor grants or behind static "
                  "reflection endpoints in %.1f s (%d not learnt: unreachable, unknown, or past fast_path.warm_s)",
                  learned, len(services), time.monotonic() - started, missed)
 

@@ -39,6 +39,36 @@ class GrantSource(Protocol):
     def current(self) -> GrantSet: ...
 
 
+async def static_services(services_at: Callable[[str], Awaitable[list[str]]], static: Mapping[str, str], *,
+                          deadline_s: float) -> set[str]:
+    """The services behind the static reflection endpoints (``static``: a service name or a
+    package prefix -> endpoint): what each endpoint lists (``services_at``, the reflection
+    cache's), all endpoints at once, for at most ``deadline_s``. For an endpoint that cannot
+    list them in time, its keys in ``static`` stand in (a key that is a package prefix is then
+    asked as a service and not found). Nothing here raises for one endpoint."""
+    by_endpoint: dict[str, list[str]] = {}
+    for key, endpoint in static.items():
+        by_endpoint.setdefault(endpoint, []).append(key)
+    endpoints = list(by_endpoint)
+    tasks: list[asyncio.Future[list[str]]] = [asyncio.ensure_future(services_at(e)) for e in endpoints]
+    if tasks:
+        await asyncio.wait(tasks, timeout=deadline_s)
+    out: set[str] = set()
+    for endpoint, task in zip(endpoints, tasks, strict=True):
+        if task.done() and not task.cancelled() and task.exception() is None:
+            out.update(task.result())
+            continue
+        if not task.done():
+            task.cancel()
+            why = f"no list within {deadline_s:g}s"
+        else:
+            why = str(task.exception()) if not task.cancelled() else "cancelled"
+        log.info("warming: the services behind %s not listed (%s); asking its map keys %s instead",
+                 endpoint, why, ", ".join(sorted(by_endpoint[endpoint])))
+        out.update(by_endpoint[endpoint])
+    return out
+
+
 async def warm_modes(fetch: Callable[[str], Awaitable[object]], services: Iterable[str], *,
                      deadline_s: float, concurrency: int = 16) -> tuple[int, int]:
     """``fetch`` (the reflection cache's ``get``) each of ``services``, at most ``concurrency``

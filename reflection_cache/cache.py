@@ -175,6 +175,20 @@ class ReflectionCache:
             raise UnknownMethod(f"/{service}/{method}: no such method in the service's "
                                 "reflection") from None
 
+    async def services_at(self, endpoint: str) -> list[str]:
+        """The services the reflection service at ``endpoint`` lists that this cache would ask
+        there (``resolver.resolve`` gives ``endpoint``), in its order; others it lists (its
+        own reflection and health services, or names the map sends elsewhere) are left out.
+        Not cached. Raises a ``ReflectionError`` when the endpoint cannot list them."""
+        out = []
+        for name in await self.client.list_services(endpoint, deadline=self.settings.deadline):
+            try:
+                if self.resolver.resolve(name) == endpoint:
+                    out.append(name)
+            except UnknownService:
+                continue
+        return out
+
     def get_fresh(self, service: str) -> ServiceModes | None:
         """The options of ``service`` if a fresh entry is cached, else None; never waits.
 

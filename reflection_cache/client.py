@@ -275,6 +275,35 @@ class ReflectionClient:
         (``build_pool`` turns them into a descriptor pool, e.g. to read a method's input type)."""
         return (await self._fetch_files(service, endpoint, deadline))[0]
 
+    async def list_services(self, endpoint: str, *, deadline: float | None = None) -> list[str]:
+        """The names of the services the reflection service at ``endpoint`` lists (its
+        ``list_services`` answer, in its order), through whichever reflection version it
+        serves. Raises ``ReflectionUnavailable`` (unreachable, an error answer, past the
+        deadline) or ``MalformedDescriptors`` (an answer of another kind)."""
+        budget = self.deadline if deadline is None else deadline
+        where = f"reflection endpoint {endpoint}"
+        known = self.protocol_of.get(endpoint)
+        order = [known] + [p for p in PROTOCOLS if p != known] if known else list(PROTOCOLS)
+        try:
+            with self.channels.lease(endpoint):
+                async with asyncio.timeout(budget):
+                    end = asyncio.get_running_loop().time() + budget
+                    for protocol in order:
+                        try:
+                            answer = await self._ask(protocol, endpoint, end, where, list_services="")
+                        except _Unimplemented:
+                            continue
+                        if not isinstance(answer, list):
+                            raise ReflectionUnavailable(f"{where}: reflection answered error {answer.error_code} "
+                                                        f"to list_services: {answer.error_message}")
+                        self.protocol_of[endpoint] = protocol
+                        return answer
+        except TimeoutError:
+            raise ReflectionUnavailable(f"{where}: no answer within the {budget:g}s deadline") from None
+        self.protocol_of.pop(endpoint, None)
+        raise ReflectionUnavailable(
+            f"{where}: the endpoint serves neither grpc.reflection.v1 nor v1alpha (UNIMPLEMENTED)")
+
     async def _fetch_files(self, service: str, endpoint: str, deadline: float | None
                            ) -> tuple[dict[str, descriptor_pb2.FileDescriptorProto], bytes]:
         """``fetch_files``' files and a digest of their bytes as received (``_files``)."""
@@ -344,6 +373,10 @@ class ReflectionClient:
         kind = answer.WhichOneof("message_response")
         if kind == "error_response":
             return answer.error_response
+        if "list_services" in question:
+            if kind != "list_services_response":
+                raise MalformedDescriptors(f"{where}: asked for its services, got {kind or 'an empty answer'}")
+            return [s.name for s in answer.list_services_response.service]
         if kind != "file_descriptor_response":
             raise MalformedDescriptors(f"{where}: asked for files, got {kind or 'an empty answer'}")
         return list(answer.file_descriptor_response.file_descriptor_proto)

@@ -376,3 +376,28 @@ async def test_a_changed_answer_is_read_again(client):
     assert after.methods["GetOrder"] is E.BREAK_GLASS_ONLY
     assert back.methods["GetOrder"] is E.ENGINEERS_WITHOUT_APPROVAL
     assert client.unchanged == 0
+
+
+@pytest.mark.parametrize("versions", [("v1alpha",), ("v1",)])
+async def test_list_services_names_what_the_endpoint_serves(client, versions):
+    """``list_services`` through each version (v1alpha is grpcio-reflection's own servicer):
+    the endpoint's services as it lists them, its reflection and health services included."""
+    demo = start_demo_server(reflection=versions)
+    try:
+        names = await client.list_services(demo.address)
+    finally:
+        demo.stop(grace=0)
+    assert {"rpcauthz.demo.v1.Accounts", "rpcauthz.demo.v1.Ledger", "grpc.health.v1.Health",
+            f"grpc.reflection.{versions[0]}.ServerReflection"} <= set(names)
+    assert client.protocol_of[demo.address] == versions[0]
+
+
+async def test_list_services_of_an_endpoint_that_cannot_list_them_says_why(client, port):
+    demo = start_demo_server(reflection=())
+    try:
+        with pytest.raises(ReflectionUnavailable, match="neither grpc.reflection.v1 nor v1alpha"):
+            await client.list_services(demo.address)
+    finally:
+        demo.stop(grace=0)
+    with pytest.raises(ReflectionUnavailable, match=f"127.0.0.1:{port}"):
+        await client.list_services(f"127.0.0.1:{port}")
