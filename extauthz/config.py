@@ -250,12 +250,11 @@ class FastPath(Section):
     #: How often the reflection cache's modes are looked at (and entries past their TTL refreshed).
     modes_check_s: float = Field(1.0, gt=0, le=60)
     #: At start, up to this long learning the modes of every service named in a contributor
-    #: grant or listed by a ``reflection.endpoints.static`` endpoint (its reflection's
-    #: ``list_services``, at most half of this; the map's keys where it cannot list them)
-    #: (reflection, 16 at once) before the first
-    #: policy is compiled; Envoys that connect meanwhile are answered only then (they keep
-    #: what they hold, within ``ttl_s``). So a restarted server's first policy is not
-    #: narrower than the one it replaces. 0: compile at once from what is known.
+    #: grant or listed by a ``reflection.endpoints.static`` endpoint (reflection, 16 at once;
+    #: the lists take at most half of it, and an endpoint that cannot list stands for its map
+    #: keys) before the first policy is compiled; Envoys that connect meanwhile are answered
+    #: only then (they keep what they hold, within ``ttl_s``). So a restarted server's first
+    #: policy is not narrower than the one it replaces. 0: compile at once from what is known.
     warm_s: float = Field(10.0, ge=0, le=300)
     #: Services in dry-run (the catalog's ``dry_run: true``): never compiled in.
     dry_run_services: list[str] = Field(default_factory=list)
