@@ -76,7 +76,7 @@ _LOG_CHANGE = (f"INSERT INTO grant_changes (revision, deleted, {_GRANT_COLS}) "
 CHANGE_LOG_REVISIONS = 1000
 #: Rows per fetch when loading every grant: the loader gives the interpreter lock back
 #: between batches, so a full reload does not stall decisions on the same process.
-_LOAD_BATCH = 2000
+LOAD_BATCH = 2000
 
 
 class SqlStore(abc.ABC):
@@ -151,7 +151,7 @@ class SqlStore(abc.ABC):
             revision = int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1")
                            .fetchone()["revision"])
             rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants")
-            while batch := rows.fetchmany(_LOAD_BATCH):
+            while batch := rows.fetchmany(LOAD_BATCH):
                 grants.extend(codec.grant_from_row(r, dt) for r in batch)
                 if pause is not None:
                     pause()
