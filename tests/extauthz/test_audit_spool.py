@@ -454,30 +454,16 @@ def test_a_busy_interpreter_does_not_starve_the_spools_shipping(tmp_path):
     the spool's read and the SQLite store's write each take one statement step per batch.
     One step per row waited for the interpreter lock again after every row (5,000 events:
     77 s here, so a busy server's spool filled faster than it drained); now ~1 s. Bound: 20 s."""
-    import threading
+    from tests.support.busy_interpreter import beside_busy_thread
 
     store = open_store(f"sqlite:///{tmp_path / 's.db'}")
     spool = AuditSpool(str(tmp_path / "spool.db"), max_events=10_000, fsync=False)
     events = _events(5000, tag="busy")
     spool.put(events)
-    stop = threading.Event()
-
-    def busy() -> None:
-        while not stop.is_set():
-            sum(range(100))
-
-    shipped: list[int] = []
-    spinner = threading.Thread(target=busy)
-    shipper = threading.Thread(target=lambda: shipped.append(spool.ship(store, 500)))
-    spinner.start()
     try:
-        shipper.start()
-        shipper.join(timeout=20)
+        shipped = beside_busy_thread(lambda: spool.ship(store, 500), timeout=20)
         assert shipped == [5000], "shipping 5,000 spooled events took over 20 s beside a busy thread"
         assert {e.id for e in store.list_audit(limit=10_000)} >= {e.id for e in events}
     finally:
-        stop.set()
-        spinner.join()
-        shipper.join()
         spool.close()
         store.close()

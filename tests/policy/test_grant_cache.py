@@ -5,7 +5,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +17,7 @@ from policy import Grant, Role, StoreError
 from policy.grant_cache import GrantCache
 from policy.stores import open_store
 from tests.conftest import free_port
+from tests.support.busy_interpreter import beside_busy_thread
 from tests.support.store_tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,22 +242,8 @@ def test_a_sqlite_full_load_is_not_starved_by_a_busy_interpreter(tmp_path) -> No
     row (51 s here); one JSON array takes one wait (0.2 s). Bound: 10 s."""
     store = open_store(f"sqlite:///{tmp_path}/s.db")
     store.replace_grants("manual", [Grant(f"p{i}@x", Role.CONTRIBUTOR, f"s{i % 50}.v1.S") for i in range(10_000)])
-    stop = threading.Event()
-
-    def busy() -> None:
-        while not stop.is_set():
-            sum(range(100))
-
-    loaded: list[int] = []
-    spinner = threading.Thread(target=busy)
-    loader = threading.Thread(target=lambda: loaded.append(len(store.load_grants()[1])))
-    spinner.start()
     try:
-        loader.start()
-        loader.join(timeout=10)
+        loaded = beside_busy_thread(lambda: len(store.load_grants()[1]), timeout=10)
         assert loaded == [10_000], "a full load of 10,000 grants took over 10 s beside a busy thread"
     finally:
-        stop.set()
-        spinner.join()
-        loader.join()
         store.close()
