@@ -33,8 +33,9 @@ import logging
 import pathlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
+from typing import TypeVar
 
 import cachetools
 import grpc
@@ -47,6 +48,7 @@ from reflection_cache.types import MalformedDescriptors, ReflectionUnavailable, 
 from reflection_cache.v1 import reflection_pb2 as v1_pb2
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 METHOD_OPTION = "rpcauthz.v1.humans_who_can_rpc"
 SERVICE_OPTION = "rpcauthz.v1.default_humans_who_can_rpc"
@@ -280,8 +282,29 @@ class ReflectionClient:
         ``list_services`` answer, in its order), through whichever reflection version it
         serves. Raises ``ReflectionUnavailable`` (unreachable, an error answer, past the
         deadline) or ``MalformedDescriptors`` (an answer of another kind)."""
-        budget = self.deadline if deadline is None else deadline
         where = f"reflection endpoint {endpoint}"
+
+        async def ask(protocol: str, end: float) -> list[str]:
+            answer = await self._ask(protocol, endpoint, end, where, list_services="")
+            if not isinstance(answer, list):
+                raise ReflectionUnavailable(f"{where}: reflection answered error {answer.error_code} "
+                                            f"to list_services: {answer.error_message}")
+            return answer
+        return await self._by_protocol(endpoint, deadline, where, ask)
+
+    async def _fetch_files(self, service: str, endpoint: str, deadline: float | None
+                           ) -> tuple[dict[str, descriptor_pb2.FileDescriptorProto], bytes]:
+        """``fetch_files``' files and a digest of their bytes as received (``_files``)."""
+        where = f"service {service} at reflection endpoint {endpoint}"
+        return await self._by_protocol(endpoint, deadline, where,
+                                       lambda protocol, end: self._files(protocol, service, endpoint, end, where))
+
+    async def _by_protocol(self, endpoint: str, deadline: float | None, where: str,
+                           ask: Callable[[str, float], Awaitable[_T]]) -> _T:
+        """``ask(protocol, end)`` with the reflection version ``endpoint`` answered last time
+        first, then the other, within ``deadline`` (default: the client's) in all, on one
+        leased channel (not closed for idleness between the questions)."""
+        budget = self.deadline if deadline is None else deadline
         known = self.protocol_of.get(endpoint)
         order = [known] + [p for p in PROTOCOLS if p != known] if known else list(PROTOCOLS)
         try:
@@ -290,45 +313,13 @@ class ReflectionClient:
                     end = asyncio.get_running_loop().time() + budget
                     for protocol in order:
                         try:
-                            answer = await self._ask(protocol, endpoint, end, where, list_services="")
+                            answer = await ask(protocol, end)
                         except _Unimplemented:
                             continue
-                        if not isinstance(answer, list):
-                            raise ReflectionUnavailable(f"{where}: reflection answered error {answer.error_code} "
-                                                        f"to list_services: {answer.error_message}")
                         self.protocol_of[endpoint] = protocol
                         return answer
         except TimeoutError:
             raise ReflectionUnavailable(f"{where}: no answer within the {budget:g}s deadline") from None
-        self.protocol_of.pop(endpoint, None)
-        raise ReflectionUnavailable(
-            f"{where}: the endpoint serves neither grpc.reflection.v1 nor v1alpha (UNIMPLEMENTED)")
-
-    async def _fetch_files(self, service: str, endpoint: str, deadline: float | None
-                           ) -> tuple[dict[str, descriptor_pb2.FileDescriptorProto], bytes]:
-        """``fetch_files``' files and a digest of their bytes as received (``_files``)."""
-        budget = self.deadline if deadline is None else deadline
-        where = f"service {service} at reflection endpoint {endpoint}"
-        try:
-            # One channel for all of the fetch's questions: not closed for idleness between them.
-            with self.channels.lease(endpoint):
-                async with asyncio.timeout(budget):
-                    return await self._files_by_protocol(service, endpoint, budget, where)
-        except TimeoutError:
-            raise ReflectionUnavailable(f"{where}: no answer within the {budget:g}s deadline") from None
-
-    async def _files_by_protocol(self, service: str, endpoint: str, budget: float, where: str
-                                 ) -> tuple[dict[str, descriptor_pb2.FileDescriptorProto], bytes]:
-        known = self.protocol_of.get(endpoint)
-        order = [known] + [p for p in PROTOCOLS if p != known] if known else list(PROTOCOLS)
-        end = asyncio.get_running_loop().time() + budget
-        for protocol in order:
-            try:
-                files = await self._files(protocol, service, endpoint, end, where)
-            except _Unimplemented:
-                continue
-            self.protocol_of[endpoint] = protocol
-            return files
         self.protocol_of.pop(endpoint, None)
         raise ReflectionUnavailable(
             f"{where}: the endpoint serves neither grpc.reflection.v1 nor v1alpha (UNIMPLEMENTED)")
