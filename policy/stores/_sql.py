@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Self
 
@@ -76,7 +76,7 @@ _LOG_CHANGE = (f"INSERT INTO grant_changes (revision, deleted, {_GRANT_COLS}) "
 CHANGE_LOG_REVISIONS = 1000
 #: Rows per fetch when loading every grant: the loader gives the interpreter lock back
 #: between batches, so a full reload does not stall decisions on the same process.
-LOAD_BATCH = 2000
+_LOAD_BATCH = 2000
 
 
 class SqlStore(abc.ABC):
@@ -150,12 +150,17 @@ class SqlStore(abc.ABC):
         with self._snapshot() as cur:
             revision = int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1")
                            .fetchone()["revision"])
-            rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants")
-            while batch := rows.fetchmany(LOAD_BATCH):
+            for batch in self._grant_row_batches(cur):
                 grants.extend(codec.grant_from_row(r, dt) for r in batch)
                 if pause is not None:
                     pause()
         return revision, grants
+
+    def _grant_row_batches(self, cur: Any) -> Iterator[Sequence[Mapping[str, Any]]]:
+        """Every grant's row (``GRANT_COLUMNS``), ``_LOAD_BATCH`` at a time, read with ``cur``."""
+        rows = cur.execute(f"SELECT {_GRANT_COLS} FROM grants")
+        while batch := rows.fetchmany(_LOAD_BATCH):
+            yield batch
 
     def grants_revision(self) -> int:
         """A number that increases whenever any grant changes."""
@@ -536,15 +541,11 @@ class SqlStore(abc.ABC):
         if not events:
             return
         with self._tx(write=True) as cur:
-            if self._AUDIT_JSON_PER_EVENT:
-                cur.executemany(self._INSERT_AUDIT_JSON, [{"event": e} for e in events])
-            else:
-                cur.execute(self._INSERT_AUDIT_JSON, {"events": "[" + ",".join(events) + "]"})
+            cur.execute(self._INSERT_AUDIT_JSON, {"events": "[" + ",".join(events) + "]"})
 
-    #: ``append_audit_json``'s statement (the dialect's JSON functions): with
-    #: ``_AUDIT_JSON_PER_EVENT``, ``%(event)s`` is one event, else ``%(events)s`` is a JSON array.
+    #: ``append_audit_json``'s statement (the dialect's JSON functions), ``%(events)s`` a JSON
+    #: array of the events: one statement for them all.
     _INSERT_AUDIT_JSON: str
-    _AUDIT_JSON_PER_EVENT = False
 
     def _insert_audit(self, cur: Any, event: AuditEvent) -> None:
         cur.execute(_INSERT_AUDIT, codec.audit_params(event, self._ts, self._json_in))

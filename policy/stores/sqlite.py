@@ -16,17 +16,16 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from ..audit import AuditEvent
 from ..errors import StoreError
 from ..grant_delta import GrantDelta
-from ..model import Grant
 from ..store import Subscription
 from . import _codec as codec
-from ._sql import LOAD_BATCH, OPEN_SCOPE_INDEX, SqlStore
+from ._sql import _LOAD_BATCH, OPEN_SCOPE_INDEX, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 """ + OPEN_SCOPE_INDEX + ";\n"
 
-#: Every grant as one JSON array of ``GRANT_COLUMNS`` arrays (``SQLiteStore.load_grants``).
+#: Every grant as one JSON array of ``GRANT_COLUMNS`` arrays (``SQLiteStore._grant_row_batches``).
 _GRANTS_AS_JSON = ("SELECT json_group_array(json_array(" + ", ".join(codec.GRANT_COLUMNS) + ")) FROM grants")
 
 #: One encoder for every JSON column (``json.dumps`` with options builds a new one per call).
@@ -338,30 +337,21 @@ class SQLiteStore(SqlStore):
     _INSERT_AUDIT_JSON = (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) SELECT "
                           + ", ".join(f"json_extract(value, '$.{c}')" for c in codec.AUDIT_COLUMNS)
                           + " FROM json_each(%(events)s) WHERE true ON CONFLICT (id) DO NOTHING")
-    _AUDIT_JSON_PER_EVENT = False
     _INSERT_AUDIT_ROWS = (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) "
                           f"VALUES ({', '.join('?' * len(codec.AUDIT_COLUMNS))}) ON CONFLICT (id) DO NOTHING")
 
-    def load_grants(self, pause: Callable[[], None] | None = None) -> tuple[int, list[Grant]]:
-        """``SqlStore.load_grants``, the rows handed over as one JSON array (one statement
-        step). Python's sqlite3 lets go of the interpreter lock around every step, so a
-        row-by-row read waits for the lock again after each row; while other threads keep it
-        busy (a loaded server's checks) each wait lasts up to the switch interval: a full
+    def _grant_row_batches(self, cur: Any) -> Iterator[Sequence[Mapping[str, Any]]]:
+        """``SqlStore._grant_row_batches``, the rows handed over as one JSON array (one
+        statement step). Python's sqlite3 lets go of the interpreter lock around every step,
+        so a row-by-row read waits for the lock again after each row; while other threads keep
+        it busy (a loaded server's checks) each wait lasts up to the switch interval: a full
         reconcile of 30,000 grants took 76 s beside running checks in bench/scale_bench.py
-        (0.5 s at the demo's size). ``pause`` is called between batches of grants made."""
-        with self._snapshot() as cur:
-            revision = int(cur.execute("SELECT revision FROM grants_revision WHERE id = 1")
-                           .fetchone()["revision"])
-            text = cur.execute(_GRANTS_AS_JSON).fetchone()[0]
+        (0.5 s at the demo's size)."""
+        text = cur.execute(_GRANTS_AS_JSON).fetchone()[0]
         rows = json.loads(text) if text else []
-        dt, columns = self._dt, codec.GRANT_COLUMNS
-        grants: list[Grant] = []
-        for at in range(0, len(rows), LOAD_BATCH):
-            grants.extend(codec.grant_from_row(dict(zip(columns, r, strict=True)), dt)
-                          for r in rows[at:at + LOAD_BATCH])
-            if pause is not None:
-                pause()
-        return revision, grants
+        columns = codec.GRANT_COLUMNS
+        for at in range(0, len(rows), _LOAD_BATCH):
+            yield [dict(zip(columns, r, strict=True)) for r in rows[at:at + _LOAD_BATCH]]
 
     def append_audit_rows(self, rows: Sequence[Sequence[Any]]) -> None:
         """Write several audit events given as their column values in one transaction: each
