@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 #: How often a worker (``--workers N``) copies its components' stats into /metrics.
 STATS_REFRESH_S = 2.0
 
+
 def merged_by_supervisor() -> bool:
     """Whether this process is a worker of ``--workers N``: its metrics reach /metrics only
     through ``PROMETHEUS_MULTIPROC_DIR`` (the supervisor serves them), never its registry."""

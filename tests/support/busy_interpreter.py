@@ -23,7 +23,6 @@ def beside_busy_thread(call: Callable[[], T], timeout: float) -> list[T]:
         while not stop.is_set():
             sum(range(100))
 
-    result: list[T] = []
     done: list[T] = []
     spinner = threading.Thread(target=busy)
     worker = threading.Thread(target=lambda: done.append(call()))
@@ -31,8 +30,7 @@ def beside_busy_thread(call: Callable[[], T], timeout: float) -> list[T]:
     try:
         worker.start()
         worker.join(timeout=timeout)
-        if done:
-            result.append(done[0])
+        result = list(done)  # what had returned by then
     finally:
         stop.set()
         spinner.join()
