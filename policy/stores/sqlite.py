@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -153,6 +154,23 @@ _JSON_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 def _ts_text(dt: datetime) -> str:
     # Fixed width, UTC: text order is time order, so indexes and ORDER BY work.
     return codec.utc(dt).isoformat(timespec="microseconds")
+
+
+#: Most audit rows one INSERT writes (``append_audit_rows``): 512 x 11 values, under the
+#: 32,766 variables SQLite has allowed by default since 3.32.
+_AUDIT_ROWS_PER_INSERT = 512
+
+
+@functools.cache
+def _insert_audit_rows(n: int) -> str:
+    """An INSERT of ``n`` audit rows, in ``AUDIT_COLUMNS`` order. Several rows per statement
+    rather than an ``executemany`` of one: SQLite parses it once per batch and runs it in one
+    step, ~6 µs per row against ~8.5 for the same rows one at a time (5 x 1,300 rows, the
+    fast path's batches). ``append_audit_rows`` asks only for powers of two up to
+    ``_AUDIT_ROWS_PER_INSERT``, so at most ten of these are ever made."""
+    one = f"({', '.join('?' * len(codec.AUDIT_COLUMNS))})"
+    return (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) VALUES {', '.join([one] * n)} "
+            "ON CONFLICT (id) DO NOTHING")
 
 
 def audit_row(e: AuditEvent) -> tuple[Any, ...]:
@@ -337,8 +355,6 @@ class SQLiteStore(SqlStore):
     _INSERT_AUDIT_JSON = (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) SELECT "
                           + ", ".join(f"json_extract(value, '$.{c}')" for c in codec.AUDIT_COLUMNS)
                           + " FROM json_each(%(events)s) WHERE true ON CONFLICT (id) DO NOTHING")
-    _INSERT_AUDIT_ROWS = (f"INSERT INTO audit ({', '.join(codec.AUDIT_COLUMNS)}) "
-                          f"VALUES ({', '.join('?' * len(codec.AUDIT_COLUMNS))}) ON CONFLICT (id) DO NOTHING")
 
     def _grant_row_batches(self, cur: Any) -> Iterator[Sequence[Mapping[str, Any]]]:
         """``SqlStore._grant_row_batches``, the rows handed over as one JSON array (one
@@ -359,11 +375,22 @@ class SQLiteStore(SqlStore):
         microseconds, ``+00:00``) and ``detail`` compact JSON with sorted keys, ASCII (as the
         audit spool's canonical rows hold them). SQLite decodes JSON in this process, so a
         caller that has the values (the fast path's access log) skips ~4 µs per event of
-        ``json_extract``. An id the store holds is skipped, as in ``append_audits``."""
+        ``json_extract``. An id the store holds is skipped, as in ``append_audits``. Raises
+        ``ValueError`` for a row without one value per column (nothing is written)."""
         if not rows:
             return
+        width = len(codec.AUDIT_COLUMNS)
+        if any(len(row) != width for row in rows):  # flattened, a short row would shift the rest
+            bad = next(i for i, row in enumerate(rows) if len(row) != width)
+            raise ValueError(f"audit row {bad} has {len(rows[bad])} values, not one per column ({width})")
         with self._tx(write=True) as cur:
-            cur.executemany(self._INSERT_AUDIT_ROWS, rows)
+            at = 0
+            while at < len(rows):
+                n = _AUDIT_ROWS_PER_INSERT
+                while n > len(rows) - at:
+                    n //= 2
+                cur.execute(_insert_audit_rows(n), list(itertools.chain.from_iterable(rows[at:at + n])))
+                at += n
 
     def _ts(self, dt: datetime) -> str:
         return _ts_text(dt)

@@ -110,6 +110,30 @@ def test_spool_rows_go_in_as_the_database_reads_them_and_equal_the_events(store)
     assert not [e for e in store.list_audit(limit=10_000) if e.actor in ("user8", "user9")]
 
 
+def test_sqlite_writes_a_fast_path_sized_batch_of_columns_whole_and_refuses_a_row_of_the_wrong_width(tmp_path):
+    """A batch the size of Envoy's access-log messages (1,300 events: several multi-row
+    INSERTs of 1,024, 256, 16 and 4 rows) is written whole and in order, held ids skipped
+    wherever they fall; a row with a value missing or extra is refused by its position
+    before anything is written (flattened into one statement's values, it would shift
+    every later row's columns)."""
+    from extauthz.access_log import event_columns
+
+    store = open_store(f"sqlite:///{tmp_path / 'cols.db'}")
+    try:
+        events = [_event(n, request_id=f"r{n}" if n % 3 else None) for n in range(1300)]
+        store.append_audit_rows([event_columns(e) for e in events[::7]])
+        store.append_audit_rows([event_columns(e) for e in events])
+        assert store.list_audit(limit=10_000) == events
+        late = [_event(n) for n in range(2000, 2003)]
+        rows = [event_columns(e) for e in late]
+        for bad in ((*rows[1], None), rows[1][:-1]):
+            with pytest.raises(ValueError, match=r"audit row 1 has 1[02] values, not one per column \(11\)"):
+                store.append_audit_rows([rows[0], bad, rows[2]])
+        assert len(store.list_audit(limit=10_000)) == 1300
+    finally:
+        store.close()
+
+
 def test_sqlite_takes_the_events_columns_and_stores_exactly_what_their_spool_rows_store(tmp_path):
     """``SQLiteStore.append_audit_rows`` (the fast path's columns, ``event_columns``: no JSON
     decode in this process) stores, byte for byte, what ``append_audit_json`` stores for the
