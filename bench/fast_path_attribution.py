@@ -13,6 +13,8 @@ over ADS, h2load driving an allowed call, interleaved rounds. Scenarios:
   no_strip       ... and without the filter that drops client ``x-rpcauthz-*`` headers
   no_headers     ... and without the upstream headers filled from metadata
   audit_als      the fast path as shipped: the http_grpc access log to our server (ALS)
+  audit_als_sink the same access log to a sink that only drains the stream (bench/als_sink.py,
+                 another process): what ALS costs Envoy with no receiver's work beside it
   audit_file     the same filter, Envoy's file access log instead (JSON lines on local disk;
                  nothing reads them: Envoy's side of a file sink only)
 
@@ -32,6 +34,7 @@ import json
 import pathlib
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -52,6 +55,7 @@ from bench.fast_path_bench import (  # noqa: E402
     without_audit,
 )
 from bench.gateway_bench import Cell, check_call, demo_backends, stop_all  # noqa: E402
+from devstack.processes import free_port  # noqa: E402
 from fastpath.envoy_config import (  # noqa: E402
     EXT_AUTHZ_FILTER,
     JWT_FILTER,
@@ -60,7 +64,8 @@ from fastpath.envoy_config import (  # noqa: E402
     audit_access_log,
 )
 
-ORDER = ["baseline", "fast_no_audit", "no_ext_authz", "no_strip", "no_headers", "audit_als", "audit_file"]
+ORDER = ["baseline", "fast_no_audit", "no_ext_authz", "no_strip", "no_headers", "audit_als", "audit_als_sink",
+         "audit_file"]
 REFERENCE = "fast_no_audit"
 
 
@@ -108,6 +113,56 @@ def with_file_audit(cfg: dict[str, Any], path: str) -> dict[str, Any]:
                             "request_id": "%REQ(X-REQUEST-ID)%", "stream": "%STREAM_ID%",
                             "peer": "%DOWNSTREAM_REMOTE_ADDRESS%"}}}}
     return out
+
+
+def with_als_to(cfg: dict[str, Any], port: int) -> dict[str, Any]:
+    """``cfg`` with its http_grpc access log sent to 127.0.0.1:``port`` (cluster ``als_sink``,
+    the ext_authz cluster's settings less its health checks: the sink serves no health)."""
+    out = json.loads(json.dumps(cfg))
+    clusters = out["static_resources"]["clusters"]
+    sink = json.loads(json.dumps(next(c for c in clusters if c["name"] == "ext_authz")))
+    sink["name"] = sink["load_assignment"]["cluster_name"] = "als_sink"
+    for key in ("health_checks", "outlier_detection", "transport_socket"):
+        sink.pop(key, None)
+    for group in sink["load_assignment"]["endpoints"]:
+        for lb in group["lb_endpoints"]:
+            lb["endpoint"]["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+    clusters.append(sink)
+    als = audit_access_log()
+    for hcm in _hcms(out):
+        for log in hcm.get("access_log", []):
+            if log["name"] == als["name"]:
+                log["typed_config"]["common_config"]["grpc_service"] = {"envoy_grpc": {"cluster_name": "als_sink"}}
+    return out
+
+
+class _Killed:
+    """A subprocess that ``stop_all`` ends by closing it."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_sink(things: list[Any]) -> int:
+    """bench/als_sink.py in its own process, ready; its port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "als_sink.py"), str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    things.append(_Killed(proc))
+    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("the ALS sink did not start")
+    return port
+
+
+def sink_line(envoy: Any) -> str:
+    """What the sink's gateway sent it, by Envoy's own access-log counters."""
+    stats = envoy.stats("access_logs.grpc_access_log.")
+    sent, dropped = (int(stats.get(f"access_logs.grpc_access_log.{k}") or 0) for k in ("logs_written", "logs_dropped"))
+    return f"audit_als_sink: Envoy wrote {sent} access-log entries to the sink and dropped {dropped}"
 
 
 def ratios(rounds: list[list[Cell]]) -> str:
@@ -161,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             "no_strip": without_filter(gateway(ours.port), "rpcauthz_strip_client_headers"),
             "no_headers": without_upstream_headers(gateway(ours.port)),
             "audit_als": gateway(ours.port),
+            "audit_als_sink": with_als_to(gateway(ours.port), start_sink(things)),
             "audit_file": with_file_audit(gateway(ours.port), str(workdir / "fast-path-allows.log")),
         }
         envoys = {name: start_envoy(name, cfg, workdir, args.envoy_concurrency) for name, cfg in configs.items()}
@@ -178,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print(ratios(rounds))
         print()
         print(cpu_table(cpu))
+        print()
+        print(sink_line(envoys["audit_als_sink"]))
         return 0
     finally:
         stop_all(things, workdir)

@@ -68,7 +68,8 @@ def test_fast_path_attribution_prices_each_part_against_the_same_run():
                         "--duration", "0.5", "--warmup", "0.1", "--repeat", "1", "--concurrency", "2"],
                        capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    names = ("baseline", "fast_no_audit", "no_ext_authz", "no_strip", "no_headers", "audit_als", "audit_file")
+    names = ("baseline", "fast_no_audit", "no_ext_authz", "no_strip", "no_headers", "audit_als", "audit_als_sink",
+             "audit_file")
     rows = {m.group(1): ln for ln in r.stdout.splitlines()
             if (m := re.match(rf"\| ({'|'.join(names)}) \| 2 \| \d+\.\d\dx", ln))}
     assert set(rows) == set(names), r.stdout
@@ -77,6 +78,8 @@ def test_fast_path_attribution_prices_each_part_against_the_same_run():
         assert all(re.fullmatch(r"\d+\.\d\dx \[\d+\.\d\d-\d+\.\d\d\]", c) for c in cells[2:]), ln
     assert "| fast_no_audit | 2 | 1.00x [1.00-1.00] | 1.00x [1.00-1.00] |" in r.stdout
     assert re.search(r"\| audit_file \| 2 \| \d+ \| \d+ \| \d+ \|", r.stdout), r.stdout  # its CPU row
+    sunk = re.search(r"audit_als_sink: Envoy wrote (\d+) access-log entries to the sink and dropped (\d+)", r.stdout)
+    assert sunk and int(sunk[1]) > 0 and sunk[2] == "0", r.stdout
 
 
 def test_als_receiver_bench_captures_envoys_messages_and_prints_cpu_per_stage(tmp_path):
