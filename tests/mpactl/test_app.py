@@ -32,11 +32,14 @@ def test_version_comes_from_the_package_metadata(tool):
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_shell_completion_can_be_shown_and_installed(tool, tmp_path):
-    out = run(tool, "--show-completion", "bash")
+    # Typer's own switch for naming the shell: otherwise it detects the shell among this
+    # process's ancestors (none when the test runner was started in the background).
+    named = {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    out = run(tool, "--show-completion", "bash", env=named)
     assert out.returncode == 0, out.stderr
     assert f"_{tool}_completion" in out.stdout and f"_{tool.upper()}_COMPLETE" in out.stdout
 
-    out = run(tool, "--install-completion", "bash", env={"HOME": str(tmp_path)})
+    out = run(tool, "--install-completion", "bash", env={"HOME": str(tmp_path), **named})
     assert out.returncode == 0, out.stderr
     script = tmp_path / ".bash_completions" / f"{tool}.sh"
     assert f"_{tool.upper()}_COMPLETE" in script.read_text()
