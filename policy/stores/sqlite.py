@@ -26,123 +26,15 @@ from ..errors import StoreError
 from ..grant_delta import GrantDelta
 from ..store import Subscription
 from . import _codec as codec
-from ._sql import _LOAD_BATCH, OPEN_SCOPE_INDEX, SqlStore
+from ._schema import schema_sql
+from ._sql import _LOAD_BATCH, SqlStore
 
 log = logging.getLogger(__name__)
 
 #: Bump when the schema changes, and teach ``_migrate`` the step.
 SCHEMA_VERSION = 3
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS grants (
-    principal  TEXT NOT NULL,
-    role       TEXT NOT NULL CHECK (role IN ('engineer', 'contributor', 'security_oncall', 'auditor')),
-    service    TEXT NOT NULL DEFAULT '',
-    expires_at TEXT,
-    source     TEXT NOT NULL DEFAULT 'manual',
-    PRIMARY KEY (principal, role, service)
-);
-CREATE TABLE IF NOT EXISTS grants_revision (
-    id       INTEGER PRIMARY KEY CHECK (id = 1),
-    revision INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO grants_revision (id, revision) VALUES (1, 0);
--- Every grant change, by revision: what caches apply as deltas (policy.grant_delta).
--- The floor is the newest revision whose changes were pruned (the log reaches back to it).
-CREATE TABLE IF NOT EXISTS grant_changes (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    revision   INTEGER NOT NULL,
-    deleted    INTEGER NOT NULL,
-    principal  TEXT NOT NULL,
-    role       TEXT NOT NULL,
-    service    TEXT NOT NULL,
-    expires_at TEXT,
-    source     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS grant_changes_revision ON grant_changes (revision);
--- What each sync source last wrote: its input's digest at a grants revision. Same input,
--- same revision: the sync has nothing to do and skips parsing (policy/sync.py).
-CREATE TABLE IF NOT EXISTS sync_state (
-    source   TEXT PRIMARY KEY,
-    digest   TEXT NOT NULL,
-    revision INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS grant_changes_floor (
-    id       INTEGER PRIMARY KEY CHECK (id = 1),
-    revision INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO grant_changes_floor (id, revision) SELECT 1, revision FROM grants_revision;
-CREATE TABLE IF NOT EXISTS requests (
-    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
-    id                 TEXT NOT NULL UNIQUE,
-    requester          TEXT NOT NULL,
-    service            TEXT NOT NULL,
-    method             TEXT NOT NULL,
-    mode               INTEGER NOT NULL,
-    created_at         TEXT NOT NULL,
-    expires_at         TEXT NOT NULL,
-    approval_ttl_us    INTEGER NOT NULL,
-    reason             TEXT NOT NULL,
-    incident           TEXT,
-    body_sha256        TEXT,
-    required_approvals INTEGER NOT NULL,
-    max_uses           INTEGER,
-    uses               INTEGER NOT NULL,
-    state              TEXT NOT NULL
-                       CHECK (state IN ('pending', 'approved', 'rejected', 'cancelled', 'expired')),
-    approvals          TEXT NOT NULL,
-    valid_until        TEXT,
-    closed_by          TEXT,
-    closed_at          TEXT,
-    close_reason       TEXT NOT NULL,
-    origin             TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_scope ON requests (requester, service, method, state);
--- Every query the gateway and the approvals server run on a timer or per page view has
--- an index (tests/policy/test_query_plans.py fails on a full scan of requests):
--- "all"/state lists newest first, "my requests", and the expiry sweep (partial indexes:
--- only the few open rows are in them).
-DROP INDEX IF EXISTS requests_created;
-CREATE INDEX IF NOT EXISTS requests_created_seq ON requests (created_at, seq);
-CREATE INDEX IF NOT EXISTS requests_state_created ON requests (state, created_at, seq);
--- "my requests" uses requests_scope's requester prefix: an index led by requester and
--- created_at would tempt the planner away from requests_scope on the gateway's lookup.
-DROP INDEX IF EXISTS requests_requester_created;
-CREATE INDEX IF NOT EXISTS requests_pending_expiry ON requests (expires_at) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS requests_approved_expiry ON requests (valid_until) WHERE state = 'approved';
--- requests_open_scope, the gateway's per-call lookup: _sql.OPEN_SCOPE_INDEX (added below).
--- What a body-bound request's call does, as the approver reads it (decoded, redacted, capped).
-CREATE TABLE IF NOT EXISTS request_bodies (
-    request_id TEXT PRIMARY KEY,
-    view       TEXT NOT NULL
-);
--- Approval uses spent by the gateway, one row per decision (the decision id of the Check
--- that spent it). A row 'voided' is a use given back (the Check was not answered allow) or
--- a tombstone that refuses a spend still in flight for that decision.
-CREATE TABLE IF NOT EXISTS spends (
-    decision_id TEXT PRIMARY KEY,
-    request_id  TEXT NOT NULL,
-    state       TEXT NOT NULL CHECK (state IN ('spent', 'voided')),
-    at          TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    id         TEXT NOT NULL UNIQUE,
-    kind       TEXT NOT NULL,
-    actor      TEXT NOT NULL,
-    at         TEXT NOT NULL,
-    request_id TEXT,
-    service    TEXT,
-    method     TEXT,
-    outcome    TEXT,
-    reason     TEXT NOT NULL,
-    detail     TEXT NOT NULL,
-    trace_id   TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
-CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
-""" + OPEN_SCOPE_INDEX + ";\n"
+_SCHEMA = schema_sql("sqlite")
 
 #: Every grant as one JSON array of ``GRANT_COLUMNS`` arrays (``SQLiteStore._grant_row_batches``).
 _GRANTS_AS_JSON = ("SELECT json_group_array(json_array(" + ", ".join(codec.GRANT_COLUMNS) + ")) FROM grants")

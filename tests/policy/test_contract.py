@@ -490,3 +490,38 @@ def test_a_version_2_database_is_migrated_to_3_keeping_its_grants(backend):
                                                                  ("audrey", Role.AUDITOR)}
     r, t = _approved(s)
     assert s.spend_use(r.id, lambda x: use(x, t), decision_id="m1", actor="alice").uses == 1
+
+
+def test_both_stores_create_the_same_tables_columns_and_indexes(tmp_path, pg_dsn):
+    """One schema (``policy.stores._schema``) for both dialects: a fresh SQLite file and a
+    fresh PostgreSQL database hold the same tables, each with the same columns in the same
+    order and NOT NULL where the other has it, and the same indexes by name (read back from
+    each database's own catalog, so a table or index added to one dialect only fails here)."""
+    import sqlite3
+
+    import psycopg
+
+    from policy.stores import open_store
+
+    open_store(f"sqlite:///{tmp_path / 'a.db'}").close()
+    open_store(pg_dsn).close()
+    lite = sqlite3.connect(tmp_path / "a.db")
+    tables = [t for (t,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                         "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    sqlite_side = {t: [(c[1], bool(c[3]) or bool(c[5])) for c in lite.execute(f"PRAGMA table_info({t})")]
+                   for t in tables}
+    sqlite_indexes = {n for (n,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                                 "AND name NOT LIKE 'sqlite_autoindex_%'")}
+    lite.close()
+    with psycopg.connect(pg_dsn) as pg:
+        rows = pg.execute("SELECT c.table_name, c.column_name, c.is_nullable = 'NO' FROM information_schema.columns c "
+                          "JOIN information_schema.tables t USING (table_schema, table_name) "
+                          "WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE' "
+                          "ORDER BY c.table_name, c.ordinal_position").fetchall()
+        pg_indexes = {n for (n,) in pg.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public' "
+                                               "AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key'")}
+    pg_side: dict[str, list[tuple[str, bool]]] = {}
+    for table, column, not_null in rows:
+        pg_side.setdefault(table, []).append((column, not_null))
+    assert len(sqlite_side) >= 10 and sqlite_side == pg_side
+    assert "requests_open_scope" in sqlite_indexes and sqlite_indexes == pg_indexes
