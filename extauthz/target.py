@@ -8,15 +8,9 @@ Envoy and the upstream might read differently must never be authorised as someth
 from __future__ import annotations
 
 import functools
-import re
 
 from policy import Target
-
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-# fullmatch, not ^...$: "$" also matches before a trailing newline, and "Method\n" must be
-# refused, not authorised as "Method".
-_SERVICE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*")
-_METHOD = re.compile(_IDENT)
+from policy.model import METHOD_NAME, SERVICE_NAME
 
 
 class BadPath(Exception):
@@ -44,10 +38,10 @@ def parse_path(path: str, max_length: int = 512) -> Target:
         raise BadPath(f"the :path {shown} has {len(parts)} segments; expected exactly "
                       "/package.Service/Method")
     service, method = parts
-    if not _SERVICE.fullmatch(service):
+    if not SERVICE_NAME.fullmatch(service):
         raise BadPath(f"the :path {shown} names no valid service: {_show(service)} is not a "
                       "dotted identifier like package.Service")
-    if not _METHOD.fullmatch(method):
+    if not METHOD_NAME.fullmatch(method):
         raise BadPath(f"the :path {shown} names no valid method: {_show(method)} is not an identifier")
     return Target(service, method)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -54,6 +53,7 @@ from xds.type.matcher.v3 import matcher_pb2
 from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 from policy import GrantSet, Mode, Role
+from policy.model import METHOD_NAME, SERVICE_NAME
 from policy.principals import usable_principal
 from reflection_cache.types import ServiceModes
 
@@ -64,11 +64,6 @@ RESOURCE_NAME = "rpcauthz_fast_path"
 #: The most shards a policy may be split into (one ECDS resource and one dispatch rule each).
 MAX_SHARDS = 64
 
-# The ext_authz server's own path and principal rules (extauthz/target.py, identity.py):
-# anything they would refuse is never compiled in.
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_SERVICE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*")
-_METHOD = re.compile(_IDENT)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,8 +159,9 @@ def current_pattern(escaped: list[str]) -> str:
 
 
 def usable_path(service: str, method: str, max_path_length: int) -> bool:
-    """Would the ext_authz server parse ``/service/method`` as that target (extauthz/target.py)?"""
-    return (_SERVICE.fullmatch(service) is not None and _METHOD.fullmatch(method) is not None
+    """Would the ext_authz server parse ``/service/method`` as that target (extauthz/target.py,
+    whose name rules these are: anything it would refuse is never compiled in)?"""
+    return (SERVICE_NAME.fullmatch(service) is not None and METHOD_NAME.fullmatch(method) is not None
             and len(service) + len(method) + 2 <= max_path_length)
 
 

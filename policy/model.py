@@ -14,9 +14,14 @@ from datetime import datetime, timedelta
 from .modes import Mode
 from .rules import Rule, message
 
-# Used with fullmatch: "$" with match would let a trailing newline in.
-_SERVICE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_METHOD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: A gRPC name's identifier (a package part, a service, a method).
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+#: A service name (identifiers joined by dots, e.g. ``package.Service``) and a method name, as
+#: a ``Target`` holds them: the one definition the path parser, the fast path's compiler and
+#: the reflection endpoints use too. Use with ``fullmatch``: ``$`` with ``match`` would let a
+#: trailing newline in ("Method\n" must be refused, not authorised as "Method").
+SERVICE_NAME = re.compile(rf"{_IDENT}(?:\.{_IDENT})*")
+METHOD_NAME = re.compile(_IDENT)
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -70,9 +75,9 @@ class Target:
     method: str
 
     def __post_init__(self) -> None:
-        if not _SERVICE_NAME.fullmatch(self.service):
+        if not SERVICE_NAME.fullmatch(self.service):
             raise ValueError(f"not a fully-qualified gRPC service name: {self.service!r}")
-        if not _METHOD_NAME.fullmatch(self.method):
+        if not METHOD_NAME.fullmatch(self.method):
             raise ValueError(f"not a gRPC method name: {self.method!r}")
 
     @property

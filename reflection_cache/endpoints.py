@@ -25,10 +25,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from policy.model import SERVICE_NAME
 from reflection_cache.types import UnknownService
 
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_SERVICE_NAME = re.compile(rf"{_IDENT}(\.{_IDENT})*")
 _ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}|unix:.+")
 PLACEHOLDERS = ("service", "service_lower", "service_dashed", "package", "package_dashed",
                 "name", "name_lower")
@@ -63,7 +62,7 @@ class EndpointResolver:
         self.static: dict[str, str] = {}
         for key, endpoint in (static or {}).items():
             prefix = key.strip()
-            if not _SERVICE_NAME.fullmatch(prefix):
+            if not SERVICE_NAME.fullmatch(prefix):
                 raise ValueError(f"reflection endpoint map: {key!r} is not a service or package name")
             self.static[prefix] = check_endpoint(endpoint, f"reflection endpoint map entry {key!r}")
         if template is not None:
@@ -90,7 +89,7 @@ class EndpointResolver:
 
     def resolve(self, service: str) -> str:
         """The reflection endpoint for ``service``; :class:`UnknownService` when none applies."""
-        if not isinstance(service, str) or not _SERVICE_NAME.fullmatch(service) or "." not in service:
+        if not isinstance(service, str) or not SERVICE_NAME.fullmatch(service) or "." not in service:
             raise UnknownService(f"{service!r} is not a fully-qualified gRPC service name")
         if service in self.static:
             return self.static[service]
