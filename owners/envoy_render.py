@@ -244,7 +244,8 @@ class _Reader:
         v = self.scalar(node, what)
         if not isinstance(v, str) or not v.strip():
             raise self.fail(node, f"{what} must be a non-empty string")
-        if pattern is not None and not pattern.match(v):
+        # fullmatch: with match, a pattern's "$" also matches before a trailing newline.
+        if pattern is not None and not pattern.fullmatch(v):
             raise self.fail(node, f"{what}: {v!r} is malformed{': ' + hint if hint else ''}")
         return v
 
@@ -288,7 +289,7 @@ class _Reader:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            if not _HOSTNAME.match(host):
+            if not _HOSTNAME.fullmatch(host):
                 raise bad from None
         return Address(host, int(port))
 

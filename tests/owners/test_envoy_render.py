@@ -138,6 +138,12 @@ services:
     ("  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    routes:\n      - method: X\n      - method: X\n",
      10, "duplicate route for method 'X'"),
     ("  - name: a.v1.A\n    upstream: [127.0.0.1:1\n", 8, "not valid YAML"),
+    # A trailing newline ("...$" lets one in with match) is no part of a name or a host.
+    ('  - name: "a.v1.A\\n"\n    upstream: 127.0.0.1:1\n', 6, "'a.v1.A\\n' is malformed"),
+    ('  - prefix: "acme.\\n"\n    upstream: 127.0.0.1:1\n', 6, "a package prefix ends with a dot"),
+    ('  - name: a.v1.A\n    upstream: 127.0.0.1:1\n    routes:\n      - method: "Get\\n"\n', 9,
+     "a bare method name like Check"),
+    ('  - name: a.v1.A\n    upstream: "db.internal\\n:80"\n', 7, "is not a HOST:PORT address"),
 ])
 def test_catalog_errors_name_file_and_line_and_write_nothing(tmp_path: Path, services, line, message):
     cat, out = _bad(tmp_path, HEAD + services)
