@@ -36,8 +36,8 @@ from pathlib import Path
 ARTIFACT_PATHS = ("enclave_bridge", "policy", "mpa/__init__.py", "mpa/v1", "pyproject.toml", "requirements.lock")
 #: Every entry's mtime: 1980-01-01T00:00:00Z, as wheels and zip-based reproducible builds use.
 FIXED_MTIME = 315532800
-_SHA384 = re.compile(r"^[0-9a-f]{96}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA384 = re.compile(r"[0-9a-f]{96}")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class BuildError(Exception):
@@ -189,7 +189,7 @@ class TrustLedger:
         missing = [k for k in ("commit", "sha384", "request_id", "receipt") if not entry.get(k)]
         if missing:
             raise ValueError(f"a trust ledger entry needs {', '.join(missing)}")
-        if not _SHA384.match(entry["sha384"]) or not _COMMIT.match(entry["commit"]):
+        if not _SHA384.fullmatch(entry["sha384"]) or not _COMMIT.fullmatch(entry["commit"]):
             raise ValueError("a trust ledger entry needs a 40-hex commit and a 96-hex sha384")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:

@@ -22,8 +22,8 @@ from policy import Grant, GrantSet, Mode, Role
 from rpcauthz.settings import ConfigError as SettingsError
 from rpcauthz.settings import Section, describe, load
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", re.ASCII)
 
 
 class ConfigError(ValueError):
@@ -107,7 +107,7 @@ def _mode(value: Any) -> Mode:
 
 
 def _name(value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(f"{value!r} must be lowercase letters, digits and dashes")
     return value
 
@@ -150,7 +150,7 @@ class RoleFile(Section):
     @field_validator("arn")
     @classmethod
     def _arn(cls, v: str) -> str:
-        if not _ROLE_ARN.match(v):
+        if not _ROLE_ARN.fullmatch(v):
             raise ValueError(f"{v!r} is not an IAM role ARN")
         return v
 

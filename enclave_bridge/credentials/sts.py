@@ -15,7 +15,8 @@ from typing import Any
 
 MIN_DURATION = 900    # STS refuses shorter sessions
 MAX_DURATION = 3600   # role chaining caps sessions at one hour; we never ask for more
-_IAM_CHARS = re.compile(r"^[\w+=,.@-]{2,64}$")
+#: STS SourceIdentity: 2-64 of these, ASCII only (``re.ASCII``: ``\w`` alone takes any letter).
+_IAM_CHARS = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)
 _TAG_VALUE_BAD = re.compile(r"[^\w\s.:/=+\-@]")
 
 
@@ -52,12 +53,12 @@ def _tag_value(text: str) -> str:
 def assume_role_params(*, role_arn: str, engineer: str, approvers: Sequence[str], request_id: str,
                        duration_seconds: int) -> dict[str, Any]:
     """The exact AssumeRole request the broker sends; refuses an engineer id STS cannot carry."""
-    if not _IAM_CHARS.match(engineer):
+    if not _IAM_CHARS.fullmatch(engineer):
         raise StsError(f"engineer id {engineer!r} cannot be an STS SourceIdentity "
                        "(2-64 characters of letters, digits and +=,.@-)")
     if not MIN_DURATION <= duration_seconds <= MAX_DURATION:
         raise StsError(f"duration {duration_seconds}s is outside {MIN_DURATION}..{MAX_DURATION}")
-    session_name = re.sub(r"[^\w+=,.@-]", "-", f"mpa-{request_id}-{engineer}")[:64]
+    session_name = re.sub(r"[^\w+=,.@-]", "-", f"mpa-{request_id}-{engineer}", flags=re.ASCII)[:64]
     return {
         "RoleArn": role_arn,
         "RoleSessionName": session_name,

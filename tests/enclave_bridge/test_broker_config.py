@@ -54,6 +54,9 @@ def edit(change) -> str:
 @pytest.mark.parametrize("change, words", [
     (lambda d: d["aws"]["roles"][0].update(name="Platform_Admin"), "aws.roles.0.name: 'Platform_Admin' must be lowercase"),
     (lambda d: d["aws"]["roles"][0].update(arn="arn:aws:iam::1:user/x"), "aws.roles.0.arn: 'arn:aws:iam::1:user/x' is not an IAM role ARN"),
+    (lambda d: d["aws"]["roles"][0].update(name="platform-admin\n"), "aws.roles.0.name: 'platform-admin\\n' must be lowercase"),
+    (lambda d: d["aws"]["roles"][0].update(arn="arn:aws:iam::123456789012:role/x\n"),
+     "aws.roles.0.arn: 'arn:aws:iam::123456789012:role/x\\n' is not an IAM role ARN"),
     (lambda d: d["aws"]["roles"][1].update(mode="ENGINEERS_WITHOUT_APPROVAL"),
      "aws.roles.1.mode: ENGINEERS_WITHOUT_APPROVAL: brokered credentials always need approval"),
     (lambda d: d["aws"]["roles"][1].update(max_duration=7200), "aws.roles.1.max_duration"),

@@ -39,8 +39,10 @@ def test_assume_role_request_shape():
 
 def test_refuses_bad_source_identity_and_duration():
     m = StsMinter(client())
-    with pytest.raises(StsError, match="SourceIdentity"):
-        m.mint(role_arn=ARN, engineer="alice smith", approvers=["b"], request_id="r", duration_seconds=900)
+    # A space; a trailing newline (a "$" anchor would let it in); a letter outside ASCII.
+    for engineer in ("alice smith", "alice\n", "ålice"):
+        with pytest.raises(StsError, match="SourceIdentity"):
+            m.mint(role_arn=ARN, engineer=engineer, approvers=["b"], request_id="r", duration_seconds=900)
     with pytest.raises(StsError, match="outside 900..3600"):
         m.mint(role_arn=ARN, engineer="alice", approvers=["b"], request_id="r", duration_seconds=600)
 

@@ -90,3 +90,21 @@ def test_accepting_needs_the_receipt_inside_its_validity_and_an_approved_request
                            body_sha256=change_digest(COMMIT, SHA))
     with pytest.raises(ReceiptUnavailable, match="not approved"):
         sign_receipt(pending, KEY)
+
+
+@pytest.mark.parametrize("commit, sha384, words", [
+    (COMMIT + "\n", SHA, "commit must be 40 lowercase hex"),
+    (COMMIT, SHA + "\n", "sha384 must be 96 lowercase hex"),
+    (COMMIT.upper(), SHA, "commit must be 40 lowercase hex"),
+])
+def test_a_trust_change_names_exactly_one_commit_and_measurement(commit, sha384, words, tmp_path):
+    """Neither the approval's digest nor the ledger takes a value with anything around its
+    hex (a trailing newline passed a "$"-anchored check)."""
+    from enclave_bridge.measure import TrustLedger
+
+    with pytest.raises(ValueError, match=words):
+        change_digest(commit, sha384)
+    with pytest.raises(ValueError, match="needs a 40-hex commit and a 96-hex sha384"):
+        TrustLedger(tmp_path / "ledger.json").accept({"commit": commit, "sha384": sha384, "request_id": "r",
+                                                      "receipt": "x"})
+    assert not (tmp_path / "ledger.json").exists()
