@@ -42,6 +42,7 @@ import operator
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,19 @@ from .metrics import Metrics
 from .spooled_audit import SpooledAuditWriter
 
 log = logging.getLogger("extauthz.fast_path")
+
+
+def _warn_if_others_may_write(name: str, st: os.stat_result) -> None:
+    """Log an error if any user may write the audit file ``name`` (``st``) or create files in
+    its directory: such a user could forge audit records of allows (never an allow). It is
+    still read: Envoy's real allows must be audited either way."""
+    with contextlib.suppress(OSError):
+        folder = os.path.dirname(os.path.abspath(name))
+        for what, path, mode in (("file", name, st.st_mode), ("directory", folder, os.stat(folder).st_mode)):
+            if mode & stat.S_IWOTH:
+                log.error("fast-path audit %s %s is writable by every user (mode %o): anyone on this host "
+                          "can forge audit records of allows; only Envoy's user (and this server's) may "
+                          "write it", what, path, stat.S_IMODE(mode))
 
 #: The keys of a line (``fastpath.envoy_config.audit_file_fields``).
 LINE_KEYS = ("start_time", "principal", "path", "fast_path", "policy_id", "request_id", "stream_id",
@@ -340,6 +354,7 @@ class FileAuditTailer:
         if self._file is not None:
             self._file.close()
         self._file, self._ident, self.offset, self._skipping = f, (st.st_dev, st.st_ino), offset, False
+        _warn_if_others_may_write(name, st)
         return True
 
     def _find(self, dev: int, ino: int) -> str | None:

@@ -699,3 +699,36 @@ def test_the_tail_bench_prints_cpu_per_line_old_and_new(capsys):
     for stage in ("read", "store write", "tailer"):
         assert re.search(rf"^\| {stage} \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d \[[\d.]+-[\d.]+\] \| \d+\.\d\d \|$",
                          out, re.M), out
+
+
+def test_an_audit_file_or_directory_every_user_may_write_is_reported_and_still_read(tmp_path, caplog):
+    """Anyone who may write the audit file (or create it in its directory) could forge audit
+    records: the tailer says so at each open, by name and mode, and still audits the lines
+    (Envoy's real allows must not go unaudited because of it)."""
+    folder = tmp_path / "logs"
+    folder.mkdir(mode=0o755)
+
+    async def body(env: _Env) -> None:
+        env.log = folder / "fast-path.log"
+        env.settings = env.settings.model_copy(
+            update={"fast_path": env.settings.fast_path.model_copy(update={"audit_file": str(env.log)})})
+        env.append(_line(0))
+        env.log.chmod(0o644)
+        t = env.tailer()
+        await _drain(t)
+        assert not [r for r in caplog.records if "writable by every user" in r.getMessage()]
+        t.close()
+        env.log.chmod(0o666)
+        folder.chmod(0o777)
+        env.append(_line(1))
+        t = env.tailer()
+        await _drain(t)
+        said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any(f"audit file {env.log} is writable by every user (mode 666)" in s for s in said), said
+        assert any(f"audit directory {folder} is writable by every user (mode 777)" in s for s in said), said
+        assert sorted(e.detail["envoy_request_id"] for e in env.events()) == ["rid-0", "rid-1"]
+        t.close()
+    try:
+        _run(tmp_path, body)
+    finally:
+        folder.chmod(0o755)
