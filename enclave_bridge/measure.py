@@ -36,8 +36,10 @@ from pathlib import Path
 ARTIFACT_PATHS = ("enclave_bridge", "policy", "mpa/__init__.py", "mpa/v1", "pyproject.toml", "requirements.lock")
 #: Every entry's mtime: 1980-01-01T00:00:00Z, as wheels and zip-based reproducible builds use.
 FIXED_MTIME = 315532800
-_SHA384 = re.compile(r"[0-9a-f]{96}")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+#: A measurement (the image's sha384) and a git commit as a trust change names them,
+#: lowercase hex, checked with ``fullmatch`` (here and in ``enclave_bridge.trust``).
+SHA384_HEX = re.compile(r"[0-9a-f]{96}")
+COMMIT_HEX = re.compile(r"[0-9a-f]{40}")
 
 
 class BuildError(Exception):
@@ -189,7 +191,7 @@ class TrustLedger:
         missing = [k for k in ("commit", "sha384", "request_id", "receipt") if not entry.get(k)]
         if missing:
             raise ValueError(f"a trust ledger entry needs {', '.join(missing)}")
-        if not _SHA384.fullmatch(entry["sha384"]) or not _COMMIT.fullmatch(entry["commit"]):
+        if not SHA384_HEX.fullmatch(entry["sha384"]) or not COMMIT_HEX.fullmatch(entry["commit"]):
             raise ValueError("a trust ledger entry needs a 40-hex commit and a 96-hex sha384")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,12 +30,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from policy import GrantSet, Mode, Role
 
+from .measure import COMMIT_HEX, SHA384_HEX
+
 TRUST_SERVICE = "rpcauthz.enclave.v1.BrokerMeasurement"
 TRUST_METHOD = "Trust"
 TRUST_MODE = Mode.BREAK_GLASS_ONLY
 RECEIPT_TYPE = "mpa-approval-receipt"
-_SHA384 = re.compile(r"[0-9a-f]{96}")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class TrustChangeRefused(Exception):
@@ -45,9 +44,9 @@ class TrustChangeRefused(Exception):
 
 def change_digest(commit: str, sha384: str) -> str:
     """The ``body_sha256`` an approval of trusting ``sha384`` (built from ``commit``) is bound to."""
-    if not _COMMIT.fullmatch(commit):
+    if not COMMIT_HEX.fullmatch(commit):
         raise ValueError(f"commit must be 40 lowercase hex characters, got {commit!r}")
-    if not _SHA384.fullmatch(sha384):
+    if not SHA384_HEX.fullmatch(sha384):
         raise ValueError(f"sha384 must be 96 lowercase hex characters, got {sha384!r}")
     body = json.dumps({"commit": commit, "sha384": sha384, "target": f"/{TRUST_SERVICE}/{TRUST_METHOD}"},
                       sort_keys=True)
