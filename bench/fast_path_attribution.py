@@ -34,7 +34,6 @@ import json
 import pathlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -55,7 +54,7 @@ from bench.fast_path_bench import (  # noqa: E402
     without_audit,
 )
 from bench.gateway_bench import Cell, check_call, demo_backends, stop_all  # noqa: E402
-from devstack.processes import free_port  # noqa: E402
+from devstack.processes import ManagedProcess, free_port, wait_serving  # noqa: E402
 from fastpath.envoy_config import (  # noqa: E402
     EXT_AUTHZ_FILTER,
     JWT_FILTER,
@@ -136,25 +135,13 @@ def with_als_to(cfg: dict[str, Any], port: int) -> dict[str, Any]:
     return out
 
 
-class _Killed:
-    """A subprocess that ``stop_all`` ends by closing it."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
-def start_sink(things: list[Any]) -> int:
-    """bench/als_sink.py in its own process, ready; its port."""
+def start_sink(workdir: pathlib.Path, things: list[Any]) -> int:
+    """bench/als_sink.py in its own process, serving (added to ``things``); its port."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "als_sink.py"), str(port)],
-                            stdout=subprocess.PIPE, text=True)
-    things.append(_Killed(proc))
-    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
-        raise RuntimeError("the ALS sink did not start")
+    proc = ManagedProcess("als-sink", [sys.executable, str(ROOT / "bench" / "als_sink.py"), str(port)],
+                          workdir / "als-sink.log")
+    things.append(proc)
+    wait_serving(f"127.0.0.1:{port}", 30, check=proc.check_alive)
     return port
 
 
@@ -216,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "no_strip": without_filter(gateway(ours.port), "rpcauthz_strip_client_headers"),
             "no_headers": without_upstream_headers(gateway(ours.port)),
             "audit_als": gateway(ours.port),
-            "audit_als_sink": with_als_to(gateway(ours.port), start_sink(things)),
+            "audit_als_sink": with_als_to(gateway(ours.port), start_sink(workdir, things)),
             "audit_file": with_file_audit(gateway(ours.port), str(workdir / "fast-path-allows.log")),
         }
         envoys = {name: start_envoy(name, cfg, workdir, args.envoy_concurrency) for name, cfg in configs.items()}
