@@ -353,12 +353,19 @@ def spread(rounds: list[list[Cell]]) -> str:
 
 
 def cpu_table(cpu: dict[tuple[str, int], list[tuple[float, float, float]]]) -> str:
-    """CPU per call (medians over rounds; warm-up included, so approximate): where the time goes."""
-    out = ["| scenario | concurrency | Envoy CPU/call (µs) | ext_authz server CPU/call (µs) | upstream + bench CPU/call (µs) |",
-           "|---|---:|---:|---:|---:|"]
-    for (name, c), vals in cpu.items():
-        med = [statistics.median(v[i] for v in vals) for i in range(3)]
-        out.append(f"| {name} | {c} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} |")
+    """CPU per call (medians over rounds; warm-up included, so approximate): where the time goes.
+
+    The last column is the baseline's CPU per call (all three together) over the scenario's:
+    the throughput ratio the machine's CPU allows when its cores are saturated (c=16 on 2
+    cores), so a goal of 0.9x there is a budget of the baseline's CPU / 0.9 per call."""
+    out = ["| scenario | concurrency | Envoy CPU/call (µs) | ext_authz server CPU/call (µs) "
+           "| upstream + bench CPU/call (µs) | all (µs) | baseline's all / this |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    meds = {key: [statistics.median(v[i] for v in vals) for i in range(3)] for key, vals in cpu.items()}
+    for (name, c), med in meds.items():
+        base = meds.get(("baseline", c))
+        budget = f"{sum(base) / sum(med):.2f}x" if base and sum(med) > 0 else "-"
+        out.append(f"| {name} | {c} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} | {sum(med):.0f} | {budget} |")
     return "\n".join(out)
 
 

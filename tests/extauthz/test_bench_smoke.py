@@ -47,6 +47,9 @@ def test_fast_path_bench_prints_ratios_and_the_scale_table():
         assert all(re.fullmatch(r"\d+\.\d\dx|-", c) for c in cells[6:]), ln
     assert re.search(r"concurrency 2: fast-path allows \d+\.\d\dx throughput", r.stdout)
     assert re.search(r"concurrency 2: the floor of any per-call audit .* \d+\.\d\dx throughput", r.stdout)
+    # The CPU table prices each scenario against the baseline's CPU per call (the saturated-cores budget).
+    assert re.search(r"\| baseline \| 2 \| \d+ \| \d+ \| \d+ \| (\d+) \| 1\.00x \|", r.stdout), r.stdout
+    assert re.search(r"\| fast_allow \| 2 \| \d+ \| \d+ \| \d+ \| \d+ \| \d+\.\d\dx \|", r.stdout), r.stdout
     # Every fast-path allow of the run was audited: Envoy's count and the server's agree.
     assert re.search(r"fast-path allows: Envoy counted (\d+), the server audited \1 \(equal\)", r.stdout), r.stdout
     # The scale table's modes came through the reflection cache from scale_bench's services.
