@@ -49,8 +49,21 @@ def _ts_text(dt: datetime) -> str:
 
 
 #: Most audit rows one INSERT writes (``append_audit_rows``): 512 x 11 values, under the
-#: 32,766 variables SQLite has allowed by default since 3.32.
+#: 32,766 variables SQLite has allowed by default since 3.32. Fewer where the connection's
+#: SQLite allows fewer (``_rows_per_insert``).
 _AUDIT_ROWS_PER_INSERT = 512
+
+
+def _rows_per_insert(variable_limit: int, width: int) -> int:
+    """The most rows of ``width`` values one INSERT may carry under ``variable_limit`` host
+    parameters (``SQLITE_LIMIT_VARIABLE_NUMBER``: 999 before SQLite 3.32, and lowered by some
+    builds), as a power of two up to ``_AUDIT_ROWS_PER_INSERT``. Raises ``StoreError`` if not
+    even one row fits."""
+    fits = min(_AUDIT_ROWS_PER_INSERT, variable_limit // width)
+    if fits < 1:
+        raise StoreError(f"this SQLite allows {variable_limit} values per statement, fewer than the "
+                         f"{width} of one audit row")
+    return 1 << (fits.bit_length() - 1)
 
 
 @functools.cache
@@ -95,6 +108,10 @@ class _Cursor:
 
     def executemany(self, sql: str, seq_of_params: Any) -> sqlite3.Cursor:
         return self._conn.executemany(_sqlite_sql(sql), seq_of_params)
+
+    def variable_limit(self) -> int:
+        """How many host parameters one statement may have on this connection."""
+        return self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
 
 
 class SQLiteStore(SqlStore):
@@ -276,9 +293,10 @@ class SQLiteStore(SqlStore):
             bad = next(i for i, row in enumerate(rows) if len(row) != width)
             raise ValueError(f"audit row {bad} has {len(rows[bad])} values, not one per column ({width})")
         with self._tx(write=True) as cur:
+            most = _rows_per_insert(cur.variable_limit(), width)
             at = 0
             while at < len(rows):
-                n = _AUDIT_ROWS_PER_INSERT
+                n = most
                 while n > len(rows) - at:
                     n //= 2
                 cur.execute(_insert_audit_rows(n), list(itertools.chain.from_iterable(rows[at:at + n])))

@@ -134,6 +134,36 @@ def test_sqlite_writes_a_fast_path_sized_batch_of_columns_whole_and_refuses_a_ro
         store.close()
 
 
+def test_sqlite_cuts_the_columns_batch_to_what_its_sqlite_allows_per_statement(tmp_path, monkeypatch):
+    """An SQLite before 3.32 (or a build that lowers it) allows 999 values per statement, not
+    32,766: a 512-row INSERT (5,632 values) would fail there on every batch, sending every
+    fast-path message through the spool. The store asks its connection's limit and cuts the
+    batch to fit (here 64 rows per INSERT), and refuses plainly where not one row fits."""
+    import sqlite3
+
+    from extauthz.access_log import event_columns
+    from policy.stores.sqlite import SQLiteStore, _rows_per_insert
+
+    connect = SQLiteStore._connect
+
+    def like_sqlite_3_31(self):
+        conn = connect(self)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        return conn
+
+    monkeypatch.setattr(SQLiteStore, "_connect", like_sqlite_3_31)
+    store = open_store(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        events = [_event(n) for n in range(1300)]
+        store.append_audit_rows([event_columns(e) for e in events])
+        assert store.list_audit(limit=10_000) == events
+    finally:
+        store.close()
+    assert [_rows_per_insert(limit, 11) for limit in (250_000, 32_766, 999, 22, 11)] == [512, 512, 64, 2, 1]
+    with pytest.raises(StoreError, match="allows 10 values per statement, fewer than the 11 of one audit row"):
+        _rows_per_insert(10, 11)
+
+
 def test_sqlite_takes_the_events_columns_and_stores_exactly_what_their_spool_rows_store(tmp_path):
     """``SQLiteStore.append_audit_rows`` (the fast path's columns, ``event_columns``: no JSON
     decode in this process) stores, byte for byte, what ``append_audit_json`` stores for the
