@@ -44,6 +44,7 @@ from typing import Any
 
 from policy.audit import AuditEvent
 from policy.store import Store
+from policy.stores.sqlite import sqlite_problem
 
 from .spend_voids import VoidsFailed, apply_voids
 
@@ -100,6 +101,9 @@ class AuditSpool:
         if max_events < 1:
             raise ValueError("max_events must be at least 1")
         self.path, self.max_events, self.fsync = path, max_events, fsync
+        problem = sqlite_problem()
+        if problem is not None:
+            raise OSError(f"cannot open the audit spool {path}: {problem}")
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)

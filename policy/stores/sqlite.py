@@ -48,6 +48,34 @@ def _ts_text(dt: datetime) -> str:
     return codec.utc(dt).isoformat(timespec="microseconds")
 
 
+#: The oldest SQLite this store (and the audit spool) runs on: ``RETURNING`` came in 3.35.
+MIN_SQLITE = (3, 35, 0)
+
+
+def sqlite_problem(version: tuple[int, int, int] | None = None,
+                   connect: Callable[[], sqlite3.Connection] | None = None) -> str | None:
+    """Why the SQLite library Python is linked with cannot hold this project's data, or None.
+
+    It needs ``RETURNING`` (SQLite 3.35, 2021) and the JSON functions (built in since 3.38,
+    a compile option before). Python 3.11 may be linked with an older SQLite (Ubuntu 20.04:
+    3.31, RHEL 8: 3.26), where the first write would fail with a bare syntax error."""
+    version = sqlite3.sqlite_version_info if version is None else version
+    found = ".".join(map(str, version))
+    if version < MIN_SQLITE:
+        return (f"SQLite {found} (the library this Python is linked with) is older than the "
+                f"{'.'.join(map(str, MIN_SQLITE))} this project needs (RETURNING); use a Python linked "
+                "with a newer SQLite, or the PostgreSQL store")
+    conn = sqlite3.connect(":memory:") if connect is None else connect()
+    try:
+        conn.execute("SELECT json_group_array(json_extract('{\"a\": 1}', '$.a'))").fetchone()
+    except sqlite3.Error as e:
+        return (f"SQLite {found} (the library this Python is linked with) has no JSON functions "
+                f"({e}); use a Python linked with an SQLite built with them, or the PostgreSQL store")
+    finally:
+        conn.close()
+    return None
+
+
 #: Most audit rows one INSERT writes (``append_audit_rows``): 512 x 11 values, under the
 #: 32,766 variables SQLite has allowed by default since 3.32. Fewer where the connection's
 #: SQLite allows fewer (``_rows_per_insert``).
@@ -128,6 +156,9 @@ class SQLiteStore(SqlStore):
         super().__init__(f"sqlite store {self.path}")
         if busy_timeout <= 0 or poll_interval <= 0:
             raise ValueError("busy_timeout and poll_interval must be positive")
+        problem = sqlite_problem()
+        if problem is not None:
+            raise StoreError(f"{self.label}: {problem}")
         self.busy_timeout = busy_timeout
         self.poll_interval = poll_interval
         self._memory = self.path == ":memory:"

@@ -36,6 +36,35 @@ def test_open_store_never_echoes_a_password():
     assert "hunter2" not in str(e.value) and "***" in str(e.value)
 
 
+def test_an_sqlite_too_old_or_without_json_is_refused_by_name_before_any_write(tmp_path, monkeypatch):
+    """Python 3.11 may be linked with an SQLite older than RETURNING (3.35; Ubuntu 20.04 has
+    3.31.1) or built without the JSON functions: the store and the audit spool say so when
+    opened, not with a bare syntax error at the first write."""
+    from extauthz.audit_spool import AuditSpool
+    from policy.stores.sqlite import sqlite_problem
+
+    assert sqlite_problem() is None  # this machine's SQLite
+    old = sqlite_problem((3, 31, 1))
+    assert old is not None and "SQLite 3.31.1" in old and "older than the 3.35.0" in old
+
+    def without_json() -> sqlite3.Connection:
+        conn = sqlite3.connect(":memory:")
+
+        def missing(*_args):
+            raise sqlite3.OperationalError("no such function: json_extract")
+        conn.create_function("json_extract", 2, missing)
+        return conn
+    no_json = sqlite_problem((3, 37, 2), without_json)
+    assert no_json is not None and "SQLite 3.37.2" in no_json and "no JSON functions" in no_json
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    with pytest.raises(StoreError, match=r"store .*store\.db: SQLite 3\.31\.1 .* older than the 3\.35\.0"):
+        open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    with pytest.raises(OSError, match=r"cannot open the audit spool .*spool\.db: SQLite 3\.31\.1"):
+        AuditSpool(str(tmp_path / "spool.db"), 10)
+    assert not (tmp_path / "store.db").exists() and not (tmp_path / "spool.db").exists()
+
+
 def test_open_store_refuses_unknown_options(tmp_path):
     with pytest.raises(TypeError, match="poll_intervall"):
         open_store(f"sqlite://{tmp_path}/s.db", poll_intervall=1)
