@@ -21,7 +21,6 @@ def _lock() -> ModuleType:
     spec = importlib.util.spec_from_file_location("ci_lock", ROOT / ".ci" / "lock.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ci_lock", module)
     spec.loader.exec_module(module)
     return module
 

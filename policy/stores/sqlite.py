@@ -320,8 +320,8 @@ class SQLiteStore(SqlStore):
         if not rows:
             return
         width = len(codec.AUDIT_COLUMNS)
-        if any(len(row) != width for row in rows):  # flattened, a short row would shift the rest
-            bad = next(i for i, row in enumerate(rows) if len(row) != width)
+        bad = next((i for i, row in enumerate(rows) if len(row) != width), None)
+        if bad is not None:  # flattened, a short row would shift the rest
             raise ValueError(f"audit row {bad} has {len(rows[bad])} values, not one per column ({width})")
         with self._tx(write=True) as cur:
             most = _rows_per_insert(cur.variable_limit(), width)
