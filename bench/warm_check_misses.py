@@ -42,19 +42,18 @@ if str(ROOT) not in sys.path:
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _run(size: str, n: int, shape: str) -> None:
-    """Build the caches of ``size``, then run ``n`` warm checks of ``shape``."""
-    import policy
+async def warm_caches(org):  # -> tuple[policy.GrantSet, ReflectionCache]
+    """The caches a server holds for ``org``, warm: a ``GrantSet`` of its grants (as
+    scale_bench's ``synthetic_grants``), the start-up heap frozen as the server freezes it,
+    then a ``ReflectionCache`` filled with every service (no network: a stub client answers
+    with each service's ``ServiceModes``). Close the cache when done."""
     from extauthz.heap import freeze_long_lived
-    from extauthz.target import parse_path
-    from policy import Mode, Target
+    from policy import Mode
     from reflection_cache.cache import CacheSettings, ReflectionCache
     from reflection_cache.types import ServiceModes
 
     sys.path.insert(0, str(ROOT / "bench"))
     import scale_bench as sb
-
-    org = sb.LARGE if size == "large" else sb.SMALL
 
     class StubClient:
         async def fetch(self, service: str, endpoint: str, *, deadline: float | None = None) -> ServiceModes:
@@ -70,13 +69,28 @@ def _run(size: str, n: int, shape: str) -> None:
         def resolve(self, service: str) -> str:
             return "127.0.0.1:1"
 
+    grants = sb.synthetic_grants(org)
+    freeze_long_lived()
+    cache = ReflectionCache(AnyEndpoint(), CacheSettings(ttl=3600, stale_window=3600),  # type: ignore[arg-type]
+                            client=StubClient())  # type: ignore[arg-type]
+    for s in range(org.services):
+        await cache.get(sb.service_name(s))
+    return grants, cache
+
+
+def _run(size: str, n: int, shape: str) -> None:
+    """Build the caches of ``size``, then run ``n`` warm checks of ``shape``."""
+    import policy
+    from extauthz.target import parse_path
+    from policy import Mode, Target
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import scale_bench as sb
+
+    org = sb.LARGE if size == "large" else sb.SMALL
+
     async def main() -> None:
-        grants = sb.synthetic_grants(org)
-        freeze_long_lived()
-        cache = ReflectionCache(AnyEndpoint(), CacheSettings(ttl=3600, stale_window=3600),  # type: ignore[arg-type]
-                                client=StubClient())  # type: ignore[arg-type]
-        for s in range(org.services):
-            await cache.get(sb.service_name(s))
+        grants, cache = await warm_caches(org)
         rng = random.Random(2)
         default = Mode.BREAK_GLASS_ONLY
         fresh_target = getattr(cache, "fresh_target", None)

@@ -31,3 +31,24 @@ def test_scale_bench_quick_prints_small_vs_large_with_ratios():
     # the heap frozen at start-up leaves full collections little to walk
     for goal in ("grant change in every replica within 1 s", "unchanged sync <= 2 s", "full gc <= 20 ms"):
         assert re.search(rf"\| {re.escape(goal)} \| met \|", r.stdout), r.stdout
+
+
+def test_warm_check_pieces_prints_each_piece_at_both_sizes():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "warm_check_pieces.py"), "--quick", "--rounds", "3",
+                        "--n", "200"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = re.findall(r"^\| ([^|]+?) \| (\d+) \| (\d+) \| ([+-]\d+) \| (\d+\.\d\d)x \| ([+-]\d+|-) \|$",
+                      r.stdout, re.M)
+    assert [row[0] for row in rows] == ["request strings", "+ path index", "+ engineer", "+ contributor",
+                                        "whole check"], r.stdout
+    for _, small, large, *_ in rows:
+        assert int(small) > 0 and int(large) > 0
+    # the whole check (a decision) costs more than making its request's strings alone
+    assert int(rows[-1][1]) > int(rows[0][1]), r.stdout
+
+
+def test_warm_check_misses_runs_the_checks_it_counts_without_valgrind():
+    for shape in ("pipeline", "bench"):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "warm_check_misses.py"), "--one", "small", "200",
+                            shape], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
