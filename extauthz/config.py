@@ -327,6 +327,10 @@ class Settings(Section):
     reflection: ReflectionSettings = ReflectionSettings()
     #: SQLite: how often the store is polled for grant changes (PostgreSQL notifies).
     grants_poll_s: float = Field(0.25, gt=0)
+    #: PostgreSQL: the longest one statement may run (``statement_timeout`` of the pooled
+    #: connections, unless the DSN, the role or the database sets one); past it the
+    #: statement is cancelled and the call fails closed. 0: no bound.
+    store_statement_timeout_s: float = Field(5.0, ge=0, le=3600)
     #: Full reload of the in-memory grants, as a safety net for lost notifications.
     grants_reload_s: float = Field(30.0, gt=0)
     #: Past this age without a successful load, grants are unusable: every check is a 503.

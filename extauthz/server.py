@@ -71,7 +71,8 @@ async def open_components(settings: Settings) -> Components:
     from policy.grant_cache import GrantCache
     from policy.stores import open_store
     from reflection_cache import ReflectionCache
-    store = await asyncio.to_thread(open_store, settings.store_url, poll_interval=settings.grants_poll_s)
+    store = await asyncio.to_thread(open_store, settings.store_url, poll_interval=settings.grants_poll_s,
+                                    statement_timeout=settings.store_statement_timeout_s or None)
     try:
         grants = GrantCache(store, reload_interval=settings.grants_reload_s,
                             max_staleness=settings.grants_max_staleness_s)

@@ -211,6 +211,9 @@ class ApprovalsConfig(Section):
     #: page). Everyone else sees only requests they made, approved or may approve.
     auditors: tuple[str, ...] = ()
     expiry_sweep_seconds: float = Field(30.0, gt=0)
+    #: PostgreSQL: the longest one statement may run (as the gateway's
+    #: ``store_statement_timeout_s``); 0: no bound.
+    store_statement_timeout_s: float = Field(5.0, ge=0, le=3600)
     broker: BrokerLinkSettings | None = None
     oncall_escalation: OnCallEscalationSettings | None = None
     otel: OtelSettings | None = None

@@ -33,10 +33,11 @@ from .slack import SlackNotifier
 log = logging.getLogger("mpa.server")
 
 
-def open_store(url: str) -> Store:
-    """The store for ``url`` (sqlite:///path or postgresql://...)."""
+def open_store(url: str, statement_timeout: float | None = None) -> Store:
+    """The store for ``url`` (sqlite:///path or postgresql://...); ``statement_timeout``:
+    PostgreSQL's bound on each statement (``policy.stores.postgres.PostgresStore``)."""
     from policy.stores import open_store as _open
-    return _open(url)
+    return _open(url, statement_timeout=statement_timeout)
 
 
 @dataclasses.dataclass
@@ -120,7 +121,7 @@ def start_approvals_server(config: ApprovalsConfig, *, host: str = "127.0.0.1", 
     port = sock.getsockname()[1]
     owns = store is None
     try:
-        store = store or open_store(config.store_url)
+        store = store or open_store(config.store_url, config.store_statement_timeout_s or None)
     except BaseException:
         sock.close()
         raise

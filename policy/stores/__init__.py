@@ -10,8 +10,8 @@ Store URLs:
   accepted as well, since that is what psycopg's ``make_conninfo`` produces.
 
 Options common to every URL are keyword arguments: ``poll_interval`` (SQLite: seconds
-between grant-revision polls, default 0.25), ``busy_timeout`` (SQLite), ``connect_timeout``
-and ``pool_size`` (PostgreSQL).
+between grant-revision polls, default 0.25), ``busy_timeout`` (SQLite), ``connect_timeout``,
+``pool_size`` and ``statement_timeout`` (PostgreSQL; see ``PostgresStore``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ._sql import plan_replace
 
 __all__ = ["open_store", "plan_replace", "redact_url"]
 
-_OPTIONS = frozenset({"poll_interval", "busy_timeout", "connect_timeout", "pool_size"})
+_OPTIONS = frozenset({"poll_interval", "busy_timeout", "connect_timeout", "pool_size", "statement_timeout"})
 
 
 def open_store(url: str, **options: Any) -> Store:
@@ -45,7 +45,8 @@ def open_store(url: str, **options: Any) -> Store:
         return SQLiteStore(_sqlite_path(url), **_pick(options, "poll_interval", "busy_timeout"))
     if scheme in ("postgresql", "postgres") or _is_conninfo(url):
         from .postgres import PostgresStore
-        return PostgresStore(url, **_pick(options, "poll_interval", "connect_timeout", "pool_size"))
+        return PostgresStore(url, **_pick(options, "poll_interval", "connect_timeout", "pool_size",
+                                                  "statement_timeout"))
     raise ValueError(f"unsupported store URL {redact_url(url)!r}: use sqlite:///ABSOLUTE/PATH.db, "
                      "sqlite:///:memory: or postgresql://user@host:port/dbname")
 

@@ -88,16 +88,24 @@ class PostgresStore(SqlStore):
 
     ``connect_timeout`` bounds both opening a connection and waiting for a free one
     from the pool; past it a call fails with ``StoreError``. ``poll_interval`` is how
-    often the LISTEN connection checks that it is still alive.
+    often the LISTEN connection checks that it is still alive. ``statement_timeout``
+    (seconds; None: none) is PostgreSQL's own bound on each statement of the pooled
+    connections, given to those whose session has none from the DSN, the role or the
+    database (those win): a server that is alive but does not answer in time (a lock
+    held elsewhere, overload) fails the call with a ``StoreError`` naming the timeout
+    and the statement is cancelled, its locks and this process's thread freed.
     """
 
     _FOR_UPDATE = " FOR UPDATE"
 
     def __init__(self, dsn: str, *, connect_timeout: float = 5.0, pool_size: int = 10,
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 1.0, statement_timeout: float | None = None) -> None:
         super().__init__(f"postgresql store {redact_url(dsn)}")
         if connect_timeout <= 0 or poll_interval <= 0 or pool_size < 1:
             raise ValueError("connect_timeout and poll_interval must be positive, pool_size >= 1")
+        if statement_timeout is not None and not statement_timeout >= 0.001:
+            raise ValueError(f"statement_timeout must be at least 0.001 s (or None: none), not {statement_timeout!r}")
+        self.statement_timeout = statement_timeout
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self.poll_interval = poll_interval
@@ -115,9 +123,18 @@ class PostgresStore(SqlStore):
             # explicit transaction in _tx.
             kwargs={**self._conn_kwargs, "row_factory": dict_row, "autocommit": True},
             check=ConnectionPool.check_connection, name="rpcauthz-store", open=True,
+            configure=self._bound_statements if statement_timeout is not None else None,
             # psycopg_pool backs off exponentially up to reconnect_timeout between attempts;
             # keep that short so a replica serves again within seconds of PostgreSQL returning.
             reconnect_timeout=10.0)
+
+    def _bound_statements(self, conn: psycopg.Connection[Any]) -> None:
+        """A new pooled connection's ``statement_timeout``, unless its session already has
+        one (from the DSN's ``options``, ``ALTER ROLE``/``ALTER DATABASE ... SET``)."""
+        assert self.statement_timeout is not None
+        conn.execute("SELECT set_config('statement_timeout', %s, false) "
+                     "WHERE current_setting('statement_timeout') = '0'",
+                     (f"{max(1, round(self.statement_timeout * 1000))}ms",))
 
     def _error(self, e: BaseException) -> StoreError:
         return StoreError(f"{self.label}: {str(e).strip() or type(e).__name__}")

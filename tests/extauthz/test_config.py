@@ -83,3 +83,21 @@ def test_fast_path_is_off_by_default_and_its_bad_settings_are_named(tmp_path):
                       env={"RPCAUTHZ_IDENTITY__DEV_MODE": "true"})
     with pytest.raises(ConfigError, match="ttl_s"):
         load_settings(write(tmp_path, "store_url: x\nfast_path: {ttl_s: 0}\n"), env={})
+
+
+@pytest.mark.parametrize("configured, session", [(None, "5s"), (0, "0"), (0.25, "250ms")],
+                         ids=["default", "off", "set"])
+async def test_the_gateways_store_statements_are_bounded_as_configured(tmp_path, pg_dsn, configured, session):
+    """``store_statement_timeout_s`` reaches the PostgreSQL sessions the server decides on
+    (docs/store.md: a lock held elsewhere then fails a call closed instead of holding it)."""
+    from extauthz.server import open_components
+    from tests.support.pg_session import statement_timeout_of
+
+    config = tmp_path / "extauthz.yaml"
+    config.write_text(f"store_url: '{pg_dsn}'\n"
+                      + (f"store_statement_timeout_s: {configured}\n" if configured is not None else ""))
+    components = await open_components(load_settings(config, env={}))
+    try:
+        assert statement_timeout_of(components.store) == session
+    finally:
+        await components.close()

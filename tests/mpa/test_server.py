@@ -157,3 +157,13 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         with pytest.raises(RuntimeError, match=f"did not start on 127.0.0.1:{busy}"):
             start_demo_approvals(f"sqlite:///{tmp_path / 's.db'}", issuer,
                                  "http://127.0.0.1:9/jwks.json", port=busy)
+
+
+@pytest.mark.parametrize("configured, session", [(None, "5s"), (0, "0")], ids=["default", "off"])
+def test_the_approvals_servers_store_statements_are_bounded_as_configured(pg_dsn, configured, session):
+    from mpa.server import start_approvals_server
+    from tests.support.pg_session import statement_timeout_of
+
+    extra = {} if configured is None else {"store_statement_timeout_s": configured}
+    with start_approvals_server(ApprovalsConfig(store_url=pg_dsn, **ISSUER, **extra)) as server:
+        assert statement_timeout_of(server.store) == session

@@ -11,6 +11,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from policy import Grant, Role, StoreError
 from policy.stores import open_store
 from tests.conftest import free_port
+from tests.support.pg_session import statement_timeout_of
 from tests.support.store_tcp_proxy import TcpProxy
 
 # --- open_store refusals ------------------------------------------------------------------
@@ -212,6 +213,68 @@ def test_a_statement_timeout_in_the_dsn_turns_a_locked_table_into_a_store_error(
     finally:
         locker.close()
         store.close()
+
+
+def test_a_store_statement_timeout_bounds_a_locked_table_without_one_in_the_dsn(pg_dsn):
+    """The servers' default (``store_statement_timeout_s``): a statement that waits on a lock
+    held elsewhere is cancelled by PostgreSQL itself and the call fails closed, naming the
+    timeout; the lock gone, the same store answers."""
+    import psycopg
+
+    store = open_store(pg_dsn, statement_timeout=0.3)
+    locker = psycopg.connect(pg_dsn)
+    try:
+        assert statement_timeout_of(store) == "300ms"
+        store.grants_revision()
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="statement timeout"):
+            store.list_grants()
+        assert time.monotonic() - started < 10
+        # cancelled on the server: nothing of ours still waits on the lock
+        waiting = locker.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                 "AND application_name = 'rpcauthz'").fetchone()
+        assert waiting == (0,)
+        locker.execute("ROLLBACK")
+        assert isinstance(store.list_grants(), list)
+    finally:
+        locker.close()
+        store.close()
+
+
+def test_a_statement_timeout_of_the_dsn_or_the_role_wins_over_the_stores(pg_dsn):
+    import psycopg
+
+    from_dsn = open_store(make_conninfo(pg_dsn, options="-c statement_timeout=7000"), statement_timeout=0.3)
+    try:
+        assert statement_timeout_of(from_dsn) == "7s"
+    finally:
+        from_dsn.close()
+    role = f"rpcauthz_t_role_{time.monotonic_ns()}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+        admin.execute(f'ALTER ROLE "{role}" SET statement_timeout = 9000')
+    try:
+        as_role = open_store(make_conninfo(pg_dsn, user=role), statement_timeout=0.3)
+        try:
+            assert statement_timeout_of(as_role) == "9s"
+        finally:
+            as_role.close()
+        unbounded = open_store(pg_dsn)
+        try:
+            assert statement_timeout_of(unbounded) == "0"  # None: PostgreSQL's own default
+        finally:
+            unbounded.close()
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{role}"')
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0001, float("nan")])
+def test_a_store_statement_timeout_below_a_millisecond_is_refused(pg_dsn, bad):
+    with pytest.raises(ValueError, match="statement_timeout must be at least 0.001 s"):
+        open_store(pg_dsn, statement_timeout=bad)
 
 
 def test_postgres_server_gone_then_back(pg_dsn):
