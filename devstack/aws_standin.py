@@ -178,10 +178,16 @@ class LocalAws:
 
     def start(self) -> LocalAws:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class QuietRequests(WSGIRequestHandler):
+            """No access line per AWS call on the demo's terminal (errors are still logged)."""
+
+            def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+                pass
 
         app = _Gate(DomainDispatcherApplication(create_backend_app), self._reg, self._record)
-        self._server = make_server(self._host, self._port, app, threaded=True)
+        self._server = make_server(self._host, self._port, app, threaded=True, request_handler=QuietRequests)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="local-aws")
         self._thread.start()
         # The operator's own key, used to set up users and roles (as an admin would in a real account).

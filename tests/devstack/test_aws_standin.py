@@ -116,3 +116,12 @@ def test_without_approval_there_are_no_credentials_and_the_sdk_call_fails(aws, b
     rid = r.stdout.split()[0]
     r = mpa(broker, ALICE, "fetch", rid, "--format", "credential-process")
     assert r.returncode != 0 and r.stdout == "" and "not approved" in r.stderr
+
+
+def test_the_stand_in_prints_no_access_line_per_call(aws, caplog):
+    """moto's server logged every AWS call on the demo's terminal, above its instructions."""
+    with caplog.at_level("INFO", logger="werkzeug"):
+        aws["local"].client("s3").list_objects_v2(Bucket="prod-logs")
+        with pytest.raises(ClientError):
+            aws["local"].client("sts", "AKIDNOBODY", "x").get_caller_identity()
+    assert not [r for r in caplog.records if "HTTP/1.1" in r.getMessage()], caplog.text
