@@ -16,8 +16,9 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 # Importing the generated modules registers their services in the default descriptor pool.
 from rpcauthz.demo.v1 import accounts_pb2, ledger_pb2
 
-#: Generated modules whose services the client can call.
-KNOWN_MODULES = (accounts_pb2.__name__, ledger_pb2.__name__)
+#: The services the client can call (those of the generated modules imported above).
+KNOWN_SERVICES = tuple(sorted(s.full_name for m in (accounts_pb2, ledger_pb2)
+                              for s in m.DESCRIPTOR.services_by_name.values()))
 
 
 @dataclasses.dataclass
@@ -46,12 +47,12 @@ class CallResult:
 def _method(path: str):
     parts = path.strip("/").split("/")
     if len(parts) != 2:
-        raise ValueError(f"{path!r} is not /package.Service/Method")
+        raise ValueError(f"{path!r} is not /package.Service/Method, e.g. /{KNOWN_SERVICES[0]}/...")
     try:
         service = descriptor_pool.Default().FindServiceByName(parts[0])
     except KeyError:
         raise ValueError(f"unknown service {parts[0]!r}; known: "
-                         + ", ".join(KNOWN_MODULES)) from None
+                         + ", ".join(KNOWN_SERVICES)) from None
     method = service.methods_by_name.get(parts[1])
     if method is None:
         raise ValueError(f"{parts[0]} has no method {parts[1]!r}; it has "

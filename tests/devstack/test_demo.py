@@ -176,3 +176,18 @@ def test_demo_prints_commands_that_show_allow_deny_and_approval(tmp_path):
     import socket
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.parametrize("path, words", [
+    ("/rpcauthz.demo.v1.Nope/X",
+     "unknown service 'rpcauthz.demo.v1.Nope'; known: rpcauthz.demo.v1.Accounts, rpcauthz.demo.v1.Ledger"),
+    ("/rpcauthz.demo.v1.Accounts/NoSuch", "rpcauthz.demo.v1.Accounts has no method 'NoSuch'; it has CloseAccount"),
+    ("garbage", "'garbage' is not /package.Service/Method, e.g. /rpcauthz.demo.v1.Accounts/..."),
+])
+def test_demo_call_names_the_services_and_methods_it_can_call(path, words):
+    """A mistyped path is refused before anything is sent, naming what exists (it once
+    listed the generated modules' names instead of the services)."""
+    from devstack import democlient
+    with pytest.raises(ValueError) as e:
+        democlient.call("127.0.0.1:1", path, token=None)
+    assert words in str(e.value)
