@@ -103,8 +103,8 @@ class PostgresStore(SqlStore):
         super().__init__(f"postgresql store {redact_url(dsn)}")
         if connect_timeout <= 0 or poll_interval <= 0 or pool_size < 1:
             raise ValueError("connect_timeout and poll_interval must be positive, pool_size >= 1")
-        if statement_timeout is not None and not statement_timeout >= 0.001:
-            raise ValueError(f"statement_timeout must be at least 0.001 s (or None: none), not {statement_timeout!r}")
+        if statement_timeout is not None and not 0.001 <= statement_timeout <= 2_000_000:  # PostgreSQL: int ms
+            raise ValueError(f"statement_timeout must be 0.001 to 2,000,000 s (or None: none), not {statement_timeout!r}")
         self.statement_timeout = statement_timeout
         self.dsn = dsn
         self.connect_timeout = connect_timeout
