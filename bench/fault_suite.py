@@ -35,7 +35,7 @@ from tests.support.faults.reflection_faults import reflection_faults  # noqa: E4
 from tests.support.faults.replica_faults import fast_path_failover, replica_kill9, rolling_restart  # noqa: E402
 from tests.support.faults.server_kill9 import server_kill9, server_kill9_mid_spend  # noqa: E402
 from tests.support.faults.slack_faults import slack_faults  # noqa: E402
-from tests.support.faults.store_faults import store_hang, store_outage  # noqa: E402
+from tests.support.faults.store_faults import store_hang, store_locked, store_outage  # noqa: E402
 
 Runner = Callable[[pathlib.Path, str, bool], "ScenarioResult | list[ScenarioResult]"]
 
@@ -46,6 +46,7 @@ SCENARIOS: dict[str, tuple[bool, Runner]] = {
     "fast-path-failover": (True, lambda d, dsn, q: fast_path_failover(d, dsn)),
     "store-unreachable": (True, lambda d, dsn, q: store_outage(d, dsn, seconds=10 if q else 30)),
     "store-hung": (True, lambda d, dsn, q: store_hang(d, dsn, seconds=5 if q else 10)),
+    "store-locked": (True, lambda d, dsn, q: store_locked(d, dsn, seconds=8 if q else 12)),
     "server-kill9": (True, lambda d, dsn, q: server_kill9(d, dsn)),
     "server-kill9-spend": (True, lambda d, dsn, q: server_kill9_mid_spend(d, dsn)),
     "reflection": (False, lambda d, dsn, q: reflection_faults(d, seconds=3 if q else 6)),
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
                     help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
     ap.add_argument("--quick", action="store_true",
-                    help="shorter faults (store unreachable 10 s, hung 5 s; reflection and Slack 3 s)")
+                    help="shorter faults (store unreachable 10 s, hung 5 s, locked 8 s; reflection and Slack 3 s)")
     ap.add_argument("--pg-dsn", default=os.environ.get("RPCAUTHZ_TEST_PG_DSN",
                                                         "postgresql://postgres@127.0.0.1:5432/test"),
                     help="a PostgreSQL server where databases may be created (default: %(default)s)")

@@ -1,5 +1,5 @@
-"""The store goes away and hangs under a mixed load through real Envoy (issue 9, findings 4
-and 5): the server on PostgreSQL through a TCP relay that the test cuts (unreachable) or makes
+"""The store goes away, hangs, or is locked by another session under a mixed load through
+real Envoy (issue 9, findings 4 and 5): the server on PostgreSQL through a TCP relay that the test cuts (unreachable) or makes
 accept and forward nothing (hung), with the audit spool. Engineers' plain calls keep being
 decided from the grants in memory, refusals stay refusals, approval-mode calls on an approved
 request with max_uses are 503 while the store cannot spend a use. After the fault every
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.faults.store_faults import USES_MATCH, store_hang, store_outage
+from tests.support.faults.store_faults import USES_MATCH, store_hang, store_locked, store_outage
 
 pytestmark = [pytest.mark.envoy, pytest.mark.postgres, pytest.mark.slow]
 
@@ -34,3 +34,13 @@ def test_store_hung_spends_no_use_for_a_refused_call(tmp_path, pg_dsn):
         # A hang during the COMMIT of a spend can still commit after the Check answered 503.
         pytest.xfail(f"fixed in branch trust: {result.uses_spent} uses spent, "
                      f"{result.uses_passed} calls passed")
+
+
+def test_store_locked_ends_each_wait_at_the_statement_timeout(tmp_path, pg_dsn):
+    """PostgreSQL alive but ``requests`` locked by another session for 8 s: approval-mode calls
+    fail closed, plain calls go on, and no statement of the server waits on the lock past its
+    ``store_statement_timeout_s`` (here 3 s; with none, each waited the whole lock)."""
+    result = store_locked(tmp_path, pg_dsn, seconds=8, statement_timeout_s=3)
+    print("\n" + result.report())
+    assert not result.unmet(), result.report()
+    assert result.audit_duplicated == 0 and result.audit_expected == result.audit_written >= 100

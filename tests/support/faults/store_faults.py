@@ -1,17 +1,22 @@
-"""The store goes away (the relay in front of PostgreSQL is cut) or hangs (the relay accepts and
-forwards nothing) while a mixed load runs through the gateway: engineers' plain calls (decided
+"""The store goes away (the relay in front of PostgreSQL is cut), hangs (the relay accepts and
+forwards nothing) or is alive but blocked (another session holds a lock on ``requests``) while
+a mixed load runs through the gateway: engineers' plain calls (decided
 from the grants in memory), a non-engineer's and a non-contributor's calls (must be refused)
 and approval-mode calls on an approved request with ``max_uses``.
 
 Goals: zero wrong allows; every decision answered is audited exactly once (the audit spool
 carries the events across the fault); no check answered before its event was in the spool
 (the server logs each time it had to); approval uses spent equal the calls that passed with
-that approval.
+that approval. Blocked: no statement of the server waits on the lock longer than the server's
+``store_statement_timeout_s`` (PostgreSQL cancels it), so its threads do not pile up behind it.
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -55,25 +60,74 @@ def store_hang(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 10.0) -> 
     return _store_fault(workdir, pg_dsn, "hung", seconds, approval_threads=20)
 
 
+def store_locked(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 12.0,
+                 statement_timeout_s: float = 5.0) -> ScenarioResult:
+    """PostgreSQL answers, but another session holds ``LOCK TABLE requests IN ACCESS
+    EXCLUSIVE MODE`` for ``seconds`` (a migration, a stuck transaction): every read and spend
+    of an approval waits on it. The server's ``store_statement_timeout_s`` must end each such
+    wait (the call fails closed) instead of holding a thread for the whole lock."""
+    return _store_fault(workdir, pg_dsn, "locked", seconds, approval_threads=4,
+                        statement_timeout_s=statement_timeout_s)
+
+
+class _LockHeld:
+    """``requests`` locked by a session of its own; meanwhile the longest wait on a lock of
+    any of the server's sessions (``application_name`` rpcauthz) is sampled every 0.2 s."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn, self.longest_wait_s, self.samples = dsn, 0.0, 0
+        self._done = threading.Event()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        import psycopg
+        with psycopg.connect(self.dsn) as locker, psycopg.connect(self.dsn, autocommit=True) as watcher:
+            locker.execute("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE")  # in locker's transaction
+            sampler = threading.Thread(target=self._sample, args=(watcher,), daemon=True)
+            sampler.start()
+            try:
+                yield
+            finally:
+                self._done.set()
+                sampler.join(5)
+                locker.rollback()
+
+    def _sample(self, conn) -> None:
+        while not self._done.wait(0.2):
+            row = conn.execute(
+                "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - query_start)), 0) "
+                "FROM pg_stat_activity WHERE application_name = 'rpcauthz' AND wait_event_type = 'Lock' "
+                "AND datname = current_database()").fetchone()
+            self.longest_wait_s = max(self.longest_wait_s, float(row[0]))
+            self.samples += 1
+
+
 def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
-                 approval_threads: int = 1) -> ScenarioResult:
-    result = ScenarioResult(f"store {how} {seconds:g} s (relay in front of PostgreSQL)")
+                 approval_threads: int = 1, statement_timeout_s: float | None = None) -> ScenarioResult:
+    where = "a session of its own holding a lock" if how == "locked" else "relay in front of PostgreSQL"
+    result = ScenarioResult(f"store {how} {seconds:g} s ({where})")
+    extra = {} if statement_timeout_s is None else {"store_statement_timeout_s": statement_timeout_s}
+    lock = _LockHeld(pg_dsn)
     seed_grants(pg_dsn, cast_grants())
     rid = approved_request(pg_dsn, requester=OTHER, approver=CONTRIB2, service=ACCOUNTS,
                            method="ReadAccount", max_uses=MAX_USES)
     with relayed(pg_dsn) as (proxy, via_relay), \
             GatewayStack(workdir, store_url=via_relay,
                          extauthz={"audit.spool_path": str(workdir / "audit-spool.db"),
-                                   "audit.replay_interval_s": 0.5}) as gw:
+                                   "audit.replay_interval_s": 0.5, **extra}) as gw:
         load = MixedLoad(gw.gateway, mixed_callers(gw, approval_threads=approval_threads))
         with load:
             # Every caller answered as expected for a second (the approval fetched, the grants
             # loaded) before the fault.
             load.wait_expected(time.monotonic(), within=20.0)
             fault_start = time.monotonic()
-            proxy.stop() if how == "unreachable" else proxy.hang()
-            time.sleep(seconds)
-            proxy.start() if how == "unreachable" else proxy.resume()
+            if how == "locked":
+                with lock.held():
+                    time.sleep(seconds)
+            else:
+                proxy.stop() if how == "unreachable" else proxy.hang()
+                time.sleep(seconds)
+                proxy.start() if how == "unreachable" else proxy.resume()
             fault_end = time.monotonic()
             load.wait_expected(fault_end, within=20.0)
             time.sleep(2.0)
@@ -106,5 +160,15 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
                 f"{audit.expected} expected, {audit.written} written, {audit.duplicated} duplicated")
     result.goal(DURABLE_FIRST, late == 0, f"the server logged {LATE_ACK_LOG!r} {late} time(s)")
     result.goal(USES_MATCH, spent == passed, f"{spent} spent, {passed} passed")
+    if how == "locked":
+        assert statement_timeout_s is not None
+        result.detail.append(f"longest wait of a server statement on the lock: {lock.longest_wait_s:.1f} s "
+                             f"({lock.samples} samples of pg_stat_activity)")
+        result.goal("no statement waited on the lock past store_statement_timeout_s",
+                    lock.samples >= 10 and lock.longest_wait_s <= statement_timeout_s + 1.5,
+                    f"longest {lock.longest_wait_s:.1f} s against {statement_timeout_s:g} s, "
+                    f"{lock.samples} samples")
+        result.goal("approval calls reached the lock (the fault was real)",
+                    lock.longest_wait_s >= 1.0, f"longest wait {lock.longest_wait_s:.1f} s")
     return result
 
