@@ -22,6 +22,7 @@ from pydantic import Field, field_validator, model_validator
 
 from policy import Mode
 from policy.modes import parse_default_mode
+from policy.text_limits import DEFAULT_MIN_REASON_LENGTH
 from reflection_cache.settings import ReflectionSettings
 from rpcauthz.settings import ConfigError, Section, env_name, is_loopback, load
 
@@ -62,7 +63,7 @@ class RequestPolicy(Section):
     caps what a requester may ask for.
     """
 
-    min_reason_length: int = 10
+    min_reason_length: int = DEFAULT_MIN_REASON_LENGTH
     pending_ttl: timedelta = timedelta(hours=1)
     default_approval_ttl: timedelta = timedelta(hours=1)
     max_approval_ttl: timedelta = timedelta(hours=8)

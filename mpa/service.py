@@ -30,6 +30,7 @@ from policy import (
 from policy.grant_cache import catch_up
 from policy.mode_facts import MODE_FACTS
 from policy.store import Store
+from policy.text_limits import MAX_COMMENT, MAX_INCIDENT, check_length, check_reason
 
 from .config import RequestPolicy
 
@@ -47,19 +48,6 @@ class AwaitingReason(PolicyError):
     """The gateway opened this request; its requester has not given the reason yet."""
 
     code = "awaiting_reason"
-
-
-#: The longest comment (approve, reject, cancel) and reason, whatever the entry point: the API's
-#: schema, the page's form and the CLI all end here.
-MAX_COMMENT = 2000
-MAX_REASON = 2000
-MAX_INCIDENT = 200
-
-
-def check_length(what: str, text: str | None, limit: int) -> None:
-    """``InvalidRequest`` naming ``what`` when ``text`` is longer than ``limit`` characters."""
-    if text is not None and len(text) > limit:
-        raise InvalidRequest(f"the {what} is {len(text)} characters long; the limit is {limit}")
 
 
 class NotVisible(PolicyError):
@@ -427,11 +415,7 @@ class ApprovalService:
             return self.store.get_request(r.id)
 
     def _check_reason(self, reason: str) -> None:
-        check_length("reason", reason, MAX_REASON)
-        n = self.rules.min_reason_length
-        if len((reason or "").strip()) < n:
-            raise InvalidRequest(f"a reason of at least {n} characters is required: say why you "
-                                 "need this call")
+        check_reason(reason, self.rules.min_reason_length, "this call")
 
     def _approval_ttl(self, duration: timedelta | None) -> timedelta:
         if duration is None:

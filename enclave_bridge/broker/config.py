@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from policy import Grant, GrantSet, Mode, Role
+from policy.text_limits import DEFAULT_MIN_REASON_LENGTH, MAX_REASON
 from rpcauthz.settings import ConfigError as SettingsError
 from rpcauthz.settings import Section, describe, load
 
@@ -70,6 +71,8 @@ class BrokerConfig:
     sts_endpoint_url: str | None = None
     pending_ttl_seconds: int = 3600
     approval_ttl_seconds: int = 3600
+    #: The shortest reason a request may give (as the approvals server's ``policy.min_reason_length``).
+    min_reason_length: int = DEFAULT_MIN_REASON_LENGTH
     #: (host, port) to serve Prometheus ``/metrics`` on; None (the default): no metrics.
     metrics_listen: tuple[str, int] | None = None
 
@@ -188,6 +191,8 @@ class BrokerFile(Section):
     server_name: str = "broker.mpa.internal"
     pending_ttl_seconds: int = 3600
     approval_ttl_seconds: int = 3600
+    #: The shortest reason a request may give, in characters (a reason is always required).
+    min_reason_length: int = Field(DEFAULT_MIN_REASON_LENGTH, ge=1, le=MAX_REASON)
     #: ``host:port`` for Prometheus ``/metrics`` (e.g. ``127.0.0.1:9464``); unset: off.
     metrics_listen: str | None = None
 
@@ -228,6 +233,7 @@ class BrokerFile(Section):
             oidc_issuer=self.kubernetes.issuer, server_name=self.server_name,
             aws_region=self.aws.region, sts_endpoint_url=self.aws.sts_endpoint_url,
             pending_ttl_seconds=self.pending_ttl_seconds, approval_ttl_seconds=self.approval_ttl_seconds,
+            min_reason_length=self.min_reason_length,
             metrics_listen=_host_port(self.metrics_listen) if self.metrics_listen else None)
 
 

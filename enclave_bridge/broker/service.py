@@ -29,6 +29,7 @@ from policy import (
     use,
 )
 from policy.audit import AuditEvent
+from policy.text_limits import MAX_COMMENT, MAX_INCIDENT, check_length, check_reason
 
 from ..credentials.k8s import OidcIssuer, token_ttl
 from ..credentials.sts import AwsSession, StsMinter, session_duration
@@ -144,8 +145,8 @@ class BrokerService:
                 reason: str = "", incident: str | None = None, duration_seconds: int = 0) -> CredentialRequest:
         """Open a pending request. Raises ``PolicyError`` subclasses on refusal."""
         target = self._target(kind, name, groups, duration_seconds)
-        if not reason.strip():
-            raise InvalidRequest("give a reason: reviewers and the audit log need it")
+        check_reason(reason, self.config.min_reason_length, "these credentials")
+        check_length("incident", incident, MAX_INCIDENT)
         now = self._now()
         with self._lock:
             approval_request = open_request(
@@ -161,6 +162,7 @@ class BrokerService:
 
     def review(self, principal: str, request_id: str, *, approve_it: bool, comment: str = "") -> CredentialRequest:
         """Approve or reject someone else's pending request."""
+        check_length("comment", comment, MAX_COMMENT)
         now = self._now()
         with self._lock:
             cr = self._load(request_id)

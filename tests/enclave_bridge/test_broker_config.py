@@ -39,6 +39,12 @@ def test_the_documented_example_loads(tmp_path):
     assert cfg.oidc_issuer == "https://broker-oidc.example.com" and cfg.aws_region == "eu-west-2"
 
 
+def test_the_shortest_reason_is_the_approvals_servers_unless_set(tmp_path):
+    assert BrokerConfig.from_file(write(tmp_path, documented_example()), env={}).min_reason_length == 10
+    assert BrokerConfig.from_file(write(tmp_path, edit(lambda d: d.update(min_reason_length=25))),
+                                  env={}).min_reason_length == 25
+
+
 def test_environment_overrides_the_file(tmp_path):
     cfg = BrokerConfig.from_file(write(tmp_path, documented_example()),
                                  env={"RPCAUTHZ_AWS__REGION": "us-east-1", "RPCAUTHZ_SERVER_NAME": "b.internal"})
@@ -68,6 +74,7 @@ def edit(change) -> str:
     (lambda d: d["grants"].append({"principal": "x@example.com", "role": "contributor"}), "grants.2"),
     (lambda d: d["grants"].append({"principal": "x@example.com", "role": "admin"}), "grants.2.role"),
     (lambda d: d.update(server_nmae="x"), "server_nmae: unknown key"),
+    (lambda d: d.update(min_reason_length=0), "min_reason_length"),
 ])
 def test_invalid_fields_are_refused_by_path(tmp_path, change, words):
     with pytest.raises(ConfigError, match=re.escape(words)):

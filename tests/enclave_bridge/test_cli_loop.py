@@ -95,7 +95,7 @@ def test_full_aws_loop_through_the_cli(broker):
 def test_aws_cli_runs_mpa_fetch_as_credential_process(broker, tmp_path, monkeypatch):
     """The real AWS CLI's credential_process contract, driven by botocore's own loader."""
     import botocore.session
-    r = mpa(broker, ALICE, "request", "aws", "platform-admin", "--reason", "cli test")
+    r = mpa(broker, ALICE, "request", "aws", "platform-admin", "--reason", "cli test of the loop")
     rid = request_id_from(r.stdout)
     assert mpa(broker, BOB, "broker", "review", rid, "--approve").returncode == 0
     aws_profile_using_mpa_fetch(monkeypatch, tmp_path, broker, ALICE, rid)
@@ -271,7 +271,7 @@ def test_mpa_review_flags_and_refusals(broker):
 
 
 def test_broker_review_subcommand_still_works(broker):
-    r = mpa_cli(broker, ALICE, "request", "aws", "platform-admin", "--reason", "old style")
+    r = mpa_cli(broker, ALICE, "request", "aws", "platform-admin", "--reason", "old style review command")
     rid = request_id_from(r.stdout)
     r = mpa_cli(broker, BOB, "broker", "review", rid, "--approve")
     assert r.returncode == 0 and "approved by bob@example.com" in r.stdout

@@ -78,7 +78,7 @@ def test_slack_outage_does_not_block_but_audit_failure_does(parts):
     audit = []
     b = make(parts, [audit.append], [broken_slack.notifier])
     try:
-        cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")  # Slack down: still works
+        cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")  # Slack down: still works
         b.review(BOB, cr.id, approve_it=True)
         assert broken_slack.spool.counts() == {"pending": 2, "delivered": 0}  # kept for retry
     finally:

@@ -1,6 +1,7 @@
 """The broker's rules: MPA on credential requests, STS and OIDC minting, sealed state, audit."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import urllib.request
@@ -92,7 +93,7 @@ def test_session_duration_is_the_shortest_that_fits():
 
 def test_nobody_approves_their_own_request(env):
     b = env["broker"]
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
     with pytest.raises(SelfApproval):
         b.review(ALICE, cr.id, approve_it=True)
     with pytest.raises(SelfApproval):
@@ -102,8 +103,8 @@ def test_nobody_approves_their_own_request(env):
 def test_only_engineers_request_and_approve(env):
     b = env["broker"]
     with pytest.raises(NotEligible):
-        b.request(MALLORY, kind="aws", name="platform-admin", reason="x")
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
+        b.request(MALLORY, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
     with pytest.raises(NotEligible):
         b.review(MALLORY, cr.id, approve_it=True)
     with pytest.raises(NotEligible):
@@ -112,7 +113,7 @@ def test_only_engineers_request_and_approve(env):
 
 def test_fetch_refusals(env):
     b = env["broker"]
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
     with pytest.raises(RequestClosed, match="not approved"):
         b.fetch(ALICE, cr.id)
     b.review(BOB, cr.id, approve_it=True)
@@ -126,7 +127,7 @@ def test_fetch_refusals(env):
 
 def test_rejected_request_cannot_be_fetched(env):
     b = env["broker"]
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
     b.review(BOB, cr.id, approve_it=False, comment="use the pipeline")
     with pytest.raises(RequestClosed, match="rejected"):
         b.fetch(ALICE, cr.id)
@@ -137,7 +138,7 @@ def test_rejected_request_cannot_be_fetched(env):
 
 def test_pending_request_expires(env):
     b = env["broker"]
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
     env["clock"].now += timedelta(hours=2)
     with pytest.raises((RequestExpired, RequestClosed)):
         b.review(BOB, cr.id, approve_it=True)
@@ -147,10 +148,10 @@ def test_pending_request_expires(env):
 def test_break_glass_role_needs_incident_and_oncall_approver(env):
     b = env["broker"]
     with pytest.raises(InvalidRequest, match="incident"):
-        b.request(ALICE, kind="aws", name="break-glass", reason="x")
+        b.request(ALICE, kind="aws", name="break-glass", reason="read the NAT gateway flow logs")
     with pytest.raises(NotEligible):
-        b.request(BOB, kind="aws", name="break-glass", reason="x", incident="INC-1")
-    cr = b.request(ALICE, kind="aws", name="break-glass", reason="x", incident="INC-1")
+        b.request(BOB, kind="aws", name="break-glass", reason="read the NAT gateway flow logs", incident="INC-1")
+    cr = b.request(ALICE, kind="aws", name="break-glass", reason="read the NAT gateway flow logs", incident="INC-1")
     with pytest.raises(NotEligible):
         b.review(BOB, cr.id, approve_it=True)
     b.review(CAROL, cr.id, approve_it=True)
@@ -161,19 +162,40 @@ def test_break_glass_role_needs_incident_and_oncall_approver(env):
 def test_bad_requests_are_refused_with_what_was_wrong(env):
     b = env["broker"]
     with pytest.raises(InvalidRequest, match="unknown AWS role 'root'"):
-        b.request(ALICE, kind="aws", name="root", reason="x")
+        b.request(ALICE, kind="aws", name="root", reason="read the NAT gateway flow logs")
     with pytest.raises(InvalidRequest, match="groups system:masters are not offered"):
-        b.request(ALICE, kind="kubernetes", name="prod", groups=["system:masters"], reason="x")
+        b.request(ALICE, kind="kubernetes", name="prod", groups=["system:masters"], reason="read the NAT gateway flow logs")
     with pytest.raises(InvalidRequest, match="name the groups"):
-        b.request(ALICE, kind="kubernetes", name="prod", reason="x")
-    with pytest.raises(InvalidRequest, match="reason"):
-        b.request(ALICE, kind="aws", name="platform-admin", reason="  ")
+        b.request(ALICE, kind="kubernetes", name="prod", reason="read the NAT gateway flow logs")
+    for reason in ("  ", "x", "   fix it   "):  # blanks around it do not count
+        with pytest.raises(InvalidRequest, match="a reason of at least 10 characters is required: say why "
+                                                 "you need these credentials"):
+            b.request(ALICE, kind="aws", name="platform-admin", reason=reason)
+    with pytest.raises(InvalidRequest, match="the reason is 2001 characters long; the limit is 2000"):
+        b.request(ALICE, kind="aws", name="platform-admin", reason="r" * 2001)
+    with pytest.raises(InvalidRequest, match="the incident is 201 characters long; the limit is 200"):
+        b.request(ALICE, kind="aws", name="break-glass", reason="read the NAT gateway flow logs", incident="I" * 201)
     with pytest.raises(InvalidRequest, match="duration"):
-        b.request(ALICE, kind="aws", name="platform-admin", reason="x", duration_seconds=7200)
+        b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs", duration_seconds=7200)
+
+
+def test_review_comments_are_bounded_and_the_shortest_reason_is_configurable(env):
+    b = env["broker"]
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
+    with pytest.raises(InvalidRequest, match="the comment is 2001 characters long; the limit is 2000"):
+        b.review(BOB, cr.id, approve_it=True, comment="c" * 2001)
+    assert b.get(BOB, cr.id).request.state.value == "pending"  # nothing recorded
+    terse = BrokerService(dataclasses.replace(b.config, min_reason_length=3),
+                          SealedRecords(SqliteHostStorage(env["state"]), env["seeds"].state_key),
+                          audit=[env["audit"]], sts=StsMinter(env["sts"].client()),
+                          oidc=OidcIssuer(env["oidc_issuer"], env["seeds"].signing_key()), clock=env["clock"])
+    assert terse.request(ALICE, kind="aws", name="platform-admin", reason="ops").request.reason == "ops"
+    with pytest.raises(InvalidRequest, match="at least 3 characters"):
+        terse.request(ALICE, kind="aws", name="platform-admin", reason="ok")
 
 
 def test_restart_keeps_requests_and_approvals(env):
-    cr = env["broker"].request(ALICE, kind="aws", name="platform-admin", reason="x")
+    cr = env["broker"].request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
     env["broker"].review(BOB, cr.id, approve_it=True)
     again = env["make"]()  # a new enclave process over the same host state
     got = again.get(CAROL, cr.id)
@@ -184,8 +206,8 @@ def test_restart_keeps_requests_and_approvals(env):
 
 def test_lists_mine_and_reviewable(env):
     b = env["broker"]
-    a = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
-    c = b.request(CAROL, kind="kubernetes", name="prod", groups=["viewer"], reason="y")
+    a = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
+    c = b.request(CAROL, kind="kubernetes", name="prod", groups=["viewer"], reason="look at the prod cluster pods")
     assert [r.id for r in b.list(ALICE, mine=True)] == [a.id]
     assert [r.id for r in b.list(ALICE, reviewable=True)] == [c.id]
     assert {r.id for r in b.list(BOB, reviewable=True)} == {a.id, c.id}
@@ -249,7 +271,7 @@ def test_state_on_host_is_sealed(env):
 def test_concurrent_reviews_and_fetches_end_consistent(env):
     import threading
     b = env["broker"]
-    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="x")
+    cr = b.request(ALICE, kind="aws", name="platform-admin", reason="read the NAT gateway flow logs")
     results: list[str] = []
 
     def review(who: str) -> None:
