@@ -1,8 +1,8 @@
 """The store goes away (the relay in front of PostgreSQL is cut), hangs (the relay accepts and
 forwards nothing) or is alive but blocked (another session holds a lock on ``requests``) while
-a mixed load runs through the gateway: engineers' plain calls (decided
-from the grants in memory), a non-engineer's and a non-contributor's calls (must be refused)
-and approval-mode calls on an approved request with ``max_uses``.
+a mixed load runs through the gateway: engineers' plain calls (decided from the grants in
+memory), a non-engineer's and a non-contributor's calls (must be refused) and approval-mode
+calls on an approved request with ``max_uses``.
 
 Goals: zero wrong allows; every decision answered is audited exactly once (the audit spool
 carries the events across the fault); no check answered before its event was in the spool
