@@ -35,7 +35,12 @@ from tests.support.faults.reflection_faults import reflection_faults  # noqa: E4
 from tests.support.faults.replica_faults import fast_path_failover, replica_kill9, rolling_restart  # noqa: E402
 from tests.support.faults.server_kill9 import server_kill9, server_kill9_mid_spend  # noqa: E402
 from tests.support.faults.slack_faults import slack_faults  # noqa: E402
-from tests.support.faults.store_faults import store_hang, store_locked, store_outage  # noqa: E402
+from tests.support.faults.store_faults import (  # noqa: E402
+    store_hang,
+    store_locked,
+    store_outage,
+    store_outage_two_replicas,
+)
 
 Runner = Callable[[pathlib.Path, str, bool], "ScenarioResult | list[ScenarioResult]"]
 
@@ -45,6 +50,7 @@ SCENARIOS: dict[str, tuple[bool, Runner]] = {
     "rolling-restart": (True, lambda d, dsn, q: rolling_restart(d, dsn)),
     "fast-path-failover": (True, lambda d, dsn, q: fast_path_failover(d, dsn)),
     "store-unreachable": (True, lambda d, dsn, q: store_outage(d, dsn, seconds=10 if q else 30)),
+    "store-unreachable-2": (True, lambda d, dsn, q: store_outage_two_replicas(d, dsn, seconds=10 if q else 15)),
     "store-hung": (True, lambda d, dsn, q: store_hang(d, dsn, seconds=5 if q else 10)),
     "store-locked": (True, lambda d, dsn, q: store_locked(d, dsn, seconds=8 if q else 12)),
     "server-kill9": (True, lambda d, dsn, q: server_kill9(d, dsn)),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.faults.store_faults import USES_MATCH, store_hang, store_locked, store_outage
+from tests.support.faults.store_faults import USES_MATCH, store_hang, store_locked, store_outage, store_outage_two_replicas
 
 pytestmark = [pytest.mark.envoy, pytest.mark.postgres, pytest.mark.slow]
 
@@ -44,3 +44,12 @@ def test_store_locked_ends_each_wait_at_the_statement_timeout(tmp_path, pg_dsn):
     print("\n" + result.report())
     assert not result.unmet(), result.report()
     assert result.audit_duplicated == 0 and result.audit_expected == result.audit_written >= 100
+
+
+def test_store_unreachable_with_two_replicas_each_spools_and_ships_its_own(tmp_path, pg_dsn):
+    """Two replicas behind Envoy, each with its own spool: both spool what they answered while
+    the store is away (10 s), both ship it after; across them every decision is audited once and
+    the uses both spent of one approval equal the calls that passed."""
+    result = store_outage_two_replicas(tmp_path, pg_dsn, seconds=10)
+    print("\n" + result.report())
+    assert not result.unmet(), result.report()

@@ -52,6 +52,13 @@ def store_outage(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 30.0) -
     return _store_fault(workdir, pg_dsn, "unreachable", seconds)
 
 
+def store_outage_two_replicas(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 15.0) -> ScenarioResult:
+    """As ``store_outage``, with two replicas behind Envoy, each with its own audit spool: each
+    spools the decisions it answered and ships them when the store is back, and the uses
+    both spend of one approval still equal the calls that passed."""
+    return _store_fault(workdir, pg_dsn, "unreachable", seconds, approval_threads=2, replicas=2)
+
+
 def store_hang(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 10.0) -> ScenarioResult:
     """The relay holds every connection and forwards nothing for ``seconds``, then resumes.
     Twenty callers of the approval-mode method: during the hang each of their calls holds a
@@ -68,6 +75,21 @@ def store_locked(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 12.0,
     wait (the call fails closed) instead of holding a thread for the whole lock."""
     return _store_fault(workdir, pg_dsn, "locked", seconds, approval_threads=4,
                         statement_timeout_s=statement_timeout_s)
+
+
+def spool_depths(gw: GatewayStack) -> list[int]:
+    """Events waiting in each replica's audit spool (its ``/metrics``:
+    ``rpcauthz_audit_spool_stat{stat="depth"}``)."""
+    import re
+    import urllib.request
+    depths = []
+    for cfg in gw.replica_configs:
+        with urllib.request.urlopen(f"http://127.0.0.1:{cfg['metrics']['port']}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        m = re.search(r'^rpcauthz_audit_spool_stat\{stat="depth"\} ([0-9.e+]+)$', text, re.M)
+        assert m, "no spool depth on /metrics"
+        depths.append(int(float(m.group(1))))
+    return depths
 
 
 class _LockHeld:
@@ -103,16 +125,18 @@ class _LockHeld:
 
 
 def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
-                 approval_threads: int = 1, statement_timeout_s: float | None = None) -> ScenarioResult:
+                 approval_threads: int = 1, statement_timeout_s: float | None = None,
+                 replicas: int = 1) -> ScenarioResult:
     where = "a session of its own holding a lock" if how == "locked" else "relay in front of PostgreSQL"
-    result = ScenarioResult(f"store {how} {seconds:g} s ({where})")
+    result = ScenarioResult(f"store {how} {seconds:g} s ({where}{', 2 replicas' if replicas == 2 else ''})")
     extra = {} if statement_timeout_s is None else {"store_statement_timeout_s": statement_timeout_s}
     lock = _LockHeld(pg_dsn)
+    depths_during: list[int] = []
     seed_grants(pg_dsn, cast_grants())
     rid = approved_request(pg_dsn, requester=OTHER, approver=CONTRIB2, service=ACCOUNTS,
                            method="ReadAccount", max_uses=MAX_USES)
     with relayed(pg_dsn) as (proxy, via_relay), \
-            GatewayStack(workdir, store_url=via_relay,
+            GatewayStack(workdir, store_url=via_relay, replicas=replicas,
                          extauthz={"audit.spool_path": str(workdir / "audit-spool.db"),
                                    "audit.replay_interval_s": 0.5, **extra}) as gw:
         load = MixedLoad(gw.gateway, mixed_callers(gw, approval_threads=approval_threads))
@@ -127,6 +151,7 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
             else:
                 proxy.stop() if how == "unreachable" else proxy.hang()
                 time.sleep(seconds)
+                depths_during = spool_depths(gw)
                 proxy.start() if how == "unreachable" else proxy.resume()
             fault_end = time.monotonic()
             load.wait_expected(fault_end, within=20.0)
@@ -134,7 +159,9 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
         decided = decisions_answered(gw, load.calls())
         audit = tally(decided, pg_dsn)
         spent = uses_spent(pg_dsn, rid)
-        late = gw.extauthz.output().count(LATE_ACK_LOG) if gw.extauthz else -1
+        outputs = [r.output() for r in gw.replicas if r is not None]
+        late = sum(out.count(LATE_ACK_LOG) for out in outputs) if len(outputs) == replicas else -1
+        depths_after = spool_depths(gw)
     passed = load.count(grpc.StatusCode.OK, "approved ReadAccount")
     during = [c for t, c in load.results("engineer ListAccounts") if fault_start <= t < fault_end]
     result.calls = load.calls()
@@ -160,6 +187,13 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
                 f"{audit.expected} expected, {audit.written} written, {audit.duplicated} duplicated")
     result.goal(DURABLE_FIRST, late == 0, f"the server logged {LATE_ACK_LOG!r} {late} time(s)")
     result.goal(USES_MATCH, spent == passed, f"{spent} spent, {passed} passed")
+    if replicas > 1:
+        result.detail.append(f"events in each replica's spool at the end of the outage: {depths_during}, "
+                             f"after: {depths_after}")
+        result.goal("every replica spooled its decisions while the store was away",
+                    len(depths_during) == replicas and min(depths_during) > 0, str(depths_during))
+        result.goal("every replica's spool shipped once the store was back",
+                    len(depths_after) == replicas and max(depths_after) == 0, str(depths_after))
     if how == "locked":
         assert statement_timeout_s is not None
         result.detail.append(f"longest wait of a server statement on the lock: {lock.longest_wait_s:.1f} s "
