@@ -192,40 +192,21 @@ def test_postgres_connections_carry_tcp_timeouts_unless_the_dsn_sets_them(pg_dsn
         ("60", "5000", str(TCP_DEFAULTS["keepalives_count"]))
 
 
-def test_a_statement_timeout_in_the_dsn_turns_a_locked_table_into_a_store_error(pg_dsn):
+@pytest.mark.parametrize("in_dsn, option", [(True, None), (False, 0.3)], ids=["dsn", "store-option"])
+def test_a_statement_timeout_turns_a_locked_table_into_a_store_error(pg_dsn, in_dsn, option):
     """A server that is alive but does not answer (here: a table locked by another session)
-    is bounded by PostgreSQL's own statement_timeout, set in the DSN as docs/store.md says:
-    the call fails with a StoreError that says so, instead of holding its thread."""
+    is bounded by PostgreSQL's own statement_timeout, set in the DSN as docs/store.md says or
+    given by the store (the servers' ``store_statement_timeout_s``): the call fails with a
+    StoreError that says so and PostgreSQL cancels the statement, instead of it holding its
+    thread; the lock gone, the same store answers."""
     import psycopg
 
-    store = open_store(make_conninfo(pg_dsn, options="-c statement_timeout=300"))
-    locker = psycopg.connect(pg_dsn)
-    try:
-        store.grants_revision()  # the schema exists and the store answers
-        locker.execute("BEGIN")
-        locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
-        started = time.monotonic()
-        with pytest.raises(StoreError, match="statement timeout"):
-            store.list_grants()
-        assert time.monotonic() - started < 10
-        locker.execute("ROLLBACK")
-        assert isinstance(store.list_grants(), list)  # answers again once the lock is gone
-    finally:
-        locker.close()
-        store.close()
-
-
-def test_a_store_statement_timeout_bounds_a_locked_table_without_one_in_the_dsn(pg_dsn):
-    """The servers' default (``store_statement_timeout_s``): a statement that waits on a lock
-    held elsewhere is cancelled by PostgreSQL itself and the call fails closed, naming the
-    timeout; the lock gone, the same store answers."""
-    import psycopg
-
-    store = open_store(pg_dsn, statement_timeout=0.3)
+    dsn = make_conninfo(pg_dsn, options="-c statement_timeout=300") if in_dsn else pg_dsn
+    store = open_store(dsn, statement_timeout=option)
     locker = psycopg.connect(pg_dsn)
     try:
         assert statement_timeout_of(store) == "300ms"
-        store.grants_revision()
+        store.grants_revision()  # the schema exists and the store answers
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE grants IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()
