@@ -162,6 +162,10 @@ def _store_fault(workdir: pathlib.Path, pg_dsn: str, how: str, seconds: float,
         outputs = [r.output() for r in gw.replicas if r is not None]
         late = sum(out.count(LATE_ACK_LOG) for out in outputs) if len(outputs) == replicas else -1
         depths_after = spool_depths(gw)
+        drained_by = time.monotonic() + 10.0  # a batch shipped is removed from its spool just after
+        while max(depths_after, default=0) > 0 and time.monotonic() < drained_by:
+            time.sleep(0.2)
+            depths_after = spool_depths(gw)
     passed = load.count(grpc.StatusCode.OK, "approved ReadAccount")
     during = [c for t, c in load.results("engineer ListAccounts") if fault_start <= t < fault_end]
     result.calls = load.calls()
