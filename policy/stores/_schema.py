@@ -1,5 +1,5 @@
-"""The tables and indexes both stores create, written once (the version each store's
-``SCHEMA_VERSION`` names).
+"""The tables and indexes both stores create, written once, and their version
+(``SCHEMA_VERSION``, one for both stores).
 
 ``schema_sql(dialect)`` is the DDL of ``"sqlite"`` or ``"postgres"``: the same statements,
 with each column's type and the two idempotent inserts in that dialect. Times are ISO text
@@ -15,6 +15,10 @@ from typing import Literal
 from ._sql import OPEN_SCOPE_INDEX
 
 Dialect = Literal["sqlite", "postgres"]
+
+#: The schema this program writes and understands; a store at a higher version is refused.
+#: Bump it when the schema changes, and teach both stores' migrations the step.
+SCHEMA_VERSION = 3
 
 _TYPES: dict[str, dict[str, str]] = {
     "sqlite": {"text": "TEXT", "integer": "INTEGER", "bigint": "INTEGER", "ts": "TEXT",

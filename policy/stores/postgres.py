@@ -26,12 +26,11 @@ from ..grant_delta import GrantDelta
 from ..store import Subscription
 from . import _codec as codec
 from . import redact_url
-from ._schema import schema_sql
+from ._schema import SCHEMA_VERSION, schema_sql
 from ._sql import SqlStore
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
 #: The NOTIFY channel grant changes are announced on; the payload is the change's
 #: ``GrantDelta.to_json()``, without the changes when they would not fit.
 CHANNEL = "rpcauthz_grants"

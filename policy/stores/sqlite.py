@@ -26,13 +26,10 @@ from ..errors import StoreError
 from ..grant_delta import GrantDelta
 from ..store import Subscription
 from . import _codec as codec
-from ._schema import schema_sql
+from ._schema import SCHEMA_VERSION, schema_sql
 from ._sql import _LOAD_BATCH, SqlStore
 
 log = logging.getLogger(__name__)
-
-#: Bump when the schema changes, and teach ``_migrate`` the step.
-SCHEMA_VERSION = 3
 
 _SCHEMA = schema_sql("sqlite")
 
