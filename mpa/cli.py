@@ -448,17 +448,29 @@ def review(server: str | None = ServerOpt,
             item.show()
         else:
             out.print(item.describe(), highlight=False, markup=False)
-        choice = typer.prompt("[a]pprove, [r]eject, [s]kip, [q]uit", default="s").strip().lower()
+        where = f"{i} of {len(items)}"
+        choice = _answer("[a]pprove, [r]eject, [s]kip, [q]uit", "s", where).strip().lower()
         if choice.startswith("q"):
             break
         if choice.startswith("a"):
-            comment = typer.prompt("comment (optional)", default="", show_default=False)
+            comment = _answer("comment (optional)", "", where)
             out.print(item.approve(comment), highlight=False, markup=False)
         elif choice.startswith("r"):
-            why = typer.prompt("why not", default="", show_default=False)
+            why = _answer("why not", "", where)
             out.print(item.reject(why), highlight=False, markup=False)
         else:
             out.print("skipped")
+
+
+def _answer(question: str, default: str, where: str) -> str:
+    """The reviewer's answer to ``question`` on standard input; when it ends first (a script
+    that gave fewer answers than there are requests) or Ctrl-C, stop with what happened."""
+    try:
+        return str(typer.prompt(question, default=default, show_default=bool(default)))
+    except typer.Abort:
+        fail(f"no answer at request {where} (standard input ended or was interrupted): it and the "
+             "ones after it were left as they are; answer them with mpa review in a terminal, or "
+             "mpa approve / mpa reject ID")
 
 
 # The credential broker's engineer commands: ``request aws``/``request k8s``, ``broker``, ``fetch``.

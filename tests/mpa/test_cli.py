@@ -106,6 +106,20 @@ def test_review_walks_pending_requests(env, tmp_path):
     assert "nothing waits for your review" in mpa(bob, "review").stdout
 
 
+def test_review_without_enough_answers_says_where_it_stopped(env, tmp_path):
+    alice, bob, carol = (login(env, tmp_path, w) for w in (A, B, C))
+    first = json.loads(mpa(alice, "request", "rpc", f"/{LEDGER}/Adjust", "-r",
+                           "refund for ticket 4411", "--json").stdout)["id"]
+    second = json.loads(mpa(carol, "request", "rpc", f"/{LEDGER}/Adjust", "-r",
+                            "reconcile ledger drift", "--json").stdout)["id"]
+    res = mpa(bob, "review", input="a\nok by me\n")  # an answer for the first request only
+    assert res.returncode == 1
+    assert ("no answer at request 2 of 2 (standard input ended or was interrupted): it and the ones "
+            "after it were left as they are") in " ".join(res.stderr.split())
+    states = sorted(env.store.get_request(i).state.value for i in (first, second))
+    assert states == ["approved", "pending"]
+
+
 def test_cli_refusals_have_clear_messages_and_exit_codes(env, tmp_path):
     nobody = tmp_path / "nobody"
     res = mpa(nobody, "list", "--server", env.url)
