@@ -15,7 +15,7 @@ import hmac
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from policy import PolicyError, StoreError, UnknownRequest
 
 from .auth import AuthError, Principal
-from .service import MODE_EXPLANATIONS, NotVisible, approver_words, awaiting_reason, routing_note
+from .service import MODE_EXPLANATIONS, NotVisible, approver_words, awaiting_reason, duration_words, routing_note
 
 log = logging.getLogger("mpa.page")
 
@@ -56,15 +56,6 @@ _DONE_WORDS = {"approved": "Your approval is recorded.", "rejected": "You reject
 
 def _fmt(dt: datetime | None) -> str:
     return "" if dt is None else dt.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _ttl_words(td: timedelta) -> str:
-    s = int(td.total_seconds())
-    if s % 3600 == 0:
-        return f"{s // 3600} hour{'s' if s != 3600 else ''}"
-    if s % 60 == 0:
-        return f"{s // 60} minutes"
-    return f"{s} seconds"
 
 
 def _safe_next(value: str | None) -> str:
@@ -152,7 +143,7 @@ def add_page_routes(app: FastAPI) -> None:
                       csrf_token=csrf_for(token), error=error, done=done,
                       path=f"/{r.service}/{r.method}", why_approval=MODE_EXPLANATIONS[r.mode],
                       approver_rule=approver_words(r), awaiting=awaiting_reason(r),
-                      ttl=_ttl_words(r.approval_ttl), min_reason=config.policy.min_reason_length)
+                      ttl=duration_words(r.approval_ttl), min_reason=config.policy.min_reason_length)
 
     @app.get("/requests/{request_id}", include_in_schema=False, response_class=HTMLResponse)
     async def page(request: Request, request_id: str, done: str = "") -> Response:

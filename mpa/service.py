@@ -423,10 +423,19 @@ class ApprovalService:
         if duration <= timedelta(0):
             raise InvalidRequest("the approval duration must be positive")
         if duration > self.rules.max_approval_ttl:
-            raise InvalidRequest(f"an approval can last at most "
-                                 f"{int(self.rules.max_approval_ttl.total_seconds())} seconds; "
-                                 f"{int(duration.total_seconds())} were asked for")
+            raise InvalidRequest(f"an approval can last at most {duration_words(self.rules.max_approval_ttl)}; "
+                                 f"this one asked for {duration_words(duration)}")
         return duration
+
+
+def duration_words(td: timedelta) -> str:
+    """``td`` as people say it: "8 hours", "1 hour", "90 minutes", "45 seconds"."""
+    s = int(td.total_seconds())
+    if s and s % 3600 == 0:
+        return f"{s // 3600} hour{'s' if s != 3600 else ''}"
+    if s and s % 60 == 0:
+        return f"{s // 60} minute{'s' if s != 60 else ''}"
+    return f"{s} second{'s' if s != 1 else ''}"
 
 
 def narrower_than(ask: ApprovalRequest, r: ApprovalRequest, ttl_asked: bool) -> bool:
@@ -451,5 +460,5 @@ def new_request_id() -> str:
 
 
 __all__ = ["ApprovalService", "AwaitingReason", "MODE_EXPLANATIONS", "ModeLookup", "ModeUnavailable",
-           "Permissions", "approver_words", "awaiting_reason", "routing_note", "shortfall_note", "lazy_modes", "limits_words",
+           "Permissions", "approver_words", "awaiting_reason", "duration_words", "routing_note", "shortfall_note", "lazy_modes", "limits_words",
            "modes_from_source", "narrower_than", "static_modes"]

@@ -199,7 +199,7 @@ def test_reason_required_and_duration_capped(env):
     long = env.call("POST", "/api/v1/requests", A, json={
         "service": LEDGER, "method": "Adjust", "reason": "a long-running migration",
         "duration_seconds": 9 * 3600})
-    refused(env, long, 422, "invalid_request", "at most 28800 seconds")
+    refused(env, long, 422, "invalid_request", "an approval can last at most 8 hours; this one asked for 9 hours")
     ok = create(env, duration_seconds=600)
     assert ok["approval_ttl_seconds"] == 600
     unknown = env.call("POST", "/api/v1/requests", A,

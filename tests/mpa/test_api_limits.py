@@ -72,3 +72,11 @@ def test_store_refuses_a_transition_that_widens_limits(env):
     with pytest.raises(ValueError, match="may not change"):  # approved: limits are final
         env.store.update_request(r["id"], lambda cur: dataclasses.replace(cur, body_sha256=BODY),
                                  actor=A, kind="request.narrowed")
+
+
+@pytest.mark.parametrize("seconds, words", [(3600, "1 hour"), (8 * 3600, "8 hours"), (60, "1 minute"),
+                                            (5400, "90 minutes"), (1, "1 second"), (45, "45 seconds"),
+                                            (0, "0 seconds")])
+def test_durations_in_words(seconds, words):
+    from mpa.service import duration_words
+    assert duration_words(timedelta(seconds=seconds)) == words
