@@ -24,6 +24,7 @@ import httpx
 import typer
 from rich.table import Table
 
+from policy import RequestState
 from rpcauthz.console import ExitCode, JsonOption, emit, fail, stderr_console, stdout_console, version_option
 
 app = typer.Typer(name="mpa", no_args_is_help=True, add_completion=True,
@@ -324,15 +325,20 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
 
 @app.command("list")
 def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, reviewable or all"),
-                  state: str | None = typer.Option(None, "--state",
-                      help="pending, approved, rejected, cancelled or expired"),
+                  state: str | None = typer.Option(None, "--state", help=", ".join(s.value for s in RequestState)),
                   server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """List your requests (or --scope reviewable: those waiting for you)."""
     if scope not in ("mine", "reviewable", "all"):
         fail(f"--scope {scope!r}: use mine, reviewable or all", ExitCode.USAGE)
+    if state is not None and state not in _STATES:
+        fail(f"--state {state!r}: use {', '.join(_STATES)}", ExitCode.USAGE)
     params = {"scope": scope, **({"state": state} if state else {})}
     _, data = Client(server).call("GET", "/api/v1/requests", params=params)
     emit(data["requests"], as_json, print_list)
+
+
+#: The states ``--state`` takes (``policy.RequestState``'s values).
+_STATES = tuple(s.value for s in RequestState)
 
 
 @app.command()

@@ -133,6 +133,9 @@ def test_cli_refusals_have_clear_messages_and_exit_codes(env, tmp_path):
     assert res.returncode == 2 and "/pkg.Service/Method" in res.stderr
     res = mpa(alice, "list", "--scope", "everything")
     assert res.returncode == 2
+    res = mpa(alice, "list", "--state", "open")
+    assert res.returncode == 2
+    assert "--state 'open': use pending, approved, rejected, cancelled, expired" in " ".join(res.stderr.split())
     # a token that expired or was forged: exit 3, says so
     expired = env.issuer.mint(A, now=datetime.now(UTC).timestamp() - 7200, ttl_seconds=60)
     res = mpa(alice, "list", env_extra={"MPA_TOKEN": expired})
