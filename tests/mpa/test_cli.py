@@ -92,32 +92,33 @@ def test_request_review_approve_loop_with_the_cli_only(env, tmp_path):
     assert revoke.returncode == 0 and "cancelled" in revoke.stdout
 
 
-def test_review_walks_pending_requests(env, tmp_path):
+def two_to_review(env, tmp_path):
+    """Bob's session, and the ids of two pending requests he may review (alice's, carol's)."""
     alice, bob, carol = (login(env, tmp_path, w) for w in (A, B, C))
     first = json.loads(mpa(alice, "request", "rpc", f"/{LEDGER}/Adjust", "-r",
                            "refund for ticket 4411", "--json").stdout)["id"]
     second = json.loads(mpa(carol, "request", "rpc", f"/{LEDGER}/Adjust", "-r",
                             "reconcile ledger drift", "--json").stdout)["id"]
+    return bob, (first, second)
+
+
+def test_review_walks_pending_requests(env, tmp_path):
+    bob, ids = two_to_review(env, tmp_path)
     res = mpa(bob, "review", input="a\nok by me\nr\nnot without a ticket\n")
     assert res.returncode == 0, res.stderr
     assert "1 of 2" in res.stdout and "2 of 2" in res.stdout
-    states = {env.store.get_request(i).state.value for i in (first, second)}
+    states = {env.store.get_request(i).state.value for i in ids}
     assert states == {"approved", "rejected"}
     assert "nothing waits for your review" in mpa(bob, "review").stdout
 
 
 def test_review_without_enough_answers_says_where_it_stopped(env, tmp_path):
-    alice, bob, carol = (login(env, tmp_path, w) for w in (A, B, C))
-    first = json.loads(mpa(alice, "request", "rpc", f"/{LEDGER}/Adjust", "-r",
-                           "refund for ticket 4411", "--json").stdout)["id"]
-    second = json.loads(mpa(carol, "request", "rpc", f"/{LEDGER}/Adjust", "-r",
-                            "reconcile ledger drift", "--json").stdout)["id"]
+    bob, ids = two_to_review(env, tmp_path)
     res = mpa(bob, "review", input="a\nok by me\n")  # an answer for the first request only
     assert res.returncode == 1
     assert ("no answer at request 2 of 2 (standard input ended or was interrupted): it and the ones "
             "after it were left as they are") in " ".join(res.stderr.split())
-    states = sorted(env.store.get_request(i).state.value for i in (first, second))
-    assert states == ["approved", "pending"]
+    assert sorted(env.store.get_request(i).state.value for i in ids) == ["approved", "pending"]
 
 
 def test_cli_refusals_have_clear_messages_and_exit_codes(env, tmp_path):
