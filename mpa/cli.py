@@ -323,9 +323,13 @@ def request_rpc(rpc: str = typer.Argument(..., help="/pkg.Service/Method"),
     emit(r, as_json, show)
 
 
+#: The states ``--state`` takes (``policy.RequestState``'s values).
+_STATES = tuple(s.value for s in RequestState)
+
+
 @app.command("list")
 def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, reviewable or all"),
-                  state: str | None = typer.Option(None, "--state", help=", ".join(s.value for s in RequestState)),
+                  state: str | None = typer.Option(None, "--state", help=", ".join(_STATES)),
                   server: str | None = ServerOpt, as_json: bool = JsonOpt) -> None:
     """List your requests (or --scope reviewable: those waiting for you)."""
     if scope not in ("mine", "reviewable", "all"):
@@ -335,10 +339,6 @@ def list_requests(scope: str = typer.Option("mine", "--scope", help="mine, revie
     params = {"scope": scope, **({"state": state} if state else {})}
     _, data = Client(server).call("GET", "/api/v1/requests", params=params)
     emit(data["requests"], as_json, print_list)
-
-
-#: The states ``--state`` takes (``policy.RequestState``'s values).
-_STATES = tuple(s.value for s in RequestState)
 
 
 @app.command()
