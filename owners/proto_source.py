@@ -134,8 +134,10 @@ def collect_proto_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         p = Path(raw)
         if p.is_dir():
             found = sorted(x for x in p.rglob("*.proto") if x.is_file())
-        elif p.is_file():
+        elif p.is_file() and p.suffix == ".proto":
             found = [p]
+        elif p.is_file():  # parsed as a .proto it would only show a screen of syntax errors
+            raise ProtoError(f"{p}: not a .proto file (give .proto files or directories holding them)", str(p))
         else:
             raise ProtoError(f"{p}: no such file or directory", str(p))
         for f in found:

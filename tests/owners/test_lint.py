@@ -119,6 +119,10 @@ def test_missing_import_is_a_clear_error(tmp_path: Path):
 def test_missing_path_and_bad_format(tmp_path: Path):
     res = run_mpactl("lint", str(tmp_path / "nope"))
     assert res.returncode == 2 and "no such file or directory" in res.stderr
+    (tmp_path / "README.md").write_text("# not a proto\n")
+    res = run_mpactl("lint", str(tmp_path / "README.md"))
+    assert res.returncode == 2 and "README.md: not a .proto file" in res.stderr
+    assert "Expected top-level statement" not in res.stderr  # not parsed as one
     res = run_mpactl("lint", "--format", "xml", str(tmp_path))
     assert res.returncode == 2 and "--format" in res.stderr
 
