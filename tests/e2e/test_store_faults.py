@@ -1,6 +1,6 @@
 """The store goes away, hangs, or is locked by another session under a mixed load through
-real Envoy (issue 9, findings 4 and 5): the server on PostgreSQL through a TCP relay that the test cuts (unreachable) or makes
-accept and forward nothing (hung), with the audit spool. Engineers' plain calls keep being
+real Envoy (issue 9, findings 4 and 5): the server on PostgreSQL through a TCP relay that the
+test cuts (unreachable) or makes accept and forward nothing (hung), with the audit spool. Engineers' plain calls keep being
 decided from the grants in memory, refusals stay refusals, approval-mode calls on an approved
 request with max_uses are 503 while the store cannot spend a use. After the fault every
 decision answered (Envoy's access log) is audited exactly once (the store's audit, by decision

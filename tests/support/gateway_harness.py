@@ -284,10 +284,12 @@ class GatewayStack:
         return {k: int(v) for k, v in self.envoy.stats("extension_config_discovery.").items()
                 if k.endswith(".config_reload")}
 
-    def server_stat(self, name: str, stat: str) -> float | None:
-        """The ext_authz server's ``rpcauthz_<name>_stat{stat="<stat>"}`` gauge now (None: absent)."""
+    def server_stat(self, name: str, stat: str, replica: int = 0) -> float | None:
+        """The ext_authz server's (replica ``replica``'s) ``rpcauthz_<name>_stat{stat="<stat>"}``
+        gauge now (None: absent)."""
         want = f'rpcauthz_{name}_stat{{stat="{stat}"}} '
-        for line in metrics_text(self.metrics_url).splitlines():
+        url = self.metrics_url if replica == 0 else self.replica_metrics_url(replica)
+        for line in metrics_text(url).splitlines():
             if line.startswith(want):
                 return float(line[len(want):])
         return None

@@ -80,16 +80,9 @@ def store_locked(workdir: pathlib.Path, pg_dsn: str, *, seconds: float = 12.0,
 def spool_depths(gw: GatewayStack) -> list[int]:
     """Events waiting in each replica's audit spool (its ``/metrics``:
     ``rpcauthz_audit_spool_stat{stat="depth"}``)."""
-    import re
-    import urllib.request
-    depths = []
-    for cfg in gw.replica_configs:
-        with urllib.request.urlopen(f"http://127.0.0.1:{cfg['metrics']['port']}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        m = re.search(r'^rpcauthz_audit_spool_stat\{stat="depth"\} ([0-9.e+]+)$', text, re.M)
-        assert m, "no spool depth on /metrics"
-        depths.append(int(float(m.group(1))))
-    return depths
+    depths = [gw.server_stat("audit_spool", "depth", replica=i) for i in range(len(gw.replica_configs))]
+    assert None not in depths, f"no spool depth on some replica's /metrics: {depths}"
+    return [int(d) for d in depths if d is not None]
 
 
 class _LockHeld:
