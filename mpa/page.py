@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from policy import PolicyError, StoreError, UnknownRequest
 
 from .auth import AuthError, Principal
-from .service import MODE_EXPLANATIONS, NotVisible, approver_words, awaiting_reason, duration_words, routing_note
+from .service import MODE_EXPLANATIONS, NotVisible, approver_words, awaiting_reason, routing_note, spoken_duration
 
 log = logging.getLogger("mpa.page")
 
@@ -143,7 +143,7 @@ def add_page_routes(app: FastAPI) -> None:
                       csrf_token=csrf_for(token), error=error, done=done,
                       path=f"/{r.service}/{r.method}", why_approval=MODE_EXPLANATIONS[r.mode],
                       approver_rule=approver_words(r), awaiting=awaiting_reason(r),
-                      ttl=duration_words(r.approval_ttl), min_reason=config.policy.min_reason_length)
+                      ttl=spoken_duration(r.approval_ttl), min_reason=config.policy.min_reason_length)
 
     @app.get("/requests/{request_id}", include_in_schema=False, response_class=HTMLResponse)
     async def page(request: Request, request_id: str, done: str = "") -> Response:

@@ -423,13 +423,14 @@ class ApprovalService:
         if duration <= timedelta(0):
             raise InvalidRequest("the approval duration must be positive")
         if duration > self.rules.max_approval_ttl:
-            raise InvalidRequest(f"an approval can last at most {duration_words(self.rules.max_approval_ttl)}; "
-                                 f"this one asked for {duration_words(duration)}")
+            raise InvalidRequest(f"an approval can last at most {spoken_duration(self.rules.max_approval_ttl)}; "
+                                 f"this one asked for {spoken_duration(duration)}")
         return duration
 
 
-def duration_words(td: timedelta) -> str:
-    """``td`` as people say it: "8 hours", "1 hour", "90 minutes", "45 seconds"."""
+def spoken_duration(td: timedelta) -> str:
+    """``td`` as people say it: "8 hours", "1 hour", "90 minutes", "45 seconds" (the page's
+    and the API's words; the CLI prints the ``--duration`` form, ``mpa.cli.duration_words``)."""
     s = int(td.total_seconds())
     if s and s % 3600 == 0:
         return f"{s // 3600} hour{'s' if s != 3600 else ''}"
@@ -460,5 +461,5 @@ def new_request_id() -> str:
 
 
 __all__ = ["ApprovalService", "AwaitingReason", "MODE_EXPLANATIONS", "ModeLookup", "ModeUnavailable",
-           "Permissions", "approver_words", "awaiting_reason", "duration_words", "routing_note", "shortfall_note", "lazy_modes", "limits_words",
-           "modes_from_source", "narrower_than", "static_modes"]
+           "Permissions", "approver_words", "awaiting_reason", "routing_note", "shortfall_note", "lazy_modes", "limits_words",
+           "modes_from_source", "narrower_than", "spoken_duration", "static_modes"]

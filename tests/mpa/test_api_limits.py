@@ -78,5 +78,5 @@ def test_store_refuses_a_transition_that_widens_limits(env):
                                             (5400, "90 minutes"), (1, "1 second"), (45, "45 seconds"),
                                             (0, "0 seconds")])
 def test_durations_in_words(seconds, words):
-    from mpa.service import duration_words
-    assert duration_words(timedelta(seconds=seconds)) == words
+    from mpa.service import spoken_duration
+    assert spoken_duration(timedelta(seconds=seconds)) == words
