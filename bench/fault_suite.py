@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), metavar="NAME",
                     help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
     ap.add_argument("--quick", action="store_true",
-                    help="shorter faults (store unreachable 10 s, hung 5 s, locked 8 s; reflection and Slack 3 s)")
+                    help="shorter faults (store unreachable 10 s, with two replicas too; hung 5 s, locked 8 s; reflection and Slack 3 s)")
     ap.add_argument("--pg-dsn", default=os.environ.get("RPCAUTHZ_TEST_PG_DSN",
                                                         "postgresql://postgres@127.0.0.1:5432/test"),
                     help="a PostgreSQL server where databases may be created (default: %(default)s)")
